@@ -1,0 +1,1 @@
+"""Load tests: python -m loadtests (see issue 6)."""

@@ -1,0 +1,21 @@
+"""Per-token LoRA gather kernels: a plain reference and the fast path the layers use."""
+
+from remix.kernels.reference import lora_gather_reference
+from remix.kernels.torch_ops import (
+    flatten_a,
+    flatten_b_t,
+    lora_gather,
+    lora_gather_grouped,
+    masked_lora_delta,
+    selection_mask,
+)
+
+__all__ = [
+    "flatten_a",
+    "flatten_b_t",
+    "lora_gather",
+    "lora_gather_grouped",
+    "lora_gather_reference",
+    "masked_lora_delta",
+    "selection_mask",
+]

@@ -1,0 +1,216 @@
+"""Mixture-of-LoRAs linear layers: ReMix and the baselines it is compared with.
+
+Legend: T = tokens (leading dims flattened), D = d_in, O = d_out, n = LoRAs in the pool,
+k = LoRAs per token, r = rank.
+
+    y = W x + sum_{j in J(x)} w_j(x) * B_j A_j x
+
+The routers differ only in how they pick J and the weights w:
+    remix         J ~ k draws without replacement from softmax(P x) (training) / top-k (eval); w = ω
+    softmax-topk  J = top-k(softmax(P x)), w = renormalised probabilities (MixLoRA), + optional LB loss
+    dense         J = all n, w = softmax(P x) (MoLoRA / HydraLoRA)
+    lora          J = {0}, w = alpha / r (plain LoRA; rank r or k*r)
+All of them delegate the arithmetic to the gather kernel and can record what they selected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from remix import routing
+from remix.config import MixtureConfig
+from remix.kernels import flatten_a, flatten_b_t, lora_gather, masked_lora_delta, selection_mask
+
+
+class MixtureOfLoRAsLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a pool of n LoRAs and (for routed kinds) a router ``P [n, D]``.
+
+    Parameters: ``lora_A [n, r, D]`` (Kaiming-uniform), ``lora_B [n, O, r]`` (zeros, so a fresh
+    adapter is an exact no-op), ``router [n, D]``. Set ``record = True`` to accumulate ``usage``
+    (selections per LoRA) and, for learned-weight routers, the ESS of the routing weights.
+    """
+
+    kind = "abstract"
+
+    def __init__(self, base: nn.Linear, config: MixtureConfig):
+        super().__init__()
+        config.validate()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.config = config
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.n, self.k, self.r = config.n, min(config.k, config.n), config.r
+        self.omega = config.omega_value()
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.n, self.r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.n, self.out_features, self.r, **factory))
+        self.router = nn.Parameter(torch.empty(self.n, self.in_features, **factory)) if self.routed else None
+        self.reset_parameters()
+        self.record = False
+        self.register_buffer("usage", torch.zeros(self.n, dtype=torch.int64, device=factory["device"]), persistent=False)
+        self.ess_sum, self.ess_tokens = 0.0, 0
+        self.last_idx: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    routed = True
+
+    def reset_parameters(self) -> None:
+        for i in range(self.n):  # per pool, as peft initialises one LoRA's A
+            nn.init.kaiming_uniform_(self.lora_A.data[i], a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        if self.router is not None:
+            nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in={self.in_features}, out={self.out_features}, n={self.n}, k={self.k}, r={self.r}, omega={self.omega:.4g}"
+
+    # -- routing: subclasses return (idx [T, k] int64, weight: float | [T] | [T, k]) ------------------
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [T, D]
+        idx, weight = self.route(x2)
+        self._record(idx, weight)
+        y = lora_gather(x2, self.lora_A, self.lora_B, idx, weight, out=self.base(x2))
+        return y.view(*shape, self.out_features)
+
+    def _record(self, idx: torch.Tensor, weight: torch.Tensor | float) -> None:
+        self.last_idx = idx.detach()
+        self.last_weights = weight.detach() if torch.is_tensor(weight) else None
+        if self.record:
+            valid = idx[idx >= 0]
+            self.usage += torch.bincount(valid.flatten(), minlength=self.n)
+            if torch.is_tensor(weight) and weight.dim() == 2:
+                self.ess_sum += float(routing.ess(weight.detach()).sum())
+                self.ess_tokens += weight.shape[0]
+
+    def reset_stats(self) -> None:
+        self.usage.zero_()
+        self.ess_sum, self.ess_tokens = 0.0, 0
+
+    def mean_ess(self) -> float:
+        """Mean ESS of the routing weights since the last reset (k exactly for ReMix)."""
+        if self.ess_tokens == 0:
+            return float(self.k) if self.kind == "remix" else float("nan")
+        return self.ess_sum / self.ess_tokens
+
+
+class ReMixLinear(MixtureOfLoRAsLinear):
+    """The ReMix layer (DESIGN §1): k LoRAs per token, each with the same constant weight ω.
+
+    Training mode: every token draws its own ordered selection without replacement from
+    q = softmax(P x) and the layer keeps ``last_log_q`` [*leading dims] = log Q(J) summed over
+    its k draws, computed from ``P · stopgrad(x)`` so the RLOO surrogate reaches the router only.
+    Evaluation: J = top-k(P x), ties to the lower index, and no log Q.
+    """
+
+    kind = "remix"
+
+    def __init__(self, base: nn.Linear, config: MixtureConfig):
+        super().__init__(base, config)
+        self.sample: bool | None = None  # None: sample in training mode, top-k in eval mode
+        self.last_log_q: torch.Tensor | None = None
+        self._eval_cache: tuple | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        sample = self.training if self.sample is None else self.sample
+        logits = routing.router_logits(x.detach(), self.router)  # [T, n] float32
+        if sample:
+            idx, self.last_log_q = routing.sample_without_replacement(logits, self.k)
+        else:
+            idx, self.last_log_q = routing.topk_lower_index(logits, self.k), None
+        return idx, self.omega
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sample = self.training if self.sample is None else self.sample
+        if sample or torch.is_grad_enabled() or x.dtype != torch.float32:
+            y = super().forward(x)
+            if self.last_log_q is not None:
+                self.last_log_q = self.last_log_q.view(x.shape[:-1])
+            return y
+        return self._forward_inference(x)
+
+    def _inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[P; A_flat] ([n + n*r, D]) and B_flat^T ([n*r, O]), rebuilt only when the parameters change."""
+        key = tuple((p.data_ptr(), p._version) for p in (self.router, self.lora_A, self.lora_B))
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            pa = torch.cat([self.router.detach(), flatten_a(self.lora_A.detach())], 0).contiguous()
+            self._eval_cache = (key, pa, flatten_b_t(self.lora_B.detach()).contiguous())
+        return self._eval_cache[1], self._eval_cache[2]
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Top-k routing with the router and every A in one GEMM; same maths as the generic path."""
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        pa, b_flat_t = self._inference_weights()
+        pu = F.linear(x2, pa)  # [T, n + n*r]: router logits, then every pool's A x
+        idx = routing.topk_lower_index(pu[:, : self.n], self.k)
+        self.last_log_q = None
+        self._record(idx, self.omega)
+        mask = selection_mask(idx, self.omega, self.n)
+        y = masked_lora_delta(pu[:, self.n :], mask, b_flat_t, out=self.base(x2))
+        return y.view(*shape, self.out_features)
+
+
+class SoftmaxTopkLinear(MixtureOfLoRAsLinear):
+    """MixLoRA-style router: top-k of softmax(P x) with renormalised, learned weights.
+
+    With ``load_balance_coef > 0`` it keeps ``aux_loss`` = n · Σ_i f_i · p̄_i (Mixtral/Switch), where
+    f_i is the share of the T·k selections that went to LoRA i and p̄_i its mean probability.
+    """
+
+    kind = "softmax-topk"
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = routing.router_probs(routing.router_logits(x, self.router))  # [T, n]
+        idx = routing.topk_lower_index(probs.detach(), self.k)
+        top = probs.gather(1, idx)
+        weight = top / top.sum(-1, keepdim=True) * self.omega  # [T, k]
+        self.aux_loss = None
+        if self.config.load_balance_coef > 0 and self.training:
+            frac = torch.bincount(idx.flatten(), minlength=self.n).float() / idx.numel()
+            self.aux_loss = self.n * (frac * probs.mean(0)).sum()
+        return idx, weight
+
+
+class DenseSoftmaxLinear(MixtureOfLoRAsLinear):
+    """MoLoRA / HydraLoRA-style router: every LoRA, weighted by softmax(P x)."""
+
+    kind = "dense"
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = routing.router_probs(routing.router_logits(x, self.router))  # [T, n]
+        idx = torch.arange(self.n, device=x.device).expand(x.shape[0], self.n)
+        return idx, probs * self.omega
+
+
+class LoRALinear(MixtureOfLoRAsLinear):
+    """Plain LoRA (n = 1, no router): y = W x + (alpha / r) B A x. Use r = k·r for the rank-kr baseline."""
+
+    kind = "lora"
+    routed = False
+
+    def __init__(self, base: nn.Linear, config: MixtureConfig):
+        super().__init__(base, config)
+        self.k = 1
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device), self.omega
+
+
+LAYERS: dict[str, type[MixtureOfLoRAsLinear]] = {
+    cls.kind: cls for cls in (ReMixLinear, SoftmaxTopkLinear, DenseSoftmaxLinear, LoRALinear)
+}
+
+
+def make_layer(base: nn.Linear, config: MixtureConfig) -> MixtureOfLoRAsLinear:
+    """Wrap ``base`` with the layer of ``config.router``."""
+    return LAYERS[config.router](base, config)

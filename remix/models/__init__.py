@@ -1,0 +1,16 @@
+"""Base models: load_base(spec) for HF directories, GGUF files and the embedded default; tiny test models."""
+
+from remix.models.loading import DEFAULT_BASE, base_name, cache_dir, convert_gguf, embedded_gguf, fingerprint, load_base
+from remix.models.tiny import tiny_model, tiny_tokenizer
+
+__all__ = [
+    "DEFAULT_BASE",
+    "base_name",
+    "cache_dir",
+    "convert_gguf",
+    "embedded_gguf",
+    "fingerprint",
+    "load_base",
+    "tiny_model",
+    "tiny_tokenizer",
+]

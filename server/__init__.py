@@ -1,0 +1,1 @@
+"""Serving: python -m server (see issues 4 and 5)."""

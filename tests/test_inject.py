@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+import remix
+from remix.inject import find_targets
+
+
+def test_default_targets_are_the_ffn(tiny):
+    model, _ = tiny
+    names = find_targets(model, remix.MixtureConfig().targets)
+    assert names == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+def test_regex_targets(tiny):
+    model, _ = tiny
+    assert find_targets(model, ["re:model\\.layers\\.1\\.self_attn\\.(q|v)_proj"]) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_fresh_pools_keep_logits_and_unwrap_restores(tiny):
+    model, tok = tiny
+    ids = tok(["the quick brown fox", "jumps"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = remix.inject(model, remix.MixtureConfig(n=4, k=2, r=4))
+    assert len(layers) == 6
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_" in n or "router" in n) for n in trainable)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        with torch.no_grad():
+            assert torch.equal(model(**ids).logits, before)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.normal_()
+        assert not torch.allclose(model(**ids).logits, before)
+    remix.unwrap(model)
+    assert not remix.wrapped_layers(model)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, before)
+
+
+def test_errors(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="no nn.Linear module matches"):
+        remix.inject(model, remix.MixtureConfig(targets=["nothing_here"]))
+    remix.inject(model, remix.MixtureConfig())
+    with pytest.raises(ValueError, match="already has"):
+        remix.inject(model, remix.MixtureConfig())

@@ -1,0 +1,166 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from remix import routing
+from remix.config import MixtureConfig
+from remix.kernels import lora_gather_reference
+from remix.layer import make_layer
+
+
+def layer_with_weights(router="remix", n=6, k=2, r=4, d_in=16, d_out=12, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = make_layer(nn.Linear(d_in, d_out), MixtureConfig(router=router, n=n, k=k, r=r, **kw))
+    with torch.no_grad():
+        layer.lora_B.normal_()  # a trained adapter: B != 0
+    return layer
+
+
+def test_fresh_adapter_is_exact_noop():
+    base = nn.Linear(16, 12)
+    layer = make_layer(base, MixtureConfig(n=4, k=2, r=4))
+    x = torch.randn(3, 5, 16)
+    for mode in (layer.train, layer.eval):
+        mode()
+        assert torch.equal(layer(x), base(x))
+
+
+def test_base_is_frozen_and_pools_have_the_contract_shapes():
+    layer = layer_with_weights()
+    assert not any(p.requires_grad for p in layer.base.parameters())
+    assert layer.lora_A.shape == (6, 4, 16) and layer.lora_B.shape == (6, 12, 4) and layer.router.shape == (6, 16)
+
+
+@pytest.mark.parametrize("mode,alpha,k,r,want", [("lora", 2.0, 2, 8, 2 / 16), ("rslora", 2.0, 2, 8, 2 / 4), (0.3, 2.0, 2, 8, 0.3)])
+def test_omega(mode, alpha, k, r, want):
+    assert MixtureConfig(n=8, k=k, r=r, omega=mode, alpha=alpha).omega_value() == pytest.approx(want)
+
+
+def test_eval_is_topk_with_constant_weight():
+    layer = layer_with_weights().eval()
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        y = layer(x)
+    idx = routing.topk_lower_index(x @ layer.router.T, 2)
+    want = layer.base(x) + lora_gather_reference(x, layer.lora_A, layer.lora_B, idx, layer.omega)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.last_idx, idx)
+    assert layer.last_log_q is None
+
+
+def test_inference_fast_path_equals_generic_path_and_follows_updates():
+    layer = layer_with_weights().eval()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        fast = layer(x)
+    generic = layer(x)  # grad enabled: the generic (autograd) path
+    torch.testing.assert_close(fast, generic.detach(), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        layer.lora_B.mul_(2.0)  # an in-place update must invalidate the cached [P; A] / B_flat
+        torch.testing.assert_close(layer(x), layer.base(x) + 2 * (fast - layer.base(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_training_samples_per_token_and_keeps_log_q():
+    layer = layer_with_weights().train()
+    x = torch.randn(4, 9, 16)
+    torch.manual_seed(1)
+    y = layer(x)
+    assert y.shape == (4, 9, 12)
+    assert layer.last_log_q.shape == (4, 9)
+    idx = layer.last_idx
+    assert idx.shape == (36, 2) and (idx[:, 0] != idx[:, 1]).all()
+    # log Q is the Plackett–Luce log-probability of what was drawn, from q = softmax(P x)
+    lp = torch.log_softmax(x.reshape(-1, 16) @ layer.router.T, -1)
+    torch.testing.assert_close(layer.last_log_q.reshape(-1), routing.plackett_luce_log_prob(lp, idx))
+    # and the output uses exactly those selections with weight ω
+    want = layer.base(x.reshape(-1, 16)) + lora_gather_reference(x.reshape(-1, 16), layer.lora_A, layer.lora_B, idx, layer.omega)
+    torch.testing.assert_close(y.reshape(-1, 12), want, atol=1e-5, rtol=1e-5)
+    # different tokens draw different selections (not one selection per batch)
+    assert len({tuple(s) for s in idx.tolist()}) > 5
+
+
+def test_log_q_surrogate_reaches_only_the_router():
+    layer = layer_with_weights().train()
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    layer(x)
+    layer.last_log_q.sum().backward()
+    assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None
+    assert x.grad is None  # stopgrad(x): nothing flows to earlier layers
+
+
+def test_loss_gradient_reaches_selected_loras_only():
+    layer = layer_with_weights(n=6).train()
+    x = torch.randn(1, 1, 16)
+    layer(x).sum().backward()
+    chosen = set(layer.last_idx.flatten().tolist())
+    for i in range(6):
+        nonzero = bool(layer.lora_A.grad[i].abs().sum() > 0)
+        assert nonzero == (i in chosen)
+    assert layer.router.grad is None  # the constant weights give the router no loss gradient
+
+
+def test_sample_override():
+    layer = layer_with_weights().eval()
+    layer.sample = True
+    torch.manual_seed(0)
+    layer(torch.randn(5, 16))
+    assert layer.last_log_q is not None
+
+
+def test_softmax_topk_weights_renormalised_and_load_balance_loss():
+    layer = layer_with_weights("softmax-topk", load_balance_coef=0.01).train()
+    x = torch.randn(20, 16)
+    y = layer(x)
+    w = layer.last_weights
+    torch.testing.assert_close(w.sum(-1), torch.full((20,), layer.omega))
+    probs = torch.softmax(x @ layer.router.T, -1)
+    top = torch.sort(probs, dim=-1, descending=True, stable=True)
+    assert torch.equal(layer.last_idx, top.indices[:, :2])
+    want = layer.base(x) + lora_gather_reference(x, layer.lora_A, layer.lora_B, layer.last_idx, w)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    # aux = n * sum_i f_i * mean p_i ; it is 1 exactly when routing is uniform
+    frac = torch.bincount(layer.last_idx.flatten(), minlength=6).float() / 40
+    torch.testing.assert_close(layer.aux_loss, 6 * (frac * probs.mean(0)).sum())
+    y.sum().backward()
+    assert layer.router.grad.abs().sum() > 0  # learned weights: the router trains from the loss
+
+
+def test_dense_uses_all_loras_with_softmax_weights():
+    layer = layer_with_weights("dense").eval()
+    x = torch.randn(8, 16)
+    y = layer(x)
+    probs = torch.softmax(x @ layer.router.T, -1)
+    want = layer.base(x) + lora_gather_reference(x, layer.lora_A, layer.lora_B, torch.arange(6).expand(8, 6), probs * layer.omega)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_lora():
+    layer = layer_with_weights("lora", n=1, k=1, r=8).eval()
+    x = torch.randn(8, 16)
+    want = layer.base(x) + (2.0 / 8) * (x @ layer.lora_A[0].T @ layer.lora_B[0].T)
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    assert layer.router is None
+
+
+def test_recording_usage_and_ess():
+    remix_layer = layer_with_weights().eval()
+    remix_layer.record = True
+    with torch.no_grad():
+        remix_layer(torch.randn(50, 16))
+    assert int(remix_layer.usage.sum()) == 100  # 50 tokens x k = 2
+    assert remix_layer.mean_ess() == 2.0  # constant weights: ESS is k exactly
+    topk = layer_with_weights("softmax-topk").eval()
+    topk.record = True
+    with torch.no_grad():
+        topk(torch.randn(50, 16))
+    assert 1.0 <= topk.mean_ess() <= 2.0
+    topk.reset_stats()
+    assert int(topk.usage.sum()) == 0
+
+
+def test_invalid_config_names_every_field():
+    with pytest.raises(ValueError) as e:
+        MixtureConfig(router="nope", n=0, r=-1, omega="bad").validate()
+    for field in ("router", "n:", "r:", "omega"):
+        assert field in str(e.value)

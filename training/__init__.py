@@ -1,0 +1,1 @@
+"""Training: python -m training.fit (see issue 3)."""
