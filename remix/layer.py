@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from remix import routing
 from remix.config import MixtureConfig
-from remix.kernels import flatten_a, flatten_b_t, lora_gather, masked_lora_delta, selection_mask
+from remix.kernels import flatten_a, flatten_b_t, lora_gather, topk_masked_u
 
 
 class MixtureOfLoRAsLinear(nn.Module):
@@ -152,11 +152,10 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         x2 = x.reshape(-1, self.in_features)
         pa, b_flat_t = self._inference_weights()
         pu = F.linear(x2, pa)  # [T, n + n*r]: router logits, then every pool's A x
-        idx = routing.topk_lower_index(pu[:, : self.n], self.k)
+        um, idx = topk_masked_u(pu, self.n, self.k, self.omega)  # [T, n*r] selected chunks scaled by ω
         self.last_log_q = None
         self._record(idx, self.omega)
-        mask = selection_mask(idx, self.omega, self.n)
-        y = masked_lora_delta(pu[:, self.n :], mask, b_flat_t, out=self.base(x2))
+        y = torch.addmm(self.base(x2), um, b_flat_t)
         return y.view(*shape, self.out_features)
 
 

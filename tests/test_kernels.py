@@ -126,3 +126,31 @@ def test_cuda_matches_reference(dtype):
     want = lora_gather_reference(x, A, B, idx, 0.125)
     got = lora_gather(x.cuda().to(dtype), A.cuda().to(dtype), B.cuda().to(dtype), idx.cuda(), 0.125)
     torch.testing.assert_close(got.float().cpu(), want, **({"atol": 0.15, "rtol": 0.05} if dtype == torch.bfloat16 else TOL[dtype]))
+
+
+@pytest.mark.parametrize("T,n,k,r", [(1, 8, 2, 8), (33, 8, 2, 8), (300, 6, 3, 4), (5, 1, 1, 2), (7, 64, 4, 1)])
+def test_routing_op_matches_torch_ops(T, n, k, r):
+    from remix.kernels import cpu_ext, topk_masked_u, topk_masked_u_torch
+
+    pu = torch.randn(T, n + n * r)
+    pu[0, :n] = 1.0  # a row of ties: the lower indices must win
+    want_um, want_idx = topk_masked_u_torch(pu, n, k, 0.3)
+    assert want_idx[0].tolist() == list(range(k))
+    got_um, got_idx = topk_masked_u(pu, n, k, 0.3)
+    assert torch.equal(got_idx, want_idx)
+    torch.testing.assert_close(got_um, want_um, atol=0, rtol=0)
+    if cpu_ext.available():  # also on a strided view (rows of a wider tensor), as the fused path passes it
+        wide = torch.randn(T, 5 + n + n * r)
+        view = wide[:, 5:]
+        um, idx = cpu_ext.load().topk_masked_u(view, n, k, 0.3)
+        want_um, want_idx = topk_masked_u_torch(view.contiguous(), n, k, 0.3)
+        assert torch.equal(idx, want_idx) and torch.equal(um, want_um)
+
+
+def test_routing_op_rejects_bad_input():
+    from remix.kernels import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip("C++ routing op not built here")
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_ext.load().topk_masked_u(torch.zeros(2, 24, dtype=torch.float64), 8, 2, 1.0)

@@ -1,5 +1,6 @@
 """Per-token LoRA gather kernels: a plain reference and the fast path the layers use."""
 
+from remix.kernels.cpu_alloc import tune_cpu_allocator
 from remix.kernels.reference import lora_gather_reference
 from remix.kernels.torch_ops import (
     flatten_a,
@@ -8,6 +9,8 @@ from remix.kernels.torch_ops import (
     lora_gather_grouped,
     masked_lora_delta,
     selection_mask,
+    topk_masked_u,
+    topk_masked_u_torch,
 )
 
 __all__ = [
@@ -18,4 +21,7 @@ __all__ = [
     "lora_gather_reference",
     "masked_lora_delta",
     "selection_mask",
+    "topk_masked_u",
+    "topk_masked_u_torch",
+    "tune_cpu_allocator",
 ]

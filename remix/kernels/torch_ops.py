@@ -60,6 +60,48 @@ def masked_lora_delta(
     return torch.addmm(out, um, b_flat_t)
 
 
+def topk_masked_u(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route and mask in one call, for inference: pu = [router logits | every pool's A x].
+
+    Semantics::
+
+        for t in range(T):
+            J = top-k(pu[t, :n])                      # best first, ties to the lower index
+            um[t, i*r:(i+1)*r] = omega * pu[t, n + i*r : n + (i+1)*r] if i in J else 0
+            idx[t] = J
+
+    pu: [T, n + n*r] -> (um [T, n*r], idx [T, k] int64). Uses the compiled CPU op when available
+    (one dispatch instead of ~8), else these torch ops; both give identical results.
+    """
+    ext = _cpu_op()
+    if ext is not None and not pu.is_cuda and pu.dtype == torch.float32 and n <= 64:
+        return ext(pu, n, k, omega)
+    return topk_masked_u_torch(pu, n, k, omega)
+
+
+_CPU_OP: list = []
+
+
+def _cpu_op():
+    """The compiled routing op's function (looked up once), or None."""
+    if not _CPU_OP:
+        from remix.kernels import cpu_ext
+
+        module = cpu_ext.load()
+        _CPU_OP.append(module.topk_masked_u if module is not None else None)
+    return _CPU_OP[0]
+
+
+def topk_masked_u_torch(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_masked_u` in plain torch ops (any device and dtype; logits compared in float32)."""
+    from remix.routing import topk_lower_index
+
+    T = pu.shape[0]
+    idx = topk_lower_index(pu[:, :n].float(), k)
+    mask = torch.zeros(T, n, dtype=pu.dtype, device=pu.device).scatter_(1, idx, omega)
+    return (pu[:, n:].reshape(T, n, -1) * mask.unsqueeze(-1)).reshape(T, -1), idx
+
+
 def lora_gather(
     x: torch.Tensor,
     A: torch.Tensor,
