@@ -1,0 +1,151 @@
+"""Training data: JSONL files or built-in tasks -> tokenized examples with completion-only labels."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.tasks import TASKS, build_task
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, line and field of every problem (up to 20)."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE outside the completion / assistant tokens
+    task: str = "custom"
+    prompt_ids: list[int] | None = None  # the generation prompt (for exact-match evaluation)
+    reference: str | None = None  # the expected completion text
+
+
+def _row_problems(row, where: str) -> list[str]:
+    if not isinstance(row, dict):
+        return [f"{where}: expected a JSON object, got {type(row).__name__}"]
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return [f"{where}: field 'messages' must be a non-empty list"]
+        problems = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                problems.append(f"{where}: field 'messages[{i}]' must be an object with string 'role' and 'content'")
+            elif m["role"] not in ("system", "user", "assistant"):
+                problems.append(f"{where}: field 'messages[{i}].role' must be system, user or assistant, got {m['role']!r}")
+        if not problems and msgs[-1].get("role") != "assistant":
+            problems.append(f"{where}: field 'messages' must end with an assistant message (the loss is on it)")
+        return problems
+    problems = []
+    for field in ("prompt", "completion"):
+        if field not in row:
+            problems.append(f"{where}: field '{field}' is missing (rows need prompt+completion or messages)")
+        elif not isinstance(row[field], str):
+            problems.append(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+    if not problems and not row["completion"]:
+        problems.append(f"{where}: field 'completion' is empty")
+    return problems
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file, validated; raises DataError listing every bad row (file:line: field ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows, problems = [], []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            found = _row_problems(row, where)
+            problems += found
+            if not found:
+                rows.append(row)
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} bad row(s) in {path}:\n  - " + "\n  - ".join(problems[:20]) + more)
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows
+
+
+def to_messages(row: dict) -> list[dict]:
+    if "messages" in row:
+        return row["messages"]
+    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+
+
+def _ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def tokenize(row: dict, tokenizer, max_len: int, chat: bool = True) -> Example | None:
+    """Tokenize one row; labels cover the assistant turns only. None if nothing to learn fits max_len."""
+    task = row.get("task", "custom")
+    if chat and tokenizer.chat_template:
+        messages = to_messages(row)
+        ids, labels = [], []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = _ids(tokenizer, messages[:i], add_generation_prompt=True)
+            full = _ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            if full[: len(prefix)] != prefix:
+                raise DataError("the tokenizer's chat template does not render turns as prefixes; use chat: false")
+            labels += [IGNORE] * (len(prefix) - len(ids)) + full[len(prefix):]
+            ids = full
+        prompt_ids = _ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        reference = messages[-1]["content"]
+    else:
+        prompt = row["prompt"] if "prompt" in row else "\n".join(m["content"] for m in row["messages"][:-1])
+        reference = row["completion"] if "completion" in row else row["messages"][-1]["content"]
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        completion = tokenizer(reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids, labels = prompt_ids + completion, [IGNORE] * len(prompt_ids) + completion
+    ids, labels = ids[:max_len], labels[:max_len]
+    if all(label == IGNORE for label in labels):
+        return None
+    return Example(ids, labels, task, prompt_ids, reference)
+
+
+def load_examples(source: str, split: str, tokenizer, max_len: int, size: int, seed: int, chat: bool = True) -> list[Example]:
+    """Examples from a built-in task name or a JSONL path."""
+    rows = build_task(source, split, size, seed) if source in TASKS else read_jsonl(source)
+    examples = [ex for row in rows if (ex := tokenize(row, tokenizer, max_len, chat)) is not None]
+    if not examples:
+        raise DataError(f"{source}: no example has a completion within max_seq_len={max_len}")
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels ([B, L])."""
+    L = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), L), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), L), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[i, :n] = torch.tensor(ex.input_ids)
+        labels[i, :n] = torch.tensor(ex.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

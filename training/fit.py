@@ -1,0 +1,211 @@
+"""python -m training.fit: finetune a frozen base with ReMix pools (RLOO-trained routers) or a baseline.
+
+With no arguments it trains the demo adapter (ReMix n=8 k=2 r=8 on SmolLM2-135M-Instruct, built-in
+task mixture) into runs/demo/adapter. ``--help`` lists every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import remix
+from remix.kernels import tune_cpu_allocator
+from training import rloo
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import ConfigError, TrainConfig, load_config
+from training.data import DataError, collate, load_examples
+from training.evaluate import evaluate, usage_heatmap
+from training.tasks import TASKS
+
+log = logging.getLogger("training.fit")
+
+
+def make_optimizer(cfg: TrainConfig, layers: dict) -> torch.optim.Optimizer:
+    pools = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+    routers = [layer.router for layer in layers.values() if layer.router is not None]
+    groups = [{"params": pools, "lr": cfg.lr}] + ([{"params": routers, "lr": cfg.router_lr}] if routers else [])
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, total: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "linear":
+            return max(0.0, 1 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def batch_indices(step: int, micro: int, cfg: TrainConfig, n_examples: int) -> list[int]:
+    """Example indices of one micro-batch: a seeded permutation per epoch, so a resumed run sees the same order."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    start = step * per_step + micro * cfg.batch_size
+    out = []
+    for pos in range(start, start + cfg.batch_size):
+        epoch, offset = divmod(pos, n_examples)
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_examples)
+        out.append(int(perm[offset]))
+    return out
+
+
+def train_step(cfg: TrainConfig, model, layers: dict, batch: dict) -> dict:
+    """Forward + backward of one micro-batch; returns the logged numbers (gradients are accumulated)."""
+    B = batch["input_ids"].shape[0]
+    layer_list = list(layers.values())
+    if cfg.router == "remix":
+        M = cfg.samples
+        losses, tokens = rloo.completion_losses(model, rloo.replicate(batch, M))  # [M*B], selection-major
+        losses = losses.view(M, B)
+        log_q = rloo.sequence_log_q(layer_list, rloo.replicate(batch, M)["attention_mask"]).view(M, B)
+        sft = losses.mean()
+        surrogate = rloo.rloo_surrogate(losses, log_q)
+        objective = sft + surrogate
+        extra = {"loss_std_over_selections": float(losses.detach().std(0).mean())}
+    else:
+        losses, tokens = rloo.completion_losses(model, batch)
+        sft = losses.mean()
+        objective, extra = sft, {}
+        if cfg.router == "softmax-topk" and cfg.load_balance_coef > 0:
+            aux = torch.stack([layer.aux_loss for layer in layer_list]).mean()
+            objective = objective + cfg.load_balance_coef * aux
+            extra["load_balance_loss"] = float(aux)
+    (objective / cfg.grad_accum).backward()
+    rows = cfg.samples if cfg.router == "remix" else 1
+    return {"loss": float(sft.detach()), "tokens": tokens * rows,
+            "seq_tokens": int(batch["attention_mask"].sum()) * rows, **extra}
+
+
+def run(cfg: TrainConfig) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tune_cpu_allocator()
+    run_dir = Path(cfg.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model, tokenizer = remix.load_base(cfg.base, device=cfg.device)
+    train = load_examples(cfg.data, "train", tokenizer, cfg.max_seq_len, cfg.train_size, cfg.seed, cfg.chat)
+    if cfg.eval_data:
+        heldout = load_examples(cfg.eval_data, "test", tokenizer, cfg.max_seq_len, cfg.eval_size, cfg.seed, cfg.chat)[: cfg.eval_size]
+    elif cfg.data in TASKS:
+        heldout = load_examples(cfg.data, "test", tokenizer, cfg.max_seq_len, cfg.eval_size, cfg.seed + 1, cfg.chat)
+    else:
+        heldout = []
+    layers = remix.inject(model, cfg.mixture())
+    model.train()
+    total = cfg.steps or max(1, int(cfg.epochs * len(train) / (cfg.batch_size * cfg.grad_accum)))
+    optimizer = make_optimizer(cfg, layers)
+    scheduler = make_scheduler(cfg, optimizer, total)
+    training_meta = {"config": dataclasses.asdict(cfg), "train_examples": len(train)}
+    metrics_path = run_dir / "metrics.jsonl"
+    start = 0
+    if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        start = load_checkpoint(ckpt, layers, optimizer, scheduler)
+        log.warning("resumed from %s (step %d)", ckpt, start)
+        if metrics_path.exists():  # drop what was logged after the checkpoint: the curve continues from it
+            rows = [line for line in metrics_path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line).get("step", 0) <= start]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    logf = metrics_path.open("a")
+
+    def emit(record: dict) -> None:
+        logf.write(json.dumps(record) + "\n")
+        logf.flush()
+
+    def do_eval(step: int) -> dict | None:
+        if not heldout:
+            return None
+        res = evaluate(model, tokenizer, layers, heldout, cfg.eval_max_new_tokens)
+        emit({"step": step, "eval_loss": res["loss"], "eval_exact_match": res["exact_match"],
+              **{f"eval_{t}_{k}": v for t, r in res["tasks"].items() for k, v in r.items() if k != "count"}})
+        return res
+
+    progress = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=start, desc=f"train {cfg.router}", dynamic_ncols=True, file=sys.stderr)
+    result = None
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        stats: dict = {}
+        for micro in range(cfg.grad_accum):
+            batch = collate([train[i] for i in batch_indices(step, micro, cfg, len(train))], tokenizer.pad_token_id)
+            batch = {k: v.to(cfg.device) for k, v in batch.items()}
+            for key, value in train_step(cfg, model, layers, batch).items():
+                stats[key] = stats.get(key, 0) + value / (1 if key.endswith("tokens") else cfg.grad_accum)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if cfg.max_grad_norm > 0:
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        record = {"step": step + 1, **stats, "lr": scheduler.get_last_lr()[0], "step_time_s": elapsed,
+                  "tokens_per_s": stats["seq_tokens"] / elapsed}
+        emit(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.update(1)
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+            do_eval(done)
+        if cfg.save_every and done % cfg.save_every == 0 and done < total:
+            save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg.keep_checkpoints, training_meta)
+    if progress is not None:
+        progress.close()
+    result = do_eval(total)
+    adapter_dir = remix.save_adapter(model, run_dir / "adapter", training={**training_meta, "steps": total})
+    save_checkpoint(run_dir, total, model, optimizer, scheduler, cfg.keep_checkpoints, training_meta)
+    summary = {"adapter": str(adapter_dir), "steps": total, "router": cfg.router}
+    if result is not None:
+        names = list(layers)
+        for task, usage in result["usage"].items():
+            usage_heatmap(usage, names, run_dir / f"usage_{task}.png", f"{cfg.router}: LoRA usage on {task}")
+        summary.update({"eval_loss": result["loss"], "eval_exact_match": result["exact_match"],
+                        "tasks": result["tasks"], "samples": result["samples"]})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cfg.router == "lora":
+        from training.export import export_peft
+
+        export_peft(model, run_dir / "peft_adapter", cfg.base)
+    logf.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(argv)
+        summary = run(cfg)
+    except (ConfigError, DataError, remix.AdapterError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    brief = {k: v for k, v in summary.items() if k not in ("tasks", "samples")}
+    print(json.dumps(brief))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
