@@ -63,7 +63,7 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def problems(self) -> list[str]:
-        out = MixtureConfig(router=self.router, n=self.n, k=self.k, r=self.r, omega=self.omega_value, alpha=self.alpha,
+        out = MixtureConfig(router=self.router, n=1 if self.router == "lora" else self.n, k=self.k, r=self.r, omega=self.omega_value, alpha=self.alpha,
                             targets=self.targets, load_balance_coef=self.load_balance_coef).problems()
         out = [f"--{p}" for p in out]
         if self.router == "remix" and self.samples < 2:

@@ -168,6 +168,9 @@ def run(cfg: TrainConfig) -> dict:
             progress.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             progress.update(1)
         done = step + 1
+        if os.environ.get("REMIX_TEST_CRASH_AT_STEP") == str(done):  # tests: a hard kill, no cleanup at all
+            logf.flush()
+            os._exit(9)
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             do_eval(done)
         if cfg.save_every and done % cfg.save_every == 0 and done < total:
