@@ -164,7 +164,7 @@ def validate_adapter(
         except AttributeError:
             problems.append(f"module {name}: not found in the base model")
             continue
-        if isinstance(module, MixtureOfLoRAsLinear):
+        if isinstance(getattr(module, "base", None), nn.Linear):  # already wrapped (training or serving layer)
             module = module.base
         if not isinstance(module, nn.Linear):
             problems.append(f"module {name}: is a {type(module).__name__} in the base model, not nn.Linear")

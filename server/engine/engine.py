@@ -1,0 +1,423 @@
+"""The engine: continuous batching of many ReMix adapters over one frozen base.
+
+Contract (driven by the HTTP layer from another thread, mlx-lm/TGI style):
+    engine.submit(request, callback)  -> queues it (raises EngineError subclasses for bad input / full queue)
+    callback(Event)                   <- called on the engine thread for every new token and at the end
+    engine.cancel(request_id)         -> frees its sequences' cache at the next step boundary
+    engine.step()                     -> one scheduling step (the thread calls it in a loop; tests may call it)
+
+Each step: admit waiting requests into free cache slots; one decode forward for every decoding
+sequence ([b, 1]); one chunked-prefill forward for prompts (under a token budget per step); sample;
+stream; free finished sequences; keep decoding slots contiguous so attention reads cache views.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.registry import AdapterRegistry
+from server.engine.runner import ModelRunner
+from server.engine.sampler import sample, token_logprobs
+from server.engine.sequence import Event, GenerationRequest, Sequence, Status, update_text
+from remix.kernels import tune_cpu_allocator
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    status = 400
+    code = "invalid_request"
+    param: str | None = None
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+
+
+class QueueFull(EngineError):
+    status, code = 429, "queue_full"
+
+
+class UnknownAdapter(EngineError):
+    status, code, param = 404, "model_not_found", "model"
+
+
+class ShuttingDown(EngineError):
+    status, code = 503, "shutting_down"
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int = 2048  # prompt + generated tokens per sequence
+    max_num_seqs: int = 32  # running sequences (cache slots)
+    max_queue: int = 256  # waiting requests before 429
+    max_batched_tokens: int = 512  # tokens per step (decode rows + prefill chunk)
+    max_prefill_chunk: int = 256  # longest prefill chunk per sequence per step
+    kv_budget_bytes: int = 4 << 30  # KV cache memory; slots = min(max_num_seqs, budget / bytes per slot)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+        tune_cpu_allocator()
+        self.config = cfg = config or EngineConfig()
+        self.tokenizer = tokenizer
+        mc = model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        dtype = next(model.parameters()).dtype
+        per_token = mc.num_hidden_layers * 2 * mc.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+        slots = min(cfg.max_num_seqs, max(1, cfg.kv_budget_bytes // (per_token * (cfg.max_model_len + cfg.max_prefill_chunk))))
+        self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk)
+        self.registry = AdapterRegistry(self.runner)
+        self.num_slots = slots
+        self.slot_seq: list[Sequence | None] = [None] * slots
+        self.waiting: collections.deque[tuple[GenerationRequest, object]] = collections.deque()
+        self.prefilling: list[Sequence] = []  # FIFO
+        self.decoding: list[Sequence] = []
+        self.requests: dict[str, list[Sequence]] = {}
+        self._cancels: set[str] = set()
+        self._commands: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.accepting = True
+        eos = tokenizer.eos_token_id
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            self.eos_ids |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
+        self.steps = 0
+
+    # -- public, thread-safe -----------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, callback) -> None:
+        """Validate and queue a request. Raises EngineError (400/404/429/503) without queueing it."""
+        p = request.params
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down")
+        if request.adapter is not None and (request.adapter not in self.registry.adapters
+                                            or self.registry.adapters[request.adapter].unloading):
+            raise UnknownAdapter(f"the model {request.adapter!r} does not exist")
+        if not request.prompt_ids:
+            raise EngineError("the prompt is empty", "prompt")
+        vocab = self.runner.model.config.vocab_size
+        if any(not (0 <= t < vocab) for t in request.prompt_ids):
+            raise EngineError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if len(request.prompt_ids) + p.max_tokens > self.config.max_model_len:
+            raise EngineError(
+                f"this model's maximum context length is {self.config.max_model_len} tokens; the prompt has "
+                f"{len(request.prompt_ids)} and max_tokens is {p.max_tokens}", "max_tokens")
+        if p.n > self.num_slots:
+            raise EngineError(f"n must be at most {self.num_slots} here", "n")
+        with self._lock:
+            if request.request_id in self.requests or any(r.request_id == request.request_id for r, _ in self.waiting):
+                raise EngineError(f"duplicate request id {request.request_id}")
+            if len(self.waiting) >= self.config.max_queue:
+                raise QueueFull(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
+            self.waiting.append((request, callback))
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancels.add(request_id)
+        self._wake.set()
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the engine thread between steps (or now, if no thread); returns its result."""
+        if self._thread is None or not self._thread.is_alive():
+            return fn(*args)
+        future: Future = Future()
+        self._commands.put((fn, args, future))
+        self._wake.set()
+        return future.result()
+
+    def load_adapter(self, name: str, path: str, check_fingerprint: bool = True):
+        return self.call(self.registry.load, name, path, check_fingerprint)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop accepting requests for ``name``; it is removed once its running requests finish."""
+        def mark():
+            adapter = self.registry.adapters.get(name)
+            if adapter is None:
+                raise UnknownAdapter(f"the model {name!r} does not exist")
+            adapter.unloading = True
+            self._reap_adapters()
+        self.call(mark)
+
+    def stats(self) -> dict:
+        used = sum(s.num_computed for s in self.slot_seq if s is not None)
+        capacity = self.num_slots * self.config.max_model_len
+        return {"running": len(self.prefilling) + len(self.decoding), "waiting": len(self.waiting),
+                "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
+                "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps}
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding or self._cancels)
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="remix-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting, let running requests finish (up to the deadline), then stop the thread."""
+        self.accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while self.has_work() and time.monotonic() < deadline and self._thread is not None:
+            time.sleep(0.02)
+        with self._lock:
+            ids = list(self.requests) + [r.request_id for r, _ in self.waiting]
+        for rid in ids:
+            self.cancel(rid)
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- the engine thread ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self._running:
+            self._run_commands()
+            if not self.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # never die: fail the running requests, keep serving
+                log.exception("engine step failed; failing the running requests")
+                for seq in list(self.prefilling) + list(self.decoding):
+                    seq.finish_reason = "error"
+                    self._finish(seq, error="internal error while generating")
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, args, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                future.set_exception(e)
+
+    def step(self) -> None:
+        self._run_commands()
+        self._apply_cancels()
+        self._admit()
+        decode = sorted(self.decoding, key=lambda s: s.slot)
+        prefill = self._plan_prefill(self.config.max_batched_tokens - len(decode))
+        if decode:
+            self._run_decode(decode)
+        if prefill:
+            self._run_prefill(prefill)
+        self._arrange()
+        self._reap_adapters()
+        self.steps += 1
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            cancels, self._cancels = self._cancels, set()
+            if cancels:
+                self.waiting = collections.deque((r, cb) for r, cb in self.waiting if r.request_id not in cancels)
+        for rid in cancels:
+            for seq in list(self.requests.get(rid, [])):
+                if seq.status is not Status.FINISHED:
+                    seq.finish_reason = "cancelled"
+                    self._finish(seq)
+        if cancels:
+            self._arrange()
+
+    def _admit(self) -> None:
+        free = [i for i, s in enumerate(self.slot_seq) if s is None]
+        while True:
+            with self._lock:
+                if not self.waiting or len(free) < self.waiting[0][0].params.n:
+                    return
+                request, callback = self.waiting.popleft()
+            slot = -1
+            if request.adapter is not None:
+                adapter = self.registry.adapters.get(request.adapter)
+                if adapter is None:  # accepted requests of an unloading adapter still run; a removed one cannot
+                    callback(Event(request.request_id, 0, [], "", [], True, "error", error="adapter was unloaded"))
+                    continue
+                slot = adapter.slot
+                adapter.active += request.params.n
+            seqs = []
+            for index in range(request.params.n):
+                gen = None
+                if not request.params.greedy:
+                    seed = request.params.seed + index if request.params.seed is not None else random.getrandbits(63)
+                    gen = torch.Generator().manual_seed(seed)
+                seq = Sequence(request, index, slot, callback, gen)
+                seq.slot = free.pop(0)
+                self.slot_seq[seq.slot] = seq
+                seqs.append(seq)
+                self.prefilling.append(seq)
+            self.requests[request.request_id] = seqs
+            self._arrange()
+            free = [i for i, s in enumerate(self.slot_seq) if s is None]
+
+    def _plan_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
+        plan = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            chunk = min(len(seq.prompt_ids) - seq.num_computed, budget, self.config.max_prefill_chunk)
+            plan.append((seq, chunk))
+            budget -= chunk
+        return plan
+
+    def _run_decode(self, seqs: list[Sequence]) -> None:
+        b = len(seqs)
+        assert [s.slot for s in seqs] == list(range(b)), "decode rows must occupy slots [0, b)"
+        tokens = torch.tensor([[s.next_input()] for s in seqs])
+        starts = torch.tensor([s.num_computed for s in seqs])
+        trace = any(s.request.trace for s in seqs)
+        logits = self.runner.forward(0, tokens, starts, torch.ones(b, dtype=torch.long),
+                                     torch.tensor([s.adapter_slot for s in seqs]), trace=trace)
+        self._collect_trace(seqs, torch.ones(b, dtype=torch.long), trace)
+        for s in seqs:
+            s.num_computed += 1
+        self._sample_and_emit(seqs, logits)
+
+    def _run_prefill(self, plan: list[tuple[Sequence, int]]) -> None:
+        seqs = [s for s, _ in plan]
+        first = seqs[0].slot
+        assert [s.slot for s in seqs] == list(range(first, first + len(seqs))), "prefill rows must be contiguous"
+        q = max(c for _, c in plan)
+        tokens = torch.full((len(plan), q), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        for i, (s, c) in enumerate(plan):
+            tokens[i, :c] = torch.tensor(s.prompt_ids[s.num_computed : s.num_computed + c])
+        counts = torch.tensor([c for _, c in plan])
+        trace = any(s.request.trace for s in seqs)
+        logits = self.runner.forward(first, tokens, torch.tensor([s.num_computed for s in seqs]), counts,
+                                     torch.tensor([s.adapter_slot for s in seqs]), trace=trace)
+        self._collect_trace(seqs, counts, trace)
+        done_rows = []
+        for i, (s, c) in enumerate(plan):
+            s.num_computed += c
+            if s.num_computed == len(s.prompt_ids):
+                done_rows.append(i)
+        if done_rows:
+            ready = [seqs[i] for i in done_rows]
+            for s in ready:
+                self.prefilling.remove(s)
+                s.status = Status.DECODE
+                self.decoding.append(s)
+            self._sample_and_emit(ready, logits[torch.tensor(done_rows)])
+
+    def _collect_trace(self, seqs: list[Sequence], counts: torch.Tensor, enabled: bool) -> None:
+        """Accumulate per-request selection counts {module: [count per LoRA]} from the step's trace."""
+        if not enabled or not self.runner.last_trace:
+            return
+        q = int(counts.max())
+        for module, slot, rows, idx in self.runner.last_trace:
+            flat_rows = rows if rows is not None else torch.arange(idx.shape[0])
+            owner = flat_rows // q  # which row (sequence) of this forward each routed token belongs to
+            for i, s in enumerate(seqs):
+                if not s.request.trace or s.adapter_slot != slot:
+                    continue
+                picked = idx[owner == i].flatten()
+                if picked.numel():
+                    n = self.runner.stacked[module].stack.slots[slot].n
+                    counts_i = torch.bincount(picked, minlength=n).tolist()
+                    s.routing_counts = s.routing_counts or {}
+                    prev = s.routing_counts.get(module, [0] * n)
+                    s.routing_counts[module] = [a + b for a, b in zip(prev, counts_i)]
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        want_lp = [s.params.logprobs is not None for s in seqs]
+        lps = token_logprobs(logits, tokens, max((s.params.logprobs or 0) for s in seqs)) if any(want_lp) else None
+        for i, s in enumerate(seqs):
+            token = int(tokens[i])
+            s.output_ids.append(token)
+            text, finished = update_text(s, self.tokenizer, self.eos_ids, self.config.max_model_len)
+            lp = []
+            if lps is not None and want_lp[i]:
+                chosen, alts = lps[i]
+                lp = [(token, chosen, alts[: s.params.logprobs])]
+            event = Event(s.request.request_id, s.index, [token], text, lp, finished, s.finish_reason,
+                          len(s.prompt_ids), len(s.output_ids))
+            if finished:
+                self._finish(s, event=event)
+            else:
+                s.callback(event)
+
+    def _finish(self, seq: Sequence, event: Event | None = None, error: str | None = None) -> None:
+        seq.status = Status.FINISHED
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        if seq in self.decoding:
+            self.decoding.remove(seq)
+        if 0 <= seq.slot < self.num_slots and self.slot_seq[seq.slot] is seq:
+            self.slot_seq[seq.slot] = None
+        seq.slot = -1
+        rid = seq.request.request_id
+        if seq.request.adapter is not None and seq.request.adapter in self.registry.adapters:
+            self.registry.adapters[seq.request.adapter].active -= 1
+        if event is None:
+            event = Event(rid, seq.index, [], "", [], True, seq.finish_reason or "error",
+                          len(seq.prompt_ids), len(seq.output_ids), error=error)
+        if seq.routing_counts is not None:
+            event.routing = seq.routing_counts
+        siblings = self.requests.get(rid, [])
+        if all(s.status is Status.FINISHED for s in siblings):
+            self.requests.pop(rid, None)
+        try:
+            seq.callback(event)
+        except Exception:  # a broken consumer must not take the engine down
+            log.exception("request %s: callback failed", rid)
+
+    def _place(self, seq: Sequence, pos: int) -> None:
+        if seq.slot == pos:
+            return
+        other = self.slot_seq[pos]
+        if other is None:
+            self.runner.cache.move(seq.slot, pos, seq.num_computed)
+            self.slot_seq[seq.slot] = None
+        else:
+            self.runner.cache.swap(seq.slot, pos, max(seq.num_computed, other.num_computed))
+            self.slot_seq[seq.slot] = other
+            other.slot = seq.slot
+        self.slot_seq[pos] = seq
+        seq.slot = pos
+
+    def _arrange(self) -> None:
+        """Decoding sequences in slots [0, D), prefilling ones (FIFO) in [D, D + P): forwards read views."""
+        D = len(self.decoding)
+        outside = [s for s in self.decoding if s.slot >= D]
+        for pos in range(D):
+            occupant = self.slot_seq[pos]
+            if occupant is None or occupant.status is not Status.DECODE:
+                self._place(outside.pop(), pos)
+        for i, seq in enumerate(self.prefilling):
+            self._place(seq, D + i)
+
+    def _reap_adapters(self) -> None:
+        for name, adapter in list(self.registry.adapters.items()):
+            if adapter.unloading and adapter.active <= 0 and not any(r.adapter == name for r, _ in self.waiting):
+                self.registry.remove(name)
+
+
+def collect(engine: Engine, request: GenerationRequest, max_steps: int = 100000) -> list[Event]:
+    """Test/CLI helper without a thread: submit, step until this request is done, return its events."""
+    events: list[Event] = []
+    engine.submit(request, events.append)
+    finished = 0
+    for _ in range(max_steps):
+        if finished == request.params.n:
+            break
+        engine.step()
+        finished = sum(e.finished for e in events)
+    return events

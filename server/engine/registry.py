@@ -1,0 +1,75 @@
+"""Adapters loaded in the engine: validated with ``remix.adapter``, stacked into slots on each module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from remix.adapter import AdapterError, validate_adapter
+from server.engine.runner import ModelRunner
+
+SERVABLE = ("remix", "lora")  # weighted routers (softmax-topk, dense) need their weights; not served
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    path: str
+    slot: int
+    config: dict
+    modules: list[str]
+    active: int = 0  # running sequences using it
+    unloading: bool = False
+    info: dict = field(default_factory=dict)
+
+
+class AdapterRegistry:
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self._next_slot = 0
+
+    def load(self, name: str, path: str | Path, check_fingerprint: bool = True) -> LoadedAdapter:
+        """Validate and stack an adapter; raises AdapterError listing every problem (nothing changes then)."""
+        if name in self.adapters:
+            raise AdapterError(path, [f"an adapter named {name!r} is already loaded"])
+        config, mix, tensors = validate_adapter(self.runner.model, path, check_fingerprint)
+        if mix.router not in SERVABLE:
+            raise AdapterError(path, [f"router {mix.router!r} is not served (only {', '.join(SERVABLE)}): its "
+                                      "learned routing weights have no place in the constant-weight kernel"])
+        modules = list(config["modules"])
+        self.runner.ensure_wrapped(modules)
+        slot = self._next_slot
+        self._next_slot += 1
+        dtype, device = self.runner.dtype, self.runner.device
+        omega = float(config.get("omega_value") or mix.omega_value())
+        for module in modules:
+            A = tensors[f"{module}.lora_A"].to(device=device, dtype=dtype)
+            B = tensors[f"{module}.lora_B"].to(device=device, dtype=dtype)
+            router = tensors.get(f"{module}.router")
+            if router is None:  # plain LoRA: a pool of one, always selected
+                router = torch.zeros(1, A.shape[2])
+            self.runner.stacked[module].stack.add(slot, A, B, router.to(device=device, dtype=dtype), mix.k if mix.router == "remix" else 1, omega)
+        loaded = LoadedAdapter(name, str(path), slot, config, modules,
+                               info={"router": mix.router, "n": mix.n, "k": mix.k, "r": mix.r, "omega": omega})
+        self.adapters[name] = loaded
+        return loaded
+
+    def remove(self, name: str) -> None:
+        adapter = self.adapters.pop(name)
+        for module in adapter.modules:
+            self.runner.stacked[module].stack.remove(adapter.slot)
+
+    def selection_counts(self) -> dict[str, dict[str, list[int]]]:
+        """{adapter: {module: selections per LoRA}} since load. Safe to call from another thread."""
+        out = {}
+        for name, adapter in list(self.adapters.items()):
+            per_module = {}
+            for module in adapter.modules:
+                weights = self.runner.stacked[module].stack.slots.get(adapter.slot)
+                if weights is not None:
+                    per_module[module] = weights.counts.tolist()
+            out[name] = per_module
+        return out

@@ -1,0 +1,70 @@
+"""Model runner: one forward over contiguous cache slots, with every token routed to its adapter.
+
+The base's Hugging Face modules run unchanged; each wrapped linear is a ``remix.stack.StackedLinear``
+that reads the step's :class:`remix.stack.RoutingContext` (token -> adapter slot, -1 = bare base) and
+calls the grouped gather kernel. No Python loop over tokens or requests happens inside a forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from remix.stack import RoutingContext, StackedLinear, set_context
+from server.engine.cache import SlotKVCache, attention_mask
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, slots: int, max_len: int, max_chunk: int):
+        self.model = model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_len, self.max_chunk = max_len, max_chunk
+        self.cache = SlotKVCache(cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, head_dim, max_chunk,
+                                 self.dtype, self.device)
+        self.stacked: dict[str, StackedLinear] = {}
+        self.last_trace: list | None = None
+
+    def ensure_wrapped(self, names: list[str]) -> None:
+        """Wrap these linear modules (if not yet) so adapters can be stacked on them."""
+        for name in names:
+            if name in self.stacked:
+                continue
+            module = self.model.get_submodule(name)
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"module {name} is {type(module).__name__}, not nn.Linear")
+            parent, _, child = name.rpartition(".")
+            wrapped = StackedLinear(module, name)
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapped)
+            self.stacked[name] = wrapped
+
+    @torch.inference_mode()
+    def forward(self, first_slot: int, tokens: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                adapter_slots: torch.Tensor, trace: bool = False) -> torch.Tensor:
+        """Run rows [first_slot, first_slot + b) of the cache.
+
+        tokens [b, q] (row i's first counts[i] are real, the rest padding), starts [b] position of
+        each row's first token, adapter_slots [b]. Returns float32 logits [b, V] of each row's last
+        real token.
+        """
+        b, q = tokens.shape
+        positions = starts[:, None] + torch.arange(q, device=starts.device)[None, :]
+        span = int((starts + counts).max())
+        self.cache.prepare(first_slot, positions, span)
+        mask = attention_mask(starts, counts, q, span)
+        real = torch.arange(q, device=starts.device)[None, :] < counts[:, None]
+        token_slots = torch.where(real, adapter_slots[:, None], -1).reshape(-1)  # padding: no adapter, not counted
+        ctx = RoutingContext.build(token_slots, count=True, trace=trace)
+        set_context(ctx)
+        try:
+            hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                                      past_key_values=self.cache, use_cache=True).last_hidden_state
+        finally:
+            set_context(None)
+        self.last_trace = ctx.trace
+        last = hidden[torch.arange(b, device=hidden.device), counts - 1]
+        return self.model.lm_head(last).float()
