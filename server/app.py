@@ -1,0 +1,415 @@
+"""The HTTP layer: OpenAI-compatible routes over the engine. No model code runs on the event loop:
+requests go to the engine thread through ``Engine.submit`` and tokens come back through a callback
+that hands each event to the request's asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from remix.adapter import AdapterError
+from server.engine import Engine, EngineError, GenerationRequest
+from server.metrics import Metrics
+from server.protocol import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, error_body
+
+log = logging.getLogger("server")
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    base_name: str
+    api_key: str | None = None
+    metrics: Metrics = None
+    draining: bool = False
+    in_flight: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def _error_response(state: ServerState | None, status: int, message: str, type_: str, param=None, code=None):
+    if state is not None and state.metrics is not None:
+        state.metrics.http_errors.labels(str(status)).inc()
+    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="remix-serve", description="OpenAI-compatible server for ReMix adapters", version="0.1.0")
+    app.state.remix = state
+    state.metrics = state.metrics or Metrics(state.engine)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", []) if p not in ("body",)]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg, param = "the request body is not valid JSON", None
+        elif first.get("type") == "extra_forbidden":
+            msg = f"unknown field {param!r}"
+        elif param:
+            msg = f"{param}: {msg}"
+        return _error_response(state, 400, msg, "invalid_request_error", param, "invalid_value")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error_response(state, exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error_response(state, exc.status_code, str(exc.detail), ERROR_TYPES.get(exc.status_code, "error"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return _error_response(state, 500, "internal server error", "server_error")
+
+    def check_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {state.api_key}":
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "authentication_error",
+                           code="invalid_api_key")
+
+    def check_open() -> None:
+        if state.draining or not state.engine.accepting:
+            raise APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
+
+    def resolve_model(name: str) -> str | None:
+        if name == state.base_name:
+            return None
+        adapter = state.engine.registry.adapters.get(name)
+        if adapter is None or adapter.unloading:
+            raise APIError(404, f"the model {name!r} does not exist", "not_found_error", "model", "model_not_found")
+        return name
+
+    @app.get("/health")
+    async def health():
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok", **state.engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "remix-serve",
+                 "parent": None, "root": state.base_name}]
+        for name, a in state.engine.registry.adapters.items():
+            if not a.unloading:
+                data.append({"id": name, "object": "model", "created": state.created, "owned_by": "remix-serve",
+                             "parent": state.base_name, "root": state.base_name, "adapter": {"path": a.path, **a.info}})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: AdapterLoadRequest, request: Request):
+        check_key(request)
+        try:
+            loaded = await asyncio.to_thread(state.engine.load_adapter, body.name, body.path, body.check_fingerprint)
+        except AdapterError as e:
+            raise APIError(400, str(e), param="path", code="invalid_adapter") from None
+        return {"id": loaded.name, "object": "model", "parent": state.base_name, "adapter": {"path": loaded.path, **loaded.info}}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str, request: Request):
+        check_key(request)
+        try:
+            await asyncio.to_thread(state.engine.unload_adapter, name)
+        except EngineError as e:
+            raise APIError(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code) from None
+        return {"id": name, "object": "model", "deleted": True}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_key(request)
+        check_open()
+        adapter = resolve_model(body.model)
+        tok = state.engine.tokenizer
+        prompts = _prompt_list(body.prompt)
+        prompt_ids = [tok(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
+        prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+        return await _generate(request, body, adapter, prompt_ids, prompt_texts, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        check_key(request)
+        check_open()
+        adapter = resolve_model(body.model)
+        tok = state.engine.tokenizer
+        if not tok.chat_template:
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return await _generate(request, body, adapter, [ids], [""], chat=True)
+
+    async def _generate(request: Request, body, adapter, prompt_ids: list[list[int]], prompt_texts: list[str], chat: bool):
+        params = body.to_sampling(state.engine.config.max_model_len - max(len(p) for p in prompt_ids)) if chat else body.to_sampling()
+        if chat and params.max_tokens < 1:
+            raise APIError(400, "the prompt fills the whole context", param="messages")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        sub_ids = []
+        arrival = time.monotonic()
+        try:
+            for i, ids in enumerate(prompt_ids):
+                sub = f"{rid}-{i}"
+                req = GenerationRequest(sub, ids, params, adapter, trace=body.remix_routing is not None)
+                state.engine.submit(req, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))
+                sub_ids.append(sub)
+        except EngineError as e:
+            for sub in sub_ids:
+                state.engine.cancel(sub)
+            raise APIError(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code) from None
+        state.in_flight += 1
+        tracker = _Tracker(state, adapter or state.base_name, arrival, len(prompt_ids) * params.n)
+        builder = _ResponseBuilder(state, body, rid, chat, prompt_ids, prompt_texts, params.n)
+        if body.stream:
+            return StreamingResponse(_stream(request, queue, sub_ids, tracker, builder), media_type="text/event-stream")
+        try:
+            while not tracker.done():
+                i, ev = await _next(request, queue)
+                tracker.observe(ev)
+                builder.add(i, ev)
+        except _Disconnected:
+            for sub in sub_ids:
+                state.engine.cancel(sub)
+            tracker.close()
+            return JSONResponse({}, status_code=499)
+        tracker.close()
+        return builder.final()
+
+    async def _stream(request: Request, queue: asyncio.Queue, sub_ids, tracker, builder):
+        try:
+            while not tracker.done():
+                i, ev = await _next(request, queue)
+                tracker.observe(ev)
+                chunk = builder.chunk(i, ev)
+                if chunk is not None:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            if builder.include_usage:
+                yield f"data: {json.dumps(builder.usage_chunk())}\n\n"
+            yield "data: [DONE]\n\n"
+        except (_Disconnected, asyncio.CancelledError):
+            for sub in sub_ids:
+                state.engine.cancel(sub)
+            raise
+        finally:
+            tracker.close()
+
+    return app
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _next(request: Request, queue: asyncio.Queue):
+    """The next engine event, checking every 0.5 s whether the client went away."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise _Disconnected() from None
+
+
+def _prompt_list(prompt) -> list:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
+
+
+class _Tracker:
+    """Latency metrics, token counters and the one log line per request."""
+
+    def __init__(self, state: ServerState, adapter: str, arrival: float, sequences: int):
+        self.state, self.adapter, self.arrival, self.left = state, adapter, arrival, sequences
+        self.last: dict = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.reasons: list[str] = []
+        self.closed = False
+
+    def done(self) -> bool:
+        return self.left == 0
+
+    def observe(self, ev) -> None:
+        m, now = self.state.metrics, time.monotonic()
+        key = (ev.request_id, ev.index)
+        if ev.token_ids:
+            if key not in self.last:
+                m.ttft.labels(self.adapter).observe(now - self.arrival)
+            else:
+                m.itl.labels(self.adapter).observe(now - self.last[key])
+            self.last[key] = now
+            m.generation_tokens.labels(self.adapter).inc(len(ev.token_ids))
+        if ev.finished:
+            self.left -= 1
+            if ev.index == 0:
+                self.prompt_tokens += ev.prompt_tokens
+                m.prompt_tokens.labels(self.adapter).inc(ev.prompt_tokens)
+            self.completion_tokens += ev.completion_tokens
+            self.reasons.append(ev.finish_reason or "error")
+            m.finished.labels(self.adapter, ev.finish_reason or "error").inc()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.state.in_flight -= 1
+        elapsed = time.monotonic() - self.arrival
+        if self.done():
+            self.state.metrics.e2e.labels(self.adapter).observe(elapsed)
+        log.info("request adapter=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs status=%s",
+                 self.adapter, self.prompt_tokens, self.completion_tokens, elapsed,
+                 ",".join(sorted(set(self.reasons))) or "disconnected")
+
+
+class _ResponseBuilder:
+    """Assembles OpenAI completion / chat responses (whole or as stream chunks) from engine events."""
+
+    def __init__(self, state, body, rid, chat, prompt_ids, prompt_texts, n):
+        self.state, self.body, self.rid, self.chat, self.n = state, body, rid, chat, n
+        self.prompt_ids, self.prompt_texts = prompt_ids, prompt_texts
+        self.created = int(time.time())
+        self.tok = state.engine.tokenizer
+        self.text: dict[int, str] = {}
+        self.tokens: dict[int, list] = {}
+        self.finish: dict[int, str] = {}
+        self.routing: dict[int, dict] = {}
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.started: set[int] = set()
+        so = getattr(body, "stream_options", None)
+        self.include_usage = bool(so and so.include_usage)
+
+    def _choice(self, i: int, ev) -> int:
+        return i * self.n + ev.index
+
+    def add(self, i: int, ev) -> None:
+        c = self._choice(i, ev)
+        if c not in self.text:
+            self.text[c] = self.prompt_texts[i] if (not self.chat and self.body.echo) else ""
+            self.tokens[c] = []
+        self.text[c] += ev.text
+        self.tokens[c] += ev.logprobs
+        if ev.finished:
+            self.finish[c] = ev.finish_reason if ev.finish_reason in ("stop", "length") else (ev.finish_reason or "error")
+            if ev.index == 0:
+                self.usage["prompt_tokens"] += ev.prompt_tokens
+            self.usage["completion_tokens"] += ev.completion_tokens
+            if ev.routing is not None:
+                self.routing[c] = _routing_view(ev.routing, self.body.remix_routing)
+
+    def _logprobs(self, entries, offset0: int = 0):
+        if self.chat:
+            content = []
+            for tid, lp, alts in entries:
+                s = self.tok.decode([tid])
+                content.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
+                                "top_logprobs": [{"token": self.tok.decode([a]), "logprob": v,
+                                                  "bytes": list(self.tok.decode([a]).encode())} for a, v in alts]})
+            return {"content": content}
+        toks, lps, tops, offsets = [], [], [], []
+        offset = offset0
+        for tid, lp, alts in entries:
+            s = self.tok.decode([tid])
+            toks.append(s)
+            lps.append(lp)
+            tops.append({self.tok.decode([a]): v for a, v in alts})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _wants_logprobs(self) -> bool:
+        return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
+
+    def _usage(self):
+        return {**self.usage, "total_tokens": self.usage["prompt_tokens"] + self.usage["completion_tokens"]}
+
+    def final(self) -> dict:
+        choices = []
+        for c in sorted(self.text):
+            choice = {"index": c, "finish_reason": self.finish.get(c)}
+            offset0 = len(self.prompt_texts[c // self.n]) if (not self.chat and self.body.echo) else 0
+            lp = self._logprobs(self.tokens[c], offset0) if self._wants_logprobs() else None
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": self.text[c]}
+                choice["logprobs"] = lp
+            else:
+                choice["text"] = self.text[c]
+                choice["logprobs"] = lp
+            if c in self.routing:
+                choice["remix_routing"] = self.routing[c]
+            choices.append(choice)
+        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
+                "model": self.body.model, "choices": choices, "usage": self._usage()}
+
+    def chunk(self, i: int, ev) -> dict | None:
+        c = self._choice(i, ev)
+        self.add(i, ev)
+        text = ev.text
+        if not self.chat and self.body.echo and c not in self.started:
+            text = self.prompt_texts[i] + text
+        first = c not in self.started
+        self.started.add(c)
+        if not text and not ev.finished and not (self.chat and first):
+            return None
+        finish = self.finish.get(c) if ev.finished else None
+        lp = self._logprobs(ev.logprobs) if self._wants_logprobs() and ev.logprobs else None
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            choice = {"index": c, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        else:
+            choice = {"index": c, "text": text, "logprobs": lp, "finish_reason": finish}
+        if ev.finished and c in self.routing:
+            choice["remix_routing"] = self.routing[c]
+        out = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+               "created": self.created, "model": self.body.model, "choices": [choice]}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self) -> dict:
+        return {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.body.model, "choices": [], "usage": self._usage()}
+
+
+def _routing_view(counts: dict, mode: str | None) -> dict:
+    """'full': per module, selections per LoRA; 'summary': per module, the most used LoRAs (bounded)."""
+    if mode == "full":
+        return {"modules": counts}
+    summary = {}
+    for module, per_lora in counts.items():
+        top = sorted(range(len(per_lora)), key=lambda i: (-per_lora[i], i))[:4]
+        summary[module] = {"top": [[i, per_lora[i]] for i in top if per_lora[i] > 0], "tokens": sum(per_lora)}
+    return {"modules": summary}

@@ -1,0 +1,167 @@
+"""python -m server: load the base and adapters, start the engine thread, serve HTTP.
+
+Precedence: defaults < --config file.yaml < flags (< REMIX_API_KEY for the key when no flag is given).
+With no arguments it serves the embedded default base plus the demo adapter (runs/demo/adapter) if present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+import yaml
+
+DEMO_ADAPTER = Path("runs/demo/adapter")
+log = logging.getLogger("server")
+
+OPTIONS = [  # (flag, type, default, help)
+    ("base", str, "smollm2-135m-instruct", "base model: smollm2-135m-instruct, tiny, a HF directory or a .gguf file"),
+    ("adapter", list, [], "NAME=PATH of an adapter to serve (repeatable)"),
+    ("adapter_dir", str, "", "serve every adapter directory found in this folder (named after its folder)"),
+    ("host", str, "127.0.0.1", "address to bind"),
+    ("port", int, 8000, "port to bind"),
+    ("api_key", str, "", "require 'Authorization: Bearer KEY' (default: $REMIX_API_KEY; empty = no auth)"),
+    ("served_name", str, "", "model name of the bare base in the API (default: the base spec)"),
+    ("max_model_len", int, 2048, "prompt + generated tokens per sequence"),
+    ("max_num_seqs", int, 32, "sequences running at once (KV cache slots)"),
+    ("max_queue", int, 256, "requests waiting for a slot before 429"),
+    ("max_batched_tokens", int, 512, "tokens per engine step (decode rows + prefill chunk)"),
+    ("kv_memory_gb", float, 4.0, "KV cache memory budget in GiB (caps the slots)"),
+    ("drain_timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before exiting"),
+    ("threads", int, 0, "torch threads (0 = torch's default)"),
+    ("log_level", str, "info", "debug, info, warning or error"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with the same fields (underscores)")
+    for name, kind, default, help_ in OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        if kind is list:
+            p.add_argument(flag, action="append", default=None, metavar="NAME=PATH", help=help_)
+        else:
+            p.add_argument(flag, type=kind, default=None, help=f"{help_} (default: {default})")
+    return p
+
+
+def load_settings(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    settings = {name: (list(default) if isinstance(default, list) else default) for name, _, default, _ in OPTIONS}
+    if args.config:
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SystemExit(f"error: --config {args.config}: {e}")
+        unknown = sorted(set(k.replace("-", "_") for k in loaded) - set(settings))
+        if unknown:
+            raise SystemExit(f"error: --config {args.config}: unknown field(s) {', '.join(unknown)}")
+        settings.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
+    if not settings["api_key"]:
+        settings["api_key"] = os.environ.get("REMIX_API_KEY", "")
+    adapters = {}
+    for spec in settings["adapter"]:
+        if "=" not in spec:
+            raise SystemExit(f"error: --adapter expects NAME=PATH, got {spec!r}")
+        name, path = spec.split("=", 1)
+        adapters[name] = path
+    if settings["adapter_dir"]:
+        root = Path(settings["adapter_dir"])
+        if not root.is_dir():
+            raise SystemExit(f"error: --adapter-dir {root} is not a directory")
+        for child in sorted(root.iterdir()):
+            if (child / "adapter_config.json").is_file():
+                adapters.setdefault(child.name, str(child))
+    if not settings["adapter"] and not settings["adapter_dir"] and argv_is_default(argv) and DEMO_ADAPTER.is_dir():
+        adapters["demo"] = str(DEMO_ADAPTER)
+    settings["adapters"] = adapters
+    for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens"):
+        if settings[name] < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    return settings
+
+
+def argv_is_default(argv) -> bool:
+    args = sys.argv[1:] if argv is None else argv
+    return not any(a.startswith("--adapter") for a in args)
+
+
+class RemixServer(uvicorn.Server):
+    """uvicorn, with a graceful SIGTERM: refuse new requests (503), finish in-flight ones, then exit 0."""
+
+    def __init__(self, config, state, drain_timeout: float):
+        super().__init__(config)
+        self.remix_state, self.drain_timeout = state, drain_timeout
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:  # a second signal: stop now
+            self.force_exit = True
+            self.should_exit = True
+            return
+        self._draining = True
+        self.remix_state.draining = True
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        log.info("draining: finishing %d in-flight request(s), %.0f s deadline", self.remix_state.in_flight, self.drain_timeout)
+        deadline = time.monotonic() + self.drain_timeout
+        while (self.remix_state.in_flight > 0 or self.remix_state.engine.has_work()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
+
+
+def build_state(settings: dict):
+    import remix
+    from server.app import ServerState
+    from server.engine import Engine, EngineConfig
+
+    model, tokenizer = remix.load_base(settings["base"])
+    engine = Engine(model, tokenizer, EngineConfig(
+        max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
+        max_batched_tokens=settings["max_batched_tokens"], kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30))))
+    for name, path in settings["adapters"].items():
+        engine.load_adapter(name, path)  # AdapterError lists every problem
+        log.info("loaded adapter %s from %s", name, path)
+    return ServerState(engine=engine, base_name=settings["served_name"] or settings["base"],
+                       api_key=settings["api_key"] or None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(argv)
+    logging.basicConfig(level=settings["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    from remix.adapter import AdapterError
+    from server.app import create_app
+
+    try:
+        state = build_state(settings)
+    except (AdapterError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from remix.kernels import cpu_ext
+
+    cpu_ext.load()  # build the routing op now, not on the first request
+    state.engine.start()
+    app = create_app(state)
+    config = uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"],
+                            access_log=False, timeout_graceful_shutdown=5)
+    server = RemixServer(config, state, settings["drain_timeout"])
+    log.info("serving %s with adapters [%s] on http://%s:%d", state.base_name, ", ".join(settings["adapters"]),
+             settings["host"], settings["port"])
+    server.run()
+    state.engine.stop(drain_timeout=1.0)
+    return 0

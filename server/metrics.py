@@ -1,0 +1,108 @@
+"""Every Prometheus metric of the server, declared in one place (prefix ``remix_``, fixed label names).
+
+Routing counters live in the engine as tensors (one bincount per module per step); they are turned
+into samples only at scrape time by :class:`RoutingCollector`, so the hot path never touches Prometheus.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from remix.routing import selection_entropy
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 40, 80)
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def split_module(name: str) -> tuple[str, str]:
+    """'model.layers.12.mlp.gate_proj' -> ('12', 'mlp.gate_proj')."""
+    m = _LAYER.search(name)
+    if not m:
+        return "-", name
+    return m.group(1), name[m.end():]
+
+
+class Metrics:
+    """All metrics of one server instance, on their own registry (so tests can run several servers)."""
+
+    def __init__(self, engine, window_s: float = 60.0):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("remix_time_to_first_token_seconds", "Time from arrival to the first generated token.",
+                              ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("remix_inter_token_latency_seconds", "Time between consecutive generated tokens of a sequence.",
+                             ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("remix_e2e_request_latency_seconds", "Time from arrival to the last token of a request.",
+                             ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("remix_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
+        self.generation_tokens = Counter("remix_generation_tokens", "Tokens generated.", ["adapter"], registry=r)
+        self.finished = Counter("remix_requests_finished", "Finished sequences by reason (stop, length, cancelled, error).",
+                                ["adapter", "reason"], registry=r)
+        self.http_errors = Counter("remix_http_errors", "Requests refused, by HTTP status.", ["status"], registry=r)
+        r.register(EngineCollector(engine))
+        r.register(RoutingCollector(engine, window_s))
+
+
+class EngineCollector:
+    """Running and waiting requests and KV cache usage, read from the engine at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.stats()
+        yield GaugeMetricFamily("remix_requests_running", "Sequences being prefilled or decoded.", value=s["running"])
+        yield GaugeMetricFamily("remix_requests_waiting", "Requests queued for a cache slot.", value=s["waiting"])
+        yield GaugeMetricFamily("remix_kv_cache_usage_ratio", "Share of the KV cache's token capacity in use.", value=s["kv_usage"])
+        yield GaugeMetricFamily("remix_kv_cache_slots_used", "Cache slots held by running sequences.", value=s["slots_used"])
+        yield GaugeMetricFamily("remix_kv_cache_slots", "Cache slots (sequences that can run at once).", value=s["slots"])
+
+
+class RoutingCollector:
+    """remix_lora_selections_total and the effective number of LoRAs per layer over a recent window."""
+
+    def __init__(self, engine, window_s: float):
+        self.engine, self.window_s = engine, window_s
+        self.history: deque[tuple[float, dict]] = deque()
+        self.lock = threading.Lock()
+
+    def collect(self):
+        counts = self.engine.registry.selection_counts()  # {adapter: {module: [per LoRA]}}
+        now = time.monotonic()
+        selections = CounterMetricFamily(
+            "remix_lora_selections", "Tokens that selected each LoRA, per adapter, layer and module.",
+            labels=["adapter", "layer", "module", "lora"])
+        for adapter, modules in counts.items():
+            for module, per_lora in modules.items():
+                layer, short = split_module(module)
+                for i, c in enumerate(per_lora):
+                    selections.add_metric([adapter, layer, short, str(i)], c)
+        yield selections
+        with self.lock:
+            self.history.append((now, counts))
+            while len(self.history) > 1 and now - self.history[1][0] >= self.window_s:
+                self.history.popleft()
+            base_time, base = self.history[0]
+        effective = GaugeMetricFamily(
+            "remix_effective_loras",
+            "exp(entropy) of the LoRA selection shares per layer (mean over its modules) since the oldest scrape "
+            "in the window (k..n when healthy; ~k when the router always picks the same LoRAs).",
+            labels=["adapter", "layer"])
+        for adapter, modules in counts.items():
+            per_layer: dict[str, list[float]] = {}
+            for module, per_lora in modules.items():
+                old = base.get(adapter, {}).get(module) if base is not counts else None
+                delta = [c - o for c, o in zip(per_lora, old)] if old and base_time < now else per_lora
+                if sum(delta) > 0:
+                    import torch
+
+                    per_layer.setdefault(split_module(module)[0], []).append(selection_entropy(torch.tensor(delta))[1])
+            for layer, values in per_layer.items():
+                effective.add_metric([adapter, layer], sum(values) / len(values))
+        yield effective

@@ -1,0 +1,135 @@
+"""OpenAI-shaped request and response models (one request model per endpoint, fields in the order of
+OpenAI's docs, bounds in ``Field``), and the translation of a request into engine sampling parameters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.engine import SamplingParams
+
+MAX_STOP = 8
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("stop", check_fields=False)
+    @classmethod
+    def _stops(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else list(v)
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+
+class CompletionRequest(_Common):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    echo: bool = False
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_tokens: int = Field(default=16, ge=1, le=1_000_000)
+    n: int = Field(default=1, ge=1, le=16)
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # extensions
+    top_k: int = Field(default=0, ge=0, le=100_000)
+    ignore_eos: bool = False
+    remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, str):
+            return v
+        if not v:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v[0], list) and any(not p for p in v):
+            raise ValueError("token-id prompts must not be empty")
+        return v
+
+    @field_validator("logit_bias", "suffix")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
+
+    def to_sampling(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos,
+                              logprobs=self.logprobs, echo=self.echo)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Common):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    n: int = Field(default=1, ge=1, le=16)
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    top_k: int = Field(default=0, ge=0, le=100_000)
+    ignore_eos: bool = False
+    remix_routing: Literal["summary", "full"] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _unsupported(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    def to_sampling(self, default_max: int) -> SamplingParams:
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+
+
+class AdapterLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")
+    path: str = Field(min_length=1)
+    check_fingerprint: bool = True
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

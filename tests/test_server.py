@@ -1,0 +1,292 @@
+"""A live server (uvicorn on a free local port, tiny base) driven by the official openai client."""
+
+import json
+import re
+import shlex
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import remix
+from tests.server_utils import LiveServer
+
+KEY = "test-key"
+
+
+def make_adapter(path, seed=0, n=4, k=2, r=4):
+    model, _ = remix.tiny_model()
+    layers = remix.inject(model, remix.MixtureConfig(n=n, k=k, r=r))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
+            layer.router.copy_(torch.randn(layer.router.shape, generator=g))
+    remix.save_adapter(model, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {"alpha": make_adapter(root / "alpha", 1), "beta": make_adapter(root / "beta", 2, n=6, k=3)}
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    srv = LiveServer(["--adapter", f"alpha={adapters['alpha']}", "--adapter", f"beta={adapters['beta']}",
+                      "--api-key", KEY, "--max-model-len", "256", "--max-num-seqs", "8"])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_completion(client):
+    r = client.completions.create(model="alpha", prompt="Hello there", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.model == "alpha" and len(r.choices) == 1
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len("Hello there".encode()) and 1 <= r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_prompt_forms(client):
+    r = client.completions.create(model="tiny", prompt=["one", "two"], max_tokens=3, temperature=0, n=2)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    r = client.completions.create(model="tiny", prompt=[104, 105], max_tokens=3, temperature=0)
+    assert r.usage.prompt_tokens == 2
+    r = client.completions.create(model="tiny", prompt=[[104, 105], [106]], max_tokens=2, temperature=0)
+    assert len(r.choices) == 2
+
+
+def test_streaming_with_usage(client):
+    stream = client.completions.create(model="beta", prompt="Stream me", max_tokens=10, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+    whole = client.completions.create(model="beta", prompt="Stream me", max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert text == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_n2_logprobs_echo(client):
+    r = client.completions.create(model="alpha", prompt="abc", max_tokens=5, temperature=0, n=2, logprobs=3, echo=True,
+                                  extra_body={"ignore_eos": True})
+    assert len(r.choices) == 2
+    for c in r.choices:
+        assert c.text.startswith("abc")
+        lp = c.logprobs
+        assert len(lp.tokens) == 5 and len(lp.token_logprobs) == 5 and all(len(t) == 3 for t in lp.top_logprobs)
+        assert all(v <= 0 for v in lp.token_logprobs)
+        assert lp.text_offset[0] == 3
+        assert max(lp.top_logprobs[0].values()) >= lp.token_logprobs[0] - 1e-6  # greedy picks the top token
+    assert r.choices[0].text == r.choices[1].text  # greedy: both sequences agree
+
+
+def test_stop(client):
+    full = client.completions.create(model="alpha", prompt="xyz", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[4:6]
+    r = client.completions.create(model="alpha", prompt="xyz", max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_seed_reproducible(client):
+    kw = dict(model="beta", prompt="random", max_tokens=12, temperature=1.0, top_p=0.95, extra_body={"ignore_eos": True})
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    c = client.completions.create(seed=8, **kw).choices[0].text
+    assert a == b and a != c
+
+
+def test_chat_and_chat_stream(client):
+    msgs = [{"role": "user", "content": "Hi!"}]
+    r = client.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+
+
+def test_models(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"tiny", "alpha", "beta"}
+    beta = models["beta"].model_dump()
+    assert beta["parent"] == "tiny" and beta["adapter"]["n"] == 6 and beta["adapter"]["k"] == 3 and beta["adapter"]["r"] == 4
+
+
+def _post(server, path, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return httpx.post(server.url + path, content=raw, headers={**headers, "content-type": "application/json"}, timeout=30)
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "alpha", "prompt": "x", "temperature": 5}, "temperature"),
+    ({"model": "alpha", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"model": "alpha", "prompt": "x", "n": 100}, "n"),
+    ({"model": "alpha", "prompt": "x", "logprobs": 50}, "logprobs"),
+    ({"model": "alpha", "prompt": "x", "bogus": 1}, "bogus"),
+    ({"model": "alpha", "prompt": ""}, "prompt"),
+    ({"model": "alpha", "prompt": [[99999]]}, "prompt"),
+    ({"model": "alpha", "prompt": "x" * 200, "max_tokens": 100}, "max_tokens"),
+    ({"model": "alpha", "prompt": "x", "stop": ["a"] * 20}, "stop"),
+    ({"prompt": "x"}, "model"),
+])
+def test_bad_input_is_400_with_param(server, body, param):
+    r = _post(server, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] is not None and err["param"].startswith(param), err
+    assert _post(server, "/v1/completions", {"model": "alpha", "prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_malformed_json_auth_and_unknown_model(server):
+    r = _post(server, "/v1/completions", None, raw=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = _post(server, "/v1/completions", {"model": "alpha", "prompt": "x"}, key=None)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = _post(server, "/v1/completions", {"model": "alpha", "prompt": "x"}, key="wrong")
+    assert r.status_code == 401
+    r = _post(server, "/v1/completions", {"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def _selections(server):
+    text = httpx.get(server.url + "/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "remix_lora_selections":
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    key = (s.labels["adapter"], s.labels["layer"], s.labels["module"])
+                    out[key] = out.get(key, 0) + s.value
+    return out, text
+
+
+def test_metrics_count_k_selections_per_token(server, client):
+    before, _ = _selections(server)
+    r = client.completions.create(model="beta", prompt="count me", max_tokens=7, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    after, text = _selections(server)
+    tokens = r.usage.prompt_tokens + r.usage.completion_tokens - 1  # the last sampled token is never fed back
+    beta = {key: after[key] - before.get(key, 0) for key in after if key[0] == "beta"}
+    assert len(beta) == 6  # 2 layers x gate/up/down
+    assert all(delta == 3 * tokens for delta in beta.values()), beta  # k = 3
+    assert all(after[key] == before.get(key, 0) for key in after if key[0] == "alpha")
+    for name in ("remix_time_to_first_token_seconds", "remix_inter_token_latency_seconds", "remix_e2e_request_latency_seconds",
+                 "remix_requests_running", "remix_requests_waiting", "remix_kv_cache_usage_ratio",
+                 "remix_prompt_tokens_total", "remix_generation_tokens_total", "remix_requests_finished_total",
+                 "remix_effective_loras"):
+        assert name in text, name
+
+
+def test_dropped_streams_free_everything(server):
+    def open_and_drop(i):
+        with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "alpha", "prompt": f"stream {i}", "max_tokens": 200, "stream": True,
+                                "ignore_eos": True}, timeout=60) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 2:
+                    break  # drop mid-way
+
+    threads = [threading.Thread(target=open_and_drop, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        h = httpx.get(server.url + "/health").json()
+        if h["running"] == 0 and h["waiting"] == 0 and h["slots_used"] == 0:
+            break
+        time.sleep(0.2)
+    assert h["running"] == 0 and h["waiting"] == 0 and h["slots_used"] == 0 and h["kv_tokens_used"] == 0, h
+
+
+def test_live_adapter_load_and_unload(server, client, tmp_path):
+    path = make_adapter(tmp_path / "gamma", 5)
+    r = _post(server, "/v1/adapters", {"name": "gamma", "path": path})
+    assert r.status_code == 200, r.text
+    assert client.completions.create(model="gamma", prompt="hi", max_tokens=2).choices
+    # a broken adapter is refused with every problem listed, and serving goes on
+    (Path(path) / "adapter_model.safetensors").write_bytes(b"truncated")
+    r = _post(server, "/v1/adapters", {"name": "broken", "path": path})
+    assert r.status_code == 400 and "not a readable safetensors file" in r.json()["error"]["message"]
+    r = _post(server, "/v1/adapters", {"name": "nowhere", "path": str(tmp_path / "missing")})
+    assert r.status_code == 400
+    assert httpx.delete(server.url + "/v1/adapters/gamma", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert _post(server, "/v1/completions", {"model": "gamma", "prompt": "x"}).status_code == 404
+    assert httpx.delete(server.url + "/v1/adapters/gamma").status_code == 401
+
+
+def test_readme_curl_examples(server):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"<!-- curl-test -->\s*```bash\n(.*?)```", readme, re.S)
+    assert blocks, "README has no curl examples marked for testing"
+    for block in blocks:
+        cmd = block.replace("\\\n", " ").strip().replace("http://localhost:8000", server.url)
+        cmd = cmd.replace("$REMIX_API_KEY", KEY).replace("demo", "alpha")
+        out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        if out.stdout.strip().startswith("{"):
+            assert "error" not in json.loads(out.stdout), out.stdout
+
+
+def test_sigterm_drains_then_exits_zero(adapters):
+    srv = LiveServer(["--adapter", f"alpha={adapters['alpha']}", "--drain-timeout", "30"])
+    results = {}
+
+    def long_request():
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "alpha", "prompt": "long", "max_tokens": 150,
+                                                          "ignore_eos": True}, timeout=60)
+        results["inflight"] = (r.status_code, r.json()["usage"]["completion_tokens"] if r.status_code == 200 else None)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.5)
+    srv.proc.terminate()
+    time.sleep(0.3)
+    try:
+        late = httpx.post(srv.url + "/v1/completions", json={"model": "alpha", "prompt": "late"}, timeout=5)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    except httpx.ConnectError:
+        pass  # the drain finished before the late request arrived
+    t.join(60)
+    assert results["inflight"] == (200, 150)
+    assert srv.proc.wait(60) == 0
+
+
+def test_queue_full_is_429_and_draining_is_503():
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerState, create_app
+    from server.engine import Engine, EngineConfig
+
+    model, tok = remix.tiny_model()
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2, max_queue=1))
+    state = ServerState(engine=engine, base_name="tiny")
+    client = TestClient(create_app(state))
+    engine.submit(__import__("server.engine", fromlist=["x"]).GenerationRequest("hold", [1, 2], __import__(
+        "server.engine", fromlist=["x"]).SamplingParams(max_tokens=2)), lambda e: None)  # the queue (size 1) is now full
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    state.draining = True
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert client.get("/health").status_code == 503
