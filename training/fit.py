@@ -85,7 +85,7 @@ def train_step(cfg: TrainConfig, model, layers: dict, batch: dict) -> dict:
         if cfg.router == "softmax-topk" and cfg.load_balance_coef > 0:
             aux = torch.stack([layer.aux_loss for layer in layer_list]).mean()
             objective = objective + cfg.load_balance_coef * aux
-            extra["load_balance_loss"] = float(aux)
+            extra["load_balance_loss"] = float(aux.detach())
     (objective / cfg.grad_accum).backward()
     rows = cfg.samples if cfg.router == "remix" else 1
     return {"loss": float(sft.detach()), "tokens": tokens * rows,

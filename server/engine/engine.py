@@ -97,6 +97,7 @@ class Engine:
         if gen_eos is not None:
             self.eos_ids |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
         self.steps = 0
+        self.last_step = {"decode_rows": 0, "prefill_tokens": 0}
 
     # -- public, thread-safe -----------------------------------------------------------------------
     def submit(self, request: GenerationRequest, callback) -> None:
@@ -220,6 +221,7 @@ class Engine:
             self._run_decode(decode)
         if prefill:
             self._run_prefill(prefill)
+        self.last_step = {"decode_rows": len(decode), "prefill_tokens": sum(c for _, c in prefill)}
         self._arrange()
         self._reap_adapters()
         self.steps += 1

@@ -1,0 +1,193 @@
+"""End-to-end generation benchmark: our engine against Hugging Face ``generate``, in one run.
+
+    python -m server.bench --json out.json [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 128]
+
+On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill included) it measures:
+  hf_generate        HF generate, static batch, base only (the peer everyone has)
+  hf_loop            HF generate with a ReMix adapter applied by a per-expert Python loop (what a MixLoRA user runs)
+  engine_base        our engine, base only
+  engine_remix       our engine, one ReMix adapter (n=8, k=2, r=8 on every FFN projection)
+  engine_4adapters   our engine, four such adapters mixed round-robin in every batch
+at each concurrency, plus the engine's mean decode-step time and the time of that step's weight GEMMs alone at the
+same batch (the floor on this CPU), and prints/writes the ratios with their goals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import remix
+from remix import routing
+from remix.kernels import tune_cpu_allocator
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+
+TEXT = ("The history of the river valley is long and varied. Farmers, traders and travellers have passed through it "
+        "for centuries, leaving behind roads, bridges, mills and stories that are still told today. ")
+
+
+class PerExpertLoopLinear(nn.Module):
+    """MixLoRA-style forward: route, then one masked pass per expert (a Python loop over the n LoRAs)."""
+
+    def __init__(self, base: nn.Linear, A, B, router, k, omega):
+        super().__init__()
+        self.base, self.A, self.B, self.router, self.k, self.omega = base, A, B, router, k, omega
+
+    def forward(self, x):
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.base(x2)
+        idx = routing.topk_lower_index(routing.router_logits(x2, self.router), self.k)
+        for i in range(self.A.shape[0]):
+            rows, _ = torch.where(idx == i)
+            if rows.numel():
+                y.index_add_(0, rows, self.omega * F.linear(F.linear(x2[rows], self.A[i]), self.B[i]))
+        return y.view(*shape, -1)
+
+
+def make_adapter(model, path: Path, seed: int) -> Path:
+    layers = remix.inject(model, remix.MixtureConfig(n=8, k=2, r=8))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.01)
+            layer.router.copy_(torch.randn(layer.router.shape, generator=g) * 0.05)
+    remix.save_adapter(model, path)
+    remix.unwrap(model)
+    return path
+
+
+def prompts_of(tokenizer, count: int, length: int) -> list[list[int]]:
+    ids = tokenizer(TEXT * (length // 20 + 2)).input_ids
+    return [ids[i : i + length] for i in range(count)]  # distinct prompts of exactly `length` tokens
+
+
+def bench_hf(model, prompts, new_tokens) -> float:
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - start
+
+
+def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]) -> tuple[float, float]:
+    """Wall time for all requests (submitted together) and the mean time of full-batch decode-only steps."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.submit(GenerationRequest(f"b{time.monotonic_ns()}-{i}", p, params, adapters[i % len(adapters)]), lambda e: None)
+    decode_steps = []
+    start = time.perf_counter()
+    while engine.has_work():
+        t0 = time.perf_counter()
+        engine.step()
+        if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == len(prompts):
+            decode_steps.append(time.perf_counter() - t0)
+    return time.perf_counter() - start, statistics.median(decode_steps) if decode_steps else float("nan")
+
+
+def gemm_floor(model, batch: int, repeats: int = 5) -> float:
+    """Seconds for the weight GEMMs of one decode step at this batch: every linear of the model, in order."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--base", default=remix.DEFAULT_BASE)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
+    args = ap.parse_args(argv)
+    tune_cpu_allocator()
+    model, tok = remix.load_base(args.base)
+    tmp = Path(tempfile.mkdtemp(prefix="remix-bench-"))
+    adapter_paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    max_len = args.prompt_tokens + args.new_tokens + 8
+    engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,
+                                             max_batched_tokens=max(512, args.prompt_tokens + max(levels))))
+    for i, path in enumerate(adapter_paths):
+        engine.load_adapter(f"a{i}", str(path))
+    engine.runner.forward  # noqa: B018 - the engine owns the model's wrapped modules from here on
+    results = {}
+    for c in levels:
+        prompts = prompts_of(tok, c, args.prompt_tokens)
+        tokens = c * args.new_tokens
+        row = {}
+        bench_engine(engine, prompts[:1], 4, [None])  # warm-up (builds the routing op, touches the cache)
+        for name, adapters in (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"])):
+            wall, step = bench_engine(engine, prompts, args.new_tokens, adapters)
+            row[name] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens,
+                         "decode_step_ms": 1000 * step}
+            print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms", flush=True)
+        # the HF peers run on a plain copy of the base (the engine's model has serving wrappers)
+        plain, _ = remix.load_base(args.base)
+        wall = bench_hf(plain, prompts, args.new_tokens)
+        row["hf_generate"] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens}
+        print(f"c={c:<3} {'hf_generate':18s} {tokens / wall:8.1f} tok/s", flush=True)
+        if not args.skip_hf_loop:
+            layers = remix.load_adapter(plain, adapter_paths[0])
+            for name, layer in layers.items():
+                parent, _, child = name.rpartition(".")
+                setattr(plain.get_submodule(parent), child, PerExpertLoopLinear(
+                    layer.base, layer.lora_A.detach(), layer.lora_B.detach(), layer.router.detach(), layer.k, layer.omega))
+            wall = bench_hf(plain, prompts, args.new_tokens)
+            row["hf_loop"] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens}
+            print(f"c={c:<3} {'hf_loop':18s} {tokens / wall:8.1f} tok/s", flush=True)
+        del plain
+        row["gemm_floor_ms"] = 1000 * gemm_floor(engine.runner.model, c)
+        results[c] = row
+    ratios, goals = {}, {}
+
+    def ratio(name, value, op, target, where):
+        ratios[name] = value
+        if op is not None:
+            goals[name] = {"value": round(value, 3), "goal": f"{op} {target}", "at": where,
+                           "met": value <= target if op == "<=" else value >= target}
+
+    top, low = max(levels), min(levels)
+    for c in levels:
+        r = results[c]
+        tps = {k: v["tokens_per_s"] for k, v in r.items() if isinstance(v, dict)}
+        ratio(f"engine_remix_over_hf_generate@{c}", tps["engine_remix"] / tps["hf_generate"], ">=" if c == top else None, 2.0, c)
+        if "hf_loop" in tps:
+            ratio(f"engine_remix_over_hf_loop@{c}", tps["engine_remix"] / tps["hf_loop"], ">=" if c == top else None, 3.0, c)
+        ratio(f"engine_remix_over_engine_base@{c}", tps["engine_remix"] / tps["engine_base"], ">=", 0.90, c)
+        ratio(f"engine_4adapters_over_engine_remix@{c}", tps["engine_4adapters"] / tps["engine_remix"], ">=", 0.90, c)
+        ratio(f"decode_step_over_gemm_floor@{c}", r["engine_remix"]["decode_step_ms"] / r["gemm_floor_ms"],
+              "<=" if c == top else None, 1.25, c)
+    r1 = results[low]
+    ratio("engine_remix_bs1_over_hf_generate_bs1", r1["engine_remix"]["tokens_per_s"] / r1["hf_generate"]["tokens_per_s"],
+          ">=", 2.0, low)
+    for name, g in goals.items():
+        print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
+    out = {"config": {"base": args.base, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                      "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()},
+           "results": results, "ratios": ratios, "goals": goals}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
