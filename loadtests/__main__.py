@@ -1,0 +1,103 @@
+"""python -m loadtests: load-test an OpenAI-compatible server and report latency, throughput and goodput.
+
+    python -m loadtests --url http://127.0.0.1:8000 --rate 2 --num-requests 100 --adapters demo --json run.json --plots plots/
+    python -m loadtests --compare before.json after.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from loadtests.generator import make_prompts, run_load, to_json
+from loadtests.report import compare, plots, summarize, table
+
+
+def parse_slo(text: str) -> dict[str, float]:
+    """'ttft=2,itl=0.5' (seconds) -> {'ttft': 2.0, 'itl': 0.5}."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in ("ttft", "itl", "tpot", "e2e"):
+            raise argparse.ArgumentTypeError(f"unknown SLO {key!r} (ttft, itl, tpot, e2e)")
+        out[key] = float(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (the only target)")
+    p.add_argument("--api-key", default=None, help="Bearer key")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--rate", type=float, help="open loop: mean arrivals per second")
+    mode.add_argument("--concurrency", type=int, help="closed loop: requests in flight")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals: 1 = Poisson, <1 burstier")
+    p.add_argument("--num-requests", type=int, default=100, help="upper bound on requests sent")
+    p.add_argument("--duration", type=float, default=300.0, help="upper bound on seconds spent sending")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
+    p.add_argument("--prompt-words", type=int, default=60, help="mean prompt length in words (built-in prompts)")
+    p.add_argument("--prompt-spread", type=float, default=0.5, help="prompt length varies uniformly by +- this share")
+    p.add_argument("--prompts-file", help="JSONL of {prompt} or {messages} to use instead")
+    p.add_argument("--output-tokens", type=int, default=64, help="max_tokens per request (ignore_eos is set)")
+    p.add_argument("--adapters", default="demo", help="comma-separated model names to spread requests over")
+    p.add_argument("--adapter-mode", choices=("random", "round-robin"), default="round-robin")
+    p.add_argument("--stream", type=lambda s: s.lower() in ("1", "true", "on", "yes"), default=True)
+    p.add_argument("--slo", type=parse_slo, default={}, help="goodput thresholds in seconds, e.g. ttft=2,itl=0.5")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the summary and every request here")
+    p.add_argument("--plots", help="write latency_cdf.png and throughput.png into this folder")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print the deltas of two runs and exit")
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare))
+        return 0
+    if not args.rate and not args.concurrency:
+        args.concurrency = 1
+    if urlparse(args.url).scheme not in ("http", "https"):
+        print(f"error: --url must be http(s)://host:port, got {args.url!r}", file=sys.stderr)
+        return 2
+    for name in ("num_requests", "duration", "output_tokens"):
+        if getattr(args, name) <= 0:
+            print(f"error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
+            return 2
+    rng = random.Random(args.seed)
+    prompts = make_prompts(args.num_requests, args.prompt_words, args.prompt_spread, rng, args.prompts_file)
+    adapters = [a for a in args.adapters.split(",") if a]
+
+    def progress(results, elapsed):
+        if args.quiet:
+            return
+        done = sum(r.end is not None or bool(r.error) for r in results)
+        errors = sum(bool(r.error) or (r.status not in (0, 200)) for r in results)
+        print(f"\r{elapsed:7.1f}s sent {len(results)} done {done} errors {errors}", end="", file=sys.stderr, flush=True)
+
+    results, elapsed = asyncio.run(run_load(
+        args.url, args.api_key, args.rate, args.concurrency, args.num_requests, args.duration, prompts,
+        args.output_tokens, adapters, args.adapter_mode, args.stream, args.burstiness, args.seed, args.timeout, progress))
+    if not args.quiet:
+        print(file=sys.stderr)
+    summary = summarize(results, elapsed, args.slo)
+    summary["config"] = {k: v for k, v in vars(args).items() if k not in ("compare",)}
+    print(table(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "requests": to_json(results)}, indent=1))
+    if args.plots:
+        title = f"rate {args.rate or '-'} conc {args.concurrency or '-'} ({len(results)} requests)"
+        for path in plots(results, Path(args.plots), title):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

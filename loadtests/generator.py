@@ -1,0 +1,146 @@
+"""Open-loop (Poisson / gamma arrivals) or closed-loop (fixed concurrency) load against an OpenAI-style server.
+
+Every loop is bounded by --num-requests and --duration, and talks only to the --url given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+WORDS = ("river valley farmer trader bridge mill story road winter summer harvest market lantern harbor "
+         "mountain forest village letter journey garden").split()
+
+
+@dataclass
+class Result:
+    """One request as the client saw it (times in seconds from the start of the run)."""
+
+    start: float
+    adapter: str
+    prompt_words: int
+    status: int = 0
+    error: str = ""
+    ttft: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    end: float | None = None
+    completion_tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and not self.error
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.end is None or self.completion_tokens < 2:
+            return None
+        return (self.end - self.start - self.ttft) / (self.completion_tokens - 1)
+
+
+def make_prompts(count: int, mean_words: int, spread: float, rng: random.Random, file: str | None) -> list[str]:
+    if file:
+        rows = [json.loads(line) for line in open(file) if line.strip()]
+        texts = [r["prompt"] if "prompt" in r else r["messages"][-1]["content"] for r in rows]
+        return [texts[i % len(texts)] for i in range(count)]
+    out = []
+    for _ in range(count):
+        n = max(1, int(rng.uniform(mean_words * (1 - spread), mean_words * (1 + spread))))
+        out.append(" ".join(rng.choice(WORDS) for _ in range(n)))
+    return out
+
+
+async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: dict, result: Result, t0: float,
+                      stream: bool) -> None:
+    try:
+        if stream:
+            async with client.stream("POST", url, json=body, headers=headers) as r:
+                result.status = r.status_code
+                if r.status_code != 200:
+                    await r.aread()
+                    result.error = r.text[:200]
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    now = time.perf_counter() - t0
+                    if chunk.get("usage"):
+                        result.completion_tokens = chunk["usage"]["completion_tokens"]
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        if result.ttft is None:
+                            result.ttft = now - result.start
+                        result.token_times.append(now)
+        else:
+            r = await client.post(url, json=body, headers=headers)
+            result.status = r.status_code
+            if r.status_code != 200:
+                result.error = r.text[:200]
+                return
+            result.completion_tokens = r.json()["usage"]["completion_tokens"]
+            result.ttft = time.perf_counter() - t0 - result.start
+        result.end = time.perf_counter() - t0
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        result.error = f"{type(e).__name__}: {e}"[:200]
+
+
+async def run_load(url: str, api_key: str | None, rate: float | None, concurrency: int | None, num_requests: int,
+                   duration: float, prompts: list[str], output_tokens: int, adapters: list[str], adapter_mode: str,
+                   stream: bool, burstiness: float, seed: int, timeout: float, progress=None) -> tuple[list[Result], float]:
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    endpoint = url.rstrip("/") + "/v1/completions"
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=max(64, concurrency or 0), max_keepalive_connections=64)
+    t0 = time.perf_counter()
+    tasks = []
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        sem = asyncio.Semaphore(concurrency) if concurrency else None
+
+        async def launch(i: int) -> None:
+            adapter = adapters[i % len(adapters)] if adapter_mode == "round-robin" else rng.choice(adapters)
+            body = {"model": adapter, "prompt": prompts[i % len(prompts)], "max_tokens": output_tokens,
+                    "temperature": 0.0, "ignore_eos": True, "stream": stream}
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            res = Result(start=time.perf_counter() - t0, adapter=adapter, prompt_words=len(body["prompt"].split()))
+            results.append(res)
+            if sem is None:
+                await one_request(client, endpoint, headers, body, res, t0, stream)
+            else:
+                async with sem:
+                    res.start = time.perf_counter() - t0
+                    await one_request(client, endpoint, headers, body, res, t0, stream)
+            if progress:
+                progress(results, time.perf_counter() - t0)
+
+        for i in range(num_requests):
+            if time.perf_counter() - t0 >= duration:
+                break
+            if rate:
+                # gamma inter-arrivals with mean 1/rate; shape = burstiness (1 = Poisson, < 1 = burstier)
+                await asyncio.sleep(rng.gammavariate(burstiness, 1.0 / (rate * burstiness)))
+            elif sem is not None:
+                while sem.locked():
+                    await asyncio.sleep(0.001)
+            tasks.append(asyncio.create_task(launch(i)))
+        remaining = max(0.0, duration + timeout - (time.perf_counter() - t0))
+        if tasks:
+            await asyncio.wait(tasks, timeout=remaining)
+        for t in tasks:
+            t.cancel()
+    return results, time.perf_counter() - t0
+
+
+def to_json(results: list[Result]) -> list[dict]:
+    return [asdict(r) for r in results]
