@@ -117,6 +117,7 @@ class ReMixLinear(MixtureOfLoRAsLinear):
     def __init__(self, base: nn.Linear, config: MixtureConfig):
         super().__init__(base, config)
         self.sample: bool | None = None  # None: sample in training mode, top-k in eval mode
+        self.noise = None  # optional callable(rows) -> uniform [rows, n]: the trainer's split-invariant draws
         self.last_log_q: torch.Tensor | None = None
         self._eval_cache: tuple | None = None
 
@@ -124,7 +125,8 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         sample = self.training if self.sample is None else self.sample
         logits = routing.router_logits(x.detach(), self.router)  # [T, n] float32
         if sample:
-            idx, self.last_log_q = routing.sample_without_replacement(logits, self.k)
+            uniform = self.noise(logits.shape[0]) if self.noise is not None else None
+            idx, self.last_log_q = routing.sample_without_replacement(logits, self.k, uniform=uniform)
         else:
             idx, self.last_log_q = routing.topk_lower_index(logits, self.k), None
         return idx, self.omega

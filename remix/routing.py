@@ -52,17 +52,19 @@ def plackett_luce_log_prob(log_probs: torch.Tensor, idx: torch.Tensor) -> torch.
 
 
 def sample_without_replacement(
-    logits: torch.Tensor, k: int, generator: torch.Generator | None = None
+    logits: torch.Tensor, k: int, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw k distinct indices per row from softmax(logits), in draw order, and their log Q(J).
 
     Gumbel-top-k: the order of ``log q + Gumbel`` is distributed exactly as sequential sampling
     without replacement (Kool et al. 2019), so one sort replaces k dependent draws.
     logits: [..., n] -> (idx [..., k] int64, log_q [...] float32, differentiable w.r.t. logits).
+    ``uniform`` ([..., n] in (0, 1)) replaces the random draw, for callers that need split-invariant noise.
     """
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    u = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
-    u = u.clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - 1e-7)
+    if uniform is None:
+        uniform = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
+    u = uniform.to(device=log_probs.device, dtype=torch.float32).clamp(min=torch.finfo(torch.float32).tiny, max=1.0 - 1e-7)
     gumbel = -torch.log(-torch.log(u))
     idx = torch.topk(log_probs.detach() + gumbel, k, dim=-1).indices
     return idx, plackett_luce_log_prob(log_probs, idx)

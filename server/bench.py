@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import remix
 from remix import routing
-from remix.kernels import tune_cpu_allocator
+from remix.kernels import cpu_ext, tune_cpu_allocator
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 TEXT = ("The history of the river valley is long and varied. Farmers, traders and travellers have passed through it "
@@ -119,6 +119,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
     args = ap.parse_args(argv)
     tune_cpu_allocator()
+    cpu_ext.load()
     model, tok = remix.load_base(args.base)
     tmp = Path(tempfile.mkdtemp(prefix="remix-bench-"))
     adapter_paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
@@ -128,13 +129,12 @@ def main(argv=None) -> dict:
                                              max_batched_tokens=max(512, args.prompt_tokens + max(levels))))
     for i, path in enumerate(adapter_paths):
         engine.load_adapter(f"a{i}", str(path))
-    engine.runner.forward  # noqa: B018 - the engine owns the model's wrapped modules from here on
     results = {}
     for c in levels:
         prompts = prompts_of(tok, c, args.prompt_tokens)
         tokens = c * args.new_tokens
         row = {}
-        bench_engine(engine, prompts[:1], 4, [None])  # warm-up (builds the routing op, touches the cache)
+        bench_engine(engine, prompts[:1], 4, [None, "a0"])  # warm-up: loads the routing op, touches the cache
         for name, adapters in (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"])):
             wall, step = bench_engine(engine, prompts, args.new_tokens, adapters)
             row[name] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens,

@@ -157,3 +157,28 @@ def test_cli_reports_bad_field(tmp_path):
     bad.write_text('{"prompt": "x"}\n')
     res = _run(["--steps", "1", "--data", str(bad), "--output", str(tmp_path / "y")])
     assert res.returncode == 2 and f"{bad}:1: field 'completion' is missing" in res.stderr
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """torchrun with 2 ranks (gloo) and the same global batch gives the parameters of 1 process.
+
+    Pools agree to float rounding (~1e-7). Routers agree to ~1e-4: their RLOO gradients are differences of
+    nearly equal losses early on, and Adam divides them by their own tiny running RMS, which magnifies the
+    last-bit differences of the two GEMM shapes.
+    """
+    from safetensors.torch import load_file
+
+    common = ["--steps", "3", "--batch-size", "4", "--eval-every", "0", "--save-every", "0", "--eval-size", "2"]
+    one = _run(common + ["--output", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
+    two = subprocess.run(torchrun + FIT[1:] + common + ["--output", str(tmp_path / "two")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        tol = 1e-4 if key.endswith("router") else 1e-6
+        torch.testing.assert_close(a[key], b[key], atol=tol, rtol=0, msg=key)
+    assert [round(l, 4) for _, l in _losses(tmp_path / "one")] == [round(l, 4) for _, l in _losses(tmp_path / "two")]

@@ -21,7 +21,7 @@ import torch
 
 import remix
 from remix.kernels import tune_cpu_allocator
-from training import rloo
+from training import distributed, rloo
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import DataError, collate, load_examples
@@ -53,16 +53,17 @@ def make_scheduler(cfg: TrainConfig, optimizer, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def batch_indices(step: int, micro: int, cfg: TrainConfig, n_examples: int) -> list[int]:
-    """Example indices of one micro-batch: a seeded permutation per epoch, so a resumed run sees the same order."""
-    per_step = cfg.batch_size * cfg.grad_accum
-    start = step * per_step + micro * cfg.batch_size
-    out = []
-    for pos in range(start, start + cfg.batch_size):
-        epoch, offset = divmod(pos, n_examples)
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_examples)
-        out.append(int(perm[offset]))
-    return out
+def batch_positions(step: int, micro: int, cfg: TrainConfig, rank: int = 0, world: int = 1) -> list[int]:
+    """Positions in the example stream of this rank's share of one micro-batch (a contiguous slice)."""
+    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+    share = cfg.batch_size // world
+    return list(range(start + rank * share, start + (rank + 1) * share))
+
+
+def example_at(pos: int, cfg: TrainConfig, n_examples: int) -> int:
+    """The example at a stream position: a seeded permutation per epoch, so a resumed run sees the same order."""
+    epoch, offset = divmod(pos, n_examples)
+    return int(np.random.default_rng([cfg.seed, epoch]).permutation(n_examples)[offset])
 
 
 def train_step(cfg: TrainConfig, model, layers: dict, batch: dict) -> dict:
@@ -96,6 +97,10 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tune_cpu_allocator()
+    rank, world = distributed.setup(cfg.device)
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
+    lead = rank == 0
     run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -110,6 +115,11 @@ def run(cfg: TrainConfig) -> dict:
     else:
         heldout = []
     layers = remix.inject(model, cfg.mixture())
+    noises = []
+    for i, layer in enumerate(layers.values()):
+        if layer.kind == "remix":  # routing draws that do not depend on how the batch is split across ranks
+            layer.noise = distributed.SplitInvariantNoise(cfg.seed, i, layer.n, cfg.max_seq_len)
+            noises.append(layer.noise)
     model.train()
     total = cfg.steps or max(1, int(cfg.epochs * len(train) / (cfg.batch_size * cfg.grad_accum)))
     optimizer = make_optimizer(cfg, layers)
@@ -124,16 +134,17 @@ def run(cfg: TrainConfig) -> dict:
             rows = [line for line in metrics_path.read_text().splitlines() if line.strip()]
             kept = [line for line in rows if json.loads(line).get("step", 0) <= start]
             metrics_path.write_text("".join(line + "\n" for line in kept))
-    elif metrics_path.exists():
+    elif metrics_path.exists() and lead:
         metrics_path.unlink()
-    logf = metrics_path.open("a")
+    logf = metrics_path.open("a") if lead else None
 
     def emit(record: dict) -> None:
-        logf.write(json.dumps(record) + "\n")
-        logf.flush()
+        if logf is not None:
+            logf.write(json.dumps(record) + "\n")
+            logf.flush()
 
     def do_eval(step: int) -> dict | None:
-        if not heldout:
+        if not heldout or not lead:
             return None
         res = evaluate(model, tokenizer, layers, heldout, cfg.eval_max_new_tokens)
         emit({"step": step, "eval_loss": res["loss"], "eval_exact_match": res["exact_match"],
@@ -141,7 +152,7 @@ def run(cfg: TrainConfig) -> dict:
         return res
 
     progress = None
-    if cfg.progress:
+    if cfg.progress and lead:
         from tqdm import tqdm
 
         progress = tqdm(total=total, initial=start, desc=f"train {cfg.router}", dynamic_ncols=True, file=sys.stderr)
@@ -150,11 +161,16 @@ def run(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         stats: dict = {}
         for micro in range(cfg.grad_accum):
-            batch = collate([train[i] for i in batch_indices(step, micro, cfg, len(train))], tokenizer.pad_token_id)
+            positions = batch_positions(step, micro, cfg, rank, world)
+            batch = collate([train[example_at(p, cfg, len(train))] for p in positions], tokenizer.pad_token_id)
             batch = {k: v.to(cfg.device) for k, v in batch.items()}
+            for noise in noises:
+                noise.set(step, micro, positions, cfg.samples, batch["input_ids"].shape[1])
             for key, value in train_step(cfg, model, layers, batch).items():
                 stats[key] = stats.get(key, 0) + value / (1 if key.endswith("tokens") else cfg.grad_accum)
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        distributed.average_gradients(params, world)
+        stats = {k: distributed.all_mean(v, world) * (world if k.endswith("tokens") else 1) for k, v in stats.items()}
         if cfg.max_grad_norm > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
@@ -173,12 +189,15 @@ def run(cfg: TrainConfig) -> dict:
             os._exit(9)
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             do_eval(done)
-        if cfg.save_every and done % cfg.save_every == 0 and done < total:
+        if cfg.save_every and done % cfg.save_every == 0 and done < total and lead:
             save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg.keep_checkpoints, training_meta)
     if progress is not None:
         progress.close()
     result = do_eval(total)
-    adapter_dir = remix.save_adapter(model, run_dir / "adapter", training={**training_meta, "steps": total})
+    if not lead:
+        distributed.cleanup()
+        return {"rank": rank}
+    adapter_dir = remix.save_adapter(model, run_dir / "adapter", training={**training_meta, "steps": total, "world_size": world})
     save_checkpoint(run_dir, total, model, optimizer, scheduler, cfg.keep_checkpoints, training_meta)
     summary = {"adapter": str(adapter_dir), "steps": total, "router": cfg.router}
     if result is not None:
@@ -193,6 +212,7 @@ def run(cfg: TrainConfig) -> dict:
 
         export_peft(model, run_dir / "peft_adapter", cfg.base)
     logf.close()
+    distributed.cleanup()
     return summary
 
 
@@ -204,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, remix.AdapterError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    brief = {k: v for k, v in summary.items() if k not in ("tasks", "samples")}
-    print(json.dumps(brief))
+    if "rank" not in summary:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("tasks", "samples")}))
     return 0
 
 
