@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import remix
+from remix import routing
 from remix.kernels import tune_cpu_allocator
 from training import distributed, rloo
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -88,6 +89,10 @@ def train_step(cfg: TrainConfig, model, layers: dict, batch: dict) -> dict:
             objective = objective + cfg.load_balance_coef * aux
             extra["load_balance_loss"] = float(aux.detach())
     (objective / cfg.grad_accum).backward()
+    weights = [layer.last_weights for layer in layer_list if layer.last_weights is not None and layer.last_weights.dim() == 2]
+    if weights:  # learned-weight routers: how many LoRAs really carry the routing weight (collapse -> ~1)
+        mask = batch["attention_mask"].reshape(-1).bool()
+        extra["train_ess"] = float(sum(routing.ess(w)[mask].mean() for w in weights) / len(weights))
     rows = cfg.samples if cfg.router == "remix" else 1
     return {"loss": float(sft.detach()), "tokens": tokens * rows,
             "seq_tokens": int(batch["attention_mask"].sum()) * rows, **extra}
