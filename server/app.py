@@ -152,6 +152,13 @@ def create_app(state: ServerState) -> FastAPI:
         adapter = resolve_model(body.model)
         tok = state.engine.tokenizer
         prompts = _prompt_list(body.prompt)
+        limit = 64 * state.engine.config.max_model_len  # characters: anything longer cannot fit the context
+        if any(isinstance(p, str) and len(p) > limit for p in prompts):
+            raise APIError(400, f"the prompt is longer than this model's context ({state.engine.config.max_model_len} "
+                                "tokens)", param="prompt", code="context_length_exceeded")
+        vocab = state.engine.runner.model.config.vocab_size
+        if any(not isinstance(p, str) and any(not 0 <= t < vocab for t in p) for p in prompts):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
         prompt_ids = [tok(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
         prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
         return await _generate(request, body, adapter, prompt_ids, prompt_texts, chat=False)
