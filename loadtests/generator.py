@@ -87,8 +87,7 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
             if r.status_code != 200:
                 result.error = r.text[:200]
                 return
-            result.completion_tokens = r.json()["usage"]["completion_tokens"]
-            result.ttft = time.perf_counter() - t0 - result.start
+            result.completion_tokens = r.json()["usage"]["completion_tokens"]  # no TTFT without streaming
         result.end = time.perf_counter() - t0
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         result.error = f"{type(e).__name__}: {e}"[:200]

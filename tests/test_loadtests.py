@@ -1,0 +1,67 @@
+"""The load generator and the capacity procedure against a live tiny server (loopback only, bounded)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.server_utils import LiveServer
+from tests.test_server import make_adapter
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lt")
+    srv = LiveServer(["--adapter", f"a={make_adapter(root / 'a', 1)}", "--adapter", f"b={make_adapter(root / 'b', 2)}",
+                      "--max-model-len", "128", "--max-num-seqs", "4", "--max-queue", "4"])
+    yield srv
+    srv.stop()
+
+
+def run(args):
+    return subprocess.run([sys.executable, "-m", "loadtests", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_open_loop_run_writes_json_plots_and_table(server, tmp_path):
+    out = run(["--url", server.url, "--rate", "20", "--num-requests", "30", "--duration", "20", "--adapters", "a,b,tiny",
+               "--output-tokens", "8", "--prompt-words", "10", "--slo", "ttft=5,itl=1", "--json", str(tmp_path / "r.json"),
+               "--plots", str(tmp_path / "plots"), "--quiet"])
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    s = data["summary"]
+    assert s["requests"] == 30 and s["completed"] + sum(s["errors"].values()) == 30
+    assert s["completed"] > 0 and s["ttft_s"]["p50"] > 0 and s["itl_s"]["count"] > 0 and s["token_throughput"] > 0
+    assert set(s["errors"]) <= {"429"}  # a 4-deep queue may refuse some of a 20 req/s burst, nothing else
+    assert {r["adapter"] for r in data["requests"]} == {"a", "b", "tiny"}
+    assert (tmp_path / "plots" / "latency_cdf.png").is_file() and (tmp_path / "plots" / "throughput.png").is_file()
+    assert "ttft" in out.stdout and "p99" in out.stdout
+
+
+def test_closed_loop_and_compare(server, tmp_path):
+    for name, conc in (("a", "1"), ("b", "3")):
+        out = run(["--url", server.url, "--concurrency", conc, "--num-requests", "6", "--adapters", "a",
+                   "--output-tokens", "6", "--prompt-words", "8", "--stream", "false", "--json", str(tmp_path / f"{name}.json"), "--quiet"])
+        assert out.returncode == 0, out.stderr
+        assert json.loads((tmp_path / f"{name}.json").read_text())["summary"]["completed"] == 6
+    out = run(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert out.returncode == 0 and "request_throughput" in out.stdout and "B/A" in out.stdout
+
+
+def test_capacity_procedure(server, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "loadtests.capacity", "--url", server.url, "--adapters", "a",
+                          "--server-pid", str(server.proc.pid), "--start-rate", "2", "--growth", "4", "--max-rate", "40",
+                          "--sweep-seconds", "2", "--run-seconds", "2", "--output-tokens", "6", "--prompt-words", "8",
+                          "--out", str(tmp_path / "cap")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "cap" / "capacity.json").read_text())
+    assert report["sustainable_rate"] >= 2 and set(report["runs"]) == {"x0.5", "x1", "x2"}
+    x2 = report["runs"]["x2"]
+    assert x2["max_waiting"] is None or x2["max_waiting"] <= 4  # the queue never exceeds its bound
+    assert x2["rss_mb_max"] is not None
+    assert (tmp_path / "cap" / "capacity.md").read_text().count("|") > 20
+
+
+def test_bad_arguments():
+    assert run(["--url", "ftp://x", "--num-requests", "1"]).returncode == 2
+    assert run(["--url", "http://127.0.0.1:9", "--num-requests", "0"]).returncode == 2
