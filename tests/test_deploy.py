@@ -79,8 +79,8 @@ def test_kubernetes_manifest():
 def test_prometheus_and_grafana_reference_real_metrics():
     yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "remix-serve-dashboard.json").read_text())
-    declared = set(re.findall(r'"(remix_[a-z_]+)"', (ROOT / "server" / "metrics.py").read_text()))
-    used = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"remix_[a-z_]+", t["expr"])}
+    declared = set(re.findall(r'"(remix_[a-z0-9_]+)"', (ROOT / "server" / "metrics.py").read_text()))
+    used = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"remix_[a-z0-9_]+", t["expr"])}
     base = {re.sub(r"_(total|bucket|sum|count)$", "", m) for m in used}
     assert base <= declared, base - declared
     assert any(p["type"] == "heatmap" for p in dashboard["panels"])
