@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-words", type=int, default=60, help="mean prompt length in words (built-in prompts)")
     p.add_argument("--prompt-spread", type=float, default=0.5, help="prompt length varies uniformly by +- this share")
     p.add_argument("--prompts-file", help="JSONL of {prompt} or {messages} to use instead")
-    p.add_argument("--output-tokens", type=int, default=64, help="max_tokens per request (ignore_eos is set)")
+    p.add_argument("--output-tokens", type=int, default=64, help="mean max_tokens per request (ignore_eos is set)")
+    p.add_argument("--output-spread", type=float, default=0.0, help="max_tokens varies uniformly by +- this share")
     p.add_argument("--adapters", default="demo", help="comma-separated model names to spread requests over")
     p.add_argument("--adapter-mode", choices=("random", "round-robin"), default="round-robin")
     p.add_argument("--stream", type=lambda s: s.lower() in ("1", "true", "on", "yes"), default=True)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results, elapsed = asyncio.run(run_load(
         args.url, args.api_key, args.rate, args.concurrency, args.num_requests, args.duration, prompts,
-        args.output_tokens, adapters, args.adapter_mode, args.stream, args.burstiness, args.seed, args.timeout, progress))
+        (args.output_tokens, args.output_spread), adapters, args.adapter_mode, args.stream, args.burstiness, args.seed, args.timeout, progress))
     if not args.quiet:
         print(file=sys.stderr)
     summary = summarize(results, elapsed, args.slo)

@@ -4,8 +4,8 @@ and 2x of that rate, recording latency, throughput, refusals (429), the queue an
     python -m server --max-queue 16 &            # a small queue, so overload is refused quickly
     python -m loadtests.capacity --url http://127.0.0.1:8000 --adapters demo --server-pid $! --out runs/capacity
 
-Sustainable = the highest rate of a geometric sweep at which the server completes >= 90 % of the offered requests
-per second with no errors other than 429 and a p90 time-to-first-token under --ttft-slo. Every run is bounded by
+Sustainable = the highest rate of a geometric sweep at which every request is answered (no 429, no error) and the
+p90 time-to-first-token stays under --ttft-slo (queueing shows up there first). Every run is bounded by
 --run-seconds and targets only --url.
 """
 
@@ -70,8 +70,8 @@ def one_run(args, rate: float, seconds: float, tag: str, out: Path | None) -> di
     summary.update({"offered_rate": rate, "rss_mb_start": rss[0] if rss else None, "rss_mb_max": max(rss) if rss else None,
                     "rss_mb_end": rss[-1] if rss else None, "max_waiting": max(waiting) if waiting else None,
                     "refused_429": len(refused),
-                    "refusal_latency_p99_s": sorted(r.end - r.start for r in refused if r.end)[int(0.99 * (len(refused) - 1))]
-                    if refused and all(r.end for r in refused) else None})
+                    "refusal_latency_p99_s": sorted(r.end - r.start for r in refused)[int(0.99 * (len(refused) - 1))]
+                    if refused and all(r.end is not None for r in refused) else None})
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{tag}.json").write_text(json.dumps({"summary": summary}, indent=1))
@@ -82,8 +82,9 @@ def one_run(args, rate: float, seconds: float, tag: str, out: Path | None) -> di
 def sustainable(s: dict, slo: float) -> bool:
     other_errors = {k: v for k, v in s["errors"].items() if k != "429"}
     p90 = s["ttft_s"]["p90"]
-    return (not other_errors and not s["errors"].get("429") and s["request_throughput"] >= 0.9 * s["offered_rate"]
-            and p90 is not None and p90 <= slo)
+    # every request sent was answered (no 429, no other error) and queueing stayed under the TTFT SLO; the
+    # throughput over the run's wall time is not used: it includes the drain of the last requests
+    return not other_errors and not s["errors"].get("429") and s["completed"] == s["requests"] and p90 is not None and p90 <= slo
 
 
 def main(argv=None) -> int:

@@ -69,6 +69,7 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
                 if r.status_code != 200:
                     await r.aread()
                     result.error = r.text[:200]
+                    result.end = time.perf_counter() - t0  # how fast the refusal came
                     return
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -86,6 +87,7 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
             result.status = r.status_code
             if r.status_code != 200:
                 result.error = r.text[:200]
+                result.end = time.perf_counter() - t0
                 return
             result.completion_tokens = r.json()["usage"]["completion_tokens"]  # no TTFT without streaming
         result.end = time.perf_counter() - t0
@@ -94,9 +96,10 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
 
 
 async def run_load(url: str, api_key: str | None, rate: float | None, concurrency: int | None, num_requests: int,
-                   duration: float, prompts: list[str], output_tokens: int, adapters: list[str], adapter_mode: str,
+                   duration: float, prompts: list[str], output_tokens: int | tuple[int, float], adapters: list[str], adapter_mode: str,
                    stream: bool, burstiness: float, seed: int, timeout: float, progress=None) -> tuple[list[Result], float]:
     rng = random.Random(seed)
+    mean_out, spread = output_tokens if isinstance(output_tokens, tuple) else (output_tokens, 0.0)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     endpoint = url.rstrip("/") + "/v1/completions"
     results: list[Result] = []
@@ -108,7 +111,8 @@ async def run_load(url: str, api_key: str | None, rate: float | None, concurrenc
 
         async def launch(i: int) -> None:
             adapter = adapters[i % len(adapters)] if adapter_mode == "round-robin" else rng.choice(adapters)
-            body = {"model": adapter, "prompt": prompts[i % len(prompts)], "max_tokens": output_tokens,
+            max_tokens = max(1, round(rng.uniform(mean_out * (1 - spread), mean_out * (1 + spread))))
+            body = {"model": adapter, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                     "temperature": 0.0, "ignore_eos": True, "stream": stream}
             if stream:
                 body["stream_options"] = {"include_usage": True}

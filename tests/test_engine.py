@@ -246,3 +246,21 @@ def test_default_base_greedy_equals_hf(default_base):
     for i, p in enumerate(prompts):
         ids = tok(p).input_ids
         assert tokens_of(results[i]) == hf_greedy(reference, ids, 16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_engine_matches_hf_generate(tmp_path):
+    model, tok = lively_tiny()
+    path = make_adapter(lively_tiny()[0], tmp_path / "a", seed=1)
+    engine = Engine(model.cuda(), tok, EngineConfig(max_model_len=160, max_num_seqs=4, max_prefill_chunk=8))
+    engine.load_adapter("a", str(path))
+    reference, _ = lively_tiny()
+    remix.load_adapter(reference, path)
+    reference.cuda()
+    for i, prompt in enumerate(PROMPTS[:2]):
+        ids = tok(prompt).input_ids
+        got = tokens_of(collect(engine, GenerationRequest(f"g{i}", ids, greedy(12), adapter="a")))
+        out = reference.generate(torch.tensor([ids]).cuda(), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        assert got == out[0, len(ids):].tolist()

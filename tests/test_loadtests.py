@@ -25,7 +25,7 @@ def run(args):
 
 def test_open_loop_run_writes_json_plots_and_table(server, tmp_path):
     out = run(["--url", server.url, "--rate", "20", "--num-requests", "30", "--duration", "20", "--adapters", "a,b,tiny",
-               "--output-tokens", "8", "--prompt-words", "10", "--slo", "ttft=5,itl=1", "--json", str(tmp_path / "r.json"),
+               "--output-tokens", "8", "--output-spread", "0.5", "--prompt-words", "10", "--slo", "ttft=5,itl=1", "--json", str(tmp_path / "r.json"),
                "--plots", str(tmp_path / "plots"), "--quiet"])
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "r.json").read_text())

@@ -41,10 +41,10 @@ ACTIVE_RANK = {"remix": 16, "lora_r8": 8, "lora_r16": 16, "softmax_topk": 16, "s
 
 
 def run_all(out: Path, scale: dict, seeds: list[int], only: list[str]) -> None:
-    for name, (_, flags) in CONFIGS.items():
-        if only and name not in only:
-            continue
-        for seed in seeds:
+    for seed in seeds:  # every configuration once before any is repeated, so a cut-short study still covers all
+        for name, (_, flags) in CONFIGS.items():
+            if only and name not in only:
+                continue
             run_dir = out / name / f"seed{seed}"
             if (run_dir / "summary.json").is_file():
                 continue

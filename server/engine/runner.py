@@ -51,6 +51,7 @@ class ModelRunner:
         each row's first token, adapter_slots [b]. Returns float32 logits [b, V] of each row's last
         real token.
         """
+        tokens, starts, counts, adapter_slots = (t.to(self.device) for t in (tokens, starts, counts, adapter_slots))
         b, q = tokens.shape
         positions = starts[:, None] + torch.arange(q, device=starts.device)[None, :]
         span = int((starts + counts).max())
