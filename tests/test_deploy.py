@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.server_utils import free_port
+from tests.helpers import free_port
 
 ROOT = Path(__file__).parents[1]
 

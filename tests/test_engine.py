@@ -5,6 +5,7 @@ import torch
 
 import remix
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
+from tests.helpers import write_adapter
 
 PROMPTS = ["The quick brown fox", "Hello, my name is", "1 2 3 4", "Once upon a time, in a land far away, there"]
 
@@ -20,15 +21,7 @@ def lively_tiny(seed=0):
 
 
 def make_adapter(model, path, seed, n=4, k=2, r=4):
-    layers = remix.inject(model, remix.MixtureConfig(n=n, k=k, r=r))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
-            layer.router.copy_(torch.randn(layer.router.shape, generator=g))
-    remix.save_adapter(model, path)
-    remix.unwrap(model)
-    return path
+    return write_adapter(model, path, seed, n, k, r)
 
 
 def greedy(max_tokens, **kw):

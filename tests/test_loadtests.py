@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.server_utils import LiveServer
+from tests.helpers import LiveServer
 from tests.test_server import make_adapter
 
 

@@ -1,7 +1,6 @@
 """Bad input, abuse and failures: every case is a clear 4xx, nothing leaks, and the server keeps serving."""
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -11,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import remix
-from tests.server_utils import LiveServer
+from tests.helpers import LiveServer, drop_streams, wait_idle
 from tests.test_server import make_adapter
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -100,28 +100,10 @@ def test_chat_bad_input(server):
 
 
 def test_100_aborted_streams_leave_nothing(server):
-    def open_and_drop(i):
-        try:
-            with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                              json={"model": "alpha" if i % 2 else "tiny", "prompt": f"abort {i}", "max_tokens": 100,
-                                    "stream": True, "ignore_eos": True}) as r:
-                for n, _ in enumerate(r.iter_lines()):
-                    if n >= 1 + i % 3:
-                        break
-        except httpx.HTTPError:
-            pass
-
-    threads = [threading.Thread(target=open_and_drop, args=(i,)) for i in range(100)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        h = httpx.get(server.url + "/health").json()
-        if h["running"] == 0 and h["waiting"] == 0 and h["slots_used"] == 0:
-            break
-        time.sleep(0.2)
+    drop_streams(server.url, 100, lambda i: {"model": "alpha" if i % 2 else "tiny", "prompt": f"abort {i}",
+                                             "max_tokens": 100, "stream": True, "ignore_eos": True},
+                 keep_lines=lambda i: 1 + i % 3)
+    h = wait_idle(server.url)
     assert (h["running"], h["waiting"], h["slots_used"], h["kv_tokens_used"]) == (0, 0, 0, 0), h
 
 

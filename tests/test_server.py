@@ -2,7 +2,6 @@
 
 import json
 import re
-import shlex
 import subprocess
 import threading
 import time
@@ -11,25 +10,16 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import remix
-from tests.server_utils import LiveServer
+from tests.helpers import LiveServer, drop_streams, wait_idle, write_adapter
 
 KEY = "test-key"
 
 
 def make_adapter(path, seed=0, n=4, k=2, r=4):
-    model, _ = remix.tiny_model()
-    layers = remix.inject(model, remix.MixtureConfig(n=n, k=k, r=r))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
-            layer.router.copy_(torch.randn(layer.router.shape, generator=g))
-    remix.save_adapter(model, path)
-    return str(path)
+    return write_adapter(remix.tiny_model()[0], path, seed, n, k, r)
 
 
 @pytest.fixture(scope="module")
@@ -197,26 +187,10 @@ def test_metrics_count_k_selections_per_token(server, client):
 
 
 def test_dropped_streams_free_everything(server):
-    def open_and_drop(i):
-        with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                          json={"model": "alpha", "prompt": f"stream {i}", "max_tokens": 200, "stream": True,
-                                "ignore_eos": True}, timeout=60) as r:
-            for n, _ in enumerate(r.iter_lines()):
-                if n >= 2:
-                    break  # drop mid-way
-
-    threads = [threading.Thread(target=open_and_drop, args=(i,)) for i in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        h = httpx.get(server.url + "/health").json()
-        if h["running"] == 0 and h["waiting"] == 0 and h["slots_used"] == 0:
-            break
-        time.sleep(0.2)
-    assert h["running"] == 0 and h["waiting"] == 0 and h["slots_used"] == 0 and h["kv_tokens_used"] == 0, h
+    drop_streams(server.url, 50, lambda i: {"model": "alpha", "prompt": f"stream {i}", "max_tokens": 200, "stream": True,
+                                            "ignore_eos": True}, headers={"Authorization": f"Bearer {KEY}"})
+    h = wait_idle(server.url)
+    assert (h["running"], h["waiting"], h["slots_used"], h["kv_tokens_used"]) == (0, 0, 0, 0), h
 
 
 def test_live_adapter_load_and_unload(server, client, tmp_path):

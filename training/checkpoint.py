@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from remix import save_adapter
 from remix.adapter import WEIGHTS_FILE
-from safetensors.torch import load_file
 
 
 def _rng_state() -> dict:

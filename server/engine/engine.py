@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from remix.kernels import tune_cpu_allocator
 from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample, token_logprobs
 from server.engine.sequence import Event, GenerationRequest, Sequence, Status, update_text
-from remix.kernels import tune_cpu_allocator
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,94 @@
+"""Shared test helpers: random adapters, a live server process on a free loopback port, dropped streams."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import torch
+
+import remix
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "server", "--base", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
+               "--threads", "1", "--log-level", "warning"] + args
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not come up")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.returncode
+
+
+def write_adapter(model, path, seed: int, n: int = 4, k: int = 2, r: int = 4) -> str:
+    """A ReMix adapter with random (non-zero) pools and routers on ``model``, saved to ``path``; model unwrapped after."""
+    layers = remix.inject(model, remix.MixtureConfig(n=n, k=k, r=r))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
+            layer.router.copy_(torch.randn(layer.router.shape, generator=g))
+    remix.save_adapter(model, path)
+    remix.unwrap(model)
+    return str(path)
+
+
+def drop_streams(url: str, count: int, body_of, headers: dict | None = None, keep_lines=lambda i: 2) -> None:
+    """Open ``count`` streaming completions at once and hang up on each after a few lines."""
+    import threading
+
+    def one(i: int) -> None:
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body_of(i), headers=headers or {}, timeout=60) as r:
+                for n, _ in enumerate(r.iter_lines()):
+                    if n >= keep_lines(i):
+                        break
+        except httpx.HTTPError:
+            pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+
+def wait_idle(url: str, timeout: float = 60.0) -> dict:
+    """/health once nothing runs, waits or holds cache (or the last reading at the deadline)."""
+    deadline = time.time() + timeout
+    while True:
+        h = httpx.get(url + "/health").json()
+        if (h["running"], h["waiting"], h["slots_used"]) == (0, 0, 0) or time.time() > deadline:
+            return h
+        time.sleep(0.2)
