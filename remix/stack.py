@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from remix import routing
-from remix.kernels import flatten_a, flatten_b_t, selection_mask, topk_masked_u
+from remix.kernels import flatten_a, flatten_b_t, selection_mask, topk_masked_u, topk_masked_u_multi
 
 
 @dataclass
@@ -40,11 +40,27 @@ class SlotWeights:
     router32: torch.Tensor | None = None  # float32 router when the pool is stored in lower precision
 
 
+@dataclass
+class FusedPools:
+    """Every slot's pool in one stack (global LoRA ids, ranks zero-padded to the largest), for mixed batches."""
+
+    pa: torch.Tensor  # [N + N*r_max, D]: all routers, then all A rows
+    b_flat_t: torch.Tensor  # [N*r_max, O]
+    num_loras: int
+    kmax: int
+    slot_off: torch.Tensor  # [S] by slot id (S = largest id + 1)
+    slot_n: torch.Tensor  # [S] (0 for ids without an adapter)
+    slot_k: torch.Tensor
+    slot_omega: torch.Tensor
+
+
 class PoolStack:
     """The adapters loaded on one module, by slot id. Mutated only between steps (by the engine)."""
 
     def __init__(self) -> None:
         self.slots: dict[int, SlotWeights] = {}
+        self.fused: FusedPools | None = None
+        self._raw: dict[int, tuple] = {}
 
     def add(self, slot: int, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor, k: int, omega: float) -> None:
         """A [n, r, D], B [n, O, r], router [n, D]."""
@@ -54,9 +70,42 @@ class PoolStack:
             pa, flatten_b_t(B).contiguous(), n, k, omega, torch.zeros(n, dtype=torch.int64, device=A.device),
             router.float().contiguous() if A.dtype != torch.float32 else None,
         )
+        self._raw[slot] = (A, B, router.to(A.dtype))
+        self._rebuild()
 
     def remove(self, slot: int) -> None:
         self.slots.pop(slot, None)
+        self._raw.pop(slot, None)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        if len(self._raw) < 2 or any(w.router32 is not None for w in self.slots.values()):
+            self.fused = None  # one adapter: its own path is faster; low precision: route in float32 per slot
+            return
+        ids = sorted(self._raw)
+        r_max = max(self._raw[s][0].shape[1] for s in ids)
+        routers, As, Bs, offsets = [], [], [], {}
+        total = 0
+        for s in ids:
+            A, B, router = self._raw[s]
+            n, r = A.shape[0], A.shape[1]
+            offsets[s] = total
+            total += n
+            routers.append(router)
+            As.append(torch.nn.functional.pad(A, (0, 0, 0, r_max - r)))  # [n, r_max, D]
+            Bs.append(torch.nn.functional.pad(B, (0, r_max - r)))  # [n, O, r_max]
+        device = As[0].device
+        size = max(ids) + 1
+        table = lambda f: torch.tensor([f(s) if s in self.slots else 0 for s in range(size)], device=device)  # noqa: E731
+        self.fused = FusedPools(
+            pa=torch.cat(routers + [flatten_a(torch.cat(As))], 0).contiguous(),
+            b_flat_t=flatten_b_t(torch.cat(Bs)).contiguous(), num_loras=total,
+            kmax=max(self.slots[s].k for s in ids),
+            slot_off=table(lambda s: offsets[s]), slot_n=table(lambda s: self.slots[s].n),
+            slot_k=table(lambda s: self.slots[s].k),
+            slot_omega=torch.tensor([self.slots[s].omega if s in self.slots else 0.0 for s in range(size)],
+                                    dtype=torch.float32, device=device),
+        )
 
 
 @dataclass
@@ -107,6 +156,9 @@ def stacked_forward(
     """Add every token's adapter delta to the base output ``y`` ([T, O]). x: [T, D]."""
     if ctx is None:
         return y
+    mixed = len(ctx.groups) > 1 or any(rows is not None for rows in ctx.groups.values())
+    if mixed and stack.fused is not None and x.shape[0] <= FUSED_MAX_TOKENS:
+        return _fused_forward(x, y, stack, ctx, name)
     for slot, rows in ctx.groups.items():
         w = stack.slots.get(slot)
         if w is None:
@@ -127,6 +179,29 @@ def stacked_forward(
         else:
             y.index_add_(0, rows, um @ w.b_flat_t)
     return y
+
+
+FUSED_MAX_TOKENS = 128  # small mixed batches (decode): one pass over all pools beats a pass per adapter
+
+
+def _fused_forward(x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: RoutingContext, name: str) -> torch.Tensor:
+    """A mixed batch in three ops: all pools' router+A GEMM, per-token routing within its adapter, B GEMM."""
+    f = stack.fused
+    pu = F.linear(x, f.pa)  # [T, N + N*r_max]
+    um, idx = topk_masked_u_multi(pu, f.num_loras, ctx.slots, f.slot_off, f.slot_n, f.slot_k, f.slot_omega, f.kmax)
+    if ctx.count or ctx.trace is not None:
+        counts = torch.bincount(idx[idx >= 0], minlength=f.num_loras) if ctx.count else None
+        for slot, rows in ctx.groups.items():
+            w = stack.slots.get(slot)
+            if w is None:
+                continue
+            off = int(f.slot_off[slot])
+            if counts is not None:
+                w.counts += counts[off : off + w.n]
+            if ctx.trace is not None:
+                mine = idx if rows is None else idx.index_select(0, rows)
+                ctx.trace.append((name, slot, rows, mine[:, : w.k] - off))
+    return torch.addmm(y, um, f.b_flat_t)
 
 
 class StackedLinear(torch.nn.Module):

@@ -74,3 +74,46 @@ def test_removed_slot_stops_applying():
         set_context(RoutingContext.build(torch.ones(4, dtype=torch.int64)))
         assert torch.equal(stacked(x), base(x))
         set_context(None)
+
+
+def test_fused_mixed_path_equals_per_slot_path():
+    """Small mixed batches take one pass over all pools (padded ranks, global ids); it must match the per-adapter path."""
+    import remix.stack as stack_mod
+    from remix.kernels import topk_masked_u_multi
+
+    base, singles, stacked = make()
+    assert stacked.stack.fused is not None and stacked.stack.fused.num_loras == 8 + 4 + 6
+    T = 30
+    x = torch.randn(T, 32)
+    slots = torch.arange(T) % 4 - 1
+    outs, traces = [], []
+    for limit in (0, 10_000):  # 0: always per slot; large: fused
+        stack_mod.FUSED_MAX_TOKENS = limit
+        ctx = RoutingContext.build(slots, trace=True)
+        with torch.inference_mode():
+            set_context(ctx)
+            outs.append(stacked(x))
+            set_context(None)
+        traces.append({(e[1]): e[3] for e in ctx.trace})
+    stack_mod.FUSED_MAX_TOKENS = 128
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for s in (0, 1, 2):
+        assert torch.equal(traces[0][s], traces[1][s])
+    f = stacked.stack.fused
+    pu = torch.randn(T, f.num_loras * 9)[:, : f.num_loras + f.num_loras * 8]
+    from remix.kernels import cpu_ext
+
+    if cpu_ext.available():  # the compiled op against the torch loop
+        import remix.kernels.torch_ops as ops
+
+        got_um, got_idx = topk_masked_u_multi(pu.contiguous(), f.num_loras, slots, f.slot_off, f.slot_n, f.slot_k,
+                                              f.slot_omega, f.kmax)
+        saved = ops._CPU_OP_MULTI[:]
+        ops._CPU_OP_MULTI[:] = [None]
+        try:
+            ref_um, ref_idx = topk_masked_u_multi(pu.contiguous(), f.num_loras, slots, f.slot_off, f.slot_n, f.slot_k,
+                                                  f.slot_omega, f.kmax)
+        finally:
+            ops._CPU_OP_MULTI[:] = saved
+        assert torch.equal(got_idx, ref_idx)
+        torch.testing.assert_close(got_um, ref_um, atol=0, rtol=0)

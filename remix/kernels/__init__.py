@@ -10,6 +10,7 @@ from remix.kernels.torch_ops import (
     masked_lora_delta,
     selection_mask,
     topk_masked_u,
+    topk_masked_u_multi,
     topk_masked_u_torch,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "masked_lora_delta",
     "selection_mask",
     "topk_masked_u",
+    "topk_masked_u_multi",
     "topk_masked_u_torch",
     "tune_cpu_allocator",
 ]

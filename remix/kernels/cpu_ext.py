@@ -63,6 +63,50 @@ std::vector<torch::Tensor> topk_masked_u(torch::Tensor pu, int64_t n, int64_t k,
   });
   return {um, idx};
 }
+
+// Mixed batches: every token routes within its own adapter's segment of one stacked pool.
+// pu: [T, N + N*r] (all slots' router logits, then all slots' A x), slot_of_token [T] (-1 = none),
+// slot_off / slot_n / slot_k [S] int64, slot_omega [S] float32. Returns um [T, N*r], idx [T, kmax] global ids (-1 pad).
+std::vector<torch::Tensor> topk_masked_u_multi(torch::Tensor pu, int64_t N, torch::Tensor slot_of_token,
+                                               torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k,
+                                               torch::Tensor slot_omega, int64_t kmax) {
+  TORCH_CHECK(pu.dim() == 2 && pu.scalar_type() == torch::kFloat32 && pu.device().is_cpu() && pu.stride(1) == 1,
+              "pu must be a CPU float32 [T, N + N*r] tensor with contiguous rows");
+  TORCH_CHECK((pu.size(1) - N) % N == 0, "pu's width must be N + N*r");
+  const int64_t T = pu.size(0), nr = pu.size(1) - N, r = nr / N, ld = pu.stride(0);
+  auto um = torch::zeros({T, nr}, pu.options());
+  auto idx = torch::full({T, kmax}, -1, pu.options().dtype(torch::kInt64));
+  auto sot = slot_of_token.contiguous(); auto off = slot_off.contiguous(); auto nn = slot_n.contiguous();
+  auto kk = slot_k.contiguous(); auto om = slot_omega.contiguous();
+  const int64_t* sp = sot.data_ptr<int64_t>(); const int64_t* op = off.data_ptr<int64_t>();
+  const int64_t* np = nn.data_ptr<int64_t>(); const int64_t* kp = kk.data_ptr<int64_t>(); const float* wp = om.data_ptr<float>();
+  const int64_t S = off.size(0);
+  const float* src = pu.data_ptr<float>(); float* dst = um.data_ptr<float>(); int64_t* ip = idx.data_ptr<int64_t>();
+  at::parallel_for(0, T, 128, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = sp[t];
+      if (s < 0 || s >= S) continue;
+      const int64_t o = op[s], n = np[s], k = kp[s];
+      const float w = wp[s];
+      const float* row = src + t * ld;
+      uint64_t taken = 0;
+      for (int64_t j = 0; j < k && j < kmax; ++j) {
+        int64_t best = -1;
+        float value = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+          if ((taken >> i) & 1ull) continue;
+          if (best < 0 || row[o + i] > value) { best = i; value = row[o + i]; }
+        }
+        taken |= 1ull << best;
+        ip[t * kmax + j] = o + best;
+        const float* u = row + N + (o + best) * r;
+        float* out = dst + t * nr + (o + best) * r;
+        for (int64_t c = 0; c < r; ++c) out[c] = w * u[c];
+      }
+    }
+  });
+  return {um, idx};
+}
 """
 
 _lock = threading.Lock()
@@ -84,7 +128,7 @@ def load():
                 from torch.utils.cpp_extension import load_inline
 
                 module = load_inline(
-                    "remix_cpu_ops_v1", cpp_sources=[SOURCE], functions=["topk_masked_u"], extra_cflags=["-O3"]
+                    "remix_cpu_ops_v2", cpp_sources=[SOURCE], functions=["topk_masked_u", "topk_masked_u_multi"], extra_cflags=["-O3"]
                 )
             except Exception as e:  # no compiler, no ninja, read-only cache...: fall back, loudly
                 log.warning("could not build the C++ routing op (%s); using torch ops, which are slower on CPU", e)

@@ -79,7 +79,52 @@ def topk_masked_u(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch
     return topk_masked_u_torch(pu, n, k, omega)
 
 
+def topk_masked_u_multi(pu: torch.Tensor, num_loras: int, slot_of_token: torch.Tensor, slot_off: torch.Tensor,
+                        slot_n: torch.Tensor, slot_k: torch.Tensor, slot_omega: torch.Tensor, kmax: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_masked_u` for a batch mixing adapters stacked into one pool of N LoRAs (global ids).
+
+    Semantics::
+
+        for t in range(T):
+            s = slot_of_token[t]                      # -1 (or a slot with n = 0): no LoRA, um[t] = 0
+            o, n, k = slot_off[s], slot_n[s], slot_k[s]
+            J = o + top-k(pu[t, o:o+n])                # global ids, ties to the lower index
+            um[t, i*r:(i+1)*r] = slot_omega[s] * pu[t, N + i*r : N + (i+1)*r] if i in J else 0
+            idx[t, :k] = J; idx[t, k:] = -1
+
+    pu: [T, N + N*r]; the slot tables are indexed by slot id. Returns (um [T, N*r], idx [T, kmax]).
+    """
+    ext = _cpu_op_multi()
+    if ext is not None and not pu.is_cuda and pu.dtype == torch.float32 and int(slot_n.max()) <= 64:
+        return ext(pu, num_loras, slot_of_token, slot_off, slot_n, slot_k, slot_omega.float(), kmax)
+    from remix.routing import topk_lower_index
+
+    T = pu.shape[0]
+    mask = torch.zeros(T, num_loras, dtype=pu.dtype, device=pu.device)
+    idx = torch.full((T, kmax), -1, dtype=torch.long, device=pu.device)
+    for s in torch.unique(slot_of_token).tolist():
+        if s < 0 or s >= slot_n.numel() or int(slot_n[s]) == 0:
+            continue
+        o, n, k = int(slot_off[s]), int(slot_n[s]), int(slot_k[s])
+        rows = (slot_of_token == s).nonzero().squeeze(1)
+        sel = topk_lower_index(pu.index_select(0, rows)[:, o : o + n].float(), k) + o
+        idx[rows, :k] = sel
+        mask[rows.unsqueeze(1), sel] = float(slot_omega[s])
+    return (pu[:, num_loras:].reshape(T, num_loras, -1) * mask.unsqueeze(-1)).reshape(T, -1), idx
+
+
 _CPU_OP: list = []
+_CPU_OP_MULTI: list = []
+
+
+def _cpu_op_multi():
+    if not _CPU_OP_MULTI:
+        from remix.kernels import cpu_ext
+
+        module = cpu_ext.load()
+        _CPU_OP_MULTI.append(module.topk_masked_u_multi if module is not None else None)
+    return _CPU_OP_MULTI[0]
 
 
 def _cpu_op():
