@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-SCALES = {  # steps, batch size, eval size, device
-    "cpu": {"steps": 60, "batch_size": 4, "eval_size": 48, "device": "cpu", "train_size": 1000},
-    "gpu": {"steps": 600, "batch_size": 16, "eval_size": 300, "device": "cuda", "train_size": 10000},
+SCALES = {  # steps, batch size, eval size, device; long_steps: the one long softmax-top-k run of (a)
+    "cpu": {"steps": 60, "batch_size": 4, "eval_size": 48, "device": "cpu", "train_size": 1000, "long_steps": 300},
+    "gpu": {"steps": 600, "batch_size": 16, "eval_size": 300, "device": "cuda", "train_size": 10000, "long_steps": 3000},
 }
 CONFIGS = {  # name -> (group, flags). Active parameters per token and module: ReMix k*r*(d_in+d_out)
     "remix": ("ab", ["--router", "remix", "--n", "8", "--k", "2", "--r", "8", "--samples", "4"]),
@@ -36,26 +36,28 @@ CONFIGS = {  # name -> (group, flags). Active parameters per token and module: R
     "remix_m2": ("c", ["--router", "remix", "--n", "8", "--k", "2", "--r", "8", "--samples", "2"]),
     "remix_m8": ("c", ["--router", "remix", "--n", "8", "--k", "2", "--r", "8", "--samples", "8"]),
 }
-ACTIVE_RANK = {"remix": 16, "lora_r8": 8, "lora_r16": 16, "softmax_topk": 16, "softmax_topk_lb": 16, "dense": 64,
+LONG = ("softmax_topk_long", ["--router", "softmax-topk", "--n", "8", "--k", "2", "--r", "8"])  # seed 0 only
+ACTIVE_RANK = {"softmax_topk_long": 16, "remix": 16, "lora_r8": 8, "lora_r16": 16, "softmax_topk": 16, "softmax_topk_lb": 16, "dense": 64,
                "remix_k1": 8, "remix_k4": 32, "remix_m2": 16, "remix_m8": 16}
 
 
 def run_all(out: Path, scale: dict, seeds: list[int], only: list[str]) -> None:
-    for seed in seeds:  # every configuration once before any is repeated, so a cut-short study still covers all
-        for name, (_, flags) in CONFIGS.items():
-            if only and name not in only:
-                continue
-            run_dir = out / name / f"seed{seed}"
-            if (run_dir / "summary.json").is_file():
-                continue
-            cmd = [sys.executable, "-m", "training.fit", *flags, "--seed", str(seed), "--output", str(run_dir),
-                   "--steps", str(scale["steps"]), "--batch-size", str(scale["batch_size"]), "--eval-size",
-                   str(scale["eval_size"]), "--train-size", str(scale["train_size"]), "--device", scale["device"],
-                   "--eval-every", "0", "--save-every", "0", "--progress", "false"]
-            start = time.time()
-            print(f"[study] {name} seed {seed}: {' '.join(cmd[2:])}", flush=True)
-            subprocess.run(cmd, check=True)
-            (run_dir / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+    jobs = [(seed, name, flags) for seed in seeds for name, (_, flags) in CONFIGS.items()]
+    jobs.append((seeds[0], LONG[0], LONG[1] + ["--steps", str(scale["long_steps"])]))
+    for seed, name, flags in jobs:  # every configuration once before any is repeated, so a cut-short study still covers all
+        if only and name not in only:
+            continue
+        run_dir = out / name / f"seed{seed}"
+        if (run_dir / "summary.json").is_file():
+            continue
+        cmd = [sys.executable, "-m", "training.fit", "--seed", str(seed), "--output", str(run_dir),
+               "--steps", str(scale["steps"]), "--batch-size", str(scale["batch_size"]), "--eval-size",
+               str(scale["eval_size"]), "--train-size", str(scale["train_size"]), "--device", scale["device"],
+               "--eval-every", "0", "--save-every", "0", "--progress", "false", *flags]  # flags last: they win
+        start = time.time()
+        print(f"[study] {name} seed {seed}: {' '.join(cmd[2:])}", flush=True)
+        subprocess.run(cmd, check=True)
+        (run_dir / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
 
 
 def load(out: Path, name: str) -> list[dict]:
@@ -117,6 +119,10 @@ def ess_plot(out: Path, report: Path) -> Path:
             values = [e for _, e, _ in run["curve"] if e is not None]
             ax.plot(steps, values, color={"softmax_topk": "C0", "softmax_topk_lb": "C1", "dense": "C2"}[name],
                     alpha=0.8, label=label if i == 0 else None)
+    for run in load(out, LONG[0]):
+        steps = [s for s, e, _ in run["curve"] if e is not None]
+        ax.plot(steps, [e for _, e, _ in run["curve"] if e is not None], color="C0", linestyle="--", alpha=0.8,
+                label=f"softmax-top-k, {len(steps)} steps")
     runs = load(out, "remix")
     if runs:
         ax.axhline(2.0, color="C3", label="ReMix (k = 2, constant weights)")
@@ -166,12 +172,12 @@ def main(argv=None) -> int:
     report.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         run_all(out, SCALES[args.scale], [int(s) for s in args.seeds.split(",")], [s for s in args.only.split(",") if s])
-    ab = [n for n, (g, _) in CONFIGS.items() if g == "ab"]
+    ab = [n for n, (g, _) in CONFIGS.items() if g == "ab"] + [LONG[0]]
     c = ["remix_k1", "remix", "remix_k4", "remix_m2", "remix_m8"]
     lines = ["## (b) ReMix against the baselines", "", *table(out, ab), "", "## (c) ReMix: k and M", "", *table(out, c), ""]
     (report / "tables.md").write_text("\n".join(lines))
     ess_plot(out, report)
-    em_plot(out, report, ab, "exact_match_baselines.png", "held-out exact match, 3 seeds (dots)")
+    em_plot(out, report, ab[:-1], "exact_match_baselines.png", "held-out exact match, 3 seeds (dots)")
     em_plot(out, report, c, "exact_match_k_and_m.png", "ReMix: k in {1,2,4} (M = 4), M in {2,4,8} (k = 2)")
     print("\n".join(lines))
     return 0
