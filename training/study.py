@@ -36,6 +36,7 @@ CONFIGS = {  # name -> (group, flags). Active parameters per token and module: R
     "remix_m2": ("c", ["--router", "remix", "--n", "8", "--k", "2", "--r", "8", "--samples", "2"]),
     "remix_m8": ("c", ["--router", "remix", "--n", "8", "--k", "2", "--r", "8", "--samples", "8"]),
 }
+K_OF = {"remix_k1": 1, "remix_k4": 4}  # ReMix's ESS is k by construction
 LONG = ("softmax_topk_long", ["--router", "softmax-topk", "--n", "8", "--k", "2", "--r", "8"])  # seed 0 only
 ACTIVE_RANK = {"softmax_topk_long": 16, "remix": 16, "lora_r8": 8, "lora_r16": 16, "softmax_topk": 16, "softmax_topk_lb": 16, "dense": 64,
                "remix_k1": 8, "remix_k4": 32, "remix_m2": 16, "remix_m8": 16}
@@ -100,7 +101,7 @@ def table(out: Path, names: list[str]) -> list[str]:
         lines.append(f"| {name} | {ACTIVE_RANK[name]} | {len(runs)} | {ms([r['eval_exact_match'] for r in runs], True)} | "
                      f"{ms(tasks('facts'), True)} | {ms(tasks('arithmetic'), True)} | {ms(tasks('strings'), True)} | "
                      f"{ms([r['eval_loss'] for r in runs])} | {ms(eff)} | "
-                     f"{ms(ess) if ess else ('2 (= k)' if name.startswith('remix') else '-')} | "
+                     f"{ms(ess) if ess else (f'{K_OF.get(name, 2)} (= k)' if name.startswith('remix') else '-')} | "
                      f"{ms([r['wall'] for r in runs])} |")
     return lines
 
