@@ -174,10 +174,11 @@ def validate_adapter(
                 f"[{module.in_features}, {module.out_features}]"
             )
     expected_print = (config.get("base_model") or {}).get("fingerprint")
-    if check_fingerprint and expected_print and expected_print != fingerprint(model):
+    actual_print = fingerprint(model) if check_fingerprint and expected_print else None
+    if actual_print is not None and expected_print != actual_print:
         problems.append(
             f"base_model: trained on {config['base_model'].get('name')!r} with fingerprint {expected_print}, "
-            f"but the loaded base has {fingerprint(model)} (different weights)"
+            f"but the loaded base has {actual_print} (different weights)"
         )
     # --- the weights file -------------------------------------------------------------------
     tensors: dict[str, torch.Tensor] = {}

@@ -35,6 +35,7 @@ class MixtureOfLoRAsLinear(nn.Module):
     """
 
     kind = "abstract"
+    routed = True  # has a router P (False for plain LoRA)
 
     def __init__(self, base: nn.Linear, config: MixtureConfig):
         super().__init__()
@@ -57,8 +58,6 @@ class MixtureOfLoRAsLinear(nn.Module):
         self.last_idx: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
-
-    routed = True
 
     def reset_parameters(self) -> None:
         for i in range(self.n):  # per pool, as peft initialises one LoRA's A

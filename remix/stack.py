@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from remix import routing
-from remix.kernels import flatten_a, flatten_b_t, selection_mask, topk_masked_u, topk_masked_u_multi
+from remix.kernels import flatten_a, flatten_b_t, scale_chunks, selection_mask, topk_masked_u, topk_masked_u_multi
 
 
 @dataclass
@@ -142,12 +142,6 @@ def set_context(ctx: RoutingContext | None) -> None:
 
 def get_context() -> RoutingContext | None:
     return getattr(_local, "ctx", None)
-
-
-def scale_chunks(u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """u [T, n*r] with each r-chunk scaled by mask [T, n]."""
-    T, n = mask.shape
-    return (u.reshape(T, n, -1) * mask.to(u.dtype).unsqueeze(-1)).reshape(T, -1)
 
 
 def stacked_forward(

@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
         prompts = prompts_of(tok, c, args.prompt_tokens)
         tokens = c * args.new_tokens
         row = {}
-        bench_engine(engine, prompts[:1], 4, [None, "a0"])  # warm-up: loads the routing op, touches the cache
+        bench_engine(engine, prompts_of(tok, 2, args.prompt_tokens), 4, [None, "a0"])  # warm-up: loads the routing op, touches the cache
         for name, adapters in (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"])):
             wall, step = bench_engine(engine, prompts, args.new_tokens, adapters)
             row[name] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens,

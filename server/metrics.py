@@ -11,6 +11,7 @@ import threading
 import time
 from collections import deque
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -100,8 +101,6 @@ class RoutingCollector:
                 old = base.get(adapter, {}).get(module) if base is not counts else None
                 delta = [c - o for c, o in zip(per_lora, old)] if old and base_time < now else per_lora
                 if sum(delta) > 0:
-                    import torch
-
                     per_layer.setdefault(split_module(module)[0], []).append(selection_entropy(torch.tensor(delta))[1])
             for layer, values in per_layer.items():
                 effective.add_metric([adapter, layer], sum(values) / len(values))

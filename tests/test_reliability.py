@@ -122,7 +122,7 @@ def test_bad_adapters_refused_while_traffic_continues(server, tmp_path):
         data = (truncated / "adapter_model.safetensors").read_bytes()
         (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
         other_base, _ = remix.tiny_model(seed=9)
-        layers = remix.inject(other_base, remix.MixtureConfig(n=4, k=2, r=4))
+        remix.inject(other_base, remix.MixtureConfig(n=4, k=2, r=4))
         mismatched = remix.save_adapter(other_base, tmp_path / "mismatched")
         pickled = Path(make_adapter(tmp_path / "pickled", 4))
         torch.save({"weights": torch.zeros(3)}, pickled / "adapter_model.safetensors")
@@ -131,7 +131,6 @@ def test_bad_adapters_refused_while_traffic_continues(server, tmp_path):
         for name, path in (("truncated", truncated), ("mismatched", mismatched), ("pickled", pickled)):
             r = post(server, {"name": name, "path": str(path)}, path="/v1/adapters")
             assert r.status_code == 400 and expected[name] in r.json()["error"]["message"], r.text
-        assert layers  # (the mismatched adapter was built on another base)
     finally:
         stop.set()
         t.join(30)

@@ -46,6 +46,12 @@ def selection_mask(idx: torch.Tensor, weight: torch.Tensor | float, num_loras: i
     return mask.scatter_add_(1, safe, w)[:, :num_loras]
 
 
+def scale_chunks(u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """u [T, N*r] with each LoRA's r-chunk scaled by mask [T, N] (0 drops it)."""
+    T, N = mask.shape
+    return (u.reshape(T, N, -1) * mask.to(u.dtype).unsqueeze(-1)).reshape(T, -1)
+
+
 def masked_lora_delta(
     u: torch.Tensor, mask: torch.Tensor, b_flat_t: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -53,8 +59,7 @@ def masked_lora_delta(
 
     u: [T, N*r] = x @ A_flat^T; mask: [T, N]; b_flat_t: [N*r, O]. Returns a new [T, O] tensor.
     """
-    T, N = mask.shape
-    um = (u.reshape(T, N, -1) * mask.to(u.dtype).unsqueeze(-1)).reshape(T, -1)
+    um = scale_chunks(u, mask)
     if out is None:
         return um @ b_flat_t
     return torch.addmm(out, um, b_flat_t)
@@ -111,7 +116,7 @@ def topk_masked_u_multi(pu: torch.Tensor, num_loras: int, slot_of_token: torch.T
         sel = topk_lower_index(pu.index_select(0, rows)[:, o : o + n].float(), k) + o
         idx[rows, :k] = sel
         mask[rows.unsqueeze(1), sel] = float(slot_omega[s])
-    return (pu[:, num_loras:].reshape(T, num_loras, -1) * mask.unsqueeze(-1)).reshape(T, -1), idx
+    return scale_chunks(pu[:, num_loras:], mask), idx
 
 
 _CPU_OP: list = []
@@ -144,7 +149,7 @@ def topk_masked_u_torch(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple
     T = pu.shape[0]
     idx = topk_lower_index(pu[:, :n].float(), k)
     mask = torch.zeros(T, n, dtype=pu.dtype, device=pu.device).scatter_(1, idx, omega)
-    return (pu[:, n:].reshape(T, n, -1) * mask.unsqueeze(-1)).reshape(T, -1), idx
+    return scale_chunks(pu[:, n:], mask), idx
 
 
 def lora_gather(
