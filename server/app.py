@@ -352,10 +352,21 @@ class _ResponseBuilder:
             s = self.tok.decode([tid])
             toks.append(s)
             lps.append(lp)
-            tops.append({self.tok.decode([a]): v for a, v in alts})
+            tops.append(self._top_dict(alts))
             offsets.append(offset)
             offset += len(s)
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _top_dict(self, alts) -> dict[str, float]:
+        """{token text: logprob}; ids whose text is ambiguous (partial UTF-8 bytes, or the same text as another
+        alternative) are keyed by their vocabulary entry instead, so no alternative is lost."""
+        out = {}
+        for a, v in alts:
+            key = self.tok.decode([a])
+            if "\ufffd" in key or key in out:
+                key = self.tok.convert_ids_to_tokens(a)
+            out[key] = v
+        return out
 
     def _wants_logprobs(self) -> bool:
         return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
