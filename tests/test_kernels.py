@@ -41,12 +41,15 @@ def test_fast_matches_reference(T, k, r, n, adapters, dtype):
     ranks = [r] + [max(1, r // 2)] * (adapters - 1)  # later adapters have a smaller, padded rank
     A, B = make_stack(ranks, n, d_in, d_out, dtype)
     idx, group = make_ids(T, k, n, adapters)
-    x = torch.randn(T, d_in, dtype=dtype)
-    omega = torch.rand(T, dtype=torch.float32) + 0.5  # one ω per token (adapters may differ)
+    g = torch.Generator().manual_seed(T * 1000 + k * 100 + r * 10 + n)  # inputs do not depend on test order
+    x = torch.randn(T, d_in, generator=g).to(dtype)
+    omega = torch.rand(T, generator=g) + 0.5  # one ω per token (adapters may differ)
     want = lora_gather_reference(x, A, B, idx, omega)
-    torch.testing.assert_close(lora_gather(x, A, B, idx, omega), want, **TOL[dtype])
+    # the tolerances are relative to the output's scale (outputs reach ~30 here; float32 keeps ~7 digits of that)
+    tol = {"atol": TOL[dtype]["atol"] * max(1.0, float(want.abs().max())), "rtol": TOL[dtype]["rtol"]}
+    torch.testing.assert_close(lora_gather(x, A, B, idx, omega), want, **tol)
     ranges = [(a * n, (a + 1) * n) for a in range(adapters)]
-    torch.testing.assert_close(lora_gather_grouped(x, A, B, idx, omega, group, ranges), want, **TOL[dtype])
+    torch.testing.assert_close(lora_gather_grouped(x, A, B, idx, omega, group, ranges), want, **tol)
 
 
 @pytest.mark.parametrize("weight_kind", ["scalar", "per_token", "per_slot"])
