@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from remix import routing
 from remix.config import MixtureConfig
-from remix.kernels import flatten_a, flatten_b_t, lora_gather, topk_masked_u
+from remix.kernels import cpu_ext, flatten_a, flatten_b_t, lora_gather, topk_masked_u
 
 
 class MixtureOfLoRAsLinear(nn.Module):
@@ -132,32 +132,54 @@ class ReMixLinear(MixtureOfLoRAsLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sample = self.training if self.sample is None else self.sample
-        if sample or torch.is_grad_enabled() or x.dtype != torch.float32:
-            y = super().forward(x)
-            if self.last_log_q is not None:
-                self.last_log_q = self.last_log_q.view(x.shape[:-1])
-            return y
-        return self._forward_inference(x)
+        if not sample and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            ext = cpu_ext.for_input(x)
+            if ext is not None:
+                return self._forward_cpu(ext, x)
+            if x.dtype == torch.float32:
+                return self._forward_inference(x)
+        y = super().forward(x)
+        if self.last_log_q is not None:
+            self.last_log_q = self.last_log_q.view(x.shape[:-1])
+        return y
 
-    def _inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[P; A_flat] ([n + n*r, D]) and B_flat^T ([n*r, O]), rebuilt only when the parameters change."""
+    def _inference_weights(self) -> tuple:
+        """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O] and [P; A_flat], rebuilt only when the parameters change."""
         key = tuple((p.data_ptr(), p._version) for p in (self.router, self.lora_A, self.lora_B))
         if self._eval_cache is None or self._eval_cache[0] != key:
-            pa = torch.cat([self.router.detach(), flatten_a(self.lora_A.detach())], 0).contiguous()
-            self._eval_cache = (key, pa, flatten_b_t(self.lora_B.detach()).contiguous())
-        return self._eval_cache[1], self._eval_cache[2]
+            router = self.router.detach().float().contiguous()
+            a = flatten_a(self.lora_A.detach()).float().contiguous()
+            bt = flatten_b_t(self.lora_B.detach()).float().contiguous()
+            tables = (torch.zeros(1, dtype=torch.int64), torch.tensor([self.n]), torch.tensor([self.k]),
+                      torch.tensor([self.omega], dtype=torch.float32))
+            self._eval_cache = (key, router, a, bt, torch.cat([router, a], 0), tables)
+        return self._eval_cache[1:]
+
+    def _forward_cpu(self, ext, x: torch.Tensor) -> torch.Tensor:
+        """Top-k routing and the gather of the selected LoRAs only, in the compiled CPU kernel."""
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        router, a, bt, _, tables = self._inference_weights()
+        y = self.base(x2).contiguous()
+        idx = ext.route_gather_(x2, y, router, a, bt, _NO_SLOTS, *tables, self.r, self.k, _NO_SLOTS)
+        self.last_log_q = None
+        self._record(idx, self.omega)
+        return y.view(*shape, self.out_features)
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Top-k routing with the router and every A in one GEMM; same maths as the generic path."""
+        """Torch-ops path: the router and every A in one GEMM, mask to the top-k, one GEMM over every B."""
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        pa, b_flat_t = self._inference_weights()
+        _, _, b_flat_t, pa, _ = self._inference_weights()
         pu = F.linear(x2, pa)  # [T, n + n*r]: router logits, then every pool's A x
         um, idx = topk_masked_u(pu, self.n, self.k, self.omega)  # [T, n*r] selected chunks scaled by ω
         self.last_log_q = None
         self._record(idx, self.omega)
         y = torch.addmm(self.base(x2), um, b_flat_t)
         return y.view(*shape, self.out_features)
+
+
+_NO_SLOTS = torch.empty(0, dtype=torch.int64)  # "every token is slot 0" / "no counts" for the compiled kernel
 
 
 class SoftmaxTopkLinear(MixtureOfLoRAsLinear):

@@ -13,6 +13,11 @@ context and shared by all modules, so a module does, per slot present in the bat
 
 and counts the selections into preallocated per-slot buffers (one bincount, no Python loop over
 tokens). A token's result depends only on its own row and its adapter, never on its batch-mates.
+
+On a CPU with the compiled kernels (:mod:`remix.kernels.cpu_ext`) every slot's pool is also kept in
+one float32 stack (:class:`CpuPools`: global LoRA ids, ranks zero-padded to the largest) and the whole
+step, whatever its mix of adapters, is one call that routes each token within its adapter's pool and
+adds only the selected LoRAs, counting selections as it goes.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from remix import routing
-from remix.kernels import flatten_a, flatten_b_t, scale_chunks, selection_mask, topk_masked_u, topk_masked_u_multi
+from remix.kernels import cpu_ext, flatten_a, flatten_b_t, scale_chunks, selection_mask, topk_masked_u, topk_masked_u_multi
 
 
 @dataclass
@@ -54,12 +59,26 @@ class FusedPools:
     slot_omega: torch.Tensor
 
 
+@dataclass
+class CpuPools:
+    """Every slot's pool in float32 for the compiled CPU kernel (global ids, ranks padded to r_max)."""
+
+    router: torch.Tensor  # [N, D]
+    a: torch.Tensor  # [N*r_max, D]
+    bt: torch.Tensor  # [N*r_max, O]
+    r: int
+    kmax: int
+    tables: tuple  # (slot_off, slot_n, slot_k: int64 [S], slot_omega: float32 [S]), indexed by slot id
+    counts: torch.Tensor  # [N] int64; every slot's ``counts`` is a view into it
+
+
 class PoolStack:
     """The adapters loaded on one module, by slot id. Mutated only between steps (by the engine)."""
 
     def __init__(self) -> None:
         self.slots: dict[int, SlotWeights] = {}
         self.fused: FusedPools | None = None
+        self.cpu: CpuPools | None = None
         self._raw: dict[int, tuple] = {}
 
     def add(self, slot: int, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor, k: int, omega: float) -> None:
@@ -79,6 +98,7 @@ class PoolStack:
         self._rebuild()
 
     def _rebuild(self) -> None:
+        self._rebuild_cpu()
         if len(self._raw) < 2 or any(w.router32 is not None for w in self.slots.values()):
             self.fused = None  # one adapter: its own path is faster; low precision: route in float32 per slot
             return
@@ -105,6 +125,34 @@ class PoolStack:
             slot_k=table(lambda s: self.slots[s].k),
             slot_omega=torch.tensor([self.slots[s].omega if s in self.slots else 0.0 for s in range(size)],
                                     dtype=torch.float32, device=device),
+        )
+
+
+    def _rebuild_cpu(self) -> None:
+        self.cpu = None
+        if not self._raw or next(iter(self._raw.values()))[0].device.type != "cpu" or cpu_ext.load() is None:
+            return
+        ids = sorted(self._raw)
+        r_max = max(self._raw[s][0].shape[1] for s in ids)
+        routers, As, Bs, off, total = [], [], [], {}, 0
+        for s in ids:
+            A, B, router = self._raw[s]
+            off[s], total = total, total + A.shape[0]
+            routers.append(router.float())
+            As.append(F.pad(A.float(), (0, 0, 0, r_max - A.shape[1])))
+            Bs.append(F.pad(B.float(), (0, r_max - B.shape[2])))
+        counts = torch.cat([self.slots[s].counts for s in ids])  # keep what was counted so far
+        for s in ids:
+            self.slots[s].counts = counts[off[s] : off[s] + self.slots[s].n]
+        size = max(ids) + 1
+        col = lambda f, dtype=torch.int64: torch.tensor(  # noqa: E731
+            [f(self.slots[s]) if s in self.slots else 0 for s in range(size)], dtype=dtype)
+        self.cpu = CpuPools(
+            router=torch.cat(routers).contiguous(), a=flatten_a(torch.cat(As)).contiguous(),
+            bt=flatten_b_t(torch.cat(Bs)).contiguous(), r=r_max, kmax=max(self.slots[s].k for s in ids),
+            tables=(torch.tensor([off.get(s, 0) for s in range(size)]), col(lambda w: w.n), col(lambda w: w.k),
+                    col(lambda w: w.omega, torch.float32)),
+            counts=counts,
         )
 
 
@@ -150,6 +198,8 @@ def stacked_forward(
     """Add every token's adapter delta to the base output ``y`` ([T, O]). x: [T, D]."""
     if ctx is None:
         return y
+    if stack.cpu is not None and (ext := cpu_ext.for_input(x)) is not None:
+        return _cpu_forward(ext, x, y, stack, ctx, name)
     mixed = len(ctx.groups) > 1 or any(rows is not None for rows in ctx.groups.values())
     if mixed and stack.fused is not None and x.shape[0] <= FUSED_MAX_TOKENS:
         return _fused_forward(x, y, stack, ctx, name)
@@ -196,6 +246,25 @@ def _fused_forward(x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: Rout
                 mine = idx if rows is None else idx.index_select(0, rows)
                 ctx.trace.append((name, slot, rows, mine[:, : w.k] - off))
     return torch.addmm(y, um, f.b_flat_t)
+
+
+_NO_COUNTS = torch.empty(0, dtype=torch.int64)
+
+
+def _cpu_forward(ext, x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: RoutingContext, name: str) -> torch.Tensor:
+    """Any batch, one call: route each token in its adapter's pool and add its selected LoRAs into y in place."""
+    c = stack.cpu
+    y = y.contiguous()
+    idx = ext.route_gather_(x.contiguous(), y, c.router, c.a, c.bt, ctx.slots, *c.tables, c.r, c.kmax,
+                            c.counts if ctx.count else _NO_COUNTS)
+    if ctx.trace is not None:
+        off = c.tables[0]
+        for slot, rows in ctx.groups.items():
+            w = stack.slots.get(slot)
+            if w is not None:
+                mine = idx if rows is None else idx.index_select(0, rows)
+                ctx.trace.append((name, slot, rows, mine[:, : w.k] - int(off[slot])))
+    return y
 
 
 class StackedLinear(torch.nn.Module):

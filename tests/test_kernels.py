@@ -131,29 +131,90 @@ def test_cuda_matches_reference(dtype):
     torch.testing.assert_close(got.float().cpu(), want, **({"atol": 0.15, "rtol": 0.05} if dtype == torch.bfloat16 else TOL[dtype]))
 
 
-@pytest.mark.parametrize("T,n,k,r", [(1, 8, 2, 8), (33, 8, 2, 8), (300, 6, 3, 4), (5, 1, 1, 2), (7, 64, 4, 1)])
-def test_routing_op_matches_torch_ops(T, n, k, r):
-    from remix.kernels import cpu_ext, topk_masked_u, topk_masked_u_torch
-
-    pu = torch.randn(T, n + n * r)
-    pu[0, :n] = 1.0  # a row of ties: the lower indices must win
-    want_um, want_idx = topk_masked_u_torch(pu, n, k, 0.3)
-    assert want_idx[0].tolist() == list(range(k))
-    got_um, got_idx = topk_masked_u(pu, n, k, 0.3)
-    assert torch.equal(got_idx, want_idx)
-    torch.testing.assert_close(got_um, want_um, atol=0, rtol=0)
-    if cpu_ext.available():  # also on a strided view (rows of a wider tensor), as the fused path passes it
-        wide = torch.randn(T, 5 + n + n * r)
-        view = wide[:, 5:]
-        um, idx = cpu_ext.load().topk_masked_u(view, n, k, 0.3)
-        want_um, want_idx = topk_masked_u_torch(view.contiguous(), n, k, 0.3)
-        assert torch.equal(idx, want_idx) and torch.equal(um, want_um)
-
-
-def test_routing_op_rejects_bad_input():
+def _compiled():
     from remix.kernels import cpu_ext
 
     if not cpu_ext.available():
-        pytest.skip("C++ routing op not built here")
-    with pytest.raises(RuntimeError, match="float32"):
-        cpu_ext.load().topk_masked_u(torch.zeros(2, 24, dtype=torch.float64), 8, 2, 1.0)
+        pytest.skip("the compiled CPU kernels are not built here")
+    return cpu_ext.load()
+
+
+@pytest.mark.parametrize("T,k,r,n,adapters", GRID)
+def test_compiled_gather_matches_reference(T, k, r, n, adapters):
+    """The C++ gather (blocked by LoRA, SIMD) against the plain loop: -1 ids, padded ranks, per-pair weights."""
+    ext = _compiled()
+    d_in, d_out = 40, 72  # not multiples of the 16 SIMD lanes: the tails run too
+    ranks = [r] + [max(1, r // 2)] * (adapters - 1)
+    A, B = make_stack(ranks, n, d_in, d_out, torch.float32, seed=T * 31 + k)
+    idx, _ = make_ids(T, k, n, adapters, seed=T + r)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, d_in, generator=g)
+    w = torch.rand(T, k, generator=g)
+    base = torch.randn(T, d_out, generator=g)
+    want = base + lora_gather_reference(x, A, B, idx, w)
+    got = ext.gather_(x, base.clone(), A.reshape(-1, d_in).contiguous(), B.transpose(1, 2).reshape(-1, d_out).contiguous(),
+                      idx, w, max(ranks))
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,n,k,r", [(1, 8, 2, 8), (33, 8, 2, 8), (300, 6, 3, 4), (5, 1, 1, 2), (7, 64, 4, 1)])
+def test_compiled_route_gather_matches_torch_path(T, n, k, r):
+    """Routing inside the kernel: float32 logits, top-k with ties to the lower index, constant weight ω."""
+    from remix import routing
+
+    ext = _compiled()
+    D, O = 48, 80
+    g = torch.Generator().manual_seed(T * n)
+    P, A, B = torch.randn(n, D, generator=g), torch.randn(n, r, D, generator=g), torch.randn(n, O, r, generator=g)
+    x = torch.randn(T, D, generator=g)
+    if n > 1:
+        P[1] = P[0]  # a tie between LoRAs 0 and 1 for every token: 0 must come first
+    y0 = torch.randn(T, O, generator=g)
+    tables = (torch.zeros(1, dtype=torch.int64), torch.tensor([n]), torch.tensor([k]), torch.tensor([0.3]))
+    counts = torch.zeros(n, dtype=torch.int64)
+    y = y0.clone()
+    idx = ext.route_gather_(x, y, P, A.reshape(n * r, D), B.transpose(1, 2).reshape(n * r, O).contiguous(),
+                            torch.empty(0, dtype=torch.int64), *tables, r, k, counts)
+    want_idx = routing.topk_lower_index(routing.router_logits(x, P), k)
+    assert torch.equal(idx, want_idx)
+    for row in idx.tolist():
+        if 1 in row:
+            assert 0 in row and row.index(0) < row.index(1)
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=n))
+    want = y0 + lora_gather_reference(x, A, B, idx, 0.3)
+    torch.testing.assert_close(y, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+
+
+def test_compiled_token_result_is_bit_identical_in_any_batch():
+    """The kernel's sums run in the same order for a token whoever shares the call: exact equality."""
+    ext = _compiled()
+    n, r, D, O = 8, 8, 64, 96
+    g = torch.Generator().manual_seed(3)
+    P, a, bt = torch.randn(2 * n, D, generator=g), torch.randn(2 * n * r, D, generator=g), torch.randn(2 * n * r, O, generator=g)
+    tables = (torch.tensor([0, n]), torch.tensor([n, n]), torch.tensor([2, 3]), torch.tensor([0.5, 0.25]))
+    x = torch.randn(64, D, generator=g)
+    slots = torch.randint(-1, 2, (64,), generator=g)
+    none = torch.empty(0, dtype=torch.int64)
+    batch = torch.zeros(64, O)
+    idx = ext.route_gather_(x, batch, P, a, bt, slots, *tables, r, 3, none)
+    for t in (0, 17, 63):
+        alone = torch.zeros(1, O)
+        idx1 = ext.route_gather_(x[t : t + 1].clone(), alone, P, a, bt, slots[t : t + 1].clone(), *tables, r, 3, none)
+        assert torch.equal(idx1[0], idx[t]) and torch.equal(alone[0], batch[t])
+
+
+def test_compiled_kernels_reject_bad_input():
+    ext = _compiled()
+    none = torch.empty(0, dtype=torch.int64)
+    tables = (torch.zeros(1, dtype=torch.int64), torch.tensor([2]), torch.tensor([1]), torch.tensor([1.0]))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ext.route_gather_(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64),
+                          torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 3), none, *tables, 1, 1, none)
+    with pytest.raises(RuntimeError, match="idx out of range"):
+        ext.gather_(torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3),
+                    torch.tensor([[0], [5]]), torch.ones(2, 1), 1)
+    with pytest.raises(RuntimeError, match="bad offset"):
+        bad = (torch.tensor([1]), torch.tensor([2]), torch.tensor([1]), torch.tensor([1.0]))  # LoRAs 1..2 of a pool of 2
+        ext.route_gather_(torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 3),
+                          none, *bad, 1, 1, none)

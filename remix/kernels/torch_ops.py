@@ -75,12 +75,9 @@ def topk_masked_u(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch
             um[t, i*r:(i+1)*r] = omega * pu[t, n + i*r : n + (i+1)*r] if i in J else 0
             idx[t] = J
 
-    pu: [T, n + n*r] -> (um [T, n*r], idx [T, k] int64). Uses the compiled CPU op when available
-    (one dispatch instead of ~8), else these torch ops; both give identical results.
+    pu: [T, n + n*r] -> (um [T, n*r], idx [T, k] int64). The torch path of the layers (CUDA, or a
+    CPU without the compiled kernels of :mod:`remix.kernels.cpu_ext`).
     """
-    ext = _cpu_op()
-    if ext is not None and not pu.is_cuda and pu.dtype == torch.float32 and n <= 64:
-        return ext(pu, n, k, omega)
     return topk_masked_u_torch(pu, n, k, omega)
 
 
@@ -100,9 +97,6 @@ def topk_masked_u_multi(pu: torch.Tensor, num_loras: int, slot_of_token: torch.T
 
     pu: [T, N + N*r]; the slot tables are indexed by slot id. Returns (um [T, N*r], idx [T, kmax]).
     """
-    ext = _cpu_op_multi()
-    if ext is not None and not pu.is_cuda and pu.dtype == torch.float32 and int(slot_n.max()) <= 64:
-        return ext(pu, num_loras, slot_of_token, slot_off, slot_n, slot_k, slot_omega.float(), kmax)
     from remix.routing import topk_lower_index
 
     T = pu.shape[0]
@@ -117,29 +111,6 @@ def topk_masked_u_multi(pu: torch.Tensor, num_loras: int, slot_of_token: torch.T
         idx[rows, :k] = sel
         mask[rows.unsqueeze(1), sel] = float(slot_omega[s])
     return scale_chunks(pu[:, num_loras:], mask), idx
-
-
-_CPU_OP: list = []
-_CPU_OP_MULTI: list = []
-
-
-def _cpu_op_multi():
-    if not _CPU_OP_MULTI:
-        from remix.kernels import cpu_ext
-
-        module = cpu_ext.load()
-        _CPU_OP_MULTI.append(module.topk_masked_u_multi if module is not None else None)
-    return _CPU_OP_MULTI[0]
-
-
-def _cpu_op():
-    """The compiled routing op's function (looked up once), or None."""
-    if not _CPU_OP:
-        from remix.kernels import cpu_ext
-
-        module = cpu_ext.load()
-        _CPU_OP.append(module.topk_masked_u if module is not None else None)
-    return _CPU_OP[0]
 
 
 def topk_masked_u_torch(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
