@@ -81,15 +81,20 @@ class PoolStack:
         self.cpu: CpuPools | None = None
         self._raw: dict[int, tuple] = {}
 
-    def add(self, slot: int, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor, k: int, omega: float) -> None:
-        """A [n, r, D], B [n, O, r], router [n, D]."""
-        n = A.shape[0]
-        pa = torch.cat([router.to(A.dtype), flatten_a(A)], 0).contiguous()
+    def add(self, slot: int, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor, k: int, omega: float,
+            dtype: torch.dtype | None = None) -> None:
+        """A [n, r, D], B [n, O, r], router [n, D]; ``dtype``: the model's (default A's), for the torch path.
+
+        Pass the pools in float32 even for a lower-precision model: the compiled CPU path keeps them in
+        float32 (routing and the delta in full precision), the torch path converts its own copy.
+        """
+        n, dtype = A.shape[0], dtype or A.dtype
+        pa = torch.cat([router.to(dtype), flatten_a(A).to(dtype)], 0).contiguous()
         self.slots[slot] = SlotWeights(
-            pa, flatten_b_t(B).contiguous(), n, k, omega, torch.zeros(n, dtype=torch.int64, device=A.device),
-            router.float().contiguous() if A.dtype != torch.float32 else None,
+            pa, flatten_b_t(B).to(dtype).contiguous(), n, k, omega, torch.zeros(n, dtype=torch.int64, device=A.device),
+            router.float().contiguous() if dtype != torch.float32 else None,
         )
-        self._raw[slot] = (A, B, router.to(A.dtype))
+        self._raw[slot] = (A, B, router)
         self._rebuild()
 
     def remove(self, slot: int) -> None:
@@ -111,7 +116,7 @@ class PoolStack:
             n, r = A.shape[0], A.shape[1]
             offsets[s] = total
             total += n
-            routers.append(router)
+            routers.append(router.to(A.dtype))
             As.append(torch.nn.functional.pad(A, (0, 0, 0, r_max - r)))  # [n, r_max, D]
             Bs.append(torch.nn.functional.pad(B, (0, r_max - r)))  # [n, O, r_max]
         device = As[0].device

@@ -71,6 +71,9 @@ def prompts_of(tokenizer, count: int, length: int) -> list[list[int]]:
     return [ids[i : i + length] for i in range(count)]  # distinct prompts of exactly `length` tokens
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def bench_hf(model, prompts, new_tokens) -> float:
     ids = torch.tensor(prompts)
     start = time.perf_counter()
@@ -98,7 +101,7 @@ def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]
 def gemm_floor(model, batch: int, repeats: int = 5) -> float:
     """Seconds for the weight GEMMs of one decode step at this batch: every linear of the model, in order."""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
@@ -117,12 +120,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                    help="weights and activations of every contender (the same for all, so ratios stay fair)")
     args = ap.parse_args(argv)
+    dtype = DTYPES[args.dtype]
     tune_cpu_allocator()
     cpu_ext.load()
-    model, tok = remix.load_base(args.base)
+    model, tok = remix.load_base(args.base)  # float32: the adapters are made (and stored) in full precision
     tmp = Path(tempfile.mkdtemp(prefix="remix-bench-"))
     adapter_paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
+    if dtype != torch.float32:
+        model, tok = remix.load_base(args.base, dtype=dtype)
     levels = [int(c) for c in args.concurrency.split(",")]
     max_len = args.prompt_tokens + args.new_tokens + 8
     engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,
@@ -141,7 +149,7 @@ def main(argv=None) -> dict:
                          "decode_step_ms": 1000 * step}
             print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms", flush=True)
         # the HF peers run on a plain copy of the base (the engine's model has serving wrappers)
-        plain, _ = remix.load_base(args.base)
+        plain, _ = remix.load_base(args.base, dtype=dtype)
         wall = bench_hf(plain, prompts, args.new_tokens)
         row["hf_generate"] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens}
         print(f"c={c:<3} {'hf_generate':18s} {tokens / wall:8.1f} tok/s", flush=True)
@@ -181,7 +189,7 @@ def main(argv=None) -> dict:
           ">=", 2.0, low)
     for name, g in goals.items():
         print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
-    out = {"config": {"base": args.base, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+    out = {"config": {"base": args.base, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()},
            "results": results, "ratios": ratios, "goals": goals}
     if args.json:

@@ -204,6 +204,17 @@ def test_compiled_token_result_is_bit_identical_in_any_batch():
         assert torch.equal(idx1[0], idx[t]) and torch.equal(alone[0], batch[t])
 
 
+def test_compiled_gather_adds_a_lora_listed_twice():
+    ext = _compiled()
+    A, B = make_stack([4], 3, 20, 36, torch.float32)
+    x = torch.randn(6, 20)
+    idx = torch.tensor([[1, 1]] * 6)
+    w = torch.full((6, 2), 0.5)
+    want = lora_gather_reference(x, A, B, idx, w)
+    got = ext.gather_(x, torch.zeros(6, 36), A.reshape(-1, 20).contiguous(), B.transpose(1, 2).reshape(-1, 36).contiguous(), idx, w, 4)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_compiled_kernels_reject_bad_input():
     ext = _compiled()
     none = torch.empty(0, dtype=torch.int64)
@@ -218,3 +229,15 @@ def test_compiled_kernels_reject_bad_input():
         bad = (torch.tensor([1]), torch.tensor([2]), torch.tensor([1]), torch.tensor([1.0]))  # LoRAs 1..2 of a pool of 2
         ext.route_gather_(torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 3),
                           none, *bad, 1, 1, none)
+
+
+def test_compiled_kernels_build_where_a_compiler_exists():
+    """A silent fallback would hide a broken build: where c++ exists (and the kernels are not disabled) they must load."""
+    import os
+    import shutil
+
+    from remix.kernels import cpu_ext
+
+    if shutil.which("c++") is None or os.environ.get("REMIX_DISABLE_EXT", "") not in ("", "0"):
+        pytest.skip("no C++ compiler here, or the kernels are disabled")
+    assert cpu_ext.load() is not None

@@ -5,14 +5,17 @@
 For d 576 -> 1536 (gate/up) and 1536 -> 576 (down), T in {1, 32, 512}, n = 8, k = 2, r = 8 it times,
 in one run and on the same inputs:
   base            the frozen base GEMM alone (the floor)
-  remix           the whole ReMix module (routing + gather + base GEMM), one adapter (training's layer, eval)
+  remix           the whole ReMix module (routing + gather + base GEMM), one adapter (training's layer, eval),
+                  on the compiled CPU kernel when it is built (else the torch-ops path)
+  remix_torch     the same module on the torch-ops path (one GEMM over every pool, mask, one GEMM over every B)
   stacked_1       the serving layer (PoolStack) with one adapter
   stacked_4       the serving layer with four adapters mixed round-robin in the batch
   reference       base GEMM + the plain reference loop of the kernel contract
   mixlora_loop    base GEMM + routing + a per-expert Python loop, as MixLoRA's implementation does it
   remix_delta     routing + gather only: the ReMix module minus the base GEMM, from the same pass
   dense_kr_delta  one dense LoRA of rank k*r (same active parameters, no routing): the FLOP floor
-and the ratios overhead_over_base, fast_over_dense_kr, loop_over_fast, reference_over_fast.
+and the ratios overhead_over_base, fast_over_dense_kr, loop_over_fast (whole modules, base GEMM included),
+loop_delta_over_fast_delta (the same with the base GEMM taken out of both), reference_over_fast, torch_over_compiled.
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ def mixlora_loop(x, base, router, A, B, k, omega):
     return y
 
 
+def _torch_path(layer, x):
+    with cpu_ext.disabled():
+        return layer(x)
+
+
 def bench_shape(d_in: int, d_out: int, T: int, n: int, k: int, r: int, adapters: int, min_time: float,
                 copies: int = 16) -> dict:
     """Time every variant on ``copies`` independent modules in turn and report the time per module.
@@ -107,6 +115,7 @@ def bench_shape(d_in: int, d_out: int, T: int, n: int, k: int, r: int, adapters:
         "remix": lambda base, remix, stacked, dense: remix(x),
         "stacked_1": stacked_with(ctx1),
         f"stacked_{adapters}": stacked_with(ctx4),
+        "remix_torch": lambda base, remix, stacked, dense: _torch_path(remix, x),
         "mixlora_loop": lambda base, remix, stacked, dense: mixlora_loop(
             x, base, remix.router, remix.lora_A, remix.lora_B, k, remix.omega),
         "dense_kr_delta": lambda base, remix, stacked, dense: F.linear(F.linear(x, dense[0]), dense[1]),
@@ -127,6 +136,8 @@ def bench_shape(d_in: int, d_out: int, T: int, n: int, k: int, r: int, adapters:
         f"overhead_over_base_stacked_{adapters}": times[f"stacked_{adapters}"] / times["base"] - 1,
         "fast_over_dense_kr": times["remix_delta"] / times["dense_kr_delta"],
         "loop_over_fast": times["mixlora_loop"] / times["remix"],
+        "loop_delta_over_fast_delta": (times["mixlora_loop"] - times["base"]) / max(times["remix_delta"], 1e-9),
+        "torch_over_compiled": times["remix_torch"] / times["remix"],
         "reference_over_fast": times["reference"] / times["remix"],
     }
     return {"d_in": d_in, "d_out": d_out, "T": T, "times_us": times, "ratios": ratios}
@@ -159,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{d_in:>4}->{d_out:<4} T={T:<4} base {t['base']:8.1f}us  remix {t['remix']:8.1f}  "
                 f"stacked1 {t['stacked_1']:8.1f}  stacked{args.adapters} {t[f'stacked_{args.adapters}']:8.1f}  "
                 f"mixlora {t['mixlora_loop']:8.1f}  ref {t['reference']:9.1f}  | overhead {q['overhead_over_base']:+.2f}  "
-                f"fast/dense_kr {q['fast_over_dense_kr']:.2f}  loop/fast {q['loop_over_fast']:.1f}",
+                f"fast/dense_kr {q['fast_over_dense_kr']:.2f}  loop/fast {q['loop_over_fast']:.1f} "
+                f"(deltas {q['loop_delta_over_fast_delta']:.1f})  torch/compiled {q['torch_over_compiled']:.2f}",
                 flush=True,
             )
     goals = {}
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "config": {"n": args.n, "k": args.k, "r": args.r, "adapters": args.adapters, "dtype": "float32",
                    "threads": torch.get_num_threads(),
-                   "cpu_routing_op": cpu_ext.available(), "allocator_tuned": not args.no_tune_alloc, "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
+                   "compiled_cpu_kernel": cpu_ext.available(), "allocator_tuned": not args.no_tune_alloc, "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
         "results": results,
         "goals": goals,
     }

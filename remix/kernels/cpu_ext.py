@@ -97,6 +97,12 @@ inline int64_t axpy_block(float* Y, const float* b, int64_t O, const float* u, i
 template <int CN>
 inline int64_t axpy_pairs(float* Y, const float* b, int64_t O, const float* u, int64_t r, const int64_t* pairs, int64_t nb,
                           int64_t k, int64_t o0, int64_t o1) {
+  for (int64_t q = 1; q < nb; ++q)
+    if (pairs[q] / k == pairs[q - 1] / k) {  // one token listing a LoRA twice (gather_ allows it): one pair at a time
+      int64_t o = o1;
+      for (int64_t p = 0; p < nb; ++p) o = axpy_block<CN, 1>(Y, b, O, u + p * r, r, pairs + p, k, o0, o1);
+      return o;
+    }
   switch (nb) {
     case 4: return axpy_block<CN, 4>(Y, b, O, u, r, pairs, k, o0, o1);
     case 3: return axpy_block<CN, 3>(Y, b, O, u, r, pairs, k, o0, o1);
@@ -119,12 +125,17 @@ void gather_impl(const float* X, int64_t T, int64_t D, const float* a, const flo
   }
   if (order.empty()) return;
   std::vector<float> U(order.size() * r);  // U[p, c] for the p-th pair in LoRA order
-  const bool small = order.size() < 8;
 
-  at::parallel_for(0, N, small ? N : 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+  std::vector<int64_t> items;  // (LoRA, first pair) of every block of up to TB pairs: phase A's work list
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t p0 = start[i]; p0 < start[i + 1]; p0 += TB) { items.push_back(i); items.push_back(p0); }
+  const int64_t n_items = static_cast<int64_t>(items.size()) / 2;
+  at::parallel_for(0, n_items, 1, [&](int64_t it0, int64_t it1) {
+    for (int64_t it = it0; it < it1; ++it) {
+      const int64_t i = items[2 * it];
       const float* Ai = a + i * r * D;
-      for (int64_t p0 = start[i]; p0 < start[i + 1]; p0 += TB) {
+      {
+        const int64_t p0 = items[2 * it + 1];
         const int64_t nb = std::min<int64_t>(TB, start[i + 1] - p0);
         const float* xs[TB];
         for (int q = 0; q < TB; ++q) xs[q] = X + (order[p0 + std::min<int64_t>(q, nb - 1)] / k) * D;
@@ -154,10 +165,11 @@ void gather_impl(const float* X, int64_t T, int64_t D, const float* a, const flo
   });
 
   const int64_t chunks = (O + L - 1) / L;  // output slices of L lanes (the last may be partial)
-  constexpr int64_t SLICE = 4;  // chunks per slice: every token's slice of Y stays in L2 while all LoRAs pass
-  at::parallel_for(0, chunks, small ? chunks : SLICE, [&](int64_t g0, int64_t g1) {
-   for (int64_t gs = g0; gs < g1; gs += SLICE) {
-    const int64_t o0 = gs * L, o1 = std::min(O, std::min(g1, gs + SLICE) * L);
+  // each thread takes one contiguous slice of the outputs and streams every selected LoRA's rows over it
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks / 4));
+  at::parallel_for(0, threads, 1, [&](int64_t h0, int64_t h1) {
+   for (int64_t h = h0; h < h1; ++h) {
+    const int64_t o0 = (chunks * h / threads) * L, o1 = std::min(O, (chunks * (h + 1) / threads) * L);
     for (int64_t i = 0; i < N; ++i) {
       const float* Bi = bt + i * r * O;
       for (int64_t p0 = start[i]; p0 < start[i + 1]; p0 += TB) {

@@ -46,12 +46,13 @@ class AdapterRegistry:
         dtype, device = self.runner.dtype, self.runner.device
         omega = float(config.get("omega_value") or mix.omega_value())
         for module in modules:
-            A = tensors[f"{module}.lora_A"].to(device=device, dtype=dtype)
-            B = tensors[f"{module}.lora_B"].to(device=device, dtype=dtype)
+            A = tensors[f"{module}.lora_A"].to(device=device, dtype=torch.float32)
+            B = tensors[f"{module}.lora_B"].to(device=device, dtype=torch.float32)
             router = tensors.get(f"{module}.router")
             if router is None:  # plain LoRA: a pool of one, always selected
                 router = torch.zeros(1, A.shape[2])
-            self.runner.stacked[module].stack.add(slot, A, B, router.to(device=device, dtype=dtype), mix.k if mix.router == "remix" else 1, omega)
+            self.runner.stacked[module].stack.add(slot, A, B, router.to(device=device, dtype=torch.float32),
+                                                  mix.k if mix.router == "remix" else 1, omega, dtype=dtype)
         loaded = LoadedAdapter(name, str(path), slot, config, modules,
                                info={"router": mix.router, "n": mix.n, "k": mix.k, "r": mix.r, "omega": omega})
         self.adapters[name] = loaded

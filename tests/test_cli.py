@@ -1,0 +1,41 @@
+"""python -m server's settings: precedence, validation messages that name the field, dtype resolution."""
+
+import pytest
+import torch
+
+from server import cli
+
+
+def test_flags_override_config_file(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("max_num_seqs: 4\ndtype: bfloat16\n")
+    s = cli.load_settings(["--config", str(cfg), "--max-num-seqs", "9", "--base", "tiny"])
+    assert s["max_num_seqs"] == 9 and s["dtype"] == "bfloat16" and s["base"] == "tiny"
+
+
+@pytest.mark.parametrize("argv,field", [(["--dtype", "fp8"], "--dtype"), (["--port", "0"], "--port"),
+                                        (["--adapter", "nopath"], "--adapter")])
+def test_bad_values_name_the_field(argv, field):
+    with pytest.raises(SystemExit, match=field):
+        cli.load_settings(argv + ["--base", "tiny"])
+
+
+def test_unknown_config_field_is_named(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("max_num_seq: 4\n")
+    with pytest.raises(SystemExit, match="max_num_seq"):
+        cli.load_settings(["--config", str(cfg)])
+
+
+def test_demo_adapter_only_joins_the_default_base(tmp_path, monkeypatch):
+    demo = tmp_path / "runs" / "demo" / "adapter"
+    demo.mkdir(parents=True)
+    monkeypatch.setattr(cli, "DEMO_ADAPTER", demo)
+    assert cli.load_settings([])["adapters"] == {"demo": str(demo)}
+    assert cli.load_settings(["--base", "tiny"])["adapters"] == {}
+
+
+def test_dtype_resolution():
+    assert cli.resolve_dtype("float32") == torch.float32
+    assert cli.resolve_dtype("bfloat16") == torch.bfloat16
+    assert cli.resolve_dtype("auto") in (torch.float32, torch.bfloat16)
