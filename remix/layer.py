@@ -132,7 +132,8 @@ class ReMixLinear(MixtureOfLoRAsLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sample = self.training if self.sample is None else self.sample
-        if not sample and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+        trainable = self.lora_A.requires_grad or self.lora_B.requires_grad or self.router.requires_grad  # base: frozen
+        if not sample and not (trainable and torch.is_grad_enabled()):
             ext = cpu_ext.for_input(x)
             if ext is not None:
                 return self._forward_cpu(ext, x)

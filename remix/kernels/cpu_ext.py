@@ -215,10 +215,16 @@ void gather_into(const torch::Tensor& x32, torch::Tensor& y, const torch::Tensor
   const int64_t T = x32.size(0), D = x32.size(1), O = y.size(1), N = a.size(0) / r;
   if (y.scalar_type() == torch::kFloat32) {
     gather_impl(x32.data_ptr<float>(), T, D, a.data_ptr<float>(), bt.data_ptr<float>(), r, N, sel, w, k, y.data_ptr<float>(), O);
-  } else {
-    auto acc = torch::zeros({T, O}, y.options().dtype(torch::kFloat32));
-    gather_impl(x32.data_ptr<float>(), T, D, a.data_ptr<float>(), bt.data_ptr<float>(), r, N, sel, w, k, acc.data_ptr<float>(), O);
-    y.add_(acc);
+  } else {  // bfloat16: base output widened, deltas added in float32, one rounding back
+    std::vector<float> acc(T * O);
+    c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, T * O, 8192, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) acc[i] = static_cast<float>(yp[i]);
+    });
+    gather_impl(x32.data_ptr<float>(), T, D, a.data_ptr<float>(), bt.data_ptr<float>(), r, N, sel, w, k, acc.data(), O);
+    at::parallel_for(0, T * O, 8192, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) yp[i] = c10::BFloat16(acc[i]);
+    });
   }
 }
 

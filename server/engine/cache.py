@@ -23,7 +23,7 @@ class SlotKVCache(Cache):
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._rows = slice(0, 0)
-        self._write_index: torch.Tensor | None = None  # [b, H, q, Dh] target positions
+        self._write_index: tuple | None = None  # (row [b, q], position [b, q]) of every query token
         self._span = 0
 
     @staticmethod
@@ -34,15 +34,15 @@ class SlotKVCache(Cache):
         """Set up the next forward: rows are slots [first_slot, first_slot + b); positions [b, q] where
         each query token's K/V goes; attention will read positions [0, span)."""
         b, q = positions.shape
-        H, Dh = self.k[0].shape[1], self.k[0].shape[3]
         self._rows = slice(first_slot, first_slot + b)
-        self._write_index = positions.view(b, 1, q, 1).expand(b, H, q, Dh)
+        self._write_index = (torch.arange(b, device=positions.device)[:, None].expand(b, q), positions)
         self._span = span
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         k, v = self.k[layer_idx][self._rows], self.v[layer_idx][self._rows]
-        k.scatter_(2, self._write_index, key_states.to(k.dtype))
-        v.scatter_(2, self._write_index, value_states.to(v.dtype))
+        # index_put_ on the [b, P, H, Dh] view: one copy per token (scatter_ is ~50x slower for bfloat16 on CPU)
+        k.transpose(1, 2).index_put_(self._write_index, key_states.transpose(1, 2).to(k.dtype))
+        v.transpose(1, 2).index_put_(self._write_index, value_states.transpose(1, 2).to(v.dtype))
         return k[:, :, : self._span], v[:, :, : self._span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
