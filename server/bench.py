@@ -115,6 +115,7 @@ def gemm_floor(model, batch: int, repeats: int = 5) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--markdown", help="write the README's tables here")
     ap.add_argument("--base", default=remix.DEFAULT_BASE)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -194,7 +195,27 @@ def main(argv=None) -> dict:
            "results": results, "ratios": ratios, "goals": goals}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(out))
     return out
+
+
+def markdown(out: dict) -> str:
+    """The README's tables: tokens/s per contender and concurrency, decode step against its GEMM floor, the ratios."""
+    names = [("hf_generate", "HF generate"), ("hf_loop", "HF + per-expert loop adapter"), ("engine_base", "engine, base"),
+             ("engine_remix", "engine, 1 ReMix adapter"), ("engine_4adapters", "engine, 4 adapters mixed")]
+    present = [(k, label) for k, label in names if any(k in row for row in out["results"].values())]
+    lines = ["| concurrency | " + " | ".join(label for _, label in present) + " | decode step (1 adapter) | its GEMMs alone |",
+             "|" + "---|" * (len(present) + 3)]
+    for c, row in out["results"].items():
+        cells = [f"{row[k]['tokens_per_s']:.1f}" if k in row else "–" for k, _ in present]
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {row['engine_remix']['decode_step_ms']:.0f} ms | "
+                     f"{row['gemm_floor_ms']:.0f} ms |")
+    lines += ["", "| ratio | value | goal |", "|---|---|---|"]
+    for name, value in out["ratios"].items():
+        g = out["goals"].get(name)
+        lines.append(f"| {name} | {value:.2f} | " + (f"{g['goal']} ({'met' if g['met'] else 'not met'})" if g else "") + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

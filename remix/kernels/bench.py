@@ -146,6 +146,7 @@ def bench_shape(d_in: int, d_out: int, T: int, n: int, k: int, r: int, adapters:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--markdown", help="write the README's table to this file")
     parser.add_argument("--tokens", default="1,32,512", help="comma-separated T values")
     parser.add_argument("--n", type=int, default=8, help="LoRAs per pool")
     parser.add_argument("--k", type=int, default=2, help="LoRAs per token")
@@ -193,7 +194,27 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(out, args.adapters))
     return out
+
+
+def markdown(out: dict, adapters: int) -> str:
+    """The README's table: times per module in µs and the ratios with their goals."""
+    lines = [f"| shape | T | base GEMM | ReMix module | torch path | serving, 1 adapter | serving, {adapters} adapters | "
+             "MixLoRA loop | reference loop | dense rank-kr delta | overhead_over_base | fast_over_dense_kr | "
+             "loop_over_fast (deltas) |", "|" + "---|" * 13]
+    for res in out["results"]:
+        t, q = res["times_us"], res["ratios"]
+        lines.append(
+            f"| {res['d_in']}→{res['d_out']} | {res['T']} | {t['base']:.0f} | {t['remix']:.0f} | {t['remix_torch']:.0f} | "
+            f"{t['stacked_1']:.0f} | {t[f'stacked_{adapters}']:.0f} | {t['mixlora_loop']:.0f} | {t['reference']:.0f} | "
+            f"{t['dense_kr_delta']:.1f} | {q['overhead_over_base']:+.2f} | {q['fast_over_dense_kr']:.2f} | "
+            f"{q['loop_over_fast']:.1f} ({q['loop_delta_over_fast_delta']:.1f}) |")
+    met = [k for k, g in out["goals"].items() if g["met"]]
+    lines += ["", f"Goals met: {len(met)} of {len(out['goals'])}" + (f" ({', '.join(met)})" if met else "") + "."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end (tiny settings) and their ratios come from what they measured."""
+
+import json
+import math
+
+from remix.kernels import bench as kernel_bench
+from server import bench as server_bench
+
+
+def test_kernel_bench_writes_times_ratios_and_table(tmp_path):
+    out = kernel_bench.main(["--tokens", "1", "--min-time", "0.005", "--adapters", "2", "--json", str(tmp_path / "k.json"),
+                             "--markdown", str(tmp_path / "k.md")])
+    saved = json.loads((tmp_path / "k.json").read_text())
+    assert len(saved["results"]) == 2  # both FFN shapes
+    for res in saved["results"]:
+        t, q = res["times_us"], res["ratios"]
+        assert all(v > 0 and math.isfinite(v) for k, v in t.items() if k != "remix_delta")
+        assert math.isclose(q["overhead_over_base"], t["remix"] / t["base"] - 1)
+        assert math.isclose(q["torch_over_compiled"], t["remix_torch"] / t["remix"])
+    assert out["goals"] == {}  # no goal is set at T = 1
+    assert (tmp_path / "k.md").read_text().count("\n| 576→1536 | 1 |") == 1
+
+
+def test_server_bench_runs_every_contender_on_the_tiny_model(tmp_path):
+    out = server_bench.main(["--base", "tiny", "--concurrency", "1,2", "--prompt-tokens", "8", "--new-tokens", "4",
+                             "--json", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md")])
+    for c in (1, 2):
+        row = out["results"][c]
+        assert {"hf_generate", "hf_loop", "engine_base", "engine_remix", "engine_4adapters"} <= set(row)
+        assert row["gemm_floor_ms"] > 0
+    r = out["results"][2]
+    assert math.isclose(out["ratios"]["engine_remix_over_hf_generate@2"],
+                        r["engine_remix"]["tokens_per_s"] / r["hf_generate"]["tokens_per_s"])
+    assert "engine_remix_over_hf_generate@2" in out["goals"]  # the goal is judged at the top concurrency
+    assert "| 2 |" in (tmp_path / "s.md").read_text()
