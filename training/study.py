@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-SCALES = {  # steps, batch size, eval size, device; long_steps: the one long softmax-top-k run of (a)
+SCALES = {  # steps, batch size, eval size, device; long_steps: the long runs (softmax-top-k for (a), and ReMix)
     "cpu": {"steps": 60, "batch_size": 4, "eval_size": 48, "device": "cpu", "train_size": 1000, "long_steps": 300},
     "gpu": {"steps": 600, "batch_size": 16, "eval_size": 300, "device": "cuda", "train_size": 10000, "long_steps": 3000},
 }
@@ -37,14 +37,17 @@ CONFIGS = {  # name -> (group, flags). Active parameters per token and module: R
     "remix_m8": ("c", ["--router", "remix", "--n", "8", "--k", "2", "--r", "8", "--samples", "8"]),
 }
 K_OF = {"remix_k1": 1, "remix_k4": 4}  # ReMix's ESS is k by construction
-LONG = ("softmax_topk_long", ["--router", "softmax-topk", "--n", "8", "--k", "2", "--r", "8"])  # seed 0 only
-ACTIVE_RANK = {"softmax_topk_long": 16, "remix": 16, "lora_r8": 8, "lora_r16": 16, "softmax_topk": 16, "softmax_topk_lb": 16, "dense": 64,
+LONG = {  # seed 0 only, long_steps each: the ESS curve of (a) and a head-to-head past the undertrained regime
+    "softmax_topk_long": ["--router", "softmax-topk", "--n", "8", "--k", "2", "--r", "8"],
+    "remix_long": CONFIGS["remix"][1],
+}
+ACTIVE_RANK = {"softmax_topk_long": 16, "remix_long": 16, "remix": 16, "lora_r8": 8, "lora_r16": 16, "softmax_topk": 16, "softmax_topk_lb": 16, "dense": 64,
                "remix_k1": 8, "remix_k4": 32, "remix_m2": 16, "remix_m8": 16}
 
 
 def run_all(out: Path, scale: dict, seeds: list[int], only: list[str]) -> None:
     jobs = [(seed, name, flags) for seed in seeds for name, (_, flags) in CONFIGS.items()]
-    jobs.append((seeds[0], LONG[0], LONG[1] + ["--steps", str(scale["long_steps"])]))
+    jobs += [(seeds[0], name, flags + ["--steps", str(scale["long_steps"])]) for name, flags in LONG.items()]
     for seed, name, flags in jobs:  # every configuration once before any is repeated, so a cut-short study still covers all
         if only and name not in only:
             continue
@@ -120,7 +123,7 @@ def ess_plot(out: Path, report: Path) -> Path:
             values = [e for _, e, _ in run["curve"] if e is not None]
             ax.plot(steps, values, color={"softmax_topk": "C0", "softmax_topk_lb": "C1", "dense": "C2"}[name],
                     alpha=0.8, label=label if i == 0 else None)
-    for run in load(out, LONG[0]):
+    for run in load(out, "softmax_topk_long"):
         steps = [s for s, e, _ in run["curve"] if e is not None]
         ax.plot(steps, [e for _, e, _ in run["curve"] if e is not None], color="C0", linestyle="--", alpha=0.8,
                 label=f"softmax-top-k, {len(steps)} steps")
@@ -173,12 +176,12 @@ def main(argv=None) -> int:
     report.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         run_all(out, SCALES[args.scale], [int(s) for s in args.seeds.split(",")], [s for s in args.only.split(",") if s])
-    ab = [n for n, (g, _) in CONFIGS.items() if g == "ab"] + [LONG[0]]
+    ab = [n for n, (g, _) in CONFIGS.items() if g == "ab"] + list(LONG)
     c = ["remix_k1", "remix", "remix_k4", "remix_m2", "remix_m8"]
     lines = ["## (b) ReMix against the baselines", "", *table(out, ab), "", "## (c) ReMix: k and M", "", *table(out, c), ""]
     (report / "tables.md").write_text("\n".join(lines))
     ess_plot(out, report)
-    em_plot(out, report, ab[:-1], "exact_match_baselines.png", "held-out exact match, 3 seeds (dots)")
+    em_plot(out, report, ab[: -len(LONG)], "exact_match_baselines.png", "held-out exact match, 3 seeds (dots)")
     em_plot(out, report, c, "exact_match_k_and_m.png", "ReMix: k in {1,2,4} (M = 4), M in {2,4,8} (k = 2)")
     print("\n".join(lines))
     return 0
