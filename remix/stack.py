@@ -36,8 +36,8 @@ from remix.kernels import cpu_ext, flatten_a, flatten_b_t, scale_chunks, selecti
 class SlotWeights:
     """One adapter's pool on one module, laid out for the grouped kernel."""
 
-    pa: torch.Tensor  # [n + n*r, D]: router rows, then each LoRA's A rows
-    b_flat_t: torch.Tensor  # [n*r, O]
+    pa: torch.Tensor | None  # [n + n*r, D]: router rows, then each LoRA's A rows (torch path; built on first use)
+    b_flat_t: torch.Tensor | None  # [n*r, O]
     n: int
     k: int
     omega: float
@@ -79,22 +79,21 @@ class PoolStack:
         self.slots: dict[int, SlotWeights] = {}
         self.fused: FusedPools | None = None
         self.cpu: CpuPools | None = None
-        self._raw: dict[int, tuple] = {}
+        self._raw: dict[int, tuple] = {}  # slot -> (A, B, router, model dtype) as given
+        self._torch_ready = False
 
     def add(self, slot: int, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor, k: int, omega: float,
             dtype: torch.dtype | None = None) -> None:
         """A [n, r, D], B [n, O, r], router [n, D]; ``dtype``: the model's (default A's), for the torch path.
 
         Pass the pools in float32 even for a lower-precision model: the compiled CPU path keeps them in
-        float32 (routing and the delta in full precision), the torch path converts its own copy.
+        float32 (routing and the delta in full precision), the torch path converts its own copy. The
+        torch path's layouts are built on first use, so a CPU serving through the compiled kernel holds
+        only the adapter's tensors and one stacked float32 copy.
         """
-        n, dtype = A.shape[0], dtype or A.dtype
-        pa = torch.cat([router.to(dtype), flatten_a(A).to(dtype)], 0).contiguous()
-        self.slots[slot] = SlotWeights(
-            pa, flatten_b_t(B).to(dtype).contiguous(), n, k, omega, torch.zeros(n, dtype=torch.int64, device=A.device),
-            router.float().contiguous() if dtype != torch.float32 else None,
-        )
-        self._raw[slot] = (A, B, router)
+        n = A.shape[0]
+        self.slots[slot] = SlotWeights(None, None, n, k, omega, torch.zeros(n, dtype=torch.int64, device=A.device))
+        self._raw[slot] = (A, B, router, dtype or A.dtype)
         self._rebuild()
 
     def remove(self, slot: int) -> None:
@@ -104,21 +103,32 @@ class PoolStack:
 
     def _rebuild(self) -> None:
         self._rebuild_cpu()
-        if len(self._raw) < 2 or any(w.router32 is not None for w in self.slots.values()):
-            self.fused = None  # one adapter: its own path is faster; low precision: route in float32 per slot
+        self.fused, self._torch_ready = None, False
+
+    def ensure_torch(self) -> None:
+        """Build the torch path's layouts (per slot, and the fused stack of a mixed batch) if they are stale."""
+        if self._torch_ready:
             return
+        for s, (A, B, router, dtype) in self._raw.items():
+            w = self.slots[s]
+            w.pa = torch.cat([router.to(dtype), flatten_a(A).to(dtype)], 0).contiguous()
+            w.b_flat_t = flatten_b_t(B).to(dtype).contiguous()
+            w.router32 = router.float().contiguous() if dtype != torch.float32 else None
+        self._torch_ready = True
+        if len(self._raw) < 2 or any(w.router32 is not None for w in self.slots.values()):
+            return  # one adapter: its own path is faster; low precision: route in float32 per slot
         ids = sorted(self._raw)
         r_max = max(self._raw[s][0].shape[1] for s in ids)
         routers, As, Bs, offsets = [], [], [], {}
         total = 0
         for s in ids:
-            A, B, router = self._raw[s]
+            A, B, router, dtype = self._raw[s]
             n, r = A.shape[0], A.shape[1]
             offsets[s] = total
             total += n
-            routers.append(router.to(A.dtype))
-            As.append(torch.nn.functional.pad(A, (0, 0, 0, r_max - r)))  # [n, r_max, D]
-            Bs.append(torch.nn.functional.pad(B, (0, r_max - r)))  # [n, O, r_max]
+            routers.append(router.to(dtype))
+            As.append(F.pad(A.to(dtype), (0, 0, 0, r_max - r)))  # [n, r_max, D]
+            Bs.append(F.pad(B.to(dtype), (0, r_max - r)))  # [n, O, r_max]
         device = As[0].device
         size = max(ids) + 1
         table = lambda f: torch.tensor([f(s) if s in self.slots else 0 for s in range(size)], device=device)  # noqa: E731
@@ -132,7 +142,6 @@ class PoolStack:
                                     dtype=torch.float32, device=device),
         )
 
-
     def _rebuild_cpu(self) -> None:
         self.cpu = None
         if not self._raw or next(iter(self._raw.values()))[0].device.type != "cpu" or cpu_ext.load() is None:
@@ -141,7 +150,7 @@ class PoolStack:
         r_max = max(self._raw[s][0].shape[1] for s in ids)
         routers, As, Bs, off, total = [], [], [], {}, 0
         for s in ids:
-            A, B, router = self._raw[s]
+            A, B, router, _ = self._raw[s]
             off[s], total = total, total + A.shape[0]
             routers.append(router.float())
             As.append(F.pad(A.float(), (0, 0, 0, r_max - A.shape[1])))
@@ -205,6 +214,7 @@ def stacked_forward(
         return y
     if stack.cpu is not None and (ext := cpu_ext.for_input(x)) is not None:
         return _cpu_forward(ext, x, y, stack, ctx, name)
+    stack.ensure_torch()
     mixed = len(ctx.groups) > 1 or any(rows is not None for rows in ctx.groups.values())
     if mixed and stack.fused is not None and x.shape[0] <= FUSED_MAX_TOKENS:
         return _fused_forward(x, y, stack, ctx, name)

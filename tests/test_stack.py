@@ -86,6 +86,7 @@ def test_fused_and_compiled_paths_equal_per_slot_path():
     from remix.kernels import cpu_ext
 
     base, singles, stacked = make()
+    stacked.stack.ensure_torch()
     assert stacked.stack.fused is not None and stacked.stack.fused.num_loras == 8 + 4 + 6
     T = 30
     x = torch.randn(T, 32)
