@@ -60,6 +60,30 @@ def test_inference_fast_path_equals_generic_path_and_follows_updates():
         torch.testing.assert_close(layer(x), layer.base(x) + 2 * (fast - layer.base(x)), atol=1e-5, rtol=1e-5)
 
 
+def test_every_inference_path_agrees():
+    """The compiled kernel, the torch-ops path and the autograd path give the same outputs and selections,
+    also for a bfloat16 model (where the kernel keeps routing and the delta in float32)."""
+    from remix.kernels import cpu_ext
+
+    layer = layer_with_weights(n=8, k=3, r=4, d_in=40, d_out=36).eval()
+    x = torch.randn(5, 9, 40)
+    with torch.no_grad():
+        fast = layer(x)
+        fast_idx = layer.last_idx
+        with cpu_ext.disabled():
+            torch_path = layer(x)
+        assert torch.equal(layer.last_idx, fast_idx)
+    generic = layer(x)
+    torch.testing.assert_close(fast, torch_path, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, generic.detach(), atol=1e-5, rtol=1e-5)
+    if cpu_ext.available():
+        layer.to(torch.bfloat16)
+        with torch.no_grad():
+            low = layer(x.to(torch.bfloat16))
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), fast, atol=0.15, rtol=0.05)
+
+
 def test_training_samples_per_token_and_keeps_log_q():
     layer = layer_with_weights().train()
     x = torch.randn(4, 9, 16)

@@ -1,4 +1,12 @@
-"""Per-token LoRA gather kernels: a plain reference and the fast path the layers use."""
+"""Per-token LoRA gather kernels.
+
+* :func:`lora_gather_reference` (reference.py): the contract as a plain loop; every other path is tested against it.
+* :mod:`remix.kernels.cpu_ext`: the compiled CPU kernels the layers use at inference (``route_gather_``: top-k
+  routing and the gather of only the selected LoRAs, any mix of adapters, float32 or bfloat16 activations;
+  ``gather_``: the contract with given ids and weights).
+* torch_ops.py: the same maths in torch ops (``lora_gather`` is differentiable and serves training; the
+  ``topk_masked_u*`` helpers serve inference on CUDA or where no compiler is available).
+"""
 
 from remix.kernels.cpu_alloc import tune_cpu_allocator
 from remix.kernels.reference import lora_gather_reference
