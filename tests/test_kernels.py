@@ -241,3 +241,22 @@ def test_compiled_kernels_build_where_a_compiler_exists():
     if shutil.which("c++") is None or os.environ.get("REMIX_DISABLE_EXT", "") not in ("", "0"):
         pytest.skip("no C++ compiler here, or the kernels are disabled")
     assert cpu_ext.load() is not None
+
+
+def test_compiled_bfloat16_output_rounds_like_torch():
+    """bfloat16 y: widened, the float32 delta added, one round-to-nearest-even back (ties, inf and NaN included)."""
+    ext = _compiled()
+    g = torch.Generator().manual_seed(11)
+    T, D, O = 64, 16, 48
+    x = torch.zeros(T, D)
+    x[:, 0] = 1.0
+    a = torch.zeros(1, D)
+    a[0, 0] = 1.0  # u = x[:, 0] = 1
+    delta = torch.randint(-4096, 4096, (O,), generator=g).float() / 4096  # exact in float32
+    bt = delta[None, :].clone()
+    y = torch.randn(T, O, generator=g).to(torch.bfloat16)
+    y[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    want = (y.float() + delta).to(torch.bfloat16)
+    got = ext.gather_(x.to(torch.bfloat16), y.clone(), a, bt, torch.zeros(T, 1, dtype=torch.int64), torch.ones(T, 1), 1)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
