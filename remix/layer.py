@@ -82,8 +82,9 @@ class MixtureOfLoRAsLinear(nn.Module):
         return y.view(*shape, self.out_features)
 
     def _record(self, idx: torch.Tensor, weight: torch.Tensor | float) -> None:
-        self.last_idx = idx.detach()
-        self.last_weights = weight.detach() if torch.is_tensor(weight) else None
+        # plain attributes: writing __dict__ skips nn.Module.__setattr__'s parameter/buffer checks (~8 us per call)
+        self.__dict__["last_idx"] = idx.detach()
+        self.__dict__["last_weights"] = weight.detach() if torch.is_tensor(weight) else None
         if self.record:
             valid = idx[idx >= 0]
             self.usage += torch.bincount(valid.flatten(), minlength=self.n)
@@ -146,7 +147,9 @@ class ReMixLinear(MixtureOfLoRAsLinear):
 
     def _inference_weights(self) -> tuple:
         """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O] and [P; A_flat], rebuilt only when the parameters change."""
-        key = tuple((p.data_ptr(), p._version) for p in (self.router, self.lora_A, self.lora_B))
+        params = self._parameters
+        P, A, B = params["router"], params["lora_A"], params["lora_B"]
+        key = (P.data_ptr(), P._version, A.data_ptr(), A._version, B.data_ptr(), B._version)
         if self._eval_cache is None or self._eval_cache[0] != key:
             router = self.router.detach().float().contiguous()
             a = flatten_a(self.lora_A.detach()).float().contiguous()
@@ -163,7 +166,7 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         router, a, bt, _, tables = self._inference_weights()
         y = self.base(x2).contiguous()
         idx = ext.route_gather_(x2, y, router, a, bt, _NO_SLOTS, *tables, self.r, self.k, _NO_SLOTS)
-        self.last_log_q = None
+        self.__dict__["last_log_q"] = None
         self._record(idx, self.omega)
         return y.view(*shape, self.out_features)
 

@@ -28,6 +28,8 @@ import os
 import platform
 import threading
 
+import torch
+
 log = logging.getLogger(__name__)
 
 SOURCE = r"""
@@ -386,11 +388,15 @@ def disabled():
 
 
 def for_input(x) -> object | None:
-    """The compiled kernels when they apply to ``x`` (a CPU float32/bfloat16 tensor, no autograd needed), else None."""
-    import torch
+    """The compiled kernels when they apply to ``x`` (a CPU float32/bfloat16 tensor, no autograd needed), else None.
 
-    if getattr(_off, "on", False) or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    On every module call of a forward, so kept to a few attribute reads.
+    """
+    if not x.is_cpu or x.dtype not in _DTYPES or getattr(_off, "on", False) or (x.requires_grad and torch.is_grad_enabled()):
         return None
-    if torch.is_grad_enabled() and x.requires_grad:
-        return None
-    return load()
+    module = _state.get("module", _MISSING)
+    return load() if module is _MISSING else module
+
+
+_MISSING = object()
+_DTYPES = (torch.float32, torch.bfloat16)
