@@ -119,6 +119,15 @@ constexpr int TB = 4;  // tokens per register block
 
 void gather_impl(const float* X, int64_t T, int64_t D, const float* a, const float* bt, int64_t r, int64_t N,
                  const int64_t* sel, const float* w, int64_t k, float* Y, int64_t O) {
+  const int64_t pool = at::get_num_threads();
+  if (T >= 64 && pool > 1 && !at::in_parallel_region()) {
+    // large batches: each thread takes a contiguous share of the tokens and runs both phases on it alone (the
+    // pools fit every core's L2; no barrier between the phases). Nested parallel_for calls below run inline.
+    at::parallel_for(0, T, (T + pool - 1) / pool, [&](int64_t t0, int64_t t1) {
+      gather_impl(X + t0 * D, t1 - t0, D, a, bt, r, N, sel + t0 * k, w + t0 * k, k, Y + t0 * O, O);
+    });
+    return;
+  }
   std::vector<int64_t> start(N + 1, 0), order;  // counting sort of the (token, j) pairs by LoRA id
   for (int64_t e = 0; e < T * k; ++e) if (sel[e] >= 0 && w[e] != 0.f) ++start[sel[e] + 1];
   for (int64_t i = 0; i < N; ++i) start[i + 1] += start[i];
