@@ -338,6 +338,7 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
 _lock = threading.Lock()
 _state: dict = {}
 FUNCTIONS = ["gather_", "route_gather_"]
+FLAG_SETS = [["-march=native", "-fopenmp"], ["-fopenmp"], []]  # without OpenMP, torch's parallel_for runs serially
 
 
 def _cpu_tag() -> str:
@@ -365,15 +366,22 @@ def load():
         if os.environ.get("REMIX_DISABLE_EXT", "") not in ("", "0"):
             log.info("REMIX_DISABLE_EXT is set: using the torch-ops path")
         else:
-            try:
-                from torch.utils.cpp_extension import load_inline
+            from torch.utils.cpp_extension import load_inline
 
-                module = load_inline(
-                    f"remix_cpu_ops_v3_{_cpu_tag()}", cpp_sources=[SOURCE], functions=FUNCTIONS,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                )
-            except Exception as e:  # no compiler, no ninja, read-only cache...: fall back, loudly
-                log.warning("could not build the C++ kernels (%s); using torch ops, which are slower on CPU", e)
+            errors = []
+            for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
+                try:
+                    module = load_inline(
+                        f"remix_cpu_ops_v3_{_cpu_tag()}_{i}", cpp_sources=[SOURCE], functions=FUNCTIONS,
+                        extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
+                    )
+                    if i:
+                        log.warning("built the C++ kernels without %s (%s)", FLAG_SETS[0], errors[0])
+                    break
+                except Exception as e:  # no compiler, no ninja, no OpenMP, read-only cache...: try less, then fall back
+                    errors.append(str(e).splitlines()[0][:300])
+            else:
+                log.warning("could not build the C++ kernels (%s); using torch ops, which are slower on CPU", errors[-1])
         _state["module"] = module
         return module
 
