@@ -119,7 +119,7 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         self.sample: bool | None = None  # None: sample in training mode, top-k in eval mode
         self.noise = None  # optional callable(rows) -> uniform [rows, n]: the trainer's split-invariant draws
         self.last_log_q: torch.Tensor | None = None
-        self._eval_cache: tuple | None = None
+        self._eval_cache: dict | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         sample = self.training if self.sample is None else self.sample
@@ -145,27 +145,28 @@ class ReMixLinear(MixtureOfLoRAsLinear):
             self.last_log_q = self.last_log_q.view(x.shape[:-1])
         return y
 
-    def _inference_weights(self) -> tuple:
-        """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O] and [P; A_flat], rebuilt only when the parameters change."""
+    def _inference_weights(self) -> dict:
+        """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O] and the kernel's one-slot tables, rebuilt only when
+        the parameters change; the torch path adds its [P; A_flat] on first use."""
         params = self._parameters
         P, A, B = params["router"], params["lora_A"], params["lora_B"]
         key = (P.data_ptr(), P._version, A.data_ptr(), A._version, B.data_ptr(), B._version)
-        if self._eval_cache is None or self._eval_cache[0] != key:
-            router = self.router.detach().float().contiguous()
-            a = flatten_a(self.lora_A.detach()).float().contiguous()
-            bt = flatten_b_t(self.lora_B.detach()).float().contiguous()
-            tables = (torch.zeros(1, dtype=torch.int64), torch.tensor([self.n]), torch.tensor([self.k]),
-                      torch.tensor([self.omega], dtype=torch.float32))
-            self._eval_cache = (key, router, a, bt, torch.cat([router, a], 0), tables)
-        return self._eval_cache[1:]
+        if self._eval_cache is None or self._eval_cache["key"] != key:
+            self._eval_cache = {
+                "key": key, "router": P.detach().float().contiguous(), "a": flatten_a(A.detach()).float().contiguous(),
+                "bt": flatten_b_t(B.detach()).float().contiguous(),
+                "tables": (torch.zeros(1, dtype=torch.int64), torch.tensor([self.n]), torch.tensor([self.k]),
+                           torch.tensor([self.omega], dtype=torch.float32)),
+            }
+        return self._eval_cache
 
     def _forward_cpu(self, ext, x: torch.Tensor) -> torch.Tensor:
         """Top-k routing and the gather of the selected LoRAs only, in the compiled CPU kernel."""
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
-        router, a, bt, _, tables = self._inference_weights()
+        w = self._inference_weights()
         y = self.base(x2).contiguous()
-        idx = ext.route_gather_(x2, y, router, a, bt, _NO_SLOTS, *tables, self.r, self.k, _NO_SLOTS)
+        idx = ext.route_gather_(x2, y, w["router"], w["a"], w["bt"], cpu_ext.NONE, *w["tables"], self.r, self.k, cpu_ext.NONE)
         self.__dict__["last_log_q"] = None
         self._record(idx, self.omega)
         return y.view(*shape, self.out_features)
@@ -174,16 +175,15 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         """Torch-ops path: the router and every A in one GEMM, mask to the top-k, one GEMM over every B."""
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        _, _, b_flat_t, pa, _ = self._inference_weights()
-        pu = F.linear(x2, pa)  # [T, n + n*r]: router logits, then every pool's A x
+        w = self._inference_weights()
+        if "pa" not in w:
+            w["pa"] = torch.cat([w["router"], w["a"]], 0)
+        pu = F.linear(x2, w["pa"])  # [T, n + n*r]: router logits, then every pool's A x
         um, idx = topk_masked_u(pu, self.n, self.k, self.omega)  # [T, n*r] selected chunks scaled by ω
         self.last_log_q = None
         self._record(idx, self.omega)
-        y = torch.addmm(self.base(x2), um, b_flat_t)
+        y = torch.addmm(self.base(x2), um, w["bt"])
         return y.view(*shape, self.out_features)
-
-
-_NO_SLOTS = torch.empty(0, dtype=torch.int64)  # "every token is slot 0" / "no counts" for the compiled kernel
 
 
 class SoftmaxTopkLinear(MixtureOfLoRAsLinear):

@@ -15,7 +15,7 @@ and counts the selections into preallocated per-slot buffers (one bincount, no P
 tokens). A token's result depends only on its own row and its adapter, never on its batch-mates.
 
 On a CPU with the compiled kernels (:mod:`remix.kernels.cpu_ext`) every slot's pool is also kept in
-one float32 stack (:class:`CpuPools`: global LoRA ids, ranks zero-padded to the largest) and the whole
+one float32 stack (:class:`StackedPools`: global LoRA ids, ranks zero-padded to the largest) and the whole
 step, whatever its mix of adapters, is one call that routes each token within its adapter's pool and
 adds only the selected LoRAs, counting selections as it goes.
 """
@@ -46,30 +46,25 @@ class SlotWeights:
 
 
 @dataclass
-class FusedPools:
-    """Every slot's pool in one stack (global LoRA ids, ranks zero-padded to the largest), for mixed batches."""
+class StackedPools:
+    """Every slot's pool in one stack: global LoRA ids, ranks zero-padded to the largest (r).
 
-    pa: torch.Tensor  # [N + N*r_max, D]: all routers, then all A rows
-    b_flat_t: torch.Tensor  # [N*r_max, O]
-    num_loras: int
-    kmax: int
-    slot_off: torch.Tensor  # [S] by slot id (S = largest id + 1)
-    slot_n: torch.Tensor  # [S] (0 for ids without an adapter)
-    slot_k: torch.Tensor
-    slot_omega: torch.Tensor
-
-
-@dataclass
-class CpuPools:
-    """Every slot's pool in float32 for the compiled CPU kernel (global ids, ranks padded to r_max)."""
+    Two users: the compiled CPU kernel (float32, any batch; ``counts`` is the storage every slot's
+    ``counts`` views) and the torch path's mixed small batches (model dtype; ``pa`` = [router; a]).
+    """
 
     router: torch.Tensor  # [N, D]
-    a: torch.Tensor  # [N*r_max, D]
-    bt: torch.Tensor  # [N*r_max, O]
+    a: torch.Tensor  # [N*r, D]
+    bt: torch.Tensor  # [N*r, O]
     r: int
     kmax: int
-    tables: tuple  # (slot_off, slot_n, slot_k: int64 [S], slot_omega: float32 [S]), indexed by slot id
-    counts: torch.Tensor  # [N] int64; every slot's ``counts`` is a view into it
+    tables: tuple  # (slot_off, slot_n, slot_k: int64 [S], slot_omega: float32 [S]) by slot id; n = 0 where no adapter
+    counts: torch.Tensor | None = None
+    pa: torch.Tensor | None = None
+
+    @property
+    def num_loras(self) -> int:
+        return self.router.shape[0]
 
 
 class PoolStack:
@@ -77,8 +72,8 @@ class PoolStack:
 
     def __init__(self) -> None:
         self.slots: dict[int, SlotWeights] = {}
-        self.fused: FusedPools | None = None
-        self.cpu: CpuPools | None = None
+        self.fused: StackedPools | None = None  # torch path, mixed small batches
+        self.cpu: StackedPools | None = None  # compiled CPU kernel
         self._raw: dict[int, tuple] = {}  # slot -> (A, B, router, model dtype) as given
         self._torch_ready = False
 
@@ -117,56 +112,40 @@ class PoolStack:
         self._torch_ready = True
         if len(self._raw) < 2 or any(w.router32 is not None for w in self.slots.values()):
             return  # one adapter: its own path is faster; low precision: route in float32 per slot
-        ids = sorted(self._raw)
-        r_max = max(self._raw[s][0].shape[1] for s in ids)
-        routers, As, Bs, offsets = [], [], [], {}
-        total = 0
-        for s in ids:
-            A, B, router, dtype = self._raw[s]
-            n, r = A.shape[0], A.shape[1]
-            offsets[s] = total
-            total += n
-            routers.append(router.to(dtype))
-            As.append(F.pad(A.to(dtype), (0, 0, 0, r_max - r)))  # [n, r_max, D]
-            Bs.append(F.pad(B.to(dtype), (0, r_max - r)))  # [n, O, r_max]
-        device = As[0].device
-        size = max(ids) + 1
-        table = lambda f: torch.tensor([f(s) if s in self.slots else 0 for s in range(size)], device=device)  # noqa: E731
-        self.fused = FusedPools(
-            pa=torch.cat(routers + [flatten_a(torch.cat(As))], 0).contiguous(),
-            b_flat_t=flatten_b_t(torch.cat(Bs)).contiguous(), num_loras=total,
-            kmax=max(self.slots[s].k for s in ids),
-            slot_off=table(lambda s: offsets[s]), slot_n=table(lambda s: self.slots[s].n),
-            slot_k=table(lambda s: self.slots[s].k),
-            slot_omega=torch.tensor([self.slots[s].omega if s in self.slots else 0.0 for s in range(size)],
-                                    dtype=torch.float32, device=device),
-        )
+        self.fused = self._stack_all(next(iter(self._raw.values()))[3])
+        self.fused.pa = torch.cat([self.fused.router, self.fused.a], 0).contiguous()
 
     def _rebuild_cpu(self) -> None:
         self.cpu = None
         if not self._raw or next(iter(self._raw.values()))[0].device.type != "cpu" or cpu_ext.load() is None:
             return
+        self.cpu = self._stack_all(torch.float32)
+        counts = torch.cat([self.slots[s].counts for s in sorted(self._raw)])  # keep what was counted so far
+        off = self.cpu.tables[0]
+        for s, w in self.slots.items():
+            w.counts = counts[int(off[s]) : int(off[s]) + w.n]
+        self.cpu.counts = counts
+
+    def _stack_all(self, dtype: torch.dtype) -> StackedPools:
+        """Every slot's pool in ``dtype``, stacked by ascending slot id, ranks padded to the largest."""
         ids = sorted(self._raw)
         r_max = max(self._raw[s][0].shape[1] for s in ids)
         routers, As, Bs, off, total = [], [], [], {}, 0
         for s in ids:
             A, B, router, _ = self._raw[s]
             off[s], total = total, total + A.shape[0]
-            routers.append(router.float())
-            As.append(F.pad(A.float(), (0, 0, 0, r_max - A.shape[1])))
-            Bs.append(F.pad(B.float(), (0, r_max - B.shape[2])))
-        counts = torch.cat([self.slots[s].counts for s in ids])  # keep what was counted so far
-        for s in ids:
-            self.slots[s].counts = counts[off[s] : off[s] + self.slots[s].n]
+            routers.append(router.to(dtype))
+            As.append(F.pad(A.to(dtype), (0, 0, 0, r_max - A.shape[1])))  # [n, r_max, D]
+            Bs.append(F.pad(B.to(dtype), (0, r_max - B.shape[2])))  # [n, O, r_max]
+        device = As[0].device
         size = max(ids) + 1
-        col = lambda f, dtype=torch.int64: torch.tensor(  # noqa: E731
-            [f(self.slots[s]) if s in self.slots else 0 for s in range(size)], dtype=dtype)
-        self.cpu = CpuPools(
+        col = lambda f, kind=torch.int64: torch.tensor(  # noqa: E731
+            [f(s) if s in self.slots else 0 for s in range(size)], dtype=kind, device=device)
+        return StackedPools(
             router=torch.cat(routers).contiguous(), a=flatten_a(torch.cat(As)).contiguous(),
             bt=flatten_b_t(torch.cat(Bs)).contiguous(), r=r_max, kmax=max(self.slots[s].k for s in ids),
-            tables=(torch.tensor([off.get(s, 0) for s in range(size)]), col(lambda w: w.n), col(lambda w: w.k),
-                    col(lambda w: w.omega, torch.float32)),
-            counts=counts,
+            tables=(col(lambda s: off[s]), col(lambda s: self.slots[s].n), col(lambda s: self.slots[s].k),
+                    col(lambda s: self.slots[s].omega, torch.float32)),
         )
 
 
@@ -247,23 +226,16 @@ def _fused_forward(x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: Rout
     """A mixed batch in three ops: all pools' router+A GEMM, per-token routing within its adapter, B GEMM."""
     f = stack.fused
     pu = F.linear(x, f.pa)  # [T, N + N*r_max]
-    um, idx = topk_masked_u_multi(pu, f.num_loras, ctx.slots, f.slot_off, f.slot_n, f.slot_k, f.slot_omega, f.kmax)
-    if ctx.count or ctx.trace is not None:
-        counts = torch.bincount(idx[idx >= 0], minlength=f.num_loras) if ctx.count else None
-        for slot, rows in ctx.groups.items():
+    um, idx = topk_masked_u_multi(pu, f.num_loras, ctx.slots, *f.tables, f.kmax)
+    if ctx.count:
+        counts = torch.bincount(idx[idx >= 0], minlength=f.num_loras)
+        off = f.tables[0]
+        for slot in ctx.groups:
             w = stack.slots.get(slot)
-            if w is None:
-                continue
-            off = int(f.slot_off[slot])
-            if counts is not None:
-                w.counts += counts[off : off + w.n]
-            if ctx.trace is not None:
-                mine = idx if rows is None else idx.index_select(0, rows)
-                ctx.trace.append((name, slot, rows, mine[:, : w.k] - off))
-    return torch.addmm(y, um, f.b_flat_t)
-
-
-_NO_COUNTS = torch.empty(0, dtype=torch.int64)
+            if w is not None:
+                w.counts += counts[int(off[slot]) : int(off[slot]) + w.n]
+    _trace_global(ctx, stack, idx, f.tables[0], name)
+    return torch.addmm(y, um, f.bt)
 
 
 def _cpu_forward(ext, x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: RoutingContext, name: str) -> torch.Tensor:
@@ -271,15 +243,20 @@ def _cpu_forward(ext, x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: R
     c = stack.cpu
     y = y.contiguous()
     idx = ext.route_gather_(x.contiguous(), y, c.router, c.a, c.bt, ctx.slots, *c.tables, c.r, c.kmax,
-                            c.counts if ctx.count else _NO_COUNTS)
-    if ctx.trace is not None:
-        off = c.tables[0]
-        for slot, rows in ctx.groups.items():
-            w = stack.slots.get(slot)
-            if w is not None:
-                mine = idx if rows is None else idx.index_select(0, rows)
-                ctx.trace.append((name, slot, rows, mine[:, : w.k] - int(off[slot])))
+                            c.counts if ctx.count else cpu_ext.NONE)
+    _trace_global(ctx, stack, idx, c.tables[0], name)
     return y
+
+
+def _trace_global(ctx: RoutingContext, stack: PoolStack, idx: torch.Tensor, slot_off: torch.Tensor, name: str) -> None:
+    """Append each slot's selections (global ids turned back into its own) to the step's trace, if one is kept."""
+    if ctx.trace is None:
+        return
+    for slot, rows in ctx.groups.items():
+        w = stack.slots.get(slot)
+        if w is not None:
+            mine = idx if rows is None else idx.index_select(0, rows)
+            ctx.trace.append((name, slot, rows, mine[:, : w.k] - int(slot_off[slot])))
 
 
 class StackedLinear(torch.nn.Module):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import remix
 from remix import routing
 from remix.kernels import cpu_ext, tune_cpu_allocator
+from server.cli import DTYPES, resolve_dtype
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 TEXT = ("The history of the river valley is long and varied. Farmers, traders and travellers have passed through it "
@@ -69,9 +70,6 @@ def make_adapter(model, path: Path, seed: int) -> Path:
 def prompts_of(tokenizer, count: int, length: int) -> list[list[int]]:
     ids = tokenizer(TEXT * (length // 20 + 2)).input_ids
     return [ids[i : i + length] for i in range(count)]  # distinct prompts of exactly `length` tokens
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def bench_hf(model, prompts, new_tokens) -> float:
@@ -121,17 +119,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="weights and activations of every contender (the same for all, so ratios stay fair)")
     args = ap.parse_args(argv)
-    dtype = DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype)
     tune_cpu_allocator()
     cpu_ext.load()
     model, tok = remix.load_base(args.base)  # float32: the adapters are made (and stored) in full precision
     tmp = Path(tempfile.mkdtemp(prefix="remix-bench-"))
     adapter_paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
-    if dtype != torch.float32:
-        model, tok = remix.load_base(args.base, dtype=dtype)
+    model.to(dtype)  # the engine's copy in the benchmark's dtype (the adapters are already written)
     levels = [int(c) for c in args.concurrency.split(",")]
     max_len = args.prompt_tokens + args.new_tokens + 8
     engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,

@@ -33,3 +33,10 @@ def test_server_bench_runs_every_contender_on_the_tiny_model(tmp_path):
                         r["engine_remix"]["tokens_per_s"] / r["hf_generate"]["tokens_per_s"])
     assert "engine_remix_over_hf_generate@2" in out["goals"]  # the goal is judged at the top concurrency
     assert "| 2 |" in (tmp_path / "s.md").read_text()
+
+
+def test_server_bench_in_bfloat16_runs_every_contender_in_that_dtype():
+    out = server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "3",
+                             "--skip-hf-loop", "--dtype", "bfloat16"])
+    assert out["config"]["dtype"] == "bfloat16"
+    assert {"hf_generate", "engine_base", "engine_remix", "engine_4adapters"} <= set(out["results"][2])

@@ -38,4 +38,7 @@ def test_demo_adapter_only_joins_the_default_base(tmp_path, monkeypatch):
 def test_dtype_resolution():
     assert cli.resolve_dtype("float32") == torch.float32
     assert cli.resolve_dtype("bfloat16") == torch.bfloat16
-    assert cli.resolve_dtype("auto") in (torch.float32, torch.bfloat16)
+    from remix.kernels import cpu_ext
+
+    fast = torch.cuda.is_available() or "amx_bf16" in cpu_ext.cpu_flags()
+    assert cli.resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)

@@ -225,6 +225,11 @@ def test_compiled_kernels_reject_bad_input():
     with pytest.raises(RuntimeError, match="idx out of range"):
         ext.gather_(torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3),
                     torch.tensor([[0], [5]]), torch.ones(2, 1), 1)
+    y = torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="counts must be"):  # checked before y is touched
+        ext.route_gather_(torch.ones(2, 4), y, torch.ones(2, 4), torch.ones(2, 4), torch.ones(2, 3), none, *tables, 1, 1,
+                          torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(y, torch.ones(2, 3))
     with pytest.raises(RuntimeError, match="bad offset"):
         bad = (torch.tensor([1]), torch.tensor([2]), torch.tensor([1]), torch.tensor([1.0]))  # LoRAs 1..2 of a pool of 2
         ext.route_gather_(torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 3),

@@ -109,7 +109,6 @@ def test_fused_and_compiled_paths_equal_per_slot_path():
         for s in (0, 1, 2):
             assert torch.equal(traces[0][s], traces[i][s]), (modes[i][0], s)
             assert torch.equal(counts[0][s], counts[i][s]), (modes[i][0], s)
-    assert len(modes) == 3 or not cpu_ext.load(), "the compiled kernel should build on this machine"
 
 
 def test_counts_survive_loading_and_unloading_other_adapters():

@@ -22,6 +22,7 @@ returns None and callers use the torch-ops path (:mod:`remix.kernels.torch_ops`)
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -73,11 +73,6 @@ inline void dots(const float* x, const float* a, int64_t rows, int64_t D, float*
   for (; i < rows; ++i) dot_rows<1>(x, a + i * D, D, out + i);
 }
 
-// The gather of the kernel contract, blocked by LoRA so each weight load serves several tokens:
-//   phase A (parallel over LoRAs):         U[t, j, :] = w[t, j] * A[sel[t, j]] @ x[t]
-//   phase B (parallel over output slices): Y[t] += B[i] @ U[t, j] over t's selections, by ascending LoRA id
-// A token's arithmetic (the order of every sum) depends only on its own row and selection, never on
-// which other tokens share the call, so batch-mates cannot change its result.
 // Y[row of pair q][o0, o1) += sum_{c < CN} u_q[c] * b[c] for NB pairs of one LoRA (their sums interleaved, each
 // in the same order as alone); returns where the vector part stopped (the caller finishes a partial chunk).
 template <int CN, int NB>
@@ -117,6 +112,12 @@ inline int64_t axpy_pairs(float* Y, const float* b, int64_t O, const float* u, i
 
 constexpr int TB = 4;  // tokens per register block
 
+// The gather of the kernel contract, blocked by LoRA so each weight load serves several tokens:
+//   phase A (parallel over blocks of up to TB pairs of one LoRA): U[t, j, :] = w[t, j] * A[sel[t, j]] @ x[t]
+//   phase B (parallel over output slices): Y[t] += B[i] @ U[t, j] over t's selections, by ascending LoRA id
+// Batches of 64+ tokens are first split by tokens across threads, each running both phases on its share.
+// A token's arithmetic (the order of every sum) depends only on its own row and selection, never on
+// which other tokens share the call, so batch-mates cannot change its result.
 void gather_impl(const float* X, int64_t T, int64_t D, const float* a, const float* bt, int64_t r, int64_t N,
                  const int64_t* sel, const float* w, int64_t k, float* Y, int64_t O) {
   const int64_t pool = at::get_num_threads();
@@ -145,34 +146,31 @@ void gather_impl(const float* X, int64_t T, int64_t D, const float* a, const flo
   const int64_t n_items = static_cast<int64_t>(items.size()) / 2;
   at::parallel_for(0, n_items, 1, [&](int64_t it0, int64_t it1) {
     for (int64_t it = it0; it < it1; ++it) {
-      const int64_t i = items[2 * it];
+      const int64_t i = items[2 * it], p0 = items[2 * it + 1];
       const float* Ai = a + i * r * D;
-      {
-        const int64_t p0 = items[2 * it + 1];
-        const int64_t nb = std::min<int64_t>(TB, start[i + 1] - p0);
-        const float* xs[TB];
-        for (int q = 0; q < TB; ++q) xs[q] = X + (order[p0 + std::min<int64_t>(q, nb - 1)] / k) * D;
-        for (int64_t c0 = 0; c0 < r; c0 += 4) {
-          const int64_t cn = std::min<int64_t>(4, r - c0);
-          vf acc[TB][4];
-          for (int q = 0; q < TB; ++q) for (int c = 0; c < 4; ++c) acc[q][c] = vf{};
-          int64_t d = 0;
-          for (; d + L <= D; d += L) {
-            vf av[4];
-            for (int c = 0; c < 4; ++c) av[c] = load(Ai + (c0 + std::min<int64_t>(c, cn - 1)) * D + d);
-            for (int q = 0; q < TB; ++q) {
-              const vf xv = load(xs[q] + d);
-              for (int c = 0; c < 4; ++c) acc[q][c] += av[c] * xv;
-            }
+      const int64_t nb = std::min<int64_t>(TB, start[i + 1] - p0);
+      const float* xs[TB];  // a short block repeats its last token (computed, never stored)
+      for (int q = 0; q < TB; ++q) xs[q] = X + (order[p0 + std::min<int64_t>(q, nb - 1)] / k) * D;
+      for (int64_t c0 = 0; c0 < r; c0 += 4) {
+        const int64_t cn = std::min<int64_t>(4, r - c0);
+        vf acc[TB][4];
+        for (int q = 0; q < TB; ++q) for (int c = 0; c < 4; ++c) acc[q][c] = vf{};
+        int64_t d = 0;
+        for (; d + L <= D; d += L) {
+          vf av[4];
+          for (int c = 0; c < 4; ++c) av[c] = load(Ai + (c0 + std::min<int64_t>(c, cn - 1)) * D + d);
+          for (int q = 0; q < TB; ++q) {
+            const vf xv = load(xs[q] + d);
+            for (int c = 0; c < 4; ++c) acc[q][c] += av[c] * xv;
           }
-          for (int64_t q = 0; q < nb; ++q)
-            for (int64_t c = 0; c < cn; ++c) {
-              const float* row = Ai + (c0 + c) * D;
-              float s = hsum(acc[q][c]);
-              for (int64_t e = d; e < D; ++e) s += row[e] * xs[q][e];
-              U[(p0 + q) * r + c0 + c] = s * w[order[p0 + q]];
-            }
         }
+        for (int64_t q = 0; q < nb; ++q)
+          for (int64_t c = 0; c < cn; ++c) {
+            const float* row = Ai + (c0 + c) * D;
+            float s = hsum(acc[q][c]);
+            for (int64_t e = d; e < D; ++e) s += row[e] * xs[q][e];
+            U[(p0 + q) * r + c0 + c] = s * w[order[p0 + q]];
+          }
       }
     }
   });
@@ -210,7 +208,7 @@ void gather_impl(const float* X, int64_t T, int64_t D, const float* a, const flo
 void check_pools(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& a, const torch::Tensor& bt, int64_t r) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous CPU [T, D] tensor");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "x must be float32 or bfloat16");
-  TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == x.scalar_type() && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
               "y must be a contiguous [T, O] tensor of x's dtype");
   TORCH_CHECK(a.scalar_type() == torch::kFloat32 && bt.scalar_type() == torch::kFloat32 && a.is_contiguous() && bt.is_contiguous(),
               "pools must be contiguous float32");
@@ -218,8 +216,6 @@ void check_pools(const torch::Tensor& x, const torch::Tensor& y, const torch::Te
               "pool shapes: a [N*r, D], bt [N*r, O]");
 }
 
-
-// x as float32 [T, D]: the tensor itself, or a converted copy.
 // bfloat16 <-> float32 in branch-free integer code the compiler vectorises (c10's scalar conversions do not).
 inline void widen(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) { uint32_t b = static_cast<uint32_t>(src[i]) << 16; std::memcpy(dst + i, &b, 4); }
@@ -234,6 +230,7 @@ inline void narrow(const float* __restrict src, uint16_t* __restrict dst, int64_
   }
 }
 
+// x as float32 [T, D]: the tensor itself, or a converted copy.
 torch::Tensor as_float32(const torch::Tensor& x) {
   if (x.scalar_type() == torch::kFloat32) return x;
   auto out = torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
@@ -297,6 +294,8 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
   const bool one = sot.numel() == 0;
   TORCH_CHECK(one || (sot.scalar_type() == torch::kInt64 && sot.numel() == T), "slot_of_token must be int64 [T] or empty");
   TORCH_CHECK(!one || S >= 1, "slot tables are empty");
+  TORCH_CHECK(counts.numel() == 0 || (counts.scalar_type() == torch::kInt64 && counts.is_contiguous() && counts.numel() == N),
+              "counts must be int64 [N] or empty");
   const int64_t* sp = one ? nullptr : sot.data_ptr<int64_t>();
   const float* wp = om.data_ptr<float>();
   auto x32 = as_float32(x);
@@ -327,7 +326,6 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
   });
   gather_into(x32, y, a, bt, r, ip, weight.data(), kmax);
   if (counts.numel() > 0) {
-    TORCH_CHECK(counts.scalar_type() == torch::kInt64 && counts.is_contiguous() && counts.numel() == N, "counts must be int64 [N]");
     int64_t* cp = counts.data_ptr<int64_t>();
     for (int64_t e = 0; e < T * kmax; ++e) if (ip[e] >= 0) cp[ip[e]] += 1;
   }
@@ -341,18 +339,22 @@ FUNCTIONS = ["gather_", "route_gather_"]
 FLAG_SETS = [["-march=native", "-fopenmp"], ["-fopenmp"], []]  # without OpenMP, torch's parallel_for runs serially
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's instruction-set flags (the build uses -march=native)."""
-    flags = platform.machine()
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    flags += line
-                    break
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    return frozenset()
+
+
+def _cpu_tag() -> str:
+    """A short hash of the machine and its instruction-set flags (the build uses -march=native)."""
+    return hashlib.sha1((platform.machine() + " ".join(sorted(cpu_flags()))).encode()).hexdigest()[:8]
 
 
 def load():
@@ -417,3 +419,4 @@ def for_input(x) -> object | None:
 
 _MISSING = object()
 _DTYPES = (torch.float32, torch.bfloat16)
+NONE = torch.empty(0, dtype=torch.int64)  # for route_gather_'s optional tensors: no slot map (all slot 0), no counts
