@@ -133,43 +133,60 @@ class ReMixLinear(MixtureOfLoRAsLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sample = self.training if self.sample is None else self.sample
-        trainable = self.lora_A.requires_grad or self.lora_B.requires_grad or self.router.requires_grad  # base: frozen
-        if not sample and not (trainable and torch.is_grad_enabled()):
-            ext = cpu_ext.for_input(x)
-            if ext is not None:
-                return self._forward_cpu(ext, x)
-            if x.dtype == torch.float32:
-                return self._forward_inference(x)
+        if not sample:
+            params = self._parameters
+            trainable = params["lora_A"].requires_grad or params["lora_B"].requires_grad or params["router"].requires_grad
+            if not (trainable and torch.is_grad_enabled()):
+                ext = cpu_ext.for_input(x)
+                if ext is not None:
+                    return self._forward_cpu(ext, x)
+                if x.dtype == torch.float32:
+                    return self._forward_inference(x)
         y = super().forward(x)
         if self.last_log_q is not None:
             self.last_log_q = self.last_log_q.view(x.shape[:-1])
         return y
 
     def _inference_weights(self) -> dict:
-        """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O] and the kernel's one-slot tables, rebuilt only when
-        the parameters change; the torch path adds its [P; A_flat] on first use."""
-        params = self._parameters
+        """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O], the kernel's one-slot tables and its argument tuple,
+        rebuilt only when a parameter (or the base's weight) changes; the torch path adds its [P; A_flat] on first use."""
+        params, base = self._parameters, self.base
         P, A, B = params["router"], params["lora_A"], params["lora_B"]
         key = (P.data_ptr(), P._version, A.data_ptr(), A._version, B.data_ptr(), B._version)
-        if self._eval_cache is None or self._eval_cache["key"] != key:
-            self._eval_cache = {
-                "key": key, "router": P.detach().float().contiguous(), "a": flatten_a(A.detach()).float().contiguous(),
-                "bt": flatten_b_t(B.detach()).float().contiguous(),
-                "tables": (torch.zeros(1, dtype=torch.int64), torch.tensor([self.n]), torch.tensor([self.k]),
-                           torch.tensor([self.omega], dtype=torch.float32)),
+        cache = self._eval_cache
+        base_params = (base._parameters.get("weight"), base._parameters.get("bias"))
+        if cache is None or cache["key"] != key or any(p is not q for p, q in zip(cache["base_params"], base_params)):
+            router, a = P.detach().float().contiguous(), flatten_a(A.detach()).float().contiguous()
+            bt = flatten_b_t(B.detach()).float().contiguous()
+            tables = (torch.zeros(1, dtype=torch.int64), torch.tensor([self.n]), torch.tensor([self.k]),
+                      torch.tensor([self.omega], dtype=torch.float32))
+            args = (router, a, bt, cpu_ext.NONE, *tables, self.r, self.k, cpu_ext.NONE)
+            plain = type(base) is nn.Linear  # then the compiled call runs the base GEMM too
+            ext = cpu_ext.load() if plain and base.weight.device.type == "cpu" else None
+            bias = base.bias if plain and base.bias is not None else cpu_ext.NONE
+            cache = self._eval_cache = {
+                "key": key, "router": router, "a": a, "bt": bt, "args": args, "base_params": base_params,
+                "call": ext.ModuleCall(base.weight, bias, router, a, bt, *tables, self.r, self.k) if ext is not None else None,
             }
-        return self._eval_cache
+        return cache
 
     def _forward_cpu(self, ext, x: torch.Tensor) -> torch.Tensor:
-        """Top-k routing and the gather of the selected LoRAs only, in the compiled CPU kernel."""
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).contiguous()
+        """Top-k routing and the gather of the selected LoRAs only, in the compiled CPU kernel; a plain
+        ``nn.Linear`` base (no hooks) runs in the same call, one crossing into C++ per module."""
         w = self._inference_weights()
-        y = self.base(x2).contiguous()
-        idx = ext.route_gather_(x2, y, w["router"], w["a"], w["bt"], cpu_ext.NONE, *w["tables"], self.r, self.k, cpu_ext.NONE)
-        self.__dict__["last_log_q"] = None
-        self._record(idx, self.omega)
-        return y.view(*shape, self.out_features)
+        base = self.base
+        if w["call"] is not None and not (base._forward_hooks or base._forward_pre_hooks):
+            y, idx = w["call"](x)
+        else:
+            x2 = x.reshape(-1, self.in_features).contiguous()
+            y = base(x2).contiguous()
+            idx = ext.route_gather_(x2, y, *w["args"])
+            y = y.view(*x.shape[:-1], self.out_features)
+        d = self.__dict__  # plain attributes, no nn.Module.__setattr__; idx comes from C++ and needs no detach
+        d["last_idx"], d["last_weights"], d["last_log_q"] = idx, None, None
+        if self.record:
+            self._record(idx, self.omega)
+        return y
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Torch-ops path: the router and every A in one GEMM, mask to the top-k, one GEMM over every B."""

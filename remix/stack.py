@@ -269,7 +269,29 @@ class StackedLinear(torch.nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        cpu = self.stack.cpu
+        if ctx is not None and cpu is not None and (ext := cpu_ext.for_input(x)) is not None:
+            call = self._call(ext, cpu)
+            if call is not None:  # base GEMM, routing and gather in one crossing into C++
+                y, idx = call.routed(x, ctx.slots, cpu.counts if ctx.count else cpu_ext.NONE)
+                _trace_global(ctx, self.stack, idx, cpu.tables[0], self.name)
+                return y
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = stacked_forward(x2, self.base(x2), self.stack, get_context(), self.name)
+        y = stacked_forward(x2, self.base(x2), self.stack, ctx, self.name)
         return y.view(*shape, self.out_features)
+
+    def _call(self, ext, cpu: StackedPools):
+        """The compiled module call bound to this stack and the base's weight (None for a base with hooks or
+        of another type: then the base runs as a module); rebuilt when the stack or the base's tensors change."""
+        base = self.base
+        if type(base) is not torch.nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        key = (cpu, base._parameters["weight"], base._parameters.get("bias"))
+        cached = self.__dict__.get("_bound")
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
+            bias = cpu_ext.NONE if base.bias is None else base.bias
+            call = ext.ModuleCall(base.weight, bias, cpu.router, cpu.a, cpu.bt, *cpu.tables, cpu.r, cpu.kmax)
+            cached = self.__dict__["_bound"] = (key, call)
+        return cached[1]

@@ -39,6 +39,9 @@ SOURCE = r"""
 #include <cstring>
 #include <memory>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -47,162 +50,160 @@ typedef float vf __attribute__((vector_size(L * sizeof(float)), aligned(sizeof(f
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
-inline float hsum(vf v) { float s = 0.f; for (int l = 0; l < L; ++l) s += v[l]; return s; }
+inline float hsum(vf v) {  // a fixed pairwise order (depth 4, not 16)
+  float h[8];
+  for (int l = 0; l < 8; ++l) h[l] = v[l] + v[l + 8];
+  for (int l = 0; l < 4; ++l) h[l] += h[l + 4];
+  return (h[0] + h[2]) + (h[1] + h[3]);
+}
 
-// out[i] = dot(a + i*D, x) for i < R: R rows share each load of x.
-template <int R>
-inline void dot_rows(const float* __restrict x, const float* __restrict a, int64_t D, float* __restrict out) {
-  vf acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = vf{} ;
+// out[q * os + c] = scale[q] * dot(xs[q], rows + c * D) for q < nq, c < nc (both <= 4): each row load serves four
+// tokens and each token load four rows (a short block repeats its last token or row: computed, never stored). Every
+// dot is summed in one order (16 lanes over D, the lanes pairwise, then the tail), so a token's value never depends
+// on which tokens share its block.
+inline void dots4x4(const float* const* xs, int64_t nq, const float* rows, int64_t nc, int64_t D, float* out, int64_t os,
+                    const float* scale) {
+  const float* x[4];
+  const float* a[4];
+  for (int q = 0; q < 4; ++q) x[q] = xs[std::min<int64_t>(q, nq - 1)];
+  for (int c = 0; c < 4; ++c) a[c] = rows + std::min<int64_t>(c, nc - 1) * D;
+  vf acc[4][4];
+  for (int q = 0; q < 4; ++q) for (int c = 0; c < 4; ++c) acc[q][c] = vf{};
   int64_t d = 0;
   for (; d + L <= D; d += L) {
-    const vf xv = load(x + d);
-    for (int i = 0; i < R; ++i) acc[i] += load(a + i * D + d) * xv;
-  }
-  for (int i = 0; i < R; ++i) {
-    float s = hsum(acc[i]);
-    for (int64_t e = d; e < D; ++e) s += a[i * D + e] * x[e];
-    out[i] = s;
-  }
-}
-
-inline void dots(const float* x, const float* a, int64_t rows, int64_t D, float* out) {
-  int64_t i = 0;
-  for (; i + 8 <= rows; i += 8) dot_rows<8>(x, a + i * D, D, out + i);
-  for (; i + 4 <= rows; i += 4) dot_rows<4>(x, a + i * D, D, out + i);
-  for (; i < rows; ++i) dot_rows<1>(x, a + i * D, D, out + i);
-}
-
-// Y[row of pair q][o0, o1) += sum_{c < CN} u_q[c] * b[c] for NB pairs of one LoRA (their sums interleaved, each
-// in the same order as alone); returns where the vector part stopped (the caller finishes a partial chunk).
-template <int CN, int NB>
-inline int64_t axpy_block(float* Y, const float* b, int64_t O, const float* u, int64_t r, const int64_t* pairs,
-                          int64_t k, int64_t o0, int64_t o1) {
-  float* ys[NB];
-  for (int q = 0; q < NB; ++q) ys[q] = Y + (pairs[q] / k) * O;
-  int64_t o = o0;
-  for (; o + L <= o1; o += L) {
-    vf acc[NB];
-    for (int q = 0; q < NB; ++q) acc[q] = load(ys[q] + o);
-    for (int c = 0; c < CN; ++c) {
-      const vf bv = load(b + c * O + o);
-      for (int q = 0; q < NB; ++q) acc[q] += u[q * r + c] * bv;
+    vf av[4];
+    for (int c = 0; c < 4; ++c) av[c] = load(a[c] + d);
+    for (int q = 0; q < 4; ++q) {
+      const vf xv = load(x[q] + d);
+      for (int c = 0; c < 4; ++c) acc[q][c] += av[c] * xv;
     }
-    for (int q = 0; q < NB; ++q) store(ys[q] + o, acc[q]);
   }
-  return o;
+  for (int64_t q = 0; q < nq; ++q)
+    for (int64_t c = 0; c < nc; ++c) {
+      float s = hsum(acc[q][c]);
+      for (int64_t e = d; e < D; ++e) s += a[c][e] * x[q][e];
+      out[q * os + c] = scale ? s * scale[q] : s;
+    }
 }
 
+// Y[rows[p]][o0, o1) += sum_{c < CN} U[p * us + c] * b[c] for the np pairs of one LoRA (o0 a multiple of 2L). For each
+// slice of 2L outputs the CN rows of b sit in registers while every pair's y is read, updated and written once (in
+// pair order, so a token listed twice is updated twice). Which code path an output takes depends only on its index
+// o, so its sum runs in one order however the outputs are split between threads.
 template <int CN>
-inline int64_t axpy_pairs(float* Y, const float* b, int64_t O, const float* u, int64_t r, const int64_t* pairs, int64_t nb,
-                          int64_t k, int64_t o0, int64_t o1) {
-  for (int64_t q = 1; q < nb; ++q)
-    if (pairs[q] / k == pairs[q - 1] / k) {  // one token listing a LoRA twice (gather_ allows it): one pair at a time
-      int64_t o = o1;
-      for (int64_t p = 0; p < nb; ++p) o = axpy_block<CN, 1>(Y, b, O, u + p * r, r, pairs + p, k, o0, o1);
-      return o;
+void axpy_lora(float* Y, int64_t O, const float* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
+               int64_t o0, int64_t o1) {
+  int64_t o = o0;
+  for (; o + 2 * L <= o1; o += 2 * L) {
+    vf b0[CN], b1[CN];
+    for (int c = 0; c < CN; ++c) { b0[c] = load(b + c * O + o); b1[c] = load(b + c * O + o + L); }
+    for (int64_t p = 0; p < np; ++p) {
+      float* y = Y + rows[p] * O + o;
+      const float* u = U + p * us;
+      vf y0 = load(y), y1 = load(y + L);
+      for (int c = 0; c < CN; ++c) { y0 += u[c] * b0[c]; y1 += u[c] * b1[c]; }
+      store(y, y0);
+      store(y + L, y1);
     }
-  switch (nb) {
-    case 4: return axpy_block<CN, 4>(Y, b, O, u, r, pairs, k, o0, o1);
-    case 3: return axpy_block<CN, 3>(Y, b, O, u, r, pairs, k, o0, o1);
-    case 2: return axpy_block<CN, 2>(Y, b, O, u, r, pairs, k, o0, o1);
-    default: return axpy_block<CN, 1>(Y, b, O, u, r, pairs, k, o0, o1);
+  }
+  for (; o + L <= o1; o += L) {
+    vf b0[CN];
+    for (int c = 0; c < CN; ++c) b0[c] = load(b + c * O + o);
+    for (int64_t p = 0; p < np; ++p) {
+      float* y = Y + rows[p] * O + o;
+      const float* u = U + p * us;
+      vf y0 = load(y);
+      for (int c = 0; c < CN; ++c) y0 += u[c] * b0[c];
+      store(y, y0);
+    }
+  }
+  for (; o < o1; ++o)
+    for (int64_t p = 0; p < np; ++p) {
+      float* y = Y + rows[p] * O + o;
+      const float* u = U + p * us;
+      float acc = *y;
+      for (int c = 0; c < CN; ++c) acc += u[c] * b[c * O + o];
+      *y = acc;
+    }
+}
+
+void axpy_rows(int64_t cn, float* Y, int64_t O, const float* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
+               int64_t o0, int64_t o1) {
+  switch (cn) {
+    case 8: return axpy_lora<8>(Y, O, b, U, us, rows, np, o0, o1);
+    case 7: return axpy_lora<7>(Y, O, b, U, us, rows, np, o0, o1);
+    case 6: return axpy_lora<6>(Y, O, b, U, us, rows, np, o0, o1);
+    case 5: return axpy_lora<5>(Y, O, b, U, us, rows, np, o0, o1);
+    case 4: return axpy_lora<4>(Y, O, b, U, us, rows, np, o0, o1);
+    case 3: return axpy_lora<3>(Y, O, b, U, us, rows, np, o0, o1);
+    case 2: return axpy_lora<2>(Y, O, b, U, us, rows, np, o0, o1);
+    default: return axpy_lora<1>(Y, O, b, U, us, rows, np, o0, o1);
   }
 }
 
-constexpr int TB = 4;  // tokens per register block
-
-// The gather of the kernel contract, blocked by LoRA so each weight load serves several tokens:
-//   phase A (parallel over blocks of up to TB pairs of one LoRA): U[t, j, :] = w[t, j] * A[sel[t, j]] @ x[t]
-//   phase B (parallel over output slices): Y[t] += B[i] @ U[t, j] over t's selections, by ascending LoRA id
-// Batches of 64+ tokens are first split by tokens across threads, each running both phases on its share.
-// A token's arithmetic (the order of every sum) depends only on its own row and selection, never on
-// which other tokens share the call, so batch-mates cannot change its result.
-void gather_impl(const float* X, int64_t T, int64_t D, const float* a, const float* bt, int64_t r, int64_t N,
-                 const int64_t* sel, const float* w, int64_t k, float* Y, int64_t O) {
-  const int64_t pool = at::get_num_threads();
-  if (T >= 64 && pool > 1 && !at::in_parallel_region()) {
-    // large batches: each thread takes a contiguous share of the tokens and runs both phases on it alone (the
-    // pools fit every core's L2; no barrier between the phases). Nested parallel_for calls below run inline.
-    at::parallel_for(0, T, (T + pool - 1) / pool, [&](int64_t t0, int64_t t1) {
-      gather_impl(X + t0 * D, t1 - t0, D, a, bt, r, N, sel + t0 * k, w + t0 * k, k, Y + t0 * O, O);
-    });
-    return;
-  }
-  std::vector<int64_t> start(N + 1, 0), order;  // counting sort of the (token, j) pairs by LoRA id
-  for (int64_t e = 0; e < T * k; ++e) if (sel[e] >= 0 && w[e] != 0.f) ++start[sel[e] + 1];
-  for (int64_t i = 0; i < N; ++i) start[i + 1] += start[i];
-  order.resize(start[N]);
-  {
+// The (token, j) pairs of a batch with a LoRA and a nonzero weight, sorted by LoRA id (counting sort, so the same
+// input gives the same order): LoRA i's are [start[i], start[i + 1]); rows[p] is the pair's token, scale[p] its
+// weight; blocks lists (LoRA, first pair) of every run of up to four pairs of one LoRA (phase A's work items).
+struct Pairs {
+  std::vector<int64_t> start, rows, blocks;
+  std::vector<float> scale;
+  Pairs(const int64_t* sel, const float* w, int64_t T, int64_t k, int64_t N) : start(N + 1, 0) {
+    for (int64_t e = 0; e < T * k; ++e) if (sel[e] >= 0 && w[e] != 0.f) ++start[sel[e] + 1];
+    for (int64_t i = 0; i < N; ++i) start[i + 1] += start[i];
+    rows.resize(start[N]);
+    scale.resize(start[N]);
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t e = 0; e < T * k; ++e) if (sel[e] >= 0 && w[e] != 0.f) order[fill[sel[e]]++] = e;
+    for (int64_t e = 0; e < T * k; ++e)
+      if (sel[e] >= 0 && w[e] != 0.f) { const int64_t p = fill[sel[e]]++; rows[p] = e / k; scale[p] = w[e]; }
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t p0 = start[i]; p0 < start[i + 1]; p0 += 4) { blocks.push_back(i); blocks.push_back(p0); }
   }
-  if (order.empty()) return;
-  std::vector<float> U(order.size() * r);  // U[p, c] for the p-th pair in LoRA order
+  int64_t size() const { return static_cast<int64_t>(rows.size()); }
+  int64_t num_blocks() const { return static_cast<int64_t>(blocks.size()) / 2; }
+};
 
-  std::vector<int64_t> items;  // (LoRA, first pair) of every block of up to TB pairs: phase A's work list
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t p0 = start[i]; p0 < start[i + 1]; p0 += TB) { items.push_back(i); items.push_back(p0); }
-  const int64_t n_items = static_cast<int64_t>(items.size()) / 2;
-  at::parallel_for(0, n_items, 1, [&](int64_t it0, int64_t it1) {
-    for (int64_t it = it0; it < it1; ++it) {
-      const int64_t i = items[2 * it], p0 = items[2 * it + 1];
-      const float* Ai = a + i * r * D;
-      const int64_t nb = std::min<int64_t>(TB, start[i + 1] - p0);
-      const float* xs[TB];  // a short block repeats its last token (computed, never stored)
-      for (int q = 0; q < TB; ++q) xs[q] = X + (order[p0 + std::min<int64_t>(q, nb - 1)] / k) * D;
-      for (int64_t c0 = 0; c0 < r; c0 += 4) {
-        const int64_t cn = std::min<int64_t>(4, r - c0);
-        vf acc[TB][4];
-        for (int q = 0; q < TB; ++q) for (int c = 0; c < 4; ++c) acc[q][c] = vf{};
-        int64_t d = 0;
-        for (; d + L <= D; d += L) {
-          vf av[4];
-          for (int c = 0; c < 4; ++c) av[c] = load(Ai + (c0 + std::min<int64_t>(c, cn - 1)) * D + d);
-          for (int q = 0; q < TB; ++q) {
-            const vf xv = load(xs[q] + d);
-            for (int c = 0; c < 4; ++c) acc[q][c] += av[c] * xv;
-          }
-        }
-        for (int64_t q = 0; q < nb; ++q)
-          for (int64_t c = 0; c < cn; ++c) {
-            const float* row = Ai + (c0 + c) * D;
-            float s = hsum(acc[q][c]);
-            for (int64_t e = d; e < D; ++e) s += row[e] * xs[q][e];
-            U[(p0 + q) * r + c0 + c] = s * w[order[p0 + q]];
-          }
-      }
-    }
-  });
+struct Pools {
+  const float *a, *bt;
+  int64_t r, N, D, O;
+};
 
-  const int64_t chunks = (O + L - 1) / L;  // output slices of L lanes (the last may be partial)
-  // each thread takes one contiguous slice of the outputs and streams every selected LoRA's rows over it
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks / 4));
-  at::parallel_for(0, threads, 1, [&](int64_t h0, int64_t h1) {
-   for (int64_t h = h0; h < h1; ++h) {
-    const int64_t o0 = (chunks * h / threads) * L, o1 = std::min(O, (chunks * (h + 1) / threads) * L);
-    for (int64_t i = 0; i < N; ++i) {
-      const float* Bi = bt + i * r * O;
-      for (int64_t p0 = start[i]; p0 < start[i + 1]; p0 += TB) {
-        const int64_t nb = std::min<int64_t>(TB, start[i + 1] - p0);
-        for (int64_t c0 = 0; c0 < r; c0 += 8) {
-          const int64_t cn = std::min<int64_t>(8, r - c0);
-          int64_t o = o0;
-          if (cn == 8) o = axpy_pairs<8>(Y, Bi + c0 * O, O, U.data() + p0 * r + c0, r, order.data() + p0, nb, k, o0, o1);
-          else if (cn == 4) o = axpy_pairs<4>(Y, Bi + c0 * O, O, U.data() + p0 * r + c0, r, order.data() + p0, nb, k, o0, o1);
-          for (; o < o1; ++o)
-            for (int64_t q = 0; q < nb; ++q) {
-              float* yq = Y + (order[p0 + q] / k) * O;
-              const float* uq = U.data() + (p0 + q) * r + c0;
-              float acc = yq[o];
-              for (int64_t c = 0; c < cn; ++c) acc += uq[c] * Bi[(c0 + c) * O + o];
-              yq[o] = acc;
-            }
-        }
-      }
-    }
-   }
-  });
+// Phase A over blocks [b0, b1): U[p, :] = scale[p] * A[i] @ x[rows[p]] for the pairs of each block (four share a load).
+void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const Pools& pl, float* U) {
+  const int64_t r = pl.r, D = pl.D;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t i = pr.blocks[2 * b], p0 = pr.blocks[2 * b + 1];
+    const int64_t nq = std::min<int64_t>(4, pr.start[i + 1] - p0);
+    const float* xs[4];
+    for (int64_t q = 0; q < nq; ++q) xs[q] = X + pr.rows[p0 + q] * D;
+    for (int64_t c0 = 0; c0 < r; c0 += 4)
+      dots4x4(xs, nq, pl.a + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0);
+  }
+}
+
+// Phase B over outputs [o0, o1): Y[rows[p]] += B[i] @ U[p] for every LoRA i in ascending id, its rows of B read once.
+void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1) {
+  const int64_t r = pl.r, O = pl.O;
+  for (int64_t i = 0; i < pl.N; ++i) {
+    const int64_t np = pr.start[i + 1] - pr.start[i];
+    if (np == 0) continue;
+    for (int64_t c0 = 0; c0 < r; c0 += 8)
+      axpy_rows(std::min<int64_t>(8, r - c0), Y, O, pl.bt + (i * r + c0) * O, U + pr.start[i] * r + c0, r,
+                pr.rows.data() + pr.start[i], np, o0, o1);
+  }
+}
+
+// The whole gather of T tokens on this thread, in tiles whose y rows stay in cache across both phases.
+void gather_serial(const float* X, int64_t T, const Pools& pl, const int64_t* sel, const float* w, int64_t k, float* Y) {
+  constexpr int64_t TILE = 64;
+  std::vector<float> U;
+  for (int64_t t0 = 0; t0 < T; t0 += TILE) {
+    const int64_t nt = std::min<int64_t>(TILE, T - t0);
+    Pairs pr(sel + t0 * k, w + t0 * k, nt, k, pl.N);
+    if (pr.size() == 0) continue;
+    U.resize(pr.size() * pl.r);
+    phase_a(pr, 0, pr.num_blocks(), X + t0 * pl.D, pl, U.data());
+    phase_b(pr, pl, U.data(), Y + t0 * pl.O, 0, pl.O);
+  }
 }
 
 void check_pools(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& a, const torch::Tensor& bt, int64_t r) {
@@ -230,28 +231,124 @@ inline void narrow(const float* __restrict src, uint16_t* __restrict dst, int64_
   }
 }
 
-// x as float32 [T, D]: the tensor itself, or a converted copy.
-torch::Tensor as_float32(const torch::Tensor& x) {
-  if (x.scalar_type() == torch::kFloat32) return x;
-  auto out = torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, x.numel(), 16384, [&](int64_t i0, int64_t i1) { widen(src + i0, dst + i0, i1 - i0); });
-  return out;
+// Top-k of the float32 router logits of tokens [t0, t1) (rows of x), each within its slot's pool (ties to the lower
+// index): writes global ids to ip [T, kmax] and the slot's omega to wp. Tokens of one slot go in blocks of four
+// that share each router load.
+struct Routing {
+  const float* router;
+  const int64_t *slot, *off, *n, *k;  // slot: [T] or null (every token slot 0)
+  const float* omega;
+  int64_t S, kmax;
+};
+
+void route_rows(const float* x, int64_t D, int64_t t0, int64_t t1, const Routing& rt, int64_t* ip, float* wp) {
+  const int64_t S = rt.S;
+  std::vector<int64_t> start(S + 1, 0), tok;  // counting sort of the tokens by slot (no slot / empty pool: skipped)
+  auto slot_of = [&](int64_t t) -> int64_t {
+    const int64_t s = rt.slot ? rt.slot[t] : 0;
+    return (s < 0 || s >= S || rt.n[s] == 0) ? -1 : s;
+  };
+  for (int64_t t = t0; t < t1; ++t) { const int64_t s = slot_of(t); if (s >= 0) ++start[s + 1]; }
+  for (int64_t s = 0; s < S; ++s) start[s + 1] += start[s];
+  tok.resize(start[S]);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = t0; t < t1; ++t) { const int64_t s = slot_of(t); if (s >= 0) tok[fill[s]++] = t; }
+  }
+  float logits[4 * 64];
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t b0 = start[s]; b0 < start[s + 1]; b0 += 4) {
+      const int64_t nq = std::min<int64_t>(4, start[s + 1] - b0), o = rt.off[s], n = rt.n[s], k = rt.k[s];
+      const float* xs[4];
+      for (int64_t q = 0; q < nq; ++q) xs[q] = x + tok[b0 + q] * D;
+      for (int64_t c0 = 0; c0 < n; c0 += 4)
+        dots4x4(xs, nq, rt.router + (o + c0) * D, std::min<int64_t>(4, n - c0), D, logits + c0, 64, nullptr);
+      for (int64_t q = 0; q < nq; ++q) {
+        const float* lg = logits + q * 64;
+        const int64_t t = tok[b0 + q];
+        uint64_t taken = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          int64_t best = -1;
+          float value = 0.f;
+          for (int64_t i = 0; i < n; ++i) {
+            if ((taken >> i) & 1ull) continue;
+            if (best < 0 || lg[i] > value) { best = i; value = lg[i]; }  // strict >: ties keep the lower index
+          }
+          taken |= 1ull << best;
+          ip[t * rt.kmax + j] = o + best;
+          wp[t * rt.kmax + j] = rt.omega[s];
+        }
+      }
+    }
 }
 
-// Add the gather into y: in place for float32, through a float32 accumulator (one rounding) for bfloat16.
-void gather_into(const torch::Tensor& x32, torch::Tensor& y, const torch::Tensor& a, const torch::Tensor& bt, int64_t r,
-                 const int64_t* sel, const float* w, int64_t k) {
-  const int64_t T = x32.size(0), D = x32.size(1), O = y.size(1), N = a.size(0) / r;
-  if (y.scalar_type() == torch::kFloat32) {
-    gather_impl(x32.data_ptr<float>(), T, D, a.data_ptr<float>(), bt.data_ptr<float>(), r, N, sel, w, k, y.data_ptr<float>(), O);
-  } else {  // bfloat16: base output widened, deltas added in float32, one rounding back
-    std::unique_ptr<float[]> acc(new float[T * O]);
-    uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-    at::parallel_for(0, T * O, 16384, [&](int64_t i0, int64_t i1) { widen(yp + i0, acc.get() + i0, i1 - i0); });
-    gather_impl(x32.data_ptr<float>(), T, D, a.data_ptr<float>(), bt.data_ptr<float>(), r, N, sel, w, k, acc.get(), O);
-    at::parallel_for(0, T * O, 16384, [&](int64_t i0, int64_t i1) { narrow(acc.get() + i0, yp + i0, i1 - i0); });
+constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the pools' reads instead of the tokens
+
+// Optionally route (rt non-null: fills sel/w), then gather, for x [T, D] and y [T, O] (float32 or bfloat16), in place.
+//   T >= SPLIT_POOLS_BELOW: each thread routes and gathers its own contiguous share of the tokens (no barrier).
+//   Fewer tokens: the pools' reads dominate and every thread would read all of them, so the threads split the work
+//   instead: route a share of the tokens | phase A over a share of the LoRA blocks | phase B over a share of the
+//   outputs (each boundary a multiple of 2L), with a barrier between the stages.
+// A token's result is the same either way and whatever shares its call.
+void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routing* rt, int64_t* sel, float* w, int64_t k) {
+  const int64_t T = x.size(0), D = pl.D, O = pl.O;
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  int64_t P = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), T);
+#ifndef _OPENMP
+  P = 1;
+#endif
+  const float* X = bf16 ? nullptr : x.data_ptr<float>();
+  float* Y = bf16 ? nullptr : y.data_ptr<float>();
+  std::vector<float> xbuf, ybuf;
+  if (bf16) { xbuf.resize(T * D); ybuf.resize(T * O); X = xbuf.data(); Y = ybuf.data(); }
+  const uint16_t* xh = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr()) : nullptr;
+  uint16_t* yh = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr()) : nullptr;
+
+  auto token_share = [&](int64_t t0, int64_t t1) {
+    if (t1 <= t0) return;
+    if (bf16) { widen(xh + t0 * D, xbuf.data() + t0 * D, (t1 - t0) * D); widen(yh + t0 * O, ybuf.data() + t0 * O, (t1 - t0) * O); }
+    if (rt) route_rows(X, D, t0, t1, *rt, sel, w);
+    gather_serial(X + t0 * D, t1 - t0, pl, sel + t0 * k, w + t0 * k, k, Y + t0 * O);
+    if (bf16) narrow(ybuf.data() + t0 * O, yh + t0 * O, (t1 - t0) * O);
+  };
+  if (P <= 1) return token_share(0, T);
+  if (T >= SPLIT_POOLS_BELOW) {
+#pragma omp parallel num_threads(P)
+    {
+#ifdef _OPENMP
+      const int64_t h = omp_get_thread_num(), nh = omp_get_num_threads();
+#else
+      const int64_t h = 0, nh = 1;
+#endif
+      token_share(T * h / nh, T * (h + 1) / nh);
+    }
+    return;
+  }
+  std::vector<float> U(T * k * pl.r);
+#pragma omp parallel num_threads(P)
+  {
+#ifdef _OPENMP
+    const int64_t h = omp_get_thread_num(), nh = omp_get_num_threads();
+#else
+    const int64_t h = 0, nh = 1;
+#endif
+    {  // stage 1: widen and route a share of the tokens
+      const int64_t t0 = T * h / nh, t1 = T * (h + 1) / nh;
+      if (bf16 && t1 > t0) widen(xh + t0 * D, xbuf.data() + t0 * D, (t1 - t0) * D);
+      if (rt && t1 > t0) route_rows(X, D, t0, t1, *rt, sel, w);
+    }
+#pragma omp barrier
+    const Pairs pr(sel, w, T, k, pl.N);  // every thread sorts the (few) pairs itself: same input, same order
+    const int64_t nb = pr.num_blocks();
+    phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, pl, U.data());
+#pragma omp barrier
+    const int64_t chunks = (O + 2 * L - 1) / (2 * L);
+    const int64_t o0 = std::min(O, chunks * h / nh * 2 * L), o1 = std::min(O, chunks * (h + 1) / nh * 2 * L);
+    if (o1 > o0) {
+      if (bf16) for (int64_t t = 0; t < T; ++t) widen(yh + t * O + o0, ybuf.data() + t * O + o0, o1 - o0);
+      phase_b(pr, pl, U.data(), Y, o0, o1);
+      if (bf16) for (int64_t t = 0; t < T; ++t) narrow(ybuf.data() + t * O + o0, yh + t * O + o0, o1 - o0);
+    }
   }
 }
 
@@ -266,7 +363,8 @@ torch::Tensor gather_(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::
   auto ic = idx.contiguous(); auto wc = weight.contiguous();
   const int64_t N = a.size(0) / r;
   TORCH_CHECK(ic.numel() == 0 || (ic.max().item<int64_t>() < N && ic.min().item<int64_t>() >= -1), "idx out of range");
-  gather_into(as_float32(x), y, a, bt, r, ic.data_ptr<int64_t>(), wc.data_ptr<float>(), ic.size(1));
+  const Pools pl{a.data_ptr<float>(), bt.data_ptr<float>(), r, N, x.size(1), y.size(1)};
+  run(x, y, pl, nullptr, const_cast<int64_t*>(ic.data_ptr<int64_t>()), const_cast<float*>(wc.data_ptr<float>()), ic.size(1));  // read only without routing
   return y;
 }
 
@@ -286,6 +384,7 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
   TORCH_CHECK(off.scalar_type() == torch::kInt64 && nn.scalar_type() == torch::kInt64 && kk.scalar_type() == torch::kInt64 &&
               om.scalar_type() == torch::kFloat32, "slot tables: int64 off / n / k, float32 omega");
   const int64_t S = off.numel();
+  TORCH_CHECK(nn.numel() == S && kk.numel() == S && om.numel() == S, "slot tables must have one entry per slot");
   const int64_t *op = off.data_ptr<int64_t>(), *np = nn.data_ptr<int64_t>(), *kp = kk.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s)
     TORCH_CHECK(np[s] == 0 || (np[s] <= 64 && op[s] >= 0 && op[s] + np[s] <= N && kp[s] >= 1 && kp[s] <= np[s] && kp[s] <= kmax),
@@ -296,46 +395,63 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
   TORCH_CHECK(!one || S >= 1, "slot tables are empty");
   TORCH_CHECK(counts.numel() == 0 || (counts.scalar_type() == torch::kInt64 && counts.is_contiguous() && counts.numel() == N),
               "counts must be int64 [N] or empty");
-  const int64_t* sp = one ? nullptr : sot.data_ptr<int64_t>();
-  const float* wp = om.data_ptr<float>();
-  auto x32 = as_float32(x);
-  const float *xp = x32.data_ptr<float>(), *rp = router.data_ptr<float>();
   auto idx = torch::full({T, kmax}, -1, x.options().dtype(torch::kInt64));
   std::vector<float> weight(T * kmax, 0.f);
   int64_t* ip = idx.data_ptr<int64_t>();
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    float logits[64];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = one ? 0 : sp[t];
-      if (s < 0 || s >= S || np[s] == 0) continue;
-      const int64_t o = op[s], n = np[s], k = kp[s];
-      dots(xp + t * D, rp + o * D, n, D, logits);
-      uint64_t taken = 0;
-      for (int64_t j = 0; j < k; ++j) {
-        int64_t best = -1;
-        float value = 0.f;
-        for (int64_t i = 0; i < n; ++i) {
-          if ((taken >> i) & 1ull) continue;
-          if (best < 0 || logits[i] > value) { best = i; value = logits[i]; }  // strict >: ties keep the lower index
-        }
-        taken |= 1ull << best;
-        ip[t * kmax + j] = o + best;
-        weight[t * kmax + j] = wp[s];
-      }
-    }
-  });
-  gather_into(x32, y, a, bt, r, ip, weight.data(), kmax);
+  const Routing rt{router.data_ptr<float>(), one ? nullptr : sot.data_ptr<int64_t>(), op, np, kp, om.data_ptr<float>(), S, kmax};
+  const Pools pl{a.data_ptr<float>(), bt.data_ptr<float>(), r, N, D, y.size(1)};
+  run(x, y, pl, &rt, ip, weight.data(), kmax);
   if (counts.numel() > 0) {
     int64_t* cp = counts.data_ptr<int64_t>();
     for (int64_t e = 0; e < T * kmax; ++e) if (ip[e] >= 0) cp[ip[e]] += 1;
   }
   return idx;
 }
+
+// The whole module in one call: y = x @ weight^T (+ bias) by ATen's GEMM, then route_gather_ into it. x: [..., D];
+// returns (y [..., O], idx [T, kmax]). Saves the Python-level call of the base layer and a second crossing.
+std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
+    torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
+    torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k, torch::Tensor slot_omega,
+    int64_t r, int64_t kmax, torch::Tensor counts) {
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "x [..., D] and weight [O, D] disagree");
+  auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  auto y = (bias.numel() ? at::linear(x2, weight, bias) : at::linear(x2, weight)).contiguous();  // as nn.Linear
+  auto idx = route_gather_(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts);
+  auto shape = x.sizes().vec();
+  shape.back() = weight.size(0);
+  return {y.view(shape), idx};
+}
+
+// One module's arguments bound once, so a forward crosses into C++ with x alone (each argument pybind converts costs
+// time on every call of every module): module(x) for one adapter, module.routed(x, slot_of_token, counts) for a stack.
+struct ModuleCall {
+  torch::Tensor weight, bias, router, a, bt, off, n, k, omega;
+  int64_t r, kmax;
+  std::tuple<torch::Tensor, torch::Tensor> routed(torch::Tensor x, torch::Tensor slot_of_token, torch::Tensor counts) const {
+    return linear_route_gather(x, weight, bias, router, a, bt, slot_of_token, off, n, k, omega, r, kmax, counts);
+  }
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gather_", &gather_, "y += the kernel contract's gather for given ids and weights, in place");
+  m.def("route_gather_", &route_gather_, "top-k routing per token within its slot's pool, then the gather, in place");
+  m.def("linear_route_gather", &linear_route_gather, "(x @ weight^T + bias, then route_gather_ into it), idx");
+  pybind11::class_<ModuleCall>(m, "ModuleCall")
+      .def(pybind11::init([](torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
+                             torch::Tensor off, torch::Tensor n, torch::Tensor k, torch::Tensor omega, int64_t r, int64_t kmax) {
+        return ModuleCall{weight, bias, router, a, bt, off, n, k, omega, r, kmax};
+      }))
+      .def("__call__", [](const ModuleCall& c, torch::Tensor x) {
+        static const torch::Tensor none = torch::empty({0}, torch::kInt64);  // no slot map (all slot 0), no counts
+        return c.routed(x, none, none);
+      })
+      .def("routed", &ModuleCall::routed);
+}
 """
 
 _lock = threading.Lock()
 _state: dict = {}
-FUNCTIONS = ["gather_", "route_gather_"]
 FLAG_SETS = [["-march=native", "-fopenmp"], ["-fopenmp"], []]  # without OpenMP, torch's parallel_for runs serially
 
 
@@ -374,7 +490,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v3_{_cpu_tag()}_{i}", cpp_sources=[SOURCE], functions=FUNCTIONS,
+                        f"remix_cpu_ops_v4_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
