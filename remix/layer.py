@@ -120,6 +120,8 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         self.noise = None  # optional callable(rows) -> uniform [rows, n]: the trainer's split-invariant draws
         self.last_log_q: torch.Tensor | None = None
         self._eval_cache: dict | None = None
+        self._call = None  # compiled whole-module call (remix.kernels.cpu_ext.ModuleCall), bound by _inference_weights
+        self._call_for: tuple = ()  # (base module, its weight, its bias) that _call was bound to
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         sample = self.training if self.sample is None else self.sample
@@ -132,6 +134,17 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         return idx, self.omega
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = self._call  # the compiled whole-module call, bound on the first top-k forward that can use it
+        if call is not None and (self.sample is False or (self.sample is None and not self.training)) and not self.record:
+            base, bound = self._modules["base"], self._call_for  # the base (or its tensors) replaced: rebind
+            bp = base._parameters
+            if (base is bound[0] and bp["weight"] is bound[1] and bp.get("bias") is bound[2]
+                    and not (base._forward_hooks or base._forward_pre_hooks or cpu_ext.is_disabled())):
+                out = call(x)  # None when it does not apply (autograd needed, weights changed, not a CPU tensor)
+                if out is not None:
+                    d = self.__dict__  # plain attributes, no nn.Module.__setattr__
+                    d["last_idx"], d["last_weights"], d["last_log_q"] = out[1], None, None
+                    return out[0]
         sample = self.training if self.sample is None else self.sample
         if not sample:
             params = self._parameters
@@ -148,8 +161,9 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         return y
 
     def _inference_weights(self) -> dict:
-        """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O], the kernel's one-slot tables and its argument tuple,
-        rebuilt only when a parameter (or the base's weight) changes; the torch path adds its [P; A_flat] on first use."""
+        """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O] and the kernel's one-slot tables and arguments, rebuilt
+        only when a parameter (or the base's weight) changes; binds the compiled whole-module call (``_call``) when the
+        base is a plain CPU ``nn.Linear``. The torch path adds its [P; A_flat] on first use."""
         params, base = self._parameters, self.base
         P, A, B = params["router"], params["lora_A"], params["lora_B"]
         key = (P.data_ptr(), P._version, A.data_ptr(), A._version, B.data_ptr(), B._version)
@@ -160,33 +174,29 @@ class ReMixLinear(MixtureOfLoRAsLinear):
             bt = flatten_b_t(B.detach()).float().contiguous()
             tables = (torch.zeros(1, dtype=torch.int64), torch.tensor([self.n]), torch.tensor([self.k]),
                       torch.tensor([self.omega], dtype=torch.float32))
-            args = (router, a, bt, cpu_ext.NONE, *tables, self.r, self.k, cpu_ext.NONE)
-            plain = type(base) is nn.Linear  # then the compiled call runs the base GEMM too
-            ext = cpu_ext.load() if plain and base.weight.device.type == "cpu" else None
-            bias = base.bias if plain and base.bias is not None else cpu_ext.NONE
             cache = self._eval_cache = {
-                "key": key, "router": router, "a": a, "bt": bt, "args": args, "base_params": base_params,
-                "call": ext.ModuleCall(base.weight, bias, router, a, bt, *tables, self.r, self.k) if ext is not None else None,
+                "key": key, "router": router, "a": a, "bt": bt, "base_params": base_params,
+                "args": (router, a, bt, cpu_ext.NONE, *tables, self.r, self.k, cpu_ext.NONE),
             }
+            ext = cpu_ext.load() if type(base) is nn.Linear and base.weight.device.type == "cpu" else None
+            self.__dict__["_call"] = None if ext is None else ext.ModuleCall(
+                base.weight, cpu_ext.NONE if base.bias is None else base.bias, router, a, bt, *tables, self.r, self.k,
+                [p for p in (P, A, B, *base_params) if p is not None])
+            self.__dict__["_call_for"] = (base, *base_params)
         return cache
 
     def _forward_cpu(self, ext, x: torch.Tensor) -> torch.Tensor:
-        """Top-k routing and the gather of the selected LoRAs only, in the compiled CPU kernel; a plain
-        ``nn.Linear`` base (no hooks) runs in the same call, one crossing into C++ per module."""
+        """Top-k routing and the gather of the selected LoRAs only, in the compiled CPU kernel (the general form:
+        a base with hooks or of another type runs as a module; the common case takes ``_call`` in ``forward``)."""
         w = self._inference_weights()
-        base = self.base
-        if w["call"] is not None and not (base._forward_hooks or base._forward_pre_hooks):
-            y, idx = w["call"](x)
-        else:
-            x2 = x.reshape(-1, self.in_features).contiguous()
-            y = base(x2).contiguous()
-            idx = ext.route_gather_(x2, y, *w["args"])
-            y = y.view(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        y = self.base(x2).contiguous()
+        idx = ext.route_gather_(x2, y, *w["args"])
         d = self.__dict__  # plain attributes, no nn.Module.__setattr__; idx comes from C++ and needs no detach
         d["last_idx"], d["last_weights"], d["last_log_q"] = idx, None, None
         if self.record:
             self._record(idx, self.omega)
-        return y
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Torch-ops path: the router and every A in one GEMM, mask to the top-k, one GEMM over every B."""

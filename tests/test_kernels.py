@@ -186,22 +186,34 @@ def test_compiled_route_gather_matches_torch_path(T, n, k, r):
     torch.testing.assert_close(y, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
 
 
-def test_compiled_token_result_is_bit_identical_in_any_batch():
-    """The kernel's sums run in the same order for a token whoever shares the call: exact equality."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_token_result_is_bit_identical_in_any_batch(dtype):
+    """The kernel's sums run in the same order for a token whoever shares the call: exact equality, alone, in a small
+    batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread."""
     ext = _compiled()
-    n, r, D, O = 8, 8, 64, 96
+    n, r, D, O = 8, 8, 64, 200  # O: two-vector slices, a one-vector slice and a scalar tail
     g = torch.Generator().manual_seed(3)
     P, a, bt = torch.randn(2 * n, D, generator=g), torch.randn(2 * n * r, D, generator=g), torch.randn(2 * n * r, O, generator=g)
     tables = (torch.tensor([0, n]), torch.tensor([n, n]), torch.tensor([2, 3]), torch.tensor([0.5, 0.25]))
-    x = torch.randn(64, D, generator=g)
-    slots = torch.randint(-1, 2, (64,), generator=g)
+    x = torch.randn(150, D, generator=g).to(dtype)
+    slots = torch.randint(-1, 2, (150,), generator=g)
+    y0 = torch.randn(150, O, generator=g).to(dtype)
     none = torch.empty(0, dtype=torch.int64)
-    batch = torch.zeros(64, O)
-    idx = ext.route_gather_(x, batch, P, a, bt, slots, *tables, r, 3, none)
-    for t in (0, 17, 63):
-        alone = torch.zeros(1, O)
-        idx1 = ext.route_gather_(x[t : t + 1].clone(), alone, P, a, bt, slots[t : t + 1].clone(), *tables, r, 3, none)
-        assert torch.equal(idx1[0], idx[t]) and torch.equal(alone[0], batch[t])
+
+    def run(rows):
+        y = y0[rows].clone()
+        return ext.route_gather_(x[rows].clone(), y, P, a, bt, slots[rows].clone(), *tables, r, 3, none), y
+
+    idx, batch = run(slice(0, 150))  # 150 tokens: split by tokens
+    threads = torch.get_num_threads()
+    try:
+        for nthreads in {1, max(2, threads)}:
+            torch.set_num_threads(nthreads)
+            for rows in (slice(0, 1), slice(17, 18), slice(149, 150), slice(10, 40), slice(0, 150)):  # 30: split by pools
+                idx_s, y_s = run(rows)
+                assert torch.equal(idx_s, idx[rows]) and torch.equal(y_s, batch[rows])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_compiled_gather_adds_a_lora_listed_twice():

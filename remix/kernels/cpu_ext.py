@@ -424,10 +424,31 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
 }
 
 // One module's arguments bound once, so a forward crosses into C++ with x alone (each argument pybind converts costs
-// time on every call of every module): module(x) for one adapter, module.routed(x, slot_of_token, counts) for a stack.
+// time on every call of every module) and the checks that decide whether the call applies run here, not in Python.
+// module(x) returns (y, idx), or None when it does not apply: x not a CPU float32/bfloat16 tensor, autograd needed
+// (grad mode on and x or a watched tensor requires grad), or a watched tensor (the parameters the bound copies were
+// made from, the base's weight) changed in place or was given new storage since binding. module.routed(x, slots,
+// counts) is the serving form: every token routed within its slot's pool, selections counted.
+// inference tensors keep no version counter (they cannot be changed outside inference mode anyway)
+inline int64_t version(const torch::Tensor& t) { return t.is_inference() ? 0 : static_cast<int64_t>(t._version()); }
+
 struct ModuleCall {
   torch::Tensor weight, bias, router, a, bt, off, n, k, omega;
   int64_t r, kmax;
+  std::vector<torch::Tensor> watched;
+  std::vector<std::pair<int64_t, const void*>> seen;  // (version, data pointer) of each watched tensor at binding
+
+  bool applies(const torch::Tensor& x) const {
+    if (!x.device().is_cpu() || (x.scalar_type() != torch::kFloat32 && x.scalar_type() != torch::kBFloat16)) return false;
+    const bool grad = at::GradMode::is_enabled();
+    if (grad && x.requires_grad()) return false;
+    for (size_t i = 0; i < watched.size(); ++i) {
+      const auto& t = watched[i];
+      if ((grad && t.requires_grad()) || version(t) != seen[i].first || t.data_ptr() != seen[i].second)
+        return false;
+    }
+    return true;
+  }
   std::tuple<torch::Tensor, torch::Tensor> routed(torch::Tensor x, torch::Tensor slot_of_token, torch::Tensor counts) const {
     return linear_route_gather(x, weight, bias, router, a, bt, slot_of_token, off, n, k, omega, r, kmax, counts);
   }
@@ -439,14 +460,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_route_gather", &linear_route_gather, "(x @ weight^T + bias, then route_gather_ into it), idx");
   pybind11::class_<ModuleCall>(m, "ModuleCall")
       .def(pybind11::init([](torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
-                             torch::Tensor off, torch::Tensor n, torch::Tensor k, torch::Tensor omega, int64_t r, int64_t kmax) {
-        return ModuleCall{weight, bias, router, a, bt, off, n, k, omega, r, kmax};
+                             torch::Tensor off, torch::Tensor n, torch::Tensor k, torch::Tensor omega, int64_t r, int64_t kmax,
+                             std::vector<torch::Tensor> watched) {
+        ModuleCall c{weight, bias, router, a, bt, off, n, k, omega, r, kmax, watched, {}};
+        for (const auto& t : watched) c.seen.emplace_back(version(t), t.data_ptr());
+        return c;
       }))
-      .def("__call__", [](const ModuleCall& c, torch::Tensor x) {
+      .def("__call__", [](const ModuleCall& c, torch::Tensor x) -> pybind11::object {
         static const torch::Tensor none = torch::empty({0}, torch::kInt64);  // no slot map (all slot 0), no counts
-        return c.routed(x, none, none);
+        if (!c.applies(x)) return pybind11::none();
+        return pybind11::cast(c.routed(x, none, none));
       })
-      .def("routed", &ModuleCall::routed);
+      .def("routed", [](const ModuleCall& c, torch::Tensor x, torch::Tensor slots, torch::Tensor counts) -> pybind11::object {
+        if (!c.applies(x)) return pybind11::none();
+        return pybind11::cast(c.routed(x, slots, counts));
+      });
 }
 """
 
@@ -520,6 +548,11 @@ def disabled():
         yield
     finally:
         _off.on = before
+
+
+def is_disabled() -> bool:
+    """True inside :func:`disabled` on this thread."""
+    return getattr(_off, "on", False)
 
 
 def for_input(x) -> object | None:
