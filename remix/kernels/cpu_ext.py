@@ -458,7 +458,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_", &gather_, "y += the kernel contract's gather for given ids and weights, in place");
   m.def("route_gather_", &route_gather_, "top-k routing per token within its slot's pool, then the gather, in place");
   m.def("linear_route_gather", &linear_route_gather, "(x @ weight^T + bias, then route_gather_ into it), idx");
-  pybind11::class_<ModuleCall>(m, "ModuleCall")
+  pybind11::class_<ModuleCall>(m, "ModuleCall", pybind11::module_local())
       .def(pybind11::init([](torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
                              torch::Tensor off, torch::Tensor n, torch::Tensor k, torch::Tensor omega, int64_t r, int64_t kmax,
                              std::vector<torch::Tensor> watched) {
