@@ -188,3 +188,40 @@ def test_invalid_config_names_every_field():
         MixtureConfig(router="nope", n=0, r=-1, omega="bad").validate()
     for field in ("router", "n:", "r:", "omega"):
         assert field in str(e.value)
+
+
+def test_compiled_module_call_follows_the_base_and_steps_aside():
+    """The bound C++ call (base GEMM + routing + gather in one crossing) gives the torch path's result and steps aside
+    whenever it must: an in-place change of any weight, a replaced base weight, a hook on the base, autograd."""
+    from remix.kernels import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip("no compiled kernels here")
+    layer = layer_with_weights(n=8, k=2, r=4, d_in=40, d_out=36).eval()  # the base has a bias
+    x = torch.randn(3, 5, 40)
+
+    def check():
+        with torch.no_grad():
+            got = layer(x)
+            with cpu_ext.disabled():
+                want = layer(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    check()
+    assert layer._call is not None  # bound on first use
+    with torch.no_grad():
+        layer.base.weight.mul_(0.5)  # in place: the call's watch sees the version change and the layer rebinds
+        layer.router.mul_(-1.0)
+    check()
+    layer.base.weight = nn.Parameter(layer.base.weight.detach() * 2, requires_grad=False)  # a new tensor
+    check()
+    seen = []
+    handle = layer.base.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    check()
+    assert seen  # the base ran as a module, so its hook fired
+    handle.remove()
+    xg = x.clone().requires_grad_()
+    out = layer(xg)  # autograd through the base: the compiled call must not take it
+    assert out.requires_grad
+    out.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0

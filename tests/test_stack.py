@@ -145,3 +145,30 @@ def test_bfloat16_activations_close_to_float32():
         stacked.base.float()
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.03)
+
+
+def test_compiled_call_follows_the_base_and_its_hooks():
+    """The serving layer's bound C++ call sees an in-place change of the base weight and steps aside for a base hook."""
+    from remix.kernels import cpu_ext
+
+    base, singles, stacked = make(adapters=2)
+    x = torch.randn(6, 32)
+    ctx = RoutingContext.build(torch.tensor([0, 1, -1, 0, 1, 0]))
+
+    def run(module, disabled=False):
+        set_context(ctx)
+        try:
+            with torch.no_grad(), (cpu_ext.disabled() if disabled else contextlib.nullcontext()):
+                return module(x)
+        finally:
+            set_context(None)
+
+    torch.testing.assert_close(run(stacked), run(stacked, disabled=True), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        base.weight.add_(1.0)
+    torch.testing.assert_close(run(stacked), run(stacked, disabled=True), atol=1e-5, rtol=1e-5)
+    seen = []
+    handle = base.register_forward_hook(lambda module, inputs, output: seen.append(1))
+    torch.testing.assert_close(run(stacked), run(stacked, disabled=True), atol=1e-5, rtol=1e-5)
+    handle.remove()
+    assert len(seen) == 2

@@ -372,9 +372,9 @@ torch::Tensor gather_(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::
 // weight omega) and add its delta into y in place. slot_of_token empty = every token is slot 0; slot -1, or a
 // slot with n = 0, gets no delta. Returns idx [T, kmax] (global ids, -1 padded); adds each selection to counts
 // [N] when counts is non-empty.
-torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
-                            torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k,
-                            torch::Tensor slot_omega, int64_t r, int64_t kmax, torch::Tensor counts) {
+torch::Tensor route_gather_into(torch::Tensor x, torch::Tensor y, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
+                                torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k,
+                                torch::Tensor slot_omega, int64_t r, int64_t kmax, torch::Tensor counts, torch::Tensor idx) {
   check_pools(x, y, a, bt, r);
   const int64_t T = x.size(0), D = x.size(1), N = a.size(0) / r;
   TORCH_CHECK(router.scalar_type() == torch::kFloat32 && router.is_contiguous() && router.size(0) == N && router.size(1) == D,
@@ -395,7 +395,9 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
   TORCH_CHECK(!one || S >= 1, "slot tables are empty");
   TORCH_CHECK(counts.numel() == 0 || (counts.scalar_type() == torch::kInt64 && counts.is_contiguous() && counts.numel() == N),
               "counts must be int64 [N] or empty");
-  auto idx = torch::full({T, kmax}, -1, x.options().dtype(torch::kInt64));
+  if (!idx.defined()) idx = torch::empty({T, kmax}, x.options().dtype(torch::kInt64));
+  TORCH_CHECK(idx.scalar_type() == torch::kInt64 && idx.is_contiguous() && idx.numel() == T * kmax, "idx must be int64 [T, kmax]");
+  idx.fill_(-1);
   std::vector<float> weight(T * kmax, 0.f);
   int64_t* ip = idx.data_ptr<int64_t>();
   const Routing rt{router.data_ptr<float>(), one ? nullptr : sot.data_ptr<int64_t>(), op, np, kp, om.data_ptr<float>(), S, kmax};
@@ -408,6 +410,12 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
   return idx;
 }
 
+torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
+                            torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k,
+                            torch::Tensor slot_omega, int64_t r, int64_t kmax, torch::Tensor counts) {
+  return route_gather_into(x, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, {});
+}
+
 // The whole module in one call: y = x @ weight^T (+ bias) by ATen's GEMM, then route_gather_ into it. x: [..., D];
 // returns (y [..., O], idx [T, kmax]). Saves the Python-level call of the base layer and a second crossing.
 std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
@@ -416,8 +424,11 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
     int64_t r, int64_t kmax, torch::Tensor counts) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "x [..., D] and weight [O, D] disagree");
   auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  // idx before y: the caller keeps idx (the layer's last_idx) while y is freed by the next layer; allocated after y,
+  // the small live block would sit behind y's and the next y could not reuse that memory (fresh pages, ~0.5 us per KB)
+  auto idx = torch::empty({x2.size(0), kmax}, x.options().dtype(torch::kInt64));
   auto y = (bias.numel() ? at::linear(x2, weight, bias) : at::linear(x2, weight)).contiguous();  // as nn.Linear
-  auto idx = route_gather_(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts);
+  route_gather_into(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, idx);
   auto shape = x.sizes().vec();
   shape.back() = weight.size(0);
   return {y.view(shape), idx};
