@@ -31,7 +31,8 @@ class MixtureOfLoRAsLinear(nn.Module):
 
     Parameters: ``lora_A [n, r, D]`` (Kaiming-uniform), ``lora_B [n, O, r]`` (zeros, so a fresh
     adapter is an exact no-op), ``router [n, D]``. Set ``record = True`` to accumulate ``usage``
-    (selections per LoRA) and, for learned-weight routers, the ESS of the routing weights.
+    (selections per LoRA) and, for learned-weight routers, the ESS of the routing weights. ``last_idx`` holds the
+    last forward's selections; on the compiled CPU path it is one buffer the next forward overwrites (clone to keep).
     """
 
     kind = "abstract"
