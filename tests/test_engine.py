@@ -284,3 +284,18 @@ def test_bfloat16_engine_follows_float32_with_adapters(tmp_path):
     while engine.has_work():
         engine.step()
     assert [tokens_of(sinks[i]) for i in range(len(prompts))] == alone
+
+
+def test_greedy_sampling_takes_the_lowest_id_on_ties():
+    """Greedy rows take the first maximum, whether every row is greedy or only some are."""
+    from server.engine.sampler import SamplingParams, sample
+
+    logits = torch.zeros(3, 10)
+    logits[0, [2, 7]] = 5.0
+    logits[1, [4, 9]] = 1.0
+    logits[2, 6] = 3.0
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(logits, [greedy] * 3, [None] * 3).tolist() == [2, 4, 6]
+    seeded = SamplingParams(temperature=1.0, seed=1)
+    out = sample(logits, [greedy, seeded, greedy], [None, torch.Generator().manual_seed(1), None])
+    assert out[0] == 2 and out[2] == 6 and 0 <= out[1] < 10
