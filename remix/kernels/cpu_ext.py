@@ -92,11 +92,13 @@ inline void dots4x4(const float* const* xs, int64_t nq, const float* rows, int64
 // o, so its sum runs in one order however the outputs are split between threads.
 template <int CN>
 void axpy_lora(float* Y, int64_t O, const float* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
-               int64_t o0, int64_t o1) {
+               int64_t o0, int64_t o1, bool prefetch) {
   int64_t o = o0;
   for (; o + 2 * L <= o1; o += 2 * L) {
     vf b0[CN], b1[CN];
     for (int c = 0; c < CN; ++c) { b0[c] = load(b + c * O + o); b1[c] = load(b + c * O + o + L); }
+    if (prefetch)  // rows of B fresh from memory (a small batch): ask for the slice after next now
+      for (int c = 0; c < CN; ++c) { __builtin_prefetch(b + c * O + o + 4 * L, 0, 3); __builtin_prefetch(b + c * O + o + 5 * L, 0, 3); }
     for (int64_t p = 0; p < np; ++p) {
       float* y = Y + rows[p] * O + o;
       const float* u = U + p * us;
@@ -128,16 +130,16 @@ void axpy_lora(float* Y, int64_t O, const float* b, const float* U, int64_t us, 
 }
 
 void axpy_rows(int64_t cn, float* Y, int64_t O, const float* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
-               int64_t o0, int64_t o1) {
+               int64_t o0, int64_t o1, bool prefetch) {
   switch (cn) {
-    case 8: return axpy_lora<8>(Y, O, b, U, us, rows, np, o0, o1);
-    case 7: return axpy_lora<7>(Y, O, b, U, us, rows, np, o0, o1);
-    case 6: return axpy_lora<6>(Y, O, b, U, us, rows, np, o0, o1);
-    case 5: return axpy_lora<5>(Y, O, b, U, us, rows, np, o0, o1);
-    case 4: return axpy_lora<4>(Y, O, b, U, us, rows, np, o0, o1);
-    case 3: return axpy_lora<3>(Y, O, b, U, us, rows, np, o0, o1);
-    case 2: return axpy_lora<2>(Y, O, b, U, us, rows, np, o0, o1);
-    default: return axpy_lora<1>(Y, O, b, U, us, rows, np, o0, o1);
+    case 8: return axpy_lora<8>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 7: return axpy_lora<7>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 6: return axpy_lora<6>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 5: return axpy_lora<5>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 4: return axpy_lora<4>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 3: return axpy_lora<3>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 2: return axpy_lora<2>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    default: return axpy_lora<1>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
   }
 }
 
@@ -181,14 +183,14 @@ void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const Pool
 }
 
 // Phase B over outputs [o0, o1): Y[rows[p]] += B[i] @ U[p] for every LoRA i in ascending id, its rows of B read once.
-void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1) {
+void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1, bool prefetch = false) {
   const int64_t r = pl.r, O = pl.O;
   for (int64_t i = 0; i < pl.N; ++i) {
     const int64_t np = pr.start[i + 1] - pr.start[i];
     if (np == 0) continue;
     for (int64_t c0 = 0; c0 < r; c0 += 8)
       axpy_rows(std::min<int64_t>(8, r - c0), Y, O, pl.bt + (i * r + c0) * O, U + pr.start[i] * r + c0, r,
-                pr.rows.data() + pr.start[i], np, o0, o1);
+                pr.rows.data() + pr.start[i], np, o0, o1, prefetch);
   }
 }
 
@@ -346,7 +348,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     const int64_t o0 = std::min(O, chunks * h / nh * 2 * L), o1 = std::min(O, chunks * (h + 1) / nh * 2 * L);
     if (o1 > o0) {
       if (bf16) for (int64_t t = 0; t < T; ++t) widen(yh + t * O + o0, ybuf.data() + t * O + o0, o1 - o0);
-      phase_b(pr, pl, U.data(), Y, o0, o1);
+      phase_b(pr, pl, U.data(), Y, o0, o1, /*prefetch=*/true);
       if (bf16) for (int64_t t = 0; t < T; ++t) narrow(ybuf.data() + t * O + o0, yh + t * O + o0, o1 - o0);
     }
   }
