@@ -7,11 +7,16 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     route_gather_(x, y, ...)   for each token: logits = P_s x (float32), J = top-k (ties to the lower
                                index), y += omega_s * sum_{i in J} B_i (A_i x); returns J (global ids)
     gather_(x, y, a, bt, idx, w)   the kernel contract with given ids and weights (-1 = none)
+    linear_route_gather(x, weight, bias, ...)   the whole module: ATen's GEMM for the base, then route_gather_
+    ModuleCall(...)            the same with one module's arguments bound once: call(x) -> (y, idx) or None
+                               when it does not apply (autograd, changed weights, not a CPU float tensor)
 
-blocked by LoRA so each weight load serves up to 4 tokens, with explicit SIMD (GCC/Clang vector types)
-and torch's thread pool. Every token's sums run in the same order whoever shares the call, so a
-token's result is bit-identical alone or in any batch. x and y may be float32 or bfloat16 (pools and
-arithmetic stay float32; a bfloat16 y is rounded once).
+The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
+rows of B held in registers while its tokens' y are updated), with explicit SIMD (GCC/Clang vector types)
+and one OpenMP region per call: below 64 tokens the threads split the pools' reads (they dominate a small
+batch), from 64 tokens they split the tokens. Every token's sums run in the same order whoever shares the
+call and however the work is split, so a token's result is bit-identical alone or in any batch. x and y
+may be float32 or bfloat16 (pools and arithmetic stay float32; a bfloat16 y is rounded once).
 
 Compiled once on first use with torch's JIT extension loader (~30 s, cached under
 ``~/.cache/torch_extensions`` in a directory named after this CPU's instruction-set flags, since it is
