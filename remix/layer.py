@@ -122,7 +122,7 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         self.last_log_q: torch.Tensor | None = None
         self._eval_cache: dict | None = None
         self._call = None  # compiled whole-module call (remix.kernels.cpu_ext.ModuleCall), bound by _inference_weights
-        self._call_for: tuple = ()  # (base module, its weight, its bias) that _call was bound to
+        self._call_for: tuple = (None, None, None)  # cpu_ext.base_key of the base _call was bound to
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         sample = self.training if self.sample is None else self.sample
@@ -137,10 +137,7 @@ class ReMixLinear(MixtureOfLoRAsLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call = self._call  # the compiled whole-module call, bound on the first top-k forward that can use it
         if call is not None and (self.sample is False or (self.sample is None and not self.training)) and not self.record:
-            base, bound = self._modules["base"], self._call_for  # the base (or its tensors) replaced: rebind
-            bp = base._parameters
-            if (base is bound[0] and bp["weight"] is bound[1] and bp.get("bias") is bound[2]
-                    and not (base._forward_hooks or base._forward_pre_hooks or cpu_ext.is_disabled())):
+            if cpu_ext.bound_applies(self._modules["base"], self._call_for):  # else: the general path rebinds
                 out = call(x)  # None when it does not apply (autograd needed, weights changed, not a CPU tensor)
                 if out is not None:
                     d = self.__dict__  # plain attributes, no nn.Module.__setattr__
@@ -179,11 +176,8 @@ class ReMixLinear(MixtureOfLoRAsLinear):
                 "key": key, "router": router, "a": a, "bt": bt, "base_params": base_params,
                 "args": (router, a, bt, cpu_ext.NONE, *tables, self.r, self.k, cpu_ext.NONE),
             }
-            ext = cpu_ext.load() if type(base) is nn.Linear and base.weight.device.type == "cpu" else None
-            self.__dict__["_call"] = None if ext is None else ext.ModuleCall(
-                base.weight, cpu_ext.NONE if base.bias is None else base.bias, router, a, bt, *tables, self.r, self.k,
-                [p for p in (P, A, B, *base_params) if p is not None])
-            self.__dict__["_call_for"] = (base, *base_params)
+            self.__dict__["_call"] = cpu_ext.bind_module(base, router, a, bt, tables, self.r, self.k, watched=(P, A, B))
+            self.__dict__["_call_for"] = cpu_ext.base_key(base)
         return cache
 
     def _forward_cpu(self, ext, x: torch.Tensor) -> torch.Tensor:
@@ -193,10 +187,8 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         x2 = x.reshape(-1, self.in_features).contiguous()
         y = self.base(x2).contiguous()
         idx = ext.route_gather_(x2, y, *w["args"])
-        d = self.__dict__  # plain attributes, no nn.Module.__setattr__; idx comes from C++ and needs no detach
-        d["last_idx"], d["last_weights"], d["last_log_q"] = idx, None, None
-        if self.record:
-            self._record(idx, self.omega)
+        self.__dict__["last_log_q"] = None
+        self._record(idx, self.omega)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:

@@ -266,20 +266,24 @@ class StackedLinear(torch.nn.Module):
     def __init__(self, base: torch.nn.Linear, name: str = ""):
         super().__init__()
         self.base, self.name, self.stack = base, name, PoolStack()
-        self._bound: tuple = (None, None, None)  # (stack.cpu, base, compiled call) as last bound
+        self._bound: tuple = (None, (None, None, None), None)  # (stack.cpu, cpu_ext.base_key(base), compiled call) as last bound
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         cpu = self.stack.cpu
         if ctx is not None and cpu is not None:
-            bound = self._bound
             base = self._modules["base"]
-            if bound[0] is not cpu or bound[1] is not base:
-                bound = self._bind(cpu, base)
-            if bound[2] is not None and not (base._forward_hooks or base._forward_pre_hooks or cpu_ext.is_disabled()):
+            stack_of, key, call = self._bound
+            if stack_of is not cpu or not cpu_ext.bound_applies(base, key):
+                if not cpu_ext.bound_applies(base, cpu_ext.base_key(base)):
+                    call = None  # hooks on the base, or disabled: the base runs as a module below
+                else:  # a new stack (adapter loaded / unloaded) or new base tensors: bind again
+                    call = cpu_ext.bind_module(base, cpu.router, cpu.a, cpu.bt, cpu.tables, cpu.r, cpu.kmax)
+                    self.__dict__["_bound"] = (cpu, cpu_ext.base_key(base), call)
+            if call is not None:
                 # base GEMM, routing and gather in one crossing into C++ (None: it does not apply, e.g. not a CPU tensor)
-                out = bound[2].routed(x, ctx.slots, cpu.counts if ctx.count else cpu_ext.NONE)
+                out = call.routed(x, ctx.slots, cpu.counts if ctx.count else cpu_ext.NONE)
                 if out is not None:
                     if ctx.trace is not None:
                         _trace_global(ctx, self.stack, out[1], cpu.tables[0], self.name)
@@ -288,15 +292,3 @@ class StackedLinear(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features)
         y = stacked_forward(x2, self.base(x2), self.stack, ctx, self.name)
         return y.view(*shape, self.out_features)
-
-    def _bind(self, cpu: StackedPools, base: torch.nn.Module) -> tuple:
-        """(stack, base, the compiled whole-module call) for this stack and base; no call for a base of another type
-        than a plain CPU ``nn.Linear`` (then the base runs as a module). The call watches the base's tensors."""
-        call = None
-        ext = cpu_ext.load()
-        if ext is not None and type(base) is torch.nn.Linear and base.weight.device.type == "cpu":
-            bias = cpu_ext.NONE if base.bias is None else base.bias
-            call = ext.ModuleCall(base.weight, bias, cpu.router, cpu.a, cpu.bt, *cpu.tables, cpu.r, cpu.kmax,
-                                  [t for t in (base.weight, base.bias) if t is not None])
-        self.__dict__["_bound"] = (cpu, base, call)
-        return self._bound

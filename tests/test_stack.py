@@ -148,7 +148,8 @@ def test_bfloat16_activations_close_to_float32():
 
 
 def test_compiled_call_follows_the_base_and_its_hooks():
-    """The serving layer's bound C++ call sees an in-place change of the base weight and steps aside for a base hook."""
+    """The serving layer's bound C++ call sees an in-place change or a replacement of the base weight and steps aside
+    for a base hook."""
     from remix.kernels import cpu_ext
 
     base, singles, stacked = make(adapters=2)
@@ -166,6 +167,8 @@ def test_compiled_call_follows_the_base_and_its_hooks():
     torch.testing.assert_close(run(stacked), run(stacked, disabled=True), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         base.weight.add_(1.0)
+    torch.testing.assert_close(run(stacked), run(stacked, disabled=True), atol=1e-5, rtol=1e-5)
+    base.weight = nn.Parameter(base.weight.detach() * 2, requires_grad=False)  # a new tensor the old call cannot see
     torch.testing.assert_close(run(stacked), run(stacked, disabled=True), atol=1e-5, rtol=1e-5)
     seen = []
     handle = base.register_forward_hook(lambda module, inputs, output: seen.append(1))

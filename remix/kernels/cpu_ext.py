@@ -7,8 +7,8 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     route_gather_(x, y, ...)   for each token: logits = P_s x (float32), J = top-k (ties to the lower
                                index), y += omega_s * sum_{i in J} B_i (A_i x); returns J (global ids)
     gather_(x, y, a, bt, idx, w)   the kernel contract with given ids and weights (-1 = none)
-    linear_route_gather(x, weight, bias, ...)   the whole module: ATen's GEMM for the base, then route_gather_
-    ModuleCall(...)            the same with one module's arguments bound once: call(x) -> (y, idx) or None
+    ModuleCall(...)            the whole module with its arguments bound once (see :func:`bind_module`): ATen's
+                               GEMM for the base, then route_gather_ into its output; call(x) -> (y, idx), or None
                                when it does not apply (autograd, changed weights, not a CPU float tensor)
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
@@ -425,7 +425,7 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
 
 // The whole module in one call: y = x @ weight^T (+ bias) by ATen's GEMM, then route_gather_ into it. x: [..., D];
 // returns (y [..., O], idx [T, kmax]). Saves the Python-level call of the base layer and a second crossing.
-std::tuple<torch::Tensor, torch::Tensor> linear_route_gather_impl(
+std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
     torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
     torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k, torch::Tensor slot_omega,
     int64_t r, int64_t kmax, torch::Tensor counts, torch::Tensor idx) {
@@ -439,13 +439,6 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather_impl(
   return {y.view(shape), idx};
 }
 
-std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
-    torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
-    torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k, torch::Tensor slot_omega,
-    int64_t r, int64_t kmax, torch::Tensor counts) {
-  return linear_route_gather_impl(x, weight, bias, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax,
-                                  counts, {});
-}
 
 // One module's arguments bound once, so a forward crosses into C++ with x alone (each argument pybind converts costs
 // time on every call of every module) and the checks that decide whether the call applies run here, not in Python.
@@ -480,14 +473,13 @@ struct ModuleCall {
   std::tuple<torch::Tensor, torch::Tensor> routed(torch::Tensor x, torch::Tensor slot_of_token, torch::Tensor counts) const {
     const int64_t T = x.dim() ? x.numel() / std::max<int64_t>(1, x.size(-1)) : 0;
     if (!idx_buf.defined() || idx_buf.size(0) != T) idx_buf = torch::empty({T, kmax}, torch::kInt64);
-    return linear_route_gather_impl(x, weight, bias, router, a, bt, slot_of_token, off, n, k, omega, r, kmax, counts, idx_buf);
+    return linear_route_gather(x, weight, bias, router, a, bt, slot_of_token, off, n, k, omega, r, kmax, counts, idx_buf);
   }
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_", &gather_, "y += the kernel contract's gather for given ids and weights, in place");
   m.def("route_gather_", &route_gather_, "top-k routing per token within its slot's pool, then the gather, in place");
-  m.def("linear_route_gather", &linear_route_gather, "(x @ weight^T + bias, then route_gather_ into it), idx");
   pybind11::class_<ModuleCall>(m, "ModuleCall", pybind11::module_local())
       .def(pybind11::init([](torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
                              torch::Tensor off, torch::Tensor n, torch::Tensor k, torch::Tensor omega, int64_t r, int64_t kmax,
@@ -580,9 +572,30 @@ def disabled():
         _off.on = before
 
 
-def is_disabled() -> bool:
-    """True inside :func:`disabled` on this thread."""
-    return getattr(_off, "on", False)
+def bind_module(base, router, a, bt, tables: tuple, r: int, kmax: int, watched: tuple = ()):
+    """The compiled whole-module call (base GEMM, routing, gather) bound to ``base`` and one float32 pool stack, or
+    None where it cannot stand in for the base: no compiled kernels, or a base that is not a plain CPU ``nn.Linear``.
+    It watches the base's tensors and ``watched`` (the parameters the pools were copied from) and declines a call
+    once any of them changed; :func:`bound_applies` covers what it cannot see (hooks, replaced tensors)."""
+    ext = load()
+    if ext is None or type(base) is not torch.nn.Linear or base.weight.device.type != "cpu":
+        return None
+    own = [t for t in (base.weight, base.bias) if t is not None]
+    return ext.ModuleCall(base.weight, NONE if base.bias is None else base.bias, router, a, bt, *tables, r, kmax,
+                          [*own, *watched])
+
+
+def base_key(base) -> tuple:
+    """What a bound call depends on beyond the tensors it watches: the base module and its parameter objects."""
+    return (base, base._parameters.get("weight"), base._parameters.get("bias"))
+
+
+def bound_applies(base, key: tuple) -> bool:
+    """True when a call bound for ``key`` (:func:`base_key`) may stand in for ``base`` now: the same module and
+    parameter objects, no forward hooks on it, and not inside :func:`disabled`. On every module call: a few lookups."""
+    params = base._parameters
+    return (base is key[0] and params["weight"] is key[1] and params.get("bias") is key[2]
+            and not (base._forward_hooks or base._forward_pre_hooks or getattr(_off, "on", False)))
 
 
 def for_input(x) -> object | None:
