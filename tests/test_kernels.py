@@ -2,6 +2,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from remix.kernels import lora_gather, lora_gather_grouped, lora_gather_reference, selection_mask
 
@@ -277,3 +278,35 @@ def test_compiled_bfloat16_output_rounds_like_torch():
     got = ext.gather_(x.to(torch.bfloat16), y.clone(), a, bt, torch.zeros(T, 1, dtype=torch.int64), torch.ones(T, 1), 1)
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got[~want.isnan()], want[~want.isnan()])
+
+
+@pytest.mark.parametrize("T", [0, 1, 5, 33, 64, 70, 300])
+@pytest.mark.parametrize("d_in,d_out,bias", [(40, 72, True), (64, 33, False), (17, 200, True)])
+def test_compiled_linear_matches_f_linear(T, d_in, d_out, bias):
+    """The compiled base GEMM (each thread MKL on its own slice of the outputs, the slices multiples of 32 columns
+    with a ragged last one) against F.linear: same values to float32 rounding, any batch shape, with and without bias."""
+    from remix.kernels import cpu_ext
+
+    _compiled()
+    g = torch.Generator().manual_seed(T * 7 + d_out)
+    lin = torch.nn.Linear(d_in, d_out, bias=bias)
+    x = torch.randn(2, T, d_in, generator=g)
+    with torch.no_grad():
+        got, want = cpu_ext.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias)
+    assert got.shape == want.shape == (2, T, d_out)
+    torch.testing.assert_close(got, want, atol=1e-6 * max(1.0, float(want.abs().amax())) if T else 0.0, rtol=1e-5)
+
+
+def test_compiled_linear_leaves_what_it_does_not_cover_to_f_linear():
+    from remix.kernels import cpu_ext
+
+    _compiled()
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 24)
+    y = cpu_ext.linear(x, lin.weight, lin.bias)  # grad mode on and the weight requires grad: autograd must see it
+    assert y.requires_grad and y.grad_fn is not None
+    xb, wb = x.bfloat16(), lin.weight.detach().bfloat16()
+    assert torch.equal(cpu_ext.linear(xb, wb), F.linear(xb, wb))  # bfloat16: ATen's (oneDNN) GEMM
+    wt = lin.weight.detach().t().contiguous().t()  # a non-contiguous weight
+    with torch.no_grad():
+        assert torch.equal(cpu_ext.linear(x, wt), F.linear(x, wt))
