@@ -8,7 +8,7 @@ from server import bench as server_bench
 
 
 def test_kernel_bench_writes_times_ratios_and_table(tmp_path):
-    out = kernel_bench.main(["--tokens", "1", "--min-time", "0.005", "--adapters", "2", "--json", str(tmp_path / "k.json"),
+    out = kernel_bench.main(["--tokens", "1", "--min-time", "0.005", "--adapters", "2", "--copies", "3", "--json", str(tmp_path / "k.json"),
                              "--markdown", str(tmp_path / "k.md")])
     saved = json.loads((tmp_path / "k.json").read_text())
     assert len(saved["results"]) == 2  # both FFN shapes

@@ -294,9 +294,12 @@ void route_rows(const float* x, int64_t D, int64_t t0, int64_t t1, const Routing
 }
 
 // The base layer's GEMM, fused into the kernel's parallel region: Y[:, o0:o1) = X W[o0:o1)^T (+ bias), each thread its
-// own slice of the outputs on one thread of MKL. Measured against ATen's linear (which hands MKL the whole problem on
-// two threads) on the default base's FFN shapes: 10-25 % faster at T = 1..32, equal to 8 % faster at 512, and
-// usually bit-identical (MKL's per-output order does not depend on the column range, except in some shapes).
+// own slice of the outputs on one thread of MKL - the slice its phase B then updates while it is still in its cache,
+// and no second parallel region to start. Against ATen's linear (MKL on the whole problem, two threads), on the
+// default base's FFN shapes: 10-25 % faster at T = 1..32 while the weights sit in the last-level cache, about equal
+// once they stream from memory as in a whole model (all its linears at batch 1 / 8 / 32: 1.03 / 0.98 / 1.00 of
+// ATen's time). Usually bit-identical to it: a column slice does not change MKL's order over D (a whole-problem
+// split over D, which ATen's call sometimes gets, does).
 struct BaseGemm {
   const float *w, *bias;  // w [O, D] contiguous; bias [O] or null
   bool on() const { return w != nullptr; }
@@ -707,8 +710,9 @@ NONE = torch.empty(0, dtype=torch.int64)  # for route_gather_'s optional tensors
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with the compiled kernels' base GEMM where it applies (CPU float32, contiguous weight, no autograd):
-    each thread runs MKL on its own slice of the outputs, 10-25 % faster than ATen's linear on small batches here
-    (``python -m remix.kernels.bench`` times both as base_aten / base); elsewhere plain ``F.linear``."""
+    each thread runs MKL on its own slice of the outputs (see BaseGemm in the source: faster than ATen's linear on
+    cache-resident weights, about equal on weights streamed from memory); elsewhere plain ``F.linear``. The kernel
+    bench times both (base / base_aten) and measures the ReMix module against the faster."""
     ext = for_input(x)
     if ext is None or x.dtype != torch.float32 or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))):
         return torch.nn.functional.linear(x, weight, bias)
@@ -716,3 +720,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 NONE_F = torch.empty(0, dtype=torch.float32)
+
