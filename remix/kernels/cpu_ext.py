@@ -7,9 +7,11 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     route_gather_(x, y, ...)   for each token: logits = P_s x (float32), J = top-k (ties to the lower
                                index), y += omega_s * sum_{i in J} B_i (A_i x); returns J (global ids)
     gather_(x, y, a, bt, idx, w)   the kernel contract with given ids and weights (-1 = none)
-    ModuleCall(...)            the whole module with its arguments bound once (see :func:`bind_module`): ATen's
-                               GEMM for the base, then route_gather_ into its output; call(x) -> (y, idx), or None
-                               when it does not apply (autograd, changed weights, not a CPU float tensor)
+    ModuleCall(...)            the whole module with its arguments bound once (see :func:`bind_module`): the base
+                               GEMM and route_gather_ into its output in one parallel region (float32; bfloat16
+                               takes ATen's GEMM first); call(x) -> (y, idx), or None when it does not apply
+                               (autograd, changed weights, not a CPU float tensor)
+    linear(x, w, bias)         that base GEMM alone: each thread MKL on its own slice of the outputs
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
 rows of B held in registers while its tokens' y are updated), with explicit SIMD (GCC/Clang vector types)
@@ -467,8 +469,9 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
   return route_gather_into(x, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, {});
 }
 
-// The whole module in one call: y = x @ weight^T (+ bias) by ATen's GEMM, then route_gather_ into it. x: [..., D];
-// returns (y [..., O], idx [T, kmax]). Saves the Python-level call of the base layer and a second crossing.
+// The whole module in one call: y = x @ weight^T (+ bias), then route_gather_ into it; x: [..., D]; returns
+// (y [..., O], idx [T, kmax]). float32 (contiguous weight): the GEMM runs inside the gather's parallel region (BaseGemm),
+// otherwise ATen's linear computes y first. Saves the Python-level call of the base layer and a second crossing.
 std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
     torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
     torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k, torch::Tensor slot_omega,
