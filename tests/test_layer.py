@@ -225,3 +225,28 @@ def test_compiled_module_call_follows_the_base_and_steps_aside():
     assert out.requires_grad
     out.sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_module_call_equals_torch_path_on_every_split(threads):
+    """The bound call runs the base GEMM inside the kernel's region: on one thread (serial), below 64 tokens (GEMM
+    by output slice, then phase B on the same slice) and from 64 tokens (GEMM by slice, barrier, gather by token).
+    Each equals the torch path (ATen's GEMM + torch ops), with a bias and a ragged last output slice (36 = 32 + 4)."""
+    from remix.kernels import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip("no compiled kernels here")
+    layer = layer_with_weights(n=8, k=2, r=4, d_in=40, d_out=36).eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for T in (1, 5, 63, 64, 150):
+            x = torch.randn(T, 40)
+            with torch.no_grad():
+                got = layer(x)
+                assert layer._call is not None  # the compiled call took it
+                with cpu_ext.disabled():
+                    want = layer(x)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"T={T}")
+    finally:
+        torch.set_num_threads(before)

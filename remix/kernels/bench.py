@@ -6,7 +6,7 @@ For d 576 -> 1536 (gate/up) and 1536 -> 576 (down), T in {1, 32, 512}, n = 8, k 
 in one run and on the same inputs:
   base_aten       the frozen base layer alone as nn.Linear runs it (ATen's linear: MKL on the whole problem)
   base            the base GEMM alone as the compiled kernels run it (cpu_ext.linear: each thread MKL on its own
-                  slice of the outputs; 10-25 % faster at small T on this CPU) - the floor, since the ReMix module
+                  slice of the outputs; 0-15 % faster than base_aten at 90 copies here) - the floor, since the ReMix module
                   computes its base output that way; without the compiled kernels, base = base_aten
   remix           the whole ReMix module (routing + gather + base GEMM), one adapter (training's layer, eval),
                   on the compiled CPU kernel when it is built (else the torch-ops path)

@@ -318,6 +318,25 @@ struct BaseGemm {
   }
 };
 
+// The BaseGemm for y = x2 W^T (+ bias) where it applies (CPU float32, contiguous weight, float32 bias, sizes that fit
+// BLAS's int), else an off one: the caller then takes ATen's linear.
+BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
+  const int64_t O = weight.size(0), lim = int64_t{1} << 30;
+  const bool ok = x2.device().is_cpu() && x2.scalar_type() == torch::kFloat32 && weight.device().is_cpu() &&
+                  weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() &&
+                  (!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == O)) &&
+                  x2.size(0) < lim && x2.size(1) < lim && O < lim;
+  if (!ok) return {nullptr, nullptr};
+  return {weight.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr};
+}
+
+// Thread h of nh's share [o0, o1) of O outputs: whole slices of 2L, so phase B's vector paths (and the fused GEMM's
+// columns) never depend on the split.
+inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh) {
+  const int64_t chunks = (O + 2 * L - 1) / (2 * L);
+  return {std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L)};
+}
+
 constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the pools' reads instead of the tokens
 
 // Optionally route (rt non-null: fills sel/w), then gather, for x [T, D] and y [T, O] (float32 or bfloat16), in place.
@@ -351,10 +370,6 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     gather_serial(X + t0 * D, t1 - t0, pl, sel + t0 * k, w + t0 * k, k, Y + t0 * O);
     if (bf16) narrow(ybuf.data() + t0 * O, yh + t0 * O, (t1 - t0) * O);
   };
-  const int64_t chunks = (O + 2 * L - 1) / (2 * L);  // phase B's (and the fused GEMM's) output slices: multiples of 2L
-  auto out_slice = [&](int64_t h, int64_t nh) {
-    return std::make_pair(std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L));
-  };
   if (P <= 1) {
     if (gemm.on()) gemm(X, Y, T, D, O, 0, O);
     return token_share(0, T);
@@ -368,7 +383,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
       const int64_t h = 0, nh = 1;
 #endif
       if (gemm.on()) {  // the GEMM by output slices, then the gather by tokens
-        const auto [o0, o1] = out_slice(h, nh);
+        const auto [o0, o1] = out_slice(O, h, nh);
         gemm(X, Y, T, D, O, o0, o1);
 #pragma omp barrier
       }
@@ -394,7 +409,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     const int64_t nb = pr.num_blocks();
     phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, pl, U.data());
 #pragma omp barrier
-    const auto [o0, o1] = out_slice(h, nh);
+    const auto [o0, o1] = out_slice(O, h, nh);
     if (gemm.on()) gemm(X, Y, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
     if (o1 > o0) {
       if (bf16) for (int64_t t = 0; t < T; ++t) widen(yh + t * O + o0, ybuf.data() + t * O + o0, o1 - o0);
@@ -479,42 +494,28 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "x [..., D] and weight [O, D] disagree");
   auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
   if (!idx.defined()) idx = torch::empty({x2.size(0), kmax}, x.options().dtype(torch::kInt64));
-  const int64_t T = x2.size(0), D = x2.size(1), O = weight.size(0);
-  const bool fuse = x2.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() &&
-                    (!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == O)) &&
-                    T < (1 << 30) && D < (1 << 30) && O < (1 << 30);
-  torch::Tensor y;
-  if (fuse) {  // the base GEMM inside the kernel's parallel region (see BaseGemm)
-    y = torch::empty({T, O}, x2.options());
-    route_gather_into(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, idx,
-                      BaseGemm{weight.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr});
-  } else {
-    y = (bias.numel() ? at::linear(x2, weight, bias) : at::linear(x2, weight)).contiguous();  // as nn.Linear
-    route_gather_into(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, idx);
-  }
+  const BaseGemm gemm = base_gemm_for(x2, weight, bias);  // on: the base GEMM runs inside the kernel's parallel region
+  auto y = gemm.on() ? torch::empty({x2.size(0), weight.size(0)}, x2.options())
+                     : (bias.numel() ? at::linear(x2, weight, bias) : at::linear(x2, weight)).contiguous();  // as nn.Linear
+  route_gather_into(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, idx, gemm);
   auto shape = x.sizes().vec();
   shape.back() = weight.size(0);
   return {y.view(shape), idx};
 }
 
 
-// The base layer alone, y = x W^T (+ bias), with the fused path's GEMM (BaseGemm by output slices, one MKL thread
-// each) where it applies (float32, contiguous weight), else ATen's linear: the base GEMM the ReMix module is measured
-// against, and a faster float32 linear for the base model's other layers.
+// The base layer alone, y = x W^T (+ bias), by the fused path's GEMM (BaseGemm on the same output slices) where it
+// applies, else ATen's linear: the base GEMM the kernel bench measures the ReMix module against.
 torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "x [..., D] and weight [O, D] disagree");
   auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  const BaseGemm gemm = base_gemm_for(x2, weight, bias);
+  if (!gemm.on()) return bias.numel() ? at::linear(x, weight, bias) : at::linear(x, weight);
   const int64_t T = x2.size(0), D = x2.size(1), O = weight.size(0);
-  const bool fuse = x2.device().is_cpu() && x2.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 &&
-                    weight.is_contiguous() && (!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == O)) &&
-                    T < (1 << 30) && D < (1 << 30) && O < (1 << 30);
-  if (!fuse) return bias.numel() ? at::linear(x, weight, bias) : at::linear(x, weight);
   auto y = torch::empty({T, O}, x2.options());
-  const BaseGemm gemm{weight.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr};
   const float* X = x2.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  const int64_t chunks = (O + 2 * L - 1) / (2 * L);
-  int64_t P = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), chunks);
+  int64_t P = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), (O + 2 * L - 1) / (2 * L));
 #ifndef _OPENMP
   P = 1;
 #endif
@@ -528,7 +529,8 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) 
 #else
       const int64_t h = 0, nh = 1;
 #endif
-      gemm(X, Y, T, D, O, std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L));
+      const auto [o0, o1] = out_slice(O, h, nh);
+      gemm(X, Y, T, D, O, o0, o1);
     }
   }
   auto shape = x.sizes().vec();
@@ -709,6 +711,7 @@ def for_input(x) -> object | None:
 _MISSING = object()
 _DTYPES = (torch.float32, torch.bfloat16)
 NONE = torch.empty(0, dtype=torch.int64)  # for route_gather_'s optional tensors: no slot map (all slot 0), no counts
+NONE_F = torch.empty(0, dtype=torch.float32)  # linear's "no bias"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -720,7 +723,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if ext is None or x.dtype != torch.float32 or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))):
         return torch.nn.functional.linear(x, weight, bias)
     return ext.linear(x, weight, NONE_F if bias is None else bias)
-
-
-NONE_F = torch.empty(0, dtype=torch.float32)
 
