@@ -1,21 +1,29 @@
 """Model runner: one forward over contiguous cache slots, with every token routed to its adapter.
 
-The base's Hugging Face modules run unchanged; each wrapped linear is a ``remix.stack.StackedLinear``
+The base's Hugging Face modules hold the weights; each wrapped linear is a ``remix.stack.StackedLinear``
 that reads the step's :class:`remix.stack.RoutingContext` (token -> adapter slot, -1 = bare base) and
-calls the grouped gather kernel. No Python loop over tokens or requests happens inside a forward.
+calls the grouped gather kernel. For Llama-family models the decoder stack runs through
+:class:`server.engine.fastpath.LeanForward` (HF's ops in HF's order without its Python plumbing: bit-identical,
+~12 % faster at batch 1); any other model runs HF's modules. No Python loop over tokens or requests happens
+inside a forward.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
 
 from remix.stack import RoutingContext, StackedLinear, set_context
 from server.engine.cache import SlotKVCache, attention_mask
+from server.engine.fastpath import LeanForward, unsupported_reason
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, slots: int, max_len: int, max_chunk: int):
+    def __init__(self, model: nn.Module, slots: int, max_len: int, max_chunk: int, lean: bool = True):
         self.model = model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -28,6 +36,10 @@ class ModelRunner:
                                  self.dtype, self.device)
         self.stacked: dict[str, StackedLinear] = {}
         self.last_trace: list | None = None
+        reason = unsupported_reason(model, max_len) if lean else "disabled"
+        self.lean = LeanForward(model) if reason is None else None  # None: HF's modules run the decoder stack
+        if reason is not None and lean:
+            log.info("decoder stack runs through Hugging Face's modules: %s", reason)
 
     def ensure_wrapped(self, names: list[str]) -> None:
         """Wrap these linear modules (if not yet) so adapters can be stacked on them."""
@@ -62,8 +74,11 @@ class ModelRunner:
         ctx = RoutingContext.build(token_slots, count=True, trace=trace)
         set_context(ctx)
         try:
-            hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                      past_key_values=self.cache, use_cache=True).last_hidden_state
+            if self.lean is not None and self.lean.applies():
+                hidden = self.lean(tokens, positions, mask, self.cache)
+            else:
+                hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                                          past_key_values=self.cache, use_cache=True).last_hidden_state
         finally:
             set_context(None)
         self.last_trace = ctx.trace

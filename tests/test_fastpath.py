@@ -1,0 +1,143 @@
+"""The lean decoder forward (server/engine/fastpath.py) against Hugging Face's modules: bit-identical, or not taken.
+
+Every comparison below is exact (``==`` on token ids and on float log-probabilities): the lean forward runs the same
+ATen ops in the same order, and its two rewrites (one GEMM over [q; k; v], the rotary sign folded into sin) change no
+float. Two engines over copies of one model, one with ``lean_forward=False``, serve the same requests at once.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import remix
+from remix.models import tiny_model, tiny_tokenizer
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.engine.fastpath import LeanForward, unsupported_reason
+
+SIZES = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=257, eos_token_id=258, pad_token_id=256)
+
+
+def lively(model):
+    """Larger weights, so greedy decoding does not settle on one repeated byte and the comparison covers many tokens."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return model.eval()
+
+
+def tiny(arch: str, kv_heads: int = 2):
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    if arch == "llama":
+        model, _ = tiny_model(seed=0, num_key_value_heads=kv_heads)
+    elif arch == "qwen2":  # q/k/v carry biases
+        model = Qwen2ForCausalLM(Qwen2Config(**SIZES, num_key_value_heads=kv_heads))
+    else:
+        model = MistralForCausalLM(MistralConfig(**SIZES, num_key_value_heads=kv_heads, sliding_window=None))
+    assert unsupported_reason(model, 160) is None, unsupported_reason(model, 160)
+    return lively(model.float()), tok
+
+
+def run_all(engine, requests):
+    events = {r.request_id: [] for r in requests}
+    for r in requests:
+        engine.submit(r, events[r.request_id].append)
+    while engine.has_work():
+        engine.step()
+    return {rid: ([t for e in evs for t in e.token_ids], [lp for e in evs for lp in e.logprobs]) for rid, evs in events.items()}
+
+
+def both_engines(model, tok, adapters: dict[str, str]):
+    cfg = dict(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16, max_batched_tokens=40)
+    engines = []
+    for lean in (True, False):
+        engine = Engine(copy.deepcopy(model), tok, EngineConfig(**cfg, lean_forward=lean))
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+        engines.append(engine)
+    assert engines[0].runner.lean is not None and engines[1].runner.lean is None
+    return engines
+
+
+def requests_for(tok, adapters):
+    prompts = ["The quick brown fox", "Hello, my name is", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20", "Once"]
+    out = []
+    for i, p in enumerate(prompts):  # greedy and seeded sampling, every adapter and the bare base in one batch
+        params = SamplingParams(max_tokens=24, temperature=0.0 if i % 2 == 0 else 0.9, seed=i, ignore_eos=True, logprobs=3)
+        out.append(GenerationRequest(f"r{i}", tok(p).input_ids, params, adapters[i % len(adapters)]))
+    return out
+
+
+@pytest.mark.parametrize("arch,kv_heads", [("llama", 2), ("llama", 4), ("qwen2", 2), ("mistral", 1)])
+def test_lean_forward_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads):
+    model, tok = tiny(arch, kv_heads)
+    steps = []
+    lean_call = LeanForward.__call__
+    monkeypatch.setattr(LeanForward, "__call__", lambda self, *a: steps.append(1) or lean_call(self, *a))
+    paths = {}
+    for i, targets in enumerate([None, ["q_proj", "v_proj", "o_proj", "down_proj"]]):  # the second wraps q and v
+        cfg = remix.MixtureConfig(n=4, k=2, r=4, **({"targets": targets} if targets else {}))
+        layers = remix.inject(model, cfg)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
+                layer.router.copy_(torch.randn(layer.router.shape, generator=g))
+        remix.save_adapter(model, tmp_path / f"a{i}")
+        remix.unwrap(model)
+        paths[f"a{i}"] = str(tmp_path / f"a{i}")
+    lean, hf = both_engines(model, tok, paths)
+    got, want = run_all(lean, requests_for(tok, [None, "a0", "a1", "a0"])), run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))
+    assert got == want
+    assert len(steps) > 24  # every step of the lean engine took the lean forward
+    assert all(len(toks) == 24 for toks, _ in got.values())
+    # the wrapped q/v projections made those layers compute q, k, v separately; the others kept the fused GEMM
+    assert lean.runner.lean.qkv[0] is not None and type(lean.runner.model.model.layers[0].self_attn.q_proj) is not torch.nn.Linear
+
+
+def test_fused_qkv_weights_are_views_and_the_hf_path_is_unchanged():
+    model, tok = tiny("qwen2")
+    ids = torch.tensor([tok("Hello there").input_ids])
+    with torch.no_grad():
+        before = model(ids).logits
+    lean = LeanForward(model)
+    at = model.model.layers[0].self_attn
+    w, b, _ = lean.qkv[0]
+    assert at.q_proj.weight.data_ptr() == w.data_ptr() and at.v_proj.bias.data_ptr() == b[-at.v_proj.out_features :].data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_hooks_send_the_step_through_hf_modules():
+    model, tok = tiny("llama")
+    lean = LeanForward(model)
+    assert lean.applies()
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert not lean.applies()
+    handle.remove()
+    assert lean.applies()
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: setattr(c, "_attn_implementation", "eager"), "attention implementation"),
+    (lambda c: setattr(c, "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope type"),
+    (lambda c: setattr(c, "hidden_act", "gelu"), "activation"),
+    (lambda c: setattr(c, "model_type", "gpt2"), "model type"),
+])
+def test_unsupported_models_keep_hf_modules(change, needle):
+    model, tok = tiny("llama")
+    change(model.config)
+    reason = unsupported_reason(model, 160)
+    assert reason is not None and needle in reason
+    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=2))
+    assert engine.runner.lean is None
+
+
+def test_mistral_sliding_window_shorter_than_the_context_keeps_hf_modules():
+    model = MistralForCausalLM(MistralConfig(**SIZES, num_key_value_heads=2, sliding_window=64))
+    assert "sliding window" in unsupported_reason(model, 160)
+    assert unsupported_reason(model, 64) is None
