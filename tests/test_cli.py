@@ -14,7 +14,7 @@ def test_flags_override_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("argv,field", [(["--dtype", "fp8"], "--dtype"), (["--port", "0"], "--port"),
-                                        (["--adapter", "nopath"], "--adapter")])
+                                        (["--adapter", "nopath"], "--adapter"), (["--decoder", "fast"], "--decoder")])
 def test_bad_values_name_the_field(argv, field):
     with pytest.raises(SystemExit, match=field):
         cli.load_settings(argv + ["--base", "tiny"])
@@ -42,3 +42,10 @@ def test_dtype_resolution():
 
     fast = torch.cuda.is_available() or "amx_bf16" in cpu_ext.cpu_flags()
     assert cli.resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
+
+
+def test_decoder_flag_reaches_the_engine():
+    from server.cli import build_state
+
+    assert build_state(cli.load_settings(["--base", "tiny"])).engine.runner.lean is not None
+    assert build_state(cli.load_settings(["--base", "tiny", "--decoder", "hf"])).engine.runner.lean is None

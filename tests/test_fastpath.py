@@ -113,7 +113,7 @@ def test_fused_qkv_weights_are_views_and_the_hf_path_is_unchanged():
 
 
 def test_hooks_send_the_step_through_hf_modules():
-    model, tok = tiny("llama")
+    model, _ = tiny("llama")
     lean = LeanForward(model)
     assert lean.applies()
     handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)
