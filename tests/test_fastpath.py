@@ -72,8 +72,10 @@ def requests_for(tok, adapters):
     return out
 
 
-@pytest.mark.parametrize("arch,kv_heads", [("llama", 2), ("llama", 4), ("qwen2", 2), ("mistral", 1)])
-def test_lean_forward_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads):
+@pytest.mark.parametrize("arch,kv_heads,dtype", [("llama", 2, torch.float32), ("llama", 4, torch.float32),
+                                                 ("qwen2", 2, torch.float32), ("mistral", 1, torch.float32),
+                                                 ("llama", 2, torch.bfloat16), ("qwen2", 2, torch.bfloat16)])
+def test_lean_forward_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
     model, tok = tiny(arch, kv_heads)
     steps = []
     lean_call = LeanForward.__call__
@@ -90,6 +92,7 @@ def test_lean_forward_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch
         remix.save_adapter(model, tmp_path / f"a{i}")
         remix.unwrap(model)
         paths[f"a{i}"] = str(tmp_path / f"a{i}")
+    model.to(dtype)  # adapters are written in float32 and served on a model of either dtype
     lean, hf = both_engines(model, tok, paths)
     got, want = run_all(lean, requests_for(tok, [None, "a0", "a1", "a0"])), run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))
     assert got == want

@@ -310,3 +310,26 @@ def test_compiled_linear_leaves_what_it_does_not_cover_to_f_linear():
     wt = lin.weight.detach().t().contiguous().t()  # a non-contiguous weight
     with torch.no_grad():
         assert torch.equal(cpu_ext.linear(x, wt), F.linear(x, wt))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q", [1, 5])
+def test_compiled_kv_write_matches_index_put(dtype, q):
+    """kv_write_ puts each row's new keys at its own positions, exactly where index_put_ on the [b, P, H, Dh] view does
+    (a strided input, as the lean forward hands it: a transposed slice of the fused q/k/v output)."""
+    ext = _compiled()
+    S, H, P, Dh, b, row0 = 6, 3, 20, 8, 3, 2
+    cache = torch.randn(S, H, P, Dh).to(dtype)
+    fresh = torch.randn(b, q, 2 * H, Dh).to(dtype)[:, :, H:].transpose(1, 2)  # [b, H, q, Dh], not contiguous
+    pos = torch.stack([torch.randperm(P)[:q] for _ in range(b)])
+    want = cache.clone()
+    rows = torch.arange(b)[:, None].expand(b, q)
+    want[row0 : row0 + b].transpose(1, 2).index_put_((rows, pos), fresh.transpose(1, 2))
+    ext.kv_write_(cache, fresh, row0, pos)
+    assert torch.equal(cache, want)
+    with pytest.raises(RuntimeError, match="out of"):
+        ext.kv_write_(cache, fresh, row0, pos + P)
+    with pytest.raises(RuntimeError, match="rows out of the cache"):
+        ext.kv_write_(cache, fresh, S - 1, pos)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ext.kv_write_(cache, fresh.double(), row0, pos)

@@ -12,6 +12,7 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                takes ATen's GEMM first); call(x) -> (y, idx), or None when it does not apply
                                (autograd, changed weights, not a CPU float tensor)
     linear(x, w, bias)         that base GEMM alone: each thread MKL on its own slice of the outputs
+    kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
 rows of B held in registers while its tokens' y are updated), with explicit SIMD (GCC/Clang vector types)
@@ -575,7 +576,33 @@ struct ModuleCall {
   }
 };
 
+// cache[row0 + i, h, pos[i, j], :] = new[i, h, j, :] for every row i, query j and head h: a slot cache's K or V write,
+// one memcpy of a head's Dh values each (any dtype; new's last dim contiguous). The index_put_ it replaces costs
+// ~10-45 us a call in dispatch and index handling, twice a layer.
+void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Tensor pos) {
+  TORCH_CHECK(cache.device().is_cpu() && fresh.device().is_cpu() && cache.dim() == 4 && fresh.dim() == 4 && cache.is_contiguous(),
+              "cache must be a contiguous CPU [S, H, P, Dh] tensor, fresh a CPU [b, H, q, Dh] tensor");
+  TORCH_CHECK(fresh.scalar_type() == cache.scalar_type(), "fresh must have the cache's dtype");
+  const int64_t S = cache.size(0), H = cache.size(1), P = cache.size(2), Dh = cache.size(3);
+  const int64_t b = fresh.size(0), q = fresh.size(2);
+  TORCH_CHECK(fresh.size(1) == H && fresh.size(3) == Dh && (Dh == 1 || fresh.stride(3) == 1), "fresh must be [b, H, q, Dh] with Dh contiguous");
+  TORCH_CHECK(row0 >= 0 && row0 + b <= S, "rows out of the cache");
+  auto pc = pos.contiguous();
+  TORCH_CHECK(pc.scalar_type() == torch::kInt64 && pc.dim() == 2 && pc.size(0) == b && pc.size(1) == q, "pos must be int64 [b, q]");
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t e = 0; e < b * q; ++e) TORCH_CHECK(pp[e] >= 0 && pp[e] < P, "position ", pp[e], " out of [0, ", P, ")");
+  const int64_t es = cache.element_size(), row = Dh * es;
+  char* dst = static_cast<char*>(cache.data_ptr());
+  const char* src = static_cast<const char*>(fresh.data_ptr());
+  const int64_t s0 = fresh.stride(0) * es, s1 = fresh.stride(1) * es, s2 = fresh.stride(2) * es;
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < q; ++j)
+        std::memcpy(dst + (((row0 + i) * H + h) * P + pp[i * q + j]) * row, src + i * s0 + h * s1 + j * s2, row);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM (float32), else ATen's linear");
   m.def("gather_", &gather_, "y += the kernel contract's gather for given ids and weights, in place");
   m.def("route_gather_", &route_gather_, "top-k routing per token within its slot's pool, then the gather, in place");
@@ -639,7 +666,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v5_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v6_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

@@ -131,6 +131,8 @@ class LeanForward:
         half = Dh // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
         n_rep = H // Hkv
+        if mask.dtype == torch.bool:  # what SDPA would make of it in every layer (0 / -inf in the query's dtype), once
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(inner.layers):
             at, mlp = layer.self_attn, layer.mlp
             x = self._rms(h, layer.input_layernorm)
