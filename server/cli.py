@@ -36,8 +36,9 @@ OPTIONS = [  # (flag, type, default, help)
     ("drain_timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before exiting"),
     ("dtype", str, "float32", "weights and activations: float32, bfloat16 (~3x faster GEMMs, ~1.5x decode at batch 32 with AMX; "
                               "routing and adapter deltas stay float32) or auto (bfloat16 on CUDA or an AMX CPU)"),
-    ("decoder", str, "lean", "decoder stack: lean (Llama/Mistral/Qwen2: HF's ops without HF's Python plumbing, "
-                             "bit-identical, ~10 % faster at batch 1; other models fall back to hf) or hf (HF's modules)"),
+    ("decoder", str, "lean", "decoder stack: lean (Llama/Mistral/Qwen2: HF's ops without HF's Python plumbing and a "
+                             "compiled decode attention; other models fall back to hf), exact (the same with SDPA: "
+                             "bit-identical to hf) or hf (HF's modules)"),
     ("threads", int, 0, "torch threads (0 = torch's default)"),
     ("log_level", str, "info", "debug, info, warning or error"),
 ]
@@ -90,8 +91,8 @@ def load_settings(argv: list[str] | None = None) -> dict:
     settings["adapters"] = adapters
     if settings["dtype"] not in DTYPES:
         raise SystemExit(f"error: --dtype must be one of {', '.join(DTYPES)}, got {settings['dtype']!r}")
-    if settings["decoder"] not in ("lean", "hf"):
-        raise SystemExit(f"error: --decoder must be lean or hf, got {settings['decoder']!r}")
+    if settings["decoder"] not in ("lean", "exact", "hf"):
+        raise SystemExit(f"error: --decoder must be lean, exact or hf, got {settings['decoder']!r}")
     for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
@@ -151,7 +152,7 @@ def build_state(settings: dict):
     engine = Engine(model, tokenizer, EngineConfig(
         max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
         max_batched_tokens=settings["max_batched_tokens"], kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
-        lean_forward=settings["decoder"] == "lean"))
+        decoder=settings["decoder"]))
     for name, path in settings["adapters"].items():
         engine.load_adapter(name, path)  # AdapterError lists every problem
         log.info("loaded adapter %s from %s", name, path)

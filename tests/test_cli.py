@@ -47,5 +47,7 @@ def test_dtype_resolution():
 def test_decoder_flag_reaches_the_engine():
     from server.cli import build_state
 
-    assert build_state(cli.load_settings(["--base", "tiny"])).engine.runner.lean is not None
+    lean = build_state(cli.load_settings(["--base", "tiny"])).engine.runner.lean
+    assert lean is not None and lean.compiled_attention
+    assert not build_state(cli.load_settings(["--base", "tiny", "--decoder", "exact"])).engine.runner.lean.compiled_attention
     assert build_state(cli.load_settings(["--base", "tiny", "--decoder", "hf"])).engine.runner.lean is None

@@ -1,8 +1,10 @@
-"""The lean decoder forward (server/engine/fastpath.py) against Hugging Face's modules: bit-identical, or not taken.
+"""The lean decoder forward (server/engine/fastpath.py) against Hugging Face's modules.
 
-Every comparison below is exact (``==`` on token ids and on float log-probabilities): the lean forward runs the same
-ATen ops in the same order, and its two rewrites (one GEMM over [q; k; v], the rotary sign folded into sin) change no
-float. Two engines over copies of one model, one with ``lean_forward=False``, serve the same requests at once.
+``decoder="exact"`` is compared exactly (``==`` on token ids and on float log-probabilities): it runs the same ATen
+ops in the same order, and its rewrites (one GEMM over [q; k; v], the rotary sign folded into sin, the mask made
+additive once) change no float. ``decoder="lean"`` (the default) adds the compiled decode attention, which sums in
+another order: same tokens, log-probabilities within a stated tolerance. Engines over copies of one model serve the
+same requests at once.
 """
 
 import copy
@@ -51,15 +53,15 @@ def run_all(engine, requests):
     return {rid: ([t for e in evs for t in e.token_ids], [lp for e in evs for lp in e.logprobs]) for rid, evs in events.items()}
 
 
-def both_engines(model, tok, adapters: dict[str, str]):
+def engines_for(model, tok, adapters: dict[str, str], decoders=("exact", "hf")):
     cfg = dict(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16, max_batched_tokens=40)
     engines = []
-    for lean in (True, False):
-        engine = Engine(copy.deepcopy(model), tok, EngineConfig(**cfg, lean_forward=lean))
+    for decoder in decoders:
+        engine = Engine(copy.deepcopy(model), tok, EngineConfig(**cfg, decoder=decoder))
         for name, path in adapters.items():
             engine.load_adapter(name, path)
+        assert (engine.runner.lean is None) == (decoder == "hf")
         engines.append(engine)
-    assert engines[0].runner.lean is not None and engines[1].runner.lean is None
     return engines
 
 
@@ -72,16 +74,10 @@ def requests_for(tok, adapters):
     return out
 
 
-@pytest.mark.parametrize("arch,kv_heads,dtype", [("llama", 2, torch.float32), ("llama", 4, torch.float32),
-                                                 ("qwen2", 2, torch.float32), ("mistral", 1, torch.float32),
-                                                 ("llama", 2, torch.bfloat16), ("qwen2", 2, torch.bfloat16)])
-def test_lean_forward_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
-    model, tok = tiny(arch, kv_heads)
-    steps = []
-    lean_call = LeanForward.__call__
-    monkeypatch.setattr(LeanForward, "__call__", lambda self, *a: steps.append(1) or lean_call(self, *a))
+def two_adapters(model, tmp_path) -> dict[str, str]:
+    """Random adapters: a0 on the FFN (the default targets), a1 on q, v, o and down (so q/k/v cannot be fused)."""
     paths = {}
-    for i, targets in enumerate([None, ["q_proj", "v_proj", "o_proj", "down_proj"]]):  # the second wraps q and v
+    for i, targets in enumerate([None, ["q_proj", "v_proj", "o_proj", "down_proj"]]):
         cfg = remix.MixtureConfig(n=4, k=2, r=4, **({"targets": targets} if targets else {}))
         layers = remix.inject(model, cfg)
         g = torch.Generator().manual_seed(i)
@@ -92,14 +88,59 @@ def test_lean_forward_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch
         remix.save_adapter(model, tmp_path / f"a{i}")
         remix.unwrap(model)
         paths[f"a{i}"] = str(tmp_path / f"a{i}")
+    return paths
+
+
+@pytest.mark.parametrize("arch,kv_heads,dtype", [("llama", 2, torch.float32), ("llama", 4, torch.float32),
+                                                 ("qwen2", 2, torch.float32), ("mistral", 1, torch.float32),
+                                                 ("llama", 2, torch.bfloat16), ("qwen2", 2, torch.bfloat16)])
+def test_lean_forward_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
+    model, tok = tiny(arch, kv_heads)
+    steps = []
+    lean_call = LeanForward.__call__
+    monkeypatch.setattr(LeanForward, "__call__", lambda self, *a, **kw: steps.append(1) or lean_call(self, *a, **kw))
+    paths = two_adapters(model, tmp_path)
     model.to(dtype)  # adapters are written in float32 and served on a model of either dtype
-    lean, hf = both_engines(model, tok, paths)
+    lean, hf = engines_for(model, tok, paths)
     got, want = run_all(lean, requests_for(tok, [None, "a0", "a1", "a0"])), run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))
     assert got == want
     assert len(steps) > 24  # every step of the lean engine took the lean forward
     assert all(len(toks) == 24 for toks, _ in got.values())
     # the wrapped q/v projections made those layers compute q, k, v separately; the others kept the fused GEMM
     assert lean.runner.lean.qkv[0] is not None and type(lean.runner.model.model.layers[0].self_attn.q_proj) is not torch.nn.Linear
+
+
+@pytest.mark.parametrize("arch,kv_heads,dtype", [("llama", 2, torch.float32), ("qwen2", 1, torch.float32),
+                                                 ("llama", 2, torch.bfloat16)])
+def test_lean_decoder_with_compiled_attention_matches_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
+    """The default decoder: every decode step's attention runs the compiled kernel. float32: the same tokens as HF's
+    modules and log-probabilities within 1e-4 (the attention sums in another order, ~1e-7 relative). bfloat16: SDPA
+    rounds the softmax weights to bfloat16 before multiplying V, the kernel keeps them in float32, so the two differ by
+    about a bfloat16 ulp per layer and a sampled or near-tied token may go another way: log-probabilities within 0.1
+    for as long as both generate the same tokens, and at least the first two tokens shared (the first decode step's
+    attention included)."""
+    from remix.kernels import cpu_ext
+
+    ext = cpu_ext.load()
+    if ext is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    calls = []
+    kernel = ext.decode_attention
+    monkeypatch.setattr(ext, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    model, tok = tiny(arch, kv_heads)
+    paths = two_adapters(model, tmp_path)
+    model.to(dtype)
+    lean, hf = engines_for(model, tok, paths, decoders=("lean", "hf"))
+    got, want = run_all(lean, requests_for(tok, [None, "a0", "a1", "a0"])), run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))
+    assert len(calls) >= 2 * 23  # two layers, every decode step
+    for rid, (tokens, logprobs) in want.items():
+        if dtype == torch.float32:
+            assert got[rid][0] == tokens
+        shared = next((i for i, (a, b) in enumerate(zip(got[rid][0], tokens)) if a != b), len(tokens))
+        assert shared >= 2
+        for (tok_a, lp_a, top_a), (tok_b, lp_b, top_b) in list(zip(got[rid][1], logprobs))[:shared]:
+            assert tok_a == tok_b and abs(lp_a - lp_b) <= (1e-4 if dtype == torch.float32 else 0.1)
+            assert [t for t, _ in top_a] == [t for t, _ in top_b] or dtype == torch.bfloat16
 
 
 def test_fused_qkv_weights_are_views_and_the_hf_path_is_unchanged():

@@ -333,3 +333,41 @@ def test_compiled_kv_write_matches_index_put(dtype, q):
         ext.kv_write_(cache, fresh, S - 1, pos)
     with pytest.raises(RuntimeError, match="dtype"):
         ext.kv_write_(cache, fresh.double(), row0, pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Dh,Hkv,nrep", [(64, 3, 3), (64, 2, 1), (128, 1, 8), (64, 4, 2), (16, 2, 2), (32, 1, 3)])
+def test_compiled_decode_attention_matches_sdpa(dtype, Dh, Hkv, nrep):
+    """One query token per row over its own slot of the cache (rows row0.., lengths from 1 to P, not multiples of 16)
+    against SDPA with the boolean mask the engine builds; q taken from a fused [q; k; v]-like layout."""
+    ext = _compiled()
+    torch.manual_seed(Dh + Hkv + nrep)
+    S, P, b, row0, Hq = 7, 70, 5, 2, Hkv * nrep
+    K, V = torch.randn(S, Hkv, P, Dh).to(dtype), torch.randn(S, Hkv, P, Dh).to(dtype)
+    qk = (torch.randn(b, Hq + 2 * Hkv, Dh) * 2).to(dtype)  # scores of a few units: a peaked softmax is covered too
+    lens = torch.tensor([1, 70, 17, 33, 16])
+    got = ext.decode_attention(qk, K, V, row0, lens, Hq, Dh**-0.5)
+    span = int(lens.max())
+    mask = (torch.arange(span)[None, :] < lens[:, None])[:, None, None, :]
+    q = qk[:, :Hq].reshape(b, Hkv, nrep, Dh)
+    want = F.scaled_dot_product_attention(q.float(), K[row0 : row0 + b, :, :span].float(), V[row0 : row0 + b, :, :span].float(),
+                                          attn_mask=mask, scale=Dh**-0.5)
+    assert got.shape == (b, Hkv, nrep, Dh) and got.dtype == dtype
+    # float32: the same maths in another order; bfloat16: inputs exact, one rounding of the output (half an ulp)
+    tol = {"atol": 2e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
+    torch.testing.assert_close(got.float(), want, **tol)
+    assert torch.equal(got[0, 0, 0], V[row0, 0, 0])  # one position: its value, exactly
+
+
+def test_compiled_decode_attention_rejects_bad_input():
+    ext = _compiled()
+    K = torch.randn(4, 2, 10, 64)
+    qk = torch.randn(2, 6, 64)
+    with pytest.raises(RuntimeError, match="out of"):
+        ext.decode_attention(qk, K, K, 0, torch.tensor([3, 11]), 4, 0.125)
+    with pytest.raises(RuntimeError, match="rows out of the cache"):
+        ext.decode_attention(qk, K, K, 3, torch.tensor([3, 3]), 4, 0.125)
+    with pytest.raises(RuntimeError, match="head dim"):
+        ext.decode_attention(torch.randn(2, 6, 48), torch.randn(4, 2, 10, 48), torch.randn(4, 2, 10, 48), 0, torch.tensor([3, 3]), 4, 0.1)
+    with pytest.raises(RuntimeError, match="share"):
+        ext.decode_attention(qk.bfloat16(), K, K, 0, torch.tensor([3, 3]), 4, 0.125)

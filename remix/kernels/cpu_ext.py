@@ -13,6 +13,7 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                (autograd, changed weights, not a CPU float tensor)
     linear(x, w, bias)         that base GEMM alone: each thread MKL on its own slice of the outputs
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
+    decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
 rows of B held in registers while its tokens' y are updated), with explicit SIMD (GCC/Clang vector types)
@@ -420,6 +421,144 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   }
 }
 
+
+// ---- decode attention over a slot cache: one query token per row, each reading only its own row's first len positions
+
+typedef int32_t vi __attribute__((vector_size(L * sizeof(int32_t))));
+typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t)), aligned(sizeof(uint16_t))));
+typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
+inline vf load(const c10::BFloat16* p) {  // widen 16 bfloat16 values (exact)
+  const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
+  vf f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// exp(x) for x <= 0 (scores minus their maximum): Cephes' expf reduction and polynomial (~1 ulp), 2^n by exponent add
+inline vf vexp(vf x) {
+  const vf lo = vf{} - 87.f;
+  x = x < lo ? lo : x;
+  const vf magic = vf{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vf n = (x * 1.44269504088896341f + magic) - magic;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  vf e = p * r * r + r + 1.f;
+  vi bits;
+  std::memcpy(&bits, &e, sizeof e);
+  bits += __builtin_convertvector(n, vi) << 23;
+  std::memcpy(&e, &bits, sizeof e);
+  return e;
+}
+
+// Lane l of the result = the sum of a[REV4[l]]'s lanes, by a pairwise tree of shuffles (16 dots for ~30 operations
+// instead of 16 horizontal sums); the same order on every call.
+constexpr int REV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+inline vf reduce16(const vf* a) {
+#if defined(__clang__) || L != 16
+  vf out;
+  for (int l = 0; l < L; ++l) out[l] = hsum(a[REV4[l]]);
+  return out;
+#else
+  vf b[8], c[4], d[2];
+  for (int j = 0; j < 8; ++j)
+    b[j] = __builtin_shuffle(a[2 * j], a[2 * j + 1], vi{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+           __builtin_shuffle(a[2 * j], a[2 * j + 1], vi{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  for (int j = 0; j < 4; ++j)
+    c[j] = __builtin_shuffle(b[2 * j], b[2 * j + 1], vi{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
+           __builtin_shuffle(b[2 * j], b[2 * j + 1], vi{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  for (int j = 0; j < 2; ++j)
+    d[j] = __builtin_shuffle(c[2 * j], c[2 * j + 1], vi{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
+           __builtin_shuffle(c[2 * j], c[2 * j + 1], vi{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  return __builtin_shuffle(d[0], d[1], vi{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
+         __builtin_shuffle(d[0], d[1], vi{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+#endif
+}
+
+constexpr int MAX_GROUP = 8;  // query heads per key/value head
+
+// The nrep query heads of one key/value head of one row: softmax(scale * q K[:len]^T) V[:len], computed in float32
+// and rounded once to T. Scores 16 positions at a time (K rows read once per block, the block's next-but-one
+// prefetched), one pass of exp over the scores, then V read once for all nrep heads. s: scratch of nrep * (len + L).
+template <typename T, int DH>
+void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep, float scale, T* out, float* s) {
+  constexpr int NV = DH / L;
+  vf qv[MAX_GROUP][NV];
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < NV; ++c) qv[r][c] = load(q + r * DH + c * L) * scale;
+  const int64_t padded = (len + L - 1) / L * L;
+  const char* k_end = reinterpret_cast<const char*>(K + len * DH);
+  for (int64_t t0 = 0; t0 < len; t0 += L) {
+    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
+    for (int64_t o = 0; o < L * DH * static_cast<int64_t>(sizeof(T)); o += 64)  // K two blocks on, then V's start
+      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, 3);
+    const int64_t n = std::min<int64_t>(L, len - t0);
+    for (int64_t r = 0; r < nrep; ++r) {
+      vf a[L];
+      for (int j = 0; j < L; ++j) {
+        const T* k = K + (t0 + std::min<int64_t>(REV4[j], n - 1)) * DH;  // past len: the last row again, never used
+        vf acc = qv[r][0] * load(k);
+        for (int c = 1; c < NV; ++c) acc += qv[r][c] * load(k + c * L);
+        a[j] = acc;
+      }
+      store(s + r * padded + t0, reduce16(a));
+    }
+  }
+  float inv[MAX_GROUP];
+  for (int64_t r = 0; r < nrep; ++r) {
+    float* sr = s + r * padded;
+    for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;  // exp gives 0
+    vf mv = load(sr);
+    for (int64_t t = L; t < padded; t += L) { const vf x = load(sr + t); mv = mv > x ? mv : x; }
+    float m = mv[0];
+    for (int l = 1; l < L; ++l) m = mv[l] > m ? mv[l] : m;
+    vf sum = vf{};
+    for (int64_t t = 0; t < padded; t += L) { const vf e = vexp(load(sr + t) - m); store(sr + t, e); sum += e; }
+    inv[r] = 1.f / hsum(sum);
+  }
+  vf acc[MAX_GROUP][NV];
+  for (int64_t r = 0; r < nrep; ++r) for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
+  for (int64_t u = 0; u < len; ++u) {
+    const T* v = V + u * DH;
+    for (int64_t o = 0; o < DH * static_cast<int64_t>(sizeof(T)); o += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, 3);  // may run past the tensor: no fault
+    vf vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = load(v + c * L);
+    for (int64_t r = 0; r < nrep; ++r) {
+      const float p = s[r * padded + u];
+      for (int c = 0; c < NV; ++c) acc[r][c] += p * vv[c];
+    }
+  }
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < NV; ++c) {
+      const vf o = acc[r][c] * inv[r];
+      for (int l = 0; l < L; ++l) out[r * DH + c * L + l] = static_cast<T>(o[l]);
+    }
+}
+
+template <typename T, int DH>
+void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, int64_t row0, int64_t Hkv, int64_t P,
+                           const int64_t* lens, int64_t b, int64_t nrep, float scale, T* out) {
+  const int64_t items = b * Hkv;
+  int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), items);
+#ifndef _OPENMP
+  threads = 1;
+#endif
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> s(nrep * (P + L));
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t i = it / Hkv, g = it % Hkv, at = ((row0 + i) * Hkv + g) * P * DH;
+      attend_group<T, DH>(q + i * q_row + g * nrep * DH, K + at, V + at, lens[i], nrep, scale, out + it * nrep * DH, s.data());
+    }
+  }
+}
 }  // namespace
 
 // y[t] += sum_j weight[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]), in place (idx -1 = none). Returns y.
@@ -576,6 +715,44 @@ struct ModuleCall {
   }
 };
 
+
+// Attention of one decode token per row over a slot cache: row i (cache row row0 + i) attends to its first lens[i]
+// positions. qk: [b, >= Hq, Dh] (its first Hq heads are the queries, head stride Dh, as the fused q/k/v output gives
+// them); K, V: [S, Hkv, P, Dh] contiguous; query head h reads key/value head h / (Hq / Hkv), as repeat_kv maps them.
+// Returns [b, Hkv, Hq / Hkv, Dh] in qk's dtype (float32 or bfloat16; arithmetic in float32), the layout SDPA returns
+// for the GQA-packed query. Dh must be 16, 32, 64 or 128.
+torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor V, int64_t row0, torch::Tensor lens,
+                               int64_t Hq, double scale) {
+  TORCH_CHECK(qk.device().is_cpu() && qk.dim() == 3 && K.dim() == 4 && V.sizes() == K.sizes() && K.is_contiguous() &&
+              V.is_contiguous() && K.device().is_cpu() && V.device().is_cpu(),
+              "qk must be a CPU [b, heads, Dh] tensor, K and V contiguous CPU [S, Hkv, P, Dh] tensors");
+  TORCH_CHECK(qk.scalar_type() == K.scalar_type() && K.scalar_type() == V.scalar_type() &&
+              (qk.scalar_type() == torch::kFloat32 || qk.scalar_type() == torch::kBFloat16), "qk, K and V must share float32 or bfloat16");
+  const int64_t b = qk.size(0), Hkv = K.size(1), P = K.size(2), Dh = K.size(3);
+  TORCH_CHECK(Dh == 16 || Dh == 32 || Dh == 64 || Dh == 128, "head dim must be 16, 32, 64 or 128, got ", Dh);
+  TORCH_CHECK(qk.size(2) == Dh && qk.stride(2) == 1 && qk.stride(1) == Dh && qk.size(1) >= Hq, "qk must be [b, >= Hq, Dh] with heads Dh apart");
+  TORCH_CHECK(Hq >= Hkv && Hq % Hkv == 0 && Hq / Hkv <= MAX_GROUP, "query heads must be 1 to ", MAX_GROUP, " times the key/value heads");
+  TORCH_CHECK(row0 >= 0 && row0 + b <= K.size(0), "rows out of the cache");
+  auto ln = lens.contiguous();
+  TORCH_CHECK(ln.scalar_type() == torch::kInt64 && ln.numel() == b, "lens must be int64 [b]");
+  const int64_t* lp = ln.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) TORCH_CHECK(lp[i] >= 1 && lp[i] <= P, "lens[", i, "] = ", lp[i], " out of [1, ", P, "]");
+  const int64_t nrep = Hq / Hkv;
+  auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
+  const float sc = static_cast<float>(scale);
+  if (qk.scalar_type() == torch::kFloat32) {
+    auto f = Dh == 16 ? decode_attention_impl<float, 16> : Dh == 32 ? decode_attention_impl<float, 32>
+           : Dh == 64 ? decode_attention_impl<float, 64> : decode_attention_impl<float, 128>;
+    f(qk.data_ptr<float>(), qk.stride(0), K.data_ptr<float>(), V.data_ptr<float>(), row0, Hkv, P, lp, b, nrep, sc, out.data_ptr<float>());
+  } else {
+    using B = c10::BFloat16;
+    auto f = Dh == 16 ? decode_attention_impl<B, 16> : Dh == 32 ? decode_attention_impl<B, 32>
+           : Dh == 64 ? decode_attention_impl<B, 64> : decode_attention_impl<B, 128>;
+    f(qk.data_ptr<B>(), qk.stride(0), K.data_ptr<B>(), V.data_ptr<B>(), row0, Hkv, P, lp, b, nrep, sc, out.data_ptr<B>());
+  }
+  return out;
+}
+
 // cache[row0 + i, h, pos[i, j], :] = new[i, h, j, :] for every row i, query j and head h: a slot cache's K or V write,
 // one memcpy of a head's Dh values each (any dtype; new's last dim contiguous). The index_put_ it replaces costs
 // ~10-45 us a call in dispatch and index handling, twice a layer.
@@ -602,6 +779,7 @@ void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM (float32), else ATen's linear");
   m.def("gather_", &gather_, "y += the kernel contract's gather for given ids and weights, in place");
@@ -666,7 +844,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v6_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v7_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

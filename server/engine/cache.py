@@ -53,6 +53,10 @@ class SlotKVCache(Cache):
             v.transpose(1, 2).index_put_(self._write_index, value_states.transpose(1, 2))
         return k[:, :, : self._span], v[:, :, : self._span]
 
+    def storage(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Layer ``layer_idx``'s whole K and V [S, H, P + spare, Dh] and the first slot of the prepared forward."""
+        return self.k[layer_idx], self.v[layer_idx], self._rows.start
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._span
 

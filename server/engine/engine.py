@@ -64,7 +64,7 @@ class EngineConfig:
     max_batched_tokens: int = 512  # tokens per step (decode rows + prefill chunk)
     max_prefill_chunk: int = 256  # longest prefill chunk per sequence per step
     kv_budget_bytes: int = 4 << 30  # KV cache memory; slots = min(max_num_seqs, budget / bytes per slot)
-    lean_forward: bool = True  # Llama-family models: the decoder stack without HF's plumbing (server.engine.fastpath)
+    decoder: str = "lean"  # "lean" | "exact" | "hf": how the decoder stack runs (see server.engine.fastpath)
 
 
 class Engine:
@@ -77,7 +77,7 @@ class Engine:
         dtype = next(model.parameters()).dtype
         per_token = mc.num_hidden_layers * 2 * mc.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
         slots = min(cfg.max_num_seqs, max(1, cfg.kv_budget_bytes // (per_token * (cfg.max_model_len + cfg.max_prefill_chunk))))
-        self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, lean=cfg.lean_forward)
+        self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder)
         self.registry = AdapterRegistry(self.runner)
         self.num_slots = slots
         self.slot_seq: list[Sequence | None] = [None] * slots

@@ -28,7 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from remix.kernels import cpu_ext
+
 SUPPORTED = ("llama", "mistral", "qwen2")
+DECODERS = ("lean", "exact", "hf")  # lean: this forward + compiled decode attention; exact: SDPA everywhere; hf: HF's modules
 
 
 def unsupported_reason(model: nn.Module, max_len: int) -> str | None:
@@ -63,8 +66,9 @@ def unsupported_reason(model: nn.Module, max_len: int) -> str | None:
 class LeanForward:
     """The decoder stack's forward for :class:`server.engine.runner.ModelRunner` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compiled_attention: bool = True):
         self.inner = inner = model.model
+        self.compiled_attention = compiled_attention
         cfg = model.config
         self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.Dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
@@ -119,11 +123,17 @@ class LeanForward:
         h = h * torch.rsqrt(variance + norm.variance_epsilon)
         return norm.weight * h.to(dtype)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
-        """Hidden states [b, q, D] after the final norm; ``cache`` is the runner's prepared slot cache."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
+                 lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [b, q, D] after the final norm; ``cache`` is the runner's prepared slot cache. ``lens`` (one
+        query per row: row i attends to its first lens[i] positions, which is what ``mask`` says) lets the compiled
+        decode attention stand in for SDPA."""
         inner, H, Hkv, Dh = self.inner, self.H, self.Hkv, self.Dh
         b, q = tokens.shape
         h = inner.embed_tokens(tokens)
+        ext = None
+        if self.compiled_attention and lens is not None and q == 1 and Dh in (16, 32, 64, 128) and H // Hkv <= 8:
+            ext = cpu_ext.for_input(h)  # CPU float32 / bfloat16 with the compiled kernels built, else SDPA
         # LlamaRotaryEmbedding.forward (default rope, scaling 1), then the sign of rotate_half folded into sin
         freqs = positions[..., None].float() * inner.rotary_emb.inv_freq.to(device=h.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -141,7 +151,10 @@ class LeanForward:
             qk = qk * cos + qk.roll(half, -1) * sin
             k, v = cache.update(qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv :].transpose(1, 2), i)
             qs = qk[:, :, :H].transpose(1, 2)  # [b, H, q, Dh]
-            if n_rep > 1 and q == 1:  # as transformers' sdpa_attention_forward: one query packs its group's heads
+            if ext is not None:  # one decode token per row, each over its own slot's first lens positions
+                K, V, row0 = cache.storage(i)
+                o = ext.decode_attention(qk[:, 0], K, V, row0, lens, H, at.scaling)
+            elif n_rep > 1 and q == 1:  # as transformers' sdpa_attention_forward: one query packs its group's heads
                 o = F.scaled_dot_product_attention(qs.reshape(b, Hkv, n_rep, Dh), k, v, attn_mask=mask, scale=at.scaling)
             else:
                 if n_rep > 1:  # repeat_kv

@@ -3,8 +3,8 @@
 The base's Hugging Face modules hold the weights; each wrapped linear is a ``remix.stack.StackedLinear``
 that reads the step's :class:`remix.stack.RoutingContext` (token -> adapter slot, -1 = bare base) and
 calls the grouped gather kernel. For Llama-family models the decoder stack runs through
-:class:`server.engine.fastpath.LeanForward` (HF's ops in HF's order without its Python plumbing: bit-identical,
-~12 % faster at batch 1); any other model runs HF's modules. No Python loop over tokens or requests happens
+:class:`server.engine.fastpath.LeanForward` (HF's ops without its Python plumbing, decode attention compiled);
+any other model runs HF's modules. No Python loop over tokens or requests happens
 inside a forward.
 """
 
@@ -17,13 +17,13 @@ import torch.nn as nn
 
 from remix.stack import RoutingContext, StackedLinear, set_context
 from server.engine.cache import SlotKVCache, attention_mask
-from server.engine.fastpath import LeanForward, unsupported_reason
+from server.engine.fastpath import DECODERS, LeanForward, unsupported_reason
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, slots: int, max_len: int, max_chunk: int, lean: bool = True):
+    def __init__(self, model: nn.Module, slots: int, max_len: int, max_chunk: int, decoder: str = "lean"):
         self.model = model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -36,9 +36,12 @@ class ModelRunner:
                                  self.dtype, self.device)
         self.stacked: dict[str, StackedLinear] = {}
         self.last_trace: list | None = None
-        reason = unsupported_reason(model, max_len) if lean else "disabled"
-        self.lean = LeanForward(model) if reason is None else None  # None: HF's modules run the decoder stack
-        if reason is not None and lean:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        reason = unsupported_reason(model, max_len) if decoder != "hf" else "hf requested"
+        # None: HF's modules run the decoder stack
+        self.lean = LeanForward(model, compiled_attention=decoder == "lean") if reason is None else None
+        if reason is not None and decoder != "hf":
             log.info("decoder stack runs through Hugging Face's modules: %s", reason)
 
     def ensure_wrapped(self, names: list[str]) -> None:
@@ -75,7 +78,7 @@ class ModelRunner:
         set_context(ctx)
         try:
             if self.lean is not None and self.lean.applies():
-                hidden = self.lean(tokens, positions, mask, self.cache)
+                hidden = self.lean(tokens, positions, mask, self.cache, lens=starts + 1 if q == 1 and bool((counts == 1).all()) else None)
             else:
                 hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                                           past_key_values=self.cache, use_cache=True).last_hidden_state
