@@ -486,7 +486,8 @@ constexpr int MAX_GROUP = 8;  // query heads per key/value head
 // and rounded once to T. Scores 16 positions at a time (K rows read once per block, the block's next-but-one
 // prefetched), one pass of exp over the scores, then V read once for all nrep heads. s: scratch of nrep * (len + L).
 template <typename T, int DH>
-void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep, float scale, T* out, float* s) {
+void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep, float scale, T* out, float* s,
+                  const T* next_k) {
   constexpr int NV = DH / L;
   vf qv[MAX_GROUP][NV];
   for (int64_t r = 0; r < nrep; ++r)
@@ -527,6 +528,8 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
     const T* v = V + u * DH;
     for (int64_t o = 0; o < DH * static_cast<int64_t>(sizeof(T)); o += 64)
       __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, 3);  // may run past the tensor: no fault
+    if (next_k && u < 2 * L * DH * static_cast<int64_t>(sizeof(T)) / 64)  // the next group's first two K blocks, a line a row
+      __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, 3);
     vf vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = load(v + c * L);
     for (int64_t r = 0; r < nrep; ++r) {
@@ -555,7 +558,9 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t i = it / Hkv, g = it % Hkv, at = ((row0 + i) * Hkv + g) * P * DH;
-      attend_group<T, DH>(q + i * q_row + g * nrep * DH, K + at, V + at, lens[i], nrep, scale, out + it * nrep * DH, s.data());
+      const int64_t next = it + 1 < items ? (((row0 + (it + 1) / Hkv) * Hkv + (it + 1) % Hkv) * P * DH) : -1;
+      attend_group<T, DH>(q + i * q_row + g * nrep * DH, K + at, V + at, lens[i], nrep, scale, out + it * nrep * DH, s.data(),
+                          next >= 0 ? K + next : nullptr);
     }
   }
 }
