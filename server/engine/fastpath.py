@@ -16,8 +16,12 @@ what cannot change a bit:
 * plain linears run as ``F.linear`` (no module call); wrapped ones (``StackedLinear``) are called as modules, so
   routing, counting and traces are unchanged.
 
-The result is bit-identical to the HF module path (tests compare both on every supported architecture, prefill and
-decode, with and without adapters). It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU,
+With ``compiled_attention=False`` (``--decoder exact``) the result is bit-identical to the HF module path (tests
+compare both on every supported architecture, prefill and decode, float32 and bfloat16, with and without adapters).
+By default (``--decoder lean``) a decode step's attention runs the compiled kernel
+(:func:`remix.kernels.cpu_ext` ``decode_attention``: each row over its own slot's first ``len`` positions, no mask),
+which sums in another order: float32 results within ~1e-7 relative of SDPA, bfloat16 ones closer to float32 than
+SDPA's (which rounds the softmax weights to bfloat16 before multiplying V). It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU,
 SDPA attention and full attention in every layer; any other model, a forward hook on a decoder module, or a q/k/v
 projection wrapped by an adapter makes the runner (or that layer) take the HF modules as before.
 """
