@@ -91,8 +91,10 @@ def load_settings(argv: list[str] | None = None) -> dict:
     settings["adapters"] = adapters
     if settings["dtype"] not in DTYPES:
         raise SystemExit(f"error: --dtype must be one of {', '.join(DTYPES)}, got {settings['dtype']!r}")
-    if settings["decoder"] not in ("lean", "exact", "hf"):
-        raise SystemExit(f"error: --decoder must be lean, exact or hf, got {settings['decoder']!r}")
+    from server.engine.fastpath import DECODERS
+
+    if settings["decoder"] not in DECODERS:
+        raise SystemExit(f"error: --decoder must be one of {', '.join(DECODERS)}, got {settings['decoder']!r}")
     for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")

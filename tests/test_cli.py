@@ -47,7 +47,8 @@ def test_dtype_resolution():
 def test_decoder_flag_reaches_the_engine():
     from server.cli import build_state
 
-    lean = build_state(cli.load_settings(["--base", "tiny"])).engine.runner.lean
-    assert lean is not None and lean.compiled_attention
+    engine = build_state(cli.load_settings(["--base", "tiny"])).engine
+    assert engine.runner.lean is not None and engine.runner.lean.compiled_attention
+    assert engine.stats()["decoder"] == "lean" and "decoder_fallback" not in engine.stats()
     assert not build_state(cli.load_settings(["--base", "tiny", "--decoder", "exact"])).engine.runner.lean.compiled_attention
     assert build_state(cli.load_settings(["--base", "tiny", "--decoder", "hf"])).engine.runner.lean is None

@@ -94,7 +94,7 @@ def two_adapters(model, tmp_path) -> dict[str, str]:
 @pytest.mark.parametrize("arch,kv_heads,dtype", [("llama", 2, torch.float32), ("llama", 4, torch.float32),
                                                  ("qwen2", 2, torch.float32), ("mistral", 1, torch.float32),
                                                  ("llama", 2, torch.bfloat16), ("qwen2", 2, torch.bfloat16)])
-def test_lean_forward_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
+def test_exact_decoder_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
     model, tok = tiny(arch, kv_heads)
     steps = []
     lean_call = LeanForward.__call__
@@ -179,6 +179,8 @@ def test_unsupported_models_keep_hf_modules(change, needle):
     assert reason is not None and needle in reason
     engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=2))
     assert engine.runner.lean is None
+    stats = engine.stats()  # what /health reports: the mode in effect and why the requested one did not apply
+    assert stats["decoder"] == "hf" and needle in stats["decoder_fallback"]
 
 
 def test_mistral_sliding_window_shorter_than_the_context_keeps_hf_modules():

@@ -160,7 +160,9 @@ class Engine:
         capacity = self.num_slots * self.config.max_model_len
         return {"running": len(self.prefilling) + len(self.decoding), "waiting": len(self.waiting),
                 "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
-                "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps}
+                "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
+                "decoder": self.runner.decoder, **({"decoder_fallback": self.runner.decoder_fallback}
+                                                   if self.runner.decoder_fallback else {})}
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding or self._cancels)

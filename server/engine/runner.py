@@ -4,8 +4,7 @@ The base's Hugging Face modules hold the weights; each wrapped linear is a ``rem
 that reads the step's :class:`remix.stack.RoutingContext` (token -> adapter slot, -1 = bare base) and
 calls the grouped gather kernel. For Llama-family models the decoder stack runs through
 :class:`server.engine.fastpath.LeanForward` (HF's ops without its Python plumbing, decode attention compiled);
-any other model runs HF's modules. No Python loop over tokens or requests happens
-inside a forward.
+any other model runs HF's modules. No Python loop over tokens or requests happens inside a forward.
 """
 
 from __future__ import annotations
@@ -38,11 +37,13 @@ class ModelRunner:
         self.last_trace: list | None = None
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-        reason = unsupported_reason(model, max_len) if decoder != "hf" else "hf requested"
+        reason = unsupported_reason(model, max_len) if decoder != "hf" else None
         # None: HF's modules run the decoder stack
-        self.lean = LeanForward(model, compiled_attention=decoder == "lean") if reason is None else None
-        if reason is not None and decoder != "hf":
-            log.info("decoder stack runs through Hugging Face's modules: %s", reason)
+        self.lean = LeanForward(model, compiled_attention=decoder == "lean") if decoder != "hf" and reason is None else None
+        self.decoder = decoder if self.lean is not None else "hf"  # the mode in effect (/health reports it)
+        self.decoder_fallback = reason  # why a lean / exact request runs HF's modules, or None
+        if reason is not None:
+            log.warning("--decoder %s does not apply to this model (%s): HF's modules run the decoder stack", decoder, reason)
 
     def ensure_wrapped(self, names: list[str]) -> None:
         """Wrap these linear modules (if not yet) so adapters can be stacked on them."""
