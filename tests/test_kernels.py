@@ -371,3 +371,42 @@ def test_compiled_decode_attention_rejects_bad_input():
         ext.decode_attention(torch.randn(2, 6, 48), torch.randn(4, 2, 10, 48), torch.randn(4, 2, 10, 48), 0, torch.tensor([3, 3]), 4, 0.1)
     with pytest.raises(RuntimeError, match="share"):
         ext.decode_attention(qk.bfloat16(), K, K, 0, torch.tensor([3, 3]), 4, 0.125)
+
+
+def _bf16_close(got, want):
+    """Within one bfloat16 ulp (2^-7 relative) of the torch formula, which rounds at the same points."""
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2**-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_layer_ops_match_hf_formulas(dtype):
+    """The lean forward's fused ops against the ops Hugging Face's Llama modules run: residual add + RMSNorm,
+    rotary in place (both halves of each pair read before either is written), silu(gate) * up."""
+    ext = _compiled()
+    torch.manual_seed(0)
+    close = (lambda g, w: torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)) if dtype == torch.float32 else _bf16_close
+    h, delta, w = (torch.randn(3, 2, 96) * 3).to(dtype), torch.randn(3, 2, 96).to(dtype), torch.randn(96).to(dtype)
+    summed = h + delta
+
+    def hf_rms(x):
+        v = x.float().pow(2).mean(-1, keepdim=True)
+        return w * (x.float() * torch.rsqrt(v + 1e-5)).to(dtype)
+
+    out = ext.add_rms_norm_(h, delta, w, 1e-5)
+    assert torch.equal(h, summed)  # the residual add, in place, rounded as h + delta
+    close(out, hf_rms(summed))
+    close(ext.add_rms_norm_(h.clone(), torch.empty(0, dtype=dtype), w, 1e-5), hf_rms(summed))  # no residual
+    x = torch.randn(4, 5, 16).to(dtype)
+    ang = torch.rand(4, 8) * 6
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1).to(dtype), torch.cat([ang.sin(), ang.sin()], -1).to(dtype)
+    rot_half = torch.cat([-x[..., 8:], x[..., :8]], -1)
+    want = x * cos[:, None] + rot_half * sin[:, None]  # HF's apply_rotary_pos_emb
+    fused = torch.cat([x, torch.randn(4, 2, 16).to(dtype)], 1)  # rows 7 heads apart, as q/k inside a q/k/v output
+    ext.rotary_(fused[:, :5], cos, torch.cat([-sin[:, :8], sin[:, 8:]], -1))
+    close(fused[:, :5], want)
+    g, u = torch.randn(6, 40).to(dtype) * 4, torch.randn(6, 40).to(dtype)
+    close(ext.silu_mul(g, u), F.silu(g) * u)
+    with pytest.raises(RuntimeError, match="weight"):
+        ext.add_rms_norm_(h, delta, w[:10], 1e-5)
+    with pytest.raises(RuntimeError, match="Dh even"):
+        ext.rotary_(torch.randn(2, 2, 5), torch.randn(2, 5), torch.randn(2, 5))

@@ -14,6 +14,7 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     linear(x, w, bias)         that base GEMM alone: each thread MKL on its own slice of the outputs
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
     decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
+    add_rms_norm_, rotary_, silu_mul   small fused ops of a Llama decoder layer, for the engine's lean forward
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
 rows of B held in registers while its tokens' y are updated), with explicit SIMD (GCC/Clang vector types)
@@ -45,8 +46,10 @@ log = logging.getLogger(__name__)
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -758,6 +761,102 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
   return out;
 }
 
+// ---- small fused ops of a Llama decoder layer (the engine's lean forward): one call instead of 4-7 ATen ops each.
+// Each keeps Hugging Face's order of roundings in bfloat16 (float32 inside an op, the dtype between the ops HF runs);
+// float32 sums run in another order than ATen's.
+
+template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
+template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
+
+template <typename T>
+void add_rms_rows(T* h, const T* delta, const T* w, T* out, int64_t rows, int64_t D, float eps) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* hr = h + i * D;
+    if (delta) for (int64_t d = 0; d < D; ++d) hr[d] = from_f<T>(to_f(hr[d]) + to_f(delta[i * D + d]));  // h = h + delta
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) { const float v = to_f(hr[d]); ss += v * v; }
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t d = 0; d < D; ++d)  // LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
+      out[i * D + d] = from_f<T>(to_f(w[d]) * to_f(from_f<T>(to_f(hr[d]) * r)));
+  }
+}
+
+// h += delta (if given, in place, in h's dtype), then returns RMSNorm(h) * weight: the residual add of one sublayer
+// and the norm of the next in one pass. h, delta: [..., D] contiguous; weight [D]; all one dtype (float32 / bfloat16).
+torch::Tensor add_rms_norm_(torch::Tensor h, torch::Tensor delta, torch::Tensor weight, double eps) {
+  TORCH_CHECK(h.device().is_cpu() && h.is_contiguous() && weight.is_contiguous() && weight.dim() == 1 &&
+              h.size(-1) == weight.size(0) && weight.scalar_type() == h.scalar_type(), "h [..., D] contiguous, weight [D] of h's dtype");
+  TORCH_CHECK(!delta.defined() || delta.numel() == 0 || (delta.is_contiguous() && delta.sizes() == h.sizes() &&
+              delta.scalar_type() == h.scalar_type()), "delta must be h's shape and dtype");
+  TORCH_CHECK(h.scalar_type() == torch::kFloat32 || h.scalar_type() == torch::kBFloat16, "float32 or bfloat16");
+  const bool add = delta.defined() && delta.numel() > 0;
+  auto out = torch::empty_like(h);
+  const int64_t D = weight.size(0), rows = D ? h.numel() / D : 0;
+  if (h.scalar_type() == torch::kFloat32)
+    add_rms_rows<float>(h.data_ptr<float>(), add ? delta.data_ptr<float>() : nullptr, weight.data_ptr<float>(), out.data_ptr<float>(), rows, D, static_cast<float>(eps));
+  else {
+    using B = c10::BFloat16;
+    add_rms_rows<B>(h.data_ptr<B>(), add ? delta.data_ptr<B>() : nullptr, weight.data_ptr<B>(), out.data_ptr<B>(), rows, D, static_cast<float>(eps));
+  }
+  return out;
+}
+
+// In place on x [rows, heads, Dh] (heads Dh apart, rows any distance apart: the q and k heads of a fused q/k/v output):
+// x = x * cos + roll(x, Dh / 2) * sin_signed, with cos / sin_signed
+// [rows, Dh] (sin_signed: sin with its first half negated), each product and the sum rounded to x's dtype as HF's
+// apply_rotary_pos_emb does. Both halves of a pair are read before either is written.
+template <typename T>
+void rotary_rows(T* x, int64_t row_stride, const T* cs, const T* sn, int64_t rows, int64_t heads, int64_t Dh) {
+  const int64_t half = Dh / 2;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      T* v = x + i * row_stride + hd * Dh;
+      const T* c = cs + i * Dh;
+      const T* sgn = sn + i * Dh;
+      for (int64_t d = 0; d < half; ++d) {
+        const float a = to_f(v[d]), b = to_f(v[d + half]);
+        const T lo = from_f<T>(to_f(from_f<T>(a * to_f(c[d]))) + to_f(from_f<T>(b * to_f(sgn[d]))));
+        const T hi = from_f<T>(to_f(from_f<T>(b * to_f(c[d + half]))) + to_f(from_f<T>(a * to_f(sgn[d + half]))));
+        v[d] = lo;
+        v[d + half] = hi;
+      }
+    }
+}
+
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin_signed) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(2) % 2 == 0 && x.stride(2) == 1 && x.stride(1) == x.size(2) &&
+              x.stride(0) >= x.size(1) * x.size(2), "x must be [rows, heads, Dh] with heads Dh apart and Dh even");
+  TORCH_CHECK(cos.is_contiguous() && sin_signed.is_contiguous() && cos.dim() == 2 && cos.size(0) == x.size(0) &&
+              cos.size(1) == x.size(2) && sin_signed.sizes() == cos.sizes() && cos.scalar_type() == x.scalar_type() &&
+              sin_signed.scalar_type() == x.scalar_type(), "cos, sin_signed must be contiguous [rows, Dh] of x's dtype");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "float32 or bfloat16");
+  if (x.scalar_type() == torch::kFloat32)
+    rotary_rows<float>(x.data_ptr<float>(), x.stride(0), cos.data_ptr<float>(), sin_signed.data_ptr<float>(), x.size(0), x.size(1), x.size(2));
+  else {
+    using B = c10::BFloat16;
+    rotary_rows<B>(x.data_ptr<B>(), x.stride(0), cos.data_ptr<B>(), sin_signed.data_ptr<B>(), x.size(0), x.size(1), x.size(2));
+  }
+}
+
+// silu(gate) * up, each rounded to the dtype as HF's act_fn(gate_proj(x)) * up_proj(x); gate, up contiguous, one shape.
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
+  TORCH_CHECK(gate.device().is_cpu() && gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
+              gate.scalar_type() == up.scalar_type(), "gate and up must be contiguous CPU tensors of one shape and dtype");
+  TORCH_CHECK(gate.scalar_type() == torch::kFloat32 || gate.scalar_type() == torch::kBFloat16, "float32 or bfloat16");
+  auto out = torch::empty_like(gate);
+  const int64_t n = gate.numel();
+  auto run = [&](auto* g, auto* u, auto* o) {
+    using T = std::remove_pointer_t<decltype(o)>;
+    for (int64_t e = 0; e < n; ++e) {
+      const float a = to_f(g[e]);
+      o[e] = from_f<T>(to_f(from_f<T>(a / (1.f + std::exp(-a)))) * to_f(u[e]));
+    }
+  };
+  if (gate.scalar_type() == torch::kFloat32) run(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>());
+  else run(gate.data_ptr<c10::BFloat16>(), up.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+  return out;
+}
+
 // cache[row0 + i, h, pos[i, j], :] = new[i, h, j, :] for every row i, query j and head h: a slot cache's K or V write,
 // one memcpy of a head's Dh values each (any dtype; new's last dim contiguous). The index_put_ it replaces costs
 // ~10-45 us a call in dispatch and index handling, twice a layer.
@@ -784,6 +883,9 @@ void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
+  m.def("rotary_", &rotary_, "x = x * cos + roll(x, Dh / 2) * sin_signed in place (HF's roundings)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up (HF's roundings)");
   m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM (float32), else ATen's linear");
@@ -849,7 +951,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v7_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v8_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
@@ -922,6 +1024,7 @@ _MISSING = object()
 _DTYPES = (torch.float32, torch.bfloat16)
 NONE = torch.empty(0, dtype=torch.int64)  # for route_gather_'s optional tensors: no slot map (all slot 0), no counts
 NONE_F = torch.empty(0, dtype=torch.float32)  # linear's "no bias"
+NONE_OF = {torch.float32: NONE_F, torch.bfloat16: torch.empty(0, dtype=torch.bfloat16)}  # add_rms_norm_'s "no residual"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
