@@ -14,7 +14,7 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     linear(x, w, bias)         that base GEMM alone: each thread MKL on its own slice of the outputs
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
     decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
-    add_rms_norm_, rotary_, silu_mul   small fused ops of a Llama decoder layer, for the engine's lean forward
+    add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
 rows of B held in registers while its tokens' y are updated), with explicit SIMD (GCC/Clang vector types)
@@ -49,7 +49,6 @@ SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <memory>
-#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -761,7 +760,8 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
   return out;
 }
 
-// ---- small fused ops of a Llama decoder layer (the engine's lean forward): one call instead of 4-7 ATen ops each.
+// ---- small fused ops of a Llama decoder layer (the engine's lean forward, small steps): one call instead of 4-7
+// ATen ops each, on one thread.
 // Each keeps Hugging Face's order of roundings in bfloat16 (float32 inside an op, the dtype between the ops HF runs);
 // float32 sums run in another order than ATen's.
 
@@ -838,24 +838,6 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin_signed) {
   }
 }
 
-// silu(gate) * up, each rounded to the dtype as HF's act_fn(gate_proj(x)) * up_proj(x); gate, up contiguous, one shape.
-torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
-  TORCH_CHECK(gate.device().is_cpu() && gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
-              gate.scalar_type() == up.scalar_type(), "gate and up must be contiguous CPU tensors of one shape and dtype");
-  TORCH_CHECK(gate.scalar_type() == torch::kFloat32 || gate.scalar_type() == torch::kBFloat16, "float32 or bfloat16");
-  auto out = torch::empty_like(gate);
-  const int64_t n = gate.numel();
-  auto run = [&](auto* g, auto* u, auto* o) {
-    using T = std::remove_pointer_t<decltype(o)>;
-    for (int64_t e = 0; e < n; ++e) {
-      const float a = to_f(g[e]);
-      o[e] = from_f<T>(to_f(from_f<T>(a / (1.f + std::exp(-a)))) * to_f(u[e]));
-    }
-  };
-  if (gate.scalar_type() == torch::kFloat32) run(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>());
-  else run(gate.data_ptr<c10::BFloat16>(), up.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
-  return out;
-}
 
 // cache[row0 + i, h, pos[i, j], :] = new[i, h, j, :] for every row i, query j and head h: a slot cache's K or V write,
 // one memcpy of a head's Dh values each (any dtype; new's last dim contiguous). The index_put_ it replaces costs
@@ -885,7 +867,6 @@ void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
   m.def("rotary_", &rotary_, "x = x * cos + roll(x, Dh / 2) * sin_signed in place (HF's roundings)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up (HF's roundings)");
   m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM (float32), else ATen's linear");
@@ -951,7 +932,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v8_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v9_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

@@ -21,10 +21,11 @@ compare both on every supported architecture, prefill and decode, float32 and bf
 By default (``--decoder lean``), on CPU with the compiled kernels, three things run compiled instead
 (:mod:`remix.kernels.cpu_ext`): a decode step's attention (``decode_attention``: each row over its own slot's first
 ``len`` positions, no mask; float32 within ~1e-7 relative of SDPA, bfloat16 closer to float32 than SDPA, which rounds
-the softmax weights to bfloat16 before multiplying V); each residual add with the RMSNorm after it
-(``add_rms_norm_``), the rotary embedding in place on the q/k/v output (``rotary_``) and ``silu(gate) * up``
-(``silu_mul``), one call each instead of 4-7 ATen ops, with HF's roundings in bfloat16 and float32 sums in another
-order than ATen's. At one sequence that is most of a step's dispatch: 35.7 -> 30.0 ms a float32 decode step. It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU,
+the softmax weights to bfloat16 before multiplying V); and in steps of up to ``SMALL_STEP`` tokens each residual
+add with the RMSNorm after it (``add_rms_norm_``) and the rotary embedding in place on the q/k/v output (``rotary_``),
+one call each instead of 4-7 ATen ops, with HF's roundings in bfloat16 and float32 sums in another order than ATen's.
+At one sequence that is most of a step's dispatch: 35.7 -> 30.0 ms a float32 decode step. (They run on one thread,
+so larger steps keep ATen's multi-threaded ops; a compiled silu(gate) * up was never faster than ATen's two ops.) It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU,
 SDPA attention and full attention in every layer; any other model, a forward hook on a decoder module, or a q/k/v
 projection wrapped by an adapter makes the runner (or that layer) take the HF modules as before.
 """
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from remix.kernels import cpu_ext
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+SMALL_STEP = 32  # tokens: up to here the compiled norm and rotary beat ATen's ops (measured at 1 / 32 / 64 / 512)
 DECODERS = ("lean", "exact", "hf")  # lean: this forward + compiled decode attention; exact: SDPA everywhere; hf: HF's modules
 
 
@@ -138,11 +140,12 @@ class LeanForward:
         inner, H, Hkv, Dh = self.inner, self.H, self.Hkv, self.Dh
         b, q = tokens.shape
         h = inner.embed_tokens(tokens)
-        # lean: the compiled layer ops (CPU float32 / bfloat16 with the kernels built); exact, or elsewhere: ATen's
-        ops = cpu_ext.for_input(h) if self.compiled_attention else None
+        lean = cpu_ext.for_input(h) if self.compiled_attention else None  # CPU float32 / bfloat16, kernels built
         ext = None
-        if ops is not None and lens is not None and q == 1 and Dh in (16, 32, 64, 128) and H // Hkv <= 8:
-            ext = ops  # one decode token per row: the compiled attention over the slot cache
+        if lean is not None and lens is not None and q == 1 and Dh in (16, 32, 64, 128) and H // Hkv <= 8:
+            ext = lean  # one decode token per row: the compiled attention over the slot cache
+        # the compiled norm and rotary: single-threaded, so only where they beat ATen's multi-threaded ops (small steps)
+        ops = lean if b * q <= SMALL_STEP else None
         # LlamaRotaryEmbedding.forward (default rope, scaling 1), then the sign of rotate_half folded into sin
         freqs = positions[..., None].float() * inner.rotary_emb.inv_freq.to(device=h.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -195,10 +198,5 @@ class LeanForward:
             o = o.reshape(b, H, q, Dh).transpose(1, 2).reshape(b, q, H * Dh)
             pending = self._linear(at.o_proj, o)
             x = norm(layer.post_attention_layernorm)
-            gate, up = self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)
-            if ops is not None:
-                act = ops.silu_mul(gate.contiguous(), up.contiguous())
-            else:
-                act = F.silu(gate) * up
-            pending = self._linear(mlp.down_proj, act)
+            pending = self._linear(mlp.down_proj, F.silu(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
         return norm(inner.norm)
