@@ -48,7 +48,7 @@ def test_decoder_flag_reaches_the_engine():
     from server.cli import build_state
 
     engine = build_state(cli.load_settings(["--base", "tiny"])).engine
-    assert engine.runner.lean is not None and engine.runner.lean.compiled_attention
+    assert engine.runner.lean is not None and engine.runner.lean.compiled
     assert engine.stats()["decoder"] == "lean" and "decoder_fallback" not in engine.stats()
-    assert not build_state(cli.load_settings(["--base", "tiny", "--decoder", "exact"])).engine.runner.lean.compiled_attention
+    assert not build_state(cli.load_settings(["--base", "tiny", "--decoder", "exact"])).engine.runner.lean.compiled
     assert build_state(cli.load_settings(["--base", "tiny", "--decoder", "hf"])).engine.runner.lean is None

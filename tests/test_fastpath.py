@@ -112,7 +112,7 @@ def test_exact_decoder_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arc
 
 @pytest.mark.parametrize("arch,kv_heads,dtype", [("llama", 2, torch.float32), ("qwen2", 1, torch.float32),
                                                  ("llama", 2, torch.bfloat16)])
-def test_lean_decoder_with_compiled_attention_matches_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
+def test_lean_decoder_with_compiled_matches_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
     """The default decoder: every decode step's attention runs the compiled kernel. float32: the same tokens as HF's
     modules and log-probabilities within 1e-4 (the attention sums in another order, ~1e-7 relative). bfloat16: SDPA
     rounds the softmax weights to bfloat16 before multiplying V, the kernel keeps them in float32, so the two differ by
@@ -140,7 +140,8 @@ def test_lean_decoder_with_compiled_attention_matches_hf_modules(tmp_path, monke
         assert shared >= 2
         for (tok_a, lp_a, top_a), (tok_b, lp_b, top_b) in list(zip(got[rid][1], logprobs))[:shared]:
             assert tok_a == tok_b and abs(lp_a - lp_b) <= (1e-4 if dtype == torch.float32 else 0.1)
-            assert [t for t, _ in top_a] == [t for t, _ in top_b] or dtype == torch.bfloat16
+            if dtype == torch.float32:  # bfloat16 alternatives within an ulp of each other may swap places
+                assert [t for t, _ in top_a] == [t for t, _ in top_b]
 
 
 def test_fused_qkv_weights_are_views_and_the_hf_path_is_unchanged():

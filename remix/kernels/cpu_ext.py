@@ -341,6 +341,25 @@ inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh) {
   return {std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L)};
 }
 
+// Threads for a parallel region over `items` units of work: torch's setting, capped by the work; 1 inside another
+// region or without OpenMP (then torch's parallel_for runs serially too).
+inline int64_t region_threads(int64_t items) {
+#ifdef _OPENMP
+  return at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), items);
+#else
+  return 1;
+#endif
+}
+
+// (this thread's index, the region's thread count) inside an OpenMP region; (0, 1) without OpenMP.
+inline std::pair<int64_t, int64_t> region_thread() {
+#ifdef _OPENMP
+  return {omp_get_thread_num(), omp_get_num_threads()};
+#else
+  return {0, 1};
+#endif
+}
+
 constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the pools' reads instead of the tokens
 
 // Optionally route (rt non-null: fills sel/w), then gather, for x [T, D] and y [T, O] (float32 or bfloat16), in place.
@@ -356,10 +375,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   const int64_t T = x.size(0), D = pl.D, O = pl.O;
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(!(bf16 && gemm.on()), "the fused base GEMM is float32 only");
-  int64_t P = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
-#ifndef _OPENMP
-  P = 1;
-#endif
+  const int64_t P = region_threads(gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
   const float* X = bf16 ? nullptr : x.data_ptr<float>();
   float* Y = bf16 ? nullptr : y.data_ptr<float>();
   std::vector<float> xbuf, ybuf;
@@ -381,11 +397,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   if (T >= SPLIT_POOLS_BELOW) {
 #pragma omp parallel num_threads(P)
     {
-#ifdef _OPENMP
-      const int64_t h = omp_get_thread_num(), nh = omp_get_num_threads();
-#else
-      const int64_t h = 0, nh = 1;
-#endif
+      const auto [h, nh] = region_thread();
       if (gemm.on()) {  // the GEMM by output slices, then the gather by tokens
         const auto [o0, o1] = out_slice(O, h, nh);
         gemm(X, Y, T, D, O, o0, o1);
@@ -398,11 +410,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   std::vector<float> U(T * k * pl.r);
 #pragma omp parallel num_threads(P)
   {
-#ifdef _OPENMP
-    const int64_t h = omp_get_thread_num(), nh = omp_get_num_threads();
-#else
-    const int64_t h = 0, nh = 1;
-#endif
+    const auto [h, nh] = region_thread();
     {  // stage 1: widen and route a share of the tokens
       const int64_t t0 = T * h / nh, t1 = T * (h + 1) / nh;
       if (bf16 && t1 > t0) widen(xh + t0 * D, xbuf.data() + t0 * D, (t1 - t0) * D);
@@ -550,11 +558,7 @@ template <typename T, int DH>
 void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, int64_t row0, int64_t Hkv, int64_t P,
                            const int64_t* lens, int64_t b, int64_t nrep, float scale, T* out) {
   const int64_t items = b * Hkv;
-  int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), items);
-#ifndef _OPENMP
-  threads = 1;
-#endif
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(region_threads(items))
   {
     std::vector<float> s(nrep * (P + L));
 #pragma omp for schedule(static)
@@ -662,20 +666,13 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) 
   auto y = torch::empty({T, O}, x2.options());
   const float* X = x2.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  int64_t P = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), (O + 2 * L - 1) / (2 * L));
-#ifndef _OPENMP
-  P = 1;
-#endif
+  const int64_t P = region_threads((O + 2 * L - 1) / (2 * L));
   if (P <= 1) {
     gemm(X, Y, T, D, O, 0, O);
   } else {
 #pragma omp parallel num_threads(P)
     {
-#ifdef _OPENMP
-      const int64_t h = omp_get_thread_num(), nh = omp_get_num_threads();
-#else
-      const int64_t h = 0, nh = 1;
-#endif
+      const auto [h, nh] = region_thread();
       const auto [o0, o1] = out_slice(O, h, nh);
       gemm(X, Y, T, D, O, o0, o1);
     }
@@ -723,6 +720,14 @@ struct ModuleCall {
 };
 
 
+// Calls f(float{}) or f(c10::BFloat16{}) by dtype: the element type of the float32 / bfloat16 ops below.
+template <typename F>
+void by_dtype(at::ScalarType t, F&& f) {
+  TORCH_CHECK(t == torch::kFloat32 || t == torch::kBFloat16, "float32 or bfloat16 only");
+  if (t == torch::kFloat32) f(float{});
+  else f(c10::BFloat16{});
+}
+
 // Attention of one decode token per row over a slot cache: row i (cache row row0 + i) attends to its first lens[i]
 // positions. qk: [b, >= Hq, Dh] (its first Hq heads are the queries, head stride Dh, as the fused q/k/v output gives
 // them); K, V: [S, Hkv, P, Dh] contiguous; query head h reads key/value head h / (Hq / Hkv), as repeat_kv maps them.
@@ -746,17 +751,13 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
   for (int64_t i = 0; i < b; ++i) TORCH_CHECK(lp[i] >= 1 && lp[i] <= P, "lens[", i, "] = ", lp[i], " out of [1, ", P, "]");
   const int64_t nrep = Hq / Hkv;
   auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
-  const float sc = static_cast<float>(scale);
-  if (qk.scalar_type() == torch::kFloat32) {
-    auto f = Dh == 16 ? decode_attention_impl<float, 16> : Dh == 32 ? decode_attention_impl<float, 32>
-           : Dh == 64 ? decode_attention_impl<float, 64> : decode_attention_impl<float, 128>;
-    f(qk.data_ptr<float>(), qk.stride(0), K.data_ptr<float>(), V.data_ptr<float>(), row0, Hkv, P, lp, b, nrep, sc, out.data_ptr<float>());
-  } else {
-    using B = c10::BFloat16;
-    auto f = Dh == 16 ? decode_attention_impl<B, 16> : Dh == 32 ? decode_attention_impl<B, 32>
-           : Dh == 64 ? decode_attention_impl<B, 64> : decode_attention_impl<B, 128>;
-    f(qk.data_ptr<B>(), qk.stride(0), K.data_ptr<B>(), V.data_ptr<B>(), row0, Hkv, P, lp, b, nrep, sc, out.data_ptr<B>());
-  }
+  by_dtype(qk.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto f = Dh == 16 ? decode_attention_impl<T, 16> : Dh == 32 ? decode_attention_impl<T, 32>
+           : Dh == 64 ? decode_attention_impl<T, 64> : decode_attention_impl<T, 128>;
+    f(qk.data_ptr<T>(), qk.stride(0), K.data_ptr<T>(), V.data_ptr<T>(), row0, Hkv, P, lp, b, nrep, static_cast<float>(scale),
+      out.data_ptr<T>());
+  });
   return out;
 }
 
@@ -788,16 +789,14 @@ torch::Tensor add_rms_norm_(torch::Tensor h, torch::Tensor delta, torch::Tensor 
               h.size(-1) == weight.size(0) && weight.scalar_type() == h.scalar_type(), "h [..., D] contiguous, weight [D] of h's dtype");
   TORCH_CHECK(!delta.defined() || delta.numel() == 0 || (delta.is_contiguous() && delta.sizes() == h.sizes() &&
               delta.scalar_type() == h.scalar_type()), "delta must be h's shape and dtype");
-  TORCH_CHECK(h.scalar_type() == torch::kFloat32 || h.scalar_type() == torch::kBFloat16, "float32 or bfloat16");
   const bool add = delta.defined() && delta.numel() > 0;
   auto out = torch::empty_like(h);
   const int64_t D = weight.size(0), rows = D ? h.numel() / D : 0;
-  if (h.scalar_type() == torch::kFloat32)
-    add_rms_rows<float>(h.data_ptr<float>(), add ? delta.data_ptr<float>() : nullptr, weight.data_ptr<float>(), out.data_ptr<float>(), rows, D, static_cast<float>(eps));
-  else {
-    using B = c10::BFloat16;
-    add_rms_rows<B>(h.data_ptr<B>(), add ? delta.data_ptr<B>() : nullptr, weight.data_ptr<B>(), out.data_ptr<B>(), rows, D, static_cast<float>(eps));
-  }
+  by_dtype(h.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    add_rms_rows<T>(h.data_ptr<T>(), add ? delta.data_ptr<T>() : nullptr, weight.data_ptr<T>(), out.data_ptr<T>(), rows, D,
+                    static_cast<float>(eps));
+  });
   return out;
 }
 
@@ -829,13 +828,10 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin_signed) {
   TORCH_CHECK(cos.is_contiguous() && sin_signed.is_contiguous() && cos.dim() == 2 && cos.size(0) == x.size(0) &&
               cos.size(1) == x.size(2) && sin_signed.sizes() == cos.sizes() && cos.scalar_type() == x.scalar_type() &&
               sin_signed.scalar_type() == x.scalar_type(), "cos, sin_signed must be contiguous [rows, Dh] of x's dtype");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "float32 or bfloat16");
-  if (x.scalar_type() == torch::kFloat32)
-    rotary_rows<float>(x.data_ptr<float>(), x.stride(0), cos.data_ptr<float>(), sin_signed.data_ptr<float>(), x.size(0), x.size(1), x.size(2));
-  else {
-    using B = c10::BFloat16;
-    rotary_rows<B>(x.data_ptr<B>(), x.stride(0), cos.data_ptr<B>(), sin_signed.data_ptr<B>(), x.size(0), x.size(1), x.size(2));
-  }
+  by_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    rotary_rows<T>(x.data_ptr<T>(), x.stride(0), cos.data_ptr<T>(), sin_signed.data_ptr<T>(), x.size(0), x.size(1), x.size(2));
+  });
 }
 
 
@@ -932,7 +928,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v9_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v10_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
@@ -1004,8 +1000,7 @@ def for_input(x) -> object | None:
 _MISSING = object()
 _DTYPES = (torch.float32, torch.bfloat16)
 NONE = torch.empty(0, dtype=torch.int64)  # for route_gather_'s optional tensors: no slot map (all slot 0), no counts
-NONE_F = torch.empty(0, dtype=torch.float32)  # linear's "no bias"
-NONE_OF = {torch.float32: NONE_F, torch.bfloat16: torch.empty(0, dtype=torch.bfloat16)}  # add_rms_norm_'s "no residual"
+NONE_F = torch.empty(0, dtype=torch.float32)  # linear's "no bias", add_rms_norm_'s "no residual" (any dtype when empty)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

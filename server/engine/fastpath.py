@@ -16,17 +16,19 @@ what cannot change a bit:
 * plain linears run as ``F.linear`` (no module call); wrapped ones (``StackedLinear``) are called as modules, so
   routing, counting and traces are unchanged.
 
-With ``compiled_attention=False`` (``--decoder exact``) the result is bit-identical to the HF module path (tests
+With ``compiled=False`` (``--decoder exact``) the result is bit-identical to the HF module path (tests
 compare both on every supported architecture, prefill and decode, float32 and bfloat16, with and without adapters).
-By default (``--decoder lean``), on CPU with the compiled kernels, three things run compiled instead
+By default (``--decoder lean``, ``compiled=True``), on CPU with the compiled kernels, three things run compiled instead
 (:mod:`remix.kernels.cpu_ext`): a decode step's attention (``decode_attention``: each row over its own slot's first
 ``len`` positions, no mask; float32 within ~1e-7 relative of SDPA, bfloat16 closer to float32 than SDPA, which rounds
 the softmax weights to bfloat16 before multiplying V); and in steps of up to ``SMALL_STEP`` tokens each residual
 add with the RMSNorm after it (``add_rms_norm_``) and the rotary embedding in place on the q/k/v output (``rotary_``),
 one call each instead of 4-7 ATen ops, with HF's roundings in bfloat16 and float32 sums in another order than ATen's.
 At one sequence that is most of a step's dispatch: 35.7 -> 30.0 ms a float32 decode step. (They run on one thread,
-so larger steps keep ATen's multi-threaded ops; a compiled silu(gate) * up was never faster than ATen's two ops.) It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU,
-SDPA attention and full attention in every layer; any other model, a forward hook on a decoder module, or a q/k/v
+so larger steps keep ATen's multi-threaded ops; a compiled silu(gate) * up was never faster than ATen's two ops.)
+
+It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU, SDPA attention and full attention
+in every layer; any other model, a forward hook on a decoder module, or a q/k/v
 projection wrapped by an adapter makes the runner (or that layer) take the HF modules as before.
 """
 
@@ -40,7 +42,7 @@ from remix.kernels import cpu_ext
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 SMALL_STEP = 32  # tokens: up to here the compiled norm and rotary beat ATen's ops (measured at 1 / 32 / 64 / 512)
-DECODERS = ("lean", "exact", "hf")  # lean: this forward + compiled decode attention; exact: SDPA everywhere; hf: HF's modules
+DECODERS = ("lean", "exact", "hf")  # lean: this forward + the compiled ops; exact: ATen's ops and SDPA only; hf: HF's modules
 
 
 def unsupported_reason(model: nn.Module, max_len: int) -> str | None:
@@ -75,9 +77,9 @@ def unsupported_reason(model: nn.Module, max_len: int) -> str | None:
 class LeanForward:
     """The decoder stack's forward for :class:`server.engine.runner.ModelRunner` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, compiled_attention: bool = True):
+    def __init__(self, model: nn.Module, compiled: bool = True):
         self.inner = inner = model.model
-        self.compiled_attention = compiled_attention
+        self.compiled = compiled
         cfg = model.config
         self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.Dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
@@ -140,7 +142,7 @@ class LeanForward:
         inner, H, Hkv, Dh = self.inner, self.H, self.Hkv, self.Dh
         b, q = tokens.shape
         h = inner.embed_tokens(tokens)
-        lean = cpu_ext.for_input(h) if self.compiled_attention else None  # CPU float32 / bfloat16, kernels built
+        lean = cpu_ext.for_input(h) if self.compiled else None  # CPU float32 / bfloat16, kernels built
         ext = None
         if lean is not None and lens is not None and q == 1 and Dh in (16, 32, 64, 128) and H // Hkv <= 8:
             ext = lean  # one decode token per row: the compiled attention over the slot cache
@@ -157,14 +159,14 @@ class LeanForward:
         else:
             cos, sin = cos[:, :, None], sin[:, :, None]  # [b, q, 1, Dh]
         n_rep = H // Hkv
-        if mask.dtype == torch.bool:  # what SDPA would make of it in every layer (0 / -inf in the query's dtype), once
+        if ext is None and mask.dtype == torch.bool:  # what SDPA would make of it in every layer (0 / -inf), once
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         pending = None  # a sublayer's output not yet added into h: the compiled norm adds it in the same pass
 
         def norm(module: nn.Module) -> torch.Tensor:
             nonlocal h, pending
             if ops is not None:
-                out = ops.add_rms_norm_(h, pending if pending is not None else cpu_ext.NONE_OF[h.dtype], module.weight,
+                out = ops.add_rms_norm_(h, pending if pending is not None else cpu_ext.NONE_F, module.weight,
                                         module.variance_epsilon)
             else:
                 if pending is not None:

@@ -3,7 +3,7 @@
 The base's Hugging Face modules hold the weights; each wrapped linear is a ``remix.stack.StackedLinear``
 that reads the step's :class:`remix.stack.RoutingContext` (token -> adapter slot, -1 = bare base) and
 calls the grouped gather kernel. For Llama-family models the decoder stack runs through
-:class:`server.engine.fastpath.LeanForward` (HF's ops without its Python plumbing, decode attention compiled);
+:class:`server.engine.fastpath.LeanForward` (HF's ops without its Python plumbing, a few compiled on CPU);
 any other model runs HF's modules. No Python loop over tokens or requests happens inside a forward.
 """
 
@@ -39,7 +39,7 @@ class ModelRunner:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         reason = unsupported_reason(model, max_len) if decoder != "hf" else None
         # None: HF's modules run the decoder stack
-        self.lean = LeanForward(model, compiled_attention=decoder == "lean") if decoder != "hf" and reason is None else None
+        self.lean = LeanForward(model, compiled=decoder == "lean") if decoder != "hf" and reason is None else None
         self.decoder = decoder if self.lean is not None else "hf"  # the mode in effect (/health reports it)
         self.decoder_fallback = reason  # why a lean / exact request runs HF's modules, or None
         if reason is not None:
