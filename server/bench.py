@@ -1,6 +1,7 @@
 """End-to-end generation benchmark: our engine against Hugging Face ``generate``, in one run.
 
     python -m server.bench --json out.json [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 128]
+                           [--dtype float32|bfloat16|auto] [--device cpu|cuda|auto]
 
 On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill included) it measures:
   hf_generate        HF generate, static batch, base only (the peer everyone has)
@@ -9,7 +10,8 @@ On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill inc
   engine_remix       our engine, one ReMix adapter (n=8, k=2, r=8 on every FFN projection)
   engine_4adapters   our engine, four such adapters mixed round-robin in every batch
 at each concurrency, plus the engine's mean decode-step time and the time of that step's weight GEMMs alone at the
-same batch (the floor on this CPU), and prints/writes the ratios with their goals.
+same batch (the floor on this machine), and prints/writes the ratios with their goals. On CUDA every timing ends with
+a device synchronisation.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 import remix
 from remix import routing
 from remix.kernels import cpu_ext, tune_cpu_allocator
-from server.cli import DTYPES, resolve_dtype
+from server.cli import DEVICES, DTYPES, resolve_device, resolve_dtype
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 TEXT = ("The history of the river valley is long and varied. Farmers, traders and travellers have passed through it "
@@ -72,12 +74,20 @@ def prompts_of(tokenizer, count: int, length: int) -> list[list[int]]:
     return [ids[i : i + length] for i in range(count)]  # distinct prompts of exactly `length` tokens
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_hf(model, prompts, new_tokens) -> float:
-    ids = torch.tensor(prompts)
+    device = next(model.parameters()).device
+    ids = torch.tensor(prompts, device=device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -99,14 +109,18 @@ def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]
 def gemm_floor(model, batch: int, repeats: int = 5) -> float:
     """Seconds for the weight GEMMs of one decode step at this batch: every linear of the model, in order."""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
+    device = weights[0].device
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype, device=device) for w in weights}
     times = []
     with torch.inference_mode():
-        for _ in range(repeats):
+        for _ in range(repeats + (1 if device.type == "cuda" else 0)):  # CUDA: one untimed pass (library handles)
+            synchronize(device)
             t0 = time.perf_counter()
             for w in weights:
                 F.linear(xs[w.shape[1]], w)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
+        times = times[-repeats:]
     return statistics.median(times)
 
 
@@ -121,14 +135,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
     ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="weights and activations of every contender (the same for all, so ratios stay fair)")
+    ap.add_argument("--device", default="cpu", choices=DEVICES, help="where every contender runs (auto: cuda if present)")
     args = ap.parse_args(argv)
-    dtype = resolve_dtype(args.dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     tune_cpu_allocator()
-    cpu_ext.load()
+    if device.type == "cpu":
+        cpu_ext.load()
     model, tok = remix.load_base(args.base)  # float32: the adapters are made (and stored) in full precision
     tmp = Path(tempfile.mkdtemp(prefix="remix-bench-"))
     adapter_paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
-    model.to(dtype)  # the engine's copy in the benchmark's dtype (the adapters are already written)
+    model.to(device=device, dtype=dtype)  # the engine's copy (the adapters are already written)
     levels = [int(c) for c in args.concurrency.split(",")]
     max_len = args.prompt_tokens + args.new_tokens + 8
     engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,
@@ -147,7 +164,7 @@ def main(argv=None) -> dict:
                          "decode_step_ms": 1000 * step}
             print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms", flush=True)
         # the HF peers run on a plain copy of the base (the engine's model has serving wrappers)
-        plain, _ = remix.load_base(args.base, dtype=dtype)
+        plain, _ = remix.load_base(args.base, dtype=dtype, device=device)
         wall = bench_hf(plain, prompts, args.new_tokens)
         row["hf_generate"] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens}
         print(f"c={c:<3} {'hf_generate':18s} {tokens / wall:8.1f} tok/s", flush=True)
@@ -187,7 +204,8 @@ def main(argv=None) -> dict:
           ">=", 2.0, low)
     for name, g in goals.items():
         print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
-    out = {"config": {"base": args.base, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+    out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
+                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()},
            "results": results, "ratios": ratios, "goals": goals}
     if args.json:
@@ -195,6 +213,10 @@ def main(argv=None) -> dict:
     if args.markdown:
         Path(args.markdown).write_text(markdown(out))
     return out
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
 
 
 def markdown(out: dict) -> str:

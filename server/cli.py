@@ -34,6 +34,7 @@ OPTIONS = [  # (flag, type, default, help)
     ("max_batched_tokens", int, 512, "tokens per engine step (decode rows + prefill chunk)"),
     ("kv_memory_gb", float, 4.0, "KV cache memory budget in GiB (caps the slots)"),
     ("drain_timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before exiting"),
+    ("device", str, "auto", "where the model runs: cpu, cuda, cuda:N or auto (cuda when a CUDA device is present)"),
     ("dtype", str, "float32", "weights and activations: float32, bfloat16 (~3x faster GEMMs, ~1.5x decode at batch 32 with AMX; "
                               "routing and adapter deltas stay float32) or auto (bfloat16 on CUDA or an AMX CPU)"),
     ("decoder", str, "lean", "decoder stack: lean (Llama/Mistral/Qwen2: HF's ops without HF's Python plumbing and a "
@@ -91,6 +92,10 @@ def load_settings(argv: list[str] | None = None) -> dict:
     settings["adapters"] = adapters
     if settings["dtype"] not in DTYPES:
         raise SystemExit(f"error: --dtype must be one of {', '.join(DTYPES)}, got {settings['dtype']!r}")
+    try:
+        resolve_device(settings["device"])
+    except ValueError as e:
+        raise SystemExit(f"error: --device: {e}")
     from server.engine.fastpath import DECODERS
 
     if settings["decoder"] not in DECODERS:
@@ -131,18 +136,43 @@ class RemixServer(uvicorn.Server):
         self.should_exit = True
 
 
-def resolve_dtype(name: str):
+def resolve_device(name: str):
+    """cpu, cuda, cuda:N, or for "auto" the first CUDA device when one is present, else the CPU.
+
+    Raises ValueError (naming the problem) for anything else or for a CUDA device this machine does not have."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"must be one of {', '.join(DEVICES)} or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"must be one of {', '.join(DEVICES)} or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name!r} asked for, but torch sees no CUDA device (torch {torch.__version__})")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name!r} asked for, but torch sees {count} CUDA device(s)")
+    return device
+
+
+def resolve_dtype(name: str, device=None):
     """float32 / bfloat16, or for "auto" bfloat16 where it is fast (CUDA, or a CPU with AMX-BF16) and float32 elsewhere."""
     import torch
 
     from remix.kernels import cpu_ext
 
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() or "amx_bf16" in cpu_ext.cpu_flags() else torch.float32
+        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_cuda or "amx_bf16" in cpu_ext.cpu_flags() else torch.float32
     return getattr(torch, name)
 
 
 DTYPES = ("float32", "bfloat16", "auto")
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def build_state(settings: dict):
@@ -150,7 +180,8 @@ def build_state(settings: dict):
     from server.app import ServerState
     from server.engine import Engine, EngineConfig
 
-    model, tokenizer = remix.load_base(settings["base"], dtype=resolve_dtype(settings["dtype"]))
+    device = resolve_device(settings["device"])
+    model, tokenizer = remix.load_base(settings["base"], dtype=resolve_dtype(settings["dtype"], device), device=device)
     engine = Engine(model, tokenizer, EngineConfig(
         max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
         max_batched_tokens=settings["max_batched_tokens"], kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
@@ -180,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from remix.kernels import cpu_ext
 
-    cpu_ext.load()  # build the routing op now, not on the first request
+    if state.engine.runner.device.type == "cpu":
+        cpu_ext.load()  # build the routing op now, not on the first request
     state.engine.start()
     app = create_app(state)
     config = uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"],

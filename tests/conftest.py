@@ -8,6 +8,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# Tests that take the `device` fixture run on the CPU and, where a CUDA device is present, again on it
+# (the CUDA case skips itself without one; select it alone with -m cuda).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                    reason="needs a CUDA device")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def tiny():
     from remix.models import tiny_model

@@ -42,6 +42,23 @@ def test_dtype_resolution():
 
     fast = torch.cuda.is_available() or "amx_bf16" in cpu_ext.cpu_flags()
     assert cli.resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
+    assert cli.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    amx = "amx_bf16" in cpu_ext.cpu_flags()
+    assert cli.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
+
+
+def test_device_resolution_and_errors(capsys):
+    assert cli.resolve_device("cpu") == torch.device("cpu")
+    assert cli.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu", "cuda:x"):
+        with pytest.raises(SystemExit, match="--device"):
+            cli.load_settings(["--base", "tiny", "--device", bad])
+    if not torch.cuda.is_available():  # asking for a device that is not there names the problem, before any loading
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            cli.load_settings(["--base", "tiny", "--device", "cuda"])
+    else:
+        with pytest.raises(SystemExit, match="CUDA device"):
+            cli.load_settings(["--base", "tiny", "--device", f"cuda:{torch.cuda.device_count()}"])
 
 
 def test_decoder_flag_reaches_the_engine():

@@ -10,14 +10,14 @@ from tests.helpers import write_adapter
 PROMPTS = ["The quick brown fox", "Hello, my name is", "1 2 3 4", "Once upon a time, in a land far away, there"]
 
 
-def lively_tiny(seed=0):
+def lively_tiny(seed=0, device="cpu"):
     """A tiny model with larger weights, so greedy decoding does not collapse to one repeated byte."""
     model, tok = remix.tiny_model(seed=seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(8.0)
-    return model, tok
+    return model.to(device), tok
 
 
 def make_adapter(model, path, seed, n=4, k=2, r=4):
@@ -37,28 +37,28 @@ def logprobs_of(events):
 
 
 def hf_greedy(model, ids, max_new):
-    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
 def hf_logprobs(model, ids, new):
     """log p of each generated token under a plain forward of prompt + generation."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids + new])).logits[0].float()
+        logits = model(torch.tensor([ids + new], device=model.device)).logits[0].float()
     logp = torch.log_softmax(logits, -1)
     return [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(new)]
 
 
 @pytest.fixture
-def engine_and_model():
-    model, tok = lively_tiny()
+def engine_and_model(device):
+    model, tok = lively_tiny(device=device)
     engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16, max_batched_tokens=40))
     return engine, model, tok
 
 
 def test_greedy_equals_hf_generate(engine_and_model):
     engine, model, tok = engine_and_model
-    reference_model, _ = lively_tiny()
+    reference_model, _ = lively_tiny(device=model.device)
     for i, prompt in enumerate(PROMPTS):
         ids = tok(prompt).input_ids
         events = collect(engine, GenerationRequest(f"r{i}", ids, greedy(20)))
@@ -68,12 +68,12 @@ def test_greedy_equals_hf_generate(engine_and_model):
     assert engine.stats()["slots_used"] == 0
 
 
-def test_adapter_logits_equal_plain_forward_with_load_adapter(tmp_path):
-    model, tok = lively_tiny()
+def test_adapter_logits_equal_plain_forward_with_load_adapter(tmp_path, device):
+    model, tok = lively_tiny(device=device)
     path = make_adapter(lively_tiny()[0], tmp_path / "a", seed=1)
     engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=4, max_prefill_chunk=8))
     engine.load_adapter("a", str(path))
-    reference, _ = lively_tiny()
+    reference, _ = lively_tiny(device=device)
     remix.load_adapter(reference, path)
     for i, prompt in enumerate(PROMPTS[:3]):
         ids = tok(prompt).input_ids
@@ -85,8 +85,8 @@ def test_adapter_logits_equal_plain_forward_with_load_adapter(tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_mixed_batch_of_three_adapters_and_base_equals_alone(tmp_path):
-    model, tok = lively_tiny()
+def test_mixed_batch_of_three_adapters_and_base_equals_alone(tmp_path, device):
+    model, tok = lively_tiny(device=device)
     cfg = EngineConfig(max_model_len=160, max_num_seqs=8, max_prefill_chunk=8, max_batched_tokens=24)
     engine = Engine(model, tok, cfg)
     for i, name in enumerate("abc"):
@@ -196,10 +196,10 @@ def test_input_errors(engine_and_model):
         engine.submit(GenerationRequest("q2", [1, 2], greedy(2)), lambda e: None)
 
 
-def test_threaded_engine_and_live_adapter_unload(tmp_path):
+def test_threaded_engine_and_live_adapter_unload(tmp_path, device):
     import threading
 
-    model, tok = lively_tiny()
+    model, tok = lively_tiny(device=device)
     engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=4))
     engine.start()
     try:
@@ -241,32 +241,14 @@ def test_default_base_greedy_equals_hf(default_base):
         assert tokens_of(results[i]) == hf_greedy(reference, ids, 16)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_engine_matches_hf_generate(tmp_path):
-    model, tok = lively_tiny()
-    path = make_adapter(lively_tiny()[0], tmp_path / "a", seed=1)
-    engine = Engine(model.cuda(), tok, EngineConfig(max_model_len=160, max_num_seqs=4, max_prefill_chunk=8))
-    engine.load_adapter("a", str(path))
-    reference, _ = lively_tiny()
-    remix.load_adapter(reference, path)
-    reference.cuda()
-    for i, prompt in enumerate(PROMPTS[:2]):
-        ids = tok(prompt).input_ids
-        got = tokens_of(collect(engine, GenerationRequest(f"g{i}", ids, greedy(12), adapter="a")))
-        out = reference.generate(torch.tensor([ids]).cuda(), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
-        assert got == out[0, len(ids):].tolist()
-
-
-def test_bfloat16_engine_follows_float32_with_adapters(tmp_path):
+def test_bfloat16_engine_follows_float32_with_adapters(tmp_path, device):
     """--dtype bfloat16: weights and activations in bfloat16, routing and deltas in float32 inside the kernel.
     The first tokens' log-probabilities stay within bfloat16 error of the float32 engine's, and a mixed batch
     still equals each request alone (the batch-invariance contract does not depend on the dtype)."""
     path = make_adapter(lively_tiny()[0], tmp_path / "a", seed=3)
     engines = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model, tok = lively_tiny()
+        model, tok = lively_tiny(device=device)
         model.to(dtype)
         engines[dtype] = Engine(model, tok, EngineConfig(max_model_len=96, max_num_seqs=4, max_prefill_chunk=8))
         engines[dtype].load_adapter("a", path)

@@ -94,14 +94,15 @@ def two_adapters(model, tmp_path) -> dict[str, str]:
 @pytest.mark.parametrize("arch,kv_heads,dtype", [("llama", 2, torch.float32), ("llama", 4, torch.float32),
                                                  ("qwen2", 2, torch.float32), ("mistral", 1, torch.float32),
                                                  ("llama", 2, torch.bfloat16), ("qwen2", 2, torch.bfloat16)])
-def test_exact_decoder_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
+def test_exact_decoder_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype, device):
+    """Also on CUDA, where ``lean`` is ``exact`` (the compiled ops are CPU-only): the same SDPA calls as HF's modules."""
     model, tok = tiny(arch, kv_heads)
     steps = []
     lean_call = LeanForward.__call__
     monkeypatch.setattr(LeanForward, "__call__", lambda self, *a, **kw: steps.append(1) or lean_call(self, *a, **kw))
     paths = two_adapters(model, tmp_path)
-    model.to(dtype)  # adapters are written in float32 and served on a model of either dtype
-    lean, hf = engines_for(model, tok, paths)
+    model.to(device=device, dtype=dtype)  # adapters are written in float32 and served on a model of either dtype
+    lean, hf = engines_for(model, tok, paths, decoders=("exact" if device.type == "cpu" else "lean", "hf"))
     got, want = run_all(lean, requests_for(tok, [None, "a0", "a1", "a0"])), run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))
     assert got == want
     assert len(steps) > 24  # every step of the lean engine took the lean forward

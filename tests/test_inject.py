@@ -17,9 +17,10 @@ def test_regex_targets(tiny):
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 
 
-def test_fresh_pools_keep_logits_and_unwrap_restores(tiny):
+def test_fresh_pools_keep_logits_and_unwrap_restores(tiny, device):
     model, tok = tiny
-    ids = tok(["the quick brown fox", "jumps"], return_tensors="pt", padding=True)
+    model.to(device)
+    ids = tok(["the quick brown fox", "jumps"], return_tensors="pt", padding=True).to(device)
     with torch.no_grad():
         before = model(**ids).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -90,13 +90,13 @@ def test_selection_mask_adds_duplicates_and_skips_none():
     assert selection_mask(idx, 0.5, 3).tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 0.5]]
 
 
-def test_token_result_does_not_depend_on_batch_mates():
+def test_token_result_does_not_depend_on_batch_mates(device):
     """A token alone equals the same token inside a batch of mixed adapters (identical selections)."""
     n, k, adapters = 8, 2, 4
-    A, B = make_stack([8, 8, 4, 2], n, 64, 96, torch.float32)
-    idx, group = make_ids(50, k, n, adapters, none_rate=0.1)
-    x = torch.randn(50, 64)
-    omega = torch.full((50,), 0.125)
+    A, B = (t.to(device) for t in make_stack([8, 8, 4, 2], n, 64, 96, torch.float32))
+    idx, group = (t.to(device) for t in make_ids(50, k, n, adapters, none_rate=0.1))
+    x = torch.randn(50, 64, device=device)
+    omega = torch.full((50,), 0.125, device=device)
     ranges = [(a * n, (a + 1) * n) for a in range(adapters)]
     batch = lora_gather_grouped(x, A, B, idx, omega, group, ranges)
     dense = lora_gather(x, A, B, idx, omega)
@@ -107,10 +107,11 @@ def test_token_result_does_not_depend_on_batch_mates():
         torch.testing.assert_close(dense[s], lora_gather(x[s], A, B, idx[s], omega[s]), atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_match_reference():
-    A, B = make_stack([4], 4, 8, 6, torch.float64)
+def test_gradients_match_reference(device):
+    A, B = (t.to(device) for t in make_stack([4], 4, 8, 6, torch.float64))
     idx, _ = make_ids(6, 2, 4, 1, none_rate=0.2)
-    x = torch.randn(6, 8, dtype=torch.float64)
+    idx = idx.to(device)
+    x = torch.randn(6, 8, dtype=torch.float64, device=device)
     grads = []
     for fn in (lora_gather, lora_gather_reference):
         a, b = A.clone().requires_grad_(), B.clone().requires_grad_()

@@ -8,18 +8,18 @@ from remix.kernels import lora_gather_reference
 from remix.layer import make_layer
 
 
-def layer_with_weights(router="remix", n=6, k=2, r=4, d_in=16, d_out=12, seed=0, **kw):
+def layer_with_weights(router="remix", n=6, k=2, r=4, d_in=16, d_out=12, seed=0, device="cpu", **kw):
     torch.manual_seed(seed)
     layer = make_layer(nn.Linear(d_in, d_out), MixtureConfig(router=router, n=n, k=k, r=r, **kw))
     with torch.no_grad():
         layer.lora_B.normal_()  # a trained adapter: B != 0
-    return layer
+    return layer.to(device)
 
 
-def test_fresh_adapter_is_exact_noop():
+def test_fresh_adapter_is_exact_noop(device):
     base = nn.Linear(16, 12)
-    layer = make_layer(base, MixtureConfig(n=4, k=2, r=4))
-    x = torch.randn(3, 5, 16)
+    layer = make_layer(base, MixtureConfig(n=4, k=2, r=4)).to(device)
+    x = torch.randn(3, 5, 16, device=device)
     for mode in (layer.train, layer.eval):
         mode()
         assert torch.equal(layer(x), base(x))
@@ -36,9 +36,9 @@ def test_omega(mode, alpha, k, r, want):
     assert MixtureConfig(n=8, k=k, r=r, omega=mode, alpha=alpha).omega_value() == pytest.approx(want)
 
 
-def test_eval_is_topk_with_constant_weight():
-    layer = layer_with_weights().eval()
-    x = torch.randn(10, 16)
+def test_eval_is_topk_with_constant_weight(device):
+    layer = layer_with_weights(device=device).eval()
+    x = torch.randn(10, 16, device=device)
     with torch.no_grad():
         y = layer(x)
     idx = routing.topk_lower_index(x @ layer.router.T, 2)
@@ -48,9 +48,9 @@ def test_eval_is_topk_with_constant_weight():
     assert layer.last_log_q is None
 
 
-def test_inference_fast_path_equals_generic_path_and_follows_updates():
-    layer = layer_with_weights().eval()
-    x = torch.randn(2, 7, 16)
+def test_inference_fast_path_equals_generic_path_and_follows_updates(device):
+    layer = layer_with_weights(device=device).eval()
+    x = torch.randn(2, 7, 16, device=device)
     with torch.no_grad():
         fast = layer(x)
     generic = layer(x)  # grad enabled: the generic (autograd) path
@@ -60,13 +60,13 @@ def test_inference_fast_path_equals_generic_path_and_follows_updates():
         torch.testing.assert_close(layer(x), layer.base(x) + 2 * (fast - layer.base(x)), atol=1e-5, rtol=1e-5)
 
 
-def test_every_inference_path_agrees():
+def test_every_inference_path_agrees(device):
     """The compiled kernel, the torch-ops path and the autograd path give the same outputs and selections,
     also for a bfloat16 model (where the kernel keeps routing and the delta in float32)."""
     from remix.kernels import cpu_ext
 
-    layer = layer_with_weights(n=8, k=3, r=4, d_in=40, d_out=36).eval()
-    x = torch.randn(5, 9, 40)
+    layer = layer_with_weights(n=8, k=3, r=4, d_in=40, d_out=36, device=device).eval()
+    x = torch.randn(5, 9, 40, device=device)
     with torch.no_grad():
         fast = layer(x)
         fast_idx = layer.last_idx
@@ -76,7 +76,7 @@ def test_every_inference_path_agrees():
     generic = layer(x)
     torch.testing.assert_close(fast, torch_path, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast, generic.detach(), atol=1e-5, rtol=1e-5)
-    if cpu_ext.available():
+    if cpu_ext.available() or device.type == "cuda":
         layer.to(torch.bfloat16)
         with torch.no_grad():
             low = layer(x.to(torch.bfloat16))
@@ -84,9 +84,9 @@ def test_every_inference_path_agrees():
         torch.testing.assert_close(low.float(), fast, atol=0.15, rtol=0.05)
 
 
-def test_training_samples_per_token_and_keeps_log_q():
-    layer = layer_with_weights().train()
-    x = torch.randn(4, 9, 16)
+def test_training_samples_per_token_and_keeps_log_q(device):
+    layer = layer_with_weights(device=device).train()
+    x = torch.randn(4, 9, 16, device=device)
     torch.manual_seed(1)
     y = layer(x)
     assert y.shape == (4, 9, 12)
@@ -113,9 +113,9 @@ def test_log_q_surrogate_reaches_only_the_router():
     assert x.grad is None  # stopgrad(x): nothing flows to earlier layers
 
 
-def test_loss_gradient_reaches_selected_loras_only():
-    layer = layer_with_weights(n=6).train()
-    x = torch.randn(1, 1, 16)
+def test_loss_gradient_reaches_selected_loras_only(device):
+    layer = layer_with_weights(n=6, device=device).train()
+    x = torch.randn(1, 1, 16, device=device)
     layer(x).sum().backward()
     chosen = set(layer.last_idx.flatten().tolist())
     for i in range(6):

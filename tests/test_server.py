@@ -49,6 +49,15 @@ def test_completion(client):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_health_reports_where_the_model_runs(server):
+    """--device defaults to auto: the first CUDA device where torch sees one (this suite then serves from it), else the CPU."""
+    import torch
+
+    health = httpx.get(server.url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["dtype"] == "float32"
+    assert health["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
 def test_prompt_forms(client):
     r = client.completions.create(model="tiny", prompt=["one", "two"], max_tokens=3, temperature=0, n=2)
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]

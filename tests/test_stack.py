@@ -11,9 +11,9 @@ from remix.layer import ReMixLinear
 from remix.stack import RoutingContext, StackedLinear, set_context
 
 
-def make(adapters=3, d_in=32, d_out=48):
+def make(adapters=3, d_in=32, d_out=48, device="cpu"):
     torch.manual_seed(0)
-    base = nn.Linear(d_in, d_out)
+    base = nn.Linear(d_in, d_out).to(device)
     configs = [MixtureConfig(n=8, k=2, r=8), MixtureConfig(n=4, k=1, r=4), MixtureConfig(n=6, k=3, r=2, omega="rslora")]
     singles = []
     stacked = StackedLinear(base, name="m")
@@ -26,11 +26,11 @@ def make(adapters=3, d_in=32, d_out=48):
     return base, singles, stacked
 
 
-def test_mixed_batch_equals_each_adapter_alone():
-    base, singles, stacked = make()
+def test_mixed_batch_equals_each_adapter_alone(device):
+    base, singles, stacked = make(device=device)
     T = 40
-    x = torch.randn(T, 32)
-    slots = torch.arange(T) % 4 - 1  # -1 (bare base), 0, 1, 2 interleaved
+    x = torch.randn(T, 32, device=device)
+    slots = (torch.arange(T) % 4 - 1).to(device)  # -1 (bare base), 0, 1, 2 interleaved
     ctx = RoutingContext.build(slots, trace=True)
     with torch.inference_mode():
         set_context(ctx)
@@ -46,10 +46,10 @@ def test_mixed_batch_equals_each_adapter_alone():
     assert {entry[1] for entry in ctx.trace} == {0, 1, 2}
 
 
-def test_selections_match_alone():
-    base, singles, stacked = make()
-    x = torch.randn(12, 32)
-    ctx = RoutingContext.build(torch.zeros(12, dtype=torch.int64), trace=True)
+def test_selections_match_alone(device):
+    base, singles, stacked = make(device=device)
+    x = torch.randn(12, 32, device=device)
+    ctx = RoutingContext.build(torch.zeros(12, dtype=torch.int64, device=device), trace=True)
     with torch.inference_mode():
         set_context(ctx)
         stacked(x)
@@ -58,39 +58,39 @@ def test_selections_match_alone():
     assert torch.equal(ctx.trace[0][3], singles[0].last_idx)
 
 
-def test_no_context_or_unknown_slot_is_bare_base():
-    base, _, stacked = make()
-    x = torch.randn(5, 32)
+def test_no_context_or_unknown_slot_is_bare_base(device):
+    base, _, stacked = make(device=device)
+    x = torch.randn(5, 32, device=device)
     with torch.inference_mode():
         set_context(None)
         assert torch.equal(stacked(x), base(x))
-        set_context(RoutingContext.build(torch.full((5,), 7)))
+        set_context(RoutingContext.build(torch.full((5,), 7, device=device)))
         assert torch.equal(stacked(x), base(x))
         set_context(None)
 
 
-def test_removed_slot_stops_applying():
-    base, singles, stacked = make()
+def test_removed_slot_stops_applying(device):
+    base, singles, stacked = make(device=device)
     stacked.stack.remove(1)
-    x = torch.randn(4, 32)
+    x = torch.randn(4, 32, device=device)
     with torch.inference_mode():
-        set_context(RoutingContext.build(torch.ones(4, dtype=torch.int64)))
+        set_context(RoutingContext.build(torch.ones(4, dtype=torch.int64, device=device)))
         assert torch.equal(stacked(x), base(x))
         set_context(None)
 
 
-def test_fused_and_compiled_paths_equal_per_slot_path():
+def test_fused_and_compiled_paths_equal_per_slot_path(device):
     """Every serving path (torch per slot, torch fused over all pools, the compiled CPU kernel) gives each token
     the same selections and outputs, with padded ranks and global ids, counted into the same per-slot counters."""
     import remix.stack as stack_mod
     from remix.kernels import cpu_ext
 
-    base, singles, stacked = make()
+    base, singles, stacked = make(device=device)
     stacked.stack.ensure_torch()
     assert stacked.stack.fused is not None and stacked.stack.fused.num_loras == 8 + 4 + 6
     T = 30
-    x = torch.randn(T, 32)
-    slots = torch.arange(T) % 4 - 1
+    x = torch.randn(T, 32, device=device)
+    slots = (torch.arange(T) % 4 - 1).to(device)
     outs, traces, counts = [], [], []
     modes = [("per-slot", 0, True), ("fused", 10_000, True)] + ([("compiled", 128, False)] if cpu_ext.available() else [])
     for _, limit, torch_path in modes:
@@ -111,11 +111,11 @@ def test_fused_and_compiled_paths_equal_per_slot_path():
             assert torch.equal(counts[0][s], counts[i][s]), (modes[i][0], s)
 
 
-def test_counts_survive_loading_and_unloading_other_adapters():
-    base, singles, stacked = make()
-    x = torch.randn(6, 32)
+def test_counts_survive_loading_and_unloading_other_adapters(device):
+    base, singles, stacked = make(device=device)
+    x = torch.randn(6, 32, device=device)
     with torch.inference_mode():
-        set_context(RoutingContext.build(torch.zeros(6, dtype=torch.int64)))
+        set_context(RoutingContext.build(torch.zeros(6, dtype=torch.int64, device=device)))
         stacked(x)
         set_context(None)
     assert int(stacked.stack.slots[0].counts.sum()) == 6 * singles[0].k

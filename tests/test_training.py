@@ -129,6 +129,20 @@ def test_fit_two_steps_is_reproducible(tmp_path):
     assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file() and "eval_exact_match" in summary
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_writes_an_adapter_the_cpu_loads(tmp_path):
+    res = _run(["--steps", "3", "--device", "cuda", "--output", str(tmp_path / "gpu")])
+    assert res.returncode == 0, res.stderr
+    losses = _losses(tmp_path / "gpu")
+    assert len(losses) == 3 and all(math.isfinite(loss) for _, loss in losses)
+    import remix
+
+    model, _ = remix.load_base("tiny")
+    layers = remix.load_adapter(model, tmp_path / "gpu" / "adapter")  # written from CUDA, read on the CPU
+    assert layers and all(layer.lora_A.device.type == "cpu" for layer in layers.values())
+
+
 def test_kill_and_resume_gives_the_same_curve(tmp_path):
     common = ["--steps", "6", "--save-every", "2", "--eval-every", "0", "--warmup-steps", "2"]
     assert _run(common + ["--output", str(tmp_path / "straight")]).returncode == 0

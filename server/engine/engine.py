@@ -161,6 +161,7 @@ class Engine:
         return {"running": len(self.prefilling) + len(self.decoding), "waiting": len(self.waiting),
                 "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
                 "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
+                "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
                 "decoder": self.runner.decoder, **({"decoder_fallback": self.runner.decoder_fallback}
                                                    if self.runner.decoder_fallback else {})}
 
