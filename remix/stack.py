@@ -59,8 +59,10 @@ class StackedPools:
     r: int
     kmax: int
     tables: tuple  # (slot_off, slot_n, slot_k: int64 [S], slot_omega: float32 [S]) by slot id; n = 0 where no adapter
-    counts: torch.Tensor | None = None
+    counts: torch.Tensor | None = None  # [N] view of the PoolStack's counters (the compiled kernel adds into it)
     pa: torch.Tensor | None = None
+    router32: torch.Tensor | None = None  # [N, D] float32 router when the pools are in a lower precision (torch path)
+    offsets: dict = field(default_factory=dict)  # slot -> first global id, as Python ints (no device reads)
 
     @property
     def num_loras(self) -> int:
@@ -72,10 +74,13 @@ class PoolStack:
 
     def __init__(self) -> None:
         self.slots: dict[int, SlotWeights] = {}
-        self.fused: StackedPools | None = None  # torch path, mixed small batches
+        self.fused: StackedPools | None = None  # torch path: mixed small batches, CUDA graphs
         self.cpu: StackedPools | None = None  # compiled CPU kernel
         self._raw: dict[int, tuple] = {}  # slot -> (A, B, router, model dtype) as given
         self._torch_ready = False
+        # every slot's selection counters in one buffer (slots in ascending id, then one spare entry that absorbs the
+        # "no LoRA" ids of the torch path); each SlotWeights.counts is a view of its range
+        self.counts = torch.zeros(1, dtype=torch.int64)
 
     def add(self, slot: int, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor, k: int, omega: float,
             dtype: torch.dtype | None = None) -> None:
@@ -97,6 +102,15 @@ class PoolStack:
         self._rebuild()
 
     def _rebuild(self) -> None:
+        ids = sorted(self._raw)
+        device = self._raw[ids[0]][0].device if ids else self.counts.device
+        self.counts = torch.cat([self.slots[s].counts.to(device) for s in ids]
+                                + [torch.zeros(1, dtype=torch.int64, device=device)])  # keep what was counted so far
+        off = 0
+        for s in ids:
+            w = self.slots[s]
+            w.counts = self.counts[off : off + w.n]
+            off += w.n
         self._rebuild_cpu()
         self.fused, self._torch_ready = None, False
 
@@ -110,25 +124,27 @@ class PoolStack:
             w.b_flat_t = flatten_b_t(B).to(dtype).contiguous()
             w.router32 = router.float().contiguous() if dtype != torch.float32 else None
         self._torch_ready = True
-        if len(self._raw) < 2 or any(w.router32 is not None for w in self.slots.values()):
-            return  # one adapter: its own path is faster; low precision: route in float32 per slot
-        self.fused = self._stack_all(next(iter(self._raw.values()))[3])
+        if not self._raw:
+            return
+        dtype = next(iter(self._raw.values()))[3]
+        self.fused = self._stack_all(dtype)
         self.fused.pa = torch.cat([self.fused.router, self.fused.a], 0).contiguous()
+        if dtype != torch.float32:  # route on float32 logits, as DESIGN §1 requires
+            self.fused.router32 = self._stack_all(torch.float32, router_only=True)
 
     def _rebuild_cpu(self) -> None:
         self.cpu = None
         if not self._raw or next(iter(self._raw.values()))[0].device.type != "cpu" or cpu_ext.load() is None:
             return
         self.cpu = self._stack_all(torch.float32)
-        counts = torch.cat([self.slots[s].counts for s in sorted(self._raw)])  # keep what was counted so far
-        off = self.cpu.tables[0]
-        for s, w in self.slots.items():
-            w.counts = counts[int(off[s]) : int(off[s]) + w.n]
-        self.cpu.counts = counts
+        self.cpu.counts = self.counts[:-1]  # [N], contiguous: the kernel adds each selection into it
 
-    def _stack_all(self, dtype: torch.dtype) -> StackedPools:
-        """Every slot's pool in ``dtype``, stacked by ascending slot id, ranks padded to the largest."""
+    def _stack_all(self, dtype: torch.dtype, router_only: bool = False):
+        """Every slot's pool in ``dtype``, stacked by ascending slot id, ranks padded to the largest
+        (``router_only``: just the stacked router [N, D])."""
         ids = sorted(self._raw)
+        if router_only:
+            return torch.cat([self._raw[s][2].to(dtype) for s in ids]).contiguous()
         r_max = max(self._raw[s][0].shape[1] for s in ids)
         routers, As, Bs, off, total = [], [], [], {}, 0
         for s in ids:
@@ -146,6 +162,7 @@ class PoolStack:
             bt=flatten_b_t(torch.cat(Bs)).contiguous(), r=r_max, kmax=max(self.slots[s].k for s in ids),
             tables=(col(lambda s: off[s]), col(lambda s: self.slots[s].n), col(lambda s: self.slots[s].k),
                     col(lambda s: self.slots[s].omega, torch.float32)),
+            offsets=off,
         )
 
 
@@ -155,11 +172,13 @@ class RoutingContext:
 
     ``slots``: [T] adapter slot of each token of the flattened batch (-1 = no adapter). The grouping
     (``groups``: slot -> row indices, or None when every token has that slot) is computed once here.
+    ``groups=None`` (:meth:`ungrouped`): no grouping, which would read the slots on the host; every module takes
+    the fused path over all its pools (the form a CUDA graph captures).
     ``trace``: when a list, each module appends (module name, slot, rows, idx) for per-request traces.
     """
 
     slots: torch.Tensor
-    groups: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    groups: dict[int, torch.Tensor | None] | None = field(default_factory=dict)
     count: bool = True
     trace: list | None = None
 
@@ -171,6 +190,10 @@ class RoutingContext:
         else:
             groups = {s: (slots == s).nonzero().squeeze(1) for s in present if s >= 0}
         return cls(slots=slots, groups=groups, count=count, trace=[] if trace else None)
+
+    @classmethod
+    def ungrouped(cls, slots: torch.Tensor, count: bool = True) -> "RoutingContext":
+        return cls(slots=slots, groups=None, count=count)
 
 
 _local = threading.local()
@@ -194,6 +217,8 @@ def stacked_forward(
     if stack.cpu is not None and (ext := cpu_ext.for_input(x)) is not None:
         return _cpu_forward(ext, x, y, stack, ctx, name)
     stack.ensure_torch()
+    if ctx.groups is None:
+        return y if stack.fused is None else _fused_forward(x, y, stack, ctx, name)
     mixed = len(ctx.groups) > 1 or any(rows is not None for rows in ctx.groups.values())
     if mixed and stack.fused is not None and x.shape[0] <= FUSED_MAX_TOKENS:
         return _fused_forward(x, y, stack, ctx, name)
@@ -208,8 +233,8 @@ def stacked_forward(
         else:  # low-precision pools: route on float32 logits, as DESIGN §1 requires
             idx = routing.topk_lower_index(F.linear(xs.float(), w.router32), w.k)
             um = scale_chunks(pu[:, w.n :], selection_mask(idx, w.omega, w.n))
-        if ctx.count:
-            w.counts += torch.bincount(idx.flatten(), minlength=w.n)
+        if ctx.count:  # index_add_, not bincount: no host synchronisation on CUDA
+            w.counts.index_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.int64, device=idx.device))
         if ctx.trace is not None:
             ctx.trace.append((name, slot, rows, idx))
         if rows is None:
@@ -223,18 +248,16 @@ FUSED_MAX_TOKENS = 128  # small mixed batches (decode): one pass over all pools 
 
 
 def _fused_forward(x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: RoutingContext, name: str) -> torch.Tensor:
-    """A mixed batch in three ops: all pools' router+A GEMM, per-token routing within its adapter, B GEMM."""
+    """A mixed batch in three ops (all pools' router+A GEMM, per-token routing within its adapter, B GEMM) and
+    the counting, with no host synchronisation."""
     f = stack.fused
     pu = F.linear(x, f.pa)  # [T, N + N*r_max]
-    um, idx = topk_masked_u_multi(pu, f.num_loras, ctx.slots, *f.tables, f.kmax)
-    if ctx.count:
-        counts = torch.bincount(idx[idx >= 0], minlength=f.num_loras)
-        off = f.tables[0]
-        for slot in ctx.groups:
-            w = stack.slots.get(slot)
-            if w is not None:
-                w.counts += counts[int(off[slot]) : int(off[slot]) + w.n]
-    _trace_global(ctx, stack, idx, f.tables[0], name)
+    logits = None if f.router32 is None else F.linear(x.float(), f.router32)
+    um, idx = topk_masked_u_multi(pu, f.num_loras, ctx.slots, *f.tables, f.kmax, logits=logits)
+    if ctx.count:  # "no LoRA" (-1) lands in the spare last counter
+        stack.counts.index_add_(0, torch.where(idx >= 0, idx, f.num_loras).flatten(),
+                                torch.ones(idx.numel(), dtype=torch.int64, device=idx.device))
+    _trace_global(ctx, stack, idx, f.offsets, name)
     return torch.addmm(y, um, f.bt)
 
 
@@ -244,19 +267,19 @@ def _cpu_forward(ext, x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: R
     y = y.contiguous()
     idx = ext.route_gather_(x.contiguous(), y, c.router, c.a, c.bt, ctx.slots, *c.tables, c.r, c.kmax,
                             c.counts if ctx.count else cpu_ext.NONE)
-    _trace_global(ctx, stack, idx, c.tables[0], name)
+    _trace_global(ctx, stack, idx, c.offsets, name)
     return y
 
 
-def _trace_global(ctx: RoutingContext, stack: PoolStack, idx: torch.Tensor, slot_off: torch.Tensor, name: str) -> None:
+def _trace_global(ctx: RoutingContext, stack: PoolStack, idx: torch.Tensor, offsets: dict, name: str) -> None:
     """Append each slot's selections (global ids turned back into its own) to the step's trace, if one is kept."""
-    if ctx.trace is None:
+    if ctx.trace is None or ctx.groups is None:
         return
     for slot, rows in ctx.groups.items():
         w = stack.slots.get(slot)
         if w is not None:
             mine = idx if rows is None else idx.index_select(0, rows)
-            ctx.trace.append((name, slot, rows, mine[:, : w.k] - int(slot_off[slot])))
+            ctx.trace.append((name, slot, rows, mine[:, : w.k] - offsets[slot]))
 
 
 class StackedLinear(torch.nn.Module):
@@ -286,7 +309,7 @@ class StackedLinear(torch.nn.Module):
                 out = call.routed(x, ctx.slots, cpu.counts if ctx.count else cpu_ext.NONE)
                 if out is not None:
                     if ctx.trace is not None:
-                        _trace_global(ctx, self.stack, out[1], cpu.tables[0], self.name)
+                        _trace_global(ctx, self.stack, out[1], cpu.offsets, self.name)
                     return out[0]
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

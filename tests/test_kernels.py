@@ -409,3 +409,36 @@ def test_compiled_layer_ops_match_hf_formulas(dtype):
         ext.add_rms_norm_(h, delta, w[:10], 1e-5)
     with pytest.raises(RuntimeError, match="Dh even"):
         ext.rotary_(torch.randn(2, 2, 5), torch.randn(2, 5), torch.randn(2, 5))
+
+
+def test_multi_adapter_routing_matches_its_loop_semantics(device):
+    """topk_masked_u_multi (vectorised, no host reads: what the fused path and CUDA graphs run) against the loop in
+    its docstring: each token routes within its own slot's range, ties go to the lower id, tokens of slot -1, of a
+    slot past the tables or of a slot with n = 0 get nothing."""
+    from remix.kernels import topk_masked_u_multi
+    from remix.routing import topk_lower_index
+
+    g = torch.Generator().manual_seed(3)
+    r, size = 3, 5
+    n = torch.tensor([4, 0, 6, 3, 8])  # slot 1 is empty
+    k = torch.tensor([2, 0, 3, 1, 2])
+    off = torch.cumsum(n, 0) - n
+    omega = torch.tensor([0.5, 0.0, 0.25, 2.0, 0.125])
+    N, kmax, T = int(n.sum()), int(k.max()), 60
+    pu = torch.randn(T, N + N * r, generator=g)
+    pu[:, :N] = torch.round(pu[:, :N] * 2) / 2  # many exact ties among the logits
+    slots = torch.randint(-1, size + 2, (T,), generator=g)  # -1, every slot, and ids past the tables
+    um, idx = topk_masked_u_multi(pu.to(device), N, slots.to(device), off.to(device), n.to(device),
+                                  k.to(device), omega.to(device), kmax)
+    want_um, want_idx = torch.zeros(T, N * r), torch.full((T, kmax), -1)
+    for t in range(T):
+        s = int(slots[t])
+        if s < 0 or s >= size or n[s] == 0:
+            continue
+        o, ns, ks = int(off[s]), int(n[s]), int(k[s])
+        J = topk_lower_index(pu[t, o : o + ns][None], ks)[0] + o
+        want_idx[t, :ks] = J
+        for i in J.tolist():
+            want_um[t, i * r : (i + 1) * r] = omega[s] * pu[t, N + i * r : N + (i + 1) * r]
+    assert torch.equal(idx.cpu(), want_idx)
+    torch.testing.assert_close(um.cpu(), want_um)

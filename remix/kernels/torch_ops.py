@@ -82,8 +82,8 @@ def topk_masked_u(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch
 
 
 def topk_masked_u_multi(pu: torch.Tensor, num_loras: int, slot_of_token: torch.Tensor, slot_off: torch.Tensor,
-                        slot_n: torch.Tensor, slot_k: torch.Tensor, slot_omega: torch.Tensor, kmax: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        slot_n: torch.Tensor, slot_k: torch.Tensor, slot_omega: torch.Tensor, kmax: int,
+                        logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`topk_masked_u` for a batch mixing adapters stacked into one pool of N LoRAs (global ids).
 
     Semantics::
@@ -95,22 +95,26 @@ def topk_masked_u_multi(pu: torch.Tensor, num_loras: int, slot_of_token: torch.T
             um[t, i*r:(i+1)*r] = slot_omega[s] * pu[t, N + i*r : N + (i+1)*r] if i in J else 0
             idx[t, :k] = J; idx[t, k:] = -1
 
-    pu: [T, N + N*r]; the slot tables are indexed by slot id. Returns (um [T, N*r], idx [T, kmax]).
+    pu: [T, N + N*r]; the slot tables are indexed by slot id and live on pu's device. ``logits`` [T, N], when given,
+    replaces ``pu[:, :N]`` for the routing (float32 logits of a lower-precision model). Returns (um [T, N*r],
+    idx [T, kmax]). Vectorised over tokens and slots, with no host synchronisation (so a CUDA graph can hold it):
+    each row's logits outside its slot's range become -inf, and a stable descending sort keeps the lower index on ties.
     """
-    from remix.routing import topk_lower_index
-
-    T = pu.shape[0]
-    mask = torch.zeros(T, num_loras, dtype=pu.dtype, device=pu.device)
-    idx = torch.full((T, kmax), -1, dtype=torch.long, device=pu.device)
-    for s in torch.unique(slot_of_token).tolist():
-        if s < 0 or s >= slot_n.numel() or int(slot_n[s]) == 0:
-            continue
-        o, n, k = int(slot_off[s]), int(slot_n[s]), int(slot_k[s])
-        rows = (slot_of_token == s).nonzero().squeeze(1)
-        sel = topk_lower_index(pu.index_select(0, rows)[:, o : o + n].float(), k) + o
-        idx[rows, :k] = sel
-        mask[rows.unsqueeze(1), sel] = float(slot_omega[s])
-    return scale_chunks(pu[:, num_loras:], mask), idx
+    T, N = pu.shape[0], num_loras
+    valid = (slot_of_token >= 0) & (slot_of_token < slot_n.numel())
+    s = torch.where(valid, slot_of_token, 0)
+    o = slot_off[s]
+    n = torch.where(valid, slot_n[s], 0)
+    k = torch.where(valid, slot_k[s], 0)
+    cols = torch.arange(N, device=pu.device)
+    inside = (cols >= o[:, None]) & (cols < (o + n)[:, None])  # [T, N]
+    scores = (pu[:, :N] if logits is None else logits).float().masked_fill(~inside, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :kmax]
+    keep = torch.arange(kmax, device=pu.device)[None, :] < k[:, None]  # k <= n: kept entries lie inside the range
+    idx = torch.where(keep, order, -1)
+    weight = slot_omega[s].to(pu.dtype)[:, None].expand(T, kmax)
+    mask = torch.zeros(T, N + 1, dtype=pu.dtype, device=pu.device).scatter_(1, torch.where(keep, order, N), weight)
+    return scale_chunks(pu[:, N:], mask[:, :N]), idx
 
 
 def topk_masked_u_torch(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
