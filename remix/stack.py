@@ -102,6 +102,8 @@ class PoolStack:
         self._rebuild()
 
     def _rebuild(self) -> None:
+        global _generation
+        _generation += 1
         ids = sorted(self._raw)
         device = self._raw[ids[0]][0].device if ids else self.counts.device
         self.counts = torch.cat([self.slots[s].counts.to(device) for s in ids]
@@ -197,6 +199,13 @@ class RoutingContext:
 
 
 _local = threading.local()
+_generation = 0  # bumped whenever any PoolStack's pools change (their tensors are rebuilt)
+
+
+def generation() -> int:
+    """A number that changes whenever an adapter is added to or removed from any module: whoever holds on to the
+    pools' tensors (a captured CUDA graph) must let go when it changes."""
+    return _generation
 
 
 def set_context(ctx: RoutingContext | None) -> None:

@@ -95,7 +95,9 @@ def two_adapters(model, tmp_path) -> dict[str, str]:
                                                  ("qwen2", 2, torch.float32), ("mistral", 1, torch.float32),
                                                  ("llama", 2, torch.bfloat16), ("qwen2", 2, torch.bfloat16)])
 def test_exact_decoder_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype, device):
-    """Also on CUDA, where ``lean`` is ``exact`` (the compiled ops are CPU-only): the same SDPA calls as HF's modules."""
+    """On CUDA the default decoder (``lean``: there, this forward with SDPA, decode steps replayed from CUDA graphs) is
+    compared instead, within float tolerance: cuBLAS picks its kernels by shape, so the one [q; k; v] GEMM and a
+    graph's padded batch do not round like HF's three GEMMs at the batch's own size."""
     model, tok = tiny(arch, kv_heads)
     steps = []
     lean_call = LeanForward.__call__
@@ -104,11 +106,29 @@ def test_exact_decoder_is_bit_identical_to_hf_modules(tmp_path, monkeypatch, arc
     model.to(device=device, dtype=dtype)  # adapters are written in float32 and served on a model of either dtype
     lean, hf = engines_for(model, tok, paths, decoders=("exact" if device.type == "cpu" else "lean", "hf"))
     got, want = run_all(lean, requests_for(tok, [None, "a0", "a1", "a0"])), run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))
-    assert got == want
-    assert len(steps) > 24  # every step of the lean engine took the lean forward
+    if device.type == "cpu":
+        assert got == want
+    else:
+        assert_close_runs(got, want, dtype)
+    assert len(steps) > 24 or (device.type == "cuda" and len(steps) >= 8)  # every eager step took the lean forward
     assert all(len(toks) == 24 for toks, _ in got.values())
     # the wrapped q/v projections made those layers compute q, k, v separately; the others kept the fused GEMM
     assert lean.runner.lean.qkv[0] is not None and type(lean.runner.model.model.layers[0].self_attn.q_proj) is not torch.nn.Linear
+
+
+def assert_close_runs(got, want, dtype, min_shared=2):
+    """float32: the same tokens, log-probabilities within 1e-4 and the same top alternatives. bfloat16: a near-tied or
+    sampled token may go another way after an ulp's difference, so log-probabilities within 0.1 while both generate
+    the same tokens, and at least ``min_shared`` tokens shared."""
+    for rid, (tokens, logprobs) in want.items():
+        if dtype == torch.float32:
+            assert got[rid][0] == tokens
+        shared = next((i for i, (a, b) in enumerate(zip(got[rid][0], tokens)) if a != b), len(tokens))
+        assert shared >= min_shared
+        for (tok_a, lp_a, top_a), (tok_b, lp_b, top_b) in list(zip(got[rid][1], logprobs))[:shared]:
+            assert tok_a == tok_b and abs(lp_a - lp_b) <= (1e-4 if dtype == torch.float32 else 0.1)
+            if dtype == torch.float32:  # bfloat16 alternatives within an ulp of each other may swap places
+                assert [t for t, _ in top_a] == [t for t, _ in top_b]
 
 
 @pytest.mark.parametrize("arch,kv_heads,dtype", [("llama", 2, torch.float32), ("qwen2", 1, torch.float32),
@@ -134,15 +154,7 @@ def test_lean_decoder_with_compiled_matches_hf_modules(tmp_path, monkeypatch, ar
     lean, hf = engines_for(model, tok, paths, decoders=("lean", "hf"))
     got, want = run_all(lean, requests_for(tok, [None, "a0", "a1", "a0"])), run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))
     assert len(calls) >= 2 * 23  # two layers, every decode step
-    for rid, (tokens, logprobs) in want.items():
-        if dtype == torch.float32:
-            assert got[rid][0] == tokens
-        shared = next((i for i, (a, b) in enumerate(zip(got[rid][0], tokens)) if a != b), len(tokens))
-        assert shared >= 2
-        for (tok_a, lp_a, top_a), (tok_b, lp_b, top_b) in list(zip(got[rid][1], logprobs))[:shared]:
-            assert tok_a == tok_b and abs(lp_a - lp_b) <= (1e-4 if dtype == torch.float32 else 0.1)
-            if dtype == torch.float32:  # bfloat16 alternatives within an ulp of each other may swap places
-                assert [t for t, _ in top_a] == [t for t, _ in top_b]
+    assert_close_runs(got, want, dtype)
 
 
 def test_fused_qkv_weights_are_views_and_the_hf_path_is_unchanged():

@@ -65,6 +65,7 @@ class EngineConfig:
     max_prefill_chunk: int = 256  # longest prefill chunk per sequence per step
     kv_budget_bytes: int = 4 << 30  # KV cache memory; slots = min(max_num_seqs, budget / bytes per slot)
     decoder: str = "lean"  # "lean" | "exact" | "hf": how the decoder stack runs (see server.engine.fastpath)
+    cuda_graphs: bool = True  # on CUDA, replay decode steps from captured graphs (see server.engine.graphs)
 
 
 class Engine:
@@ -77,7 +78,8 @@ class Engine:
         dtype = next(model.parameters()).dtype
         per_token = mc.num_hidden_layers * 2 * mc.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
         slots = min(cfg.max_num_seqs, max(1, cfg.kv_budget_bytes // (per_token * (cfg.max_model_len + cfg.max_prefill_chunk))))
-        self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder)
+        self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder,
+                                  cuda_graphs=cfg.cuda_graphs)
         self.registry = AdapterRegistry(self.runner)
         self.num_slots = slots
         self.slot_seq: list[Sequence | None] = [None] * slots
@@ -162,6 +164,7 @@ class Engine:
                 "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
                 "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
+                "cuda_graphs": self.runner.graphs is not None and not self.runner.graphs.eager,
                 "decoder": self.runner.decoder, **({"decoder_fallback": self.runner.decoder_fallback}
                                                    if self.runner.decoder_fallback else {})}
 

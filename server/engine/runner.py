@@ -17,12 +17,14 @@ import torch.nn as nn
 from remix.stack import RoutingContext, StackedLinear, set_context
 from server.engine.cache import SlotKVCache, attention_mask
 from server.engine.fastpath import DECODERS, LeanForward, unsupported_reason
+from server.engine.graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, slots: int, max_len: int, max_chunk: int, decoder: str = "lean"):
+    def __init__(self, model: nn.Module, slots: int, max_len: int, max_chunk: int, decoder: str = "lean",
+                 cuda_graphs: bool = True):
         self.model = model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -44,6 +46,8 @@ class ModelRunner:
         self.decoder_fallback = reason  # why a lean / exact request runs HF's modules, or None
         if reason is not None:
             log.warning("--decoder %s does not apply to this model (%s): HF's modules run the decoder stack", decoder, reason)
+        # decode steps replayed from CUDA graphs (server.engine.graphs): CUDA and the lean forward only
+        self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" and self.lean is not None else None
 
     def ensure_wrapped(self, names: list[str]) -> None:
         """Wrap these linear modules (if not yet) so adapters can be stacked on them."""
@@ -65,8 +69,15 @@ class ModelRunner:
 
         tokens [b, q] (row i's first counts[i] are real, the rest padding), starts [b] position of
         each row's first token, adapter_slots [b]. Returns float32 logits [b, V] of each row's last
-        real token.
+        real token (a decode step replayed from a CUDA graph returns a view of the graph's output buffer: read it before
+        the next forward).
         """
+        if (self.graphs is not None and first_slot == 0 and not trace and tokens.shape[1] == 1 and bool((counts == 1).all())
+                and self.lean.applies()):
+            key = self.graphs.bucket(tokens.shape[0], int(starts.max()) + 1)
+            if key is not None:
+                self.last_trace = None
+                return self.graphs.run(tokens, starts, adapter_slots, key)
         tokens, starts, counts, adapter_slots = (t.to(self.device) for t in (tokens, starts, counts, adapter_slots))
         b, q = tokens.shape
         positions = starts[:, None] + torch.arange(q, device=starts.device)[None, :]

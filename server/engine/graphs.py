@@ -1,0 +1,129 @@
+"""Decode steps replayed from CUDA graphs.
+
+Legend: b = decode rows this step, B = b rounded up to a captured batch size, P = positions per cache slot, S = the
+attention span captured (a bucket >= every row's length), V = vocabulary.
+
+On a GPU a decode step of a small model is bound by kernel launches, not by arithmetic: the default base's step is
+~700 small kernels (~90 of them the adapters' routing), each a few microseconds of work behind ~10 us of Python and
+launch. A CUDA graph records one step's kernels once and replays them with one launch, so the GPU runs back to back.
+
+What a replay needs is the same shapes and the same memory every time, and no reads back to the host inside:
+
+* the rows: decode rows always sit in slots [0, b) (the engine keeps them there); the step runs B >= b rows, and each
+  padding row is a token at position P of its slot - the cache's spare positions, which attention never reads - with
+  no adapter (slot -1), so it writes nothing that anyone sees and counts nothing (its "no LoRA" lands in the spare
+  counter);
+* the span: attention reads positions [0, S) of every slot, S the smallest captured span >= the longest row; each row's
+  additive mask (0 up to its own position, -inf after) is made inside the graph from the positions buffer;
+* the routing: :meth:`remix.stack.RoutingContext.ungrouped` (no grouping by adapter, which would read the slots on the
+  host): every wrapped module takes the fused path over all its pools, vectorised over tokens and adapters.
+
+Inputs go in by copying into static buffers (tokens, positions, adapter slots), the output is a static [B, V] logits
+buffer. Graphs are captured lazily, one per (B, S), into one shared memory pool, and all dropped when the adapters'
+pools change (loading or unloading an adapter builds new pool tensors, which a graph would not see).
+
+Where this does not apply (not CUDA, prefill, a traced request, HF's modules running the decoder stack, a decode
+batch not starting at slot 0) the runner runs the step eagerly as before. ``eager=True`` runs the same padded,
+fixed-span, ungrouped step without capturing it: the tests use it on the CPU to check the padding and masking.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from remix import stack as stack_mod
+from remix.stack import RoutingContext, set_context
+
+MIN_SPAN = 256  # the smallest captured attention span; larger ones double up to the cache's positions
+
+
+def batch_sizes(max_rows: int) -> list[int]:
+    """Captured batch sizes: 1, 2, 4, 8, then every multiple of 8, and max_rows itself."""
+    sizes = [b for b in (1, 2, 4) if b < max_rows] + list(range(8, max_rows, 8)) + [max_rows]
+    return sorted(set(sizes))
+
+
+def spans(positions: int) -> list[int]:
+    out, s = [], MIN_SPAN
+    while s < positions:
+        out.append(s)
+        s *= 2
+    return out + [positions]
+
+
+class DecodeGraphs:
+    def __init__(self, runner, eager: bool = False):
+        self.runner = runner
+        self.eager = eager
+        cache = runner.cache
+        self.positions = cache.positions  # P: the first spare position (padding rows write there)
+        self.batches = batch_sizes(cache.slots)
+        self.spans = spans(cache.positions)
+        device = runner.device
+        B = self.batches[-1]
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.pos = torch.full((B, 1), self.positions, dtype=torch.long, device=device)
+        self.slots = torch.full((B,), -1, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple] = {}  # (B, S) -> (graph, logits [B, V])
+        self.pool = None
+        self.generation = stack_mod.generation()
+        self.captures = 0
+        self.replays = 0
+
+    def bucket(self, b: int, span: int) -> tuple[int, int] | None:
+        B = next((x for x in self.batches if x >= b), None)
+        S = next((x for x in self.spans if x >= span), None)
+        return None if B is None or S is None else (B, S)
+
+    def _body(self, B: int, S: int, count: bool = True) -> torch.Tensor:
+        """One decode step over the static buffers' first B rows, attending to S positions: logits [B, V] (float32)."""
+        runner = self.runner
+        tokens, positions = self.tokens[:B], self.pos[:B]
+        runner.cache.prepare(0, positions, S)
+        visible = torch.arange(S, device=positions.device)[None, :] <= positions  # [B, S]
+        mask = torch.zeros(B, 1, 1, S, dtype=runner.dtype, device=positions.device)
+        mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
+        set_context(RoutingContext.ungrouped(self.slots[:B], count=count))
+        try:
+            hidden = runner.lean(tokens, positions, mask, runner.cache)
+        finally:
+            set_context(None)
+        return runner.model.lm_head(hidden[:, 0]).float()
+
+    def run(self, tokens: torch.Tensor, starts: torch.Tensor, adapter_slots: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+        """Logits [b, V] of one decode step: row i is token tokens[i] at position starts[i] of slot i with adapter slot
+        adapter_slots[i] (CPU tensors, b rows)."""
+        B, S = key
+        b = tokens.shape[0]
+        self.tokens[:b, 0].copy_(tokens.view(-1), non_blocking=True)
+        self.pos[:b, 0].copy_(starts, non_blocking=True)
+        self.slots[:b].copy_(adapter_slots, non_blocking=True)
+        self.tokens[b:B].zero_()
+        self.pos[b:B].fill_(self.positions)
+        self.slots[b:B].fill_(-1)
+        if self.eager:
+            return self._body(B, S)[:b]
+        if stack_mod.generation() != self.generation:  # pools rebuilt: captured pointers are stale
+            self.graphs.clear()
+            self.generation = stack_mod.generation()
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(B, S)
+        entry[0].replay()
+        self.replays += 1
+        return entry[1][:b]
+
+    def _capture(self, B: int, S: int) -> tuple:
+        """Warm up once on a side stream (builds lazy layouts; counts nothing), then record the step."""
+        stream = torch.cuda.Stream(device=self.runner.device)
+        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with torch.cuda.stream(stream):
+            self._body(B, S, count=False)
+        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._body(B, S)
+        self.captures += 1
+        return graph, logits
