@@ -229,7 +229,9 @@ def stacked_forward(
     if ctx.groups is None:
         return y if stack.fused is None else _fused_forward(x, y, stack, ctx, name)
     mixed = len(ctx.groups) > 1 or any(rows is not None for rows in ctx.groups.values())
-    if mixed and stack.fused is not None and x.shape[0] <= FUSED_MAX_TOKENS:
+    # the fused path for small mixed batches, and on CUDA for any mixed batch (the per-slot path's row gathers and
+    # scatters cost more there than the GEMMs over the other adapters' pools)
+    if mixed and stack.fused is not None and (x.shape[0] <= FUSED_MAX_TOKENS or x.is_cuda):
         return _fused_forward(x, y, stack, ctx, name)
     for slot, rows in ctx.groups.items():
         w = stack.slots.get(slot)

@@ -152,6 +152,7 @@ def main(argv=None) -> dict:
                                              max_batched_tokens=max(512, args.prompt_tokens + max(levels))))
     for i, path in enumerate(adapter_paths):
         engine.load_adapter(f"a{i}", str(path))
+    engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
     results = {}
     for c in levels:
         prompts = prompts_of(tok, c, args.prompt_tokens)

@@ -9,8 +9,11 @@ attention interface and run ``rotate_half`` as slice/neg/cat. This forward keeps
 ``LlamaModel`` (RMSNorm in float32 as HF writes it, SDPA with the same mask, GQA packing and scale) and changes only
 what cannot change a bit:
 
-* q, k and v come from one GEMM over their concatenated rows (the three weights become views of one [H*Dh + 2*Hkv*Dh,
-  D] tensor, so no memory is added and the modules still work as before); each output element is the same dot product;
+* q, k and v run as three GEMMs (``exact``) or, by default, one GEMM over their concatenated rows (the three weights
+  become views of one [H*Dh + 2*Hkv*Dh, D] tensor, so no memory is added and the modules still work as before): each
+  output element is the same dot product, which MKL on this project's CPU sums the same way at either width (bit-identical
+  in the tests here) but which no BLAS promises (seen on another x86 CPU and on cuBLAS: last-bit differences), so the
+  ``exact`` mode keeps HF's three;
 * the rotary embedding runs once over q and k together as ``x * cos + roll(x, Dh/2) * sin_signed`` (``sin_signed`` =
   sin with its first half negated: ``-x2 * s`` and ``x2 * -s`` are the same float), four ops instead of ten;
 * plain linears run as ``F.linear`` (no module call); wrapped ones (``StackedLinear``) are called as modules, so
@@ -83,7 +86,8 @@ class LeanForward:
         cfg = model.config
         self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.Dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
-        self.qkv: list[tuple | None] = [self._fuse(layer.self_attn) for layer in inner.layers]
+        # one [q; k; v] GEMM per layer (lean), or HF's three (exact: bit-identity must not depend on the BLAS)
+        self.qkv: list[tuple | None] = [self._fuse(layer.self_attn) if compiled else None for layer in inner.layers]
         self._hookable = list(inner.modules())  # the modules whose hooks this forward would skip
 
     @staticmethod

@@ -113,6 +113,25 @@ class DecodeGraphs:
         self.replays += 1
         return entry[1][:b]
 
+    def capture_all(self) -> int:
+        """Capture every (batch, span) bucket now (the engine does this when it starts, so no request waits for a
+        capture); returns how many were captured. Each capture's warm-up runs padding rows only (they write the
+        cache's spare positions)."""
+        if self.eager:
+            return 0
+        if stack_mod.generation() != self.generation:
+            self.graphs.clear()
+            self.generation = stack_mod.generation()
+        before = self.captures
+        for B in self.batches:
+            for S in self.spans:
+                if (B, S) not in self.graphs:
+                    self.tokens[:B].zero_()
+                    self.pos[:B].fill_(self.positions)
+                    self.slots[:B].fill_(-1)
+                    self.graphs[(B, S)] = self._capture(B, S)
+        return self.captures - before
+
     def _capture(self, B: int, S: int) -> tuple:
         """Warm up once on a side stream (builds lazy layouts; counts nothing), then record the step."""
         stream = torch.cuda.Stream(device=self.runner.device)
