@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from remix import routing
-from remix.kernels import cpu_ext, flatten_a, flatten_b_t, scale_chunks, selection_mask, topk_masked_u, topk_masked_u_multi
+from remix.kernels import (cpu_ext, flatten_a, flatten_b_t, multi_routing_plan, route_with_plan, scale_chunks,
+                           selection_mask, topk_masked_u)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class StackedPools:
     pa: torch.Tensor | None = None
     router32: torch.Tensor | None = None  # [N, D] float32 router when the pools are in a lower precision (torch path)
     offsets: dict = field(default_factory=dict)  # slot -> first global id, as Python ints (no device reads)
+    layout: tuple = ()  # (dtype, device, N, kmax, (slot, offset, n, k, omega)...): modules with equal layouts route alike
 
     @property
     def num_loras(self) -> int:
@@ -165,6 +167,8 @@ class PoolStack:
             tables=(col(lambda s: off[s]), col(lambda s: self.slots[s].n), col(lambda s: self.slots[s].k),
                     col(lambda s: self.slots[s].omega, torch.float32)),
             offsets=off,
+            layout=(dtype, device, total, max(self.slots[s].k for s in ids),
+                    *((s, off[s], self.slots[s].n, self.slots[s].k, self.slots[s].omega) for s in ids)),
         )
 
 
@@ -183,6 +187,16 @@ class RoutingContext:
     groups: dict[int, torch.Tensor | None] | None = field(default_factory=dict)
     count: bool = True
     trace: list | None = None
+    plans: dict = field(default_factory=dict)  # StackedPools.layout -> this step's multi_routing_plan (shared by modules)
+
+    def plan_for(self, f: "StackedPools") -> tuple:
+        """The fused path's per-token routing tables for pools of this layout, made by the first module that asks."""
+        plan = self.plans.get(f.layout)
+        if plan is None:
+            plan = self.plans[f.layout] = multi_routing_plan(self.slots, f.tables, f.num_loras, f.kmax, f.pa.dtype)
+            ones = torch.ones(plan[1].numel(), dtype=torch.int64, device=self.slots.device)
+            plan = self.plans[f.layout] = (*plan, ones)
+        return plan
 
     @classmethod
     def build(cls, slots: torch.Tensor, count: bool = True, trace: bool = False) -> "RoutingContext":
@@ -264,11 +278,12 @@ def _fused_forward(x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: Rout
     f = stack.fused
     pu = F.linear(x, f.pa)  # [T, N + N*r_max]
     logits = None if f.router32 is None else F.linear(x.float(), f.router32)
-    um, idx = topk_masked_u_multi(pu, f.num_loras, ctx.slots, *f.tables, f.kmax, logits=logits)
-    if ctx.count:  # "no LoRA" (-1) lands in the spare last counter
-        stack.counts.index_add_(0, torch.where(idx >= 0, idx, f.num_loras).flatten(),
-                                torch.ones(idx.numel(), dtype=torch.int64, device=idx.device))
-    _trace_global(ctx, stack, idx, f.offsets, name)
+    *plan, ones = ctx.plan_for(f)
+    um, sel = route_with_plan(pu, f.num_loras, plan, logits)
+    if ctx.count:  # unused ranks (id N) land in the spare last counter
+        stack.counts.index_add_(0, sel.flatten(), ones)
+    if ctx.trace is not None:
+        _trace_global(ctx, stack, torch.where(sel < f.num_loras, sel, -1), f.offsets, name)
     return torch.addmm(y, um, f.bt)
 
 

@@ -97,24 +97,47 @@ def topk_masked_u_multi(pu: torch.Tensor, num_loras: int, slot_of_token: torch.T
 
     pu: [T, N + N*r]; the slot tables are indexed by slot id and live on pu's device. ``logits`` [T, N], when given,
     replaces ``pu[:, :N]`` for the routing (float32 logits of a lower-precision model). Returns (um [T, N*r],
-    idx [T, kmax]). Vectorised over tokens and slots, with no host synchronisation (so a CUDA graph can hold it):
-    each row's logits outside its slot's range become -inf, and a stable descending sort keeps the lower index on ties.
+    idx [T, kmax]). Vectorised over tokens and slots, with no host synchronisation (so a CUDA graph can hold it).
+    The part that depends only on the tokens' slots (:func:`multi_routing_plan`) is the same for every module with
+    the same adapters, so serving computes it once a step and calls :func:`route_with_plan` per module.
     """
-    T, N = pu.shape[0], num_loras
+    plan = multi_routing_plan(slot_of_token, (slot_off, slot_n, slot_k, slot_omega), num_loras, kmax, pu.dtype)
+    um, sel = route_with_plan(pu, num_loras, plan, logits)
+    return um, torch.where(sel < num_loras, sel, -1)
+
+
+def multi_routing_plan(slot_of_token: torch.Tensor, tables: tuple, num_loras: int, kmax: int,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What routing a mixed batch needs from its tokens' slots alone: (bias [T, N] float32: 0 inside the token's
+    slot's range, -inf outside; keep [T, kmax] bool: the first k_s ranks; weight [T, kmax] in ``dtype``: omega_s)."""
+    slot_off, slot_n, slot_k, slot_omega = tables
+    T, N = slot_of_token.shape[0], num_loras
     valid = (slot_of_token >= 0) & (slot_of_token < slot_n.numel())
     s = torch.where(valid, slot_of_token, 0)
     o = slot_off[s]
     n = torch.where(valid, slot_n[s], 0)
     k = torch.where(valid, slot_k[s], 0)
-    cols = torch.arange(N, device=pu.device)
+    cols = torch.arange(N, device=slot_of_token.device)
     inside = (cols >= o[:, None]) & (cols < (o + n)[:, None])  # [T, N]
-    scores = (pu[:, :N] if logits is None else logits).float().masked_fill(~inside, float("-inf"))
+    bias = torch.zeros(T, N, dtype=torch.float32, device=slot_of_token.device).masked_fill_(~inside, float("-inf"))
+    keep = torch.arange(kmax, device=slot_of_token.device)[None, :] < k[:, None]  # k <= n: kept ranks lie inside
+    weight = slot_omega[s].to(dtype)[:, None].expand(T, kmax).contiguous()
+    return bias, keep, weight
+
+
+def route_with_plan(pu: torch.Tensor, num_loras: int, plan: tuple, logits: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's routing and masking of a mixed batch, given the step's :func:`multi_routing_plan`: logits outside
+    a token's range become -inf, a stable descending sort keeps the lower index on ties. Returns (um [T, N*r],
+    sel [T, kmax]: global ids, ``num_loras`` where a rank is not used)."""
+    bias, keep, weight = plan
+    N = num_loras
+    scores = (pu[:, :N] if logits is None else logits).float() + bias
+    kmax = keep.shape[1]
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :kmax]
-    keep = torch.arange(kmax, device=pu.device)[None, :] < k[:, None]  # k <= n: kept entries lie inside the range
-    idx = torch.where(keep, order, -1)
-    weight = slot_omega[s].to(pu.dtype)[:, None].expand(T, kmax)
-    mask = torch.zeros(T, N + 1, dtype=pu.dtype, device=pu.device).scatter_(1, torch.where(keep, order, N), weight)
-    return scale_chunks(pu[:, N:], mask[:, :N]), idx
+    sel = torch.where(keep, order, N)
+    mask = torch.zeros(pu.shape[0], N + 1, dtype=pu.dtype, device=pu.device).scatter_(1, sel, weight)
+    return scale_chunks(pu[:, N:], mask[:, :N]), sel
 
 
 def topk_masked_u_torch(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
