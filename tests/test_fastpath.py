@@ -204,3 +204,18 @@ def test_mistral_sliding_window_shorter_than_the_context_keeps_hf_modules():
     model = MistralForCausalLM(MistralConfig(**SIZES, num_key_value_heads=2, sliding_window=64))
     assert "sliding window" in unsupported_reason(model, 160)
     assert unsupported_reason(model, 64) is None
+
+
+def test_exact_decoder_follows_transformers_without_gqa_packing(tmp_path, monkeypatch):
+    """Earlier transformers 5.x repeat K/V for a single query instead of packing its GQA heads (seen with 5.17: the
+    exact decoder then differed in the last bits on GQA models). With packing off on both sides (HF made to take its
+    repeat_kv branch), exact is again bit-identical."""
+    import server.engine.fastpath as fastpath
+    from transformers.integrations import sdpa_attention
+
+    monkeypatch.setattr(fastpath, "HF_PACKS_GQA", False)
+    monkeypatch.setattr(sdpa_attention, "is_torchdynamo_compiling", lambda: True)  # HF's branch: repeat_kv
+    model, tok = tiny("llama", 2)
+    paths = two_adapters(model, tmp_path)
+    exact, hf = engines_for(model, tok, paths)
+    assert run_all(exact, requests_for(tok, [None, "a0", "a1", "a0"])) == run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))

@@ -11,9 +11,9 @@ what cannot change a bit:
 
 * q, k and v run as three GEMMs (``exact``) or, by default, one GEMM over their concatenated rows (the three weights
   become views of one [H*Dh + 2*Hkv*Dh, D] tensor, so no memory is added and the modules still work as before): each
-  output element is the same dot product, which MKL on this project's CPU sums the same way at either width (bit-identical
-  in the tests here) but which no BLAS promises (seen on another x86 CPU and on cuBLAS: last-bit differences), so the
-  ``exact`` mode keeps HF's three;
+  output element is the same dot product, which MKL on this project's CPU sums the same way at either width, but no
+  BLAS promises that (cuBLAS picks kernels by shape), so the ``exact`` mode keeps HF's three;
+* a single query's GQA heads are packed for SDPA exactly when the installed transformers does so (``HF_PACKS_GQA``);
 * the rotary embedding runs once over q and k together as ``x * cos + roll(x, Dh/2) * sin_signed`` (``sin_signed`` =
   sin with its first half negated: ``-x2 * s`` and ``x2 * -s`` are the same float), four ops instead of ten;
 * plain linears run as ``F.linear`` (no module call); wrapped ones (``StackedLinear``) are called as modules, so
@@ -44,6 +44,14 @@ import torch.nn.functional as F
 from remix.kernels import cpu_ext
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+# transformers packs a single query's GQA heads for SDPA (pack_gqa) since 5.2x; earlier 5.x versions repeat K/V for every
+# step. The two sum in another order, so the exact decoder follows whichever the installed version does.
+try:
+    from transformers.integrations import sdpa_attention as _hf_sdpa
+
+    HF_PACKS_GQA = hasattr(_hf_sdpa, "pack_gqa")
+except ImportError:  # pragma: no cover
+    HF_PACKS_GQA = False
 SMALL_STEP = 32  # tokens: up to here the compiled norm and rotary beat ATen's ops (measured at 1 / 32 / 64 / 512)
 DECODERS = ("lean", "exact", "hf")  # lean: this forward + the compiled ops; exact: ATen's ops and SDPA only; hf: HF's modules
 
@@ -194,7 +202,7 @@ class LeanForward:
             if ext is not None:  # one decode token per row, each over its own slot's first lens positions
                 K, V, row0 = cache.storage(i)
                 o = ext.decode_attention(qk[:, 0], K, V, row0, lens, H, at.scaling)
-            elif n_rep > 1 and q == 1:  # as transformers' sdpa_attention_forward: one query packs its group's heads
+            elif n_rep > 1 and q == 1 and HF_PACKS_GQA:  # as transformers' sdpa_attention_forward: one query packs its group's heads
                 o = F.scaled_dot_product_attention(qs.reshape(b, Hkv, n_rep, Dh), k, v, attn_mask=mask, scale=at.scaling)
             else:
                 if n_rep > 1:  # repeat_kv

@@ -103,9 +103,7 @@ class DecodeGraphs:
         self.slots[b:B].fill_(-1)
         if self.eager:
             return self._body(B, S)[:b]
-        if stack_mod.generation() != self.generation:  # pools rebuilt: captured pointers are stale
-            self.graphs.clear()
-            self.generation = stack_mod.generation()
+        self._drop_if_stale()
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(B, S)
@@ -119,9 +117,7 @@ class DecodeGraphs:
         cache's spare positions)."""
         if self.eager:
             return 0
-        if stack_mod.generation() != self.generation:
-            self.graphs.clear()
-            self.generation = stack_mod.generation()
+        self._drop_if_stale()
         before = self.captures
         for B in self.batches:
             for S in self.spans:
@@ -131,6 +127,15 @@ class DecodeGraphs:
                     self.slots[:B].fill_(-1)
                     self.graphs[(B, S)] = self._capture(B, S)
         return self.captures - before
+
+    def _drop_if_stale(self) -> None:
+        """Drop every graph once any adapter's pools were rebuilt (the graphs hold the old tensors' addresses), and
+        their memory pool with them: capturing into a pool whose graphs are all gone trips an internal assert of
+        PyTorch's caching allocator (seen with torch 2.11 on an H100), so the next capture starts a fresh pool."""
+        if stack_mod.generation() != self.generation:
+            self.graphs.clear()
+            self.pool = None
+            self.generation = stack_mod.generation()
 
     def _capture(self, B: int, S: int) -> tuple:
         """Warm up once on a side stream (builds lazy layouts; counts nothing), then record the step."""
