@@ -281,3 +281,24 @@ def test_greedy_sampling_takes_the_lowest_id_on_ties():
     seeded = SamplingParams(temperature=1.0, seed=1)
     out = sample(logits, [greedy, seeded, greedy], [None, torch.Generator().manual_seed(1), None])
     assert out[0] == 2 and out[2] == 6 and 0 <= out[1] < 10
+
+
+def test_a_one_token_prompt_chunk_takes_the_prefill_path_alone_too(tmp_path):
+    """Regression (found on another CPU): a prompt whose last chunk is one token used to run that chunk through the
+    decode step's attention when it was alone in its step, but through SDPA beside a longer chunk; the two round
+    differently, so its first token's log-probability (bfloat16: by ~0.03) depended on its batch-mates. Now only
+    the engine's decode steps take the decode paths, and alone equals batched exactly."""
+    path = make_adapter(lively_tiny()[0], tmp_path / "a", seed=3)
+    model, tok = lively_tiny()
+    model.to(torch.bfloat16)
+    engine = Engine(model, tok, EngineConfig(max_model_len=96, max_num_seqs=4, max_prefill_chunk=8))
+    engine.load_adapter("a", path)
+    ids = tok(PROMPTS[1]).input_ids
+    assert len(ids) % 8 == 1  # its last prefill chunk is a single token
+    alone = collect(engine, GenerationRequest("alone", ids, greedy(3), adapter="a"))
+    sinks = {"mate": [], "main": []}
+    engine.submit(GenerationRequest("mate", tok(PROMPTS[3]).input_ids, greedy(3), adapter="a"), sinks["mate"].append)
+    engine.submit(GenerationRequest("main", ids, greedy(3), adapter="a"), sinks["main"].append)
+    while engine.has_work():
+        engine.step()
+    assert logprobs_of(sinks["main"]) == logprobs_of(alone) and tokens_of(sinks["main"]) == tokens_of(alone)

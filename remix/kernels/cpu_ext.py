@@ -605,9 +605,11 @@ torch::Tensor route_gather_into(torch::Tensor x, torch::Tensor y, torch::Tensor 
   const int64_t S = off.numel();
   TORCH_CHECK(nn.numel() == S && kk.numel() == S && om.numel() == S, "slot tables must have one entry per slot");
   const int64_t *op = off.data_ptr<int64_t>(), *np = nn.data_ptr<int64_t>(), *kp = kk.data_ptr<int64_t>();
-  for (int64_t s = 0; s < S; ++s)
-    TORCH_CHECK(np[s] == 0 || (np[s] <= 64 && op[s] >= 0 && op[s] + np[s] <= N && kp[s] >= 1 && kp[s] <= np[s] && kp[s] <= kmax),
-                "slot ", s, ": bad offset / n / k");
+  int64_t bad = -1;  // the first slot whose table entry does not fit the pool (checked outside the loop)
+  for (int64_t s = 0; s < S && bad < 0; ++s)
+    if (!(np[s] == 0 || (np[s] <= 64 && op[s] >= 0 && op[s] + np[s] <= N && kp[s] >= 1 && kp[s] <= np[s] && kp[s] <= kmax)))
+      bad = s;
+  TORCH_CHECK(bad < 0, "slot ", bad, ": bad offset / n / k");
   auto sot = slot_of_token.contiguous();
   const bool one = sot.numel() == 0;
   TORCH_CHECK(one || (sot.scalar_type() == torch::kInt64 && sot.numel() == T), "slot_of_token must be int64 [T] or empty");
@@ -761,25 +763,34 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
   return out;
 }
 
-// ---- small fused ops of a Llama decoder layer (the engine's lean forward, small steps): one call instead of 4-7
-// ATen ops each, on one thread.
+// ---- fused ops of a Llama decoder layer (the engine's lean forward): one call instead of 4-7 ATen ops each.
 // Each keeps Hugging Face's order of roundings in bfloat16 (float32 inside an op, the dtype between the ops HF runs);
-// float32 sums run in another order than ATen's.
+// float32 sums run in another order than ATen's. Rows are independent and split among threads in blocks of ROW_GRAIN
+// (a step of up to ROW_GRAIN rows runs on one thread), and a row's result never depends on how many rows share the
+// call: so the engine can use these ops for every step size, and a request's numbers do not depend on its batch-mates.
+constexpr int64_t ROW_GRAIN = 32;
 
 template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
 template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
 
 template <typename T>
 void add_rms_rows(T* h, const T* delta, const T* w, T* out, int64_t rows, int64_t D, float eps) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T* hr = h + i * D;
-    if (delta) for (int64_t d = 0; d < D; ++d) hr[d] = from_f<T>(to_f(hr[d]) + to_f(delta[i * D + d]));  // h = h + delta
-    float ss = 0.f;
-    for (int64_t d = 0; d < D; ++d) { const float v = to_f(hr[d]); ss += v * v; }
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
-    for (int64_t d = 0; d < D; ++d)  // LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
-      out[i * D + d] = from_f<T>(to_f(w[d]) * to_f(from_f<T>(to_f(hr[d]) * r)));
-  }
+  at::parallel_for(0, rows, ROW_GRAIN, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* hr = h + i * D;
+      if (delta) for (int64_t d = 0; d < D; ++d) hr[d] = from_f<T>(to_f(hr[d]) + to_f(delta[i * D + d]));  // h = h + delta
+      float acc[L] = {};  // L partial sums of squares, then a fixed pairwise order: vectorisable, same for every row
+      int64_t d = 0;
+      for (; d + L <= D; d += L)
+        for (int64_t j = 0; j < L; ++j) { const float v = to_f(hr[d + j]); acc[j] += v * v; }
+      for (int64_t j = 0; d + j < D; ++j) { const float v = to_f(hr[d + j]); acc[j] += v * v; }
+      for (int64_t width = L / 2; width > 0; width /= 2)
+        for (int64_t j = 0; j < width; ++j) acc[j] += acc[j + width];
+      const float r = 1.f / std::sqrt(acc[0] / static_cast<float>(D) + eps);
+      for (int64_t e = 0; e < D; ++e)  // LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
+        out[i * D + e] = from_f<T>(to_f(w[e]) * to_f(from_f<T>(to_f(hr[e]) * r)));
+    }
+  });
 }
 
 // h += delta (if given, in place, in h's dtype), then returns RMSNorm(h) * weight: the residual add of one sublayer
@@ -807,7 +818,8 @@ torch::Tensor add_rms_norm_(torch::Tensor h, torch::Tensor delta, torch::Tensor 
 template <typename T>
 void rotary_rows(T* x, int64_t row_stride, const T* cs, const T* sn, int64_t rows, int64_t heads, int64_t Dh) {
   const int64_t half = Dh / 2;
-  for (int64_t i = 0; i < rows; ++i)
+  at::parallel_for(0, rows, ROW_GRAIN, [&](int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i)
     for (int64_t hd = 0; hd < heads; ++hd) {
       T* v = x + i * row_stride + hd * Dh;
       const T* c = cs + i * Dh;
@@ -820,6 +832,7 @@ void rotary_rows(T* x, int64_t row_stride, const T* cs, const T* sn, int64_t row
         v[d + half] = hi;
       }
     }
+  });
 }
 
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin_signed) {
@@ -928,7 +941,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v10_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v12_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

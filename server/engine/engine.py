@@ -305,7 +305,7 @@ class Engine:
         starts = torch.tensor([s.num_computed for s in seqs])
         trace = any(s.request.trace for s in seqs)
         logits = self.runner.forward(0, tokens, starts, torch.ones(b, dtype=torch.long),
-                                     torch.tensor([s.adapter_slot for s in seqs]), trace=trace)
+                                     torch.tensor([s.adapter_slot for s in seqs]), trace=trace, decode=True)
         self._collect_trace(seqs, torch.ones(b, dtype=torch.long), trace)
         for s in seqs:
             s.num_computed += 1

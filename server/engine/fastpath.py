@@ -24,11 +24,13 @@ compare both on every supported architecture, prefill and decode, float32 and bf
 By default (``--decoder lean``, ``compiled=True``), on CPU with the compiled kernels, three things run compiled instead
 (:mod:`remix.kernels.cpu_ext`): a decode step's attention (``decode_attention``: each row over its own slot's first
 ``len`` positions, no mask; float32 within ~1e-7 relative of SDPA, bfloat16 closer to float32 than SDPA, which rounds
-the softmax weights to bfloat16 before multiplying V); and in steps of up to ``SMALL_STEP`` tokens each residual
-add with the RMSNorm after it (``add_rms_norm_``) and the rotary embedding in place on the q/k/v output (``rotary_``),
-one call each instead of 4-7 ATen ops, with HF's roundings in bfloat16 and float32 sums in another order than ATen's.
-At one sequence that is most of a step's dispatch: 35.7 -> 30.0 ms a float32 decode step. (They run on one thread,
-so larger steps keep ATen's multi-threaded ops; a compiled silu(gate) * up was never faster than ATen's two ops.)
+the softmax weights to bfloat16 before multiplying V); and in every step each residual add with the RMSNorm after it
+(``add_rms_norm_``) and the rotary embedding in place on the q/k/v output (``rotary_``), one call each instead of 4-7
+ATen ops, with HF's roundings in bfloat16 and float32 sums in another order than ATen's. At one sequence that is most
+of a step's dispatch: 35.7 -> 30.0 ms a float32 decode step. They run at every step size (rows split among threads
+from 32 rows on), because a row's result must not depend on the step it lands in: an earlier version used them only in
+steps of up to 32 tokens and ATen's ops above, so a request's bfloat16 numbers (and now and then a token) depended on
+how many tokens its batch-mates brought to the step. (A compiled silu(gate) * up was never faster than ATen's two ops.)
 
 It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU, SDPA attention and full attention
 in every layer; any other model, a forward hook on a decoder module, or a q/k/v
@@ -52,7 +54,6 @@ try:
     HF_PACKS_GQA = hasattr(_hf_sdpa, "pack_gqa")
 except ImportError:  # pragma: no cover
     HF_PACKS_GQA = False
-SMALL_STEP = 32  # tokens: up to here the compiled norm and rotary beat ATen's ops (measured at 1 / 32 / 64 / 512)
 DECODERS = ("lean", "exact", "hf")  # lean: this forward + the compiled ops; exact: ATen's ops and SDPA only; hf: HF's modules
 
 
@@ -158,8 +159,7 @@ class LeanForward:
         ext = None
         if lean is not None and lens is not None and q == 1 and Dh in (16, 32, 64, 128) and H // Hkv <= 8:
             ext = lean  # one decode token per row: the compiled attention over the slot cache
-        # the compiled norm and rotary: single-threaded, so only where they beat ATen's multi-threaded ops (small steps)
-        ops = lean if b * q <= SMALL_STEP else None
+        ops = lean  # the compiled norm and rotary, at every step size (a row's result must not depend on the step's size)
         # LlamaRotaryEmbedding.forward (default rope, scaling 1), then the sign of rotate_half folded into sin
         freqs = positions[..., None].float() * inner.rotary_emb.inv_freq.to(device=h.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -64,16 +64,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, first_slot: int, tokens: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
-                adapter_slots: torch.Tensor, trace: bool = False) -> torch.Tensor:
+                adapter_slots: torch.Tensor, trace: bool = False, decode: bool = False) -> torch.Tensor:
         """Run rows [first_slot, first_slot + b) of the cache.
 
         tokens [b, q] (row i's first counts[i] are real, the rest padding), starts [b] position of
         each row's first token, adapter_slots [b]. Returns float32 logits [b, V] of each row's last
         real token (a decode step replayed from a CUDA graph returns a view of the graph's output buffer: read it before
         the next forward).
+
+        ``decode``: the engine's decode step (one token per row, rows from slot 0). Only such a step takes the decode
+        paths (the compiled decode attention, a CUDA graph); a prefill chunk of one token does not, so every prompt
+        token goes through the same attention whatever shares its step (those paths round differently from SDPA).
         """
-        if (self.graphs is not None and first_slot == 0 and not trace and tokens.shape[1] == 1 and bool((counts == 1).all())
-                and self.lean.applies()):
+        if decode:
+            assert tokens.shape[1] == 1 and bool((counts == 1).all()), "a decode step has one token per row"
+        if self.graphs is not None and decode and first_slot == 0 and not trace and self.lean.applies():
             key = self.graphs.bucket(tokens.shape[0], int(starts.max()) + 1)
             if key is not None:
                 self.last_trace = None
@@ -90,7 +95,7 @@ class ModelRunner:
         set_context(ctx)
         try:
             if self.lean is not None and self.lean.applies():
-                hidden = self.lean(tokens, positions, mask, self.cache, lens=starts + 1 if q == 1 and bool((counts == 1).all()) else None)
+                hidden = self.lean(tokens, positions, mask, self.cache, lens=starts + 1 if decode else None)
             else:
                 hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                                           past_key_values=self.cache, use_cache=True).last_hidden_state
