@@ -40,6 +40,8 @@ OPTIONS = [  # (flag, type, default, help)
     ("decoder", str, "lean", "decoder stack: lean (Llama/Mistral/Qwen2: HF's ops without HF's Python plumbing and a "
                              "compiled decode attention; other models fall back to hf), exact (the same with SDPA: "
                              "bit-identical to hf) or hf (HF's modules)"),
+    ("cuda_graphs", str, "on", "on or off: on CUDA, replay decode steps from CUDA graphs captured at start "
+                               "(padded batch sizes 1, 2, 4, 8, 16, 24, ...; attention spans 256, 512, ... up to max_model_len)"),
     ("threads", int, 0, "torch threads (0 = torch's default)"),
     ("log_level", str, "info", "debug, info, warning or error"),
 ]
@@ -100,6 +102,8 @@ def load_settings(argv: list[str] | None = None) -> dict:
 
     if settings["decoder"] not in DECODERS:
         raise SystemExit(f"error: --decoder must be one of {', '.join(DECODERS)}, got {settings['decoder']!r}")
+    if settings["cuda_graphs"] not in ("on", "off"):
+        raise SystemExit(f"error: --cuda-graphs must be on or off, got {settings['cuda_graphs']!r}")
     for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
@@ -185,7 +189,7 @@ def build_state(settings: dict):
     engine = Engine(model, tokenizer, EngineConfig(
         max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
         max_batched_tokens=settings["max_batched_tokens"], kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
-        decoder=settings["decoder"]))
+        decoder=settings["decoder"], cuda_graphs=settings["cuda_graphs"] == "on"))
     for name, path in settings["adapters"].items():
         engine.load_adapter(name, path)  # AdapterError lists every problem
         log.info("loaded adapter %s from %s", name, path)

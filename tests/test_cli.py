@@ -47,6 +47,16 @@ def test_dtype_resolution():
     assert cli.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
 
 
+def test_cuda_graphs_flag():
+    assert cli.load_settings(["--base", "tiny"])["cuda_graphs"] == "on"
+    with pytest.raises(SystemExit, match="--cuda-graphs must be on or off"):
+        cli.load_settings(["--base", "tiny", "--cuda-graphs", "maybe"])
+    from server.cli import build_state
+
+    engine = build_state(cli.load_settings(["--base", "tiny", "--device", "cpu", "--cuda-graphs", "off"])).engine
+    assert engine.config.cuda_graphs is False and engine.stats()["cuda_graphs"] is False
+
+
 def test_device_resolution_and_errors(capsys):
     assert cli.resolve_device("cpu") == torch.device("cpu")
     assert cli.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

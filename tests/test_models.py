@@ -81,3 +81,19 @@ def test_default_base_with_adapter_round_trip(default_base, tmp_path):
         assert len(loaded) == 90
     finally:
         remix.unwrap(fresh)
+
+
+def test_conversion_cache_is_keyed_by_content_not_path(tmp_path, monkeypatch):
+    """The same GGUF installed in two environments shares one conversion; a different file gets its own."""
+    import os
+
+    from remix.models import loading
+
+    monkeypatch.setenv("REMIX_CACHE_DIR", str(tmp_path / "cache"))
+    data = os.urandom(3 << 20)
+    a, b, c = tmp_path / "env1" / "m.gguf", tmp_path / "env2" / "m.gguf", tmp_path / "env3" / "m.gguf"
+    for path, blob in ((a, data), (b, data), (c, data[:-1] + bytes([data[-1] ^ 1]))):
+        path.parent.mkdir()
+        path.write_bytes(blob)
+    os.utime(b, (1, 1))  # another mtime, as a fresh install would have
+    assert loading._converted_dir(a, "m") == loading._converted_dir(b, "m") != loading._converted_dir(c, "m")

@@ -42,9 +42,16 @@ def embedded_gguf(name: str = DEFAULT_BASE) -> Path:
 
 
 def _converted_dir(gguf: Path, name: str) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{name}-{key}"
+    """The cache directory of a GGUF file's conversion, keyed by its content (size, first and last MiB: the header with
+    every tensor's metadata, and the data's end), not by its path: every virtual environment that installs the same
+    package shares one conversion (keyed by path and mtime, each fresh install added another ~540 MB copy)."""
+    size = gguf.stat().st_size
+    h = hashlib.sha256(f"{size}:".encode())
+    with open(gguf, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return cache_dir() / "models" / f"{name}-{h.hexdigest()[:12]}"
 
 
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
