@@ -47,6 +47,7 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -61,6 +62,17 @@ extern "C" void sgemm_(const char*, const char*, const int*, const int*, const i
 namespace {
 
 constexpr int L = 16;  // lanes of one vector: a 512-bit register with AVX-512, split by the compiler otherwise
+// An error message with numbers, formatted by snprintf into one std::string. TORCH_CHECK's own formatting of numbers
+// goes through std::ostringstream, and on one machine (g++ 13.3, torch 2.11, Python 3.12 with many wheels loaded) every
+// failed check whose message held a number crashed the process (segfault) where the same checks with literal-only
+// messages raised RuntimeError as they should; a check must never take the server down.
+template <typename... A>
+inline std::string message(const char* format, A... args) {
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), format, static_cast<long long>(args)...);
+  return std::string(buf);
+}
+
 typedef float vf __attribute__((vector_size(L * sizeof(float)), aligned(sizeof(float))));  // unaligned loads allowed
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
@@ -609,7 +621,7 @@ torch::Tensor route_gather_into(torch::Tensor x, torch::Tensor y, torch::Tensor 
   for (int64_t s = 0; s < S && bad < 0; ++s)
     if (!(np[s] == 0 || (np[s] <= 64 && op[s] >= 0 && op[s] + np[s] <= N && kp[s] >= 1 && kp[s] <= np[s] && kp[s] <= kmax)))
       bad = s;
-  TORCH_CHECK(bad < 0, "slot ", bad, ": bad offset / n / k");
+  TORCH_CHECK(bad < 0, message("slot %lld: bad offset / n / k", bad));
   auto sot = slot_of_token.contiguous();
   const bool one = sot.numel() == 0;
   TORCH_CHECK(one || (sot.scalar_type() == torch::kInt64 && sot.numel() == T), "slot_of_token must be int64 [T] or empty");
@@ -743,14 +755,15 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
   TORCH_CHECK(qk.scalar_type() == K.scalar_type() && K.scalar_type() == V.scalar_type() &&
               (qk.scalar_type() == torch::kFloat32 || qk.scalar_type() == torch::kBFloat16), "qk, K and V must share float32 or bfloat16");
   const int64_t b = qk.size(0), Hkv = K.size(1), P = K.size(2), Dh = K.size(3);
-  TORCH_CHECK(Dh == 16 || Dh == 32 || Dh == 64 || Dh == 128, "head dim must be 16, 32, 64 or 128, got ", Dh);
+  TORCH_CHECK(Dh == 16 || Dh == 32 || Dh == 64 || Dh == 128, message("head dim must be 16, 32, 64 or 128, got %lld", Dh));
   TORCH_CHECK(qk.size(2) == Dh && qk.stride(2) == 1 && qk.stride(1) == Dh && qk.size(1) >= Hq, "qk must be [b, >= Hq, Dh] with heads Dh apart");
-  TORCH_CHECK(Hq >= Hkv && Hq % Hkv == 0 && Hq / Hkv <= MAX_GROUP, "query heads must be 1 to ", MAX_GROUP, " times the key/value heads");
+  TORCH_CHECK(Hq >= Hkv && Hq % Hkv == 0 && Hq / Hkv <= MAX_GROUP, message("query heads must be 1 to %lld times the key/value heads", MAX_GROUP));
   TORCH_CHECK(row0 >= 0 && row0 + b <= K.size(0), "rows out of the cache");
   auto ln = lens.contiguous();
   TORCH_CHECK(ln.scalar_type() == torch::kInt64 && ln.numel() == b, "lens must be int64 [b]");
   const int64_t* lp = ln.data_ptr<int64_t>();
-  for (int64_t i = 0; i < b; ++i) TORCH_CHECK(lp[i] >= 1 && lp[i] <= P, "lens[", i, "] = ", lp[i], " out of [1, ", P, "]");
+  for (int64_t i = 0; i < b; ++i)
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= P, message("lens[%lld] = %lld out of [1, %lld]", i, lp[i], P));
   const int64_t nrep = Hq / Hkv;
   auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
   by_dtype(qk.scalar_type(), [&](auto tag) {
@@ -862,7 +875,8 @@ void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Te
   auto pc = pos.contiguous();
   TORCH_CHECK(pc.scalar_type() == torch::kInt64 && pc.dim() == 2 && pc.size(0) == b && pc.size(1) == q, "pos must be int64 [b, q]");
   const int64_t* pp = pc.data_ptr<int64_t>();
-  for (int64_t e = 0; e < b * q; ++e) TORCH_CHECK(pp[e] >= 0 && pp[e] < P, "position ", pp[e], " out of [0, ", P, ")");
+  for (int64_t e = 0; e < b * q; ++e)
+    TORCH_CHECK(pp[e] >= 0 && pp[e] < P, message("position %lld out of [0, %lld)", pp[e], P));
   const int64_t es = cache.element_size(), row = Dh * es;
   char* dst = static_cast<char*>(cache.data_ptr());
   const char* src = static_cast<const char*>(fresh.data_ptr());
@@ -941,7 +955,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v12_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v13_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
