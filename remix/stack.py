@@ -18,6 +18,11 @@ On a CPU with the compiled kernels (:mod:`remix.kernels.cpu_ext`) every slot's p
 one float32 stack (:class:`StackedPools`: global LoRA ids, ranks zero-padded to the largest) and the whole
 step, whatever its mix of adapters, is one call that routes each token within its adapter's pool and
 adds only the selected LoRAs, counting selections as it goes.
+
+Elsewhere (CUDA) a mixed batch takes the fused torch path: one GEMM over every slot's [router; A], routing vectorised
+over tokens and adapters with the per-token tables made once a step and shared by all modules
+(:meth:`RoutingContext.plan_for`), one GEMM over every B, counters added by ``index_add_``: no host synchronisation,
+so a CUDA graph can capture it (:meth:`RoutingContext.ungrouped`).
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ class PoolStack:
         self.fused = self._stack_all(dtype)
         self.fused.pa = torch.cat([self.fused.router, self.fused.a], 0).contiguous()
         if dtype != torch.float32:  # route on float32 logits, as DESIGN §1 requires
-            self.fused.router32 = self._stack_all(torch.float32, router_only=True)
+            self.fused.router32 = torch.cat([self._raw[s][2].float() for s in sorted(self._raw)]).contiguous()
 
     def _rebuild_cpu(self) -> None:
         self.cpu = None
@@ -143,12 +148,9 @@ class PoolStack:
         self.cpu = self._stack_all(torch.float32)
         self.cpu.counts = self.counts[:-1]  # [N], contiguous: the kernel adds each selection into it
 
-    def _stack_all(self, dtype: torch.dtype, router_only: bool = False):
-        """Every slot's pool in ``dtype``, stacked by ascending slot id, ranks padded to the largest
-        (``router_only``: just the stacked router [N, D])."""
+    def _stack_all(self, dtype: torch.dtype) -> StackedPools:
+        """Every slot's pool in ``dtype``, stacked by ascending slot id, ranks padded to the largest."""
         ids = sorted(self._raw)
-        if router_only:
-            return torch.cat([self._raw[s][2].to(dtype) for s in ids]).contiguous()
         r_max = max(self._raw[s][0].shape[1] for s in ids)
         routers, As, Bs, off, total = [], [], [], {}, 0
         for s in ids:
@@ -193,9 +195,9 @@ class RoutingContext:
         """The fused path's per-token routing tables for pools of this layout, made by the first module that asks."""
         plan = self.plans.get(f.layout)
         if plan is None:
-            plan = self.plans[f.layout] = multi_routing_plan(self.slots, f.tables, f.num_loras, f.kmax, f.pa.dtype)
-            ones = torch.ones(plan[1].numel(), dtype=torch.int64, device=self.slots.device)
-            plan = self.plans[f.layout] = (*plan, ones)
+            bias, keep, weight = multi_routing_plan(self.slots, f.tables, f.num_loras, f.kmax, f.pa.dtype)
+            ones = torch.ones(keep.numel(), dtype=torch.int64, device=self.slots.device)  # index_add_'s increments
+            plan = self.plans[f.layout] = (bias, keep, weight, ones)
         return plan
 
     @classmethod

@@ -147,6 +147,38 @@ def test_bfloat16_activations_close_to_float32():
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.03)
 
 
+def test_fused_path_in_bfloat16_routes_on_float32_logits(device):
+    """A bfloat16 model: the fused torch path over a mixed batch (CUDA's, and what a CUDA graph captures: ungrouped
+    context) gives each token the selections its adapter's own per-slot path gives it alone, both routing on float32
+    logits, and outputs within bfloat16 rounding."""
+    from remix.kernels import cpu_ext
+
+    torch.manual_seed(0)
+    base = nn.Linear(32, 48).to(device=device, dtype=torch.bfloat16)
+    stacked = StackedLinear(base, name="m")
+    for slot, (n, k, r) in enumerate([(8, 2, 8), (4, 1, 4), (6, 3, 2)]):
+        A, B, router = torch.randn(n, r, 32) * 0.3, torch.randn(n, 48, r), torch.randn(n, 32)
+        stacked.stack.add(slot, A.to(device), B.to(device), router.to(device), k, 0.5, dtype=torch.bfloat16)
+    x = torch.randn(30, 32, device=device).to(torch.bfloat16)
+    slots = (torch.arange(30) % 4 - 1).to(device)
+    with torch.inference_mode(), cpu_ext.disabled():
+        set_context(RoutingContext.ungrouped(slots))
+        mixed = stacked(x)
+        mixed_counts = stacked.stack.counts.clone()
+        alone = stacked.base(x)
+        for s in (0, 1, 2):  # one adapter's tokens alone: not mixed, so its own per-slot path
+            rows = (slots == s).nonzero().squeeze(1)
+            set_context(RoutingContext.build(torch.full((rows.numel(),), s, device=device)))
+            alone[rows] = stacked(x[rows])
+        set_context(None)
+    assert stacked.stack.fused.router32 is not None and stacked.stack.fused.router32.dtype == torch.float32
+    per_lora = stacked.stack.counts[:-1] - mixed_counts[:-1]
+    assert torch.equal(mixed_counts[:-1], per_lora)  # the same selections, counted per LoRA
+    # the spare counter took the unused ranks (kmax = 3): 8 bare tokens x 3, then 8 x (3-2), 7 x (3-1), 7 x (3-3)
+    assert int(mixed_counts[-1]) == 8 * 3 + 8 * 1 + 7 * 2 + 7 * 0
+    torch.testing.assert_close(mixed.float(), alone.float(), atol=0.06, rtol=0.02)
+
+
 def test_compiled_call_follows_the_base_and_its_hooks():
     """The serving layer's bound C++ call sees an in-place change or a replacement of the base weight and steps aside
     for a base hook."""
