@@ -69,7 +69,7 @@ def evaluate(model, tokenizer, layers: dict, examples: list[Example], max_new_to
                 if len(samples) < 6:
                     samples.append({"task": task, "reference": ex.reference, "prediction": pred.strip(), "correct": ok})
         correct_all += correct
-        usage = torch.stack([layer.usage.clone() for layer in layers.values()])  # [modules, n]
+        usage = torch.stack([layer.usage.to("cpu", copy=True) for layer in layers.values()])  # [modules, n], a CPU copy
         effective = [routing.selection_entropy(u)[1] for u in usage]
         ess = [layer.mean_ess() for layer in layers.values()]
         result["tasks"][task] = {
@@ -99,6 +99,7 @@ def usage_heatmap(usage: torch.Tensor, names: list[str], path: Path, title: str)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    usage = usage.cpu()
     share = usage.double() / usage.sum(1, keepdim=True).clamp_min(1)
     fig, ax = plt.subplots(figsize=(4 + 0.3 * usage.shape[1], 2 + 0.12 * usage.shape[0]))
     im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0)
