@@ -1,7 +1,8 @@
 # CPU image of remix-serve. Build: docker build -t remix-serve .
 # Run:   docker run -p 8000:8000 -v remix-cache:/cache -v $PWD/runs:/app/runs remix-serve
 # CUDA variant: start FROM a pytorch/pytorch:*-cuda*-runtime image, drop the torch==2.13.0 CPU pin below (the base image
-# brings a CUDA torch), and run with --gpus all; the engine puts the model where torch finds the GPU (see README).
+# brings a CUDA torch), and run with --gpus all: REMIX_DEVICE=auto (the default) serves from the first GPU torch sees,
+# with decode steps replayed from CUDA graphs (REMIX_CUDA_GRAPHS=on); see README "On a GPU".
 
 # ---- build stage: a virtual environment with everything installed ------------------------------------------------
 FROM python:3.11-slim AS build
@@ -32,7 +33,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TORCH_EXTENSIONS_DIR=/cache/torch_extensions \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     REMIX_HOST=0.0.0.0 REMIX_PORT=8000 REMIX_BASE=smollm2-135m-instruct \
-    REMIX_ADAPTER_DIR=/app/runs/adapters REMIX_MAX_NUM_SEQS=32 REMIX_MAX_MODEL_LEN=2048 REMIX_DTYPE=float32
+    REMIX_ADAPTER_DIR=/app/runs/adapters REMIX_MAX_NUM_SEQS=32 REMIX_MAX_MODEL_LEN=2048 REMIX_DTYPE=float32 \
+    REMIX_DEVICE=auto REMIX_CUDA_GRAPHS=on
 USER remix
 VOLUME ["/cache"]
 EXPOSE 8000
