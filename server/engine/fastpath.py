@@ -19,11 +19,12 @@ what cannot change a bit:
 * plain linears run as ``F.linear`` (no module call); wrapped ones (``StackedLinear``) are called as modules, so
   routing, counting and traces are unchanged.
 
-With ``compiled=False`` (``--decoder exact``) the result is bit-identical to the HF module path (tests
+With ``compiled=False`` (``--decoder exact``) the result is bit-identical to the HF module path on CPU (tests
 compare both on every supported architecture, prefill and decode, float32 and bfloat16, with and without adapters).
 By default (``--decoder lean``, ``compiled=True``), on CPU with the compiled kernels, three things run compiled instead
-(:mod:`remix.kernels.cpu_ext`): a decode step's attention (``decode_attention``: each row over its own slot's first
-``len`` positions, no mask; float32 within ~1e-7 relative of SDPA, bfloat16 closer to float32 than SDPA, which rounds
+(:mod:`remix.kernels.cpu_ext`): the attention of the engine's decode steps (``decode_attention``, given ``lens``, which
+the runner passes for decode steps only - a one-token prefill chunk keeps SDPA, as it would beside longer chunks; each
+row over its own slot's first ``len`` positions, no mask; float32 within ~1e-7 relative of SDPA, bfloat16 closer to float32 than SDPA, which rounds
 the softmax weights to bfloat16 before multiplying V); and in every step each residual add with the RMSNorm after it
 (``add_rms_norm_``) and the rotary embedding in place on the q/k/v output (``rotary_``), one call each instead of 4-7
 ATen ops, with HF's roundings in bfloat16 and float32 sums in another order than ATen's. At one sequence that is most
