@@ -65,12 +65,17 @@ class AdapterRegistry:
 
     def selection_counts(self) -> dict[str, dict[str, list[int]]]:
         """{adapter: {module: selections per LoRA}} since load. Safe to call from another thread."""
-        out = {}
+        where, parts = [], []
         for name, adapter in list(self.adapters.items()):
-            per_module = {}
             for module in adapter.modules:
                 weights = self.runner.stacked[module].stack.slots.get(adapter.slot)
                 if weights is not None:
-                    per_module[module] = weights.counts.tolist()
-            out[name] = per_module
+                    where.append((name, module, weights.counts.numel()))
+                    parts.append(weights.counts)
+        flat = torch.cat(parts).tolist() if parts else []  # one read from the device, not one per module (CUDA)
+        out: dict[str, dict[str, list[int]]] = {name: {} for name in list(self.adapters)}
+        at = 0
+        for name, module, n in where:
+            out.setdefault(name, {})[module] = flat[at : at + n]
+            at += n
         return out
