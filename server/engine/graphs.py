@@ -149,7 +149,9 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the HTTP thread may read counters on the GPU (/metrics) while the engine thread captures after
+        # an adapter change; in the default "global" mode any such call from another thread fails the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self._body(B, S)
         self.captures += 1
         return graph, logits
