@@ -80,9 +80,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def bench_hf(model, prompts, new_tokens) -> float:
-    """Seconds for HF generate over the batch, after an untimed 4-token warm-up at the same batch (as the engine's):
-    bfloat16 kernels are created on first use for each shape (oneDNN on CPU: a first bfloat16 generate at one sequence
-    took ~30 s here; cuBLAS on CUDA), which is no part of serving."""
+    """Seconds for HF generate over the batch, after an untimed 4-token warm-up at the same batch, as the engine gets
+    one: whatever a library sets up on first use (cuBLAS handles and workspaces on CUDA, oneDNN primitives on CPU) is
+    no part of serving."""
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, device=device)
     with torch.inference_mode():
@@ -111,55 +111,49 @@ def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]
 
 
 def gemm_floor(model, batch: int, repeats: int = 5) -> float:
-    """Seconds for the weight GEMMs of one decode step at this batch: every linear of the model, in order.
+    """Seconds for the weight GEMMs of one decode step at this batch: every linear of the model, in order (the median
+    of ``repeats`` timed passes).
 
-    On CUDA they are replayed from a CUDA graph, as the engine's decode steps are (timed eagerly, ~200 GEMMs of a small
-    model measure launches, not the GPU); eagerly if the capture fails."""
+    On CUDA, after one untimed pass (library handles, workspaces), they are replayed from a CUDA graph as the engine's
+    decode steps are (timed eagerly, ~200 GEMMs of a small model measure launches, not the GPU); eagerly if the
+    capture fails."""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     device = weights[0].device
     xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype, device=device) for w in weights}
-    if device.type == "cuda":
-        try:
-            return _graph_gemm_floor(weights, xs, repeats)
-        except RuntimeError as e:  # pragma: no cover - CUDA only
-            print(f"GEMM floor: CUDA graph capture failed ({e}); timing eagerly", flush=True)
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + (1 if device.type == "cuda" else 0)):  # CUDA: one untimed pass (library handles)
-            synchronize(device)
-            t0 = time.perf_counter()
-            for w in weights:
-                F.linear(xs[w.shape[1]], w)
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-        times = times[-repeats:]
-    return statistics.median(times)
-
-
-def _graph_gemm_floor(weights, xs, repeats: int) -> float:  # pragma: no cover - CUDA only
-    device = weights[0].device
 
     def gemms():
         for w in weights:
             F.linear(xs[w.shape[1]], w)
 
+    step = gemms
+    times = []
     with torch.inference_mode():
+        if device.type == "cuda":  # pragma: no cover - CUDA only
+            step = _captured(gemms, device) or gemms
+        for _ in range(repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _captured(fn, device: torch.device):  # pragma: no cover - CUDA only
+    """fn run once on a side stream, then captured: the graph's replay, or None (with a note) if the capture fails."""
+    try:
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            gemms()  # warm-up: cuBLAS handles and workspaces outside the capture
+            fn()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            gemms()
-        times = []
-        for _ in range(repeats + 1):
-            synchronize(device)
-            t0 = time.perf_counter()
-            graph.replay()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+            fn()
+        return graph.replay
+    except RuntimeError as e:
+        print(f"GEMM floor: CUDA graph capture failed ({e}); timing eagerly", flush=True)
+        return None
 
 
 def main(argv=None) -> dict:
@@ -173,9 +167,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
     ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="weights and activations of every contender (the same for all, so ratios stay fair)")
-    ap.add_argument("--device", default="cpu", choices=DEVICES, help="where every contender runs (auto: cuda if present)")
+    ap.add_argument("--device", default="cpu", help=f"where every contender runs: {', '.join(DEVICES)} or cuda:N (auto: cuda if present)")
     args = ap.parse_args(argv)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(f"--device: {e}")
     dtype = resolve_dtype(args.dtype, device)
     tune_cpu_allocator()
     if device.type == "cpu":

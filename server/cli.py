@@ -39,7 +39,7 @@ OPTIONS = [  # (flag, type, default, help)
                               "routing and adapter deltas stay float32) or auto (bfloat16 on CUDA or an AMX CPU)"),
     ("decoder", str, "lean", "decoder stack: lean (Llama/Mistral/Qwen2: HF's ops without HF's Python plumbing and a "
                              "compiled decode attention; other models fall back to hf), exact (the same with SDPA: "
-                             "bit-identical to hf) or hf (HF's modules)"),
+                             "bit-identical to hf on CPU) or hf (HF's modules)"),
     ("cuda_graphs", str, "on", "on or off: on CUDA, replay decode steps from CUDA graphs captured at start "
                                "(padded batch sizes 1, 2, 4, 8, 16, 24, ...; attention spans 256, 512, ... up to max_model_len)"),
     ("threads", int, 0, "torch threads (0 = torch's default)"),

@@ -792,14 +792,12 @@ void add_rms_rows(T* h, const T* delta, const T* w, T* out, int64_t rows, int64_
     for (int64_t i = i0; i < i1; ++i) {
       T* hr = h + i * D;
       if (delta) for (int64_t d = 0; d < D; ++d) hr[d] = from_f<T>(to_f(hr[d]) + to_f(delta[i * D + d]));  // h = h + delta
-      float acc[L] = {};  // L partial sums of squares, then a fixed pairwise order: vectorisable, same for every row
+      vf acc = vf{};  // sum of squares in L lanes, then hsum's fixed order and the tail: the same for every row
       int64_t d = 0;
-      for (; d + L <= D; d += L)
-        for (int64_t j = 0; j < L; ++j) { const float v = to_f(hr[d + j]); acc[j] += v * v; }
-      for (int64_t j = 0; d + j < D; ++j) { const float v = to_f(hr[d + j]); acc[j] += v * v; }
-      for (int64_t width = L / 2; width > 0; width /= 2)
-        for (int64_t j = 0; j < width; ++j) acc[j] += acc[j + width];
-      const float r = 1.f / std::sqrt(acc[0] / static_cast<float>(D) + eps);
+      for (; d + L <= D; d += L) { const vf v = load(hr + d); acc += v * v; }
+      float ss = hsum(acc);
+      for (; d < D; ++d) { const float v = to_f(hr[d]); ss += v * v; }
+      const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
       for (int64_t e = 0; e < D; ++e)  // LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
         out[i * D + e] = from_f<T>(to_f(w[e]) * to_f(from_f<T>(to_f(hr[e]) * r)));
     }
@@ -832,19 +830,19 @@ template <typename T>
 void rotary_rows(T* x, int64_t row_stride, const T* cs, const T* sn, int64_t rows, int64_t heads, int64_t Dh) {
   const int64_t half = Dh / 2;
   at::parallel_for(0, rows, ROW_GRAIN, [&](int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i)
-    for (int64_t hd = 0; hd < heads; ++hd) {
-      T* v = x + i * row_stride + hd * Dh;
-      const T* c = cs + i * Dh;
-      const T* sgn = sn + i * Dh;
-      for (int64_t d = 0; d < half; ++d) {
-        const float a = to_f(v[d]), b = to_f(v[d + half]);
-        const T lo = from_f<T>(to_f(from_f<T>(a * to_f(c[d]))) + to_f(from_f<T>(b * to_f(sgn[d]))));
-        const T hi = from_f<T>(to_f(from_f<T>(b * to_f(c[d + half]))) + to_f(from_f<T>(a * to_f(sgn[d + half]))));
-        v[d] = lo;
-        v[d + half] = hi;
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t hd = 0; hd < heads; ++hd) {
+        T* v = x + i * row_stride + hd * Dh;
+        const T* c = cs + i * Dh;
+        const T* sgn = sn + i * Dh;
+        for (int64_t d = 0; d < half; ++d) {
+          const float a = to_f(v[d]), b = to_f(v[d + half]);
+          const T lo = from_f<T>(to_f(from_f<T>(a * to_f(c[d]))) + to_f(from_f<T>(b * to_f(sgn[d]))));
+          const T hi = from_f<T>(to_f(from_f<T>(b * to_f(c[d + half]))) + to_f(from_f<T>(a * to_f(sgn[d + half]))));
+          v[d] = lo;
+          v[d + half] = hi;
+        }
       }
-    }
   });
 }
 
@@ -955,7 +953,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v13_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v14_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

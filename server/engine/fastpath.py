@@ -156,18 +156,19 @@ class LeanForward:
         inner, H, Hkv, Dh = self.inner, self.H, self.Hkv, self.Dh
         b, q = tokens.shape
         h = inner.embed_tokens(tokens)
-        lean = cpu_ext.for_input(h) if self.compiled else None  # CPU float32 / bfloat16, kernels built
+        # the compiled ops (CPU float32 / bfloat16, kernels built): norm and rotary at every step size (a row's result
+        # must not depend on the step's size), the attention for decode steps only
+        lean = cpu_ext.for_input(h) if self.compiled else None
         ext = None
         if lean is not None and lens is not None and q == 1 and Dh in (16, 32, 64, 128) and H // Hkv <= 8:
             ext = lean  # one decode token per row: the compiled attention over the slot cache
-        ops = lean  # the compiled norm and rotary, at every step size (a row's result must not depend on the step's size)
         # LlamaRotaryEmbedding.forward (default rope, scaling 1), then the sign of rotate_half folded into sin
         freqs = positions[..., None].float() * inner.rotary_emb.inv_freq.to(device=h.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)  # [b, q, Dh]
         half = Dh // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
-        if ops is not None:
+        if lean is not None:
             cos, sin = cos.reshape(b * q, Dh), sin.reshape(b * q, Dh)
         else:
             cos, sin = cos[:, :, None], sin[:, :, None]  # [b, q, 1, Dh]
@@ -178,8 +179,8 @@ class LeanForward:
 
         def norm(module: nn.Module) -> torch.Tensor:
             nonlocal h, pending
-            if ops is not None:
-                out = ops.add_rms_norm_(h, pending if pending is not None else cpu_ext.NONE_F, module.weight,
+            if lean is not None:
+                out = lean.add_rms_norm_(h, pending if pending is not None else cpu_ext.NONE_F, module.weight,
                                         module.variance_epsilon)
             else:
                 if pending is not None:
@@ -192,8 +193,8 @@ class LeanForward:
             at, mlp = layer.self_attn, layer.mlp
             x = norm(layer.input_layernorm)
             qkv = self._qkv(i, at, x).view(b, q, H + 2 * Hkv, Dh)
-            if ops is not None:  # in place on the q and k heads of the q/k/v output
-                ops.rotary_(qkv.view(b * q, H + 2 * Hkv, Dh)[:, : H + Hkv], cos, sin)
+            if lean is not None:  # in place on the q and k heads of the q/k/v output
+                lean.rotary_(qkv.view(b * q, H + 2 * Hkv, Dh)[:, : H + Hkv], cos, sin)
                 qk = qkv[:, :, : H + Hkv]
             else:
                 qk = qkv[:, :, : H + Hkv]

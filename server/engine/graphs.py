@@ -35,6 +35,7 @@ import torch
 
 from remix import stack as stack_mod
 from remix.stack import RoutingContext, set_context
+from server.engine.cache import attention_mask
 
 MIN_SPAN = 256  # the smallest captured attention span; larger ones double up to the cache's positions
 
@@ -82,9 +83,8 @@ class DecodeGraphs:
         runner = self.runner
         tokens, positions = self.tokens[:B], self.pos[:B]
         runner.cache.prepare(0, positions, S)
-        visible = torch.arange(S, device=positions.device)[None, :] <= positions  # [B, S]
-        mask = torch.zeros(B, 1, 1, S, dtype=runner.dtype, device=positions.device)
-        mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
+        # the engine's mask (each row sees its positions <= its own; the lean forward makes it additive): inside the graph
+        mask = attention_mask(positions[:, 0], torch.ones(B, dtype=torch.long, device=positions.device), 1, S)
         set_context(RoutingContext.ungrouped(self.slots[:B], count=count))
         try:
             hidden = runner.lean(tokens, positions, mask, runner.cache)
@@ -100,9 +100,7 @@ class DecodeGraphs:
         self.tokens[:b, 0].copy_(tokens.view(-1), non_blocking=True)
         self.pos[:b, 0].copy_(starts, non_blocking=True)
         self.slots[:b].copy_(adapter_slots, non_blocking=True)
-        self.tokens[b:B].zero_()
-        self.pos[b:B].fill_(self.positions)
-        self.slots[b:B].fill_(-1)
+        self._pad(b, B)
         if self.eager:
             return self._body(B, S)[:b]
         self._drop_if_stale()
@@ -124,11 +122,15 @@ class DecodeGraphs:
         for B in self.batches:
             for S in self.spans:
                 if (B, S) not in self.graphs:
-                    self.tokens[:B].zero_()
-                    self.pos[:B].fill_(self.positions)
-                    self.slots[:B].fill_(-1)
+                    self._pad(0, B)
                     self.graphs[(B, S)] = self._capture(B, S)
         return self.captures - before
+
+    def _pad(self, b: int, B: int) -> None:
+        """Rows [b, B) of the static buffers become padding: token 0 at the spare position P, no adapter."""
+        self.tokens[b:B].zero_()
+        self.pos[b:B].fill_(self.positions)
+        self.slots[b:B].fill_(-1)
 
     def _drop_if_stale(self) -> None:
         """Drop every graph once any adapter's pools were rebuilt (the graphs hold the old tensors' addresses), and

@@ -65,17 +65,18 @@ class AdapterRegistry:
 
     def selection_counts(self) -> dict[str, dict[str, list[int]]]:
         """{adapter: {module: selections per LoRA}} since load. Safe to call from another thread."""
+        adapters = list(self.adapters.items())
         where, parts = [], []
-        for name, adapter in list(self.adapters.items()):
+        for name, adapter in adapters:
             for module in adapter.modules:
                 weights = self.runner.stacked[module].stack.slots.get(adapter.slot)
                 if weights is not None:
                     where.append((name, module, weights.counts.numel()))
                     parts.append(weights.counts)
         flat = torch.cat(parts).tolist() if parts else []  # one read from the device, not one per module (CUDA)
-        out: dict[str, dict[str, list[int]]] = {name: {} for name in list(self.adapters)}
+        out: dict[str, dict[str, list[int]]] = {name: {} for name, _ in adapters}
         at = 0
         for name, module, n in where:
-            out.setdefault(name, {})[module] = flat[at : at + n]
+            out[name][module] = flat[at : at + n]
             at += n
         return out

@@ -78,7 +78,8 @@ class ModelRunner:
         """
         if decode:
             assert tokens.shape[1] == 1 and bool((counts == 1).all()), "a decode step has one token per row"
-        if self.graphs is not None and decode and first_slot == 0 and not trace and self.lean.applies():
+        lean = self.lean is not None and self.lean.applies()  # scans the decoder modules' hooks: once a forward
+        if self.graphs is not None and lean and decode and first_slot == 0 and not trace:
             key = self.graphs.bucket(tokens.shape[0], int(starts.max()) + 1)
             if key is not None:
                 self.last_trace = None
@@ -94,7 +95,7 @@ class ModelRunner:
         ctx = RoutingContext.build(token_slots, count=True, trace=trace)
         set_context(ctx)
         try:
-            if self.lean is not None and self.lean.applies():
+            if lean:
                 hidden = self.lean(tokens, positions, mask, self.cache, lens=starts + 1 if decode else None)
             else:
                 hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
