@@ -284,8 +284,8 @@ def test_compiled_bfloat16_output_rounds_like_torch():
 @pytest.mark.parametrize("T", [0, 1, 5, 33, 64, 70, 300])
 @pytest.mark.parametrize("d_in,d_out,bias", [(40, 72, True), (64, 33, False), (17, 200, True)])
 def test_compiled_linear_matches_f_linear(T, d_in, d_out, bias):
-    """The compiled base GEMM (each thread MKL on its own slice of the outputs, the slices multiples of 32 columns
-    with a ragged last one) against F.linear: same values to float32 rounding, any batch shape, with and without bias."""
+    """The compiled base GEMM (each thread its own slice of the outputs, the slices multiples of 32 columns with a
+    ragged last one; the dot-product kernel with AVX-512, else MKL) against F.linear: same values to float32 rounding, any batch shape, with and without bias."""
     from remix.kernels import cpu_ext
 
     _compiled()
@@ -296,6 +296,28 @@ def test_compiled_linear_matches_f_linear(T, d_in, d_out, bias):
         got, want = cpu_ext.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias)
     assert got.shape == want.shape == (2, T, d_out)
     torch.testing.assert_close(got, want, atol=1e-6 * max(1.0, float(want.abs().amax())) if T else 0.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(40, 72), (576, 1536), (17, 200), (1536, 49)])
+def test_compiled_linear_row_is_the_same_in_any_batch(d_in, d_out):
+    """The dot-product GEMM sums every output in one order (16 lanes over d_in, the lanes pairwise, then the tail), so a
+    row's outputs are bit-identical alone, in any batch size (each size takes other tiles: 6x3 below 16 rows, 5x5 from
+    16, ragged tails) and at any position of the batch; against float64 they are within float32 rounding."""
+    from remix.kernels import cpu_ext
+
+    _compiled()
+    if not cpu_ext.dot_gemm():
+        pytest.skip("no AVX-512: the float32 base GEMM is MKL's, whose order depends on the batch")
+    g = torch.Generator().manual_seed(d_in + d_out)
+    x, w, b = torch.randn(41, d_in, generator=g), torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
+    full = cpu_ext.linear(x, w, b)
+    ref = (x.double() @ w.double().T + b.double()).float()
+    torch.testing.assert_close(full, ref, atol=2e-6 * d_in ** 0.5 * 4, rtol=1e-5)
+    for T in (1, 2, 3, 4, 5, 6, 7, 15, 16, 17, 26, 33):
+        assert torch.equal(cpu_ext.linear(x[:T], w, b), full[:T]), T
+        assert torch.equal(cpu_ext.linear(x[-T:], w, b), full[-T:]), T
+    for i in (0, 7, 40):
+        assert torch.equal(cpu_ext.linear(x[i : i + 1], w, b), full[i : i + 1])
 
 
 def test_compiled_linear_leaves_what_it_does_not_cover_to_f_linear():

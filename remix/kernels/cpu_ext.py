@@ -11,7 +11,9 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                GEMM and route_gather_ into its output in one parallel region (float32; bfloat16
                                takes ATen's GEMM first); call(x) -> (y, idx), or None when it does not apply
                                (autograd, changed weights, not a CPU float tensor)
-    linear(x, w, bias)         that base GEMM alone: each thread MKL on its own slice of the outputs
+    linear(x, w, bias)         that base GEMM alone, each thread on its own slice of the outputs: with AVX-512 a
+                               dot-product kernel (a row's outputs bit-identical in any batch; ~2x ATen's MKL GEMM
+                               at small batches on the AMD machine measured), else MKL; bfloat16 takes ATen's
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
     decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
@@ -311,18 +313,72 @@ void route_rows(const float* x, int64_t D, int64_t t0, int64_t t1, const Routing
     }
 }
 
+// Y[t, o0 + c] = dot(X[t], W[c]) (+ bias[c]) for t < RT, c < nw (<= GO; a short block repeats its last row of W:
+// computed, never stored). The dot-product form on W's own [O, D] layout (no packed copy of the weights): each of the
+// GO x RT sums has its own accumulator of L lanes over D, then hsum, then the tail of D - one order per output whatever
+// the block shape, so a row of X gets bit-identical outputs alone or in any batch, and from any thread split.
+template <int GO, int RT>
+inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, float* Y, int64_t ldy, const float* bias) {
+  const float* a[GO];
+  for (int c = 0; c < GO; ++c) a[c] = W + std::min<int64_t>(c, nw - 1) * D;
+  vf acc[RT][GO];
+  for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) acc[q][c] = vf{};
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    vf av[GO];
+    for (int c = 0; c < GO; ++c) av[c] = load(a[c] + d);
+    for (int q = 0; q < RT; ++q) {
+      const vf xv = load(X + q * D + d);
+      for (int c = 0; c < GO; ++c) acc[q][c] += av[c] * xv;
+    }
+  }
+  for (int q = 0; q < RT; ++q)
+    for (int64_t c = 0; c < nw; ++c) {
+      float s = hsum(acc[q][c]);
+      for (int64_t e = d; e < D; ++e) s += a[c][e] * X[q * D + e];
+      Y[q * ldy + c] = bias ? s + bias[c] : s;
+    }
+}
+
+// Y[:, o0:o1) = X W[o0:o1)^T (+ bias) for X [T, D], on this thread: blocks of GO rows of W (they stay in L1 while
+// every block of RT rows of X passes), the last rows of X in one smaller tile.
+template <int GO, int RT>
+void dot_gemm(const float* X, int64_t T, int64_t D, const float* W, const float* bias, float* Y, int64_t O, int64_t o0,
+              int64_t o1) {
+  for (int64_t o = o0; o < o1; o += GO) {
+    const int64_t nw = std::min<int64_t>(GO, o1 - o);
+    const float* Wo = W + o * D;
+    const float* bo = bias ? bias + o : nullptr;
+    int64_t t = 0;
+    for (; t + RT <= T; t += RT) dot_tile<GO, RT>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo);
+    const float* Xt = X + t * D;
+    float* Yt = Y + t * O + o;
+    switch (T - t) {  // RT <= 5
+      case 1: dot_tile<GO, 1>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 2: if constexpr (RT > 2) dot_tile<GO, 2>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 3: if constexpr (RT > 3) dot_tile<GO, 3>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 4: if constexpr (RT > 4) dot_tile<GO, 4>(Xt, D, Wo, nw, Yt, O, bo); break;
+      default: break;
+    }
+  }
+}
+
 // The base layer's GEMM, fused into the kernel's parallel region: Y[:, o0:o1) = X W[o0:o1)^T (+ bias), each thread its
-// own slice of the outputs on one thread of MKL - the slice its phase B then updates while it is still in its cache,
-// and no second parallel region to start. Against ATen's linear (MKL on the whole problem, two threads), on the
-// default base's FFN shapes: 10-25 % faster at T = 1..32 while the weights sit in the last-level cache, about equal
-// once they stream from memory as in a whole model (all its linears at batch 1 / 8 / 32: 1.03 / 0.98 / 1.00 of
-// ATen's time). Usually bit-identical to it: a column slice does not change MKL's order over D (a whole-problem
-// split over D, which ATen's call sometimes gets, does).
+// own slice of the outputs - the slice its phase B then updates while it is still in its cache, and no second parallel
+// region to start. With AVX-512 it is dot_gemm (24-25 accumulators in the 32 registers): on this project's 2-core AMD
+// Zen 5 VM, all of the default base's decoder linears at batch 1 / 8 / 32 / 256 take 0.41 / 0.43 / 0.55 / 0.63 of the
+// time of ATen's linear (MKL, whose float32 GEMMs reach ~100 GFLOP/s there; the GEMV at batch 1 ~17 GB/s of the
+// machine's ~44) - and every row's outputs are the same in any batch. Without AVX-512 (24 accumulators would spill)
+// each thread calls MKL on its own slice of the outputs instead.
 struct BaseGemm {
   const float *w, *bias;  // w [O, D] contiguous; bias [O] or null
   bool on() const { return w != nullptr; }
   void operator()(const float* X, float* Y, int64_t T, int64_t D, int64_t O, int64_t o0, int64_t o1) const {
     if (o1 <= o0 || T == 0) return;
+#ifdef __AVX512F__
+    if (T < 16) return dot_gemm<6, 3>(X, T, D, w, bias, Y, O, o0, o1);  // few rows: more of W per load of X
+    return dot_gemm<5, 5>(X, T, D, w, bias, Y, O, o0, o1);
+#else
     const int m = static_cast<int>(o1 - o0), n = static_cast<int>(T), k = static_cast<int>(D), ldc = static_cast<int>(O);
     const float one = 1.f;
     float beta = 0.f;
@@ -331,6 +387,7 @@ struct BaseGemm {
       beta = 1.f;
     }
     sgemm_("T", "N", &m, &n, &k, &one, w + o0 * D, &k, X, &k, &beta, Y + o0, &ldc);  // MKL runs one thread inside a region
+#endif
   }
 };
 
@@ -891,6 +948,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM (float32), else ATen's linear");
+  m.def("dot_gemm", []() {
+#ifdef __AVX512F__
+    return true;
+#else
+    return false;
+#endif
+  }, "True when the float32 base GEMM is the dot-product kernel (a row's outputs the same in any batch), False for MKL");
   m.def("gather_", &gather_, "y += the kernel contract's gather for given ids and weights, in place");
   m.def("route_gather_", &route_gather_, "top-k routing per token within its slot's pool, then the gather, in place");
   pybind11::class_<ModuleCall>(m, "ModuleCall", pybind11::module_local())
@@ -953,7 +1017,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v14_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v15_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
@@ -1022,6 +1086,13 @@ def for_input(x) -> object | None:
     return load() if module is _MISSING else module
 
 
+def dot_gemm() -> bool:
+    """True when the float32 base GEMM (:func:`linear`, the fused module call) is the dot-product kernel, whose row
+    outputs do not depend on the batch; False without the kernels or without AVX-512 (MKL)."""
+    ext = load()
+    return ext is not None and ext.dot_gemm()
+
+
 _MISSING = object()
 _DTYPES = (torch.float32, torch.bfloat16)
 NONE = torch.empty(0, dtype=torch.int64)  # for route_gather_'s optional tensors: no slot map (all slot 0), no counts
@@ -1030,9 +1101,10 @@ NONE_F = torch.empty(0, dtype=torch.float32)  # linear's "no bias", add_rms_norm
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with the compiled kernels' base GEMM where it applies (CPU float32, contiguous weight, no autograd):
-    each thread runs MKL on its own slice of the outputs (see BaseGemm in the source: faster than ATen's linear on
-    cache-resident weights, about equal on weights streamed from memory); elsewhere plain ``F.linear``. The kernel
-    bench times both (base / base_aten) and measures the ReMix module against the faster."""
+    each thread its own slice of the outputs, with AVX-512 by the dot-product kernel (see BaseGemm in the source: the
+    decoder's linears at batch 1 / 32 in 0.41 / 0.55 of ATen's time on the AMD Zen 5 VM measured, a row's outputs the
+    same in any batch - :func:`dot_gemm` says which), else MKL; elsewhere plain ``F.linear``. The kernel bench times
+    both (base / base_aten) and measures the ReMix module against the faster."""
     ext = for_input(x)
     if ext is None or x.dtype != torch.float32 or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))):
         return torch.nn.functional.linear(x, weight, bias)

@@ -127,18 +127,28 @@ class LeanForward:
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self._hookable)
 
-    def _qkv(self, i: int, at: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, i: int, at: nn.Module, x: torch.Tensor, lean) -> torch.Tensor:
         fused = self.qkv[i]
         if fused is not None:
             w, b, params = fused
             projs = (at.q_proj, at.k_proj, at.v_proj)
             if all(type(p) is nn.Linear and p.weight is w_i for p, w_i in zip(projs, params)):
-                return F.linear(x, w, b)
+                return lean.linear(x, w, cpu_ext.NONE_F if b is None else b) if lean is not None else F.linear(x, w, b)
         return torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)  # a projection was wrapped or replaced
 
     @staticmethod
-    def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, module.weight, module.bias) if type(module) is nn.Linear else module(x)
+    def _linear(module: nn.Module, x: torch.Tensor, lean=None) -> torch.Tensor:
+        """A plain linear as F.linear, or with the compiled kernels' GEMM (``lean``: float32 takes their dot-product
+        GEMM, bfloat16 ATen's); anything else (a ReMix layer, a replaced module) runs as a module."""
+        if type(module) is not nn.Linear:
+            return module(x)
+        if lean is not None:
+            return lean.linear(x, module.weight, cpu_ext.NONE_F if module.bias is None else module.bias)
+        return F.linear(x, module.weight, module.bias)
+
+    def head(self, model: nn.Module, last: torch.Tensor) -> torch.Tensor:
+        """The LM head over the last hidden states [b, D] (the compiled GEMM where it applies, as in the layers)."""
+        return self._linear(model.lm_head, last, cpu_ext.for_input(last) if self.compiled else None)
 
     @staticmethod
     def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # LlamaRMSNorm.forward, op for op
@@ -192,7 +202,7 @@ class LeanForward:
         for i, layer in enumerate(inner.layers):
             at, mlp = layer.self_attn, layer.mlp
             x = norm(layer.input_layernorm)
-            qkv = self._qkv(i, at, x).view(b, q, H + 2 * Hkv, Dh)
+            qkv = self._qkv(i, at, x, lean).view(b, q, H + 2 * Hkv, Dh)
             if lean is not None:  # in place on the q and k heads of the q/k/v output
                 lean.rotary_(qkv.view(b * q, H + 2 * Hkv, Dh)[:, : H + Hkv], cos, sin)
                 qk = qkv[:, :, : H + Hkv]
@@ -212,7 +222,7 @@ class LeanForward:
                     v = v[:, :, None].expand(b, Hkv, n_rep, *v.shape[2:]).reshape(b, H, *v.shape[2:])
                 o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=at.scaling)
             o = o.reshape(b, H, q, Dh).transpose(1, 2).reshape(b, q, H * Dh)
-            pending = self._linear(at.o_proj, o)
+            pending = self._linear(at.o_proj, o, lean)
             x = norm(layer.post_attention_layernorm)
-            pending = self._linear(mlp.down_proj, F.silu(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
+            pending = self._linear(mlp.down_proj, F.silu(self._linear(mlp.gate_proj, x, lean)) * self._linear(mlp.up_proj, x, lean), lean)
         return norm(inner.norm)

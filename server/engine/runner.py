@@ -104,4 +104,4 @@ class ModelRunner:
             set_context(None)
         self.last_trace = ctx.trace
         last = hidden[torch.arange(b, device=hidden.device), counts - 1]
-        return self.model.lm_head(last).float()
+        return (self.lean.head(self.model, last) if lean else self.model.lm_head(last)).float()
