@@ -53,6 +53,10 @@ SOURCE = r"""
 #include <cstring>
 #include <memory>
 #include <vector>
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define REMIX_DOT_BF16 1
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -363,44 +367,130 @@ void dot_gemm(const float* X, int64_t T, int64_t D, const float* W, const float*
   }
 }
 
+#ifdef REMIX_DOT_BF16
+// dot_tile for bfloat16 X, W and Y with AVX512-BF16: vdpbf16ps adds two products of bfloat16 pairs into each float32
+// lane (lane l holds d = 32 i + 2 l, 2 l + 1), the D tail a zero-masked load (zeros add nothing); then hsum, the bias
+// (widened), one rounding to bfloat16. One order per output, as dot_tile.
+template <int GO, int RT>
+inline void dot_tile_bf16(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw, uint16_t* Y, int64_t ldy,
+                          const uint16_t* bias) {
+  const uint16_t* a[GO];
+  for (int c = 0; c < GO; ++c) a[c] = W + std::min<int64_t>(c, nw - 1) * D;
+  __m512 acc[RT][GO];
+  for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) acc[q][c] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 2 * L <= D; d += 2 * L) {
+    __m512bh av[GO];
+    for (int c = 0; c < GO; ++c) av[c] = (__m512bh)_mm512_loadu_si512(a[c] + d);
+    for (int q = 0; q < RT; ++q) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(X + q * D + d);
+      for (int c = 0; c < GO; ++c) acc[q][c] = _mm512_dpbf16_ps(acc[q][c], av[c], xv);
+    }
+  }
+  if (d < D) {
+    const __mmask32 m = static_cast<__mmask32>((uint64_t{1} << (D - d)) - 1);
+    __m512bh av[GO];
+    for (int c = 0; c < GO; ++c) av[c] = (__m512bh)_mm512_maskz_loadu_epi16(m, a[c] + d);
+    for (int q = 0; q < RT; ++q) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, X + q * D + d);
+      for (int c = 0; c < GO; ++c) acc[q][c] = _mm512_dpbf16_ps(acc[q][c], av[c], xv);
+    }
+  }
+  for (int q = 0; q < RT; ++q)
+    for (int64_t c = 0; c < nw; ++c) {
+      float s = hsum(reinterpret_cast<const vf&>(acc[q][c]));
+      if (bias) { const uint32_t b = static_cast<uint32_t>(bias[c]) << 16; float bf; std::memcpy(&bf, &b, 4); s += bf; }
+      narrow(&s, Y + q * ldy + c, 1);
+    }
+}
+
+template <int GO, int RT>
+void dot_gemm_bf16(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const uint16_t* bias, uint16_t* Y, int64_t O,
+                   int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; o += GO) {
+    const int64_t nw = std::min<int64_t>(GO, o1 - o);
+    const uint16_t* Wo = W + o * D;
+    const uint16_t* bo = bias ? bias + o : nullptr;
+    int64_t t = 0;
+    for (; t + RT <= T; t += RT) dot_tile_bf16<GO, RT>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo);
+    const uint16_t* Xt = X + t * D;
+    uint16_t* Yt = Y + t * O + o;
+    switch (T - t) {  // RT <= 5
+      case 1: dot_tile_bf16<GO, 1>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 2: if constexpr (RT > 2) dot_tile_bf16<GO, 2>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 3: if constexpr (RT > 3) dot_tile_bf16<GO, 3>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 4: if constexpr (RT > 4) dot_tile_bf16<GO, 4>(Xt, D, Wo, nw, Yt, O, bo); break;
+      default: break;
+    }
+  }
+}
+#endif
+
 // The base layer's GEMM, fused into the kernel's parallel region: Y[:, o0:o1) = X W[o0:o1)^T (+ bias), each thread its
 // own slice of the outputs - the slice its phase B then updates while it is still in its cache, and no second parallel
 // region to start. With AVX-512 it is dot_gemm (24-25 accumulators in the 32 registers): on this project's 2-core AMD
 // Zen 5 VM, all of the default base's decoder linears at batch 1 / 8 / 32 / 256 take 0.41 / 0.43 / 0.55 / 0.63 of the
 // time of ATen's linear (MKL, whose float32 GEMMs reach ~100 GFLOP/s there; the GEMV at batch 1 ~17 GB/s of the
 // machine's ~44) - and every row's outputs are the same in any batch. Without AVX-512 (24 accumulators would spill)
-// each thread calls MKL on its own slice of the outputs instead.
+// each thread calls MKL on its own slice of the outputs instead. bfloat16 (X, W, Y and bias all bfloat16) only where
+// the CPU has AVX512-BF16 and below DOT_BF16_BELOW rows: dot_gemm_bf16, float32 sums rounded once (as oneDNN's);
+// elsewhere the caller takes ATen's.
 struct BaseGemm {
-  const float *w, *bias;  // w [O, D] contiguous; bias [O] or null
+  const void *w, *bias;  // w [O, D] contiguous; bias [O] or null; float32, or bfloat16 when bf16
+  bool bf16 = false;
   bool on() const { return w != nullptr; }
-  void operator()(const float* X, float* Y, int64_t T, int64_t D, int64_t O, int64_t o0, int64_t o1) const {
+  void operator()(const void* Xv, void* Yv, int64_t T, int64_t D, int64_t O, int64_t o0, int64_t o1) const {
     if (o1 <= o0 || T == 0) return;
+#ifdef REMIX_DOT_BF16
+    if (bf16) {
+      const auto* X = static_cast<const uint16_t*>(Xv);
+      const auto* W = static_cast<const uint16_t*>(w);
+      const auto* b = static_cast<const uint16_t*>(bias);
+      auto* Y = static_cast<uint16_t*>(Yv);
+      if (T < 16) return dot_gemm_bf16<6, 3>(X, T, D, W, b, Y, O, o0, o1);
+      return dot_gemm_bf16<5, 5>(X, T, D, W, b, Y, O, o0, o1);
+    }
+#endif
+    const auto* X = static_cast<const float*>(Xv);
+    const auto* W = static_cast<const float*>(w);
+    const auto* b = static_cast<const float*>(bias);
+    auto* Y = static_cast<float*>(Yv);
 #ifdef __AVX512F__
-    if (T < 16) return dot_gemm<6, 3>(X, T, D, w, bias, Y, O, o0, o1);  // few rows: more of W per load of X
-    return dot_gemm<5, 5>(X, T, D, w, bias, Y, O, o0, o1);
+    if (T < 16) return dot_gemm<6, 3>(X, T, D, W, b, Y, O, o0, o1);  // few rows: more of W per load of X
+    return dot_gemm<5, 5>(X, T, D, W, b, Y, O, o0, o1);
 #else
     const int m = static_cast<int>(o1 - o0), n = static_cast<int>(T), k = static_cast<int>(D), ldc = static_cast<int>(O);
     const float one = 1.f;
     float beta = 0.f;
-    if (bias) {
-      for (int64_t t = 0; t < T; ++t) std::memcpy(Y + t * O + o0, bias + o0, (o1 - o0) * sizeof(float));
+    if (b) {
+      for (int64_t t = 0; t < T; ++t) std::memcpy(Y + t * O + o0, b + o0, (o1 - o0) * sizeof(float));
       beta = 1.f;
     }
-    sgemm_("T", "N", &m, &n, &k, &one, w + o0 * D, &k, X, &k, &beta, Y + o0, &ldc);  // MKL runs one thread inside a region
+    sgemm_("T", "N", &m, &n, &k, &one, W + o0 * D, &k, X, &k, &beta, Y + o0, &ldc);  // MKL runs one thread inside a region
 #endif
   }
 };
 
-// The BaseGemm for y = x2 W^T (+ bias) where it applies (CPU float32, contiguous weight, float32 bias, sizes that fit
-// BLAS's int), else an off one: the caller then takes ATen's linear.
+// The BaseGemm for y = x2 W^T (+ bias) where it applies (CPU, x, weight and bias all float32 - or all bfloat16 on a CPU
+// with AVX512-BF16 -, contiguous weight, sizes that fit BLAS's int), else an off one: the caller takes ATen's linear.
+// Rows from which bfloat16 takes ATen's (oneDNN) GEMM: on the 2-core Zen 5 VM, a 1536 x 576 bfloat16 weight at 1 / 8 /
+// 32 / 512 rows ran at 37 / 161 / 295 / 373 GFLOP/s in dot_gemm_bf16 against oneDNN's 22 / 162 / 389 / 631.
+constexpr int64_t DOT_BF16_BELOW = 8;
+
 BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
   const int64_t O = weight.size(0), lim = int64_t{1} << 30;
-  const bool ok = x2.device().is_cpu() && x2.scalar_type() == torch::kFloat32 && weight.device().is_cpu() &&
-                  weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() &&
-                  (!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == O)) &&
+  const auto dt = x2.scalar_type();
+#ifdef REMIX_DOT_BF16
+  const bool dtype_ok = dt == torch::kFloat32 || dt == torch::kBFloat16;
+#else
+  const bool dtype_ok = dt == torch::kFloat32;
+#endif
+  const bool ok = x2.device().is_cpu() && dtype_ok && weight.device().is_cpu() && weight.scalar_type() == dt &&
+                  weight.is_contiguous() && (!bias.numel() || (bias.scalar_type() == dt && bias.is_contiguous() && bias.numel() == O)) &&
                   x2.size(0) < lim && x2.size(1) < lim && O < lim;
-  if (!ok) return {nullptr, nullptr};
-  return {weight.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr};
+  // bfloat16 from DOT_BF16_BELOW rows: oneDNN's GEMM is faster (its float32 is not: MKL's on this class of CPU)
+  if (!ok || (dt == torch::kBFloat16 && x2.size(0) >= DOT_BF16_BELOW)) return {nullptr, nullptr};
+  return {weight.data_ptr(), bias.numel() ? bias.data_ptr() : nullptr, dt == torch::kBFloat16};
 }
 
 // Thread h of nh's share [o0, o1) of O outputs: whole slices of 2L, so phase B's vector paths (and the fused GEMM's
@@ -443,7 +533,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
          const BaseGemm& gemm = {nullptr, nullptr}) {
   const int64_t T = x.size(0), D = pl.D, O = pl.O;
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(!(bf16 && gemm.on()), "the fused base GEMM is float32 only");
+  TORCH_CHECK(!gemm.on() || gemm.bf16 == bf16, "the fused base GEMM's dtype must be x's");
   const int64_t P = region_threads(gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
   const float* X = bf16 ? nullptr : x.data_ptr<float>();
   float* Y = bf16 ? nullptr : y.data_ptr<float>();
@@ -451,6 +541,8 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   if (bf16) { xbuf.resize(T * D); ybuf.resize(T * O); X = xbuf.data(); Y = ybuf.data(); }
   const uint16_t* xh = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr()) : nullptr;
   uint16_t* yh = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr()) : nullptr;
+  const void* gx = bf16 ? static_cast<const void*>(xh) : X;  // the GEMM reads and writes x's dtype
+  void* gy = bf16 ? static_cast<void*>(yh) : Y;
 
   auto token_share = [&](int64_t t0, int64_t t1) {
     if (t1 <= t0) return;
@@ -460,7 +552,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     if (bf16) narrow(ybuf.data() + t0 * O, yh + t0 * O, (t1 - t0) * O);
   };
   if (P <= 1) {
-    if (gemm.on()) gemm(X, Y, T, D, O, 0, O);
+    if (gemm.on()) gemm(gx, gy, T, D, O, 0, O);
     return token_share(0, T);
   }
   if (T >= SPLIT_POOLS_BELOW) {
@@ -469,7 +561,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
       const auto [h, nh] = region_thread();
       if (gemm.on()) {  // the GEMM by output slices, then the gather by tokens
         const auto [o0, o1] = out_slice(O, h, nh);
-        gemm(X, Y, T, D, O, o0, o1);
+        gemm(gx, gy, T, D, O, o0, o1);
 #pragma omp barrier
       }
       token_share(T * h / nh, T * (h + 1) / nh);
@@ -491,7 +583,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, pl, U.data());
 #pragma omp barrier
     const auto [o0, o1] = out_slice(O, h, nh);
-    if (gemm.on()) gemm(X, Y, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
+    if (gemm.on()) gemm(gx, gy, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
     if (o1 > o0) {
       if (bf16) for (int64_t t = 0; t < T; ++t) widen(yh + t * O + o0, ybuf.data() + t * O + o0, o1 - o0);
       phase_b(pr, pl, U.data(), Y, o0, o1, /*prefetch=*/true);
@@ -735,8 +827,8 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) 
   if (!gemm.on()) return bias.numel() ? at::linear(x, weight, bias) : at::linear(x, weight);
   const int64_t T = x2.size(0), D = x2.size(1), O = weight.size(0);
   auto y = torch::empty({T, O}, x2.options());
-  const float* X = x2.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
+  const void* X = x2.data_ptr();
+  void* Y = y.data_ptr();
   const int64_t P = region_threads((O + 2 * L - 1) / (2 * L));
   if (P <= 1) {
     gemm(X, Y, T, D, O, 0, O);
@@ -948,13 +1040,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM (float32), else ATen's linear");
-  m.def("dot_gemm", []() {
+  m.def("dot_gemm", [](bool bf16) {
+#ifdef REMIX_DOT_BF16
+    if (bf16) return true;  // below DOT_BF16_BELOW rows
+#endif
 #ifdef __AVX512F__
-    return true;
+    return !bf16;
 #else
     return false;
 #endif
-  }, "True when the float32 base GEMM is the dot-product kernel (a row's outputs the same in any batch), False for MKL");
+  }, "True when the base GEMM of this dtype (float32, or bfloat16) is the dot-product kernel (a row's outputs the same "
+     "in any batch); False: MKL (float32) or ATen (bfloat16)");
   m.def("gather_", &gather_, "y += the kernel contract's gather for given ids and weights, in place");
   m.def("route_gather_", &route_gather_, "top-k routing per token within its slot's pool, then the gather, in place");
   pybind11::class_<ModuleCall>(m, "ModuleCall", pybind11::module_local())
@@ -1017,7 +1113,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v15_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v16_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
@@ -1086,11 +1182,13 @@ def for_input(x) -> object | None:
     return load() if module is _MISSING else module
 
 
-def dot_gemm() -> bool:
-    """True when the float32 base GEMM (:func:`linear`, the fused module call) is the dot-product kernel, whose row
-    outputs do not depend on the batch; False without the kernels or without AVX-512 (MKL)."""
+def dot_gemm(dtype: torch.dtype = torch.float32) -> bool:
+    """True when the base GEMM of ``dtype`` (:func:`linear`, the fused module call) is the compiled dot-product kernel,
+    whose row outputs do not depend on the batch: float32 with AVX-512 (every batch size), bfloat16 with AVX512-BF16
+    (batches below 8 rows: from there oneDNN's GEMM is faster). False without the kernels or those instructions
+    (float32 then runs MKL, bfloat16 ATen's oneDNN GEMM)."""
     ext = load()
-    return ext is not None and ext.dot_gemm()
+    return ext is not None and ext.dot_gemm(dtype == torch.bfloat16)
 
 
 _MISSING = object()
@@ -1100,13 +1198,14 @@ NONE_F = torch.empty(0, dtype=torch.float32)  # linear's "no bias", add_rms_norm
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with the compiled kernels' base GEMM where it applies (CPU float32, contiguous weight, no autograd):
-    each thread its own slice of the outputs, with AVX-512 by the dot-product kernel (see BaseGemm in the source: the
-    decoder's linears at batch 1 / 32 in 0.41 / 0.55 of ATen's time on the AMD Zen 5 VM measured, a row's outputs the
-    same in any batch - :func:`dot_gemm` says which), else MKL; elsewhere plain ``F.linear``. The kernel bench times
+    """``F.linear`` with the compiled kernels' base GEMM where it applies (CPU float32 or bfloat16, contiguous weight, no
+    autograd): each thread its own slice of the outputs, with AVX-512 by the dot-product kernel (see BaseGemm in the
+    source: the decoder's float32 linears at batch 1 / 32 in 0.41 / 0.55 of ATen's time on the AMD Zen 5 VM measured,
+    a row's outputs the same in any batch - :func:`dot_gemm` says which), else MKL; bfloat16 below 8 rows with
+    AVX512-BF16 (1.7x oneDNN's GEMV there), else ATen's; elsewhere plain ``F.linear``. The kernel bench times
     both (base / base_aten) and measures the ReMix module against the faster."""
     ext = for_input(x)
-    if ext is None or x.dtype != torch.float32 or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))):
+    if ext is None or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))):
         return torch.nn.functional.linear(x, weight, bias)
     return ext.linear(x, weight, NONE_F if bias is None else bias)
 
