@@ -321,29 +321,31 @@ def test_compiled_linear_row_is_the_same_in_any_batch(d_in, d_out):
 
 
 @pytest.mark.parametrize("d_in,d_out,bias", [(40, 72, True), (576, 1536, False), (17, 200, True), (1536, 49, True)])
-def test_compiled_bf16_linear_below_8_rows(d_in, d_out, bias):
-    """bfloat16 below 8 rows (AVX512-BF16): the dot-product kernel sums float32 products of bfloat16 pairs in one order
-    per output and rounds once, as oneDNN does in its own order: against float64 its error is oneDNN's (the final
-    rounding to bfloat16 dominates: at most one bfloat16 ulp of the exact value, plus the float32 sums), and a row's
-    outputs are the same for 1..7 rows in the call. From 8 rows ATen's GEMM runs (bit-identical to F.linear)."""
+def test_compiled_bf16_linear_below_its_row_limit(d_in, d_out, bias):
+    """bfloat16 below DOT_BF16_BELOW rows (AVX512-BF16): the dot-product kernel sums float32 products of bfloat16 pairs
+    in one order per output and rounds once, as oneDNN does in its own order: against float64 its error is within one
+    rounding to bfloat16 (half a bfloat16 ulp, 2^-8 relative, plus the float32 sums), and a row's outputs are the same
+    whatever the row count below the limit. From the limit on ATen's GEMM runs (bit-identical to F.linear)."""
     from remix.kernels import cpu_ext
 
     _compiled()
     if not cpu_ext.dot_gemm(torch.bfloat16):
         pytest.skip("no AVX512-BF16: bfloat16 takes ATen's GEMM at every size")
+    lim = cpu_ext.load().DOT_BF16_BELOW
     g = torch.Generator().manual_seed(d_in * 3 + d_out)
-    x = torch.randn(8, d_in, generator=g).bfloat16()
+    x = torch.randn(lim, d_in, generator=g).bfloat16()
     w = torch.randn(d_out, d_in, generator=g).bfloat16()
     b = torch.randn(d_out, generator=g).bfloat16() if bias else None
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
-    ulp = exact.abs() * 2.0 ** -8 + 1e-6 * d_in  # one bfloat16 ulp of the exact value (8 bits), plus float32 sums
-    got = cpu_ext.linear(x[:7], w, b)
+    bound = exact.abs() * 2.0 ** -8 + 1e-6 * d_in
+    n = lim - 1
+    got = cpu_ext.linear(x[:n], w, b)
     assert got.dtype == torch.bfloat16
-    assert bool(((got.double() - exact[:7]).abs() <= ulp[:7]).all())
-    for T in range(1, 7):
+    assert bool(((got.double() - exact[:n]).abs() <= bound[:n]).all())
+    for T in (1, 2, 3, 4, 5, 6, 7, n - 1):
         assert torch.equal(cpu_ext.linear(x[:T], w, b), got[:T]), T
-        assert torch.equal(cpu_ext.linear(x[7 - T : 7], w, b), got[7 - T :]), T
-    assert torch.equal(cpu_ext.linear(x, w, b), F.linear(x, w, b))  # 8 rows: oneDNN
+        assert torch.equal(cpu_ext.linear(x[n - T : n], w, b), got[n - T :]), T
+    assert torch.equal(cpu_ext.linear(x, w, b), F.linear(x, w, b))  # at the limit: oneDNN
 
 
 def test_compiled_linear_leaves_what_it_does_not_cover_to_f_linear():
@@ -354,8 +356,8 @@ def test_compiled_linear_leaves_what_it_does_not_cover_to_f_linear():
     x = torch.randn(3, 24)
     y = cpu_ext.linear(x, lin.weight, lin.bias)  # grad mode on and the weight requires grad: autograd must see it
     assert y.requires_grad and y.grad_fn is not None
-    xb, wb = torch.randn(8, 24).bfloat16(), lin.weight.detach().bfloat16()
-    assert torch.equal(cpu_ext.linear(xb, wb), F.linear(xb, wb))  # bfloat16 from 8 rows: ATen's (oneDNN) GEMM
+    xb, wb = torch.randn(cpu_ext.load().DOT_BF16_BELOW, 24).bfloat16(), lin.weight.detach().bfloat16()
+    assert torch.equal(cpu_ext.linear(xb, wb), F.linear(xb, wb))  # bfloat16 from its row limit: ATen's (oneDNN) GEMM
     with pytest.raises(RuntimeError):  # mixed dtypes: left to ATen, which refuses them as F.linear does
         cpu_ext.linear(xb, wb.float())
     wt = lin.weight.detach().t().contiguous().t()  # a non-contiguous weight

@@ -474,8 +474,11 @@ struct BaseGemm {
 // The BaseGemm for y = x2 W^T (+ bias) where it applies (CPU, x, weight and bias all float32 - or all bfloat16 on a CPU
 // with AVX512-BF16 -, contiguous weight, sizes that fit BLAS's int), else an off one: the caller takes ATen's linear.
 // Rows from which bfloat16 takes ATen's (oneDNN) GEMM: on the 2-core Zen 5 VM, a 1536 x 576 bfloat16 weight at 1 / 8 /
-// 32 / 512 rows ran at 37 / 161 / 295 / 373 GFLOP/s in dot_gemm_bf16 against oneDNN's 22 / 162 / 389 / 631.
-constexpr int64_t DOT_BF16_BELOW = 8;
+// 32 / 512 rows ran at 37 / 161 / 295 / 373 GFLOP/s in dot_gemm_bf16 against oneDNN's 22 / 162 / 389 / 631 - but
+// below 16 rows oneDNN leaves the second thread idle, and the kernel's parallel region right after it then waits for
+// that thread to wake: a decode step of 8 sequences with one adapter took ~30 against ~22 ms for the base alone with
+// the split at 8, 23 against 22 with it at 16. At 32 sequences, 16 beat 64 (decode step 44.8 against 47.2 ms).
+constexpr int64_t DOT_BF16_BELOW = 16;
 
 BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
   const int64_t O = weight.size(0), lim = int64_t{1} << 30;
@@ -1040,6 +1043,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM (float32), else ATen's linear");
+  m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
   m.def("dot_gemm", [](bool bf16) {
 #ifdef REMIX_DOT_BF16
     if (bf16) return true;  // below DOT_BF16_BELOW rows
@@ -1185,7 +1189,7 @@ def for_input(x) -> object | None:
 def dot_gemm(dtype: torch.dtype = torch.float32) -> bool:
     """True when the base GEMM of ``dtype`` (:func:`linear`, the fused module call) is the compiled dot-product kernel,
     whose row outputs do not depend on the batch: float32 with AVX-512 (every batch size), bfloat16 with AVX512-BF16
-    (batches below 8 rows: from there oneDNN's GEMM is faster). False without the kernels or those instructions
+    (batches below 16 rows, ``load().DOT_BF16_BELOW``: from there oneDNN's GEMM is faster). False without the kernels or those instructions
     (float32 then runs MKL, bfloat16 ATen's oneDNN GEMM)."""
     ext = load()
     return ext is not None and ext.dot_gemm(dtype == torch.bfloat16)
@@ -1201,8 +1205,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` with the compiled kernels' base GEMM where it applies (CPU float32 or bfloat16, contiguous weight, no
     autograd): each thread its own slice of the outputs, with AVX-512 by the dot-product kernel (see BaseGemm in the
     source: the decoder's float32 linears at batch 1 / 32 in 0.41 / 0.55 of ATen's time on the AMD Zen 5 VM measured,
-    a row's outputs the same in any batch - :func:`dot_gemm` says which), else MKL; bfloat16 below 8 rows with
-    AVX512-BF16 (1.7x oneDNN's GEMV there), else ATen's; elsewhere plain ``F.linear``. The kernel bench times
+    a row's outputs the same in any batch - :func:`dot_gemm` says which), else MKL; bfloat16 below 16 rows with
+    AVX512-BF16 (1.7x oneDNN's GEMV at one row), else ATen's; elsewhere plain ``F.linear``. The kernel bench times
     both (base / base_aten) and measures the ReMix module against the faster."""
     ext = for_input(x)
     if ext is None or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))):
