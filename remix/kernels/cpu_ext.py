@@ -480,6 +480,38 @@ struct BaseGemm {
 // the split at 8, 23 against 22 with it at 16. At 32 sequences, 16 beat 64 (decode step 44.8 against 47.2 ms).
 constexpr int64_t DOT_BF16_BELOW = 16;
 
+// Rows from which float32 takes oneDNN's linear (mkldnn::_linear_pointwise with the plain weight, reordered by oneDNN
+// on each call - no packed copy kept) instead of dot_gemm: on the 2-core Zen 5 VM, the default base's four linear
+// shapes at 128 / 256 / 512 rows ran at 248-296 / 294-353 / 359-390 GFLOP/s there against dot_gemm's 210-264 /
+// 253-263 / 240-267 (and ATen's own float32 linear, MKL, at ~150-190). Below, dot_gemm is as fast or faster: every
+// decode step up to 255 sequences keeps a row's outputs independent of the batch; prefill steps of 256 tokens or
+// more round as oneDNN does.
+constexpr int64_t ONEDNN_F32_FROM = 256;
+
+// The operator handle of mkldnn::_linear_pointwise, or null where this torch has none (then ATen's linear).
+const c10::OperatorHandle* onednn_linear_op() {
+  static const c10::OperatorHandle* op = []() -> const c10::OperatorHandle* {
+    const auto found = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    return found.has_value() ? new c10::OperatorHandle(*found) : nullptr;
+  }();
+  return op;
+}
+
+// y = x2 W^T (+ bias) where no BaseGemm applies: oneDNN's linear for float32 from ONEDNN_F32_FROM rows (boxed call:
+// no dependence on the operator's C++ signature), else ATen's linear (as nn.Linear).
+at::Tensor other_linear(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
+  const auto* op = onednn_linear_op();
+  if (op && x2.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM &&
+      x2.device().is_cpu() && weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous() && x2.is_contiguous() &&
+      (!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.dim() == 1 && bias.size(0) == weight.size(0)))) {
+    torch::jit::Stack stack{x2, weight, bias.numel() ? c10::IValue(bias) : c10::IValue(), c10::IValue(std::string("none")),
+                            c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+    op->callBoxed(&stack);
+    return stack.at(0).toTensor();
+  }
+  return bias.numel() ? at::linear(x2, weight, bias) : at::linear(x2, weight);
+}
+
 BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
   const int64_t O = weight.size(0), lim = int64_t{1} << 30;
   const auto dt = x2.scalar_type();
@@ -491,8 +523,10 @@ BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, con
   const bool ok = x2.device().is_cpu() && dtype_ok && weight.device().is_cpu() && weight.scalar_type() == dt &&
                   weight.is_contiguous() && (!bias.numel() || (bias.scalar_type() == dt && bias.is_contiguous() && bias.numel() == O)) &&
                   x2.size(0) < lim && x2.size(1) < lim && O < lim;
-  // bfloat16 from DOT_BF16_BELOW rows: oneDNN's GEMM is faster (its float32 is not: MKL's on this class of CPU)
-  if (!ok || (dt == torch::kBFloat16 && x2.size(0) >= DOT_BF16_BELOW)) return {nullptr, nullptr};
+  // bfloat16 from DOT_BF16_BELOW rows and float32 from ONEDNN_F32_FROM rows: oneDNN's GEMM is faster (other_linear)
+  if (!ok || (dt == torch::kBFloat16 && x2.size(0) >= DOT_BF16_BELOW) || (dt == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM &&
+                                                                         onednn_linear_op() != nullptr))
+    return {nullptr, nullptr};
   return {weight.data_ptr(), bias.numel() ? bias.data_ptr() : nullptr, dt == torch::kBFloat16};
 }
 
@@ -812,8 +846,7 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
   auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
   if (!idx.defined()) idx = torch::empty({x2.size(0), kmax}, x.options().dtype(torch::kInt64));
   const BaseGemm gemm = base_gemm_for(x2, weight, bias);  // on: the base GEMM runs inside the kernel's parallel region
-  auto y = gemm.on() ? torch::empty({x2.size(0), weight.size(0)}, x2.options())
-                     : (bias.numel() ? at::linear(x2, weight, bias) : at::linear(x2, weight)).contiguous();  // as nn.Linear
+  auto y = gemm.on() ? torch::empty({x2.size(0), weight.size(0)}, x2.options()) : other_linear(x2, weight, bias).contiguous();
   route_gather_into(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, idx, gemm);
   auto shape = x.sizes().vec();
   shape.back() = weight.size(0);
@@ -827,7 +860,11 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) 
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "x [..., D] and weight [O, D] disagree");
   auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
   const BaseGemm gemm = base_gemm_for(x2, weight, bias);
-  if (!gemm.on()) return bias.numel() ? at::linear(x, weight, bias) : at::linear(x, weight);
+  if (!gemm.on()) {
+    auto shape = x.sizes().vec();
+    shape.back() = weight.size(0);
+    return other_linear(x2, weight, bias).view(shape);
+  }
   const int64_t T = x2.size(0), D = x2.size(1), O = weight.size(0);
   auto y = torch::empty({T, O}, x2.options());
   const void* X = x2.data_ptr();
@@ -1044,6 +1081,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM (float32), else ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
+  m.attr("ONEDNN_F32_FROM") = onednn_linear_op() ? ONEDNN_F32_FROM : -1;  // -1: no oneDNN linear in this torch
   m.def("dot_gemm", [](bool bf16) {
 #ifdef REMIX_DOT_BF16
     if (bf16) return true;  // below DOT_BF16_BELOW rows
@@ -1117,7 +1155,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v16_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v17_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

@@ -224,5 +224,9 @@ class LeanForward:
             o = o.reshape(b, H, q, Dh).transpose(1, 2).reshape(b, q, H * Dh)
             pending = self._linear(at.o_proj, o, lean)
             x = norm(layer.post_attention_layernorm)
-            pending = self._linear(mlp.down_proj, F.silu(self._linear(mlp.gate_proj, x, lean)) * self._linear(mlp.up_proj, x, lean), lean)
+            if lean is not None:  # in place on the gate's fresh output (the same values; no two fresh [T, I] tensors a layer)
+                act = F.silu(self._linear(mlp.gate_proj, x, lean), inplace=True).mul_(self._linear(mlp.up_proj, x, lean))
+            else:
+                act = F.silu(self._linear(mlp.gate_proj, x, lean)) * self._linear(mlp.up_proj, x, lean)
+            pending = self._linear(mlp.down_proj, act, lean)
         return norm(inner.norm)
