@@ -53,8 +53,10 @@ SOURCE = r"""
 #include <cstring>
 #include <memory>
 #include <vector>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define REMIX_DOT_BF16 1
 #endif
 #ifdef _OPENMP
@@ -317,6 +319,31 @@ void route_rows(const float* x, int64_t D, int64_t t0, int64_t t1, const Routing
     }
 }
 
+// out[i] = hsum(v[i]) for i < n, bit for bit, sixteen at a time: with AVX-512 the same pairwise tree runs across
+// sixteen vectors by shuffles (15 vector adds for 16 sums instead of 16 x 15 scalar ones): step 1 pairs the halves
+// (v[l] + v[l + 8]), step 2 the quarters (h[l] + h[l + 4]), then (h0 + h2) and (h1 + h3), then their sum - hsum's
+// operands in hsum's order, so the dot kernels' outputs do not change with it.
+inline void hsum_many(const vf* v, int64_t n, float* out) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i < n; i += 16) {
+    __m512 s[16];
+    for (int j = 0; j < 16; ++j) s[j] = i + j < n ? reinterpret_cast<const __m512&>(v[i + j]) : _mm512_setzero_ps();
+    __m512 c[8], g[4], m[2];
+    for (int j = 0; j < 8; ++j)
+      c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], 0x44), _mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], 0xEE));
+    for (int j = 0; j < 4; ++j)
+      g[j] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0x88), _mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0xDD));
+    for (int j = 0; j < 2; ++j)
+      m[j] = _mm512_add_ps(_mm512_shuffle_ps(g[2 * j], g[2 * j + 1], 0x44), _mm512_shuffle_ps(g[2 * j], g[2 * j + 1], 0xEE));
+    alignas(64) float r[16];
+    _mm512_store_ps(r, _mm512_add_ps(_mm512_shuffle_ps(m[0], m[1], 0x88), _mm512_shuffle_ps(m[0], m[1], 0xDD)));
+    for (int j = 0; j < 16 && i + j < n; ++j) out[i + j] = r[4 * (j % 4) + j / 4];  // lane 4 q + u holds source 4 u + q
+  }
+#endif
+  for (; i < n; ++i) out[i] = hsum(v[i]);
+}
+
 // Y[t, o0 + c] = dot(X[t], W[c]) (+ bias[c]) for t < RT, c < nw (<= GO; a short block repeats its last row of W:
 // computed, never stored). The dot-product form on W's own [O, D] layout (no packed copy of the weights): each of the
 // GO x RT sums has its own accumulator of L lanes over D, then hsum, then the tail of D - one order per output whatever
@@ -336,9 +363,11 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
       for (int c = 0; c < GO; ++c) acc[q][c] += av[c] * xv;
     }
   }
+  float sums[RT * GO];
+  hsum_many(&acc[0][0], RT * GO, sums);
   for (int q = 0; q < RT; ++q)
     for (int64_t c = 0; c < nw; ++c) {
-      float s = hsum(acc[q][c]);
+      float s = sums[q * GO + c];
       for (int64_t e = d; e < D; ++e) s += a[c][e] * X[q * D + e];
       Y[q * ldy + c] = bias ? s + bias[c] : s;
     }
@@ -396,9 +425,11 @@ inline void dot_tile_bf16(const uint16_t* X, int64_t D, const uint16_t* W, int64
       for (int c = 0; c < GO; ++c) acc[q][c] = _mm512_dpbf16_ps(acc[q][c], av[c], xv);
     }
   }
+  float sums[RT * GO];
+  hsum_many(reinterpret_cast<const vf*>(&acc[0][0]), RT * GO, sums);
   for (int q = 0; q < RT; ++q)
     for (int64_t c = 0; c < nw; ++c) {
-      float s = hsum(reinterpret_cast<const vf&>(acc[q][c]));
+      float s = sums[q * GO + c];
       if (bias) { const uint32_t b = static_cast<uint32_t>(bias[c]) << 16; float bf; std::memcpy(&bf, &b, 4); s += bf; }
       narrow(&s, Y + q * ldy + c, 1);
     }
@@ -1155,7 +1186,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v17_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v18_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
