@@ -219,3 +219,56 @@ def test_exact_decoder_follows_transformers_without_gqa_packing(tmp_path, monkey
     paths = two_adapters(model, tmp_path)
     exact, hf = engines_for(model, tok, paths)
     assert run_all(exact, requests_for(tok, [None, "a0", "a1", "a0"])) == run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_of_uneven_chunks_runs_on_its_real_tokens_only(tmp_path, monkeypatch, dtype):
+    """Lean decoder, compiled path: a prefill step whose chunks differ in length runs its per-token ops (embedding,
+    norms, rotary, linears, adapters) on the real tokens only - the step's ReMix layers see as many rows as there are
+    prompt tokens - and the requests get what the same engine made to pad gives them: tokens, log-probabilities and
+    per-request routing counts (float32 on the dot-product GEMM, whose rows do not depend on the row count: equal;
+    otherwise within float tolerance)."""
+    from remix.kernels import cpu_ext
+
+    if cpu_ext.load() is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    model, tok = tiny("llama", 2)
+    paths = two_adapters(model, tmp_path)
+    model.to(dtype)
+    packed, padded = engines_for(model, tok, paths, decoders=("lean", "lean"))
+    monkeypatch.setattr(padded.runner.lean, "packs", lambda *a: False)
+    packed_rows = []
+    call = LeanForward.__call__
+
+    def spy(self, tokens, *a, **kw):
+        if kw.get("rows") is not None:
+            assert kw["rows"].numel() < tokens.numel()
+            packed_rows.append(kw["rows"].numel())
+        return call(self, tokens, *a, **kw)
+
+    monkeypatch.setattr(LeanForward, "__call__", spy)
+
+    def traced(engine):
+        reqs = requests_for(tok, [None, "a0", "a1", "a0"])
+        for r in reqs:
+            r.trace = True
+        events = {r.request_id: [] for r in reqs}
+        for r in reqs:
+            engine.submit(r, events[r.request_id].append)
+        while engine.has_work():
+            engine.step()
+        out = {}
+        for rid, evs in events.items():
+            routing = next((e.routing for e in reversed(evs) if getattr(e, "routing", None)), None)
+            out[rid] = ([t for e in evs for t in e.token_ids], [lp for e in evs for lp in e.logprobs], routing)
+        return out
+
+    got = traced(packed)
+    assert packed_rows, "no prefill step was packed"
+    want = traced(padded)
+    for rid in want:
+        assert got[rid][2] == want[rid][2] and want[rid][2] or rid == "r0"  # r0 is on the bare base: no routing
+    if dtype == torch.float32 and cpu_ext.dot_gemm():
+        assert {k: v[:2] for k, v in got.items()} == {k: v[:2] for k, v in want.items()}
+    else:
+        assert_close_runs({k: v[:2] for k, v in got.items()}, {k: v[:2] for k, v in want.items()}, dtype)

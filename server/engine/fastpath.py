@@ -158,17 +158,28 @@ class LeanForward:
         h = h * torch.rsqrt(variance + norm.variance_epsilon)
         return norm.weight * h.to(dtype)
 
+    def packs(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether a forward in this dtype and device may run on its real tokens only (``rows``): the compiled path."""
+        return self.compiled and device.type == "cpu" and cpu_ext.for_input(torch.empty(0, dtype=dtype)) is not None
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
-                 lens: torch.Tensor | None = None) -> torch.Tensor:
+                 lens: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [b, q, D] after the final norm; ``cache`` is the runner's prepared slot cache. ``lens`` (one
         query per row: row i attends to its first lens[i] positions, which is what ``mask`` says) lets the compiled
-        decode attention stand in for SDPA."""
+        decode attention stand in for SDPA.
+
+        ``rows`` (where :meth:`packs`): the flat indices into [b * q] of the real tokens, in order. Every per-token op
+        (embedding, norms, rotary, linears, adapters) then runs on those tokens only and the result is [len(rows), D];
+        only the attention sees the padded [b, q] layout (padding rows' keys and values are zeros, masked out). A
+        prefill step whose chunks differ in length would otherwise spend its GEMMs on padding (a step of chunks 11,
+        128, 128, 128 and 106 tokens: 640 rows for 481 tokens)."""
         inner, H, Hkv, Dh = self.inner, self.H, self.Hkv, self.Dh
         b, q = tokens.shape
-        h = inner.embed_tokens(tokens)
+        h = inner.embed_tokens(tokens if rows is None else tokens.reshape(-1)[rows])
         # the compiled ops (CPU float32 / bfloat16, kernels built): norm and rotary at every step size (a row's result
         # must not depend on the step's size), the attention for decode steps only
         lean = cpu_ext.for_input(h) if self.compiled else None
+        assert rows is None or (lean is not None and lens is None), "packed rows: the compiled path, prefill only"
         ext = None
         if lean is not None and lens is not None and q == 1 and Dh in (16, 32, 64, 128) and H // Hkv <= 8:
             ext = lean  # one decode token per row: the compiled attention over the slot cache
@@ -180,6 +191,8 @@ class LeanForward:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
         if lean is not None:
             cos, sin = cos.reshape(b * q, Dh), sin.reshape(b * q, Dh)
+            if rows is not None:
+                cos, sin = cos[rows], sin[rows]
         else:
             cos, sin = cos[:, :, None], sin[:, :, None]  # [b, q, 1, Dh]
         n_rep = H // Hkv
@@ -202,11 +215,15 @@ class LeanForward:
         for i, layer in enumerate(inner.layers):
             at, mlp = layer.self_attn, layer.mlp
             x = norm(layer.input_layernorm)
-            qkv = self._qkv(i, at, x, lean).view(b, q, H + 2 * Hkv, Dh)
+            qkv = self._qkv(i, at, x, lean)
             if lean is not None:  # in place on the q and k heads of the q/k/v output
-                lean.rotary_(qkv.view(b * q, H + 2 * Hkv, Dh)[:, : H + Hkv], cos, sin)
+                lean.rotary_(qkv.view(-1, H + 2 * Hkv, Dh)[:, : H + Hkv], cos, sin)
+                if rows is not None:  # the attention's padded layout
+                    qkv = qkv.new_zeros(b * q, qkv.shape[-1]).index_copy_(0, rows, qkv)
+                qkv = qkv.view(b, q, H + 2 * Hkv, Dh)
                 qk = qkv[:, :, : H + Hkv]
             else:
+                qkv = qkv.view(b, q, H + 2 * Hkv, Dh)
                 qk = qkv[:, :, : H + Hkv]
                 qk = qk * cos + qk.roll(half, -1) * sin
             k, v = cache.update(qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv :].transpose(1, 2), i)
@@ -222,6 +239,8 @@ class LeanForward:
                     v = v[:, :, None].expand(b, Hkv, n_rep, *v.shape[2:]).reshape(b, H, *v.shape[2:])
                 o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=at.scaling)
             o = o.reshape(b, H, q, Dh).transpose(1, 2).reshape(b, q, H * Dh)
+            if rows is not None:
+                o = o.view(b * q, H * Dh)[rows]
             pending = self._linear(at.o_proj, o, lean)
             x = norm(layer.post_attention_layernorm)
             if lean is not None:  # in place on the gate's fresh output (the same values; no two fresh [T, I] tensors a layer)

@@ -92,16 +92,25 @@ class ModelRunner:
         mask = attention_mask(starts, counts, q, span)
         real = torch.arange(q, device=starts.device)[None, :] < counts[:, None]
         token_slots = torch.where(real, adapter_slots[:, None], -1).reshape(-1)  # padding: no adapter, not counted
+        rows = None  # a prefill step with padding, on the compiled path: per-token work on the real tokens only
+        if lean and not decode and self.lean.packs(self.dtype, self.device) and not bool(real.all()):
+            rows = real.reshape(-1).nonzero().squeeze(1)
+            token_slots = token_slots[rows]
         ctx = RoutingContext.build(token_slots, count=True, trace=trace)
         set_context(ctx)
         try:
             if lean:
-                hidden = self.lean(tokens, positions, mask, self.cache, lens=starts + 1 if decode else None)
+                hidden = self.lean(tokens, positions, mask, self.cache, lens=starts + 1 if decode else None, rows=rows)
             else:
                 hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                                           past_key_values=self.cache, use_cache=True).last_hidden_state
         finally:
             set_context(None)
-        self.last_trace = ctx.trace
-        last = hidden[torch.arange(b, device=hidden.device), counts - 1]
+        if rows is None:
+            self.last_trace = ctx.trace
+            last = hidden[torch.arange(b, device=hidden.device), counts - 1]
+        else:  # packed: row i's tokens are [cumsum(counts)[i - 1], cumsum(counts)[i]); the trace back in [b * q] terms
+            self.last_trace = None if ctx.trace is None else [
+                (name, slot, rows if sel_rows is None else rows[sel_rows], sel) for name, slot, sel_rows, sel in ctx.trace]
+            last = hidden[torch.cumsum(counts, 0) - 1]
         return (self.lean.head(self.model, last) if lean else self.model.lm_head(last)).float()
