@@ -10,8 +10,8 @@ On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill inc
   engine_remix       our engine, one ReMix adapter (n=8, k=2, r=8 on every FFN projection)
   engine_4adapters   our engine, four such adapters mixed round-robin in every batch
 at each concurrency, plus the engine's median decode-step time and the time of that step's weight GEMMs alone at the
-same batch (the floor on this machine: the faster of ATen's GEMMs and, in float32 on CPU, the compiled kernels' own
-GEMM, which the engine runs), and prints/writes the ratios with their goals. On CUDA every timing ends with
+same batch (the floor on this machine: the faster of ATen's GEMMs and, on CPU, the compiled kernels' GEMM, which
+the engine runs), and prints/writes the ratios with their goals. On CUDA every timing ends with
 a device synchronisation.
 """
 
@@ -215,11 +215,12 @@ def main(argv=None) -> dict:
             row["hf_loop"] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens}
             print(f"c={c:<3} {'hf_loop':18s} {tokens / wall:8.1f} tok/s", flush=True)
         del plain
-        # the floor is the faster of ATen's GEMMs (what HF runs) and the compiled kernels' float32 GEMM (what the
-        # engine runs on CPU): a step cannot beat the weight GEMMs of the best GEMM this machine has
+        # the floor is the faster of ATen's GEMMs (what HF runs) and the compiled kernels' GEMM (what the engine runs
+        # on CPU: their own float32 kernel, oneDNN from 256 rows; bfloat16 their own below 16 rows, else ATen's): a
+        # step cannot beat the weight GEMMs of the best GEMM this machine has
         row["gemm_floor_aten_ms"] = 1000 * gemm_floor(engine.runner.model, c)
         floors = [row["gemm_floor_aten_ms"]]
-        if device.type == "cpu" and dtype == torch.float32 and cpu_ext.available():
+        if device.type == "cpu" and cpu_ext.available():
             row["gemm_floor_compiled_ms"] = 1000 * gemm_floor(engine.runner.model, c, linear=cpu_ext.linear)
             floors.append(row["gemm_floor_compiled_ms"])
         row["gemm_floor_ms"] = min(floors)
