@@ -36,7 +36,7 @@ OPTIONS = [  # (flag, type, default, help)
     ("drain_timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before exiting"),
     ("device", str, "auto", "where the model runs: cpu, cuda, cuda:N or auto (cuda when a CUDA device is present)"),
     ("dtype", str, "float32", "weights and activations: float32, bfloat16 (~3x faster GEMMs, ~1.5x decode at batch 32 with AMX; "
-                              "routing and adapter deltas stay float32) or auto (bfloat16 on CUDA or an AMX CPU)"),
+                              "routing and adapter deltas stay float32) or auto (bfloat16 on CUDA or a CPU with AMX-BF16 or AVX512-BF16)"),
     ("decoder", str, "lean", "decoder stack: lean (Llama/Mistral/Qwen2: HF's ops without HF's Python plumbing and a "
                              "compiled decode attention; other models fall back to hf), exact (the same with SDPA: "
                              "bit-identical to hf on CPU) or hf (HF's modules)"),
@@ -163,15 +163,19 @@ def resolve_device(name: str):
     return device
 
 
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})  # CPUs on which bfloat16 serving is faster than float32
+
+
 def resolve_dtype(name: str, device=None):
-    """float32 / bfloat16, or for "auto" bfloat16 where it is fast (CUDA, or a CPU with AMX-BF16) and float32 elsewhere."""
+    """float32 / bfloat16, or for "auto" bfloat16 where it is fast (CUDA, or a CPU with AMX-BF16 or AVX512-BF16 - bfloat16
+    dot-product instructions, which oneDNN's GEMMs and the compiled kernels use) and float32 elsewhere."""
     import torch
 
     from remix.kernels import cpu_ext
 
     if name == "auto":
         on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        return torch.bfloat16 if on_cuda or "amx_bf16" in cpu_ext.cpu_flags() else torch.float32
+        return torch.bfloat16 if on_cuda or BF16_FLAGS & cpu_ext.cpu_flags() else torch.float32
     return getattr(torch, name)
 
 

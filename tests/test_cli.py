@@ -40,11 +40,11 @@ def test_dtype_resolution():
     assert cli.resolve_dtype("bfloat16") == torch.bfloat16
     from remix.kernels import cpu_ext
 
-    fast = torch.cuda.is_available() or "amx_bf16" in cpu_ext.cpu_flags()
+    fast = torch.cuda.is_available() or bool(cli.BF16_FLAGS & cpu_ext.cpu_flags())
     assert cli.resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
     assert cli.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    amx = "amx_bf16" in cpu_ext.cpu_flags()
-    assert cli.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
+    bf16 = bool({"amx_bf16", "avx512_bf16"} & cpu_ext.cpu_flags())
+    assert cli.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if bf16 else torch.float32)
 
 
 def test_cuda_graphs_flag():

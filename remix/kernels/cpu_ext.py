@@ -13,7 +13,8 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                (autograd, changed weights, not a CPU float tensor)
     linear(x, w, bias)         that base GEMM alone, each thread on its own slice of the outputs: with AVX-512 a
                                dot-product kernel (a row's outputs bit-identical in any batch; ~2x ATen's MKL GEMM
-                               at small batches on the AMD machine measured), else MKL; bfloat16 takes ATen's
+                               at small batches on the AMD machine measured; oneDNN from 256 rows), else MKL;
+                               bfloat16 its own kernel below 16 rows (AVX512-BF16), else ATen's
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
     decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
@@ -460,9 +461,9 @@ void dot_gemm_bf16(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, c
 // The base layer's GEMM, fused into the kernel's parallel region: Y[:, o0:o1) = X W[o0:o1)^T (+ bias), each thread its
 // own slice of the outputs - the slice its phase B then updates while it is still in its cache, and no second parallel
 // region to start. With AVX-512 it is dot_gemm (24-25 accumulators in the 32 registers): on this project's 2-core AMD
-// Zen 5 VM, all of the default base's decoder linears at batch 1 / 8 / 32 / 256 take 0.41 / 0.43 / 0.55 / 0.63 of the
-// time of ATen's linear (MKL, whose float32 GEMMs reach ~100 GFLOP/s there; the GEMV at batch 1 ~17 GB/s of the
-// machine's ~44) - and every row's outputs are the same in any batch. Without AVX-512 (24 accumulators would spill)
+// Zen 5 VM, all of the default base's linears at batch 1 / 8 / 32 take 0.39 / 0.52 / 0.52 of the time of ATen's
+// linear (MKL, whose float32 GEMMs reach ~100-190 GFLOP/s there; its GEMV at batch 1 ~17 GB/s of the machine's ~44)
+// - and every row's outputs are the same in any batch. Without AVX-512 (24 accumulators would spill)
 // each thread calls MKL on its own slice of the outputs instead. bfloat16 (X, W, Y and bias all bfloat16) only where
 // the CPU has AVX512-BF16 and below DOT_BF16_BELOW rows: dot_gemm_bf16, float32 sums rounded once (as oneDNN's);
 // elsewhere the caller takes ATen's.
@@ -1186,7 +1187,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v18_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v19_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

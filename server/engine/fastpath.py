@@ -31,7 +31,11 @@ ATen ops, with HF's roundings in bfloat16 and float32 sums in another order than
 of a step's dispatch: 35.7 -> 30.0 ms a float32 decode step. They run at every step size (rows split among threads
 from 32 rows on), because a row's result must not depend on the step it lands in: an earlier version used them only in
 steps of up to 32 tokens and ATen's ops above, so a request's bfloat16 numbers (and now and then a token) depended on
-how many tokens its batch-mates brought to the step. (A compiled silu(gate) * up was never faster than ATen's two ops.)
+how many tokens its batch-mates brought to the step. (A compiled silu(gate) * up was never faster than ATen's two ops;
+the lean path computes it in place on the gate's output instead.) The plain linears and the LM head take the compiled
+kernels' GEMM too (``cpu_ext.linear``: their float32 dot-product kernel, whose rows do not depend on the batch, and
+oneDNN from 256 rows; bfloat16 their kernel below 16 rows), as the ReMix modules do inside their own call; and a
+prefill step with padding runs its per-token ops on its real tokens only (``rows``; the attention alone sees [b, q]).
 
 It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU, SDPA attention and full attention
 in every layer; any other model, a forward hook on a decoder module, or a q/k/v
@@ -138,8 +142,8 @@ class LeanForward:
 
     @staticmethod
     def _linear(module: nn.Module, x: torch.Tensor, lean=None) -> torch.Tensor:
-        """A plain linear as F.linear, or with the compiled kernels' GEMM (``lean``: float32 takes their dot-product
-        GEMM, bfloat16 ATen's); anything else (a ReMix layer, a replaced module) runs as a module."""
+        """A plain linear as F.linear, or with the compiled kernels' GEMM (``lean``: ``cpu_ext.linear``, see there);
+        anything else (a ReMix layer, a replaced module) runs as a module."""
         if type(module) is not nn.Linear:
             return module(x)
         if lean is not None:
