@@ -8,8 +8,9 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                index), y += omega_s * sum_{i in J} B_i (A_i x); returns J (global ids)
     gather_(x, y, a, bt, idx, w)   the kernel contract with given ids and weights (-1 = none)
     ModuleCall(...)            the whole module with its arguments bound once (see :func:`bind_module`): the base
-                               GEMM and route_gather_ into its output in one parallel region (float32; bfloat16
-                               takes ATen's GEMM first); call(x) -> (y, idx), or None when it does not apply
+                               GEMM and route_gather_ into its output in one parallel region (float32 below 256
+                               rows, bfloat16 below 16; above, oneDNN's GEMM first); call(x) -> (y, idx), or None
+                               when it does not apply
                                (autograd, changed weights, not a CPU float tensor)
     linear(x, w, bias)         that base GEMM alone, each thread on its own slice of the outputs: with AVX-512 a
                                dot-product kernel (a row's outputs bit-identical in any batch; ~2x ATen's MKL GEMM
