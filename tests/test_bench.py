@@ -34,7 +34,7 @@ def test_server_bench_runs_every_contender_on_the_tiny_model(tmp_path):
         row = out["results"][c]
         assert {"hf_generate", "hf_loop", "engine_base", "engine_remix", "engine_4adapters"} <= set(row)
         assert row["gemm_floor_ms"] > 0
-        # the floor is the faster of ATen's GEMMs and (float32 CPU, kernels built) the compiled GEMM the engine runs
+        # the floor is the faster of ATen's GEMMs and (on CPU, kernels built) the compiled GEMM the engine runs
         assert row["gemm_floor_ms"] == min(row["gemm_floor_aten_ms"], row.get("gemm_floor_compiled_ms", math.inf))
     r = out["results"][2]
     assert math.isclose(out["ratios"]["engine_remix_over_hf_generate@2"],

@@ -375,36 +375,13 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
     }
 }
 
-// Y[:, o0:o1) = X W[o0:o1)^T (+ bias) for X [T, D], on this thread: blocks of GO rows of W (they stay in L1 while
-// every block of RT rows of X passes), the last rows of X in one smaller tile.
-template <int GO, int RT>
-void dot_gemm(const float* X, int64_t T, int64_t D, const float* W, const float* bias, float* Y, int64_t O, int64_t o0,
-              int64_t o1) {
-  for (int64_t o = o0; o < o1; o += GO) {
-    const int64_t nw = std::min<int64_t>(GO, o1 - o);
-    const float* Wo = W + o * D;
-    const float* bo = bias ? bias + o : nullptr;
-    int64_t t = 0;
-    for (; t + RT <= T; t += RT) dot_tile<GO, RT>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo);
-    const float* Xt = X + t * D;
-    float* Yt = Y + t * O + o;
-    switch (T - t) {  // RT <= 5
-      case 1: dot_tile<GO, 1>(Xt, D, Wo, nw, Yt, O, bo); break;
-      case 2: if constexpr (RT > 2) dot_tile<GO, 2>(Xt, D, Wo, nw, Yt, O, bo); break;
-      case 3: if constexpr (RT > 3) dot_tile<GO, 3>(Xt, D, Wo, nw, Yt, O, bo); break;
-      case 4: if constexpr (RT > 4) dot_tile<GO, 4>(Xt, D, Wo, nw, Yt, O, bo); break;
-      default: break;
-    }
-  }
-}
-
 #ifdef REMIX_DOT_BF16
-// dot_tile for bfloat16 X, W and Y with AVX512-BF16: vdpbf16ps adds two products of bfloat16 pairs into each float32
+// dot_tile for bfloat16 X, W, Y and bias with AVX512-BF16: vdpbf16ps adds two products of bfloat16 pairs into each float32
 // lane (lane l holds d = 32 i + 2 l, 2 l + 1), the D tail a zero-masked load (zeros add nothing); then hsum, the bias
 // (widened), one rounding to bfloat16. One order per output, as dot_tile.
 template <int GO, int RT>
-inline void dot_tile_bf16(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw, uint16_t* Y, int64_t ldy,
-                          const uint16_t* bias) {
+inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw, uint16_t* Y, int64_t ldy,
+                     const uint16_t* bias) {
   const uint16_t* a[GO];
   for (int c = 0; c < GO; ++c) a[c] = W + std::min<int64_t>(c, nw - 1) * D;
   __m512 acc[RT][GO];
@@ -432,41 +409,53 @@ inline void dot_tile_bf16(const uint16_t* X, int64_t D, const uint16_t* W, int64
   for (int q = 0; q < RT; ++q)
     for (int64_t c = 0; c < nw; ++c) {
       float s = sums[q * GO + c];
-      if (bias) { const uint32_t b = static_cast<uint32_t>(bias[c]) << 16; float bf; std::memcpy(&bf, &b, 4); s += bf; }
+      if (bias) { float b; widen(bias + c, &b, 1); s += b; }
       narrow(&s, Y + q * ldy + c, 1);
     }
 }
+#endif
 
-template <int GO, int RT>
-void dot_gemm_bf16(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const uint16_t* bias, uint16_t* Y, int64_t O,
-                   int64_t o0, int64_t o1) {
+// Y[:, o0:o1) = X W[o0:o1)^T (+ bias) for X [T, D] of float32 or bfloat16 (E = uint16_t: dot_tile's AVX512-BF16 form),
+// on this thread: blocks of GO rows of W (they stay in L1 while every block of RT rows of X passes), the last rows of X
+// in one smaller tile.
+template <int GO, int RT, typename E>
+void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y, int64_t O, int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; o += GO) {
     const int64_t nw = std::min<int64_t>(GO, o1 - o);
-    const uint16_t* Wo = W + o * D;
-    const uint16_t* bo = bias ? bias + o : nullptr;
+    const E* Wo = W + o * D;
+    const E* bo = bias ? bias + o : nullptr;
     int64_t t = 0;
-    for (; t + RT <= T; t += RT) dot_tile_bf16<GO, RT>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo);
-    const uint16_t* Xt = X + t * D;
-    uint16_t* Yt = Y + t * O + o;
+    for (; t + RT <= T; t += RT) dot_tile<GO, RT>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo);
+    const E* Xt = X + t * D;
+    E* Yt = Y + t * O + o;
     switch (T - t) {  // RT <= 5
-      case 1: dot_tile_bf16<GO, 1>(Xt, D, Wo, nw, Yt, O, bo); break;
-      case 2: if constexpr (RT > 2) dot_tile_bf16<GO, 2>(Xt, D, Wo, nw, Yt, O, bo); break;
-      case 3: if constexpr (RT > 3) dot_tile_bf16<GO, 3>(Xt, D, Wo, nw, Yt, O, bo); break;
-      case 4: if constexpr (RT > 4) dot_tile_bf16<GO, 4>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 1: dot_tile<GO, 1>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 2: if constexpr (RT > 2) dot_tile<GO, 2>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 3: if constexpr (RT > 3) dot_tile<GO, 3>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 4: if constexpr (RT > 4) dot_tile<GO, 4>(Xt, D, Wo, nw, Yt, O, bo); break;
       default: break;
     }
   }
 }
-#endif
+
+// dot_gemm with the tile shape for T rows: 6 x 3 below 16 rows (more of W per load of X), else 5 x 5.
+template <typename E>
+void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void* bias, void* Y, int64_t O, int64_t o0,
+                  int64_t o1) {
+  const auto *x = static_cast<const E*>(X), *w = static_cast<const E*>(W), *b = static_cast<const E*>(bias);
+  auto* y = static_cast<E*>(Y);
+  if (T < 16) return dot_gemm<6, 3>(x, T, D, w, b, y, O, o0, o1);
+  dot_gemm<5, 5>(x, T, D, w, b, y, O, o0, o1);
+}
 
 // The base layer's GEMM, fused into the kernel's parallel region: Y[:, o0:o1) = X W[o0:o1)^T (+ bias), each thread its
 // own slice of the outputs - the slice its phase B then updates while it is still in its cache, and no second parallel
 // region to start. With AVX-512 it is dot_gemm (24-25 accumulators in the 32 registers): on this project's 2-core AMD
 // Zen 5 VM, all of the default base's linears at batch 1 / 8 / 32 take 0.39 / 0.52 / 0.52 of the time of ATen's
 // linear (MKL, whose float32 GEMMs reach ~100-190 GFLOP/s there; its GEMV at batch 1 ~17 GB/s of the machine's ~44)
-// - and every row's outputs are the same in any batch. Without AVX-512 (24 accumulators would spill)
-// each thread calls MKL on its own slice of the outputs instead. bfloat16 (X, W, Y and bias all bfloat16) only where
-// the CPU has AVX512-BF16 and below DOT_BF16_BELOW rows: dot_gemm_bf16, float32 sums rounded once (as oneDNN's);
+// - and every row's outputs are the same in any batch. Without AVX-512 (24 accumulators would spill) each thread calls
+// MKL on its own slice of the outputs instead. bfloat16 (X, W, Y and bias all bfloat16) only where the CPU has
+// AVX512-BF16 and below DOT_BF16_BELOW rows: dot_gemm in its bfloat16 form, float32 sums rounded once (as oneDNN's);
 // elsewhere the caller takes ATen's.
 struct BaseGemm {
   const void *w, *bias;  // w [O, D] contiguous; bias [O] or null; float32, or bfloat16 when bf16
@@ -475,23 +464,15 @@ struct BaseGemm {
   void operator()(const void* Xv, void* Yv, int64_t T, int64_t D, int64_t O, int64_t o0, int64_t o1) const {
     if (o1 <= o0 || T == 0) return;
 #ifdef REMIX_DOT_BF16
-    if (bf16) {
-      const auto* X = static_cast<const uint16_t*>(Xv);
-      const auto* W = static_cast<const uint16_t*>(w);
-      const auto* b = static_cast<const uint16_t*>(bias);
-      auto* Y = static_cast<uint16_t*>(Yv);
-      if (T < 16) return dot_gemm_bf16<6, 3>(X, T, D, W, b, Y, O, o0, o1);
-      return dot_gemm_bf16<5, 5>(X, T, D, W, b, Y, O, o0, o1);
-    }
+    if (bf16) return dot_gemm_any<uint16_t>(Xv, T, D, w, bias, Yv, O, o0, o1);
 #endif
+#ifdef __AVX512F__
+    dot_gemm_any<float>(Xv, T, D, w, bias, Yv, O, o0, o1);
+#else
     const auto* X = static_cast<const float*>(Xv);
     const auto* W = static_cast<const float*>(w);
     const auto* b = static_cast<const float*>(bias);
     auto* Y = static_cast<float*>(Yv);
-#ifdef __AVX512F__
-    if (T < 16) return dot_gemm<6, 3>(X, T, D, W, b, Y, O, o0, o1);  // few rows: more of W per load of X
-    return dot_gemm<5, 5>(X, T, D, W, b, Y, O, o0, o1);
-#else
     const int m = static_cast<int>(o1 - o0), n = static_cast<int>(T), k = static_cast<int>(D), ldc = static_cast<int>(O);
     const float one = 1.f;
     float beta = 0.f;
@@ -507,7 +488,7 @@ struct BaseGemm {
 // The BaseGemm for y = x2 W^T (+ bias) where it applies (CPU, x, weight and bias all float32 - or all bfloat16 on a CPU
 // with AVX512-BF16 -, contiguous weight, sizes that fit BLAS's int), else an off one: the caller takes ATen's linear.
 // Rows from which bfloat16 takes ATen's (oneDNN) GEMM: on the 2-core Zen 5 VM, a 1536 x 576 bfloat16 weight at 1 / 8 /
-// 32 / 512 rows ran at 37 / 161 / 295 / 373 GFLOP/s in dot_gemm_bf16 against oneDNN's 22 / 162 / 389 / 631 - but
+// 32 / 512 rows ran at 37 / 161 / 295 / 373 GFLOP/s in the bfloat16 dot_gemm against oneDNN's 22 / 162 / 389 / 631 - but
 // below 16 rows oneDNN leaves the second thread idle, and the kernel's parallel region right after it then waits for
 // that thread to wake: a decode step of 8 sequences with one adapter took ~30 against ~22 ms for the base alone with
 // the split at 8, 23 against 22 with it at 16. At 32 sequences, 16 beat 64 (decode step 44.8 against 47.2 ms).
@@ -1112,7 +1093,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "x = x * cos + roll(x, Dh / 2) * sin_signed in place (HF's roundings)");
   m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
-  m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM (float32), else ATen's linear");
+  m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
   m.attr("ONEDNN_F32_FROM") = onednn_linear_op() ? ONEDNN_F32_FROM : -1;  // -1: no oneDNN linear in this torch
   m.def("dot_gemm", [](bool bf16) {
@@ -1188,7 +1169,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v19_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v20_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
@@ -1259,9 +1240,9 @@ def for_input(x) -> object | None:
 
 def dot_gemm(dtype: torch.dtype = torch.float32) -> bool:
     """True when the base GEMM of ``dtype`` (:func:`linear`, the fused module call) is the compiled dot-product kernel,
-    whose row outputs do not depend on the batch: float32 with AVX-512 (every batch size), bfloat16 with AVX512-BF16
-    (batches below 16 rows, ``load().DOT_BF16_BELOW``: from there oneDNN's GEMM is faster). False without the kernels or those instructions
-    (float32 then runs MKL, bfloat16 ATen's oneDNN GEMM)."""
+    whose row outputs do not depend on the batch: float32 with AVX-512 (below ``load().ONEDNN_F32_FROM`` rows),
+    bfloat16 with AVX512-BF16 (below ``load().DOT_BF16_BELOW`` rows); oneDNN's GEMM above. False without the kernels
+    or those instructions (float32 then runs MKL, bfloat16 ATen's oneDNN GEMM)."""
     ext = load()
     return ext is not None and ext.dot_gemm(dtype == torch.bfloat16)
 
@@ -1275,7 +1256,7 @@ NONE_F = torch.empty(0, dtype=torch.float32)  # linear's "no bias", add_rms_norm
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with the compiled kernels' base GEMM where it applies (CPU float32 or bfloat16, contiguous weight, no
     autograd): each thread its own slice of the outputs, with AVX-512 by the dot-product kernel (see BaseGemm in the
-    source: the decoder's float32 linears at batch 1 / 32 in 0.41 / 0.55 of ATen's time on the AMD Zen 5 VM measured,
+    source: the default base's float32 linears at batch 1 / 32 in 0.39 / 0.52 of ATen's time on the AMD Zen 5 VM,
     a row's outputs the same in any batch - :func:`dot_gemm` says which), else MKL; bfloat16 below 16 rows with
     AVX512-BF16 (1.7x oneDNN's GEMV at one row), else ATen's; elsewhere plain ``F.linear``. The kernel bench times
     both (base / base_aten) and measures the ReMix module against the faster."""

@@ -95,7 +95,8 @@ class LeanForward:
     """The decoder stack's forward for :class:`server.engine.runner.ModelRunner` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, compiled: bool = True):
-        self.inner = inner = model.model
+        self.model, self.inner = model, model.model
+        inner = self.inner
         self.compiled = compiled
         cfg = model.config
         self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -137,22 +138,21 @@ class LeanForward:
             w, b, params = fused
             projs = (at.q_proj, at.k_proj, at.v_proj)
             if all(type(p) is nn.Linear and p.weight is w_i for p, w_i in zip(projs, params)):
-                return lean.linear(x, w, cpu_ext.NONE_F if b is None else b) if lean is not None else F.linear(x, w, b)
+                return self._gemm(x, w, b, lean)
         return torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)  # a projection was wrapped or replaced
 
     @staticmethod
-    def _linear(module: nn.Module, x: torch.Tensor, lean=None) -> torch.Tensor:
-        """A plain linear as F.linear, or with the compiled kernels' GEMM (``lean``: ``cpu_ext.linear``, see there);
-        anything else (a ReMix layer, a replaced module) runs as a module."""
-        if type(module) is not nn.Linear:
-            return module(x)
-        if lean is not None:
-            return lean.linear(x, module.weight, cpu_ext.NONE_F if module.bias is None else module.bias)
-        return F.linear(x, module.weight, module.bias)
+    def _gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lean) -> torch.Tensor:
+        """x w^T (+ b): with the compiled kernels' GEMM (``lean``: ``cpu_ext.linear``, see there), else F.linear."""
+        return F.linear(x, w, b) if lean is None else lean.linear(x, w, cpu_ext.NONE_F if b is None else b)
 
-    def head(self, model: nn.Module, last: torch.Tensor) -> torch.Tensor:
+    def _linear(self, module: nn.Module, x: torch.Tensor, lean=None) -> torch.Tensor:
+        """A plain linear by :meth:`_gemm`; anything else (a ReMix layer, a replaced module) runs as a module."""
+        return self._gemm(x, module.weight, module.bias, lean) if type(module) is nn.Linear else module(x)
+
+    def head(self, last: torch.Tensor) -> torch.Tensor:
         """The LM head over the last hidden states [b, D] (the compiled GEMM where it applies, as in the layers)."""
-        return self._linear(model.lm_head, last, cpu_ext.for_input(last) if self.compiled else None)
+        return self._linear(self.model.lm_head, last, cpu_ext.for_input(last) if self.compiled else None)
 
     @staticmethod
     def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # LlamaRMSNorm.forward, op for op

@@ -90,7 +90,7 @@ class DecodeGraphs:
             hidden = runner.lean(tokens, positions, mask, runner.cache)
         finally:
             set_context(None)
-        return runner.lean.head(runner.model, hidden[:, 0].contiguous()).float()
+        return runner.lean.head(hidden[:, 0].contiguous()).float()
 
     def run(self, tokens: torch.Tensor, starts: torch.Tensor, adapter_slots: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
         """Logits [b, V] of one decode step: row i is token tokens[i] at position starts[i] of slot i with adapter slot

@@ -113,4 +113,4 @@ class ModelRunner:
             self.last_trace = None if ctx.trace is None else [
                 (name, slot, rows if sel_rows is None else rows[sel_rows], sel) for name, slot, sel_rows, sel in ctx.trace]
             last = hidden[torch.cumsum(counts, 0) - 1]
-        return (self.lean.head(self.model, last) if lean else self.model.lm_head(last)).float()
+        return (self.lean.head(last) if lean else self.model.lm_head(last)).float()
