@@ -350,14 +350,18 @@ inline void hsum_many(const vf* v, int64_t n, float* out) {
 // computed, never stored). The dot-product form on W's own [O, D] layout (no packed copy of the weights): each of the
 // GO x RT sums has its own accumulator of L lanes over D, then hsum, then the tail of D - one order per output whatever
 // the block shape, so a row of X gets bit-identical outputs alone or in any batch, and from any thread split.
+// pf: npf rows of the next block of W (pstride elements apart) that this tile prefetches, one cache line of each per
+// step of L over D (a step reads 64 bytes of a row): see dot_gemm.
 template <int GO, int RT>
-inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, float* Y, int64_t ldy, const float* bias) {
+inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, float* Y, int64_t ldy, const float* bias,
+                     const float* pf, int64_t npf, int64_t pstride) {
   const float* a[GO];
   for (int c = 0; c < GO; ++c) a[c] = W + std::min<int64_t>(c, nw - 1) * D;
   vf acc[RT][GO];
   for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) acc[q][c] = vf{};
   int64_t d = 0;
   for (; d + L <= D; d += L) {
+    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * pstride + d, 0, 3);
     vf av[GO];
     for (int c = 0; c < GO; ++c) av[c] = load(a[c] + d);
     for (int q = 0; q < RT; ++q) {
@@ -381,13 +385,14 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
 // (widened), one rounding to bfloat16. One order per output, as dot_tile.
 template <int GO, int RT>
 inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw, uint16_t* Y, int64_t ldy,
-                     const uint16_t* bias) {
+                     const uint16_t* bias, const uint16_t* pf, int64_t npf, int64_t pstride) {
   const uint16_t* a[GO];
   for (int c = 0; c < GO; ++c) a[c] = W + std::min<int64_t>(c, nw - 1) * D;
   __m512 acc[RT][GO];
   for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) acc[q][c] = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 2 * L <= D; d += 2 * L) {
+    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * pstride + d, 0, 3);
     __m512bh av[GO];
     for (int c = 0; c < GO; ++c) av[c] = (__m512bh)_mm512_loadu_si512(a[c] + d);
     for (int q = 0; q < RT; ++q) {
@@ -417,22 +422,31 @@ inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw
 
 // Y[:, o0:o1) = X W[o0:o1)^T (+ bias) for X [T, D] of float32 or bfloat16 (E = uint16_t: dot_tile's AVX512-BF16 form),
 // on this thread: blocks of GO rows of W (they stay in L1 while every block of RT rows of X passes), the last rows of X
-// in one smaller tile.
+// in one smaller tile. While a block is computed, its tiles prefetch the next block's rows of W (tile j rows j,
+// j + tiles, ...: each row one line per step, all rows in flight by the block's end), so a decode step's weights,
+// which come from memory, arrive while the FMAs run instead of when the next block first loads them (measured on the
+// Zen 5 VM, float32, cold weights: 32 rows 1.15-1.3x, 10 rows 1.25x faster; no change to any sum).
 template <int GO, int RT, typename E>
 void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y, int64_t O, int64_t o0, int64_t o1) {
+  const int64_t tiles = (T + RT - 1) / RT;
   for (int64_t o = o0; o < o1; o += GO) {
     const int64_t nw = std::min<int64_t>(GO, o1 - o);
+    const int64_t nn = std::min<int64_t>(GO, std::max<int64_t>(0, o1 - o - GO));  // rows of the next block
     const E* Wo = W + o * D;
     const E* bo = bias ? bias + o : nullptr;
-    int64_t t = 0;
-    for (; t + RT <= T; t += RT) dot_tile<GO, RT>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo);
+    auto prefetches = [&](int64_t j) { return nn > j ? (nn - 1 - j) / tiles + 1 : 0; };  // rows j, j + tiles, ... < nn
+    int64_t t = 0, j = 0;
+    for (; t + RT <= T; t += RT, ++j)
+      dot_tile<GO, RT>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo, Wo + (GO + j) * D, prefetches(j), tiles * D);
     const E* Xt = X + t * D;
     E* Yt = Y + t * O + o;
+    const E* pf = Wo + (GO + j) * D;
+    const int64_t npf = prefetches(j);
     switch (T - t) {  // RT <= 5
-      case 1: dot_tile<GO, 1>(Xt, D, Wo, nw, Yt, O, bo); break;
-      case 2: if constexpr (RT > 2) dot_tile<GO, 2>(Xt, D, Wo, nw, Yt, O, bo); break;
-      case 3: if constexpr (RT > 3) dot_tile<GO, 3>(Xt, D, Wo, nw, Yt, O, bo); break;
-      case 4: if constexpr (RT > 4) dot_tile<GO, 4>(Xt, D, Wo, nw, Yt, O, bo); break;
+      case 1: dot_tile<GO, 1>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 2: if constexpr (RT > 2) dot_tile<GO, 2>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 3: if constexpr (RT > 3) dot_tile<GO, 3>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 4: if constexpr (RT > 4) dot_tile<GO, 4>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
       default: break;
     }
   }
@@ -487,12 +501,12 @@ struct BaseGemm {
 
 // The BaseGemm for y = x2 W^T (+ bias) where it applies (CPU, x, weight and bias all float32 - or all bfloat16 on a CPU
 // with AVX512-BF16 -, contiguous weight, sizes that fit BLAS's int), else an off one: the caller takes ATen's linear.
-// Rows from which bfloat16 takes ATen's (oneDNN) GEMM: on the 2-core Zen 5 VM, a 1536 x 576 bfloat16 weight at 1 / 8 /
-// 32 / 512 rows ran at 37 / 161 / 295 / 373 GFLOP/s in the bfloat16 dot_gemm against oneDNN's 22 / 162 / 389 / 631 - but
-// below 16 rows oneDNN leaves the second thread idle, and the kernel's parallel region right after it then waits for
-// that thread to wake: a decode step of 8 sequences with one adapter took ~30 against ~22 ms for the base alone with
-// the split at 8, 23 against 22 with it at 16. At 32 sequences, 16 beat 64 (decode step 44.8 against 47.2 ms).
-constexpr int64_t DOT_BF16_BELOW = 16;
+// Rows from which bfloat16 takes ATen's (oneDNN) GEMM. On the 2-core Zen 5 VM (session of 2026-12-02), all of the
+// default base's bfloat16 linears in turn (weights cold) at 16 / 24 / 32 / 64 / 128 rows took 0.62 / 0.62 / 0.77 / 0.84
+// / 1.04 of oneDNN's time in the bfloat16 dot_gemm (with its prefetch of the next block of W; without it, oneDNN won
+// from ~32 rows, and the split was at 16). Below 16 rows oneDNN also leaves the second thread idle, and a parallel
+// region right after it waits for that thread to wake.
+constexpr int64_t DOT_BF16_BELOW = 128;
 
 // Rows from which float32 takes oneDNN's linear (mkldnn::_linear_pointwise with the plain weight, reordered by oneDNN
 // on each call - no packed copy kept) instead of dot_gemm: on the 2-core Zen 5 VM, the default base's four linear
@@ -1029,29 +1043,58 @@ torch::Tensor add_rms_norm_(torch::Tensor h, torch::Tensor delta, torch::Tensor 
 // x = x * cos + roll(x, Dh / 2) * sin_signed, with cos / sin_signed
 // [rows, Dh] (sin_signed: sin with its first half negated), each product and the sum rounded to x's dtype as HF's
 // apply_rotary_pos_emb does. Both halves of a pair are read before either is written.
+// The value x rounds to in T, as a float: bfloat16 round to nearest even in bit operations (NaN kept), which the
+// compiler vectorises; float32 x itself.
+template <typename T> inline float round_to(float x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    b = (b & 0x7FFFFFFFu) > 0x7F800000u ? b : (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+    float r;
+    std::memcpy(&r, &b, 4);
+    return r;
+  }
+}
+template <typename T> inline void to_floats(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) std::memcpy(dst, src, n * sizeof(float));
+  else widen(reinterpret_cast<const uint16_t*>(src), dst, n);
+}
+template <typename T> inline void from_floats(const float* src, T* dst, int64_t n) {  // src values already exact in T
+  if constexpr (std::is_same_v<T, float>) std::memcpy(dst, src, n * sizeof(float));
+  else for (int64_t i = 0; i < n; ++i) { uint32_t b; std::memcpy(&b, src + i, 4); dst[i].x = static_cast<uint16_t>(b >> 16); }
+}
+
+constexpr int64_t ROTARY_MAX_DH = 512;
+
 template <typename T>
 void rotary_rows(T* x, int64_t row_stride, const T* cs, const T* sn, int64_t rows, int64_t heads, int64_t Dh) {
   const int64_t half = Dh / 2;
   at::parallel_for(0, rows, ROW_GRAIN, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
+    // float copies of a row's cos / sin and of one head, so the arithmetic runs on plain float arrays (vectorised)
+    alignas(64) float c[ROTARY_MAX_DH], sg[ROTARY_MAX_DH], v[ROTARY_MAX_DH], o[ROTARY_MAX_DH];
+    for (int64_t i = i0; i < i1; ++i) {
+      to_floats(cs + i * Dh, c, Dh);
+      to_floats(sn + i * Dh, sg, Dh);
       for (int64_t hd = 0; hd < heads; ++hd) {
-        T* v = x + i * row_stride + hd * Dh;
-        const T* c = cs + i * Dh;
-        const T* sgn = sn + i * Dh;
+        T* x_h = x + i * row_stride + hd * Dh;
+        to_floats(x_h, v, Dh);
         for (int64_t d = 0; d < half; ++d) {
-          const float a = to_f(v[d]), b = to_f(v[d + half]);
-          const T lo = from_f<T>(to_f(from_f<T>(a * to_f(c[d]))) + to_f(from_f<T>(b * to_f(sgn[d]))));
-          const T hi = from_f<T>(to_f(from_f<T>(b * to_f(c[d + half]))) + to_f(from_f<T>(a * to_f(sgn[d + half]))));
-          v[d] = lo;
-          v[d + half] = hi;
+          const float a = v[d], b = v[d + half];
+          o[d] = round_to<T>(round_to<T>(a * c[d]) + round_to<T>(b * sg[d]));
+          o[d + half] = round_to<T>(round_to<T>(b * c[d + half]) + round_to<T>(a * sg[d + half]));
         }
+        from_floats(o, x_h, Dh);
       }
+    }
   });
 }
 
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin_signed) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(2) % 2 == 0 && x.stride(2) == 1 && x.stride(1) == x.size(2) &&
               x.stride(0) >= x.size(1) * x.size(2), "x must be [rows, heads, Dh] with heads Dh apart and Dh even");
+  TORCH_CHECK(x.size(2) <= ROTARY_MAX_DH, "rotary_: head dim above 512");
   TORCH_CHECK(cos.is_contiguous() && sin_signed.is_contiguous() && cos.dim() == 2 && cos.size(0) == x.size(0) &&
               cos.size(1) == x.size(2) && sin_signed.sizes() == cos.sizes() && cos.scalar_type() == x.scalar_type() &&
               sin_signed.scalar_type() == x.scalar_type(), "cos, sin_signed must be contiguous [rows, Dh] of x's dtype");
@@ -1169,7 +1212,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v20_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v25_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

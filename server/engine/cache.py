@@ -40,7 +40,8 @@ class SlotKVCache(Cache):
         self._write_index = (torch.arange(b, device=positions.device)[:, None].expand(b, q), positions)
         self._span = span
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
+        # transformers' attention modules pass cache_kwargs (before 5.24) or kwargs= (5.24 on): neither is used here
         K, V = self.k[layer_idx], self.v[layer_idx]
         k, v = K[self._rows], V[self._rows]
         key_states, value_states = key_states.to(K.dtype), value_states.to(V.dtype)

@@ -9,6 +9,7 @@ any other model runs HF's modules. No Python loop over tokens or requests happen
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -36,6 +37,10 @@ class ModelRunner:
         self.cache = SlotKVCache(cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, head_dim, max_chunk,
                                  self.dtype, self.device)
         self.stacked: dict[str, StackedLinear] = {}
+        # the decoder stack's cache argument: ``cache`` since transformers 5.24, ``past_key_values`` before (5.24 still
+        # takes it, with a deprecation warning on every call until 5.40)
+        params = inspect.signature(type(model.model).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.last_trace: list | None = None
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
@@ -103,7 +108,7 @@ class ModelRunner:
                 hidden = self.lean(tokens, positions, mask, self.cache, lens=starts + 1 if decode else None, rows=rows)
             else:
                 hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                          past_key_values=self.cache, use_cache=True).last_hidden_state
+                                          use_cache=True, **{self._cache_arg: self.cache}).last_hidden_state
         finally:
             set_context(None)
         if rows is None:
