@@ -693,10 +693,13 @@ inline vf vexp(vf x) {
 }
 
 // Lane l of the result = the sum of a[REV4[l]]'s lanes, by a pairwise tree of shuffles (16 dots for ~30 operations
-// instead of 16 horizontal sums); the same order on every call.
+// instead of 16 horizontal sums); the same order on every call. (The shuffle tree is GCC's vector extension; with
+// clang, sixteen hsums. Until 2026-12 the test here also read "|| L != 16", which the preprocessor evaluates with
+// L = 0 - L is a C++ constant, not a macro - so every build took the scalar sums: the decode attention ran ~2x slower.)
 constexpr int REV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+static_assert(L == 16, "reduce16's shuffles are written for 16 lanes");
 inline vf reduce16(const vf* a) {
-#if defined(__clang__) || L != 16
+#if defined(__clang__)
   vf out;
   for (int l = 0; l < L; ++l) out[l] = hsum(a[REV4[l]]);
   return out;
@@ -1212,7 +1215,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v25_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v26_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
