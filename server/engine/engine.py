@@ -28,7 +28,7 @@ from remix.kernels import tune_cpu_allocator
 from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample, token_logprobs
-from server.engine.sequence import Event, GenerationRequest, Sequence, Status, update_text
+from server.engine.sequence import Event, GenerationRequest, Sequence, Status, decoder, update_text
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Engine:
         tune_cpu_allocator()
         self.config = cfg = config or EngineConfig()
         self.tokenizer = tokenizer
+        self._decode = decoder(tokenizer)  # ids -> text, for each new token (incremental detokenization)
         mc = model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         dtype = next(model.parameters()).dtype
@@ -363,7 +364,7 @@ class Engine:
         for i, s in enumerate(seqs):
             token = int(tokens[i])
             s.output_ids.append(token)
-            text, finished = update_text(s, self.tokenizer, self.eos_ids, self.config.max_model_len)
+            text, finished = update_text(s, self._decode, self.eos_ids, self.config.max_model_len)
             lp = []
             if lps is not None and want_lp[i]:
                 chosen, alts = lps[i]

@@ -62,7 +62,9 @@ class Sequence:
     slot: int = -1
     status: Status = Status.PREFILL
     emitted_chars: int = 0
-    text: str = ""
+    text: str = ""  # the output decoded so far (up to read_offset; at the end, all of it)
+    prefix_offset: int = 0  # incremental detokenization: output_ids[prefix_offset:read_offset] decoded to text's end
+    read_offset: int = 0
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     routing_counts: dict | None = None
@@ -83,11 +85,40 @@ class Sequence:
         return self.output_ids[-1]
 
 
-def update_text(seq: Sequence, tokenizer, eos_ids: set[int], max_len: int) -> tuple[str, bool]:
-    """After a new token: refresh the decoded text, apply stop conditions; return (new text to emit, finished).
+def decoder(tokenizer) -> Callable[[list[int]], str]:
+    """ids -> text as ``tokenizer.decode(ids, skip_special_tokens=True)`` returns it, called on every new token of every
+    sequence. A fast (Rust) tokenizer without clean-up decodes through its backend directly: transformers' decode
+    converts every id through ``to_py_obj`` first (~25 us a call at 16 ids, 0.3 ms at 4000)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _decode_more(seq: Sequence, decode: Callable[[list[int]], str], ids: list[int], final: bool) -> None:
+    """Append the text of ids[read_offset:] to seq.text, decoding a short window, not the whole output (vLLM's and
+    TGI's incremental detokenization): the window starts one emission back (prefix_offset), so a tokenizer that drops a
+    leading space of the first token (SentencePiece) or merges across tokens decodes the prefix and the window alike
+    and their difference is the new text. Text ending in an incomplete UTF-8 character waits for the next token
+    (unless ``final``)."""
+    if seq.read_offset >= len(ids):
+        return
+    prefix = decode(ids[seq.prefix_offset : seq.read_offset]) if seq.read_offset > seq.prefix_offset else ""
+    window = decode(ids[seq.prefix_offset :])
+    if len(window) > len(prefix) and (final or not window.endswith("\ufffd")):
+        seq.text += window[len(prefix) :]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+
+
+def update_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: set[int], max_len: int) -> tuple[str, bool]:
+    """After a new token: extend the decoded text, apply stop conditions; return (new text to emit, finished).
+    ``decode``: :func:`decoder` of the tokenizer.
 
     Text that could still become a stop string, or ends in an incomplete UTF-8 character, is held back
-    until it is decided, so a stream never emits what the final text will not contain.
+    until it is decided, so a stream never emits what the final text will not contain. Each call decodes a window
+    of the last few tokens, not the whole output (which made a step's cost grow with the output's length: 32
+    sequences of 4000 tokens spent ~24 ms a step re-decoding); the text is the same as decoding everything at once
+    wherever the tokenizer decodes a concatenation of tokens as the concatenation of their texts.
     """
     p = seq.params
     token = seq.output_ids[-1]
@@ -96,22 +127,22 @@ def update_text(seq: Sequence, tokenizer, eos_ids: set[int], max_len: int) -> tu
     elif token in p.stop_token_ids:
         seq.finish_reason = "stop"
     ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    if seq.finish_reason is None and p.stop:
+    if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens or seq.length >= max_len):
+        seq.finish_reason = "length"
+    _decode_more(seq, decode, ids, final=seq.finish_reason is not None)
+    text = seq.text
+    if p.stop:
         start = max(0, seq.emitted_chars - max(len(s) for s in p.stop))
         hits = [(text.find(s, start), s) for s in p.stop if s]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
-            text = text[: min(hits)[0]]
+            text = seq.text = text[: min(hits)[0]]
             seq.finish_reason = "stop"
-    if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens or seq.length >= max_len):
-        seq.finish_reason = "length"
-    seq.text = text
     finished = seq.finish_reason is not None
     end = len(text)
     if not finished:
         while end > seq.emitted_chars and text[end - 1] == "\ufffd":
-            end -= 1  # an incomplete multi-byte character: wait for the rest
+            end -= 1  # an invalid byte decoded as a replacement character (an incomplete one waits in _decode_more)
         if p.stop:
             hold = max(len(s) for s in p.stop) - 1
             for h in range(min(hold, end - seq.emitted_chars), 0, -1):
