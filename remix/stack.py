@@ -320,18 +320,28 @@ class StackedLinear(torch.nn.Module):
         self._bound: tuple = (None, (None, None, None), None)  # (stack.cpu, cpu_ext.base_key(base), compiled call) as last bound
         self.in_features, self.out_features = base.in_features, base.out_features
 
+    def bound_call(self):
+        """The compiled whole-module call (``cpu_ext.bind_module``) for this layer's base and CPU pool stack, bound
+        again when either changed; None where it cannot stand in (no CPU stack, hooks on the base, the compiled path
+        disabled or unavailable)."""
+        cpu = self.stack.cpu
+        if cpu is None:
+            return None
+        base = self._modules["base"]
+        stack_of, key, call = self._bound
+        if stack_of is not cpu or not cpu_ext.bound_applies(base, key):
+            if not cpu_ext.bound_applies(base, cpu_ext.base_key(base)):
+                return None  # hooks on the base, or disabled: the base runs as a module
+            # a new stack (adapter loaded / unloaded) or new base tensors: bind again
+            call = cpu_ext.bind_module(base, cpu.router, cpu.a, cpu.bt, cpu.tables, cpu.r, cpu.kmax)
+            self.__dict__["_bound"] = (cpu, cpu_ext.base_key(base), call)
+        return call
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         cpu = self.stack.cpu
         if ctx is not None and cpu is not None:
-            base = self._modules["base"]
-            stack_of, key, call = self._bound
-            if stack_of is not cpu or not cpu_ext.bound_applies(base, key):
-                if not cpu_ext.bound_applies(base, cpu_ext.base_key(base)):
-                    call = None  # hooks on the base, or disabled: the base runs as a module below
-                else:  # a new stack (adapter loaded / unloaded) or new base tensors: bind again
-                    call = cpu_ext.bind_module(base, cpu.router, cpu.a, cpu.bt, cpu.tables, cpu.r, cpu.kmax)
-                    self.__dict__["_bound"] = (cpu, cpu_ext.base_key(base), call)
+            call = self.bound_call()
             if call is not None:
                 # base GEMM, routing and gather in one crossing into C++ (None: it does not apply, e.g. not a CPU tensor)
                 out = call.routed(x, ctx.slots, cpu.counts if ctx.count else cpu_ext.NONE)

@@ -275,3 +275,51 @@ def test_prefill_of_uneven_chunks_runs_on_its_real_tokens_only(tmp_path, monkeyp
         assert {k: v[:2] for k, v in got.items()} == {k: v[:2] for k, v in want.items()}
     else:
         assert_close_runs({k: v[:2] for k, v in got.items()}, {k: v[:2] for k, v in want.items()}, dtype)
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("qwen2", torch.float32), ("llama", torch.bfloat16)])
+def test_compiled_decode_stack_is_bit_identical_to_the_python_loop(tmp_path, monkeypatch, arch, dtype):
+    """Decode steps through ``DecodeStack`` (every decoder layer in one C++ call) give exactly what the lean forward's
+    Python loop gives - the same kernels in the same order: tokens, log-probabilities and every LoRA's selection
+    count, with a ReMix adapter on the FFN, another on o_proj and down_proj, and the bare base in one batch. A q/v
+    adapter (q/k/v no longer one GEMM) or a routing trace sends the step through the Python loop instead."""
+    from remix.kernels import cpu_ext
+
+    if cpu_ext.load() is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    model, tok = tiny(arch, 2)
+    paths = {}
+    for i, targets in enumerate([None, ["o_proj", "down_proj"]]):
+        layers = remix.inject(model, remix.MixtureConfig(n=4, k=2, r=4, **({"targets": targets} if targets else {})))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
+                layer.router.copy_(torch.randn(layer.router.shape, generator=g))
+        remix.save_adapter(model, tmp_path / f"a{i}")
+        remix.unwrap(model)
+        paths[f"a{i}"] = str(tmp_path / f"a{i}")
+    model.to(dtype)
+    stacked, loop = engines_for(model, tok, paths, decoders=("lean", "lean"))
+    loop.runner.lean.stack_enabled = False
+    used = []
+    build = LeanForward._decode_stack
+    monkeypatch.setattr(LeanForward, "_decode_stack", lambda self, ext: used.append(build(self, ext)) or used[-1])
+    got = run_all(stacked, requests_for(tok, [None, "a0", "a1", "a0"]))
+    assert len(used) >= 20 and all(s is not None for s in used)
+    assert len({id(s) for s in used}) == 1  # built once, reused by every decode step
+    want = run_all(loop, requests_for(tok, [None, "a0", "a1", "a0"]))
+    assert got == want and all(len(toks) == 24 for toks, _ in got.values())
+    for name, layer in stacked.runner.stacked.items():
+        assert torch.equal(layer.stack.counts, loop.runner.stacked[name].stack.counts), name
+    # a routing trace, then an adapter on q and v: the Python loop
+    used.clear()
+    traced = requests_for(tok, [None, "a0"])
+    for r in traced:
+        r.trace = True
+    run_all(stacked, traced)
+    assert used and all(s is None for s in used)
+    stacked.load_adapter("qv", two_adapters(model.float(), tmp_path / "qv")["a1"])
+    used.clear()
+    run_all(stacked, requests_for(tok, [None, "a0"]))
+    assert used and all(s is None for s in used)

@@ -54,6 +54,11 @@ class SlotKVCache(Cache):
             v.transpose(1, 2).index_put_(self._write_index, value_states.transpose(1, 2))
         return k[:, :, : self._span], v[:, :, : self._span]
 
+    def decode_args(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int, torch.Tensor]:
+        """Every layer's whole K and V, the first slot and the write positions [b, q] of the prepared forward: what the
+        compiled decode stack (``DecodeStack.run``) writes and reads, as :meth:`update` and :meth:`storage` give them."""
+        return self.k, self.v, self._rows.start, self._write_index[1]
+
     def storage(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Layer ``layer_idx``'s whole K and V [S, H, P + spare, Dh] and the first slot of the prepared forward."""
         return self.k[layer_idx], self.v[layer_idx], self._rows.start

@@ -44,11 +44,14 @@ projection wrapped by an adapter makes the runner (or that layer) take the HF mo
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from remix.kernels import cpu_ext
+from remix.stack import StackedLinear, get_context
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 # transformers packs a single query's GQA heads for SDPA (pack_gqa) since 5.2x; earlier 5.x versions repeat K/V for every
@@ -59,7 +62,8 @@ try:
     HF_PACKS_GQA = hasattr(_hf_sdpa, "pack_gqa")
 except ImportError:  # pragma: no cover
     HF_PACKS_GQA = False
-DECODERS = ("lean", "exact", "hf")  # lean: this forward + the compiled ops; exact: ATen's ops and SDPA only; hf: HF's modules
+DECODERS = ("lean", "exact", "hf")
+  # lean: this forward + the compiled ops; exact: ATen's ops and SDPA only; hf: HF's modules
 
 
 def unsupported_reason(model: nn.Module, max_len: int) -> str | None:
@@ -98,12 +102,14 @@ class LeanForward:
         self.model, self.inner = model, model.model
         inner = self.inner
         self.compiled = compiled
+        self.stack_enabled = True  # decode steps through the compiled DecodeStack where it applies (tests compare both)
         cfg = model.config
         self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.Dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
         # one [q; k; v] GEMM per layer (lean), or HF's three (exact: bit-identity must not depend on the BLAS)
         self.qkv: list[tuple | None] = [self._fuse(layer.self_attn) if compiled else None for layer in inner.layers]
         self._hookable = list(inner.modules())  # the modules whose hooks this forward would skip
+        self._stack: tuple = ((), None)  # (the objects it was built from, the compiled DecodeStack or None)
 
     @staticmethod
     def _fuse(at: nn.Module) -> tuple | None:
@@ -153,6 +159,57 @@ class LeanForward:
     def head(self, last: torch.Tensor) -> torch.Tensor:
         """The LM head over the last hidden states [b, D] (the compiled GEMM where it applies, as in the layers)."""
         return self._linear(self.model.lm_head, last, cpu_ext.for_input(last) if self.compiled else None)
+
+    def _decode_stack(self, ext):
+        """The compiled decode stack (``ext.DecodeStack``: all decoder layers of a decode step in one call, the same
+        kernels in the same order as the loop in :meth:`__call__`) for the modules as they are now, or None where a
+        layer does not fit it: a q/k/v projection wrapped or replaced, a projection that is neither a plain linear nor a
+        ReMix layer with a compiled call, other attention scalings, or a step that keeps a routing trace. Every step
+        lists the objects it is built from (weights, norms, the ReMix layers' bound calls and counters) and rebuilds it
+        when any is not the one it was built from: ~0.1 ms a step, by dict lookups rather than module attributes."""
+        ctx = get_context()
+        if ctx is None or ctx.trace is not None:
+            return None
+        key, kinds = [], []
+        for layer in self.inner.layers:
+            lm = layer._modules
+            am, mm = lm["self_attn"]._modules, lm["mlp"]._modules
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                norm = lm[n]
+                key += (norm._parameters["weight"], norm.variance_epsilon)
+            for n in ("q_proj", "k_proj", "v_proj"):
+                m = am[n]
+                if type(m) is not nn.Linear:
+                    return None
+                key.append(m._parameters["weight"])
+            for m in (am["o_proj"], mm["gate_proj"], mm["up_proj"], mm["down_proj"]):
+                if type(m) is nn.Linear:
+                    key += (m._parameters["weight"], m._parameters["bias"])
+                elif type(m) is StackedLinear and (call := m.bound_call()) is not None:
+                    key += (call, m.stack.cpu.counts if ctx.count else cpu_ext.NONE)
+                else:
+                    return None
+        old_key, stack = self._stack
+        if len(key) != len(old_key) or not all(map(operator.is_, key, old_key)):
+            stack = self._build_stack(ext, key)
+            self._stack = (key, stack)
+        return stack
+
+    def _build_stack(self, ext, key: list):
+        """A DecodeStack from :meth:`_decode_stack`'s key (per layer: two norms, q/k/v weights, four projections), or
+        None where the fused q/k/v weight no longer backs the projections or the layers' attention scalings differ."""
+        layers, k = [], 0
+        for i, layer in enumerate(self.inner.layers):
+            fused = self.qkv[i]
+            n1w, n1e, n2w, n2e, wq, wk, wv = key[k : k + 7]
+            projs = [tuple(key[k + 7 + 2 * j : k + 9 + 2 * j]) for j in range(4)]
+            k += 15
+            if fused is None or any(a is not b for a, b in zip((wq, wk, wv), fused[2])):
+                return None
+            if layer.self_attn.scaling != self.inner.layers[0].self_attn.scaling:
+                return None
+            layers.append((n1w, float(n1e), n2w, float(n2e), fused[0], fused[1], *projs))
+        return ext.DecodeStack(layers, self.H, self.Hkv, self.Dh, float(self.inner.layers[0].self_attn.scaling))
 
     @staticmethod
     def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # LlamaRMSNorm.forward, op for op
@@ -216,6 +273,13 @@ class LeanForward:
             pending = None
             return out
 
+        stack = self._decode_stack(ext) if ext is not None and rows is None and self.stack_enabled else None
+        if stack is not None:  # every decoder layer in one call (None back: a ReMix call does not apply to h)
+            K, V, row0, pos = cache.decode_args()
+            out = stack.run(h, cos, sin, K, V, row0, pos, lens, get_context().slots)
+            if out is not None:
+                h, pending = out
+                return norm(inner.norm)
         for i, layer in enumerate(inner.layers):
             at, mlp = layer.self_attn, layer.mlp
             x = norm(layer.input_layernorm)
