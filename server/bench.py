@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
             print(f"c={c:<3} {'hf_loop':18s} {tokens / wall:8.1f} tok/s", flush=True)
         del plain
         # the floor is the faster of ATen's GEMMs (what HF runs) and the compiled kernels' GEMM (what the engine runs
-        # on CPU: their own float32 kernel, oneDNN from 256 rows; bfloat16 their own below 16 rows, else ATen's): a
+        # on CPU: their own float32 kernel, oneDNN from 256 rows; bfloat16 their own below 128 rows, else ATen's): a
         # step cannot beat the weight GEMMs of the best GEMM this machine has
         row["gemm_floor_aten_ms"] = 1000 * gemm_floor(engine.runner.model, c)
         floors = [row["gemm_floor_aten_ms"]]

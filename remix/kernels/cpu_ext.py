@@ -9,16 +9,17 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     gather_(x, y, a, bt, idx, w)   the kernel contract with given ids and weights (-1 = none)
     ModuleCall(...)            the whole module with its arguments bound once (see :func:`bind_module`): the base
                                GEMM and route_gather_ into its output in one parallel region (float32 below 256
-                               rows, bfloat16 below 16; above, oneDNN's GEMM first); call(x) -> (y, idx), or None
+                               rows, bfloat16 below 128; above, oneDNN's GEMM first); call(x) -> (y, idx), or None
                                when it does not apply
                                (autograd, changed weights, not a CPU float tensor)
     linear(x, w, bias)         that base GEMM alone, each thread on its own slice of the outputs: with AVX-512 a
                                dot-product kernel (a row's outputs bit-identical in any batch; ~2x ATen's MKL GEMM
                                at small batches on the AMD machine measured; oneDNN from 256 rows), else MKL;
-                               bfloat16 its own kernel below 16 rows (AVX512-BF16), else ATen's
+                               bfloat16 its own kernel below 128 rows (AVX512-BF16), else ATen's
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
     decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
+    DecodeStack(layers, ...).run(h, ...)   every decoder layer of a decode step in one call (those ops in order)
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
 rows of B held in registers while its tokens' y are updated), with explicit SIMD (GCC/Clang vector types)
@@ -1403,7 +1404,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` with the compiled kernels' base GEMM where it applies (CPU float32 or bfloat16, contiguous weight, no
     autograd): each thread its own slice of the outputs, with AVX-512 by the dot-product kernel (see BaseGemm in the
     source: the default base's float32 linears at batch 1 / 32 in 0.39 / 0.52 of ATen's time on the AMD Zen 5 VM,
-    a row's outputs the same in any batch - :func:`dot_gemm` says which), else MKL; bfloat16 below 16 rows with
+    a row's outputs the same in any batch - :func:`dot_gemm` says which), else MKL; bfloat16 below 128 rows with
     AVX512-BF16 (1.7x oneDNN's GEMV at one row), else ATen's; elsewhere plain ``F.linear``. The kernel bench times
     both (base / base_aten) and measures the ReMix module against the faster."""
     ext = for_input(x)
