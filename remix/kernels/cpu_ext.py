@@ -1176,6 +1176,10 @@ struct DecodeStack {
         if (p->call && !p->call->applies(h)) return pybind11::none();
     const int64_t b = h.size(0);
     torch::Tensor pending = torch::empty({0}, h.options());
+    // without the GIL (nothing below touches Python): a step holds it ~25-80 ms here, and the server's HTTP threads
+    // (streaming, /metrics, new requests) must not wait a whole step for it, as they did not between the Python loop's ops
+    {
+    pybind11::gil_scoped_release nogil;
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& L = layers[i];
       auto x = add_rms_norm_(h, pending, L.in_w, L.in_eps);
@@ -1191,6 +1195,7 @@ struct DecodeStack {
       at::silu_(act).mul_(L.up(x, slots));
       pending = L.down(act, slots);
     }
+    }  // the GIL again
     return pybind11::cast(std::make_tuple(h, pending));
   }
 };
@@ -1316,7 +1321,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v28_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v29_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

@@ -39,8 +39,9 @@ class ModelRunner:
         self.stacked: dict[str, StackedLinear] = {}
         # the decoder stack's cache argument: ``cache`` since transformers 5.24, ``past_key_values`` before (5.24 still
         # takes it, with a deprecation warning on every call until 5.40)
-        params = inspect.signature(type(model.model).forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        inner = getattr(model, "model", None)
+        self._cache_arg = "cache" if inner is not None and "cache" in inspect.signature(type(inner).forward).parameters \
+            else "past_key_values"
         self.last_trace: list | None = None
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
