@@ -76,8 +76,13 @@ def requests_for(tok, adapters):
 
 def two_adapters(model, tmp_path) -> dict[str, str]:
     """Random adapters: a0 on the FFN (the default targets), a1 on q, v, o and down (so q/k/v cannot be fused)."""
+    return random_adapters(model, tmp_path, [None, ["q_proj", "v_proj", "o_proj", "down_proj"]])
+
+
+def random_adapters(model, tmp_path, target_lists) -> dict[str, str]:
+    """Adapter a<i> on target_lists[i] (None: the default targets), with random B and routers, written to tmp_path."""
     paths = {}
-    for i, targets in enumerate([None, ["q_proj", "v_proj", "o_proj", "down_proj"]]):
+    for i, targets in enumerate(target_lists):
         cfg = remix.MixtureConfig(n=4, k=2, r=4, **({"targets": targets} if targets else {}))
         layers = remix.inject(model, cfg)
         g = torch.Generator().manual_seed(i)
@@ -288,17 +293,7 @@ def test_compiled_decode_stack_is_bit_identical_to_the_python_loop(tmp_path, mon
     if cpu_ext.load() is None:
         pytest.skip("the compiled CPU kernels are not built here")
     model, tok = tiny(arch, 2)
-    paths = {}
-    for i, targets in enumerate([None, ["o_proj", "down_proj"]]):
-        layers = remix.inject(model, remix.MixtureConfig(n=4, k=2, r=4, **({"targets": targets} if targets else {})))
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for layer in layers.values():
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
-                layer.router.copy_(torch.randn(layer.router.shape, generator=g))
-        remix.save_adapter(model, tmp_path / f"a{i}")
-        remix.unwrap(model)
-        paths[f"a{i}"] = str(tmp_path / f"a{i}")
+    paths = random_adapters(model, tmp_path, [None, ["o_proj", "down_proj"]])
     model.to(dtype)
     stacked, loop = engines_for(model, tok, paths, decoders=("lean", "lean"))
     loop.runner.lean.stack_enabled = False

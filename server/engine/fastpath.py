@@ -68,6 +68,7 @@ except ImportError:  # pragma: no cover
 DECODERS = ("lean", "exact", "hf")  # lean: this forward + the compiled ops; exact: ATen's ops and SDPA only; hf: HF's modules
 
 
+
 def unsupported_reason(model: nn.Module, max_len: int) -> str | None:
     """Why :class:`LeanForward` cannot stand in for this model's decoder stack (None: it can)."""
     cfg = model.config
@@ -111,7 +112,9 @@ class LeanForward:
         # one [q; k; v] GEMM per layer (lean), or HF's three (exact: bit-identity must not depend on the BLAS)
         self.qkv: list[tuple | None] = [self._fuse(layer.self_attn) if compiled else None for layer in inner.layers]
         self._hookable = list(inner.modules())  # the modules whose hooks this forward would skip
-        self._stack: tuple = ((), None)  # (the objects it was built from, the compiled DecodeStack or None)
+        self._stack: tuple = ((), None)  # (the objects it was built from, the compiled DecodeStack)
+        scalings = {float(layer.self_attn.scaling) for layer in inner.layers}
+        self._scaling = scalings.pop() if len(scalings) == 1 else None  # one for all layers, or no DecodeStack
 
     @staticmethod
     def _fuse(at: nn.Module) -> tuple | None:
@@ -140,14 +143,24 @@ class LeanForward:
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self._hookable)
 
-    def _qkv(self, i: int, at: nn.Module, x: torch.Tensor, lean) -> torch.Tensor:
+    def _fused_qkv(self, i: int, at: nn.Module) -> tuple | None:
+        """Layer i's one [q; k; v] (weight, bias) while the three projections are still the plain linears whose weights
+        are its views, else None (a projection was wrapped or replaced: they run as modules)."""
         fused = self.qkv[i]
+        if fused is None:
+            return None
+        am = at._modules
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), fused[2]):
+            p = am[name]
+            if type(p) is not nn.Linear or p._parameters["weight"] is not w:
+                return None
+        return fused[0], fused[1]
+
+    def _qkv(self, i: int, at: nn.Module, x: torch.Tensor, lean) -> torch.Tensor:
+        fused = self._fused_qkv(i, at)
         if fused is not None:
-            w, b, params = fused
-            projs = (at.q_proj, at.k_proj, at.v_proj)
-            if all(type(p) is nn.Linear and p.weight is w_i for p, w_i in zip(projs, params)):
-                return self._gemm(x, w, b, lean)
-        return torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)  # a projection was wrapped or replaced
+            return self._gemm(x, *fused, lean)
+        return torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)
 
     @staticmethod
     def _gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lean) -> torch.Tensor:
@@ -165,25 +178,23 @@ class LeanForward:
     def _decode_stack(self, ext):
         """The compiled decode stack (``ext.DecodeStack``: all decoder layers of a decode step in one call, the same
         kernels in the same order as the loop in :meth:`__call__`) for the modules as they are now, or None where a
-        layer does not fit it: a q/k/v projection wrapped or replaced, a projection that is neither a plain linear nor a
-        ReMix layer with a compiled call, other attention scalings, or a step that keeps a routing trace. Every step
-        lists the objects it is built from (weights, norms, the ReMix layers' bound calls and counters) and rebuilds it
-        when any is not the one it was built from: ~0.15 ms a step, by dict lookups rather than module attributes."""
+        layer does not fit it: q/k/v not one GEMM (:meth:`_fused_qkv`), a projection that is neither a plain linear nor
+        a ReMix layer with a compiled call, other attention scalings, or a step that keeps a routing trace. Every step
+        lists the objects the stack is built from (norms, the q/k/v weight, plain weights or the ReMix
+        layers' bound calls and counters) and rebuilds it when any is not the one it was built from: ~0.15 ms a step,
+        by dict lookups rather than module attributes."""
         ctx = get_context()
-        if ctx is None or ctx.trace is not None:
+        if ctx is None or ctx.trace is not None or self._scaling is None:
             return None
-        key = []
-        for layer in self.inner.layers:
+        key = []  # per layer: 2 norms (weight, eps), the q/k/v (weight, bias), 4 projections (weight, bias | call, counts)
+        for i, layer in enumerate(self.inner.layers):
             lm = layer._modules
             am, mm = lm["self_attn"]._modules, lm["mlp"]._modules
-            for n in ("input_layernorm", "post_attention_layernorm"):
-                norm = lm[n]
-                key += (norm._parameters["weight"], norm.variance_epsilon)
-            for n in ("q_proj", "k_proj", "v_proj"):
-                m = am[n]
-                if type(m) is not nn.Linear:
-                    return None
-                key.append(m._parameters["weight"])
+            n1, n2 = lm["input_layernorm"], lm["post_attention_layernorm"]
+            fused = self._fused_qkv(i, lm["self_attn"])
+            if fused is None:
+                return None
+            key += (n1._parameters["weight"], n1.variance_epsilon, n2._parameters["weight"], n2.variance_epsilon, *fused)
             for m in (am["o_proj"], mm["gate_proj"], mm["up_proj"], mm["down_proj"]):
                 if type(m) is nn.Linear:
                     key += (m._parameters["weight"], m._parameters["bias"])
@@ -193,25 +204,12 @@ class LeanForward:
                     return None
         old_key, stack = self._stack
         if len(key) != len(old_key) or not all(map(operator.is_, key, old_key)):
-            stack = self._build_stack(ext, key)
+            n = len(key) // len(self.inner.layers)  # 14
+            layers = [(c[0], float(c[1]), c[2], float(c[3]), c[4], c[5], *zip(c[6::2], c[7::2]))
+                      for c in (key[i : i + n] for i in range(0, len(key), n))]
+            stack = ext.DecodeStack(layers, self.H, self.Hkv, self.Dh, self._scaling)
             self._stack = (key, stack)
         return stack
-
-    def _build_stack(self, ext, key: list):
-        """A DecodeStack from :meth:`_decode_stack`'s key (per layer: two norms, q/k/v weights, four projections), or
-        None where the fused q/k/v weight no longer backs the projections or the layers' attention scalings differ."""
-        layers, k = [], 0
-        for i, layer in enumerate(self.inner.layers):
-            fused = self.qkv[i]
-            n1w, n1e, n2w, n2e, wq, wk, wv = key[k : k + 7]
-            projs = [tuple(key[k + 7 + 2 * j : k + 9 + 2 * j]) for j in range(4)]
-            k += 15
-            if fused is None or any(a is not b for a, b in zip((wq, wk, wv), fused[2])):
-                return None
-            if layer.self_attn.scaling != self.inner.layers[0].self_attn.scaling:
-                return None
-            layers.append((n1w, float(n1e), n2w, float(n2e), fused[0], fused[1], *projs))
-        return ext.DecodeStack(layers, self.H, self.Hkv, self.Dh, float(self.inner.layers[0].self_attn.scaling))
 
     @staticmethod
     def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # LlamaRMSNorm.forward, op for op

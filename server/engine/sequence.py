@@ -140,15 +140,12 @@ def update_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: set[
             seq.finish_reason = "stop"
     finished = seq.finish_reason is not None
     end = len(text)
-    if not finished:
-        while end > seq.emitted_chars and text[end - 1] == "\ufffd":
-            end -= 1  # an invalid byte decoded as a replacement character (an incomplete one waits in _decode_more)
-        if p.stop:
-            hold = max(len(s) for s in p.stop) - 1
-            for h in range(min(hold, end - seq.emitted_chars), 0, -1):
-                if any(s.startswith(text[end - h : end]) for s in p.stop):
-                    end -= h
-                    break
+    if not finished and p.stop:  # (an incomplete UTF-8 character at the end never reached text: see _decode_more)
+        hold = max(len(s) for s in p.stop) - 1
+        for h in range(min(hold, end - seq.emitted_chars), 0, -1):
+            if any(s.startswith(text[end - h : end]) for s in p.stop):
+                end -= h
+                break
     new = text[seq.emitted_chars : end] if end > seq.emitted_chars else ""
     seq.emitted_chars = max(seq.emitted_chars, end)
     return new, finished
