@@ -55,6 +55,7 @@ SOURCE = r"""
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -353,7 +354,7 @@ inline void hsum_many(const vf* v, int64_t n, float* out) {
 // the block shape, so a row of X gets bit-identical outputs alone or in any batch, and from any thread split.
 // pf: npf rows of the next block of W (pstride elements apart) that this tile prefetches, one cache line of each per
 // step of L over D (a step reads 64 bytes of a row): see dot_gemm.
-template <int GO, int RT>
+template <int GO, int RT, int PFL>
 inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, float* Y, int64_t ldy, const float* bias,
                      const float* pf, int64_t npf, int64_t pstride) {
   const float* a[GO];
@@ -362,7 +363,7 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
   for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) acc[q][c] = vf{};
   int64_t d = 0;
   for (; d + L <= D; d += L) {
-    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * pstride + d, 0, 3);
+    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * pstride + d, 0, PFL);
     vf av[GO];
     for (int c = 0; c < GO; ++c) av[c] = load(a[c] + d);
     for (int q = 0; q < RT; ++q) {
@@ -384,7 +385,7 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
 // dot_tile for bfloat16 X, W, Y and bias with AVX512-BF16: vdpbf16ps adds two products of bfloat16 pairs into each float32
 // lane (lane l holds d = 32 i + 2 l, 2 l + 1), the D tail a zero-masked load (zeros add nothing); then hsum, the bias
 // (widened), one rounding to bfloat16. One order per output, as dot_tile.
-template <int GO, int RT>
+template <int GO, int RT, int PFL>
 inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw, uint16_t* Y, int64_t ldy,
                      const uint16_t* bias, const uint16_t* pf, int64_t npf, int64_t pstride) {
   const uint16_t* a[GO];
@@ -393,7 +394,7 @@ inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw
   for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) acc[q][c] = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 2 * L <= D; d += 2 * L) {
-    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * pstride + d, 0, 3);
+    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * pstride + d, 0, PFL);
     __m512bh av[GO];
     for (int c = 0; c < GO; ++c) av[c] = (__m512bh)_mm512_loadu_si512(a[c] + d);
     for (int q = 0; q < RT; ++q) {
@@ -426,8 +427,13 @@ inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw
 // in one smaller tile. While a block is computed, its tiles prefetch the next block's rows of W (tile j rows j,
 // j + tiles, ...: each row one line per step, all rows in flight by the block's end), so a decode step's weights,
 // which come from memory, arrive while the FMAs run instead of when the next block first loads them (measured on the
-// Zen 5 VM, float32, cold weights: 32 rows 1.15-1.3x, 10 rows 1.25x faster; no change to any sum).
-template <int GO, int RT, typename E>
+// Zen 5 VM, float32, cold weights: 32 rows 1.15-1.3x, 10 rows 1.25x faster; no change to any sum). PFL is the
+// prefetch's locality hint: below 16 rows (the 6 x 3 tile: a GEMV-like pass that only streams W) into L2 (1): the
+// next block's 6 rows prefetched into L1 evicted the block being read (on a 2-core Zen 4 VM, 2026-12-02, all of the
+// default base's linears of one decode step, cold: float32 25.6 -> 20.5 ms and bfloat16 17.4 -> 10.0 ms at one row,
+// 26 / 18 GB/s -> 20-22 / 26 of the ~40 GB/s that two threads stream); from 16 rows (5 x 5, compute-bound) into L1
+// (3), as before (L2 there: 32 rows 61 -> 71 ms).
+template <int GO, int RT, int PFL, typename E>
 void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y, int64_t O, int64_t o0, int64_t o1) {
   const int64_t tiles = (T + RT - 1) / RT;
   for (int64_t o = o0; o < o1; o += GO) {
@@ -438,16 +444,16 @@ void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y,
     auto prefetches = [&](int64_t j) { return nn > j ? (nn - 1 - j) / tiles + 1 : 0; };  // rows j, j + tiles, ... < nn
     int64_t t = 0, j = 0;
     for (; t + RT <= T; t += RT, ++j)
-      dot_tile<GO, RT>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo, Wo + (GO + j) * D, prefetches(j), tiles * D);
+      dot_tile<GO, RT, PFL>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo, Wo + (GO + j) * D, prefetches(j), tiles * D);
     const E* Xt = X + t * D;
     E* Yt = Y + t * O + o;
     const E* pf = Wo + (GO + j) * D;
     const int64_t npf = prefetches(j);
     switch (T - t) {  // RT <= 5
-      case 1: dot_tile<GO, 1>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
-      case 2: if constexpr (RT > 2) dot_tile<GO, 2>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
-      case 3: if constexpr (RT > 3) dot_tile<GO, 3>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
-      case 4: if constexpr (RT > 4) dot_tile<GO, 4>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 1: dot_tile<GO, 1, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 2: if constexpr (RT > 2) dot_tile<GO, 2, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 3: if constexpr (RT > 3) dot_tile<GO, 3, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 4: if constexpr (RT > 4) dot_tile<GO, 4, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
       default: break;
     }
   }
@@ -459,8 +465,8 @@ void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void
                   int64_t o1) {
   const auto *x = static_cast<const E*>(X), *w = static_cast<const E*>(W), *b = static_cast<const E*>(bias);
   auto* y = static_cast<E*>(Y);
-  if (T < 16) return dot_gemm<6, 3>(x, T, D, w, b, y, O, o0, o1);
-  dot_gemm<5, 5>(x, T, D, w, b, y, O, o0, o1);
+  if (T < 16) return dot_gemm<6, 3, 1>(x, T, D, w, b, y, O, o0, o1);
+  dot_gemm<5, 5, 3>(x, T, D, w, b, y, O, o0, o1);
 }
 
 // The base layer's GEMM, fused into the kernel's parallel region: Y[:, o0:o1) = X W[o0:o1)^T (+ bias), each thread its
@@ -722,11 +728,14 @@ inline vf reduce16(const vf* a) {
 #endif
 }
 
+constexpr int ATTN_PFL = 1;  // locality hint of attend_group's prefetches (see there)
 constexpr int MAX_GROUP = 8;  // query heads per key/value head
 
 // The nrep query heads of one key/value head of one row: softmax(scale * q K[:len]^T) V[:len], computed in float32
 // and rounded once to T. Scores 16 positions at a time (K rows read once per block, the block's next-but-one
 // prefetched), one pass of exp over the scores, then V read once for all nrep heads. s: scratch of nrep * (len + L).
+// The prefetches go to L2 (ATTN_PFL 1): into L1 they evicted the lines in use (2-core Zen 4 VM, 30 layers x 32 rows of
+// ~190 positions, cold: float32 14.4-16.3 -> 11.9-12.7 ms, bfloat16 12.1 -> 10.9; twice as far ahead for bfloat16: 15 ms).
 template <typename T, int DH>
 void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep, float scale, T* out, float* s,
                   const T* next_k) {
@@ -739,12 +748,22 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
   for (int64_t t0 = 0; t0 < len; t0 += L) {
     const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
     for (int64_t o = 0; o < L * DH * static_cast<int64_t>(sizeof(T)); o += 64)  // K two blocks on, then V's start
-      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, 3);
+      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
     const int64_t n = std::min<int64_t>(L, len - t0);
+    // bfloat16: the block's rows widened once into kb for all nrep heads (each head widening them again cost ~10 %
+    // of a decode step's attention); float32 reads K directly. The same float values either way.
+    [[maybe_unused]] alignas(64) float kb[std::is_same_v<T, float> ? 1 : L * DH];
+    if constexpr (!std::is_same_v<T, float>)
+      for (int64_t j = 0; j < n; ++j)
+        for (int c = 0; c < NV; ++c) store(kb + j * DH + c * L, load(K + (t0 + j) * DH + c * L));
     for (int64_t r = 0; r < nrep; ++r) {
       vf a[L];
       for (int j = 0; j < L; ++j) {
-        const T* k = K + (t0 + std::min<int64_t>(REV4[j], n - 1)) * DH;  // past len: the last row again, never used
+        const int64_t row = std::min<int64_t>(REV4[j], n - 1);  // past len: the last row again, never used
+        const auto* k = [&] {
+          if constexpr (std::is_same_v<T, float>) return K + (t0 + row) * DH;
+          else return static_cast<const float*>(kb + row * DH);
+        }();
         vf acc = qv[r][0] * load(k);
         for (int c = 1; c < NV; ++c) acc += qv[r][c] * load(k + c * L);
         a[j] = acc;
@@ -769,9 +788,9 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
   for (int64_t u = 0; u < len; ++u) {
     const T* v = V + u * DH;
     for (int64_t o = 0; o < DH * static_cast<int64_t>(sizeof(T)); o += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, 3);  // may run past the tensor: no fault
+      __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor: no fault
     if (next_k && u < 2 * L * DH * static_cast<int64_t>(sizeof(T)) / 64)  // the next group's first two K blocks, a line a row
-      __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, ATTN_PFL);
     vf vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = load(v + c * L);
     for (int64_t r = 0; r < nrep; ++r) {
@@ -1321,7 +1340,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v29_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v34_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
