@@ -1,7 +1,7 @@
 """End-to-end generation benchmark: our engine against Hugging Face ``generate``, in one run.
 
     python -m server.bench --json out.json [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 128]
-                           [--dtype float32|bfloat16|auto] [--device cpu|cuda|auto]
+                           [--dtype float32|bfloat16|auto] [--device cpu|cuda|auto] [--repeats 2]
 
 On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill included) it measures:
   hf_generate        HF generate, static batch, base only (the peer everyone has)
@@ -11,8 +11,9 @@ On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill inc
   engine_4adapters   our engine, four such adapters mixed round-robin in every batch
 at each concurrency, plus the engine's median decode-step time and the time of that step's weight GEMMs alone at the
 same batch (the floor on this machine: the faster of ATen's GEMMs and, on CPU, the compiled kernels' GEMM, which
-the engine runs), and prints/writes the ratios with their goals. On CUDA every timing ends with
-a device synchronisation.
+the engine runs), and prints/writes the ratios with their goals. Every contender runs ``--repeats`` times (the
+engine's three in rounds) and its fastest run counts: on a shared VM one slow spell had moved a single run's ratios by
+10-20 %. On CUDA every timing ends with a device synchronisation.
 """
 
 from __future__ import annotations
@@ -157,6 +158,14 @@ def _captured(fn, device: torch.device):  # pragma: no cover - CUDA only
         return None
 
 
+def best_of(repeats: int, run, tokens: int, new_tokens: int) -> dict:
+    """The fastest of ``repeats`` calls of ``run`` (which returns seconds) as a result row, every run's speed kept."""
+    walls = [run() for _ in range(repeats)]
+    wall = min(walls)
+    return {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / new_tokens,
+            "runs_tokens_per_s": [round(tokens / w, 2) for w in walls]}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results here")
@@ -166,10 +175,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="runs of every contender at each concurrency (the engine's in rounds); the fastest is reported")
     ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="weights and activations of every contender (the same for all, so ratios stay fair)")
     ap.add_argument("--device", default="cpu", help=f"where every contender runs: {', '.join(DEVICES)} or cuda:N (auto: cuda if present)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats: must be at least 1")
     try:
         device = resolve_device(args.device)
     except ValueError as e:
@@ -195,25 +208,30 @@ def main(argv=None) -> dict:
         tokens = c * args.new_tokens
         row = {}
         bench_engine(engine, prompts_of(tok, 2, args.prompt_tokens), 4, [None, "a0"])  # warm-up: loads the routing op, touches the cache
-        for name, adapters in (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"])):
-            wall, step = bench_engine(engine, prompts, args.new_tokens, adapters)
+        # each contender --repeats times, in rounds (a slow spell of a shared machine hits every contender alike), and
+        # its best run kept: its fastest wall time and, separately, its fastest median decode step
+        runs: dict[str, list] = {}
+        for rep in range(args.repeats):
+            for name, adapters in (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"])):
+                wall, step = bench_engine(engine, prompts, args.new_tokens, adapters)
+                runs.setdefault(name, []).append((wall, step))
+                print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms  (run {rep + 1})", flush=True)
+        for name, got in runs.items():
+            wall, step = min(w for w, _ in got), min(s for _, s in got)
             row[name] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens,
-                         "decode_step_ms": 1000 * step}
-            print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms", flush=True)
+                         "decode_step_ms": 1000 * step, "runs_tokens_per_s": [round(tokens / w, 2) for w, _ in got]}
         # the HF peers run on a plain copy of the base (the engine's model has serving wrappers)
         plain, _ = remix.load_base(args.base, dtype=dtype, device=device)
-        wall = bench_hf(plain, prompts, args.new_tokens)
-        row["hf_generate"] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens}
-        print(f"c={c:<3} {'hf_generate':18s} {tokens / wall:8.1f} tok/s", flush=True)
+        row["hf_generate"] = best_of(args.repeats, lambda: bench_hf(plain, prompts, args.new_tokens), tokens, args.new_tokens)
+        print(f"c={c:<3} {'hf_generate':18s} {row['hf_generate']['tokens_per_s']:8.1f} tok/s  (best of {args.repeats})", flush=True)
         if not args.skip_hf_loop:
             layers = remix.load_adapter(plain, adapter_paths[0])
             for name, layer in layers.items():
                 parent, _, child = name.rpartition(".")
                 setattr(plain.get_submodule(parent), child, PerExpertLoopLinear(
                     layer.base, layer.lora_A.detach(), layer.lora_B.detach(), layer.router.detach(), layer.k, layer.omega))
-            wall = bench_hf(plain, prompts, args.new_tokens)
-            row["hf_loop"] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens}
-            print(f"c={c:<3} {'hf_loop':18s} {tokens / wall:8.1f} tok/s", flush=True)
+            row["hf_loop"] = best_of(args.repeats, lambda: bench_hf(plain, prompts, args.new_tokens), tokens, args.new_tokens)
+            print(f"c={c:<3} {'hf_loop':18s} {row['hf_loop']['tokens_per_s']:8.1f} tok/s  (best of {args.repeats})", flush=True)
         del plain
         # the floor is the faster of ATen's GEMMs (what HF runs) and the compiled kernels' GEMM (what the engine runs
         # on CPU: their own float32 kernel, oneDNN from 256 rows; bfloat16 their own below 128 rows, else ATen's): a
@@ -233,7 +251,7 @@ def main(argv=None) -> dict:
             goals[name] = {"value": round(value, 3), "goal": f"{op} {target}", "at": where,
                            "met": value <= target if op == "<=" else value >= target}
 
-    top, low = max(levels), min(levels)
+    top = max(levels)
     for c in levels:
         r = results[c]
         tps = {k: v["tokens_per_s"] for k, v in r.items() if isinstance(v, dict)}
@@ -244,9 +262,10 @@ def main(argv=None) -> dict:
         ratio(f"engine_4adapters_over_engine_remix@{c}", tps["engine_4adapters"] / tps["engine_remix"], ">=", 0.90, c)
         ratio(f"decode_step_over_gemm_floor@{c}", r["engine_remix"]["decode_step_ms"] / r["gemm_floor_ms"],
               "<=" if c == top else None, 1.25, c)
-    r1 = results[low]
-    ratio("engine_remix_bs1_over_hf_generate_bs1", r1["engine_remix"]["tokens_per_s"] / r1["hf_generate"]["tokens_per_s"],
-          ">=", 2.0, low)
+    if 1 in results:  # the batch-1 goal only where batch 1 was measured (--concurrency 32 alone reported it from 32)
+        r1 = results[1]
+        ratio("engine_remix_bs1_over_hf_generate_bs1", r1["engine_remix"]["tokens_per_s"] / r1["hf_generate"]["tokens_per_s"],
+              ">=", 2.0, 1)
     for name, g in goals.items():
         print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
     out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
