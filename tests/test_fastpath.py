@@ -318,3 +318,41 @@ def test_compiled_decode_stack_is_bit_identical_to_the_python_loop(tmp_path, mon
     used.clear()
     run_all(stacked, requests_for(tok, [None, "a0"]))
     assert used and all(s is None for s in used)
+
+
+def test_decode_stack_is_checked_again_only_after_an_assignment_or_a_pool_change(tmp_path, monkeypatch):
+    """The decode stack's full check (walking every layer's modules) runs on the first decode step and again only after a
+    module or parameter assignment, an adapter load or a change of counting - and after an assignment the step uses the
+    new objects: a new norm weight and a new o_proj give exactly what the Python loop gives with the same changes."""
+    from remix.kernels import cpu_ext
+
+    if cpu_ext.load() is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    model, tok = tiny("llama", 2)
+    paths = random_adapters(model, tmp_path, [None])
+    stacked, loop = engines_for(model, tok, paths, decoders=("lean", "lean"))
+    loop.runner.lean.stack_enabled = False
+    checks = []
+    full = LeanForward._checked_stack
+    monkeypatch.setattr(LeanForward, "_checked_stack", lambda self, ext, ctx: checks.append(1) or full(self, ext, ctx))
+    before = run_all(stacked, requests_for(tok, [None, "a0"]))
+    assert before == run_all(loop, requests_for(tok, [None, "a0"]))
+    assert len(checks) == 1  # every decode step after the first reused its answer
+    for engine in (stacked, loop):  # a pool change: checked again
+        engine.load_adapter("b", paths["a0"])
+    checks.clear()
+    assert run_all(stacked, requests_for(tok, ["b", None])) == run_all(loop, requests_for(tok, ["b", None]))
+    assert len(checks) == 1
+    for engine in (stacked, loop):  # the same changes in both, by plain assignment
+        layer = engine.runner.model.model.layers[1]
+        layer.input_layernorm.weight = torch.nn.Parameter(layer.input_layernorm.weight * 1.5, requires_grad=False)
+        o = layer.self_attn.o_proj
+        new_o = torch.nn.Linear(o.in_features, o.out_features, bias=False)
+        with torch.no_grad():
+            new_o.weight.copy_(o.weight.flip(0))
+        layer.self_attn.o_proj = new_o.requires_grad_(False)
+    checks.clear()
+    got = run_all(stacked, requests_for(tok, [None, "a0"]))
+    assert len(checks) == 1
+    assert got == run_all(loop, requests_for(tok, [None, "a0"]))
+    assert got != before  # the changes matter: a stale stack could not have matched the loop
