@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 from remix.kernels import bench as kernel_bench
 from server import bench as server_bench
@@ -18,10 +19,14 @@ def test_kernel_bench_writes_times_ratios_and_table(tmp_path):
         # against the faster base GEMM: the compiled kernels' (which the module runs) or nn.Linear's
         assert math.isclose(q["overhead_over_base"], t["remix"] / min(t["base"], t["base_aten"]) - 1)
         assert math.isclose(q["overhead_over_base_aten"], t["remix"] / t["base_aten"] - 1)
-        assert math.isclose(t["remix_delta"], max(t["remix"] - t["base"], 1e-3))
+        # each delta: the median over rounds of the module minus its base GEMM timed back to back in the same round
+        rd = res["rounds_us"]
+        assert all(len(v) == 9 for v in rd.values())
+        assert math.isclose(t["remix_delta"], max(statistics.median(m - b for m, b in zip(rd["remix"], rd["base"])), 1e-3),
+                            rel_tol=1e-2, abs_tol=0.02)
         assert math.isclose(q["torch_over_compiled"], t["remix_torch"] / t["remix"])
-        # both deltas are a module minus its base GEMM from the same pass
-        assert math.isclose(t["dense_kr_delta"], max(t["dense_kr"] - t["base_aten"], 1e-3))
+        assert math.isclose(t["dense_kr_delta"], max(statistics.median(m - b for m, b in zip(rd["dense_kr"], rd["base_aten"])),
+                                                      1e-3), rel_tol=1e-2, abs_tol=0.02)
         assert math.isclose(q["fast_over_dense_kr"], t["remix_delta"] / t["dense_kr_delta"])
     assert out["goals"] == {}  # no goal is set at T = 1
     assert (tmp_path / "k.md").read_text().count("\n| 576→1536 | 1 |") == 1

@@ -19,8 +19,9 @@ in one run and on the same inputs:
   dense_kr        base GEMM + one dense LoRA of rank k*r (same active parameters, no routing: the FLOP floor) in
                   its cheapest torch form: y = base(x); y.addmm_(x A^T, (scaling * B)^T), the scaling folded into B
   dense_kr_peft   the same LoRA as peft's layer computes it: y = base(x); y = y + B(A(x)) * scaling (JSON only)
-  remix_delta     routing + gather only: the ReMix module minus its base GEMM (base), from the same pass
-  dense_kr_delta  the dense LoRA's share: dense_kr minus its base GEMM (base_aten), from the same pass (the same
+  remix_delta     routing + gather only: the ReMix module minus its base GEMM (base), the median over the pass's rounds
+                  of the difference within each round (the two timed back to back; rounds_us keeps every round)
+  dense_kr_delta  the dense LoRA's share: dense_kr minus its base GEMM (base_aten), taken the same way (the same
                   subtraction as remix_delta, so both deltas run where they run in a model: right after their base GEMM, whose
                   output is still being written back and whose weights just went through the caches)
   dense_kr_alone  the dense LoRA's two GEMMs alone, back to back with no base GEMM before them (they then run on
@@ -60,9 +61,10 @@ def timeit(fn, min_time: float = 0.3, repeats: int = 7) -> float:
     return time_rounds({"fn": fn}, min_time, repeats)["fn"]
 
 
-def time_rounds(fns: dict, min_time: float = 0.3, repeats: int = 7) -> dict[str, float]:
+def time_rounds(fns: dict, min_time: float = 0.3, repeats: int = 7, rounds: dict | None = None) -> dict[str, float]:
     """Median over ``repeats`` rounds of each function's mean time per call (µs); every round times every function
-    in turn, so a slow spell of the machine (this VM drifts by 20-30 %) lands on all of them, not on one."""
+    in turn, so a slow spell of the machine (this VM drifts by 20-30 %) lands on all of them, not on one. ``rounds``,
+    when given, receives every function's per-round times (for differences taken within a round)."""
     calls = {}
     for name, fn in fns.items():  # warm up, then size each function's batch of calls to ~min_time/repeats
         fn()
@@ -78,7 +80,16 @@ def time_rounds(fns: dict, min_time: float = 0.3, repeats: int = 7) -> dict[str,
             for _ in range(calls[name]):
                 fn()
             samples[name].append((time.perf_counter() - t0) / calls[name] * 1e6)
+    if rounds is not None:
+        rounds.update(samples)
     return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def delta_within_rounds(rounds: dict, module: str, base: str) -> float:
+    """Median over rounds of (module - base) timed back to back in the same round (µs, at least 1e-3): a difference of
+    two ~0.4 ms times taken minutes apart had come out near zero on a drifting VM (a dense rank-kr delta of ~0 us made
+    fast_over_dense_kr ~47,000); taken within each round the drift cancels."""
+    return max(statistics.median(m - b for m, b in zip(rounds[module], rounds[base])), 1e-3)
 
 
 def mixlora_loop(x, base, router, A, B, k, omega):
@@ -139,25 +150,28 @@ def bench_shape(d_in: int, d_out: int, T: int, n: int, k: int, r: int, adapters:
             stacked(x)
         return run
 
-    fns = {
-        "base_aten": lambda base, remix, stacked, dense: base(x),
+    fns = {  # each delta's two terms timed back to back: base then remix, base_aten then dense_kr
         "base": lambda base, remix, stacked, dense: cpu_ext.linear(x, base.weight, base.bias),
         "remix": lambda base, remix, stacked, dense: remix(x),
+        "base_aten": lambda base, remix, stacked, dense: base(x),
+        "dense_kr": lambda base, remix, stacked, dense: base(x).addmm_(F.linear(x, dense[0]), dense[2]),
         "stacked_1": stacked_with(ctx1),
         f"stacked_{adapters}": stacked_with(ctx4),
         "remix_torch": lambda base, remix, stacked, dense: _torch_path(remix, x),
         "mixlora_loop": lambda base, remix, stacked, dense: mixlora_loop(
             x, base, remix.router, remix.lora_A, remix.lora_B, k, remix.omega),
-        "dense_kr": lambda base, remix, stacked, dense: base(x).addmm_(F.linear(x, dense[0]), dense[2]),
         "dense_kr_peft": lambda base, remix, stacked, dense: base(x) + F.linear(F.linear(x, dense[0]), dense[1]) * remix.omega,
         "dense_kr_alone": lambda base, remix, stacked, dense: F.linear(F.linear(x, dense[0]), dense[1]),
     }
     with torch.inference_mode():
-        times = {name: t / copies for name, t in time_rounds({n: each(f) for n, f in fns.items()}, min_time * len(fns), 9).items()}
-        # the ReMix delta alone: the module minus its base GEMM, measured in the same pass
+        rounds: dict = {}
+        times = {name: t / copies for name, t in time_rounds({n: each(f) for n, f in fns.items()}, min_time * len(fns), 9,
+                                                            rounds).items()}
+        # the ReMix delta alone: the module minus its base GEMM, within each round of the same pass (and the dense one's)
         floor = min(times["base"], times["base_aten"])
-        times["remix_delta"] = max(times["remix"] - times["base"], 1e-3)
-        times["dense_kr_delta"] = max(times["dense_kr"] - times["base_aten"], 1e-3)
+        rounds = {name: [v / copies for v in got] for name, got in rounds.items()}
+        times["remix_delta"] = delta_within_rounds(rounds, "remix", "base")
+        times["dense_kr_delta"] = delta_within_rounds(rounds, "dense_kr", "base_aten")
         base0, remix0 = mods[0][0], mods[0][1]
         idx = routing.topk_lower_index(routing.router_logits(x, remix0.router), k)
         times["reference"] = timeit(
@@ -177,7 +191,8 @@ def bench_shape(d_in: int, d_out: int, T: int, n: int, k: int, r: int, adapters:
         "torch_over_compiled": times["remix_torch"] / times["remix"],
         "reference_over_fast": times["reference"] / times["remix"],
     }
-    return {"d_in": d_in, "d_out": d_out, "T": T, "times_us": times, "ratios": ratios}
+    rounds_us = {name: [round(v, 2) for v in rounds[name]] for name in ("base", "remix", "base_aten", "dense_kr")}
+    return {"d_in": d_in, "d_out": d_out, "T": T, "times_us": times, "ratios": ratios, "rounds_us": rounds_us}
 
 
 def main(argv: list[str] | None = None) -> dict:
