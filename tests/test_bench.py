@@ -25,8 +25,8 @@ def test_kernel_bench_writes_times_ratios_and_table(tmp_path):
         assert math.isclose(t["remix_delta"], max(statistics.median(m - b for m, b in zip(rd["remix"], rd["base"])), 1e-3),
                             rel_tol=1e-2, abs_tol=0.02)
         assert math.isclose(q["torch_over_compiled"], t["remix_torch"] / t["remix"])
-        assert math.isclose(t["dense_kr_delta"], max(statistics.median(m - b for m, b in zip(rd["dense_kr"], rd["base_aten"])),
-                                                      1e-3), rel_tol=1e-2, abs_tol=0.02)
+        # the dense LoRA's share is timed on its own, right after its base GEMM: positive, below its whole module
+        assert 0 < t["dense_kr_delta"] < t["dense_kr"]
         assert math.isclose(q["fast_over_dense_kr"], t["remix_delta"] / t["dense_kr_delta"])
     assert out["goals"] == {}  # no goal is set at T = 1
     assert (tmp_path / "k.md").read_text().count("\n| 576→1536 | 1 |") == 1
