@@ -12,7 +12,7 @@ On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill inc
 at each concurrency, plus the engine's median decode-step time and the time of that step's weight GEMMs alone at the
 same batch (the floor on this machine: the faster of ATen's GEMMs and, on CPU, the compiled kernels' GEMM, which
 the engine runs), and prints/writes the ratios with their goals. Every contender runs ``--repeats`` times (the
-engine's three in rounds) and its fastest run counts: on a shared VM one slow spell had moved a single run's ratios by
+all five in rounds) and its fastest run counts: on a shared VM one slow spell had moved a single run's ratios by
 10-20 %. On CUDA every timing ends with a device synchronisation.
 """
 
@@ -158,14 +158,6 @@ def _captured(fn, device: torch.device):  # pragma: no cover - CUDA only
         return None
 
 
-def best_of(repeats: int, run, tokens: int, new_tokens: int) -> dict:
-    """The fastest of ``repeats`` calls of ``run`` (which returns seconds) as a result row, every run's speed kept."""
-    walls = [run() for _ in range(repeats)]
-    wall = min(walls)
-    return {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / new_tokens,
-            "runs_tokens_per_s": [round(tokens / w, 2) for w in walls]}
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results here")
@@ -176,7 +168,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
     ap.add_argument("--repeats", type=int, default=2,
-                    help="runs of every contender at each concurrency (the engine's in rounds); the fastest is reported")
+                    help="runs of every contender at each concurrency (all of them in rounds); the fastest is reported")
     ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="weights and activations of every contender (the same for all, so ratios stay fair)")
     ap.add_argument("--device", default="cpu", help=f"where every contender runs: {', '.join(DEVICES)} or cuda:N (auto: cuda if present)")
@@ -202,37 +194,42 @@ def main(argv=None) -> dict:
     for i, path in enumerate(adapter_paths):
         engine.load_adapter(f"a{i}", str(path))
     engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
+    # the HF peers run on plain copies of the base (the engine's model has serving wrappers): one as it is, one with the
+    # adapter applied by a per-expert Python loop
+    peers = {"hf_generate": remix.load_base(args.base, dtype=dtype, device=device)[0]}
+    if not args.skip_hf_loop:
+        looped, _ = remix.load_base(args.base, dtype=dtype, device=device)
+        for name, layer in remix.load_adapter(looped, adapter_paths[0]).items():
+            parent, _, child = name.rpartition(".")
+            setattr(looped.get_submodule(parent), child, PerExpertLoopLinear(
+                layer.base, layer.lora_A.detach(), layer.lora_B.detach(), layer.router.detach(), layer.k, layer.omega))
+        peers["hf_loop"] = looped
+    engines = (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"]))
     results = {}
     for c in levels:
         prompts = prompts_of(tok, c, args.prompt_tokens)
         tokens = c * args.new_tokens
         row = {}
         bench_engine(engine, prompts_of(tok, 2, args.prompt_tokens), 4, [None, "a0"])  # warm-up: loads the routing op, touches the cache
-        # each contender --repeats times, in rounds (a slow spell of a shared machine hits every contender alike), and
-        # its best run kept: its fastest wall time and, separately, its fastest median decode step
+        # every contender --repeats times, in rounds (a slow spell of this shared machine then hits all of them alike,
+        # the HF peers included: HF generate alone ran at 96 to 140 tok/s at 32 sequences in one session's runs), and
+        # each one's best run kept: its fastest wall time and, for the engine, separately its fastest median decode step
         runs: dict[str, list] = {}
         for rep in range(args.repeats):
-            for name, adapters in (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"])):
+            for name, adapters in engines:
                 wall, step = bench_engine(engine, prompts, args.new_tokens, adapters)
                 runs.setdefault(name, []).append((wall, step))
                 print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms  (run {rep + 1})", flush=True)
+            for name, model_ in peers.items():
+                wall = bench_hf(model_, prompts, args.new_tokens)
+                runs.setdefault(name, []).append((wall, None))
+                print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  (run {rep + 1})", flush=True)
         for name, got in runs.items():
-            wall, step = min(w for w, _ in got), min(s for _, s in got)
+            wall = min(w for w, _ in got)
             row[name] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens,
-                         "decode_step_ms": 1000 * step, "runs_tokens_per_s": [round(tokens / w, 2) for w, _ in got]}
-        # the HF peers run on a plain copy of the base (the engine's model has serving wrappers)
-        plain, _ = remix.load_base(args.base, dtype=dtype, device=device)
-        row["hf_generate"] = best_of(args.repeats, lambda: bench_hf(plain, prompts, args.new_tokens), tokens, args.new_tokens)
-        print(f"c={c:<3} {'hf_generate':18s} {row['hf_generate']['tokens_per_s']:8.1f} tok/s  (best of {args.repeats})", flush=True)
-        if not args.skip_hf_loop:
-            layers = remix.load_adapter(plain, adapter_paths[0])
-            for name, layer in layers.items():
-                parent, _, child = name.rpartition(".")
-                setattr(plain.get_submodule(parent), child, PerExpertLoopLinear(
-                    layer.base, layer.lora_A.detach(), layer.lora_B.detach(), layer.router.detach(), layer.k, layer.omega))
-            row["hf_loop"] = best_of(args.repeats, lambda: bench_hf(plain, prompts, args.new_tokens), tokens, args.new_tokens)
-            print(f"c={c:<3} {'hf_loop':18s} {row['hf_loop']['tokens_per_s']:8.1f} tok/s  (best of {args.repeats})", flush=True)
-        del plain
+                         "runs_tokens_per_s": [round(tokens / w, 2) for w, _ in got]}
+            if name.startswith("engine"):
+                row[name]["decode_step_ms"] = 1000 * min(st for _, st in got)
         # the floor is the faster of ATen's GEMMs (what HF runs) and the compiled kernels' GEMM (what the engine runs
         # on CPU: their own float32 kernel, oneDNN from 256 rows; bfloat16 their own below 128 rows, else ATen's): a
         # step cannot beat the weight GEMMs of the best GEMM this machine has
@@ -243,6 +240,7 @@ def main(argv=None) -> dict:
             floors.append(row["gemm_floor_compiled_ms"])
         row["gemm_floor_ms"] = min(floors)
         results[c] = row
+    del peers
     ratios, goals = {}, {}
 
     def ratio(name, value, op, target, where):
