@@ -228,7 +228,7 @@ def main(argv=None) -> dict:
             wall = min(w for w, _ in got)
             row[name] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens,
                          "runs_tokens_per_s": [round(tokens / w, 2) for w, _ in got]}
-            if name.startswith("engine"):
+            if got[0][1] is not None:  # the engine's contenders also report their decode step
                 row[name]["decode_step_ms"] = 1000 * min(st for _, st in got)
         # the floor is the faster of ATen's GEMMs (what HF runs) and the compiled kernels' GEMM (what the engine runs
         # on CPU: their own float32 kernel, oneDNN from 256 rows; bfloat16 their own below 128 rows, else ATen's): a

@@ -22,14 +22,28 @@ def test_kernel_bench_writes_times_ratios_and_table(tmp_path):
         # each delta: the median over rounds of the module minus its base GEMM timed back to back in the same round
         rd = res["rounds_us"]
         assert all(len(v) == 9 for v in rd.values())
-        assert math.isclose(t["remix_delta"], max(statistics.median(m - b for m, b in zip(rd["remix"], rd["base"])), 1e-3),
-                            rel_tol=1e-2, abs_tol=0.02)
+        raw = statistics.median(m - b for m, b in zip(rd["remix"], rd["base"]))
+        assert math.isclose(t["remix_delta"], max(raw, 1e-3), rel_tol=1e-2, abs_tol=0.02)
+        assert res["remix_delta_measured"] == (t["remix_delta"] > 1e-3)
         assert math.isclose(q["torch_over_compiled"], t["remix_torch"] / t["remix"])
         # the dense LoRA's share is timed on its own, right after its base GEMM: positive, below its whole module
         assert 0 < t["dense_kr_delta"] < t["dense_kr"]
         assert math.isclose(q["fast_over_dense_kr"], t["remix_delta"] / t["dense_kr_delta"])
     assert out["goals"] == {}  # no goal is set at T = 1
     assert (tmp_path / "k.md").read_text().count("\n| 576→1536 | 1 |") == 1
+
+
+def test_a_goal_on_an_unmeasured_remix_delta_is_not_met():
+    """A ReMix delta that came out <= 0 (clamped to 1e-3 us) would make loop_over_fast enormous: its goals do not count
+    as met; the overhead goal, which does not use the delta, is judged as usual."""
+    res = {"d_in": 576, "d_out": 1536, "T": 32, "remix_delta_measured": False,
+           "ratios": {"overhead_over_base": 0.1, "fast_over_dense_kr": 1e-5, "loop_over_fast": 4e5}}
+    goals = kernel_bench.judge([res])
+    assert goals["overhead_over_base@576->1536,T=32"]["met"]
+    for name in ("fast_over_dense_kr", "loop_over_fast"):
+        g = goals[f"{name}@576->1536,T=32"]
+        assert not g["met"] and "not measured" in g["note"]
+    assert all(g["met"] for g in kernel_bench.judge([{**res, "remix_delta_measured": True}]).values())
 
 
 def test_server_bench_runs_every_contender_on_the_tiny_model(tmp_path):

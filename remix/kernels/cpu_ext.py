@@ -760,10 +760,9 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
       vf a[L];
       for (int j = 0; j < L; ++j) {
         const int64_t row = std::min<int64_t>(REV4[j], n - 1);  // past len: the last row again, never used
-        const auto* k = [&] {
-          if constexpr (std::is_same_v<T, float>) return K + (t0 + row) * DH;
-          else return static_cast<const float*>(kb + row * DH);
-        }();
+        const float* k;
+        if constexpr (std::is_same_v<T, float>) k = K + (t0 + row) * DH;
+        else k = kb + row * DH;
         vf acc = qv[r][0] * load(k);
         for (int c = 1; c < NV; ++c) acc += qv[r][c] * load(k + c * L);
         a[j] = acc;
@@ -1340,7 +1339,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v34_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v38_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
