@@ -159,17 +159,20 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         return y
 
     def _inference_weights(self) -> dict:
-        """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O] and the kernel's one-slot tables and arguments, rebuilt
-        only when a parameter (or the base's weight) changes; binds the compiled whole-module call (``_call``) when the
-        base is a plain CPU ``nn.Linear``. The torch path adds its [P; A_flat] on first use."""
+        """Float32 router, A_flat [n*r, D], B_flat^T [n*r, O] (float32, or bfloat16 for bfloat16 pools) and the
+        kernel's one-slot tables and arguments, rebuilt only when a parameter (or the base's weight) changes; binds
+        the compiled whole-module call (``_call``) when the base is a plain CPU ``nn.Linear``. The torch path adds its
+        [P; A_flat] on first use."""
         params, base = self._parameters, self.base
         P, A, B = params["router"], params["lora_A"], params["lora_B"]
         key = (P.data_ptr(), P._version, A.data_ptr(), A._version, B.data_ptr(), B._version)
         cache = self._eval_cache
         base_params = (base._parameters.get("weight"), base._parameters.get("bias"))
         if cache is None or cache["key"] != key or any(p is not q for p, q in zip(cache["base_params"], base_params)):
-            router, a = P.detach().float().contiguous(), flatten_a(A.detach()).float().contiguous()
-            bt = flatten_b_t(B.detach()).float().contiguous()
+            # bfloat16 pools stay bfloat16 (the kernel widens them as it reads them); the router is float32
+            pool = torch.bfloat16 if A.dtype == torch.bfloat16 and B.dtype == torch.bfloat16 else torch.float32
+            router, a = P.detach().float().contiguous(), flatten_a(A.detach()).to(pool).contiguous()
+            bt = flatten_b_t(B.detach()).to(pool).contiguous()
             tables = (torch.zeros(1, dtype=torch.int64), torch.tensor([self.n]), torch.tensor([self.k]),
                       torch.tensor([self.omega], dtype=torch.float32))
             cache = self._eval_cache = {
@@ -197,12 +200,12 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         x2 = x.reshape(-1, self.in_features)
         w = self._inference_weights()
         if "pa" not in w:
-            w["pa"] = torch.cat([w["router"], w["a"]], 0)
+            w["pa"], w["bt32"] = torch.cat([w["router"], w["a"].float()], 0), w["bt"].float()
         pu = F.linear(x2, w["pa"])  # [T, n + n*r]: router logits, then every pool's A x
         um, idx = topk_masked_u(pu, self.n, self.k, self.omega)  # [T, n*r] selected chunks scaled by ω
         self.last_log_q = None
         self._record(idx, self.omega)
-        y = torch.addmm(self.base(x2), um, w["bt"])
+        y = torch.addmm(self.base(x2), um, w["bt32"])
         return y.view(*shape, self.out_features)
 
 

@@ -15,9 +15,10 @@ and counts the selections into preallocated per-slot buffers (one bincount, no P
 tokens). A token's result depends only on its own row and its adapter, never on its batch-mates.
 
 On a CPU with the compiled kernels (:mod:`remix.kernels.cpu_ext`) every slot's pool is also kept in
-one float32 stack (:class:`StackedPools`: global LoRA ids, ranks zero-padded to the largest) and the whole
-step, whatever its mix of adapters, is one call that routes each token within its adapter's pool and
-adds only the selected LoRAs, counting selections as it goes.
+one stack (:class:`StackedPools`: global LoRA ids, ranks zero-padded to the largest; A and B in float32, or in
+bfloat16 for a bfloat16 model; routers in float32) and the whole step, whatever its mix of adapters, is one
+call that routes each token within its adapter's pool and adds only the selected LoRAs, counting selections as
+it goes.
 
 Elsewhere (CUDA) a mixed batch takes the fused torch path: one GEMM over every slot's [router; A], routing vectorised
 over tokens and adapters with the per-token tables made once a step and shared by all modules
@@ -55,8 +56,9 @@ class SlotWeights:
 class StackedPools:
     """Every slot's pool in one stack: global LoRA ids, ranks zero-padded to the largest (r).
 
-    Two users: the compiled CPU kernel (float32, any batch; ``counts`` is the storage every slot's
-    ``counts`` views) and the torch path's mixed small batches (model dtype; ``pa`` = [router; a]).
+    Two users: the compiled CPU kernel (float32 router, A and B in float32 or bfloat16, any batch; ``counts`` is the
+    storage every slot's ``counts`` views) and the torch path's mixed small batches (model dtype; ``pa`` = [router;
+    a]).
     """
 
     router: torch.Tensor  # [N, D]
@@ -93,10 +95,11 @@ class PoolStack:
             dtype: torch.dtype | None = None) -> None:
         """A [n, r, D], B [n, O, r], router [n, D]; ``dtype``: the model's (default A's), for the torch path.
 
-        Pass the pools in float32 even for a lower-precision model: the compiled CPU path keeps them in
-        float32 (routing and the delta in full precision), the torch path converts its own copy. The
+        Pass the pools in float32 even for a lower-precision model: each path rounds its own copy once (the
+        compiled CPU path keeps a bfloat16 model's A and B in bfloat16 - what ``remix.load_adapter`` gives that
+        model's layers too - and every router in float32; the torch path converts to ``dtype``). The
         torch path's layouts are built on first use, so a CPU serving through the compiled kernel holds
-        only the adapter's tensors and one stacked float32 copy.
+        only the adapter's tensors and one stacked copy.
         """
         n = A.shape[0]
         self.slots[slot] = SlotWeights(None, None, n, k, omega, torch.zeros(n, dtype=torch.int64, device=A.device))
@@ -145,18 +148,22 @@ class PoolStack:
         self.cpu = None
         if not self._raw or next(iter(self._raw.values()))[0].device.type != "cpu" or cpu_ext.load() is None:
             return
-        self.cpu = self._stack_all(torch.float32)
+        # a bfloat16 model's pools in bfloat16 (the kernel widens them as it reads them, every sum in float32): half the
+        # bytes a decode step reads from its pools; the router stays float32 (routing logits in float32, DESIGN §1)
+        dtype = torch.bfloat16 if next(iter(self._raw.values()))[3] == torch.bfloat16 else torch.float32
+        self.cpu = self._stack_all(dtype, router_dtype=torch.float32)
         self.cpu.counts = self.counts[:-1]  # [N], contiguous: the kernel adds each selection into it
 
-    def _stack_all(self, dtype: torch.dtype) -> StackedPools:
-        """Every slot's pool in ``dtype``, stacked by ascending slot id, ranks padded to the largest."""
+    def _stack_all(self, dtype: torch.dtype, router_dtype: torch.dtype | None = None) -> StackedPools:
+        """Every slot's pool in ``dtype`` (its router in ``router_dtype``, default the same), stacked by ascending slot
+        id, ranks padded to the largest."""
         ids = sorted(self._raw)
         r_max = max(self._raw[s][0].shape[1] for s in ids)
         routers, As, Bs, off, total = [], [], [], {}, 0
         for s in ids:
             A, B, router, _ = self._raw[s]
             off[s], total = total, total + A.shape[0]
-            routers.append(router.to(dtype))
+            routers.append(router.to(router_dtype or dtype))
             As.append(F.pad(A.to(dtype), (0, 0, 0, r_max - A.shape[1])))  # [n, r_max, D]
             Bs.append(F.pad(B.to(dtype), (0, r_max - B.shape[2])))  # [n, O, r_max]
         device = As[0].device

@@ -141,21 +141,25 @@ def _compiled():
     return cpu_ext.load()
 
 
+@pytest.mark.parametrize("pools", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,k,r,n,adapters", GRID)
-def test_compiled_gather_matches_reference(T, k, r, n, adapters):
-    """The C++ gather (blocked by LoRA, SIMD) against the plain loop: -1 ids, padded ranks, per-pair weights."""
+def test_compiled_gather_matches_reference(T, k, r, n, adapters, pools):
+    """The C++ gather (blocked by LoRA, SIMD) against the plain loop: -1 ids, padded ranks, per-pair weights.
+    bfloat16 pools (a bfloat16 model's) are widened as they are read, every sum in float32: the reference runs in
+    float32 on the same bfloat16-rounded A and B, so the tolerance is float32's either way."""
     ext = _compiled()
     d_in, d_out = 40, 72  # not multiples of the 16 SIMD lanes: the tails run too
     ranks = [r] + [max(1, r // 2)] * (adapters - 1)
     A, B = make_stack(ranks, n, d_in, d_out, torch.float32, seed=T * 31 + k)
+    A, B = A.to(pools).float(), B.to(pools).float()  # the values the kernel sees
     idx, _ = make_ids(T, k, n, adapters, seed=T + r)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(T, d_in, generator=g)
     w = torch.rand(T, k, generator=g)
     base = torch.randn(T, d_out, generator=g)
     want = base + lora_gather_reference(x, A, B, idx, w)
-    got = ext.gather_(x, base.clone(), A.reshape(-1, d_in).contiguous(), B.transpose(1, 2).reshape(-1, d_out).contiguous(),
-                      idx, w, max(ranks))
+    got = ext.gather_(x, base.clone(), A.reshape(-1, d_in).to(pools).contiguous(),
+                      B.transpose(1, 2).reshape(-1, d_out).to(pools).contiguous(), idx, w, max(ranks))
     scale = float(want.abs().max())
     torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=1e-5)
 
@@ -188,14 +192,16 @@ def test_compiled_route_gather_matches_torch_path(T, n, k, r):
     torch.testing.assert_close(y, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_token_result_is_bit_identical_in_any_batch(dtype):
+@pytest.mark.parametrize("dtype,pools", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                         (torch.bfloat16, torch.bfloat16)])
+def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     """The kernel's sums run in the same order for a token whoever shares the call: exact equality, alone, in a small
     batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread."""
     ext = _compiled()
     n, r, D, O = 8, 8, 64, 200  # O: two-vector slices, a one-vector slice and a scalar tail
     g = torch.Generator().manual_seed(3)
     P, a, bt = torch.randn(2 * n, D, generator=g), torch.randn(2 * n * r, D, generator=g), torch.randn(2 * n * r, O, generator=g)
+    a, bt = a.to(pools), bt.to(pools)
     tables = (torch.tensor([0, n]), torch.tensor([n, n]), torch.tensor([2, 3]), torch.tensor([0.5, 0.25]))
     x = torch.randn(150, D, generator=g).to(dtype)
     slots = torch.randint(-1, 2, (150,), generator=g)
@@ -236,6 +242,9 @@ def test_compiled_kernels_reject_bad_input():
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         ext.route_gather_(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64),
                           torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 3), none, *tables, 1, 1, none)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):  # one pool in each dtype
+        ext.gather_(torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.bfloat16),
+                    torch.tensor([[0], [1]]), torch.ones(2, 1), 1)
     with pytest.raises(RuntimeError, match="idx out of range"):
         ext.gather_(torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3),
                     torch.tensor([[0], [5]]), torch.ones(2, 1), 1)

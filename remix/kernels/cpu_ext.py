@@ -26,7 +26,8 @@ rows of B held in registers while its tokens' y are updated), with explicit SIMD
 and one OpenMP region per call: below 64 tokens the threads split the pools' reads (they dominate a small
 batch), from 64 tokens they split the tokens. Every token's sums run in the same order whoever shares the
 call and however the work is split, so a token's result is bit-identical alone or in any batch. x and y
-may be float32 or bfloat16 (pools and arithmetic stay float32; a bfloat16 y is rounded once).
+may be float32 or bfloat16, and so may the pools A and B (a bfloat16 model's: widened as they are read, half the
+bytes); routers and all arithmetic stay float32, and a bfloat16 y is rounded once.
 
 Compiled once on first use with torch's JIT extension loader (~30 s, cached under
 ``~/.cache/torch_extensions`` in a directory named after this CPU's instruction-set flags, since it is
@@ -53,6 +54,7 @@ SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -89,6 +91,14 @@ typedef float vf __attribute__((vector_size(L * sizeof(float)), aligned(sizeof(f
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t)), aligned(sizeof(uint16_t))));
+typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
+inline vf load(const c10::BFloat16* p) {  // widen 16 bfloat16 values (exact)
+  const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
+  vf f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 inline float hsum(vf v) {  // a fixed pairwise order (depth 4, not 16)
   float h[8];
   for (int l = 0; l < 8; ++l) h[l] = v[l] + v[l + 8];
@@ -100,10 +110,11 @@ inline float hsum(vf v) {  // a fixed pairwise order (depth 4, not 16)
 // tokens and each token load four rows (a short block repeats its last token or row: computed, never stored). Every
 // dot is summed in one order (16 lanes over D, the lanes pairwise, then the tail), so a token's value never depends
 // on which tokens share its block.
-inline void dots4x4(const float* const* xs, int64_t nq, const float* rows, int64_t nc, int64_t D, float* out, int64_t os,
+template <typename R>
+inline void dots4x4(const float* const* xs, int64_t nq, const R* rows, int64_t nc, int64_t D, float* out, int64_t os,
                     const float* scale) {
   const float* x[4];
-  const float* a[4];
+  const R* a[4];
   for (int q = 0; q < 4; ++q) x[q] = xs[std::min<int64_t>(q, nq - 1)];
   for (int c = 0; c < 4; ++c) a[c] = rows + std::min<int64_t>(c, nc - 1) * D;
   vf acc[4][4];
@@ -120,7 +131,7 @@ inline void dots4x4(const float* const* xs, int64_t nq, const float* rows, int64
   for (int64_t q = 0; q < nq; ++q)
     for (int64_t c = 0; c < nc; ++c) {
       float s = hsum(acc[q][c]);
-      for (int64_t e = d; e < D; ++e) s += a[c][e] * x[q][e];
+      for (int64_t e = d; e < D; ++e) s += static_cast<float>(a[c][e]) * x[q][e];
       out[q * os + c] = scale ? s * scale[q] : s;
     }
 }
@@ -129,15 +140,18 @@ inline void dots4x4(const float* const* xs, int64_t nq, const float* rows, int64
 // slice of 2L outputs the CN rows of b sit in registers while every pair's y is read, updated and written once (in
 // pair order, so a token listed twice is updated twice). Which code path an output takes depends only on its index
 // o, so its sum runs in one order however the outputs are split between threads.
-template <int CN>
-void axpy_lora(float* Y, int64_t O, const float* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
+template <int CN, typename R>
+void axpy_lora(float* Y, int64_t O, const R* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
                int64_t o0, int64_t o1, bool prefetch) {
   int64_t o = o0;
   for (; o + 2 * L <= o1; o += 2 * L) {
     vf b0[CN], b1[CN];
     for (int c = 0; c < CN; ++c) { b0[c] = load(b + c * O + o); b1[c] = load(b + c * O + o + L); }
     if (prefetch)  // rows of B fresh from memory (a small batch): ask for the slice after next now
-      for (int c = 0; c < CN; ++c) { __builtin_prefetch(b + c * O + o + 4 * L, 0, 3); __builtin_prefetch(b + c * O + o + 5 * L, 0, 3); }
+      for (int c = 0; c < CN; ++c) {  // 256 bytes ahead: two lines of float32 rows, one of bfloat16 (a slice is 64 bytes)
+        __builtin_prefetch(b + c * O + o + 16 * L / sizeof(R), 0, 3);
+        if (sizeof(R) == 4) __builtin_prefetch(b + c * O + o + 5 * L, 0, 3);
+      }
     for (int64_t p = 0; p < np; ++p) {
       float* y = Y + rows[p] * O + o;
       const float* u = U + p * us;
@@ -163,22 +177,23 @@ void axpy_lora(float* Y, int64_t O, const float* b, const float* U, int64_t us, 
       float* y = Y + rows[p] * O + o;
       const float* u = U + p * us;
       float acc = *y;
-      for (int c = 0; c < CN; ++c) acc += u[c] * b[c * O + o];
+      for (int c = 0; c < CN; ++c) acc += u[c] * static_cast<float>(b[c * O + o]);
       *y = acc;
     }
 }
 
-void axpy_rows(int64_t cn, float* Y, int64_t O, const float* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
+template <typename R>
+void axpy_rows(int64_t cn, float* Y, int64_t O, const R* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
                int64_t o0, int64_t o1, bool prefetch) {
   switch (cn) {
-    case 8: return axpy_lora<8>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 7: return axpy_lora<7>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 6: return axpy_lora<6>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 5: return axpy_lora<5>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 4: return axpy_lora<4>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 3: return axpy_lora<3>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 2: return axpy_lora<2>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    default: return axpy_lora<1>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 8: return axpy_lora<8, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 7: return axpy_lora<7, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 6: return axpy_lora<6, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 5: return axpy_lora<5, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 4: return axpy_lora<4, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 3: return axpy_lora<3, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 2: return axpy_lora<2, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    default: return axpy_lora<1, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
   }
 }
 
@@ -203,34 +218,50 @@ struct Pairs {
   int64_t num_blocks() const { return static_cast<int64_t>(blocks.size()) / 2; }
 };
 
+// A [N*r, D] and B^T [N*r, O] of every LoRA, float32 or bfloat16 (bf16: both; widened to float32 as they are read,
+// every sum in float32: bfloat16 pools halve the bytes a small batch reads, the arithmetic is the same).
 struct Pools {
-  const float *a, *bt;
+  const void *a, *bt;
   int64_t r, N, D, O;
+  bool bf16 = false;
 };
 
 // Phase A over blocks [b0, b1): U[p, :] = scale[p] * A[i] @ x[rows[p]] for the pairs of each block (four share a load).
-void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const Pools& pl, float* U) {
+template <typename R>
+void phase_a_of(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const Pools& pl, float* U) {
   const int64_t r = pl.r, D = pl.D;
+  const R* A = static_cast<const R*>(pl.a);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t i = pr.blocks[2 * b], p0 = pr.blocks[2 * b + 1];
     const int64_t nq = std::min<int64_t>(4, pr.start[i + 1] - p0);
     const float* xs[4];
     for (int64_t q = 0; q < nq; ++q) xs[q] = X + pr.rows[p0 + q] * D;
     for (int64_t c0 = 0; c0 < r; c0 += 4)
-      dots4x4(xs, nq, pl.a + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0);
+      dots4x4(xs, nq, A + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0);
   }
 }
 
 // Phase B over outputs [o0, o1): Y[rows[p]] += B[i] @ U[p] for every LoRA i in ascending id, its rows of B read once.
-void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1, bool prefetch = false) {
+template <typename R>
+void phase_b_of(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1, bool prefetch) {
   const int64_t r = pl.r, O = pl.O;
+  const R* Bt = static_cast<const R*>(pl.bt);
   for (int64_t i = 0; i < pl.N; ++i) {
     const int64_t np = pr.start[i + 1] - pr.start[i];
     if (np == 0) continue;
     for (int64_t c0 = 0; c0 < r; c0 += 8)
-      axpy_rows(std::min<int64_t>(8, r - c0), Y, O, pl.bt + (i * r + c0) * O, U + pr.start[i] * r + c0, r,
+      axpy_rows(std::min<int64_t>(8, r - c0), Y, O, Bt + (i * r + c0) * O, U + pr.start[i] * r + c0, r,
                 pr.rows.data() + pr.start[i], np, o0, o1, prefetch);
   }
+}
+
+void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const Pools& pl, float* U) {
+  if (pl.bf16) return phase_a_of<c10::BFloat16>(pr, b0, b1, X, pl, U);
+  phase_a_of<float>(pr, b0, b1, X, pl, U);
+}
+void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1, bool prefetch = false) {
+  if (pl.bf16) return phase_b_of<c10::BFloat16>(pr, pl, U, Y, o0, o1, prefetch);
+  phase_b_of<float>(pr, pl, U, Y, o0, o1, prefetch);
 }
 
 // The whole gather of T tokens on this thread, in tiles whose y rows stay in cache across both phases.
@@ -252,10 +283,20 @@ void check_pools(const torch::Tensor& x, const torch::Tensor& y, const torch::Te
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "x must be float32 or bfloat16");
   TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == x.scalar_type() && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
               "y must be a contiguous [T, O] tensor of x's dtype");
-  TORCH_CHECK(a.scalar_type() == torch::kFloat32 && bt.scalar_type() == torch::kFloat32 && a.is_contiguous() && bt.is_contiguous(),
-              "pools must be contiguous float32");
+  TORCH_CHECK((a.scalar_type() == torch::kFloat32 || a.scalar_type() == torch::kBFloat16) && bt.scalar_type() == a.scalar_type() &&
+              a.is_contiguous() && bt.is_contiguous(), "pools must be contiguous, both float32 or both bfloat16");
   TORCH_CHECK(r >= 1 && r <= 256 && a.size(0) % r == 0 && a.size(1) == x.size(1) && bt.size(0) == a.size(0) && bt.size(1) == y.size(1),
               "pool shapes: a [N*r, D], bt [N*r, O]");
+}
+
+// Uninitialised scratch of n floats that starts on a cache line (new float[] starts 16 bytes into one): with rows of
+// whole lines (D, O multiples of 16), no 64-byte vector load or store of x's and y's float32 copies straddles two.
+struct FreeScratch { void operator()(float* p) const { std::free(p); } };
+using Scratch = std::unique_ptr<float[], FreeScratch>;
+inline Scratch scratch(int64_t n) {
+  void* p = std::aligned_alloc(64, static_cast<size_t>(std::max<int64_t>(1, (n * 4 + 63) / 64)) * 64);
+  TORCH_CHECK(p != nullptr, "out of memory for the kernel's scratch");
+  return Scratch(static_cast<float*>(p));
 }
 
 // bfloat16 <-> float32 in branch-free integer code the compiler vectorises (c10's scalar conversions do not).
@@ -611,8 +652,8 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   float* Y = bf16 ? nullptr : y.data_ptr<float>();
   // float32 copies of x and y for bfloat16, left uninitialised (every element is widened into before it is read): a
   // vector's zero fill ran on the calling thread before the region, ~10 us a module at 32 rows
-  std::unique_ptr<float[]> xbuf, ybuf;
-  if (bf16) { xbuf.reset(new float[T * D]); ybuf.reset(new float[T * O]); X = xbuf.get(); Y = ybuf.get(); }
+  Scratch xbuf, ybuf;
+  if (bf16) { xbuf = scratch(T * D); ybuf = scratch(T * O); X = xbuf.get(); Y = ybuf.get(); }
   const uint16_t* xh = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr()) : nullptr;
   uint16_t* yh = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr()) : nullptr;
   const void* gx = bf16 ? static_cast<const void*>(xh) : X;  // the GEMM reads and writes x's dtype
@@ -642,7 +683,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     }
     return;
   }
-  std::vector<float> U(T * k * pl.r);
+  Scratch U = scratch(T * k * pl.r);
 #pragma omp parallel num_threads(P)
   {
     const auto [h, nh] = region_thread();
@@ -654,13 +695,13 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
 #pragma omp barrier
     const Pairs pr(sel, w, T, k, pl.N);  // every thread sorts the (few) pairs itself: same input, same order
     const int64_t nb = pr.num_blocks();
-    phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, pl, U.data());
+    phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, pl, U.get());
 #pragma omp barrier
     const auto [o0, o1] = out_slice(O, h, nh);
     if (gemm.on()) gemm(gx, gy, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
     if (o1 > o0) {
       if (bf16) for (int64_t t = 0; t < T; ++t) widen(yh + t * O + o0, ybuf.get() + t * O + o0, o1 - o0);
-      phase_b(pr, pl, U.data(), Y, o0, o1, /*prefetch=*/true);
+      phase_b(pr, pl, U.get(), Y, o0, o1, /*prefetch=*/true);
       if (bf16) for (int64_t t = 0; t < T; ++t) narrow(ybuf.get() + t * O + o0, yh + t * O + o0, o1 - o0);
     }
   }
@@ -670,14 +711,6 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
 // ---- decode attention over a slot cache: one query token per row, each reading only its own row's first len positions
 
 typedef int32_t vi __attribute__((vector_size(L * sizeof(int32_t))));
-typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t)), aligned(sizeof(uint16_t))));
-typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
-inline vf load(const c10::BFloat16* p) {  // widen 16 bfloat16 values (exact)
-  const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
-  vf f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // exp(x) for x <= 0 (scores minus their maximum): Cephes' expf reduction and polynomial (~1 ulp), 2^n by exponent add
 inline vf vexp(vf x) {
@@ -831,7 +864,7 @@ torch::Tensor gather_(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::
   auto ic = idx.contiguous(); auto wc = weight.contiguous();
   const int64_t N = a.size(0) / r;
   TORCH_CHECK(ic.numel() == 0 || (ic.max().item<int64_t>() < N && ic.min().item<int64_t>() >= -1), "idx out of range");
-  const Pools pl{a.data_ptr<float>(), bt.data_ptr<float>(), r, N, x.size(1), y.size(1)};
+  const Pools pl{a.data_ptr(), bt.data_ptr(), r, N, x.size(1), y.size(1), a.scalar_type() == torch::kBFloat16};
   run(x, y, pl, nullptr, const_cast<int64_t*>(ic.data_ptr<int64_t>()), const_cast<float*>(wc.data_ptr<float>()), ic.size(1));  // read only without routing
   return y;
 }
@@ -872,7 +905,7 @@ torch::Tensor route_gather_into(torch::Tensor x, torch::Tensor y, torch::Tensor 
   std::vector<float> weight(T * kmax, 0.f);
   int64_t* ip = idx.data_ptr<int64_t>();
   const Routing rt{router.data_ptr<float>(), one ? nullptr : sot.data_ptr<int64_t>(), op, np, kp, om.data_ptr<float>(), S, kmax};
-  const Pools pl{a.data_ptr<float>(), bt.data_ptr<float>(), r, N, D, y.size(1)};
+  const Pools pl{a.data_ptr(), bt.data_ptr(), r, N, D, y.size(1), a.scalar_type() == torch::kBFloat16};
   run(x, y, pl, &rt, ip, weight.data(), kmax, gemm);
   if (counts.numel() > 0) {
     int64_t* cp = counts.data_ptr<int64_t>();
@@ -1339,7 +1372,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v38_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v41_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
@@ -1372,7 +1405,7 @@ def disabled():
 
 
 def bind_module(base, router, a, bt, tables: tuple, r: int, kmax: int, watched: tuple = ()):
-    """The compiled whole-module call (base GEMM, routing, gather) bound to ``base`` and one float32 pool stack, or
+    """The compiled whole-module call (base GEMM, routing, gather) bound to ``base`` and one pool stack, or
     None where it cannot stand in for the base: no compiled kernels, or a base that is not a plain CPU ``nn.Linear``.
     It watches the base's tensors and ``watched`` (the parameters the pools were copied from) and declines a call
     once any of them changed; :func:`bound_applies` covers what it cannot see (hooks, replaced tensors)."""
