@@ -302,3 +302,17 @@ def test_a_one_token_prompt_chunk_takes_the_prefill_path_alone_too(tmp_path):
     while engine.has_work():
         engine.step()
     assert logprobs_of(sinks["main"]) == logprobs_of(alone) and tokens_of(sinks["main"]) == tokens_of(alone)
+
+
+def test_greedy_sampling_uses_the_first_maximum():
+    """Greedy rows take the first maximum, by the compiled argmax on CPU or by torch where the kernels are off."""
+    from remix.kernels import cpu_ext
+    from server.engine.sampler import SamplingParams, first_argmax, sample
+
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(1))
+    logits[0, 10] = logits[0, 900] = 9.0
+    greedy = SamplingParams(temperature=0.0)
+    assert torch.equal(sample(logits, [greedy] * 6, [None] * 6), logits.max(-1).indices)
+    assert first_argmax(logits)[0] == 10
+    with cpu_ext.disabled():  # the torch fallback picks the same
+        assert torch.equal(first_argmax(logits), logits.max(-1).indices)

@@ -524,3 +524,27 @@ def test_multi_adapter_routing_matches_its_loop_semantics(device):
             want_um[t, i * r : (i + 1) * r] = omega[s] * pu[t, N + i * r : N + (i + 1) * r]
     assert torch.equal(idx.cpu(), want_idx)
     torch.testing.assert_close(um.cpu(), want_um)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1, 5, 16, 17, 33, 49152, 49157])
+def test_compiled_argmax_picks_what_torch_max_picks(dtype, V):
+    """The greedy sampler's argmax: the first index of the maximum (a tie goes to the lower id, across lanes and into
+    the tail past the last full vector), a NaN counts as the largest (the first NaN, as torch.max(dim)), every value
+    -inf gives index 0; V not a multiple of the 16 lanes runs the scalar tail."""
+    ext = _compiled()
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(9, V, generator=g)
+    x[1] = 0.5  # all tied: 0
+    x[2] = float("-inf")
+    if V > 3:
+        x[3, V - 1] = 100.0  # the maximum in the tail (or the last lane)
+        x[4, 2], x[4, V - 2] = 50.0, 50.0  # tied maxima far apart: the first
+        x[5, 3], x[5, V - 1] = float("nan"), float("nan")  # the first NaN
+        x[6, V - 1] = float("nan")
+        x[7, 1], x[7, 17 % V] = 60.0, 60.0  # a tie between two lanes of one vector (or the same index)
+    x = x.to(dtype)
+    got = ext.argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.max(-1).indices)
+    assert torch.equal(ext.argmax_rows(x[:0]), torch.empty(0, dtype=torch.int64))
+

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from remix.kernels import cpu_ext
+
 
 @dataclass
 class SamplingParams:
@@ -30,17 +32,26 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum, as a CPU int64 tensor: the compiled kernel's on CPU (rows split among
+    threads, vectorised: ~60 us for [32, 49152] float32 where ATen's max(dim) took ~1 ms), else max(dim).indices (not
+    argmax: the same first-maximum ids, ~2.5x faster on CPU)."""
+    ext = cpu_ext.for_input(logits)
+    if ext is not None:
+        return ext.argmax_rows(logits)
+    return logits.max(-1).indices.cpu()
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row. logits [b, V] float32. Greedy rows take the argmax (ties: lowest id)."""
     b = logits.shape[0]
     out = torch.empty(b, dtype=torch.long)
     greedy = [i for i, p in enumerate(params) if p.greedy]
-    # max(dim).indices, not argmax: the same first-maximum ids, ~2.5x faster on CPU over a [32, 49152] batch
     if len(greedy) == b:
-        out[:] = logits.max(-1).indices.cpu()
+        out[:] = first_argmax(logits)
     elif greedy:
         rows = torch.tensor(greedy)
-        out[rows] = logits[rows].max(-1).indices.cpu()
+        out[rows] = first_argmax(logits[rows])
     for i, p in enumerate(params):
         if p.greedy:
             continue
