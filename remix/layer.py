@@ -169,8 +169,7 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         cache = self._eval_cache
         base_params = (base._parameters.get("weight"), base._parameters.get("bias"))
         if cache is None or cache["key"] != key or any(p is not q for p, q in zip(cache["base_params"], base_params)):
-            # bfloat16 pools stay bfloat16 (the kernel widens them as it reads them); the router is float32
-            pool = torch.bfloat16 if A.dtype == torch.bfloat16 and B.dtype == torch.bfloat16 else torch.float32
+            pool = cpu_ext.pool_dtype(A.dtype)  # the kernel's: bfloat16 pools stay bfloat16; the router is float32
             router, a = P.detach().float().contiguous(), flatten_a(A.detach()).to(pool).contiguous()
             bt = flatten_b_t(B.detach()).to(pool).contiguous()
             tables = (torch.zeros(1, dtype=torch.int64), torch.tensor([self.n]), torch.tensor([self.k]),

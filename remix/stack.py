@@ -148,10 +148,8 @@ class PoolStack:
         self.cpu = None
         if not self._raw or next(iter(self._raw.values()))[0].device.type != "cpu" or cpu_ext.load() is None:
             return
-        # a bfloat16 model's pools in bfloat16 (the kernel widens them as it reads them, every sum in float32): half the
-        # bytes a decode step reads from its pools; the router stays float32 (routing logits in float32, DESIGN §1)
-        dtype = torch.bfloat16 if next(iter(self._raw.values()))[3] == torch.bfloat16 else torch.float32
-        self.cpu = self._stack_all(dtype, router_dtype=torch.float32)
+        # A and B in the kernel's pool dtype (bfloat16 for a bfloat16 model); routers float32 (DESIGN §1)
+        self.cpu = self._stack_all(cpu_ext.pool_dtype(next(iter(self._raw.values()))[3]), router_dtype=torch.float32)
         self.cpu.counts = self.counts[:-1]  # [N], contiguous: the kernel adds each selection into it
 
     def _stack_all(self, dtype: torch.dtype, router_dtype: torch.dtype | None = None) -> StackedPools:

@@ -149,9 +149,10 @@ void axpy_lora(float* Y, int64_t O, const R* b, const float* U, int64_t us, cons
     vf b0[CN], b1[CN];
     for (int c = 0; c < CN; ++c) { b0[c] = load(b + c * O + o); b1[c] = load(b + c * O + o + L); }
     if (prefetch)  // rows of B fresh from memory (a small batch): ask for the slice after next now
-      for (int c = 0; c < CN; ++c) {  // 256 bytes ahead: two lines of float32 rows, one of bfloat16 (a slice is 64 bytes)
-        __builtin_prefetch(b + c * O + o + 16 * L / sizeof(R), 0, 3);
-        if (sizeof(R) == 4) __builtin_prefetch(b + c * O + o + 5 * L, 0, 3);
+      for (int c = 0; c < CN; ++c) {  // the slice 256 bytes on: two lines of a float32 row, one of a bfloat16 row
+        const R* ahead = b + c * O + o + 256 / sizeof(R);
+        __builtin_prefetch(ahead, 0, 3);
+        if constexpr (sizeof(R) == 4) __builtin_prefetch(ahead + L, 0, 3);
       }
     for (int64_t p = 0; p < np; ++p) {
       float* y = Y + rows[p] * O + o;
@@ -1432,7 +1433,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v43_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v44_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
@@ -1508,6 +1509,12 @@ def dot_gemm(dtype: torch.dtype = torch.float32) -> bool:
     or those instructions (float32 then runs MKL, bfloat16 ATen's oneDNN GEMM)."""
     ext = load()
     return ext is not None and ext.dot_gemm(dtype == torch.bfloat16)
+
+
+def pool_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the compiled kernel keeps a model's ReMix pools (A and B) in: bfloat16 for a bfloat16 model (widened as
+    they are read, every sum in float32: half the bytes a decode step reads), else float32. Routers stay float32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 _MISSING = object()
