@@ -357,6 +357,40 @@ def test_compiled_bf16_linear_below_its_row_limit(d_in, d_out, bias):
     assert torch.equal(cpu_ext.linear(x, w, b), F.linear(x, w, b))  # at the limit: oneDNN
 
 
+@pytest.mark.parametrize("d_in,d_out,bias", [(64, 16, False), (64, 48, True), (576, 960, True), (1536, 576, False)])
+def test_compiled_bf16_linear_on_amx_tiles(d_in, d_out, bias):
+    """bfloat16 weights of whole tiles (inputs a multiple of 32, outputs of 16) on a CPU with AMX-BF16: the tile kernel
+    (Y^T = W X^T, 16 x 16 float32 tiles, one 32-input block after another) is within one bfloat16 rounding of float64
+    (half an ulp, 2^-8 relative, plus the float32 sums), and a row's outputs are bit-identical whatever the row count -
+    across the 16-token tile and 32-token block edges, a lone 16-output tile (48 = 32 + 16), either thread split."""
+    from remix.kernels import cpu_ext
+
+    _compiled()
+    if not cpu_ext.amx_bf16():
+        pytest.skip("no AMX-BF16 here (or the kernel refused the tile state): the dot-product kernel covers bfloat16")
+    lim = cpu_ext.load().DOT_BF16_BELOW
+    g = torch.Generator().manual_seed(d_in + 7 * d_out)
+    x = torch.randn(lim - 1, d_in, generator=g).bfloat16()
+    w = torch.randn(d_out, d_in, generator=g).bfloat16()
+    b = torch.randn(d_out, generator=g).bfloat16() if bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    full = cpu_ext.linear(x, w, b)
+    assert bool(((full.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-6 * d_in).all())
+    for T in (1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 49, 64, 100):
+        assert torch.equal(cpu_ext.linear(x[:T], w, b), full[:T]), T
+        assert torch.equal(cpu_ext.linear(x[-T:], w, b), full[-T:]), T
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread over every output block: the same sums
+    try:
+        assert torch.equal(cpu_ext.linear(x[:40], w, b), full[:40])
+    finally:
+        torch.set_num_threads(before)
+    nan = x[:3].clone()
+    nan[1, 5] = float("nan")  # a NaN input spoils its own row only
+    got = cpu_ext.linear(nan, w, b)
+    assert bool(got[1].isnan().all()) and torch.equal(got[0::2], full[0:3:2])
+
+
 def test_compiled_linear_from_its_onednn_limit_is_onednns():
     """float32 calls of ONEDNN_F32_FROM rows or more (prefill steps) take oneDNN's linear on the plain weight (faster
     there than the dot-product kernel): bit-identical to calling that op, within float32 rounding of F.linear, with and
