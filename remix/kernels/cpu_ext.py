@@ -531,9 +531,11 @@ void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void
 // dot_gemm (a GEMV: memory-bound either way).
 
 // Linux hands out AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process); false where the
-// kernel refuses (then dot_gemm).
+// kernel refuses, or where REMIX_DISABLE_AMX is set to anything but 0 (read once: for A/B runs), and then dot_gemm.
 bool amx_ready() {
   static const bool ok = [] {
+    const char* off = std::getenv("REMIX_DISABLE_AMX");
+    if (off && *off && std::strcmp(off, "0") != 0) return false;
     constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   }();
@@ -1609,7 +1611,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v45_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v46_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
@@ -1691,7 +1693,8 @@ def amx_bf16() -> bool:
     """True when bfloat16 base GEMMs run on AMX tiles (an Intel CPU with AMX-BF16, Sapphire Rapids or later, and a Linux
     that grants the tile state): for weights of whole tiles (inputs a multiple of 32, outputs of 16) below
     ``load().DOT_BF16_BELOW`` rows, in place of the AVX512-BF16 dot-product kernel; a row's outputs still the same in any
-    batch (:func:`dot_gemm` stays True)."""
+    batch (:func:`dot_gemm` stays True). ``REMIX_DISABLE_AMX=1`` in the environment (read once per process) turns it off:
+    the AVX512-BF16 kernel then runs, for comparisons."""
     ext = load()
     return ext is not None and ext.amx_bf16()
 
