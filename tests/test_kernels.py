@@ -391,6 +391,27 @@ def test_compiled_bf16_linear_on_amx_tiles(d_in, d_out, bias):
     assert bool(got[1].isnan().all()) and torch.equal(got[0::2], full[0:3:2])
 
 
+def test_amx_can_be_turned_off_for_comparisons():
+    """REMIX_DISABLE_AMX=1 (read once per process) leaves bfloat16 on the AVX512-BF16 dot kernel: a fresh process with
+    it set reports AMX off and still computes the same linear within one bfloat16 rounding."""
+    import subprocess
+    import sys
+
+    from remix.kernels import cpu_ext
+
+    _compiled()
+    if not cpu_ext.amx_bf16():
+        pytest.skip("no AMX-BF16 here: nothing to turn off")
+    code = ("import torch; from remix.kernels import cpu_ext; torch.manual_seed(0); "
+            "x = torch.randn(8, 64).bfloat16(); w = torch.randn(32, 64).bfloat16(); "
+            "e = (x.double() @ w.double().T); y = cpu_ext.linear(x, w).double(); "
+            "print(cpu_ext.amx_bf16(), bool(((y - e).abs() <= e.abs() * 2.0 ** -8 + 1e-4).all()))")
+    env = {**__import__("os").environ, "REMIX_DISABLE_AMX": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]
+
+
 def test_compiled_linear_from_its_onednn_limit_is_onednns():
     """float32 calls of ONEDNN_F32_FROM rows or more (prefill steps) take oneDNN's linear on the plain weight (faster
     there than the dot-product kernel): bit-identical to calling that op, within float32 rounding of F.linear, with and
