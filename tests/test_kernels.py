@@ -367,7 +367,7 @@ def test_compiled_bf16_linear_on_amx_tiles(d_in, d_out, bias):
 
     _compiled()
     if not cpu_ext.amx_bf16():
-        pytest.skip("no AMX-BF16 here (or the kernel refused the tile state): the dot-product kernel covers bfloat16")
+        pytest.skip("no AMX-BF16 here (or the OS refused the tile state): the dot-product kernel covers bfloat16")
     lim = cpu_ext.load().DOT_BF16_BELOW
     g = torch.Generator().manual_seed(d_in + 7 * d_out)
     x = torch.randn(lim - 1, d_in, generator=g).bfloat16()
@@ -394,6 +394,7 @@ def test_compiled_bf16_linear_on_amx_tiles(d_in, d_out, bias):
 def test_amx_can_be_turned_off_for_comparisons():
     """REMIX_DISABLE_AMX=1 (read once per process) leaves bfloat16 on the AVX512-BF16 dot kernel: a fresh process with
     it set reports AMX off and still computes the same linear within one bfloat16 rounding."""
+    import os
     import subprocess
     import sys
 
@@ -406,7 +407,7 @@ def test_amx_can_be_turned_off_for_comparisons():
             "x = torch.randn(8, 64).bfloat16(); w = torch.randn(32, 64).bfloat16(); "
             "e = (x.double() @ w.double().T); y = cpu_ext.linear(x, w).double(); "
             "print(cpu_ext.amx_bf16(), bool(((y - e).abs() <= e.abs() * 2.0 ** -8 + 1e-4).all()))")
-    env = {**__import__("os").environ, "REMIX_DISABLE_AMX": "1"}
+    env = {**os.environ, "REMIX_DISABLE_AMX": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "True"]

@@ -526,12 +526,12 @@ void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void
 // each pair into float32 (Intel SDM: round to nearest even, denormals flushed) in input order, one 32-input block after
 // another: one order per output whatever the token count or split, so a row's outputs are bit-identical alone or in any
 // batch. The float32 tile is transposed in registers, the bias added, one rounding to bfloat16 (vcvtneps2bf16).
-// Measured on the 2-core Sapphire Rapids VM (2026-12-02, weights cold, 576 <-> 1536): 32 rows 126-200 us against the
-// AVX512-BF16 dot_gemm's 490-690 and oneDNN's 280-330 (which reorders the weight on every call); 1 row ~ the same as
-// dot_gemm (a GEMV: memory-bound either way).
+// Measured on the 2-core Intel VM with AMX (2026-12-02, weights cold, 576 <-> 1536): 32 rows 95-125 us (up to ~200 in
+// this VM's slow spells) against the AVX512-BF16 dot_gemm's 490-690 and oneDNN's 200-330 (which reorders the weight on
+// every call); 1 row ~70-110 us, as dot_gemm (a GEMV: memory-bound either way).
 
 // Linux hands out AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process); false where the
-// kernel refuses, or where REMIX_DISABLE_AMX is set to anything but 0 (read once: for A/B runs), and then dot_gemm.
+// OS refuses, or where REMIX_DISABLE_AMX is set to anything but 0 (read once: for A/B runs), and then dot_gemm.
 bool amx_ready() {
   static const bool ok = [] {
     const char* off = std::getenv("REMIX_DISABLE_AMX");
@@ -1611,7 +1611,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v46_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v47_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
