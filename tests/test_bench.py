@@ -4,6 +4,8 @@ import json
 import math
 import statistics
 
+import pytest
+
 from remix.kernels import bench as kernel_bench
 from server import bench as server_bench
 
@@ -74,3 +76,23 @@ def test_server_bench_in_bfloat16_runs_every_contender_in_that_dtype():
     # batch 1 was not measured: no batch-1 ratio (it used to be computed from the lowest concurrency, here 2)
     assert "engine_remix_bs1_over_hf_generate_bs1" not in out["ratios"]
     assert {"hf_generate", "engine_base", "engine_remix", "engine_4adapters"} <= set(out["results"][2])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gemm_bench_times_every_linear_of_a_decode_step_both_ways(tmp_path, dtype):
+    from remix.kernels import cpu_ext
+    from remix.kernels import gemm_bench
+
+    if not cpu_ext.available():
+        pytest.skip("no compiled kernels here")
+    out = gemm_bench.main(["--base", "tiny", "--dtype", dtype, "--rows", "1,3", "--passes", "2",
+                           "--json", str(tmp_path / "g.json")])
+    assert out["config"]["dtype"] == dtype and [r["rows"] for r in out["results"]] == [1, 3]
+    for r in out["results"]:
+        assert set(r["ms"]["ours"]) == {"qkv", "o", "gate", "up", "down", "lm_head"} == set(r["ms"]["aten"])
+        assert all(v > 0 for who in ("ours", "aten") for v in r["ms"][who].values())
+        assert math.isclose(r["aten_over_ours"], r["total_ms"]["aten"] / r["total_ms"]["ours"])
+        assert math.isclose(r["total_ms"]["ours"], sum(r["ms"]["ours"].values()))
+    assert (tmp_path / "g.json").exists()
+    with pytest.raises(SystemExit):  # a bad --rows names the flag
+        gemm_bench.main(["--base", "tiny", "--rows", "1,x"])
