@@ -598,9 +598,7 @@ inline void amx_write_tile(const float* c, int64_t t0, int64_t T, int64_t o, con
   __m512i r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + i * 16);
   transpose16(r);
-  const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + o))), 16))
-                        : _mm512_setzero_ps();
+  const __m512 b = bias ? (__m512)load(reinterpret_cast<const c10::BFloat16*>(bias + o)) : _mm512_setzero_ps();
   const int64_t n = std::min<int64_t>(16, T - t0);
   for (int64_t i = 0; i < n; ++i)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(Y + (t0 + i) * O + o),
@@ -650,11 +648,12 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
     const bool two = o + 16 < o1;
     const uint16_t* w0 = W + o * D;
     const uint16_t* w1 = two ? w0 + 16 * D : w0;
-    const int64_t npf = std::max<int64_t>(0, std::min<int64_t>(32, o1 - o - 32));  // rows of the next block
+    const int64_t next = std::max<int64_t>(0, std::min<int64_t>(32, o1 - o - 32));  // rows of the next block
     for (int64_t tb = 0; tb < TB; tb += 2) {
-      const uint16_t* pf = W + (o + 32) * D;
-      if (tb + 1 < TB) amx_block<true>(w0, w1, xp + tb * 256, KB, TB, D, pf, tb == 0 ? npf : 0);
-      else amx_block<false>(w0, w1, xp + tb * 256, KB, TB, D, pf, tb == 0 ? npf : 0);
+      const int64_t npf = tb == 0 ? next : 0;  // prefetched during the block's first pass only
+      const uint16_t* pf = npf ? w0 + 32 * D : nullptr;
+      if (tb + 1 < TB) amx_block<true>(w0, w1, xp + tb * 256, KB, TB, D, pf, npf);
+      else amx_block<false>(w0, w1, xp + tb * 256, KB, TB, D, pf, npf);
       _tile_stored(0, c[0], 64);
       _tile_stored(1, c[1], 64);
       amx_write_tile(c[0], tb * 16, T, o, bias, Y, O);
@@ -1611,7 +1610,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v47_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v48_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

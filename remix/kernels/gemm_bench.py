@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import remix
 from remix.kernels import cpu_ext
 
 
@@ -71,8 +72,6 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--rows: comma-separated integers, got {args.rows!r}")
     if any(r < 1 for r in rows) or args.passes < 1:
         ap.error("--rows and --passes must be positive")
-    import remix
-
     if cpu_ext.load() is None:
         ap.error("the compiled kernels are not available here (no compiler, or REMIX_DISABLE_EXT is set)")
     model, _ = remix.load_base(args.base, dtype=getattr(torch, args.dtype))
