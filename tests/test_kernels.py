@@ -413,23 +413,28 @@ def test_amx_can_be_turned_off_for_comparisons():
     assert out.stdout.split() == ["False", "True"]
 
 
-def test_compiled_linear_from_its_onednn_limit_is_onednns():
-    """float32 calls of ONEDNN_F32_FROM rows or more (prefill steps) take oneDNN's linear on the plain weight (faster
-    there than the dot-product kernel): bit-identical to calling that op, within float32 rounding of F.linear, with and
-    without bias, in the fused module call too (its base output); below the limit the dot-product kernel runs."""
+def test_compiled_linear_from_its_onednn_limit_is_onednns_or_mkls():
+    """float32 calls of ONEDNN_F32_FROM rows or more (prefill steps) leave the dot-product kernel for a library GEMM
+    that is faster there: oneDNN's linear on the plain weight (F32_LARGE_GEMM "onednn": AMD and other CPUs), or ATen's
+    linear, MKL's sgemm, on Intel CPUs ("aten"): bit-identical to calling that op, within float32 rounding of the other,
+    with and without bias; below the limit the dot-product kernel runs."""
     from remix.kernels import cpu_ext
 
     _compiled()
-    lim = cpu_ext.load().ONEDNN_F32_FROM
+    ext = cpu_ext.load()
+    lim = ext.ONEDNN_F32_FROM
     if lim < 0:
-        pytest.skip("this torch has no mkldnn::_linear_pointwise")
+        pytest.skip("neither oneDNN's linear nor MKL here: the dot-product kernel at every size")
+    intel = "GenuineIntel" in open("/proc/cpuinfo").read()
+    assert ext.F32_LARGE_GEMM == ("aten" if intel else "onednn")
     g = torch.Generator().manual_seed(5)
     x, w, b = torch.randn(lim, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
     with torch.inference_mode():
         for bias in (None, b):
             got = cpu_ext.linear(x, w, bias)
-            assert torch.equal(got, torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], ""))
-            torch.testing.assert_close(got, F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+            onednn = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+            assert torch.equal(got, F.linear(x, w, bias) if intel else onednn)
+            torch.testing.assert_close(got, onednn, atol=1e-5, rtol=1e-5)
         if cpu_ext.dot_gemm():  # one row fewer: the dot-product kernel, each row as it is alone
             assert torch.equal(cpu_ext.linear(x[: lim - 1], w, b)[3], cpu_ext.linear(x[3:4], w, b)[0])
 

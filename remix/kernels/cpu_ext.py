@@ -739,11 +739,23 @@ const c10::OperatorHandle* onednn_linear_op() {
   return op;
 }
 
-// y = x2 W^T (+ bias) where no BaseGemm applies: oneDNN's linear for float32 from ONEDNN_F32_FROM rows (boxed call:
-// no dependence on the operator's C++ signature), else ATen's linear (as nn.Linear).
+// Whether float32 calls from ONEDNN_F32_FROM rows take oneDNN's linear (AMD and other CPUs) or ATen's (MKL's sgemm, on
+// Intel CPUs, which MKL is tuned for). Measured per linear of the default base at 256 / 512 / 1024 rows: on the 2-core
+// Intel Xeon (AMX) VM of 2026-12-02, oneDNN's took 0.89-1.26 / 1.06-1.13 / 1.06-1.17 of MKL's time; on the 2-core
+// Zen 5 VM oneDNN ran at 359-390 GFLOP/s at 512 rows against MKL's 150-190 (MKL's AMD paths are generic).
+bool onednn_f32_large() {
+  static const bool use = onednn_linear_op() != nullptr && !__builtin_cpu_is("intel");
+  return use;
+}
+
+// Whether float32 calls from ONEDNN_F32_FROM rows leave the dot-product kernel: for oneDNN's linear, or MKL's on Intel.
+bool large_f32_elsewhere() { return onednn_linear_op() != nullptr || __builtin_cpu_is("intel"); }
+
+// y = x2 W^T (+ bias) where no BaseGemm applies: for float32 from ONEDNN_F32_FROM rows, oneDNN's linear where
+// onednn_f32_large() (boxed call: no dependence on the operator's C++ signature), else ATen's linear (as nn.Linear).
 at::Tensor other_linear(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
   const auto* op = onednn_linear_op();
-  if (op && x2.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM &&
+  if (op && onednn_f32_large() && x2.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM &&
       x2.device().is_cpu() && weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous() && x2.is_contiguous() &&
       (!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.dim() == 1 && bias.size(0) == weight.size(0)))) {
     torch::jit::Stack stack{x2, weight, bias.numel() ? c10::IValue(bias) : c10::IValue(), c10::IValue(std::string("none")),
@@ -765,9 +777,9 @@ BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, con
   const bool ok = x2.device().is_cpu() && dtype_ok && weight.device().is_cpu() && weight.scalar_type() == dt &&
                   weight.is_contiguous() && (!bias.numel() || (bias.scalar_type() == dt && bias.is_contiguous() && bias.numel() == O)) &&
                   x2.size(0) < lim && x2.size(1) < lim && O < lim;
-  // bfloat16 from DOT_BF16_BELOW rows and float32 from ONEDNN_F32_FROM rows: oneDNN's GEMM is faster (other_linear)
+  // bfloat16 from DOT_BF16_BELOW rows and float32 from ONEDNN_F32_FROM rows: oneDNN's GEMM (or MKL's) is faster
   if (!ok || (dt == torch::kBFloat16 && x2.size(0) >= DOT_BF16_BELOW) || (dt == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM &&
-                                                                         onednn_linear_op() != nullptr))
+                                                                         large_f32_elsewhere()))
     return {nullptr, nullptr};
   const bool bf16 = dt == torch::kBFloat16;
 #ifdef REMIX_AMX
@@ -1505,7 +1517,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "the first index of each row's maximum (a NaN wins), as torch.max(dim).indices");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
-  m.attr("ONEDNN_F32_FROM") = onednn_linear_op() ? ONEDNN_F32_FROM : -1;  // -1: no oneDNN linear in this torch
+  m.attr("ONEDNN_F32_FROM") = large_f32_elsewhere() ? ONEDNN_F32_FROM : -1;  // -1: the dot-product kernel at every size
+  m.attr("F32_LARGE_GEMM") = large_f32_elsewhere() ? (onednn_f32_large() ? "onednn" : "aten") : "dot";  // from that limit
   m.def("dot_gemm", [](bool bf16) {
 #ifdef REMIX_DOT_BF16
     if (bf16) return true;  // below DOT_BF16_BELOW rows
@@ -1610,7 +1623,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v48_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v49_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
