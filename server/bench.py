@@ -1,7 +1,7 @@
 """End-to-end generation benchmark: our engine against Hugging Face ``generate``, in one run.
 
     python -m server.bench --json out.json [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 128]
-                           [--dtype float32|bfloat16|auto] [--device cpu|cuda|auto] [--repeats 2]
+                           [--dtype auto|bfloat16|float32] [--device cpu|cuda|auto] [--repeats 2]
 
 On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill included) it measures:
   hf_generate        HF generate, static batch, base only (the peer everyone has)
@@ -169,8 +169,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
     ap.add_argument("--repeats", type=int, default=2,
                     help="runs of every contender at each concurrency (all of them in rounds); the fastest is reported")
-    ap.add_argument("--dtype", default="float32", choices=DTYPES,
-                    help="weights and activations of every contender (the same for all, so ratios stay fair)")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="weights and activations of every contender (the same for all, so ratios stay fair); auto, "
+                         "the server's default: bfloat16 on CUDA or a CPU with AMX-BF16 / AVX512-BF16, else float32")
     ap.add_argument("--device", default="cpu", help=f"where every contender runs: {', '.join(DEVICES)} or cuda:N (auto: cuda if present)")
     args = ap.parse_args(argv)
     if args.repeats < 1:

@@ -35,9 +35,9 @@ OPTIONS = [  # (flag, type, default, help)
     ("kv_memory_gb", float, 4.0, "KV cache memory budget in GiB (caps the slots)"),
     ("drain_timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before exiting"),
     ("device", str, "auto", "where the model runs: cpu, cuda, cuda:N or auto (cuda when a CUDA device is present)"),
-    ("dtype", str, "float32", "weights and activations: float32, bfloat16 (half the memory; ~1.4-1.5x the throughput at 32 sequences on an "
-                              "AVX512-BF16 or AMX CPU; "
-                              "routing and adapter deltas stay float32) or auto (bfloat16 on CUDA or a CPU with AMX-BF16 or AVX512-BF16)"),
+    ("dtype", str, "auto", "weights and activations: auto (the default: bfloat16 on CUDA or a CPU with AMX-BF16 or "
+                           "AVX512-BF16, float32 elsewhere), bfloat16 (half the memory; 1.3-2.5x the float32 throughput "
+                           "on such CPUs; routers, routing and adapter deltas stay float32 inside the kernel) or float32"),
     ("decoder", str, "lean", "decoder stack: lean (Llama/Mistral/Qwen2: HF's ops without HF's Python plumbing and a "
                              "compiled decode attention; other models fall back to hf), exact (the same with SDPA: "
                              "bit-identical to hf on CPU) or hf (HF's modules)"),

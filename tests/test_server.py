@@ -53,8 +53,10 @@ def test_health_reports_where_the_model_runs(server):
     """--device defaults to auto: the first CUDA device where torch sees one (this suite then serves from it), else the CPU."""
     import torch
 
-    health = httpx.get(server.url + "/health", timeout=10).json()
-    assert health["status"] == "ok" and health["dtype"] == "float32"
+    from server.cli import resolve_dtype
+
+    health = httpx.get(server.url + "/health", timeout=10).json()  # --dtype defaults to auto too
+    assert health["status"] == "ok" and health["dtype"] == str(resolve_dtype("auto")).removeprefix("torch.")
     assert health["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
