@@ -217,3 +217,40 @@ def test_compiled_call_follows_the_base_and_its_hooks():
     torch.testing.assert_close(run(stacked), run(stacked, disabled=True), atol=1e-5, rtol=1e-5)
     handle.remove()
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("T", [1, 9, 40, 70])  # below 64 rows the threads split the pools, from 64 the tokens
+def test_bfloat16_base_rows_of_a_mixed_batch_are_the_plain_gemm(T):
+    """On the compiled CPU path in bfloat16, a bare-base token (slot -1) of a mixed batch, or a batch of nothing but
+    such tokens, gets exactly the base GEMM's output (the kernel leaves its row alone: no float32 round trip, no
+    routing), and an adapter token still gets what it gets alone."""
+    from remix.kernels import cpu_ext
+
+    if cpu_ext.load() is None:
+        pytest.skip("no compiled CPU kernels here")
+    torch.manual_seed(1)
+    base = nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    stacked = StackedLinear(base, name="m")
+    for slot in range(2):
+        layer = ReMixLinear(nn.Linear(64, 96), MixtureConfig(n=8, k=2, r=8)).eval()
+        nn.init.normal_(layer.lora_B)
+        stacked.stack.add(slot, layer.lora_A.detach().bfloat16(), layer.lora_B.detach().bfloat16(), layer.router.detach(),
+                          layer.k, layer.omega, dtype=torch.bfloat16)
+    x = torch.randn(T, 64).bfloat16()
+    plain = cpu_ext.linear(x, base.weight, base.bias)
+    with torch.inference_mode():
+        for slots in (torch.full((T,), -1), torch.arange(T) % 3 - 1):
+            try:
+                set_context(RoutingContext.build(slots))
+                y = stacked(x)
+                alone = []
+                for t in range(T):
+                    set_context(RoutingContext.build(slots[t : t + 1]))
+                    alone.append(stacked(x[t : t + 1]) if int(slots[t]) >= 0 else None)
+            finally:
+                set_context(None)
+            bare = slots < 0
+            assert torch.equal(y[bare], plain[bare])
+            for t in range(T):
+                if alone[t] is not None:
+                    assert torch.equal(y[t : t + 1], alone[t])

@@ -331,13 +331,16 @@ struct Routing {
   int64_t S, kmax;
 };
 
+// Token t's slot when it has a pool to route in, else -1 (no slot, a slot past the tables, or an empty pool).
+inline int64_t routed_slot(const Routing& rt, int64_t t) {
+  const int64_t s = rt.slot ? rt.slot[t] : 0;
+  return (s < 0 || s >= rt.S || rt.n[s] == 0) ? -1 : s;
+}
+
 void route_rows(const float* x, int64_t D, int64_t t0, int64_t t1, const Routing& rt, int64_t* ip, float* wp) {
   const int64_t S = rt.S;
   std::vector<int64_t> start(S + 1, 0), tok;  // counting sort of the tokens by slot (no slot / empty pool: skipped)
-  auto slot_of = [&](int64_t t) -> int64_t {
-    const int64_t s = rt.slot ? rt.slot[t] : 0;
-    return (s < 0 || s >= S || rt.n[s] == 0) ? -1 : s;
-  };
+  auto slot_of = [&](int64_t t) -> int64_t { return routed_slot(rt, t); };
   for (int64_t t = t0; t < t1; ++t) { const int64_t s = slot_of(t); if (s >= 0) ++start[s + 1]; }
   for (int64_t s = 0; s < S; ++s) start[s + 1] += start[s];
   tok.resize(start[S]);
@@ -843,12 +846,24 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   const void* gx = bf16 ? static_cast<const void*>(xh) : X;  // the GEMM reads and writes x's dtype
   void* gy = bf16 ? static_cast<void*>(yh) : Y;
 
+  // bfloat16: float32 copies only of the rows that are read: x of a token routed in a pool (of a token with a selection
+  // where the ids are given), y of a token with a selection - a base-only token of a mixed batch (or a whole batch of
+  // them) costs its GEMM and nothing else; its y keeps the GEMM's rounding, which widen then narrow would give back.
+  auto selected = [&](int64_t t) {
+    for (int64_t j = 0; j < k; ++j) if (sel[t * k + j] >= 0 && w[t * k + j] != 0.f) return true;
+    return false;
+  };
+  auto widen_x = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      if (rt ? routed_slot(*rt, t) >= 0 : selected(t)) widen(xh + t * D, xbuf.get() + t * D, D);
+  };
   auto token_share = [&](int64_t t0, int64_t t1) {
     if (t1 <= t0) return;
-    if (bf16) { widen(xh + t0 * D, xbuf.get() + t0 * D, (t1 - t0) * D); widen(yh + t0 * O, ybuf.get() + t0 * O, (t1 - t0) * O); }
+    if (bf16) widen_x(t0, t1);
     if (rt) route_rows(X, D, t0, t1, *rt, sel, w);
+    if (bf16) for (int64_t t = t0; t < t1; ++t) if (selected(t)) widen(yh + t * O, ybuf.get() + t * O, O);
     gather_serial(X + t0 * D, t1 - t0, pl, sel + t0 * k, w + t0 * k, k, Y + t0 * O);
-    if (bf16) narrow(ybuf.get() + t0 * O, yh + t0 * O, (t1 - t0) * O);
+    if (bf16) for (int64_t t = t0; t < t1; ++t) if (selected(t)) narrow(ybuf.get() + t * O, yh + t * O, O);
   };
   if (P <= 1) {
     if (gemm.on()) gemm(gx, gy, T, D, O, 0, O);
@@ -873,20 +888,22 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     const auto [h, nh] = region_thread();
     {  // stage 1: widen and route a share of the tokens
       const int64_t t0 = T * h / nh, t1 = T * (h + 1) / nh;
-      if (bf16 && t1 > t0) widen(xh + t0 * D, xbuf.get() + t0 * D, (t1 - t0) * D);
+      if (bf16 && t1 > t0) widen_x(t0, t1);
       if (rt && t1 > t0) route_rows(X, D, t0, t1, *rt, sel, w);
     }
 #pragma omp barrier
     const Pairs pr(sel, w, T, k, pl.N);  // every thread sorts the (few) pairs itself: same input, same order
     const int64_t nb = pr.num_blocks();
-    phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, pl, U.get());
+    if (pr.size() > 0) {  // the same for every thread: all of them meet the barrier, or none
+      phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, pl, U.get());
 #pragma omp barrier
+    }
     const auto [o0, o1] = out_slice(O, h, nh);
     if (gemm.on()) gemm(gx, gy, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
-    if (o1 > o0) {
-      if (bf16) for (int64_t t = 0; t < T; ++t) widen(yh + t * O + o0, ybuf.get() + t * O + o0, o1 - o0);
+    if (o1 > o0 && pr.size() > 0) {
+      if (bf16) for (int64_t t = 0; t < T; ++t) if (selected(t)) widen(yh + t * O + o0, ybuf.get() + t * O + o0, o1 - o0);
       phase_b(pr, pl, U.get(), Y, o0, o1, /*prefetch=*/true);
-      if (bf16) for (int64_t t = 0; t < T; ++t) narrow(ybuf.get() + t * O + o0, yh + t * O + o0, o1 - o0);
+      if (bf16) for (int64_t t = 0; t < T; ++t) if (selected(t)) narrow(ybuf.get() + t * O + o0, yh + t * O + o0, o1 - o0);
     }
   }
 }
@@ -1623,7 +1640,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v49_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v50_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
