@@ -232,7 +232,7 @@ def main(argv=None) -> dict:
             if got[0][1] is not None:  # the engine's contenders also report their decode step
                 row[name]["decode_step_ms"] = 1000 * min(st for _, st in got)
         # the floor is the faster of ATen's GEMMs (what HF runs) and the compiled kernels' GEMM (what the engine runs
-        # on CPU: their own float32 kernel, oneDNN from 256 rows; bfloat16 their own below 128 rows, else ATen's): a
+        # on CPU: their own float32 kernel, oneDNN (Intel: MKL) from 256 rows; bfloat16 their own below 128 rows, else ATen's): a
         # step cannot beat the weight GEMMs of the best GEMM this machine has
         row["gemm_floor_aten_ms"] = 1000 * gemm_floor(engine.runner.model, c)
         floors = [row["gemm_floor_aten_ms"]]

@@ -6,7 +6,8 @@ For d 576 -> 1536 (gate/up) and 1536 -> 576 (down), T in {1, 32, 512}, n = 8, k 
 in one run and on the same inputs:
   base_aten       the frozen base layer alone as nn.Linear runs it (ATen's linear: MKL on the whole problem)
   base            the base GEMM alone as the compiled kernels run it (cpu_ext.linear: with AVX-512 their own
-                  dot-product kernel, each thread a slice of the outputs, oneDNN's linear from 256 rows; 2.0-2.7x
+                  dot-product kernel, each thread a slice of the outputs, oneDNN's linear from 256 rows - MKL's,
+                  the same as base_aten, on Intel CPUs; 2.0-2.7x
                   faster than base_aten on the AMD Zen 5 VM) - the floor, since the ReMix module computes its base
                   output that way; without the compiled kernels, base = base_aten
   remix           the whole ReMix module (routing + gather + base GEMM), one adapter (training's layer, eval),

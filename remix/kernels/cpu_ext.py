@@ -14,7 +14,8 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                (autograd, changed weights, not a CPU float tensor)
     linear(x, w, bias)         that base GEMM alone, each thread on its own slice of the outputs: with AVX-512 a
                                dot-product kernel (a row's outputs bit-identical in any batch; ~2x ATen's MKL GEMM
-                               at small batches on the AMD machine measured; oneDNN from 256 rows), else MKL;
+                               at small batches on the AMD machine measured; from 256 rows oneDNN's linear, MKL's
+                               on Intel CPUs: F32_LARGE_GEMM), else MKL;
                                bfloat16 its own kernel below 128 rows (AMX tiles where the CPU has AMX-BF16, else
                                AVX512-BF16), else ATen's
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)

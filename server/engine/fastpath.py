@@ -34,7 +34,7 @@ steps of up to 32 tokens and ATen's ops above, so a request's bfloat16 numbers (
 how many tokens its batch-mates brought to the step. (A compiled silu(gate) * up was never faster than ATen's two ops;
 the lean path computes it in place on the gate's output instead.) The plain linears and the LM head take the compiled
 kernels' GEMM too (``cpu_ext.linear``: their float32 dot-product kernel, whose rows do not depend on the batch, and
-oneDNN from 256 rows; bfloat16 their kernel below 128 rows), as the ReMix modules do inside their own call; and a
+oneDNN (MKL on Intel CPUs) from 256 rows; bfloat16 their kernel below 128 rows), as the ReMix modules do inside their own call; and a
 prefill step with padding runs its per-token ops on its real tokens only (``rows``; the attention alone sees [b, q]). A decode step
 on that path runs all its decoder layers in one C++ call (``DecodeStack``: the same kernels in the same order, so
 bit-identical to the Python loop below; 30.7 -> 27.6 ms a float32 step of the default base at one sequence, 42.1 ->
