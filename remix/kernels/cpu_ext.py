@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -747,13 +748,20 @@ const c10::OperatorHandle* onednn_linear_op() {
 // Intel CPUs, which MKL is tuned for). Measured per linear of the default base at 256 / 512 / 1024 rows: on the 2-core
 // Intel Xeon (AMX) VM of 2026-12-02, oneDNN's took 0.89-1.26 / 1.06-1.13 / 1.06-1.17 of MKL's time; on the 2-core
 // Zen 5 VM oneDNN ran at 359-390 GFLOP/s at 512 rows against MKL's 150-190 (MKL's AMD paths are generic).
+inline bool intel_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
 bool onednn_f32_large() {
-  static const bool use = onednn_linear_op() != nullptr && !__builtin_cpu_is("intel");
+  static const bool use = onednn_linear_op() != nullptr && !intel_cpu();
   return use;
 }
 
 // Whether float32 calls from ONEDNN_F32_FROM rows leave the dot-product kernel: for oneDNN's linear, or MKL's on Intel.
-bool large_f32_elsewhere() { return onednn_linear_op() != nullptr || __builtin_cpu_is("intel"); }
+bool large_f32_elsewhere() { return onednn_linear_op() != nullptr || intel_cpu(); }
 
 // y = x2 W^T (+ bias) where no BaseGemm applies: for float32 from ONEDNN_F32_FROM rows, oneDNN's linear where
 // onednn_f32_large() (boxed call: no dependence on the operator's C++ signature), else ATen's linear (as nn.Linear).
@@ -1103,9 +1111,9 @@ torch::Tensor route_gather_into(torch::Tensor x, torch::Tensor y, torch::Tensor 
               "counts must be int64 [N] or empty");
   if (!idx.defined()) idx = torch::empty({T, kmax}, x.options().dtype(torch::kInt64));
   TORCH_CHECK(idx.scalar_type() == torch::kInt64 && idx.is_contiguous() && idx.numel() == T * kmax, "idx must be int64 [T, kmax]");
-  idx.fill_(-1);
-  std::vector<float> weight(T * kmax, 0.f);
   int64_t* ip = idx.data_ptr<int64_t>();
+  std::fill_n(ip, T * kmax, int64_t{-1});  // not idx.fill_: a dispatched op, ~1.7 us a call at decode sizes
+  std::vector<float> weight(T * kmax, 0.f);
   const Routing rt{router.data_ptr<float>(), one ? nullptr : sot.data_ptr<int64_t>(), op, np, kp, om.data_ptr<float>(), S, kmax};
   const Pools pl{a.data_ptr(), bt.data_ptr(), r, N, D, y.size(1), a.scalar_type() == torch::kBFloat16};
   run(x, y, pl, &rt, ip, weight.data(), kmax, gemm);
@@ -1641,7 +1649,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v50_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v51_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
