@@ -96,3 +96,12 @@ def test_gemm_bench_times_every_linear_of_a_decode_step_both_ways(tmp_path, dtyp
     assert (tmp_path / "g.json").exists()
     with pytest.raises(SystemExit):  # a bad --rows names the flag
         gemm_bench.main(["--base", "tiny", "--rows", "1,x"])
+
+
+def test_kernel_bench_in_bfloat16_times_every_variant_in_that_dtype():
+    """--dtype bfloat16 (the serving default on CPUs with bfloat16 instructions): the same variants and ratios."""
+    out = kernel_bench.main(["--tokens", "2", "--min-time", "0.005", "--adapters", "2", "--copies", "2", "--dtype", "bfloat16"])
+    assert out["config"]["dtype"] == "bfloat16" and len(out["results"]) == 2
+    for res in out["results"]:
+        assert all(v > 0 and math.isfinite(v) for v in res["times_us"].values())
+        assert math.isfinite(res["ratios"]["overhead_over_base"])

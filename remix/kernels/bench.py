@@ -1,6 +1,6 @@
 """Benchmark of one ReMix module against its peers on the default base's FFN shapes.
 
-    python -m remix.kernels.bench --json out.json
+    python -m remix.kernels.bench --json out.json [--dtype float32|bfloat16]
 
 For d 576 -> 1536 (gate/up) and 1536 -> 576 (down), T in {1, 32, 512}, n = 8, k = 2, r = 8 it times,
 in one run and on the same inputs:
@@ -127,7 +127,7 @@ def _torch_path(layer, x):
 
 
 def bench_shape(d_in: int, d_out: int, T: int, n: int, k: int, r: int, adapters: int, min_time: float,
-                copies: int = 90) -> dict:
+                copies: int = 90, dtype: torch.dtype = torch.float32) -> dict:
     """Time every variant on ``copies`` independent modules in turn and report the time per module.
 
     One module's weights (3.5 MB here) fit this CPU's 2 MB-per-core L2 when two threads split them, so timing a
@@ -136,23 +136,28 @@ def bench_shape(d_in: int, d_out: int, T: int, n: int, k: int, r: int, adapters:
     from memory as it does in the model. With 16 copies (~60 MB) everything stays in this VM's last-level cache and
     the base GEMM is faster at small T (256-380 against 410-440 us at T = 32, 576 -> 1536, in this VM's runs); the
     ratios moved less than the run-to-run spread (``--copies 16`` shows it).
+
+    ``dtype`` bfloat16: every variant's weights and x in bfloat16 (the serving default on CPUs with bfloat16
+    instructions); the ReMix layers keep their routers in float32 as the compiled kernel does.
     """
     torch.manual_seed(0)
     cfg = MixtureConfig(n=n, k=k, r=r)
     mods = []
     for _ in range(copies):
-        base = nn.Linear(d_in, d_out, bias=False)
+        base = nn.Linear(d_in, d_out, bias=False).to(dtype)
         layers = [ReMixLinear(base, cfg).eval() for _ in range(adapters)]
         for layer in layers:
             nn.init.normal_(layer.lora_B, std=0.02)
             layer.requires_grad_(False)
+            if dtype != torch.float32:  # the pools in the model's dtype, the router in float32
+                layer.lora_A.data, layer.lora_B.data = layer.lora_A.data.to(dtype), layer.lora_B.data.to(dtype)
         stacked = StackedLinear(base)
         for slot, layer in enumerate(layers):
-            stacked.stack.add(slot, layer.lora_A, layer.lora_B, layer.router, k, layer.omega)
-        dense_a, dense_b = torch.randn(k * r, d_in) * 0.02, torch.randn(d_out, k * r) * 0.02
+            stacked.stack.add(slot, layer.lora_A, layer.lora_B, layer.router, k, layer.omega, dtype=dtype)
+        dense_a, dense_b = (torch.randn(k * r, d_in) * 0.02).to(dtype), (torch.randn(d_out, k * r) * 0.02).to(dtype)
         dense = (dense_a, dense_b, (dense_b * layers[0].omega).t().contiguous())
         mods.append((base, layers[0], stacked, dense))
-    x = torch.randn(T, d_in)
+    x = torch.randn(T, d_in).to(dtype)
     ctx1 = RoutingContext.build(torch.zeros(T, dtype=torch.int64))
     ctx4 = RoutingContext.build(torch.arange(T) % adapters)
 
@@ -248,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="independent modules cycled per variant (90 = the default base's FFN modules: one forward)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-tune-alloc", action="store_true", help="leave glibc's malloc thresholds alone")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weights and activations of every variant (routers stay float32)")
     args = parser.parse_args(argv)
     if not args.no_tune_alloc:
         tune_cpu_allocator()
@@ -257,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for d_in, d_out in ((576, 1536), (1536, 576)):
         for T in (int(t) for t in args.tokens.split(",")):
-            res = bench_shape(d_in, d_out, T, args.n, args.k, args.r, args.adapters, args.min_time, args.copies)
+            res = bench_shape(d_in, d_out, T, args.n, args.k, args.r, args.adapters, args.min_time, args.copies,
+                              getattr(torch, args.dtype))
             results.append(res)
             t, q = res["times_us"], res["ratios"]
             print(
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     goals = judge(results)
     out = {
-        "config": {"n": args.n, "k": args.k, "r": args.r, "adapters": args.adapters, "dtype": "float32", "copies": args.copies,
+        "config": {"n": args.n, "k": args.k, "r": args.r, "adapters": args.adapters, "dtype": args.dtype, "copies": args.copies,
                    "threads": torch.get_num_threads(),
                    "compiled_cpu_kernel": cpu_ext.available(), "allocator_tuned": not args.no_tune_alloc, "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
         "results": results,
