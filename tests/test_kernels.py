@@ -224,6 +224,26 @@ def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("T", [5, 70])  # threads split the pools below 64 tokens, the tokens from 64
+def test_compiled_bfloat16_leaves_rows_without_a_selection_untouched(T):
+    """A token with no slot gets no float32 round trip of its bfloat16 y row: every bit stays, even a signalling NaN's
+    pattern (0x7F81), which widen-then-narrow would return quieted (0x7FC1); routed tokens' rows still change."""
+    ext = _compiled()
+    n, r, D, O = 4, 4, 32, 48
+    g = torch.Generator().manual_seed(9)
+    P, a, bt = torch.randn(n, D, generator=g), torch.randn(n * r, D, generator=g).bfloat16(), torch.randn(n * r, O, generator=g).bfloat16()
+    tables = (torch.tensor([0]), torch.tensor([n]), torch.tensor([2]), torch.tensor([0.5]))
+    x = torch.randn(T, D, generator=g).bfloat16()
+    slots = torch.where(torch.arange(T) % 2 == 0, 0, -1)
+    y0 = torch.randn(T, O, generator=g).bfloat16()
+    y0.view(torch.int16)[1, :4] = 0x7F81  # row 1 has no slot
+    y = y0.clone()
+    ext.route_gather_(x, y, P, a, bt, slots, *tables, r, 2, torch.empty(0, dtype=torch.int64))
+    bare = slots < 0
+    assert torch.equal(y.view(torch.int16)[bare], y0.view(torch.int16)[bare])
+    assert not torch.equal(y[~bare], y0[~bare])
+
+
 def test_compiled_gather_adds_a_lora_listed_twice():
     ext = _compiled()
     A, B = make_stack([4], 3, 20, 36, torch.float32)

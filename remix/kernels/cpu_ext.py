@@ -342,13 +342,12 @@ inline int64_t routed_slot(const Routing& rt, int64_t t) {
 void route_rows(const float* x, int64_t D, int64_t t0, int64_t t1, const Routing& rt, int64_t* ip, float* wp) {
   const int64_t S = rt.S;
   std::vector<int64_t> start(S + 1, 0), tok;  // counting sort of the tokens by slot (no slot / empty pool: skipped)
-  auto slot_of = [&](int64_t t) -> int64_t { return routed_slot(rt, t); };
-  for (int64_t t = t0; t < t1; ++t) { const int64_t s = slot_of(t); if (s >= 0) ++start[s + 1]; }
+  for (int64_t t = t0; t < t1; ++t) { const int64_t s = routed_slot(rt, t); if (s >= 0) ++start[s + 1]; }
   for (int64_t s = 0; s < S; ++s) start[s + 1] += start[s];
   tok.resize(start[S]);
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t t = t0; t < t1; ++t) { const int64_t s = slot_of(t); if (s >= 0) tok[fill[s]++] = t; }
+    for (int64_t t = t0; t < t1; ++t) { const int64_t s = routed_slot(rt, t); if (s >= 0) tok[fill[s]++] = t; }
   }
   float logits[4 * 64];
   for (int64_t s = 0; s < S; ++s)
@@ -761,18 +760,20 @@ bool onednn_f32_large() {
 }
 
 // Whether float32 calls from ONEDNN_F32_FROM rows leave the dot-product kernel: for oneDNN's linear, or MKL's on Intel.
-bool large_f32_elsewhere() { return onednn_linear_op() != nullptr || intel_cpu(); }
+bool large_f32_elsewhere() {
+  static const bool elsewhere = onednn_linear_op() != nullptr || intel_cpu();
+  return elsewhere;
+}
 
 // y = x2 W^T (+ bias) where no BaseGemm applies: for float32 from ONEDNN_F32_FROM rows, oneDNN's linear where
 // onednn_f32_large() (boxed call: no dependence on the operator's C++ signature), else ATen's linear (as nn.Linear).
 at::Tensor other_linear(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
-  const auto* op = onednn_linear_op();
-  if (op && onednn_f32_large() && x2.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM &&
+  if (onednn_f32_large() && x2.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM &&
       x2.device().is_cpu() && weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous() && x2.is_contiguous() &&
       (!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.dim() == 1 && bias.size(0) == weight.size(0)))) {
     torch::jit::Stack stack{x2, weight, bias.numel() ? c10::IValue(bias) : c10::IValue(), c10::IValue(std::string("none")),
                             c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
-    op->callBoxed(&stack);
+    onednn_linear_op()->callBoxed(&stack);
     return stack.at(0).toTensor();
   }
   return bias.numel() ? at::linear(x2, weight, bias) : at::linear(x2, weight);
@@ -1649,7 +1650,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v51_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v52_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
