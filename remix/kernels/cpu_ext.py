@@ -339,7 +339,8 @@ inline int64_t routed_slot(const Routing& rt, int64_t t) {
   return (s < 0 || s >= rt.S || rt.n[s] == 0) ? -1 : s;
 }
 
-void route_rows(const float* x, int64_t D, int64_t t0, int64_t t1, const Routing& rt, int64_t* ip, float* wp) {
+// x's first row is token x0's (a bfloat16 call's float32 copy of a chunk of tokens).
+void route_rows(const float* x, int64_t x0, int64_t D, int64_t t0, int64_t t1, const Routing& rt, int64_t* ip, float* wp) {
   const int64_t S = rt.S;
   std::vector<int64_t> start(S + 1, 0), tok;  // counting sort of the tokens by slot (no slot / empty pool: skipped)
   for (int64_t t = t0; t < t1; ++t) { const int64_t s = routed_slot(rt, t); if (s >= 0) ++start[s + 1]; }
@@ -354,7 +355,7 @@ void route_rows(const float* x, int64_t D, int64_t t0, int64_t t1, const Routing
     for (int64_t b0 = start[s]; b0 < start[s + 1]; b0 += 4) {
       const int64_t nq = std::min<int64_t>(4, start[s + 1] - b0), o = rt.off[s], n = rt.n[s], k = rt.k[s];
       const float* xs[4];
-      for (int64_t q = 0; q < nq; ++q) xs[q] = x + tok[b0 + q] * D;
+      for (int64_t q = 0; q < nq; ++q) xs[q] = x + (tok[b0 + q] - x0) * D;
       for (int64_t c0 = 0; c0 < n; c0 += 4)
         dots4x4(xs, nq, rt.router + (o + c0) * D, std::min<int64_t>(4, n - c0), D, logits + c0, 64, nullptr);
       for (int64_t q = 0; q < nq; ++q) {
@@ -850,7 +851,12 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   // float32 copies of x and y for bfloat16, left uninitialised (every element is widened into before it is read): a
   // vector's zero fill ran on the calling thread before the region, ~10 us a module at 32 rows
   Scratch xbuf, ybuf;
-  if (bf16) { xbuf = scratch(T * D); ybuf = scratch(T * O); X = xbuf.get(); Y = ybuf.get(); }
+  if (bf16 && P > 1 && T < SPLIT_POOLS_BELOW) {  // (a token share copies its rows in chunks of its own)
+    xbuf = scratch(T * D);
+    ybuf = scratch(T * O);
+    X = xbuf.get();
+    Y = ybuf.get();
+  }
   const uint16_t* xh = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr()) : nullptr;
   uint16_t* yh = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr()) : nullptr;
   const void* gx = bf16 ? static_cast<const void*>(xh) : X;  // the GEMM reads and writes x's dtype
@@ -869,11 +875,24 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   };
   auto token_share = [&](int64_t t0, int64_t t1) {
     if (t1 <= t0) return;
-    if (bf16) widen_x(t0, t1);
-    if (rt) route_rows(X, D, t0, t1, *rt, sel, w);
-    if (bf16) for (int64_t t = t0; t < t1; ++t) if (selected(t)) widen(yh + t * O, ybuf.get() + t * O, O);
-    gather_serial(X + t0 * D, t1 - t0, pl, sel + t0 * k, w + t0 * k, k, Y + t0 * O);
-    if (bf16) for (int64_t t = t0; t < t1; ++t) if (selected(t)) narrow(ybuf.get() + t * O, yh + t * O, O);
+    if (!bf16) {
+      if (rt) route_rows(X, 0, D, t0, t1, *rt, sel, w);
+      return gather_serial(X + t0 * D, t1 - t0, pl, sel + t0 * k, w + t0 * k, k, Y + t0 * O);
+    }
+    // bfloat16: 64 tokens at a time (gather_serial's tiles, so the same sums), their float32 copies of x and y in
+    // buffers of 64 rows that stay in this thread's cache (copies of the whole share went out to memory and came back:
+    // a 512-token prefill call spent ~1 ms of its ~1.1 ms delta there)
+    const int64_t C = std::min<int64_t>(64, t1 - t0);
+    Scratch xc = scratch(C * D), yc = scratch(C * O);
+    for (int64_t c0 = t0; c0 < t1; c0 += C) {
+      const int64_t c1 = std::min(c0 + C, t1);
+      for (int64_t t = c0; t < c1; ++t)
+        if (rt ? routed_slot(*rt, t) >= 0 : selected(t)) widen(xh + t * D, xc.get() + (t - c0) * D, D);
+      if (rt) route_rows(xc.get(), c0, D, c0, c1, *rt, sel, w);
+      for (int64_t t = c0; t < c1; ++t) if (selected(t)) widen(yh + t * O, yc.get() + (t - c0) * O, O);
+      gather_serial(xc.get(), c1 - c0, pl, sel + c0 * k, w + c0 * k, k, yc.get());
+      for (int64_t t = c0; t < c1; ++t) if (selected(t)) narrow(yc.get() + (t - c0) * O, yh + t * O, O);
+    }
   };
   if (P <= 1) {
     if (gemm.on()) gemm(gx, gy, T, D, O, 0, O);
@@ -899,7 +918,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     {  // stage 1: widen and route a share of the tokens
       const int64_t t0 = T * h / nh, t1 = T * (h + 1) / nh;
       if (bf16 && t1 > t0) widen_x(t0, t1);
-      if (rt && t1 > t0) route_rows(X, D, t0, t1, *rt, sel, w);
+      if (rt && t1 > t0) route_rows(X, 0, D, t0, t1, *rt, sel, w);
     }
 #pragma omp barrier
     const Pairs pr(sel, w, T, k, pl.N);  // every thread sorts the (few) pairs itself: same input, same order
@@ -1650,7 +1669,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v52_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v53_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
