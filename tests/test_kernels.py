@@ -196,7 +196,9 @@ def test_compiled_route_gather_matches_torch_path(T, n, k, r):
                                          (torch.bfloat16, torch.bfloat16)])
 def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     """The kernel's sums run in the same order for a token whoever shares the call: exact equality, alone, in a small
-    batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread."""
+    batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread. bfloat16
+    copies a token share's x and y 64 tokens at a time: 150 tokens are chunks of 64 + 11 per thread on two threads and
+    64 + 64 + 22 on one, so a token off its chunk's first row is routed and gathered from the right copy."""
     ext = _compiled()
     n, r, D, O = 8, 8, 64, 200  # O: two-vector slices, a one-vector slice and a scalar tail
     g = torch.Generator().manual_seed(3)

@@ -869,9 +869,10 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     for (int64_t j = 0; j < k; ++j) if (sel[t * k + j] >= 0 && w[t * k + j] != 0.f) return true;
     return false;
   };
-  auto widen_x = [&](int64_t t0, int64_t t1) {
+  // x rows [t0, t1) that are read into dst, whose first row is token row0's
+  auto widen_x = [&](int64_t t0, int64_t t1, float* dst, int64_t row0) {
     for (int64_t t = t0; t < t1; ++t)
-      if (rt ? routed_slot(*rt, t) >= 0 : selected(t)) widen(xh + t * D, xbuf.get() + t * D, D);
+      if (rt ? routed_slot(*rt, t) >= 0 : selected(t)) widen(xh + t * D, dst + (t - row0) * D, D);
   };
   auto token_share = [&](int64_t t0, int64_t t1) {
     if (t1 <= t0) return;
@@ -887,8 +888,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     Scratch xc = scratch(C * D), yc = scratch(C * O);
     for (int64_t c0 = t0; c0 < t1; c0 += C) {
       const int64_t c1 = std::min(c0 + C, t1);
-      for (int64_t t = c0; t < c1; ++t)
-        if (rt ? routed_slot(*rt, t) >= 0 : selected(t)) widen(xh + t * D, xc.get() + (t - c0) * D, D);
+      widen_x(c0, c1, xc.get(), c0);
       if (rt) route_rows(xc.get(), c0, D, c0, c1, *rt, sel, w);
       for (int64_t t = c0; t < c1; ++t) if (selected(t)) widen(yh + t * O, yc.get() + (t - c0) * O, O);
       gather_serial(xc.get(), c1 - c0, pl, sel + c0 * k, w + c0 * k, k, yc.get());
@@ -918,7 +918,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     const auto [h, nh] = region_thread();
     {  // stage 1: widen and route a share of the tokens
       const int64_t t0 = T * h / nh, t1 = T * (h + 1) / nh;
-      if (bf16 && t1 > t0) widen_x(t0, t1);
+      if (bf16 && t1 > t0) widen_x(t0, t1, xbuf.get(), 0);
       if (rt && t1 > t0) route_rows(X, 0, D, t0, t1, *rt, sel, w);
     }
 #pragma omp barrier
@@ -1670,7 +1670,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v54_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v55_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
