@@ -145,13 +145,14 @@ inline void dots4x4(const float* const* xs, int64_t nq, const R* rows, int64_t n
     }
 }
 
-// Y[rows[p]][o0, o1) += sum_{c < CN} U[p * us + c] * b[c] for the np pairs of one LoRA (o0 a multiple of 2L). For each
+// Y[rows[p]][o0, o1) += sum_{c < CN} U[p * us + c] * b[c] for the np pairs of one LoRA (o0 a multiple of 2L), where
+// Y[t][o] is Y[t * ldy + o - yo] (y itself: ldy = O, yo = 0; a block of columns from yo: a buffer of its own). For each
 // slice of 2L outputs the CN rows of b sit in registers while every pair's y is read, updated and written once (in
 // pair order, so a token listed twice is updated twice). Which code path an output takes depends only on its index
 // o, so its sum runs in one order however the outputs are split between threads.
 template <int CN, typename R>
-void axpy_lora(float* Y, int64_t O, const R* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
-               int64_t o0, int64_t o1, bool prefetch) {
+void axpy_lora(float* Y, int64_t ldy, int64_t yo, int64_t O, const R* b, const float* U, int64_t us, const int64_t* rows,
+               int64_t np, int64_t o0, int64_t o1, bool prefetch) {
   int64_t o = o0;
   for (; o + 2 * L <= o1; o += 2 * L) {
     vf b0[CN], b1[CN];
@@ -163,7 +164,7 @@ void axpy_lora(float* Y, int64_t O, const R* b, const float* U, int64_t us, cons
         if constexpr (sizeof(R) == 4) __builtin_prefetch(ahead + L, 0, 3);
       }
     for (int64_t p = 0; p < np; ++p) {
-      float* y = Y + rows[p] * O + o;
+      float* y = Y + rows[p] * ldy + (o - yo);
       const float* u = U + p * us;
       vf y0 = load(y), y1 = load(y + L);
       for (int c = 0; c < CN; ++c) { y0 += u[c] * b0[c]; y1 += u[c] * b1[c]; }
@@ -175,7 +176,7 @@ void axpy_lora(float* Y, int64_t O, const R* b, const float* U, int64_t us, cons
     vf b0[CN];
     for (int c = 0; c < CN; ++c) b0[c] = load(b + c * O + o);
     for (int64_t p = 0; p < np; ++p) {
-      float* y = Y + rows[p] * O + o;
+      float* y = Y + rows[p] * ldy + (o - yo);
       const float* u = U + p * us;
       vf y0 = load(y);
       for (int c = 0; c < CN; ++c) y0 += u[c] * b0[c];
@@ -184,7 +185,7 @@ void axpy_lora(float* Y, int64_t O, const R* b, const float* U, int64_t us, cons
   }
   for (; o < o1; ++o)
     for (int64_t p = 0; p < np; ++p) {
-      float* y = Y + rows[p] * O + o;
+      float* y = Y + rows[p] * ldy + (o - yo);
       const float* u = U + p * us;
       float acc = *y;
       for (int c = 0; c < CN; ++c) acc += u[c] * static_cast<float>(b[c * O + o]);
@@ -193,17 +194,17 @@ void axpy_lora(float* Y, int64_t O, const R* b, const float* U, int64_t us, cons
 }
 
 template <typename R>
-void axpy_rows(int64_t cn, float* Y, int64_t O, const R* b, const float* U, int64_t us, const int64_t* rows, int64_t np,
-               int64_t o0, int64_t o1, bool prefetch) {
+void axpy_rows(int64_t cn, float* Y, int64_t ldy, int64_t yo, int64_t O, const R* b, const float* U, int64_t us,
+               const int64_t* rows, int64_t np, int64_t o0, int64_t o1, bool prefetch) {
   switch (cn) {
-    case 8: return axpy_lora<8, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 7: return axpy_lora<7, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 6: return axpy_lora<6, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 5: return axpy_lora<5, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 4: return axpy_lora<4, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 3: return axpy_lora<3, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    case 2: return axpy_lora<2, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
-    default: return axpy_lora<1, R>(Y, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 8: return axpy_lora<8, R>(Y, ldy, yo, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 7: return axpy_lora<7, R>(Y, ldy, yo, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 6: return axpy_lora<6, R>(Y, ldy, yo, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 5: return axpy_lora<5, R>(Y, ldy, yo, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 4: return axpy_lora<4, R>(Y, ldy, yo, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 3: return axpy_lora<3, R>(Y, ldy, yo, O, b, U, us, rows, np, o0, o1, prefetch);
+    case 2: return axpy_lora<2, R>(Y, ldy, yo, O, b, U, us, rows, np, o0, o1, prefetch);
+    default: return axpy_lora<1, R>(Y, ldy, yo, O, b, U, us, rows, np, o0, o1, prefetch);
   }
 }
 
@@ -251,16 +252,18 @@ void phase_a_of(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const P
   }
 }
 
-// Phase B over outputs [o0, o1): Y[rows[p]] += B[i] @ U[p] for every LoRA i in ascending id, its rows of B read once.
+// Phase B over outputs [o0, o1): Y[rows[p]] += B[i] @ U[p] for every LoRA i in ascending id, its rows of B read once
+// (Y[t][o] at Y[t * ldy + o - yo], as axpy_lora).
 template <typename R>
-void phase_b_of(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1, bool prefetch) {
+void phase_b_of(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t ldy, int64_t yo, int64_t o0,
+                int64_t o1, bool prefetch) {
   const int64_t r = pl.r, O = pl.O;
   const R* Bt = static_cast<const R*>(pl.bt);
   for (int64_t i = 0; i < pl.N; ++i) {
     const int64_t np = pr.start[i + 1] - pr.start[i];
     if (np == 0) continue;
     for (int64_t c0 = 0; c0 < r; c0 += 8)
-      axpy_rows(std::min<int64_t>(8, r - c0), Y, O, Bt + (i * r + c0) * O, U + pr.start[i] * r + c0, r,
+      axpy_rows(std::min<int64_t>(8, r - c0), Y, ldy, yo, O, Bt + (i * r + c0) * O, U + pr.start[i] * r + c0, r,
                 pr.rows.data() + pr.start[i], np, o0, o1, prefetch);
   }
 }
@@ -269,9 +272,11 @@ void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const Pool
   if (pl.bf16) return phase_a_of<c10::BFloat16>(pr, b0, b1, X, pl, U);
   phase_a_of<float>(pr, b0, b1, X, pl, U);
 }
-void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1, bool prefetch = false) {
-  if (pl.bf16) return phase_b_of<c10::BFloat16>(pr, pl, U, Y, o0, o1, prefetch);
-  phase_b_of<float>(pr, pl, U, Y, o0, o1, prefetch);
+void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1, bool prefetch = false,
+             int64_t ldy = -1, int64_t yo = 0) {
+  if (ldy < 0) ldy = pl.O;
+  if (pl.bf16) return phase_b_of<c10::BFloat16>(pr, pl, U, Y, ldy, yo, o0, o1, prefetch);
+  phase_b_of<float>(pr, pl, U, Y, ldy, yo, o0, o1, prefetch);
 }
 
 // The whole gather of T tokens on this thread, in tiles whose y rows stay in cache across both phases.
@@ -309,17 +314,61 @@ inline Scratch scratch(int64_t n) {
   return Scratch(static_cast<float*>(p));
 }
 
-// bfloat16 <-> float32 in branch-free integer code the compiler vectorises (c10's scalar conversions do not).
+// bfloat16 <-> float32 in branch-free integer code, sixteen values a step with AVX-512 (the compiler's own
+// vectorisation of the scalar loops below takes 256-bit registers and a permute per store: at 512 rows the copies of a
+// bfloat16 call's x and y took ~a quarter of its routing and gather), the same code per value elsewhere. narrow rounds
+// to nearest even and keeps denormals, as c10's conversion does (AVX512-BF16's vcvtneps2bf16 flushes them to zero:
+// checked on this project's Intel VM), and quiets a NaN.
 inline void widen(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) { uint32_t b = static_cast<uint32_t>(src[i]) << 16; std::memcpy(dst + i, &b, 4); }
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))), 16));
+#endif
+  for (; i < n; ++i) { uint32_t b = static_cast<uint32_t>(src[i]) << 16; std::memcpy(dst + i, &b, 4); }
 }
 inline void narrow(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {  // round to nearest even
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), abs = _mm512_set1_epi32(0x7FFFFFFF),
+                inf = _mm512_set1_epi32(0x7F800000), quiet = _mm512_set1_epi32(0x40);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i b = _mm512_loadu_si512(src + i), hi = _mm512_srli_epi32(b, 16);
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(hi, one))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, abs), inf);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(hi, quiet))));
+  }
+#endif
+  for (; i < n; ++i) {
     uint32_t b;
     std::memcpy(&b, src + i, 4);
     const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
     const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
     dst[i] = static_cast<uint16_t>(nan ? ((b >> 16) | 0x40u) : rounded);
+  }
+}
+
+// Phase B of a bfloat16 call on y itself (yh: bfloat16 rows of O, T of them): outputs [o0, o1) in blocks of YBLOCK
+// columns, each block's rows of the tokens with a selection (has[t]) widened into yb [T, YBLOCK] (float32: 32 KB at 64
+// tokens, in L1 while every LoRA passes over it), updated by phase B and rounded once back into y. Every y element gets
+// the sums a float32 copy of the whole of y would get (its LoRAs in ascending id, c ascending, one rounding), with ~4
+// bytes per element through L2 instead of ~26 (widen, each LoRA's read and write, narrow of a copy that lives in L2).
+// With widen / narrow's 512-bit loops, route_gather_ alone (one adapter, n 8, k 2, r 8; this build and the one before
+// timed in turn in one process, 40 rounds, medians, two runs) at 8 / 32 / 64 / 128 / 512 rows: 576 -> 1536 in
+// 0.86-0.87 / 0.74-0.75 / 0.88-0.98 / 0.83-0.87 / 0.79-0.88 of the time, 1536 -> 576 in 0.93-0.94 / 0.83-0.85 /
+// 0.94-0.95 / 0.91-0.93 / 0.91-0.95; the outputs bit-identical. (Four pairs' updates interleaved, eight independent
+// chains of FMAs instead of two, changed nothing once y sat in L1: 0.96-1.04.)
+constexpr int64_t YBLOCK = 128;  // a multiple of 2L: blocks end where axpy_lora's vector slices do
+void phase_b_bf16(const Pairs& pr, const Pools& pl, const float* U, uint16_t* yh, int64_t T, const char* has, float* yb,
+                  int64_t o0, int64_t o1, bool prefetch) {
+  const int64_t O = pl.O;
+  for (int64_t b0 = o0; b0 < o1; b0 += YBLOCK) {
+    const int64_t n = std::min(YBLOCK, o1 - b0);
+    for (int64_t t = 0; t < T; ++t) if (has[t]) widen(yh + t * O + b0, yb + t * YBLOCK, n);
+    phase_b(pr, pl, U, yb, b0, b0 + n, prefetch, YBLOCK, b0);
+    for (int64_t t = 0; t < T; ++t) if (has[t]) narrow(yb + t * YBLOCK, yh + t * O + b0, n);
   }
 }
 
@@ -848,14 +897,14 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   const int64_t P = region_threads(gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
   const float* X = bf16 ? nullptr : x.data_ptr<float>();
   float* Y = bf16 ? nullptr : y.data_ptr<float>();
-  // float32 copies of x and y for bfloat16, left uninitialised (every element is widened into before it is read): a
-  // vector's zero fill ran on the calling thread before the region, ~10 us a module at 32 rows
-  Scratch xbuf, ybuf;
+  // a float32 copy of x for bfloat16, left uninitialised (every element is widened into before it is read): a vector's
+  // zero fill ran on the calling thread before the region, ~10 us a module at 32 rows. (Reading x as it is, widened in
+  // a register at each of its ~6 reads by the router and phase A, was 0.9-1.3x the time: the widening competes with the
+  // FMAs for their ports.)
+  Scratch xbuf;
   if (bf16 && P > 1 && T < SPLIT_POOLS_BELOW) {  // (a token share copies its rows in chunks of its own)
     xbuf = scratch(T * D);
-    ybuf = scratch(T * O);
     X = xbuf.get();
-    Y = ybuf.get();
   }
   const uint16_t* xh = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr()) : nullptr;
   uint16_t* yh = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr()) : nullptr;
@@ -863,8 +912,9 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   void* gy = bf16 ? static_cast<void*>(yh) : Y;
 
   // bfloat16: float32 copies only of the rows that are read: x of a token routed in a pool (of a token with a selection
-  // where the ids are given), y of a token with a selection - a base-only token of a mixed batch (or a whole batch of
-  // them) costs its GEMM and nothing else; its y keeps the GEMM's rounding, which widen then narrow would give back.
+  // where the ids are given), y of a token with a selection (by blocks, phase_b_bf16) - a base-only token of a mixed
+  // batch (or a whole batch of them) costs its GEMM and nothing else; its y keeps the GEMM's rounding, which widen then
+  // narrow would give back.
   auto selected = [&](int64_t t) {
     for (int64_t j = 0; j < k; ++j) if (sel[t * k + j] >= 0 && w[t * k + j] != 0.f) return true;
     return false;
@@ -880,19 +930,23 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
       if (rt) route_rows(X, 0, D, t0, t1, *rt, sel, w);
       return gather_serial(X + t0 * D, t1 - t0, pl, sel + t0 * k, w + t0 * k, k, Y + t0 * O);
     }
-    // bfloat16: 64 tokens at a time (gather_serial's tiles, so the same sums), their float32 copies of x and y in
-    // buffers of 64 rows that stay in this thread's cache; copies of the whole share (~1.5 MB each at 512 rows) went out
-    // to memory and came back (route_gather_ alone, one adapter, the two builds in turn: 128 / 512 rows in 0.85-0.91 /
-    // 0.74-0.87 of the time before)
+    // bfloat16: 64 tokens at a time (gather_serial's tiles, so the same sums), x's float32 copy in a buffer of 64 rows
+    // that stays in this thread's cache, y updated by blocks (phase_b_bf16); copies of the whole share of x and y
+    // (~1.5 MB each at 512 rows) went out to memory and came back (128 / 512 rows: 1.1-1.35x the time)
     const int64_t C = std::min<int64_t>(64, t1 - t0);
-    Scratch xc = scratch(C * D), yc = scratch(C * O);
+    Scratch xc = scratch(C * D), yb = scratch(C * YBLOCK);
+    std::vector<float> U;
+    char has[64];
     for (int64_t c0 = t0; c0 < t1; c0 += C) {
       const int64_t c1 = std::min(c0 + C, t1);
       widen_x(c0, c1, xc.get(), c0);
       if (rt) route_rows(xc.get(), c0, D, c0, c1, *rt, sel, w);
-      for (int64_t t = c0; t < c1; ++t) if (selected(t)) widen(yh + t * O, yc.get() + (t - c0) * O, O);
-      gather_serial(xc.get(), c1 - c0, pl, sel + c0 * k, w + c0 * k, k, yc.get());
-      for (int64_t t = c0; t < c1; ++t) if (selected(t)) narrow(yc.get() + (t - c0) * O, yh + t * O, O);
+      const Pairs pr(sel + c0 * k, w + c0 * k, c1 - c0, k, pl.N);
+      if (pr.size() == 0) continue;
+      for (int64_t t = c0; t < c1; ++t) has[t - c0] = selected(t);
+      U.resize(pr.size() * pl.r);
+      phase_a(pr, 0, pr.num_blocks(), xc.get(), pl, U.data());
+      phase_b_bf16(pr, pl, U.data(), yh + c0 * O, c1 - c0, has, yb.get(), 0, O, false);
     }
   };
   if (P <= 1) {
@@ -931,9 +985,14 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     const auto [o0, o1] = out_slice(O, h, nh);
     if (gemm.on()) gemm(gx, gy, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
     if (o1 > o0 && pr.size() > 0) {
-      if (bf16) for (int64_t t = 0; t < T; ++t) if (selected(t)) widen(yh + t * O + o0, ybuf.get() + t * O + o0, o1 - o0);
-      phase_b(pr, pl, U.get(), Y, o0, o1, /*prefetch=*/true);
-      if (bf16) for (int64_t t = 0; t < T; ++t) if (selected(t)) narrow(ybuf.get() + t * O + o0, yh + t * O + o0, o1 - o0);
+      if (bf16) {
+        char has[SPLIT_POOLS_BELOW];
+        for (int64_t t = 0; t < T; ++t) has[t] = selected(t);
+        const Scratch yb = scratch(T * YBLOCK);
+        phase_b_bf16(pr, pl, U.get(), yh, T, has, yb.get(), o0, o1, /*prefetch=*/true);
+      } else {
+        phase_b(pr, pl, U.get(), Y, o0, o1, /*prefetch=*/true);
+      }
     }
   }
 }
@@ -1670,7 +1729,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v55_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v67_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
