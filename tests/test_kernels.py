@@ -246,6 +246,40 @@ def test_compiled_bfloat16_leaves_rows_without_a_selection_untouched(T):
     assert not torch.equal(y[~bare], y0[~bare])
 
 
+@pytest.mark.parametrize("T", [32, 1024])  # threads split the pools below 64 tokens, the tokens from 64
+def test_compiled_bfloat16_round_trip_keeps_every_value(T):
+    """A routed token's bfloat16 y row goes to float32 and back around the update (phase_b_bf16's widen and narrow, 16
+    values a step with AVX-512): with B = 0 the update adds zeros, so every one of the 65,536 bfloat16 bit patterns must
+    come back as itself (-0 as a zero) - denormals included (AVX512-BF16's vcvtneps2bf16 would flush them to zero) - except NaNs, which
+    come back as NaNs with the quiet bit set (0x7F81 -> 0x7FC1: the FMA quiets a signalling NaN, narrow keeps the
+    payload). Rows of 48 values: three 16-value steps of the vector loop each."""
+    ext = _compiled()
+    n, r, D, O = 2, 2, 32, 48
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    rows = -(-patterns.numel() // (T * O)) * T  # whole batches of T rows
+    y0 = torch.zeros(rows * O, dtype=torch.int16)
+    y0[: patterns.numel()] = patterns
+    y0 = y0.view(torch.bfloat16).view(rows, O)
+    g = torch.Generator().manual_seed(3)
+    P, a = torch.randn(n, D, generator=g), torch.randn(n * r, D, generator=g).bfloat16()
+    bt = torch.zeros(n * r, O).bfloat16()
+    tables = (torch.tensor([0]), torch.tensor([n]), torch.tensor([1]), torch.tensor([1.0]))
+    got = []
+    for t0 in range(0, rows, T):
+        y = y0[t0 : t0 + T].clone()
+        x = torch.randn(T, D, generator=g).bfloat16()
+        ext.route_gather_(x, y, P, a, bt, torch.zeros(T, dtype=torch.int64), *tables, r, 1, torch.empty(0, dtype=torch.int64))
+        got.append(y)
+    got = torch.cat(got).reshape(-1)[: patterns.numel()]
+    want = y0.reshape(-1)[: patterns.numel()]
+    nan, negzero = want.isnan(), want.view(torch.int16) == -32768
+    assert torch.equal(got.view(torch.int16)[~nan & ~negzero], want.view(torch.int16)[~nan & ~negzero])
+    assert bool((got[negzero] == 0).all())  # -0 + (+0 products) is +0 in IEEE arithmetic: a zero either way
+    assert bool(got[nan].isnan().all())
+    assert torch.equal(got.view(torch.int16)[nan] | 0x40, got.view(torch.int16)[nan])  # quiet bit set
+    assert torch.equal(got.view(torch.int16)[nan] & ~0x40, want.view(torch.int16)[nan] & ~0x40)  # payload kept
+
+
 def test_compiled_gather_adds_a_lora_listed_twice():
     ext = _compiled()
     A, B = make_stack([4], 3, 20, 36, torch.float32)
