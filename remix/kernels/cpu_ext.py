@@ -102,11 +102,18 @@ inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
 typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t)), aligned(sizeof(uint16_t))));
 typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
-inline vf load(const c10::BFloat16* p) {  // widen 16 bfloat16 values (exact)
+// widen 16 bfloat16 values (exact). With AVX-512 one zero-extending load and a shift: GCC's code for the generic form
+// (it prefers 256-bit vectors) took four operations, on the FMA's ports, per 16 values - a third of the operations of
+// phase A's dot products on bfloat16 pools.
+inline vf load(const c10::BFloat16* p) {
+#ifdef __AVX512F__
+  return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#else
   const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
   vf f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+#endif
 }
 inline float hsum(vf v) {  // a fixed pairwise order (depth 4, not 16)
   float h[8];
@@ -1729,7 +1736,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v67_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v69_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
