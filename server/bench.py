@@ -246,7 +246,7 @@ def main(argv=None) -> dict:
         row["gemm_floor_aten_ms"] = min(floors["aten"])
         if "compiled" in floors:
             row["gemm_floor_compiled_ms"] = min(floors["compiled"])
-        row["gemm_floor_runs_ms"] = {k: [round(v, 2) for v in got] for k, got in floors.items()}
+        row["gemm_floor_runs_ms"] = {k: list(got) for k, got in floors.items()}
         row["gemm_floor_ms"] = min(min(got) for got in floors.values())
         results[c] = row
     del peers
