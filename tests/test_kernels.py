@@ -196,9 +196,10 @@ def test_compiled_route_gather_matches_torch_path(T, n, k, r):
                                          (torch.bfloat16, torch.bfloat16)])
 def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     """The kernel's sums run in the same order for a token whoever shares the call: exact equality, alone, in a small
-    batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread. bfloat16
-    copies a token share's x and y 64 tokens at a time: 150 tokens are chunks of 64 + 11 per thread on two threads and
-    64 + 64 + 22 on one, so a token off its chunk's first row is routed and gathered from the right copy."""
+    batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread. A token share
+    is routed and gathered 64 tokens at a time (bfloat16: from a float32 copy of the tile's x): 150 tokens are tiles of
+    64 + 11 per thread on two threads and 64 + 64 + 22 on one, so a token off its tile's first row must be read from
+    the right row."""
     ext = _compiled()
     n, r, D, O = 8, 8, 64, 200  # O: two-vector slices, a one-vector slice and a scalar tail
     g = torch.Generator().manual_seed(3)
@@ -250,9 +251,9 @@ def test_compiled_bfloat16_leaves_rows_without_a_selection_untouched(T):
 def test_compiled_bfloat16_round_trip_keeps_every_value(T):
     """A routed token's bfloat16 y row goes to float32 and back around the update (phase_b_bf16's widen and narrow, 16
     values a step with AVX-512): with B = 0 the update adds zeros, so every one of the 65,536 bfloat16 bit patterns must
-    come back as itself (-0 as a zero) - denormals included (AVX512-BF16's vcvtneps2bf16 would flush them to zero) - except NaNs, which
-    come back as NaNs with the quiet bit set (0x7F81 -> 0x7FC1: the FMA quiets a signalling NaN, narrow keeps the
-    payload). Rows of 48 values: three 16-value steps of the vector loop each."""
+    come back as itself (-0 as a zero) - denormals included (AVX512-BF16's vcvtneps2bf16 would flush them to zero) -
+    except NaNs, which come back as NaNs with the quiet bit set (0x7F81 -> 0x7FC1: the FMA quiets a signalling NaN,
+    narrow keeps the payload). Rows of 48 values: three 16-value steps of the vector loop each."""
     ext = _compiled()
     n, r, D, O = 2, 2, 32, 48
     patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)

@@ -279,26 +279,15 @@ void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const Pool
   if (pl.bf16) return phase_a_of<c10::BFloat16>(pr, b0, b1, X, pl, U);
   phase_a_of<float>(pr, b0, b1, X, pl, U);
 }
-void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t o0, int64_t o1, bool prefetch = false,
-             int64_t ldy = -1, int64_t yo = 0) {
-  if (ldy < 0) ldy = pl.O;
+void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t ldy, int64_t yo, int64_t o0, int64_t o1,
+             bool prefetch) {
   if (pl.bf16) return phase_b_of<c10::BFloat16>(pr, pl, U, Y, ldy, yo, o0, o1, prefetch);
   phase_b_of<float>(pr, pl, U, Y, ldy, yo, o0, o1, prefetch);
 }
 
-// The whole gather of T tokens on this thread, in tiles whose y rows stay in cache across both phases.
-void gather_serial(const float* X, int64_t T, const Pools& pl, const int64_t* sel, const float* w, int64_t k, float* Y) {
-  constexpr int64_t TILE = 64;
-  std::vector<float> U;
-  for (int64_t t0 = 0; t0 < T; t0 += TILE) {
-    const int64_t nt = std::min<int64_t>(TILE, T - t0);
-    Pairs pr(sel + t0 * k, w + t0 * k, nt, k, pl.N);
-    if (pr.size() == 0) continue;
-    U.resize(pr.size() * pl.r);
-    phase_a(pr, 0, pr.num_blocks(), X + t0 * pl.D, pl, U.data());
-    phase_b(pr, pl, U.data(), Y + t0 * pl.O, 0, pl.O);
-  }
-}
+// A token share is gathered TILE tokens at a time (for every split and dtype the same tiles, so the same sums): the
+// tile's y rows (and a bfloat16 call's float32 copy of its x) stay in the thread's cache across both phases.
+constexpr int64_t TILE = 64;
 
 void check_pools(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& a, const torch::Tensor& bt, int64_t r) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous CPU [T, D] tensor");
@@ -361,7 +350,7 @@ inline void narrow(const float* __restrict src, uint16_t* __restrict dst, int64_
 // columns, each block's rows of the tokens with a selection (has[t]) widened into yb [T, YBLOCK] (float32: 32 KB at 64
 // tokens, in L1 while every LoRA passes over it), updated by phase B and rounded once back into y. Every y element gets
 // the sums a float32 copy of the whole of y would get (its LoRAs in ascending id, c ascending, one rounding), with ~4
-// bytes per element through L2 instead of ~26 (widen, each LoRA's read and write, narrow of a copy that lives in L2).
+// bytes per element through L2 instead of ~26 by count (widen, each LoRA's read and write, narrow of a copy in L2).
 // With widen / narrow's 512-bit loops, route_gather_ alone (one adapter, n 8, k 2, r 8; this build and the one before
 // timed in turn in one process, 40 rounds, medians, two runs) at 8 / 32 / 64 / 128 / 512 rows: 576 -> 1536 in
 // 0.86-0.87 / 0.74-0.75 / 0.88-0.98 / 0.83-0.87 / 0.79-0.88 of the time, 1536 -> 576 in 0.93-0.94 / 0.83-0.85 /
@@ -374,7 +363,7 @@ void phase_b_bf16(const Pairs& pr, const Pools& pl, const float* U, uint16_t* yh
   for (int64_t b0 = o0; b0 < o1; b0 += YBLOCK) {
     const int64_t n = std::min(YBLOCK, o1 - b0);
     for (int64_t t = 0; t < T; ++t) if (has[t]) widen(yh + t * O + b0, yb + t * YBLOCK, n);
-    phase_b(pr, pl, U, yb, b0, b0 + n, prefetch, YBLOCK, b0);
+    phase_b(pr, pl, U, yb, YBLOCK, b0, b0, b0 + n, prefetch);
     for (int64_t t = 0; t < T; ++t) if (has[t]) narrow(yb + t * YBLOCK, yh + t * O + b0, n);
   }
 }
@@ -906,8 +895,9 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   float* Y = bf16 ? nullptr : y.data_ptr<float>();
   // a float32 copy of x for bfloat16, left uninitialised (every element is widened into before it is read): a vector's
   // zero fill ran on the calling thread before the region, ~10 us a module at 32 rows. (Reading x as it is, widened in
-  // a register at each of its ~6 reads by the router and phase A, was 0.9-1.3x the time: the widening competes with the
-  // FMAs for their ports.)
+  // a register at each of its ~6 reads by the router and phase A, was slower: in turn against the build before the y
+  // blocks, 0.86-1.00 of its time at 64-512 rows for 576 -> 1536 and 1.08-1.26 for 1536 -> 576, where the blocks with
+  // this copy gave 0.83-0.98 and 0.91-0.95.)
   Scratch xbuf;
   if (bf16 && P > 1 && T < SPLIT_POOLS_BELOW) {  // (a token share copies its rows in chunks of its own)
     xbuf = scratch(T * D);
@@ -931,28 +921,29 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     for (int64_t t = t0; t < t1; ++t)
       if (rt ? routed_slot(*rt, t) >= 0 : selected(t)) widen(xh + t * D, dst + (t - row0) * D, D);
   };
+  // route (where asked) and gather tokens [t0, t1) on this thread, by tiles; bfloat16: x's float32 copy in a buffer of
+  // one tile, y updated by blocks (phase_b_bf16) - copies of a whole share (~1.5 MB each for x and y at 512 rows) went
+  // out to memory and came back (128 / 512 rows: 1.1-1.35x the time)
   auto token_share = [&](int64_t t0, int64_t t1) {
     if (t1 <= t0) return;
-    if (!bf16) {
-      if (rt) route_rows(X, 0, D, t0, t1, *rt, sel, w);
-      return gather_serial(X + t0 * D, t1 - t0, pl, sel + t0 * k, w + t0 * k, k, Y + t0 * O);
-    }
-    // bfloat16: 64 tokens at a time (gather_serial's tiles, so the same sums), x's float32 copy in a buffer of 64 rows
-    // that stays in this thread's cache, y updated by blocks (phase_b_bf16); copies of the whole share of x and y
-    // (~1.5 MB each at 512 rows) went out to memory and came back (128 / 512 rows: 1.1-1.35x the time)
-    const int64_t C = std::min<int64_t>(64, t1 - t0);
-    Scratch xc = scratch(C * D), yb = scratch(C * YBLOCK);
+    const int64_t C = std::min<int64_t>(TILE, t1 - t0);
+    Scratch xc = scratch(bf16 ? C * D : 0), yb = scratch(bf16 ? C * YBLOCK : 0);
     std::vector<float> U;
-    char has[64];
+    char has[TILE];
     for (int64_t c0 = t0; c0 < t1; c0 += C) {
       const int64_t c1 = std::min(c0 + C, t1);
-      widen_x(c0, c1, xc.get(), c0);
-      if (rt) route_rows(xc.get(), c0, D, c0, c1, *rt, sel, w);
+      if (bf16) widen_x(c0, c1, xc.get(), c0);
+      const float* xt = bf16 ? xc.get() : X + c0 * D;  // the tile's first row
+      if (rt) route_rows(xt, c0, D, c0, c1, *rt, sel, w);
       const Pairs pr(sel + c0 * k, w + c0 * k, c1 - c0, k, pl.N);
       if (pr.size() == 0) continue;
-      for (int64_t t = c0; t < c1; ++t) has[t - c0] = selected(t);
       U.resize(pr.size() * pl.r);
-      phase_a(pr, 0, pr.num_blocks(), xc.get(), pl, U.data());
+      phase_a(pr, 0, pr.num_blocks(), xt, pl, U.data());
+      if (!bf16) {
+        phase_b(pr, pl, U.data(), Y + c0 * O, O, 0, 0, O, false);
+        continue;
+      }
+      for (int64_t t = c0; t < c1; ++t) has[t - c0] = selected(t);
       phase_b_bf16(pr, pl, U.data(), yh + c0 * O, c1 - c0, has, yb.get(), 0, O, false);
     }
   };
@@ -998,7 +989,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
         const Scratch yb = scratch(T * YBLOCK);
         phase_b_bf16(pr, pl, U.get(), yh, T, has, yb.get(), o0, o1, /*prefetch=*/true);
       } else {
-        phase_b(pr, pl, U.get(), Y, o0, o1, /*prefetch=*/true);
+        phase_b(pr, pl, U.get(), Y, O, 0, o0, o1, /*prefetch=*/true);
       }
     }
   }
@@ -1736,7 +1727,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v69_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v72_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
