@@ -141,9 +141,9 @@ def assert_close_runs(got, want, dtype, min_shared=2):
                                                  ("llama", 2, torch.bfloat16)])
 def test_lean_decoder_with_compiled_matches_hf_modules(tmp_path, monkeypatch, arch, kv_heads, dtype):
     """The default decoder: every decode step's attention runs the compiled kernel. float32: the same tokens as HF's
-    modules and log-probabilities within 1e-4 (the attention sums in another order, ~1e-7 relative). bfloat16: SDPA
-    rounds the softmax weights to bfloat16 before multiplying V, the kernel keeps them in float32, so the two differ by
-    about a bfloat16 ulp per layer and a sampled or near-tied token may go another way: log-probabilities within 0.1
+    modules and log-probabilities within 1e-4 (the attention sums in another order, ~1e-7 relative). bfloat16: the
+    kernel sums in another order than SDPA (and, without AVX512-BF16, keeps the softmax weights in float32 where SDPA
+    rounds them to bfloat16), so the two differ by about a bfloat16 ulp per layer and a sampled or near-tied token may go another way: log-probabilities within 0.1
     for as long as both generate the same tokens, and at least the first two tokens shared (the first decode step's
     attention included)."""
     from remix.kernels import cpu_ext

@@ -560,6 +560,38 @@ def test_compiled_decode_attention_matches_sdpa(dtype, Dh, Hkv, nrep):
     assert torch.equal(got[0, 0, 0], V[row0, 0, 0])  # one position: its value, exactly
 
 
+@pytest.mark.parametrize("Dh,Hkv,nrep", [(64, 3, 3), (128, 1, 8), (32, 2, 1)])
+def test_compiled_bfloat16_decode_attention_paths_and_batch_independence(Dh, Hkv, nrep):
+    """bfloat16 decode attention on vdpbf16ps (the default where the CPU has AVX512-BF16; the softmax weights rounded to
+    bfloat16 as SDPA rounds them) and on the widening path (weights kept in float32): both within bfloat16 error of
+    float32 SDPA (weights of ~2^-9 relative error each, then one rounding of the output), within that of each other, and
+    each row's output bit-identical alone (one row, its own row0) and in the batch; odd and even lengths, one position."""
+    ext = _compiled()
+    torch.manual_seed(Dh * nrep)
+    S, P, b, Hq = 6, 90, 6, Hkv * nrep
+    K, V = torch.randn(S, Hkv, P, Dh).bfloat16(), torch.randn(S, Hkv, P, Dh).bfloat16()
+    qk = (torch.randn(b, Hq + Hkv, Dh) * 2).bfloat16()
+    lens = torch.tensor([1, 90, 17, 2, 33, 64])
+    mask = (torch.arange(90)[None, :] < lens[:, None])[:, None, None, :]
+    want = F.scaled_dot_product_attention(qk[:, :Hq].reshape(b, Hkv, nrep, Dh).float(), K[:b].float(), V[:b].float(),
+                                          attn_mask=mask, scale=Dh**-0.5)
+    got = {}
+    try:
+        for dot in (True, False):
+            ext._attention_bf16_dot(dot)
+            out = ext.decode_attention(qk, K, V, 0, lens, Hq, Dh**-0.5)
+            torch.testing.assert_close(out.float(), want, atol=6e-3, rtol=6e-3)
+            for i in range(b):  # alone: the same bits
+                alone = ext.decode_attention(qk[i : i + 1].contiguous(), K, V, i, lens[i : i + 1], Hq, Dh**-0.5)
+                assert torch.equal(alone[0], out[i])
+            assert torch.equal(out[0, 0, 0], V[0, 0, 0])  # one position: its value, exactly
+            got[dot] = out
+    finally:
+        ext._attention_bf16_dot(True)
+    torch.testing.assert_close(got[True].float(), got[False].float(), atol=6e-3, rtol=6e-3)
+    assert torch.equal(got[True], got[False]) != ext.dot_gemm(True)  # with AVX512-BF16 the two paths differ (it ran)
+
+
 def test_compiled_decode_attention_rejects_bad_input():
     ext = _compiled()
     K = torch.randn(4, 2, 10, 64)

@@ -1125,6 +1125,105 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
     }
 }
 
+bool g_attn_dot = true;  // off: bfloat16 takes attend_group's widening path too (A/B runs, tests)
+#ifdef REMIX_DOT_BF16
+// attend_group for bfloat16 with AVX512-BF16, DH a multiple of 32: the same two passes on vdpbf16ps, which takes two
+// bfloat16 products per float32 lane (half the instructions of widening and FMAs - the attention is bound by the
+// vector unit's throughput once K and V are in cache). Scores: q . k over pairs of dimensions (products exact in
+// float32), times scale. Weights: exp(s - max) in float32 and their float32 sum, as before; each weight then rounded
+// to bfloat16 for V, as SDPA's own CPU kernel does for bfloat16 (torch's flash attention converts the exponentials to
+// the input dtype before its second GEMM). V: two positions per step, their rows interleaved dimension by dimension
+// (unpacklo / unpackhi of 16-bit words: lane 4 l + i of the low half holds dimension 8 l + i, of the high half
+// 8 l + 4 + i, put back in order once at the end), times the pair of weights (u, u + 1) broadcast; an odd last position
+// pairs with zeros. One order per output whatever the batch, as the float32 path; results differ from it by the
+// weights' rounding (~2^-9 relative each). Measured: see decode_attention_impl.
+template <int DH>
+void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, int64_t len, int64_t nrep, float scale,
+                       uint16_t* out, float* s, uint16_t* pb, const uint16_t* next_k) {
+  constexpr int NQ = DH / 32;  // 512-bit vectors of 32 bfloat16 per row
+  __m512bh qv[MAX_GROUP][NQ];
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < NQ; ++c) qv[r][c] = (__m512bh)_mm512_loadu_si512(q + r * DH + c * 32);
+  const int64_t padded = (len + L - 1) / L * L;
+  const char* k_end = reinterpret_cast<const char*>(K + len * DH);
+  for (int64_t t0 = 0; t0 < len; t0 += L) {
+    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
+    for (int64_t o = 0; o < L * DH * 2; o += 64)  // K two blocks on, then V's start
+      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
+    const int64_t n = std::min<int64_t>(L, len - t0);
+    for (int64_t r = 0; r < nrep; ++r) {
+      vf a[L];
+      for (int j = 0; j < L; ++j) {
+        const uint16_t* k = K + (t0 + std::min<int64_t>(REV4[j], n - 1)) * DH;  // past len: the last row again, never used
+        __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[r][0], (__m512bh)_mm512_loadu_si512(k));
+        for (int c = 1; c < NQ; ++c) acc = _mm512_dpbf16_ps(acc, qv[r][c], (__m512bh)_mm512_loadu_si512(k + c * 32));
+        a[j] = (vf)acc;
+      }
+      store(s + r * padded + t0, reduce16(a) * scale);
+    }
+  }
+  float inv[MAX_GROUP];
+  for (int64_t r = 0; r < nrep; ++r) {
+    float* sr = s + r * padded;
+    for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;  // exp gives 0
+    vf mv = load(sr);
+    for (int64_t t = L; t < padded; t += L) { const vf x = load(sr + t); mv = mv > x ? mv : x; }
+    float m = mv[0];
+    for (int l = 1; l < L; ++l) m = mv[l] > m ? mv[l] : m;
+    vf sum = vf{};
+    for (int64_t t = 0; t < padded; t += L) {
+      const vf e = vexp(load(sr + t) - m);
+      sum += e;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * padded + t), (__m256i)_mm512_cvtneps_pbh((__m512)e));
+    }
+    inv[r] = 1.f / hsum(sum);
+  }
+  __m512 acc[MAX_GROUP][2 * NQ];
+  for (int64_t r = 0; r < nrep; ++r) for (int c = 0; c < 2 * NQ; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < len; u += 2) {
+    const uint16_t* v = V + u * DH;
+    for (int64_t o = 0; o < 2 * DH * 2; o += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor: no fault
+    if (next_k && u < 2 * L * DH * 2 / 64)  // the next group's first two K blocks, two lines a step
+      for (int64_t e = u; e < u + 2; ++e) __builtin_prefetch(reinterpret_cast<const char*>(next_k) + e * 64, 0, ATTN_PFL);
+    const bool two = u + 1 < len;
+    __m512i lo[NQ], hi[NQ];
+    for (int c = 0; c < NQ; ++c) {
+      const __m512i a0 = _mm512_loadu_si512(v + c * 32);
+      const __m512i a1 = two ? _mm512_loadu_si512(v + DH + c * 32) : _mm512_setzero_si512();
+      lo[c] = _mm512_unpacklo_epi16(a0, a1);
+      hi[c] = _mm512_unpackhi_epi16(a0, a1);
+    }
+    for (int64_t r = 0; r < nrep; ++r) {
+      uint32_t pair;  // (p[u], p[u + 1]); past len the weight is 0
+      std::memcpy(&pair, pb + r * padded + u, 4);
+      const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int c = 0; c < NQ; ++c) {
+        acc[r][2 * c] = _mm512_dpbf16_ps(acc[r][2 * c], p, (__m512bh)lo[c]);
+        acc[r][2 * c + 1] = _mm512_dpbf16_ps(acc[r][2 * c + 1], p, (__m512bh)hi[c]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < NQ; ++c) {
+      const vf a = (vf)acc[r][2 * c] * inv[r], b = (vf)acc[r][2 * c + 1] * inv[r];
+      const vf d0 = __builtin_shuffle(a, b, vi{0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23});
+      const vf d1 = __builtin_shuffle(a, b, vi{8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31});
+      narrow(reinterpret_cast<const float*>(&d0), out + r * DH + c * 32, L);
+      narrow(reinterpret_cast<const float*>(&d1), out + r * DH + c * 32 + L, L);
+    }
+}
+#endif
+
+// bfloat16 with AVX512-BF16 and DH a multiple of 32 takes attend_group_bf16 (g_attn_dot, on unless switched off for an
+// A/B run). On the 2-core Zen 5 VM (2026-12-03), 30 layers x 32 rows x 192 positions, Dh 64, 3 key/value heads of 3
+// query heads: one layer's K and V in cache 4.28 -> 2.08 ms; all 30 layers' (141 MB) from memory 5.87 -> 4.56; and as in
+// a decode step, each layer's attention between its q/k/v and MLP GEMMs (32 rows, weights from memory), both paths in
+// turn in one process, medians of 12 rounds, two runs: 5.46 / 5.70 -> 4.53 / 4.63 ms, the whole loop 24.3 / 25.5 ->
+// 23.5 / 24.7 ms. There the attention is bound by the K/V read (~26 GB/s of the ~39 two threads stream). (Tried and not
+// kept: prefetching the next layer's K and V into L2 from the MLP's GEMM tiles, 8-32 lines a tile: the attention
+// 6.1 -> 4.7 ms, the GEMMs slower by as much, the loop 25.7 -> 26.5; prefetching K and V 2-8 blocks ahead instead of
+// 2: no change.)
 template <typename T, int DH>
 void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, int64_t row0, int64_t Hkv, int64_t P,
                            const int64_t* lens, int64_t b, int64_t nrep, float scale, T* out) {
@@ -1132,10 +1231,22 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
 #pragma omp parallel num_threads(region_threads(items))
   {
     std::vector<float> s(nrep * (P + L));
+#ifdef REMIX_DOT_BF16
+    std::vector<uint16_t> pb(std::is_same_v<T, float> ? 0 : nrep * (P + L));
+#endif
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t i = it / Hkv, g = it % Hkv, at = ((row0 + i) * Hkv + g) * P * DH;
       const int64_t next = it + 1 < items ? (((row0 + (it + 1) / Hkv) * Hkv + (it + 1) % Hkv) * P * DH) : -1;
+#ifdef REMIX_DOT_BF16
+      if constexpr (!std::is_same_v<T, float> && DH % 32 == 0) if (g_attn_dot) {
+        const auto u16 = [](const T* p) { return reinterpret_cast<const uint16_t*>(p); };
+        attend_group_bf16<DH>(u16(q + i * q_row + g * nrep * DH), u16(K + at), u16(V + at), lens[i], nrep, scale,
+                              reinterpret_cast<uint16_t*>(out + it * nrep * DH), s.data(), pb.data(),
+                              next >= 0 ? u16(K + next) : nullptr);
+        continue;
+      }
+#endif
       attend_group<T, DH>(q + i * q_row + g * nrep * DH, K + at, V + at, lens[i], nrep, scale, out + it * nrep * DH, s.data(),
                           next >= 0 ? K + next : nullptr);
     }
@@ -1618,6 +1729,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "x = x * cos + roll(x, Dh / 2) * sin_signed in place (HF's roundings)");
   m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
+  m.def("_attention_bf16_dot", [](bool on) { g_attn_dot = on; },
+        "A/B runs and tests: whether bfloat16 decode attention takes vdpbf16ps (default) or the widening path");
   m.def("argmax_rows", &argmax_rows, "the first index of each row's maximum (a NaN wins), as torch.max(dim).indices");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
@@ -1727,7 +1840,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v72_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v73_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

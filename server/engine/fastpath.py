@@ -24,8 +24,9 @@ compare both on every supported architecture, prefill and decode, float32 and bf
 By default (``--decoder lean``, ``compiled=True``), on CPU with the compiled kernels, three things run compiled instead
 (:mod:`remix.kernels.cpu_ext`): the attention of the engine's decode steps (``decode_attention``, given ``lens``, which
 the runner passes for decode steps only - a one-token prefill chunk keeps SDPA, as it would beside longer chunks; each
-row over its own slot's first ``len`` positions, no mask; float32 within ~1e-7 relative of SDPA, bfloat16 closer to float32 than SDPA, which rounds
-the softmax weights to bfloat16 before multiplying V); and in every step each residual add with the RMSNorm after it
+row over its own slot's first ``len`` positions, no mask; float32 within ~1e-7 relative of SDPA; bfloat16 with AVX512-BF16
+and head sizes of 32, 64 or 128 rounds the softmax weights to bfloat16 before multiplying V, as SDPA does, and sums in
+another order; other bfloat16 keeps the weights in float32); and in every step each residual add with the RMSNorm after it
 (``add_rms_norm_``) and the rotary embedding in place on the q/k/v output (``rotary_``), one call each instead of 4-7
 ATen ops, with HF's roundings in bfloat16 and float32 sums in another order than ATen's. At one sequence that is most
 of a step's dispatch: 35.7 -> 30.0 ms a float32 decode step. They run at every step size (rows split among threads
