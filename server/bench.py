@@ -277,7 +277,7 @@ def main(argv=None) -> dict:
         print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
     out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                      "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_ext.cpu_model(),
                       # which bfloat16 GEMM the engine ran (AMX tiles, or not: no AMX, or REMIX_DISABLE_AMX=1)
                       "amx_bf16": device.type == "cpu" and cpu_ext.amx_bf16()},
            "results": results, "ratios": ratios, "goals": goals}

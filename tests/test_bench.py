@@ -6,6 +6,8 @@ import statistics
 
 import pytest
 
+from remix.kernels import cpu_ext
+
 from remix.kernels import bench as kernel_bench
 from server import bench as server_bench
 
@@ -76,6 +78,7 @@ def test_server_bench_in_bfloat16_runs_every_contender_in_that_dtype():
     out = server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "3",
                              "--skip-hf-loop", "--dtype", "bfloat16", "--repeats", "1"])
     assert out["config"]["dtype"] == "bfloat16"
+    assert out["config"]["cpu"] == cpu_ext.cpu_model() and out["config"]["cpu"]  # which machine the figures are from
     # batch 1 was not measured: no batch-1 ratio (it used to be computed from the lowest concurrency, here 2)
     assert "engine_remix_bs1_over_hf_generate_bs1" not in out["ratios"]
     assert {"hf_generate", "engine_base", "engine_remix", "engine_4adapters"} <= set(out["results"][2])
@@ -104,7 +107,7 @@ def test_gemm_bench_times_every_linear_of_a_decode_step_both_ways(tmp_path, dtyp
 def test_kernel_bench_in_bfloat16_times_every_variant_in_that_dtype():
     """--dtype bfloat16 (the serving default on CPUs with bfloat16 instructions): the same variants and ratios."""
     out = kernel_bench.main(["--tokens", "2", "--min-time", "0.005", "--adapters", "2", "--copies", "2", "--dtype", "bfloat16"])
-    assert out["config"]["dtype"] == "bfloat16" and len(out["results"]) == 2
+    assert out["config"]["dtype"] == "bfloat16" and len(out["results"]) == 2 and out["config"]["cpu"]
     for res in out["results"]:
         assert all(v > 0 and math.isfinite(v) for v in res["times_us"].values())
         assert math.isfinite(res["ratios"]["overhead_over_base"])

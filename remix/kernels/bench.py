@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "config": {"n": args.n, "k": args.k, "r": args.r, "adapters": args.adapters, "dtype": args.dtype, "copies": args.copies,
                    "threads": torch.get_num_threads(),
-                   "compiled_cpu_kernel": cpu_ext.available(), "allocator_tuned": not args.no_tune_alloc, "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
+                   "compiled_cpu_kernel": cpu_ext.available(), "allocator_tuned": not args.no_tune_alloc, "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "cpu": cpu_ext.cpu_model()},
         "results": results,
         "goals": goals,
     }

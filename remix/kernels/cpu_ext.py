@@ -1818,6 +1818,27 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name, family and model number from /proc/cpuinfo (``platform.machine()`` where there is none), so a
+    benchmark's JSON says which machine it ran on: e.g. ``AMD EPYC (family 26, model 2)`` for a Zen 5 VM."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
 def _cpu_tag() -> str:
     """A short hash of the machine and its instruction-set flags (the build uses -march=native)."""
     return hashlib.sha1((platform.machine() + " ".join(sorted(cpu_flags()))).encode()).hexdigest()[:8]

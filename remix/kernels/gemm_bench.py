@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = remix.load_base(args.base, dtype=getattr(torch, args.dtype))
     groups = groups_of(model)
     out = {"config": {"base": args.base, "dtype": args.dtype, "threads": torch.get_num_threads(),
-                      "amx_bf16": cpu_ext.amx_bf16(), "torch": torch.__version__}, "results": []}
+                      "amx_bf16": cpu_ext.amx_bf16(), "cpu": cpu_ext.cpu_model(), "torch": torch.__version__}, "results": []}
     for r in rows:
         t = time_passes(groups, r, args.passes)
         mb = {kind: sum(w.numel() * w.element_size() for w in ws) / 1e6 for kind, ws in groups.items()}
