@@ -1195,7 +1195,7 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
       hi[c] = _mm512_unpackhi_epi16(a0, a1);
     }
     for (int64_t r = 0; r < nrep; ++r) {
-      uint32_t pair;  // (p[u], p[u + 1]); past len the weight is 0
+      uint32_t pair;  // (p[u], p[u + 1]); past len p is exp's floor (~1e-38), its V row the zeros above
       std::memcpy(&pair, pb + r * padded + u, 4);
       const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
       for (int c = 0; c < NQ; ++c) {
@@ -1861,7 +1861,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v73_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v74_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
