@@ -328,6 +328,37 @@ def test_compiled_kernels_build_where_a_compiler_exists():
     assert cpu_ext.load() is not None
 
 
+@pytest.mark.parametrize("T", [1, 9, 33, 64, 70, 300])  # below 64 rows the threads split the pools, from 64 the tokens
+@pytest.mark.parametrize("D", [64, 40, 17])  # whole steps of 32 inputs, and a masked tail
+def test_compiled_bfloat16_phase_a_paths_match_float64(T, D):
+    """bfloat16 x and pools: phase A on vdpbf16ps (the default with AVX512-BF16: pairs of exact products into float32
+    lanes, U float32) and on the widening path (16-lane FMAs) both give y = round(y0 + delta) with delta from a
+    float64 reference of the same bfloat16 values, to one bfloat16 rounding; and each row alone gets the bits it gets
+    in the batch."""
+    ext = _compiled()
+    g = torch.Generator().manual_seed(T * 31 + D)
+    N, r, O, k = 6, 8, 48, 2
+    a = (torch.randn(N * r, D, generator=g) * 0.3).bfloat16()
+    bt = (torch.randn(N * r, O, generator=g) * 0.3).bfloat16()
+    x = torch.randn(T, D, generator=g).bfloat16()
+    y0 = torch.randn(T, O, generator=g).bfloat16()
+    idx = torch.randint(0, N, (T, k), generator=g)
+    w = torch.rand(T, k, generator=g)
+    u = torch.einsum("tkrd,td->tkr", a.double().view(N, r, D)[idx], x.double()) * w.double()[..., None]
+    want = y0.double() + torch.einsum("tkr,tkro->to", u, bt.double().view(N, r, O)[idx])
+    try:
+        for dot in (True, False):
+            ext._phase_a_bf16_dot(dot)
+            out = ext.gather_(x, y0.clone(), a, bt, idx, w, r)
+            torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=2.0**-8)  # half an ulp is 2^-9 relative
+            for t in {0, T // 2, T - 1}:
+                alone = ext.gather_(x[t : t + 1].contiguous(), y0[t : t + 1].clone(), a, bt, idx[t : t + 1].contiguous(),
+                                    w[t : t + 1].contiguous(), r)
+                assert torch.equal(alone, out[t : t + 1])
+    finally:
+        ext._phase_a_bf16_dot(True)
+
+
 def test_compiled_bfloat16_output_rounds_like_torch():
     """bfloat16 y: widened, the float32 delta added, one round-to-nearest-even back (ties, inf and NaN included)."""
     ext = _compiled()
