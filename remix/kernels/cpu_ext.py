@@ -302,8 +302,9 @@ inline void dots4x4_bf16(const uint16_t* const* xs, int64_t nq, const uint16_t* 
 // adapter (n 8, k 2, r 8) in bfloat16, both paths in turn in one process, medians of 15 rounds: the ReMix delta at
 // 8 / 32 / 128 / 512 rows 0.96 / 0.75 / 0.84 / 0.87 of the widening path's for 1536 -> 576 and 0.87 / 0.82 / 0.91 /
 // 0.94 for 576 -> 1536 (45.1 -> 33.8 us at 32 rows, 1536 -> 576); after the bfloat16 rounding the two paths' outputs
-// were equal in 7 of these 8 cases and in places an ulp apart in the eighth. (Session 14 measured phase A on vdpbf16ps on the Intel VM: 0.82-0.90 at 8-32 rows on
-// 1536 -> 576 only, 0.98-1.02 at 64-512, and did not keep it; this VM's arithmetic is the delta's limit.)
+// were equal in 7 of these 8 cases and in places an ulp apart in the eighth. (Session 14 measured phase A on vdpbf16ps
+// on the Intel VM: 0.82-0.90 at 8-32 rows on 1536 -> 576 only, 0.98-1.02 at 64-512, and did not keep it; this VM's
+// arithmetic is the delta's limit.)
 void phase_a_bf16(const Pairs& pr, int64_t b0, int64_t b1, const uint16_t* Xh, const Pools& pl, float* U) {
   const int64_t r = pl.r, D = pl.D;
   const uint16_t* A = static_cast<const uint16_t*>(pl.a);
