@@ -244,28 +244,13 @@ struct Pools {
   bool bf16 = false;
 };
 
-// Phase A over blocks [b0, b1): U[p, :] = scale[p] * A[i] @ x[rows[p]] for the pairs of each block (four share a load).
-template <typename R>
-void phase_a_of(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const Pools& pl, float* U) {
-  const int64_t r = pl.r, D = pl.D;
-  const R* A = static_cast<const R*>(pl.a);
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t i = pr.blocks[2 * b], p0 = pr.blocks[2 * b + 1];
-    const int64_t nq = std::min<int64_t>(4, pr.start[i + 1] - p0);
-    const float* xs[4];
-    for (int64_t q = 0; q < nq; ++q) xs[q] = X + pr.rows[p0 + q] * D;
-    for (int64_t c0 = 0; c0 < r; c0 += 4)
-      dots4x4(xs, nq, A + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0);
-  }
-}
-
 bool g_phase_a_dot = true;  // A/B runs
 #ifdef REMIX_DOT_BF16
-// dots4x4 for bfloat16 x rows and pool rows on vdpbf16ps: two exact products per float32 lane, 32 inputs a step, the
-// tail by zero-masked loads; then hsum. One order per dot whatever the block, as dots4x4; the sums differ from
-// dots4x4's (which widens both and runs 16-lane FMAs) only by their order.
-inline void dots4x4_bf16(const uint16_t* const* xs, int64_t nq, const uint16_t* rows, int64_t nc, int64_t D, float* out,
-                         int64_t os, const float* scale) {
+// dots4x4 for bfloat16 x rows and pool rows (the overload phase_a_of takes for bfloat16 x) on vdpbf16ps: two exact
+// products per float32 lane, 32 inputs a step, the tail by zero-masked loads; then hsum. One order per dot whatever
+// the block, as dots4x4; the sums differ from dots4x4's (which widens both and runs 16-lane FMAs) only by their order.
+inline void dots4x4(const uint16_t* const* xs, int64_t nq, const uint16_t* rows, int64_t nc, int64_t D, float* out,
+                    int64_t os, const float* scale) {
   const uint16_t* x[4];
   const uint16_t* a[4];
   for (int q = 0; q < 4; ++q) x[q] = xs[std::min<int64_t>(q, nq - 1)];
@@ -296,28 +281,26 @@ inline void dots4x4_bf16(const uint16_t* const* xs, int64_t nq, const uint16_t* 
       out[q * os + c] = scale ? s * scale[q] : s;
     }
 }
+#endif
 
-// phase_a for a bfloat16 call with bfloat16 pools: x's own bfloat16 rows (Xh, row t at Xh + t D) on dots4x4_bf16
-// (g_phase_a_dot: on unless switched off for an A/B run). On the 2-core Zen 5 VM (2026-12-03), 90 modules of one
-// adapter (n 8, k 2, r 8) in bfloat16, both paths in turn in one process, medians of 15 rounds: the ReMix delta at
-// 8 / 32 / 128 / 512 rows 0.96 / 0.75 / 0.84 / 0.87 of the widening path's for 1536 -> 576 and 0.87 / 0.82 / 0.91 /
-// 0.94 for 576 -> 1536 (45.1 -> 33.8 us at 32 rows, 1536 -> 576); after the bfloat16 rounding the two paths' outputs
-// were equal in 7 of these 8 cases and in places an ulp apart in the eighth. (Session 14 measured phase A on vdpbf16ps
-// on the Intel VM: 0.82-0.90 at 8-32 rows on 1536 -> 576 only, 0.98-1.02 at 64-512, and did not keep it; this VM's
-// arithmetic is the delta's limit.)
-void phase_a_bf16(const Pairs& pr, int64_t b0, int64_t b1, const uint16_t* Xh, const Pools& pl, float* U) {
+// Phase A over blocks [b0, b1): U[p, :] = scale[p] * A[i] @ x[rows[p]] for the pairs of each block (four share a load).
+// X float32 (a float32 call, or a bfloat16 call's widened copy) or bfloat16 (x itself, with bfloat16 pools: R uint16_t).
+template <typename R, typename XT>
+void phase_a_of(const Pairs& pr, int64_t b0, int64_t b1, const XT* X, const Pools& pl, float* U) {
   const int64_t r = pl.r, D = pl.D;
-  const uint16_t* A = static_cast<const uint16_t*>(pl.a);
+  const R* A = static_cast<const R*>(pl.a);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t i = pr.blocks[2 * b], p0 = pr.blocks[2 * b + 1];
     const int64_t nq = std::min<int64_t>(4, pr.start[i + 1] - p0);
-    const uint16_t* xs[4];
-    for (int64_t q = 0; q < nq; ++q) xs[q] = Xh + pr.rows[p0 + q] * D;
+    const XT* xs[4];
+    for (int64_t q = 0; q < nq; ++q) xs[q] = X + pr.rows[p0 + q] * D;
     for (int64_t c0 = 0; c0 < r; c0 += 4)
-      dots4x4_bf16(xs, nq, A + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0);
+      dots4x4(xs, nq, A + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0);
   }
 }
-#endif
+
+
+
 
 // Phase B over outputs [o0, o1): Y[rows[p]] += B[i] @ U[p] for every LoRA i in ascending id, its rows of B read once
 // (Y[t][o] at Y[t * ldy + o - yo], as axpy_lora).
@@ -335,7 +318,18 @@ void phase_b_of(const Pairs& pr, const Pools& pl, const float* U, float* Y, int6
   }
 }
 
-void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const Pools& pl, float* U) {
+// phase_a: with Xh (a bfloat16 call's own x rows, row t at Xh + t D) and bfloat16 pools, the bfloat16 dots4x4 reads them
+// (g_phase_a_dot: on unless switched off for an A/B run), else dots4x4 on X (float32). On the 2-core Zen 5 VM (2026-12-03), 90 modules of one
+// adapter (n 8, k 2, r 8) in bfloat16, both paths in turn in one process, medians of 15 rounds: the ReMix delta at
+// 8 / 32 / 128 / 512 rows 0.96 / 0.75 / 0.84 / 0.87 of the widening path's for 1536 -> 576 and 0.87 / 0.82 / 0.91 /
+// 0.94 for 576 -> 1536 (45.1 -> 33.8 us at 32 rows, 1536 -> 576); after the bfloat16 rounding the two paths' outputs
+// were equal in 7 of these 8 cases and in places an ulp apart in the eighth. (Session 14 measured phase A on vdpbf16ps
+// on the Intel VM: 0.82-0.90 at 8-32 rows on 1536 -> 576 only, 0.98-1.02 at 64-512, and did not keep it; this VM's
+// arithmetic is the delta's limit.)
+void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const uint16_t* Xh, const Pools& pl, float* U) {
+#ifdef REMIX_DOT_BF16
+  if (Xh && pl.bf16 && g_phase_a_dot) return phase_a_of<uint16_t>(pr, b0, b1, Xh, pl, U);
+#endif
   if (pl.bf16) return phase_a_of<c10::BFloat16>(pr, b0, b1, X, pl, U);
   phase_a_of<float>(pr, b0, b1, X, pl, U);
 }
@@ -998,11 +992,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
       const Pairs pr(sel + c0 * k, w + c0 * k, c1 - c0, k, pl.N);
       if (pr.size() == 0) continue;
       U.resize(pr.size() * pl.r);
-#ifdef REMIX_DOT_BF16
-      if (bf16 && pl.bf16 && g_phase_a_dot) phase_a_bf16(pr, 0, pr.num_blocks(), xh + c0 * D, pl, U.data());
-      else
-#endif
-      phase_a(pr, 0, pr.num_blocks(), xt, pl, U.data());
+      phase_a(pr, 0, pr.num_blocks(), xt, bf16 ? xh + c0 * D : nullptr, pl, U.data());
       if (!bf16) {
         phase_b(pr, pl, U.data(), Y + c0 * O, O, 0, 0, O, false);
         continue;
@@ -1041,11 +1031,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     const Pairs pr(sel, w, T, k, pl.N);  // every thread sorts the (few) pairs itself: same input, same order
     const int64_t nb = pr.num_blocks();
     if (pr.size() > 0) {  // the same for every thread: all of them meet the barrier, or none
-#ifdef REMIX_DOT_BF16
-      if (bf16 && pl.bf16 && g_phase_a_dot) phase_a_bf16(pr, nb * h / nh, nb * (h + 1) / nh, xh, pl, U.get());
-      else
-#endif
-      phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, pl, U.get());
+      phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, xh, pl, U.get());
 #pragma omp barrier
     }
     const auto [o0, o1] = out_slice(O, h, nh);
@@ -1930,7 +1916,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v75_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v76_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
