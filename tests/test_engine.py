@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import remix
+from remix.kernels.cpu_alloc import HUGE_PAGE, huge_pages_available
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
 from tests.helpers import write_adapter
 
@@ -239,6 +240,12 @@ def test_default_base_greedy_equals_hf(default_base):
     for i, p in enumerate(prompts):
         ids = tok(p).input_ids
         assert tokens_of(results[i]) == hf_greedy(reference, ids, 16)
+    if huge_pages_available():  # the weights (q/k/v fused included) and each of K and V in one huge-page block
+        runner = engine.runner
+        fused = [t for f in runner.lean.qkv if f is not None for t in f[:2] if t is not None]
+        assert len({t.untyped_storage().data_ptr() for t in [*model.parameters(), *fused]}) == 1
+        assert runner.cache.k[0].data_ptr() % HUGE_PAGE == 0 and runner.cache.v[0].data_ptr() % HUGE_PAGE == 0
+        assert len({k.untyped_storage().data_ptr() for k in runner.cache.k}) == 1
 
 
 def test_bfloat16_engine_follows_float32_with_adapters(tmp_path, device):

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import math
+import os
+
+import torch
 
 log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -26,3 +31,93 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
         log.info("allocator tuning unavailable: %s", e)
     _done.append(ok)
     return ok
+
+
+# ---- transparent huge pages for the memory a decode step streams (weights, KV cache)
+#
+# A decode step reads every weight and every live K/V position once. On 4 KiB pages that is one TLB miss per 4 KiB
+# (the default base in bfloat16: ~66,000 pages of weights, plus the cache) and the hardware prefetchers stop at every
+# page boundary; on 2 MiB pages neither happens. Most of the kernel's policies ("madvise", the common default) give huge
+# pages only to memory that asks for them, and PyTorch asks only with C10_THP_MEM_ALLOC_ENABLE / THP_MEM_ALLOC_ENABLE
+# set before it starts, and then only per tensor of >= 2 MiB (few of a small model's weights are). These helpers ask
+# for one 2 MiB-aligned block instead. REMIX_HUGE_PAGES=0 turns them off.
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_THP_POLICY = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc
+    except (OSError, AttributeError) as e:
+        log.info("madvise unavailable: %s", e)
+        return None
+
+
+def huge_pages_available() -> bool:
+    """True where a block can ask for transparent huge pages: Linux with THP "always" or "madvise", and
+    REMIX_HUGE_PAGES not set to 0."""
+    if os.environ.get("REMIX_HUGE_PAGES", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        with open(_THP_POLICY) as f:
+            policy = f.read()
+    except OSError:
+        return False
+    return ("[always]" in policy or "[madvise]" in policy) and _libc() is not None
+
+
+def _huge_block(nbytes: int) -> torch.Tensor:
+    """Uninitialised uint8 [nbytes] on the CPU, starting on a 2 MiB boundary, advised MADV_HUGEPAGE before its first
+    touch (glibc maps a block this large fresh, see tune_cpu_allocator, so the first touch faults in huge pages)."""
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    length = (raw.numel() - start) // HUGE_PAGE * HUGE_PAGE  # whole huge pages inside the block only
+    if length and _libc().madvise(raw.data_ptr() + start, length, _MADV_HUGEPAGE) != 0:
+        log.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
+    return raw[start : start + nbytes]
+
+
+def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU, on transparent huge pages where available and the tensor spans
+    at least one (else a plain ``torch.empty``). Contiguous, 2 MiB-aligned."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes < HUGE_PAGE or not huge_pages_available():
+        return torch.empty(shape, dtype=dtype)
+    return _huge_block(nbytes).view(dtype).view(shape)
+
+
+def move_to_huge_pages(tensors) -> int:
+    """Move the storages of these CPU tensors (parameters included) into one block on transparent huge pages, in
+    the order first seen, each tensor keeping its identity, dtype, shape, strides and offset (``Tensor.set_``):
+    tensors that shared a storage (views, tied weights) still share one. Returns the bytes moved (0 where huge pages
+    are unavailable or the total is under one huge page). Call before anything binds the tensors' data pointers."""
+    storages: dict[int, tuple] = {}  # storage data pointer -> (storage, byte offset in the block)
+    tensors = [t for t in tensors if t is not None and t.device.type == "cpu"]
+    total = 0
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.data_ptr() not in storages and s.nbytes() > 0:
+            storages[s.data_ptr()] = (s, total)
+            total += -(-s.nbytes() // 64) * 64  # each storage on a cache line (and any dtype's alignment)
+    if total < HUGE_PAGE or not huge_pages_available():
+        return 0
+    block = _huge_block(total)
+    for s, at in storages.values():
+        block[at : at + s.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(s))
+    target = block.untyped_storage()
+    base = block.data_ptr() - target.data_ptr()  # the block's offset in its own storage (bytes)
+    with torch.no_grad():
+        for t in tensors:
+            s = t.untyped_storage()
+            if s.nbytes() == 0 or s.data_ptr() not in storages:
+                continue
+            at = storages[s.data_ptr()][1]
+            size = t.element_size()
+            t.set_(target, (base + at) // size + t.storage_offset(), t.size(), t.stride())
+    return total

@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from remix.kernels.cpu_alloc import move_to_huge_pages
 from remix.stack import RoutingContext, StackedLinear, set_context
 from server.engine.cache import SlotKVCache, attention_mask
 from server.engine.fastpath import DECODERS, LeanForward, unsupported_reason
@@ -52,6 +53,11 @@ class ModelRunner:
         self.decoder_fallback = reason  # why a lean / exact request runs HF's modules, or None
         if reason is not None:
             log.warning("--decoder %s does not apply to this model (%s): HF's modules run the decoder stack", decoder, reason)
+        if self.device.type == "cpu":  # the weights a decode step streams, in one block on transparent huge pages
+            fused = [t for f in (self.lean.qkv if self.lean is not None else []) if f is not None for t in f[:2]]
+            moved = move_to_huge_pages([*model.parameters(), *model.buffers(), *fused])
+            if moved:
+                log.info("weights on transparent huge pages: %.0f MB", moved / 2**20)
         # decode steps replayed from CUDA graphs (server.engine.graphs): CUDA and the lean forward only
         self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" and self.lean is not None else None
 
