@@ -43,7 +43,8 @@ def first_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row. logits [b, V] float32. Greedy rows take the argmax (ties: lowest id)."""
+    """One token per row. logits [b, V] (float32 or the model's dtype; each sampled row is widened to float32 first,
+    so the draws are those of float32 logits). Greedy rows take the argmax (ties: lowest id)."""
     b = logits.shape[0]
     out = torch.empty(b, dtype=torch.long)
     greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -55,7 +56,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = logits[i] / p.temperature
+        row = logits[i].float() / p.temperature
         if p.top_k > 0:
             kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))
