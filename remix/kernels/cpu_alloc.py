@@ -73,7 +73,9 @@ def huge_pages_available() -> bool:
 
 def _huge_block(nbytes: int) -> torch.Tensor:
     """Uninitialised uint8 [nbytes] on the CPU, starting on a 2 MiB boundary, advised MADV_HUGEPAGE before its first
-    touch (glibc maps a block this large fresh, see tune_cpu_allocator, so the first touch faults in huge pages)."""
+    touch. From glibc's mmap threshold (32 MiB after tune_cpu_allocator) the block is freshly mapped, so its first touch
+    faults in huge pages; a smaller one comes from the heap, where pages touched before keep 4 KiB until the kernel's
+    khugepaged collapses them."""
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
     length = (raw.numel() - start) // HUGE_PAGE * HUGE_PAGE  # whole huge pages inside the block only
@@ -95,29 +97,32 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
 def move_to_huge_pages(tensors) -> int:
     """Move the storages of these CPU tensors (parameters included) into one block on transparent huge pages, in
     the order first seen, each tensor keeping its identity, dtype, shape, strides and offset (``Tensor.set_``):
-    tensors that shared a storage (views, tied weights) still share one. Returns the bytes moved (0 where huge pages
-    are unavailable or the total is under one huge page). Call before anything binds the tensors' data pointers."""
-    storages: dict[int, tuple] = {}  # storage data pointer -> (storage, byte offset in the block)
-    tensors = [t for t in tensors if t is not None and t.device.type == "cpu"]
+    tensors that shared a storage (views, tied weights) still share one. Storage by storage, so an old one is freed
+    as soon as it is copied (where nothing else holds it): the peak is the block plus one storage, not twice the
+    weights. Returns the bytes moved (0 where huge pages are unavailable or the total is under one huge page). Call
+    before anything binds the tensors' data pointers."""
+    groups: dict[int, list] = {}  # storage data pointer -> [storage nbytes, byte offset in the block, its tensors]
     total = 0
     for t in tensors:
+        if t is None or t.device.type != "cpu":
+            continue
         s = t.untyped_storage()
-        if s.data_ptr() not in storages and s.nbytes() > 0:
-            storages[s.data_ptr()] = (s, total)
+        if s.nbytes() == 0:
+            continue
+        if s.data_ptr() not in groups:
+            groups[s.data_ptr()] = [s.nbytes(), total, []]
             total += -(-s.nbytes() // 64) * 64  # each storage on a cache line (and any dtype's alignment)
+        group = groups[s.data_ptr()][2]
+        if not any(u is t for u in group):
+            group.append(t)
     if total < HUGE_PAGE or not huge_pages_available():
         return 0
     block = _huge_block(total)
-    for s, at in storages.values():
-        block[at : at + s.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(s))
     target = block.untyped_storage()
     base = block.data_ptr() - target.data_ptr()  # the block's offset in its own storage (bytes)
     with torch.no_grad():
-        for t in tensors:
-            s = t.untyped_storage()
-            if s.nbytes() == 0 or s.data_ptr() not in storages:
-                continue
-            at = storages[s.data_ptr()][1]
-            size = t.element_size()
-            t.set_(target, (base + at) // size + t.storage_offset(), t.size(), t.stride())
+        for nbytes, at, group in groups.values():
+            block[at : at + nbytes].copy_(torch.empty(0, dtype=torch.uint8).set_(group[0].untyped_storage()))
+            for t in group:
+                t.set_(target, (base + at) // t.element_size() + t.storage_offset(), t.size(), t.stride())
     return total
