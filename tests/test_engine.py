@@ -290,6 +290,25 @@ def test_greedy_sampling_takes_the_lowest_id_on_ties():
     assert out[0] == 2 and out[2] == 6 and 0 <= out[1] < 10
 
 
+def test_bfloat16_logits_sample_as_their_float32_widening():
+    """The runner hands the sampler logits in the model's dtype: greedy, temperature, top-k and top-p rows and the
+    log-probabilities of bfloat16 logits are those of the same logits widened to float32 (exact), draw for draw."""
+    from server.engine.sampler import SamplingParams, sample, token_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(6, 500, generator=g) * 4).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(temperature=1.3, top_k=20, seed=2), SamplingParams(temperature=1.0, top_p=0.8, seed=3),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_k=5, top_p=0.5, seed=4)]
+    draws = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+        draws[dtype] = [sample(logits.to(dtype), params, gens).tolist() for _ in range(300)]  # 300 steps per stream
+    assert draws[torch.bfloat16] == draws[torch.float32]
+    tokens = torch.tensor(draws[torch.float32][0])
+    assert token_logprobs(logits, tokens, 3) == token_logprobs(logits.float(), tokens, 3)
+
+
 def test_a_one_token_prompt_chunk_takes_the_prefill_path_alone_too(tmp_path):
     """Regression (found on another CPU): a prompt whose last chunk is one token used to run that chunk through the
     decode step's attention when it was alone in its step, but through SDPA beside a longer chunk; the two round
