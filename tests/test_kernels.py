@@ -197,7 +197,8 @@ def test_compiled_route_gather_matches_torch_path(T, n, k, r):
 def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     """The kernel's sums run in the same order for a token whoever shares the call: exact equality, alone, in a small
     batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread. A token share
-    is routed and gathered 64 tokens at a time (bfloat16: from a float32 copy of the tile's x): 150 tokens are tiles of
+    is routed and gathered 64 tokens at a time (bfloat16 with bfloat16 pools: x read as it is, widened in registers,
+    where below 64 tokens the router reads a float32 copy; with float32 pools from a float32 copy of the tile's x): 150 tokens are tiles of
     64 + 11 per thread on two threads and 64 + 64 + 22 on one, so a token off its tile's first row must be read from
     the right row."""
     ext = _compiled()

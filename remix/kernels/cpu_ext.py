@@ -126,10 +126,10 @@ inline float hsum(vf v) {  // a fixed pairwise order (depth 4, not 16)
 // tokens and each token load four rows (a short block repeats its last token or row: computed, never stored). Every
 // dot is summed in one order (16 lanes over D, the lanes pairwise, then the tail), so a token's value never depends
 // on which tokens share its block.
-template <typename R>
-inline void dots4x4(const float* const* xs, int64_t nq, const R* rows, int64_t nc, int64_t D, float* out, int64_t os,
+template <typename R, typename XT = float>
+inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, int64_t D, float* out, int64_t os,
                     const float* scale) {
-  const float* x[4];
+  const XT* x[4];
   const R* a[4];
   for (int q = 0; q < 4; ++q) x[q] = xs[std::min<int64_t>(q, nq - 1)];
   for (int c = 0; c < 4; ++c) a[c] = rows + std::min<int64_t>(c, nc - 1) * D;
@@ -147,7 +147,7 @@ inline void dots4x4(const float* const* xs, int64_t nq, const R* rows, int64_t n
   for (int64_t q = 0; q < nq; ++q)
     for (int64_t c = 0; c < nc; ++c) {
       float s = hsum(acc[q][c]);
-      for (int64_t e = d; e < D; ++e) s += static_cast<float>(a[c][e]) * x[q][e];
+      for (int64_t e = d; e < D; ++e) s += static_cast<float>(a[c][e]) * static_cast<float>(x[q][e]);
       out[q * os + c] = scale ? s * scale[q] : s;
     }
 }
@@ -326,9 +326,17 @@ void phase_b_of(const Pairs& pr, const Pools& pl, const float* U, float* Y, int6
 // were equal in 7 of these 8 cases and in places an ulp apart in the eighth. (Session 14 measured phase A on vdpbf16ps
 // on the Intel VM: 0.82-0.90 at 8-32 rows on 1536 -> 576 only, 0.98-1.02 at 64-512, and did not keep it; this VM's
 // arithmetic is the delta's limit.)
+// Whether phase_a reads a bfloat16 call's x as it is (else a float32 copy of it, X).
+inline bool phase_a_reads_bf16(const Pools& pl) {
+#ifdef REMIX_DOT_BF16
+  return pl.bf16 && g_phase_a_dot;
+#else
+  return false;
+#endif
+}
 void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const uint16_t* Xh, const Pools& pl, float* U) {
 #ifdef REMIX_DOT_BF16
-  if (Xh && pl.bf16 && g_phase_a_dot) return phase_a_of<uint16_t>(pr, b0, b1, Xh, pl, U);
+  if (Xh && phase_a_reads_bf16(pl)) return phase_a_of<uint16_t>(pr, b0, b1, Xh, pl, U);
 #endif
   if (pl.bf16) return phase_a_of<c10::BFloat16>(pr, b0, b1, X, pl, U);
   phase_a_of<float>(pr, b0, b1, X, pl, U);
@@ -438,8 +446,11 @@ inline int64_t routed_slot(const Routing& rt, int64_t t) {
   return (s < 0 || s >= rt.S || rt.n[s] == 0) ? -1 : s;
 }
 
-// x's first row is token x0's (a bfloat16 call's float32 copy of a chunk of tokens).
-void route_rows(const float* x, int64_t x0, int64_t D, int64_t t0, int64_t t1, const Routing& rt, int64_t* ip, float* wp) {
+// x's first row is token x0's; float32 x, or a bfloat16 call's own x (XT c10::BFloat16: each element widened in a
+// register where it is read - the same float values as a widened copy, summed in the same order, without the copy,
+// and with half the bytes of four x rows in L1 beside four router rows).
+template <typename XT>
+void route_rows(const XT* x, int64_t x0, int64_t D, int64_t t0, int64_t t1, const Routing& rt, int64_t* ip, float* wp) {
   const int64_t S = rt.S;
   std::vector<int64_t> start(S + 1, 0), tok;  // counting sort of the tokens by slot (no slot / empty pool: skipped)
   for (int64_t t = t0; t < t1; ++t) { const int64_t s = routed_slot(rt, t); if (s >= 0) ++start[s + 1]; }
@@ -453,7 +464,7 @@ void route_rows(const float* x, int64_t x0, int64_t D, int64_t t0, int64_t t1, c
   for (int64_t s = 0; s < S; ++s)
     for (int64_t b0 = start[s]; b0 < start[s + 1]; b0 += 4) {
       const int64_t nq = std::min<int64_t>(4, start[s + 1] - b0), o = rt.off[s], n = rt.n[s], k = rt.k[s];
-      const float* xs[4];
+      const XT* xs[4];
       for (int64_t q = 0; q < nq; ++q) xs[q] = x + (tok[b0 + q] - x0) * D;
       for (int64_t c0 = 0; c0 < n; c0 += 4)
         dots4x4(xs, nq, rt.router + (o + c0) * D, std::min<int64_t>(4, n - c0), D, logits + c0, 64, nullptr);
@@ -947,13 +958,19 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   const int64_t P = region_threads(gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
   const float* X = bf16 ? nullptr : x.data_ptr<float>();
   float* Y = bf16 ? nullptr : y.data_ptr<float>();
-  // a float32 copy of x for bfloat16, left uninitialised (every element is widened into before it is read): a vector's
-  // zero fill ran on the calling thread before the region, ~10 us a module at 32 rows. (Reading x as it is, widened in
-  // a register at each of its ~6 reads by the router and phase A, was slower: in turn against the build before the y
-  // blocks, 0.86-1.00 of its time at 64-512 rows for 576 -> 1536 and 1.08-1.26 for 1536 -> 576, where the blocks with
-  // this copy gave 0.83-0.98 and 0.91-0.95.)
+  // bfloat16 from SPLIT_POOLS_BELOW rows with phase A on vdpbf16ps: the router reads x as it is (route_rows widens in
+  // registers; the same values and sums as from a copy) - a token tile's float32 copy (64 x 1536 x 4 bytes) and its
+  // reads out of L1 go. Two builds in turn in one process (45 modules a shape, bfloat16, one adapter, outputs equal
+  // bit for bit; 2026-12-03, Zen 5 VM): the delta at 128 rows 64-84 against 63-138 us (576 -> 1536) and 54-74 against
+  // 62-78 (1536 -> 576), at 512 rows 210-318 against 195-330 and 183-342 against 220-343, better in 13 of 16 pairs of
+  // runs; below 64 rows (each element read by routing only once or twice) reading x as it is was slower (32 rows:
+  // 31-51 against 22-34 us, 576 -> 1536), so there, and for phase A's widening path (float32 pools, no AVX512-BF16),
+  // a float32 copy of x is read, left uninitialised (every element is widened into before it is read: a vector's
+  // zero fill ran on the calling thread before the region, ~10 us a module at 32 rows).
+  const bool copy_x = bf16 && (T < SPLIT_POOLS_BELOW || !phase_a_reads_bf16(pl));
+  const auto* xb = bf16 ? reinterpret_cast<const c10::BFloat16*>(x.data_ptr()) : nullptr;
   Scratch xbuf;
-  if (bf16 && P > 1 && T < SPLIT_POOLS_BELOW) {  // (a token share copies its rows in chunks of its own)
+  if (copy_x && P > 1 && T < SPLIT_POOLS_BELOW) {  // (a token share copies its rows in chunks of its own)
     xbuf = scratch(T * D);
     X = xbuf.get();
   }
@@ -981,14 +998,15 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   auto token_share = [&](int64_t t0, int64_t t1) {
     if (t1 <= t0) return;
     const int64_t C = std::min<int64_t>(TILE, t1 - t0);
-    Scratch xc = scratch(bf16 ? C * D : 0), yb = scratch(bf16 ? C * YBLOCK : 0);
+    Scratch xc = scratch(copy_x ? C * D : 0), yb = scratch(bf16 ? C * YBLOCK : 0);
     std::vector<float> U;
     char has[TILE];
     for (int64_t c0 = t0; c0 < t1; c0 += C) {
       const int64_t c1 = std::min(c0 + C, t1);
-      if (bf16) widen_x(c0, c1, xc.get(), c0);
-      const float* xt = bf16 ? xc.get() : X + c0 * D;  // the tile's first row
-      if (rt) route_rows(xt, c0, D, c0, c1, *rt, sel, w);
+      if (copy_x) widen_x(c0, c1, xc.get(), c0);
+      const float* xt = copy_x ? xc.get() : bf16 ? nullptr : X + c0 * D;  // the tile's first row (float32 x)
+      if (rt && !copy_x && bf16) route_rows(xb, 0, D, c0, c1, *rt, sel, w);
+      else if (rt) route_rows(xt, c0, D, c0, c1, *rt, sel, w);
       const Pairs pr(sel + c0 * k, w + c0 * k, c1 - c0, k, pl.N);
       if (pr.size() == 0) continue;
       U.resize(pr.size() * pl.r);
@@ -1024,7 +1042,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     const auto [h, nh] = region_thread();
     {  // stage 1: widen and route a share of the tokens
       const int64_t t0 = T * h / nh, t1 = T * (h + 1) / nh;
-      if (bf16 && t1 > t0) widen_x(t0, t1, xbuf.get(), 0);
+      if (copy_x && t1 > t0) widen_x(t0, t1, xbuf.get(), 0);
       if (rt && t1 > t0) route_rows(X, 0, D, t0, t1, *rt, sel, w);
     }
 #pragma omp barrier
@@ -1916,7 +1934,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v76_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v92_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
