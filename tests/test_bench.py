@@ -6,9 +6,8 @@ import statistics
 
 import pytest
 
-from remix.kernels import cpu_ext
-
 from remix.kernels import bench as kernel_bench
+from remix.kernels import cpu_ext
 from server import bench as server_bench
 
 

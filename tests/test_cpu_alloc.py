@@ -35,7 +35,7 @@ def test_empty_huge_is_an_aligned_contiguous_tensor_on_huge_pages():
         assert huge_kb_at(big.data_ptr()) >= 2048
 
 
-def test_move_to_huge_pages_keeps_every_tensor_its_values_and_sharing(monkeypatch):
+def test_move_to_huge_pages_keeps_every_tensor_its_values_and_sharing():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(1000, 576), nn.Linear(576, 1536), nn.Linear(1536, 576), nn.Linear(576, 1000))
     model[3].weight = model[0].weight  # tied, as an LM head and its embeddings

@@ -87,8 +87,7 @@ def _huge_block(nbytes: int) -> torch.Tensor:
 def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)`` on the CPU, on transparent huge pages where available and the tensor spans
     at least one (else a plain ``torch.empty``). Contiguous, 2 MiB-aligned."""
-    numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not huge_pages_available():
         return torch.empty(shape, dtype=dtype)
     return _huge_block(nbytes).view(dtype).view(shape)

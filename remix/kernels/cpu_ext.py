@@ -299,9 +299,6 @@ void phase_a_of(const Pairs& pr, int64_t b0, int64_t b1, const XT* X, const Pool
   }
 }
 
-
-
-
 // Phase B over outputs [o0, o1): Y[rows[p]] += B[i] @ U[p] for every LoRA i in ascending id, its rows of B read once
 // (Y[t][o] at Y[t * ldy + o - yo], as axpy_lora).
 template <typename R>
@@ -318,14 +315,6 @@ void phase_b_of(const Pairs& pr, const Pools& pl, const float* U, float* Y, int6
   }
 }
 
-// phase_a: with Xh (a bfloat16 call's own x rows, row t at Xh + t D) and bfloat16 pools, the bfloat16 dots4x4 reads them
-// (g_phase_a_dot: on unless switched off for an A/B run), else dots4x4 on X (float32). On the 2-core Zen 5 VM (2026-12-03), 90 modules of one
-// adapter (n 8, k 2, r 8) in bfloat16, both paths in turn in one process, medians of 15 rounds: the ReMix delta at
-// 8 / 32 / 128 / 512 rows 0.96 / 0.75 / 0.84 / 0.87 of the widening path's for 1536 -> 576 and 0.87 / 0.82 / 0.91 /
-// 0.94 for 576 -> 1536 (45.1 -> 33.8 us at 32 rows, 1536 -> 576); after the bfloat16 rounding the two paths' outputs
-// were equal in 7 of these 8 cases and in places an ulp apart in the eighth. (Session 14 measured phase A on vdpbf16ps
-// on the Intel VM: 0.82-0.90 at 8-32 rows on 1536 -> 576 only, 0.98-1.02 at 64-512, and did not keep it; this VM's
-// arithmetic is the delta's limit.)
 // Whether phase_a reads a bfloat16 call's x as it is (else a float32 copy of it, X).
 inline bool phase_a_reads_bf16(const Pools& pl) {
 #ifdef REMIX_DOT_BF16
@@ -334,6 +323,15 @@ inline bool phase_a_reads_bf16(const Pools& pl) {
   return false;
 #endif
 }
+
+// phase_a: with Xh (a bfloat16 call's own x rows, row t at Xh + t D) and bfloat16 pools, the bfloat16 dots4x4 reads them
+// (g_phase_a_dot: on unless switched off for an A/B run), else dots4x4 on X (float32). On the 2-core Zen 5 VM (2026-12-03), 90 modules of one
+// adapter (n 8, k 2, r 8) in bfloat16, both paths in turn in one process, medians of 15 rounds: the ReMix delta at
+// 8 / 32 / 128 / 512 rows 0.96 / 0.75 / 0.84 / 0.87 of the widening path's for 1536 -> 576 and 0.87 / 0.82 / 0.91 /
+// 0.94 for 576 -> 1536 (45.1 -> 33.8 us at 32 rows, 1536 -> 576); after the bfloat16 rounding the two paths' outputs
+// were equal in 7 of these 8 cases and in places an ulp apart in the eighth. (Session 14 measured phase A on vdpbf16ps
+// on the Intel VM: 0.82-0.90 at 8-32 rows on 1536 -> 576 only, 0.98-1.02 at 64-512, and did not keep it; this VM's
+// arithmetic is the delta's limit.)
 void phase_a(const Pairs& pr, int64_t b0, int64_t b1, const float* X, const uint16_t* Xh, const Pools& pl, float* U) {
 #ifdef REMIX_DOT_BF16
   if (Xh && phase_a_reads_bf16(pl)) return phase_a_of<uint16_t>(pr, b0, b1, Xh, pl, U);
@@ -1124,6 +1122,24 @@ inline vf reduce16(const vf* a) {
 constexpr int ATTN_PFL = 1;  // locality hint of attend_group's prefetches (see there)
 constexpr int MAX_GROUP = 8;  // query heads per key/value head
 
+// One head's softmax numerators over its scores sr[0, len) (sr padded to a multiple of L: the pad set to -1e30, whose
+// exp is 0): e = exp(s - max), 16 at a time, each block handed to put(t, e); returns 1 / (their float32 sum).
+template <typename Put>
+inline float softmax_pass(float* sr, int64_t len, int64_t padded, Put&& put) {
+  for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;
+  vf mv = load(sr);
+  for (int64_t t = L; t < padded; t += L) { const vf x = load(sr + t); mv = mv > x ? mv : x; }
+  float m = mv[0];
+  for (int l = 1; l < L; ++l) m = mv[l] > m ? mv[l] : m;
+  vf sum = vf{};
+  for (int64_t t = 0; t < padded; t += L) {
+    const vf e = vexp(load(sr + t) - m);
+    put(t, e);
+    sum += e;
+  }
+  return 1.f / hsum(sum);
+}
+
 // The nrep query heads of one key/value head of one row: softmax(scale * q K[:len]^T) V[:len], computed in float32
 // and rounded once to T. Scores 16 positions at a time (K rows read once per block, the block's next-but-one
 // prefetched), one pass of exp over the scores, then V read once for all nrep heads. s: scratch of nrep * (len + L).
@@ -1166,14 +1182,7 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) {
     float* sr = s + r * padded;
-    for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;  // exp gives 0
-    vf mv = load(sr);
-    for (int64_t t = L; t < padded; t += L) { const vf x = load(sr + t); mv = mv > x ? mv : x; }
-    float m = mv[0];
-    for (int l = 1; l < L; ++l) m = mv[l] > m ? mv[l] : m;
-    vf sum = vf{};
-    for (int64_t t = 0; t < padded; t += L) { const vf e = vexp(load(sr + t) - m); store(sr + t, e); sum += e; }
-    inv[r] = 1.f / hsum(sum);
+    inv[r] = softmax_pass(sr, len, padded, [&](int64_t t, vf e) { store(sr + t, e); });
   }
   vf acc[MAX_GROUP][NV];
   for (int64_t r = 0; r < nrep; ++r) for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
@@ -1236,19 +1245,10 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
   }
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) {
-    float* sr = s + r * padded;
-    for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;  // exp gives 0
-    vf mv = load(sr);
-    for (int64_t t = L; t < padded; t += L) { const vf x = load(sr + t); mv = mv > x ? mv : x; }
-    float m = mv[0];
-    for (int l = 1; l < L; ++l) m = mv[l] > m ? mv[l] : m;
-    vf sum = vf{};
-    for (int64_t t = 0; t < padded; t += L) {
-      const vf e = vexp(load(sr + t) - m);
-      sum += e;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * padded + t), (__m256i)_mm512_cvtneps_pbh((__m512)e));
-    }
-    inv[r] = 1.f / hsum(sum);
+    uint16_t* pr = pb + r * padded;  // the weights rounded to bfloat16
+    inv[r] = softmax_pass(s + r * padded, len, padded, [&](int64_t t, vf e) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + t), (__m256i)_mm512_cvtneps_pbh((__m512)e));
+    });
   }
   __m512 acc[MAX_GROUP][2 * NQ];
   for (int64_t r = 0; r < nrep; ++r) for (int c = 0; c < 2 * NQ; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -1934,7 +1934,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v93_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v94_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
