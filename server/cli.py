@@ -33,6 +33,10 @@ OPTIONS = [  # (flag, type, default, help)
     ("max_queue", int, 256, "requests waiting for a slot before 429"),
     ("max_batched_tokens", int, 512, "tokens per engine step (decode rows + prefill chunk)"),
     ("kv_memory_gb", float, 4.0, "KV cache memory budget in GiB (caps the slots)"),
+    ("kv_cache_dtype", str, "auto", "KV cache storage: auto (the model's dtype) or int8 (CPU: int8 values and a float32 "
+                                    "scale per position and head - about twice the sequences or context in the same "
+                                    "memory and a faster decode attention at long contexts; lossy, each value within "
+                                    "max|row| / 254)"),
     ("drain_timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before exiting"),
     ("device", str, "auto", "where the model runs: cpu, cuda, cuda:N or auto (cuda when a CUDA device is present)"),
     ("dtype", str, "auto", "weights and activations: auto (the default: bfloat16 on CUDA or a CPU with AMX-BF16 or "
@@ -103,6 +107,12 @@ def load_settings(argv: list[str] | None = None) -> dict:
 
     if settings["decoder"] not in DECODERS:
         raise SystemExit(f"error: --decoder must be one of {', '.join(DECODERS)}, got {settings['decoder']!r}")
+    from server.engine.cache import KV_DTYPES
+
+    if settings["kv_cache_dtype"] not in KV_DTYPES:
+        raise SystemExit(f"error: --kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {settings['kv_cache_dtype']!r}")
+    if settings["kv_cache_dtype"] == "int8" and resolve_device(settings["device"]).type != "cpu":
+        raise SystemExit("error: --kv-cache-dtype int8 runs on CPU only (its kernels are CPU kernels); use auto on CUDA")
     if settings["cuda_graphs"] not in ("on", "off"):
         raise SystemExit(f"error: --cuda-graphs must be on or off, got {settings['cuda_graphs']!r}")
     for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens"):
@@ -194,7 +204,7 @@ def build_state(settings: dict):
     engine = Engine(model, tokenizer, EngineConfig(
         max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
         max_batched_tokens=settings["max_batched_tokens"], kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
-        decoder=settings["decoder"], cuda_graphs=settings["cuda_graphs"] == "on"))
+        decoder=settings["decoder"], cuda_graphs=settings["cuda_graphs"] == "on", kv_cache_dtype=settings["kv_cache_dtype"]))
     for name, path in settings["adapters"].items():
         engine.load_adapter(name, path)  # AdapterError lists every problem
         log.info("loaded adapter %s from %s", name, path)

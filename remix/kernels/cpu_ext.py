@@ -20,6 +20,8 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                AVX512-BF16), else ATen's
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
     decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
+    kv_write_q8_(cache, scales, fresh, row0, pos), decode_attention_q8(qk, K, V, Ks, Vs, row0, lens, Hq, scale)
+                               the same two over an 8-bit cache (int8 values, a float32 scale per position and head)
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
     argmax_rows(logits)        each row's first maximum (as torch.max(dim).indices), for greedy sampling
     DecodeStack(layers, ...).run(h, ...)   every decoder layer of a decode step in one call (those ops in order)
@@ -1326,6 +1328,97 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
 }
 }  // namespace
 
+// ---- the 8-bit K/V cache (opt-in, --kv-cache-dtype int8): each key (value) head's row at one position is Dh int8
+// values c and one float32 scale s: s = max|x| / 127, c = round(x / s) (ties to even, as torch.round; 0 where s is 0),
+// x ~ s * c - half bfloat16's bytes (Dh + 4 a row against 2 Dh), which is what a long decode attention is bound by.
+namespace {
+typedef int8_t vb __attribute__((vector_size(L), aligned(1)));
+inline vf load(const int8_t* p) { return __builtin_convertvector(*reinterpret_cast<const vb*>(p), vf); }  // exact
+inline vf load_n(const float* p, int64_t n) {  // p[0, n) and zeros (n <= L): never reads past the tensor
+  if (n == L) return load(p);
+  vf v = vf{};
+  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+
+// attend_group over an 8-bit cache: K's rows widened to float32 once a block for all nrep heads, the block's scores
+// times its 16 scales; the softmax numerators times V's scales before the V pass (the sum stays the numerators'), V's
+// rows widened as they are read. Every product and sum in float32, rounded once to T; the same order whatever the batch.
+template <typename T, int DH>
+void attend_group_q8(const T* q, const int8_t* K, const int8_t* V, const float* ks, const float* vs, int64_t len,
+                     int64_t nrep, float scale, T* out, float* s, const int8_t* next_k) {
+  constexpr int NV = DH / L;
+  vf qv[MAX_GROUP][NV];
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < NV; ++c) qv[r][c] = load(q + r * DH + c * L) * scale;
+  const int64_t padded = (len + L - 1) / L * L;
+  const char* k_end = reinterpret_cast<const char*>(K + len * DH);
+  for (int64_t t0 = 0; t0 < len; t0 += L) {
+    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
+    for (int64_t o = 0; o < L * DH; o += 64)  // K two blocks on, then V's start
+      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
+    const int64_t n = std::min<int64_t>(L, len - t0);
+    alignas(64) float kb[L * DH];
+    for (int64_t j = 0; j < n; ++j)
+      for (int c = 0; c < NV; ++c) store(kb + j * DH + c * L, load(K + (t0 + j) * DH + c * L));
+    const vf kscale = load_n(ks + t0, n);
+    for (int64_t r = 0; r < nrep; ++r) {
+      vf a[L];
+      for (int j = 0; j < L; ++j) {
+        const float* k = kb + std::min<int64_t>(REV4[j], n - 1) * DH;  // past len: the last row again, never used
+        vf acc = qv[r][0] * load(k);
+        for (int c = 1; c < NV; ++c) acc += qv[r][c] * load(k + c * L);
+        a[j] = acc;
+      }
+      store(s + r * padded + t0, reduce16(a) * kscale);
+    }
+  }
+  float inv[MAX_GROUP];
+  for (int64_t r = 0; r < nrep; ++r) {
+    float* sr = s + r * padded;
+    inv[r] = softmax_pass(sr, len, padded, [&](int64_t t, vf e) { store(sr + t, e * load_n(vs + t, std::min<int64_t>(L, len - t))); });
+  }
+  vf acc[MAX_GROUP][NV];
+  for (int64_t r = 0; r < nrep; ++r) for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
+  for (int64_t u = 0; u < len; ++u) {
+    const int8_t* v = V + u * DH;
+    for (int64_t o = 0; o < DH; o += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor: no fault
+    if (next_k && u < 2 * L * DH / 64)  // the next group's first two K blocks, a line a row
+      __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, ATTN_PFL);
+    vf vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = load(v + c * L);
+    for (int64_t r = 0; r < nrep; ++r) {
+      const float p = s[r * padded + u];
+      for (int c = 0; c < NV; ++c) acc[r][c] += p * vv[c];
+    }
+  }
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < NV; ++c) {
+      const vf o = acc[r][c] * inv[r];
+      for (int l = 0; l < L; ++l) out[r * DH + c * L + l] = static_cast<T>(o[l]);
+    }
+}
+
+template <typename T, int DH>
+void decode_attention_q8_impl(const T* q, int64_t q_row, const int8_t* K, const int8_t* V, const float* Ks,
+                              const float* Vs, int64_t row0, int64_t Hkv, int64_t P, const int64_t* lens, int64_t b,
+                              int64_t nrep, float scale, T* out) {
+  const int64_t items = b * Hkv;
+#pragma omp parallel num_threads(region_threads(items))
+  {
+    std::vector<float> s(nrep * (P + L));
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t i = it / Hkv, g = it % Hkv, at = ((row0 + i) * Hkv + g) * P;
+      const int64_t next = it + 1 < items ? (((row0 + (it + 1) / Hkv) * Hkv + (it + 1) % Hkv) * P * DH) : -1;
+      attend_group_q8<T, DH>(q + i * q_row + g * nrep * DH, K + at * DH, V + at * DH, Ks + at, Vs + at, lens[i], nrep,
+                             scale, out + it * nrep * DH, s.data(), next >= 0 ? K + next : nullptr);
+    }
+  }
+}
+}  // namespace
+
 // y[t] += sum_j weight[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]), in place (idx -1 = none). Returns y.
 torch::Tensor gather_(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::Tensor bt, torch::Tensor idx,
                       torch::Tensor weight, int64_t r) {
@@ -1492,24 +1585,31 @@ void by_dtype(at::ScalarType t, F&& f) {
 // them); K, V: [S, Hkv, P, Dh] contiguous; query head h reads key/value head h / (Hq / Hkv), as repeat_kv maps them.
 // Returns [b, Hkv, Hq / Hkv, Dh] in qk's dtype (float32 or bfloat16; arithmetic in float32), the layout SDPA returns
 // for the GQA-packed query. Dh must be 16, 32, 64 or 128.
-torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor V, int64_t row0, torch::Tensor lens,
-                               int64_t Hq, double scale) {
+// The checks both decode attentions share; returns lens' data.
+const int64_t* check_decode(const torch::Tensor& qk, const torch::Tensor& K, const torch::Tensor& V, int64_t row0,
+                            const torch::Tensor& ln, int64_t Hq) {
   TORCH_CHECK(qk.device().is_cpu() && qk.dim() == 3 && K.dim() == 4 && V.sizes() == K.sizes() && K.is_contiguous() &&
               V.is_contiguous() && K.device().is_cpu() && V.device().is_cpu(),
               "qk must be a CPU [b, heads, Dh] tensor, K and V contiguous CPU [S, Hkv, P, Dh] tensors");
-  TORCH_CHECK(qk.scalar_type() == K.scalar_type() && K.scalar_type() == V.scalar_type() &&
-              (qk.scalar_type() == torch::kFloat32 || qk.scalar_type() == torch::kBFloat16), "qk, K and V must share float32 or bfloat16");
+  TORCH_CHECK(qk.scalar_type() == torch::kFloat32 || qk.scalar_type() == torch::kBFloat16, "qk must be float32 or bfloat16");
   const int64_t b = qk.size(0), Hkv = K.size(1), P = K.size(2), Dh = K.size(3);
   TORCH_CHECK(Dh == 16 || Dh == 32 || Dh == 64 || Dh == 128, message("head dim must be 16, 32, 64 or 128, got %lld", Dh));
   TORCH_CHECK(qk.size(2) == Dh && qk.stride(2) == 1 && qk.stride(1) == Dh && qk.size(1) >= Hq, "qk must be [b, >= Hq, Dh] with heads Dh apart");
   TORCH_CHECK(Hq >= Hkv && Hq % Hkv == 0 && Hq / Hkv <= MAX_GROUP, message("query heads must be 1 to %lld times the key/value heads", MAX_GROUP));
   TORCH_CHECK(row0 >= 0 && row0 + b <= K.size(0), "rows out of the cache");
-  auto ln = lens.contiguous();
   TORCH_CHECK(ln.scalar_type() == torch::kInt64 && ln.numel() == b, "lens must be int64 [b]");
   const int64_t* lp = ln.data_ptr<int64_t>();
   for (int64_t i = 0; i < b; ++i)
     TORCH_CHECK(lp[i] >= 1 && lp[i] <= P, message("lens[%lld] = %lld out of [1, %lld]", i, lp[i], P));
-  const int64_t nrep = Hq / Hkv;
+  return lp;
+}
+
+torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor V, int64_t row0, torch::Tensor lens,
+                               int64_t Hq, double scale) {
+  auto ln = lens.contiguous();
+  const int64_t* lp = check_decode(qk, K, V, row0, ln, Hq);
+  TORCH_CHECK(qk.scalar_type() == K.scalar_type() && K.scalar_type() == V.scalar_type(), "qk, K and V must share float32 or bfloat16");
+  const int64_t b = qk.size(0), Hkv = K.size(1), P = K.size(2), Dh = K.size(3), nrep = Hq / Hkv;
   auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
   by_dtype(qk.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -1517,6 +1617,28 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
            : Dh == 64 ? decode_attention_impl<T, 64> : decode_attention_impl<T, 128>;
     f(qk.data_ptr<T>(), qk.stride(0), K.data_ptr<T>(), V.data_ptr<T>(), row0, Hkv, P, lp, b, nrep, static_cast<float>(scale),
       out.data_ptr<T>());
+  });
+  return out;
+}
+
+// decode_attention over an 8-bit cache: K, V int8 [S, Hkv, P, Dh], Ks, Vs their float32 scales [S, Hkv, P]; qk and
+// the output float32 or bfloat16.
+torch::Tensor decode_attention_q8(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor Ks, torch::Tensor Vs,
+                                  int64_t row0, torch::Tensor lens, int64_t Hq, double scale) {
+  auto ln = lens.contiguous();
+  const int64_t* lp = check_decode(qk, K, V, row0, ln, Hq);
+  TORCH_CHECK(K.scalar_type() == torch::kChar && V.scalar_type() == torch::kChar, "K and V must be int8");
+  TORCH_CHECK(Ks.scalar_type() == torch::kFloat32 && Vs.scalar_type() == torch::kFloat32 && Ks.is_contiguous() &&
+              Vs.is_contiguous() && Ks.sizes() == K.sizes().slice(0, 3) && Vs.sizes() == Ks.sizes(),
+              "Ks and Vs must be contiguous float32 [S, Hkv, P]");
+  const int64_t b = qk.size(0), Hkv = K.size(1), P = K.size(2), Dh = K.size(3), nrep = Hq / Hkv;
+  auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
+  by_dtype(qk.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto f = Dh == 16 ? decode_attention_q8_impl<T, 16> : Dh == 32 ? decode_attention_q8_impl<T, 32>
+           : Dh == 64 ? decode_attention_q8_impl<T, 64> : decode_attention_q8_impl<T, 128>;
+    f(qk.data_ptr<T>(), qk.stride(0), K.data_ptr<int8_t>(), V.data_ptr<int8_t>(), Ks.data_ptr<float>(),
+      Vs.data_ptr<float>(), row0, Hkv, P, lp, b, nrep, static_cast<float>(scale), out.data_ptr<T>());
   });
   return out;
 }
@@ -1718,6 +1840,47 @@ void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Te
 }
 
 
+// kv_write_ into an 8-bit cache: each head's Dh values of fresh [b, H, q, Dh] (float32 or bfloat16, Dh contiguous)
+// quantized to int8 with one float32 scale (see attend_group_q8), into cache [S, H, P, Dh] and scales [S, H, P].
+// The same arithmetic as server.engine.cache.quantize_kv (IEEE float32 divisions, ties to even): bit-identical.
+void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh, int64_t row0, torch::Tensor pos) {
+  TORCH_CHECK(cache.device().is_cpu() && fresh.device().is_cpu() && scales.device().is_cpu() && cache.dim() == 4 &&
+              fresh.dim() == 4 && cache.is_contiguous() && scales.is_contiguous(),
+              "cache must be a contiguous CPU [S, H, P, Dh] tensor, scales a contiguous CPU [S, H, P] one, fresh a CPU [b, H, q, Dh] tensor");
+  TORCH_CHECK(cache.scalar_type() == torch::kChar && scales.scalar_type() == torch::kFloat32 &&
+              scales.sizes() == cache.sizes().slice(0, 3), "cache must be int8 and scales float32 [S, H, P]");
+  const int64_t S = cache.size(0), H = cache.size(1), P = cache.size(2), Dh = cache.size(3);
+  const int64_t b = fresh.size(0), q = fresh.size(2);
+  TORCH_CHECK(fresh.size(1) == H && fresh.size(3) == Dh && (Dh == 1 || fresh.stride(3) == 1), "fresh must be [b, H, q, Dh] with Dh contiguous");
+  TORCH_CHECK(row0 >= 0 && row0 + b <= S, "rows out of the cache");
+  auto pc = pos.contiguous();
+  TORCH_CHECK(pc.scalar_type() == torch::kInt64 && pc.dim() == 2 && pc.size(0) == b && pc.size(1) == q, "pos must be int64 [b, q]");
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t e = 0; e < b * q; ++e)
+    TORCH_CHECK(pp[e] >= 0 && pp[e] < P, message("position %lld out of [0, %lld)", pp[e], P));
+  int8_t* dst = cache.data_ptr<int8_t>();
+  float* sc = scales.data_ptr<float>();
+  by_dtype(fresh.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = fresh.data_ptr<T>();
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t j = 0; j < q; ++j) {
+          const T* x = src + i * fresh.stride(0) + h * fresh.stride(1) + j * fresh.stride(2);
+          float amax = 0.f;
+          for (int64_t d = 0; d < Dh; ++d) {
+            const float a = std::fabs(static_cast<float>(x[d]));
+            amax = a > amax || a != a ? a : amax;  // a NaN stays (as torch's amax)
+          }
+          const int64_t at = ((row0 + i) * H + h) * P + pp[i * q + j];
+          const float s = amax / 127.f;
+          sc[at] = s;
+          for (int64_t d = 0; d < Dh; ++d)
+            dst[at * Dh + d] = s > 0.f ? static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(x[d]) / s)))) : 0;
+        }
+  });
+}
+
 // ---- the decoder layers of one decode step in one call (the engine's lean forward on CPU, see server/engine/fastpath.py)
 // The same calls, in the same order and on the same tensors, as the Python loop of LeanForward for a decode step:
 // add_rms_norm_, the fused q/k/v linear, rotary_, kv_write_ of K and V, decode_attention, o_proj, add_rms_norm_,
@@ -1746,10 +1909,13 @@ struct DecodeStack {
 
   // None when a ReMix call does not apply to h (see ModuleCall::applies), else (h, the last sublayer's output not
   // yet added into h); h [b, 1, D] is updated in place, as the Python loop does.
+  // Ks, Vs: an 8-bit cache's scales, one per layer (K and V int8), or empty.
   pybind11::object run(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, const std::vector<torch::Tensor>& K,
                        const std::vector<torch::Tensor>& V, int64_t row0, torch::Tensor pos, torch::Tensor lens,
-                       torch::Tensor slots) const {
+                       torch::Tensor slots, const std::vector<torch::Tensor>& Ks, const std::vector<torch::Tensor>& Vs) const {
     TORCH_CHECK(K.size() == layers.size() && V.size() == layers.size(), "one K and one V cache per layer");
+    const bool q8 = !Ks.empty();
+    TORCH_CHECK(!q8 || (Ks.size() == layers.size() && Vs.size() == layers.size()), "one K and one V scale tensor per layer");
     TORCH_CHECK(h.dim() == 3 && h.size(1) == 1, "h must be [b, 1, D]: one decode token per row");
     for (const auto& L : layers)
       for (const Proj* p : {&L.o, &L.gate, &L.up, &L.down})
@@ -1765,9 +1931,18 @@ struct DecodeStack {
       auto x = add_rms_norm_(h, pending, L.in_w, L.in_eps);
       auto qkv = linear(x, L.wqkv, L.bqkv).view({b, 1, H + 2 * Hkv, Dh});
       rotary_(qkv.view({-1, H + 2 * Hkv, Dh}).slice(1, 0, H + Hkv), cos, sin);
-      kv_write_(K[i], qkv.slice(2, H, H + Hkv).transpose(1, 2), row0, pos);
-      kv_write_(V[i], qkv.slice(2, H + Hkv, H + 2 * Hkv).transpose(1, 2), row0, pos);
-      auto o = decode_attention(qkv.select(1, 0).slice(1, 0, H + Hkv), K[i], V[i], row0, lens, H, scaling);
+      const auto k = qkv.slice(2, H, H + Hkv).transpose(1, 2), v = qkv.slice(2, H + Hkv, H + 2 * Hkv).transpose(1, 2);
+      const auto qk = qkv.select(1, 0).slice(1, 0, H + Hkv);
+      torch::Tensor o;
+      if (q8) {
+        kv_write_q8_(K[i], Ks[i], k, row0, pos);
+        kv_write_q8_(V[i], Vs[i], v, row0, pos);
+        o = decode_attention_q8(qk, K[i], V[i], Ks[i], Vs[i], row0, lens, H, scaling);
+      } else {
+        kv_write_(K[i], k, row0, pos);
+        kv_write_(V[i], v, row0, pos);
+        o = decode_attention(qk, K[i], V[i], row0, lens, H, scaling);
+      }
       o = o.reshape({b, H, 1, Dh}).transpose(1, 2).reshape({b, 1, H * Dh});
       pending = L.o(o, slots);
       x = add_rms_norm_(h, pending, L.post_w, L.post_eps);
@@ -1801,6 +1976,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "x = x * cos + roll(x, Dh / 2) * sin_signed in place (HF's roundings)");
   m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
+  m.def("kv_write_q8_", &kv_write_q8_, "kv_write_ into an 8-bit cache and its scales (quantizing), in place");
+  m.def("decode_attention_q8", &decode_attention_q8, "decode_attention over an 8-bit cache (int8 K, V and float32 scales)");
   m.def("_attention_bf16_dot", [](bool on) { g_attn_dot = on; },
         "A/B runs and tests: whether bfloat16 decode attention takes vdpbf16ps (default) or the widening path");
   m.def("_phase_a_bf16_dot", [](bool on) { g_phase_a_dot = on; }, "A/B runs: bfloat16 phase A on vdpbf16ps or widened");
@@ -1934,7 +2111,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v94_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v95_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

@@ -7,6 +7,13 @@ query tokens); on CPU all layers' K (and V) are one block on transparent huge pa
 a decode step reads through (its attention ~3-5 % faster than on 4 KiB pages on the Zen 5 VM). The engine keeps the rows of each forward in *contiguous* slots, so the K/V handed to
 attention is a view ``K[s0:s0+b, :, :span]`` (no gather, no concatenation); the boolean mask hides
 every position a row must not see (other rows' lengths, its own future, padding).
+
+An 8-bit cache (``kv_dtype=torch.int8``, the server's ``--kv-cache-dtype int8``) stores each head's row at a position as
+Dh int8 values and one float32 scale (:func:`quantize_kv`): Dh + 4 bytes against bfloat16's 2 Dh, so twice the
+sequences (or the context) in one memory budget, and a decode step's attention, bound by reading K and V, reads half.
+Decode steps read it in the compiled attention (``decode_attention_q8``); every other reader (prefill chunks, HF's
+modules, another device) gets it back dequantized (:func:`dequantize_kv`) in the model's dtype. Lossy: each value within
+half a step (max|x| / 254) of its head's row.
 """
 
 from __future__ import annotations
@@ -18,24 +25,52 @@ from remix.kernels import cpu_ext
 from remix.kernels.cpu_alloc import empty_huge
 
 
+KV_DTYPES = ("auto", "int8")  # the server's --kv-cache-dtype: auto = the model's dtype
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., Dh] -> (int8 [..., Dh], float32 scales [...]): s = max|x| / 127 over each row, c = round(x / s) (ties to
+    even), 0 where s is 0; x ~ s * c. The compiled ``kv_write_q8_`` does the same arithmetic (bit-identical)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) / 127
+    s = scale[..., None]
+    codes = torch.where(s > 0, xf / s, 0.0).round_().clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.float() * scale[..., None]).to(dtype)
+
+
 class SlotKVCache(Cache):
     def __init__(self, num_layers: int, slots: int, positions: int, kv_heads: int, head_dim: int, spare: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, kv_dtype: torch.dtype | None = None):
         super().__init__(layers=[])
         self.slots, self.positions, self.spare = slots, positions, spare
+        self.dtype = dtype  # what the model computes in (and reads dequantized K/V as)
+        self.quantized = kv_dtype == torch.int8
+        if kv_dtype not in (None, dtype, torch.int8):
+            raise ValueError(f"kv_dtype must be None, the model's dtype or torch.int8, got {kv_dtype}")
+        store = torch.int8 if self.quantized else dtype
         shape = (slots, kv_heads, positions + spare, head_dim)
-        if torch.device(device).type == "cpu":  # every layer's K (and V) in one block on transparent huge pages
-            self.k = list(empty_huge((num_layers, *shape), dtype).zero_().unbind(0))
-            self.v = list(empty_huge((num_layers, *shape), dtype).zero_().unbind(0))
-        else:
-            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+        def blocks(shape, dtype) -> list[torch.Tensor]:
+            if torch.device(device).type == "cpu":  # every layer's K (and V) in one block on transparent huge pages
+                return list(empty_huge((num_layers, *shape), dtype).zero_().unbind(0))
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+        self.k, self.v = blocks(shape, store), blocks(shape, store)
+        # an 8-bit cache's float32 scales [S, H, P + spare] a layer, else empty lists
+        self.ks, self.vs = (blocks(shape[:3], torch.float32), blocks(shape[:3], torch.float32)) if self.quantized else ([], [])
         self._rows = slice(0, 0)
         self._write_index: tuple | None = None  # (row [b, q], position [b, q]) of every query token
         self._span = 0
 
     @staticmethod
-    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        kv_dtype: torch.dtype | None = None) -> int:
+        if kv_dtype == torch.int8:  # int8 values and a float32 scale per head
+            return num_layers * 2 * kv_heads * (head_dim + 4)
         return num_layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     def prepare(self, first_slot: int, positions: torch.Tensor, span: int) -> None:
@@ -46,28 +81,56 @@ class SlotKVCache(Cache):
         self._write_index = (torch.arange(b, device=positions.device)[:, None].expand(b, q), positions)
         self._span = span
 
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """Store the prepared forward's keys and values [b, H, q, Dh] of one layer (quantized in an 8-bit cache)."""
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        ext = cpu_ext.for_input(key_states) if K.is_cpu else None
+        pos = self._write_index[1]
+        direct = ext is not None and key_states.stride(-1) == 1 and value_states.stride(-1) == 1
+        if self.quantized:
+            Ks, Vs = self.ks[layer_idx], self.vs[layer_idx]
+            if direct:  # quantized as they are copied
+                ext.kv_write_q8_(K, Ks, key_states, self._rows.start, pos)
+                ext.kv_write_q8_(V, Vs, value_states, self._rows.start, pos)
+                return
+            for cache, scales, fresh in ((K, Ks, key_states), (V, Vs, value_states)):
+                codes, scale = quantize_kv(fresh)
+                cache[self._rows].transpose(1, 2).index_put_(self._write_index, codes.transpose(1, 2))
+                scales[self._rows].transpose(1, 2).index_put_(self._write_index, scale.transpose(1, 2))
+            return
+        key_states, value_states = key_states.to(K.dtype), value_states.to(V.dtype)
+        if direct:
+            ext.kv_write_(K, key_states, self._rows.start, pos)  # a memcpy per head and token
+            ext.kv_write_(V, value_states, self._rows.start, pos)
+        else:  # index_put_ on the [b, P, H, Dh] view: one copy per token (scatter_ is ~50x slower for bfloat16 on CPU)
+            K[self._rows].transpose(1, 2).index_put_(self._write_index, key_states.transpose(1, 2))
+            V[self._rows].transpose(1, 2).index_put_(self._write_index, value_states.transpose(1, 2))
+
+    def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [b, H, span, Dh] of the prepared rows: views, or dequantized copies of an 8-bit cache."""
+        k, v = self.k[layer_idx][self._rows, :, : self._span], self.v[layer_idx][self._rows, :, : self._span]
+        if not self.quantized:
+            return k, v
+        ks, vs = self.ks[layer_idx][self._rows, :, : self._span], self.vs[layer_idx][self._rows, :, : self._span]
+        return dequantize_kv(k, ks, self.dtype), dequantize_kv(v, vs, self.dtype)
+
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
         # transformers' attention modules pass cache_kwargs (before 5.24) or kwargs= (5.24 on): neither is used here
-        K, V = self.k[layer_idx], self.v[layer_idx]
-        k, v = K[self._rows], V[self._rows]
-        key_states, value_states = key_states.to(K.dtype), value_states.to(V.dtype)
-        ext = cpu_ext.for_input(key_states) if K.is_cpu else None
-        if ext is not None and key_states.stride(-1) == 1 and value_states.stride(-1) == 1:
-            ext.kv_write_(K, key_states, self._rows.start, self._write_index[1])  # a memcpy per head and token
-            ext.kv_write_(V, value_states, self._rows.start, self._write_index[1])
-        else:  # index_put_ on the [b, P, H, Dh] view: one copy per token (scatter_ is ~50x slower for bfloat16 on CPU)
-            k.transpose(1, 2).index_put_(self._write_index, key_states.transpose(1, 2))
-            v.transpose(1, 2).index_put_(self._write_index, value_states.transpose(1, 2))
-        return k[:, :, : self._span], v[:, :, : self._span]
+        self.write(key_states, value_states, layer_idx)
+        return self.read(layer_idx)
 
-    def decode_args(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int, torch.Tensor]:
-        """Every layer's whole K and V, the first slot and the write positions [b, q] of the prepared forward: what the
-        compiled decode stack (``DecodeStack.run``) writes and reads, as :meth:`update` and :meth:`storage` give them."""
-        return self.k, self.v, self._rows.start, self._write_index[1]
+    def decode_args(self) -> tuple:
+        """Every layer's whole K and V, the first slot, the write positions [b, q] of the prepared forward and an 8-bit
+        cache's scales (else empty lists): what the compiled decode stack (``DecodeStack.run``) writes and reads."""
+        return self.k, self.v, self._rows.start, self._write_index[1], self.ks, self.vs
 
     def storage(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Layer ``layer_idx``'s whole K and V [S, H, P + spare, Dh] and the first slot of the prepared forward."""
         return self.k[layer_idx], self.v[layer_idx], self._rows.start
+
+    def scales(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An 8-bit cache's scales [S, H, P + spare] of layer ``layer_idx``."""
+        return self.ks[layer_idx], self.vs[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._span
@@ -79,18 +142,19 @@ class SlotKVCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, *self.ks, *self.vs]
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` positions into slot ``dst`` (all layers)."""
-        for k, v in zip(self.k, self.v):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
+        for t in self._tensors():
+            t[dst, :, :length] = t[src, :, :length]
 
     def swap(self, a: int, b: int, length: int) -> None:
-        for k, v in zip(self.k, self.v):
-            tmp_k, tmp_v = k[a, :, :length].clone(), v[a, :, :length].clone()
-            k[a, :, :length] = k[b, :, :length]
-            v[a, :, :length] = v[b, :, :length]
-            k[b, :, :length], v[b, :, :length] = tmp_k, tmp_v
+        for t in self._tensors():
+            tmp = t[a, :, :length].clone()
+            t[a, :, :length] = t[b, :, :length]
+            t[b, :, :length] = tmp
 
 
 def attention_mask(starts: torch.Tensor, counts: torch.Tensor, q: int, span: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from remix.kernels import tune_cpu_allocator
+from server.engine.cache import KV_DTYPES, SlotKVCache
 from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample, token_logprobs
@@ -66,6 +67,7 @@ class EngineConfig:
     kv_budget_bytes: int = 4 << 30  # KV cache memory; slots = min(max_num_seqs, budget / bytes per slot)
     decoder: str = "lean"  # "lean" | "exact" | "hf": how the decoder stack runs (see server.engine.fastpath)
     cuda_graphs: bool = True  # on CUDA, replay decode steps from captured graphs (see server.engine.graphs)
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "int8" (CPU; see server.engine.cache)
 
 
 class Engine:
@@ -77,10 +79,15 @@ class Engine:
         mc = model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         dtype = next(model.parameters()).dtype
-        per_token = mc.num_hidden_layers * 2 * mc.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+        if cfg.kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {cfg.kv_cache_dtype!r}")
+        kv_dtype = torch.int8 if cfg.kv_cache_dtype == "int8" else None
+        if kv_dtype is not None and next(model.parameters()).device.type != "cpu":
+            raise ValueError("kv_cache_dtype int8 runs on CPU only (its kernels are CPU kernels)")
+        per_token = SlotKVCache.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, head_dim, dtype, kv_dtype)
         slots = min(cfg.max_num_seqs, max(1, cfg.kv_budget_bytes // (per_token * (cfg.max_model_len + cfg.max_prefill_chunk))))
         self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder,
-                                  cuda_graphs=cfg.cuda_graphs)
+                                  cuda_graphs=cfg.cuda_graphs, kv_dtype=kv_dtype)
         self.registry = AdapterRegistry(self.runner)
         self.num_slots = slots
         self.slot_seq: list[Sequence | None] = [None] * slots
@@ -165,6 +172,7 @@ class Engine:
                 "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
                 "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
+                "kv_cache_dtype": str(self.runner.cache.k[0].dtype).removeprefix("torch."),
                 "cuda_graphs": self.runner.graphs is not None and not self.runner.graphs.eager,
                 "decoder": self.runner.decoder, **({"decoder_fallback": self.runner.decoder_fallback}
                                                    if self.runner.decoder_fallback else {})}

@@ -312,8 +312,8 @@ class LeanForward:
 
         stack = self._decode_stack(ext) if ext is not None and rows is None and self.stack_enabled else None
         if stack is not None:  # every decoder layer in one call (None back: a ReMix call does not apply to h)
-            K, V, row0, pos = cache.decode_args()
-            out = stack.run(h, cos, sin, K, V, row0, pos, lens, get_context().slots)
+            K, V, row0, pos, Ks, Vs = cache.decode_args()
+            out = stack.run(h, cos, sin, K, V, row0, pos, lens, get_context().slots, Ks, Vs)
             if out is not None:
                 h, pending = out
                 return norm(inner.norm)
@@ -331,18 +331,23 @@ class LeanForward:
                 qkv = qkv.view(b, q, H + 2 * Hkv, Dh)
                 qk = qkv[:, :, : H + Hkv]
                 qk = qk * cos + qk.roll(half, -1) * sin
-            k, v = cache.update(qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv :].transpose(1, 2), i)
+            cache.write(qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv :].transpose(1, 2), i)
             qs = qk[:, :, :H].transpose(1, 2)  # [b, H, q, Dh]
             if ext is not None:  # one decode token per row, each over its own slot's first lens positions
                 K, V, row0 = cache.storage(i)
-                o = ext.decode_attention(qk[:, 0], K, V, row0, lens, H, at.scaling)
-            elif n_rep > 1 and q == 1 and HF_PACKS_GQA:  # as transformers' sdpa_attention_forward: one query packs its group's heads
-                o = F.scaled_dot_product_attention(qs.reshape(b, Hkv, n_rep, Dh), k, v, attn_mask=mask, scale=at.scaling)
+                if cache.quantized:
+                    o = ext.decode_attention_q8(qk[:, 0], K, V, *cache.scales(i), row0, lens, H, at.scaling)
+                else:
+                    o = ext.decode_attention(qk[:, 0], K, V, row0, lens, H, at.scaling)
             else:
-                if n_rep > 1:  # repeat_kv
-                    k = k[:, :, None].expand(b, Hkv, n_rep, *k.shape[2:]).reshape(b, H, *k.shape[2:])
-                    v = v[:, :, None].expand(b, Hkv, n_rep, *v.shape[2:]).reshape(b, H, *v.shape[2:])
-                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=at.scaling)
+                k, v = cache.read(i)  # [b, Hkv, span, Dh]
+                if n_rep > 1 and q == 1 and HF_PACKS_GQA:  # as transformers' sdpa_attention_forward: one query packs its group's heads
+                    o = F.scaled_dot_product_attention(qs.reshape(b, Hkv, n_rep, Dh), k, v, attn_mask=mask, scale=at.scaling)
+                else:
+                    if n_rep > 1:  # repeat_kv
+                        k = k[:, :, None].expand(b, Hkv, n_rep, *k.shape[2:]).reshape(b, H, *k.shape[2:])
+                        v = v[:, :, None].expand(b, Hkv, n_rep, *v.shape[2:]).reshape(b, H, *v.shape[2:])
+                    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=at.scaling)
             o = o.reshape(b, H, q, Dh).transpose(1, 2).reshape(b, q, H * Dh)
             if rows is not None:
                 o = o.view(b * q, H * Dh)[rows]

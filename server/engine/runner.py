@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: nn.Module, slots: int, max_len: int, max_chunk: int, decoder: str = "lean",
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, kv_dtype: torch.dtype | None = None):
         self.model = model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -36,7 +36,7 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.max_len, self.max_chunk = max_len, max_chunk
         self.cache = SlotKVCache(cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, head_dim, max_chunk,
-                                 self.dtype, self.device)
+                                 self.dtype, self.device, kv_dtype=kv_dtype)
         self.stacked: dict[str, StackedLinear] = {}
         # the decoder stack's cache argument: ``cache`` since transformers 5.24, ``past_key_values`` before (5.24 still
         # takes it, with a deprecation warning on every call until 5.40)

@@ -1,0 +1,189 @@
+"""The 8-bit KV cache (--kv-cache-dtype int8): its quantizer, the compiled write and decode attention against torch
+references, and the engine on it (close to the full-precision cache, batch-invariant, twice the slots a budget)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.engine import Engine, EngineConfig, GenerationRequest, collect
+from server.engine.cache import SlotKVCache, dequantize_kv, quantize_kv
+from tests.test_engine import PROMPTS, greedy, lively_tiny, logprobs_of, make_adapter, tokens_of
+
+
+def _compiled():
+    from remix.kernels import cpu_ext
+
+    ext = cpu_ext.load()
+    if ext is None:
+        pytest.skip("C++ extension unavailable")
+    return ext
+
+
+def test_quantize_kv_worked_example_and_error_bound():
+    # row [1, -2, 0.5, 0]: s = 2 / 127; x / s = [63.5, -127, 31.75, 0] -> [64 (a tie: to even), -127, 32, 0]
+    codes, scale = quantize_kv(torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float32
+    assert codes.tolist() == [[64, -127, 32, 0], [0, 0, 0, 0]]
+    assert scale.tolist() == [torch.tensor(2.0 / 127).item(), 0.0]  # an all-zero row: scale 0, codes 0, back to zeros
+    x = torch.randn(500, 64) * torch.rand(500, 1) * 10
+    codes, scale = quantize_kv(x.bfloat16())
+    back = dequantize_kv(codes, scale, torch.float32)
+    # each value within half a step (s / 2) of its bfloat16 input, plus the product's float32 rounding
+    err = (back - x.bfloat16().float()).abs()
+    assert bool((err <= scale[:, None] / 2 * (1 + 1e-5)).all())
+    assert int(codes.abs().max()) == 127 and bool((codes.abs().amax(-1) == 127).all())  # every row uses the full range
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q", [1, 5])
+def test_compiled_kv_write_q8_is_bit_identical_to_quantize_kv(dtype, q):
+    """kv_write_q8_ stores exactly quantize_kv's codes and scales where index_put_ would put them (strided input, as
+    the lean forward hands it), and touches nothing else; bad input is refused with a message."""
+    ext = _compiled()
+    torch.manual_seed(q)
+    S, H, P, Dh, b, row0 = 6, 3, 20, 64, 3, 2
+    cache = torch.randint(-127, 128, (S, H, P, Dh), dtype=torch.int8)
+    scales = torch.rand(S, H, P)
+    fresh = (torch.randn(b, q, 2 * H, Dh) * 3).to(dtype)[:, :, H:].transpose(1, 2)  # [b, H, q, Dh], not contiguous
+    fresh[0, 0, 0] = 0  # an all-zero row
+    pos = torch.stack([torch.randperm(P)[:q] for _ in range(b)])
+    want_c, want_s = cache.clone(), scales.clone()
+    codes, scale = quantize_kv(fresh)
+    rows = torch.arange(b)[:, None].expand(b, q)
+    want_c[row0 : row0 + b].transpose(1, 2).index_put_((rows, pos), codes.transpose(1, 2))
+    want_s[row0 : row0 + b].transpose(1, 2).index_put_((rows, pos), scale.transpose(1, 2))
+    ext.kv_write_q8_(cache, scales, fresh, row0, pos)
+    assert torch.equal(cache, want_c) and torch.equal(scales, want_s)
+    with pytest.raises(RuntimeError, match="out of"):
+        ext.kv_write_q8_(cache, scales, fresh, row0, pos + P)
+    with pytest.raises(RuntimeError, match="rows out of the cache"):
+        ext.kv_write_q8_(cache, scales, fresh, S - 1, pos)
+    with pytest.raises(RuntimeError, match="int8"):
+        ext.kv_write_q8_(cache.float(), scales, fresh, row0, pos)
+    with pytest.raises(RuntimeError, match="scales"):
+        ext.kv_write_q8_(cache, scales[:, :, :-1].contiguous(), fresh, row0, pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Dh,Hkv,nrep", [(64, 3, 3), (64, 2, 1), (128, 1, 8), (16, 2, 2), (32, 1, 3)])
+def test_compiled_decode_attention_q8_matches_sdpa_on_the_dequantized_cache(dtype, Dh, Hkv, nrep):
+    """decode_attention_q8 computes attention over s * c (the values the cache stands for) exactly as SDPA over the
+    dequantized float32 K and V does, up to float32 order (and one rounding of a bfloat16 output); each row's output
+    is bit-identical alone and in the batch; one position gives its dequantized value."""
+    ext = _compiled()
+    torch.manual_seed(Dh + Hkv + nrep)
+    S, P, b, row0, Hq = 7, 70, 5, 2, Hkv * nrep
+    K8, Ks = quantize_kv(torch.randn(S, Hkv, P, Dh))
+    V8, Vs = quantize_kv(torch.randn(S, Hkv, P, Dh) * 2)
+    qk = (torch.randn(b, Hq + 2 * Hkv, Dh) * 2).to(dtype)
+    lens = torch.tensor([1, 70, 17, 33, 16])
+    got = ext.decode_attention_q8(qk, K8, V8, Ks, Vs, row0, lens, Hq, Dh**-0.5)
+    span = int(lens.max())
+    mask = (torch.arange(span)[None, :] < lens[:, None])[:, None, None, :]
+    K, V = dequantize_kv(K8, Ks, torch.float32), dequantize_kv(V8, Vs, torch.float32)
+    want = F.scaled_dot_product_attention(qk[:, :Hq].reshape(b, Hkv, nrep, Dh).float(), K[row0 : row0 + b, :, :span],
+                                          V[row0 : row0 + b, :, :span], attn_mask=mask, scale=Dh**-0.5)
+    assert got.shape == (b, Hkv, nrep, Dh) and got.dtype == dtype
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 8e-3, "rtol": 4e-3}
+    torch.testing.assert_close(got.float(), want, **tol)
+    assert torch.equal(got[0, 0, 0], V[row0, 0, 0].to(dtype))  # one position: its value (s * c, rounded once)
+    for i in range(b):
+        alone = ext.decode_attention_q8(qk[i : i + 1].contiguous(), K8, V8, Ks, Vs, row0 + i, lens[i : i + 1], Hq, Dh**-0.5)
+        assert torch.equal(alone[0], got[i])
+    with pytest.raises(RuntimeError, match="int8"):
+        ext.decode_attention_q8(qk, K, V, Ks, Vs, row0, lens, Hq, Dh**-0.5)
+    with pytest.raises(RuntimeError, match="Ks and Vs"):
+        ext.decode_attention_q8(qk, K8, V8, Ks.double(), Vs, row0, lens, Hq, Dh**-0.5)
+
+
+def test_slot_cache_int8_round_trip_move_and_swap():
+    """The torch path (no compiled kernels: another device, or the extension missing) writes what the compiled one
+    writes; read() gives the dequantized values; move and swap carry the scales with the codes."""
+    torch.manual_seed(0)
+    caches = [SlotKVCache(2, 4, 12, 2, 16, 4, torch.float32, "cpu", kv_dtype=torch.int8) for _ in range(2)]
+    k, v = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    for c in caches:
+        c.prepare(1, torch.arange(5)[None, :].expand(2, 5) + 2, 7)
+    caches[0].write(k, v, 1)  # contiguous rows: the compiled kv_write_q8_
+    wide = torch.zeros(2, 2, 5, 32)
+    wide[..., ::2] = k
+    caches[1].write(wide[..., ::2], v.clone(), 1)  # the same keys with a strided last dim: quantize_kv and index_put_
+    for name in ("k", "v", "ks", "vs"):
+        assert torch.equal(getattr(caches[0], name)[1], getattr(caches[1], name)[1])
+    got_k, got_v = caches[0].read(1)
+    assert got_k.shape == (2, 2, 7, 16) and got_k.dtype == torch.float32
+    torch.testing.assert_close(got_k[:, :, 2:7], k, atol=float(k.abs().max()) / 254 * 1.01, rtol=0)
+    before = [t[2, :, :7].clone() for t in caches[0]._tensors()]
+    caches[0].move(2, 0, 7)
+    assert all(torch.equal(t[0, :, :7], b) for t, b in zip(caches[0]._tensors(), before))
+    caches[0].swap(0, 3, 7)
+    assert all(torch.equal(t[3, :, :7], b) for t, b in zip(caches[0]._tensors(), before))
+    assert SlotKVCache.bytes_per_token(30, 3, 64, torch.bfloat16, torch.int8) * 2 < \
+        SlotKVCache.bytes_per_token(30, 3, 64, torch.bfloat16) * 1.07  # (64 + 4) / 128 of bfloat16's bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_engine_follows_the_full_cache_and_stays_batch_invariant(tmp_path, dtype):
+    """An engine on an 8-bit cache: its log-probabilities stay close to the full-precision engine's (the cache's
+    rounding only), the compiled decode path agrees with SDPA over the dequantized cache (--decoder exact), and a
+    mixed batch with an adapter gives every request what it gets alone. The same budget holds twice the slots."""
+    path = make_adapter(lively_tiny()[0], tmp_path / "a", seed=4)
+    engines = {}
+    for name, kv, decoder in (("full", "auto", "lean"), ("int8", "int8", "lean"), ("int8_exact", "int8", "exact")):
+        model, tok = lively_tiny()
+        model.to(dtype)
+        engines[name] = Engine(model, tok, EngineConfig(max_model_len=96, max_num_seqs=8, max_prefill_chunk=8,
+                                                        kv_cache_dtype=kv, decoder=decoder))
+        engines[name].load_adapter("a", path)
+    assert engines["int8"].runner.cache.k[0].dtype == torch.int8
+    assert engines["int8"].stats()["kv_cache_dtype"] == "int8"
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    for i, ids in enumerate(prompts):
+        adapter = "a" if i % 2 else None
+        full = collect(engines["full"], GenerationRequest(f"f{i}", ids, greedy(12), adapter=adapter))
+        lp = {}
+        for name in ("int8", "int8_exact"):
+            ev = collect(engines[name], GenerationRequest(f"{name}{i}", ids, greedy(12), adapter=adapter))
+            lp[name + "_seq"], lp[name + "_tokens"] = logprobs_of(ev), tokens_of(ev)
+        assert lp["int8_tokens"][:4] == tokens_of(full)[:4]
+        lean = engines["int8"].runner.lean
+        assert lean._stack[1] is not None  # the decode steps ran in the compiled DecodeStack ...
+        lean.stack_enabled = False  # ... which is bit-identical to the Python loop over the same kernels
+        ev = collect(engines["int8"], GenerationRequest(f"loop{i}", ids, greedy(12), adapter=adapter))
+        lean.stack_enabled = True
+        assert tokens_of(ev) == lp["int8_tokens"] and logprobs_of(ev) == lp["int8_seq"]
+        # int8 vs the full cache: the keys' and values' rounding (~0.4 % of each row's largest value) through 2 layers
+        torch.testing.assert_close(torch.tensor(lp["int8_seq"][:4]), torch.tensor(logprobs_of(full)[:4]),
+                                   atol=0.05, rtol=0.05)
+        # compiled int8 attention vs SDPA over the dequantized cache: float32 order (bfloat16: its rounding)
+        # (bfloat16: SDPA reads K and V rounded to bfloat16, the kernel s * c as is), over the tokens both chose alike
+        same = next((j for j, (a, b) in enumerate(zip(lp["int8_tokens"], lp["int8_exact_tokens"])) if a != b), 12)
+        assert same >= (12 if dtype == torch.float32 else 4)
+        tol = 1e-4 if dtype == torch.float32 else 0.05
+        torch.testing.assert_close(torch.tensor(lp["int8_seq"][:same]), torch.tensor(lp["int8_exact_seq"][:same]),
+                                   atol=tol, rtol=tol)
+    engine = engines["int8"]
+    alone = [tokens_of(collect(engine, GenerationRequest(f"one{i}", p, greedy(8), adapter="a" if i % 2 else None)))
+             for i, p in enumerate(prompts)]
+    sinks = {i: [] for i in range(len(prompts))}
+    for i, p in enumerate(prompts):
+        engine.submit(GenerationRequest(f"many{i}", p, greedy(8), adapter="a" if i % 2 else None), sinks[i].append)
+    while engine.has_work():
+        engine.step()
+    assert [tokens_of(sinks[i]) for i in range(len(prompts))] == alone
+    assert engine.stats()["slots_used"] == 0
+
+
+def test_int8_cache_doubles_the_slots_of_a_budget_and_refuses_bad_settings():
+    model, tok = lively_tiny()
+    mc = model.config
+    head_dim = mc.hidden_size // mc.num_attention_heads
+    per_slot = SlotKVCache.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, head_dim, torch.float32) * (64 + 8)
+    budget = per_slot * 3
+    full = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=32, max_prefill_chunk=8, kv_budget_bytes=budget))
+    small = Engine(lively_tiny()[0], tok, EngineConfig(max_model_len=64, max_num_seqs=32, max_prefill_chunk=8,
+                                                       kv_budget_bytes=budget, kv_cache_dtype="int8"))
+    # float32 rows of 4 * head_dim bytes against head_dim + 4: (4 * 16) / (16 + 4) = 3.2x the slots here
+    assert full.num_slots == 3 and small.num_slots == 3 * 4 * head_dim // (head_dim + 4)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        Engine(lively_tiny()[0], tok, EngineConfig(kv_cache_dtype="fp8"))
