@@ -64,13 +64,26 @@ def test_compiled_kv_write_q8_is_bit_identical_to_quantize_kv(dtype, q):
         ext.kv_write_q8_(cache, scales[:, :, :-1].contiguous(), fresh, row0, pos)
 
 
+@pytest.mark.parametrize("integer", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("Dh,Hkv,nrep", [(64, 3, 3), (64, 2, 1), (128, 1, 8), (16, 2, 2), (32, 1, 3)])
-def test_compiled_decode_attention_q8_matches_sdpa_on_the_dequantized_cache(dtype, Dh, Hkv, nrep):
-    """decode_attention_q8 computes attention over s * c (the values the cache stands for) exactly as SDPA over the
-    dequantized float32 K and V does, up to float32 order (and one rounding of a bfloat16 output); each row's output
-    is bit-identical alone and in the batch; one position gives its dequantized value."""
+def test_compiled_decode_attention_q8_matches_sdpa_on_the_dequantized_cache(dtype, Dh, Hkv, nrep, integer):
+    """decode_attention_q8 computes attention over s * c (the values the cache stands for) as SDPA over the
+    dequantized float32 K and V does: the float path up to float32 order (and one rounding of a bfloat16 output), the
+    integer path (AVX512-VNNI, the default where the CPU has it; head dims that are multiples of 32) also with its
+    query and weights on 16 bits (each within 1/65534 of its head's largest: ~3e-4 here, against the cache's own
+    rounding of ~0.4 % of each row's largest value). Each row's output bit-identical alone and in the batch; one
+    position gives its dequantized value."""
     ext = _compiled()
+    if not ext._attention_q8_int(integer) and integer:
+        pytest.skip("no AVX512-VNNI in this build: the float path only")
+    try:
+        _attention_q8_case(ext, dtype, Dh, Hkv, nrep, integer and Dh % 32 == 0)
+    finally:
+        ext._attention_q8_int(True)
+
+
+def _attention_q8_case(ext, dtype, Dh, Hkv, nrep, integer):
     torch.manual_seed(Dh + Hkv + nrep)
     S, P, b, row0, Hq = 7, 70, 5, 2, Hkv * nrep
     K8, Ks = quantize_kv(torch.randn(S, Hkv, P, Dh))
@@ -85,8 +98,11 @@ def test_compiled_decode_attention_q8_matches_sdpa_on_the_dequantized_cache(dtyp
                                           V[row0 : row0 + b, :, :span], attn_mask=mask, scale=Dh**-0.5)
     assert got.shape == (b, Hkv, nrep, Dh) and got.dtype == dtype
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 8e-3, "rtol": 4e-3}
+    if integer:
+        tol = {"atol": 1e-3, "rtol": 1e-3} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 5e-3}
     torch.testing.assert_close(got.float(), want, **tol)
-    assert torch.equal(got[0, 0, 0], V[row0, 0, 0].to(dtype))  # one position: its value (s * c, rounded once)
+    # one position: its value (s * c, rounded once; on the integer path its weight is exactly 32767 steps of 1 / 32767)
+    torch.testing.assert_close(got[0, 0, 0].float(), V[row0, 0, 0].to(dtype).float(), atol=0, rtol=2e-7 if dtype == torch.float32 else 0)
     for i in range(b):
         alone = ext.decode_attention_q8(qk[i : i + 1].contiguous(), K8, V8, Ks, Vs, row0 + i, lens[i : i + 1], Hq, Dh**-0.5)
         assert torch.equal(alone[0], got[i])
