@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine import Engine, EngineConfig, GenerationRequest, collect
-from server.engine.cache import SlotKVCache, dequantize_kv, quantize_kv
+from server.engine.cache import SlotKVCache, dequantize_kv, from_key_blocks, quantize_kv, to_key_blocks
 from tests.test_engine import PROMPTS, greedy, lively_tiny, logprobs_of, make_adapter, tokens_of
 
 
@@ -34,14 +34,23 @@ def test_quantize_kv_worked_example_and_error_bound():
     assert int(codes.abs().max()) == 127 and bool((codes.abs().amax(-1) == 127).all())  # every row uses the full range
 
 
+def test_key_blocks_layout():
+    # position p's dimension pair e sits at [p // 16, e, p % 16]: p = 17, dims (4, 5) -> block 1, pair 2, lane 1
+    codes = torch.arange(32 * 8).reshape(32, 8)  # value = 8 * p + d
+    blocks = to_key_blocks(codes)
+    assert blocks.shape == (2, 4, 16, 2) and blocks[1, 2, 1].tolist() == [8 * 17 + 4, 8 * 17 + 5]
+    assert torch.equal(from_key_blocks(blocks), codes)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q", [1, 5])
-def test_compiled_kv_write_q8_is_bit_identical_to_quantize_kv(dtype, q):
+def test_compiled_kv_write_q8_is_bit_identical_to_quantize_kv(dtype, q, blocked):
     """kv_write_q8_ stores exactly quantize_kv's codes and scales where index_put_ would put them (strided input, as
-    the lean forward hands it), and touches nothing else; bad input is refused with a message."""
+    the lean forward hands it; V's rows or K's blocks), and touches nothing else; bad input is refused with a message."""
     ext = _compiled()
     torch.manual_seed(q)
-    S, H, P, Dh, b, row0 = 6, 3, 20, 64, 3, 2
+    S, H, P, Dh, b, row0 = 6, 3, 32, 64, 3, 2
     cache = torch.randint(-127, 128, (S, H, P, Dh), dtype=torch.int8)
     scales = torch.rand(S, H, P)
     fresh = (torch.randn(b, q, 2 * H, Dh) * 3).to(dtype)[:, :, H:].transpose(1, 2)  # [b, H, q, Dh], not contiguous
@@ -52,6 +61,8 @@ def test_compiled_kv_write_q8_is_bit_identical_to_quantize_kv(dtype, q):
     rows = torch.arange(b)[:, None].expand(b, q)
     want_c[row0 : row0 + b].transpose(1, 2).index_put_((rows, pos), codes.transpose(1, 2))
     want_s[row0 : row0 + b].transpose(1, 2).index_put_((rows, pos), scale.transpose(1, 2))
+    if blocked:
+        cache, want_c = to_key_blocks(cache), to_key_blocks(want_c)
     ext.kv_write_q8_(cache, scales, fresh, row0, pos)
     assert torch.equal(cache, want_c) and torch.equal(scales, want_s)
     with pytest.raises(RuntimeError, match="out of"):
@@ -87,13 +98,16 @@ def _attention_q8_case(ext, dtype, Dh, Hkv, nrep, integer):
     torch.manual_seed(Dh + Hkv + nrep)
     S, P, b, row0, Hq = 7, 70, 5, 2, Hkv * nrep
     K8, Ks = quantize_kv(torch.randn(S, Hkv, P, Dh))
+    P = 80  # whole key blocks: positions 70-79 hold codes never read
+    K8 = to_key_blocks(torch.cat([K8, torch.randint(-127, 128, (S, Hkv, P - 70, Dh), dtype=torch.int8)], 2))
+    Ks = torch.cat([Ks, torch.rand(S, Hkv, P - 70)], 2)
     V8, Vs = quantize_kv(torch.randn(S, Hkv, P, Dh) * 2)
     qk = (torch.randn(b, Hq + 2 * Hkv, Dh) * 2).to(dtype)
     lens = torch.tensor([1, 70, 17, 33, 16])
     got = ext.decode_attention_q8(qk, K8, V8, Ks, Vs, row0, lens, Hq, Dh**-0.5)
     span = int(lens.max())
     mask = (torch.arange(span)[None, :] < lens[:, None])[:, None, None, :]
-    K, V = dequantize_kv(K8, Ks, torch.float32), dequantize_kv(V8, Vs, torch.float32)
+    K, V = dequantize_kv(from_key_blocks(K8), Ks, torch.float32), dequantize_kv(V8, Vs, torch.float32)
     want = F.scaled_dot_product_attention(qk[:, :Hq].reshape(b, Hkv, nrep, Dh).float(), K[row0 : row0 + b, :, :span],
                                           V[row0 : row0 + b, :, :span], attn_mask=mask, scale=Dh**-0.5)
     assert got.shape == (b, Hkv, nrep, Dh) and got.dtype == dtype
@@ -108,6 +122,8 @@ def _attention_q8_case(ext, dtype, Dh, Hkv, nrep, integer):
         assert torch.equal(alone[0], got[i])
     with pytest.raises(RuntimeError, match="int8"):
         ext.decode_attention_q8(qk, K, V, Ks, Vs, row0, lens, Hq, Dh**-0.5)
+    with pytest.raises(RuntimeError, match="blocks of 16"):
+        ext.decode_attention_q8(qk, from_key_blocks(K8), V8, Ks, Vs, row0, lens, Hq, Dh**-0.5)
     with pytest.raises(RuntimeError, match="Ks and Vs"):
         ext.decode_attention_q8(qk, K8, V8, Ks.double(), Vs, row0, lens, Hq, Dh**-0.5)
 
@@ -129,11 +145,13 @@ def test_slot_cache_int8_round_trip_move_and_swap():
     got_k, got_v = caches[0].read(1)
     assert got_k.shape == (2, 2, 7, 16) and got_k.dtype == torch.float32
     torch.testing.assert_close(got_k[:, :, 2:7], k, atol=float(k.abs().max()) / 254 * 1.01, rtol=0)
-    before = [t[2, :, :7].clone() for t in caches[0]._tensors()]
-    caches[0].move(2, 0, 7)
-    assert all(torch.equal(t[0, :, :7], b) for t, b in zip(caches[0]._tensors(), before))
+    before = caches[0].read(1)
+    caches[0].move(1, 0, 7)
+    caches[0].prepare(0, torch.arange(5)[None, :].expand(2, 5) + 2, 7)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(caches[0].read(1), before))  # slot 1 -> 0
     caches[0].swap(0, 3, 7)
-    assert all(torch.equal(t[3, :, :7], b) for t, b in zip(caches[0]._tensors(), before))
+    caches[0].prepare(2, torch.arange(5)[None, :].expand(2, 5) + 2, 7)
+    assert all(torch.equal(a[1], b[0]) for a, b in zip(caches[0].read(1), before))  # slot 0 <-> 3
     assert SlotKVCache.bytes_per_token(30, 3, 64, torch.bfloat16, torch.int8) * 2 < \
         SlotKVCache.bytes_per_token(30, 3, 64, torch.bfloat16) * 1.07  # (64 + 4) / 128 of bfloat16's bytes
 

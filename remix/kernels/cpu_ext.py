@@ -1331,6 +1331,10 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
 // ---- the 8-bit K/V cache (opt-in, --kv-cache-dtype int8): each key (value) head's row at one position is Dh int8
 // values c and one float32 scale s: s = max|x| / 127, c = round(x / s) (ties to even, as torch.round; 0 where s is 0),
 // x ~ s * c - half bfloat16's bytes (Dh + 4 a row against 2 Dh), which is what a long decode attention is bound by.
+// V is stored by rows, [S, H, P, Dh]; K in blocks of 16 positions with pairs of dimensions inner, [S, H, P / 16,
+// Dh / 2, 16, 2] (KB = 16): a block's scores come out of Dh / 2 products of a query pair with 32 codes (16 positions x
+// a pair), one 16-lane vector per head with no horizontal sums (per-row dot products each needed a 16-to-1 reduction a
+// block, a third of the attention's instructions); on AVX512-VNNI one vpdpwssd each.
 namespace {
 typedef int8_t vb __attribute__((vector_size(L), aligned(1)));
 inline vf load(const int8_t* p) {  // exact; GCC's code for the generic form went element by element (4x the attention)
@@ -1347,37 +1351,39 @@ inline vf load_n(const float* p, int64_t n) {  // p[0, n) and zeros (n <= L): ne
   return v;
 }
 
-// attend_group over an 8-bit cache: K's rows widened to float32 once a block for all nrep heads, the block's scores
-// times its 16 scales; the softmax numerators times V's scales before the V pass (the sum stays the numerators'), V's
-// rows widened as they are read. Every product and sum in float32, rounded once to T; the same order whatever the batch.
+constexpr int KB = 16;  // positions of a K block
+
+// attend_group over an 8-bit cache: scores a block of 16 positions at a time, sum over dimension pairs of q[2e] times
+// the block's codes of dimension 2e (and 2e + 1), times the block's 16 scales; the softmax numerators times V's scales
+// before the V pass (the sum stays the numerators'), V's rows widened as they are read. Every product and sum in
+// float32, rounded once to T; the same order whatever the batch. (The integer path below is the default where the CPU
+// has AVX512-VNNI; this one serves other CPUs and the tests.)
 template <typename T, int DH>
 void attend_group_q8(const T* q, const int8_t* K, const int8_t* V, const float* ks, const float* vs, int64_t len,
                      int64_t nrep, float scale, T* out, float* s, const int8_t* next_k) {
   constexpr int NV = DH / L;
-  vf qv[MAX_GROUP][NV];
+  static_assert(KB == L, "a K block is one vector of scores");
+  alignas(64) float qf[MAX_GROUP][DH];
   for (int64_t r = 0; r < nrep; ++r)
-    for (int c = 0; c < NV; ++c) qv[r][c] = load(q + r * DH + c * L) * scale;
+    for (int c = 0; c < NV; ++c) store(qf[r] + c * L, load(q + r * DH + c * L) * scale);
   const int64_t padded = (len + L - 1) / L * L;
-  const char* k_end = reinterpret_cast<const char*>(K + len * DH);
+  const char* k_end = reinterpret_cast<const char*>(K + padded * DH);
   for (int64_t t0 = 0; t0 < len; t0 += L) {
     const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
     for (int64_t o = 0; o < L * DH; o += 64)  // K two blocks on, then V's start
       __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
     const int64_t n = std::min<int64_t>(L, len - t0);
-    alignas(64) float kb[L * DH];
-    for (int64_t j = 0; j < n; ++j)
-      for (int c = 0; c < NV; ++c) store(kb + j * DH + c * L, load(K + (t0 + j) * DH + c * L));
-    const vf kscale = load_n(ks + t0, n);
-    for (int64_t r = 0; r < nrep; ++r) {
-      vf a[L];
-      for (int j = 0; j < L; ++j) {
-        const float* k = kb + std::min<int64_t>(REV4[j], n - 1) * DH;  // past len: the last row again, never used
-        vf acc = qv[r][0] * load(k);
-        for (int c = 1; c < NV; ++c) acc += qv[r][c] * load(k + c * L);
-        a[j] = acc;
-      }
-      store(s + r * padded + t0, reduce16(a) * kscale);
+    const int8_t* kb = K + t0 * DH;  // [DH / 2][16][2]; positions past len hold stale codes, never used
+    vf acc[MAX_GROUP];
+    for (int64_t r = 0; r < nrep; ++r) acc[r] = vf{};
+    for (int e = 0; e < DH / 2; ++e) {
+      const vf lo = load(kb + e * 2 * L), hi = load(kb + e * 2 * L + L);  // positions 0-7 and 8-15, pairs inner
+      const vf k0 = __builtin_shuffle(lo, hi, vi{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30});
+      const vf k1 = __builtin_shuffle(lo, hi, vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+      for (int64_t r = 0; r < nrep; ++r) acc[r] += qf[r][2 * e] * k0 + qf[r][2 * e + 1] * k1;
     }
+    const vf kscale = load_n(ks + t0, n);
+    for (int64_t r = 0; r < nrep; ++r) store(s + r * padded + t0, acc[r] * kscale);
   }
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) {
@@ -1458,10 +1464,47 @@ inline void q8_vpass(const int8_t* V, int64_t len, const int16_t* pb, int64_t ps
   }
 }
 
+// The scores of attend_group_q8_int for NR query heads (nr used): per block of 16 positions, Dh / 2 vpdpwssd a head,
+// each a broadcast pair of the query's int16 values times the block's 32 codes of that dimension pair (widened to
+// int16), the pairs split over four accumulators (independent chains; int32 sums are exact, so the split changes
+// nothing), then times the block's scales and the query's.
+template <int NR, int DH>
+inline void q8_kpass(const int8_t* K, const float* ks, int64_t len, int64_t padded, const int16_t (*qi)[DH],
+                     const float* qscale, float* s, const int8_t* V, int64_t nr = NR) {
+  const char* k_end = reinterpret_cast<const char*>(K + padded * DH);
+  for (int64_t t0 = 0; t0 < len; t0 += KB) {
+    const char* ahead = reinterpret_cast<const char*>(K + (t0 + Q8_KPF * KB) * DH);
+    for (int64_t o = 0; o < KB * DH; o += 64)  // K Q8_KPF blocks on, then V's start
+      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
+    const int8_t* kb = K + t0 * DH;  // [DH / 2][16][2]; positions past len hold stale codes, never used
+    __m512i acc[NR][4];
+    for (int r = 0; r < NR; ++r) for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_si512();
+    static_assert(DH % 8 == 0, "four accumulators of dimension pairs");
+    for (int e0 = 0; e0 < DH / 2; e0 += 4)
+#pragma GCC unroll 4
+      for (int a = 0; a < 4; ++a) {  // unrolled: acc[r][a] in registers (a run-time index kept them on the stack)
+        const int e = e0 + a;
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + e * 2 * KB)));
+        for (int r = 0; r < NR; ++r) {
+          if (NR == MAX_GROUP && r >= nr) break;
+          int32_t pair;
+          std::memcpy(&pair, qi[r] + 2 * e, 4);
+          acc[r][a] = _mm512_dpwssd_epi32(acc[r][a], _mm512_set1_epi32(pair), w);
+        }
+      }
+    const vf kscale = load_n(ks + t0, std::min<int64_t>(KB, len - t0));
+    for (int r = 0; r < NR; ++r) {
+      if (NR == MAX_GROUP && r >= nr) break;
+      const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]), _mm512_add_epi32(acc[r][2], acc[r][3]));
+      store(s + r * padded + t0, (vf)_mm512_cvtepi32_ps(sum) * (kscale * qscale[r]));
+    }
+  }
+}
+
 // attend_group_q8 on integer dot products (AVX512-VNNI's vpdpwssd: 32 int16 products summed pairwise into 16 int32
-// lanes): each query head (times scale) quantized to int16 (its max|q| / 32767 a step), K's int8 rows widened to int16
-// once a block for all heads, the scores exact in int32 (|sum| <= 128 * 32767 * 127 < 2^31) and scaled by the query's
-// and the row's scales in float32. Weights: the softmax numerators times V's scales, quantized to int16 per head (their
+// lanes): each query head (times scale) quantized to int16 (its max|q| / 32767 a step), K's blocks widened to int16
+// (q8_kpass), the scores exact in int32 (|sum| <= 128 * 32767 * 127 < 2^31) and scaled by the query's and the
+// position's scales in float32. Weights: the softmax numerators times V's scales, quantized to int16 per head (their
 // max / 32767 a step: the largest weights to ~1e-5 relative, every weight to 1/65534 of the largest, finer than
 // bfloat16's 2^-9 near the top); V two positions a step, their int8 rows widened and interleaved (as attend_group_bf16
 // interleaves bfloat16), int32 sums flushed into float32 every 64 steps (|sum| <= 128 * 2 * 32767 * 127 < 2^31).
@@ -1470,8 +1513,8 @@ inline void q8_vpass(const int8_t* V, int64_t len, const int16_t* pb, int64_t ps
 template <typename T, int DH>
 void attend_group_q8_int(const T* q, const int8_t* K, const int8_t* V, const float* ks, const float* vs, int64_t len,
                          int64_t nrep, float scale, T* out, float* s, int16_t* pb, const int8_t* next_k) {
-  constexpr int NQ = DH / 32;  // 512-bit vectors of 32 int16 per row
-  __m512i qv[MAX_GROUP][NQ];
+  constexpr int NQ = DH / 32;  // 512-bit vectors of 32 int16 a row of V
+  alignas(64) int16_t qi[MAX_GROUP][DH];
   float qscale[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) {
     alignas(64) float qf[DH];
@@ -1486,32 +1529,15 @@ void attend_group_q8_int(const T* q, const int8_t* K, const int8_t* V, const flo
     for (int l = 0; l < L; ++l) m = std::max(m, mv[l]);
     const float st = m / 32767.f;
     qscale[r] = st;
-    alignas(64) int16_t qi[DH];
-    for (int d = 0; d < DH; ++d) qi[d] = st > 0.f ? static_cast<int16_t>(std::nearbyint(qf[d] / st)) : 0;
-    for (int c = 0; c < NQ; ++c) qv[r][c] = _mm512_load_si512(qi + c * 32);
+    for (int d = 0; d < DH; ++d) qi[r][d] = st > 0.f ? static_cast<int16_t>(std::nearbyint(qf[d] / st)) : 0;
   }
   const int64_t padded = (len + L - 1) / L * L;
-  const char* k_end = reinterpret_cast<const char*>(K + len * DH);
-  for (int64_t t0 = 0; t0 < len; t0 += L) {
-    const char* ahead = reinterpret_cast<const char*>(K + (t0 + Q8_KPF * L) * DH);
-    for (int64_t o = 0; o < L * DH; o += 64)  // K two blocks on, then V's start
-      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
-    const int64_t n = std::min<int64_t>(L, len - t0);
-    alignas(64) int16_t kb[L * DH];
-    for (int64_t j = 0; j < n; ++j)
-      for (int c = 0; c < NQ; ++c)
-        _mm512_store_si512(kb + j * DH + c * 32, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(K + (t0 + j) * DH + c * 32))));
-    const vf kscale = load_n(ks + t0, n);
-    for (int64_t r = 0; r < nrep; ++r) {
-      vf a[L];
-      for (int j = 0; j < L; ++j) {
-        const int16_t* k = kb + std::min<int64_t>(REV4[j], n - 1) * DH;  // past len: the last row again, never used
-        __m512i acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), qv[r][0], _mm512_load_si512(k));
-        for (int c = 1; c < NQ; ++c) acc = _mm512_dpwssd_epi32(acc, qv[r][c], _mm512_load_si512(k + c * 32));
-        a[j] = (vf)_mm512_cvtepi32_ps(acc);
-      }
-      store(s + r * padded + t0, reduce16(a) * (kscale * qscale[r]));
-    }
+  switch (nrep) {  // as q8_vpass
+    case 1: q8_kpass<1, DH>(K, ks, len, padded, qi, qscale, s, V); break;
+    case 2: q8_kpass<2, DH>(K, ks, len, padded, qi, qscale, s, V); break;
+    case 3: q8_kpass<3, DH>(K, ks, len, padded, qi, qscale, s, V); break;
+    case 4: q8_kpass<4, DH>(K, ks, len, padded, qi, qscale, s, V); break;
+    default: q8_kpass<MAX_GROUP, DH>(K, ks, len, padded, qi, qscale, s, V, nrep); break;
   }
   float pscale[MAX_GROUP], inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) {
@@ -1791,12 +1817,15 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
 torch::Tensor decode_attention_q8(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor Ks, torch::Tensor Vs,
                                   int64_t row0, torch::Tensor lens, int64_t Hq, double scale) {
   auto ln = lens.contiguous();
-  const int64_t* lp = check_decode(qk, K, V, row0, ln, Hq);
+  const int64_t* lp = check_decode(qk, V, V, row0, ln, Hq);
   TORCH_CHECK(K.scalar_type() == torch::kChar && V.scalar_type() == torch::kChar, "K and V must be int8");
+  TORCH_CHECK(K.dim() == 6 && K.is_contiguous() && K.size(0) == V.size(0) && K.size(1) == V.size(1) &&
+              K.size(2) * KB == V.size(2) && K.size(3) * 2 == V.size(3) && K.size(4) == KB && K.size(5) == 2,
+              "K must be a contiguous int8 [S, Hkv, P / 16, Dh / 2, 16, 2] tensor (blocks of 16 positions) beside V [S, Hkv, P, Dh]");
   TORCH_CHECK(Ks.scalar_type() == torch::kFloat32 && Vs.scalar_type() == torch::kFloat32 && Ks.is_contiguous() &&
-              Vs.is_contiguous() && Ks.sizes() == K.sizes().slice(0, 3) && Vs.sizes() == Ks.sizes(),
+              Vs.is_contiguous() && Ks.sizes() == V.sizes().slice(0, 3) && Vs.sizes() == Ks.sizes(),
               "Ks and Vs must be contiguous float32 [S, Hkv, P]");
-  const int64_t b = qk.size(0), Hkv = K.size(1), P = K.size(2), Dh = K.size(3), nrep = Hq / Hkv;
+  const int64_t b = qk.size(0), Hkv = V.size(1), P = V.size(2), Dh = V.size(3), nrep = Hq / Hkv;
   auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
   by_dtype(qk.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -2006,17 +2035,23 @@ void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Te
 
 
 // kv_write_ into an 8-bit cache: each head's Dh values of fresh [b, H, q, Dh] (float32 or bfloat16, Dh contiguous)
-// quantized to int8 with one float32 scale (see attend_group_q8), into cache [S, H, P, Dh] and scales [S, H, P].
-// The same arithmetic as server.engine.cache.quantize_kv (IEEE float32 divisions, ties to even): bit-identical.
+// quantized to int8 with one float32 scale (see attend_group_q8), into scales [S, H, P] and cache: V's [S, H, P, Dh]
+// or K's blocks [S, H, P / 16, Dh / 2, 16, 2] (position p's dimension pair e at [p / 16, e, p % 16]). The same
+// arithmetic as server.engine.cache.quantize_kv (IEEE float32 divisions, ties to even): bit-identical.
 void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh, int64_t row0, torch::Tensor pos) {
-  TORCH_CHECK(cache.device().is_cpu() && fresh.device().is_cpu() && scales.device().is_cpu() && cache.dim() == 4 &&
-              fresh.dim() == 4 && cache.is_contiguous() && scales.is_contiguous(),
-              "cache must be a contiguous CPU [S, H, P, Dh] tensor, scales a contiguous CPU [S, H, P] one, fresh a CPU [b, H, q, Dh] tensor");
-  TORCH_CHECK(cache.scalar_type() == torch::kChar && scales.scalar_type() == torch::kFloat32 &&
-              scales.sizes() == cache.sizes().slice(0, 3), "cache must be int8 and scales float32 [S, H, P]");
-  const int64_t S = cache.size(0), H = cache.size(1), P = cache.size(2), Dh = cache.size(3);
+  TORCH_CHECK(cache.device().is_cpu() && fresh.device().is_cpu() && scales.device().is_cpu() &&
+              (cache.dim() == 4 || cache.dim() == 6) && fresh.dim() == 4 && scales.dim() == 3 && cache.is_contiguous() &&
+              scales.is_contiguous(),
+              "cache must be a contiguous CPU [S, H, P, Dh] or [S, H, P / 16, Dh / 2, 16, 2] tensor, scales a contiguous "
+              "CPU [S, H, P] one, fresh a CPU [b, H, q, Dh] tensor");
+  const bool blocked = cache.dim() == 6;
+  const int64_t S = cache.size(0), H = cache.size(1), P = scales.size(2), Dh = fresh.size(3);
+  TORCH_CHECK(cache.scalar_type() == torch::kChar && scales.scalar_type() == torch::kFloat32 && scales.size(0) == S &&
+              scales.size(1) == H && (blocked ? cache.size(2) * KB == P && cache.size(3) * 2 == Dh && cache.size(4) == KB &&
+              cache.size(5) == 2 : cache.size(2) == P && cache.size(3) == Dh),
+              "cache must be int8 and scales float32 [S, H, P], of the cache's rows, positions and head dim");
   const int64_t b = fresh.size(0), q = fresh.size(2);
-  TORCH_CHECK(fresh.size(1) == H && fresh.size(3) == Dh && (Dh == 1 || fresh.stride(3) == 1), "fresh must be [b, H, q, Dh] with Dh contiguous");
+  TORCH_CHECK(fresh.size(1) == H && (Dh == 1 || fresh.stride(3) == 1), "fresh must be [b, H, q, Dh] with Dh contiguous");
   TORCH_CHECK(row0 >= 0 && row0 + b <= S, "rows out of the cache");
   auto pc = pos.contiguous();
   TORCH_CHECK(pc.scalar_type() == torch::kInt64 && pc.dim() == 2 && pc.size(0) == b && pc.size(1) == q, "pos must be int64 [b, q]");
@@ -2025,6 +2060,7 @@ void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh
     TORCH_CHECK(pp[e] >= 0 && pp[e] < P, message("position %lld out of [0, %lld)", pp[e], P));
   int8_t* dst = cache.data_ptr<int8_t>();
   float* sc = scales.data_ptr<float>();
+  std::vector<int8_t> codes(Dh);
   by_dtype(fresh.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* src = fresh.data_ptr<T>();
@@ -2037,11 +2073,17 @@ void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh
             const float a = std::fabs(static_cast<float>(x[d]));
             amax = a > amax || a != a ? a : amax;  // a NaN stays (as torch's amax)
           }
-          const int64_t at = ((row0 + i) * H + h) * P + pp[i * q + j];
+          const int64_t p = pp[i * q + j], row = ((row0 + i) * H + h) * P;
           const float s = amax / 127.f;
-          sc[at] = s;
+          sc[row + p] = s;
           for (int64_t d = 0; d < Dh; ++d)
-            dst[at * Dh + d] = s > 0.f ? static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(x[d]) / s)))) : 0;
+            codes[d] = s > 0.f ? static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(x[d]) / s)))) : 0;
+          if (!blocked) {
+            std::memcpy(dst + (row + p) * Dh, codes.data(), Dh);
+          } else {
+            int8_t* blk = dst + (row + p / KB * KB) * Dh + (p % KB) * 2;  // the block's [Dh / 2][16][2]
+            for (int64_t e = 0; e < Dh / 2; ++e) std::memcpy(blk + e * 2 * KB, codes.data() + 2 * e, 2);
+          }
         }
   });
 }
@@ -2285,7 +2327,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v102_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v105_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

@@ -11,6 +11,8 @@ every position a row must not see (other rows' lengths, its own future, padding)
 An 8-bit cache (``kv_dtype=torch.int8``, the server's ``--kv-cache-dtype int8``) stores each head's row at a position as
 Dh int8 values and one float32 scale (:func:`quantize_kv`): Dh + 4 bytes against bfloat16's 2 Dh, so twice the
 sequences (or the context) in one memory budget, and a decode step's attention, bound by reading K and V, reads half.
+V keeps the layout above; K is stored in blocks of 16 positions with pairs of dimensions inner (:func:`to_key_blocks`),
+which the compiled attention scores a block to a vector.
 Decode steps read it in the compiled attention (``decode_attention_q8``); every other reader (prefill chunks, HF's
 modules, another device) gets it back dequantized (:func:`dequantize_kv`) in the model's dtype. Lossy: each value within
 half a step (max|x| / 254) of its head's row.
@@ -42,6 +44,22 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
     return (codes.float() * scale[..., None]).to(dtype)
 
 
+KEY_BLOCK = 16  # an 8-bit cache keeps K in blocks of 16 positions, pairs of dimensions inner
+
+
+def to_key_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """[..., P, Dh] (P a multiple of 16) -> [..., P / 16, Dh / 2, 16, 2]: position p's dimensions (2e, 2e + 1) at
+    [p / 16, e, p % 16]. The compiled decode attention scores 16 positions a vector from it, with no horizontal sums."""
+    *lead, P, Dh = codes.shape
+    return codes.reshape(*lead, P // KEY_BLOCK, KEY_BLOCK, Dh // 2, 2).transpose(-3, -2).contiguous()
+
+
+def from_key_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_key_blocks` (a copy)."""
+    *lead, nb, half, kb, two = blocks.shape
+    return blocks.transpose(-3, -2).reshape(*lead, nb * kb, half * two)
+
+
 class SlotKVCache(Cache):
     def __init__(self, num_layers: int, slots: int, positions: int, kv_heads: int, head_dim: int, spare: int,
                  dtype: torch.dtype, device: torch.device | str, kv_dtype: torch.dtype | None = None):
@@ -52,6 +70,9 @@ class SlotKVCache(Cache):
         if kv_dtype not in (None, dtype, torch.int8):
             raise ValueError(f"kv_dtype must be None, the model's dtype or torch.int8, got {kv_dtype}")
         store = torch.int8 if self.quantized else dtype
+        if self.quantized:  # whole key blocks of 16 positions
+            spare = -(-(positions + spare) // KEY_BLOCK) * KEY_BLOCK - positions
+            self.spare = spare
         shape = (slots, kv_heads, positions + spare, head_dim)
 
         def blocks(shape, dtype) -> list[torch.Tensor]:
@@ -59,7 +80,13 @@ class SlotKVCache(Cache):
                 return list(empty_huge((num_layers, *shape), dtype).zero_().unbind(0))
             return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
-        self.k, self.v = blocks(shape, store), blocks(shape, store)
+        self.v = blocks(shape, store)
+        if self.quantized:  # [S, H, P / 16, Dh / 2, 16, 2] (see to_key_blocks)
+            if head_dim % 2:
+                raise ValueError(f"an 8-bit cache needs an even head dim, got {head_dim}")
+            self.k = blocks((*shape[:2], shape[2] // KEY_BLOCK, head_dim // 2, KEY_BLOCK, 2), store)
+        else:
+            self.k = blocks(shape, store)
         # an 8-bit cache's float32 scales [S, H, P + spare] a layer, else empty lists
         self.ks, self.vs = (blocks(shape[:3], torch.float32), blocks(shape[:3], torch.float32)) if self.quantized else ([], [])
         self._rows = slice(0, 0)
@@ -93,10 +120,15 @@ class SlotKVCache(Cache):
                 ext.kv_write_q8_(K, Ks, key_states, self._rows.start, pos)
                 ext.kv_write_q8_(V, Vs, value_states, self._rows.start, pos)
                 return
+            rows, pos = self._write_index[0] + self._rows.start, self._write_index[1]  # [b, q] each
             for cache, scales, fresh in ((K, Ks, key_states), (V, Vs, value_states)):
-                codes, scale = quantize_kv(fresh)
-                cache[self._rows].transpose(1, 2).index_put_(self._write_index, codes.transpose(1, 2))
+                codes, scale = quantize_kv(fresh)  # [b, H, q, Dh], [b, H, q]
                 scales[self._rows].transpose(1, 2).index_put_(self._write_index, scale.transpose(1, 2))
+                if cache is V:
+                    V[self._rows].transpose(1, 2).index_put_(self._write_index, codes.transpose(1, 2))
+                else:  # K[row, :, p // 16, :, p % 16, :]: [b, q] indices first, then [H, Dh / 2, 2]
+                    b, H, q, Dh = codes.shape
+                    K[rows, :, pos // KEY_BLOCK, :, pos % KEY_BLOCK] = codes.permute(0, 2, 1, 3).reshape(b, q, H, Dh // 2, 2)
             return
         key_states, value_states = key_states.to(K.dtype), value_states.to(V.dtype)
         if direct:
@@ -108,11 +140,12 @@ class SlotKVCache(Cache):
 
     def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [b, H, span, Dh] of the prepared rows: views, or dequantized copies of an 8-bit cache."""
-        k, v = self.k[layer_idx][self._rows, :, : self._span], self.v[layer_idx][self._rows, :, : self._span]
+        span = self._span
         if not self.quantized:
-            return k, v
-        ks, vs = self.ks[layer_idx][self._rows, :, : self._span], self.vs[layer_idx][self._rows, :, : self._span]
-        return dequantize_kv(k, ks, self.dtype), dequantize_kv(v, vs, self.dtype)
+            return self.k[layer_idx][self._rows, :, :span], self.v[layer_idx][self._rows, :, :span]
+        k = from_key_blocks(self.k[layer_idx][self._rows, :, : -(-span // KEY_BLOCK)])[:, :, :span]
+        ks, vs = self.ks[layer_idx][self._rows, :, :span], self.vs[layer_idx][self._rows, :, :span]
+        return dequantize_kv(k, ks, self.dtype), dequantize_kv(self.v[layer_idx][self._rows, :, :span], vs, self.dtype)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
         # transformers' attention modules pass cache_kwargs (before 5.24) or kwargs= (5.24 on): neither is used here
@@ -125,7 +158,8 @@ class SlotKVCache(Cache):
         return self.k, self.v, self._rows.start, self._write_index[1], self.ks, self.vs
 
     def storage(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Layer ``layer_idx``'s whole K and V [S, H, P + spare, Dh] and the first slot of the prepared forward."""
+        """Layer ``layer_idx``'s whole K and V [S, H, P + spare, Dh] (an 8-bit cache's K in blocks: see
+        :func:`to_key_blocks`) and the first slot of the prepared forward."""
         return self.k[layer_idx], self.v[layer_idx], self._rows.start
 
     def scales(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,19 +176,21 @@ class SlotKVCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
-    def _tensors(self) -> list[torch.Tensor]:
-        return [*self.k, *self.v, *self.ks, *self.vs]
+    def _tensors(self, length: int) -> list[tuple[torch.Tensor, int]]:
+        """Every stored tensor with how far along dim 2 the first ``length`` positions reach (whole key blocks)."""
+        blocks = -(-length // KEY_BLOCK) if self.quantized else length
+        return [*((k, blocks) for k in self.k), *((t, length) for t in (*self.v, *self.ks, *self.vs))]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` positions into slot ``dst`` (all layers)."""
-        for t in self._tensors():
-            t[dst, :, :length] = t[src, :, :length]
+        for t, n in self._tensors(length):
+            t[dst, :, :n] = t[src, :, :n]
 
     def swap(self, a: int, b: int, length: int) -> None:
-        for t in self._tensors():
-            tmp = t[a, :, :length].clone()
-            t[a, :, :length] = t[b, :, :length]
-            t[b, :, :length] = tmp
+        for t, n in self._tensors(length):
+            tmp = t[a, :, :n].clone()
+            t[a, :, :n] = t[b, :, :n]
+            t[b, :, :n] = tmp
 
 
 def attention_mask(starts: torch.Tensor, counts: torch.Tensor, q: int, span: int) -> torch.Tensor:
