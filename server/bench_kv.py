@@ -1,33 +1,60 @@
 """The 8-bit KV cache (``--kv-cache-dtype int8``) against the model-dtype cache, in one run: speed, capacity, agreement.
 
     python -m server.bench_kv --json out.json [--prompt-tokens 128,1024] [--new-tokens 128] [--concurrency 32]
-                              [--dtype auto|bfloat16|float32] [--repeats 2]
+                              [--dtype auto|bfloat16|float32] [--repeats 3]
 
 On the default base with one ReMix adapter (n=8, k=2, r=8 on every FFN projection), two engines that differ only in
 their cache (``auto``: the model's dtype, the peer; ``int8``) serve the same greedy requests (prompts of each length,
-``--new-tokens`` new tokens, prefill included), in rounds, the fastest of ``--repeats`` runs kept. Per prompt length it
-reports tokens/s and the median full-batch decode step of both and their ratios, and how far the int8 engine's output
-follows the peer's: the share of each request's new tokens before the first that differs (greedy: one flipped near-tie
-changes everything after it, so this is a strict measure) and the largest difference of a chosen token's
-log-probability over those common tokens. Capacity: KV cache tokens per GiB of each (what ``--kv-memory-gb`` buys).
-CPU only (the 8-bit cache's kernels are CPU kernels).
+``--new-tokens`` new tokens, prefill included) at the same time, stepped in turn (so a slow spell of the machine lands
+on both), ``--repeats`` rounds. Per prompt length it reports each engine's tokens/s (over its own steps' time) and
+median full-batch decode step, the fastest round's, and their ratios within each round (the median over rounds), and
+how far the int8 engine's output follows the peer's: the share of each request's new tokens before the first that
+differs (greedy: one flipped near-tie changes everything after it, so this is a strict measure) and the largest
+difference of a chosen token's log-probability over those common tokens. Capacity: KV cache tokens per GiB of each
+(what ``--kv-memory-gb`` buys). CPU only (the 8-bit cache's kernels are CPU kernels).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
-from server.bench import bench_engine, make_adapter, prompts_of
+from server.bench import make_adapter, prompts_of
 from server.cli import DTYPES, resolve_dtype
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
 from server.engine.cache import SlotKVCache
+
+
+def interleaved(engines: dict[str, Engine], prompts, new_tokens: int, adapter: str) -> dict[str, tuple[float, float]]:
+    """Both engines serve the same requests at once, stepped in turn, one step each: per engine the sum of its own
+    steps' times (its wall time alone, less submission) and the median time of its full-batch decode-only steps.
+    Stepping them in turn puts each slow spell of a shared machine on both (whole runs in turn had moved a decode
+    step by 20 % between two runs of the same engine)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for name, engine in engines.items():
+        for i, p in enumerate(prompts):
+            engine.submit(GenerationRequest(f"kv-{name}-{time.monotonic_ns()}-{i}", p, params, adapter), lambda e: None)
+    total = {name: 0.0 for name in engines}
+    steps: dict[str, list[float]] = {name: [] for name in engines}
+    while any(e.has_work() for e in engines.values()):
+        for name, engine in engines.items():
+            if not engine.has_work():
+                continue
+            t0 = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t0
+            total[name] += dt
+            if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == len(prompts):
+                steps[name].append(dt)
+    return {name: (total[name], statistics.median(steps[name]) if steps[name] else float("nan")) for name in engines}
 
 
 def agreement(engines: dict[str, Engine], prompts, new_tokens: int) -> dict:
@@ -63,7 +90,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", default="128,1024")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="runs of both engines per prompt length, in rounds; the fastest counts")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per prompt length (both engines in each)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.concurrency < 1 or args.new_tokens < 1:
@@ -82,8 +109,9 @@ def main(argv=None) -> dict:
     engines = {}
     for kv in ("auto", "int8"):
         copy, _ = remix.load_base(args.base, dtype=dtype)
-        engines[kv] = Engine(copy, tok, EngineConfig(max_model_len=max_len, max_num_seqs=args.concurrency, max_queue=1024,
-                                                     max_batched_tokens=512, kv_cache_dtype=kv))
+        config = EngineConfig(max_model_len=max_len, max_num_seqs=args.concurrency, max_queue=1024,
+                              max_batched_tokens=512, kv_cache_dtype=kv)
+        engines[kv] = Engine(copy, tok, config)
         engines[kv].load_adapter("a0", str(adapter))
     del model
     mc = engines["auto"].runner.model.config
@@ -94,19 +122,19 @@ def main(argv=None) -> dict:
     for length in lengths:
         prompts = prompts_of(tok, args.concurrency, length)
         tokens = args.concurrency * args.new_tokens
-        for engine in engines.values():  # warm-up: loads the kernels, touches the cache
-            bench_engine(engine, prompts_of(tok, 2, length), 4, ["a0"])
+        interleaved(engines, prompts_of(tok, 2, length), 4, "a0")  # warm-up: loads the kernels, touches the cache
         runs: dict[str, list] = {kv: [] for kv in engines}
         for rep in range(args.repeats):
-            for kv, engine in engines.items():
-                wall, step = bench_engine(engine, prompts, args.new_tokens, ["a0"])
+            for kv, (wall, step) in interleaved(engines, prompts, args.new_tokens, "a0").items():
                 runs[kv].append((wall, step))
-                print(f"prompt {length:<5} kv {kv:5s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms  (run {rep + 1})",
-                      flush=True)
+                print(f"prompt {length:<5} kv {kv:5s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms  "
+                      f"(run {rep + 1})", flush=True)
         row = {kv: {"tokens_per_s": tokens / min(w for w, _ in got), "decode_step_ms": 1000 * min(s for _, s in got),
-                    "runs_tokens_per_s": [round(tokens / w, 2) for w, _ in got]} for kv, got in runs.items()}
-        row["int8_over_auto_tokens_per_s"] = row["int8"]["tokens_per_s"] / row["auto"]["tokens_per_s"]
-        row["int8_over_auto_decode_step"] = row["int8"]["decode_step_ms"] / row["auto"]["decode_step_ms"]
+                    "runs_tokens_per_s": [round(tokens / w, 2) for w, _ in got],
+                    "runs_decode_step_ms": [round(1000 * s, 2) for _, s in got]} for kv, got in runs.items()}
+        # the ratios within each round (both engines stepped in turn), their median over the rounds
+        row["int8_over_auto_tokens_per_s"] = statistics.median(a[0] / b[0] for a, b in zip(runs["auto"], runs["int8"]))
+        row["int8_over_auto_decode_step"] = statistics.median(b[1] / a[1] for a, b in zip(runs["auto"], runs["int8"]))
         row["agreement"] = agreement(engines, prompts, args.new_tokens)
         print(f"prompt {length:<5} int8/auto: tok/s {row['int8_over_auto_tokens_per_s']:.3f}  decode step "
               f"{row['int8_over_auto_decode_step']:.3f}  agreement {row['agreement']}", flush=True)
@@ -125,9 +153,9 @@ def main(argv=None) -> dict:
 
 def markdown(out: dict) -> str:
     c = out["config"]
-    lines = [f"| prompt tokens | tok/s, {c['dtype']} cache | tok/s, int8 cache | ratio | decode step, {c['dtype']} | "
-             "decode step, int8 | ratio | new tokens before the first difference | identical requests | "
-             "max abs log-prob diff |", "|" + "---|" * 10]
+    lines = [f"| prompt tokens | tok/s, {c['dtype']} cache | tok/s, int8 cache | ratio (median of rounds) | "
+             f"decode step, {c['dtype']} | decode step, int8 | ratio (median of rounds) | "
+             "new tokens before the first difference | identical requests | max abs log-prob diff |", "|" + "---|" * 10]
     for length, r in out["results"].items():
         a = r["agreement"]
         lines.append(f"| {length} | {r['auto']['tokens_per_s']:.1f} | {r['int8']['tokens_per_s']:.1f} | "

@@ -110,7 +110,8 @@ def load_settings(argv: list[str] | None = None) -> dict:
     from server.engine.cache import KV_DTYPES
 
     if settings["kv_cache_dtype"] not in KV_DTYPES:
-        raise SystemExit(f"error: --kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {settings['kv_cache_dtype']!r}")
+        raise SystemExit(f"error: --kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, "
+                         f"got {settings['kv_cache_dtype']!r}")
     if settings["kv_cache_dtype"] == "int8" and resolve_device(settings["device"]).type != "cpu":
         raise SystemExit("error: --kv-cache-dtype int8 runs on CPU only (its kernels are CPU kernels); use auto on CUDA")
     if settings["cuda_graphs"] not in ("on", "off"):

@@ -14,7 +14,8 @@ def test_flags_override_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("argv,field", [(["--dtype", "fp8"], "--dtype"), (["--port", "0"], "--port"),
-                                        (["--adapter", "nopath"], "--adapter"), (["--decoder", "fast"], "--decoder")])
+                                        (["--adapter", "nopath"], "--adapter"), (["--decoder", "fast"], "--decoder"),
+                                        (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype")])
 def test_bad_values_name_the_field(argv, field):
     with pytest.raises(SystemExit, match=field):
         cli.load_settings(argv + ["--base", "tiny"])
@@ -79,3 +80,16 @@ def test_decoder_flag_reaches_the_engine():
     assert engine.stats()["decoder"] == "lean" and "decoder_fallback" not in engine.stats()
     assert not build_state(cli.load_settings(["--base", "tiny", "--decoder", "exact"])).engine.runner.lean.compiled
     assert build_state(cli.load_settings(["--base", "tiny", "--decoder", "hf"])).engine.runner.lean is None
+
+
+def test_kv_cache_dtype_flag_reaches_the_engine():
+    from server.cli import build_state
+
+    assert cli.load_settings(["--base", "tiny"])["kv_cache_dtype"] == "auto"
+    engine = build_state(cli.load_settings(["--base", "tiny", "--device", "cpu", "--kv-cache-dtype", "int8"])).engine
+    assert engine.runner.cache.quantized and engine.stats()["kv_cache_dtype"] == "int8"
+    plain = build_state(cli.load_settings(["--base", "tiny", "--device", "cpu"])).engine
+    assert plain.stats()["kv_cache_dtype"] == plain.stats()["dtype"]  # auto: the model's dtype
+    if torch.cuda.is_available():  # CPU kernels only: refused before anything loads
+        with pytest.raises(SystemExit, match="--kv-cache-dtype int8 runs on CPU only"):
+            cli.load_settings(["--base", "tiny", "--device", "cuda", "--kv-cache-dtype", "int8"])

@@ -47,7 +47,8 @@ def test_key_blocks_layout():
 @pytest.mark.parametrize("q", [1, 5])
 def test_compiled_kv_write_q8_is_bit_identical_to_quantize_kv(dtype, q, blocked):
     """kv_write_q8_ stores exactly quantize_kv's codes and scales where index_put_ would put them (strided input, as
-    the lean forward hands it; V's rows or K's blocks), and touches nothing else; bad input is refused with a message."""
+    the lean forward hands it; V's rows or K's blocks), and touches nothing else; bad input is refused with a
+    message."""
     ext = _compiled()
     torch.manual_seed(q)
     S, H, P, Dh, b, row0 = 6, 3, 32, 64, 3, 2
@@ -116,9 +117,11 @@ def _attention_q8_case(ext, dtype, Dh, Hkv, nrep, integer):
         tol = {"atol": 1e-3, "rtol": 1e-3} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 5e-3}
     torch.testing.assert_close(got.float(), want, **tol)
     # one position: its value (s * c, rounded once; on the integer path its weight is exactly 32767 steps of 1 / 32767)
-    torch.testing.assert_close(got[0, 0, 0].float(), V[row0, 0, 0].to(dtype).float(), atol=0, rtol=2e-7 if dtype == torch.float32 else 0)
+    torch.testing.assert_close(got[0, 0, 0].float(), V[row0, 0, 0].to(dtype).float(), atol=0,
+                               rtol=2e-7 if dtype == torch.float32 else 0)
     for i in range(b):
-        alone = ext.decode_attention_q8(qk[i : i + 1].contiguous(), K8, V8, Ks, Vs, row0 + i, lens[i : i + 1], Hq, Dh**-0.5)
+        alone = ext.decode_attention_q8(qk[i : i + 1].contiguous(), K8, V8, Ks, Vs, row0 + i, lens[i : i + 1], Hq,
+                                        Dh**-0.5)
         assert torch.equal(alone[0], got[i])
     with pytest.raises(RuntimeError, match="int8"):
         ext.decode_attention_q8(qk, K, V, Ks, Vs, row0, lens, Hq, Dh**-0.5)
@@ -212,12 +215,30 @@ def test_int8_cache_doubles_the_slots_of_a_budget_and_refuses_bad_settings():
     model, tok = lively_tiny()
     mc = model.config
     head_dim = mc.hidden_size // mc.num_attention_heads
-    per_slot = SlotKVCache.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, head_dim, torch.float32) * (64 + 8)
+    per_token = SlotKVCache.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, head_dim, torch.float32)
+    per_slot = per_token * (64 + 8)
     budget = per_slot * 3
-    full = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=32, max_prefill_chunk=8, kv_budget_bytes=budget))
+    full = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=32, max_prefill_chunk=8,
+                                           kv_budget_bytes=budget))
     small = Engine(lively_tiny()[0], tok, EngineConfig(max_model_len=64, max_num_seqs=32, max_prefill_chunk=8,
                                                        kv_budget_bytes=budget, kv_cache_dtype="int8"))
     # float32 rows of 4 * head_dim bytes against head_dim + 4: (4 * 16) / (16 + 4) = 3.2x the slots here
     assert full.num_slots == 3 and small.num_slots == 3 * 4 * head_dim // (head_dim + 4)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         Engine(lively_tiny()[0], tok, EngineConfig(kv_cache_dtype="fp8"))
+
+
+def test_int8_cache_under_hf_modules_equals_the_exact_decoder():
+    """--decoder hf (HF's attention modules through the cache's update) reads the same dequantized K and V as the
+    exact decoder: the same tokens, log-probabilities equal within float32 rounding."""
+    out = {}
+    for decoder in ("hf", "exact"):
+        model, tok = lively_tiny()
+        engine = Engine(model, tok, EngineConfig(max_model_len=96, max_num_seqs=4, max_prefill_chunk=8,
+                                                 kv_cache_dtype="int8", decoder=decoder))
+        assert engine.runner.decoder == decoder
+        out[decoder] = [collect(engine, GenerationRequest(f"{decoder}{i}", tok(p).input_ids, greedy(10)))
+                        for i, p in enumerate(PROMPTS[:3])]
+    for a, b in zip(out["hf"], out["exact"]):
+        assert tokens_of(a) == tokens_of(b)
+        torch.testing.assert_close(torch.tensor(logprobs_of(a)), torch.tensor(logprobs_of(b)), atol=1e-5, rtol=1e-5)

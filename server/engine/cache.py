@@ -88,7 +88,8 @@ class SlotKVCache(Cache):
         else:
             self.k = blocks(shape, store)
         # an 8-bit cache's float32 scales [S, H, P + spare] a layer, else empty lists
-        self.ks, self.vs = (blocks(shape[:3], torch.float32), blocks(shape[:3], torch.float32)) if self.quantized else ([], [])
+        self.ks, self.vs = ([], []) if not self.quantized else \
+            (blocks(shape[:3], torch.float32), blocks(shape[:3], torch.float32))
         self._rows = slice(0, 0)
         self._write_index: tuple | None = None  # (row [b, q], position [b, q]) of every query token
         self._span = 0
@@ -128,7 +129,8 @@ class SlotKVCache(Cache):
                     V[self._rows].transpose(1, 2).index_put_(self._write_index, codes.transpose(1, 2))
                 else:  # K[row, :, p // 16, :, p % 16, :]: [b, q] indices first, then [H, Dh / 2, 2]
                     b, H, q, Dh = codes.shape
-                    K[rows, :, pos // KEY_BLOCK, :, pos % KEY_BLOCK] = codes.permute(0, 2, 1, 3).reshape(b, q, H, Dh // 2, 2)
+                    blocked = codes.permute(0, 2, 1, 3).reshape(b, q, H, Dh // 2, 2)
+                    K[rows, :, pos // KEY_BLOCK, :, pos % KEY_BLOCK] = blocked
             return
         key_states, value_states = key_states.to(K.dtype), value_states.to(V.dtype)
         if direct:

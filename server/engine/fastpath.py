@@ -341,8 +341,10 @@ class LeanForward:
                     o = ext.decode_attention(qk[:, 0], K, V, row0, lens, H, at.scaling)
             else:
                 k, v = cache.read(i)  # [b, Hkv, span, Dh]
-                if n_rep > 1 and q == 1 and HF_PACKS_GQA:  # as transformers' sdpa_attention_forward: one query packs its group's heads
-                    o = F.scaled_dot_product_attention(qs.reshape(b, Hkv, n_rep, Dh), k, v, attn_mask=mask, scale=at.scaling)
+                if n_rep > 1 and q == 1 and HF_PACKS_GQA:  # as transformers' sdpa_attention_forward: one query
+                    # packs its group's heads
+                    o = F.scaled_dot_product_attention(qs.reshape(b, Hkv, n_rep, Dh), k, v, attn_mask=mask,
+                                                       scale=at.scaling)
                 else:
                     if n_rep > 1:  # repeat_kv
                         k = k[:, :, None].expand(b, Hkv, n_rep, *k.shape[2:]).reshape(b, H, *k.shape[2:])
