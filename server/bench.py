@@ -2,6 +2,7 @@
 
     python -m server.bench --json out.json [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 128]
                            [--dtype auto|bfloat16|float32] [--device cpu|cuda|auto] [--repeats 2]
+                           [--kv-cache-dtype auto|int8]
 
 On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill included) it measures:
   hf_generate        HF generate, static batch, base only (the peer everyone has)
@@ -172,6 +173,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="weights and activations of every contender (the same for all, so ratios stay fair); auto, "
                          "the server's default: bfloat16 on CUDA or a CPU with AMX-BF16 / AVX512-BF16, else float32")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
+                    help="the engine's KV cache (the server's --kv-cache-dtype; int8: CPU only); HF's is its own")
     ap.add_argument("--device", default="cpu", help=f"where every contender runs: {', '.join(DEVICES)} or cuda:N (auto: cuda if present)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -181,6 +184,8 @@ def main(argv=None) -> dict:
     except ValueError as e:
         ap.error(f"--device: {e}")
     dtype = resolve_dtype(args.dtype, device)
+    if args.kv_cache_dtype == "int8" and device.type != "cpu":
+        ap.error("--kv-cache-dtype int8 runs on CPU only")
     tune_cpu_allocator()
     if device.type == "cpu":
         cpu_ext.load()
@@ -191,7 +196,8 @@ def main(argv=None) -> dict:
     levels = [int(c) for c in args.concurrency.split(",")]
     max_len = args.prompt_tokens + args.new_tokens + 8
     engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,
-                                             max_batched_tokens=max(512, args.prompt_tokens + max(levels))))
+                                             max_batched_tokens=max(512, args.prompt_tokens + max(levels)),
+                                             kv_cache_dtype=args.kv_cache_dtype))
     for i, path in enumerate(adapter_paths):
         engine.load_adapter(f"a{i}", str(path))
     engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
@@ -276,6 +282,7 @@ def main(argv=None) -> dict:
     for name, g in goals.items():
         print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
     out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
+                      "kv_cache_dtype": args.kv_cache_dtype,
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_ext.cpu_model(),
                       # which bfloat16 GEMM the engine ran (AMX tiles, or not: no AMX, or REMIX_DISABLE_AMX=1)

@@ -83,6 +83,32 @@ def test_server_bench_in_bfloat16_runs_every_contender_in_that_dtype():
     assert {"hf_generate", "engine_base", "engine_remix", "engine_4adapters"} <= set(out["results"][2])
 
 
+def test_server_bench_takes_the_8bit_cache():
+    out = server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "3",
+                             "--skip-hf-loop", "--repeats", "1", "--kv-cache-dtype", "int8"])
+    assert out["config"]["kv_cache_dtype"] == "int8" and out["results"][2]["engine_remix"]["tokens_per_s"] > 0
+
+
+def test_kv_bench_measures_both_caches_in_rounds_and_their_agreement(tmp_path):
+    from server import bench_kv
+
+    out = bench_kv.main(["--base", "tiny", "--prompt-tokens", "8,40", "--new-tokens", "5", "--concurrency", "2",
+                         "--repeats", "2", "--json", str(tmp_path / "k.json"), "--markdown", str(tmp_path / "k.md")])
+    t = out["kv_tokens_per_gib"]
+    assert t["int8"] > 1.5 * t["auto"]  # int8 codes and a float32 scale against the model's dtype
+    for length in (8, 40):
+        r = out["results"][length]
+        for kv in ("auto", "int8"):
+            runs = r[kv]["runs_tokens_per_s"]
+            assert len(runs) == 2 and math.isclose(r[kv]["tokens_per_s"], max(runs), rel_tol=1e-3)
+        # the ratio of tok/s is the median (of two rounds: the mean) of each round's ratio, not a ratio of bests
+        rounds = [b / a for a, b in zip(r["auto"]["runs_tokens_per_s"], r["int8"]["runs_tokens_per_s"])]
+        assert math.isclose(r["int8_over_auto_tokens_per_s"], sum(rounds) / 2, rel_tol=1e-2)
+        a = r["agreement"]
+        assert 0 <= a["common_prefix_share"] <= 1 and 0 <= a["identical_requests"] <= 1 and a["max_abs_logprob_diff"] >= 0
+    assert "| 40 |" in (tmp_path / "k.md").read_text() and "tokens per GiB" in (tmp_path / "k.md").read_text()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gemm_bench_times_every_linear_of_a_decode_step_both_ways(tmp_path, dtype):
     from remix.kernels import cpu_ext
