@@ -624,6 +624,40 @@ def test_compiled_bfloat16_decode_attention_paths_and_batch_independence(Dh, Hkv
     assert torch.equal(got[True], got[False]) != ext.dot_gemm(True)  # with AVX512-BF16 the two paths differ (it ran)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_slot_attention_is_decode_attention_per_token_and_causal_sdpa(dtype):
+    """slot_attention: query row i reads cache row slots[i]'s first lens[i] positions. A prefill chunk's tokens (several
+    to a slot, each seeing its own position and those before) give what SDPA gives with the causal mask over the same
+    slot, and each token's output is bit-identical to decode_attention of that token alone (the same kernel and order:
+    a prompt token and a generated token at one position are computed alike)."""
+    ext = _compiled()
+    torch.manual_seed(7)
+    S, P, Hkv, nrep, Dh = 5, 40, 3, 3, 64
+    Hq = Hkv * nrep
+    K, V = torch.randn(S, Hkv, P, Dh).to(dtype), torch.randn(S, Hkv, P, Dh).to(dtype)
+    # two chunks: slot 3 positions 0-9 (a prompt from its start), slot 1 positions 20-25 (a later chunk)
+    slots = torch.tensor([3] * 10 + [1] * 6)
+    pos = torch.cat([torch.arange(10), torch.arange(20, 26)])
+    qk = (torch.randn(16, Hq + 2 * Hkv, Dh) * 2).to(dtype)
+    got = ext.slot_attention(qk, K, V, slots, pos + 1, Hq, Dh**-0.5)
+    assert got.shape == (16, Hkv, nrep, Dh) and got.dtype == dtype
+    for t in range(16):
+        alone = ext.decode_attention(qk[t : t + 1].contiguous(), K, V, int(slots[t]), pos[t : t + 1] + 1, Hq, Dh**-0.5)
+        assert torch.equal(alone[0], got[t])
+    for sel, slot, start in ((slice(0, 10), 3, 0), (slice(10, 16), 1, 20)):
+        n = sel.stop - sel.start
+        q = qk[sel, :Hq].reshape(n, Hkv, nrep, Dh).permute(1, 2, 0, 3).float()  # [Hkv, nrep, n, Dh]
+        mask = torch.arange(start + n)[None, :] <= (start + torch.arange(n))[:, None]
+        k, v = K[slot, :, None, : start + n].float(), V[slot, :, None, : start + n].float()
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=Dh**-0.5)
+        tol = {"atol": 2e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 6e-3, "rtol": 6e-3}
+        torch.testing.assert_close(got[sel].float(), want.permute(2, 0, 1, 3), **tol)
+    with pytest.raises(RuntimeError, match="slots"):
+        ext.slot_attention(qk, K, V, slots + 2, pos + 1, Hq, Dh**-0.5)
+    with pytest.raises(RuntimeError, match="slots"):
+        ext.slot_attention(qk, K, V, slots[:3], pos + 1, Hq, Dh**-0.5)
+
+
 def test_compiled_decode_attention_rejects_bad_input():
     ext = _compiled()
     K = torch.randn(4, 2, 10, 64)

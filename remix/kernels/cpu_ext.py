@@ -20,6 +20,7 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                AVX512-BF16), else ATen's
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
     decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
+    slot_attention(qk, K, V, slots, lens, Hq, scale)   the same with query row i reading slot slots[i] (prefill tokens)
     kv_write_q8_(cache, scales, fresh, row0, pos), decode_attention_q8(qk, K, V, Ks, Vs, row0, lens, Hq, scale)
                                the same two over an 8-bit cache (int8 values, a float32 scale per position and head)
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
@@ -1300,8 +1301,9 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
 // 2: no change.)
 template <typename T, int DH>
 void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, int64_t row0, int64_t Hkv, int64_t P,
-                           const int64_t* lens, int64_t b, int64_t nrep, float scale, T* out) {
+                           const int64_t* lens, int64_t b, int64_t nrep, float scale, T* out, const int64_t* slots) {
   const int64_t items = b * Hkv;
+  const auto slot = [&](int64_t i) { return slots ? slots[i] : row0 + i; };  // the cache row query row i reads
 #pragma omp parallel num_threads(region_threads(items))
   {
     std::vector<float> s(nrep * (P + L));
@@ -1310,8 +1312,8 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
 #endif
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t i = it / Hkv, g = it % Hkv, at = ((row0 + i) * Hkv + g) * P * DH;
-      const int64_t next = it + 1 < items ? (((row0 + (it + 1) / Hkv) * Hkv + (it + 1) % Hkv) * P * DH) : -1;
+      const int64_t i = it / Hkv, g = it % Hkv, at = (slot(i) * Hkv + g) * P * DH;
+      const int64_t next = it + 1 < items ? ((slot((it + 1) / Hkv) * Hkv + (it + 1) % Hkv) * P * DH) : -1;
 #ifdef REMIX_DOT_BF16
       if constexpr (!std::is_same_v<T, float> && DH % 32 == 0) if (g_attn_dot) {
         const auto u16 = [](const T* p) { return reinterpret_cast<const uint16_t*>(p); };
@@ -1585,8 +1587,9 @@ void attend_group_q8_int(const T* q, const int8_t* K, const int8_t* V, const flo
 template <typename T, int DH>
 void decode_attention_q8_impl(const T* q, int64_t q_row, const int8_t* K, const int8_t* V, const float* Ks,
                               const float* Vs, int64_t row0, int64_t Hkv, int64_t P, const int64_t* lens, int64_t b,
-                              int64_t nrep, float scale, T* out) {
+                              int64_t nrep, float scale, T* out, const int64_t* slots) {
   const int64_t items = b * Hkv;
+  const auto slot = [&](int64_t i) { return slots ? slots[i] : row0 + i; };
 #pragma omp parallel num_threads(region_threads(items))
   {
     std::vector<float> s(nrep * (P + L));
@@ -1595,8 +1598,8 @@ void decode_attention_q8_impl(const T* q, int64_t q_row, const int8_t* K, const 
 #endif
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t i = it / Hkv, g = it % Hkv, at = ((row0 + i) * Hkv + g) * P;
-      const int64_t next = it + 1 < items ? (((row0 + (it + 1) / Hkv) * Hkv + (it + 1) % Hkv) * P * DH) : -1;
+      const int64_t i = it / Hkv, g = it % Hkv, at = (slot(i) * Hkv + g) * P;
+      const int64_t next = it + 1 < items ? ((slot((it + 1) / Hkv) * Hkv + (it + 1) % Hkv) * P * DH) : -1;
 #ifdef REMIX_Q8_VNNI
       if constexpr (DH % 32 == 0) if (g_attn_q8_int) {
         attend_group_q8_int<T, DH>(q + i * q_row + g * nrep * DH, K + at * DH, V + at * DH, Ks + at, Vs + at, lens[i],
@@ -1779,7 +1782,7 @@ void by_dtype(at::ScalarType t, F&& f) {
 // for the GQA-packed query. Dh must be 16, 32, 64 or 128.
 // The checks both decode attentions share; returns lens' data.
 const int64_t* check_decode(const torch::Tensor& qk, const torch::Tensor& K, const torch::Tensor& V, int64_t row0,
-                            const torch::Tensor& ln, int64_t Hq) {
+                            const torch::Tensor& ln, int64_t Hq, const torch::Tensor& slots) {
   TORCH_CHECK(qk.device().is_cpu() && qk.dim() == 3 && K.dim() == 4 && V.sizes() == K.sizes() && K.is_contiguous() &&
               V.is_contiguous() && K.device().is_cpu() && V.device().is_cpu(),
               "qk must be a CPU [b, heads, Dh] tensor, K and V contiguous CPU [S, Hkv, P, Dh] tensors");
@@ -1788,7 +1791,14 @@ const int64_t* check_decode(const torch::Tensor& qk, const torch::Tensor& K, con
   TORCH_CHECK(Dh == 16 || Dh == 32 || Dh == 64 || Dh == 128, message("head dim must be 16, 32, 64 or 128, got %lld", Dh));
   TORCH_CHECK(qk.size(2) == Dh && qk.stride(2) == 1 && qk.stride(1) == Dh && qk.size(1) >= Hq, "qk must be [b, >= Hq, Dh] with heads Dh apart");
   TORCH_CHECK(Hq >= Hkv && Hq % Hkv == 0 && Hq / Hkv <= MAX_GROUP, message("query heads must be 1 to %lld times the key/value heads", MAX_GROUP));
-  TORCH_CHECK(row0 >= 0 && row0 + b <= K.size(0), "rows out of the cache");
+  if (slots.defined()) {
+    TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == b, "slots must be int64 [b]");
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; ++i)
+      TORCH_CHECK(sp[i] >= 0 && sp[i] < K.size(0), message("slots[%lld] = %lld out of the cache's %lld", i, sp[i], K.size(0)));
+  } else {
+    TORCH_CHECK(row0 >= 0 && row0 + b <= K.size(0), "rows out of the cache");
+  }
   TORCH_CHECK(ln.scalar_type() == torch::kInt64 && ln.numel() == b, "lens must be int64 [b]");
   const int64_t* lp = ln.data_ptr<int64_t>();
   for (int64_t i = 0; i < b; ++i)
@@ -1796,10 +1806,10 @@ const int64_t* check_decode(const torch::Tensor& qk, const torch::Tensor& K, con
   return lp;
 }
 
-torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor V, int64_t row0, torch::Tensor lens,
-                               int64_t Hq, double scale) {
+torch::Tensor attention_at(torch::Tensor qk, torch::Tensor K, torch::Tensor V, int64_t row0, torch::Tensor slots,
+                           torch::Tensor lens, int64_t Hq, double scale) {
   auto ln = lens.contiguous();
-  const int64_t* lp = check_decode(qk, K, V, row0, ln, Hq);
+  const int64_t* lp = check_decode(qk, K, V, row0, ln, Hq, slots);
   TORCH_CHECK(qk.scalar_type() == K.scalar_type() && K.scalar_type() == V.scalar_type(), "qk, K and V must share float32 or bfloat16");
   const int64_t b = qk.size(0), Hkv = K.size(1), P = K.size(2), Dh = K.size(3), nrep = Hq / Hkv;
   auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
@@ -1808,18 +1818,30 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
     auto f = Dh == 16 ? decode_attention_impl<T, 16> : Dh == 32 ? decode_attention_impl<T, 32>
            : Dh == 64 ? decode_attention_impl<T, 64> : decode_attention_impl<T, 128>;
     f(qk.data_ptr<T>(), qk.stride(0), K.data_ptr<T>(), V.data_ptr<T>(), row0, Hkv, P, lp, b, nrep, static_cast<float>(scale),
-      out.data_ptr<T>());
+      out.data_ptr<T>(), slots.defined() ? slots.data_ptr<int64_t>() : nullptr);
   });
   return out;
+}
+
+torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor V, int64_t row0, torch::Tensor lens,
+                               int64_t Hq, double scale) {
+  return attention_at(qk, K, V, row0, torch::Tensor(), lens, Hq, scale);
+}
+
+// decode_attention with each query row i reading cache row slots[i] (int64 [b]): a prefill chunk's tokens, several to
+// a slot, each over its own first lens[i] positions (its position + 1) - the same kernel and order as a decode token's.
+torch::Tensor slot_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tensor lens,
+                             int64_t Hq, double scale) {
+  return attention_at(qk, K, V, 0, slots.contiguous(), lens, Hq, scale);
 }
 
 // decode_attention over an 8-bit cache: V int8 [S, Hkv, P, Dh], K int8 in blocks [S, Hkv, P / 16, Dh / 2, 16, 2], Ks,
 // Vs their float32 scales [S, Hkv, P]; qk and the output float32 or bfloat16. The integer path where the build has
 // AVX512-VNNI and Dh is 32, 64 or 128, else the float path.
-torch::Tensor decode_attention_q8(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor Ks, torch::Tensor Vs,
-                                  int64_t row0, torch::Tensor lens, int64_t Hq, double scale) {
+torch::Tensor attention_at_q8(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor Ks, torch::Tensor Vs,
+                              int64_t row0, torch::Tensor slots, torch::Tensor lens, int64_t Hq, double scale) {
   auto ln = lens.contiguous();
-  const int64_t* lp = check_decode(qk, V, V, row0, ln, Hq);
+  const int64_t* lp = check_decode(qk, V, V, row0, ln, Hq, slots);
   TORCH_CHECK(K.scalar_type() == torch::kChar && V.scalar_type() == torch::kChar, "K and V must be int8");
   TORCH_CHECK(K.dim() == 6 && K.is_contiguous() && K.size(0) == V.size(0) && K.size(1) == V.size(1) &&
               K.size(2) * KB == V.size(2) && K.size(3) * 2 == V.size(3) && K.size(4) == KB && K.size(5) == 2,
@@ -1834,9 +1856,20 @@ torch::Tensor decode_attention_q8(torch::Tensor qk, torch::Tensor K, torch::Tens
     auto f = Dh == 16 ? decode_attention_q8_impl<T, 16> : Dh == 32 ? decode_attention_q8_impl<T, 32>
            : Dh == 64 ? decode_attention_q8_impl<T, 64> : decode_attention_q8_impl<T, 128>;
     f(qk.data_ptr<T>(), qk.stride(0), K.data_ptr<int8_t>(), V.data_ptr<int8_t>(), Ks.data_ptr<float>(),
-      Vs.data_ptr<float>(), row0, Hkv, P, lp, b, nrep, static_cast<float>(scale), out.data_ptr<T>());
+      Vs.data_ptr<float>(), row0, Hkv, P, lp, b, nrep, static_cast<float>(scale), out.data_ptr<T>(),
+      slots.defined() ? slots.data_ptr<int64_t>() : nullptr);
   });
   return out;
+}
+
+torch::Tensor decode_attention_q8(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor Ks, torch::Tensor Vs,
+                                  int64_t row0, torch::Tensor lens, int64_t Hq, double scale) {
+  return attention_at_q8(qk, K, V, Ks, Vs, row0, torch::Tensor(), lens, Hq, scale);
+}
+
+torch::Tensor slot_attention_q8(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor Ks, torch::Tensor Vs,
+                                torch::Tensor slots, torch::Tensor lens, int64_t Hq, double scale) {
+  return attention_at_q8(qk, K, V, Ks, Vs, 0, slots.contiguous(), lens, Hq, scale);
 }
 
 // ---- greedy sampling: the first index of each row's maximum
@@ -2219,6 +2252,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
   m.def("kv_write_q8_", &kv_write_q8_, "kv_write_ into an 8-bit cache and its scales (quantizing), in place");
   m.def("decode_attention_q8", &decode_attention_q8, "decode_attention over an 8-bit cache (int8 K, V and float32 scales)");
+  m.def("slot_attention", &slot_attention, "decode_attention with query row i reading cache row slots[i] (prefill chunks)");
+  m.def("slot_attention_q8", &slot_attention_q8, "slot_attention over an 8-bit cache");
   m.def("_attention_q8_int", [](bool on) {
 #ifdef REMIX_Q8_VNNI
     g_attn_q8_int = on;
@@ -2361,7 +2396,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v107_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v108_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

@@ -85,8 +85,9 @@ class ModelRunner:
         the next forward).
 
         ``decode``: the engine's decode step (one token per row, rows from slot 0). Only such a step takes the decode
-        paths (the compiled decode attention, a CUDA graph); a prefill chunk of one token does not, so every prompt
-        token goes through the same attention whatever shares its step (those paths round differently from SDPA).
+        paths (the compiled decode stack, a CUDA graph); a prefill chunk of one token does not, so every prompt token
+        goes through the same attention whatever shares its step (on CPU the same compiled kernel as a decode token;
+        elsewhere SDPA, which rounds differently from the decode paths).
         """
         if decode:
             assert tokens.shape[1] == 1 and bool((counts == 1).all()), "a decode step has one token per row"
