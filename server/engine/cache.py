@@ -13,8 +13,9 @@ Dh int8 values and one float32 scale (:func:`quantize_kv`): Dh + 4 bytes against
 sequences (or the context) in one memory budget, and a decode step's attention, bound by reading K and V, reads half.
 V keeps the layout above; K is stored in blocks of 16 positions with pairs of dimensions inner (:func:`to_key_blocks`),
 which the compiled attention scores a block to a vector.
-Decode steps read it in the compiled attention (``decode_attention_q8``); every other reader (prefill chunks, HF's
-modules, another device) gets it back dequantized (:func:`dequantize_kv`) in the model's dtype. Lossy: each value within
+The lean forward's compiled attention reads the codes directly, decode and prefill tokens alike
+(``decode_attention_q8`` / ``slot_attention_q8``); every other reader (``--decoder exact`` or ``hf``, SDPA) gets it
+back dequantized (:meth:`read`, :func:`dequantize_kv`) in the model's dtype. Lossy: each value within
 half a step (max|x| / 254) of its head's row.
 """
 
