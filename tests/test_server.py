@@ -275,3 +275,26 @@ def test_queue_full_is_429_and_draining_is_503():
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
     assert client.get("/health").status_code == 503
+
+
+def test_a_server_on_the_8bit_kv_cache(adapters):
+    """--kv-cache-dtype int8 end to end: /health says so, completions and streamed chat with an adapter answer, the KV
+    gauges are exported. (CPU only: elsewhere the flag is refused before anything loads.)"""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the 8-bit cache is CPU-only; --device auto would pick CUDA")
+    srv = LiveServer(["--adapter", f"alpha={adapters['alpha']}", "--kv-cache-dtype", "int8", "--max-model-len", "128",
+                      "--max-num-seqs", "4"])
+    try:
+        assert httpx.get(srv.url + "/health", timeout=10).json()["kv_cache_dtype"] == "int8"
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = client.completions.create(model="alpha", prompt="Hello there", max_tokens=6, temperature=0)
+        assert 1 <= r.usage.completion_tokens <= 6
+        chunks = list(client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hi"}],
+                                                     max_tokens=5, stream=True))
+        assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert "remix_kv_cache_slots " in metrics and "remix_kv_cache_usage_ratio" in metrics
+    finally:
+        assert srv.stop() == 0
