@@ -37,6 +37,19 @@ def logprobs_of(events):
     return [lp for e in events for (_, lp, _) in e.logprobs]
 
 
+def assert_batch_equals_alone(engine, prompts, max_tokens, adapter_of=lambda i: None):
+    """Every greedy request's tokens are the same served alone and submitted together (the engine then idle)."""
+    alone = [tokens_of(collect(engine, GenerationRequest(f"one{i}", p, greedy(max_tokens), adapter=adapter_of(i))))
+             for i, p in enumerate(prompts)]
+    sinks = {i: [] for i in range(len(prompts))}
+    for i, p in enumerate(prompts):
+        engine.submit(GenerationRequest(f"many{i}", p, greedy(max_tokens), adapter=adapter_of(i)), sinks[i].append)
+    while engine.has_work():
+        engine.step()
+    assert [tokens_of(sinks[i]) for i in range(len(prompts))] == alone
+    assert engine.stats()["slots_used"] == 0
+
+
 def hf_greedy(model, ids, max_new):
     out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
@@ -263,16 +276,8 @@ def test_bfloat16_engine_follows_float32_with_adapters(tmp_path, device):
     runs = {d: collect(e, GenerationRequest(f"{d}", ids, greedy(4), adapter="a")) for d, e in engines.items()}
     first32, first16 = logprobs_of(runs[torch.float32])[0], logprobs_of(runs[torch.bfloat16])[0]
     assert abs(first32 - first16) < 0.1 + 0.05 * abs(first32)
-    engine = engines[torch.bfloat16]
-    prompts = [tok(p).input_ids for p in PROMPTS]
-    alone = [tokens_of(collect(engine, GenerationRequest(f"one{i}", p, greedy(6), adapter="a" if i % 2 else None)))
-             for i, p in enumerate(prompts)]
-    sinks = {i: [] for i in range(len(prompts))}
-    for i, p in enumerate(prompts):
-        engine.submit(GenerationRequest(f"many{i}", p, greedy(6), adapter="a" if i % 2 else None), sinks[i].append)
-    while engine.has_work():
-        engine.step()
-    assert [tokens_of(sinks[i]) for i in range(len(prompts))] == alone
+    assert_batch_equals_alone(engines[torch.bfloat16], [tok(p).input_ids for p in PROMPTS], 6,
+                              lambda i: "a" if i % 2 else None)
 
 
 def test_greedy_sampling_takes_the_lowest_id_on_ties():

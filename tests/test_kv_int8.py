@@ -7,16 +7,9 @@ import torch.nn.functional as F
 
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
 from server.engine.cache import SlotKVCache, dequantize_kv, from_key_blocks, quantize_kv, to_key_blocks
-from tests.test_engine import PROMPTS, greedy, lively_tiny, logprobs_of, make_adapter, tokens_of
-
-
-def _compiled():
-    from remix.kernels import cpu_ext
-
-    ext = cpu_ext.load()
-    if ext is None:
-        pytest.skip("C++ extension unavailable")
-    return ext
+from tests.test_engine import (PROMPTS, assert_batch_equals_alone, greedy, lively_tiny, logprobs_of, make_adapter,
+                               tokens_of)
+from tests.test_kernels import _compiled
 
 
 def test_quantize_kv_worked_example_and_error_bound():
@@ -199,16 +192,7 @@ def test_int8_engine_follows_the_full_cache_and_stays_batch_invariant(tmp_path, 
         tol = 1e-4 if dtype == torch.float32 else 0.05
         torch.testing.assert_close(torch.tensor(lp["int8_seq"][:same]), torch.tensor(lp["int8_exact_seq"][:same]),
                                    atol=tol, rtol=tol)
-    engine = engines["int8"]
-    alone = [tokens_of(collect(engine, GenerationRequest(f"one{i}", p, greedy(8), adapter="a" if i % 2 else None)))
-             for i, p in enumerate(prompts)]
-    sinks = {i: [] for i in range(len(prompts))}
-    for i, p in enumerate(prompts):
-        engine.submit(GenerationRequest(f"many{i}", p, greedy(8), adapter="a" if i % 2 else None), sinks[i].append)
-    while engine.has_work():
-        engine.step()
-    assert [tokens_of(sinks[i]) for i in range(len(prompts))] == alone
-    assert engine.stats()["slots_used"] == 0
+    assert_batch_equals_alone(engines["int8"], prompts, 8, lambda i: "a" if i % 2 else None)
 
 
 def test_int8_cache_doubles_the_slots_of_a_budget_and_refuses_bad_settings():

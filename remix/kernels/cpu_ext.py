@@ -118,6 +118,15 @@ inline vf load(const c10::BFloat16* p) {
   return f;
 #endif
 }
+// int8 (an 8-bit K/V cache's codes), widened exactly
+typedef int8_t vb __attribute__((vector_size(L), aligned(1)));
+inline vf load(const int8_t* p) {  // exact; GCC's code for the generic form went element by element (4x the attention)
+#ifdef __AVX512F__
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  return __builtin_convertvector(*reinterpret_cast<const vb*>(p), vf);
+#endif
+}
 inline float hsum(vf v) {  // a fixed pairwise order (depth 4, not 16)
   float h[8];
   for (int l = 0; l < 8; ++l) h[l] = v[l] + v[l + 8];
@@ -1125,6 +1134,20 @@ inline vf reduce16(const vf* a) {
 constexpr int ATTN_PFL = 1;  // locality hint of attend_group's prefetches (see there)
 constexpr int MAX_GROUP = 8;  // query heads per key/value head
 
+// Prefetch (into L2, ATTN_PFL) the `bytes` of K from `ahead` on, continuing into V's start once past K's end
+// (`k_end`): the attention's K stream, some blocks ahead of the block being scored.
+inline void prefetch_k(const void* ahead, int64_t bytes, const void* k_end, const void* v) {
+  const char *a = static_cast<const char*>(ahead), *e = static_cast<const char*>(k_end), *vs = static_cast<const char*>(v);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o < e ? a + o : vs + (a + o - e), 0, ATTN_PFL);
+}
+
+// The de-interleave of a V pass that took two positions a step (attend_group_bf16, attend_group_q8_int): lane 4 l + i
+// of a holds dimension 8 l + i, of b 8 l + 4 + i; d0, d1 get dimensions 0-15 and 16-31 in order.
+inline void unpair(vf a, vf b, vf& d0, vf& d1) {
+  d0 = __builtin_shuffle(a, b, vi{0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23});
+  d1 = __builtin_shuffle(a, b, vi{8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31});
+}
+
 // One head's softmax numerators over its scores sr[0, len) (sr padded to a multiple of L: the pad set to -1e30, whose
 // exp is 0): e = exp(s - max), 16 at a time, each block handed to put(t, e); returns 1 / (their float32 sum).
 template <typename Put>
@@ -1143,6 +1166,35 @@ inline float softmax_pass(float* sr, int64_t len, int64_t padded, Put&& put) {
   return 1.f / hsum(sum);
 }
 
+// The V pass of the float paths (attend_group, attend_group_q8): out[r] = (sum_u s[r][u] V[u]) * inv[r], V's rows
+// (float32, bfloat16 or int8: `load` widens each) read once for all nrep heads, every sum in float32, rounded once to T.
+template <int DH, typename VT, typename T>
+void float_v_pass(const VT* V, int64_t len, int64_t nrep, const float* s, int64_t padded, const float* inv, T* out,
+                  const VT* next_k) {
+  constexpr int NV = DH / L;
+  constexpr int64_t ES = sizeof(VT);
+  vf acc[MAX_GROUP][NV];
+  for (int64_t r = 0; r < nrep; ++r) for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
+  for (int64_t u = 0; u < len; ++u) {
+    const VT* v = V + u * DH;
+    for (int64_t o = 0; o < DH * ES; o += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor: no fault
+    if (next_k && u < 2 * L * DH * ES / 64)  // the next group's first two K blocks, a line a row
+      __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, ATTN_PFL);
+    vf vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = load(v + c * L);
+    for (int64_t r = 0; r < nrep; ++r) {
+      const float p = s[r * padded + u];
+      for (int c = 0; c < NV; ++c) acc[r][c] += p * vv[c];
+    }
+  }
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < NV; ++c) {
+      const vf o = acc[r][c] * inv[r];
+      for (int l = 0; l < L; ++l) out[r * DH + c * L + l] = static_cast<T>(o[l]);
+    }
+}
+
 // The nrep query heads of one key/value head of one row: softmax(scale * q K[:len]^T) V[:len], computed in float32
 // and rounded once to T. Scores 16 positions at a time (K rows read once per block, the block's next-but-one
 // prefetched), one pass of exp over the scores, then V read once for all nrep heads. s: scratch of nrep * (len + L).
@@ -1159,8 +1211,7 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
   const char* k_end = reinterpret_cast<const char*>(K + len * DH);
   for (int64_t t0 = 0; t0 < len; t0 += L) {
     const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
-    for (int64_t o = 0; o < L * DH * static_cast<int64_t>(sizeof(T)); o += 64)  // K two blocks on, then V's start
-      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
+    prefetch_k(ahead, L * DH * static_cast<int64_t>(sizeof(T)), k_end, V);  // K two blocks on, then V's start
     const int64_t n = std::min<int64_t>(L, len - t0);
     // bfloat16: the block's rows widened once into kb for all nrep heads (each head widening them again cost ~10 %
     // of a decode step's attention); float32 reads K directly. The same float values either way.
@@ -1187,26 +1238,7 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
     float* sr = s + r * padded;
     inv[r] = softmax_pass(sr, len, padded, [&](int64_t t, vf e) { store(sr + t, e); });
   }
-  vf acc[MAX_GROUP][NV];
-  for (int64_t r = 0; r < nrep; ++r) for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
-  for (int64_t u = 0; u < len; ++u) {
-    const T* v = V + u * DH;
-    for (int64_t o = 0; o < DH * static_cast<int64_t>(sizeof(T)); o += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor: no fault
-    if (next_k && u < 2 * L * DH * static_cast<int64_t>(sizeof(T)) / 64)  // the next group's first two K blocks, a line a row
-      __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, ATTN_PFL);
-    vf vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = load(v + c * L);
-    for (int64_t r = 0; r < nrep; ++r) {
-      const float p = s[r * padded + u];
-      for (int c = 0; c < NV; ++c) acc[r][c] += p * vv[c];
-    }
-  }
-  for (int64_t r = 0; r < nrep; ++r)
-    for (int c = 0; c < NV; ++c) {
-      const vf o = acc[r][c] * inv[r];
-      for (int l = 0; l < L; ++l) out[r * DH + c * L + l] = static_cast<T>(o[l]);
-    }
+  float_v_pass<DH>(V, len, nrep, s, padded, inv, out, next_k);
 }
 
 bool g_attn_dot = true;  // off: bfloat16 takes attend_group's widening path too (A/B runs, tests)
@@ -1232,8 +1264,7 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
   const char* k_end = reinterpret_cast<const char*>(K + len * DH);
   for (int64_t t0 = 0; t0 < len; t0 += L) {
     const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
-    for (int64_t o = 0; o < L * DH * 2; o += 64)  // K two blocks on, then V's start
-      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
+    prefetch_k(ahead, L * DH * 2, k_end, V);  // K two blocks on, then V's start
     const int64_t n = std::min<int64_t>(L, len - t0);
     for (int64_t r = 0; r < nrep; ++r) {
       vf a[L];
@@ -1282,8 +1313,8 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
   for (int64_t r = 0; r < nrep; ++r)
     for (int c = 0; c < NQ; ++c) {
       const vf a = (vf)acc[r][2 * c] * inv[r], b = (vf)acc[r][2 * c + 1] * inv[r];
-      const vf d0 = __builtin_shuffle(a, b, vi{0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23});
-      const vf d1 = __builtin_shuffle(a, b, vi{8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31});
+      vf d0, d1;
+      unpair(a, b, d0, d1);
       narrow(reinterpret_cast<const float*>(&d0), out + r * DH + c * 32, L);
       narrow(reinterpret_cast<const float*>(&d1), out + r * DH + c * 32 + L, L);
     }
@@ -1338,14 +1369,6 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
 // a pair), one 16-lane vector per head with no horizontal sums (per-row dot products each needed a 16-to-1 reduction a
 // block, a third of the attention's instructions); on AVX512-VNNI one vpdpwssd each.
 namespace {
-typedef int8_t vb __attribute__((vector_size(L), aligned(1)));
-inline vf load(const int8_t* p) {  // exact; GCC's code for the generic form went element by element (4x the attention)
-#ifdef __AVX512F__
-  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-  return __builtin_convertvector(*reinterpret_cast<const vb*>(p), vf);
-#endif
-}
 inline vf load_n(const float* p, int64_t n) {  // p[0, n) and zeros (n <= L): never reads past the tensor
   if (n == L) return load(p);
   vf v = vf{};
@@ -1372,8 +1395,7 @@ void attend_group_q8(const T* q, const int8_t* K, const int8_t* V, const float* 
   const char* k_end = reinterpret_cast<const char*>(K + padded * DH);
   for (int64_t t0 = 0; t0 < len; t0 += L) {
     const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
-    for (int64_t o = 0; o < L * DH; o += 64)  // K two blocks on, then V's start
-      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
+    prefetch_k(ahead, L * DH, k_end, V);  // K two blocks on, then V's start
     const int64_t n = std::min<int64_t>(L, len - t0);
     const int8_t* kb = K + t0 * DH;  // [DH / 2][16][2]; positions past len hold stale codes, never used
     vf acc[MAX_GROUP];
@@ -1392,26 +1414,7 @@ void attend_group_q8(const T* q, const int8_t* K, const int8_t* V, const float* 
     float* sr = s + r * padded;
     inv[r] = softmax_pass(sr, len, padded, [&](int64_t t, vf e) { store(sr + t, e * load_n(vs + t, std::min<int64_t>(L, len - t))); });
   }
-  vf acc[MAX_GROUP][NV];
-  for (int64_t r = 0; r < nrep; ++r) for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
-  for (int64_t u = 0; u < len; ++u) {
-    const int8_t* v = V + u * DH;
-    for (int64_t o = 0; o < DH; o += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor: no fault
-    if (next_k && u < 2 * L * DH / 64)  // the next group's first two K blocks, a line a row
-      __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, ATTN_PFL);
-    vf vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = load(v + c * L);
-    for (int64_t r = 0; r < nrep; ++r) {
-      const float p = s[r * padded + u];
-      for (int c = 0; c < NV; ++c) acc[r][c] += p * vv[c];
-    }
-  }
-  for (int64_t r = 0; r < nrep; ++r)
-    for (int c = 0; c < NV; ++c) {
-      const vf o = acc[r][c] * inv[r];
-      for (int l = 0; l < L; ++l) out[r * DH + c * L + l] = static_cast<T>(o[l]);
-    }
+  float_v_pass<DH>(V, len, nrep, s, padded, inv, out, next_k);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -1476,8 +1479,7 @@ inline void q8_kpass(const int8_t* K, const float* ks, int64_t len, int64_t padd
   const char* k_end = reinterpret_cast<const char*>(K + padded * DH);
   for (int64_t t0 = 0; t0 < len; t0 += KB) {
     const char* ahead = reinterpret_cast<const char*>(K + (t0 + Q8_KPF * KB) * DH);
-    for (int64_t o = 0; o < KB * DH; o += 64)  // K Q8_KPF blocks on, then V's start
-      __builtin_prefetch(ahead + o < k_end ? ahead + o : reinterpret_cast<const char*>(V) + (ahead + o - k_end), 0, ATTN_PFL);
+    prefetch_k(ahead, KB * DH, k_end, V);  // K Q8_KPF blocks on, then V's start
     const int8_t* kb = K + t0 * DH;  // [DH / 2][16][2]; positions past len hold stale codes, never used
     __m512i acc[NR][4];
     for (int r = 0; r < NR; ++r) for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_si512();
@@ -1574,8 +1576,8 @@ void attend_group_q8_int(const T* q, const int8_t* K, const int8_t* V, const flo
     for (int c = 0; c < NQ; ++c) {
       const float f = pscale[r] * inv[r];
       const vf a = (vf)acc[r][2 * c] * f, b = (vf)acc[r][2 * c + 1] * f;
-      const vf d0 = __builtin_shuffle(a, b, vi{0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23});
-      const vf d1 = __builtin_shuffle(a, b, vi{8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31});
+      vf d0, d1;
+      unpair(a, b, d0, d1);
       for (int l = 0; l < L; ++l) {
         out[r * DH + c * 32 + l] = static_cast<T>(d0[l]);
         out[r * DH + c * 32 + L + l] = static_cast<T>(d1[l]);
@@ -2396,7 +2398,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v108_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v109_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

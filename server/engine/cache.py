@@ -122,7 +122,7 @@ class SlotKVCache(Cache):
                 ext.kv_write_q8_(K, Ks, key_states, self._rows.start, pos)
                 ext.kv_write_q8_(V, Vs, value_states, self._rows.start, pos)
                 return
-            rows, pos = self._write_index[0] + self._rows.start, self._write_index[1]  # [b, q] each
+            rows = self._write_index[0] + self._rows.start  # [b, q], beside pos
             for cache, scales, fresh in ((K, Ks, key_states), (V, Vs, value_states)):
                 codes, scale = quantize_kv(fresh)  # [b, H, q, Dh], [b, H, q]
                 scales[self._rows].transpose(1, 2).index_put_(self._write_index, scale.transpose(1, 2))
