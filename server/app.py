@@ -315,6 +315,7 @@ class _ResponseBuilder:
         self.finish: dict[int, str] = {}
         self.routing: dict[int, dict] = {}
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.cached: dict[int, int] = {}  # per prompt: the most of its tokens a sequence took from the prefix cache
         self.started: set[int] = set()
         so = getattr(body, "stream_options", None)
         self.include_usage = bool(so and so.include_usage)
@@ -334,6 +335,7 @@ class _ResponseBuilder:
             if ev.index == 0:
                 self.usage["prompt_tokens"] += ev.prompt_tokens
             self.usage["completion_tokens"] += ev.completion_tokens
+            self.cached[i] = max(self.cached.get(i, 0), ev.cached_tokens)
             if ev.routing is not None:
                 self.routing[c] = _routing_view(ev.routing, self.body.remix_routing)
 
@@ -372,7 +374,8 @@ class _ResponseBuilder:
         return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
 
     def _usage(self):
-        return {**self.usage, "total_tokens": self.usage["prompt_tokens"] + self.usage["completion_tokens"]}
+        return {**self.usage, "total_tokens": self.usage["prompt_tokens"] + self.usage["completion_tokens"],
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
 
     def final(self) -> dict:
         choices = []

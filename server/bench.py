@@ -197,7 +197,10 @@ def main(argv=None) -> dict:
     max_len = args.prompt_tokens + args.new_tokens + 8
     engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,
                                              max_batched_tokens=max(512, args.prompt_tokens + max(levels)),
-                                             kv_cache_dtype=args.kv_cache_dtype))
+                                             kv_cache_dtype=args.kv_cache_dtype,
+                                             # every round submits the same prompts, and HF computes every prompt:
+                                             # so does the engine (no prefix cache)
+                                             prefix_caching=False))
     for i, path in enumerate(adapter_paths):
         engine.load_adapter(f"a{i}", str(path))
     engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts

@@ -110,7 +110,8 @@ def main(argv=None) -> dict:
     for kv in ("auto", "int8"):
         copy, _ = remix.load_base(args.base, dtype=dtype)
         config = EngineConfig(max_model_len=max_len, max_num_seqs=args.concurrency, max_queue=1024,
-                              max_batched_tokens=512, kv_cache_dtype=kv)
+                              max_batched_tokens=512, kv_cache_dtype=kv,
+                              prefix_caching=False)  # every round computes its prompts (the same ones each round)
         engines[kv] = Engine(copy, tok, config)
         engines[kv].load_adapter("a0", str(adapter))
     del model

@@ -63,6 +63,13 @@ class EngineCollector:
         yield GaugeMetricFamily("remix_kv_cache_usage_ratio", "Share of the KV cache's token capacity in use.", value=s["kv_usage"])
         yield GaugeMetricFamily("remix_kv_cache_slots_used", "Cache slots held by running sequences.", value=s["slots_used"])
         yield GaugeMetricFamily("remix_kv_cache_slots", "Cache slots (sequences that can run at once).", value=s["slots"])
+        if s.get("prefix_caching"):
+            yield CounterMetricFamily("remix_prefix_cache_queries", "New sequences that looked up their prompt's prefix.",
+                                      value=s["prefix_cache_queries"])
+            yield CounterMetricFamily("remix_prefix_cache_hits", "Sequences that took part of their prompt from the "
+                                      "prefix cache.", value=s["prefix_cache_hits"])
+            yield CounterMetricFamily("remix_prefix_cache_tokens", "Prompt tokens taken from the prefix cache instead of "
+                                      "computed.", value=s["prefix_cache_tokens"])
 
 
 class RoutingCollector:

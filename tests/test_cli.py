@@ -48,6 +48,16 @@ def test_dtype_resolution():
     assert cli.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if bf16 else torch.float32)
 
 
+def test_prefix_caching_flag():
+    assert cli.load_settings(["--base", "tiny"])["prefix_caching"] == "on"
+    with pytest.raises(SystemExit, match="--prefix-caching must be on or off"):
+        cli.load_settings(["--base", "tiny", "--prefix-caching", "yes"])
+    from server.cli import build_state
+
+    engine = build_state(cli.load_settings(["--base", "tiny", "--device", "cpu", "--prefix-caching", "off"])).engine
+    assert engine.config.prefix_caching is False and engine.prefix is None and not engine.stats()["prefix_caching"]
+
+
 def test_cuda_graphs_flag():
     assert cli.load_settings(["--base", "tiny"])["cuda_graphs"] == "on"
     with pytest.raises(SystemExit, match="--cuda-graphs must be on or off"):

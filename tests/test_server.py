@@ -197,6 +197,22 @@ def test_metrics_count_k_selections_per_token(server, client):
         assert name in text, name
 
 
+def test_prefix_cache_in_usage_and_metrics(server, client):
+    """A prompt sent again takes its whole blocks from the cache: OpenAI's usage.prompt_tokens_details.cached_tokens
+    says how many, the same text comes back, and the prefix cache counters grow."""
+    prompt = "A long opening that every request of this app sends first, then a question:"  # 78 bytes: 4 blocks
+    first = client.completions.create(model="alpha", prompt=prompt, max_tokens=6, temperature=0)
+    again = client.completions.create(model="alpha", prompt=prompt, max_tokens=6, temperature=0)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens == len(prompt.encode())
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 64 and again.choices[0].text == first.choices[0].text
+    counters = {f.name: f.samples[0].value for f in text_string_to_metric_families(
+        httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text)
+        if f.name.startswith("remix_prefix_cache")}
+    assert counters["remix_prefix_cache_tokens"] >= 64 and counters["remix_prefix_cache_hits"] >= 1
+    assert counters["remix_prefix_cache_queries"] >= 2
+
+
 def test_dropped_streams_free_everything(server):
     drop_streams(server.url, 50, lambda i: {"model": "alpha", "prompt": f"stream {i}", "max_tokens": 200, "stream": True,
                                             "ignore_eos": True}, headers={"Authorization": f"Bearer {KEY}"})

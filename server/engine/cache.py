@@ -184,10 +184,14 @@ class SlotKVCache(Cache):
         blocks = -(-length // KEY_BLOCK) if self.quantized else length
         return [*((k, blocks) for k in self.k), *((t, length) for t in (*self.v, *self.ks, *self.vs))]
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot ``src``'s first ``length`` positions into slot ``dst`` (all layers)."""
+    def move(self, src: int, dst: int, length: int, start: int = 0) -> None:
+        """Copy slot ``src``'s positions [start, length) into slot ``dst`` (all layers; an 8-bit cache from the start
+        of ``start``'s key block, so codes and scales come from one slot)."""
+        if self.quantized:
+            start -= start % KEY_BLOCK
         for t, n in self._tensors(length):
-            t[dst, :, :n] = t[src, :, :n]
+            s = start // KEY_BLOCK if (self.quantized and t.dim() == 6) else start
+            t[dst, :, s:n] = t[src, :, s:n]
 
     def swap(self, a: int, b: int, length: int) -> None:
         for t, n in self._tensors(length):

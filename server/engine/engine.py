@@ -6,9 +6,10 @@ Contract (driven by the HTTP layer from another thread, mlx-lm/TGI style):
     engine.cancel(request_id)         -> frees its sequences' cache at the next step boundary
     engine.step()                     -> one scheduling step (the thread calls it in a loop; tests may call it)
 
-Each step: admit waiting requests into free cache slots; one decode forward for every decoding
-sequence ([b, 1]); one chunked-prefill forward for prompts (under a token budget per step); sample;
-stream; free finished sequences; keep decoding slots contiguous so attention reads cache views.
+Each step: admit waiting requests into free cache slots (taking the longest prefix of each prompt that some slot
+already holds: server.engine.prefix); one decode forward for every decoding sequence ([b, 1]); one chunked-prefill
+forward for prompts (under a token budget per step); sample; stream; free finished sequences; keep decoding slots
+contiguous so attention reads cache views.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from remix.kernels import tune_cpu_allocator
 from server.engine.cache import KV_DTYPES, SlotKVCache
+from server.engine.prefix import BLOCK, PrefixIndex, chain
 from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample, token_logprobs
@@ -68,6 +70,7 @@ class EngineConfig:
     decoder: str = "lean"  # "lean" | "exact" | "hf": how the decoder stack runs (see server.engine.fastpath)
     cuda_graphs: bool = True  # on CUDA, replay decode steps from captured graphs (see server.engine.graphs)
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "int8" (CPU; see server.engine.cache)
+    prefix_caching: bool = True  # reuse the K/V of prompt prefixes that cache slots hold (server.engine.prefix)
 
 
 class Engine:
@@ -91,6 +94,7 @@ class Engine:
         self.registry = AdapterRegistry(self.runner)
         self.num_slots = slots
         self.slot_seq: list[Sequence | None] = [None] * slots
+        self.prefix = PrefixIndex(slots) if cfg.prefix_caching else None
         self.waiting: collections.deque[tuple[GenerationRequest, object]] = collections.deque()
         self.prefilling: list[Sequence] = []  # FIFO
         self.decoding: list[Sequence] = []
@@ -171,6 +175,8 @@ class Engine:
         return {"running": len(self.prefilling) + len(self.decoding), "waiting": len(self.waiting),
                 "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
                 "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
+                "prefix_caching": self.prefix is not None,
+                **({f"prefix_cache_{k}": v for k, v in self.prefix.stats().items()} if self.prefix is not None else {}),
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(self.runner.cache.k[0].dtype).removeprefix("torch."),
                 "cuda_graphs": self.runner.graphs is not None and not self.runner.graphs.eager,
@@ -227,6 +233,8 @@ class Engine:
                 for seq in list(self.prefilling) + list(self.decoding):
                     seq.finish_reason = "error"
                     self._finish(seq, error="internal error while generating")
+                if self.prefix is not None:  # a forward that failed half-way may have written anywhere it was given
+                    self.prefix.forget()
 
     def _run_commands(self) -> None:
         while True:
@@ -269,6 +277,8 @@ class Engine:
 
     def _admit(self) -> None:
         free = [i for i, s in enumerate(self.slot_seq) if s is None]
+        if self.prefix is not None and self.waiting:
+            self._refresh_prefix()
         while True:
             with self._lock:
                 if not self.waiting or len(free) < self.waiting[0][0].params.n:
@@ -283,13 +293,18 @@ class Engine:
                 slot = adapter.slot
                 adapter.active += request.params.n
             seqs = []
+            hashes = chain(request.prompt_ids, slot) if self.prefix is not None and not request.trace else None
             for index in range(request.params.n):
                 gen = None
                 if not request.params.greedy:
                     seed = request.params.seed + index if request.params.seed is not None else random.getrandbits(63)
                     gen = torch.Generator().manual_seed(seed)
                 seq = Sequence(request, index, slot, callback, gen)
-                seq.slot = free.pop(0)
+                seq.hashes = hashes
+                if hashes is None:
+                    seq.slot = free.pop(0)
+                else:
+                    self._seat(seq, free)
                 self.slot_seq[seq.slot] = seq
                 seqs.append(seq)
                 self.prefilling.append(seq)
@@ -297,14 +312,80 @@ class Engine:
             self._arrange()
             free = [i for i, s in enumerate(self.slot_seq) if s is None]
 
+    def _refresh_prefix(self) -> None:
+        """Tell the prefix index what the running sequences have computed since (new complete blocks)."""
+        for slot, s in enumerate(self.slot_seq):
+            if s is not None:
+                self.prefix.hold(slot, s.prompt_ids, s.output_ids, s.adapter_slot, s.num_computed)
+
+    def _seat(self, seq: Sequence, free: list[int]) -> None:
+        """Give a new sequence a free slot, with the longest prefix of its prompt that a slot holds: the free slot that
+        holds it when it holds nothing more (nothing to copy), else the least recently freed other one, into which the
+        prefix is copied (a finished chat's whole history stays for its next turn while others reuse its system
+        prompt)."""
+        prompt = seq.prompt_ids
+        self.prefix.queries += 1
+        donor, length = self.prefix.match(seq.hashes, prompt, len(prompt) - 1, prefer=free)
+        others = [s for s in free if s != donor]
+        if donor in free and (not others or len(self.prefix.blocks[donor]) * BLOCK < length + BLOCK):
+            seq.slot = donor
+        else:
+            seq.slot = self.prefix.victim(others)
+        free.remove(seq.slot)
+        if length and donor != seq.slot:
+            self.runner.cache.move(donor, seq.slot, length)
+        keep = length // BLOCK if donor == seq.slot else 0
+        self.prefix.hold(seq.slot, prompt, seq.output_ids, seq.adapter_slot, length, keep=keep)
+        if length:
+            seq.num_computed = seq.cached_tokens = length
+            self.prefix.hits += 1
+            self.prefix.tokens += length
+
+    def _take_cached(self, seq: Sequence) -> None:
+        """A prefilling sequence takes what other slots computed of its prompt since it was seated (a request's n
+        sequences, or requests that arrived together with one system prompt: one computes, the others copy)."""
+        prompt = seq.prompt_ids
+        donor, length = self.prefix.match(seq.hashes, prompt, len(prompt) - 1, prefer=(seq.slot,))
+        if length <= seq.num_computed or donor == seq.slot:
+            return
+        self.runner.cache.move(donor, seq.slot, length, start=seq.num_computed)
+        if not seq.cached_tokens:
+            self.prefix.hits += 1
+        self.prefix.tokens += length - seq.num_computed
+        seq.cached_tokens += length - seq.num_computed
+        seq.num_computed = length
+        self.prefix.hold(seq.slot, prompt, seq.output_ids, seq.adapter_slot, length)
+
+    @staticmethod
+    def _waits(seq: Sequence, plan: list[tuple[Sequence, int]]) -> bool:
+        """Whether a sequence planned before it in this step computes the block of the prompt it needs next (the same
+        tokens under the same adapter): it then waits a step and copies that block instead of computing it too."""
+        j = seq.num_computed // BLOCK
+        if seq.hashes is None or j >= len(seq.hashes):
+            return False
+        h = seq.hashes[j]
+        return any(s.hashes is not None and j < len(s.hashes) and s.hashes[j] == h
+                   and s.num_computed < (j + 1) * BLOCK and s.num_computed + c > j * BLOCK for s, c in plan)
+
     def _plan_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
-        plan = []
+        plan, waiting = [], False
+        if self.prefix is not None and self.prefilling:
+            self._refresh_prefix()
         for seq in self.prefilling:
             if budget <= 0:
                 break
+            if seq.hashes is not None and seq.num_computed < len(seq.prompt_ids) - 1:
+                self._take_cached(seq)
+                if self._waits(seq, plan):
+                    waiting = True
+                    continue
             chunk = min(len(seq.prompt_ids) - seq.num_computed, budget, self.config.max_prefill_chunk)
             plan.append((seq, chunk))
             budget -= chunk
+        if waiting and plan:  # the planned rows first (a forward runs contiguous slots), the waiting ones after them
+            planned = {id(s) for s, _ in plan}
+            self.prefilling.sort(key=lambda s: id(s) not in planned)  # stable: FIFO within each group
+            self._arrange()
         return plan
 
     def _run_decode(self, seqs: list[Sequence]) -> None:
@@ -378,7 +459,7 @@ class Engine:
                 chosen, alts = lps[i]
                 lp = [(token, chosen, alts[: s.params.logprobs])]
             event = Event(s.request.request_id, s.index, [token], text, lp, finished, s.finish_reason,
-                          len(s.prompt_ids), len(s.output_ids))
+                          len(s.prompt_ids), len(s.output_ids), cached_tokens=s.cached_tokens)
             if finished:
                 self._finish(s, event=event)
             else:
@@ -392,13 +473,16 @@ class Engine:
             self.decoding.remove(seq)
         if 0 <= seq.slot < self.num_slots and self.slot_seq[seq.slot] is seq:
             self.slot_seq[seq.slot] = None
+            if self.prefix is not None:  # its keys and values stay for later prompts
+                self.prefix.hold(seq.slot, seq.prompt_ids, seq.output_ids, seq.adapter_slot, seq.num_computed)
+                self.prefix.release(seq.slot)
         seq.slot = -1
         rid = seq.request.request_id
         if seq.request.adapter is not None and seq.request.adapter in self.registry.adapters:
             self.registry.adapters[seq.request.adapter].active -= 1
         if event is None:
             event = Event(rid, seq.index, [], "", [], True, seq.finish_reason or "error",
-                          len(seq.prompt_ids), len(seq.output_ids), error=error)
+                          len(seq.prompt_ids), len(seq.output_ids), error=error, cached_tokens=seq.cached_tokens)
         if seq.routing_counts is not None:
             event.routing = seq.routing_counts
         siblings = self.requests.get(rid, [])
@@ -413,13 +497,19 @@ class Engine:
         if seq.slot == pos:
             return
         other = self.slot_seq[pos]
-        if other is None:
+        held = len(self.prefix.blocks[pos]) * BLOCK if self.prefix is not None and other is None else 0
+        if other is None and not held:
             self.runner.cache.move(seq.slot, pos, seq.num_computed)
+            if self.prefix is not None:
+                self.prefix.moved(seq.slot, pos)
             self.slot_seq[seq.slot] = None
-        else:
-            self.runner.cache.swap(seq.slot, pos, max(seq.num_computed, other.num_computed))
+        else:  # another sequence, or a free slot's contents (kept for later prompts: they go where seq was)
+            self.runner.cache.swap(seq.slot, pos, max(seq.num_computed, other.num_computed if other else held))
+            if self.prefix is not None:
+                self.prefix.swapped(seq.slot, pos)
             self.slot_seq[seq.slot] = other
-            other.slot = seq.slot
+            if other is not None:
+                other.slot = seq.slot
         self.slot_seq[pos] = seq
         seq.slot = pos
 
@@ -438,6 +528,8 @@ class Engine:
         for name, adapter in list(self.registry.adapters.items()):
             if adapter.unloading and adapter.active <= 0 and not any(r.adapter == name for r, _ in self.waiting):
                 self.registry.remove(name)
+                if self.prefix is not None:
+                    self.prefix.forget(adapter.slot)
 
 
 def collect(engine: Engine, request: GenerationRequest, max_steps: int = 100000) -> list[Event]:

@@ -41,6 +41,7 @@ class Event:
     completion_tokens: int = 0
     routing: dict | None = None  # per-module selection summary (when the request asked for a trace)
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed for this sequence)
 
 
 class Status(enum.Enum):
@@ -68,6 +69,8 @@ class Sequence:
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     routing_counts: dict | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    hashes: list[int] | None = None  # the prompt's block chain (server.engine.prefix); None: no prefix caching
 
     @property
     def prompt_ids(self) -> list[int]:

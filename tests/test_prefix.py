@@ -1,0 +1,206 @@
+"""Prefix caching: the index (block chains, verified matches, slots moved and swapped) and the engine with it on, whose
+every output must equal the engine's with it off - bit for bit on the float32 compiled path, where no token's
+computation depends on its step (see server.engine.prefix)."""
+
+import pytest
+import torch
+
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
+from server.engine.prefix import BLOCK, PrefixIndex, chain
+from tests.test_engine import greedy, lively_tiny, logprobs_of, make_adapter, tokens_of
+
+CFG = dict(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16, max_batched_tokens=40)
+
+
+def ids(seed: int, n: int) -> list[int]:
+    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+SYSTEM = ids(100, 40)  # a shared opening: two whole blocks (32 tokens) and 8 more
+
+
+# -- the index -------------------------------------------------------------------------------------------------------
+def test_chain_covers_whole_blocks_per_adapter_and_extends():
+    t = ids(0, 50)
+    full = chain(t, -1)
+    assert len(full) == 50 // BLOCK == 3
+    assert chain(t, -1, upto=33) == full[:2]  # 33 tokens: two whole blocks
+    assert chain(t, -1, start=full[:1]) == full  # extending a known start gives the same chain
+    assert chain(t, 0) != full and chain(t, 0)[0] != full[0]  # another adapter: another chain from the first block
+    other = t[:20] + [t[20] + 1] + t[21:]  # a change in block 1 changes block 1 and every block after it
+    assert chain(other, -1)[0] == full[0] and all(a != b for a, b in zip(chain(other, -1)[1:], full[1:]))
+
+
+def test_match_is_verified_capped_and_follows_moves_and_swaps():
+    idx = PrefixIndex(4)
+    p = ids(1, 48)
+    idx.hold(2, p, [], -1, 48)
+    h = chain(p, -1)
+    assert idx.match(h, p, 47) == (2, 47)  # three blocks held, the last prompt token always computed
+    assert idx.match(h, p, 20) == (2, 20)
+    assert idx.match(h[:1], p[:16] + ids(2, 10), 25) == (2, 16)
+    assert idx.match(chain(p, 0), p, 47) == (-1, 0)  # another adapter's keys and values are never used
+    # a hash that matches over tokens that differ (a planted collision) is not a match
+    idx.source[2] = (p[:20] + [999] + p[21:], [], -1)
+    assert idx.match(h, p, 47) == (2, 16)
+    idx.source[2] = (p, [], -1)
+    # a sequence moved from slot 2 to 0: both hold the prefix; ties go to a preferred (free) slot, then the lowest
+    idx.moved(2, 0)
+    assert idx.match(h, p, 47) == (0, 47) and idx.match(h, p, 47, prefer=(2,)) == (2, 47)
+    idx.hold(0, ids(3, 40), [], -1, 40, keep=0)  # slot 0 taken by another prompt: only slot 2 holds p
+    assert idx.match(h, p, 47) == (2, 47)
+    idx.swapped(2, 3)
+    assert idx.match(h, p, 47) == (3, 47) and idx.blocks[2] == []
+    # a running sequence's generated tokens extend its chain; what it held stays while its tokens only grow
+    out = ids(4, 20)
+    idx.hold(1, p[:40], out, -1, 40 + 19, keep=0)
+    cont = p[:40] + out[:19]
+    assert idx.match(chain(cont, -1), cont, 58) == (1, 48)
+    idx.forget(-1)
+    assert idx.index == {} and idx.match(h, p, 47) == (-1, 0)
+
+
+def test_victim_is_an_empty_slot_else_the_least_recently_freed():
+    idx = PrefixIndex(3)
+    for s in (0, 1):
+        idx.hold(s, ids(s, 20), [], -1, 20, keep=0)
+    idx.release(1)
+    idx.release(0)
+    assert idx.victim([0, 1, 2]) == 2
+    assert idx.victim([0, 1]) == 1  # freed first
+
+
+# -- the engine ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    return lively_tiny()
+
+
+def engines(tiny, **kw):
+    """The engine with and without prefix caching, each on its own copy of the model (an engine fuses its model's
+    q/k/v projections: a second engine on the same modules would send the first one's layers down another path)."""
+    return tuple(Engine(*lively_tiny(), EngineConfig(**{**CFG, **kw}, prefix_caching=on)) for on in (True, False))
+
+
+def run(engine, rid, prompt, params=None, adapter=None, trace=False):
+    events = collect(engine, GenerationRequest(rid, prompt, params or greedy(12), adapter=adapter, trace=trace))
+    return tokens_of(events), logprobs_of(events), events[-1]
+
+
+def test_a_shared_opening_and_a_chats_next_turn_are_reused_bit_for_bit(tiny):
+    cached, plain = engines(tiny)
+    prompts = [SYSTEM + ids(10 + i, 5 + i) for i in range(3)]
+    got = [run(cached, f"a{i}", p) for i, p in enumerate(prompts)]
+    want = [run(plain, f"a{i}", p) for i, p in enumerate(prompts)]
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    assert [g[2].cached_tokens for g in got] == [0, 32, 32]  # the opening's two whole blocks
+    assert [w[2].cached_tokens for w in want] == [0, 0, 0]
+    # the next turn of chat 0: its prompt, its answer and a new message. 45 + 11 tokens were computed (the last
+    # answer token never is): three whole blocks, and the chat's slot kept them while the others took the opening
+    turn = prompts[0] + got[0][0] + ids(20, 6)
+    t_cached, t_plain = run(cached, "t", turn), run(plain, "t", turn)
+    assert t_cached[:2] == t_plain[:2] and t_cached[2].cached_tokens == 48
+    # the same prompt again: all but its last token (it chooses the first new token)
+    again = SYSTEM + ids(30, 8)  # 48 tokens
+    run(cached, "x", again)
+    assert run(cached, "y", again)[2].cached_tokens == 47 and run(cached, "y2", again)[:2] == run(plain, "y", again)[:2]
+    s = cached.stats()
+    # hits: a1, a2, the next turn, x (the opening), y and y2
+    assert s["prefix_caching"] and s["prefix_cache_hits"] == 6 and s["prefix_cache_tokens"] == 32 * 3 + 48 + 47 * 2
+    assert s["slots_used"] == 0 and "prefix_cache_hits" not in plain.stats()
+
+
+def test_adapters_never_share_keys_and_values(tiny, tmp_path):
+    model, _ = tiny
+    path = make_adapter(model, tmp_path / "a", seed=1)
+    cached, plain = engines(tiny)
+    for e in (cached, plain):
+        e.load_adapter("a", path)
+    p = SYSTEM + ids(5, 7)
+    base = run(cached, "b", p)
+    first = run(cached, "a1", p, adapter="a")
+    second = run(cached, "a2", p, adapter="a")
+    assert first[2].cached_tokens == 0 and second[2].cached_tokens == 32  # the base's blocks are not the adapter's
+    assert first[:2] == second[:2] == run(plain, "a", p, adapter="a")[:2] and base[:2] == run(plain, "b", p)[:2]
+    # unloaded and loaded again under the same name: a new adapter, none of the old one's cache
+    cached.unload_adapter("a")
+    cached.step()
+    cached.load_adapter("a", make_adapter(model, tmp_path / "a2", seed=2))
+    plain.unload_adapter("a")
+    plain.step()
+    plain.load_adapter("a", str(tmp_path / "a2"))
+    third = run(cached, "a3", p, adapter="a")
+    assert third[2].cached_tokens == 0 and third[:2] == run(plain, "a3", p, adapter="a")[:2]
+
+
+def test_requests_arriving_together_compute_their_opening_once(tiny):
+    cached, plain = engines(tiny)
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=7, n=3, logprobs=0)
+    reqs = [(f"g{i}", SYSTEM + ids(40 + i, 3 + 2 * i), greedy(10)) for i in range(4)]
+    reqs.append(("n3", SYSTEM + ids(50, 30), sampled))  # three sequences of one prompt (70 tokens)
+    results = {}
+    for engine in (cached, plain):
+        sinks = {rid: [] for rid, _, _ in reqs}
+        for rid, p, params in reqs:
+            engine.submit(GenerationRequest(rid, p, params), sinks[rid].append)
+        while engine.has_work():
+            engine.step()
+        results[engine is cached] = {rid: sorted((e.index, e.token_ids, [lp for _, lp, _ in e.logprobs], e.finished)
+                                                 for e in ev) for rid, ev in sinks.items()}
+        finals = {(rid, e.index): e.cached_tokens for rid, ev in sinks.items() for e in ev if e.finished}
+        if engine is cached:
+            # the first request computes the opening; the others wait a step and copy it; the n = 3 siblings copy
+            # the whole blocks of their prompt (64 of 70 tokens) from the first of them
+            assert finals[("g0", 0)] == 0 and all(finals[(f"g{i}", 0)] == 32 for i in range(1, 4))
+            assert finals[("n3", 0)] == 32 and finals[("n3", 1)] == finals[("n3", 2)] == 64
+        else:
+            assert set(finals.values()) == {0}
+        assert engine.stats()["slots_used"] == 0
+    assert results[True] == results[False]
+
+
+def test_traced_requests_compute_and_count_every_prompt_token(tiny):
+    cached, plain = engines(tiny)
+    p = SYSTEM + ids(60, 9)
+    run(cached, "warm", p)
+    traced = run(cached, "t", p, trace=True)
+    assert traced[2].cached_tokens == 0 and traced[:2] == run(plain, "t", p, trace=True)[:2]
+
+
+def test_a_cancelled_prefill_leaves_what_it_computed(tiny):
+    cached, plain = engines(tiny)
+    p = SYSTEM + ids(70, 60)  # 100 tokens: several chunks of 16
+    sink = []
+    cached.submit(GenerationRequest("c", p, greedy(4)), sink.append)
+    for _ in range(3):  # three chunks of 16: 48 tokens computed
+        cached.step()
+    cached.cancel("c")
+    cached.step()
+    assert sink[-1].finish_reason == "cancelled" and cached.stats()["slots_used"] == 0
+    again = run(cached, "c2", p)
+    assert again[2].cached_tokens == 48 and again[:2] == run(plain, "c2", p)[:2]
+
+
+def test_an_int8_cache_reuses_its_codes(tiny):
+    cached, plain = engines(tiny, kv_cache_dtype="int8")
+    prompts = [SYSTEM + ids(80 + i, 11) for i in range(2)]
+    got = [run(cached, f"q{i}", p) for i, p in enumerate(prompts)]
+    assert got[1][2].cached_tokens == 32
+    assert [g[:2] for g in got] == [run(plain, f"q{i}", p)[:2] for i, p in enumerate(prompts)]
+
+
+def test_contents_survive_slots_being_rearranged(tiny):
+    """Chats finish in slots that running sequences then move into: the finished chat's keys and values are swapped
+    out of the way, not overwritten, and its next turn still finds them."""
+    cached, plain = engines(tiny)
+    chat = SYSTEM + ids(90, 10)
+    sinks = {i: [] for i in range(4)}
+    cached.submit(GenerationRequest("chat", chat, greedy(3)), sinks[0].append)  # finishes first, in slot 0
+    for i in range(1, 4):
+        cached.submit(GenerationRequest(f"long{i}", ids(91 + i, 20), greedy(30)), sinks[i].append)
+    while cached.has_work():
+        cached.step()
+    answer = tokens_of(sinks[0])
+    turn = chat + answer + ids(99, 4)
+    got = run(cached, "turn", turn)
+    assert got[2].cached_tokens == 48 and got[:2] == run(plain, "turn", turn)[:2]
