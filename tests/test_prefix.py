@@ -160,11 +160,16 @@ def test_requests_arriving_together_compute_their_opening_once(tiny):
 
 
 def test_traced_requests_compute_and_count_every_prompt_token(tiny):
-    cached, plain = engines(tiny)
+    cached, plain = engines(tiny, max_num_seqs=1)  # one slot: every request overwrites the one before
     p = SYSTEM + ids(60, 9)
     run(cached, "warm", p)
     traced = run(cached, "t", p, trace=True)
     assert traced[2].cached_tokens == 0 and traced[:2] == run(plain, "t", p, trace=True)[:2]
+    # a traced request's own computation is cached like any other; one that overwrote a prefix leaves none of it
+    assert run(cached, "after", p)[2].cached_tokens == 48
+    run(cached, "other", ids(61, 40), trace=True)
+    last = run(cached, "last", p)
+    assert last[2].cached_tokens == 0 and last[:2] == run(plain, "last", p)[:2]
 
 
 def test_a_cancelled_prefill_leaves_what_it_computed(tiny):
@@ -204,3 +209,53 @@ def test_contents_survive_slots_being_rearranged(tiny):
     turn = chat + answer + ids(99, 4)
     got = run(cached, "turn", turn)
     assert got[2].cached_tokens == 48 and got[:2] == run(plain, "turn", turn)[:2]
+
+
+def test_random_traffic_is_served_as_without_the_cache(tiny, tmp_path):
+    """Waves of requests that share openings (and extend earlier chats) at random, over two adapters and the base,
+    some cancelled mid-way, through few slots: every finished request's tokens and log-probs equal those of the engine
+    without the cache, and the cache took a good share of the prompt tokens."""
+    model, _ = tiny
+    paths = [make_adapter(model, tmp_path / f"a{i}", seed=10 + i) for i in range(2)]
+    cached, plain = engines(tiny, max_num_seqs=4, max_batched_tokens=48)
+    for e in (cached, plain):
+        for i, path in enumerate(paths):
+            e.load_adapter(f"a{i}", path)
+    g = torch.Generator().manual_seed(5)
+    pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
+    openings = [ids(200 + i, 32 + 16 * i) for i in range(3)]
+    history: list[list[int]] = []
+    outputs = {True: {}, False: {}}
+    for wave in range(5):
+        reqs = []
+        for j in range(6):
+            if history and pick(3) == 0:
+                prompt = history[pick(len(history))] + ids(300 + 10 * wave + j, 1 + pick(20))  # a chat's next turn
+            else:
+                prompt = openings[pick(3)] + ids(400 + 10 * wave + j, 1 + pick(30))
+            adapter = [None, "a0", "a1"][pick(3)]
+            reqs.append((f"w{wave}r{j}", prompt[:150], adapter, 1 + pick(12), pick(5) == 0))
+        for engine in (cached, plain):
+            sinks = {rid: [] for rid, *_ in reqs}
+            for rid, prompt, adapter, new, _ in reqs:
+                engine.submit(GenerationRequest(rid, prompt, greedy(new), adapter=adapter), sinks[rid].append)
+            for step in range(10**4):
+                if not engine.has_work():
+                    break
+                if step == 3:
+                    for rid, *_, cancel in reqs:
+                        if cancel:
+                            engine.cancel(rid)
+                engine.step()
+            outputs[engine is cached].update(
+                {rid: (tokens_of(ev), logprobs_of(ev), ev[-1].finish_reason if ev else "cancelled")  # (dropped while queued)
+                 for rid, ev in sinks.items()})
+            assert engine.stats()["slots_used"] == 0
+        for rid, prompt, adapter, new, cancel in reqs:
+            got = outputs[True][rid]
+            if not cancel and adapter is None:
+                history.append(prompt + got[0])
+    done = {rid for rid, out in outputs[False].items() if out[2] != "cancelled"}
+    assert {rid: outputs[True][rid] for rid in done} == {rid: outputs[False][rid] for rid in done}
+    s = cached.stats()
+    assert s["prefix_cache_hits"] >= 8 and s["prefix_cache_tokens"] >= 300, s  # (seed 5: 10 of 27, 448 tokens)

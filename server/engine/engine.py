@@ -301,7 +301,7 @@ class Engine:
                     gen = torch.Generator().manual_seed(seed)
                 seq = Sequence(request, index, slot, callback, gen)
                 seq.hashes = hashes
-                if hashes is None:
+                if self.prefix is None:
                     seq.slot = free.pop(0)
                 else:
                     self._seat(seq, free)
@@ -324,8 +324,10 @@ class Engine:
         prefix is copied (a finished chat's whole history stays for its next turn while others reuse its system
         prompt)."""
         prompt = seq.prompt_ids
-        self.prefix.queries += 1
-        donor, length = self.prefix.match(seq.hashes, prompt, len(prompt) - 1, prefer=free)
+        donor, length = -1, 0
+        if seq.hashes is not None:  # (a traced request computes its whole prompt: its trace counts every token)
+            self.prefix.queries += 1
+            donor, length = self.prefix.match(seq.hashes, prompt, len(prompt) - 1, prefer=free)
         others = [s for s in free if s != donor]
         if donor in free and (not others or len(self.prefix.blocks[donor]) * BLOCK < length + BLOCK):
             seq.slot = donor
