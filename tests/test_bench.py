@@ -109,6 +109,27 @@ def test_kv_bench_measures_both_caches_in_rounds_and_their_agreement(tmp_path):
     assert "| 40 |" in (tmp_path / "k.md").read_text() and "tokens per GiB" in (tmp_path / "k.md").read_text()
 
 
+def test_prefix_bench_measures_both_engines_and_hf_on_an_app_and_chats(tmp_path):
+    from server import bench_prefix
+
+    out = bench_prefix.main(["--base", "tiny", "--system-tokens", "40", "--question-tokens", "8", "--new-tokens", "4",
+                             "--concurrency", "3", "--turns", "2", "--repeats", "2", "--dtype", "float32",
+                             "--json", str(tmp_path / "p.json"), "--markdown", str(tmp_path / "p.md")])
+    app, chat = out["app"], out["chat"]
+    for name in ("cache", "no_cache"):
+        assert len(app[name]["runs"]) == 2 and app[name]["tokens_per_s"] == max(r["tokens_per_s"] for r in app[name]["runs"])
+    assert app["hf_generate"]["ttft_s"] > 0 and app["hf_generate"]["tokens_per_s"] > 0
+    rounds = [c["ttft_s"] / n["ttft_s"] for c, n in zip(app["cache"]["runs"], app["no_cache"]["runs"])]
+    assert math.isclose(app["cache_over_no_cache_ttft"], sum(rounds) / 2, rel_tol=1e-6)
+    assert len(chat["turns_ttft_s"]) == 2 and chat["cache"]["tokens_per_s"] > 0
+    # float32: the replies are the same with and without the cache, and the cache served the system prompt (two
+    # whole blocks of its 40 tokens) to every request after the first, and the chats their earlier turns
+    assert out["identical_replies"] == 1.0
+    pc = out["prefix_cache"]
+    assert pc["prefix_cache_hits"] >= 3 * 3 - 1 + 3 and pc["prefix_cache_tokens"] >= 32 * (3 * 3 - 1) + 3 * 48
+    assert "time to first token" in (tmp_path / "p.md").read_text()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gemm_bench_times_every_linear_of_a_decode_step_both_ways(tmp_path, dtype):
     from remix.kernels import cpu_ext
