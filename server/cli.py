@@ -40,6 +40,10 @@ OPTIONS = [  # (flag, type, default, help)
     ("prefix_caching", str, "on", "on or off: a new prompt takes the keys and values of its longest prefix (whole blocks "
                                   "of 16 tokens, same adapter) that a cache slot holds - a running sequence's or one "
                                   "that finished - instead of computing them; off: every prompt is computed in full"),
+    ("batch_invariant", str, "off", "on or off: on (CPU, lean decoder): the base GEMMs run the compiled dot-product kernel "
+                                    "at every size, so no token's result depends on what shares its step - prefill "
+                                    "steps of any size included, in bfloat16 too - at the cost of oneDNN's speed on "
+                                    "large prefill steps"),
     ("drain_timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before exiting"),
     ("device", str, "auto", "where the model runs: cpu, cuda, cuda:N or auto (cuda when a CUDA device is present)"),
     ("dtype", str, "auto", "weights and activations: auto (the default: bfloat16 on CUDA or a CPU with AMX-BF16 or "
@@ -117,9 +121,16 @@ def load_settings(argv: list[str] | None = None) -> dict:
                          f"got {settings['kv_cache_dtype']!r}")
     if settings["kv_cache_dtype"] == "int8" and resolve_device(settings["device"]).type != "cpu":
         raise SystemExit("error: --kv-cache-dtype int8 runs on CPU only (its kernels are CPU kernels); use auto on CUDA")
-    for name in ("cuda_graphs", "prefix_caching"):
+    for name in ("cuda_graphs", "prefix_caching", "batch_invariant"):
         if settings[name] not in ("on", "off"):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be on or off, got {settings[name]!r}")
+    if settings["batch_invariant"] == "on":
+        from server.engine.engine import batch_invariant_unsupported
+
+        device = resolve_device(settings["device"])
+        why = batch_invariant_unsupported(device, resolve_dtype(settings["dtype"], device), settings["decoder"])
+        if why:
+            raise SystemExit(f"error: --batch-invariant: {why}")
     for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
@@ -210,7 +221,7 @@ def build_state(settings: dict):
         max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
         max_batched_tokens=settings["max_batched_tokens"], kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
         decoder=settings["decoder"], cuda_graphs=settings["cuda_graphs"] == "on", kv_cache_dtype=settings["kv_cache_dtype"],
-        prefix_caching=settings["prefix_caching"] == "on"))
+        prefix_caching=settings["prefix_caching"] == "on", batch_invariant=settings["batch_invariant"] == "on"))
     for name, path in settings["adapters"].items():
         engine.load_adapter(name, path)  # AdapterError lists every problem
         log.info("loaded adapter %s from %s", name, path)

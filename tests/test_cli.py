@@ -58,6 +58,22 @@ def test_prefix_caching_flag():
     assert engine.config.prefix_caching is False and engine.prefix is None and not engine.stats()["prefix_caching"]
 
 
+def test_batch_invariant_flag():
+    assert cli.load_settings(["--base", "tiny"])["batch_invariant"] == "off"
+    with pytest.raises(SystemExit, match="--batch-invariant must be on or off"):
+        cli.load_settings(["--base", "tiny", "--batch-invariant", "1"])
+    with pytest.raises(SystemExit, match="--batch-invariant: needs --decoder lean"):
+        cli.load_settings(["--base", "tiny", "--device", "cpu", "--batch-invariant", "on", "--decoder", "exact"])
+    from remix.kernels import cpu_ext
+    from server.cli import build_state
+
+    if not cpu_ext.dot_gemm(torch.float32):
+        return
+    settings = cli.load_settings(["--base", "tiny", "--device", "cpu", "--dtype", "float32", "--batch-invariant", "on"])
+    engine = build_state(settings).engine
+    assert engine.config.batch_invariant is True and engine.stats()["batch_invariant"] is True
+
+
 def test_cuda_graphs_flag():
     assert cli.load_settings(["--base", "tiny"])["cuda_graphs"] == "on"
     with pytest.raises(SystemExit, match="--cuda-graphs must be on or off"):

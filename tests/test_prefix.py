@@ -5,6 +5,8 @@ computation depends on its step (see server.engine.prefix)."""
 import pytest
 import torch
 
+import remix
+
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
 from server.engine.prefix import BLOCK, PrefixIndex, chain
 from tests.test_engine import greedy, lively_tiny, logprobs_of, make_adapter, tokens_of
@@ -259,3 +261,68 @@ def test_random_traffic_is_served_as_without_the_cache(tiny, tmp_path):
     assert {rid: outputs[True][rid] for rid in done} == {rid: outputs[False][rid] for rid in done}
     s = cached.stats()
     assert s["prefix_cache_hits"] >= 8 and s["prefix_cache_tokens"] >= 300, s  # (seed 5: 10 of 27, 448 tokens)
+
+
+# -- batch-invariant mode (--batch-invariant on): bit-for-bit in bfloat16 too ------------------------------------------
+INVARIANT = True  # (False: the test below fails - oneDNN's prefill GEMMs round by step shape)
+
+
+def test_batch_invariant_linear_rows_never_depend_on_the_call():
+    from remix.kernels import cpu_ext
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        if not cpu_ext.dot_gemm(dtype):
+            continue
+        w, x = torch.randn(96, 64, generator=g).to(dtype), torch.randn(300, 64, generator=g).to(dtype)
+        was = cpu_ext.set_batch_invariant(True)
+        try:
+            rows = torch.cat([cpu_ext.linear(x[i : i + 1], w) for i in range(300)])
+            for T in (1, 127, 128, 255, 256, 300):  # across both limits (bfloat16 128, float32 256 rows)
+                assert torch.equal(cpu_ext.linear(x[:T], w), rows[:T]), (dtype, T)
+        finally:
+            cpu_ext.set_batch_invariant(was)
+
+
+def test_batch_invariant_bfloat16_engine_is_bit_for_bit_in_any_batch_and_with_the_prefix_cache(tmp_path):
+    """bfloat16 with prefill steps below and far above 128 rows (from where oneDNN's GEMM would otherwise round them):
+    a request gives the same tokens and log-probs alone, in a mixed batch, and with its prompt from the prefix cache."""
+    from remix.kernels import cpu_ext
+
+    if not cpu_ext.dot_gemm(torch.bfloat16):
+        pytest.skip("no compiled bfloat16 dot-product GEMM on this CPU")
+    def wide():  # inputs of 256 and 512: oneDNN splits such sums by the call's shape (64 wide, it did not)
+        model, tok = remix.tiny_model(seed=1, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                      num_key_value_heads=2)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(4.0)
+        return model, tok
+
+    path = make_adapter(wide()[0], tmp_path / "a", seed=4)
+    cfg = dict(max_model_len=400, max_num_seqs=4, max_prefill_chunk=256, max_batched_tokens=512,
+               batch_invariant=INVARIANT)
+
+    def engine(prefix):
+        model, tok = wide()
+        e = Engine(model.to(torch.bfloat16), tok, EngineConfig(**cfg, prefix_caching=prefix))
+        e.load_adapter("a", path)
+        return e
+
+    cached, plain = engine(True), engine(False)
+    opening = ids(500, 160)
+    # alone, the short prompts are steps below 128 rows (the compiled kernel), in the batch part of a 512-row step
+    prompts = [ids(501, 90), opening + ids(502, 20), ids(503, 70), opening + ids(504, 80)]
+    adapter_of = lambda i: "a" if i % 2 else None  # noqa: E731
+    alone = [run(plain, f"one{i}", p, greedy(6), adapter_of(i))[:2] for i, p in enumerate(prompts)]
+    for e in (plain, cached):  # all at once: prefill steps of up to 512 rows mixing both adapters
+        sinks = {i: [] for i in range(4)}
+        for i, p in enumerate(prompts):
+            e.submit(GenerationRequest(f"all{i}", p, greedy(6), adapter=adapter_of(i)), sinks[i].append)
+        while e.has_work():
+            e.step()
+        assert [(tokens_of(sinks[i]), logprobs_of(sinks[i])) for i in range(4)] == alone
+    again = [run(cached, f"again{i}", p, greedy(6), adapter_of(i)) for i, p in enumerate(prompts)]
+    assert [a[:2] for a in again] == alone and all(a[2].cached_tokens >= 64 for a in again)
+    assert cached.stats()["batch_invariant"] is INVARIANT

@@ -855,6 +855,11 @@ constexpr int64_t DOT_BF16_BELOW = 128;
 // more round as oneDNN does.
 constexpr int64_t ONEDNN_F32_FROM = 256;
 
+// Batch-invariant mode (the engine's --batch-invariant, set before each forward): the dot-product kernel at every row
+// count, so a row's outputs never depend on how many rows share the call (prefill steps of any size included), at the
+// cost of oneDNN's speed on large calls.
+bool g_batch_invariant = false;
+
 // The operator handle of mkldnn::_linear_pointwise, or null where this torch has none (then ATen's linear).
 const c10::OperatorHandle* onednn_linear_op() {
   static const c10::OperatorHandle* op = []() -> const c10::OperatorHandle* {
@@ -912,8 +917,8 @@ BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, con
                   weight.is_contiguous() && (!bias.numel() || (bias.scalar_type() == dt && bias.is_contiguous() && bias.numel() == O)) &&
                   x2.size(0) < lim && x2.size(1) < lim && O < lim;
   // bfloat16 from DOT_BF16_BELOW rows and float32 from ONEDNN_F32_FROM rows: oneDNN's GEMM (or MKL's) is faster
-  if (!ok || (dt == torch::kBFloat16 && x2.size(0) >= DOT_BF16_BELOW) || (dt == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM &&
-                                                                         large_f32_elsewhere()))
+  if (!ok || (!g_batch_invariant && ((dt == torch::kBFloat16 && x2.size(0) >= DOT_BF16_BELOW) ||
+                                      (dt == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM && large_f32_elsewhere()))))
     return {nullptr, nullptr};
   const bool bf16 = dt == torch::kBFloat16;
 #ifdef REMIX_AMX
@@ -2268,6 +2273,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_attention_bf16_dot", [](bool on) { g_attn_dot = on; },
         "A/B runs and tests: whether bfloat16 decode attention takes vdpbf16ps (default) or the widening path");
   m.def("_phase_a_bf16_dot", [](bool on) { g_phase_a_dot = on; }, "A/B runs: bfloat16 phase A on vdpbf16ps or widened");
+  m.def("_batch_invariant", [](bool on) {
+    const bool was = g_batch_invariant;
+    g_batch_invariant = on;
+    return was;
+  }, "batch-invariant mode: the base GEMM on the dot-product kernel (or AMX tiles) at every row count, not oneDNN's "
+     "from DOT_BF16_BELOW (bfloat16) / ONEDNN_F32_FROM (float32) rows; returns the previous setting");
   m.def("argmax_rows", &argmax_rows, "the first index of each row's maximum (a NaN wins), as torch.max(dim).indices");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
@@ -2398,7 +2409,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v109_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v110_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
@@ -2474,6 +2485,15 @@ def dot_gemm(dtype: torch.dtype = torch.float32) -> bool:
     or those instructions (float32 then runs MKL, bfloat16 ATen's oneDNN GEMM)."""
     ext = load()
     return ext is not None and ext.dot_gemm(dtype == torch.bfloat16)
+
+
+def set_batch_invariant(on: bool) -> bool:
+    """Batch-invariant mode of this process's compiled base GEMMs (:func:`linear`, the fused module call; the serving
+    engine sets it before each forward from its ``batch_invariant`` setting): the dot-product kernel (or AMX tiles) at
+    every row count instead of oneDNN's GEMM for large calls, so where :func:`dot_gemm` is True a row's outputs never
+    depend on how many rows share the call. Returns the previous setting (False without the kernels)."""
+    ext = load()
+    return bool(ext is not None and ext._batch_invariant(on))
 
 
 def amx_bf16() -> bool:

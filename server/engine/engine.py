@@ -71,6 +71,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, replay decode steps from captured graphs (see server.engine.graphs)
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "int8" (CPU; see server.engine.cache)
     prefix_caching: bool = True  # reuse the K/V of prompt prefixes that cache slots hold (server.engine.prefix)
+    batch_invariant: bool = False  # CPU, lean decoder: the compiled GEMM at every size (no row depends on its step)
 
 
 class Engine:
@@ -87,10 +88,14 @@ class Engine:
         kv_dtype = torch.int8 if cfg.kv_cache_dtype == "int8" else None
         if kv_dtype is not None and next(model.parameters()).device.type != "cpu":
             raise ValueError("kv_cache_dtype int8 runs on CPU only (its kernels are CPU kernels)")
+        if cfg.batch_invariant:
+            why = batch_invariant_unsupported(next(model.parameters()).device, dtype, cfg.decoder)
+            if why:
+                raise ValueError(f"batch_invariant: {why}")
         per_token = SlotKVCache.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, head_dim, dtype, kv_dtype)
         slots = min(cfg.max_num_seqs, max(1, cfg.kv_budget_bytes // (per_token * (cfg.max_model_len + cfg.max_prefill_chunk))))
         self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder,
-                                  cuda_graphs=cfg.cuda_graphs, kv_dtype=kv_dtype)
+                                  cuda_graphs=cfg.cuda_graphs, kv_dtype=kv_dtype, batch_invariant=cfg.batch_invariant)
         self.registry = AdapterRegistry(self.runner)
         self.num_slots = slots
         self.slot_seq: list[Sequence | None] = [None] * slots
@@ -175,7 +180,7 @@ class Engine:
         return {"running": len(self.prefilling) + len(self.decoding), "waiting": len(self.waiting),
                 "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
                 "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
-                "prefix_caching": self.prefix is not None,
+                "prefix_caching": self.prefix is not None, "batch_invariant": self.config.batch_invariant,
                 **({f"prefix_cache_{k}": v for k, v in self.prefix.stats().items()} if self.prefix is not None else {}),
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(self.runner.cache.k[0].dtype).removeprefix("torch."),
@@ -532,6 +537,22 @@ class Engine:
                 self.registry.remove(name)
                 if self.prefix is not None:
                     self.prefix.forget(adapter.slot)
+
+
+def batch_invariant_unsupported(device: torch.device, dtype: torch.dtype, decoder: str) -> str | None:
+    """Why batch-invariant mode cannot hold for this device, dtype and decoder, or None: it needs the lean decoder on
+    CPU with the compiled dot-product GEMM for the dtype (AVX-512; AVX512-BF16 for bfloat16), whose rows never depend
+    on the batch; ATen's, oneDNN's and cuBLAS's GEMMs choose kernels by shape."""
+    from remix.kernels import cpu_ext
+
+    if torch.device(device).type != "cpu":
+        return "CPU only (cuBLAS chooses its kernels by shape)"
+    if decoder != "lean":
+        return f"needs --decoder lean (the {decoder} decoder runs ATen's GEMMs)"
+    if not cpu_ext.dot_gemm(dtype):
+        return (f"this CPU has no compiled dot-product GEMM for {str(dtype).removeprefix('torch.')} (AVX-512"
+                f"{', AVX512-BF16' if dtype == torch.bfloat16 else ''} and the compiled kernels)")
+    return None
 
 
 def collect(engine: Engine, request: GenerationRequest, max_steps: int = 100000) -> list[Event]:

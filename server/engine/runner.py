@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from remix.kernels import cpu_ext
 from remix.kernels.cpu_alloc import move_to_huge_pages
 from remix.stack import RoutingContext, StackedLinear, set_context
 from server.engine.cache import SlotKVCache, attention_mask
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: nn.Module, slots: int, max_len: int, max_chunk: int, decoder: str = "lean",
-                 cuda_graphs: bool = True, kv_dtype: torch.dtype | None = None):
+                 cuda_graphs: bool = True, kv_dtype: torch.dtype | None = None, batch_invariant: bool = False):
         self.model = model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -35,6 +36,9 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_len, self.max_chunk = max_len, max_chunk
+        # the compiled GEMMs' batch-invariant mode is process-wide: set before every forward of this runner (~1 us)
+        self.batch_invariant = batch_invariant
+        self._ext = cpu_ext.load() if self.device.type == "cpu" else None
         self.cache = SlotKVCache(cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, head_dim, max_chunk,
                                  self.dtype, self.device, kv_dtype=kv_dtype)
         self.stacked: dict[str, StackedLinear] = {}
@@ -91,6 +95,8 @@ class ModelRunner:
         """
         if decode:
             assert tokens.shape[1] == 1 and bool((counts == 1).all()), "a decode step has one token per row"
+        if self._ext is not None:
+            self._ext._batch_invariant(self.batch_invariant)
         lean = self.lean is not None and self.lean.applies()  # scans the decoder modules' hooks: once a forward
         if self.graphs is not None and lean and decode and first_slot == 0 and not trace:
             key = self.graphs.bucket(tokens.shape[0], int(starts.max()) + 1)
