@@ -2,6 +2,7 @@
 
     python -m server.bench_prefix --json out.json [--system-tokens 512] [--question-tokens 32] [--new-tokens 32]
                                   [--concurrency 8] [--turns 4] [--repeats 3] [--dtype auto|bfloat16|float32]
+                                  [--batch-invariant]
 
 On the default base with one ReMix adapter (n=8, k=2, r=8 on every FFN projection), two engines that differ only in
 ``prefix_caching`` serve the same greedy requests at the same time, stepped in turn (so a slow spell of the machine
@@ -96,6 +97,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="counted rounds of the app workload (after one uncounted)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="both engines in batch-invariant mode (--batch-invariant on): the replies then agree bit for bit")
     args = ap.parse_args(argv)
     for name in ("system_tokens", "question_tokens", "new_tokens", "concurrency", "turns", "repeats"):
         if getattr(args, name) < 1:
@@ -113,7 +116,7 @@ def main(argv=None) -> dict:
         copy, _ = remix.load_base(args.base, dtype=dtype)
         engines[name] = Engine(copy, tok, EngineConfig(
             max_model_len=max_len, max_num_seqs=C, max_queue=1024, max_batched_tokens=512,
-            kv_budget_bytes=16 << 30, prefix_caching=name == "cache"))
+            kv_budget_bytes=16 << 30, prefix_caching=name == "cache", batch_invariant=args.batch_invariant))
         engines[name].load_adapter("a0", str(adapter))
     ids = tok(TEXT * (S // 20 + 2)).input_ids
     system = ids[:S]
@@ -171,7 +174,7 @@ def main(argv=None) -> dict:
             "cache_over_no_cache_tokens_per_s": walls["no_cache"] / walls["cache"]}
     out = {"cpu": cpu_ext.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "base": args.base,
            "dtype": str(dtype).removeprefix("torch."), "system_tokens": S, "question_tokens": Q, "new_tokens": N,
-           "concurrency": C, "turns": args.turns, "repeats": args.repeats, "app": app, "chat": chat,
+           "concurrency": C, "turns": args.turns, "batch_invariant": args.batch_invariant, "repeats": args.repeats, "app": app, "chat": chat,
            "identical_replies": sum(a == 1 for a in agree) / len(agree),
            "common_prefix_share": sum(agree) / len(agree),
            "prefix_cache": {k: v for k, v in engines["cache"].stats().items() if k.startswith("prefix_cache_")}}

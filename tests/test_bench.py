@@ -5,6 +5,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from remix.kernels import bench as kernel_bench
 from remix.kernels import cpu_ext
@@ -128,6 +129,24 @@ def test_prefix_bench_measures_both_engines_and_hf_on_an_app_and_chats(tmp_path)
     pc = out["prefix_cache"]
     assert pc["prefix_cache_hits"] >= 3 * 3 - 1 + 3 and pc["prefix_cache_tokens"] >= 32 * (3 * 3 - 1) + 3 * 48
     assert "time to first token" in (tmp_path / "p.md").read_text()
+
+
+def test_invariant_bench_measures_the_mode_against_the_default_and_what_it_buys(tmp_path):
+    from server import bench_invariant
+
+    if not cpu_ext.dot_gemm(torch.float32):
+        pytest.skip("no compiled dot-product GEMM on this CPU")
+    out = bench_invariant.main(["--base", "tiny", "--dtype", "float32", "--workloads", "p=3x300x3,d=4x20x5",
+                                "--repeats", "2", "--json", str(tmp_path / "i.json"), "--markdown", str(tmp_path / "i.md")])
+    for w in ("p", "d"):
+        r = out["workloads"][w]
+        rounds = [a / b for a, b in zip(r["invariant"]["runs"], r["default"]["runs"])]
+        assert math.isclose(r["invariant_over_default_tokens_per_s"], sum(rounds) / 2, rel_tol=1e-6)
+        assert r["default"]["tokens_per_s"] == max(r["default"]["runs"])
+    assert out["alone_equals_batch"]["invariant"] == 1.0 and 0 <= out["alone_equals_batch"]["default"] <= 1
+    assert "batch-invariant" in (tmp_path / "i.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_invariant.main(["--base", "tiny", "--workloads", "p=3x300"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

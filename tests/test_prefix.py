@@ -326,3 +326,15 @@ def test_batch_invariant_bfloat16_engine_is_bit_for_bit_in_any_batch_and_with_th
     again = [run(cached, f"again{i}", p, greedy(6), adapter_of(i)) for i, p in enumerate(prompts)]
     assert [a[:2] for a in again] == alone and all(a[2].cached_tokens >= 64 for a in again)
     assert cached.stats()["batch_invariant"] is INVARIANT
+
+
+@pytest.mark.parametrize("decoder", ["exact", "hf"])
+def test_other_decoders_read_the_reused_prefix_too(tiny, decoder):
+    """SDPA over the slot cache (exact) and Hugging Face's modules (hf) start a prompt at its cached length as they
+    continue any chunked prefill: the same tokens, log-probs within float rounding (ATen picks kernels by shape)."""
+    cached, plain = engines(tiny, decoder=decoder)
+    prompts = [SYSTEM + ids(700 + i, 9) for i in range(2)]
+    got = [run(cached, f"d{i}", p) for i, p in enumerate(prompts)]
+    want = [run(plain, f"d{i}", p) for i, p in enumerate(prompts)]
+    assert got[1][2].cached_tokens == 32 and [g[0] for g in got] == [w[0] for w in want]
+    assert all(abs(a - b) < 1e-4 for g, w in zip(got, want) for a, b in zip(g[1], w[1]))
