@@ -396,6 +396,17 @@ inline void widen(const uint16_t* __restrict src, float* __restrict dst, int64_t
 #endif
   for (; i < n; ++i) { uint32_t b = static_cast<uint32_t>(src[i]) << 16; std::memcpy(dst + i, &b, 4); }
 }
+#ifdef __AVX512F__
+// Sixteen float32 lanes rounded to bfloat16 as narrow() rounds them (to nearest even; NaN kept quiet), as 16-bit lanes.
+inline __m256i narrow16(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v), hi = _mm512_srli_epi32(b, 16);
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40))));
+}
+#endif
 inline void narrow(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {  // round to nearest even
   int64_t i = 0;
 #ifdef __AVX512F__
@@ -514,9 +525,11 @@ inline void hsum_many(const vf* v, int64_t n, float* out) {
       g[j] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0x88), _mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0xDD));
     for (int j = 0; j < 2; ++j)
       m[j] = _mm512_add_ps(_mm512_shuffle_ps(g[2 * j], g[2 * j + 1], 0x44), _mm512_shuffle_ps(g[2 * j], g[2 * j + 1], 0xEE));
-    alignas(64) float r[16];
-    _mm512_store_ps(r, _mm512_add_ps(_mm512_shuffle_ps(m[0], m[1], 0x88), _mm512_shuffle_ps(m[0], m[1], 0xDD)));
-    for (int j = 0; j < 16 && i + j < n; ++j) out[i + j] = r[4 * (j % 4) + j / 4];  // lane 4 q + u holds source 4 u + q
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(m[0], m[1], 0x88), _mm512_shuffle_ps(m[0], m[1], 0xDD));
+    // lane 4 q + u holds source 4 u + q: out[j] = r[4 (j % 4) + j / 4]
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const int64_t left = std::min<int64_t>(16, n - i);
+    _mm512_mask_storeu_ps(out + i, static_cast<__mmask16>((1u << left) - 1), _mm512_permutexvar_ps(order, r));
   }
 #endif
   for (; i < n; ++i) out[i] = hsum(v[i]);
@@ -547,6 +560,17 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
   }
   float sums[RT * GO];
   hsum_many(&acc[0][0], RT * GO, sums);
+#ifdef __AVX512F__
+  if (d == D && GO <= 16) {  // no tail of D: each row of the tile's outputs (+ bias) in one masked store
+    const __mmask16 m = static_cast<__mmask16>((1u << nw) - 1);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+    for (int q = 0; q < RT; ++q) {
+      const __m512 s = _mm512_maskz_loadu_ps(m, sums + q * GO);
+      _mm512_mask_storeu_ps(Y + q * ldy, m, bias ? _mm512_add_ps(s, bv) : s);
+    }
+    return;
+  }
+#endif
   for (int q = 0; q < RT; ++q)
     for (int64_t c = 0; c < nw; ++c) {
       float s = sums[q * GO + c];
@@ -587,6 +611,18 @@ inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw
   }
   float sums[RT * GO];
   hsum_many(reinterpret_cast<const vf*>(&acc[0][0]), RT * GO, sums);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if constexpr (GO <= 16) {  // each row of the tile's outputs (+ bias) rounded as narrow() does, one masked store
+    const __mmask16 m = static_cast<__mmask16>((1u << nw) - 1);
+    const __m512 bv = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bias)), 16))
+                           : _mm512_setzero_ps();
+    for (int q = 0; q < RT; ++q) {
+      const __m512 s = _mm512_maskz_loadu_ps(m, sums + q * GO);
+      _mm256_mask_storeu_epi16(Y + q * ldy, m, narrow16(bias ? _mm512_add_ps(s, bv) : s));
+    }
+    return;
+  }
+#endif
   for (int q = 0; q < RT; ++q)
     for (int64_t c = 0; c < nw; ++c) {
       float s = sums[q * GO + c];
@@ -2409,7 +2445,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v110_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v112_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
