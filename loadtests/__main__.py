@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     p.add_argument("--prompt-words", type=int, default=60, help="mean prompt length in words (built-in prompts)")
     p.add_argument("--prompt-spread", type=float, default=0.5, help="prompt length varies uniformly by +- this share")
+    p.add_argument("--shared-prefix-words", type=int, default=0,
+                   help="open every built-in prompt with the same this many words (a system prompt: exercises the "
+                        "server's prefix cache; the report gives the share of prompt tokens it served)")
     p.add_argument("--prompts-file", help="JSONL of {prompt} or {messages} to use instead")
     p.add_argument("--output-tokens", type=int, default=64, help="mean max_tokens per request (ignore_eos is set)")
     p.add_argument("--output-spread", type=float, default=0.0, help="max_tokens varies uniformly by +- this share")
@@ -72,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) <= 0:
             print(f"error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
             return 2
+    if args.shared_prefix_words < 0:
+        print("error: --shared-prefix-words must be >= 0", file=sys.stderr)
+        return 2
     rng = random.Random(args.seed)
-    prompts = make_prompts(args.num_requests, args.prompt_words, args.prompt_spread, rng, args.prompts_file)
+    prompts = make_prompts(args.num_requests, args.prompt_words, args.prompt_spread, rng, args.prompts_file,
+                           args.shared_prefix_words)
     adapters = [a for a in args.adapters.split(",") if a]
 
     def progress(results, elapsed):

@@ -30,6 +30,8 @@ class Result:
     token_times: list[float] = field(default_factory=list)
     end: float | None = None
     completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens: prompt tokens the server's prefix cache served
 
     @property
     def ok(self) -> bool:
@@ -48,16 +50,26 @@ class Result:
         return (self.end - self.start - self.ttft) / (self.completion_tokens - 1)
 
 
-def make_prompts(count: int, mean_words: int, spread: float, rng: random.Random, file: str | None) -> list[str]:
+def make_prompts(count: int, mean_words: int, spread: float, rng: random.Random, file: str | None,
+                 shared_prefix_words: int = 0) -> list[str]:
+    """Prompts of random words (mean_words +- spread), each opened by the same ``shared_prefix_words`` words (an app's
+    system prompt: what a server's prefix cache serves), or the prompts of a JSONL file."""
     if file:
         rows = [json.loads(line) for line in open(file) if line.strip()]
         texts = [r["prompt"] if "prompt" in r else r["messages"][-1]["content"] for r in rows]
         return [texts[i % len(texts)] for i in range(count)]
     out = []
+    shared = [rng.choice(WORDS) for _ in range(shared_prefix_words)]
     for _ in range(count):
         n = max(1, int(rng.uniform(mean_words * (1 - spread), mean_words * (1 + spread))))
-        out.append(" ".join(rng.choice(WORDS) for _ in range(n)))
+        out.append(" ".join(shared + [rng.choice(WORDS) for _ in range(n)]))
     return out
+
+
+def usage_of(result: Result, usage: dict) -> None:
+    result.completion_tokens = usage["completion_tokens"]
+    result.prompt_tokens = usage.get("prompt_tokens", 0)
+    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
 
 async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: dict, result: Result, t0: float,
@@ -77,7 +89,7 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
                     chunk = json.loads(line[6:])
                     now = time.perf_counter() - t0
                     if chunk.get("usage"):
-                        result.completion_tokens = chunk["usage"]["completion_tokens"]
+                        usage_of(result, chunk["usage"])
                     if chunk.get("choices") and chunk["choices"][0].get("text"):
                         if result.ttft is None:
                             result.ttft = now - result.start
@@ -89,7 +101,7 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
                 result.error = r.text[:200]
                 result.end = time.perf_counter() - t0
                 return
-            result.completion_tokens = r.json()["usage"]["completion_tokens"]  # no TTFT without streaming
+            usage_of(result, r.json()["usage"])  # no TTFT without streaming
         result.end = time.perf_counter() - t0
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         result.error = f"{type(e).__name__}: {e}"[:200]

@@ -21,6 +21,7 @@ def summarize(results, elapsed: float, slo: dict[str, float]) -> dict:
     ok = [r for r in results if r.ok]
     itls = [x for r in ok for x in r.itls()]
     tokens = sum(r.completion_tokens for r in ok)
+    prompt_tokens = sum(getattr(r, "prompt_tokens", 0) for r in ok)
 
     def meets(r) -> bool:
         checks = {"ttft": r.ttft, "e2e": r.e2e, "tpot": r.tpot()}
@@ -38,6 +39,8 @@ def summarize(results, elapsed: float, slo: dict[str, float]) -> dict:
         "itl_s": stats(itls),
         "tpot_s": stats([t for r in ok if (t := r.tpot()) is not None]),
         "e2e_s": stats([r.e2e for r in ok if r.e2e is not None]),
+        # the share of prompt tokens the server reported as served by its prefix cache (None: it reported no usage)
+        "cached_prompt_share": sum(getattr(r, "cached_tokens", 0) for r in ok) / prompt_tokens if prompt_tokens else None,
     }
 
 
@@ -45,7 +48,9 @@ def table(summary: dict) -> str:
     lines = [f"requests {summary['requests']}  completed {summary['completed']}  errors {summary['errors'] or 0}  "
              f"elapsed {summary['elapsed_s']:.1f}s",
              f"throughput {summary['request_throughput']:.2f} req/s  {summary['token_throughput']:.1f} tok/s  "
-             f"goodput {summary['goodput']:.2f} req/s (SLO {summary['slo'] or 'none'})",
+             f"goodput {summary['goodput']:.2f} req/s (SLO {summary['slo'] or 'none'})"
+             + (f"  prompt tokens from the prefix cache {summary['cached_prompt_share']:.0%}"
+                if summary.get("cached_prompt_share") is not None else ""),
              f"{'metric':8s} {'mean':>9s} {'p50':>9s} {'p90':>9s} {'p99':>9s}   (ms)"]
     for key in ("ttft_s", "itl_s", "tpot_s", "e2e_s"):
         s = summary[key]

@@ -48,6 +48,20 @@ def test_closed_loop_and_compare(server, tmp_path):
     assert out.returncode == 0 and "request_throughput" in out.stdout and "B/A" in out.stdout
 
 
+def test_a_shared_opening_is_served_by_the_prefix_cache(server, tmp_path):
+    """Every prompt opens with the same 10 words (~70 bytes: four whole 16-token blocks of the tiny byte tokenizer):
+    after the first request the server's prefix cache serves most of each prompt, and the report says how much."""
+    out = run(["--url", server.url, "--concurrency", "2", "--num-requests", "8", "--adapters", "a", "--output-tokens",
+               "4", "--prompt-words", "2", "--prompt-spread", "0", "--shared-prefix-words", "10",
+               "--json", str(tmp_path / "p.json"), "--quiet"])
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["summary"]["cached_prompt_share"] > 0.4 and "prefix cache" in out.stdout
+    assert sum(r["cached_tokens"] > 0 for r in data["requests"]) >= 6
+    bad = run(["--url", server.url, "--shared-prefix-words", "-1"])
+    assert bad.returncode == 2 and "--shared-prefix-words" in bad.stderr
+
+
 def test_capacity_procedure(server, tmp_path):
     out = subprocess.run([sys.executable, "-m", "loadtests.capacity", "--url", server.url, "--adapters", "a",
                           "--server-pid", str(server.proc.pid), "--start-rate", "2", "--growth", "4", "--max-rate", "40",
