@@ -263,6 +263,7 @@ class _Tracker:
         self.state, self.adapter, self.arrival, self.left = state, adapter, arrival, sequences
         self.last: dict = {}
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the prefix cache served (per prompt, its sequences' most)
         self.completion_tokens = 0
         self.reasons: list[str] = []
         self.closed = False
@@ -284,6 +285,7 @@ class _Tracker:
             self.left -= 1
             if ev.index == 0:
                 self.prompt_tokens += ev.prompt_tokens
+                self.cached_tokens += ev.cached_tokens
                 m.prompt_tokens.labels(self.adapter).inc(ev.prompt_tokens)
             self.completion_tokens += ev.completion_tokens
             self.reasons.append(ev.finish_reason or "error")
@@ -297,8 +299,8 @@ class _Tracker:
         elapsed = time.monotonic() - self.arrival
         if self.done():
             self.state.metrics.e2e.labels(self.adapter).observe(elapsed)
-        log.info("request adapter=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs status=%s",
-                 self.adapter, self.prompt_tokens, self.completion_tokens, elapsed,
+        log.info("request adapter=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d latency=%.3fs status=%s",
+                 self.adapter, self.prompt_tokens, self.cached_tokens, self.completion_tokens, elapsed,
                  ",".join(sorted(set(self.reasons))) or "disconnected")
 
 
