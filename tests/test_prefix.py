@@ -338,3 +338,18 @@ def test_other_decoders_read_the_reused_prefix_too(tiny, decoder):
     want = [run(plain, f"d{i}", p) for i, p in enumerate(prompts)]
     assert got[1][2].cached_tokens == 32 and [g[0] for g in got] == [w[0] for w in want]
     assert all(abs(a - b) < 1e-4 for g, w in zip(got, want) for a, b in zip(g[1], w[1]))
+
+
+def test_prefix_cache_on_every_device(device):
+    """The same reuse where the engine runs on CUDA (CUDA graphs for the decode steps included): tokens equal to the
+    engine without the cache, log-probs within float rounding (cuBLAS chooses kernels by shape)."""
+    def on_device(prefix: bool) -> Engine:
+        model, tok = lively_tiny()
+        return Engine(model.to(device), tok, EngineConfig(**CFG, prefix_caching=prefix))
+
+    cached, plain = on_device(True), on_device(False)
+    prompts = [SYSTEM + ids(800 + i, 6) for i in range(3)]
+    got = [run(cached, f"v{i}", p) for i, p in enumerate(prompts)]
+    want = [run(plain, f"v{i}", p) for i, p in enumerate(prompts)]
+    assert [g[2].cached_tokens for g in got] == [0, 32, 32] and [g[0] for g in got] == [w[0] for w in want]
+    assert all(abs(a - b) < 1e-4 for g, w in zip(got, want) for a, b in zip(g[1], w[1]))
