@@ -116,21 +116,21 @@ class PrefixIndex:
     # -- lookups -----------------------------------------------------------------------------------------------------
     def match(self, hashes: list[int], prompt: list[int], limit: int, prefer=()) -> tuple[int, int]:
         """(slot, tokens) of the longest verified prefix of ``prompt`` (whose block chain is ``hashes``) some slot
-        holds, at most ``limit`` tokens; (-1, 0) when none. Ties go to a slot in ``prefer``, then to the lowest."""
-        best, depth = -1, 0
+        holds, at most ``limit`` tokens; (-1, 0) when none. Ties go to a slot in ``prefer``, then to the lowest.
+
+        The chain is walked to its deepest held block (a chained hash stands for every block before it), and only
+        there are the tokens compared, once; should they differ (a hash collision), one block shallower, and so on -
+        so a long prompt costs one dictionary lookup a block and one comparison, on every prefill step it asks."""
+        depth = 0
         for i, h in enumerate(hashes):
-            if i * BLOCK >= limit:  # a block that starts at the limit adds nothing
+            if i * BLOCK >= limit or not self.index.get(h):  # (a block that starts at the limit adds nothing)
                 break
-            holders = self.index.get(h)
-            if not holders:
-                break
-            for slot in sorted(holders, key=lambda s: (s not in prefer, s)):
-                if self._holds(slot, prompt, (i + 1) * BLOCK):
-                    best, depth = slot, i + 1
-                    break
-            else:
-                break
-        return best, min(depth * BLOCK, limit)
+            depth = i + 1
+        for d in range(depth, 0, -1):
+            for slot in sorted(self.index.get(hashes[d - 1], ()), key=lambda s: (s not in prefer, s)):
+                if self._holds(slot, prompt, d * BLOCK):
+                    return slot, min(d * BLOCK, limit)
+        return -1, 0
 
     def _holds(self, slot: int, prompt: list[int], n: int) -> bool:
         """Whether the slot's first n tokens are prompt[:n] (hashes matched; this rules out a collision)."""
