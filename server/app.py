@@ -263,7 +263,7 @@ class _Tracker:
         self.state, self.adapter, self.arrival, self.left = state, adapter, arrival, sequences
         self.last: dict = {}
         self.prompt_tokens = 0
-        self.cached_tokens = 0  # prompt tokens the prefix cache served (per prompt, its sequences' most)
+        self.cached: dict[str, int] = {}  # per prompt (request id): the most of its tokens a sequence took from the cache
         self.completion_tokens = 0
         self.reasons: list[str] = []
         self.closed = False
@@ -285,9 +285,9 @@ class _Tracker:
             self.left -= 1
             if ev.index == 0:
                 self.prompt_tokens += ev.prompt_tokens
-                self.cached_tokens += ev.cached_tokens
                 m.prompt_tokens.labels(self.adapter).inc(ev.prompt_tokens)
             self.completion_tokens += ev.completion_tokens
+            self.cached[ev.request_id] = max(self.cached.get(ev.request_id, 0), ev.cached_tokens)
             self.reasons.append(ev.finish_reason or "error")
             m.finished.labels(self.adapter, ev.finish_reason or "error").inc()
 
@@ -300,7 +300,7 @@ class _Tracker:
         if self.done():
             self.state.metrics.e2e.labels(self.adapter).observe(elapsed)
         log.info("request adapter=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d latency=%.3fs status=%s",
-                 self.adapter, self.prompt_tokens, self.cached_tokens, self.completion_tokens, elapsed,
+                 self.adapter, self.prompt_tokens, sum(self.cached.values()), self.completion_tokens, elapsed,
                  ",".join(sorted(set(self.reasons))) or "disconnected")
 
 

@@ -115,6 +115,68 @@ def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]
     return time.perf_counter() - start, statistics.median(decode_steps) if decode_steps else float("nan")
 
 
+def serve_in_turn(engines: dict[str, Engine], prompts: dict[str, list[list[int]]], params: SamplingParams,
+                  adapter: str | None = "a0") -> dict[str, dict]:
+    """Each engine serves its prompts (submitted together), the engines stepped in turn, one step each, so a slow
+    spell of a shared machine lands on all of them (whole runs in turn had moved a decode step by 20 % between two runs
+    of the same engine). Per engine, on the clock of its own steps (submission not counted): ``wall_s``, ``ttft_s``
+    (the mean time to the step that emits a request's first token), ``decode_step_s`` (the median of its full-batch
+    decode-only steps; nan if none), and each request's ``tokens`` and chosen tokens' ``logprobs`` (when asked)."""
+    clock = {name: 0.0 for name in engines}
+    first: dict[str, list[float]] = {name: [] for name in engines}
+    steps: dict[str, list[float]] = {name: [] for name in engines}
+    tokens = {name: [[] for _ in prompts[name]] for name in engines}
+    logprobs = {name: [[] for _ in prompts[name]] for name in engines}
+    fresh: dict[str, int] = {name: 0 for name in engines}  # first tokens emitted during the engine's current step
+
+    def sink(name: str, i: int):
+        def on_event(ev):
+            if ev.token_ids and not tokens[name][i]:
+                fresh[name] += 1
+            tokens[name][i] += ev.token_ids
+            logprobs[name][i] += [lp for _, lp, _ in ev.logprobs]
+        return on_event
+
+    for name, engine in engines.items():
+        for i, p in enumerate(prompts[name]):
+            engine.submit(GenerationRequest(f"turn-{name}-{time.monotonic_ns()}-{i}", p, params, adapter), sink(name, i))
+    while any(e.has_work() for e in engines.values()):
+        for name, engine in engines.items():
+            if not engine.has_work():
+                continue
+            t0 = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t0
+            clock[name] += dt
+            first[name] += [clock[name]] * fresh[name]
+            fresh[name] = 0
+            if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == len(prompts[name]):
+                steps[name].append(dt)
+    return {name: {"wall_s": clock[name], "ttft_s": statistics.mean(first[name]) if first[name] else float("nan"),
+                   "decode_step_s": statistics.median(steps[name]) if steps[name] else float("nan"),
+                   "tokens": tokens[name], "logprobs": logprobs[name]} for name in engines}
+
+
+def common_prefix(a: list, b: list) -> int:
+    """How many leading items a and b share (greedy decoding: one flipped near-tie changes everything after it)."""
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def add_output_args(ap: argparse.ArgumentParser) -> None:
+    """--json, --markdown and --base, as every bench here takes them."""
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--markdown", help="write the README's table(s) here")
+    ap.add_argument("--base", default=remix.DEFAULT_BASE)
+
+
+def write_outputs(args, out: dict, markdown) -> None:
+    """The results as JSON (--json) and the README's table(s) made by ``markdown(out)`` (--markdown)."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(out))
+
+
 def gemm_floor(model, batch: int, repeats: int = 5, linear=F.linear) -> float:
     """Seconds for the weight GEMMs of one decode step at this batch: every linear of the model, in order (the median
     of ``repeats`` timed passes), each computed by ``linear`` (ATen's, or the compiled kernels' GEMM).
@@ -163,9 +225,7 @@ def _captured(fn, device: torch.device):  # pragma: no cover - CUDA only
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write results here")
-    ap.add_argument("--markdown", help="write the README's tables here")
-    ap.add_argument("--base", default=remix.DEFAULT_BASE)
+    add_output_args(ap)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -217,7 +277,7 @@ def main(argv=None) -> dict:
                 layer.base, layer.lora_A.detach(), layer.lora_B.detach(), layer.router.detach(), layer.k, layer.omega))
         peers["hf_loop"] = looped
     engines = (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"]))
-    results = {}
+    results, rounds_of = {}, {}  # rounds_of[c][name]: every round's (wall, decode step or None), for the ratios
     for c in levels:
         prompts = prompts_of(tok, c, args.prompt_tokens)
         tokens = c * args.new_tokens
@@ -249,11 +309,10 @@ def main(argv=None) -> dict:
         for name, got in runs.items():
             wall = min(w for w, _ in got)
             row[name] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens,
-                         "runs_tokens_per_s": [round(tokens / w, 2) for w, _ in got], "_runs": got}
-            if got[0][1] is not None:
-                row[name]["runs_decode_step_ms"] = [round(1000 * st, 3) for _, st in got]
+                         "runs_tokens_per_s": [round(tokens / w, 2) for w, _ in got]}
             if got[0][1] is not None:  # the engine's contenders also report their decode step
                 row[name]["decode_step_ms"] = 1000 * min(st for _, st in got)
+                row[name]["runs_decode_step_ms"] = [round(1000 * st, 3) for _, st in got]
         # the floor is the faster of ATen's GEMMs (what HF runs) and the compiled kernels' GEMM (what the engine runs
         # on CPU: their own float32 kernel, oneDNN (Intel: MKL) from 256 rows; bfloat16 their own below 128 rows, else ATen's): a
         # step cannot beat the weight GEMMs of the best GEMM this machine has
@@ -262,7 +321,7 @@ def main(argv=None) -> dict:
             row["gemm_floor_compiled_ms"] = min(floors["compiled"])
         row["gemm_floor_runs_ms"] = {k: list(got) for k, got in floors.items()}
         row["gemm_floor_ms"] = min(min(got) for got in floors.values())
-        results[c] = row
+        results[c], rounds_of[c] = row, runs
     del peers
     ratios, goals, rounds = {}, {}, {}
 
@@ -276,29 +335,21 @@ def main(argv=None) -> dict:
             goals[name] = {"value": round(value, 3), "goal": f"{op} {target}", "at": where,
                            "met": value <= target if op == "<=" else value >= target}
 
+    def over(c: int, a: str, b: str) -> list[float]:  # tokens/s of a over b at c, round by round (same tokens: walls)
+        return [wb / wa for (wa, _), (wb, _) in zip(rounds_of[c][a], rounds_of[c][b])]
+
     top = max(levels)
     for c in levels:
-        r = results[c]
-
-        def over(a: str, b: str) -> list[float]:  # tokens/s of a over b, round by round (the same tokens: walls)
-            return [wb / wa for (wa, _), (wb, _) in zip(r[a]["_runs"], r[b]["_runs"])]
-
-        ratio(f"engine_remix_over_hf_generate@{c}", over("engine_remix", "hf_generate"), ">=" if c == top else None, 2.0, c)
-        if "hf_loop" in r:
-            ratio(f"engine_remix_over_hf_loop@{c}", over("engine_remix", "hf_loop"), ">=" if c == top else None, 3.0, c)
-        ratio(f"engine_remix_over_engine_base@{c}", over("engine_remix", "engine_base"), ">=", 0.90, c)
-        ratio(f"engine_4adapters_over_engine_remix@{c}", over("engine_4adapters", "engine_remix"), ">=", 0.90, c)
-        floor_rounds = [min(got) for got in zip(*r["gemm_floor_runs_ms"].values())]  # the faster GEMM of each round
-        ratio(f"decode_step_over_gemm_floor@{c}", [1000 * st / f for (_, st), f in zip(r["engine_remix"]["_runs"], floor_rounds)],
+        ratio(f"engine_remix_over_hf_generate@{c}", over(c, "engine_remix", "hf_generate"), ">=" if c == top else None, 2.0, c)
+        if "hf_loop" in rounds_of[c]:
+            ratio(f"engine_remix_over_hf_loop@{c}", over(c, "engine_remix", "hf_loop"), ">=" if c == top else None, 3.0, c)
+        ratio(f"engine_remix_over_engine_base@{c}", over(c, "engine_remix", "engine_base"), ">=", 0.90, c)
+        ratio(f"engine_4adapters_over_engine_remix@{c}", over(c, "engine_4adapters", "engine_remix"), ">=", 0.90, c)
+        floor_rounds = [min(got) for got in zip(*results[c]["gemm_floor_runs_ms"].values())]  # the faster GEMM of each round
+        ratio(f"decode_step_over_gemm_floor@{c}", [1000 * st / f for (_, st), f in zip(rounds_of[c]["engine_remix"], floor_rounds)],
               "<=" if c == top else None, 1.25, c)
     if 1 in results:  # the batch-1 goal only where batch 1 was measured (--concurrency 32 alone reported it from 32)
-        r1 = results[1]
-        ratio("engine_remix_bs1_over_hf_generate_bs1",
-              [wb / wa for (wa, _), (wb, _) in zip(r1["engine_remix"]["_runs"], r1["hf_generate"]["_runs"])], ">=", 2.0, 1)
-    for r in results.values():  # the raw rounds served the ratios; the JSON keeps them as runs_tokens_per_s
-        for v in r.values():
-            if isinstance(v, dict):
-                v.pop("_runs", None)
+        ratio("engine_remix_bs1_over_hf_generate_bs1", over(1, "engine_remix", "hf_generate"), ">=", 2.0, 1)
     for name, g in goals.items():
         print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
     out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
@@ -308,10 +359,7 @@ def main(argv=None) -> dict:
                       # which bfloat16 GEMM the engine ran (AMX tiles, or not: no AMX, or REMIX_DISABLE_AMX=1)
                       "amx_bf16": device.type == "cpu" and cpu_ext.amx_bf16()},
            "results": results, "ratios": ratios, "ratio_rounds": rounds, "goals": goals}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(out))
+    write_outputs(args, out, markdown)
     return out
 
 

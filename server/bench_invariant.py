@@ -21,7 +21,6 @@ default engine's share is what a user of it sees).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -30,10 +29,9 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
-from server.bench import TEXT, make_adapter
-from server.bench_prefix import serve
+from server.bench import TEXT, add_output_args, make_adapter, serve_in_turn, write_outputs
 from server.cli import DTYPES, resolve_dtype
-from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
+from server.engine import Engine, EngineConfig, SamplingParams
 from server.engine.engine import batch_invariant_unsupported
 
 NAMES = ("invariant", "default")
@@ -42,9 +40,7 @@ WORKLOADS = {"prefill": (8, 512, 16), "decode": (32, 128, 128)}  # requests, pro
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write results here")
-    ap.add_argument("--markdown", help="write the README's table here")
-    ap.add_argument("--base", default=remix.DEFAULT_BASE)
+    add_output_args(ap)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
     ap.add_argument("--workloads", default="prefill=8x512x16,decode=32x128x128",
@@ -80,7 +76,8 @@ def main(argv=None) -> dict:
         prompts = [ids[7 * i : 7 * i + length] for i in range(count)]  # distinct prompts
         rounds = []
         for r in range(args.repeats):
-            got = serve(engines, {name: prompts for name in NAMES}, new)
+            got = serve_in_turn(engines, {name: prompts for name in NAMES},
+                                SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
             rounds.append({name: count * new / got[name]["wall_s"] for name in NAMES})
             print(f"{w} round {r}: " + "  ".join(f"{n} {rounds[-1][n]:.1f} tok/s" for n in NAMES), flush=True)
         out["workloads"][w] = {
@@ -90,28 +87,20 @@ def main(argv=None) -> dict:
     w, (count, length, new) = next(iter(workloads.items()))
     prompts = [ids[7 * i : 7 * i + length] for i in range(count)]
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, logprobs=0)
-    agreement = {}
-    for name, engine in engines.items():
-        batch = {i: [] for i in range(count)}
-        for i, p in enumerate(prompts):
-            engine.submit(GenerationRequest(f"inv-b-{name}-{i}", p, params, "a0"), batch[i].append)
-        while engine.has_work():
-            engine.step()
-        same = 0
-        for i, p in enumerate(prompts):
-            alone = collect(engine, GenerationRequest(f"inv-a-{name}-{i}", p, params, "a0"))
-            view = lambda evs: ([t for e in evs for t in e.token_ids], [lp for e in evs for _, lp, _ in e.logprobs])  # noqa: E731
-            same += view(alone) == view(batch[i])
-        agreement[name] = same / count
+    batch = serve_in_turn(engines, {name: prompts for name in NAMES}, params)
+    same = {name: 0 for name in NAMES}
+    for i, p in enumerate(prompts):
+        alone = serve_in_turn(engines, {name: [p] for name in NAMES}, params)
+        for name in NAMES:
+            same[name] += (alone[name]["tokens"][0], alone[name]["logprobs"][0]) == \
+                (batch[name]["tokens"][i], batch[name]["logprobs"][i])
+    agreement = {name: same[name] / count for name in NAMES}
     out["alone_equals_batch"] = agreement
     for w, r in out["workloads"].items():
         print(f"{w:8s} invariant_over_default_tokens_per_s {r['invariant_over_default_tokens_per_s']:.2f}")
     print("requests identical alone and in the batch (tokens and log-probs): " +
           ", ".join(f"{n} {v:.2f}" for n, v in agreement.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(out))
+    write_outputs(args, out, markdown)
     return out
 
 

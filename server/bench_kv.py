@@ -17,66 +17,34 @@ difference of a chosen token's log-probability over those common tokens. Capacit
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
-from server.bench import make_adapter, prompts_of
+from server.bench import add_output_args, common_prefix, make_adapter, prompts_of, serve_in_turn, write_outputs
 from server.cli import DTYPES, resolve_dtype
-from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
+from server.engine import Engine, EngineConfig, SamplingParams
 from server.engine.cache import SlotKVCache
 
 
-def interleaved(engines: dict[str, Engine], prompts, new_tokens: int, adapter: str) -> dict[str, tuple[float, float]]:
-    """Both engines serve the same requests at once, stepped in turn, one step each: per engine the sum of its own
-    steps' times (its wall time alone, less submission) and the median time of its full-batch decode-only steps.
-    Stepping them in turn puts each slow spell of a shared machine on both (whole runs in turn had moved a decode
-    step by 20 % between two runs of the same engine)."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    for name, engine in engines.items():
-        for i, p in enumerate(prompts):
-            engine.submit(GenerationRequest(f"kv-{name}-{time.monotonic_ns()}-{i}", p, params, adapter), lambda e: None)
-    total = {name: 0.0 for name in engines}
-    steps: dict[str, list[float]] = {name: [] for name in engines}
-    while any(e.has_work() for e in engines.values()):
-        for name, engine in engines.items():
-            if not engine.has_work():
-                continue
-            t0 = time.perf_counter()
-            engine.step()
-            dt = time.perf_counter() - t0
-            total[name] += dt
-            if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == len(prompts):
-                steps[name].append(dt)
-    return {name: (total[name], statistics.median(steps[name]) if steps[name] else float("nan")) for name in engines}
+def greedy(new_tokens: int, logprobs: int | None = None) -> SamplingParams:
+    return SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
 
 
-def agreement(engines: dict[str, Engine], prompts, new_tokens: int) -> dict:
-    """Greedy outputs of both engines on the same prompts (all submitted together, as served): the mean share of new
-    tokens before the first difference, the share of requests with identical outputs, and the largest |log p|
-    difference of the chosen tokens over the common prefixes."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
-    outs = {}
-    for name, engine in engines.items():
-        sinks = {i: [] for i in range(len(prompts))}
-        for i, p in enumerate(prompts):
-            engine.submit(GenerationRequest(f"agree-{name}-{i}", p, params, "a0"), sinks[i].append)
-        while engine.has_work():
-            engine.step()
-        outs[name] = [([t for e in ev for t in e.token_ids], [lp for e in ev for (_, lp, _) in e.logprobs])
-                      for ev in sinks.values()]
+def agreement(got: dict[str, dict]) -> dict:
+    """How far the int8 engine's greedy outputs follow the model-dtype engine's on the same requests: the mean share of
+    new tokens before the first difference, the share of requests with identical outputs, and the largest |log p|
+    difference of the chosen tokens over the common prefixes (there both engines read the same tokens and chose the
+    same one)."""
     shares, identical, worst = [], 0, 0.0
-    for (ta, la), (tb, lb) in zip(outs["auto"], outs["int8"]):
-        same = next((j for j, (a, b) in enumerate(zip(ta, tb)) if a != b), len(ta))
+    for ta, la, tb, lb in zip(got["auto"]["tokens"], got["auto"]["logprobs"], got["int8"]["tokens"], got["int8"]["logprobs"]):
+        same = common_prefix(ta, tb)
         shares.append(same / len(ta))
         identical += same == len(ta)
-        # over the common prefix: there both engines read the same tokens and chose the same one
         worst = max([worst] + [abs(a - b) for a, b in zip(la[:same], lb[:same])])
     return {"common_prefix_share": sum(shares) / len(shares), "identical_requests": identical / len(shares),
             "max_abs_logprob_diff": worst}
@@ -84,9 +52,7 @@ def agreement(engines: dict[str, Engine], prompts, new_tokens: int) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write results here")
-    ap.add_argument("--markdown", help="write the README's table here")
-    ap.add_argument("--base", default=remix.DEFAULT_BASE)
+    add_output_args(ap)
     ap.add_argument("--prompt-tokens", default="128,1024")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -123,10 +89,12 @@ def main(argv=None) -> dict:
     for length in lengths:
         prompts = prompts_of(tok, args.concurrency, length)
         tokens = args.concurrency * args.new_tokens
-        interleaved(engines, prompts_of(tok, 2, length), 4, "a0")  # warm-up: loads the kernels, touches the cache
+        each = lambda ps: {kv: ps for kv in engines}  # noqa: E731 - both engines serve the same requests
+        serve_in_turn(engines, each(prompts_of(tok, 2, length)), greedy(4))  # warm-up: loads the kernels, the cache
         runs: dict[str, list] = {kv: [] for kv in engines}
         for rep in range(args.repeats):
-            for kv, (wall, step) in interleaved(engines, prompts, args.new_tokens, "a0").items():
+            for kv, got in serve_in_turn(engines, each(prompts), greedy(args.new_tokens)).items():
+                wall, step = got["wall_s"], got["decode_step_s"]
                 runs[kv].append((wall, step))
                 print(f"prompt {length:<5} kv {kv:5s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms  "
                       f"(run {rep + 1})", flush=True)
@@ -136,7 +104,8 @@ def main(argv=None) -> dict:
         # the ratios within each round (both engines stepped in turn), their median over the rounds
         row["int8_over_auto_tokens_per_s"] = statistics.median(a[0] / b[0] for a, b in zip(runs["auto"], runs["int8"]))
         row["int8_over_auto_decode_step"] = statistics.median(b[1] / a[1] for a, b in zip(runs["auto"], runs["int8"]))
-        row["agreement"] = agreement(engines, prompts, args.new_tokens)
+        # greedy outputs of both on the same requests (submitted together, as served), with the chosen tokens' log p
+        row["agreement"] = agreement(serve_in_turn(engines, each(prompts), greedy(args.new_tokens, logprobs=0)))
         print(f"prompt {length:<5} int8/auto: tok/s {row['int8_over_auto_tokens_per_s']:.3f}  decode step "
               f"{row['int8_over_auto_decode_step']:.3f}  agreement {row['agreement']}", flush=True)
         results[length] = row
@@ -145,10 +114,7 @@ def main(argv=None) -> dict:
            "kv_tokens_per_gib": {kv: (1 << 30) // b for kv, b in per_token.items()},
            "results": results}
     print(f"KV cache tokens per GiB: {out['kv_tokens_per_gib']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(out))
+    write_outputs(args, out, markdown)
     return out
 
 

@@ -27,69 +27,29 @@ difference.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
-from server.bench import TEXT, bench_hf, make_adapter
+from server.bench import TEXT, add_output_args, bench_hf, common_prefix, make_adapter, serve_in_turn, write_outputs
 from server.cli import DTYPES, resolve_dtype
-from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.engine import Engine, EngineConfig, SamplingParams
 
 NAMES = ("cache", "no_cache")
 
 
-def serve(engines: dict[str, Engine], prompts: dict[str, list[list[int]]], new_tokens: int) -> dict[str, dict]:
-    """Each engine serves its prompts (submitted together), the engines stepped in turn: per engine the mean time to
-    first token and the wall time (sums of its own steps' times) and every request's reply."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    clock = {name: 0.0 for name in engines}
-    first: dict[str, dict[int, float]] = {name: {} for name in engines}
-    replies: dict[str, dict[int, list[int]]] = {name: {i: [] for i in range(len(prompts[name]))} for name in engines}
-
-    def sink(name: str, i: int):
-        def on_event(ev):
-            replies[name][i] += ev.token_ids
-            if ev.token_ids and i not in first[name]:
-                first[name][i] = -1.0  # stamped with the engine's clock when the step ends
-        return on_event
-
-    for name, engine in engines.items():
-        for i, p in enumerate(prompts[name]):
-            engine.submit(GenerationRequest(f"pc-{name}-{time.monotonic_ns()}-{i}", p, params, "a0"), sink(name, i))
-    while any(e.has_work() for e in engines.values()):
-        for name, engine in engines.items():
-            if not engine.has_work():
-                continue
-            t0 = time.perf_counter()
-            engine.step()
-            clock[name] += time.perf_counter() - t0
-            for i, t in first[name].items():
-                if t < 0:
-                    first[name][i] = clock[name]
-    return {name: {"ttft_s": statistics.mean(first[name].values()), "wall_s": clock[name],
-                   "replies": [replies[name][i] for i in range(len(prompts[name]))]} for name in engines}
-
-
 def same(got: dict) -> list[float]:
-    """Per request: the share of the cache engine's reply before its first difference from the other's (1: identical;
-    greedy, so one flipped near-tie changes everything after it)."""
-    out = []
-    for a, b in zip(got["cache"]["replies"], got["no_cache"]["replies"]):
-        out.append(next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) / len(a))
-    return out
+    """Per request: the share of the cache engine's reply before its first difference from the other's (1: identical)."""
+    return [common_prefix(a, b) / len(a) for a, b in zip(got["cache"]["tokens"], got["no_cache"]["tokens"])]
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write results here")
-    ap.add_argument("--markdown", help="write the README's table here")
-    ap.add_argument("--base", default=remix.DEFAULT_BASE)
+    add_output_args(ap)
     ap.add_argument("--system-tokens", type=int, default=512)
     ap.add_argument("--question-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -110,6 +70,7 @@ def main(argv=None) -> dict:
     adapter = make_adapter(model, Path(tempfile.mkdtemp(prefix="remix-bench-prefix-")) / "a0", seed=0)
     model.to(dtype=dtype)  # the HF peer: the base alone
     C, S, Q, N = args.concurrency, args.system_tokens, args.question_tokens, args.new_tokens
+    greedy = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
     max_len = S + args.turns * (Q + N) + 8
     engines = {}
     for name in NAMES:
@@ -130,7 +91,7 @@ def main(argv=None) -> dict:
     rounds, agree = [], []
     for r in range(args.repeats + 1):
         prompts = [system + question() for _ in range(C)]
-        got = serve(engines, {name: prompts for name in NAMES}, N)
+        got = serve_in_turn(engines, {name: prompts for name in NAMES}, greedy)
         agree += same(got)
         if r:
             rounds.append({name: {"ttft_s": got[name]["ttft_s"], "tokens_per_s": C * N / got[name]["wall_s"]}
@@ -159,10 +120,10 @@ def main(argv=None) -> dict:
             q = question()
             for name in NAMES:
                 convs[name][i] += q
-        got = serve(engines, convs, N)
+        got = serve_in_turn(engines, convs, greedy)
         for name in NAMES:
             walls[name] += got[name]["wall_s"]
-            for i, reply in enumerate(got[name]["replies"]):
+            for i, reply in enumerate(got[name]["tokens"]):
                 convs[name][i] += reply
         agree += same(got)
         turns.append({name: got[name]["ttft_s"] for name in NAMES})
@@ -185,10 +146,7 @@ def main(argv=None) -> dict:
         print(f"chat {key:40s} {chat[key]:.2f}")
     print(f"greedy replies, prefix cache vs none: identical {out['identical_replies']:.2f}, new tokens before the first "
           f"difference {out['common_prefix_share']:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(out))
+    write_outputs(args, out, markdown)
     return out
 
 

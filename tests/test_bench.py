@@ -172,6 +172,11 @@ def test_gemm_bench_times_every_linear_of_a_decode_step_both_ways(tmp_path, dtyp
         assert math.isclose(r["aten_over_ours"], r["total_ms"]["aten"] / r["total_ms"]["ours"])
         assert math.isclose(r["total_ms"]["ours"], sum(r["ms"]["ours"].values()))
     assert (tmp_path / "g.json").exists()
+    # --batch-invariant: ours at every size for the run only (the process's setting comes back)
+    assert not cpu_ext.set_batch_invariant(False)
+    out = gemm_bench.main(["--base", "tiny", "--dtype", dtype, "--rows", "300", "--passes", "1", "--batch-invariant"])
+    assert out["config"]["batch_invariant"] and out["results"][0]["total_ms"]["ours"] > 0
+    assert not cpu_ext.set_batch_invariant(False)
     with pytest.raises(SystemExit):  # a bad --rows names the flag
         gemm_bench.main(["--base", "tiny", "--rows", "1,x"])
 

@@ -1,7 +1,7 @@
 """The weight GEMMs of one decode step, the compiled kernels' against ATen's, in one run.
 
     python -m remix.kernels.gemm_bench [--base smollm2-135m-instruct] [--dtype bfloat16] [--rows 1,8,32,64]
-                                       [--json out.json]
+                                       [--batch-invariant] [--json out.json]
 
 For each row count it runs every linear of the model once in model order (q/k/v fused as the engine fuses them, o,
 gate, up, down per layer, then the LM head) - so the weights stream from memory as in a decode step - with
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     ap.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts (decode batch sizes)")
     ap.add_argument("--passes", type=int, default=7)
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="ours at every row count, as the server's --batch-invariant runs it (else oneDNN's GEMM from "
+                         "128 bfloat16 / 256 float32 rows, where both sides then time the same GEMM)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     try:
@@ -74,9 +77,18 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--rows and --passes must be positive")
     if cpu_ext.load() is None:
         ap.error("the compiled kernels are not available here (no compiler, or REMIX_DISABLE_EXT is set)")
+    was = cpu_ext.set_batch_invariant(args.batch_invariant)
+    try:
+        return run(args, rows)
+    finally:
+        cpu_ext.set_batch_invariant(was)
+
+
+def run(args, rows: list[int]) -> dict:
     model, _ = remix.load_base(args.base, dtype=getattr(torch, args.dtype))
     groups = groups_of(model)
     out = {"config": {"base": args.base, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                      "batch_invariant": args.batch_invariant,
                       "amx_bf16": cpu_ext.amx_bf16(), "cpu": cpu_ext.cpu_model(), "torch": torch.__version__}, "results": []}
     for r in rows:
         t = time_passes(groups, r, args.passes)

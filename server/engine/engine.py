@@ -255,6 +255,8 @@ class Engine:
     def step(self) -> None:
         self._run_commands()
         self._apply_cancels()
+        if self.prefix is not None and (self.waiting or self.prefilling):  # what seating and planning will match against
+            self._refresh_prefix()
         self._admit()
         decode = sorted(self.decoding, key=lambda s: s.slot)
         prefill = self._plan_prefill(self.config.max_batched_tokens - len(decode))
@@ -282,8 +284,6 @@ class Engine:
 
     def _admit(self) -> None:
         free = [i for i, s in enumerate(self.slot_seq) if s is None]
-        if self.prefix is not None and self.waiting:
-            self._refresh_prefix()
         while True:
             with self._lock:
                 if not self.waiting or len(free) < self.waiting[0][0].params.n:
@@ -318,7 +318,8 @@ class Engine:
             free = [i for i, s in enumerate(self.slot_seq) if s is None]
 
     def _refresh_prefix(self) -> None:
-        """Tell the prefix index what the running sequences have computed since (new complete blocks)."""
+        """Tell the prefix index what the running sequences have computed since (new complete blocks); once a step,
+        before seating and planning (sequences seated in the step tell it themselves)."""
         for slot, s in enumerate(self.slot_seq):
             if s is not None:
                 self.prefix.hold(slot, s.prompt_ids, s.output_ids, s.adapter_slot, s.num_computed)
@@ -376,8 +377,6 @@ class Engine:
 
     def _plan_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
         plan, waiting = [], False
-        if self.prefix is not None and self.prefilling:
-            self._refresh_prefix()
         for seq in self.prefilling:
             if budget <= 0:
                 break
