@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from server.engine import SamplingParams
 
 MAX_STOP = 8
+MAX_LOGIT_BIAS = 1024
 
 
 class StreamOptions(BaseModel):
@@ -19,6 +20,21 @@ class StreamOptions(BaseModel):
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("logit_bias", check_fields=False)
+    @classmethod
+    def _bias(cls, v):
+        """OpenAI's form: token ids (as strings, JSON object keys) to a bias in [-100, 100]."""
+        if not v:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+        for key, bias in v.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
+        return v
 
     @field_validator("stop", check_fields=False)
     @classmethod
@@ -38,12 +54,12 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = Field(default=None, ge=1, le=1)
     echo: bool = False
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int = Field(default=16, ge=1, le=1_000_000)
     n: int = Field(default=1, ge=1, le=16)
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -54,6 +70,7 @@ class CompletionRequest(_Common):
     user: str | None = None
     # extensions
     top_k: int = Field(default=0, ge=0, le=100_000)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
     remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
 
@@ -68,7 +85,7 @@ class CompletionRequest(_Common):
             raise ValueError("token-id prompts must not be empty")
         return v
 
-    @field_validator("logit_bias", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unsupported(cls, v, info):
         if v:
@@ -78,7 +95,7 @@ class CompletionRequest(_Common):
     def to_sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos,
-                              logprobs=self.logprobs, echo=self.echo)
+                              logprobs=self.logprobs, echo=self.echo, **_penalties(self))
 
 
 class ChatMessage(BaseModel):
@@ -91,14 +108,14 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Common):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     n: int = Field(default=1, ge=1, le=16)
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -107,21 +124,22 @@ class ChatCompletionRequest(_Common):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
     top_k: int = Field(default=0, ge=0, le=100_000)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
     remix_routing: Literal["summary", "full"] | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _unsupported(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
 
     def to_sampling(self, default_max: int) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+                              seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              **_penalties(self))
+
+
+def _penalties(body) -> dict:
+    bias = {int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None
+    return dict(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty, logit_bias=bias)
 
 
 class AdapterLoadRequest(BaseModel):

@@ -20,12 +20,17 @@ def test_kernel_bench_writes_times_ratios_and_table(tmp_path):
     for res in saved["results"]:
         t, q = res["times_us"], res["ratios"]
         assert all(v > 0 and math.isfinite(v) for k, v in t.items())
-        # against the faster base GEMM: the compiled kernels' (which the module runs) or nn.Linear's
-        assert math.isclose(q["overhead_over_base"], t["remix"] / min(t["base"], t["base_aten"]) - 1)
-        assert math.isclose(q["overhead_over_base_aten"], t["remix"] / t["base_aten"] - 1)
-        # each delta: the median over rounds of the module minus its base GEMM timed back to back in the same round
+        # against the faster base GEMM (the compiled kernels', which the module runs, or nn.Linear's): the median over
+        # rounds of the module's time over that GEMM's in the same round; the ratio of the two medians kept beside it
         rd = res["rounds_us"]
         assert all(len(v) == 9 for v in rd.values())
+        floor = "base" if t["base"] <= t["base_aten"] else "base_aten"
+        within = statistics.median(m / b for m, b in zip(rd["remix"], rd[floor])) - 1
+        assert math.isclose(q["overhead_over_base"], within, rel_tol=1e-2, abs_tol=1e-3)
+        assert math.isclose(q["overhead_over_base_aten"], statistics.median(
+            m / b for m, b in zip(rd["remix"], rd["base_aten"])) - 1, rel_tol=1e-2, abs_tol=1e-3)
+        assert math.isclose(q["overhead_over_base_of_medians"], t["remix"] / min(t["base"], t["base_aten"]) - 1)
+        # each delta: the median over rounds of the module minus its base GEMM timed back to back in the same round
         raw = statistics.median(m - b for m, b in zip(rd["remix"], rd["base"]))
         assert math.isclose(t["remix_delta"], max(raw, 1e-3), rel_tol=1e-2, abs_tol=0.02)
         assert res["remix_delta_measured"] == (t["remix_delta"] > 1e-3)
@@ -69,8 +74,9 @@ def test_server_bench_runs_every_contender_on_the_tiny_model(tmp_path):
     assert math.isclose(out["ratios"]["engine_remix_over_hf_generate@2"], sum(within) / 2, rel_tol=1e-2)
     floors = [min(a, b) for a, b in zip(*r["gemm_floor_runs_ms"].values())]
     steps = r["engine_remix"]["runs_decode_step_ms"]
+    # (the runs are stored rounded to the microsecond: a tiny model's step of ~0.3 ms then carries ~0.2 % of error)
     assert out["ratios"]["decode_step_over_gemm_floor@2"] == pytest.approx(
-        statistics.median(s / f for s, f in zip(steps, floors)), rel=1e-3)
+        statistics.median(s / f for s, f in zip(steps, floors)), rel=1e-2)
     assert "_runs" not in r["engine_remix"]
     assert "engine_remix_over_hf_generate@2" in out["goals"]  # the goal is judged at the top concurrency
     assert "engine_remix_bs1_over_hf_generate_bs1" in out["goals"]  # batch 1 was measured

@@ -80,7 +80,12 @@ def test_undecodable_bodies(server, raw, param):
     ({"model": "alpha", "prompt": "x" * 2_000_000}, "prompt"),
     ({"model": "alpha", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "alpha", "prompt": "x", "seed": -3}, "seed"),
-    ({"model": "alpha", "prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
+    ({"model": "alpha", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "alpha", "prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+    ({"model": "alpha", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": "alpha", "prompt": "x", "logit_bias": {"the": 1}}, "logit_bias"),
+    ({"model": "alpha", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"model": "alpha", "prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
     ({"model": "alpha", "prompt": "x", "stream_options": {"include_usage": "maybe"}}, "stream_options"),
     ({"model": 3, "prompt": "x"}, "model"),
 ])

@@ -49,6 +49,20 @@ def test_completion(client):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_penalties_and_logit_bias(client):
+    """OpenAI's logit_bias (token ids as strings) and penalties reach the sampler: +100 forces a token, on both
+    endpoints; the penalties are accepted in OpenAI's range (their arithmetic: tests/test_penalties.py)."""
+    tok = remix.tiny_model()[1]
+    forced = tok.convert_tokens_to_ids(tok.tokenize("q"))[0]
+    r = client.completions.create(model="alpha", prompt="Hello there", max_tokens=4, temperature=0,
+                                  logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == "q" * 4
+    c = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       temperature=0.8, seed=3, logit_bias={str(forced): 100}, presence_penalty=-1.0,
+                                       frequency_penalty=0.5, extra_body={"ignore_eos": True, "repetition_penalty": 1.2})
+    assert c.choices[0].message.content == "q" * 3
+
+
 def test_health_reports_where_the_model_runs(server):
     """--device defaults to auto: the first CUDA device where torch sees one (this suite then serves from it), else the CPU."""
     import torch

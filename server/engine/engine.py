@@ -139,6 +139,10 @@ class Engine:
                 f"{len(request.prompt_ids)} and max_tokens is {p.max_tokens}", "max_tokens")
         if p.n > self.num_slots:
             raise EngineError(f"n must be at most {self.num_slots} here", "n")
+        if p.logit_bias and any(not (0 <= t < vocab) for t in p.logit_bias):
+            raise EngineError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+        if not p.repetition_penalty > 0:
+            raise EngineError("repetition_penalty must be > 0", "repetition_penalty")
         with self._lock:
             if request.request_id in self.requests or any(r.request_id == request.request_id for r, _ in self.waiting):
                 raise EngineError(f"duplicate request id {request.request_id}")
@@ -453,7 +457,8 @@ class Engine:
                     s.routing_counts[module] = [a + b for a, b in zip(prev, counts_i)]
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        history = [(s.prompt_ids, s.output_ids) for s in seqs] if any(s.params.adjusts for s in seqs) else None
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], history)
         want_lp = [s.params.logprobs is not None for s in seqs]
         lps = token_logprobs(logits, tokens, max((s.params.logprobs or 0) for s in seqs)) if any(want_lp) else None
         for i, s in enumerate(seqs):

@@ -1,7 +1,7 @@
-"""Sampling: greedy, temperature, top-k, top-p, per-request seeds, and log-probabilities.
+"""Sampling: greedy, temperature, top-k, top-p, penalties and logit bias, per-request seeds, and log-probabilities.
 
 Each sequence owns a ``torch.Generator`` seeded from its request's seed, so its draws depend on
-nothing but its own logits and seed (never on its batch-mates or the step it landed in).
+nothing but its own logits, tokens and seed (never on its batch-mates or the step it landed in).
 """
 
 from __future__ import annotations
@@ -26,10 +26,36 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives to report per sampled token (0 = only the sampled one)
     echo: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated so far
+    repetition_penalty: float = 1.0  # HF's / vLLM's: a seen token's (prompt or output) logit / p if > 0, else * p
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's, -100 to 100)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits change before sampling (penalties or a bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
+
+
+def adjust_logits(row: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """One sequence's float32 logits [V] with its penalties and bias applied, in vLLM's order: the repetition penalty
+    over every token of the prompt and the output, then the frequency and presence penalties over the output's
+    tokens (OpenAI: logit - count * frequency - (count > 0) * presence), then the bias. In place; returns row."""
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids).union(output_ids)), dtype=torch.long, device=row.device)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and output_ids:
+        ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
+        row[ids.to(row.device)] -= (counts.float() * p.frequency_penalty + p.presence_penalty).to(row.device)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
+        row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=row.device)
+    return row
 
 
 def first_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -42,21 +68,32 @@ def first_argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(-1).indices.cpu()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           history: list[tuple[list[int], list[int]]] | None = None) -> torch.Tensor:
     """One token per row. logits [b, V] (float32 or the model's dtype; each sampled row is widened to float32 first,
-    so the draws are those of float32 logits). Greedy rows take the argmax (ties: lowest id)."""
+    so the draws are those of float32 logits). Greedy rows take the argmax (ties: lowest id). A row whose params
+    adjust the logits (penalties, bias) is widened and adjusted first (:func:`adjust_logits`), from ``history[i]``:
+    its sequence's (prompt ids, output ids so far)."""
     b = logits.shape[0]
     out = torch.empty(b, dtype=torch.long)
-    greedy = [i for i, p in enumerate(params) if p.greedy]
+    greedy = [i for i, p in enumerate(params) if p.greedy and not p.adjusts]
     if len(greedy) == b:
         out[:] = first_argmax(logits)
     elif greedy:
         rows = torch.tensor(greedy)
         out[rows] = first_argmax(logits[rows])
     for i, p in enumerate(params):
-        if p.greedy:
+        if p.greedy and not p.adjusts:
             continue
-        row = logits[i].float() / p.temperature
+        row = logits[i].float()
+        if p.adjusts:
+            if history is None:
+                raise ValueError("penalties and logit_bias need each sequence's tokens (history)")
+            row = adjust_logits(row.clone() if row.data_ptr() == logits[i].data_ptr() else row, p, *history[i])
+        if p.greedy:
+            out[i] = int(first_argmax(row.view(1, -1))[0])
+            continue
+        row = row / p.temperature
         if p.top_k > 0:
             kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

@@ -1,0 +1,117 @@
+"""Presence / frequency / repetition penalties and logit bias: the sampler's arithmetic by hand, the engine against
+plain reference loops and Hugging Face's own repetition penalty, batch-mates, and the API's checks."""
+
+import pytest
+import torch
+
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
+from server.engine.sampler import adjust_logits, sample
+from tests.test_engine import PROMPTS, lively_tiny, tokens_of
+
+
+def test_adjust_logits_by_hand():
+    row = torch.tensor([2.0, -1.0, 4.0, 0.5, 1.0, 3.0])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0, logit_bias={5: -100.0, 4: 3.0})
+    got = adjust_logits(row.clone(), p, prompt_ids=[0, 1], output_ids=[2, 2, 3])
+    # repetition over prompt + output {0, 1, 2, 3}: positive / 2, negative * 2 -> [1, -2, 2, 0.25, 1, 3]
+    # frequency + presence over the output: token 2 twice -> -(2 * 0.25 + 0.5) = -1; token 3 once -> -0.75
+    # bias: token 4 + 3, token 5 - 100
+    assert got.tolist() == [1.0, -2.0, 1.0, -0.5, 4.0, -97.0]
+    assert not SamplingParams().adjusts and SamplingParams(logit_bias={1: 0.5}).adjusts
+    # OpenAI's penalties count the output only: with nothing generated they change nothing
+    assert adjust_logits(row.clone(), SamplingParams(presence_penalty=2.0), [0, 1], []).tolist() == row.tolist()
+
+
+def test_sample_applies_them_to_greedy_and_sampled_rows_only_where_asked():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]] * 3)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={2: 10.0}),
+              SamplingParams(temperature=0.7, logit_bias={0: 100.0}, seed=1)]
+    gens = [None, None, torch.Generator().manual_seed(1)]
+    history = [([1], []), ([1], []), ([1], [])]
+    assert sample(logits, params, gens, history).tolist() == [1, 2, 0]
+    assert logits[0].tolist() == [0.0, 5.0, 1.0, 2.0]  # the caller's logits (log-probs come from them) untouched
+    with pytest.raises(ValueError, match="history"):
+        sample(logits, params, gens)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = lively_tiny()
+    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16, max_batched_tokens=40))
+    return engine, model, tok
+
+
+def reference_greedy(model, ids, new, presence=0.0, frequency=0.0, bias=None):
+    """Greedy decoding by a full forward per token, the penalties applied by hand (OpenAI's formula)."""
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            for t in set(out):
+                logits[t] -= out.count(t) * frequency + presence
+            for t, b in (bias or {}).items():
+                logits[t] += b
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+    return out
+
+
+def run(engine, rid, ids, **kw):
+    params = SamplingParams(max_tokens=kw.pop("max_tokens", 24), temperature=kw.pop("temperature", 0.0), ignore_eos=True, **kw)
+    return tokens_of(collect(engine, GenerationRequest(rid, ids, params)))
+
+
+def test_engine_penalties_equal_reference_loops(tiny):
+    engine, model, tok = tiny
+    for i, prompt in enumerate(PROMPTS[:3]):
+        ids = tok(prompt).input_ids
+        plain = run(engine, f"plain{i}", ids)
+        assert plain == reference_greedy(model, ids, 24)
+        # the lively tiny model repeats itself greedily; the penalties must change that, exactly as the loop does
+        for kw in ({"presence": 1.5}, {"frequency": 0.7}, {"presence": -0.5, "frequency": 0.3}):
+            got = run(engine, f"pen{i}{kw}", ids, presence_penalty=kw.get("presence", 0.0),
+                      frequency_penalty=kw.get("frequency", 0.0))
+            assert got == reference_greedy(model, ids, 24, kw.get("presence", 0.0), kw.get("frequency", 0.0)), (prompt, kw)
+        penalised = run(engine, f"f{i}", ids, frequency_penalty=2.0)
+        assert len(set(penalised)) > len(set(plain))  # fewer repeats
+        # a bias of +100 forces a token; -100 bans the plain run's first choice
+        assert run(engine, f"force{i}", ids, logit_bias={65: 100.0}, max_tokens=6) == [65] * 6
+        banned = run(engine, f"ban{i}", ids, logit_bias={plain[0]: -100.0}, max_tokens=4)
+        assert banned[0] != plain[0] and banned == reference_greedy(model, ids, 4, bias={plain[0]: -100.0})
+
+
+def test_repetition_penalty_equals_hf_generate(tiny):
+    engine, model, tok = tiny
+    for i, prompt in enumerate(PROMPTS):
+        ids = tok(prompt).input_ids
+        want = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, repetition_penalty=1.3,
+                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert run(engine, f"rep{i}", ids, repetition_penalty=1.3, max_tokens=20) == want
+
+
+def test_penalised_sampling_does_not_depend_on_batch_mates(tiny):
+    engine, model, tok = tiny
+    kw = dict(temperature=0.9, top_p=0.95, seed=7, presence_penalty=0.8, frequency_penalty=0.4, repetition_penalty=1.1,
+              logit_bias={66: 2.0})
+    ids = tok(PROMPTS[0]).input_ids
+    alone = run(engine, "alone", ids, **kw)
+    sinks = {i: [] for i in range(len(PROMPTS))}
+    for i, prompt in enumerate(PROMPTS):
+        params = SamplingParams(max_tokens=24, ignore_eos=True, **(kw if i == 0 else dict(temperature=0.8, seed=i)))
+        engine.submit(GenerationRequest(f"mate{i}", tok(prompt).input_ids, params), sinks[i].append)
+    while engine.has_work():
+        engine.step()
+    assert tokens_of(sinks[0]) == alone
+
+
+def test_engine_refuses_bad_values(tiny):
+    from server.engine import EngineError
+
+    engine, model, tok = tiny
+    vocab = model.config.vocab_size
+    for params, field in ((SamplingParams(logit_bias={vocab: 1.0}), "logit_bias"),
+                          (SamplingParams(repetition_penalty=0.0), "repetition_penalty")):
+        with pytest.raises(EngineError) as err:
+            engine.submit(GenerationRequest("bad", [1, 2], params), lambda e: None)
+        assert err.value.param == field
+    assert not engine.has_work()
