@@ -5,21 +5,22 @@ import pytest
 import torch
 
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
-from server.engine.sampler import adjust_logits, sample
+from server.engine.sampler import TokenHistory, adjust_logits, sample
 from tests.test_engine import PROMPTS, lively_tiny, tokens_of
 
 
 def test_adjust_logits_by_hand():
     row = torch.tensor([2.0, -1.0, 4.0, 0.5, 1.0, 3.0])
     p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0, logit_bias={5: -100.0, 4: 3.0})
-    got = adjust_logits(row.clone(), p, prompt_ids=[0, 1], output_ids=[2, 2, 3])
+    history = TokenHistory([0, 1])
+    got = adjust_logits(row.clone(), p, history.update([2, 2]).update([2, 2, 3]))  # counted once each
     # repetition over prompt + output {0, 1, 2, 3}: positive / 2, negative * 2 -> [1, -2, 2, 0.25, 1, 3]
     # frequency + presence over the output: token 2 twice -> -(2 * 0.25 + 0.5) = -1; token 3 once -> -0.75
     # bias: token 4 + 3, token 5 - 100
     assert got.tolist() == [1.0, -2.0, 1.0, -0.5, 4.0, -97.0]
     assert not SamplingParams().adjusts and SamplingParams(logit_bias={1: 0.5}).adjusts
     # OpenAI's penalties count the output only: with nothing generated they change nothing
-    assert adjust_logits(row.clone(), SamplingParams(presence_penalty=2.0), [0, 1], []).tolist() == row.tolist()
+    assert adjust_logits(row.clone(), SamplingParams(presence_penalty=2.0), TokenHistory([0, 1])).tolist() == row.tolist()
 
 
 def test_sample_applies_them_to_greedy_and_sampled_rows_only_where_asked():
@@ -27,7 +28,7 @@ def test_sample_applies_them_to_greedy_and_sampled_rows_only_where_asked():
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={2: 10.0}),
               SamplingParams(temperature=0.7, logit_bias={0: 100.0}, seed=1)]
     gens = [None, None, torch.Generator().manual_seed(1)]
-    history = [([1], []), ([1], []), ([1], [])]
+    history = [None, TokenHistory([1]), TokenHistory([1])]
     assert sample(logits, params, gens, history).tolist() == [1, 2, 0]
     assert logits[0].tolist() == [0.0, 5.0, 1.0, 2.0]  # the caller's logits (log-probs come from them) untouched
     with pytest.raises(ValueError, match="history"):

@@ -457,7 +457,7 @@ class Engine:
                     s.routing_counts[module] = [a + b for a, b in zip(prev, counts_i)]
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        history = [(s.prompt_ids, s.output_ids) for s in seqs] if any(s.params.adjusts for s in seqs) else None
+        history = [s.token_history() if s.params.adjusts else None for s in seqs] if any(s.params.adjusts for s in seqs) else None
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], history)
         want_lp = [s.params.logprobs is not None for s in seqs]
         lps = token_logprobs(logits, tokens, max((s.params.logprobs or 0) for s in seqs)) if any(want_lp) else None

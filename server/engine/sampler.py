@@ -41,17 +41,51 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
 
 
-def adjust_logits(row: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+class TokenHistory:
+    """One sequence's tokens as its penalties read them: the distinct ids of its prompt and output, and how often each
+    output id was generated. Kept by the sequence and brought up to date with each new token (``update``), so a long
+    prompt is read once, not at every step."""
+
+    def __init__(self, prompt_ids: list[int]):
+        self.seen = set(prompt_ids)
+        self.counts: dict[int, int] = {}
+        self.done = 0  # output tokens counted so far
+        self._seen_t: torch.Tensor | None = None
+        self._count_t: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, output_ids: list[int]) -> "TokenHistory":
+        for t in output_ids[self.done:]:
+            self.counts[t] = self.counts.get(t, 0) + 1
+            self._count_t = None
+            if t not in self.seen:
+                self.seen.add(t)
+                self._seen_t = None
+        self.done = len(output_ids)
+        return self
+
+    def seen_ids(self) -> torch.Tensor:
+        if self._seen_t is None:
+            self._seen_t = torch.tensor(sorted(self.seen), dtype=torch.long)
+        return self._seen_t
+
+    def output_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._count_t is None:
+            self._count_t = (torch.tensor(list(self.counts), dtype=torch.long),
+                             torch.tensor(list(self.counts.values()), dtype=torch.float32))
+        return self._count_t
+
+
+def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -> torch.Tensor:
     """One sequence's float32 logits [V] with its penalties and bias applied, in vLLM's order: the repetition penalty
     over every token of the prompt and the output, then the frequency and presence penalties over the output's
     tokens (OpenAI: logit - count * frequency - (count > 0) * presence), then the bias. In place; returns row."""
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids).union(output_ids)), dtype=torch.long, device=row.device)
+    if p.repetition_penalty != 1.0 and history.seen:
+        seen = history.seen_ids().to(row.device)
         vals = row[seen]
         row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and output_ids:
-        ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
-        row[ids.to(row.device)] -= (counts.float() * p.frequency_penalty + p.presence_penalty).to(row.device)
+    if (p.presence_penalty or p.frequency_penalty) and history.counts:
+        ids, counts = history.output_counts()
+        row[ids.to(row.device)] -= (counts * p.frequency_penalty + p.presence_penalty).to(row.device)
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
         row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=row.device)
@@ -69,11 +103,11 @@ def first_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           history: list[tuple[list[int], list[int]]] | None = None) -> torch.Tensor:
+           history: list[TokenHistory | None] | None = None) -> torch.Tensor:
     """One token per row. logits [b, V] (float32 or the model's dtype; each sampled row is widened to float32 first,
     so the draws are those of float32 logits). Greedy rows take the argmax (ties: lowest id). A row whose params
     adjust the logits (penalties, bias) is widened and adjusted first (:func:`adjust_logits`), from ``history[i]``:
-    its sequence's (prompt ids, output ids so far)."""
+    its sequence's tokens so far."""
     b = logits.shape[0]
     out = torch.empty(b, dtype=torch.long)
     greedy = [i for i, p in enumerate(params) if p.greedy and not p.adjusts]
@@ -87,9 +121,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             continue
         row = logits[i].float()
         if p.adjusts:
-            if history is None:
+            if history is None or history[i] is None:
                 raise ValueError("penalties and logit_bias need each sequence's tokens (history)")
-            row = adjust_logits(row.clone() if row.data_ptr() == logits[i].data_ptr() else row, p, *history[i])
+            row = adjust_logits(row.clone() if row.data_ptr() == logits[i].data_ptr() else row, p, history[i])
         if p.greedy:
             out[i] = int(first_argmax(row.view(1, -1))[0])
             continue

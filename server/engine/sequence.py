@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from server.engine.sampler import SamplingParams
+from server.engine.sampler import SamplingParams, TokenHistory
 
 _ids = itertools.count()
 
@@ -71,6 +71,12 @@ class Sequence:
     routing_counts: dict | None = None
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     hashes: list[int] | None = None  # the prompt's block chain (server.engine.prefix); None: no prefix caching
+    history: TokenHistory | None = None  # for penalties: the prompt's and output's tokens, kept up to date
+
+    def token_history(self) -> TokenHistory:
+        if self.history is None:
+            self.history = TokenHistory(self.prompt_ids)
+        return self.history.update(self.output_ids)
 
     @property
     def prompt_ids(self) -> list[int]:
