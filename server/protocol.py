@@ -71,6 +71,8 @@ class CompletionRequest(_Common):
     # extensions
     top_k: int = Field(default=0, ge=0, le=100_000)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(default=0, ge=0, le=1_000_000)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     ignore_eos: bool = False
     remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
 
@@ -95,7 +97,7 @@ class CompletionRequest(_Common):
     def to_sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos,
-                              logprobs=self.logprobs, echo=self.echo, **_penalties(self))
+                              logprobs=self.logprobs, echo=self.echo, **_sampling_extras(self))
 
 
 class ChatMessage(BaseModel):
@@ -125,6 +127,8 @@ class ChatCompletionRequest(_Common):
     user: str | None = None
     top_k: int = Field(default=0, ge=0, le=100_000)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(default=0, ge=0, le=1_000_000)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     ignore_eos: bool = False
     remix_routing: Literal["summary", "full"] | None = None
 
@@ -133,13 +137,14 @@ class ChatCompletionRequest(_Common):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
-                              **_penalties(self))
+                              **_sampling_extras(self))
 
 
-def _penalties(body) -> dict:
+def _sampling_extras(body) -> dict:
     bias = {int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None
     return dict(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                repetition_penalty=body.repetition_penalty, logit_bias=bias)
+                repetition_penalty=body.repetition_penalty, logit_bias=bias, min_tokens=body.min_tokens,
+                stop_token_ids=list(body.stop_token_ids or []))
 
 
 class AdapterLoadRequest(BaseModel):

@@ -116,3 +116,57 @@ def test_engine_refuses_bad_values(tiny):
             engine.submit(GenerationRequest("bad", [1, 2], params), lambda e: None)
         assert err.value.param == field
     assert not engine.has_work()
+
+
+def reference_min_tokens(model, ids, new, banned, min_tokens):
+    """Greedy by full forwards, ``banned`` at -inf until ``min_tokens`` tokens are out."""
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            if len(out) < min_tokens:
+                logits[list(banned)] = float("-inf")
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+    return out
+
+
+def test_min_tokens_bans_stop_tokens_and_defers_stop_strings(tiny):
+    engine, model, tok = tiny
+    ids = tok(PROMPTS[1]).input_ids
+    plain = run(engine, "p", ids, max_tokens=12)
+    # a stop token id ends the sequence at once without min_tokens ...
+    events = collect(engine, GenerationRequest("s0", ids, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[plain[0]])))
+    assert tokens_of(events) == [plain[0]] and events[-1].finish_reason == "stop" and events[-1].text == ""
+    # ... and cannot be sampled before min_tokens: the reference loop with it banned for 5 tokens
+    events = collect(engine, GenerationRequest("s5", ids, SamplingParams(max_tokens=12, temperature=0.0, min_tokens=5,
+                                                                         stop_token_ids=[plain[0]])))
+    got = tokens_of(events)
+    want = reference_min_tokens(model, ids, 12, {plain[0]}, 5)
+    assert plain[0] not in got[:5] and got == want[: len(got)]
+    assert len(got) == 12 or (got[-1] == plain[0] and events[-1].finish_reason == "stop")
+    # EOS (forced by a bias) is banned until min_tokens, then ends the sequence
+    eos = sorted(engine.eos_ids)[0]
+    events = collect(engine, GenerationRequest("e", ids, SamplingParams(max_tokens=12, temperature=0.0, min_tokens=3,
+                                                                        logit_bias={eos: 100.0})))
+    assert tokens_of(events)[:3] == plain[:3] and tokens_of(events)[3] == eos and events[-1].finish_reason == "stop"
+    # a stop string found before min_tokens does not end (or cut) the text; one completed after it does. The
+    # lively tiny model answers this prompt "888888..." greedily (after a special token): "88" completes after
+    # token 3 (min 3: the text ends at the first match from there) and only before token 8 (min 8: no cut)
+    text = tok.decode(plain)
+    stop = text[1:3]
+    for min_tokens in (3, 8):
+        events = collect(engine, GenerationRequest(f"t{min_tokens}", ids, SamplingParams(
+            max_tokens=12, temperature=0.0, ignore_eos=True, min_tokens=min_tokens, stop=[stop])))
+        out = "".join(e.text for e in events)
+        # (the text of the first min_tokens - 1 tokens is out, unheld, when the next arrives: a match may start from
+        # its end on)
+        floor = len(tok.decode(plain[: min_tokens - 1]))
+        at = text.find(stop, floor)
+        assert (at >= 0) == (min_tokens == 3)  # both cases are exercised
+        assert out == (text if at < 0 else text[:at]), (min_tokens, out, text)
+        assert len(tokens_of(events)) >= min_tokens and events[-1].finish_reason == ("length" if at < 0 else "stop")
+    from server.engine import EngineError
+    with pytest.raises(EngineError) as err:
+        engine.submit(GenerationRequest("bad", ids, SamplingParams(max_tokens=2, min_tokens=3)), lambda e: None)
+    assert err.value.param == "min_tokens"

@@ -86,6 +86,9 @@ def test_undecodable_bodies(server, raw, param):
     ({"model": "alpha", "prompt": "x", "logit_bias": {"the": 1}}, "logit_bias"),
     ({"model": "alpha", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"model": "alpha", "prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"model": "alpha", "prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ({"model": "alpha", "prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"model": "alpha", "prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
     ({"model": "alpha", "prompt": "x", "stream_options": {"include_usage": "maybe"}}, "stream_options"),
     ({"model": 3, "prompt": "x"}, "model"),
 ])

@@ -61,6 +61,11 @@ def test_penalties_and_logit_bias(client):
                                        temperature=0.8, seed=3, logit_bias={str(forced): 100}, presence_penalty=-1.0,
                                        frequency_penalty=0.5, extra_body={"ignore_eos": True, "repetition_penalty": 1.2})
     assert c.choices[0].message.content == "q" * 3
+    # vLLM's min_tokens and stop_token_ids: the forced token is banned for two tokens, then ends the completion
+    r = client.completions.create(model="alpha", prompt="Hello there", max_tokens=8, temperature=0,
+                                  logit_bias={str(forced): 100},
+                                  extra_body={"ignore_eos": True, "min_tokens": 2, "stop_token_ids": [forced]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 3 and "q" not in r.choices[0].text
 
 
 def test_health_reports_where_the_model_runs(server):

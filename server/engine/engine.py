@@ -141,6 +141,10 @@ class Engine:
             raise EngineError(f"n must be at most {self.num_slots} here", "n")
         if p.logit_bias and any(not (0 <= t < vocab) for t in p.logit_bias):
             raise EngineError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+        if any(not (0 <= t < vocab) for t in p.stop_token_ids):
+            raise EngineError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        if p.min_tokens > p.max_tokens:
+            raise EngineError(f"min_tokens ({p.min_tokens}) must not exceed max_tokens ({p.max_tokens})", "min_tokens")
         if not p.repetition_penalty > 0:
             raise EngineError("repetition_penalty must be > 0", "repetition_penalty")
         with self._lock:
@@ -457,7 +461,8 @@ class Engine:
                     s.routing_counts[module] = [a + b for a, b in zip(prev, counts_i)]
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        history = [s.token_history() if s.params.adjusts else None for s in seqs] if any(s.params.adjusts for s in seqs) else None
+        history = ([s.token_history(self.eos_ids) if s.params.adjusts else None for s in seqs]
+                   if any(s.params.adjusts for s in seqs) else None)
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], history)
         want_lp = [s.params.logprobs is not None for s in seqs]
         lps = token_logprobs(logits, tokens, max((s.params.logprobs or 0) for s in seqs)) if any(want_lp) else None

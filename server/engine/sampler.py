@@ -30,6 +30,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated so far
     repetition_penalty: float = 1.0  # HF's / vLLM's: a seen token's (prompt or output) logit / p if > 0, else * p
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's, -100 to 100)
+    min_tokens: int = 0  # vLLM's: EOS and stop_token_ids banned, stop strings not checked, before this many tokens
 
     @property
     def greedy(self) -> bool:
@@ -38,7 +39,8 @@ class SamplingParams:
     @property
     def adjusts(self) -> bool:
         """Whether the logits change before sampling (penalties or a bias)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+                    or self.min_tokens > 0)
 
 
 class TokenHistory:
@@ -46,7 +48,8 @@ class TokenHistory:
     output id was generated. Kept by the sequence and brought up to date with each new token (``update``), so a long
     prompt is read once, not at every step."""
 
-    def __init__(self, prompt_ids: list[int]):
+    def __init__(self, prompt_ids: list[int], stop_ids=()):
+        self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)  # banned below min_tokens
         self.seen = set(prompt_ids)
         self.counts: dict[int, int] = {}
         self.done = 0  # output tokens counted so far
@@ -78,7 +81,8 @@ class TokenHistory:
 def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -> torch.Tensor:
     """One sequence's float32 logits [V] with its penalties and bias applied, in vLLM's order: the repetition penalty
     over every token of the prompt and the output, then the frequency and presence penalties over the output's
-    tokens (OpenAI: logit - count * frequency - (count > 0) * presence), then the bias. In place; returns row."""
+    tokens (OpenAI: logit - count * frequency - (count > 0) * presence), then the bias; below ``min_tokens`` output
+    tokens the stop tokens (EOS unless ignored, stop_token_ids) last, to -inf. In place; returns row."""
     if p.repetition_penalty != 1.0 and history.seen:
         seen = history.seen_ids().to(row.device)
         vals = row[seen]
@@ -89,6 +93,8 @@ def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
         row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=row.device)
+    if history.done < p.min_tokens and history.stop_ids.numel():
+        row[history.stop_ids.to(row.device)] = float("-inf")
     return row
 
 

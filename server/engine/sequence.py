@@ -73,9 +73,12 @@ class Sequence:
     hashes: list[int] | None = None  # the prompt's block chain (server.engine.prefix); None: no prefix caching
     history: TokenHistory | None = None  # for penalties: the prompt's and output's tokens, kept up to date
 
-    def token_history(self) -> TokenHistory:
+    stop_floor: int = 0  # text emitted before min_tokens was reached: stop strings are matched after it only
+
+    def token_history(self, eos_ids=()) -> TokenHistory:
         if self.history is None:
-            self.history = TokenHistory(self.prompt_ids)
+            p = self.params
+            self.history = TokenHistory(self.prompt_ids, [*(() if p.ignore_eos else eos_ids), *p.stop_token_ids])
         return self.history.update(self.output_ids)
 
     @property
@@ -131,7 +134,10 @@ def update_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: set[
     """
     p = seq.params
     token = seq.output_ids[-1]
-    if not p.ignore_eos and token in eos_ids:
+    early = len(seq.output_ids) < p.min_tokens  # no stop condition but the length yet (min_tokens)
+    if early:
+        pass
+    elif not p.ignore_eos and token in eos_ids:
         seq.finish_reason = "stop"
     elif token in p.stop_token_ids:
         seq.finish_reason = "stop"
@@ -140,8 +146,10 @@ def update_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: set[
         seq.finish_reason = "length"
     _decode_more(seq, decode, ids, final=seq.finish_reason is not None)
     text = seq.text
-    if p.stop:
-        start = max(0, seq.emitted_chars - max(len(s) for s in p.stop))
+    if early:  # everything decoded is emitted (nothing held back for a stop string), and no match may start in it
+        seq.stop_floor = len(text)
+    elif p.stop:
+        start = max(seq.stop_floor, seq.emitted_chars - max(len(s) for s in p.stop))
         hits = [(text.find(s, start), s) for s in p.stop if s]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
@@ -149,9 +157,9 @@ def update_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: set[
             seq.finish_reason = "stop"
     finished = seq.finish_reason is not None
     end = len(text)
-    if not finished and p.stop:  # (an incomplete UTF-8 character at the end never reached text: see _decode_more)
+    if not finished and p.stop and not early:  # (an incomplete UTF-8 character never reached text: see _decode_more)
         hold = max(len(s) for s in p.stop) - 1
-        for h in range(min(hold, end - seq.emitted_chars), 0, -1):
+        for h in range(min(hold, end - max(seq.emitted_chars, seq.stop_floor)), 0, -1):
             if any(s.startswith(text[end - h : end]) for s in p.stop):
                 end -= h
                 break
