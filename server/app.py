@@ -331,7 +331,7 @@ class _ResponseBuilder:
             self.text[c] = self.prompt_texts[i] if (not self.chat and self.body.echo) else ""
             self.tokens[c] = []
         self.text[c] += ev.text
-        self.tokens[c] += ev.logprobs
+        self.tokens[c] += (ev.prompt_logprobs or []) + ev.logprobs
         if ev.finished:
             self.finish[c] = ev.finish_reason if ev.finish_reason in ("stop", "length") else (ev.finish_reason or "error")
             if ev.index == 0:
@@ -356,7 +356,7 @@ class _ResponseBuilder:
             s = self.tok.decode([tid])
             toks.append(s)
             lps.append(lp)
-            tops.append(self._top_dict(alts))
+            tops.append(None if alts is None else self._top_dict(alts))  # (None: a prompt's first token)
             offsets.append(offset)
             offset += len(s)
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -383,8 +383,7 @@ class _ResponseBuilder:
         choices = []
         for c in sorted(self.text):
             choice = {"index": c, "finish_reason": self.finish.get(c)}
-            offset0 = len(self.prompt_texts[c // self.n]) if (not self.chat and self.body.echo) else 0
-            lp = self._logprobs(self.tokens[c], offset0) if self._wants_logprobs() else None
+            lp = self._logprobs(self.tokens[c]) if self._wants_logprobs() else None  # (with echo: the prompt's first)
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": self.text[c]}
                 choice["logprobs"] = lp
@@ -408,7 +407,8 @@ class _ResponseBuilder:
         if not text and not ev.finished and not (self.chat and first):
             return None
         finish = self.finish.get(c) if ev.finished else None
-        lp = self._logprobs(ev.logprobs) if self._wants_logprobs() and ev.logprobs else None
+        entries = (ev.prompt_logprobs or []) + ev.logprobs
+        lp = self._logprobs(entries) if self._wants_logprobs() and entries else None
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": c, "delta": delta, "logprobs": lp, "finish_reason": finish}

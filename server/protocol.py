@@ -57,7 +57,7 @@ class CompletionRequest(_Common):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_tokens: int = Field(default=16, ge=1, le=1_000_000)
+    max_tokens: int = Field(default=16, ge=0, le=1_000_000)  # 0: the prompt alone (with echo + logprobs: scored)
     n: int = Field(default=1, ge=1, le=16)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -97,7 +97,8 @@ class CompletionRequest(_Common):
     def to_sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos,
-                              logprobs=self.logprobs, echo=self.echo, **_sampling_extras(self))
+                              logprobs=self.logprobs, echo=self.echo, **_sampling_extras(self),
+                              prompt_logprobs=self.logprobs if self.echo else None)
 
 
 class ChatMessage(BaseModel):

@@ -69,7 +69,7 @@ def test_undecodable_bodies(server, raw, param):
 @pytest.mark.parametrize("body,param", [
     ({"model": "alpha", "prompt": 42}, "prompt"),
     ({"model": "alpha", "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
-    ({"model": "alpha", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "alpha", "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"model": "alpha", "prompt": "x", "max_tokens": 10**12}, "max_tokens"),
     ({"model": "alpha", "prompt": "x", "n": 0}, "n"),
     ({"model": "alpha", "prompt": "x", "n": 10**6}, "n"),

@@ -107,10 +107,12 @@ def test_n2_logprobs_echo(client):
     for c in r.choices:
         assert c.text.startswith("abc")
         lp = c.logprobs
-        assert len(lp.tokens) == 5 and len(lp.token_logprobs) == 5 and all(len(t) == 3 for t in lp.top_logprobs)
-        assert all(v <= 0 for v in lp.token_logprobs)
-        assert lp.text_offset[0] == 3
-        assert max(lp.top_logprobs[0].values()) >= lp.token_logprobs[0] - 1e-6  # greedy picks the top token
+        # with echo, OpenAI's legacy form: the prompt's tokens first (the very first without a log-probability)
+        assert lp.tokens[:3] == ["a", "b", "c"] and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert len(lp.tokens) == 8 and len(lp.token_logprobs) == 8 and all(len(t) == 3 for t in lp.top_logprobs[1:])
+        assert all(v <= 0 for v in lp.token_logprobs[1:])
+        assert lp.text_offset[:4] == [0, 1, 2, 3]
+        assert max(lp.top_logprobs[3].values()) >= lp.token_logprobs[3] - 1e-6  # greedy picks the top token
     assert r.choices[0].text == r.choices[1].text  # greedy: both sequences agree
 
 

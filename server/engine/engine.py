@@ -306,7 +306,9 @@ class Engine:
                 slot = adapter.slot
                 adapter.active += request.params.n
             seqs = []
-            hashes = chain(request.prompt_ids, slot) if self.prefix is not None and not request.trace else None
+            # (a traced request, or one that wants its prompt's log-probabilities, computes its whole prompt)
+            computes_all = request.trace or request.params.prompt_logprobs is not None
+            hashes = chain(request.prompt_ids, slot) if self.prefix is not None and not computes_all else None
             for index in range(request.params.n):
                 gen = None
                 if not request.params.greedy:
@@ -425,21 +427,45 @@ class Engine:
             tokens[i, :c] = torch.tensor(s.prompt_ids[s.num_computed : s.num_computed + c])
         counts = torch.tensor([c for _, c in plan])
         trace = any(s.request.trace for s in seqs)
+        every = [i for i, s in enumerate(seqs) if s.params.prompt_logprobs is not None]
         logits = self.runner.forward(first, tokens, torch.tensor([s.num_computed for s in seqs]), counts,
-                                     torch.tensor([s.adapter_slot for s in seqs]), trace=trace)
+                                     torch.tensor([s.adapter_slot for s in seqs]), trace=trace, every_token=every)
         self._collect_trace(seqs, counts, trace)
+        for i in every:
+            self._prompt_logprobs(seqs[i], plan[i][1], self.runner.last_every[i])
         done_rows = []
         for i, (s, c) in enumerate(plan):
             s.num_computed += c
             if s.num_computed == len(s.prompt_ids):
                 done_rows.append(i)
         if done_rows:
-            ready = [seqs[i] for i in done_rows]
-            for s in ready:
+            ready = []
+            for i in done_rows:
+                s = seqs[i]
                 self.prefilling.remove(s)
+                if s.params.max_tokens == 0:  # the prompt alone (scored with echo + logprobs): nothing to generate
+                    s.finish_reason = "length"
+                    self._finish(s, event=Event(s.request.request_id, s.index, [], "", [], True, "length",
+                                                len(s.prompt_ids), 0, cached_tokens=s.cached_tokens,
+                                                prompt_logprobs=s.prompt_lps))
+                    continue
                 s.status = Status.DECODE
                 self.decoding.append(s)
-            self._sample_and_emit(ready, logits[torch.tensor(done_rows)])
+                ready.append(i)
+            if ready:
+                self._sample_and_emit([seqs[i] for i in ready], logits[torch.tensor(ready)])
+
+    def _prompt_logprobs(self, seq: Sequence, count: int, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens this chunk's logits predict: position p's logits give token p + 1's
+        (the last prompt position's predict the first generated token: sampled, not kept here)."""
+        p0, prompt = seq.num_computed, seq.prompt_ids
+        if seq.prompt_lps is None:
+            seq.prompt_lps = [(prompt[0], None, None)] if p0 == 0 else []
+        m = min(count, len(prompt) - 1 - p0)
+        if m > 0:
+            targets = torch.tensor(prompt[p0 + 1 : p0 + 1 + m])
+            scored = token_logprobs(logits[:m], targets, seq.params.prompt_logprobs)
+            seq.prompt_lps += [(int(t), lp, alts) for t, (lp, alts) in zip(targets, scored)]
 
     def _collect_trace(self, seqs: list[Sequence], counts: torch.Tensor, enabled: bool) -> None:
         """Accumulate per-request selection counts {module: [count per LoRA]} from the step's trace."""
@@ -475,7 +501,9 @@ class Engine:
                 chosen, alts = lps[i]
                 lp = [(token, chosen, alts[: s.params.logprobs])]
             event = Event(s.request.request_id, s.index, [token], text, lp, finished, s.finish_reason,
-                          len(s.prompt_ids), len(s.output_ids), cached_tokens=s.cached_tokens)
+                          len(s.prompt_ids), len(s.output_ids), cached_tokens=s.cached_tokens,
+                          prompt_logprobs=s.prompt_lps)
+            s.prompt_lps = None  # (with the sequence's first event only)
             if finished:
                 self._finish(s, event=event)
             else:

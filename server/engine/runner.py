@@ -48,6 +48,7 @@ class ModelRunner:
         self._cache_arg = "cache" if inner is not None and "cache" in inspect.signature(type(inner).forward).parameters \
             else "past_key_values"
         self.last_trace: list | None = None
+        self.last_every: dict[int, torch.Tensor] = {}  # forward(every_token=...)'s logits at every token of those rows
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         reason = unsupported_reason(model, max_len) if decoder != "hf" else None
@@ -80,13 +81,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, first_slot: int, tokens: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
-                adapter_slots: torch.Tensor, trace: bool = False, decode: bool = False) -> torch.Tensor:
+                adapter_slots: torch.Tensor, trace: bool = False, decode: bool = False,
+                every_token: list[int] | None = None) -> torch.Tensor:
         """Run rows [first_slot, first_slot + b) of the cache.
 
         tokens [b, q] (row i's first counts[i] are real, the rest padding), starts [b] position of
         each row's first token, adapter_slots [b]. Returns logits [b, V] (the model's dtype; float32 from a CUDA graph) of
         each row's last real token (a decode step replayed from a CUDA graph returns a view of the graph's output buffer: read it before
-        the next forward).
+        the next forward). ``every_token``: rows whose logits at every real token are wanted too (prompt
+        log-probabilities); they are left in ``last_every`` {row: [counts[row], V]}.
 
         ``decode``: the engine's decode step (one token per row, rows from slot 0). Only such a step takes the decode
         paths (the compiled decode stack, a CUDA graph); a prefill chunk of one token does not, so every prompt token
@@ -132,6 +135,15 @@ class ModelRunner:
             self.last_trace = None if ctx.trace is None else [
                 (name, slot, rows if sel_rows is None else rows[sel_rows], sel) for name, slot, sel_rows, sel in ctx.trace]
             last = hidden[torch.cumsum(counts, 0) - 1]
+        head = self.lean.head if lean else self.model.lm_head
+        self.last_every = {}
+        for i in every_token or ():
+            c = int(counts[i])
+            if rows is None:
+                self.last_every[i] = head(hidden[i, :c])
+            else:
+                end = int(torch.cumsum(counts, 0)[i])
+                self.last_every[i] = head(hidden[end - c : end])
         # in the model's dtype: the sampler widens only what it reads (a bfloat16 [32, 49152] copy to float32 took
         # ~0.25 ms of every decode step at 32 sequences; greedy rows read the bfloat16 logits as they are)
-        return self.lean.head(last) if lean else self.model.lm_head(last)
+        return head(last)

@@ -31,6 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF's / vLLM's: a seen token's (prompt or output) logit / p if > 0, else * p
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's, -100 to 100)
     min_tokens: int = 0  # vLLM's: EOS and stop_token_ids banned, stop strings not checked, before this many tokens
+    prompt_logprobs: int | None = None  # log p of each prompt token (and its top-N) under the tokens before it
 
     @property
     def greedy(self) -> bool:

@@ -42,6 +42,7 @@ class Event:
     routing: dict | None = None  # per-module selection summary (when the request asked for a trace)
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed for this sequence)
+    prompt_logprobs: list | None = None  # (first event) the prompt's tokens: (id, log p, top-N), None for the first
 
 
 class Status(enum.Enum):
@@ -74,6 +75,7 @@ class Sequence:
     history: TokenHistory | None = None  # for penalties: the prompt's and output's tokens, kept up to date
 
     stop_floor: int = 0  # text emitted before min_tokens was reached: stop strings are matched after it only
+    prompt_lps: list | None = None  # the prompt's log-probabilities so far (params.prompt_logprobs), until emitted
 
     def token_history(self, eos_ids=()) -> TokenHistory:
         if self.history is None:

@@ -1,0 +1,112 @@
+"""Prompt log-probabilities (completions with echo + logprobs, max_tokens 0 to score a prompt alone): every prompt
+token's log p and top-N under a plain forward, across prefill chunks, with an adapter, and over HTTP."""
+
+import json
+import math
+
+import httpx
+import pytest
+import torch
+
+import remix
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
+from tests.helpers import LiveServer, write_adapter
+from tests.test_engine import PROMPTS, lively_tiny, tokens_of
+
+
+def plain_prompt_logprobs(model, ids):
+    """log_softmax of a plain forward: position j - 1's distribution scores token j."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return logp
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_prompt_logprobs_equal_a_plain_forward_across_chunks(tmp_path, adapter):
+    model, tok = lively_tiny()
+    # chunks of 8 tokens and at most 12 a step: a 40-token prompt takes several steps, beside another request
+    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=4, max_prefill_chunk=8, max_batched_tokens=12))
+    reference, _ = lively_tiny()
+    name = None
+    if adapter:
+        path = write_adapter(lively_tiny()[0], tmp_path / "a", seed=3, n=4, k=2, r=4)
+        engine.load_adapter("a", str(path))
+        remix.load_adapter(reference, path)
+        name = "a"
+    ids = tok(" ".join(PROMPTS)).input_ids[:40]
+    assert len(ids) == 40
+    other = []
+    engine.submit(GenerationRequest("other", tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=6, temperature=0.0)),
+                  other.append)
+    events = collect(engine, GenerationRequest("p", ids, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True,
+                                                                        prompt_logprobs=2), adapter=name))
+    first = events[0].prompt_logprobs
+    assert all(e.prompt_logprobs is None for e in events[1:]) and len(tokens_of(events)) == 3
+    assert [t for t, _, _ in first] == ids and first[0][1:] == (None, None)
+    logp = plain_prompt_logprobs(reference, ids)
+    # tolerance: float32 through 2 layers, the same kernels batched differently (as the engine's logits tests)
+    got = torch.tensor([lp for _, lp, _ in first[1:]])
+    want = torch.stack([logp[j - 1, ids[j]] for j in range(1, len(ids))])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for j in range(1, len(ids)):
+        values, top = torch.topk(logp[j - 1], 2)
+        assert [a for a, _ in first[j][2]] == top.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in first[j][2]]), values, atol=1e-4, rtol=1e-4)
+    # max_tokens 0: the prompt alone, scored the same; nothing generated
+    events = collect(engine, GenerationRequest("z", ids, SamplingParams(max_tokens=0, prompt_logprobs=0), adapter=name))
+    assert len(events) == 1 and events[0].finished and events[0].finish_reason == "length" and not events[0].token_ids
+    assert events[0].completion_tokens == 0 and events[0].prompt_tokens == 40
+    assert [lp for _, lp, _ in events[0].prompt_logprobs] == [lp for _, lp, _ in first]
+    assert all(alts == [] for _, _, alts in events[0].prompt_logprobs[1:])
+    while engine.has_work():
+        engine.step()
+    assert engine.stats()["slots_used"] == 0
+
+
+def test_prompt_logprobs_skip_the_prefix_cache():
+    """A prompt whose K/V the prefix cache holds is still computed whole when its log-probabilities are wanted."""
+    model, tok = lively_tiny()
+    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=4, max_prefill_chunk=64))
+    ids = tok(" ".join(PROMPTS)).input_ids[:48]
+    collect(engine, GenerationRequest("warm", ids, SamplingParams(max_tokens=1, temperature=0.0)))
+    events = collect(engine, GenerationRequest("p", ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)))
+    assert events[-1].cached_tokens == 0 and len(events[0].prompt_logprobs) == 48
+    assert collect(engine, GenerationRequest("again", ids, SamplingParams(max_tokens=1, temperature=0.0)))[-1].cached_tokens > 0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = write_adapter(remix.tiny_model()[0], tmp_path_factory.mktemp("a") / "alpha", 1, 4, 2, 4)
+    srv = LiveServer(["--adapter", f"alpha={path}", "--max-model-len", "128", "--max-num-seqs", "4"])
+    yield srv
+    srv.stop()
+
+
+def test_echo_logprobs_score_the_prompt_over_http(server):
+    """What evaluation harnesses send to score a continuation: echo + logprobs with max_tokens 0 (and 1)."""
+    prompt = "The capital of France is Paris"
+    r = httpx.post(server.url + "/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": 0,
+                                                         "echo": True, "logprobs": 1, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 0
+    n = r.json()["usage"]["prompt_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert "".join(lp["tokens"]) == prompt and lp["text_offset"][0] == 0
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 and math.isfinite(v) for v in lp["token_logprobs"][1:])
+    assert all(len(t) == 1 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+    # one generated token more: the prompt's entries are the same, then the new token's
+    r1 = httpx.post(server.url + "/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": 1,
+                                                          "echo": True, "logprobs": 1, "temperature": 0}, timeout=60).json()
+    lp1 = r1["choices"][0]["logprobs"]
+    assert lp1["token_logprobs"][:n] == lp["token_logprobs"] and len(lp1["tokens"]) == n + 1
+    assert r1["choices"][0]["text"].startswith(prompt)
+    # streamed: the prompt's entries come in the first chunk
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+            "model": "alpha", "prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 0, "stream": True}) as s:
+        chunks = [line[6:] for line in s.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    first = json.loads(chunks[0])["choices"][0]
+    assert first["text"].startswith(prompt) and len(first["logprobs"]["tokens"]) >= n
