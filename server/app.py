@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from remix.adapter import AdapterError
 from server.engine import Engine, EngineError, GenerationRequest
 from server.metrics import Metrics
-from server.protocol import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, error_body
+from server.protocol import (AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                             TokenizeRequest, error_body)
 
 log = logging.getLogger("server")
 
@@ -144,6 +145,33 @@ def create_app(state: ServerState) -> FastAPI:
         except EngineError as e:
             raise APIError(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code) from None
         return {"id": name, "object": "model", "deleted": True}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request):
+        check_key(request)
+        if body.model is not None:
+            resolve_model(body.model)
+        tok = state.engine.tokenizer
+        if body.messages is not None:
+            if not tok.chat_template:
+                raise APIError(400, "this model has no chat template", param="messages")
+            ids = tok.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
+                                          add_generation_prompt=body.add_generation_prompt, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+        return {"count": len(ids), "max_model_len": state.engine.config.max_model_len, "tokens": ids,
+                "token_strs": tok.convert_ids_to_tokens(ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request):
+        check_key(request)
+        if body.model is not None:
+            resolve_model(body.model)
+        vocab = state.engine.runner.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
+        return {"prompt": state.engine.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engine import SamplingParams
 
@@ -146,6 +146,29 @@ def _sampling_extras(body) -> dict:
     return dict(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, logit_bias=bias, min_tokens=body.min_tokens,
                 stop_token_ids=list(body.stop_token_ids or []))
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt (tokenized as /v1/completions tokenizes it) or chat messages (with the chat
+    template and, by default, the generation prompt, as /v1/chat/completions builds its prompt)."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
 
 
 class AdapterLoadRequest(BaseModel):

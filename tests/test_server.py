@@ -68,6 +68,30 @@ def test_penalties_and_logit_bias(client):
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 3 and "q" not in r.choices[0].text
 
 
+def test_tokenize_and_detokenize(server, client):
+    """vLLM's /tokenize and /detokenize: the same ids the completion and chat endpoints count as prompt tokens."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/tokenize", json={"model": "alpha", "prompt": "Hello there"}, headers=auth).json()
+    done = client.completions.create(model="alpha", prompt="Hello there", max_tokens=1, temperature=0)
+    assert r["count"] == len(r["tokens"]) == done.usage.prompt_tokens and r["max_model_len"] == 256
+    assert len(r["token_strs"]) == r["count"]
+    back = httpx.post(server.url + "/detokenize", json={"model": "alpha", "tokens": r["tokens"]}, headers=auth).json()
+    assert back == {"prompt": "Hello there"}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages}, headers=auth).json()
+    used = client.chat.completions.create(model="alpha", messages=messages, max_tokens=1, temperature=0)
+    assert chat["count"] == used.usage.prompt_tokens
+    for path, body, param in (("/tokenize", {"prompt": "x", "messages": messages}, None),
+                              ("/tokenize", {}, None),
+                              ("/tokenize", {"model": "nope", "prompt": "x"}, "model"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens")):
+        bad = httpx.post(server.url + path, json=body, headers=auth)
+        assert bad.status_code in (400, 404) and "error" in bad.json(), bad.text
+        if param:
+            assert bad.json()["error"]["param"] == param
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 401  # behind the API key
+
+
 def test_health_reports_where_the_model_runs(server):
     """--device defaults to auto: the first CUDA device where torch sees one (this suite then serves from it), else the CPU."""
     import torch
