@@ -347,6 +347,7 @@ class _ResponseBuilder:
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
         self.cached: dict[int, int] = {}  # per prompt: the most of its tokens a sequence took from the prefix cache
         self.started: set[int] = set()
+        self.offsets: dict[int, int] = {}  # streamed: each choice's text_offset so far
         so = getattr(body, "stream_options", None)
         self.include_usage = bool(so and so.include_usage)
 
@@ -436,7 +437,11 @@ class _ResponseBuilder:
             return None
         finish = self.finish.get(c) if ev.finished else None
         entries = (ev.prompt_logprobs or []) + ev.logprobs
-        lp = self._logprobs(entries) if self._wants_logprobs() and entries else None
+        lp = None
+        if self._wants_logprobs() and entries:  # text_offset runs on across a choice's chunks
+            lp = self._logprobs(entries, self.offsets.get(c, 0))
+            if not self.chat:
+                self.offsets[c] = lp["text_offset"][-1] + len(lp["tokens"][-1])
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": c, "delta": delta, "logprobs": lp, "finish_reason": finish}

@@ -110,3 +110,8 @@ def test_echo_logprobs_score_the_prompt_over_http(server):
         chunks = [line[6:] for line in s.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
     first = json.loads(chunks[0])["choices"][0]
     assert first["text"].startswith(prompt) and len(first["logprobs"]["tokens"]) >= n
+    # text_offset runs on across the chunks, as in the whole response
+    streamed = [json.loads(c)["choices"][0]["logprobs"] for c in chunks]
+    offsets = [o for lp in streamed if lp for o in lp["text_offset"]]
+    tokens = [t for lp in streamed if lp for t in lp["tokens"]]
+    assert len(tokens) == n + 2 and offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
