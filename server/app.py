@@ -208,6 +208,11 @@ def create_app(state: ServerState) -> FastAPI:
         params = body.to_sampling(state.engine.config.max_model_len - max(len(p) for p in prompt_ids)) if chat else body.to_sampling()
         if chat and params.max_tokens < 1:
             raise APIError(400, "the prompt fills the whole context", param="messages")
+        if params.grammar is not None:  # compiled off the event loop (a large schema takes a while), before submit
+            try:
+                params.compiled_grammar = await asyncio.to_thread(state.engine.compile_grammar, *params.grammar)
+            except EngineError as e:
+                raise APIError(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code) from None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

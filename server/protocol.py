@@ -18,8 +18,46 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or json_schema."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _one_grammar(self):
+        given = [name for name, on in (("response_format", self.response_format is not None
+                                        and self.response_format.type != "text"),
+                                       ("guided_regex", self.guided_regex is not None),
+                                       ("guided_choice", self.guided_choice is not None)) if on]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of response_format, guided_regex and guided_choice (got {', '.join(given)})")
+        return self
+
+    @field_validator("guided_choice", check_fields=False)
+    @classmethod
+    def _choices(cls, v):
+        if v is not None and (not v or any(not c for c in v)):
+            raise ValueError("guided_choice must be a non-empty list of non-empty strings")
+        return v
 
     @field_validator("logit_bias", check_fields=False)
     @classmethod
@@ -73,6 +111,9 @@ class CompletionRequest(_Common):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     min_tokens: int = Field(default=0, ge=0, le=1_000_000)
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = Field(default=None, min_length=1, max_length=10_000)
+    guided_choice: list[str] | None = Field(default=None, max_length=256)
     ignore_eos: bool = False
     remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
 
@@ -130,6 +171,9 @@ class ChatCompletionRequest(_Common):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     min_tokens: int = Field(default=0, ge=0, le=1_000_000)
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = Field(default=None, min_length=1, max_length=10_000)
+    guided_choice: list[str] | None = Field(default=None, max_length=256)
     ignore_eos: bool = False
     remix_routing: Literal["summary", "full"] | None = None
 
@@ -145,7 +189,21 @@ def _sampling_extras(body) -> dict:
     bias = {int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None
     return dict(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, logit_bias=bias, min_tokens=body.min_tokens,
-                stop_token_ids=list(body.stop_token_ids or []))
+                stop_token_ids=list(body.stop_token_ids or []), grammar=_grammar(body))
+
+
+def _grammar(body) -> tuple | None:
+    """(kind, spec, field) of the structured output a request asks for (server.engine.grammar), or None."""
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        return ("json_object", None, "response_format")
+    if rf is not None and rf.type == "json_schema":
+        return ("json_schema", rf.json_schema.schema_, "response_format")
+    if body.guided_regex is not None:
+        return ("regex", body.guided_regex, "guided_regex")
+    if body.guided_choice is not None:
+        return ("choice", list(body.guided_choice), "guided_choice")
+    return None
 
 
 class TokenizeRequest(BaseModel):

@@ -68,6 +68,39 @@ def test_penalties_and_logit_bias(client):
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 3 and "q" not in r.choices[0].text
 
 
+def test_structured_output(server, client):
+    """OpenAI's response_format (json_schema, json_object) and vLLM's guided_choice / guided_regex over HTTP."""
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    c = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=40,
+                                       temperature=0.8, seed=1,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert c.choices[0].finish_reason == "stop", c.choices[0].message.content
+    doc = json.loads(c.choices[0].message.content)
+    assert set(doc) == {"n", "ok"} and isinstance(doc["n"], int) and isinstance(doc["ok"], bool)
+    r = client.completions.create(model="beta", prompt="x", max_tokens=20, temperature=1.0, seed=2, n=3,
+                                  extra_body={"guided_choice": ["red", "green"]})
+    assert {ch.text for ch in r.choices} <= {"red", "green"} and all(ch.finish_reason == "stop" for ch in r.choices)
+    r = client.completions.create(model="alpha", prompt="x", max_tokens=20, temperature=0,
+                                  extra_body={"guided_regex": "[a-c]{4}!"})
+    assert re.fullmatch("[a-c]{4}!", r.choices[0].text)
+    obj = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+                                         temperature=0, response_format={"type": "json_object"})
+    assert obj.choices[0].message.content.startswith("{")
+    for body, param in (({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+                         "response_format"),
+                        ({"response_format": {"type": "json_schema"}}, "response_format"),
+                        ({"guided_regex": "(unclosed"}, "guided_regex"),
+                        ({"guided_choice": []}, "guided_choice"),
+                        ({"guided_choice": ["a"], "guided_regex": "a"}, None)):
+        bad = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"model": "alpha", "prompt": "x", **body})
+        assert bad.status_code == 400, bad.text
+        if param:
+            assert (bad.json()["error"]["param"] or "").startswith(param), bad.json()
+
+
 def test_tokenize_and_detokenize(server, client):
     """vLLM's /tokenize and /detokenize: the same ids the completion and chat endpoints count as prompt tokens."""
     auth = {"Authorization": f"Bearer {KEY}"}

@@ -27,6 +27,7 @@ import torch
 
 from remix.kernels import tune_cpu_allocator
 from server.engine.cache import KV_DTYPES, SlotKVCache
+from server.engine.grammar import GrammarError, Grammars
 from server.engine.prefix import BLOCK, PrefixIndex, chain
 from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
@@ -113,6 +114,7 @@ class Engine:
         self.accepting = True
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        self._grammars: Grammars | None = None  # structured output's compiler, made on first use
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if gen_eos is not None:
             self.eos_ids |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
@@ -145,6 +147,8 @@ class Engine:
             raise EngineError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         if p.min_tokens > p.max_tokens:
             raise EngineError(f"min_tokens ({p.min_tokens}) must not exceed max_tokens ({p.max_tokens})", "min_tokens")
+        if p.grammar is not None and p.compiled_grammar is None:
+            p.compiled_grammar = self.compile_grammar(*p.grammar)
         if not p.repetition_penalty > 0:
             raise EngineError("repetition_penalty must be > 0", "repetition_penalty")
         with self._lock:
@@ -154,6 +158,16 @@ class Engine:
                 raise QueueFull(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
             self.waiting.append((request, callback))
         self._wake.set()
+
+    def compile_grammar(self, kind: str, spec, param: str = "response_format"):
+        """A request's grammar (server.engine.grammar.KINDS), compiled for this tokenizer; EngineError (400, naming
+        ``param``) when it cannot be. Thread-safe: the HTTP layer calls it off the engine's thread, before submit."""
+        try:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.runner.model.config.vocab_size, self.eos_ids)
+            return self._grammars.compile(kind, spec, param)
+        except GrammarError as e:
+            raise EngineError(str(e), param) from None
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -487,7 +501,8 @@ class Engine:
                     s.routing_counts[module] = [a + b for a, b in zip(prev, counts_i)]
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        history = ([s.token_history(self.eos_ids) if s.params.adjusts else None for s in seqs]
+        vocab = self.runner.model.config.vocab_size
+        history = ([s.token_history(self.eos_ids, vocab) if s.params.adjusts else None for s in seqs]
                    if any(s.params.adjusts for s in seqs) else None)
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], history)
         want_lp = [s.params.logprobs is not None for s in seqs]
@@ -495,6 +510,9 @@ class Engine:
         for i, s in enumerate(seqs):
             token = int(tokens[i])
             s.output_ids.append(token)
+            if s.history is not None and s.history.matcher is not None:  # a grammar that took a stop token ends here
+                if s.history.update(s.output_ids).matcher.terminated:
+                    s.finish_reason = "stop"
             text, finished = update_text(s, self._decode, self.eos_ids, self.config.max_model_len)
             lp = []
             if lps is not None and want_lp[i]:

@@ -32,6 +32,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's, -100 to 100)
     min_tokens: int = 0  # vLLM's: EOS and stop_token_ids banned, stop strings not checked, before this many tokens
     prompt_logprobs: int | None = None  # log p of each prompt token (and its top-N) under the tokens before it
+    grammar: tuple | None = None  # structured output: (kind of server.engine.grammar.KINDS, spec, request field)
+    compiled_grammar: object | None = None  # its xgrammar compilation (the engine's Grammars.compile)
 
     @property
     def greedy(self) -> bool:
@@ -41,7 +43,7 @@ class SamplingParams:
     def adjusts(self) -> bool:
         """Whether the logits change before sampling (penalties or a bias)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
-                    or self.min_tokens > 0)
+                    or self.min_tokens > 0 or self.grammar is not None)
 
 
 class TokenHistory:
@@ -49,8 +51,9 @@ class TokenHistory:
     output id was generated. Kept by the sequence and brought up to date with each new token (``update``), so a long
     prompt is read once, not at every step."""
 
-    def __init__(self, prompt_ids: list[int], stop_ids=()):
+    def __init__(self, prompt_ids: list[int], stop_ids=(), matcher=None):
         self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)  # banned below min_tokens
+        self.matcher = matcher  # structured output (server.engine.grammar.Matcher): fed every output token
         self.seen = set(prompt_ids)
         self.counts: dict[int, int] = {}
         self.done = 0  # output tokens counted so far
@@ -59,6 +62,8 @@ class TokenHistory:
 
     def update(self, output_ids: list[int]) -> "TokenHistory":
         for t in output_ids[self.done:]:
+            if self.matcher is not None:
+                self.matcher.accept(t)
             self.counts[t] = self.counts.get(t, 0) + 1
             self._count_t = None
             if t not in self.seen:
@@ -82,8 +87,9 @@ class TokenHistory:
 def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -> torch.Tensor:
     """One sequence's float32 logits [V] with its penalties and bias applied, in vLLM's order: the repetition penalty
     over every token of the prompt and the output, then the frequency and presence penalties over the output's
-    tokens (OpenAI: logit - count * frequency - (count > 0) * presence), then the bias; below ``min_tokens`` output
-    tokens the stop tokens (EOS unless ignored, stop_token_ids) last, to -inf. In place; returns row."""
+    tokens (OpenAI: logit - count * frequency - (count > 0) * presence), then the bias, a grammar's disallowed tokens
+    to -inf, and below ``min_tokens`` output tokens the stop tokens (EOS unless ignored, stop_token_ids) to -inf
+    unless nothing else is left. In place; returns row."""
     if p.repetition_penalty != 1.0 and history.seen:
         seen = history.seen_ids().to(row.device)
         vals = row[seen]
@@ -94,8 +100,14 @@ def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
         row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=row.device)
+    if history.matcher is not None:
+        history.matcher.mask_(row)
     if history.done < p.min_tokens and history.stop_ids.numel():
-        row[history.stop_ids.to(row.device)] = float("-inf")
+        stop = history.stop_ids.to(row.device)
+        kept = row[stop].clone()
+        row[stop] = float("-inf")
+        if not bool(torch.isfinite(row).any()):  # a grammar complete before min_tokens allows only a stop token:
+            row[stop] = kept  # the grammar wins (else nothing could be sampled)
     return row
 
 

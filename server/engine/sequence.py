@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from server.engine.grammar import Matcher
 from server.engine.sampler import SamplingParams, TokenHistory
 
 _ids = itertools.count()
@@ -77,10 +78,11 @@ class Sequence:
     stop_floor: int = 0  # text emitted before min_tokens was reached: stop strings are matched after it only
     prompt_lps: list | None = None  # the prompt's log-probabilities so far (params.prompt_logprobs), until emitted
 
-    def token_history(self, eos_ids=()) -> TokenHistory:
+    def token_history(self, eos_ids=(), vocab_size: int = 0) -> TokenHistory:
         if self.history is None:
             p = self.params
-            self.history = TokenHistory(self.prompt_ids, [*(() if p.ignore_eos else eos_ids), *p.stop_token_ids])
+            matcher = Matcher(p.compiled_grammar, vocab_size) if p.compiled_grammar is not None else None
+            self.history = TokenHistory(self.prompt_ids, [*(() if p.ignore_eos else eos_ids), *p.stop_token_ids], matcher)
         return self.history.update(self.output_ids)
 
     @property

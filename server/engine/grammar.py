@@ -1,0 +1,102 @@
+"""Structured output: the tokens a sequence may take next, by a grammar (JSON, a JSON schema, a regex, one of a list of
+strings) compiled by xgrammar - the constrained-decoding library vLLM, SGLang and TensorRT-LLM use.
+
+A request's grammar is compiled once (``Grammars.compile``; xgrammar caches compiled grammars) and each of its
+sequences keeps a matcher that accepts every token the sequence takes; before each sampling step the matcher's
+bitmask of allowed tokens sets every other logit to -inf (greedy and sampled rows alike). The matcher ends the
+sequence when it accepts a stop token once the grammar is complete.
+
+xgrammar is optional: ``scripts/setup.sh`` installs it without its dependency on triton (~1 GB, used only by its
+CUDA kernels; the bitmask is applied here with torch ops on any device). Without it, requests that ask for
+structured output get a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import torch
+
+try:
+    import xgrammar as xgr
+except ImportError:  # structured output is refused with a clear message
+    xgr = None
+
+
+class GrammarError(ValueError):
+    """A grammar that cannot be compiled (or no xgrammar); ``param`` names the request field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+KINDS = ("json_object", "json_schema", "regex", "choice")
+
+
+def _clean(error: Exception) -> str:
+    """xgrammar's C++ messages start with a time stamp and a source location: keep the message."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(error)).strip()
+
+
+class Grammars:
+    """Compiles a request's grammar for one tokenizer (thread-safe: the HTTP layer compiles off the engine's thread)."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids):
+        if xgr is None:
+            raise GrammarError("structured output needs the xgrammar package (pip install --no-deps xgrammar "
+                               "apache-tvm-ffi; scripts/setup.sh does)", "response_format")
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids))
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self.vocab_size = vocab_size
+        self._lock = threading.Lock()
+
+    def compile(self, kind: str, value, param: str):
+        """kind: json_object (any JSON object), json_schema (a schema: dict or JSON text), regex (a pattern), choice
+        (a list of strings, exactly one of which is the output). JSON comes without free whitespace."""
+        try:
+            with self._lock:
+                # JSON without free whitespace (separators ", " and ": "): with it, a model that likes a newline can
+                # fill max_tokens with them inside the braces (the tiny test model does)
+                if kind == "json_object":
+                    return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+                if kind == "json_schema":
+                    return self.compiler.compile_json_schema(value if isinstance(value, str) else json.dumps(value),
+                                                             any_whitespace=False)
+                if kind == "regex":
+                    return self.compiler.compile_regex(value)
+                if kind == "choice":  # EBNF string literals take JSON's escapes
+                    return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+        except (RuntimeError, ValueError) as e:
+            raise GrammarError(f"{param}: {_clean(e)}", param) from None
+        raise GrammarError(f"unknown grammar kind {kind!r}", param)
+
+
+class Matcher:
+    """One sequence's position in its grammar: the allowed-token mask for its next token, and the tokens it took."""
+
+    def __init__(self, compiled, vocab_size: int):
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.vocab_size = vocab_size
+        self._shifts = torch.arange(32, dtype=torch.int32)
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
+
+    @property
+    def terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def mask_(self, row: torch.Tensor) -> torch.Tensor:
+        """row [V] (float32): every token the grammar does not allow next set to -inf, in place."""
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        bits = self.bitmask[0]
+        allowed = ((bits.unsqueeze(1) >> self._shifts) & 1).bool().view(-1)[: self.vocab_size]
+        n = min(row.numel(), allowed.numel())
+        row[:n].masked_fill_(~allowed[:n].to(row.device), float("-inf"))
+        row[n:] = float("-inf")  # (padded vocabulary rows beyond the tokenizer's: never allowed)
+        return row

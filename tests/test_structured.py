@@ -1,0 +1,117 @@
+"""Structured output (xgrammar): JSON, JSON schemas, regexes and choices constrain every sampled token, greedy and
+sampled, alone and in a batch, over the engine and the API; bad grammars are a 400 naming the field."""
+
+import json
+import re
+
+import pytest
+
+from server.engine import Engine, EngineConfig, EngineError, GenerationRequest, SamplingParams, collect
+from tests.test_engine import PROMPTS, lively_tiny
+
+pytest.importorskip("xgrammar")
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = lively_tiny()
+    engine = Engine(model, tok, EngineConfig(max_model_len=256, max_num_seqs=8, max_prefill_chunk=16, max_batched_tokens=64))
+    return engine, tok
+
+
+def text_of(events):
+    return "".join(e.text for e in events), events[-1].finish_reason
+
+
+def run(engine, tok, rid, grammar, prompt=PROMPTS[0], **kw):
+    params = SamplingParams(max_tokens=kw.pop("max_tokens", 120), temperature=kw.pop("temperature", 0.0), grammar=grammar, **kw)
+    return text_of(collect(engine, GenerationRequest(rid, tok(prompt).input_ids, params)))
+
+
+def loads(text):
+    """(xgrammar's JSON strings admit raw control characters other than CR / LF, which the tiny model samples;
+    Python's strict parser refuses them)"""
+    return json.loads(text, strict=False)
+
+
+def valid(doc) -> bool:
+    return (set(doc) == {"name", "age", "tags"} and isinstance(doc["name"], str) and len(doc["name"]) <= 8
+            and isinstance(doc["age"], int) and 0 <= doc["age"] <= 120 and len(doc["tags"]) <= 3
+            and set(doc["tags"]) <= {"a", "b"})
+
+
+def test_outputs_follow_their_grammar(tiny):
+    engine, tok = tiny
+    # the lively tiny model left alone answers "888888..." or bytes; each grammar holds it to its language
+    for i, prompt in enumerate(PROMPTS):
+        for temperature in (0.0, 1.0):
+            text, reason = run(engine, tok, f"c{i}{temperature}", ("choice", ["yes", "no", "maybe"], "guided_choice"),
+                               prompt, temperature=temperature, seed=i)
+            assert text in ("yes", "no", "maybe") and reason == "stop"
+            text, reason = run(engine, tok, f"r{i}{temperature}", ("regex", r"[0-9]{3}-[a-z]{2}", "guided_regex"),
+                               prompt, temperature=temperature, seed=i)
+            assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text) and reason == "stop"
+            text, reason = run(engine, tok, f"s{i}{temperature}", ("json_schema", SCHEMA, "response_format"),
+                               prompt, temperature=temperature, seed=i, max_tokens=200)
+            assert reason == "stop" and valid(loads(text)), text
+    for seed in range(3):  # any JSON object (a length cut leaves a prefix of one)
+        text, reason = run(engine, tok, f"obj{seed}", ("json_object", None, "response_format"), max_tokens=60,
+                           temperature=1.0, seed=seed)
+        assert text.startswith("{") and (reason == "length" or isinstance(loads(text), dict)), text
+
+
+def test_a_cut_by_max_tokens_is_a_prefix_and_batches_do_not_matter(tiny):
+    engine, tok = tiny
+    grammar = ("json_schema", SCHEMA, "response_format")
+    full, _ = run(engine, tok, "full", grammar, max_tokens=200, temperature=0.9, seed=5)
+    cut, reason = run(engine, tok, "cut", grammar, max_tokens=6, temperature=0.9, seed=5)
+    assert reason == "length" and full.startswith(cut)
+    # seeded, in a batch with unconstrained and other constrained requests: the same text
+    sinks = {i: [] for i in range(4)}
+    for i in range(4):
+        g = grammar if i % 2 == 0 else None
+        params = SamplingParams(max_tokens=200, temperature=0.9, seed=5 if i == 0 else i, grammar=g)
+        engine.submit(GenerationRequest(f"b{i}", tok(PROMPTS[0]).input_ids, params), sinks[i].append)
+    while engine.has_work():
+        engine.step()
+    assert text_of(sinks[0])[0] == full
+    assert valid(loads(text_of(sinks[2])[0]))
+    # n = 2 sequences each keep their own matcher
+    events = collect(engine, GenerationRequest("n2", tok(PROMPTS[1]).input_ids, SamplingParams(
+        max_tokens=200, temperature=1.0, seed=9, n=2, grammar=grammar)))
+    for index in (0, 1):
+        assert valid(loads("".join(e.text for e in events if e.index == index)))
+    assert engine.stats()["slots_used"] == 0
+
+
+def test_a_grammar_complete_before_min_tokens_still_ends(tiny):
+    engine, tok = tiny
+    text, reason = run(engine, tok, "m", ("choice", ["ok"], "guided_choice"), min_tokens=10, max_tokens=20)
+    assert text == "ok" and reason == "stop"
+
+
+def test_bad_grammars_are_refused_naming_the_field(tiny):
+    engine, tok = tiny
+    for grammar in (("regex", "[a-", "guided_regex"), ("json_schema", {"type": "nonsense"}, "response_format")):
+        with pytest.raises(EngineError) as err:
+            engine.submit(GenerationRequest("bad", [1, 2], SamplingParams(grammar=grammar)), lambda e: None)
+        assert err.value.param == grammar[2] and "[" not in str(err.value).split(":")[0]
+    assert not engine.has_work()
+
+
+def test_without_xgrammar_the_request_is_refused(monkeypatch):
+    from server.engine import grammar
+
+    monkeypatch.setattr(grammar, "xgr", None)
+    model, tok = lively_tiny()
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2))
+    with pytest.raises(EngineError, match="xgrammar") as err:
+        engine.submit(GenerationRequest("g", [1, 2], SamplingParams(grammar=("choice", ["a"], "guided_choice"))),
+                      lambda e: None)
+    assert err.value.param == "guided_choice"
+    assert collect(engine, GenerationRequest("plain", [1, 2], SamplingParams(max_tokens=2)))[-1].finished
