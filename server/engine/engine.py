@@ -147,10 +147,10 @@ class Engine:
             raise EngineError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         if p.min_tokens > p.max_tokens:
             raise EngineError(f"min_tokens ({p.min_tokens}) must not exceed max_tokens ({p.max_tokens})", "min_tokens")
-        if p.grammar is not None and p.compiled_grammar is None:
-            p.compiled_grammar = self.compile_grammar(*p.grammar)
         if not p.repetition_penalty > 0:
             raise EngineError("repetition_penalty must be > 0", "repetition_penalty")
+        if p.grammar is not None and p.compiled_grammar is None:  # (the HTTP layer compiles it before, off the loop)
+            p.compiled_grammar = self.compile_grammar(*p.grammar)
         with self._lock:
             if request.request_id in self.requests or any(r.request_id == request.request_id for r, _ in self.waiting):
                 raise EngineError(f"duplicate request id {request.request_id}")

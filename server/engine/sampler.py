@@ -41,15 +41,16 @@ class SamplingParams:
 
     @property
     def adjusts(self) -> bool:
-        """Whether the logits change before sampling (penalties or a bias)."""
+        """Whether the logits change before sampling (penalties, a bias, min_tokens, a grammar)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
                     or self.min_tokens > 0 or self.grammar is not None)
 
 
 class TokenHistory:
-    """One sequence's tokens as its penalties read them: the distinct ids of its prompt and output, and how often each
-    output id was generated. Kept by the sequence and brought up to date with each new token (``update``), so a long
-    prompt is read once, not at every step."""
+    """One sequence's tokens as its logit adjustments read them: the distinct ids of its prompt and output, how often
+    each output id was generated, its stop ids (banned below min_tokens) and its grammar's matcher (fed each output
+    token). Kept by the sequence and brought up to date with each new token (``update``), so a long prompt is read
+    once, not at every step."""
 
     def __init__(self, prompt_ids: list[int], stop_ids=(), matcher=None):
         self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)  # banned below min_tokens
@@ -85,7 +86,7 @@ class TokenHistory:
 
 
 def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -> torch.Tensor:
-    """One sequence's float32 logits [V] with its penalties and bias applied, in vLLM's order: the repetition penalty
+    """One sequence's float32 logits [V] adjusted, in vLLM's order: the repetition penalty
     over every token of the prompt and the output, then the frequency and presence penalties over the output's
     tokens (OpenAI: logit - count * frequency - (count > 0) * presence), then the bias, a grammar's disallowed tokens
     to -inf, and below ``min_tokens`` output tokens the stop tokens (EOS unless ignored, stop_token_ids) to -inf
@@ -125,8 +126,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            history: list[TokenHistory | None] | None = None) -> torch.Tensor:
     """One token per row. logits [b, V] (float32 or the model's dtype; each sampled row is widened to float32 first,
     so the draws are those of float32 logits). Greedy rows take the argmax (ties: lowest id). A row whose params
-    adjust the logits (penalties, bias) is widened and adjusted first (:func:`adjust_logits`), from ``history[i]``:
-    its sequence's tokens so far."""
+    adjust the logits (penalties, bias, min_tokens, a grammar) is widened and adjusted first (:func:`adjust_logits`),
+    from ``history[i]``: its sequence's tokens so far."""
     b = logits.shape[0]
     out = torch.empty(b, dtype=torch.long)
     greedy = [i for i, p in enumerate(params) if p.greedy and not p.adjusts]
@@ -141,7 +142,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         row = logits[i].float()
         if p.adjusts:
             if history is None or history[i] is None:
-                raise ValueError("penalties and logit_bias need each sequence's tokens (history)")
+                raise ValueError("adjusted logits (penalties, bias, min_tokens, grammars) need each sequence's history")
             row = adjust_logits(row.clone() if row.data_ptr() == logits[i].data_ptr() else row, p, history[i])
         if p.greedy:
             out[i] = int(first_argmax(row.view(1, -1))[0])
