@@ -28,9 +28,9 @@ def text_of(events):
     return "".join(e.text for e in events), events[-1].finish_reason
 
 
-def run(engine, tok, rid, grammar, prompt=PROMPTS[0], **kw):
+def run(engine, tok, rid, grammar, prompt=PROMPTS[0], ids=None, **kw):
     params = SamplingParams(max_tokens=kw.pop("max_tokens", 120), temperature=kw.pop("temperature", 0.0), grammar=grammar, **kw)
-    return text_of(collect(engine, GenerationRequest(rid, tok(prompt).input_ids, params)))
+    return text_of(collect(engine, GenerationRequest(rid, ids or tok(prompt).input_ids, params)))
 
 
 def loads(text):
@@ -115,3 +115,25 @@ def test_without_xgrammar_the_request_is_refused(monkeypatch):
                       lambda e: None)
     assert err.value.param == "guided_choice"
     assert collect(engine, GenerationRequest("plain", [1, 2], SamplingParams(max_tokens=2)))[-1].finished
+
+
+@pytest.mark.slow
+def test_default_base_answers_within_its_grammar():
+    """SmolLM2-135M-Instruct, bfloat16, greedy: a regex keeps its own answer's form; a schema gives parseable JSON."""
+    import torch
+
+    import remix
+
+    model, tok = remix.load_base(dtype=torch.bfloat16)
+    engine = Engine(model, tok, EngineConfig(max_model_len=256, max_num_seqs=2))
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    text, reason = run(engine, tok, "re", ("regex", r"The capital of France is [A-Z][a-z]+\.", "guided_regex"),
+                       max_tokens=30, prompt=None, ids=ids)
+    assert text == "The capital of France is Paris." and reason == "stop"
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"type": "string", "maxLength": 20}},
+              "required": ["city", "country"], "additionalProperties": False}
+    text, reason = run(engine, tok, "js", ("json_schema", schema, "response_format"), max_tokens=40, prompt=None, ids=ids)
+    assert reason == "stop" and set(loads(text)) == {"city", "country"}
