@@ -37,9 +37,10 @@ def test_sample_applies_them_to_greedy_and_sampled_rows_only_where_asked():
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The engine, and a separate copy of its (seeded) model for the references, untouched by the engine."""
     model, tok = lively_tiny()
     engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16, max_batched_tokens=40))
-    return engine, model, tok
+    return engine, lively_tiny()[0], tok
 
 
 def reference_greedy(model, ids, new, presence=0.0, frequency=0.0, bias=None):
