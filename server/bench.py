@@ -115,13 +115,16 @@ def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]
     return time.perf_counter() - start, statistics.median(decode_steps) if decode_steps else float("nan")
 
 
-def serve_in_turn(engines: dict[str, Engine], prompts: dict[str, list[list[int]]], params: SamplingParams,
-                  adapter: str | None = "a0") -> dict[str, dict]:
+def serve_in_turn(engines: dict[str, Engine], prompts: dict[str, list[list[int]]],
+                  params: SamplingParams | dict[str, SamplingParams], adapter: str | None = "a0",
+                  before_step: dict | None = None) -> dict[str, dict]:
     """Each engine serves its prompts (submitted together), the engines stepped in turn, one step each, so a slow
     spell of a shared machine lands on all of them (whole runs in turn had moved a decode step by 20 % between two runs
     of the same engine). Per engine, on the clock of its own steps (submission not counted): ``wall_s``, ``ttft_s``
     (the mean time to the step that emits a request's first token), ``decode_step_s`` (the median of its full-batch
-    decode-only steps; nan if none), and each request's ``tokens`` and chosen tokens' ``logprobs`` (when asked)."""
+    decode-only steps; nan if none), and each request's ``tokens`` and chosen tokens' ``logprobs`` (when asked).
+    ``params``: one for all, or per engine; ``before_step``: per engine, a function called (untimed) before each of
+    its steps (a process-wide setting the engines differ in)."""
     clock = {name: 0.0 for name in engines}
     first: dict[str, list[float]] = {name: [] for name in engines}
     steps: dict[str, list[float]] = {name: [] for name in engines}
@@ -138,12 +141,15 @@ def serve_in_turn(engines: dict[str, Engine], prompts: dict[str, list[list[int]]
         return on_event
 
     for name, engine in engines.items():
+        own = params[name] if isinstance(params, dict) else params
         for i, p in enumerate(prompts[name]):
-            engine.submit(GenerationRequest(f"turn-{name}-{time.monotonic_ns()}-{i}", p, params, adapter), sink(name, i))
+            engine.submit(GenerationRequest(f"turn-{name}-{time.monotonic_ns()}-{i}", p, own, adapter), sink(name, i))
     while any(e.has_work() for e in engines.values()):
         for name, engine in engines.items():
             if not engine.has_work():
                 continue
+            if before_step and name in before_step:
+                before_step[name]()
             t0 = time.perf_counter()
             engine.step()
             dt = time.perf_counter() - t0

@@ -194,3 +194,19 @@ def test_kernel_bench_in_bfloat16_times_every_variant_in_that_dtype():
     for res in out["results"]:
         assert all(v > 0 and math.isfinite(v) for v in res["times_us"].values())
         assert math.isfinite(res["ratios"]["overhead_over_base"])
+
+
+def test_structured_bench_times_xgrammars_apply_against_torch_ops(tmp_path):
+    pytest.importorskip("xgrammar")
+    from server import bench_structured
+
+    out = bench_structured.main(["--base", "tiny", "--requests", "2", "--prompt-tokens", "8", "--new-tokens", "6",
+                                 "--repeats", "2", "--json", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md")])
+    assert len(out["rounds"]) == 2 and all(r["tokens"]["grammar"] == r["tokens"]["plain"] == 12 for r in out["rounds"])
+    # the same constrained text whichever applies the mask, and every character within the pattern's class
+    assert all(r["constrained_texts_match"] for r in out["rounds"]) and out["all_constrained_outputs_match_the_pattern"]
+    steps = [r["decode_step_ms"]["grammar"] / r["decode_step_ms"]["grammar_torch"] for r in out["rounds"]]
+    assert out["ratios"]["grammar_over_grammar_torch"] == pytest.approx(statistics.median(steps))
+    assert "xgrammar" in (tmp_path / "s.md").read_text()
+    from server.engine.grammar import Matcher
+    assert Matcher.APPLY == "xgrammar"  # the bench leaves the server's path in place

@@ -75,7 +75,13 @@ class Grammars:
 
 
 class Matcher:
-    """One sequence's position in its grammar: the allowed-token mask for its next token, and the tokens it took."""
+    """One sequence's position in its grammar: the allowed-token mask for its next token, and the tokens it took.
+
+    ``APPLY`` (class-wide): "xgrammar" (the default: xgrammar's own ``apply_token_bitmask_inplace`` on CPU rows,
+    torch ops elsewhere) or "torch" (the bitmask unpacked and applied with torch ops on every device). In the engine
+    (server.bench_structured, 8 sequences of the default base) xgrammar's took 0.95 of the torch ops' step."""
+
+    APPLY = "xgrammar"
 
     def __init__(self, compiled, vocab_size: int):
         self.matcher = xgr.GrammarMatcher(compiled)
@@ -94,6 +100,9 @@ class Matcher:
     def mask_(self, row: torch.Tensor) -> torch.Tensor:
         """row [V] (float32): every token the grammar does not allow next set to -inf, in place."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
+        if Matcher.APPLY == "xgrammar" and row.device.type == "cpu" and row.numel() == self.vocab_size:
+            xgr.apply_token_bitmask_inplace(row.view(1, -1), self.bitmask)
+            return row
         bits = self.bitmask[0]
         allowed = ((bits.unsqueeze(1) >> self._shifts) & 1).bool().view(-1)[: self.vocab_size]
         n = min(row.numel(), allowed.numel())
