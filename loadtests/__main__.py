@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from loadtests.generator import make_prompts, run_load, to_json
+from loadtests.generator import make_prompts, request_fields, run_load, to_json
 from loadtests.report import compare, plots, summarize, table
 
 
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-prefix-words", type=int, default=0,
                    help="open every built-in prompt with the same this many words (a system prompt: exercises the "
                         "server's prefix cache; the report gives the share of prompt tokens it served)")
-    p.add_argument("--prompts-file", help="JSONL of {prompt} or {messages} to use instead")
+    p.add_argument("--prompts-file", help="JSONL of {prompt} or {messages} to use instead; a row's other fields "
+                                          "(response_format, guided_regex, temperature, ...) go with its prompt")
     p.add_argument("--output-tokens", type=int, default=64, help="mean max_tokens per request (ignore_eos is set)")
     p.add_argument("--output-spread", type=float, default=0.0, help="max_tokens varies uniformly by +- this share")
     p.add_argument("--adapters", default="demo", help="comma-separated model names to spread requests over")
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results, elapsed = asyncio.run(run_load(
         args.url, args.api_key, args.rate, args.concurrency, args.num_requests, args.duration, prompts,
-        (args.output_tokens, args.output_spread), adapters, args.adapter_mode, args.stream, args.burstiness, args.seed, args.timeout, progress))
+        (args.output_tokens, args.output_spread), adapters, args.adapter_mode, args.stream, args.burstiness, args.seed, args.timeout, progress,
+        request_fields(args.prompts_file)))
     if not args.quiet:
         print(file=sys.stderr)
     summary = summarize(results, elapsed, args.slo)

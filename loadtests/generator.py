@@ -66,6 +66,19 @@ def make_prompts(count: int, mean_words: int, spread: float, rng: random.Random,
     return out
 
 
+# fields a prompts file may not set: the generator's own (what is measured must stay what it reports)
+OWN_FIELDS = {"model", "prompt", "messages", "stream", "stream_options", "max_tokens"}
+
+
+def request_fields(file: str | None) -> list[dict]:
+    """The other fields of each JSONL row of a prompts file (e.g. response_format, guided_regex, temperature, seed),
+    sent with that row's prompt, in the same rotation; [] without a file."""
+    if not file:
+        return []
+    rows = [json.loads(line) for line in open(file) if line.strip()]
+    return [{k: v for k, v in r.items() if k not in OWN_FIELDS} for r in rows]
+
+
 def usage_of(result: Result, usage: dict) -> None:
     result.completion_tokens = usage["completion_tokens"]
     result.prompt_tokens = usage.get("prompt_tokens", 0)
@@ -109,7 +122,8 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
 
 async def run_load(url: str, api_key: str | None, rate: float | None, concurrency: int | None, num_requests: int,
                    duration: float, prompts: list[str], output_tokens: int | tuple[int, float], adapters: list[str], adapter_mode: str,
-                   stream: bool, burstiness: float, seed: int, timeout: float, progress=None) -> tuple[list[Result], float]:
+                   stream: bool, burstiness: float, seed: int, timeout: float, progress=None,
+                   fields: list[dict] | None = None) -> tuple[list[Result], float]:
     rng = random.Random(seed)
     mean_out, spread = output_tokens if isinstance(output_tokens, tuple) else (output_tokens, 0.0)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -126,6 +140,8 @@ async def run_load(url: str, api_key: str | None, rate: float | None, concurrenc
             max_tokens = max(1, round(rng.uniform(mean_out * (1 - spread), mean_out * (1 + spread))))
             body = {"model": adapter, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                     "temperature": 0.0, "ignore_eos": True, "stream": stream}
+            if fields:  # a prompts file's own fields for this prompt (temperature, response_format, ...)
+                body.update(fields[i % len(prompts) % len(fields)])
             if stream:
                 body["stream_options"] = {"include_usage": True}
             res = Result(start=time.perf_counter() - t0, adapter=adapter, prompt_words=len(body["prompt"].split()))

@@ -79,3 +79,18 @@ def test_capacity_procedure(server, tmp_path):
 def test_bad_arguments():
     assert run(["--url", "ftp://x", "--num-requests", "1"]).returncode == 2
     assert run(["--url", "http://127.0.0.1:9", "--num-requests", "0"]).returncode == 2
+
+
+def test_a_prompts_files_own_fields_go_with_its_prompts(server, tmp_path):
+    """A row's fields beyond its prompt (here structured output) are sent with it: the constrained answers end long
+    before max_tokens, which ignore_eos would otherwise reach; the generator's own fields cannot be overridden."""
+    pytest.importorskip("xgrammar")
+    rows = [{"prompt": "Answer:", "guided_choice": ["yes", "no"]},
+            {"messages": [{"role": "user", "content": "Three digits:"}], "guided_regex": "[0-9]{3}", "max_tokens": 1}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = run(["--url", server.url, "--concurrency", "2", "--num-requests", "6", "--adapters", "a", "--output-tokens",
+               "12", "--prompts-file", str(tmp_path / "p.jsonl"), "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert out.returncode == 0, out.stderr
+    reqs = json.loads((tmp_path / "r.json").read_text())["requests"]
+    assert len(reqs) == 6 and all(r["status"] == 200 and 1 <= r["completion_tokens"] <= 4 for r in reqs), reqs
+    assert all(r["completion_tokens"] >= 3 for r in reqs[1::2])  # three digits: the row's max_tokens 1 was not sent
