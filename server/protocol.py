@@ -40,7 +40,32 @@ class ResponseFormat(BaseModel):
 
 
 class _Common(BaseModel):
+    """The fields both endpoints take (OpenAI's, then the extensions), their checks, and the sampling parameters
+    they make; each endpoint adds its prompt, max_tokens and logprobs fields."""
     model_config = ConfigDict(extra="forbid")
+
+    model: str
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # extensions
+    top_k: int = Field(default=0, ge=0, le=100_000)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(default=0, ge=0, le=1_000_000)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = Field(default=None, min_length=1, max_length=10_000)
+    guided_choice: list[str] | None = Field(default=None, max_length=256)
+    ignore_eos: bool = False
+    remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
 
     @model_validator(mode="after")
     def _one_grammar(self):
@@ -52,14 +77,14 @@ class _Common(BaseModel):
             raise ValueError(f"give at most one of response_format, guided_regex and guided_choice (got {', '.join(given)})")
         return self
 
-    @field_validator("guided_choice", check_fields=False)
+    @field_validator("guided_choice")
     @classmethod
     def _choices(cls, v):
         if v is not None and (not v or any(not c for c in v)):
             raise ValueError("guided_choice must be a non-empty list of non-empty strings")
         return v
 
-    @field_validator("logit_bias", check_fields=False)
+    @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v):
         """OpenAI's form: token ids (as strings, JSON object keys) to a bias in [-100, 100]."""
@@ -74,7 +99,7 @@ class _Common(BaseModel):
                 raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
         return v
 
-    @field_validator("stop", check_fields=False)
+    @field_validator("stop")
     @classmethod
     def _stops(cls, v):
         if v is None:
@@ -86,36 +111,22 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    def sampling(self, max_tokens: int, logprobs: int | None, **more) -> SamplingParams:
+        bias = {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty, logit_bias=bias, min_tokens=self.min_tokens,
+                              stop_token_ids=list(self.stop_token_ids or []), grammar=_grammar(self), **more)
+
 
 class CompletionRequest(_Common):
-    model: str
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = Field(default=None, ge=1, le=1)
     echo: bool = False
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int = Field(default=16, ge=0, le=1_000_000)  # 0: the prompt alone (with echo + logprobs: scored)
-    n: int = Field(default=1, ge=1, le=16)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    user: str | None = None
-    # extensions
-    top_k: int = Field(default=0, ge=0, le=100_000)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    min_tokens: int = Field(default=0, ge=0, le=1_000_000)
-    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
-    response_format: ResponseFormat | None = None
-    guided_regex: str | None = Field(default=None, min_length=1, max_length=10_000)
-    guided_choice: list[str] | None = Field(default=None, max_length=256)
-    ignore_eos: bool = False
-    remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
 
     @field_validator("prompt")
     @classmethod
@@ -136,10 +147,8 @@ class CompletionRequest(_Common):
         return v
 
     def to_sampling(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos,
-                              logprobs=self.logprobs, echo=self.echo, **_sampling_extras(self),
-                              prompt_logprobs=self.logprobs if self.echo else None)
+        return self.sampling(self.max_tokens, self.logprobs, echo=self.echo,
+                             prompt_logprobs=self.logprobs if self.echo else None)
 
 
 class ChatMessage(BaseModel):
@@ -150,46 +159,15 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    n: int = Field(default=1, ge=1, le=16)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    user: str | None = None
-    top_k: int = Field(default=0, ge=0, le=100_000)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    min_tokens: int = Field(default=0, ge=0, le=1_000_000)
-    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
-    response_format: ResponseFormat | None = None
-    guided_regex: str | None = Field(default=None, min_length=1, max_length=10_000)
-    guided_choice: list[str] | None = Field(default=None, max_length=256)
-    ignore_eos: bool = False
-    remix_routing: Literal["summary", "full"] | None = None
 
     def to_sampling(self, default_max: int) -> SamplingParams:
-        max_tokens = self.max_completion_tokens or self.max_tokens or default_max
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
-                              **_sampling_extras(self))
-
-
-def _sampling_extras(body) -> dict:
-    bias = {int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None
-    return dict(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                repetition_penalty=body.repetition_penalty, logit_bias=bias, min_tokens=body.min_tokens,
-                stop_token_ids=list(body.stop_token_ids or []), grammar=_grammar(body))
+        return self.sampling(self.max_completion_tokens or self.max_tokens or default_max,
+                             (self.top_logprobs or 0) if self.logprobs else None)
 
 
 def _grammar(body) -> tuple | None:

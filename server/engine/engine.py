@@ -459,9 +459,7 @@ class Engine:
                 self.prefilling.remove(s)
                 if s.params.max_tokens == 0:  # the prompt alone (scored with echo + logprobs): nothing to generate
                     s.finish_reason = "length"
-                    self._finish(s, event=Event(s.request.request_id, s.index, [], "", [], True, "length",
-                                                len(s.prompt_ids), 0, cached_tokens=s.cached_tokens,
-                                                prompt_logprobs=s.prompt_lps))
+                    self._finish(s)
                     continue
                 s.status = Status.DECODE
                 self.decoding.append(s)
@@ -502,8 +500,7 @@ class Engine:
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         vocab = self.runner.model.config.vocab_size
-        history = ([s.token_history(self.eos_ids, vocab) if s.params.adjusts else None for s in seqs]
-                   if any(s.params.adjusts for s in seqs) else None)
+        history = [s.token_history(self.eos_ids, vocab) if s.params.adjusts else None for s in seqs]
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], history)
         want_lp = [s.params.logprobs is not None for s in seqs]
         lps = token_logprobs(logits, tokens, max((s.params.logprobs or 0) for s in seqs)) if any(want_lp) else None
@@ -543,8 +540,9 @@ class Engine:
         if seq.request.adapter is not None and seq.request.adapter in self.registry.adapters:
             self.registry.adapters[seq.request.adapter].active -= 1
         if event is None:
-            event = Event(rid, seq.index, [], "", [], True, seq.finish_reason or "error",
-                          len(seq.prompt_ids), len(seq.output_ids), error=error, cached_tokens=seq.cached_tokens)
+            event = Event(rid, seq.index, [], "", [], True, seq.finish_reason or "error", len(seq.prompt_ids),
+                          len(seq.output_ids), error=error, cached_tokens=seq.cached_tokens,
+                          prompt_logprobs=seq.prompt_lps)
         if seq.routing_counts is not None:
             event.routing = seq.routing_counts
         siblings = self.requests.get(rid, [])

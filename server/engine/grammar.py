@@ -56,6 +56,8 @@ class Grammars:
     def compile(self, kind: str, value, param: str):
         """kind: json_object (any JSON object), json_schema (a schema: dict or JSON text), regex (a pattern), choice
         (a list of strings, exactly one of which is the output). JSON comes without free whitespace."""
+        if kind not in KINDS:
+            raise GrammarError(f"unknown grammar kind {kind!r}", param)
         try:
             with self._lock:
                 # JSON without free whitespace (separators ", " and ": "): with it, a model that likes a newline can
@@ -67,11 +69,10 @@ class Grammars:
                                                              any_whitespace=False)
                 if kind == "regex":
                     return self.compiler.compile_regex(value)
-                if kind == "choice":  # EBNF string literals take JSON's escapes
-                    return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+                # choice: EBNF string literals take JSON's escapes
+                return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
         except (RuntimeError, ValueError) as e:
             raise GrammarError(f"{param}: {_clean(e)}", param) from None
-        raise GrammarError(f"unknown grammar kind {kind!r}", param)
 
 
 class Matcher:

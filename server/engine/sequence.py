@@ -139,11 +139,7 @@ def update_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: set[
     p = seq.params
     token = seq.output_ids[-1]
     early = len(seq.output_ids) < p.min_tokens  # no stop condition but the length yet (min_tokens)
-    if early:
-        pass
-    elif not p.ignore_eos and token in eos_ids:
-        seq.finish_reason = "stop"
-    elif token in p.stop_token_ids:
+    if not early and ((not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids):
         seq.finish_reason = "stop"
     ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids
     if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens or seq.length >= max_len):
