@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from remix.adapter import AdapterError
+from server import tools
 from server.engine import Engine, EngineError, GenerationRequest
 from server.metrics import Metrics
 from server.protocol import (AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                             TokenizeRequest, error_body)
+                             FieldError, TokenizeRequest, error_body)
 
 log = logging.getLogger("server")
 
@@ -62,10 +64,15 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", []) if p not in ("body",)]
+        # the first of our own checks' errors if any (a value that fits no member of a union fails each member's
+        # check: "not a valid string" for a list of parts says less than the parts' own check), else the first
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
+        loc = [str(p) for p in first.get("loc", []) if p != "body" and not _UNION_TAG.search(str(p))]
         param = ".".join(loc) or None
-        msg = first.get("msg", "invalid request")
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+        blamed = (first.get("ctx") or {}).get("error")
+        if isinstance(blamed, FieldError):  # a check across fields that names one
+            param = ".".join(loc + [blamed.param]) if loc else blamed.param
         if first.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None
         elif first.get("type") == "extra_forbidden":
@@ -153,11 +160,7 @@ def create_app(state: ServerState) -> FastAPI:
             resolve_model(body.model)
         tok = state.engine.tokenizer
         if body.messages is not None:
-            if not tok.chat_template:
-                raise APIError(400, "this model has no chat template", param="messages")
-            ids = tok.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
-                                          add_generation_prompt=body.add_generation_prompt, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            ids = chat_prompt(body.messages, body.tools, body.add_generation_prompt)
         else:
             ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
         return {"count": len(ids), "max_model_len": state.engine.config.max_model_len, "tokens": ids,
@@ -196,13 +199,18 @@ def create_app(state: ServerState) -> FastAPI:
         check_key(request)
         check_open()
         adapter = resolve_model(body.model)
+        ids = chat_prompt(body.messages, body.tools if body.tool_mode else None)
+        return await _generate(request, body, adapter, [ids], [""], chat=True)
+
+    def chat_prompt(messages, offered_tools, add_generation_prompt: bool = True) -> list[int]:
+        """The conversation (and the tools offered) through the chat template (server.tools), as token ids."""
         tok = state.engine.tokenizer
         if not tok.chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return await _generate(request, body, adapter, [ids], [""], chat=True)
+        try:
+            return tools.prompt_ids(tok, messages, offered_tools, add_generation_prompt)
+        except Exception as e:  # (a template may raise on a conversation it does not take, e.g. roles out of order)
+            raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
 
     async def _generate(request: Request, body, adapter, prompt_ids: list[list[int]], prompt_texts: list[str], chat: bool):
         params = body.to_sampling(state.engine.config.max_model_len - max(len(p) for p in prompt_ids)) if chat else body.to_sampling()
@@ -265,6 +273,9 @@ def create_app(state: ServerState) -> FastAPI:
             tracker.close()
 
     return app
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[(]")  # pydantic's names of union members in locs
 
 
 class _Disconnected(Exception):
@@ -355,6 +366,9 @@ class _ResponseBuilder:
         self.offsets: dict[int, int] = {}  # streamed: each choice's text_offset so far
         so = getattr(body, "stream_options", None)
         self.include_usage = bool(so and so.include_usage)
+        self.tool_mode = body.tool_mode if chat else None  # (server.tools: calls parsed out of the text)
+        self.parsers: dict[int, tools.CallParser] = {}  # streamed: each choice's
+        self.held: dict[int, str] = {}  # streamed: each choice's trailing whitespace, sent once text follows it
 
     def _choice(self, i: int, ev) -> int:
         return i * self.n + ev.index
@@ -418,7 +432,18 @@ class _ResponseBuilder:
         for c in sorted(self.text):
             choice = {"index": c, "finish_reason": self.finish.get(c)}
             lp = self._logprobs(self.tokens[c]) if self._wants_logprobs() else None  # (with echo: the prompt's first)
-            if self.chat:
+            if self.chat and self.tool_mode:
+                parser = tools.CallParser()
+                parser.feed(self.text[c])
+                parser.finish()
+                calls = parser.tool_calls()
+                choice["message"] = {"role": "assistant", "content": (parser.content.rstrip() or None) if calls
+                                     else parser.content}
+                if calls:
+                    choice["message"]["tool_calls"] = calls
+                choice["finish_reason"] = self._finish_reason(c, bool(calls))
+                choice["logprobs"] = lp
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": self.text[c]}
                 choice["logprobs"] = lp
             else:
@@ -440,7 +465,6 @@ class _ResponseBuilder:
         self.started.add(c)
         if not text and not ev.finished and not (self.chat and first):
             return None
-        finish = self.finish.get(c) if ev.finished else None
         entries = (ev.prompt_logprobs or []) + ev.logprobs
         lp = None
         if self._wants_logprobs() and entries:  # text_offset runs on across a choice's chunks
@@ -448,10 +472,17 @@ class _ResponseBuilder:
             if not self.chat:
                 self.offsets[c] = lp["text_offset"][-1] + len(lp["tokens"][-1])
         if self.chat:
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            delta = {"role": "assistant"} if first else {}
+            if self.tool_mode:
+                delta.update(self._tool_delta(c, text, ev.finished))
+                if not delta and lp is None and not ev.finished:
+                    return None  # (all of it held back: it may be the start of a call)
+            else:
+                delta["content"] = text
+            finish = self._finish_reason(c, bool(self.parsers[c].calls) if self.tool_mode else False) if ev.finished else None
             choice = {"index": c, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": c, "text": text, "logprobs": lp, "finish_reason": finish}
+            choice = {"index": c, "text": text, "logprobs": lp, "finish_reason": self.finish.get(c) if ev.finished else None}
         if ev.finished and c in self.routing:
             choice["remix_routing"] = self.routing[c]
         out = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -459,6 +490,36 @@ class _ResponseBuilder:
         if self.include_usage:
             out["usage"] = None
         return out
+
+    def _finish_reason(self, c: int, called: bool) -> str | None:
+        """OpenAI's: "tool_calls" when the model chose to call (tool_choice auto or required), "stop" for a call
+        tool_choice named."""
+        finish = self.finish.get(c)
+        return "tool_calls" if called and finish == "stop" and self.tool_mode in ("auto", "required") else finish
+
+    def _tool_delta(self, c: int, text: str, finished: bool) -> dict:
+        """A streamed chat choice's delta with tools offered: its content (whitespace that may end the content before
+        a call held back until text follows it, so the pieces add up to the whole response's content) and, per call,
+        its id and name once, then pieces of its arguments."""
+        parser = self.parsers.setdefault(c, tools.CallParser())
+        events = parser.feed(text) + (parser.finish() if finished else [])
+        held = self.held.get(c, "") + "".join(e[1] for e in events if e[0] == "content")
+        delta = {}
+        if held.rstrip():
+            delta["content"], held = held.rstrip(), held[len(held.rstrip()):]
+        if finished and held and not parser.calls:
+            delta["content"], held = delta.get("content", "") + held, ""
+        self.held[c] = held
+        calls: dict[int, dict] = {}
+        for e in events:
+            if e[0] == "call":
+                calls[e[1]] = {"index": e[1], "id": parser.calls[e[1]][0], "type": "function",
+                               "function": {"name": e[2], "arguments": ""}}
+            elif e[0] == "arguments":
+                calls.setdefault(e[1], {"index": e[1], "function": {"arguments": ""}})["function"]["arguments"] += e[2]
+        if calls:
+            delta["tool_calls"] = [calls[i] for i in sorted(calls)]
+        return delta
 
     def usage_chunk(self) -> dict:
         return {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",

@@ -7,10 +7,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server import tools
 from server.engine import SamplingParams
 
 MAX_STOP = 8
 MAX_LOGIT_BIAS = 1024
+
+
+class FieldError(ValueError):
+    """A check across fields that blames one of them: the 400 names ``param`` (a plain ValueError from a model
+    validator names no field)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 class StreamOptions(BaseModel):
@@ -111,13 +121,15 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
-    def sampling(self, max_tokens: int, logprobs: int | None, **more) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, grammar: tuple | None = None, **more) -> SamplingParams:
+        """grammar: (kind, spec, field) for the engine's compiler; None: the one this request's own fields ask for."""
         bias = {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, logit_bias=bias, min_tokens=self.min_tokens,
-                              stop_token_ids=list(self.stop_token_ids or []), grammar=_grammar(self), **more)
+                              stop_token_ids=list(self.stop_token_ids or []), grammar=grammar or _grammar(self),
+                              **more)
 
 
 class CompletionRequest(_Common):
@@ -151,11 +163,87 @@ class CompletionRequest(_Common):
                              prompt_logprobs=self.logprobs if self.echo else None)
 
 
-class ChatMessage(BaseModel):
+class TextPart(BaseModel):
+    """A part of a message's content: text only (this server has no image or audio input)."""
+    model_config = ConfigDict(extra="ignore")  # (an image part's own fields: its type is what gets refused)
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported (this model takes text only)")
+        if self.text is None:
+            raise ValueError("a text part needs text")
+        return self
+
+
+class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message made earlier in the conversation."""
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """OpenAI's message forms: system / developer / user (content: text or text parts), assistant (content and / or
+    tool_calls), tool (the result of a call, by tool_call_id)."""
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal is not None)):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines, as vLLM joins them)."""
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object; None: any object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Common):
@@ -164,10 +252,41 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tools(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise FieldError("tools", "function names must be unique")
+        if not names and self.tool_choice not in (None, "none"):
+            raise FieldError("tool_choice", "tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise FieldError("tool_choice", f"{self.tool_choice.function.name!r} is not among the tools")
+        if self.tool_mode in ("required", "named") and _grammar(self) is not None:
+            raise FieldError("tool_choice", "a required or named tool_choice cannot be combined with response_format, "
+                                            "guided_regex or guided_choice")
+        return self
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools offered), "auto", "required" or "named" (tool_choice names one function)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
     def to_sampling(self, default_max: int) -> SamplingParams:
+        grammar = None
+        if self.tool_mode is not None and _grammar(self) is None:  # tool calls held to their schemas
+            named = self.tool_choice.function.name if self.tool_mode == "named" else None
+            grammar = ("structural_tag", tools.structural_tag(self.tools, self.tool_mode, self.parallel_tool_calls, named),
+                       "tools")
         return self.sampling(self.max_completion_tokens or self.max_tokens or default_max,
-                             (self.top_logprobs or 0) if self.logprobs else None)
+                             (self.top_logprobs or 0) if self.logprobs else None, grammar)
 
 
 def _grammar(body) -> tuple | None:
@@ -191,6 +310,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = Field(default=None, max_length=128)  # (with messages: written into the prompt)
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
 

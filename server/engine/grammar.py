@@ -33,7 +33,7 @@ class GrammarError(ValueError):
         self.param = param
 
 
-KINDS = ("json_object", "json_schema", "regex", "choice")
+KINDS = ("json_object", "json_schema", "regex", "choice", "structural_tag")
 
 
 def _clean(error: Exception) -> str:
@@ -55,7 +55,8 @@ class Grammars:
 
     def compile(self, kind: str, value, param: str):
         """kind: json_object (any JSON object), json_schema (a schema: dict or JSON text), regex (a pattern), choice
-        (a list of strings, exactly one of which is the output). JSON comes without free whitespace."""
+        (a list of strings, exactly one of which is the output), structural_tag (xgrammar's structural tag: dict or
+        JSON text; server.tools builds the tool-call ones). JSON comes without free whitespace."""
         if kind not in KINDS:
             raise GrammarError(f"unknown grammar kind {kind!r}", param)
         try:
@@ -69,6 +70,8 @@ class Grammars:
                                                              any_whitespace=False)
                 if kind == "regex":
                     return self.compiler.compile_regex(value)
+                if kind == "structural_tag":
+                    return self.compiler.compile_structural_tag(value if isinstance(value, str) else json.dumps(value))
                 # choice: EBNF string literals take JSON's escapes
                 return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
         except (RuntimeError, ValueError) as e:

@@ -1,0 +1,291 @@
+"""Tool calling on /v1/chat/completions: the tools and the conversation's calls and results rendered into the prompt
+(by a template that knows Hermes' format, or written here for one that does not), calls held to the tools' schemas by
+a structural tag, and the output parsed back into OpenAI tool_calls, whole and streamed, over HTTP."""
+
+import json
+import random
+
+import httpx
+import openai
+import pytest
+
+import remix
+from server import tools
+from server.protocol import ChatCompletionRequest, ChatMessage
+from tests.helpers import LiveServer
+
+pytest.importorskip("xgrammar")
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TOOLS = [WEATHER, TIME]
+
+CALLS = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+
+
+def parse(pieces):
+    """(content, [(name, arguments)]) from a CallParser fed ``pieces``, by its events (as the stream sends them)."""
+    p = tools.CallParser()
+    content, calls = "", []
+    for ev in [e for piece in pieces for e in p.feed(piece)] + p.finish():
+        if ev[0] == "content":
+            content += ev[1]
+        elif ev[0] == "call":
+            assert ev[1] == len(calls)
+            calls.append([ev[2], ""])
+        else:
+            calls[ev[1]][1] += ev[2]
+    assert content == p.content and [[c["function"]["name"], c["function"]["arguments"]] for c in p.tool_calls()] == calls
+    return content, [tuple(c) for c in calls]
+
+
+def test_parser_splits_content_and_calls_however_the_text_arrives():
+    want = ("Let me check.\n\n", [("get_weather", '{"city": "Paris", "days": 2}'), ("get_time", "{}")])
+    assert parse([CALLS]) == want
+    assert parse(list(CALLS)) == want  # a character at a time
+    rng = random.Random(0)
+    for _ in range(50):  # random cuts, so the tags and the header split anywhere
+        cuts = sorted(rng.sample(range(1, len(CALLS)), rng.randint(1, 12)))
+        assert parse([CALLS[a:b] for a, b in zip([0] + cuts, cuts + [len(CALLS)])]) == want
+
+
+def test_parser_keeps_what_is_not_a_call_and_cut_off_calls():
+    assert parse(["a <b> <tool", "s"]) == ("a <b> <tools", [])  # held back while it could be a tag, then content
+    assert parse(["x <tool_"]) == ("x <tool_", [])  # the end: what was held is content
+    assert parse(["<tool_call>not json"]) == ("<tool_call>not json", [])  # no readable name: content after all
+    # cut off by max_tokens: the arguments that came, without the part of the closing that came
+    assert parse(['<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool']) == ("", [("f", '{"x": 1}')])
+    assert parse(['<tool_call>\n{"name": "f", "arguments": {"x": 1}']) == ("", [("f", '{"x": 1}')])  # its own "}"
+    assert parse(['<tool_call>\n{"name": "f", "arguments": {"x": "a}\\n</tool_call>"}}\n</tool_call>']) == (
+        "", [("f", '{"x": "a}\\n</tool_call>"}')])  # (an escaped newline in a string is not the closing)
+    assert parse(['<tool_call>\n{"name": "we\\"ird", "arguments": {}}\n</tool_call>']) == ("", [('we"ird', "{}")])
+
+
+def msgs(*raw):
+    return [ChatMessage(**m) for m in raw]
+
+
+CONVERSATION = ({"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Weather in"}, {"type": "text", "text": "Paris?"}]},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                                      "arguments": '{"city": "Paris", "days": 1}'}},
+                    {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "call_2", "content": "noon"})
+
+
+def test_a_template_without_tools_gets_them_written_in_hermes_form():
+    """The tiny tokenizer's ChatML template knows nothing of tools (as SmolLM2's): the tools go into the system
+    message (after the developer's, which becomes system), calls into the assistant's content, both results into
+    one user turn."""
+    tok = remix.tiny_model()[1]
+    assert not tools.native(tok)
+    text = tok.decode(tools.prompt_ids(tok, msgs(*CONVERSATION), [tools_model(t) for t in TOOLS]))
+    specs = "\n".join(json.dumps(t) for t in TOOLS)
+    assert text == (
+        "<|im_start|>system\nBe brief.\n\n" + tools.SYSTEM_PROMPT.format(tools=specs) + "<|im_end|>\n"
+        "<|im_start|>user\nWeather in\nParis?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nnoon\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert "# Tools" in tools.SYSTEM_PROMPT
+    # without tools, plain messages render exactly as the template renders them
+    plain = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi", "name": "ann"}]
+    assert tools.prompt_ids(tok, msgs(*plain)) == list(tok.apply_chat_template(plain, add_generation_prompt=True,
+                                                                                tokenize=True)["input_ids"])
+
+
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{%- for c in m.tool_calls or [] %}<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments}"
+    " | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_knows_tools_renders_them_itself():
+    tok = remix.tiny_model()[1]
+    tok.chat_template = HERMES_TEMPLATE
+    assert tools.native(tok)
+    text = tok.decode(tools.prompt_ids(tok, msgs(*CONVERSATION), [tools_model(WEATHER)]))
+    assert text.startswith("<|im_start|>system\n" + json.dumps(WEATHER) + "\n<|im_end|>\n<|im_start|>system\nBe brief.")
+    # the calls' arguments reach the template as objects, the results as tool messages
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}\n</tool_call>' in text
+    assert "<|im_start|>tool\nsunny<|im_end|>\n<|im_start|>tool\nnoon<|im_end|>" in text
+
+
+def tools_model(spec):
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=[spec]).tools[0]
+
+
+def test_structural_tags_per_tool_choice():
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=TOOLS)
+    assert req.tool_mode == "auto"
+    tag = tools.structural_tag(req.tools, "auto", parallel=True)["format"]
+    assert tag["type"] == "triggered_tags" and tag["triggers"] == ["<tool_call>"] and not tag["stop_after_first"]
+    assert [t["begin"] for t in tag["tags"]] == ['<tool_call>\n{"name": "get_weather", "arguments": ',
+                                                '<tool_call>\n{"name": "get_time", "arguments": ']
+    assert tag["tags"][0]["content"]["json_schema"] == WEATHER["function"]["parameters"]
+    tag = tools.structural_tag(req.tools, "required", parallel=False)["format"]
+    assert tag["type"] == "tags_with_separator" and tag["at_least_one"] and tag["stop_after_first"]
+    tag = tools.structural_tag(req.tools, "named", parallel=True, named="get_time")["format"]
+    assert tag["type"] == "tag" and '"get_time"' in tag["begin"] and tag["end"] == "}\n</tool_call>"
+    assert ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=TOOLS,
+                                 tool_choice="none").tool_mode is None
+
+
+# ---------------------------------------------------------------- over HTTP (tiny base)
+
+@pytest.fixture(scope="module")
+def server():
+    srv = LiveServer(["--max-model-len", "2048", "--max-num-seqs", "8"])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def valid_weather(arguments: str) -> bool:
+    args = json.loads(arguments)
+    return set(args) == {"city", "days"} and args["city"] in ("Paris", "Rome") and args["days"] in range(1, 8)
+
+
+def streamed(client, **kw):
+    """(content, [(id, name, arguments)], finish_reason) accumulated from a stream, as an OpenAI client does."""
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            d = ch.delta
+            content += d.content or ""
+            for tc in d.tool_calls or []:
+                c = calls.setdefault(tc.index, [None, None, ""])
+                if tc.id:
+                    assert c[0] is None  # each call's id and name come once, with its first piece
+                    c[0], c[1] = tc.id, tc.function.name
+                c[2] += tc.function.arguments or ""
+            finish = ch.finish_reason or finish
+    return content, [tuple(calls[i]) for i in sorted(calls)], finish
+
+
+def test_required_and_named_calls_follow_the_schemas(client):
+    """Sampled at temperature 1 from a random model, every call is one of the tools with arguments its schema
+    allows; with parallel_tool_calls false exactly one call (finish "tool_calls"); a named function gets exactly one
+    call of it (finish "stop", as OpenAI's)."""
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
+                                       parallel_tool_calls=False, n=4, temperature=1.0, seed=3, max_tokens=300)
+    for ch in r.choices:
+        assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1 and ch.message.content is None
+        call = ch.message.tool_calls[0]
+        assert call.type == "function" and call.id.startswith("call_")
+        if call.function.name == "get_weather":
+            assert valid_weather(call.function.arguments)
+        else:
+            assert call.function.name == "get_time" and json.loads(call.function.arguments) == {}
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=1.0, seed=5, n=4,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                       max_tokens=300)
+    for ch in r.choices:
+        assert ch.finish_reason == "stop" and [c.function.name for c in ch.message.tool_calls] == ["get_weather"]
+        assert valid_weather(ch.message.tool_calls[0].function.arguments)
+
+
+def test_streamed_calls_add_up_to_the_whole_response(client):
+    for kw in ({"tool_choice": "required"}, {"tool_choice": "required", "parallel_tool_calls": False},
+               {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}):
+        body = dict(model="tiny", messages=ASK, tools=TOOLS, temperature=0, max_tokens=300, **kw)
+        whole = client.chat.completions.create(**body).choices[0]
+        content, calls, finish = streamed(client, **body)
+        assert finish == whole.finish_reason and content == (whole.message.content or "")
+        assert [(n, a) for _, n, a in calls] == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+        assert all(cid.startswith("call_") for cid, _, _ in calls) and len({cid for cid, _, _ in calls}) == len(calls)
+
+
+def test_auto_parses_calls_out_of_the_text(client):
+    """tool_choice auto: the model may answer in text or call. A call forced here by guided_regex (which then holds
+    instead of the tools' tag) comes back as a tool call beside the text before it, whole and streamed."""
+    said = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 3}}\n</tool_call>')
+    body = dict(model="tiny", messages=ASK, tools=TOOLS, temperature=0, max_tokens=300,
+                extra_body={"guided_regex": said.replace("{", r"\{").replace("}", r"\}").replace(".", r"\.")})
+    ch = client.chat.completions.create(**body).choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content == "Checking."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in ch.message.tool_calls] == [
+        ("get_weather", {"city": "Rome", "days": 3})]
+    assert streamed(client, **body)[::2] == ("Checking.", "tool_calls")
+    # no call: the text is the content, as without tools
+    ch = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=0, max_tokens=20,
+                                        extra_body={"guided_regex": "Sunny, probably\\."}).choices[0]
+    assert ch.message.content == "Sunny, probably." and ch.message.tool_calls is None and ch.finish_reason == "stop"
+    # free generation with tools offered runs (a random model rarely opens a call; when it does, the call is valid)
+    for ch in client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=1.0, seed=1, n=4,
+                                             max_tokens=200).choices:
+        for call in ch.message.tool_calls or []:
+            assert call.function.name in ("get_weather", "get_time")
+
+
+def test_a_conversation_with_calls_and_results_continues(client, server):
+    r = client.chat.completions.create(model="tiny", messages=list(CONVERSATION), tools=TOOLS, temperature=0,
+                                       max_tokens=5, tool_choice="none")
+    assert r.choices[0].message.content is not None and r.choices[0].message.tool_calls is None
+    counted = httpx.post(server.url + "/tokenize", json={"messages": list(CONVERSATION), "tools": TOOLS}).json()
+    used = client.chat.completions.create(model="tiny", messages=list(CONVERSATION), tools=TOOLS, temperature=0,
+                                          max_tokens=1)
+    assert counted["count"] == used.usage.prompt_tokens > r.usage.prompt_tokens  # (the tools written in, or not)
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not among"),
+    ({"tools": [WEATHER, WEATHER]}, "tools", "unique"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools", "pattern"),
+    ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, None, "cannot be combined"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+      "tool_choice": "required"}, "tools", ""),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
+     "text only"),
+    ({"messages": [{"role": "tool", "content": "r"}]}, "messages", "tool_call_id"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages", "needs content"),
+])
+def test_bad_tool_requests_are_400s(server, body, param, words):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": ASK, **body})
+    err = r.json()["error"]
+    assert r.status_code == 400 and words in err["message"], err
+    assert param is None or (err["param"] or "").startswith(param), err
+
+
+@pytest.mark.slow
+def test_default_base_calls_the_tool_with_the_city_it_was_asked_about():
+    """SmolLM2-135M-Instruct (its template has no tools: they are written in), bfloat16, greedy, tool_choice
+    required with one call: get_weather for Paris; the whole request path but HTTP (server.tools + protocol)."""
+    import torch
+
+    from server.engine import Engine, EngineConfig, GenerationRequest, collect
+
+    model, tok = remix.load_base(dtype=torch.bfloat16)
+    engine = Engine(model, tok, EngineConfig(max_model_len=1024, max_num_seqs=2))
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                               "required": ["city"]}}}
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "What is the weather like in Paris today?"}],
+                                tools=[weather, TIME], tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                max_tokens=60)
+    params = req.to_sampling(512)
+    text = "".join(e.text for e in collect(engine, GenerationRequest("t", tools.prompt_ids(tok, req.messages, req.tools),
+                                                                     params)))
+    p = tools.CallParser()
+    p.feed(text)
+    p.finish()
+    (call,) = p.tool_calls()
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
