@@ -289,3 +289,16 @@ def test_default_base_calls_the_tool_with_the_city_it_was_asked_about():
     p.finish()
     (call,) = p.tool_calls()
     assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_without_xgrammar_tools_are_refused_naming_them(monkeypatch):
+    from server.engine import Engine, EngineConfig, EngineError, grammar
+
+    monkeypatch.setattr(grammar, "xgr", None)
+    model, tok = remix.tiny_model()
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2))
+    req = ChatCompletionRequest(model="m", messages=ASK, tools=TOOLS)
+    with pytest.raises(EngineError, match="xgrammar") as err:
+        engine.compile_grammar(*req.to_sampling(10).grammar)
+    assert err.value.param == "tools"
+    assert ChatCompletionRequest(model="m", messages=ASK, tools=TOOLS, tool_choice="none").to_sampling(10).grammar is None
