@@ -160,7 +160,7 @@ def create_app(state: ServerState) -> FastAPI:
             resolve_model(body.model)
         tok = state.engine.tokenizer
         if body.messages is not None:
-            ids = chat_prompt(body.messages, body.tools, body.add_generation_prompt)
+            ids = chat_prompt(body, body.tools)
         else:
             ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
         return {"count": len(ids), "max_model_len": state.engine.config.max_model_len, "tokens": ids,
@@ -199,16 +199,17 @@ def create_app(state: ServerState) -> FastAPI:
         check_key(request)
         check_open()
         adapter = resolve_model(body.model)
-        ids = chat_prompt(body.messages, body.tools if body.tool_mode else None)
+        ids = chat_prompt(body, body.tools if body.tool_mode else None)
         return await _generate(request, body, adapter, [ids], [""], chat=True)
 
-    def chat_prompt(messages, offered_tools, add_generation_prompt: bool = True) -> list[int]:
-        """The conversation (and the tools offered) through the chat template (server.tools), as token ids."""
+    def chat_prompt(body, offered_tools) -> list[int]:
+        """A request's conversation (and the tools offered) through the chat template (server.tools), as token ids."""
         tok = state.engine.tokenizer
         if not tok.chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         try:
-            return tools.prompt_ids(tok, messages, offered_tools, add_generation_prompt)
+            return tools.prompt_ids(tok, body.messages, offered_tools, body.add_generation_prompt,
+                                    body.continue_final_message, body.chat_template_kwargs)
         except Exception as e:  # (a template may raise on a conversation it does not take, e.g. roles out of order)
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
 

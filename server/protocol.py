@@ -163,6 +163,34 @@ class CompletionRequest(_Common):
                              prompt_logprobs=self.logprobs if self.echo else None)
 
 
+TEMPLATE_ARGS = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                 "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                 "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
+class _Template(BaseModel):
+    """vLLM's chat-template controls (chat and /tokenize): add_generation_prompt (the assistant turn's header after the
+    messages), continue_final_message (the last message, an assistant's, left open: the model goes on with it; then
+    no generation prompt unless asked for, which is an error) and chat_template_kwargs (the template's own variables)."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
+
+    @model_validator(mode="after")
+    def _template(self):
+        if self.continue_final_message:
+            if "add_generation_prompt" in self.model_fields_set and self.add_generation_prompt:
+                raise FieldError("continue_final_message", "continue_final_message and add_generation_prompt cannot "
+                                                           "both be true")
+            self.add_generation_prompt = False
+            if self.messages is None or self.messages[-1].role != "assistant":
+                raise FieldError("continue_final_message", "continue_final_message needs an assistant message last")
+        clash = sorted(TEMPLATE_ARGS & set(self.chat_template_kwargs or {}))
+        if clash:
+            raise FieldError("chat_template_kwargs", f"{', '.join(clash)} cannot be set through chat_template_kwargs")
+        return self
+
+
 class TextPart(BaseModel):
     """A part of a message's content: text only (this server has no image or audio input)."""
     model_config = ConfigDict(extra="ignore")  # (an image part's own fields: its type is what gets refused)
@@ -246,7 +274,7 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_Common):
+class ChatCompletionRequest(_Template, _Common):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -303,7 +331,7 @@ def _grammar(body) -> tuple | None:
     return None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Template):
     """vLLM's /tokenize: a prompt (tokenized as /v1/completions tokenizes it) or chat messages (with the chat
     template and, by default, the generation prompt, as /v1/chat/completions builds its prompt)."""
     model_config = ConfigDict(extra="forbid")
@@ -311,7 +339,6 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)  # (with messages: written into the prompt)
-    add_generation_prompt: bool = True
     add_special_tokens: bool = False
 
     @model_validator(mode="after")

@@ -97,10 +97,13 @@ def conversation(tokenizer, messages, tools) -> tuple[list[dict], dict]:
     return out, {}
 
 
-def prompt_ids(tokenizer, messages, tools=None, add_generation_prompt: bool = True) -> list[int]:
-    """The chat template applied to the conversation (and tools), as token ids."""
+def prompt_ids(tokenizer, messages, tools=None, add_generation_prompt: bool = True, continue_final_message: bool = False,
+               template_kwargs: dict | None = None) -> list[int]:
+    """The chat template applied to the conversation (and tools), as token ids; continue_final_message: the last
+    (assistant) message left open for the model to go on with; template_kwargs: the template's own variables."""
     msgs, extra = conversation(tokenizer, messages, tools)
-    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True, **extra)
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        continue_final_message=continue_final_message, **(template_kwargs or {}), **extra)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 

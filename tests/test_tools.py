@@ -302,3 +302,33 @@ def test_without_xgrammar_tools_are_refused_naming_them(monkeypatch):
         engine.compile_grammar(*req.to_sampling(10).grammar)
     assert err.value.param == "tools"
     assert ChatCompletionRequest(model="m", messages=ASK, tools=TOOLS, tool_choice="none").to_sampling(10).grammar is None
+
+
+def test_chat_template_controls():
+    """vLLM's add_generation_prompt, continue_final_message (an assistant message left open: the model goes on with
+    it) and chat_template_kwargs (the template's own variables), for chat and /tokenize alike."""
+    tok = remix.tiny_model()[1]
+    convo = msgs({"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"})
+    text = tok.decode(tools.prompt_ids(tok, convo, continue_final_message=True, add_generation_prompt=False))
+    assert text == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nThe colour is"
+    assert tok.decode(tools.prompt_ids(tok, convo[:1], add_generation_prompt=False)).endswith("colour.<|im_end|>\n")
+    tok.chat_template = "{{ greeting }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert tok.decode(tools.prompt_ids(tok, convo[:1], template_kwargs={"greeting": "Hey! "})) == "Hey! Name a colour."
+    req = ChatCompletionRequest(model="m", messages=[m.model_dump() for m in convo], continue_final_message=True)
+    assert req.add_generation_prompt is False  # (implied; asking for both is an error, below)
+
+
+def test_continue_final_message_over_http(client, server):
+    convo = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    body = {"messages": convo, "continue_final_message": True}
+    r = client.chat.completions.create(model="tiny", max_tokens=3, temperature=0, extra_body={"continue_final_message": True},
+                                       messages=convo)
+    counted = httpx.post(server.url + "/tokenize", json=body).json()
+    assert r.usage.prompt_tokens == counted["count"] and counted["token_strs"][-1] == "s"  # "...is": left open
+    for extra, param in (({"add_generation_prompt": True}, "continue_final_message"),
+                         ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs")):
+        err = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", **body, **extra})
+        assert err.status_code == 400 and err.json()["error"]["param"] == param
+    err = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": convo[:1],
+                                                                 "continue_final_message": True})
+    assert err.status_code == 400 and "assistant message last" in err.json()["error"]["message"]
