@@ -368,6 +368,8 @@ class _ResponseBuilder:
         so = getattr(body, "stream_options", None)
         self.include_usage = bool(so and so.include_usage)
         self.tool_mode = body.tool_mode if chat else None  # (server.tools: calls parsed out of the text)
+        self.ranked = not chat and body.ranked  # best_of > n: n = best_of sequences per prompt, the body's n returned
+        self.scores: dict[int, tuple[float, int]] = {}  # ranked: each sequence's summed log-probability and tokens
         self.parsers: dict[int, tools.CallParser] = {}  # streamed: each choice's
         self.held: dict[int, str] = {}  # streamed: each choice's trailing whitespace, sent once text follows it
 
@@ -381,6 +383,9 @@ class _ResponseBuilder:
             self.tokens[c] = []
         self.text[c] += ev.text
         self.tokens[c] += (ev.prompt_logprobs or []) + ev.logprobs
+        if self.ranked:
+            total, count = self.scores.get(c, (0.0, 0))
+            self.scores[c] = (total + sum(e[1] for e in ev.logprobs), count + len(ev.logprobs))
         if ev.finished:
             self.finish[c] = ev.finish_reason if ev.finish_reason in ("stop", "length") else (ev.finish_reason or "error")
             if ev.index == 0:
@@ -453,6 +458,8 @@ class _ResponseBuilder:
             if c in self.routing:
                 choice["remix_routing"] = self.routing[c]
             choices.append(choice)
+        if self.ranked:
+            choices = self._best(choices)
         return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.body.model, "choices": choices, "usage": self._usage()}
 
@@ -491,6 +498,20 @@ class _ResponseBuilder:
         if self.include_usage:
             out["usage"] = None
         return out
+
+    def _best(self, choices: list[dict]) -> list[dict]:
+        """best_of: per prompt, the body's n sequences of highest mean log-probability per generated token (OpenAI's
+        "best"; ties to the earlier sequence), best first, numbered as n choices per prompt."""
+        def mean(c):
+            total, count = self.scores.get(c, (0.0, 0))
+            return total / count if count else 0.0
+
+        best = []
+        for i in range(len(self.prompt_ids)):
+            mine = sorted((ch for ch in choices if ch["index"] // self.n == i), key=lambda ch: (-mean(ch["index"]), ch["index"]))
+            for rank, ch in enumerate(mine[: self.body.n]):
+                best.append({**ch, "index": i * self.body.n + rank})
+        return best
 
     def _finish_reason(self, c: int, called: bool) -> str | None:
         """OpenAI's: "tool_calls" when the model chose to call (tool_choice auto or required), "stop" for a call

@@ -124,8 +124,9 @@ class _Common(BaseModel):
     def sampling(self, max_tokens: int, logprobs: int | None, grammar: tuple | None = None, **more) -> SamplingParams:
         """grammar: (kind, spec, field) for the engine's compiler; None: the one this request's own fields ask for."""
         bias = {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
+        more.setdefault("n", self.n)
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              seed=self.seed, n=self.n, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, logit_bias=bias, min_tokens=self.min_tokens,
                               stop_token_ids=list(self.stop_token_ids or []), grammar=grammar or _grammar(self),
@@ -134,7 +135,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = Field(default=None, ge=1, le=1)
+    best_of: int | None = Field(default=None, ge=1, le=16)  # sequences generated per prompt; the n best returned
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int = Field(default=16, ge=0, le=1_000_000)  # 0: the prompt alone (with echo + logprobs: scored)
@@ -158,8 +159,23 @@ class CompletionRequest(_Common):
             raise ValueError(f"{info.field_name} is not supported")
         return v
 
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise FieldError("best_of", f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.ranked and self.stream:
+            raise FieldError("best_of", "best_of above n cannot be streamed (the best are known only at the end)")
+        return self
+
+    @property
+    def ranked(self) -> bool:
+        """Whether more sequences are generated than returned (best_of > n): the n best by mean token log-probability."""
+        return self.best_of is not None and self.best_of > self.n
+
     def to_sampling(self) -> SamplingParams:
-        return self.sampling(self.max_tokens, self.logprobs, echo=self.echo,
+        # ranking needs every generated token's log-probability: asked of the engine even when not returned
+        logprobs = self.logprobs if not self.ranked or self.logprobs is not None else 0
+        return self.sampling(self.max_tokens, logprobs, echo=self.echo, n=self.best_of if self.ranked else self.n,
                              prompt_logprobs=self.logprobs if self.echo else None)
 
 

@@ -173,6 +173,26 @@ def test_n2_logprobs_echo(client):
     assert r.choices[0].text == r.choices[1].text  # greedy: both sequences agree
 
 
+def test_best_of_returns_the_n_best_by_mean_token_logprob(client):
+    """best_of 4, n 2: the same four seeded sequences as n 4 are generated, and the two of highest mean log-probability
+    per token come back, best first, as choices 0 and 1; usage counts all four. Streaming it or best_of < n: 400."""
+    kw = dict(model="beta", prompt="random", max_tokens=8, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    four = client.completions.create(n=4, logprobs=0, **kw)
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in four.choices]
+    order = sorted(range(4), key=lambda i: (-means[i], i))
+    assert len(set(c.text for c in four.choices)) > 1  # (sampled: the sequences differ, so the ranking is tested)
+    best = client.completions.create(n=2, best_of=4, **kw)
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert [c.text for c in best.choices] == [four.choices[i].text for i in order[:2]]
+    assert best.usage.completion_tokens == four.usage.completion_tokens == 32
+    shown = client.completions.create(n=1, best_of=4, logprobs=1, **kw).choices
+    assert len(shown) == 1 and shown[0].text == four.choices[order[0]].text and len(shown[0].logprobs.tokens) == 8
+    for bad in ({"best_of": 3, "stream": True}, {"best_of": 1, "n": 2}):
+        r = httpx.post(client.base_url.join("completions").__str__(), headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "beta", "prompt": "x", **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of", r.text
+
+
 def test_stop(client):
     full = client.completions.create(model="alpha", prompt="xyz", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
