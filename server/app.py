@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,6 +38,7 @@ class ServerState:
     draining: bool = False
     in_flight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
 
 
 class APIError(Exception):
@@ -60,6 +62,10 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="remix-serve", description="OpenAI-compatible server for ReMix adapters", version="0.1.0")
     app.state.remix = state
     state.metrics = state.metrics or Metrics(state.engine)
+    app.add_middleware(RequestIdMiddleware)
+    if state.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -134,6 +140,14 @@ def create_app(state: ServerState) -> FastAPI:
                 data.append({"id": name, "object": "model", "created": state.created, "owned_by": "remix-serve",
                              "parent": state.base_name, "root": state.base_name, "adapter": {"path": a.path, **a.info}})
         return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        check_key(request)
+        found = [m for m in (await models(request))["data"] if m["id"] == model_id]
+        if not found:
+            raise APIError(404, f"the model {model_id!r} does not exist", "not_found_error", "model", "model_not_found")
+        return found[0]
 
     @app.post("/v1/adapters")
     async def load_adapter(body: AdapterLoadRequest, request: Request):
@@ -238,7 +252,8 @@ def create_app(state: ServerState) -> FastAPI:
                 state.engine.cancel(sub)
             raise APIError(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code) from None
         state.in_flight += 1
-        tracker = _Tracker(state, adapter or state.base_name, arrival, len(prompt_ids) * params.n)
+        tracker = _Tracker(state, adapter or state.base_name, arrival, len(prompt_ids) * params.n,
+                           getattr(request.state, "request_id", None))
         builder = _ResponseBuilder(state, body, rid, chat, prompt_ids, prompt_texts, params.n)
         if body.stream:
             return StreamingResponse(_stream(request, queue, sub_ids, tracker, builder), media_type="text/event-stream")
@@ -279,6 +294,28 @@ def create_app(state: ServerState) -> FastAPI:
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[(]")  # pydantic's names of union members in locs
 
 
+class RequestIdMiddleware:
+    """Every response carries X-Request-Id: the client's own (up to 128 printable characters) or a new one, also in
+    the request's log line. Plain ASGI, so streamed responses pass through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, with_id)
+
+
 class _Disconnected(Exception):
     pass
 
@@ -304,8 +341,9 @@ def _prompt_list(prompt) -> list:
 class _Tracker:
     """Latency metrics, token counters and the one log line per request."""
 
-    def __init__(self, state: ServerState, adapter: str, arrival: float, sequences: int):
+    def __init__(self, state: ServerState, adapter: str, arrival: float, sequences: int, request_id: str | None = None):
         self.state, self.adapter, self.arrival, self.left = state, adapter, arrival, sequences
+        self.request_id = request_id
         self.last: dict = {}
         self.prompt_tokens = 0
         self.cached: dict[str, int] = {}  # per prompt (request id): the most of its tokens a sequence took from the cache
@@ -344,8 +382,8 @@ class _Tracker:
         elapsed = time.monotonic() - self.arrival
         if self.done():
             self.state.metrics.e2e.labels(self.adapter).observe(elapsed)
-        log.info("request adapter=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d latency=%.3fs status=%s",
-                 self.adapter, self.prompt_tokens, sum(self.cached.values()), self.completion_tokens, elapsed,
+        log.info("request id=%s adapter=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d latency=%.3fs "
+                 "status=%s", self.request_id, self.adapter, self.prompt_tokens, sum(self.cached.values()), self.completion_tokens, elapsed,
                  ",".join(sorted(set(self.reasons))) or "disconnected")
 
 

@@ -54,6 +54,10 @@ OPTIONS = [  # (flag, type, default, help)
                              "bit-identical to hf on CPU) or hf (HF's modules)"),
     ("cuda_graphs", str, "on", "on or off: on CUDA, replay decode steps from CUDA graphs captured at start "
                                "(padded batch sizes 1, 2, 4, 8, 16, 24, ...; attention spans 256, 512, ... up to max_model_len)"),
+    ("allowed_origins", str, "", "comma-separated origins that browsers may call the API from (CORS), * for any; "
+                                 "empty = no CORS headers"),
+    ("root_path", str, "", "the path prefix a reverse proxy serves the API under (and strips before forwarding): "
+                           "ASGI's root_path, which the OpenAPI schema and /docs use in their links"),
     ("threads", int, 0, "torch threads (0 = torch's default)"),
     ("log_level", str, "info", "debug, info, warning or error"),
 ]
@@ -131,6 +135,8 @@ def load_settings(argv: list[str] | None = None) -> dict:
         why = batch_invariant_unsupported(device, resolve_dtype(settings["dtype"], device), settings["decoder"])
         if why:
             raise SystemExit(f"error: --batch-invariant: {why}")
+    if settings["root_path"] and (not settings["root_path"].startswith("/") or settings["root_path"].endswith("/")):
+        raise SystemExit(f"error: --root-path must start with / and not end with one, got {settings['root_path']!r}")
     for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
@@ -226,7 +232,8 @@ def build_state(settings: dict):
         engine.load_adapter(name, path)  # AdapterError lists every problem
         log.info("loaded adapter %s from %s", name, path)
     return ServerState(engine=engine, base_name=settings["served_name"] or settings["base"],
-                       api_key=settings["api_key"] or None)
+                       api_key=settings["api_key"] or None,
+                       allowed_origins=[o.strip() for o in settings["allowed_origins"].split(",") if o.strip()])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     state.engine.start()
     app = create_app(state)
     config = uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"],
-                            access_log=False, timeout_graceful_shutdown=5)
+                            access_log=False, timeout_graceful_shutdown=5, root_path=settings["root_path"])
     server = RemixServer(config, state, settings["drain_timeout"])
     log.info("serving %s with adapters [%s] on http://%s:%d", state.base_name, ", ".join(settings["adapters"]),
              settings["host"], settings["port"])

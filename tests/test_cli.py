@@ -15,7 +15,8 @@ def test_flags_override_config_file(tmp_path):
 
 @pytest.mark.parametrize("argv,field", [(["--dtype", "fp8"], "--dtype"), (["--port", "0"], "--port"),
                                         (["--adapter", "nopath"], "--adapter"), (["--decoder", "fast"], "--decoder"),
-                                        (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype")])
+                                        (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
+                                        (["--root-path", "api/"], "--root-path")])
 def test_bad_values_name_the_field(argv, field):
     with pytest.raises(SystemExit, match=field):
         cli.load_settings(argv + ["--base", "tiny"])
@@ -119,3 +120,27 @@ def test_kv_cache_dtype_flag_reaches_the_engine():
     if torch.cuda.is_available():  # CPU kernels only: refused before anything loads
         with pytest.raises(SystemExit, match="--kv-cache-dtype int8 runs on CPU only"):
             cli.load_settings(["--base", "tiny", "--device", "cuda", "--kv-cache-dtype", "int8"])
+
+
+def test_allowed_origins_reach_the_state():
+    from server.cli import build_state
+
+    s = cli.load_settings(["--base", "tiny", "--allowed-origins", "http://a.example, http://b.example"])
+    assert build_state(s).allowed_origins == ["http://a.example", "http://b.example"]
+    assert build_state(cli.load_settings(["--base", "tiny"])).allowed_origins == []
+
+
+def test_root_path_behind_a_proxy():
+    """--root-path: a proxy serves the API under a prefix and strips it before forwarding; the routes answer as
+    ever, and the OpenAPI schema and the docs page name the prefix, so links from /docs go through the proxy."""
+    import httpx
+
+    from tests.helpers import LiveServer
+
+    srv = LiveServer(["--root-path", "/remix"])
+    try:
+        assert httpx.get(srv.url + "/v1/models").json()["data"][0]["id"] == "tiny"
+        assert httpx.get(srv.url + "/openapi.json").json()["servers"] == [{"url": "/remix"}]
+        assert "/remix/openapi.json" in httpx.get(srv.url + "/docs").text
+    finally:
+        srv.stop()

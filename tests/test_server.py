@@ -31,7 +31,8 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(adapters):
     srv = LiveServer(["--adapter", f"alpha={adapters['alpha']}", "--adapter", f"beta={adapters['beta']}",
-                      "--api-key", KEY, "--max-model-len", "256", "--max-num-seqs", "8"])
+                      "--api-key", KEY, "--max-model-len", "256", "--max-num-seqs", "8",
+                      "--allowed-origins", "http://app.example"])
     yield srv
     srv.stop()
 
@@ -225,6 +226,29 @@ def test_models(client):
     assert set(models) == {"tiny", "alpha", "beta"}
     beta = models["beta"].model_dump()
     assert beta["parent"] == "tiny" and beta["adapter"]["n"] == 6 and beta["adapter"]["k"] == 3 and beta["adapter"]["r"] == 4
+    assert client.models.retrieve("beta").model_dump() == beta  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_request_ids_and_cors(server):
+    """X-Request-Id: the client's echoed, else a fresh one per response (streams too); CORS for --allowed-origins."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(server.url + "/v1/models", headers={**auth, "X-Request-Id": "trace-42"})
+    assert r.headers["x-request-id"] == "trace-42"
+    ids = {httpx.get(server.url + "/health").headers["x-request-id"] for _ in range(2)}
+    assert len(ids) == 2 and all(len(i) == 32 for i in ids)
+    with httpx.stream("POST", server.url + "/v1/completions", headers={**auth, "X-Request-Id": "s-1"},
+                      json={"model": "alpha", "prompt": "hi", "max_tokens": 2, "stream": True}) as s:
+        assert s.headers["x-request-id"] == "s-1" and s.read().endswith(b"data: [DONE]\n\n")
+    pre = httpx.options(server.url + "/v1/completions", headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example"
+    r = httpx.get(server.url + "/v1/models", headers={**auth, "Origin": "http://app.example"})
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+    r = httpx.get(server.url + "/v1/models", headers={**auth, "Origin": "http://elsewhere.example"})
+    assert "access-control-allow-origin" not in r.headers
 
 
 def _post(server, path, body, key=KEY, raw=None):
