@@ -1,16 +1,6 @@
-"""Tool calling for /v1/chat/completions: the request's tools go into the prompt, and the model's calls come back as
-OpenAI ``tool_calls``.
-
-One call format, Hermes' (Qwen2.5, Qwen3, NousResearch Hermes)::
-
-    <tool_call>
-    {"name": "get_weather", "arguments": {"city": "Paris"}}
-    </tool_call>
-
-A chat template that writes this format itself (its source mentions ``<tool_call>``) renders the tools, the earlier
-calls and their results. Any other template (SmolLM2's has no tool support) gets them written in that format by this
-module: the tools in a system message (Qwen2.5's wording), earlier calls inside the assistant's content, results as
-user turns in ``<tool_response>`` tags.
+"""Tool calling for /v1/chat/completions, the serving half: the grammar that holds calls to the tools' schemas, and
+the parser that turns the model's output back into OpenAI ``tool_calls``. The prompt side (tools and calls written
+into the chat template, Hermes' call format) is remix.chat, shared with training.
 
 Generation is held to the format by an xgrammar structural tag (server.engine.grammar): with tool_choice "auto" the
 model writes text freely until it opens ``<tool_call>``, from where the call must name one of the tools and give
@@ -25,86 +15,18 @@ import json
 import re
 import uuid
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+from remix import chat
+from remix.chat import CLOSE, OPEN
+
 END = "}\n" + CLOSE  # the call object's closing brace, then the closing tag
-
-SYSTEM_PROMPT = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
-    "XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
-)
-
-
-def native(tokenizer) -> bool:
-    """Whether the tokenizer's chat template writes tools and calls in this format itself."""
-    template = tokenizer.chat_template
-    return isinstance(template, str) and OPEN in template
-
-
-def _arguments(text: str):
-    """A call's arguments as templates want them: the object when the text is JSON, else the text."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _call_text(name: str, arguments: str) -> str:
-    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': _arguments(arguments)}, ensure_ascii=False)}\n{CLOSE}"
-
-
-def conversation(tokenizer, messages, tools) -> tuple[list[dict], dict]:
-    """The messages (protocol.ChatMessage) and tools (protocol.Tool, or None) as the chat template's arguments:
-    (messages as dicts, extra keyword arguments). Without tools or tool messages, each message is {role, content}
-    (and name), as before tool support."""
-    own = native(tokenizer)
-    out: list[dict] = []
-    last_tool = False  # the previous message was a tool result (merged into one user turn when written here)
-    for m in messages:
-        role = "system" if m.role == "developer" else m.role
-        d = {"role": role, "content": m.text}
-        if m.name is not None:
-            d["name"] = m.name
-        if m.role == "tool" and own:
-            d = {"role": "tool", "content": m.text, "tool_call_id": m.tool_call_id}
-        elif m.role == "tool":
-            block = f"<tool_response>\n{m.text}\n</tool_response>"
-            if last_tool:
-                out[-1]["content"] += "\n" + block
-            else:
-                out.append({"role": "user", "content": block})
-            last_tool = True
-            continue
-        elif m.tool_calls and own:
-            d["tool_calls"] = [{"type": "function", **({"id": c.id} if c.id else {}),
-                                "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
-                               for c in m.tool_calls]
-        elif m.tool_calls:
-            d["content"] = "\n".join(([m.text] if m.text else [])
-                                     + [_call_text(c.function.name, c.function.arguments) for c in m.tool_calls])
-        last_tool = False
-        out.append(d)
-    specs = [t.model_dump(exclude_none=True) for t in tools or []]
-    if specs and own:
-        return out, {"tools": specs}
-    if specs:
-        text = SYSTEM_PROMPT.format(tools="\n".join(json.dumps(s, ensure_ascii=False) for s in specs))
-        if out and out[0]["role"] == "system":
-            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + text}
-        else:
-            out.insert(0, {"role": "system", "content": text})
-    return out, {}
 
 
 def prompt_ids(tokenizer, messages, tools=None, add_generation_prompt: bool = True, continue_final_message: bool = False,
                template_kwargs: dict | None = None) -> list[int]:
-    """The chat template applied to the conversation (and tools), as token ids; continue_final_message: the last
-    (assistant) message left open for the model to go on with; template_kwargs: the template's own variables."""
-    msgs, extra = conversation(tokenizer, messages, tools)
-    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                        continue_final_message=continue_final_message, **(template_kwargs or {}), **extra)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    """remix.chat.prompt_ids for the request models (protocol.ChatMessage, protocol.Tool)."""
+    return chat.prompt_ids(tokenizer, [m.model_dump(exclude_none=True) for m in messages],
+                           [t.model_dump(exclude_none=True) for t in tools or []] or None, add_generation_prompt,
+                           continue_final_message, template_kwargs)
 
 
 def structural_tag(tools, mode: str, parallel: bool, named: str | None = None) -> dict:

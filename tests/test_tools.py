@@ -10,6 +10,7 @@ import openai
 import pytest
 
 import remix
+from remix import chat
 from server import tools
 from server.protocol import ChatCompletionRequest, ChatMessage
 from tests.helpers import LiveServer
@@ -85,17 +86,17 @@ def test_a_template_without_tools_gets_them_written_in_hermes_form():
     message (after the developer's, which becomes system), calls into the assistant's content, both results into
     one user turn."""
     tok = remix.tiny_model()[1]
-    assert not tools.native(tok)
+    assert not chat.native(tok)
     text = tok.decode(tools.prompt_ids(tok, msgs(*CONVERSATION), [tools_model(t) for t in TOOLS]))
     specs = "\n".join(json.dumps(t) for t in TOOLS)
     assert text == (
-        "<|im_start|>system\nBe brief.\n\n" + tools.SYSTEM_PROMPT.format(tools=specs) + "<|im_end|>\n"
+        "<|im_start|>system\nBe brief.\n\n" + chat.SYSTEM_PROMPT.format(tools=specs) + "<|im_end|>\n"
         "<|im_start|>user\nWeather in\nParis?<|im_end|>\n"
         '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}\n'
         '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nnoon\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n")
-    assert "# Tools" in tools.SYSTEM_PROMPT
+    assert "# Tools" in chat.SYSTEM_PROMPT
     # without tools, plain messages render exactly as the template renders them
     plain = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi", "name": "ann"}]
     assert tools.prompt_ids(tok, msgs(*plain)) == list(tok.apply_chat_template(plain, add_generation_prompt=True,
@@ -113,7 +114,7 @@ HERMES_TEMPLATE = (
 def test_a_template_that_knows_tools_renders_them_itself():
     tok = remix.tiny_model()[1]
     tok.chat_template = HERMES_TEMPLATE
-    assert tools.native(tok)
+    assert chat.native(tok)
     text = tok.decode(tools.prompt_ids(tok, msgs(*CONVERSATION), [tools_model(WEATHER)]))
     assert text.startswith("<|im_start|>system\n" + json.dumps(WEATHER) + "\n<|im_end|>\n<|im_start|>system\nBe brief.")
     # the calls' arguments reach the template as objects, the results as tool messages
@@ -332,3 +333,37 @@ def test_continue_final_message_over_http(client, server):
     err = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": convo[:1],
                                                                  "continue_final_message": True})
     assert err.status_code == 400 and "assistant message last" in err.json()["error"]["message"]
+
+
+def test_training_rows_with_tools_are_prompted_as_served(tmp_path):
+    """A training row in OpenAI's form (tools, calls, results; remix.chat renders it for both sides): the prompt the
+    trainer builds is the one the server builds for the same conversation, and the loss covers the assistant's
+    calls as the model writes them."""
+    from training.data import DataError, IGNORE, read_jsonl, tokenize
+
+    tok = remix.tiny_model()[1]
+    answer = {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}}]}
+    row = {"tools": TOOLS, "messages": [*CONVERSATION, {"role": "assistant", "content": "Sunny at noon."},
+                                        {"role": "user", "content": "And Rome?"}, answer]}
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (row,) = read_jsonl(path)
+    ex = tokenize(row, tok, 4096)
+    served = tools.prompt_ids(tok, msgs(*row["messages"][:-1]), [tools_model(t) for t in TOOLS])
+    assert ex.prompt_ids == served and ex.input_ids[: len(served)] == served
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>'
+    assert ex.reference == call
+    learned = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE]
+    earlier = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    assert tok.decode(learned) == "".join(t + "<|im_end|>\n" for t in (earlier, "Sunny at noon.", call))  # every assistant turn
+    for bad, words in (({"role": "user", "content": "x", "tool_calls": answer["tool_calls"]}, "only assistant"),
+                       ({"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}, r"tool_calls\[0\]"),
+                       ({"role": "assistant", "content": None}, "content")):
+        path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, bad]}) + "\n")
+        with pytest.raises(DataError, match=words):
+            read_jsonl(path)
+    path.write_text(json.dumps({"tools": [{"name": "f"}], "messages": [answer]}) + "\n")
+    with pytest.raises(DataError, match="field 'tools'"):
+        read_jsonl(path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from remix.chat import assistant_text, prompt_ids, text_of
 from training.tasks import TASKS, build_task
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
@@ -26,6 +27,36 @@ class Example:
     reference: str | None = None  # the expected completion text
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _message_problems(m, where: str, field: str) -> list[str]:
+    """Problems of one message (field: its path in the row, e.g. messages[2])."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        return [f"{where}: field '{field}' must be an object with a string 'role'"]
+    if m["role"] not in ROLES:
+        return [f"{where}: field '{field}.role' must be one of {', '.join(ROLES)}, got {m['role']!r}"]
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if m["role"] != "assistant":
+            return [f"{where}: field '{field}.tool_calls': only assistant messages carry tool calls"]
+        if not isinstance(calls, list) or not calls:
+            return [f"{where}: field '{field}.tool_calls' must be a non-empty list"]
+        for j, c in enumerate(calls):
+            f = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(f, dict) or not isinstance(f.get("name"), str) \
+                    or not isinstance(f.get("arguments"), (str, dict)):
+                return [f"{where}: field '{field}.tool_calls[{j}]' must be {{'function': {{'name': str, 'arguments': JSON text or "
+                        f"object}}}}"]
+    content = m.get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return []
+    if not isinstance(content, str) and not (content is None and calls):
+        return [f"{where}: field '{field}.content' must be a string or a list of text parts (or null beside tool_calls)"]
+    return []
+
+
 def _row_problems(row, where: str) -> list[str]:
     if not isinstance(row, dict):
         return [f"{where}: expected a JSON object, got {type(row).__name__}"]
@@ -33,12 +64,13 @@ def _row_problems(row, where: str) -> list[str]:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
             return [f"{where}: field 'messages' must be a non-empty list"]
-        problems = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                problems.append(f"{where}: field 'messages[{i}]' must be an object with string 'role' and 'content'")
-            elif m["role"] not in ("system", "user", "assistant"):
-                problems.append(f"{where}: field 'messages[{i}].role' must be system, user or assistant, got {m['role']!r}")
+        problems = [p for i, m in enumerate(msgs) for p in _message_problems(m, where, f"messages[{i}]")]
+        tools = row.get("tools")
+        if tools is not None and (not isinstance(tools, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+                for t in tools)):
+            problems.append(f"{where}: field 'tools' must be a list of {{'type': 'function', 'function': {{'name', "
+                            f"'description', 'parameters'}}}} objects")
         if not problems and msgs[-1].get("role") != "assistant":
             problems.append(f"{where}: field 'messages' must end with an assistant message (the loss is on it)")
         return problems
@@ -92,33 +124,33 @@ def to_messages(row: dict) -> list[dict]:
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
 
 
-def _ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
+def _ids(tokenizer, messages, add_generation_prompt: bool, tools=None) -> list[int]:
+    """The chat prompt as the server builds it (remix.chat: tools and tool calls written in where the template has
+    no tool support), so an adapter is served the prompts it was trained on."""
+    return prompt_ids(tokenizer, messages, tools, add_generation_prompt=add_generation_prompt)
 
 
 def tokenize(row: dict, tokenizer, max_len: int, chat: bool = True) -> Example | None:
     """Tokenize one row; labels cover the assistant turns only. None if nothing to learn fits max_len."""
     task = row.get("task", "custom")
     if chat and tokenizer.chat_template:
-        messages = to_messages(row)
+        messages, tools = to_messages(row), row.get("tools")
         ids, labels = [], []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prefix = _ids(tokenizer, messages[:i], add_generation_prompt=True)
-            full = _ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            prefix = _ids(tokenizer, messages[:i], True, tools)
+            full = _ids(tokenizer, messages[: i + 1], False, tools)
             if full[: len(prefix)] != prefix:
                 raise DataError("the tokenizer's chat template does not render turns as prefixes; use chat: false")
             labels += [IGNORE] * (len(prefix) - len(ids)) + full[len(prefix):]
             ids = full
-        prompt_ids = _ids(tokenizer, messages[:-1], add_generation_prompt=True)
-        reference = messages[-1]["content"]
+        prompt_ids = _ids(tokenizer, messages[:-1], True, tools)
+        reference = assistant_text(messages[-1])  # (with calls: as the model writes them)
     else:
-        prompt = row["prompt"] if "prompt" in row else "\n".join(m["content"] for m in row["messages"][:-1])
-        reference = row["completion"] if "completion" in row else row["messages"][-1]["content"]
+        prompt = row["prompt"] if "prompt" in row else "\n".join(text_of(m.get("content"))
+                                                                 for m in row["messages"][:-1])
+        reference = row["completion"] if "completion" in row else assistant_text(row["messages"][-1])
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         completion = tokenizer(reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         ids, labels = prompt_ids + completion, [IGNORE] * len(prompt_ids) + completion
