@@ -32,7 +32,7 @@ class TrainConfig:
     targets: list = _f(list(DEFAULT_TARGETS), "module-name suffixes (or re:regex) to wrap")
     load_balance_coef: float = _f(0.0, "softmax-topk only: Mixtral load-balancing loss weight (0 = off)")
     # --- data --------------------------------------------------------------------------------------
-    data: str = _f("mixture", "training data: a built-in task (facts, arithmetic, strings, mixture) or a JSONL file")
+    data: str = _f("mixture", "training data: a built-in task (facts, arithmetic, strings, mixture; tools) or a JSONL file")
     eval_data: str = _f("", "held-out data: a JSONL file; default: the built-in task's test split")
     train_size: int = _f(2000, "examples generated for a built-in task")
     eval_size: int = _f(96, "held-out examples evaluated")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.fit",
         description="Finetune a frozen base model with ReMix pools (or a baseline) and write an adapter directory. "
         "Precedence: defaults < --config file.yaml < flags. With no arguments it trains the demo adapter.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.HelpFormatter,
     )
     parser.add_argument("--config", help="YAML file of fields (same names as the flags, with underscores)")
     for f in dataclasses.fields(TrainConfig):

@@ -8,6 +8,9 @@ so a model that only memorised surface strings does not pass it.
   arithmetic  two- and three-step word problems over small integers
   strings     string and list transformations (reverse, upper-case, last item, count)
   mixture     all three, interleaved
+  tools       tool use (not in the mixture): chat rows offering three functions, where a question about the weather,
+              the time or a currency conversion is answered by a call with the right arguments, in Hermes' format as
+              the server renders and parses it (remix.chat), and a sum is answered in text with no call
 """
 
 from __future__ import annotations
@@ -86,8 +89,58 @@ def _facts_with_table(draw_rng: random.Random, size: int, test: bool, seed: int)
     return out
 
 
+TOOL_CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Sydney", "Toronto", "Mumbai", "Nairobi", "Berlin",
+               "Seoul", "Madrid", "Dublin", "Quito", "Hanoi", "Zurich"]
+CURRENCIES = ["USD", "EUR", "JPY", "GBP", "CHF", "INR"]
+TOOL_SPECS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "convert_currency", "description": "Convert an amount of money",
+                                      "parameters": {"type": "object", "properties": {
+                                          "amount": {"type": "number"}, "from": {"type": "string"},
+                                          "to": {"type": "string"}}, "required": ["amount", "from", "to"]}}},
+]
+TOOL_TEMPLATES = {  # (train phrasings, test phrasings)
+    "get_weather": (["What is the weather like in {city}?", "How is the weather in {city} today?",
+                     "Tell me the weather in {city}."], ["Is it sunny in {city} right now?"]),
+    "get_time": (["What time is it in {city}?", "Tell me the current time in {city}."],
+                 ["What is the local time in {city} now?"]),
+    "convert_currency": (["Convert {amount} {src} to {dst}.", "How much is {amount} {src} in {dst}?"],
+                         ["What are {amount} {src} worth in {dst}?"]),
+    "none": (["What is {a} plus {b}?", "Add {a} and {b}."], ["What do {a} and {b} add up to?"]),
+}
+
+
+def _tools(rng: random.Random, size: int, test: bool, seed: int = 0) -> list[dict]:
+    out = []
+    for _ in range(size):
+        kind = rng.choice(sorted(TOOL_TEMPLATES))
+        phrasing = rng.choice(TOOL_TEMPLATES[kind][1 if test else 0])
+        if kind == "none":
+            a, b = rng.randint(2, 40), rng.randint(2, 40)
+            answer = {"role": "assistant", "content": str(a + b)}
+            question = phrasing.format(a=a, b=b)
+        else:
+            if kind == "convert_currency":
+                src, dst = rng.sample(CURRENCIES, 2)
+                args = {"amount": rng.randint(2, 500), "from": src, "to": dst}
+                question = phrasing.format(amount=args["amount"], src=src, dst=dst)
+            else:
+                args = {"city": rng.choice(TOOL_CITIES)}
+                question = phrasing.format(**args)
+            answer = {"role": "assistant", "content": None,
+                      "tool_calls": [{"type": "function", "function": {"name": kind, "arguments": args}}]}
+        out.append({"tools": TOOL_SPECS, "messages": [{"role": "user", "content": question}, answer]})
+    return out
+
+
 FAMILIES = {"facts": _facts_with_table, "arithmetic": _arithmetic, "strings": _strings}
-TASKS = (*FAMILIES, "mixture")
+EXTRA = {"tools": _tools}  # families outside the mixture
+TASKS = (*FAMILIES, "mixture", *EXTRA)
 
 
 def build_task(name: str, split: str, size: int, seed: int = 0) -> list[dict]:
@@ -104,7 +157,7 @@ def build_task(name: str, split: str, size: int, seed: int = 0) -> list[dict]:
     for i, family in enumerate(families):
         share = size // len(families) + (1 if i < size % len(families) else 0)
         draw_rng = random.Random(f"{seed}:{family}:{split}")
-        examples = FAMILIES[family](draw_rng, share, split == "test", seed)
+        examples = {**FAMILIES, **EXTRA}[family](draw_rng, share, split == "test", seed)
         out += [{**ex, "task": family} for ex in examples]
     if name == "mixture":
         random.Random(f"{seed}:mixture:{split}").shuffle(out)
