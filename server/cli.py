@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is list:
             p.add_argument(flag, action="append", default=None, metavar="NAME=PATH", help=help_)
         else:
-            p.add_argument(flag, type=kind, default=None, help=f"{help_} (default: {default})")
+            shown = "" if "(default" in help_ else f" (default: {default})" if default != "" else " (default: none)"
+            p.add_argument(flag, type=kind, default=None, help=help_ + shown)
     return p
 
 
