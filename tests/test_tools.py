@@ -367,3 +367,23 @@ def test_training_rows_with_tools_are_prompted_as_served(tmp_path):
     path.write_text(json.dumps({"tools": [{"name": "f"}], "messages": [answer]}) + "\n")
     with pytest.raises(DataError, match="field 'tools'"):
         read_jsonl(path)
+
+
+def test_check_tools_script_scores_through_the_api(server, capsys):
+    """scripts/check_tools.py: the verdicts (a call must match name and arguments exactly, a text answer must not
+    call), and a run against a live server that prints a score."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("check_tools", Path(__file__).parent.parent / "scripts/check_tools.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_time", "arguments": {"city": "Oslo"}}}]}]}
+    call = {"tool_calls": [{"function": {"name": "get_time", "arguments": '{"city": "Oslo"}'}}]}
+    assert mod.verdict(row, call) and not mod.verdict(row, {"content": "noon"})
+    assert not mod.verdict(row, {"tool_calls": [{"function": {"name": "get_time", "arguments": '{"city": "Lima"}'}}]})
+    text = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "42"}]}
+    assert mod.verdict(text, {"content": "42."}) and not mod.verdict(text, {"content": "42", **call})
+    assert mod.main(["--url", server.url, "--model", "tiny", "--size", "3"]) == 0
+    assert "all: " in capsys.readouterr().out
