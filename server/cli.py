@@ -28,6 +28,9 @@ OPTIONS = [  # (flag, type, default, help)
     ("port", int, 8000, "port to bind"),
     ("api_key", str, "", "require 'Authorization: Bearer KEY' (default: $REMIX_API_KEY; empty = no auth)"),
     ("served_name", str, "", "model name of the bare base in the API (default: the base spec)"),
+    ("chat_template", str, "", "a Jinja chat template (a file, or the template itself) in place of the tokenizer's "
+                               "(default: the tokenizer's); one that writes Hermes' <tool_call> format renders tools "
+                               "itself"),
     ("max_model_len", int, 2048, "prompt + generated tokens per sequence"),
     ("max_num_seqs", int, 32, "sequences running at once (KV cache slots)"),
     ("max_queue", int, 256, "requests waiting for a slot before 429"),
@@ -136,12 +139,31 @@ def load_settings(argv: list[str] | None = None) -> dict:
         why = batch_invariant_unsupported(device, resolve_dtype(settings["dtype"], device), settings["decoder"])
         if why:
             raise SystemExit(f"error: --batch-invariant: {why}")
+    if settings["chat_template"]:
+        settings["chat_template"] = read_chat_template(settings["chat_template"])
     if settings["root_path"] and (not settings["root_path"].startswith("/") or settings["root_path"].endswith("/")):
         raise SystemExit(f"error: --root-path must start with / and not end with one, got {settings['root_path']!r}")
     for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
     return settings
+
+
+def read_chat_template(spec: str) -> str:
+    """--chat-template: a file's text, or the argument itself when it is a template (it has Jinja's {{ or {%);
+    checked to compile, so a broken template stops the server before anything loads."""
+    path = Path(spec)
+    looks_inline = "{{" in spec or "{%" in spec
+    if not looks_inline and not path.is_file():
+        raise SystemExit(f"error: --chat-template: {spec} is neither a file nor a Jinja template")
+    text = spec if looks_inline else path.read_text()
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)  # (as transformers' environment)
+    except jinja2.TemplateSyntaxError as e:
+        raise SystemExit(f"error: --chat-template: line {e.lineno}: {e.message}")
+    return text
 
 
 def argv_is_default(argv) -> bool:
@@ -224,6 +246,8 @@ def build_state(settings: dict):
 
     device = resolve_device(settings["device"])
     model, tokenizer = remix.load_base(settings["base"], dtype=resolve_dtype(settings["dtype"], device), device=device)
+    if settings["chat_template"]:
+        tokenizer.chat_template = settings["chat_template"]
     engine = Engine(model, tokenizer, EngineConfig(
         max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
         max_batched_tokens=settings["max_batched_tokens"], kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),

@@ -144,3 +144,19 @@ def test_root_path_behind_a_proxy():
         assert "/remix/openapi.json" in httpx.get(srv.url + "/docs").text
     finally:
         srv.stop()
+
+
+def test_chat_template_flag(tmp_path):
+    """--chat-template: a file or the template itself replaces the tokenizer's (chat and /tokenize use it); a broken
+    one or a missing file stops the server before anything loads, naming the flag."""
+    from server.cli import build_state
+
+    inline = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    state = build_state(cli.load_settings(["--base", "tiny", "--chat-template", inline]))
+    assert state.engine.tokenizer.chat_template == inline
+    path = tmp_path / "t.jinja"
+    path.write_text(inline)
+    assert cli.load_settings(["--base", "tiny", "--chat-template", str(path)])["chat_template"] == inline
+    for bad, words in (("{% for m in %}", "line 1"), (str(tmp_path / "none.jinja"), "neither a file")):
+        with pytest.raises(SystemExit, match="--chat-template.*" + words):
+            cli.load_settings(["--base", "tiny", "--chat-template", bad])
