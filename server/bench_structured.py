@@ -10,10 +10,13 @@ stepped in turn (a slow spell of the machine lands on all of them), ``--repeats`
                  request runs to max_tokens, as the plain ones do), its bitmask applied as the server applies it
                  (server/engine/grammar.py: xgrammar's CPU ``apply_token_bitmask_inplace``)
   grammar_torch  the same with the bitmask unpacked and applied by torch ops (the path for other devices)
+  tools_auto     every request offered three functions (TOOLS) with tool_choice "auto": the
+                 structural tag that lets text run free until a call opens (server/tools.py), as the server holds
+                 every chat request with tools (the model writes text here: the cost of offering tools)
 
-Per engine: the median full-batch decode step; per round the ratios grammar / plain and grammar / grammar_torch of
-those steps (the medians over rounds reported), and the cost per constrained sequence per step:
-(grammar's step - plain's step) / requests.
+Per engine: the median full-batch decode step; per round the ratios grammar / plain, grammar / grammar_torch and
+tools_auto / plain of those steps (the medians over rounds reported), and the cost per constrained sequence per step:
+(grammar's step - plain's step) / requests (the same for tools_auto).
 """
 
 from __future__ import annotations
@@ -27,14 +30,19 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
+from server import tools
 from server.bench import add_output_args, prompts_of, serve_in_turn, write_outputs
 from server.cli import DTYPES, resolve_dtype
 from server.engine import Engine, EngineConfig, SamplingParams
 from server.engine.grammar import Matcher
+from server.protocol import ChatCompletionRequest
 
-NAMES = ("plain", "grammar", "grammar_torch")
+NAMES = ("plain", "grammar", "grammar_torch", "tools_auto")
 CHARS = "[a-zA-Z0-9 ,.]"
 PATTERN = CHARS + "{4000}"  # never complete within --new-tokens: every request runs to max_tokens
+TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
+    "type": "object", "properties": {arg: {"type": "string"} for arg in args}, "required": list(args)}}}
+    for name, args in (("get_weather", ("city",)), ("get_time", ("city",)), ("convert_currency", ("amount", "from", "to")))]
 
 
 def main(argv=None) -> dict:
@@ -61,8 +69,10 @@ def main(argv=None) -> dict:
     prompts = prompts_of(tok, args.requests, args.prompt_tokens)
     plain = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     params = {"plain": plain, **{n: dataclasses.replace(plain, grammar=("regex", PATTERN, "guided_regex"))
-                                 for n in NAMES[1:]}}
-    apply = {"plain": Matcher.APPLY, "grammar": Matcher.APPLY, "grammar_torch": "torch"}
+                                 for n in ("grammar", "grammar_torch")}}
+    offered = ChatCompletionRequest(model=args.base, messages=[{"role": "user", "content": "-"}], tools=TOOLS)
+    params["tools_auto"] = dataclasses.replace(plain, grammar=offered.to_sampling(args.new_tokens).grammar)
+    apply = {"plain": Matcher.APPLY, "grammar": Matcher.APPLY, "grammar_torch": "torch", "tools_auto": Matcher.APPLY}
     default_apply = Matcher.APPLY
     before = {n: (lambda mode=apply[n]: setattr(Matcher, "APPLY", mode)) for n in NAMES}
     rounds = []
@@ -75,22 +85,27 @@ def main(argv=None) -> dict:
                            "grammar_over_plain": step["grammar"] / step["plain"],
                            "grammar_over_grammar_torch": step["grammar"] / step["grammar_torch"],
                            "us_per_constrained_sequence": 1e6 * (step["grammar"] - step["plain"]) / args.requests,
+                           "tools_auto_over_plain": step["tools_auto"] / step["plain"],
+                           "us_per_tools_sequence": 1e6 * (step["tools_auto"] - step["plain"]) / args.requests,
                            "tokens": {n: sum(len(t) for t in got[n]["tokens"]) for n in NAMES},
                            "constrained_texts_match": texts["grammar"] == texts["grammar_torch"]})
             print(f"round {r}: " + "  ".join(f"{n} {1000 * v:.2f} ms" for n, v in step.items())
                   + f"  grammar/plain {rounds[-1]['grammar_over_plain']:.3f}"
-                  + f"  grammar/torch {rounds[-1]['grammar_over_grammar_torch']:.3f}", flush=True)
+                  + f"  grammar/torch {rounds[-1]['grammar_over_grammar_torch']:.3f}"
+                  + f"  tools_auto/plain {rounds[-1]['tools_auto_over_plain']:.3f}", flush=True)
     finally:
         Matcher.APPLY = default_apply
     sample = texts["grammar"][0]
     ratios = {key: statistics.median(r[key] for r in rounds)
-              for key in ("grammar_over_plain", "grammar_over_grammar_torch", "us_per_constrained_sequence")}
+              for key in ("grammar_over_plain", "grammar_over_grammar_torch", "us_per_constrained_sequence",
+                          "tools_auto_over_plain", "us_per_tools_sequence")}
     out = {"config": {"base": args.base, "dtype": str(dtype).replace("torch.", ""), "requests": args.requests,
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                       "pattern": PATTERN, "cpu": cpu_ext.cpu_model()},
            "rounds": rounds, "ratios": ratios,
            "decode_step_ms": {n: statistics.median(r["decode_step_ms"][n] for r in rounds) for n in NAMES},
            "all_constrained_outputs_match_the_pattern": all(re.fullmatch(CHARS + "*", t) for t in texts["grammar"]),
+           "tools_auto_calls": sum(tools.OPEN in t for t in texts["tools_auto"]),
            "sample": sample[:80]}
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
@@ -102,10 +117,12 @@ def markdown(out: dict) -> str:
     c, s, q = out["config"], out["decode_step_ms"], out["ratios"]
     return (f"| decode step, {c['requests']} sequences | ms |\n|---|---|\n"
             f"| no constraint | {s['plain']:.2f} |\n| every sequence constrained (xgrammar's CPU apply: the server's) | "
-            f"{s['grammar']:.2f} |\n| every sequence constrained (torch ops) | {s['grammar_torch']:.2f} |\n\n"
+            f"{s['grammar']:.2f} |\n| every sequence constrained (torch ops) | {s['grammar_torch']:.2f} |\n"
+            f"| every sequence offered tools (tool_choice auto) | {s['tools_auto']:.2f} |\n\n"
             f"Constrained / unconstrained step {q['grammar_over_plain']:.3f}; xgrammar's apply / torch ops "
             f"{q['grammar_over_grammar_torch']:.3f}; {q['us_per_constrained_sequence']:.0f} µs per constrained sequence "
-            f"per step (medians over {c['repeats']} rounds).\n")
+            f"per step; offered tools / unconstrained {q['tools_auto_over_plain']:.3f}, "
+            f"{q['us_per_tools_sequence']:.0f} µs per sequence per step (medians over {c['repeats']} rounds).\n")
 
 
 if __name__ == "__main__":

@@ -207,6 +207,8 @@ def test_structured_bench_times_xgrammars_apply_against_torch_ops(tmp_path):
     assert all(r["constrained_texts_match"] for r in out["rounds"]) and out["all_constrained_outputs_match_the_pattern"]
     steps = [r["decode_step_ms"]["grammar"] / r["decode_step_ms"]["grammar_torch"] for r in out["rounds"]]
     assert out["ratios"]["grammar_over_grammar_torch"] == pytest.approx(statistics.median(steps))
-    assert "xgrammar" in (tmp_path / "s.md").read_text()
+    assert "xgrammar" in (tmp_path / "s.md").read_text() and "offered tools" in (tmp_path / "s.md").read_text()
+    tools = [r["decode_step_ms"]["tools_auto"] / r["decode_step_ms"]["plain"] for r in out["rounds"]]
+    assert out["ratios"]["tools_auto_over_plain"] == pytest.approx(statistics.median(tools))
     from server.engine.grammar import Matcher
     assert Matcher.APPLY == "xgrammar"  # the bench leaves the server's path in place
