@@ -31,13 +31,14 @@ def prompt_ids(tokenizer, messages, tools=None, add_generation_prompt: bool = Tr
 
 def structural_tag(tools, mode: str, parallel: bool, named: str | None = None) -> dict:
     """xgrammar's structural tag for mode "auto", "required" or "named" (the function ``named``). Arguments follow
-    each tool's parameters schema (any object without one), with at most one whitespace character in a row (a
-    small model otherwise can fill max_tokens with newlines inside the braces)."""
+    each tool's parameters schema (any object without one); server.engine.grammar compiles each schema as it
+    compiles response_format's: no free whitespace (a small model otherwise can fill max_tokens with newlines inside
+    the braces), strings without raw control characters."""
     def tag(t):
         schema = t.function.parameters if t.function.parameters is not None else {"type": "object"}
         begin = OPEN + "\n" + '{"name": ' + json.dumps(t.function.name) + ', "arguments": '
         return {"type": "tag", "begin": begin, "end": END,
-                "content": {"type": "json_schema", "json_schema": schema, "style": "json", "max_whitespace_cnt": 1}}
+                "content": {"type": "json_schema", "json_schema": schema}}
 
     if mode == "named":
         fmt = tag(next(t for t in tools if t.function.name == named))

@@ -34,9 +34,9 @@ def run(engine, tok, rid, grammar, prompt=PROMPTS[0], ids=None, **kw):
 
 
 def loads(text):
-    """(xgrammar's JSON strings admit raw control characters other than CR / LF, which the tiny model samples;
-    Python's strict parser refuses them)"""
-    return json.loads(text, strict=False)
+    """Python's strict parser: it refuses raw control characters in strings, which xgrammar's converter admits in
+    length-bounded strings (as SCHEMA's name) unless server.engine.grammar narrows them, and the tiny model samples"""
+    return json.loads(text)
 
 
 def valid(doc) -> bool:
@@ -137,3 +137,29 @@ def test_default_base_answers_within_its_grammar():
               "required": ["city", "country"], "additionalProperties": False}
     text, reason = run(engine, tok, "js", ("json_schema", schema, "response_format"), max_tokens=40, prompt=None, ids=ids)
     assert reason == "stop" and set(loads(text)) == {"city", "country"}
+
+
+def test_json_strings_take_no_raw_control_characters(tiny):
+    """xgrammar's converter admits raw control characters in length-bounded strings; the server narrows them to
+    JSON's, in response_format schemas and in tools' argument schemas alike (and allows no free whitespace)."""
+    import xgrammar as xgr
+
+    from server import tools
+    from server.protocol import ChatCompletionRequest
+
+    engine, tok = tiny
+    bounded = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 8}}, "required": ["a"]}
+    offered = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tool_choice="required",
+                                    tools=[{"type": "function", "function": {"name": "f", "parameters": bounded}}])
+    cases = ((engine.compile_grammar("json_schema", bounded), ""),
+             (engine.compile_grammar(*offered.to_sampling(10).grammar), tools.OPEN + '\n{"name": "f", "arguments": '))
+
+    def takes(compiled, text):
+        m = xgr.GrammarMatcher(compiled)
+        return all(m.accept_token(t) for t in tok(text, add_special_tokens=False).input_ids)
+
+    for compiled, head in cases:
+        assert takes(compiled, head + '{"a": "xy"}') and takes(compiled, head + '{"a": "x\u00e9')
+        for bad in ("\x01", "\x1f", "\t", "\n"):
+            assert not takes(compiled, head + '{"a": "x' + bad), repr(bad)
+        assert not takes(compiled, head + '{ "a"') and not takes(compiled, head + '{"a":"')  # no free whitespace

@@ -41,6 +41,32 @@ def _clean(error: Exception) -> str:
     return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(error)).strip()
 
 
+# xgrammar 0.2's JSON-schema converter writes the characters of a string with a length bound (minLength / maxLength)
+# as [^"\\\r\n], which admits raw control characters (U+0000-U+001F but CR and LF) that JSON forbids in strings and
+# strict parsers (Python's json.loads, JavaScript's JSON.parse) refuse; its unbounded strings use the right class.
+# The schema's grammar is therefore taken as EBNF text and that class narrowed to JSON's before it is compiled.
+_BOUNDED_CHARS = '[^\\"\\\\\\r\\n]'
+_JSON_CHARS = '[^\\0-\\x1f\\"\\\\]'
+
+
+def json_ebnf(schema) -> str:
+    """The EBNF of a JSON schema (dict or JSON text) without free whitespace, its strings free of raw control
+    characters."""
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    return str(xgr.Grammar.from_json_schema(text, any_whitespace=False)).replace(_BOUNDED_CHARS, _JSON_CHARS)
+
+
+def _strict_tag(node):
+    """A structural tag (server.tools) with every json_schema content replaced by its json_ebnf grammar."""
+    if isinstance(node, dict):
+        if node.get("type") == "json_schema" and "json_schema" in node:
+            return {"type": "grammar", "grammar": json_ebnf(node["json_schema"])}
+        return {k: _strict_tag(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_strict_tag(v) for v in node]
+    return node
+
+
 class Grammars:
     """Compiles a request's grammar for one tokenizer (thread-safe: the HTTP layer compiles off the engine's thread)."""
 
@@ -66,12 +92,12 @@ class Grammars:
                 if kind == "json_object":
                     return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
                 if kind == "json_schema":
-                    return self.compiler.compile_json_schema(value if isinstance(value, str) else json.dumps(value),
-                                                             any_whitespace=False)
+                    return self.compiler.compile_grammar(json_ebnf(value))
                 if kind == "regex":
                     return self.compiler.compile_regex(value)
                 if kind == "structural_tag":
-                    return self.compiler.compile_structural_tag(value if isinstance(value, str) else json.dumps(value))
+                    tag = json.loads(value) if isinstance(value, str) else value
+                    return self.compiler.compile_structural_tag(json.dumps(_strict_tag(tag)))
                 # choice: EBNF string literals take JSON's escapes
                 return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
         except (RuntimeError, ValueError) as e:
