@@ -257,13 +257,6 @@ class ChatMessage(BaseModel):
             raise ValueError("a tool message needs tool_call_id")
         return self
 
-    @property
-    def text(self) -> str:
-        """The content as one string (text parts joined by newlines, as vLLM joins them)."""
-        if self.content is None:
-            return ""
-        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-
 
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
