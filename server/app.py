@@ -244,7 +244,8 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             for i, ids in enumerate(prompt_ids):
                 sub = f"{rid}-{i}"
-                req = GenerationRequest(sub, ids, params, adapter, trace=body.remix_routing is not None)
+                req = GenerationRequest(sub, ids, params, adapter, trace=body.remix_routing is not None,
+                                        priority=body.priority)
                 state.engine.submit(req, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))
                 sub_ids.append(sub)
         except EngineError as e:

@@ -75,6 +75,7 @@ class _Common(BaseModel):
     guided_regex: str | None = Field(default=None, min_length=1, max_length=10_000)
     guided_choice: list[str] | None = Field(default=None, max_length=256)
     ignore_eos: bool = False
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)  # vLLM's: lower is admitted first
     remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
 
     @model_validator(mode="after")

@@ -370,3 +370,24 @@ def test_compiled_prefill_attention_follows_sdpa(tmp_path, dtype):
         same = next((j for j, (x, y) in enumerate(zip(tokens_of(a), tokens_of(b))) if x != y), 8)
         torch.testing.assert_close(torch.tensor(logprobs_of(a)[:same]), torch.tensor(logprobs_of(b)[:same]),
                                    atol=tol, rtol=tol)
+
+
+def test_priority_orders_admission_then_arrival():
+    """vLLM's priority: waiting requests are admitted lowest value first, in arrival order among equals; running
+    ones are not preempted. One slot, so admission order is finishing order."""
+    model, tok = lively_tiny()
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=1))
+    done = []
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def submit(rid, priority):
+        engine.submit(GenerationRequest(rid, [1, 2, 3], params, priority=priority),
+                      lambda ev: done.append(ev.request_id) if ev.finished else None)
+
+    submit("running", 9)
+    engine.step()  # admitted before the others arrive
+    for rid, priority in (("a", 0), ("b", -1), ("c", 0), ("d", 5), ("e", -1)):
+        submit(rid, priority)
+    while engine.has_work():
+        engine.step()
+    assert done == ["running", "b", "e", "a", "c", "d"]

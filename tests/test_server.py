@@ -268,6 +268,7 @@ def _post(server, path, body, key=KEY, raw=None):
     ({"model": "alpha", "prompt": [[99999]]}, "prompt"),
     ({"model": "alpha", "prompt": "x" * 200, "max_tokens": 100}, "max_tokens"),
     ({"model": "alpha", "prompt": "x", "stop": ["a"] * 20}, "stop"),
+    ({"model": "alpha", "prompt": "x", "priority": 10**7}, "priority"),
     ({"prompt": "x"}, "model"),
 ])
 def test_bad_input_is_400_with_param(server, body, param):
@@ -276,7 +277,7 @@ def test_bad_input_is_400_with_param(server, body, param):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] is not None and err["param"].startswith(param), err
-    assert _post(server, "/v1/completions", {"model": "alpha", "prompt": "ok", "max_tokens": 2}).status_code == 200
+    assert _post(server, "/v1/completions", {"model": "alpha", "prompt": "ok", "max_tokens": 2, "priority": -3}).status_code == 200
 
 
 def test_malformed_json_auth_and_unknown_model(server):

@@ -156,7 +156,10 @@ class Engine:
                 raise EngineError(f"duplicate request id {request.request_id}")
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFull(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
-            self.waiting.append((request, callback))
+            at = len(self.waiting)  # behind every waiting request of the same or a lower (earlier) priority
+            while at > 0 and self.waiting[at - 1][0].priority > request.priority:
+                at -= 1
+            self.waiting.insert(at, (request, callback))
         self._wake.set()
 
     def compile_grammar(self, kind: str, spec, param: str = "response_format"):

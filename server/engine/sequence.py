@@ -25,6 +25,7 @@ class GenerationRequest:
     params: SamplingParams
     adapter: str | None = None
     trace: bool = False
+    priority: int = 0  # lower first (vLLM's convention); arrival order among equals
 
 
 @dataclass
