@@ -764,3 +764,36 @@ def test_compiled_argmax_picks_what_torch_max_picks(dtype, V):
     assert got.dtype == torch.int64 and torch.equal(got, x.max(-1).indices)
     assert torch.equal(ext.argmax_rows(x[:0]), torch.empty(0, dtype=torch.int64))
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V,nbits", [(1, 1), (17, 17), (33, 33), (100, 90), (49152, 49152), (49157, 49152)])
+def test_compiled_masked_argmax_is_the_argmax_of_the_masked_row(dtype, V, nbits):
+    """Structured output's greedy rows: masked_argmax_rows (one pass, nothing written) gives what masking a copy to
+    -inf where the grammar's bitmask has no bit (and from nbits on: padded vocabulary) and then torch.max(dim) give -
+    dense and sparse masks, ties, NaNs allowed and not, a row whose allowed tokens are all -inf, rows out of order."""
+    ext = _compiled()
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(8, V, generator=g)
+    allowed = torch.rand(8, V, generator=g) < 0.5
+    allowed[1] = torch.rand(V, generator=g) < 0.001  # sparse (as a regex's next characters)
+    allowed[1, V // 2] = True
+    allowed[2] = True
+    x[2] = float("-inf")  # every token -inf: index 0
+    if V > 3:
+        x[3, 1], x[3, 2] = float("nan"), float("nan")
+        allowed[3, 1], allowed[3, 2] = False, True  # the first allowed NaN, not the first NaN
+        x[4, :] = 0.25  # ties everywhere: the first allowed
+        allowed[5] = False
+        allowed[5, min(nbits, V) - 1] = True  # one token, in the tail
+    allowed[:, nbits:] = False
+    words = (allowed.shape[1] + 31) // 32
+    bits = torch.zeros(8, words * 32, dtype=torch.int64)
+    bits[:, :V] = allowed.long()
+    mask = (bits.view(8, words, 32) << torch.arange(32)).sum(-1)  # bit j of word w: token 32 w + j
+    mask = torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)[:, : (nbits + 31) // 32]
+    x = x.to(dtype)
+    rows = torch.tensor([5, 0, 7, 1, 2, 3, 4, 6])
+    got = ext.masked_argmax_rows(x, rows, mask[rows], nbits)
+    want = x[rows].float().masked_fill(~allowed[rows], float("-inf")).max(-1).indices
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+

@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from server.engine import Engine, EngineConfig, EngineError, GenerationRequest, SamplingParams, collect
 from tests.test_engine import PROMPTS, lively_tiny
@@ -163,3 +164,38 @@ def test_json_strings_take_no_raw_control_characters(tiny):
         for bad in ("\x01", "\x1f", "\t", "\n"):
             assert not takes(compiled, head + '{"a": "x' + bad), repr(bad)
         assert not takes(compiled, head + '{ "a"') and not takes(compiled, head + '{"a":"')  # no free whitespace
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("apply", ["xgrammar", "torch"])
+def test_batched_greedy_grammar_rows_equal_the_row_by_row_path(tiny, dtype, apply, monkeypatch):
+    """Greedy rows held only by a grammar are masked and argmaxed together (one bitmask, one application, in the
+    logits' dtype); each gets the token the row-by-row path (widen, adjust_logits, argmax) gives it, beside plain
+    greedy rows, sampled grammar rows and greedy grammar rows with a penalty, which keep their own paths."""
+    from server.engine.grammar import Matcher
+    from server.engine.sampler import TokenHistory, adjust_logits, first_argmax, sample
+
+    monkeypatch.setattr(Matcher, "APPLY", apply)
+    engine, tok = tiny
+    vocab = engine.runner.model.config.vocab_size
+    kinds = [("regex", r"[0-9]{3}-[a-z]{2}", "guided_regex"), ("json_schema", SCHEMA, "response_format"),
+             ("choice", ["yes", "no"], "guided_choice")]
+    compiled = [engine.compile_grammar(*k) for k in kinds]
+    torch.manual_seed(0)
+    logits = (torch.randn(7, vocab) * 3).to(dtype)
+    grammar = [0, 1, None, 2, 0, 1, 2]  # row 2 plain; rows 4 (sampled) and 5 (penalty) take the row-by-row path
+    params, history = [], []
+    for i, g in enumerate(grammar):
+        p = SamplingParams(temperature=1.0 if i == 4 else 0.0, grammar=kinds[g] if g is not None else None,
+                           presence_penalty=0.5 if i == 5 else 0.0)
+        h = TokenHistory([1, 2], matcher=Matcher(compiled[g], vocab) if g is not None else None)
+        if i in (1, 5):
+            h.update(tok('{"name', add_special_tokens=False).input_ids)  # (a matcher part-way through)
+        params.append(p)
+        history.append(h)
+    got = sample(logits, params, [torch.Generator().manual_seed(i) for i in range(7)], history)
+    for i in (0, 1, 3, 5):
+        row = adjust_logits(logits[i].float().clone(), params[i], history[i])
+        assert int(got[i]) == int(first_argmax(row.view(1, -1))[0]), i
+    assert int(got[2]) == int(first_argmax(logits[2:3])[0])
+    assert torch.isfinite(adjust_logits(logits[4].float().clone(), params[4], history[4])[int(got[4])])

@@ -25,6 +25,7 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                the same two over an 8-bit cache (int8 values, a float32 scale per position and head)
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
     argmax_rows(logits)        each row's first maximum (as torch.max(dim).indices), for greedy sampling
+    masked_argmax_rows(logits, rows, mask, nbits)   the same for given rows under a grammar's token bitmask
     DecodeStack(layers, ...).run(h, ...)   every decoder layer of a decode step in one call (those ops in order)
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
@@ -1973,6 +1974,75 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
   return out;
 }
 
+// argmax_row of a row with every token its grammar does not allow counted as -inf (structured output's greedy rows),
+// in one pass that writes nothing: the same token as masking a copy to -inf (server/engine/grammar.py) and then
+// argmax_row. mask: bit t % 32 of word t / 32 set where token t is allowed; tokens from nbits on never are.
+template <typename T>
+int64_t masked_argmax_row(const T* p, int64_t V, const int32_t* mask, int64_t nbits) {
+  vf best = vf{} - INFINITY;
+  vi at = vi{} - 1, lane;
+  vi nan = vi{};
+  for (int l = 0; l < L; ++l) lane[l] = l;
+  const vf none = vf{} - INFINITY;
+  auto allowed = [&](int64_t t) { return t < nbits && ((static_cast<uint32_t>(mask[t / 32]) >> (t % 32)) & 1u); };
+  const int64_t Vm = std::min(V, nbits);
+  int64_t i = 0;
+  for (; i + L <= Vm && i + L <= INT32_MAX; i += L) {  // (L = 16: a vector's bits sit in one word)
+    const vu bits = (vu{} + static_cast<uint32_t>(mask[i / 32])) >> (vu)(lane + static_cast<int32_t>(i % 32));
+    const vi ok = (vi)((bits & 1u) != 0);
+    const vf raw = load(p + i);
+    const vf v = ok ? raw : none;
+    const vi here = lane + static_cast<int32_t>(i);
+    const vi gt = v > best;
+    best = gt ? v : best;
+    at = gt ? here : at;
+    nan |= v != v;
+  }
+  float bv = -INFINITY;
+  int64_t bi = -1;
+  bool any_nan = false;
+  for (int l = 0; l < L; ++l) {
+    any_nan |= nan[l] != 0;
+    if (at[l] >= 0 && (best[l] > bv || (best[l] == bv && at[l] < bi))) { bv = best[l]; bi = at[l]; }
+  }
+  for (; i < V; ++i) {
+    const float v = allowed(i) ? static_cast<float>(p[i]) : -INFINITY;
+    any_nan |= v != v;
+    if (v > bv) { bv = v; bi = i; }
+  }
+  if (any_nan)
+    for (int64_t j = 0; j < V; ++j) { const float v = static_cast<float>(p[j]); if (v != v && allowed(j)) return j; }
+  return bi < 0 ? 0 : bi;
+}
+
+// masked_argmax_row for rows[k] of logits [B, V] (float32 or bfloat16) under mask[k] ([b, W] int32, W * 32 >= nbits).
+torch::Tensor masked_argmax_rows(torch::Tensor logits, torch::Tensor rows, torch::Tensor mask, int64_t nbits) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.size(1) >= 1 &&
+              (logits.scalar_type() == torch::kFloat32 || logits.scalar_type() == torch::kBFloat16),
+              "logits must be a CPU float32 or bfloat16 [B, V] tensor with V >= 1");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == torch::kInt64, "rows must be int64 [b]");
+  TORCH_CHECK(mask.device().is_cpu() && mask.dim() == 2 && mask.scalar_type() == torch::kInt32 &&
+              mask.size(0) == rows.size(0) && mask.size(1) * 32 >= nbits && nbits >= 0,
+              "mask must be a CPU int32 [b, W] tensor with W * 32 >= nbits");
+  auto x = logits.contiguous();
+  auto m = mask.contiguous();
+  auto r = rows.contiguous();
+  const int64_t b = r.size(0), B = x.size(0), V = x.size(1), W = m.size(1);
+  const int64_t* rp = r.data_ptr<int64_t>();
+  for (int64_t k = 0; k < b; ++k) TORCH_CHECK(rp[k] >= 0 && rp[k] < B, "rows must index logits");
+  auto out = torch::empty({b}, x.options().dtype(torch::kInt64));
+  int64_t* op = out.data_ptr<int64_t>();
+  const int32_t* mp = m.data_ptr<int32_t>();
+  by_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    at::parallel_for(0, b, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) op[k] = masked_argmax_row(xp + rp[k] * V, V, mp + k * W, nbits);
+    });
+  });
+  return out;
+}
+
 // ---- fused ops of a Llama decoder layer (the engine's lean forward): one call instead of 4-7 ATen ops each.
 // Each keeps Hugging Face's order of roundings in bfloat16 (float32 inside an op, the dtype between the ops HF runs);
 // float32 sums run in another order than ATen's. Rows are independent and split among threads in blocks of ROW_GRAIN
@@ -2316,6 +2386,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "batch-invariant mode: the base GEMM on the dot-product kernel (or AMX tiles) at every row count, not oneDNN's "
      "from DOT_BF16_BELOW (bfloat16) / ONEDNN_F32_FROM (float32) rows; returns the previous setting");
   m.def("argmax_rows", &argmax_rows, "the first index of each row's maximum (a NaN wins), as torch.max(dim).indices");
+  m.def("masked_argmax_rows", &masked_argmax_rows, "argmax_rows of given rows with the tokens a bitmask leaves out as -inf");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
   m.attr("ONEDNN_F32_FROM") = large_f32_elsewhere() ? ONEDNN_F32_FROM : -1;  // -1: the dot-product kernel at every size
@@ -2445,7 +2516,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v112_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v113_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

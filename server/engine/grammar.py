@@ -107,9 +107,10 @@ class Grammars:
 class Matcher:
     """One sequence's position in its grammar: the allowed-token mask for its next token, and the tokens it took.
 
-    ``APPLY`` (class-wide): "xgrammar" (the default: xgrammar's own ``apply_token_bitmask_inplace`` on CPU rows,
-    torch ops elsewhere) or "torch" (the bitmask unpacked and applied with torch ops on every device). In the engine
-    (server.bench_structured, 8 sequences of the default base) xgrammar's took 0.95 of the torch ops' step."""
+    ``APPLY`` (class-wide): "xgrammar" (the default: on CPU, greedy rows held only by a grammar take the compiled
+    ``masked_argmax_rows`` over their bitmasks (server.engine.sampler) and other rows xgrammar's own
+    ``apply_token_bitmask_inplace``; torch ops elsewhere) or "torch" (the bitmask unpacked and applied with torch ops
+    on every device, to a copy of a step's greedy grammar rows at once). server.bench_structured times the two."""
 
     APPLY = "xgrammar"
 
@@ -117,7 +118,6 @@ class Matcher:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self.vocab_size = vocab_size
-        self._shifts = torch.arange(32, dtype=torch.int32)
 
     def accept(self, token: int) -> None:
         if not self.matcher.is_terminated():
@@ -130,12 +130,30 @@ class Matcher:
     def mask_(self, row: torch.Tensor) -> torch.Tensor:
         """row [V] (float32): every token the grammar does not allow next set to -inf, in place."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        if Matcher.APPLY == "xgrammar" and row.device.type == "cpu" and row.numel() == self.vocab_size:
-            xgr.apply_token_bitmask_inplace(row.view(1, -1), self.bitmask)
-            return row
-        bits = self.bitmask[0]
-        allowed = ((bits.unsqueeze(1) >> self._shifts) & 1).bool().view(-1)[: self.vocab_size]
-        n = min(row.numel(), allowed.numel())
-        row[:n].masked_fill_(~allowed[:n].to(row.device), float("-inf"))
-        row[n:] = float("-inf")  # (padded vocabulary rows beyond the tokenizer's: never allowed)
+        apply_bitmask_(row.view(1, -1), self.bitmask, self.vocab_size)
         return row
+
+    def fill(self, bitmask: torch.Tensor, index: int) -> None:
+        """Row ``index`` of a batch's bitmask (``allocate_bitmask``): the tokens this sequence may take next."""
+        self.matcher.fill_next_token_bitmask(bitmask, index)
+
+
+def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    return xgr.allocate_token_bitmask(rows, vocab_size)
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """logits [b, V'] (any float dtype, V' >= vocab_size): every token a row's bitmask [b, ceil(vocab_size / 32)]
+    does not allow set to -inf, in place, by ``Matcher.APPLY``'s path (padded vocabulary columns beyond the
+    tokenizer's are never allowed)."""
+    if Matcher.APPLY == "xgrammar" and logits.device.type == "cpu" and logits.shape[1] == vocab_size:
+        xgr.apply_token_bitmask_inplace(logits, bitmask)
+        return logits
+    allowed = ((bitmask.unsqueeze(2) >> _SHIFTS) & 1).bool().view(bitmask.shape[0], -1)[:, :vocab_size]
+    n = min(logits.shape[1], vocab_size)
+    logits[:, :n].masked_fill_(~allowed[:, :n].to(logits.device), float("-inf"))
+    logits[:, n:] = float("-inf")
+    return logits

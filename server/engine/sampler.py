@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from remix.kernels import cpu_ext
+from server.engine.grammar import Matcher, allocate_bitmask, apply_bitmask_
 
 
 @dataclass
@@ -72,6 +73,11 @@ class TokenHistory:
                 self._seen_t = None
         self.done = len(output_ids)
         return self
+
+    def grammar_only(self, p: SamplingParams) -> bool:
+        """Whether, at this step, the grammar is the only thing that changes this sequence's logits."""
+        return (self.matcher is not None and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty and not p.logit_bias and not (self.done < p.min_tokens and self.stop_ids.numel()))
 
     def seen_ids(self) -> torch.Tensor:
         if self._seen_t is None:
@@ -136,8 +142,26 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     elif greedy:
         rows = torch.tensor(greedy)
         out[rows] = first_argmax(logits[rows])
+    # greedy rows held only by a grammar, together: one bitmask, then on CPU one compiled pass over their rows that
+    # takes each row's first maximum among its allowed tokens (nothing copied or written), elsewhere (or with
+    # Matcher.APPLY "torch") one mask application to a copy of the rows and one argmax: -inf and widening are exact,
+    # so either gives the token the row-by-row path (widen, mask, argmax) gives
+    masked = [i for i, p in enumerate(params) if p.greedy and p.adjusts and history is not None
+              and history[i] is not None and history[i].grammar_only(p)]
+    if masked:
+        rows = torch.tensor(masked)
+        vocab = history[masked[0]].matcher.vocab_size
+        bits = allocate_bitmask(len(masked), vocab)
+        for k, i in enumerate(masked):
+            history[i].matcher.fill(bits, k)
+        ext = cpu_ext.for_input(logits)
+        if ext is not None and Matcher.APPLY == "xgrammar":
+            out[rows] = ext.masked_argmax_rows(logits, rows, bits, vocab)
+        else:
+            out[rows] = first_argmax(apply_bitmask_(logits[rows.to(logits.device)], bits.to(logits.device), vocab))
+    done = set(greedy) | set(masked)
     for i, p in enumerate(params):
-        if p.greedy and not p.adjusts:
+        if i in done:
             continue
         row = logits[i].float()
         if p.adjusts:
