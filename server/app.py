@@ -482,6 +482,7 @@ class _ResponseBuilder:
                 parser.feed(self.text[c])
                 parser.finish()
                 calls = parser.tool_calls()
+                self._count_calls(calls)
                 choice["message"] = {"role": "assistant", "content": (parser.content.rstrip() or None) if calls
                                      else parser.content}
                 if calls:
@@ -527,6 +528,8 @@ class _ResponseBuilder:
             else:
                 delta["content"] = text
             finish = self._finish_reason(c, bool(self.parsers[c].calls) if self.tool_mode else False) if ev.finished else None
+            if ev.finished and self.tool_mode:
+                self._count_calls(self.parsers[c].tool_calls())
             choice = {"index": c, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": c, "text": text, "logprobs": lp, "finish_reason": self.finish.get(c) if ev.finished else None}
@@ -551,6 +554,13 @@ class _ResponseBuilder:
             for rank, ch in enumerate(mine[: self.body.n]):
                 best.append({**ch, "index": i * self.body.n + rank})
         return best
+
+    def _count_calls(self, calls: list[dict]) -> None:
+        """A choice offered tools has ended: its calls by function, and whether it called at all."""
+        m, adapter = self.state.metrics, self.body.model
+        m.tool_choices.labels(adapter, "true" if calls else "false").inc()
+        for call in calls:
+            m.tool_calls.labels(adapter, call["function"]["name"]).inc()
 
     def _finish_reason(self, c: int, called: bool) -> str | None:
         """OpenAI's: "tool_calls" when the model chose to call (tool_choice auto or required), "stop" for a call

@@ -387,3 +387,33 @@ def test_check_tools_script_scores_through_the_api(server, capsys):
     assert mod.verdict(text, {"content": "42."}) and not mod.verdict(text, {"content": "42", **call})
     assert mod.main(["--url", server.url, "--model", "tiny", "--size", "3"]) == 0
     assert "all: " in capsys.readouterr().out
+
+
+def test_tool_call_metrics(client, server):
+    """remix_tool_calls_total by function and remix_tool_choices_total by whether a choice offered tools called,
+    counted once per choice, whole and streamed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts():
+        out = {}
+        for fam in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
+            for smp in fam.samples:
+                if smp.name in ("remix_tool_calls_total", "remix_tool_choices_total"):
+                    out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+        return out
+
+    before = counts()
+    named = {"type": "function", "function": {"name": "get_time"}}
+    client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice=named, n=2, temperature=0,
+                                   max_tokens=200)
+    streamed(client, model="tiny", messages=ASK, tools=TOOLS, tool_choice=named, temperature=0, max_tokens=200)
+    client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=0, max_tokens=20,
+                                   extra_body={"guided_regex": "No call\\."})
+    after = counts()
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted({"adapter": "tiny", **labels}.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("remix_tool_calls_total", function="get_time") == 3
+    assert grew("remix_tool_choices_total", called="true") == 3 and grew("remix_tool_choices_total", called="false") == 1
