@@ -196,3 +196,18 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         tol = 1e-4 if key.endswith("router") else 1e-6
         torch.testing.assert_close(a[key], b[key], atol=tol, rtol=0, msg=key)
     assert [round(l, 4) for _, l in _losses(tmp_path / "one")] == [round(l, 4) for _, l in _losses(tmp_path / "two")]
+
+
+def test_a_task_brings_its_own_defaults(tmp_path):
+    """--data tools raises max_seq_len and eval_max_new_tokens to what its rows need (with the defaults every row
+    would be cut: "no example has a completion within max_seq_len=128"); a config file or a flag still wins."""
+    from training.tasks import TASK_DEFAULTS
+
+    cfg = load_config(["--data", "tools"])
+    assert (cfg.max_seq_len, cfg.eval_max_new_tokens) == (TASK_DEFAULTS["tools"]["max_seq_len"], 64)
+    assert load_config(["--data", "tools", "--max-seq-len", "300"]).max_seq_len == 300
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data: tools\neval_max_new_tokens: 50\n")
+    cfg = load_config(["--config", str(cfg_file)])
+    assert (cfg.max_seq_len, cfg.eval_max_new_tokens) == (TASK_DEFAULTS["tools"]["max_seq_len"], 50)
+    assert load_config([]).max_seq_len == 128  # the mixture keeps the plain defaults

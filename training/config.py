@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from remix.config import DEFAULT_TARGETS, ROUTERS, MixtureConfig
+from training.tasks import TASK_DEFAULTS
 
 
 def _f(default, help: str, **kw):
@@ -149,6 +150,8 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
             raise ConfigError(f"--config {path}: unknown field(s) {', '.join(unknown)}")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    for name, value in TASK_DEFAULTS.get(values.get("data", TrainConfig.data), {}).items():
+        values.setdefault(name, value)  # a built-in task's own defaults, under the file's and the flags' values
     try:
         cfg = TrainConfig(**values)
     except TypeError as e:

@@ -140,6 +140,9 @@ def _tools(rng: random.Random, size: int, test: bool, seed: int = 0) -> list[dic
 
 FAMILIES = {"facts": _facts_with_table, "arithmetic": _arithmetic, "strings": _strings}
 EXTRA = {"tools": _tools}  # families outside the mixture
+# a task's own defaults for training.fit's fields (a config file or a flag still wins): the tools task's rows carry
+# the tools' system prompt (~330-380 tokens with SmolLM2's tokenizer) and calls of up to ~45 tokens
+TASK_DEFAULTS = {"tools": {"max_seq_len": 448, "eval_max_new_tokens": 64}}
 TASKS = (*FAMILIES, "mixture", *EXTRA)
 
 
