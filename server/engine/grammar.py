@@ -152,7 +152,7 @@ def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, vocab_size: int)
     if Matcher.APPLY == "xgrammar" and logits.device.type == "cpu" and logits.shape[1] == vocab_size:
         xgr.apply_token_bitmask_inplace(logits, bitmask)
         return logits
-    allowed = ((bitmask.unsqueeze(2) >> _SHIFTS) & 1).bool().view(bitmask.shape[0], -1)[:, :vocab_size]
+    allowed = ((bitmask.unsqueeze(2) >> _SHIFTS.to(bitmask.device)) & 1).bool().view(bitmask.shape[0], -1)[:, :vocab_size]
     n = min(logits.shape[1], vocab_size)
     logits[:, :n].masked_fill_(~allowed[:, :n].to(logits.device), float("-inf"))
     logits[:, n:] = float("-inf")

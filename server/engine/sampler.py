@@ -158,7 +158,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if ext is not None and Matcher.APPLY == "xgrammar":
             out[rows] = ext.masked_argmax_rows(logits, rows, bits, vocab)
         else:
-            out[rows] = first_argmax(apply_bitmask_(logits[rows.to(logits.device)], bits.to(logits.device), vocab))
+            out[rows] = first_argmax(apply_bitmask_(logits[rows.to(logits.device)], bits, vocab))
     done = set(greedy) | set(masked)
     for i, p in enumerate(params):
         if i in done:
