@@ -417,3 +417,22 @@ def test_tool_call_metrics(client, server):
 
     assert grew("remix_tool_calls_total", function="get_time") == 3
     assert grew("remix_tool_choices_total", called="true") == 3 and grew("remix_tool_choices_total", called="false") == 1
+
+
+def test_streamed_calls_of_several_choices_stay_apart(client):
+    """n = 2, sampled with a seed, streamed: each choice's deltas carry its own calls (their chunks interleave), and
+    they add up to the whole response's choices."""
+    body = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", n=2, temperature=1.0, seed=9,
+                max_tokens=300)
+    whole = client.chat.completions.create(**body)
+    calls: dict = {}
+    for chunk in client.chat.completions.create(stream=True, **body):
+        for ch in chunk.choices:
+            for tc in ch.delta.tool_calls or []:
+                c = calls.setdefault((ch.index, tc.index), [None, ""])
+                c[0] = tc.function.name or c[0]
+                c[1] += tc.function.arguments or ""
+    for ch in whole.choices:
+        got = [tuple(calls[(ch.index, i)]) for i in range(len(ch.message.tool_calls))]
+        assert got == [(c.function.name, c.function.arguments) for c in ch.message.tool_calls]
+    assert len(calls) == sum(len(ch.message.tool_calls) for ch in whole.choices)
