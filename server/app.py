@@ -47,6 +47,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
+    @classmethod
+    def of(cls, e: EngineError) -> "APIError":
+        """The engine's refusal as the HTTP error it maps to."""
+        return cls(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code)
+
 
 def _error_response(state: ServerState | None, status: int, message: str, type_: str, param=None, code=None):
     if state is not None and state.metrics is not None:
@@ -164,7 +169,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             await asyncio.to_thread(state.engine.unload_adapter, name)
         except EngineError as e:
-            raise APIError(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code) from None
+            raise APIError.of(e) from None
         return {"id": name, "object": "model", "deleted": True}
 
     @app.post("/tokenize")
@@ -235,7 +240,7 @@ def create_app(state: ServerState) -> FastAPI:
             try:
                 params.compiled_grammar = await asyncio.to_thread(state.engine.compile_grammar, *params.grammar)
             except EngineError as e:
-                raise APIError(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code) from None
+                raise APIError.of(e) from None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -251,7 +256,7 @@ def create_app(state: ServerState) -> FastAPI:
         except EngineError as e:
             for sub in sub_ids:
                 state.engine.cancel(sub)
-            raise APIError(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code) from None
+            raise APIError.of(e) from None
         state.in_flight += 1
         tracker = _Tracker(state, adapter or state.base_name, arrival, len(prompt_ids) * params.n,
                            getattr(request.state, "request_id", None))
@@ -576,8 +581,8 @@ class _ResponseBuilder:
         events = parser.feed(text) + (parser.finish() if finished else [])
         held = self.held.get(c, "") + "".join(e[1] for e in events if e[0] == "content")
         delta = {}
-        if held.rstrip():
-            delta["content"], held = held.rstrip(), held[len(held.rstrip()):]
+        if sent := held.rstrip():
+            delta["content"], held = sent, held[len(sent):]
         if finished and held and not parser.calls:
             delta["content"], held = delta.get("content", "") + held, ""
         self.held[c] = held

@@ -83,13 +83,9 @@ class CallParser:
         out = []
         while True:
             if self.state == "text":
-                i = self.buf.find(OPEN)
-                cut = i if i >= 0 else len(self.buf) - _held(self.buf, OPEN)
-                self._content(out, self.buf[:cut])
-                if i < 0:
-                    self.buf = self.buf[cut:]
+                if not self._through(OPEN, self._content, out):
                     return out
-                self.buf, self.state = self.buf[i + len(OPEN):], "header"
+                self.state = "header"
             elif self.state == "header":
                 m = self.HEADER.match(self.buf)
                 if m is None or m.end() == len(self.buf):
@@ -98,13 +94,18 @@ class CallParser:
                 out.append(("call", len(self.calls) - 1, self.calls[-1][1]))
                 self.buf, self.state = self.buf[m.end():], "arguments"
             else:
-                i = self.buf.find(END)
-                cut = i if i >= 0 else len(self.buf) - _held(self.buf, END)
-                self._arguments(out, self.buf[:cut])
-                if i < 0:
-                    self.buf = self.buf[cut:]
+                if not self._through(END, self._arguments, out):
                     return out
-                self.buf, self.state = self.buf[i + len(END):], "text"
+                self.state = "text"
+
+    def _through(self, marker: str, emit, out: list) -> bool:
+        """Emit the buffer up to ``marker`` and drop the marker; without it, emit all but an end that could be its
+        start (kept for the next piece). Whether the marker came."""
+        i = self.buf.find(marker)
+        cut = i if i >= 0 else len(self.buf) - _held(self.buf, marker)
+        emit(out, self.buf[:cut])
+        self.buf = self.buf[i + len(marker):] if i >= 0 else self.buf[cut:]
+        return i >= 0
 
     def finish(self) -> list[tuple]:
         out = []

@@ -232,8 +232,12 @@ def test_auto_parses_calls_out_of_the_text(client):
     # free generation with tools offered runs (a random model rarely opens a call; when it does, the call is valid)
     for ch in client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=1.0, seed=1, n=4,
                                              max_tokens=200).choices:
+        assert ch.finish_reason in ("stop", "length", "tool_calls") and (ch.message.content or ch.message.tool_calls)
+        assert (ch.finish_reason == "tool_calls") == (bool(ch.message.tool_calls) and ch.finish_reason != "length")
         for call in ch.message.tool_calls or []:
             assert call.function.name in ("get_weather", "get_time")
+            if ch.finish_reason == "tool_calls":  # (complete calls: their arguments parse)
+                json.loads(call.function.arguments)
 
 
 def test_a_conversation_with_calls_and_results_continues(client, server):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from remix.chat import assistant_text, prompt_ids, text_of
+from remix.chat import assistant_text, text_of
+from remix.chat import prompt_ids as chat_ids  # (the prompt as the server builds it)
 from training.tasks import TASKS, build_task
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
@@ -124,12 +125,6 @@ def to_messages(row: dict) -> list[dict]:
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
 
 
-def _ids(tokenizer, messages, add_generation_prompt: bool, tools=None) -> list[int]:
-    """The chat prompt as the server builds it (remix.chat: tools and tool calls written in where the template has
-    no tool support), so an adapter is served the prompts it was trained on."""
-    return prompt_ids(tokenizer, messages, tools, add_generation_prompt=add_generation_prompt)
-
-
 def tokenize(row: dict, tokenizer, max_len: int, chat: bool = True) -> Example | None:
     """Tokenize one row; labels cover the assistant turns only. None if nothing to learn fits max_len."""
     task = row.get("task", "custom")
@@ -139,13 +134,13 @@ def tokenize(row: dict, tokenizer, max_len: int, chat: bool = True) -> Example |
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prefix = _ids(tokenizer, messages[:i], True, tools)
-            full = _ids(tokenizer, messages[: i + 1], False, tools)
+            prefix = chat_ids(tokenizer, messages[:i], tools, add_generation_prompt=True)
+            full = chat_ids(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
             if full[: len(prefix)] != prefix:
                 raise DataError("the tokenizer's chat template does not render turns as prefixes; use chat: false")
             labels += [IGNORE] * (len(prefix) - len(ids)) + full[len(prefix):]
             ids = full
-        prompt_ids = _ids(tokenizer, messages[:-1], True, tools)
+        prompt_ids = prefix  # (the last message is the assistant's: its prefix is the generation prompt)
         reference = assistant_text(messages[-1])  # (with calls: as the model writes them)
     else:
         prompt = row["prompt"] if "prompt" in row else "\n".join(text_of(m.get("content"))

@@ -1921,15 +1921,26 @@ torch::Tensor slot_attention_q8(torch::Tensor qk, torch::Tensor K, torch::Tensor
 // One row's first maximum (a NaN counts as larger than any number: the first NaN, as torch.max(dim) picks it). Each
 // lane keeps its largest value and the first index that held it (strict >: a tie keeps the earlier index); the lanes
 // then give the largest value at the smallest index. One pass, vectorised; a row with a NaN is scanned again.
-template <typename T>
-int64_t argmax_row(const T* p, int64_t V) {
+// MASKED (structured output's greedy rows): every token a grammar does not allow counts as -inf - the same token as
+// masking a copy to -inf (server/engine/grammar.py) and then taking the plain argmax, in one pass that writes nothing.
+// mask: bit t % 32 of word t / 32 set where token t is allowed; tokens from nbits on never are.
+template <typename T, bool MASKED = false>
+int64_t argmax_row(const T* p, int64_t V, const int32_t* mask = nullptr, int64_t nbits = 0) {
   vf best = vf{} - INFINITY;
   vi at = vi{} - 1, lane;
   vi nan = vi{};
   for (int l = 0; l < L; ++l) lane[l] = l;
+  auto allowed = [&](int64_t t) {
+    return !MASKED || (t < nbits && ((static_cast<uint32_t>(mask[t / 32]) >> (t % 32)) & 1u));
+  };
+  const int64_t Vv = MASKED ? std::min(V, nbits) : V;  // (the vectors' end: padded columns go to the tail)
   int64_t i = 0;
-  for (; i + L <= V && i + L <= INT32_MAX; i += L) {
-    const vf v = load(p + i);
+  for (; i + L <= Vv && i + L <= INT32_MAX; i += L) {
+    vf v = load(p + i);
+    if constexpr (MASKED) {  // (L = 16: a vector's bits sit in one word)
+      const vu bits = (vu{} + static_cast<uint32_t>(mask[i / 32])) >> (vu)(lane + static_cast<int32_t>(i % 32));
+      v = (vi)((bits & 1u) != 0) ? v : vf{} - INFINITY;
+    }
     const vi here = lane + static_cast<int32_t>(i);
     const vi gt = v > best;
     best = gt ? v : best;
@@ -1944,12 +1955,12 @@ int64_t argmax_row(const T* p, int64_t V) {
     if (at[l] >= 0 && (best[l] > bv || (best[l] == bv && at[l] < bi))) { bv = best[l]; bi = at[l]; }
   }
   for (; i < V; ++i) {
-    const float v = static_cast<float>(p[i]);
+    const float v = allowed(i) ? static_cast<float>(p[i]) : -INFINITY;
     any_nan |= v != v;
     if (v > bv) { bv = v; bi = i; }  // the tail comes after every vector's index: only strictly larger wins
   }
   if (any_nan)
-    for (int64_t j = 0; j < V; ++j) { const float v = static_cast<float>(p[j]); if (v != v) return j; }
+    for (int64_t j = 0; j < V; ++j) { const float v = static_cast<float>(p[j]); if (v != v && allowed(j)) return j; }
   return bi < 0 ? 0 : bi;  // every value -inf: the first
 }
 
@@ -1974,48 +1985,7 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
   return out;
 }
 
-// argmax_row of a row with every token its grammar does not allow counted as -inf (structured output's greedy rows),
-// in one pass that writes nothing: the same token as masking a copy to -inf (server/engine/grammar.py) and then
-// argmax_row. mask: bit t % 32 of word t / 32 set where token t is allowed; tokens from nbits on never are.
-template <typename T>
-int64_t masked_argmax_row(const T* p, int64_t V, const int32_t* mask, int64_t nbits) {
-  vf best = vf{} - INFINITY;
-  vi at = vi{} - 1, lane;
-  vi nan = vi{};
-  for (int l = 0; l < L; ++l) lane[l] = l;
-  const vf none = vf{} - INFINITY;
-  auto allowed = [&](int64_t t) { return t < nbits && ((static_cast<uint32_t>(mask[t / 32]) >> (t % 32)) & 1u); };
-  const int64_t Vm = std::min(V, nbits);
-  int64_t i = 0;
-  for (; i + L <= Vm && i + L <= INT32_MAX; i += L) {  // (L = 16: a vector's bits sit in one word)
-    const vu bits = (vu{} + static_cast<uint32_t>(mask[i / 32])) >> (vu)(lane + static_cast<int32_t>(i % 32));
-    const vi ok = (vi)((bits & 1u) != 0);
-    const vf raw = load(p + i);
-    const vf v = ok ? raw : none;
-    const vi here = lane + static_cast<int32_t>(i);
-    const vi gt = v > best;
-    best = gt ? v : best;
-    at = gt ? here : at;
-    nan |= v != v;
-  }
-  float bv = -INFINITY;
-  int64_t bi = -1;
-  bool any_nan = false;
-  for (int l = 0; l < L; ++l) {
-    any_nan |= nan[l] != 0;
-    if (at[l] >= 0 && (best[l] > bv || (best[l] == bv && at[l] < bi))) { bv = best[l]; bi = at[l]; }
-  }
-  for (; i < V; ++i) {
-    const float v = allowed(i) ? static_cast<float>(p[i]) : -INFINITY;
-    any_nan |= v != v;
-    if (v > bv) { bv = v; bi = i; }
-  }
-  if (any_nan)
-    for (int64_t j = 0; j < V; ++j) { const float v = static_cast<float>(p[j]); if (v != v && allowed(j)) return j; }
-  return bi < 0 ? 0 : bi;
-}
-
-// masked_argmax_row for rows[k] of logits [B, V] (float32 or bfloat16) under mask[k] ([b, W] int32, W * 32 >= nbits).
+// argmax_row<T, true> for rows[k] of logits [B, V] (float32 or bfloat16) under mask[k] ([b, W] int32, W * 32 >= nbits).
 torch::Tensor masked_argmax_rows(torch::Tensor logits, torch::Tensor rows, torch::Tensor mask, int64_t nbits) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.size(1) >= 1 &&
               (logits.scalar_type() == torch::kFloat32 || logits.scalar_type() == torch::kBFloat16),
@@ -2037,7 +2007,7 @@ torch::Tensor masked_argmax_rows(torch::Tensor logits, torch::Tensor rows, torch
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
     at::parallel_for(0, b, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) op[k] = masked_argmax_row(xp + rp[k] * V, V, mp + k * W, nbits);
+      for (int64_t k = k0; k < k1; ++k) op[k] = argmax_row<T, true>(xp + rp[k] * V, V, mp + k * W, nbits);
     });
   });
   return out;
@@ -2516,7 +2486,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v113_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v114_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:
