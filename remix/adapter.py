@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 from remix.config import MixtureConfig
 from remix.inject import inject, wrapped_layers
 from remix.layer import MixtureOfLoRAsLinear
+from remix import peft_format
 from remix.models.loading import base_name, fingerprint
+from remix.peft_format import is_peft_config
 
 FORMAT = "remix-adapter"
 FORMAT_VERSION = 1
@@ -121,6 +123,21 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every tensor of the weights file, and why it could not be read (never unpickles)."""
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            return {}, [f"{WEIGHTS_FILE} is missing; adapter_model.bin is a pickle, which is never loaded (it can run "
+                        "code): save the adapter with safetensors (peft: save_pretrained(..., safe_serialization=True))"]
+        return {}, [f"{WEIGHTS_FILE} is missing"]
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, []
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        return {}, [f"{WEIGHTS_FILE} is not a readable safetensors file (truncated, corrupt or another format): {e}"]
+
+
 def _config_problems(config: dict[str, Any]) -> tuple[list[str], MixtureConfig | None]:
     problems = []
     if config.get("format") != FORMAT:
@@ -155,6 +172,10 @@ def validate_adapter(
     """
     path = Path(path)
     config = read_config(path)
+    tensors, file_problems = _read_tensors(path)
+    if is_peft_config(config):  # peft's layout: converted to router "lora" (a pool of one LoRA)
+        config, tensors, peft_problems = peft_format.convert(config, None if file_problems else tensors)
+        file_problems += peft_problems
     problems, mix = _config_problems(config)
     modules = config.get("modules") if isinstance(config.get("modules"), dict) else {}
     # --- against the base model -------------------------------------------------------------
@@ -180,17 +201,7 @@ def validate_adapter(
             f"base_model: trained on {config['base_model'].get('name')!r} with fingerprint {expected_print}, "
             f"but the loaded base has {actual_print} (different weights)"
         )
-    # --- the weights file -------------------------------------------------------------------
-    tensors: dict[str, torch.Tensor] = {}
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        problems.append(f"{WEIGHTS_FILE} is missing")
-    else:
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            problems.append(f"{WEIGHTS_FILE} is not a readable safetensors file (truncated, corrupt or another format): {e}")
+    problems += file_problems
     if mix is not None and modules and tensors:
         want = tensor_shapes(mix, {name: tuple(dims) for name, dims in modules.items()})
         dtype = _DTYPES.get(config["dtype"], torch.float32)

@@ -24,7 +24,7 @@ from server import tools
 from server.engine import Engine, EngineError, GenerationRequest
 from server.metrics import Metrics
 from server.protocol import (AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                             FieldError, TokenizeRequest, error_body)
+                             FieldError, LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest, error_body)
 
 log = logging.getLogger("server")
 
@@ -162,6 +162,28 @@ def create_app(state: ServerState) -> FastAPI:
         except AdapterError as e:
             raise APIError(400, str(e), param="path", code="invalid_adapter") from None
         return {"id": loaded.name, "object": "model", "parent": state.base_name, "adapter": {"path": loaded.path, **loaded.info}}
+
+    # vLLM's names for the same two operations (its LoRA tooling works unchanged; peft adapters load as they are)
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
+        check_key(request)
+        if body.load_inplace and body.lora_name in state.engine.registry.adapters:
+            raise APIError(400, f"load_inplace: the adapter {body.lora_name!r} is loaded; unload it first",
+                           param="load_inplace", code="invalid_adapter")
+        try:
+            await asyncio.to_thread(state.engine.load_adapter, body.lora_name, body.lora_path, True)
+        except AdapterError as e:
+            raise APIError(400, str(e), param="lora_path", code="invalid_adapter") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request):
+        check_key(request)
+        try:
+            await asyncio.to_thread(state.engine.unload_adapter, body.lora_name)
+        except EngineError as e:
+            raise APIError.of(e) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):

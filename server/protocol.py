@@ -371,5 +371,20 @@ class AdapterLoadRequest(BaseModel):
     check_fingerprint: bool = True
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body (its tooling drives ours unchanged)."""
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")
+    lora_path: str = Field(min_length=1)
+    load_inplace: bool = False  # replace a loaded adapter of that name: not supported (unload it first)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's internal id; adapters here are named only
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -359,6 +359,28 @@ def test_live_adapter_load_and_unload(server, client, tmp_path):
     assert httpx.delete(server.url + "/v1/adapters/gamma").status_code == 401
 
 
+def test_vllm_lora_endpoints_load_a_peft_adapter(server, client, tmp_path):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, with a LoRA as peft saves it."""
+    from tests.test_peft_format import write_peft
+
+    pytest.importorskip("peft")
+    write_peft(tmp_path / "p", seed=2)
+    r = _post(server, "/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(tmp_path / "p")})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'sql' added successfully.", r.text
+    card = [m for m in client.models.list().data if m.id == "sql"][0]
+    assert card.model_extra["adapter"]["format"] == "peft" and card.model_extra["adapter"]["router"] == "lora"
+    scores = {m: client.completions.create(model=m, prompt="Hello", max_tokens=4, temperature=0, logprobs=0)
+              .choices[0].logprobs.token_logprobs for m in ("sql", "tiny")}
+    assert scores["sql"] != scores["tiny"]  # the adapter is applied
+    r = _post(server, "/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(tmp_path / "p"), "load_inplace": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace"
+    r = _post(server, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(tmp_path / "none")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+    r = _post(server, "/v1/unload_lora_adapter", {"lora_name": "sql"})
+    assert r.status_code == 200 and "removed" in r.text
+    assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "sql"}).status_code == 404
+
+
 def test_readme_curl_examples(server):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = re.findall(r"<!-- curl-test -->\s*```bash\n(.*?)```", readme, re.S)

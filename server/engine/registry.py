@@ -54,7 +54,8 @@ class AdapterRegistry:
             self.runner.stacked[module].stack.add(slot, A, B, router.to(device=device, dtype=torch.float32),
                                                   mix.k if mix.router == "remix" else 1, omega, dtype=dtype)
         loaded = LoadedAdapter(name, str(path), slot, config, modules,
-                               info={"router": mix.router, "n": mix.n, "k": mix.k, "r": mix.r, "omega": omega})
+                               info={"format": config.get("training", {}).get("converted_from", "remix"),
+                                     "router": mix.router, "n": mix.n, "k": mix.k, "r": mix.r, "omega": omega})
         self.adapters[name] = loaded
         return loaded
 
