@@ -10,6 +10,9 @@ On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill inc
   engine_base        our engine, base only
   engine_remix       our engine, one ReMix adapter (n=8, k=2, r=8 on every FFN projection)
   engine_4adapters   our engine, four such adapters mixed round-robin in every batch
+and with --peft, a plain LoRA as peft saves it (r 16, alpha 32, on every linear of every layer, B random):
+  hf_peft            HF generate on peft's PeftModel with that LoRA (what a peft user runs)
+  engine_peft        our engine serving the same directory (read as a router-"lora" adapter)
 at each concurrency, plus the engine's median decode-step time and the time of that step's weight GEMMs alone at the
 same batch (the floor on this machine: the faster of ATen's GEMMs and, on CPU, the compiled kernels' GEMM, which
 the engine runs), and prints/writes the ratios with their goals. Every contender runs ``--repeats`` times, all five
@@ -71,6 +74,26 @@ def make_adapter(model, path: Path, seed: int) -> Path:
             layer.router.copy_(torch.randn(layer.router.shape, generator=g) * 0.05)
     remix.save_adapter(model, path)
     remix.unwrap(model)
+    return path
+
+
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(base: str, path: Path, seed: int = 0) -> Path:
+    """A LoRA saved by peft itself (r 16, alpha 32 on every linear of every layer; B random, as after training)."""
+    try:
+        import peft
+    except ImportError:
+        raise SystemExit("error: --peft needs the peft package (pip install peft)") from None
+    model, _ = remix.load_base(base)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=PEFT_TARGETS, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    pm.save_pretrained(str(path))
     return path
 
 
@@ -236,6 +259,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
+    ap.add_argument("--peft", action="store_true", help="also a peft LoRA: HF generate on peft's PeftModel against the "
+                    "engine serving the same directory (needs peft)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="runs of every contender at each concurrency (all of them in rounds); the fastest is reported")
     ap.add_argument("--dtype", default="auto", choices=DTYPES,
@@ -271,6 +296,9 @@ def main(argv=None) -> dict:
                                              prefix_caching=False))
     for i, path in enumerate(adapter_paths):
         engine.load_adapter(f"a{i}", str(path))
+    if args.peft:
+        peft_path = make_peft_adapter(args.base, tmp / "peft")
+        engine.load_adapter("peft", str(peft_path))
     engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
     # the HF peers run on plain copies of the base (the engine's model has serving wrappers): one as it is, one with the
     # adapter applied by a per-expert Python loop
@@ -283,6 +311,12 @@ def main(argv=None) -> dict:
                 layer.base, layer.lora_A.detach(), layer.lora_B.detach(), layer.router.detach(), layer.k, layer.omega))
         peers["hf_loop"] = looped
     engines = (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"]))
+    if args.peft:
+        from peft import PeftModel
+
+        peers["hf_peft"] = PeftModel.from_pretrained(remix.load_base(args.base, dtype=dtype, device=device)[0],
+                                                     str(peft_path)).eval()
+        engines += (("engine_peft", ["peft"]),)
     results, rounds_of = {}, {}  # rounds_of[c][name]: every round's (wall, decode step or None), for the ratios
     for c in levels:
         prompts = prompts_of(tok, c, args.prompt_tokens)
@@ -354,12 +388,15 @@ def main(argv=None) -> dict:
         floor_rounds = [min(got) for got in zip(*results[c]["gemm_floor_runs_ms"].values())]  # the faster GEMM of each round
         ratio(f"decode_step_over_gemm_floor@{c}", [1000 * st / f for (_, st), f in zip(rounds_of[c]["engine_remix"], floor_rounds)],
               "<=" if c == top else None, 1.25, c)
+        if "hf_peft" in rounds_of[c]:
+            ratio(f"engine_peft_over_hf_peft@{c}", over(c, "engine_peft", "hf_peft"), None, 0, c)
+            ratio(f"engine_peft_over_engine_base@{c}", over(c, "engine_peft", "engine_base"), None, 0, c)
     if 1 in results:  # the batch-1 goal only where batch 1 was measured (--concurrency 32 alone reported it from 32)
         ratio("engine_remix_bs1_over_hf_generate_bs1", over(1, "engine_remix", "hf_generate"), ">=", 2.0, 1)
     for name, g in goals.items():
         print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
     out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
-                      "kv_cache_dtype": args.kv_cache_dtype,
+                      "kv_cache_dtype": args.kv_cache_dtype, "peft_targets": PEFT_TARGETS if args.peft else None,
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_ext.cpu_model(),
                       # which bfloat16 GEMM the engine ran (AMX tiles, or not: no AMX, or REMIX_DISABLE_AMX=1)
@@ -376,7 +413,8 @@ def device_name(device: torch.device) -> str:
 def markdown(out: dict) -> str:
     """The README's tables: tokens/s per contender and concurrency, decode step against its GEMM floor, the ratios."""
     names = [("hf_generate", "HF generate"), ("hf_loop", "HF + per-expert loop adapter"), ("engine_base", "engine, base"),
-             ("engine_remix", "engine, 1 ReMix adapter"), ("engine_4adapters", "engine, 4 adapters mixed")]
+             ("engine_remix", "engine, 1 ReMix adapter"), ("engine_4adapters", "engine, 4 adapters mixed"),
+             ("hf_peft", "HF + peft LoRA"), ("engine_peft", "engine, same peft LoRA")]
     present = [(k, label) for k, label in names if any(k in row for row in out["results"].values())]
     lines = ["| concurrency | " + " | ".join(label for _, label in present)
              + " | decode step (1 adapter) | its GEMMs alone (fastest GEMM here) |",

@@ -97,6 +97,18 @@ def test_server_bench_in_bfloat16_runs_every_contender_in_that_dtype():
     assert {"hf_generate", "engine_base", "engine_remix", "engine_4adapters"} <= set(out["results"][2])
 
 
+def test_server_bench_with_peft_times_peft_and_the_engine_on_the_same_lora(tmp_path):
+    pytest.importorskip("peft")
+    out = server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "3",
+                             "--skip-hf-loop", "--peft", "--repeats", "1", "--markdown", str(tmp_path / "s.md")])
+    row = out["results"][2]
+    assert {"hf_peft", "engine_peft"} <= set(row) and row["engine_peft"]["tokens_per_s"] > 0
+    assert out["ratios"]["engine_peft_over_hf_peft@2"] == pytest.approx(
+        row["engine_peft"]["tokens_per_s"] / row["hf_peft"]["tokens_per_s"], rel=1e-2)  # one round: the round's ratio
+    assert "engine_peft_over_hf_peft@2" not in out["goals"]  # measured, no goal set
+    assert "HF + peft LoRA" in (tmp_path / "s.md").read_text()
+
+
 def test_server_bench_takes_the_8bit_cache():
     out = server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "3",
                              "--skip-hf-loop", "--repeats", "1", "--kv-cache-dtype", "int8"])
