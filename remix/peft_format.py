@@ -89,7 +89,10 @@ def convert(config: dict[str, Any], tensors: dict[str, torch.Tensor] | None
     for key, t in (tensors or {}).items():
         m = _KEY.match(key.removeprefix(PREFIX))
         if m is None:
-            problems.append(f"tensor {key}: not a LoRA A or B weight (only plain LoRA on linear modules is served)")
+            why = ("a saved copy of a base weight (peft writes one when a LoRA targets a tied lm_head or embedding), "
+                   "which would replace the base's" if key.endswith("base_layer.weight") else
+                   "not a LoRA A or B weight (only plain LoRA on linear modules is served)")
+            problems.append(f"tensor {key}: {why}")
             continue
         names.add(m["name"])
         if m["part"] in parts.get(m["module"], {}):

@@ -61,7 +61,7 @@ def test_load_adapter_equals_peft_forward(tmp_path, config):
 
 
 def test_engine_serves_peft_adapter_beside_remix_ones(tmp_path, device):
-    pm = write_peft(tmp_path / "p", seed=3)
+    pm = write_peft(tmp_path / "p", seed=3, r=8, lora_alpha=16)  # rank 8 beside the ReMix adapter's 4: padded ranks
     model, tok = lively_tiny(device=device)
     engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=8, max_prefill_chunk=8, max_batched_tokens=32))
     loaded = engine.load_adapter("p", str(tmp_path / "p"))
