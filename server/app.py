@@ -17,12 +17,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from remix.adapter import AdapterError
-from server import tools
+from server import responses, tools
 from server.engine import Engine, EngineError, GenerationRequest
 from server.metrics import Metrics
+from server.responses import ResponsesRequest
 from server.protocol import (AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                              FieldError, LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest, error_body)
 
@@ -39,6 +41,7 @@ class ServerState:
     in_flight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
+    responses: responses.Store = field(default_factory=responses.Store)  # stored Responses API responses
 
 
 class APIError(Exception):
@@ -243,6 +246,78 @@ def create_app(state: ServerState) -> FastAPI:
         ids = chat_prompt(body, body.tools if body.tool_mode else None)
         return await _generate(request, body, adapter, [ids], [""], chat=True)
 
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request):
+        """OpenAI's Responses API, computed by the chat path (server/responses.py translates both ways)."""
+        check_key(request)
+        history = []
+        if body.previous_response_id is not None:
+            stored = state.responses.get(body.previous_response_id)
+            if stored is None:
+                raise APIError(404, f"no stored response with id {body.previous_response_id!r}", "invalid_request_error",
+                               "previous_response_id", "not_found")
+            history = stored[1]
+        messages = responses.conversation(body, history)
+        try:
+            chat_req = ChatCompletionRequest.model_validate(responses.chat_body(body, messages))
+        except ValidationError as e:
+            first = next((x for x in e.errors() if x.get("type") == "value_error"), e.errors()[0])
+            blamed = (first.get("ctx") or {}).get("error")
+            field = blamed.param if isinstance(blamed, FieldError) else str((first.get("loc") or ["input"])[0])
+            param = responses.PARAMS.get(field, field)
+            raise APIError(400, f"{param}: " + first.get("msg", "invalid request").removeprefix("Value error, "),
+                           param=param, code="invalid_value") from None
+        rid, created = responses.new_id("resp"), responses.now()
+        try:
+            result = await chat(chat_req, request)
+        except APIError as e:
+            e.param = responses.PARAMS.get(e.param, e.param)
+            raise
+        if isinstance(result, JSONResponse):  # (the client went away)
+            return result
+        if not body.stream:
+            response, assistant = responses.from_chat(body, rid, created, result)
+            if body.store:
+                state.responses.put(response, messages + [assistant])
+            return response
+        inner = result.body_iterator
+
+        async def events():
+            stream = responses.EventStream(body, rid, created)
+            try:
+                piece = await anext(inner)  # (the chat stream's first chunk: its clean-up on a disconnect is armed)
+                for line in stream.start():
+                    yield line
+                while piece is not None:
+                    for block in piece.split("\n\n"):
+                        if block.startswith("data: ") and block != "data: [DONE]":
+                            for line in stream.chunk(json.loads(block[len("data: "):])):
+                                yield line
+                    piece = await anext(inner, None)
+                for line in stream.end():
+                    yield line
+            finally:
+                await inner.aclose()
+            if body.store:
+                state.responses.put(stream.response, messages + [stream.assistant()])
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request):
+        check_key(request)
+        stored = state.responses.get(response_id)
+        if stored is None:
+            raise APIError(404, f"no stored response with id {response_id!r}", "not_found_error", "response_id", "not_found")
+        return stored[0]
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request):
+        check_key(request)
+        if not state.responses.delete(response_id):
+            raise APIError(404, f"no stored response with id {response_id!r}", "not_found_error", "response_id", "not_found")
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
     def chat_prompt(body, offered_tools) -> list[int]:
         """A request's conversation (and the tools offered) through the chat template (server.tools), as token ids."""
         tok = state.engine.tokenizer
@@ -309,7 +384,7 @@ def create_app(state: ServerState) -> FastAPI:
             if builder.include_usage:
                 yield f"data: {json.dumps(builder.usage_chunk())}\n\n"
             yield "data: [DONE]\n\n"
-        except (_Disconnected, asyncio.CancelledError):
+        except (_Disconnected, asyncio.CancelledError, GeneratorExit):  # (GeneratorExit: closed by a wrapping stream)
             for sub in sub_ids:
                 state.engine.cancel(sub)
             raise

@@ -64,13 +64,14 @@ def write_adapter(model, path, seed: int, n: int = 4, k: int = 2, r: int = 4) ->
     return str(path)
 
 
-def drop_streams(url: str, count: int, body_of, headers: dict | None = None, keep_lines=lambda i: 2) -> None:
-    """Open ``count`` streaming completions at once and hang up on each after a few lines."""
+def drop_streams(url: str, count: int, body_of, headers: dict | None = None, keep_lines=lambda i: 2,
+                 path: str = "/v1/completions") -> None:
+    """Open ``count`` streaming requests to ``path`` at once and hang up on each after a few lines."""
     import threading
 
     def one(i: int) -> None:
         try:
-            with httpx.stream("POST", url + "/v1/completions", json=body_of(i), headers=headers or {}, timeout=60) as r:
+            with httpx.stream("POST", url + path, json=body_of(i), headers=headers or {}, timeout=60) as r:
                 for n, _ in enumerate(r.iter_lines()):
                     if n >= keep_lines(i):
                         break
