@@ -508,6 +508,8 @@ class _ResponseBuilder:
         self.offsets: dict[int, int] = {}  # streamed: each choice's text_offset so far
         so = getattr(body, "stream_options", None)
         self.include_usage = bool(so and so.include_usage)
+        self.continuous_usage = bool(so and so.continuous_usage_stats)
+        self.generated = 0  # tokens generated so far, all choices (continuous usage)
         self.tool_mode = body.tool_mode if chat else None  # (server.tools: calls parsed out of the text)
         self.ranked = not chat and body.ranked  # best_of > n: n = best_of sequences per prompt, the body's n returned
         self.scores: dict[int, tuple[float, int]] = {}  # ranked: each sequence's summed log-probability and tokens
@@ -524,6 +526,7 @@ class _ResponseBuilder:
             self.tokens[c] = []
         self.text[c] += ev.text
         self.tokens[c] += (ev.prompt_logprobs or []) + ev.logprobs
+        self.generated += len(ev.token_ids)
         if self.ranked:
             total, count = self.scores.get(c, (0.0, 0))
             self.scores[c] = (total + sum(e[1] for e in ev.logprobs), count + len(ev.logprobs))
@@ -639,7 +642,12 @@ class _ResponseBuilder:
             choice["remix_routing"] = self.routing[c]
         out = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
                "created": self.created, "model": self.body.model, "choices": [choice]}
-        if self.include_usage:
+        if self.continuous_usage:  # the request's usage so far (all its choices; each prompt counted once)
+            prompt = sum(len(p) for p in self.prompt_ids)
+            out["usage"] = {"prompt_tokens": prompt, "completion_tokens": self.generated,
+                            "total_tokens": prompt + self.generated,
+                            "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
+        elif self.include_usage:
             out["usage"] = None
         return out
 

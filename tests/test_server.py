@@ -158,6 +158,20 @@ def test_streaming_with_usage(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_continuous_usage_stats_count_as_they_go(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far; the last equals the final."""
+    chunks = list(client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "Count"}], max_tokens=6, temperature=0.7, n=2, seed=1,
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True}))
+    final = chunks[-1].usage
+    assert not chunks[-1].choices and final.completion_tokens == 12  # the usage chunk: 2 choices x 6 tokens
+    progress = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert all(c.usage is not None and c.usage.prompt_tokens == final.prompt_tokens for c in chunks)
+    assert progress == sorted(progress) and progress[-1] == 12 and progress[0] <= 2
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+
+
 def test_n2_logprobs_echo(client):
     r = client.completions.create(model="alpha", prompt="abc", max_tokens=5, temperature=0, n=2, logprobs=3, echo=True,
                                   extra_body={"ignore_eos": True})
