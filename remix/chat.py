@@ -7,16 +7,22 @@ Messages are dicts in OpenAI's form: ``role`` (system, developer - taken as syst
 text or an object) and ``tool_call_id`` (a tool result's). Tools are OpenAI's ``{"type": "function", "function":
 {"name", "description", "parameters"}}``.
 
-One call format, Hermes' (Qwen2.5, Qwen3, NousResearch Hermes)::
+Two call formats. Hermes' (Qwen2.5, Qwen3, NousResearch Hermes)::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-A chat template that writes this format itself (its source mentions ``<tool_call>``) renders the tools, the earlier
-calls and their results. Any other template (SmolLM2's has no tool support) gets them written in that format here:
-the tools in a system message (Qwen2.5's wording), calls inside the assistant's content, results as user turns in
-``<tool_response>`` tags (consecutive results in one turn).
+and Llama 3.1-3.3's JSON (``llama3_json``: the object alone, ``"parameters"`` for the arguments, results in
+``ipython`` turns)::
+
+    {"name": "get_weather", "parameters": {"city": "Paris"}}
+
+A chat template that writes one of these itself (its source mentions ``<tool_call>``, or writes calls as
+``"parameters": `` with ``tool_calls``) renders the tools, the earlier calls and their results. Any other template
+(SmolLM2's has no tool support) gets them written in Hermes' format here: the tools in a system message (Qwen2.5's
+wording), calls inside the assistant's content, results as user turns in ``<tool_response>`` tags (consecutive results
+in one turn).
 """
 
 from __future__ import annotations
@@ -33,10 +39,23 @@ SYSTEM_PROMPT = (
 )
 
 
-def native(tokenizer) -> bool:
-    """Whether the tokenizer's chat template writes tools and calls in Hermes' format itself."""
+HERMES, LLAMA3_JSON = "hermes", "llama3_json"
+
+
+def call_format(tokenizer) -> str:
+    """The call format the model is prompted with and held to: llama3_json where the chat template writes calls as
+    Llama 3.1-3.3's do, else hermes (the template's own, or written in here)."""
     template = tokenizer.chat_template
-    return isinstance(template, str) and OPEN in template
+    if (isinstance(template, str) and OPEN not in template and "tool_calls" in template
+            and ('"parameters": ' in template or "<|python_tag|>" in template)):
+        return LLAMA3_JSON
+    return HERMES
+
+
+def native(tokenizer) -> bool:
+    """Whether the tokenizer's chat template writes tools and calls itself (in either format)."""
+    template = tokenizer.chat_template
+    return isinstance(template, str) and (OPEN in template or call_format(tokenizer) == LLAMA3_JSON)
 
 
 def text_of(content) -> str:

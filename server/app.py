@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from remix import chat as chat_format
 from remix.adapter import AdapterError
 from server import responses, tools
 from server.engine import Engine, EngineError, GenerationRequest
@@ -330,7 +331,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
 
     async def _generate(request: Request, body, adapter, prompt_ids: list[list[int]], prompt_texts: list[str], chat: bool):
-        params = body.to_sampling(state.engine.config.max_model_len - max(len(p) for p in prompt_ids)) if chat else body.to_sampling()
+        params = (body.to_sampling(state.engine.config.max_model_len - max(len(p) for p in prompt_ids),
+                                   chat_format.call_format(state.engine.tokenizer)) if chat else body.to_sampling())
         if chat and params.max_tokens < 1:
             raise APIError(400, "the prompt fills the whole context", param="messages")
         if params.grammar is not None:  # compiled off the event loop (a large schema takes a while), before submit
@@ -583,7 +585,7 @@ class _ResponseBuilder:
             choice = {"index": c, "finish_reason": self.finish.get(c)}
             lp = self._logprobs(self.tokens[c]) if self._wants_logprobs() else None  # (with echo: the prompt's first)
             if self.chat and self.tool_mode:
-                parser = tools.CallParser()
+                parser = tools.CallParser(chat_format.call_format(self.state.engine.tokenizer))
                 parser.feed(self.text[c])
                 parser.finish()
                 calls = parser.tool_calls()
@@ -682,7 +684,9 @@ class _ResponseBuilder:
         """A streamed chat choice's delta with tools offered: its content (whitespace that may end the content before
         a call held back until text follows it, so the pieces add up to the whole response's content) and, per call,
         its id and name once, then pieces of its arguments."""
-        parser = self.parsers.setdefault(c, tools.CallParser())
+        if c not in self.parsers:
+            self.parsers[c] = tools.CallParser(chat_format.call_format(self.state.engine.tokenizer))
+        parser = self.parsers[c]
         events = parser.feed(text) + (parser.finish() if finished else [])
         held = self.held.get(c, "") + "".join(e[1] for e in events if e[0] == "content")
         delta = {}

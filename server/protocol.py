@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from remix.chat import HERMES
 from server import tools
 from server.engine import SamplingParams
 
@@ -318,12 +319,13 @@ class ChatCompletionRequest(_Template, _Common):
             return "named"
         return self.tool_choice or "auto"
 
-    def to_sampling(self, default_max: int) -> SamplingParams:
+    def to_sampling(self, default_max: int, call_format: str = HERMES) -> SamplingParams:
+        """call_format: the chat template's (remix.chat.call_format), which calls are held to."""
         grammar = None
         if self.tool_mode is not None and _grammar(self) is None:  # tool calls held to their schemas
             named = self.tool_choice.function.name if self.tool_mode == "named" else None
-            grammar = ("structural_tag", tools.structural_tag(self.tools, self.tool_mode, self.parallel_tool_calls, named),
-                       "tools")
+            grammar = ("structural_tag", tools.structural_tag(self.tools, self.tool_mode, self.parallel_tool_calls, named,
+                                                              call_format), "tools")
         return self.sampling(self.max_completion_tokens or self.max_tokens or default_max,
                              (self.top_logprobs or 0) if self.logprobs else None, grammar)
 
