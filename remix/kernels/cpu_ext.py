@@ -26,6 +26,7 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
     argmax_rows(logits)        each row's first maximum (as torch.max(dim).indices), for greedy sampling
     masked_argmax_rows(logits, rows, mask, nbits)   the same for given rows under a grammar's token bitmask
+    sample_rows(logits, rows, temperature, top_k, top_p, u)   sampled tokens (the sampler's reference, unsorted)
     DecodeStack(layers, ...).run(h, ...)   every decoder layer of a decode step in one call (those ops in order)
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
@@ -60,6 +61,7 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -1985,6 +1987,160 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
   return out;
 }
 
+// ---- sampling: temperature, top-k, top-p and one uniform draw per row, without sorting the vocabulary
+
+// One row's token for the uniform u in [0, 1): the distribution of server/engine/sampler.py's reference path
+// (softmax of logits / temperature; top-k: tokens below the k-th largest value dropped, ties kept; top-p: over
+// (probability descending, token ascending), a token kept while the mass before it is < top_p; then the token whose
+// interval of the kept tokens' cumulative mass, in token order, holds u times their total). The reference sorts the
+// whole vocabulary for top-p (~4.3 ms a row of 49152 here); this finds the same set from a histogram of the
+// probabilities by their float exponent (and two mantissa bits): buckets above the one where the mass crosses top_p
+// are kept whole, buckets below dropped, and only the crossing bucket's tokens are sorted. Top-k: a heap of the k
+// largest (nth_element from 1024). e: scratch of V floats. A row with a NaN, or all -inf, takes its argmax.
+template <typename T>
+int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p, double u, float* e) {
+  float m = -INFINITY;
+  bool nan = false;
+  int64_t i = 0;
+  {
+    vf mv = vf{} - INFINITY;
+    vi nv = vi{};
+    for (; i + L <= V; i += L) {
+      const vf y = load(x + i) / temp;
+      store(e + i, y);
+      nv |= y != y;
+      mv = y > mv ? y : mv;
+    }
+    for (int l = 0; l < L; ++l) { nan |= nv[l] != 0; m = mv[l] > m ? mv[l] : m; }
+  }
+  for (; i < V; ++i) {
+    const float y = static_cast<float>(x[i]) / temp;
+    e[i] = y;
+    nan |= y != y;
+    m = y > m ? y : m;
+  }
+  if (nan || m == -INFINITY) return argmax_row(x, V);
+  float kth = -INFINITY;
+  if (top_k > 0 && top_k < V) {
+    if (top_k <= 1024) {
+      std::vector<float> heap(e, e + top_k);
+      std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+      for (int64_t i = top_k; i < V; ++i)
+        if (e[i] > heap.front()) {
+          std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+          heap.back() = e[i];
+          std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+        }
+      kth = heap.front();
+    } else {
+      std::vector<float> copy(e, e + V);
+      std::nth_element(copy.begin(), copy.begin() + (top_k - 1), copy.end(), std::greater<float>());
+      kth = copy[top_k - 1];
+    }
+  }
+  // exp(y - m) where kept (y >= kth, finite), else 0
+  double Z = 0.0;
+  vf zv = vf{};  // (lane sums in float32, as a float32 softmax sums; a chain of double adds took ~60 us a row)
+  for (i = 0; i + L <= V; i += L) {
+    const vf y = load(e + i);
+    vf v = vexp(y - m);
+    v = (y >= kth && y - m >= -87.f) ? v : vf{};  // (below: a float32 softmax's probability is < 2^-125, and vexp
+    store(e + i, v);                                //  clamps there; such a token is never drawn)
+    zv += v;
+  }
+  for (int l = 0; l < L; ++l) Z += zv[l];
+  for (; i < V; ++i) {
+    const float y = e[i];
+    e[i] = (y >= kth && y - m >= -87.f) ? std::exp(y - m) : 0.f;
+    Z += e[i];
+  }
+  double W = Z;  // the kept tokens' mass
+  if (top_p < 1.f) {
+    const double target = static_cast<double>(top_p) * Z;
+    constexpr int NB = 1024;  // e in (0, 1]: its bits >> 21 (8 exponent bits, 2 of the mantissa) are below 1024
+    std::vector<double> mass(NB, 0.0), m4(4 * NB, 0.0);  // four interleaved histograms: shorter chains of adds
+    auto key = [](float v) { uint32_t b; std::memcpy(&b, &v, 4); return static_cast<int>(b >> 21); };
+    for (int64_t j = 0; j < V; ++j) if (e[j] > 0.f) m4[(j & 3) * NB + key(e[j])] += e[j];
+    for (int k = 0; k < NB; ++k) mass[k] = (m4[k] + m4[NB + k]) + (m4[2 * NB + k] + m4[3 * NB + k]);
+    int cross = NB - 1;
+    double before = 0.0;  // the mass of the buckets above `cross`
+    while (cross > 0 && before + mass[cross] < target) before += mass[cross--];
+    std::vector<std::pair<float, int64_t>> edge;  // the crossing bucket's tokens
+    for (int64_t j = 0; j < V; ++j)
+      if (e[j] > 0.f) {
+        const int k = key(e[j]);
+        if (k == cross) edge.emplace_back(e[j], j);
+        else if (k < cross) e[j] = 0.f;
+      }
+    std::sort(edge.begin(), edge.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    double acc = before;
+    size_t kept = 0;
+    for (; kept < edge.size() && acc < target; ++kept) acc += edge[kept].first;
+    for (size_t j = kept; j < edge.size(); ++j) e[edge[j].second] = 0.f;
+    W = acc;
+  }
+  // the token in whose interval goal falls: whole blocks of L summed first, then the block it falls in
+  const double goal = u * W;
+  double acc = 0.0;
+  int64_t j = 0;
+  for (; j + L <= V; j += L) {
+    const vf v = load(e + j);
+    float block = 0.f;
+    for (int l = 0; l < L; ++l) block += v[l];
+    if (acc + block >= goal && block > 0.f) break;
+    acc += block;
+  }
+  int64_t last = -1;
+  for (; j < V; ++j)
+    if (e[j] > 0.f) {
+      acc += e[j];
+      last = j;
+      if (acc >= goal) return j;
+    }
+  for (j = V - 1; last < 0 && j >= 0; --j) if (e[j] > 0.f) last = j;  // (rounding left goal past the end)
+  return last >= 0 ? last : argmax_row(x, V);
+}
+
+// sample_row for rows[k] of logits [B, V] (float32 or bfloat16) with temperature[k] (> 0), top_k[k] (0: off),
+// top_p[k] (1: off) and u[k]: rows split among threads.
+torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tensor temperature, torch::Tensor top_k,
+                          torch::Tensor top_p, torch::Tensor u) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.size(1) >= 1 &&
+              (logits.scalar_type() == torch::kFloat32 || logits.scalar_type() == torch::kBFloat16),
+              "logits must be a CPU float32 or bfloat16 [B, V] tensor with V >= 1");
+  const int64_t b = rows.numel();
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == torch::kInt64 && temperature.scalar_type() == torch::kFloat32 &&
+              top_k.scalar_type() == torch::kInt64 && top_p.scalar_type() == torch::kFloat32 &&
+              u.scalar_type() == torch::kFloat64 && temperature.numel() == b && top_k.numel() == b &&
+              top_p.numel() == b && u.numel() == b,
+              "rows int64, temperature float32, top_k int64, top_p float32, u float64: one each per row");
+  auto x = logits.contiguous();
+  auto r = rows.contiguous(); auto t = temperature.contiguous(); auto k = top_k.contiguous();
+  auto p = top_p.contiguous(); auto uu = u.contiguous();
+  const int64_t B = x.size(0), V = x.size(1);
+  const int64_t* rp = r.data_ptr<int64_t>();
+  const float* tp = t.data_ptr<float>();
+  const float* pp = p.data_ptr<float>();
+  for (int64_t j = 0; j < b; ++j)
+    TORCH_CHECK(rp[j] >= 0 && rp[j] < B && tp[j] > 0.f && pp[j] > 0.f && pp[j] <= 1.f,
+                "rows must index logits, temperatures be > 0 and top_p in (0, 1]");
+  auto out = torch::empty({b}, r.options());
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const double* up = uu.data_ptr<double>();
+  by_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    at::parallel_for(0, b, 1, [&](int64_t j0, int64_t j1) {
+      Scratch e = scratch(V);
+      for (int64_t j = j0; j < j1; ++j) op[j] = sample_row(xp + rp[j] * V, V, tp[j], kp[j], pp[j], up[j], e.get());
+    });
+  });
+  return out;
+}
+
 // argmax_row<T, true> for rows[k] of logits [B, V] (float32 or bfloat16) under mask[k] ([b, W] int32, W * 32 >= nbits).
 torch::Tensor masked_argmax_rows(torch::Tensor logits, torch::Tensor rows, torch::Tensor mask, int64_t nbits) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.size(1) >= 1 &&
@@ -2356,6 +2512,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "batch-invariant mode: the base GEMM on the dot-product kernel (or AMX tiles) at every row count, not oneDNN's "
      "from DOT_BF16_BELOW (bfloat16) / ONEDNN_F32_FROM (float32) rows; returns the previous setting");
   m.def("argmax_rows", &argmax_rows, "the first index of each row's maximum (a NaN wins), as torch.max(dim).indices");
+  m.def("sample_rows", &sample_rows, "one token per given row by temperature, top-k, top-p and a uniform draw u, as sampler.py's reference");
   m.def("masked_argmax_rows", &masked_argmax_rows, "argmax_rows of given rows with the tokens a bitmask leaves out as -inf");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
@@ -2486,7 +2643,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v114_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v117_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

@@ -160,6 +160,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         else:
             out[rows] = first_argmax(apply_bitmask_(logits[rows.to(logits.device)], bits, vocab))
     done = set(greedy) | set(masked)
+    ext = cpu_ext.for_input(logits)
+    # sampled rows whose logits nothing adjusts, together: the compiled kernel (one uniform draw per row from its own
+    # generator, as below), else row by row
+    plain = [i for i, p in enumerate(params) if i not in done and not p.greedy and not p.adjusts] if ext else []
+    if plain:
+        out[torch.tensor(plain)] = _sample_rows(ext, logits, plain, [params[i] for i in plain],
+                                                [torch.rand((), generator=generators[i]).item() for i in plain])
+        done |= set(plain)
     for i, p in enumerate(params):
         if i in done:
             continue
@@ -171,20 +179,37 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if p.greedy:
             out[i] = int(first_argmax(row.view(1, -1))[0])
             continue
-        row = row / p.temperature
-        if p.top_k > 0:
-            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, -1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True, stable=True)
-            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < p.top_p  # always keeps the top token
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-            probs = probs / probs.sum()
         u = torch.rand((), generator=generators[i]).item()  # inverse-CDF draw from this sequence's own stream
-        cdf = torch.cumsum(probs.double().cpu(), 0)
-        out[i] = min(int(torch.searchsorted(cdf, torch.tensor(u * float(cdf[-1]), dtype=torch.float64))), probs.numel() - 1)
+        out[i] = int(_sample_rows(ext, row.view(1, -1), [0], [p], [u])[0]) if ext else sample_reference(row, p, u)
     return out
+
+
+def _sample_rows(ext, logits: torch.Tensor, rows: list[int], params: list[SamplingParams], us: list[float]) -> torch.Tensor:
+    """The compiled kernel's tokens for ``rows`` of logits (sample_reference's distribution; no sort of the vocabulary)."""
+    return ext.sample_rows(logits, torch.tensor(rows, dtype=torch.long),
+                           torch.tensor([p.temperature for p in params], dtype=torch.float32),
+                           torch.tensor([p.top_k for p in params], dtype=torch.long),
+                           torch.tensor([p.top_p for p in params], dtype=torch.float32),
+                           torch.tensor(us, dtype=torch.float64))
+
+
+def sample_reference(row: torch.Tensor, p: SamplingParams, u: float) -> int:
+    """One sampled token of a float32 row, plainly: softmax of row / temperature, top-k (tokens below the k-th largest
+    value dropped, ties kept), top-p (over probability descending, token ascending: a token kept while the mass
+    before it is < top_p), then the token whose interval of the cumulative probability, in token order, holds u
+    (in [0, 1)) times the total. The compiled kernel (sample_rows) draws from the same distribution."""
+    row = row / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, -1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < p.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        probs = probs / probs.sum()
+    cdf = torch.cumsum(probs.double().cpu(), 0)
+    return min(int(torch.searchsorted(cdf, torch.tensor(u * float(cdf[-1]), dtype=torch.float64))), probs.numel() - 1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
