@@ -2,9 +2,10 @@
 
     python -m server.bench --json out.json [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 128]
                            [--dtype auto|bfloat16|float32] [--device cpu|cuda|auto] [--repeats 2]
-                           [--kv-cache-dtype auto|int8]
+                           [--kv-cache-dtype auto|int8] [--peft] [--temperature T --top-p P]
 
-On the default base (prompts of ~128 tokens, 128 new tokens, greedy, prefill included) it measures:
+On the default base (prompts of ~128 tokens, 128 new tokens, greedy - or, with --temperature, every contender
+sampling alike: HF generate with do_sample, the engine seeded per request -, prefill included) it measures:
   hf_generate        HF generate, static batch, base only (the peer everyone has)
   hf_loop            HF generate with a ReMix adapter applied by a per-expert Python loop (what a MixLoRA user runs)
   engine_base        our engine, base only
@@ -107,7 +108,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_hf(model, prompts, new_tokens) -> float:
+def bench_hf(model, prompts, new_tokens, sampling: dict | None = None) -> float:
     """Seconds for HF generate over the batch, after an untimed 4-token warm-up at the same batch, as the engine gets
     one: whatever a library sets up on first use (cuBLAS handles and workspaces on CUDA, oneDNN primitives on CPU) is
     no part of serving."""
@@ -118,15 +119,25 @@ def bench_hf(model, prompts, new_tokens) -> float:
             synchronize(device)
             start = time.perf_counter()
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
+                           pad_token_id=0, **hf_sampling(sampling))
             synchronize(device)
     return time.perf_counter() - start
 
 
-def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]) -> tuple[float, float]:
-    """Wall time for all requests (submitted together) and the mean time of full-batch decode-only steps."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+def hf_sampling(sampling: dict | None) -> dict:
+    """HF generate's arguments for greedy (None) or {"temperature", "top_p"} sampling (top_k off: HF's default is 50)."""
+    if not sampling:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling.get("top_p", 1.0), "top_k": 0}
+
+
+def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None],
+                 sampling: dict | None = None) -> tuple[float, float]:
+    """Wall time for all requests (submitted together) and the mean time of full-batch decode-only steps. sampling:
+    None (greedy) or {"temperature", "top_p"} (each request seeded by its index)."""
     for i, p in enumerate(prompts):
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True,
+                                **({"temperature": 0.0} if not sampling else {**sampling, "seed": i}))
         engine.submit(GenerationRequest(f"b{time.monotonic_ns()}-{i}", p, params, adapters[i % len(adapters)]), lambda e: None)
     decode_steps = []
     start = time.perf_counter()
@@ -259,6 +270,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (the default); above 0, every contender samples (HF generate with do_sample)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling for every contender")
     ap.add_argument("--peft", action="store_true", help="also a peft LoRA: HF generate on peft's PeftModel against the "
                     "engine serving the same directory (needs peft)")
     ap.add_argument("--repeats", type=int, default=2,
@@ -287,6 +301,9 @@ def main(argv=None) -> dict:
     adapter_paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
     model.to(device=device, dtype=dtype)  # the engine's copy (the adapters are already written)
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else None
     max_len = args.prompt_tokens + args.new_tokens + 8
     engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,
                                              max_batched_tokens=max(512, args.prompt_tokens + max(levels)),
@@ -331,7 +348,7 @@ def main(argv=None) -> dict:
         floors: dict[str, list] = {}
         for rep in range(args.repeats):
             for name, adapters in engines:
-                wall, step = bench_engine(engine, prompts, args.new_tokens, adapters)
+                wall, step = bench_engine(engine, prompts, args.new_tokens, adapters, sampling)
                 runs.setdefault(name, []).append((wall, step))
                 print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms  (run {rep + 1})", flush=True)
             # the floor in the same rounds, right after the engine's runs: timed once after all of them, it had met a
@@ -343,7 +360,7 @@ def main(argv=None) -> dict:
             print(f"c={c:<3} {'gemm floor':18s} " + "  ".join(f"{k} {v[-1]:7.1f} ms" for k, v in floors.items())
                   + f"  (run {rep + 1})", flush=True)
             for name, model_ in peers.items():
-                wall = bench_hf(model_, prompts, args.new_tokens)
+                wall = bench_hf(model_, prompts, args.new_tokens, sampling)
                 runs.setdefault(name, []).append((wall, None))
                 print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  (run {rep + 1})", flush=True)
         for name, got in runs.items():
@@ -396,7 +413,7 @@ def main(argv=None) -> dict:
     for name, g in goals.items():
         print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
     out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
-                      "kv_cache_dtype": args.kv_cache_dtype, "peft_targets": PEFT_TARGETS if args.peft else None,
+                      "kv_cache_dtype": args.kv_cache_dtype, "sampling": sampling or "greedy", "peft_targets": PEFT_TARGETS if args.peft else None,
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_ext.cpu_model(),
                       # which bfloat16 GEMM the engine ran (AMX tiles, or not: no AMX, or REMIX_DISABLE_AMX=1)

@@ -109,6 +109,15 @@ def test_server_bench_with_peft_times_peft_and_the_engine_on_the_same_lora(tmp_p
     assert "HF + peft LoRA" in (tmp_path / "s.md").read_text()
 
 
+def test_server_bench_samples_every_contender_alike():
+    out = server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "3",
+                             "--skip-hf-loop", "--repeats", "1", "--temperature", "0.7", "--top-p", "0.9"])
+    assert out["config"]["sampling"] == {"temperature": 0.7, "top_p": 0.9}
+    assert {"hf_generate", "engine_base", "engine_remix"} <= set(out["results"][2])
+    assert server_bench.hf_sampling(None) == {"do_sample": False}
+    assert server_bench.hf_sampling({"temperature": 0.7, "top_p": 0.9})["top_k"] == 0  # (HF's default would be 50)
+
+
 def test_server_bench_takes_the_8bit_cache():
     out = server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "3",
                              "--skip-hf-loop", "--repeats", "1", "--kv-cache-dtype", "int8"])
