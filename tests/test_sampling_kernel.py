@@ -30,13 +30,25 @@ def reference_cdf(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return torch.cumsum(reference_probs(row, p), 0)
 
 
-def check(logits: torch.Tensor, params: list[SamplingParams], us: list[float], tol: float = 2e-6) -> None:
+def check(logits: torch.Tensor, params: list[SamplingParams], us: list[float], tol: float = 2e-6,
+          allowed: torch.Tensor | None = None) -> None:
+    """allowed: [b, V] bool - a grammar's tokens, given to the kernel as a bitmask and to the reference as -inf."""
     rows = list(range(logits.shape[0]))
+    bits, nbits = torch.empty(0, dtype=torch.int32), 0
+    if allowed is not None:
+        V = logits.shape[1]
+        padded = torch.zeros(len(rows), (V + 31) // 32 * 32, dtype=torch.int64)
+        padded[:, :V] = allowed.long()
+        words = (padded.view(len(rows), -1, 32) << torch.arange(32)).sum(-1)
+        bits, nbits = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32), V
     got = ext.sample_rows(logits, torch.tensor(rows), torch.tensor([p.temperature for p in params], dtype=torch.float32),
                           torch.tensor([p.top_k for p in params]), torch.tensor([p.top_p for p in params], dtype=torch.float32),
-                          torch.tensor(us, dtype=torch.float64)).tolist()
+                          torch.tensor(us, dtype=torch.float64), bits, nbits).tolist()
     for r, (t, p, u) in enumerate(zip(got, params, us)):
-        probs = reference_probs(logits[r].float(), p)
+        row = logits[r].float()
+        if allowed is not None:
+            row = row.masked_fill(~allowed[r], float("-inf"))
+        probs = reference_probs(row, p)
         cdf = torch.cumsum(probs, 0)
         goal, lo, hi = u * float(cdf[-1]), float(cdf[t - 1]) if t > 0 else 0.0, float(cdf[t])
         total = float(cdf[-1])
@@ -57,6 +69,18 @@ def test_kernel_draws_from_the_reference_distribution(dtype, V):
         check(logits, settings, us)
     check(logits, settings, [0.0] * len(settings))  # the ends of the interval
     check(logits, settings, [1.0 - 1e-12] * len(settings))
+
+
+@pytest.mark.parametrize("V", [40, 49152])
+def test_a_grammar_bitmask_is_applied_inside_the_kernel(V):
+    g = torch.Generator().manual_seed(V + 1)
+    settings = [SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=q)
+                for t in (0.5, 1.0) for k in (0, 5) for q in (1.0, 0.8)]
+    logits = (torch.randn(len(settings), V, generator=g) * 3).to(torch.bfloat16)
+    allowed = torch.rand(len(settings), V, generator=g) < torch.tensor([0.5, 0.02, 0.9, 0.3] * 2).view(-1, 1)
+    allowed[:, 7] = True  # (never empty)
+    for _ in range(5):
+        check(logits, settings, torch.rand(len(settings), generator=g, dtype=torch.float64).tolist(), allowed=allowed)
 
 
 def test_ties_and_infinities_follow_the_reference():

@@ -171,7 +171,8 @@ def test_json_strings_take_no_raw_control_characters(tiny):
 def test_batched_greedy_grammar_rows_equal_the_row_by_row_path(tiny, dtype, apply, monkeypatch):
     """Greedy rows held only by a grammar are masked and argmaxed together (one bitmask, one application, in the
     logits' dtype); each gets the token the row-by-row path (widen, adjust_logits, argmax) gives it, beside plain
-    greedy rows, sampled grammar rows and greedy grammar rows with a penalty, which keep their own paths."""
+    greedy rows, a sampled grammar row (the sampling kernel's, below) and a greedy grammar row with a penalty, which
+    take their own paths."""
     from server.engine.grammar import Matcher
     from server.engine.sampler import TokenHistory, adjust_logits, first_argmax, sample
 
@@ -183,7 +184,7 @@ def test_batched_greedy_grammar_rows_equal_the_row_by_row_path(tiny, dtype, appl
     compiled = [engine.compile_grammar(*k) for k in kinds]
     torch.manual_seed(0)
     logits = (torch.randn(7, vocab) * 3).to(dtype)
-    grammar = [0, 1, None, 2, 0, 1, 2]  # row 2 plain; rows 4 (sampled) and 5 (penalty) take the row-by-row path
+    grammar = [0, 1, None, 2, 0, 1, 2]  # row 2 plain; row 4 sampled; row 5 (penalty) takes the row-by-row path
     params, history = [], []
     for i, g in enumerate(grammar):
         p = SamplingParams(temperature=1.0 if i == 4 else 0.0, grammar=kinds[g] if g is not None else None,
@@ -199,3 +200,34 @@ def test_batched_greedy_grammar_rows_equal_the_row_by_row_path(tiny, dtype, appl
         assert int(got[i]) == int(first_argmax(row.view(1, -1))[0]), i
     assert int(got[2]) == int(first_argmax(logits[2:3])[0])
     assert torch.isfinite(adjust_logits(logits[4].float().clone(), params[4], history[4])[int(got[4])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_sampled_grammar_rows_equal_the_row_by_row_path(tiny, dtype, monkeypatch):
+    """Sampled rows held only by a grammar are drawn together by the compiled kernel with their bitmasks applied
+    inside it (Matcher.APPLY "xgrammar"); with APPLY "torch" each row is widened, masked by adjust_logits and drawn on
+    its own: the same seeds give the same tokens, each allowed by its grammar."""
+    from server.engine import sampler
+    from server.engine.grammar import Matcher
+    from server.engine.sampler import TokenHistory, adjust_logits, sample
+
+    if sampler.cpu_ext.for_input(torch.zeros(1, 4)) is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    engine, tok = tiny
+    vocab = engine.runner.model.config.vocab_size
+    kinds = [("regex", r"[0-9]{3}-[a-z]{2}", "guided_regex"), ("json_schema", SCHEMA, "response_format"),
+             ("choice", ["yes", "no"], "guided_choice")]
+    compiled = [engine.compile_grammar(*k) for k in kinds]
+    torch.manual_seed(1)
+    logits = (torch.randn(6, vocab) * 3).to(dtype)
+    params = [SamplingParams(temperature=t, top_p=q, top_k=k, grammar=kinds[i % 3])
+              for i, (t, q, k) in enumerate([(0.7, 0.9, 0), (1.0, 1.0, 0), (1.3, 0.5, 5), (0.7, 0.9, 0), (1.0, 1.0, 3),
+                                             (0.2, 1.0, 0)])]
+    draws = {}
+    for apply in ("xgrammar", "torch"):
+        monkeypatch.setattr(Matcher, "APPLY", apply)
+        history = [TokenHistory([1, 2], matcher=Matcher(compiled[i % 3], vocab)) for i in range(6)]
+        draws[apply] = sample(logits, params, [torch.Generator().manual_seed(i) for i in range(6)], history).tolist()
+        for i, t in enumerate(draws[apply]):
+            assert torch.isfinite(adjust_logits(logits[i].float().clone(), params[i], history[i])[t])
+    assert draws["xgrammar"] == draws["torch"]

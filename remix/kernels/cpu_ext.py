@@ -1997,16 +1997,28 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 // probabilities by their float exponent (and two mantissa bits): buckets above the one where the mass crosses top_p
 // are kept whole, buckets below dropped, and only the crossing bucket's tokens are sorted. Top-k: a heap of the k
 // largest (nth_element from 1024). e: scratch of V floats. A row with a NaN, or all -inf, takes its argmax.
-template <typename T>
-int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p, double u, float* e) {
+// MASKED: a grammar's token bitmask (as masked_argmax_rows takes it) sets the tokens it leaves out to -inf first, as
+// the reference's mask on a copy of the row does.
+template <typename T, bool MASKED = false>
+int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p, double u, float* e,
+                   const int32_t* mask = nullptr, int64_t nbits = 0) {
+  auto allowed = [&](int64_t t) {
+    return !MASKED || (t < nbits && ((static_cast<uint32_t>(mask[t / 32]) >> (t % 32)) & 1u));
+  };
   float m = -INFINITY;
   bool nan = false;
   int64_t i = 0;
   {
     vf mv = vf{} - INFINITY;
-    vi nv = vi{};
-    for (; i + L <= V; i += L) {
-      const vf y = load(x + i) / temp;
+    vi nv = vi{}, lane;
+    for (int l = 0; l < L; ++l) lane[l] = l;
+    const int64_t Vv = MASKED ? std::min(V, nbits) : V;
+    for (; i + L <= Vv; i += L) {
+      vf y = load(x + i) / temp;
+      if constexpr (MASKED) {  // (L = 16: a vector's bits sit in one word)
+        const vu bits = (vu{} + static_cast<uint32_t>(mask[i / 32])) >> (vu)(lane + static_cast<int32_t>(i % 32));
+        y = (vi)((bits & 1u) != 0) ? y : vf{} - INFINITY;
+      }
       store(e + i, y);
       nv |= y != y;
       mv = y > mv ? y : mv;
@@ -2014,12 +2026,12 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
     for (int l = 0; l < L; ++l) { nan |= nv[l] != 0; m = mv[l] > m ? mv[l] : m; }
   }
   for (; i < V; ++i) {
-    const float y = static_cast<float>(x[i]) / temp;
+    const float y = allowed(i) ? static_cast<float>(x[i]) / temp : -INFINITY;
     e[i] = y;
     nan |= y != y;
     m = y > m ? y : m;
   }
-  if (nan || m == -INFINITY) return argmax_row(x, V);
+  if (nan || m == -INFINITY) return argmax_row<T, MASKED>(x, V, mask, nbits);
   float kth = -INFINITY;
   if (top_k > 0 && top_k < V) {
     if (top_k <= 1024) {
@@ -2100,13 +2112,14 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
       if (acc >= goal) return j;
     }
   for (j = V - 1; last < 0 && j >= 0; --j) if (e[j] > 0.f) last = j;  // (rounding left goal past the end)
-  return last >= 0 ? last : argmax_row(x, V);
+  return last >= 0 ? last : argmax_row<T, MASKED>(x, V, mask, nbits);
 }
 
 // sample_row for rows[k] of logits [B, V] (float32 or bfloat16) with temperature[k] (> 0), top_k[k] (0: off),
-// top_p[k] (1: off) and u[k]: rows split among threads.
+// top_p[k] (1: off) and u[k]: rows split among threads. mask: empty, or a grammar's bitmask per row ([b, W] int32,
+// W * 32 >= nbits: bit t % 32 of word t / 32 set where token t is allowed; tokens from nbits on never are).
 torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tensor temperature, torch::Tensor top_k,
-                          torch::Tensor top_p, torch::Tensor u) {
+                          torch::Tensor top_p, torch::Tensor u, torch::Tensor mask, int64_t nbits) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.size(1) >= 1 &&
               (logits.scalar_type() == torch::kFloat32 || logits.scalar_type() == torch::kBFloat16),
               "logits must be a CPU float32 or bfloat16 [B, V] tensor with V >= 1");
@@ -2126,6 +2139,13 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tenso
   for (int64_t j = 0; j < b; ++j)
     TORCH_CHECK(rp[j] >= 0 && rp[j] < B && tp[j] > 0.f && pp[j] > 0.f && pp[j] <= 1.f,
                 "rows must index logits, temperatures be > 0 and top_p in (0, 1]");
+  const bool masked = mask.defined() && mask.numel() > 0;
+  TORCH_CHECK(!masked || (mask.device().is_cpu() && mask.dim() == 2 && mask.scalar_type() == torch::kInt32 &&
+                          mask.size(0) == b && mask.size(1) * 32 >= nbits && nbits >= 0),
+              "mask must be empty or a CPU int32 [b, W] tensor with W * 32 >= nbits");
+  auto mk = mask.contiguous();
+  const int32_t* mp = masked ? mk.data_ptr<int32_t>() : nullptr;
+  const int64_t W = masked ? mk.size(1) : 0;
   auto out = torch::empty({b}, r.options());
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t* kp = k.data_ptr<int64_t>();
@@ -2135,7 +2155,9 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tenso
     const T* xp = x.data_ptr<T>();
     at::parallel_for(0, b, 1, [&](int64_t j0, int64_t j1) {
       Scratch e = scratch(V);
-      for (int64_t j = j0; j < j1; ++j) op[j] = sample_row(xp + rp[j] * V, V, tp[j], kp[j], pp[j], up[j], e.get());
+      for (int64_t j = j0; j < j1; ++j)
+        op[j] = masked ? sample_row<T, true>(xp + rp[j] * V, V, tp[j], kp[j], pp[j], up[j], e.get(), mp + j * W, nbits)
+                       : sample_row<T>(xp + rp[j] * V, V, tp[j], kp[j], pp[j], up[j], e.get());
     });
   });
   return out;
@@ -2512,7 +2534,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "batch-invariant mode: the base GEMM on the dot-product kernel (or AMX tiles) at every row count, not oneDNN's "
      "from DOT_BF16_BELOW (bfloat16) / ONEDNN_F32_FROM (float32) rows; returns the previous setting");
   m.def("argmax_rows", &argmax_rows, "the first index of each row's maximum (a NaN wins), as torch.max(dim).indices");
-  m.def("sample_rows", &sample_rows, "one token per given row by temperature, top-k, top-p and a uniform draw u, as sampler.py's reference");
+  m.def("sample_rows", &sample_rows, "one token per given row by temperature, top-k, top-p and a uniform draw u, as sampler.py's reference",
+        pybind11::arg("logits"), pybind11::arg("rows"), pybind11::arg("temperature"), pybind11::arg("top_k"),
+        pybind11::arg("top_p"), pybind11::arg("u"), pybind11::arg("mask") = torch::empty({0}, torch::kInt32), pybind11::arg("nbits") = 0);
   m.def("masked_argmax_rows", &masked_argmax_rows, "argmax_rows of given rows with the tokens a bitmask leaves out as -inf");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
@@ -2643,7 +2667,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v117_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v119_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

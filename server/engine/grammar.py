@@ -108,7 +108,8 @@ class Matcher:
     """One sequence's position in its grammar: the allowed-token mask for its next token, and the tokens it took.
 
     ``APPLY`` (class-wide): "xgrammar" (the default: on CPU, greedy rows held only by a grammar take the compiled
-    ``masked_argmax_rows`` over their bitmasks (server.engine.sampler) and other rows xgrammar's own
+    ``masked_argmax_rows`` over their bitmasks (server.engine.sampler), sampled ones ``sample_rows`` with the same
+    bitmasks, and other rows xgrammar's own
     ``apply_token_bitmask_inplace``; torch ops elsewhere) or "torch" (the bitmask unpacked and applied with torch ops
     on every device, to a copy of a step's greedy grammar rows at once). server.bench_structured times the two."""
 

@@ -162,12 +162,23 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     done = set(greedy) | set(masked)
     ext = cpu_ext.for_input(logits)
     # sampled rows whose logits nothing adjusts, together: the compiled kernel (one uniform draw per row from its own
-    # generator, as below), else row by row
+    # generator, as below), else row by row; sampled rows held only by a grammar, together too, their bitmasks
+    # filled into one and applied inside the kernel (as the mask on a copy does below)
     plain = [i for i, p in enumerate(params) if i not in done and not p.greedy and not p.adjusts] if ext else []
     if plain:
         out[torch.tensor(plain)] = _sample_rows(ext, logits, plain, [params[i] for i in plain],
                                                 [torch.rand((), generator=generators[i]).item() for i in plain])
         done |= set(plain)
+    held = [i for i, p in enumerate(params) if i not in done and not p.greedy and history is not None
+            and history[i] is not None and history[i].grammar_only(p)] if ext and Matcher.APPLY == "xgrammar" else []
+    if held:
+        vocab = history[held[0]].matcher.vocab_size
+        bits = allocate_bitmask(len(held), vocab)
+        for k, i in enumerate(held):
+            history[i].matcher.fill(bits, k)
+        out[torch.tensor(held)] = _sample_rows(ext, logits, held, [params[i] for i in held],
+                                               [torch.rand((), generator=generators[i]).item() for i in held], bits, vocab)
+        done |= set(held)
     for i, p in enumerate(params):
         if i in done:
             continue
@@ -184,13 +195,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return out
 
 
-def _sample_rows(ext, logits: torch.Tensor, rows: list[int], params: list[SamplingParams], us: list[float]) -> torch.Tensor:
-    """The compiled kernel's tokens for ``rows`` of logits (sample_reference's distribution; no sort of the vocabulary)."""
+def _sample_rows(ext, logits: torch.Tensor, rows: list[int], params: list[SamplingParams], us: list[float],
+                 bits: torch.Tensor | None = None, vocab: int = 0) -> torch.Tensor:
+    """The compiled kernel's tokens for ``rows`` of logits (sample_reference's distribution; no sort of the
+    vocabulary), under a grammar bitmask per row where ``bits`` is given."""
     return ext.sample_rows(logits, torch.tensor(rows, dtype=torch.long),
                            torch.tensor([p.temperature for p in params], dtype=torch.float32),
                            torch.tensor([p.top_k for p in params], dtype=torch.long),
                            torch.tensor([p.top_p for p in params], dtype=torch.float32),
-                           torch.tensor(us, dtype=torch.float64))
+                           torch.tensor(us, dtype=torch.float64), bits if bits is not None else torch.empty(0), vocab)
 
 
 def sample_reference(row: torch.Tensor, p: SamplingParams, u: float) -> int:
