@@ -70,6 +70,7 @@ class _Common(BaseModel):
     user: str | None = None
     # extensions
     top_k: int = Field(default=0, ge=0, le=100_000)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # vLLM's: tokens below min_p x the top token's probability dropped
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     min_tokens: int = Field(default=0, ge=0, le=1_000_000)
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
@@ -129,6 +130,7 @@ class _Common(BaseModel):
         bias = {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
         more.setdefault("n", self.n)
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              min_p=self.min_p,
                               seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, logit_bias=bias, min_tokens=self.min_tokens,

@@ -80,6 +80,7 @@ def test_undecodable_bodies(server, raw, param):
     ({"model": "alpha", "prompt": "x" * 2_000_000}, "prompt"),
     ({"model": "alpha", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "alpha", "prompt": "x", "seed": -3}, "seed"),
+    ({"model": "alpha", "prompt": "x", "min_p": 1.5}, "min_p"),
     ({"model": "alpha", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ({"model": "alpha", "prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
     ({"model": "alpha", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),

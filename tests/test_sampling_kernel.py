@@ -23,6 +23,8 @@ def reference_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_probs, order = torch.sort(probs, descending=True, stable=True)
         keep = torch.cumsum(sorted_probs, 0) - sorted_probs < p.top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     return probs.double()
 
 
@@ -43,7 +45,8 @@ def check(logits: torch.Tensor, params: list[SamplingParams], us: list[float], t
         bits, nbits = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32), V
     got = ext.sample_rows(logits, torch.tensor(rows), torch.tensor([p.temperature for p in params], dtype=torch.float32),
                           torch.tensor([p.top_k for p in params]), torch.tensor([p.top_p for p in params], dtype=torch.float32),
-                          torch.tensor(us, dtype=torch.float64), bits, nbits).tolist()
+                          torch.tensor(us, dtype=torch.float64), bits, nbits,
+                          torch.tensor([p.min_p for p in params], dtype=torch.float32)).tolist()
     for r, (t, p, u) in enumerate(zip(got, params, us)):
         row = logits[r].float()
         if allowed is not None:
@@ -69,6 +72,21 @@ def test_kernel_draws_from_the_reference_distribution(dtype, V):
         check(logits, settings, us)
     check(logits, settings, [0.0] * len(settings))  # the ends of the interval
     check(logits, settings, [1.0 - 1e-12] * len(settings))
+
+
+@pytest.mark.parametrize("V", [23, 49152])
+def test_min_p_drops_what_the_reference_drops(V):
+    """min_p (vLLM's and HF's: after top-k / top-p, tokens below min_p times the top token's probability dropped)."""
+    g = torch.Generator().manual_seed(V + 2)
+    settings = [SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=q, min_p=mp)
+                for t in (0.5, 1.2) for k in (0, 10) for q in (1.0, 0.7) for mp in (0.01, 0.2, 0.9)]
+    logits = torch.randn(len(settings), V, generator=g) * torch.tensor([0.5, 3.0, 8.0] * 8).view(-1, 1)
+    for _ in range(5):
+        check(logits, settings, torch.rand(len(settings), generator=g, dtype=torch.float64).tolist())
+    # a row with one clear favourite and min_p 0.5: only tokens at least half as likely survive
+    row = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    p = SamplingParams(max_tokens=1, temperature=1.0, min_p=0.5)
+    assert [sample_reference(row, p, u) for u in (0.0, 0.6, 0.99)] == [0, 0, 1]  # kept: 0.5 and 0.3 (renormalised)
 
 
 @pytest.mark.parametrize("V", [40, 49152])

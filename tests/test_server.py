@@ -158,6 +158,16 @@ def test_streaming_with_usage(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_min_p_samples_only_the_likely_tokens(client):
+    """min_p 1.0 keeps only the most likely token (and its ties): at temperature 1 the same text as greedy."""
+    greedy = client.completions.create(model="alpha", prompt="Hello", max_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text
+    for seed in (1, 2):
+        r = client.completions.create(model="alpha", prompt="Hello", max_tokens=8, temperature=1.0, seed=seed,
+                                      extra_body={"min_p": 1.0, "ignore_eos": True})
+        assert r.choices[0].text == greedy
+
+
 def test_continuous_usage_stats_count_as_they_go(client):
     """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far; the last equals the final."""
     chunks = list(client.chat.completions.create(

@@ -1995,12 +1995,13 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 // interval of the kept tokens' cumulative mass, in token order, holds u times their total). The reference sorts the
 // whole vocabulary for top-p (~4.3 ms a row of 49152 here); this finds the same set from a histogram of the
 // probabilities by their float exponent (and two mantissa bits): buckets above the one where the mass crosses top_p
-// are kept whole, buckets below dropped, and only the crossing bucket's tokens are sorted. Top-k: a heap of the k
+// are kept whole, buckets below dropped, and only the crossing bucket's tokens are sorted; then min-p (tokens below
+// min_p times the top token's probability dropped, as HF's warper after top-p). Top-k: a heap of the k
 // largest (nth_element from 1024). e: scratch of V floats. A row with a NaN, or all -inf, takes its argmax.
 // MASKED: a grammar's token bitmask (as masked_argmax_rows takes it) sets the tokens it leaves out to -inf first, as
 // the reference's mask on a copy of the row does.
 template <typename T, bool MASKED = false>
-int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p, double u, float* e,
+int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p, float min_p, double u, float* e,
                    const int32_t* mask = nullptr, int64_t nbits = 0) {
   auto allowed = [&](int64_t t) {
     return !MASKED || (t < nbits && ((static_cast<uint32_t>(mask[t / 32]) >> (t % 32)) & 1u));
@@ -2093,6 +2094,18 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
     for (size_t j = kept; j < edge.size(); ++j) e[edge[j].second] = 0.f;
     W = acc;
   }
+  if (min_p > 0.f) {  // after top-p, as HF's warpers run: e is the probability over the top token's (whose e is 1)
+    vf wv = vf{};
+    for (i = 0; i + L <= V; i += L) {
+      const vf v = load(e + i);
+      const vf kept = v >= min_p ? v : vf{};
+      store(e + i, kept);
+      wv += kept;
+    }
+    W = 0.0;
+    for (int l = 0; l < L; ++l) W += wv[l];
+    for (; i < V; ++i) { if (e[i] < min_p) e[i] = 0.f; W += e[i]; }
+  }
   // the token in whose interval goal falls: whole blocks of L summed first, then the block it falls in
   const double goal = u * W;
   double acc = 0.0;
@@ -2116,10 +2129,10 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
 }
 
 // sample_row for rows[k] of logits [B, V] (float32 or bfloat16) with temperature[k] (> 0), top_k[k] (0: off),
-// top_p[k] (1: off) and u[k]: rows split among threads. mask: empty, or a grammar's bitmask per row ([b, W] int32,
+// top_p[k] (1: off), min_p[k] (0: off; empty: all off) and u[k]: rows split among threads. mask: empty, or a grammar's bitmask per row ([b, W] int32,
 // W * 32 >= nbits: bit t % 32 of word t / 32 set where token t is allowed; tokens from nbits on never are).
 torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tensor temperature, torch::Tensor top_k,
-                          torch::Tensor top_p, torch::Tensor u, torch::Tensor mask, int64_t nbits) {
+                          torch::Tensor top_p, torch::Tensor u, torch::Tensor mask, int64_t nbits, torch::Tensor min_p) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.size(1) >= 1 &&
               (logits.scalar_type() == torch::kFloat32 || logits.scalar_type() == torch::kBFloat16),
               "logits must be a CPU float32 or bfloat16 [B, V] tensor with V >= 1");
@@ -2140,6 +2153,11 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tenso
     TORCH_CHECK(rp[j] >= 0 && rp[j] < B && tp[j] > 0.f && pp[j] > 0.f && pp[j] <= 1.f,
                 "rows must index logits, temperatures be > 0 and top_p in (0, 1]");
   const bool masked = mask.defined() && mask.numel() > 0;
+  TORCH_CHECK(min_p.numel() == 0 || (min_p.scalar_type() == torch::kFloat32 && min_p.numel() == b),
+              "min_p must be empty or float32, one per row");
+  auto mn = min_p.contiguous();
+  const float* mnp = mn.numel() ? mn.data_ptr<float>() : nullptr;
+  for (int64_t j = 0; mnp && j < b; ++j) TORCH_CHECK(mnp[j] >= 0.f && mnp[j] <= 1.f, "min_p must be in [0, 1]");
   TORCH_CHECK(!masked || (mask.device().is_cpu() && mask.dim() == 2 && mask.scalar_type() == torch::kInt32 &&
                           mask.size(0) == b && mask.size(1) * 32 >= nbits && nbits >= 0),
               "mask must be empty or a CPU int32 [b, W] tensor with W * 32 >= nbits");
@@ -2156,8 +2174,9 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tenso
     at::parallel_for(0, b, 1, [&](int64_t j0, int64_t j1) {
       Scratch e = scratch(V);
       for (int64_t j = j0; j < j1; ++j)
-        op[j] = masked ? sample_row<T, true>(xp + rp[j] * V, V, tp[j], kp[j], pp[j], up[j], e.get(), mp + j * W, nbits)
-                       : sample_row<T>(xp + rp[j] * V, V, tp[j], kp[j], pp[j], up[j], e.get());
+        op[j] = masked ? sample_row<T, true>(xp + rp[j] * V, V, tp[j], kp[j], pp[j], mnp ? mnp[j] : 0.f, up[j], e.get(),
+                                             mp + j * W, nbits)
+                       : sample_row<T>(xp + rp[j] * V, V, tp[j], kp[j], pp[j], mnp ? mnp[j] : 0.f, up[j], e.get());
     });
   });
   return out;
@@ -2536,7 +2555,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "the first index of each row's maximum (a NaN wins), as torch.max(dim).indices");
   m.def("sample_rows", &sample_rows, "one token per given row by temperature, top-k, top-p and a uniform draw u, as sampler.py's reference",
         pybind11::arg("logits"), pybind11::arg("rows"), pybind11::arg("temperature"), pybind11::arg("top_k"),
-        pybind11::arg("top_p"), pybind11::arg("u"), pybind11::arg("mask") = torch::empty({0}, torch::kInt32), pybind11::arg("nbits") = 0);
+        pybind11::arg("top_p"), pybind11::arg("u"), pybind11::arg("mask") = torch::empty({0}, torch::kInt32), pybind11::arg("nbits") = 0,
+        pybind11::arg("min_p") = torch::empty({0}, torch::kFloat32));
   m.def("masked_argmax_rows", &masked_argmax_rows, "argmax_rows of given rows with the tokens a bitmask leaves out as -inf");
   m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
@@ -2667,7 +2687,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v119_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v120_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

@@ -20,6 +20,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # vLLM's / HF's: tokens below min_p times the most likely one's probability dropped (0 = off)
     seed: int | None = None
     n: int = 1
     stop: list[str] = field(default_factory=list)
@@ -203,14 +204,16 @@ def _sample_rows(ext, logits: torch.Tensor, rows: list[int], params: list[Sampli
                            torch.tensor([p.temperature for p in params], dtype=torch.float32),
                            torch.tensor([p.top_k for p in params], dtype=torch.long),
                            torch.tensor([p.top_p for p in params], dtype=torch.float32),
-                           torch.tensor(us, dtype=torch.float64), bits if bits is not None else torch.empty(0), vocab)
+                           torch.tensor(us, dtype=torch.float64), bits if bits is not None else torch.empty(0), vocab,
+                           torch.tensor([p.min_p for p in params], dtype=torch.float32))
 
 
 def sample_reference(row: torch.Tensor, p: SamplingParams, u: float) -> int:
     """One sampled token of a float32 row, plainly: softmax of row / temperature, top-k (tokens below the k-th largest
     value dropped, ties kept), top-p (over probability descending, token ascending: a token kept while the mass
-    before it is < top_p), then the token whose interval of the cumulative probability, in token order, holds u
-    (in [0, 1)) times the total. The compiled kernel (sample_rows) draws from the same distribution."""
+    before it is < top_p), min-p (then tokens below min_p times the top token's probability dropped, as HF's warper
+    after top-p), then the token whose interval of the cumulative probability, in token order, holds u (in [0, 1))
+    times the total. The compiled kernel (sample_rows) draws from the same distribution."""
     row = row / p.temperature
     if p.top_k > 0:
         kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
@@ -221,6 +224,8 @@ def sample_reference(row: torch.Tensor, p: SamplingParams, u: float) -> int:
         keep = torch.cumsum(sorted_probs, 0) - sorted_probs < p.top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
         probs = probs / probs.sum()
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     cdf = torch.cumsum(probs.double().cpu(), 0)
     return min(int(torch.searchsorted(cdf, torch.tensor(u * float(cdf[-1]), dtype=torch.float64))), probs.numel() - 1)
 
