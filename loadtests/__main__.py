@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(response_format, guided_regex, temperature, ...) go with its prompt")
     p.add_argument("--output-tokens", type=int, default=64, help="mean max_tokens per request (ignore_eos is set)")
     p.add_argument("--output-spread", type=float, default=0.0, help="max_tokens varies uniformly by +- this share")
+    p.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
     p.add_argument("--adapters", default="demo", help="comma-separated model names to spread requests over")
     p.add_argument("--adapter-mode", choices=("random", "round-robin"), default="round-robin")
     p.add_argument("--stream", type=lambda s: s.lower() in ("1", "true", "on", "yes"), default=True)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     results, elapsed = asyncio.run(run_load(
         args.url, args.api_key, args.rate, args.concurrency, args.num_requests, args.duration, prompts,
         (args.output_tokens, args.output_spread), adapters, args.adapter_mode, args.stream, args.burstiness, args.seed, args.timeout, progress,
-        request_fields(args.prompts_file)))
+        request_fields(args.prompts_file), {"temperature": args.temperature, "top_p": args.top_p}))
     if not args.quiet:
         print(file=sys.stderr)
     summary = summarize(results, elapsed, args.slo)

@@ -60,7 +60,8 @@ def one_run(args, rate: float, seconds: float, tag: str, out: Path | None) -> di
     n = max(4, int(rate * seconds))
     prompts = make_prompts(n, args.prompt_words, 0.3, random.Random(args.seed), None)
     results, elapsed = asyncio.run(run_load(args.url, args.api_key, rate, None, n, seconds, prompts, args.output_tokens,
-                                            args.adapters.split(","), "round-robin", True, 1.0, args.seed, args.timeout))
+                                            args.adapters.split(","), "round-robin", True, 1.0, args.seed, args.timeout,
+                                            sampling={"temperature": args.temperature, "top_p": args.top_p}))
     sampler.stop_flag.set()
     sampler.join(5)
     summary = summarize(results, elapsed, {"ttft": args.ttft_slo})
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-slo", type=float, default=2.0)
     ap.add_argument("--prompt-words", type=int, default=40)
     ap.add_argument("--output-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/capacity")

@@ -123,7 +123,8 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
 async def run_load(url: str, api_key: str | None, rate: float | None, concurrency: int | None, num_requests: int,
                    duration: float, prompts: list[str], output_tokens: int | tuple[int, float], adapters: list[str], adapter_mode: str,
                    stream: bool, burstiness: float, seed: int, timeout: float, progress=None,
-                   fields: list[dict] | None = None) -> tuple[list[Result], float]:
+                   fields: list[dict] | None = None, sampling: dict | None = None) -> tuple[list[Result], float]:
+    """sampling: the requests' temperature / top_p (default greedy); a prompts file's fields override it per row."""
     rng = random.Random(seed)
     mean_out, spread = output_tokens if isinstance(output_tokens, tuple) else (output_tokens, 0.0)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -139,7 +140,7 @@ async def run_load(url: str, api_key: str | None, rate: float | None, concurrenc
             adapter = adapters[i % len(adapters)] if adapter_mode == "round-robin" else rng.choice(adapters)
             max_tokens = max(1, round(rng.uniform(mean_out * (1 - spread), mean_out * (1 + spread))))
             body = {"model": adapter, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
-                    "temperature": 0.0, "ignore_eos": True, "stream": stream}
+                    "temperature": 0.0, "ignore_eos": True, "stream": stream, **(sampling or {})}
             if fields:  # a prompts file's own fields for this prompt (temperature, response_format, ...)
                 body.update(fields[i % len(prompts) % len(fields)])
             if stream:

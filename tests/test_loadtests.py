@@ -39,11 +39,13 @@ def test_open_loop_run_writes_json_plots_and_table(server, tmp_path):
 
 
 def test_closed_loop_and_compare(server, tmp_path):
-    for name, conc in (("a", "1"), ("b", "3")):
-        out = run(["--url", server.url, "--concurrency", conc, "--num-requests", "6", "--adapters", "a",
+    for name, conc, sampling in (("a", "1", []), ("b", "3", ["--temperature", "0.8", "--top-p", "0.9"])):
+        out = run(["--url", server.url, "--concurrency", conc, "--num-requests", "6", "--adapters", "a", *sampling,
                    "--output-tokens", "6", "--prompt-words", "8", "--stream", "false", "--json", str(tmp_path / f"{name}.json"), "--quiet"])
         assert out.returncode == 0, out.stderr
-        assert json.loads((tmp_path / f"{name}.json").read_text())["summary"]["completed"] == 6
+        summary = json.loads((tmp_path / f"{name}.json").read_text())["summary"]
+        assert summary["completed"] == 6
+        assert (summary["config"]["temperature"], summary["config"]["top_p"]) == ((0.8, 0.9) if sampling else (0.0, 1.0))
     out = run(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert out.returncode == 0 and "request_throughput" in out.stdout and "B/A" in out.stdout
 
