@@ -26,7 +26,9 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
     argmax_rows(logits)        each row's first maximum (as torch.max(dim).indices), for greedy sampling
     masked_argmax_rows(logits, rows, mask, nbits)   the same for given rows under a grammar's token bitmask
-    sample_rows(logits, rows, temperature, top_k, top_p, u)   sampled tokens (the sampler's reference, unsorted)
+    sample_rows(logits, rows, temperature, top_k, top_p, u[, mask, nbits, min_p])   sampled tokens, one uniform draw
+                               a row (the sampler's reference distribution, no sort of the vocabulary; a grammar's
+                               bitmask applied as the logits are read)
     DecodeStack(layers, ...).run(h, ...)   every decoder layer of a decode step in one call (those ops in order)
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
