@@ -180,10 +180,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         out[torch.tensor(held)] = _sample_rows(ext, logits, held, [params[i] for i in held],
                                                [torch.rand((), generator=generators[i]).item() for i in held], bits, vocab)
         done |= set(held)
-    for i, p in enumerate(params):
-        if i in done:
-            continue
-        row = logits[i].float()
+    # the rest one by one: widened (into one buffer for the rows that are then drawn together by the kernel) and
+    # adjusted (penalties, bias, min_tokens, a grammar beside them)
+    rest = [i for i in range(b) if i not in done]
+    drawn = [i for i in rest if not params[i].greedy] if ext else []
+    buf = torch.empty(len(drawn), logits.shape[1], dtype=torch.float32) if drawn else None
+    for i in rest:
+        p = params[i]
+        k = drawn.index(i) if i in drawn else -1
+        row = buf[k].copy_(logits[i]) if k >= 0 else logits[i].float()
         if p.adjusts:
             if history is None or history[i] is None:
                 raise ValueError("adjusted logits (penalties, bias, min_tokens, grammars) need each sequence's history")
@@ -191,8 +196,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if p.greedy:
             out[i] = int(first_argmax(row.view(1, -1))[0])
             continue
-        u = torch.rand((), generator=generators[i]).item()  # inverse-CDF draw from this sequence's own stream
-        out[i] = int(_sample_rows(ext, row.view(1, -1), [0], [p], [u])[0]) if ext else sample_reference(row, p, u)
+        if k < 0:
+            out[i] = sample_reference(row, p, torch.rand((), generator=generators[i]).item())
+    if drawn:  # (adjust_logits works in place: the buffer's rows are the adjusted ones)
+        out[torch.tensor(drawn)] = _sample_rows(ext, buf, list(range(len(drawn))), [params[i] for i in drawn],
+                                                [torch.rand((), generator=generators[i]).item() for i in drawn])
     return out
 
 
