@@ -9,7 +9,7 @@ from remix.kernels import cpu_ext
 from server.engine.sampler import SamplingParams, sample, sample_reference
 
 ext = cpu_ext.load() if cpu_ext.available() else None
-pytestmark = pytest.mark.skipif(ext is None, reason="the compiled CPU kernels are not built here")
+needs_ext = pytest.mark.skipif(ext is None, reason="the compiled CPU kernels are not built here")
 
 
 def reference_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -47,6 +47,11 @@ def check(logits: torch.Tensor, params: list[SamplingParams], us: list[float], t
                           torch.tensor([p.top_k for p in params]), torch.tensor([p.top_p for p in params], dtype=torch.float32),
                           torch.tensor(us, dtype=torch.float64), bits, nbits,
                           torch.tensor([p.min_p for p in params], dtype=torch.float32)).tolist()
+    check_tokens(logits, params, us, got, tol, allowed)
+
+
+def check_tokens(logits, params, us, got, tol=2e-6, allowed=None):
+    """Each drawn token is one the reference keeps, and its interval of the reference's CDF holds the draw."""
     for r, (t, p, u) in enumerate(zip(got, params, us)):
         row = logits[r].float()
         if allowed is not None:
@@ -59,6 +64,7 @@ def check(logits: torch.Tensor, params: list[SamplingParams], us: list[float], t
         assert lo - tol * total <= goal <= hi + tol * total, (r, t, lo, goal, hi)
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V", [5, 17, 1000, 49152])
 def test_kernel_draws_from_the_reference_distribution(dtype, V):
@@ -74,6 +80,7 @@ def test_kernel_draws_from_the_reference_distribution(dtype, V):
     check(logits, settings, [1.0 - 1e-12] * len(settings))
 
 
+@needs_ext
 @pytest.mark.parametrize("V", [23, 49152])
 def test_min_p_drops_what_the_reference_drops(V):
     """min_p (vLLM's and HF's: after top-k / top-p, tokens below min_p times the top token's probability dropped)."""
@@ -89,6 +96,7 @@ def test_min_p_drops_what_the_reference_drops(V):
     assert [sample_reference(row, p, u) for u in (0.0, 0.6, 0.99)] == [0, 0, 1]  # kept: 0.5 and 0.3 (renormalised)
 
 
+@needs_ext
 @pytest.mark.parametrize("V", [40, 49152])
 def test_a_grammar_bitmask_is_applied_inside_the_kernel(V):
     g = torch.Generator().manual_seed(V + 1)
@@ -101,6 +109,7 @@ def test_a_grammar_bitmask_is_applied_inside_the_kernel(V):
         check(logits, settings, torch.rand(len(settings), generator=g, dtype=torch.float64).tolist(), allowed=allowed)
 
 
+@needs_ext
 def test_ties_and_infinities_follow_the_reference():
     """Tied values across the top-k / top-p cut (kept, as the reference keeps ties at the k-th value; top-p's cut in
     token order among equals) and -inf logits (never drawn)."""
@@ -120,6 +129,7 @@ def test_ties_and_infinities_follow_the_reference():
     assert got.tolist() == [1, 0] and p.top_p == 1.0
 
 
+@needs_ext
 def test_frequencies_match_the_probabilities():
     """20,000 draws of a 6-token row at top_p 0.9: each token's frequency within 0.012 of its renormalised
     probability (binomial standard error at most ~0.0035), the dropped token never."""
@@ -136,6 +146,7 @@ def test_frequencies_match_the_probabilities():
     assert sample_reference(row, p, 0.95) == 3  # the reference agrees on the cut
 
 
+@needs_ext
 def test_sampler_uses_the_kernel_and_stays_seeded_per_row():
     """sample(): plain sampled rows go through the kernel together, adjusted ones one by one; a seeded row draws
     the same token whatever shares the batch."""
@@ -169,3 +180,27 @@ def test_sampler_uses_the_kernel_and_stays_seeded_per_row():
     want = ext.sample_rows(adjusted.view(1, -1), torch.tensor([0]), torch.tensor([0.8]), torch.tensor([0]),
                            torch.tensor([0.9]), torch.tensor([u], dtype=torch.float64))
     assert int(got[0]) == int(want[0])
+
+
+def test_batched_torch_path_draws_from_the_reference_distribution(monkeypatch):
+    """Without the compiled kernel (CUDA, or no compiler) sampled rows are drawn together in batched torch ops
+    (sample_torch), from the reference's distribution; sample() takes that path then, penalised rows included."""
+    from server.engine import sampler
+    from server.engine.sampler import TokenHistory, sample_torch
+
+    g = torch.Generator().manual_seed(11)
+    V = 3000
+    settings = [SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=q, min_p=mp)
+                for t in (0.5, 1.3) for k in (0, 20) for q in (1.0, 0.8) for mp in (0.0, 0.1)]
+    logits = torch.randn(len(settings), V, generator=g) * torch.tensor([0.5, 3.0, 8.0, 2.0] * 4).view(-1, 1)
+    for _ in range(4):
+        us = torch.rand(len(settings), generator=g, dtype=torch.float64).tolist()
+        check_tokens(logits, settings, us, sample_torch(logits, settings, us).tolist())
+    monkeypatch.setattr(sampler.cpu_ext, "for_input", lambda x: None)
+    params = [settings[3], SamplingParams(max_tokens=1, temperature=0.9, top_p=0.9, presence_penalty=1.0, seed=4)]
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    got = sample(logits[:2], params, gens, [TokenHistory([1]), TokenHistory([1]).update([5, 6])]).tolist()
+    adjusted = logits[1].clone()
+    adjusted[[5, 6]] -= 1.0
+    us = [torch.rand((), generator=torch.Generator().manual_seed(s)).item() for s in (1, 2)]
+    check_tokens(torch.stack([logits[0], adjusted]), params, us, got)

@@ -163,12 +163,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     done = set(greedy) | set(masked)
     ext = cpu_ext.for_input(logits)
     # sampled rows whose logits nothing adjusts, together: the compiled kernel (one uniform draw per row from its own
-    # generator, as below), else row by row; sampled rows held only by a grammar, together too, their bitmasks
-    # filled into one and applied inside the kernel (as the mask on a copy does below)
-    plain = [i for i, p in enumerate(params) if i not in done and not p.greedy and not p.adjusts] if ext else []
+    # generator), else the same in batched torch ops; on CPU sampled rows held only by a grammar together too, their
+    # bitmasks filled into one and applied inside the kernel (as the mask on a copy does below)
+    plain = [i for i, p in enumerate(params) if i not in done and not p.greedy and not p.adjusts]
     if plain:
-        out[torch.tensor(plain)] = _sample_rows(ext, logits, plain, [params[i] for i in plain],
-                                                [torch.rand((), generator=generators[i]).item() for i in plain])
+        us = [torch.rand((), generator=generators[i]).item() for i in plain]
+        ps = [params[i] for i in plain]
+        out[torch.tensor(plain)] = (_sample_rows(ext, logits, plain, ps, us) if ext else
+                                    sample_torch(logits[torch.tensor(plain, device=logits.device)].float(), ps, us))
         done |= set(plain)
     held = [i for i, p in enumerate(params) if i not in done and not p.greedy and history is not None
             and history[i] is not None and history[i].grammar_only(p)] if ext and Matcher.APPLY == "xgrammar" else []
@@ -180,11 +182,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         out[torch.tensor(held)] = _sample_rows(ext, logits, held, [params[i] for i in held],
                                                [torch.rand((), generator=generators[i]).item() for i in held], bits, vocab)
         done |= set(held)
-    # the rest one by one: widened (into one buffer for the rows that are then drawn together by the kernel) and
-    # adjusted (penalties, bias, min_tokens, a grammar beside them)
+    # the rest one by one: widened (into one buffer for the rows that are then drawn together) and adjusted
+    # (penalties, bias, min_tokens, a grammar beside them)
     rest = [i for i in range(b) if i not in done]
-    drawn = [i for i in rest if not params[i].greedy] if ext else []
-    buf = torch.empty(len(drawn), logits.shape[1], dtype=torch.float32) if drawn else None
+    drawn = [i for i in rest if not params[i].greedy]
+    buf = torch.empty(len(drawn), logits.shape[1], dtype=torch.float32, device=logits.device) if drawn else None
     for i in rest:
         p = params[i]
         k = drawn.index(i) if i in drawn else -1
@@ -195,13 +197,37 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             row = adjust_logits(row.clone() if row.data_ptr() == logits[i].data_ptr() else row, p, history[i])
         if p.greedy:
             out[i] = int(first_argmax(row.view(1, -1))[0])
-            continue
-        if k < 0:
-            out[i] = sample_reference(row, p, torch.rand((), generator=generators[i]).item())
     if drawn:  # (adjust_logits works in place: the buffer's rows are the adjusted ones)
-        out[torch.tensor(drawn)] = _sample_rows(ext, buf, list(range(len(drawn))), [params[i] for i in drawn],
-                                                [torch.rand((), generator=generators[i]).item() for i in drawn])
+        us = [torch.rand((), generator=generators[i]).item() for i in drawn]
+        ps = [params[i] for i in drawn]
+        out[torch.tensor(drawn)] = (_sample_rows(ext, buf, list(range(len(drawn))), ps, us) if ext else
+                                    sample_torch(buf, ps, us))
     return out
+
+
+def sample_torch(rows: torch.Tensor, params: list[SamplingParams], us: list[float]) -> torch.Tensor:
+    """sample_reference over a batch of float32 rows on any device, in batched torch ops (the path without the
+    compiled kernel: CUDA, or no compiler): one sort for top-p, one transfer of the tokens at the end. CPU int64."""
+    dev, V = rows.device, rows.shape[1]
+    x = rows / torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)[:, None]
+    ks = [min(p.top_k, V) for p in params]
+    if any(ks):
+        top = torch.topk(x, max(ks), dim=-1).values
+        k = torch.tensor(ks, device=dev)
+        kth = torch.where(k > 0, top.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1), float("-inf"))
+        x = x.masked_fill(x < kth[:, None], float("-inf"))
+    probs = torch.softmax(x, -1)
+    if any(p.top_p < 1.0 for p in params):
+        q = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)[:, None]
+        ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        keep = (torch.cumsum(ordered, -1) - ordered < q) | (q >= 1.0)  # (a row with top_p 1 keeps everything)
+        probs = torch.zeros_like(probs).scatter_(1, order, ordered * keep)
+    if any(p.min_p > 0.0 for p in params):
+        m = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)[:, None]
+        probs = probs.masked_fill(probs < m * probs.max(-1, keepdim=True).values, 0.0)
+    cdf = torch.cumsum(probs.double(), -1)
+    goal = torch.tensor(us, dtype=torch.float64, device=dev) * cdf[:, -1]
+    return torch.searchsorted(cdf, goal[:, None]).squeeze(1).clamp(max=V - 1).cpu()
 
 
 def _sample_rows(ext, logits: torch.Tensor, rows: list[int], params: list[SamplingParams], us: list[float],
