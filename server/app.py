@@ -43,6 +43,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
     responses: responses.Store = field(default_factory=responses.Store)  # stored Responses API responses
+    call_format: str = ""  # the chat template's tool-call format (remix.chat.call_format), set by create_app
 
 
 class APIError(Exception):
@@ -71,6 +72,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="remix-serve", description="OpenAI-compatible server for ReMix adapters", version="0.1.0")
     app.state.remix = state
     state.metrics = state.metrics or Metrics(state.engine)
+    state.call_format = chat_format.call_format(state.engine.tokenizer)  # (the template is fixed once serving)
     app.add_middleware(RequestIdMiddleware)
     if state.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_methods=["*"],
@@ -332,7 +334,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def _generate(request: Request, body, adapter, prompt_ids: list[list[int]], prompt_texts: list[str], chat: bool):
         params = (body.to_sampling(state.engine.config.max_model_len - max(len(p) for p in prompt_ids),
-                                   chat_format.call_format(state.engine.tokenizer)) if chat else body.to_sampling())
+                                   state.call_format) if chat else body.to_sampling())
         if chat and params.max_tokens < 1:
             raise APIError(400, "the prompt fills the whole context", param="messages")
         if params.grammar is not None:  # compiled off the event loop (a large schema takes a while), before submit
@@ -585,7 +587,7 @@ class _ResponseBuilder:
             choice = {"index": c, "finish_reason": self.finish.get(c)}
             lp = self._logprobs(self.tokens[c]) if self._wants_logprobs() else None  # (with echo: the prompt's first)
             if self.chat and self.tool_mode:
-                parser = tools.CallParser(chat_format.call_format(self.state.engine.tokenizer))
+                parser = tools.CallParser(self.state.call_format)
                 parser.feed(self.text[c])
                 parser.finish()
                 calls = parser.tool_calls()
@@ -685,7 +687,7 @@ class _ResponseBuilder:
         a call held back until text follows it, so the pieces add up to the whole response's content) and, per call,
         its id and name once, then pieces of its arguments."""
         if c not in self.parsers:
-            self.parsers[c] = tools.CallParser(chat_format.call_format(self.state.engine.tokenizer))
+            self.parsers[c] = tools.CallParser(self.state.call_format)
         parser = self.parsers[c]
         events = parser.feed(text) + (parser.finish() if finished else [])
         held = self.held.get(c, "") + "".join(e[1] for e in events if e[0] == "content")

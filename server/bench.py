@@ -81,21 +81,22 @@ def make_adapter(model, path: Path, seed: int) -> Path:
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_peft_adapter(base: str, path: Path, seed: int = 0) -> Path:
-    """A LoRA saved by peft itself (r 16, alpha 32 on every linear of every layer; B random, as after training)."""
+def make_peft_adapter(model, path: Path, seed: int = 0, scale: float = 0.01, **lora):
+    """A LoRA saved by peft itself on ``model`` (LoraConfig ``lora``, default r 16, alpha 32 on every linear of every
+    layer), B random (peft starts it at zero: a no-op would prove nothing). Returns the PeftModel (eval mode)."""
     try:
         import peft
     except ImportError:
         raise SystemExit("error: --peft needs the peft package (pip install peft)") from None
-    model, _ = remix.load_base(base)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=PEFT_TARGETS, lora_dropout=0.0))
+    config = {"r": 16, "lora_alpha": 32, "target_modules": PEFT_TARGETS, "lora_dropout": 0.0, **lora}
+    pm = peft.get_peft_model(model, peft.LoraConfig(**config))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     pm.save_pretrained(str(path))
-    return path
+    return pm.eval()
 
 
 def prompts_of(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -314,7 +315,8 @@ def main(argv=None) -> dict:
     for i, path in enumerate(adapter_paths):
         engine.load_adapter(f"a{i}", str(path))
     if args.peft:
-        peft_path = make_peft_adapter(args.base, tmp / "peft")
+        peft_path = tmp / "peft"
+        make_peft_adapter(remix.load_base(args.base)[0], peft_path)
         engine.load_adapter("peft", str(peft_path))
     engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
     # the HF peers run on plain copies of the base (the engine's model has serving wrappers): one as it is, one with the

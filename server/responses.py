@@ -144,8 +144,9 @@ class Store:
         return self.items.pop(rid, None) is not None
 
 
-def _text_of(content) -> str:
-    return content if isinstance(content, str) else "".join(p.text for p in content)
+def _content(content):
+    """A string, or the parts as the chat endpoint's text parts (joined there as for any chat request)."""
+    return content if isinstance(content, str) else [{"type": "text", "text": part.text} for part in content]
 
 
 def conversation(body: ResponsesRequest, history: list[dict]) -> list[dict]:
@@ -154,7 +155,7 @@ def conversation(body: ResponsesRequest, history: list[dict]) -> list[dict]:
     items = [InputItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     for item in items:
         if item.type == "message":
-            messages.append({"role": item.role, "content": _text_of(item.content)})
+            messages.append({"role": item.role, "content": _content(item.content)})
         elif item.type == "function_call":
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             last = messages[-1] if messages else None
@@ -163,7 +164,7 @@ def conversation(body: ResponsesRequest, history: list[dict]) -> list[dict]:
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         else:
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _text_of(item.output)})
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _content(item.output)})
     return messages
 
 
@@ -196,7 +197,7 @@ def chat_body(body: ResponsesRequest, messages: list[dict]) -> dict:
 
 # chat fields named in a 400 -> the Responses request's own
 PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
-          "response_format": "text", "tools": "tools", "tool_choice": "tool_choice"}
+          "response_format": "text"}
 
 
 def new_id(prefix: str) -> str:

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import remix
 from remix.adapter import AdapterError
+from server.bench import make_peft_adapter
 from server.engine import Engine, EngineConfig, GenerationRequest, collect
 from tests.test_engine import PROMPTS, greedy, hf_greedy, hf_logprobs, lively_tiny, logprobs_of, make_adapter, tokens_of
 
@@ -18,17 +19,9 @@ TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
 
 def write_peft(path, seed=0, **config):
-    """A peft LoRA on the lively tiny model, B random (peft starts it at zero: a no-op would prove nothing)."""
-    model, _ = lively_tiny()
-    cfg = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "lora_dropout": 0.0, **config})
-    pm = peft.get_peft_model(model, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    pm.save_pretrained(str(path))
-    return pm.eval()
+    """A peft LoRA (r 4, alpha 8 on TARGETS unless ``config`` says otherwise) on the lively tiny model, B random."""
+    return make_peft_adapter(lively_tiny()[0], path, seed, 0.5, **{"r": 4, "lora_alpha": 8, "target_modules": TARGETS,
+                                                                   **config})
 
 
 def peft_logits(pm, ids):

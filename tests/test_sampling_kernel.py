@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from remix.kernels import cpu_ext
+from server.engine import sampler
 from server.engine.sampler import SamplingParams, sample, sample_reference
 
 ext = cpu_ext.load() if cpu_ext.available() else None
@@ -14,18 +15,7 @@ needs_ext = pytest.mark.skipif(ext is None, reason="the compiled CPU kernels are
 
 def reference_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The reference's kept probabilities (float64; 0 where dropped), as sample_reference draws from."""
-    x = row / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, -1)
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
-        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < p.top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return probs.double()
+    return sampler.reference_probs(row, p).double()
 
 
 def reference_cdf(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -185,7 +175,6 @@ def test_sampler_uses_the_kernel_and_stays_seeded_per_row():
 def test_batched_torch_path_draws_from_the_reference_distribution(monkeypatch):
     """Without the compiled kernel (CUDA, or no compiler) sampled rows are drawn together in batched torch ops
     (sample_torch), from the reference's distribution; sample() takes that path then, penalised rows included."""
-    from server.engine import sampler
     from server.engine.sampler import TokenHistory, sample_torch
 
     g = torch.Generator().manual_seed(11)

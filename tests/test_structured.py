@@ -166,6 +166,13 @@ def test_json_strings_take_no_raw_control_characters(tiny):
         assert not takes(compiled, head + '{ "a"') and not takes(compiled, head + '{"a":"')  # no free whitespace
 
 
+def three_grammars(engine):
+    """A regex, a JSON schema and a choice (as the request fields give them), and their compilations."""
+    kinds = [("regex", r"[0-9]{3}-[a-z]{2}", "guided_regex"), ("json_schema", SCHEMA, "response_format"),
+             ("choice", ["yes", "no"], "guided_choice")]
+    return kinds, [engine.compile_grammar(*k) for k in kinds]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("apply", ["xgrammar", "torch"])
 def test_batched_greedy_grammar_rows_equal_the_row_by_row_path(tiny, dtype, apply, monkeypatch):
@@ -179,9 +186,7 @@ def test_batched_greedy_grammar_rows_equal_the_row_by_row_path(tiny, dtype, appl
     monkeypatch.setattr(Matcher, "APPLY", apply)
     engine, tok = tiny
     vocab = engine.runner.model.config.vocab_size
-    kinds = [("regex", r"[0-9]{3}-[a-z]{2}", "guided_regex"), ("json_schema", SCHEMA, "response_format"),
-             ("choice", ["yes", "no"], "guided_choice")]
-    compiled = [engine.compile_grammar(*k) for k in kinds]
+    kinds, compiled = three_grammars(engine)
     torch.manual_seed(0)
     logits = (torch.randn(7, vocab) * 3).to(dtype)
     grammar = [0, 1, None, 2, 0, 1, 2]  # row 2 plain; row 4 sampled; row 5 (penalty) takes the row-by-row path
@@ -215,9 +220,7 @@ def test_batched_sampled_grammar_rows_equal_the_row_by_row_path(tiny, dtype, mon
         pytest.skip("the compiled CPU kernels are not built here")
     engine, tok = tiny
     vocab = engine.runner.model.config.vocab_size
-    kinds = [("regex", r"[0-9]{3}-[a-z]{2}", "guided_regex"), ("json_schema", SCHEMA, "response_format"),
-             ("choice", ["yes", "no"], "guided_choice")]
-    compiled = [engine.compile_grammar(*k) for k in kinds]
+    kinds, compiled = three_grammars(engine)
     torch.manual_seed(1)
     logits = (torch.randn(6, vocab) * 3).to(dtype)
     params = [SamplingParams(temperature=t, top_p=q, top_k=k, grammar=kinds[i % 3])

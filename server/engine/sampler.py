@@ -186,11 +186,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     # (penalties, bias, min_tokens, a grammar beside them)
     rest = [i for i in range(b) if i not in done]
     drawn = [i for i in rest if not params[i].greedy]
+    slot = {i: k for k, i in enumerate(drawn)}  # row -> its row of the buffer
     buf = torch.empty(len(drawn), logits.shape[1], dtype=torch.float32, device=logits.device) if drawn else None
     for i in rest:
         p = params[i]
-        k = drawn.index(i) if i in drawn else -1
-        row = buf[k].copy_(logits[i]) if k >= 0 else logits[i].float()
+        row = buf[slot[i]].copy_(logits[i]) if i in slot else logits[i].float()
         if p.adjusts:
             if history is None or history[i] is None:
                 raise ValueError("adjusted logits (penalties, bias, min_tokens, grammars) need each sequence's history")
@@ -242,12 +242,11 @@ def _sample_rows(ext, logits: torch.Tensor, rows: list[int], params: list[Sampli
                            torch.tensor([p.min_p for p in params], dtype=torch.float32))
 
 
-def sample_reference(row: torch.Tensor, p: SamplingParams, u: float) -> int:
-    """One sampled token of a float32 row, plainly: softmax of row / temperature, top-k (tokens below the k-th largest
-    value dropped, ties kept), top-p (over probability descending, token ascending: a token kept while the mass
-    before it is < top_p), min-p (then tokens below min_p times the top token's probability dropped, as HF's warper
-    after top-p), then the token whose interval of the cumulative probability, in token order, holds u (in [0, 1))
-    times the total. The compiled kernel (sample_rows) draws from the same distribution."""
+def reference_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a float32 row is sampled from, plainly: softmax of row / temperature, top-k (tokens below the
+    k-th largest value dropped, ties kept), top-p (over probability descending, token ascending: a token kept while
+    the mass before it is < top_p), min-p (then tokens below min_p times the top token's probability dropped, as HF's
+    warper after top-p). Dropped tokens are 0; the kept ones are not renormalised (the draw scales by their total)."""
     row = row / p.temperature
     if p.top_k > 0:
         kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
@@ -257,11 +256,16 @@ def sample_reference(row: torch.Tensor, p: SamplingParams, u: float) -> int:
         sorted_probs, order = torch.sort(probs, descending=True, stable=True)
         keep = torch.cumsum(sorted_probs, 0) - sorted_probs < p.top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-        probs = probs / probs.sum()
     if p.min_p > 0.0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    cdf = torch.cumsum(probs.double().cpu(), 0)
-    return min(int(torch.searchsorted(cdf, torch.tensor(u * float(cdf[-1]), dtype=torch.float64))), probs.numel() - 1)
+    return probs
+
+
+def sample_reference(row: torch.Tensor, p: SamplingParams, u: float) -> int:
+    """The plain reference draw: the token whose interval of reference_probs' cumulative sum, in token order, holds u
+    (in [0, 1)) times the total. The compiled kernel (sample_rows) and sample_torch draw from the same distribution."""
+    cdf = torch.cumsum(reference_probs(row, p).double().cpu(), 0)
+    return min(int(torch.searchsorted(cdf, torch.tensor(u * float(cdf[-1]), dtype=torch.float64))), row.numel() - 1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
