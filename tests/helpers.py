@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -52,11 +53,15 @@ class LiveServer:
 
 
 def write_adapter(model, path, seed: int, n: int = 4, k: int = 2, r: int = 4) -> str:
-    """A ReMix adapter with random (non-zero) pools and routers on ``model``, saved to ``path``; model unwrapped after."""
+    """A ReMix adapter with random (non-zero) pools and routers on ``model``, saved to ``path``; model unwrapped after.
+    Every tensor comes from ``seed`` (A too, which inject draws from the global generator): the same adapter whatever
+    ran before (a bfloat16 near-tie in one test had followed the order the tests ran in)."""
     layers = remix.inject(model, remix.MixtureConfig(n=n, k=k, r=r))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in layers.values():
+            bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5))'s bound, as inject draws A
+            layer.lora_A.copy_((torch.rand(layer.lora_A.shape, generator=g) * 2 - 1) * bound)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.5)
             layer.router.copy_(torch.randn(layer.router.shape, generator=g))
     remix.save_adapter(model, path)

@@ -158,6 +158,7 @@ def test_lean_decoder_with_compiled_matches_hf_modules(tmp_path, monkeypatch, ar
     paths = two_adapters(model, tmp_path)
     model.to(dtype)
     lean, hf = engines_for(model, tok, paths, decoders=("lean", "hf"))
+    lean.runner.lean.stack_enabled = False  # the Python loop, whose calls are seen here (the stack = the loop: below)
     got, want = run_all(lean, requests_for(tok, [None, "a0", "a1", "a0"])), run_all(hf, requests_for(tok, [None, "a0", "a1", "a0"]))
     assert len(calls) >= 2 * 23  # two layers, every decode step
     assert_close_runs(got, want, dtype)
@@ -286,8 +287,9 @@ def test_prefill_of_uneven_chunks_runs_on_its_real_tokens_only(tmp_path, monkeyp
 def test_compiled_decode_stack_is_bit_identical_to_the_python_loop(tmp_path, monkeypatch, arch, dtype):
     """Decode steps through ``DecodeStack`` (every decoder layer in one C++ call) give exactly what the lean forward's
     Python loop gives - the same kernels in the same order: tokens, log-probabilities and every LoRA's selection
-    count, with a ReMix adapter on the FFN, another on o_proj and down_proj, and the bare base in one batch. A q/v
-    adapter (q/k/v no longer one GEMM) or a routing trace sends the step through the Python loop instead."""
+    count, with a ReMix adapter on the FFN, another on o_proj and down_proj, and the bare base in one batch; then
+    again with a third adapter on q and v (q/k/v no longer one GEMM: three projections in turn, in both). A routing
+    trace sends the step through the Python loop instead."""
     from remix.kernels import cpu_ext
 
     if cpu_ext.load() is None:
@@ -307,16 +309,26 @@ def test_compiled_decode_stack_is_bit_identical_to_the_python_loop(tmp_path, mon
     assert got == want and all(len(toks) == 24 for toks, _ in got.values())
     for name, layer in stacked.runner.stacked.items():
         assert torch.equal(layer.stack.counts, loop.runner.stacked[name].stack.counts), name
-    # a routing trace, then an adapter on q and v: the Python loop
+    # an adapter on q and v (and o, down) beside the others: q/k/v run as three projections, in the stack too
+    qv = two_adapters(model.float(), tmp_path / "qv")["a1"]
+    model.to(dtype)
+    for engine in (stacked, loop):
+        engine.load_adapter("qv", qv)
     used.clear()
-    traced = requests_for(tok, [None, "a0"])
+    mixed = [None, "qv", "a0", "qv", "a1"]
+    got = run_all(stacked, requests_for(tok, mixed))
+    assert used and all(s is not None for s in used) and len({id(s) for s in used}) == 1
+    assert type(stacked.runner.model.model.layers[0].self_attn.q_proj) is not torch.nn.Linear
+    assert got == run_all(loop, requests_for(tok, mixed))
+    for name, layer in stacked.runner.stacked.items():
+        assert torch.equal(layer.stack.counts, loop.runner.stacked[name].stack.counts), name
+    assert any(".q_proj" in name and layer.stack.counts.sum() > 0 for name, layer in stacked.runner.stacked.items())
+    # a routing trace: the Python loop
+    used.clear()
+    traced = requests_for(tok, [None, "a0", "qv"])
     for r in traced:
         r.trace = True
     run_all(stacked, traced)
-    assert used and all(s is None for s in used)
-    stacked.load_adapter("qv", two_adapters(model.float(), tmp_path / "qv")["a1"])
-    used.clear()
-    run_all(stacked, requests_for(tok, [None, "a0"]))
     assert used and all(s is None for s in used)
 
 

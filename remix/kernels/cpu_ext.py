@@ -2455,9 +2455,9 @@ struct Proj {
 
 struct DecodeStack {
   struct Layer {
-    torch::Tensor in_w, post_w, wqkv, bqkv;
+    torch::Tensor in_w, post_w, wqkv, bqkv;  // wqkv undefined: q, k and v run as three projections (some wrapped)
     double in_eps, post_eps;
-    Proj o, gate, up, down;
+    Proj q, k, v, o, gate, up, down;
   };
   std::vector<Layer> layers;
   int64_t H, Hkv, Dh;
@@ -2474,7 +2474,7 @@ struct DecodeStack {
     TORCH_CHECK(!q8 || (Ks.size() == layers.size() && Vs.size() == layers.size()), "one K and one V scale tensor per layer");
     TORCH_CHECK(h.dim() == 3 && h.size(1) == 1, "h must be [b, 1, D]: one decode token per row");
     for (const auto& L : layers)
-      for (const Proj* p : {&L.o, &L.gate, &L.up, &L.down})
+      for (const Proj* p : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
         if (p->call && !p->call->applies(h)) return pybind11::none();
     const int64_t b = h.size(0);
     torch::Tensor pending = torch::empty({0}, h.options());
@@ -2485,7 +2485,8 @@ struct DecodeStack {
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& L = layers[i];
       auto x = add_rms_norm_(h, pending, L.in_w, L.in_eps);
-      auto qkv = linear(x, L.wqkv, L.bqkv).view({b, 1, H + 2 * Hkv, Dh});
+      auto qkv = (L.wqkv.defined() ? linear(x, L.wqkv, L.bqkv) : torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1))
+                     .view({b, 1, H + 2 * Hkv, Dh});
       rotary_(qkv.view({-1, H + 2 * Hkv, Dh}).slice(1, 0, H + Hkv), cos, sin);
       const auto k = qkv.slice(2, H, H + Hkv).transpose(1, 2), v = qkv.slice(2, H + Hkv, H + 2 * Hkv).transpose(1, 2);
       const auto qk = qkv.select(1, 0).slice(1, 0, H + Hkv);
@@ -2601,25 +2602,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         if (!c.applies(x)) return pybind11::none();
         return pybind11::cast(c.routed(x, slots, counts));
       });
-  // layers: one (in_norm_weight, in_eps, post_norm_weight, post_eps, qkv_weight, qkv_bias or None, o, gate, up, down)
-  // per decoder layer, each projection as to_proj takes it
+  // layers: one (in_norm_weight, in_eps, post_norm_weight, post_eps, qkv_weight or None, qkv_bias or None,
+  // (q, k, v) or None, o, gate, up, down) per decoder layer, each projection as to_proj takes it; (q, k, v) where
+  // qkv_weight is None (they run in turn and their outputs are concatenated), else None
   pybind11::class_<DecodeStack>(m, "DecodeStack", pybind11::module_local())
       .def(pybind11::init([](pybind11::list layers, int64_t H, int64_t Hkv, int64_t Dh, double scaling) {
         DecodeStack d{{}, H, Hkv, Dh, scaling};
         for (const auto& item : layers) {
           const auto t = item.cast<pybind11::tuple>();
-          TORCH_CHECK(t.size() == 10, "a layer is 10 items: norms, q/k/v, o, gate, up, down");
+          TORCH_CHECK(t.size() == 11, "a layer is 11 items: norms, the q/k/v weight and bias or projections, o, gate, up, down");
           DecodeStack::Layer L;
           L.in_w = t[0].cast<torch::Tensor>();
           L.in_eps = t[1].cast<double>();
           L.post_w = t[2].cast<torch::Tensor>();
           L.post_eps = t[3].cast<double>();
-          L.wqkv = t[4].cast<torch::Tensor>();
-          L.bqkv = t[5].is_none() ? torch::empty({0}, L.wqkv.options()) : t[5].cast<torch::Tensor>();
-          L.o = to_proj(t[6].cast<pybind11::tuple>());
-          L.gate = to_proj(t[7].cast<pybind11::tuple>());
-          L.up = to_proj(t[8].cast<pybind11::tuple>());
-          L.down = to_proj(t[9].cast<pybind11::tuple>());
+          TORCH_CHECK(t[4].is_none() != t[6].is_none(), "a layer has either one q/k/v weight or three q/k/v projections");
+          if (!t[4].is_none()) {
+            L.wqkv = t[4].cast<torch::Tensor>();
+            L.bqkv = t[5].is_none() ? torch::empty({0}, L.wqkv.options()) : t[5].cast<torch::Tensor>();
+          } else {
+            const auto qkv = t[6].cast<pybind11::tuple>();
+            TORCH_CHECK(qkv.size() == 3, "q/k/v projections: (q, k, v)");
+            L.q = to_proj(qkv[0].cast<pybind11::tuple>());
+            L.k = to_proj(qkv[1].cast<pybind11::tuple>());
+            L.v = to_proj(qkv[2].cast<pybind11::tuple>());
+          }
+          L.o = to_proj(t[7].cast<pybind11::tuple>());
+          L.gate = to_proj(t[8].cast<pybind11::tuple>());
+          L.up = to_proj(t[9].cast<pybind11::tuple>());
+          L.down = to_proj(t[10].cast<pybind11::tuple>());
           d.layers.push_back(std::move(L));
         }
         return d;
@@ -2689,7 +2700,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v120_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v121_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

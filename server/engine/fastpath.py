@@ -42,11 +42,12 @@ oneDNN (MKL on Intel CPUs) from 256 rows; bfloat16 their kernel below 128 rows),
 prefill step with padding runs its per-token ops on its real tokens only (``rows``; the attention alone sees [b, q]). A decode step
 on that path runs all its decoder layers in one C++ call (``DecodeStack``: the same kernels in the same order, so
 bit-identical to the Python loop below; 30.7 -> 27.6 ms a float32 step of the default base at one sequence, 42.1 ->
-36.6 at eight, 76-78 -> 72-75 at 32) unless a routing trace is kept or q/k/v cannot be one GEMM.
+36.6 at eight, 76-78 -> 72-75 at 32) unless a routing trace is kept. Where an adapter wraps q, k or v (a LoRA on
+attention, as peft's default targets q_proj and v_proj), that layer's three projections run in turn (plain ones by the
+compiled GEMM, wrapped ones by their ReMix call) and their outputs are concatenated, in the Python loop and the stack alike.
 
 It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU, SDPA attention and full attention
-in every layer; any other model, a forward hook on a decoder module, or a q/k/v
-projection wrapped by an adapter makes the runner (or that layer) take the HF modules as before.
+in every layer; any other model or a forward hook on a decoder module makes the runner take the HF modules as before.
 """
 
 from __future__ import annotations
@@ -189,7 +190,8 @@ class LeanForward:
         fused = self._fused_qkv(i, at)
         if fused is not None:
             return self._gemm(x, *fused, lean)
-        return torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)
+        return torch.cat([self._linear(at.q_proj, x, lean), self._linear(at.k_proj, x, lean),
+                          self._linear(at.v_proj, x, lean)], -1)
 
     @staticmethod
     def _gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lean) -> torch.Tensor:
@@ -207,10 +209,10 @@ class LeanForward:
     def _decode_stack(self, ext):
         """The compiled decode stack (``ext.DecodeStack``: all decoder layers of a decode step in one call, the same
         kernels in the same order as the loop in :meth:`__call__`) for the modules as they are now, or None where a
-        layer does not fit it: q/k/v not one GEMM (:meth:`_fused_qkv`), a projection that is neither a plain linear nor
+        layer does not fit it: a projection that is neither a plain linear nor
         a ReMix layer with a compiled call, other attention scalings, or a step that keeps a routing trace. After any
         module or parameter assignment in the process (torch's registration hooks), pool change or change of counting,
-        it lists the objects the stack is built from (norms, the q/k/v weight, plain weights or the ReMix layers' bound
+        it lists the objects the stack is built from (norms, the q/k/v weight or projections, plain weights or the ReMix layers' bound
         calls and counters) and rebuilds it when any is not the one it was built from; otherwise the last answer
         stands (a step then spends ~4 us here, measured inside a step, instead of 0.2-0.6 ms). Not seen: writes straight into a module's
         ``_modules`` / ``_parameters`` dicts and a changed ``variance_epsilon`` (assign modules and parameters with
@@ -227,16 +229,21 @@ class LeanForward:
 
     def _checked_stack(self, ext, ctx):
         """:meth:`_decode_stack`'s full check: the stack for the objects the layers hold now, built again where any differs."""
-        key = []  # per layer: 2 norms (weight, eps), the q/k/v (weight, bias), 4 projections (weight, bias | call, counts)
+        # per layer (20): 2 norms (weight, eps), the fused q/k/v (weight, bias) or (None, None), then q, k, v (each
+        # (None, None) where fused), o, gate, up, down, each (weight, bias) or (call, counts)
+        key = []
         for i, layer in enumerate(self.inner.layers):
             lm = layer._modules
             am, mm = lm["self_attn"]._modules, lm["mlp"]._modules
             n1, n2 = lm["input_layernorm"], lm["post_attention_layernorm"]
             fused = self._fused_qkv(i, lm["self_attn"])
-            if fused is None:
-                return None
-            key += (n1._parameters["weight"], n1.variance_epsilon, n2._parameters["weight"], n2.variance_epsilon, *fused)
-            for m in (am["o_proj"], mm["gate_proj"], mm["up_proj"], mm["down_proj"]):
+            key += (n1._parameters["weight"], n1.variance_epsilon, n2._parameters["weight"], n2.variance_epsilon)
+            if fused is not None:
+                key += (*fused, None, None, None, None, None, None)
+            else:  # some of q/k/v wrapped (a LoRA on attention): three projections, their outputs concatenated
+                key += (None, None)
+            for m in ((am["o_proj"],) if fused is not None else (am["q_proj"], am["k_proj"], am["v_proj"], am["o_proj"])) + (
+                    mm["gate_proj"], mm["up_proj"], mm["down_proj"]):
                 if type(m) is nn.Linear:
                     key += (m._parameters["weight"], m._parameters["bias"])
                 elif type(m) is StackedLinear and (call := m.bound_call()) is not None:
@@ -245,9 +252,14 @@ class LeanForward:
                     return None
         old_key, stack = self._stack
         if len(key) != len(old_key) or not all(map(operator.is_, key, old_key)):
-            n = len(key) // len(self.inner.layers)  # 14
-            layers = [(c[0], float(c[1]), c[2], float(c[3]), c[4], c[5], *zip(c[6::2], c[7::2]))
-                      for c in (key[i : i + n] for i in range(0, len(key), n))]
+            n = len(key) // len(self.inner.layers)  # 20
+
+            def layer_args(c):
+                projs = list(zip(c[6::2], c[7::2]))  # q, k, v, o, gate, up, down
+                qkv = None if c[4] is not None else tuple(projs[:3])
+                return (c[0], float(c[1]), c[2], float(c[3]), c[4], c[5], qkv, *projs[3:])
+
+            layers = [layer_args(key[i : i + n]) for i in range(0, len(key), n)]
             stack = ext.DecodeStack(layers, self.H, self.Hkv, self.Dh, self._scaling)
             self._stack = (key, stack)
         return stack
