@@ -47,6 +47,15 @@ OPTIONS = [  # (flag, type, default, help)
                                     "at every size, so no token's result depends on what shares its step - prefill "
                                     "steps of any size included, in bfloat16 too - at the cost of oneDNN's speed on "
                                     "large prefill steps"),
+    ("num_speculative_tokens", int, 0, "speculative decoding by prompt lookup: up to this many draft tokens a step for "
+                                       "each greedy sequence, taken from where its last n tokens occurred before in its "
+                                       "prompt or output, and checked in one forward - the same tokens as without it, "
+                                       "several a step where the text repeats its context (code edits, extraction, "
+                                       "quoting); 0 = off"),
+    ("prompt_lookup_min", int, 2, "speculative decoding: the shortest n-gram that proposes a draft"),
+    ("prompt_lookup_max", int, 4, "speculative decoding: the longest n-gram tried first"),
+    ("speculative_max_seqs", int, 4, "speculative decoding: only in steps of at most this many decoding sequences "
+                                     "(larger steps are bound by arithmetic, which drafts add to)"),
     ("drain_timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before exiting"),
     ("device", str, "auto", "where the model runs: cpu, cuda, cuda:N or auto (cuda when a CUDA device is present)"),
     ("dtype", str, "auto", "weights and activations: auto (the default: bfloat16 on CUDA or a CPU with AMX-BF16 or "
@@ -139,6 +148,13 @@ def load_settings(argv: list[str] | None = None) -> dict:
         why = batch_invariant_unsupported(device, resolve_dtype(settings["dtype"], device), settings["decoder"])
         if why:
             raise SystemExit(f"error: --batch-invariant: {why}")
+    if settings["num_speculative_tokens"] < 0:
+        raise SystemExit(f"error: --num-speculative-tokens must be >= 0, got {settings['num_speculative_tokens']}")
+    if not 1 <= settings["prompt_lookup_min"] <= settings["prompt_lookup_max"]:
+        raise SystemExit(f"error: --prompt-lookup-min and --prompt-lookup-max must satisfy 1 <= min <= max, got "
+                         f"{settings['prompt_lookup_min']} and {settings['prompt_lookup_max']}")
+    if settings["speculative_max_seqs"] < 1:
+        raise SystemExit(f"error: --speculative-max-seqs must be >= 1, got {settings['speculative_max_seqs']}")
     if settings["chat_template"]:
         settings["chat_template"] = read_chat_template(settings["chat_template"])
     if settings["root_path"] and (not settings["root_path"].startswith("/") or settings["root_path"].endswith("/")):
@@ -252,7 +268,9 @@ def build_state(settings: dict):
         max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
         max_batched_tokens=settings["max_batched_tokens"], kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
         decoder=settings["decoder"], cuda_graphs=settings["cuda_graphs"] == "on", kv_cache_dtype=settings["kv_cache_dtype"],
-        prefix_caching=settings["prefix_caching"] == "on", batch_invariant=settings["batch_invariant"] == "on"))
+        prefix_caching=settings["prefix_caching"] == "on", batch_invariant=settings["batch_invariant"] == "on",
+        num_speculative_tokens=settings["num_speculative_tokens"], prompt_lookup_min=settings["prompt_lookup_min"],
+        prompt_lookup_max=settings["prompt_lookup_max"], speculative_max_seqs=settings["speculative_max_seqs"]))
     for name, path in settings["adapters"].items():
         engine.load_adapter(name, path)  # AdapterError lists every problem
         log.info("loaded adapter %s from %s", name, path)

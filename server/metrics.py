@@ -67,6 +67,13 @@ class EngineCollector:
         yield GaugeMetricFamily("remix_kv_cache_usage_ratio", "Share of the KV cache's token capacity in use.", value=s["kv_usage"])
         yield GaugeMetricFamily("remix_kv_cache_slots_used", "Cache slots held by running sequences.", value=s["slots_used"])
         yield GaugeMetricFamily("remix_kv_cache_slots", "Cache slots (sequences that can run at once).", value=s["slots"])
+        if "spec_draft_tokens" in s:  # speculative decoding on (vLLM's spec_decode counters)
+            yield CounterMetricFamily("remix_spec_decode_draft_tokens", "Draft tokens proposed by prompt lookup and "
+                                      "checked.", value=s["spec_draft_tokens"])
+            yield CounterMetricFamily("remix_spec_decode_accepted_tokens", "Draft tokens that were the model's own "
+                                      "greedy tokens (each saved a decode step).", value=s["spec_accepted_tokens"])
+            yield CounterMetricFamily("remix_spec_decode_steps", "Decode steps that checked drafts.",
+                                      value=s["spec_steps"])
         if s.get("prefix_caching"):
             yield CounterMetricFamily("remix_prefix_cache_queries", "New sequences that looked up their prompt's prefix.",
                                       value=s["prefix_cache_queries"])

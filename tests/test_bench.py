@@ -233,3 +233,24 @@ def test_structured_bench_times_xgrammars_apply_against_torch_ops(tmp_path):
     assert out["ratios"]["tools_auto_over_plain"] == pytest.approx(statistics.median(tools))
     from server.engine.grammar import Matcher
     assert Matcher.APPLY == "xgrammar"  # the bench leaves the server's path in place
+
+
+def test_spec_bench_measures_both_engines_and_both_hf_modes_on_two_workloads(tmp_path):
+    """The tiny model (its tokenizer has a chat template) through every contender: tokens/s of each, the ratios, the
+    share of drafts accepted, and the replies with speculation the same as without (greedy)."""
+    from server import bench_spec
+
+    out = bench_spec.main(["--base", "tiny", "--prompts", "2", "--new-tokens", "12", "--repeats", "1",
+                           "--concurrency", "2", "--num-speculative-tokens", "4",
+                           "--json", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md")])
+    assert set(out["results"]) == {"edit", "free"}
+    for r in out["results"].values():
+        for label in ("hf_generate", "hf_prompt_lookup", "engine", "engine_spec", "engine_c", "engine_spec_c"):
+            assert r[label]["tokens_per_s"] > 0, label
+        if cpu_ext.load() is not None:  # (bit for bit on the compiled path; elsewhere SDPA rounds chunks differently)
+            assert r["identical_with_and_without"] == 1.0 and r["identical_with_and_without_c"] == 1.0
+        assert r["engine_spec_over_engine"] > 0 and 0 <= r["accepted_share"] <= 1
+    assert json.loads((tmp_path / "s.json").read_text())["num_speculative_tokens"] == 4
+    assert "spec / HF lookup" in (tmp_path / "s.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_spec.main(["--base", "tiny", "--prompt-lookup-min", "3", "--prompt-lookup-max", "2"])

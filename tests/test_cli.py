@@ -16,7 +16,10 @@ def test_flags_override_config_file(tmp_path):
 @pytest.mark.parametrize("argv,field", [(["--dtype", "fp8"], "--dtype"), (["--port", "0"], "--port"),
                                         (["--adapter", "nopath"], "--adapter"), (["--decoder", "fast"], "--decoder"),
                                         (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
-                                        (["--root-path", "api/"], "--root-path")])
+                                        (["--root-path", "api/"], "--root-path"),
+                                        (["--num-speculative-tokens", "-1"], "--num-speculative-tokens"),
+                                        (["--prompt-lookup-min", "5"], "--prompt-lookup-min"),
+                                        (["--speculative-max-seqs", "0"], "--speculative-max-seqs")])
 def test_bad_values_name_the_field(argv, field):
     with pytest.raises(SystemExit, match=field):
         cli.load_settings(argv + ["--base", "tiny"])

@@ -31,7 +31,8 @@ from server.engine.grammar import GrammarError, Grammars
 from server.engine.prefix import BLOCK, PrefixIndex, chain
 from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
-from server.engine.sampler import sample, token_logprobs
+from server.engine.sampler import first_argmax, sample, token_logprobs
+from server.engine.speculative import NgramIndex
 from server.engine.sequence import Event, GenerationRequest, Sequence, Status, decoder, update_text
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,12 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "int8" (CPU; see server.engine.cache)
     prefix_caching: bool = True  # reuse the K/V of prompt prefixes that cache slots hold (server.engine.prefix)
     batch_invariant: bool = False  # CPU, lean decoder: the compiled GEMM at every size (no row depends on its step)
+    # speculative decoding by prompt lookup (server.engine.speculative): up to this many draft tokens a greedy sequence
+    # per step (0: off), from n-grams of min..max tokens, in steps of at most speculative_max_seqs decoding sequences
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    speculative_max_seqs: int = 4
 
 
 class Engine:
@@ -89,6 +96,10 @@ class Engine:
         kv_dtype = torch.int8 if cfg.kv_cache_dtype == "int8" else None
         if kv_dtype is not None and next(model.parameters()).device.type != "cpu":
             raise ValueError("kv_cache_dtype int8 runs on CPU only (its kernels are CPU kernels)")
+        if cfg.num_speculative_tokens < 0 or cfg.speculative_max_seqs < 1:
+            raise ValueError("num_speculative_tokens must be >= 0 and speculative_max_seqs >= 1")
+        if cfg.num_speculative_tokens:
+            NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)  # checks the n-gram sizes
         if cfg.batch_invariant:
             why = batch_invariant_unsupported(next(model.parameters()).device, dtype, cfg.decoder)
             if why:
@@ -119,7 +130,8 @@ class Engine:
         if gen_eos is not None:
             self.eos_ids |= {gen_eos} if isinstance(gen_eos, int) else set(gen_eos)
         self.steps = 0
-        self.last_step = {"decode_rows": 0, "prefill_tokens": 0}
+        self.last_step = {"decode_rows": 0, "prefill_tokens": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self.spec_totals = {"draft_tokens": 0, "accepted_tokens": 0, "steps": 0}  # speculative decoding, since start
 
     # -- public, thread-safe -----------------------------------------------------------------------
     def submit(self, request: GenerationRequest, callback) -> None:
@@ -207,6 +219,7 @@ class Engine:
                 "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
                 "prefix_caching": self.prefix is not None, "batch_invariant": self.config.batch_invariant,
                 **({f"prefix_cache_{k}": v for k, v in self.prefix.stats().items()} if self.prefix is not None else {}),
+                **({f"spec_{k}": v for k, v in self.spec_totals.items()} if self.config.num_speculative_tokens else {}),
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(self.runner.cache.k[0].dtype).removeprefix("torch."),
                 "cuda_graphs": self.runner.graphs is not None and not self.runner.graphs.eager,
@@ -284,12 +297,19 @@ class Engine:
             self._refresh_prefix()
         self._admit()
         decode = sorted(self.decoding, key=lambda s: s.slot)
-        prefill = self._plan_prefill(self.config.max_batched_tokens - len(decode))
+        drafts = self._propose(decode)
+        drafted = sum(map(len, drafts)) if drafts else 0
+        prefill = self._plan_prefill(self.config.max_batched_tokens - len(decode) - drafted)
+        accepted = 0
         if decode:
-            self._run_decode(decode)
+            if drafted:
+                accepted = self._run_verify(decode, drafts)
+            else:
+                self._run_decode(decode)
         if prefill:
             self._run_prefill(prefill)
-        self.last_step = {"decode_rows": len(decode), "prefill_tokens": sum(c for _, c in prefill)}
+        self.last_step = {"decode_rows": len(decode), "prefill_tokens": sum(c for _, c in prefill),
+                          "draft_tokens": drafted, "accepted_tokens": accepted}
         self._arrange()
         self._reap_adapters()
         self.steps += 1
@@ -434,6 +454,64 @@ class Engine:
             s.num_computed += 1
         self._sample_and_emit(seqs, logits)
 
+    def _propose(self, seqs: list[Sequence]) -> list[list[int]] | None:
+        """Each decoding sequence's draft (server.engine.speculative; empty where it has none or may not take one),
+        or None when this step does not speculate: speculation off, more than ``speculative_max_seqs`` sequences (a
+        large step is bound by arithmetic, which drafts add to), or a routing trace kept (its counts are the tokens a
+        request generated). Drafts go to greedy sequences whose logits nothing adjusts (no penalty, bias, min_tokens or
+        grammar) and stay within max_tokens and max_model_len."""
+        cfg = self.config
+        k = cfg.num_speculative_tokens
+        if not k or not seqs or len(seqs) > cfg.speculative_max_seqs or any(s.request.trace for s in seqs):
+            return None
+        drafts = []
+        for s in seqs:
+            p = s.params
+            room = min(k, p.max_tokens - len(s.output_ids) - 1, cfg.max_model_len - s.length - 1)
+            if room <= 0 or not p.greedy or p.adjusts:
+                drafts.append([])
+                continue
+            if s.ngrams is None:
+                s.ngrams = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+            drafts.append(s.ngrams.propose(s.prompt_ids + s.output_ids, room))
+        return drafts
+
+    def _run_verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> int:
+        """A decode step with drafts: each sequence's next input and its draft in one forward (a chunk of 1 + d
+        tokens per row, from its cache slot, as a prefill chunk), then per sequence the greedy token at each position,
+        kept up to and including the first that differs from the draft (or ends the sequence). The cache keeps the
+        rejected positions' keys and values past num_computed, where nothing reads them and the next tokens overwrite
+        them. Returns the number of draft tokens accepted."""
+        b = len(seqs)
+        assert [s.slot for s in seqs] == list(range(b)), "decode rows must occupy slots [0, b)"
+        counts = [1 + len(d) for d in drafts]
+        tokens = torch.full((b, max(counts)), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
+            tokens[i, : counts[i]] = torch.tensor([s.next_input(), *d])
+        every = [i for i, d in enumerate(drafts) if d]
+        logits = self.runner.forward(0, tokens, torch.tensor([s.num_computed for s in seqs]), torch.tensor(counts),
+                                     torch.tensor([s.adapter_slot for s in seqs]), every_token=every)
+        plain = [i for i, d in enumerate(drafts) if not d]  # sampled as a decode step samples them
+        for i in plain:
+            seqs[i].num_computed += 1
+        if plain:
+            self._sample_and_emit([seqs[i] for i in plain], logits[torch.tensor(plain)])
+        accepted = 0
+        for i in every:
+            s, d, rows = seqs[i], drafts[i], self.runner.last_every[i]
+            chosen = first_argmax(rows)  # the greedy path's own argmax (ties to the lower id), per position
+            lps = token_logprobs(rows, chosen, s.params.logprobs) if s.params.logprobs is not None else None
+            for j, token in enumerate(chosen.tolist()):
+                s.num_computed += 1  # the input at position j: its keys and values are the sequence's now
+                if self._emit(s, token, lps[j] if lps is not None else None) or j == len(d) or token != d[j]:
+                    break
+                accepted += 1  # draft token j was this token: its keys and values (position j + 1) stand too
+        totals = self.spec_totals
+        totals["draft_tokens"] += sum(counts) - b
+        totals["accepted_tokens"] += accepted
+        totals["steps"] += 1
+        return accepted
+
     def _run_prefill(self, plan: list[tuple[Sequence, int]]) -> None:
         seqs = [s for s, _ in plan]
         first = seqs[0].slot
@@ -508,24 +586,26 @@ class Engine:
         want_lp = [s.params.logprobs is not None for s in seqs]
         lps = token_logprobs(logits, tokens, max((s.params.logprobs or 0) for s in seqs)) if any(want_lp) else None
         for i, s in enumerate(seqs):
-            token = int(tokens[i])
-            s.output_ids.append(token)
-            if s.history is not None and s.history.matcher is not None:  # a grammar that took a stop token ends here
-                if s.history.update(s.output_ids).matcher.terminated:
-                    s.finish_reason = "stop"
-            text, finished = update_text(s, self._decode, self.eos_ids, self.config.max_model_len)
-            lp = []
-            if lps is not None and want_lp[i]:
-                chosen, alts = lps[i]
-                lp = [(token, chosen, alts[: s.params.logprobs])]
-            event = Event(s.request.request_id, s.index, [token], text, lp, finished, s.finish_reason,
-                          len(s.prompt_ids), len(s.output_ids), cached_tokens=s.cached_tokens,
-                          prompt_logprobs=s.prompt_lps)
-            s.prompt_lps = None  # (with the sequence's first event only)
-            if finished:
-                self._finish(s, event=event)
-            else:
-                s.callback(event)
+            self._emit(s, int(tokens[i]), lps[i] if lps is not None and want_lp[i] else None)
+
+    def _emit(self, s: Sequence, token: int, lp: tuple | None) -> bool:
+        """Append one generated token to ``s``, apply its stop conditions and send its event; True if it finished.
+        ``lp``: (the token's log-probability, the top alternatives) when the request asked for log-probabilities."""
+        s.output_ids.append(token)
+        if s.history is not None and s.history.matcher is not None:  # a grammar that took a stop token ends here
+            if s.history.update(s.output_ids).matcher.terminated:
+                s.finish_reason = "stop"
+        text, finished = update_text(s, self._decode, self.eos_ids, self.config.max_model_len)
+        lps = [] if lp is None else [(token, lp[0], lp[1][: s.params.logprobs])]
+        event = Event(s.request.request_id, s.index, [token], text, lps, finished, s.finish_reason,
+                      len(s.prompt_ids), len(s.output_ids), cached_tokens=s.cached_tokens,
+                      prompt_logprobs=s.prompt_lps)
+        s.prompt_lps = None  # (with the sequence's first event only)
+        if finished:
+            self._finish(s, event=event)
+        else:
+            s.callback(event)
+        return finished
 
     def _finish(self, seq: Sequence, event: Event | None = None, error: str | None = None) -> None:
         seq.status = Status.FINISHED

@@ -1,0 +1,185 @@
+"""Speculative decoding by prompt lookup (server.engine.speculative): the n-gram index, and an engine that checks
+drafts giving exactly the plain greedy output - tokens, log-probabilities, text and finish reasons - alone, in mixed
+batches with adapters and sampled requests, under every stop condition, and with the prefix cache."""
+
+import copy
+
+import pytest
+import torch
+
+import remix
+from remix.kernels import cpu_ext
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
+from server.engine.speculative import NgramIndex
+from server.metrics import EngineCollector
+from tests.test_engine import PROMPTS, lively_tiny, logprobs_of, make_adapter, tokens_of
+
+
+def test_ngram_index_proposes_what_followed_the_longest_earlier_match():
+    idx = NgramIndex(1, 3)
+    # the tail [1, 2]: (4, 1, 2) never occurred before; (1, 2) did, at 0-1, followed by 3, 4, 1
+    assert idx.propose([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]
+    # one more token: the 3-gram (1, 2, 3) now matches (longest first), followed by 4, 1, 2
+    assert idx.propose([1, 2, 3, 4, 1, 2, 3], 3) == [4, 1, 2]
+    assert idx.propose([1, 2, 3, 4, 1, 2, 3, 9], 3) == []  # 9 never occurred before
+    assert idx.propose([1, 2, 3, 4, 1, 2, 3, 9], 0) == []
+    # the latest occurrence where k tokens follow it: (7, 8) at 0-1 and 3-4; the latest is followed by 5, 6, 7
+    assert NgramIndex(2, 2).propose([7, 8, 0, 7, 8, 5, 6, 7, 8], 3) == [5, 6, 7]
+    # a loop: the latest occurrence of (5, 5) is followed by one token only, the earliest by the rest of the run
+    assert NgramIndex(2, 2).propose([5, 5, 5, 5], 3) == [5, 5]
+    assert NgramIndex(2, 2).propose([1, 2], 3) == []  # nothing before the tail itself
+    with pytest.raises(ValueError, match="min_n"):
+        NgramIndex(3, 2)
+
+
+def engines(model, tok, k=4, **cfg):
+    """The model served by an engine without speculation and a copy of it by one with it (k draft tokens)."""
+    base = {"max_model_len": 128, "max_num_seqs": 4, **cfg}
+    return (Engine(model, tok, EngineConfig(**base)),
+            Engine(copy.deepcopy(model), tok, EngineConfig(**base, num_speculative_tokens=k)))
+
+
+def run_together(engine, requests):
+    """Submit all, step until done; per request (tokens, log-probabilities, text, finish reason)."""
+    sinks = {r.request_id: [] for r in requests}
+    for r in requests:
+        engine.submit(r, sinks[r.request_id].append)
+    while engine.has_work():
+        engine.step()
+    assert engine.stats()["slots_used"] == 0
+    return {rid: (tokens_of(ev), logprobs_of(ev), "".join(e.text for e in ev), ev[-1].finish_reason)
+            for rid, ev in sinks.items()}
+
+
+def needs_kernels():
+    if cpu_ext.load() is None:
+        pytest.skip("the compiled CPU kernels are not built here (without them prefill and decode round differently)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lively", [True, False])
+def test_speculation_gives_the_plain_greedy_output(dtype, lively):
+    """Alone, prompt by prompt: the same tokens and log-probabilities (bit for bit: every token is computed alike in
+    a decode step and in a checked chunk), and drafts were accepted. The plain tiny model falls into loops (drafts
+    accepted whole); the lively one wanders (most drafts rejected)."""
+    needs_kernels()
+    model, tok = lively_tiny() if lively else remix.tiny_model(seed=0)
+    model.to(dtype)
+    plain, spec = engines(model, tok)
+    for i, p in enumerate(PROMPTS + ["a b c a b c a b c a b"]):
+        ids = tok(p).input_ids
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=2)
+        want = collect(plain, GenerationRequest(f"p{i}", ids, params))
+        got = collect(spec, GenerationRequest(f"s{i}", ids, params))
+        assert tokens_of(got) == tokens_of(want) and len(tokens_of(got)) == 40
+        assert [e.logprobs for e in got] == [e.logprobs for e in want]
+        assert "".join(e.text for e in got) == "".join(e.text for e in want)
+    totals = spec.stats()
+    assert totals["spec_accepted_tokens"] > 0 and totals["spec_draft_tokens"] >= totals["spec_accepted_tokens"]
+    if not lively:  # loops: nearly every draft token is the model's own, so far fewer steps than tokens
+        assert totals["spec_accepted_tokens"] > 0.8 * totals["spec_draft_tokens"]
+        assert totals["spec_steps"] < 0.5 * 40 * 5
+
+
+def test_mixed_batch_with_adapters_and_sampled_requests(tmp_path):
+    """Four requests in one batch - greedy on an adapter, greedy on the base, seeded sampling (no drafts) and greedy
+    with a repetition penalty (no drafts) - each gets what it gets without speculation; a fifth running sequence
+    (more than speculative_max_seqs) turns drafting off for those steps."""
+    needs_kernels()
+    model, tok = remix.tiny_model(seed=0)
+    path = make_adapter(remix.tiny_model(seed=0)[0], tmp_path / "a", seed=3)
+    plain, spec = engines(model, tok, max_batched_tokens=64)
+    for e in (plain, spec):
+        e.load_adapter("a", path)
+
+    def requests(tag, extra=()):
+        greedy = dict(max_tokens=30, temperature=0.0, ignore_eos=True, logprobs=1)
+        reqs = [GenerationRequest(f"{tag}0", tok(PROMPTS[0]).input_ids, SamplingParams(**greedy), adapter="a"),
+                GenerationRequest(f"{tag}1", tok(PROMPTS[1]).input_ids, SamplingParams(**greedy)),
+                GenerationRequest(f"{tag}2", tok(PROMPTS[2]).input_ids,
+                                  SamplingParams(max_tokens=30, temperature=0.8, seed=7, ignore_eos=True), adapter="a"),
+                GenerationRequest(f"{tag}3", tok(PROMPTS[3]).input_ids, SamplingParams(**greedy, repetition_penalty=1.3))]
+        return reqs + list(extra)
+
+    want = run_together(plain, requests("x"))
+    got = run_together(spec, requests("x"))
+    assert got == want
+    assert spec.spec_totals["accepted_tokens"] > 0
+    # five running sequences: no drafts while all five decode (speculative_max_seqs 4), then the same as above
+    fifth = GenerationRequest("y4", tok("Once").input_ids, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+    five_plain, five_spec = engines(remix.tiny_model(seed=0)[0], tok, max_num_seqs=5, max_batched_tokens=64)
+    for e in (five_plain, five_spec):
+        e.load_adapter("a", path)
+    steps = []
+    original = five_spec._propose
+    five_spec._propose = lambda seqs: steps.append((len(seqs), original(seqs))) or steps[-1][1]
+    assert run_together(five_spec, requests("y", [fifth])) == run_together(five_plain, requests("y", [fifth]))
+    assert all(d is None for n, d in steps if n == 5) and any(n == 5 for n, _ in steps)
+    assert any(d is not None and any(d) for n, d in steps if n == 1)  # the long one alone: drafting again
+
+
+@pytest.mark.parametrize("case", ["max_tokens", "stop_string", "stop_token", "eos"])
+def test_stop_conditions_inside_a_draft(case):
+    """A stop condition met inside a checked draft ends the sequence right there, as without drafts: the same tokens,
+    text and finish reason. The plain tiny model repeats one token (drafts accepted whole; max_tokens, a stop string
+    of nine of it end it inside an accepted draft); the lively one (seed 3) repeats token 216
+    fourteen times, then 168 (a stop token or EOS there: the token that rejects a draft of 216s)."""
+    needs_kernels()
+    lively = case in ("stop_token", "eos")
+    model, tok = lively_tiny(3) if lively else remix.tiny_model(seed=0)
+    ids = tok("a b c a b c a b c a b").input_ids
+    kw = dict(temperature=0.0, ignore_eos=True, max_tokens=40)
+    plain, spec = engines(model, tok)
+    loop = tokens_of(collect(plain, GenerationRequest("probe", ids, SamplingParams(**kw))))
+    if case == "max_tokens":
+        kw["max_tokens"] = 7
+    elif case == "stop_string":
+        kw["stop"] = [tok.decode(loop[:9])]
+    elif lively:
+        assert loop[:15] == [216] * 14 + [168]
+        if case == "stop_token":
+            kw["stop_token_ids"] = [168]
+        else:
+            kw["ignore_eos"] = False
+            for e in (plain, spec):
+                e.eos_ids = {168}
+    want = run_together(plain, [GenerationRequest("w", ids, SamplingParams(**kw))])["w"]
+    got = run_together(spec, [GenerationRequest("w", ids, SamplingParams(**kw))])["w"]
+    assert got == want
+    assert spec.spec_totals["accepted_tokens"] > 0
+    assert len(want[0]) < 40 and want[3] == ("length" if case == "max_tokens" else "stop")
+
+
+def test_prefix_cache_after_rejected_drafts_holds_only_accepted_positions():
+    """A finished sequence's keys and values go to the prefix cache up to its computed tokens only: a later prompt
+    that extends its prompt and output (taking those blocks) gets the same output as computed from scratch."""
+    needs_kernels()
+    model, tok = lively_tiny()
+    plain = Engine(model, tok, EngineConfig(max_model_len=256, max_num_seqs=2, prefix_caching=False))
+    spec = Engine(model, tok, EngineConfig(max_model_len=256, max_num_seqs=2, num_speculative_tokens=6))
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, logprobs=0)
+    ids = tok(PROMPTS[0]).input_ids
+    first = collect(spec, GenerationRequest("a", ids, params))
+    assert spec.spec_totals["draft_tokens"] > spec.spec_totals["accepted_tokens"] > 0  # some rejected
+    longer = ids + tokens_of(first) + tok(" and").input_ids
+    got = collect(spec, GenerationRequest("b", longer, params))
+    assert got[-1].cached_tokens >= 16
+    want = collect(plain, GenerationRequest("b", longer, params))
+    assert tokens_of(got) == tokens_of(want) and logprobs_of(got) == logprobs_of(want)
+
+
+def test_counters_and_settings():
+    model, tok = remix.tiny_model(seed=0)
+    assert "spec_draft_tokens" not in Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2)).stats()
+    spec = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2, num_speculative_tokens=3))
+    collect(spec, GenerationRequest("r", tok("a b c a b c a b").input_ids,
+                                    SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)))
+    names = {m.name: m.samples[0].value for m in EngineCollector(spec).collect()}
+    s = spec.stats()
+    assert names["remix_spec_decode_draft_tokens"] == s["spec_draft_tokens"] > 0
+    assert names["remix_spec_decode_accepted_tokens"] == s["spec_accepted_tokens"]
+    assert names["remix_spec_decode_steps"] == s["spec_steps"] > 0
+    for bad in (dict(num_speculative_tokens=-1), dict(num_speculative_tokens=2, prompt_lookup_min=3, prompt_lookup_max=2),
+                dict(speculative_max_seqs=0)):
+        with pytest.raises(ValueError):
+            Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2, **bad))
