@@ -2327,14 +2327,30 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin_signed) {
 // cache[row0 + i, h, pos[i, j], :] = new[i, h, j, :] for every row i, query j and head h: a slot cache's K or V write,
 // one memcpy of a head's Dh values each (any dtype; new's last dim contiguous). The index_put_ it replaces costs
 // ~10-45 us a call in dispatch and index handling, twice a layer.
-void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Tensor pos) {
+// The cache row of kv_write_'s row i: rows[i] where rows is given (int64 [b], checked against S), else row0 + i.
+struct CacheRows {
+  const int64_t* r = nullptr;
+  int64_t row0 = 0;
+  CacheRows(const torch::Tensor& rows, int64_t row0_, int64_t b, int64_t S) : row0(row0_) {
+    if (rows.defined() && rows.numel() > 0) {
+      TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous() && rows.numel() == b, "rows must be int64 [b]");
+      r = rows.data_ptr<int64_t>();
+      for (int64_t i = 0; i < b; ++i) TORCH_CHECK(r[i] >= 0 && r[i] < S, message("rows[%lld] = %lld out of the cache's %lld", i, r[i], S));
+    } else {
+      TORCH_CHECK(row0 >= 0 && row0 + b <= S, "rows out of the cache");
+    }
+  }
+  int64_t operator[](int64_t i) const { return r ? r[i] : row0 + i; }
+};
+
+void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Tensor pos, torch::Tensor rows) {
   TORCH_CHECK(cache.device().is_cpu() && fresh.device().is_cpu() && cache.dim() == 4 && fresh.dim() == 4 && cache.is_contiguous(),
               "cache must be a contiguous CPU [S, H, P, Dh] tensor, fresh a CPU [b, H, q, Dh] tensor");
   TORCH_CHECK(fresh.scalar_type() == cache.scalar_type(), "fresh must have the cache's dtype");
   const int64_t S = cache.size(0), H = cache.size(1), P = cache.size(2), Dh = cache.size(3);
   const int64_t b = fresh.size(0), q = fresh.size(2);
   TORCH_CHECK(fresh.size(1) == H && fresh.size(3) == Dh && (Dh == 1 || fresh.stride(3) == 1), "fresh must be [b, H, q, Dh] with Dh contiguous");
-  TORCH_CHECK(row0 >= 0 && row0 + b <= S, "rows out of the cache");
+  const CacheRows cr(rows, row0, b, S);
   auto pc = pos.contiguous();
   TORCH_CHECK(pc.scalar_type() == torch::kInt64 && pc.dim() == 2 && pc.size(0) == b && pc.size(1) == q, "pos must be int64 [b, q]");
   const int64_t* pp = pc.data_ptr<int64_t>();
@@ -2347,7 +2363,7 @@ void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Te
   for (int64_t i = 0; i < b; ++i)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t j = 0; j < q; ++j)
-        std::memcpy(dst + (((row0 + i) * H + h) * P + pp[i * q + j]) * row, src + i * s0 + h * s1 + j * s2, row);
+        std::memcpy(dst + ((cr[i] * H + h) * P + pp[i * q + j]) * row, src + i * s0 + h * s1 + j * s2, row);
 }
 
 
@@ -2395,7 +2411,8 @@ float quantize_row(const T* x, int64_t Dh, int8_t* codes) {
 // quantized to int8 with one float32 scale (see attend_group_q8), into scales [S, H, P] and cache: V's [S, H, P, Dh]
 // or K's blocks [S, H, P / 16, Dh / 2, 16, 2] (position p's dimension pair e at [p / 16, e, p % 16]). The same
 // arithmetic as server.engine.cache.quantize_kv (IEEE float32 divisions, ties to even): bit-identical.
-void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh, int64_t row0, torch::Tensor pos) {
+void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh, int64_t row0, torch::Tensor pos,
+                  torch::Tensor rows) {
   TORCH_CHECK(cache.device().is_cpu() && fresh.device().is_cpu() && scales.device().is_cpu() &&
               (cache.dim() == 4 || cache.dim() == 6) && fresh.dim() == 4 && scales.dim() == 3 && cache.is_contiguous() &&
               scales.is_contiguous(),
@@ -2409,7 +2426,7 @@ void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh
               "cache must be int8 and scales float32 [S, H, P], of the cache's rows, positions and head dim");
   const int64_t b = fresh.size(0), q = fresh.size(2);
   TORCH_CHECK(fresh.size(1) == H && (Dh == 1 || fresh.stride(3) == 1), "fresh must be [b, H, q, Dh] with Dh contiguous");
-  TORCH_CHECK(row0 >= 0 && row0 + b <= S, "rows out of the cache");
+  const CacheRows cr(rows, row0, b, S);
   auto pc = pos.contiguous();
   TORCH_CHECK(pc.scalar_type() == torch::kInt64 && pc.dim() == 2 && pc.size(0) == b && pc.size(1) == q, "pos must be int64 [b, q]");
   const int64_t* pp = pc.data_ptr<int64_t>();
@@ -2425,7 +2442,7 @@ void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh
       for (int64_t h = 0; h < H; ++h)
         for (int64_t j = 0; j < q; ++j) {
           const T* x = src + i * fresh.stride(0) + h * fresh.stride(1) + j * fresh.stride(2);
-          const int64_t p = pp[i * q + j], row = ((row0 + i) * H + h) * P;
+          const int64_t p = pp[i * q + j], row = (cr[i] * H + h) * P;
           sc[row + p] = quantize_row(x, Dh, codes.data());
           if (!blocked) {
             std::memcpy(dst + (row + p) * Dh, codes.data(), Dh);
@@ -2466,9 +2483,13 @@ struct DecodeStack {
   // None when a ReMix call does not apply to h (see ModuleCall::applies), else (h, the last sublayer's output not
   // yet added into h); h [b, 1, D] is updated in place, as the Python loop does.
   // Ks, Vs: an 8-bit cache's scales, one per layer (K and V int8), or empty.
+  // cache_rows (int64 [b], or empty): row i is a token of cache row cache_rows[i] at position pos[i] (attending to its
+  // first lens[i] positions) - the tokens of prefill chunks or checked drafts, several to a row, as the Python loop's
+  // slot_attention and kv writes take them; empty: a decode step, row i of cache row row0 + i.
   pybind11::object run(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, const std::vector<torch::Tensor>& K,
                        const std::vector<torch::Tensor>& V, int64_t row0, torch::Tensor pos, torch::Tensor lens,
-                       torch::Tensor slots, const std::vector<torch::Tensor>& Ks, const std::vector<torch::Tensor>& Vs) const {
+                       torch::Tensor slots, const std::vector<torch::Tensor>& Ks, const std::vector<torch::Tensor>& Vs,
+                       torch::Tensor cache_rows) const {
     TORCH_CHECK(K.size() == layers.size() && V.size() == layers.size(), "one K and one V cache per layer");
     const bool q8 = !Ks.empty();
     TORCH_CHECK(!q8 || (Ks.size() == layers.size() && Vs.size() == layers.size()), "one K and one V scale tensor per layer");
@@ -2477,6 +2498,12 @@ struct DecodeStack {
       for (const Proj* p : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
         if (p->call && !p->call->applies(h)) return pybind11::none();
     const int64_t b = h.size(0);
+    const bool by_rows = cache_rows.defined() && cache_rows.numel() > 0;
+    if (by_rows) {
+      cache_rows = cache_rows.contiguous();
+      TORCH_CHECK(cache_rows.scalar_type() == torch::kInt64 && cache_rows.numel() == b, "cache_rows must be int64 [b]");
+      row0 = 0;
+    }
     torch::Tensor pending = torch::empty({0}, h.options());
     // without the GIL (nothing below touches Python): a step holds it ~25-80 ms here, and the server's HTTP threads
     // (streaming, /metrics, new requests) must not wait a whole step for it, as they did not between the Python loop's ops
@@ -2491,14 +2518,15 @@ struct DecodeStack {
       const auto k = qkv.slice(2, H, H + Hkv).transpose(1, 2), v = qkv.slice(2, H + Hkv, H + 2 * Hkv).transpose(1, 2);
       const auto qk = qkv.select(1, 0).slice(1, 0, H + Hkv);
       torch::Tensor o;
+      const torch::Tensor at_rows = by_rows ? cache_rows : torch::Tensor();
       if (q8) {
-        kv_write_q8_(K[i], Ks[i], k, row0, pos);
-        kv_write_q8_(V[i], Vs[i], v, row0, pos);
-        o = decode_attention_q8(qk, K[i], V[i], Ks[i], Vs[i], row0, lens, H, scaling);
+        kv_write_q8_(K[i], Ks[i], k, row0, pos, at_rows);
+        kv_write_q8_(V[i], Vs[i], v, row0, pos, at_rows);
+        o = attention_at_q8(qk, K[i], V[i], Ks[i], Vs[i], row0, at_rows, lens, H, scaling);
       } else {
-        kv_write_(K[i], k, row0, pos);
-        kv_write_(V[i], v, row0, pos);
-        o = decode_attention(qk, K[i], V[i], row0, lens, H, scaling);
+        kv_write_(K[i], k, row0, pos, at_rows);
+        kv_write_(V[i], v, row0, pos, at_rows);
+        o = attention_at(qk, K[i], V[i], row0, at_rows, lens, H, scaling);
       }
       o = o.reshape({b, H, 1, Dh}).transpose(1, 2).reshape({b, 1, H * Dh});
       pending = L.o(o, slots);
@@ -2532,8 +2560,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
   m.def("rotary_", &rotary_, "x = x * cos + roll(x, Dh / 2) * sin_signed in place (HF's roundings)");
   m.def("decode_attention", &decode_attention, "one decode token per row attending to its own slot's first lens positions");
-  m.def("kv_write_", &kv_write_, "cache[row0 + i, h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place");
-  m.def("kv_write_q8_", &kv_write_q8_, "kv_write_ into an 8-bit cache and its scales (quantizing), in place");
+  m.def("kv_write_", &kv_write_, "cache[row0 + i (or rows[i]), h, pos[i, j]] = fresh[i, h, j] for a slot KV cache, in place",
+        pybind11::arg("cache"), pybind11::arg("fresh"), pybind11::arg("row0"), pybind11::arg("pos"),
+        pybind11::arg("rows") = torch::empty({0}, torch::kInt64));
+  m.def("kv_write_q8_", &kv_write_q8_, "kv_write_ into an 8-bit cache and its scales (quantizing), in place",
+        pybind11::arg("cache"), pybind11::arg("scales"), pybind11::arg("fresh"), pybind11::arg("row0"), pybind11::arg("pos"),
+        pybind11::arg("rows") = torch::empty({0}, torch::kInt64));
   m.def("decode_attention_q8", &decode_attention_q8, "decode_attention over an 8-bit cache (int8 K, V and float32 scales)");
   m.def("slot_attention", &slot_attention, "decode_attention with query row i reading cache row slots[i] (prefill chunks)");
   m.def("slot_attention_q8", &slot_attention_q8, "slot_attention over an 8-bit cache");
@@ -2635,7 +2667,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         return d;
       }))
-      .def("run", &DecodeStack::run, "the decoder layers of one decode step: (h, pending) or None (see the source)");
+      .def("run", &DecodeStack::run, "the decoder layers of one decode step, or of tokens of given cache rows: (h, "
+           "pending) or None (see the source)", pybind11::arg("h"), pybind11::arg("cos"), pybind11::arg("sin"),
+           pybind11::arg("K"), pybind11::arg("V"), pybind11::arg("row0"), pybind11::arg("pos"), pybind11::arg("lens"),
+           pybind11::arg("slots"), pybind11::arg("Ks"), pybind11::arg("Vs"), pybind11::arg("cache_rows") = torch::empty({0}, torch::kInt64));
 }
 """
 
@@ -2700,7 +2735,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     module = load_inline(
-                        f"remix_cpu_ops_v121_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
+                        f"remix_cpu_ops_v123_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
                         extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
                     )
                     if i:

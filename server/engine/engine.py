@@ -473,7 +473,8 @@ class Engine:
                 continue
             if s.ngrams is None:
                 s.ngrams = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
-            drafts.append(s.ngrams.propose(s.prompt_ids + s.output_ids, room))
+                s.draft_len = k
+            drafts.append(s.ngrams.propose(s.prompt_ids + s.output_ids, min(room, s.draft_len)))
         return drafts
 
     def _run_verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> int:
@@ -501,11 +502,17 @@ class Engine:
             s, d, rows = seqs[i], drafts[i], self.runner.last_every[i]
             chosen = first_argmax(rows)  # the greedy path's own argmax (ties to the lower id), per position
             lps = token_logprobs(rows, chosen, s.params.logprobs) if s.params.logprobs is not None else None
+            took = 0
             for j, token in enumerate(chosen.tolist()):
                 s.num_computed += 1  # the input at position j: its keys and values are the sequence's now
                 if self._emit(s, token, lps[j] if lps is not None else None) or j == len(d) or token != d[j]:
                     break
-                accepted += 1  # draft token j was this token: its keys and values (position j + 1) stand too
+                took += 1  # draft token j was this token: its keys and values (position j + 1) stand too
+            accepted += took
+            # the next draft's length, as HF's assisted generation schedules it: two more after a draft taken whole,
+            # one less after one cut short (a sequence whose drafts keep failing checks one token, nearly free alone)
+            k = self.config.num_speculative_tokens
+            s.draft_len = min(k, s.draft_len + 2) if took == len(d) else max(1, s.draft_len - 1)
         totals = self.spec_totals
         totals["draft_tokens"] += sum(counts) - b
         totals["accepted_tokens"] += accepted

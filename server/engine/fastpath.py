@@ -42,7 +42,9 @@ oneDNN (MKL on Intel CPUs) from 256 rows; bfloat16 their kernel below 128 rows),
 prefill step with padding runs its per-token ops on its real tokens only (``rows``; the attention alone sees [b, q]). A decode step
 on that path runs all its decoder layers in one C++ call (``DecodeStack``: the same kernels in the same order, so
 bit-identical to the Python loop below; 30.7 -> 27.6 ms a float32 step of the default base at one sequence, 42.1 ->
-36.6 at eight, 76-78 -> 72-75 at 32) unless a routing trace is kept. Where an adapter wraps q, k or v (a LoRA on
+36.6 at eight, 76-78 -> 72-75 at 32) unless a routing trace is kept. Prefill steps (and the checked drafts of
+speculative decoding) run through it too, each real token a row of its own (its slot's cache row, its position, the
+same slot attention and K/V writes as the Python loop), so a short chunk no longer pays ~3 ms of Python per step. Where an adapter wraps q, k or v (a LoRA on
 attention, as peft's default targets q_proj and v_proj), that layer's three projections run in turn (plain ones by the
 compiled GEMM, wrapped ones by their ReMix call) and their outputs are concatenated, in the Python loop and the stack alike.
 
@@ -333,12 +335,19 @@ class LeanForward:
             pending = None
             return out
 
-        stack = self._decode_stack(ext) if ext is not None and rows is None and self.stack_enabled else None
+        stack = None
+        if self.stack_enabled and ((ext is not None and rows is None) or pre is not None):
+            stack = self._decode_stack(ext or pre)
         if stack is not None:  # every decoder layer in one call (None back: a ReMix call does not apply to h)
             K, V, row0, pos, Ks, Vs = cache.decode_args()
-            out = stack.run(h, cos, sin, K, V, row0, pos, lens, get_context().slots, Ks, Vs)
+            if ext is not None:  # a decode step: row i of cache row row0 + i
+                out = stack.run(h, cos, sin, K, V, row0, pos, lens, get_context().slots, Ks, Vs)
+            else:  # prefill chunks or checked drafts: each real token a row of its own, of its slot, at its position
+                tok_pos = positions.reshape(-1)[flat].reshape(-1, 1)
+                out = stack.run(h.view(-1, 1, h.shape[-1]), cos, sin, K, V, 0, tok_pos, tok_lens, get_context().slots,
+                                Ks, Vs, tok_slots)
             if out is not None:
-                h, pending = out
+                h, pending = out[0].view(h.shape), out[1].view(h.shape)
                 return norm(inner.norm)
         for i, layer in enumerate(inner.layers):
             at, mlp = layer.self_attn, layer.mlp
