@@ -483,3 +483,29 @@ def test_a_server_on_the_8bit_kv_cache(adapters):
         assert "remix_kv_cache_slots " in metrics and "remix_kv_cache_usage_ratio" in metrics
     finally:
         assert srv.stop() == 0
+
+
+def test_a_server_with_speculative_decoding(adapters):
+    """--num-speculative-tokens end to end: greedy completions (streamed and not) are those of the server without it
+    (the module's server; same flags otherwise), /health and /metrics count the drafts."""
+    srv = LiveServer(["--adapter", f"alpha={adapters['alpha']}", "--num-speculative-tokens", "4",
+                      "--max-model-len", "256", "--max-num-seqs", "8"])
+    plain = LiveServer(["--adapter", f"alpha={adapters['alpha']}", "--max-model-len", "256", "--max-num-seqs", "8"])
+    try:
+        body = {"model": "alpha", "prompt": "a b c a b c a b c a b", "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True, "logprobs": 1}
+        got, want = (httpx.post(s.url + "/v1/completions", json=body, timeout=60).json() for s in (srv, plain))
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+        assert got["choices"][0]["logprobs"]["token_logprobs"] == want["choices"][0]["logprobs"]["token_logprobs"]
+        assert got["usage"]["completion_tokens"] == 24
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="alpha", prompt=body["prompt"], max_tokens=24, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+        assert streamed == want["choices"][0]["text"]
+        health = httpx.get(srv.url + "/health", timeout=10).json()
+        assert health["spec_draft_tokens"] >= health["spec_accepted_tokens"] > 0
+        metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert re.search(r"^remix_spec_decode_accepted_tokens_total [1-9]", metrics, re.M)
+        assert "remix_spec_decode_draft_tokens_total" not in httpx.get(plain.url + "/metrics", timeout=10).text
+    finally:
+        assert srv.stop() == 0 and plain.stop() == 0

@@ -7,9 +7,10 @@ Contract (driven by the HTTP layer from another thread, mlx-lm/TGI style):
     engine.step()                     -> one scheduling step (the thread calls it in a loop; tests may call it)
 
 Each step: admit waiting requests into free cache slots (taking the longest prefix of each prompt that some slot
-already holds: server.engine.prefix); one decode forward for every decoding sequence ([b, 1]); one chunked-prefill
-forward for prompts (under a token budget per step); sample; stream; free finished sequences; keep decoding slots
-contiguous so attention reads cache views.
+already holds: server.engine.prefix); one decode forward for every decoding sequence ([b, 1]; with speculative
+decoding, [b, 1 + d]: each greedy sequence's next input and its prompt-lookup draft, checked: server.engine.speculative);
+one chunked-prefill forward for prompts (under a token budget per step); sample; stream; free finished sequences; keep
+decoding slots contiguous so attention reads cache views.
 """
 
 from __future__ import annotations
