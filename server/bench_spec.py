@@ -3,8 +3,9 @@ HF generate with its own prompt lookup (``prompt_lookup_num_tokens``), in one ru
 
     python -m server.bench_spec --json out.json [--markdown out.md] [--num-speculative-tokens 8]
                                 [--new-tokens 128] [--prompts 4] [--concurrency 4] [--repeats 2] [--dtype auto]
+                                [--temperature 0]
 
-On the default base, greedy, with EOS (each reply as long as the model makes it, up to ``--new-tokens``). Two
+On the default base, greedy (or sampled: ``--temperature``), with EOS (each reply as long as the model makes it, up to ``--new-tokens``). Two
 workloads of ``--prompts`` chat requests each:
 
   edit  "add type hints to this function and return the whole function", the function one of this project's own
@@ -18,8 +19,8 @@ serves its prompts ``--repeats`` times (the engine's in alternation with each ot
 
 It prints and writes tokens/s per contender and workload, the ratios (``engine_spec_over_engine``,
 ``engine_spec_over_hf_prompt_lookup``, ``engine_spec_over_hf_generate``), the share of draft tokens accepted and of
-tokens per checked step, and whether the greedy replies with speculation are those without it (they must be: the
-same tokens, counted per request).
+tokens per checked step, and whether the replies with speculation are those without it (they must be: the
+same tokens, greedy or for the same seed, counted per request).
 """
 
 from __future__ import annotations
@@ -67,15 +68,17 @@ def chat_ids(tok, text: str) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, k: int, together: bool) -> dict:
-    """Serve the prompts (one after another, or all submitted together) with k draft tokens (0: off)."""
+def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, k: int, together: bool,
+               temperature: float = 0.0) -> dict:
+    """Serve the prompts (one after another, or all submitted together) with k draft tokens (0: off); sampled
+    (temperature > 0) with request i seeded i."""
     engine.config.num_speculative_tokens = k
     before = dict(engine.spec_totals)
     tokens = [[] for _ in prompts]
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     start = time.perf_counter()
     for batch in ([list(range(len(prompts)))] if together else [[i] for i in range(len(prompts))]):
         for i in batch:
+            params = SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=i)
             engine.submit(GenerationRequest(f"spec-{k}-{time.monotonic_ns()}-{i}", prompts[i], params),
                           lambda ev, i=i: tokens[i].extend(ev.token_ids))
         while engine.has_work():
@@ -85,20 +88,21 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, k: int
     return {"seconds": wall, "tokens": tokens, "tokens_per_s": sum(map(len, tokens)) / wall, **spec}
 
 
-def run_hf(model, prompts: list[list[int]], new_tokens: int, lookup: int, eos) -> dict:
-    """HF generate, one prompt at a time (greedy; ``lookup`` > 0: prompt_lookup_num_tokens), after one untimed
-    4-token warm-up."""
+def run_hf(model, prompts: list[list[int]], new_tokens: int, lookup: int, eos, temperature: float = 0.0) -> dict:
+    """HF generate, one prompt at a time (greedy, or sampled at ``temperature`` with top_k off; ``lookup`` > 0:
+    prompt_lookup_num_tokens), after one untimed 4-token warm-up."""
     extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+    extra.update({"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False})
     tokens = []
     with torch.inference_mode():
         ids = torch.tensor([prompts[0]])
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                       pad_token_id=0, eos_token_id=eos, **extra)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, pad_token_id=0,
+                       eos_token_id=eos, **extra)
         start = time.perf_counter()
         for p in prompts:
             ids = torch.tensor([p])
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=0, eos_token_id=eos, **extra)
+                                 pad_token_id=0, eos_token_id=eos, **extra)
             tokens.append(out[0, len(p):].tolist())
         wall = time.perf_counter() - start
     # HF keeps the EOS token it stopped on; the engine does too (the token is generated, not emitted as text)
@@ -116,7 +120,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--concurrency", type=int, default=4, help="requests submitted together (engines only; 0: skip)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each engine contender (alternating)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy; above 0 every contender samples (the engine's requests seeded, so its replies with "
+                         "and without speculation must still be the same)")
     args = ap.parse_args(argv)
+    if args.temperature < 0:
+        ap.error("--temperature must be >= 0")
     if args.num_speculative_tokens < 1 or args.prompts < 1 or args.repeats < 1 or args.concurrency < 0:
         ap.error("--num-speculative-tokens, --prompts and --repeats must be >= 1, --concurrency >= 0")
     if not 1 <= args.prompt_lookup_min <= args.prompt_lookup_max:
@@ -146,7 +155,7 @@ def main(argv=None) -> dict:
         for _ in range(args.repeats):
             for label, kk, together in (("engine", 0, False), ("engine_spec", k, False)) + (
                     (("engine_c", 0, True), ("engine_spec_c", k, True)) if C > 1 else ()):
-                got = run_engine(engine, prompts[:C] if together else prompts, N, kk, together)
+                got = run_engine(engine, prompts[:C] if together else prompts, N, kk, together, args.temperature)
                 runs.setdefault(label, []).append(got)
                 print(f"{name:4s} {label:14s} {got['tokens_per_s']:7.1f} tok/s"
                       + (f"  drafts {got['draft_tokens']}, accepted {got['accepted_tokens']}" if kk else ""), flush=True)
@@ -156,7 +165,7 @@ def main(argv=None) -> dict:
         for label, lookup in (("hf_generate", 0), ("hf_prompt_lookup", k)):
             rs = []
             for _ in range(args.repeats):
-                rs.append(run_hf(hf_model, prompts, N, lookup, eos))
+                rs.append(run_hf(hf_model, prompts, N, lookup, eos, args.temperature))
                 print(f"{name:4s} {label:14s} {rs[-1]['tokens_per_s']:7.1f} tok/s", flush=True)
             r[label] = {**max(rs, key=lambda x: x["tokens_per_s"]),
                         "runs_tokens_per_s": [round(x["tokens_per_s"], 2) for x in rs]}
@@ -186,7 +195,7 @@ def main(argv=None) -> dict:
                                                      if C > 1 else ()):
             print(f"{name:4s} {key:36s} {r[key]:.2f}")
     out = {"cpu": cpu_ext.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "base": args.base,
-           "dtype": str(dtype).removeprefix("torch."), "num_speculative_tokens": k,
+           "dtype": str(dtype).removeprefix("torch."), "num_speculative_tokens": k, "temperature": args.temperature,
            "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max], "new_tokens": N, "prompts": args.prompts,
            "concurrency": C, "repeats": args.repeats, "results": results}
     write_outputs(args, out, markdown)
@@ -210,7 +219,8 @@ def markdown(out: dict) -> str:
                     f"{r['engine_spec_over_engine_c']:.2f} |")
         rows.append(row)
     rows.append("")
-    rows.append(f"Tokens/s, greedy, {out['dtype']}, {out['num_speculative_tokens']} draft tokens from n-grams of "
+    mode = f"sampled at temperature {out['temperature']} (the engine's requests seeded)" if out["temperature"] else "greedy"
+    rows.append(f"Tokens/s, {mode}, {out['dtype']}, {out['num_speculative_tokens']} draft tokens from n-grams of "
                 f"{out['prompt_lookup'][0]}-{out['prompt_lookup'][1]} (HF: up to {out['num_speculative_tokens']}, "
                 f"its n-grams of 1-2); one request at a time unless marked.")
     return "\n".join(rows) + "\n"

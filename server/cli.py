@@ -48,8 +48,9 @@ OPTIONS = [  # (flag, type, default, help)
                                     "steps of any size included, in bfloat16 too - at the cost of oneDNN's speed on "
                                     "large prefill steps"),
     ("num_speculative_tokens", int, 0, "speculative decoding by prompt lookup: up to this many draft tokens a step for "
-                                       "each greedy sequence, taken from where its last n tokens occurred before in its "
-                                       "prompt or output, and checked in one forward - the same tokens as without it, "
+                                       "each sequence, taken from where its last n tokens occurred before in its "
+                                       "prompt or output, and checked in one forward - the same tokens as without it "
+                                       "(greedy, or sampled with its seed), "
                                        "several a step where the text repeats its context (code edits, extraction, "
                                        "quoting); 0 = off"),
     ("prompt_lookup_min", int, 2, "speculative decoding: the shortest n-gram that proposes a draft"),

@@ -252,5 +252,10 @@ def test_spec_bench_measures_both_engines_and_both_hf_modes_on_two_workloads(tmp
         assert r["engine_spec_over_engine"] > 0 and 0 <= r["accepted_share"] <= 1
     assert json.loads((tmp_path / "s.json").read_text())["num_speculative_tokens"] == 4
     assert "spec / HF lookup" in (tmp_path / "s.md").read_text()
+    sampled = bench_spec.main(["--base", "tiny", "--prompts", "2", "--new-tokens", "8", "--repeats", "1",
+                               "--concurrency", "0", "--temperature", "0.8"])
+    assert sampled["temperature"] == 0.8 and sampled["concurrency"] == 0
+    if cpu_ext.load() is not None:  # seeded: the same replies with and without drafts
+        assert all(r["identical_with_and_without"] == 1.0 for r in sampled["results"].values())
     with pytest.raises(SystemExit):
         bench_spec.main(["--base", "tiny", "--prompt-lookup-min", "3", "--prompt-lookup-max", "2"])

@@ -1,6 +1,6 @@
 """Speculative decoding by prompt lookup (server.engine.speculative): the n-gram index, and an engine that checks
-drafts giving exactly the plain greedy output - tokens, log-probabilities, text and finish reasons - alone, in mixed
-batches with adapters and sampled requests, under every stop condition, and with the prefix cache."""
+drafts giving exactly the output without them - greedy and seeded sampling: tokens, log-probabilities, text and finish
+reasons - alone, in mixed batches with adapters, under every stop condition, and with the prefix cache."""
 
 import copy
 
@@ -82,9 +82,9 @@ def test_speculation_gives_the_plain_greedy_output(dtype, lively):
 
 
 def test_mixed_batch_with_adapters_and_sampled_requests(tmp_path):
-    """Four requests in one batch - greedy on an adapter, greedy on the base, seeded sampling (no drafts) and greedy
-    with a repetition penalty (no drafts) - each gets what it gets without speculation; a fifth running sequence
-    (more than speculative_max_seqs) turns drafting off for those steps."""
+    """Four requests in one batch - greedy on an adapter, greedy on the base, seeded sampling (drafts checked by its
+    own draws) and greedy with a repetition penalty (no drafts) - each gets what it gets without speculation; a fifth
+    running sequence (more than speculative_max_seqs) turns drafting off for those steps."""
     needs_kernels()
     model, tok = remix.tiny_model(seed=0)
     path = make_adapter(remix.tiny_model(seed=0)[0], tmp_path / "a", seed=3)
@@ -116,6 +116,57 @@ def test_mixed_batch_with_adapters_and_sampled_requests(tmp_path):
     assert run_together(five_spec, requests("y", [fifth])) == run_together(five_plain, requests("y", [fifth]))
     assert all(d is None for n, d in steps if n == 5) and any(n == 5 for n, _ in steps)
     assert any(d is not None and any(d) for n, d in steps if n == 1)  # the long one alone: drafting again
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampled_sequences_get_their_seeds_tokens(dtype):
+    """Seeded sampling (temperature, top-k, top-p, min-p) with drafts: each position's token is the sampler's with the
+    sequence's own generator, one draw a token emitted, so the tokens and log-probabilities are those without
+    speculation - alone and three seeds together in one batch - and a low temperature on a looping model accepts most
+    drafts."""
+    needs_kernels()
+    model, tok = lively_tiny(3)  # at a low temperature it settles into repeating one token after "a b c a b c a b"
+    model.to(dtype)
+    plain, spec = engines(model, tok)
+    settings = [dict(temperature=0.3), dict(temperature=0.9, top_p=0.9, top_k=40), dict(temperature=1.2, min_p=0.05)]
+
+    def requests(tag):
+        return [GenerationRequest(f"{tag}{i}", tok(p).input_ids, SamplingParams(
+            max_tokens=32, seed=1 + i, ignore_eos=True, logprobs=1, **kw))
+            for i, (p, kw) in enumerate(zip(["a b c a b c a b", PROMPTS[0], PROMPTS[2]], settings))]
+
+    want = run_together(plain, requests("t"))
+    assert run_together(spec, requests("t")) == want  # together
+    for r in requests("t"):  # alone
+        got = collect(spec, r)
+        assert (tokens_of(got), logprobs_of(got)) == want[r.request_id][:2]
+    assert spec.spec_totals["accepted_tokens"] > 10
+
+
+def test_adjusted_sequences_take_drafts_with_their_history_at_each_position():
+    """Penalties, logit bias, min_tokens and a grammar adjust each position's logits from the tokens before it: with
+    drafts the sampler sees, at every checked position, the history a decode step there would see - the same tokens,
+    log-probabilities and finish reasons as without speculation, greedy and seeded, in one batch."""
+    needs_kernels()
+    model, tok = lively_tiny(3)
+    plain, spec = engines(model, tok)
+    ids = tok("a b c a b c a b").input_ids
+    cases = [dict(temperature=0.0, repetition_penalty=1.05), dict(temperature=0.3, seed=4, frequency_penalty=0.2),
+             dict(temperature=0.0, min_tokens=20, logit_bias={168: 1.5})]
+    try:
+        import xgrammar  # noqa: F401
+
+        cases.append(dict(temperature=0.0, grammar=("regex", r"(xy){3,30}", "guided_regex")))
+    except ImportError:
+        pass
+
+    def requests(tag):
+        return [GenerationRequest(f"{tag}{i}", ids, SamplingParams(max_tokens=30, logprobs=1, **kw))
+                for i, kw in enumerate(cases)]
+
+    want = run_together(plain, requests("a"))
+    assert run_together(spec, requests("a")) == want
+    assert spec.spec_totals["accepted_tokens"] > 0
 
 
 @pytest.mark.parametrize("case", ["max_tokens", "stop_string", "stop_token", "eos"])

@@ -32,7 +32,7 @@ from server.engine.grammar import GrammarError, Grammars
 from server.engine.prefix import BLOCK, PrefixIndex, chain
 from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
-from server.engine.sampler import first_argmax, sample, token_logprobs
+from server.engine.sampler import sample, token_logprobs
 from server.engine.speculative import NgramIndex
 from server.engine.sequence import Event, GenerationRequest, Sequence, Status, decoder, update_text
 
@@ -459,8 +459,7 @@ class Engine:
         """Each decoding sequence's draft (server.engine.speculative; empty where it has none or may not take one),
         or None when this step does not speculate: speculation off, more than ``speculative_max_seqs`` sequences (a
         large step is bound by arithmetic, which drafts add to), or a routing trace kept (its counts are the tokens a
-        request generated). Drafts go to greedy sequences whose logits nothing adjusts (no penalty, bias, min_tokens or
-        grammar) and stay within max_tokens and max_model_len."""
+        request generated). Drafts stay within max_tokens and max_model_len."""
         cfg = self.config
         k = cfg.num_speculative_tokens
         if not k or not seqs or len(seqs) > cfg.speculative_max_seqs or any(s.request.trace for s in seqs):
@@ -469,7 +468,7 @@ class Engine:
         for s in seqs:
             p = s.params
             room = min(k, p.max_tokens - len(s.output_ids) - 1, cfg.max_model_len - s.length - 1)
-            if room <= 0 or not p.greedy or p.adjusts:
+            if room <= 0:
                 drafts.append([])
                 continue
             if s.ngrams is None:
@@ -480,8 +479,12 @@ class Engine:
 
     def _run_verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> int:
         """A decode step with drafts: each sequence's next input and its draft in one forward (a chunk of 1 + d
-        tokens per row, from its cache slot, as a prefill chunk), then per sequence the greedy token at each position,
-        kept up to and including the first that differs from the draft (or ends the sequence). The cache keeps the
+        tokens per row, from its cache slot, as a prefill chunk), then per sequence the token its sampler picks at each
+        position (greedy: the argmax; sampled: one draw of its generator a token, as a decode step draws; penalties and
+        grammars from its history up to that position), kept up to and including the first that differs from the
+        draft (or ends the sequence). A sampled sequence thus gets the
+        tokens it would get without speculation (its seed's), and a draft token is accepted with exactly the
+        probability the sampler gives it - what rejection sampling accepts a deterministic draft with. The cache keeps the
         rejected positions' keys and values past num_computed, where nothing reads them and the next tokens overwrite
         them. Returns the number of draft tokens accepted."""
         b = len(seqs)
@@ -498,15 +501,21 @@ class Engine:
             seqs[i].num_computed += 1
         if plain:
             self._sample_and_emit([seqs[i] for i in plain], logits[torch.tensor(plain)])
-        accepted = 0
+        accepted, vocab = 0, self.runner.model.config.vocab_size
         for i in every:
             s, d, rows = seqs[i], drafts[i], self.runner.last_every[i]
-            chosen = first_argmax(rows)  # the greedy path's own argmax (ties to the lower id), per position
-            lps = token_logprobs(rows, chosen, s.params.logprobs) if s.params.logprobs is not None else None
-            took = 0
-            for j, token in enumerate(chosen.tolist()):
+            # position by position, the token a decode step would pick there - the same sampler on the same logits
+            # with the sequence's own generator (one draw per token it emits, in order) and, where its logits are
+            # adjusted, its history up to that token (penalties, min_tokens, a grammar's state) - emitted, up to and
+            # including the first that is not the draft's: the tokens (and the draws) of decoding without a draft
+            p, took = s.params, 0
+            for j in range(len(d) + 1):
+                row = rows[j : j + 1]
+                history = [s.token_history(self.eos_ids, vocab)] if p.adjusts else None
+                token = int(sample(row, [p], [s.generator], history)[0])
+                lp = token_logprobs(row, torch.tensor([token]), p.logprobs)[0] if p.logprobs is not None else None
                 s.num_computed += 1  # the input at position j: its keys and values are the sequence's now
-                if self._emit(s, token, lps[j] if lps is not None else None) or j == len(d) or token != d[j]:
+                if self._emit(s, token, lp) or j == len(d) or token != d[j]:
                     break
                 took += 1  # draft token j was this token: its keys and values (position j + 1) stand too
             accepted += took

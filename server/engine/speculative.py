@@ -3,16 +3,18 @@
 
 Where the last n tokens of a sequence (prompt and output; n from ``max_n`` down to ``min_n``) occurred before, the
 tokens that followed that occurrence are proposed as the next ones: the latest occurrence's where k tokens follow it,
-else the earliest's (a loop's latest occurrence is followed by one token only; HF takes the earliest always). The engine then runs the
-sequence's next input and its draft in one forward (a chunk of 1 + d tokens over its cache slot, as a prefill chunk
-runs) and keeps, of the greedy tokens at those positions, every one up to and including the first that differs from
-the draft (server.engine.engine, ``Engine._run_verify``). Each kept token is the argmax of logits computed from
-exactly the tokens a plain decode step would have given them, so the output is the plain greedy output: on CPU with
-the lean decoder bit for bit (every per-token op, the GEMMs below their batch-size limits and the attention kernel
-compute a token alike in a decode step and in a chunk; tests compare), elsewhere up to the rounding a prefill chunk
-and a decode step differ by. A draft costs its tokens' compute; on a CPU whose small decode steps are bound by reading
-the weights, 1 + d tokens cost about one, so text that repeats its context (summaries, extraction, code edits,
-quoting) comes out several tokens a step.
+else the earliest's (a loop's latest occurrence is followed by one token only; HF takes the earliest always). The
+engine then runs the sequence's next input and its draft in one forward (a chunk of 1 + d tokens over its cache slot,
+as a prefill chunk runs) and, position by position, takes the token the sequence's own sampler picks there (greedy: the
+argmax; sampled: one draw of its generator a token, as a decode step draws; penalties, bias, min_tokens and grammars
+from its history up to that position), up to and including the first that differs from the draft (server.engine.engine, ``Engine._run_verify``). Each position's logits are computed from exactly
+the tokens a plain decode step would have given them, so the output is the output without speculation - greedy, and
+seeded sampling with its seed's tokens (a draft token is accepted with the probability the sampler gives it, what
+rejection sampling accepts a deterministic draft with): on CPU with the lean decoder bit for bit (every per-token op,
+the GEMMs below their batch-size limits and the attention kernel compute a token alike in a decode step and in a
+chunk; tests compare), elsewhere up to the rounding a prefill chunk and a decode step differ by. A draft costs its
+tokens' compute; on a CPU whose small decode steps are bound by reading the weights, 1 + d tokens cost about one, so
+text that repeats its context (summaries, extraction, code edits, quoting) comes out several tokens a step.
 """
 
 from __future__ import annotations
