@@ -44,9 +44,10 @@ on that path runs all its decoder layers in one C++ call (``DecodeStack``: the s
 bit-identical to the Python loop below; 30.7 -> 27.6 ms a float32 step of the default base at one sequence, 42.1 ->
 36.6 at eight, 76-78 -> 72-75 at 32) unless a routing trace is kept. Prefill steps (and the checked drafts of
 speculative decoding) run through it too, each real token a row of its own (its slot's cache row, its position, the
-same slot attention and K/V writes as the Python loop), so a short chunk no longer pays ~3 ms of Python per step. Where an adapter wraps q, k or v (a LoRA on
-attention, as peft's default targets q_proj and v_proj), that layer's three projections run in turn (plain ones by the
-compiled GEMM, wrapped ones by their ReMix call) and their outputs are concatenated, in the Python loop and the stack alike.
+same slot attention and K/V writes as the Python loop), so a short chunk no longer pays ~3 ms of Python per step.
+Where an adapter wraps q, k or v (a LoRA on attention, as peft's default targets q_proj and v_proj), that layer's three
+projections run in turn (plain ones by the compiled GEMM, wrapped ones by their ReMix call) and their outputs are
+concatenated, in the Python loop and the stack alike.
 
 It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU, SDPA attention and full attention
 in every layer; any other model or a forward hook on a decoder module makes the runner take the HF modules as before.
@@ -209,13 +210,13 @@ class LeanForward:
         return self._linear(self.model.lm_head, last, cpu_ext.for_input(last) if self.compiled else None)
 
     def _decode_stack(self, ext):
-        """The compiled decode stack (``ext.DecodeStack``: all decoder layers of a decode step in one call, the same
+        """The compiled decode stack (``ext.DecodeStack``: all decoder layers of a step in one call, the same
         kernels in the same order as the loop in :meth:`__call__`) for the modules as they are now, or None where a
-        layer does not fit it: a projection that is neither a plain linear nor
-        a ReMix layer with a compiled call, other attention scalings, or a step that keeps a routing trace. After any
+        layer does not fit it: a projection that is neither a plain linear nor a ReMix layer with a compiled call,
+        other attention scalings, or a step that keeps a routing trace. After any
         module or parameter assignment in the process (torch's registration hooks), pool change or change of counting,
-        it lists the objects the stack is built from (norms, the q/k/v weight or projections, plain weights or the ReMix layers' bound
-        calls and counters) and rebuilds it when any is not the one it was built from; otherwise the last answer
+        it lists the objects the stack is built from (norms, the q/k/v weight or projections, plain weights or the
+        ReMix layers' bound calls and counters) and rebuilds it when any is not the one it was built from; otherwise the last answer
         stands (a step then spends ~4 us here, measured inside a step, instead of 0.2-0.6 ms). Not seen: writes straight into a module's
         ``_modules`` / ``_parameters`` dicts and a changed ``variance_epsilon`` (assign modules and parameters with
         setattr; a forward hook anywhere in the decoder sends the step through the modules, see :meth:`applies`)."""
