@@ -216,6 +216,21 @@ def test_prefix_cache_after_rejected_drafts_holds_only_accepted_positions():
     assert tokens_of(got) == tokens_of(want) and logprobs_of(got) == logprobs_of(want)
 
 
+def test_drafts_stay_within_the_step_token_budget():
+    """num_speculative_tokens above what max_batched_tokens leaves: each step's decode rows and drafts together stay
+    within the budget, and the output is still the one without drafts."""
+    needs_kernels()
+    model, tok = remix.tiny_model(seed=0)
+    plain, spec = engines(model, tok, k=50, max_batched_tokens=24, max_num_seqs=2)
+    sizes = []
+    original = spec._run_verify
+    spec._run_verify = lambda seqs, drafts: sizes.append(len(seqs) + sum(map(len, drafts))) or original(seqs, drafts)
+    reqs = lambda tag: [GenerationRequest(f"{tag}{i}", tok(p).input_ids, SamplingParams(  # noqa: E731
+        max_tokens=60, temperature=0.0, ignore_eos=True)) for i, p in enumerate(["a b c a b c", "1 2 3 4"])]
+    assert run_together(spec, reqs("b")) == run_together(plain, reqs("b"))
+    assert sizes and max(sizes) <= 24 and spec.spec_totals["accepted_tokens"] > 0
+
+
 def test_counters_and_settings():
     model, tok = remix.tiny_model(seed=0)
     assert "spec_draft_tokens" not in Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2)).stats()

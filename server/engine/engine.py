@@ -459,12 +459,13 @@ class Engine:
         """Each decoding sequence's draft (server.engine.speculative; empty where it has none or may not take one),
         or None when this step does not speculate: speculation off, more than ``speculative_max_seqs`` sequences (a
         large step is bound by arithmetic, which drafts add to), or a routing trace kept (its counts are the tokens a
-        request generated). Drafts stay within max_tokens and max_model_len."""
+        request generated). Drafts stay within max_tokens, max_model_len and, all of them, max_batched_tokens."""
         cfg = self.config
         k = cfg.num_speculative_tokens
         if not k or not seqs or len(seqs) > cfg.speculative_max_seqs or any(s.request.trace for s in seqs):
             return None
         drafts = []
+        k = min(k, (cfg.max_batched_tokens - len(seqs)) // len(seqs))  # the step's tokens within max_batched_tokens
         for s in seqs:
             p = s.params
             room = min(k, p.max_tokens - len(s.output_ids) - 1, cfg.max_model_len - s.length - 1)
