@@ -797,3 +797,29 @@ def test_compiled_masked_argmax_is_the_argmax_of_the_masked_row(dtype, V, nbits)
     want = x[rows].float().masked_fill(~allowed[rows], float("-inf")).max(-1).indices
     assert got.dtype == torch.int64 and torch.equal(got, want)
 
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_builder_waited_for(tmp_path):
+    """A build killed midway leaves torch's ``lock`` file behind, on which every later build (every server start)
+    would wait forever: under the build's own flock - which the kernel releases when its holder dies - such a file is
+    stale and goes. While another process holds the flock (a live build), the next one waits for it."""
+    import subprocess
+    import sys
+    import time
+
+    from remix.kernels.cpu_ext import _build_lock
+
+    (tmp_path / "lock").write_text("")
+    with _build_lock(str(tmp_path)):
+        assert not (tmp_path / "lock").exists()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"fh = open({str(tmp_path / 'remix.flock')!r}, 'w'); fcntl.flock(fh, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(1.5)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    (tmp_path / "lock").write_text("")  # the live builder's own baton
+    start = time.monotonic()
+    with _build_lock(str(tmp_path)):
+        waited = time.monotonic() - start
+    holder.wait(10)
+    assert waited > 0.5  # it waited for the live builder before touching anything

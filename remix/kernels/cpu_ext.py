@@ -2718,6 +2718,38 @@ def _cpu_tag() -> str:
     return hashlib.sha1((platform.machine() + " ".join(sorted(cpu_flags()))).encode()).hexdigest()[:8]
 
 
+def _env_tag() -> str:
+    """A short hash of the torch build and the environment that imports it: two virtual environments (a developer's
+    and CI's fresh one) had shared one build directory and rebuilt it in turn, each for its own torch headers."""
+    import sys
+
+    return hashlib.sha1(f"{torch.__version__} {sys.prefix}".encode()).hexdigest()[:6]
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
+    """Hold an advisory lock on ``build_dir`` (fcntl.flock: the kernel releases it when its holder dies) while building;
+    once held, a ``lock`` file torch's own build baton left there is stale - its builder was killed mid-build (a
+    server stopped during its first start) - and is removed: torch would otherwise wait on it forever, and every later
+    start hang without a word. Where flock is missing (not Linux/macOS) nothing is done."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "remix.flock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # waits for a live builder (ours hold this too)
+        try:
+            stale = os.path.join(build_dir, "lock")
+            if os.path.exists(stale):
+                log.warning("removing a stale build lock %s (a build was interrupted)", stale)
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def load():
     """The compiled module, or None when disabled or unbuildable (then a warning is logged once)."""
     if "module" in _state:
@@ -2729,15 +2761,18 @@ def load():
         if os.environ.get("REMIX_DISABLE_EXT", "") not in ("", "0"):
             log.info("REMIX_DISABLE_EXT is set: using the torch-ops path")
         else:
-            from torch.utils.cpp_extension import load_inline
+            from torch.utils.cpp_extension import get_default_build_root, load_inline
 
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    module = load_inline(
-                        f"remix_cpu_ops_v123_{_cpu_tag()}_{i}", cpp_sources=[SOURCE],
-                        extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
-                    )
+                    name = f"remix_cpu_ops_v123_{_cpu_tag()}_{_env_tag()}_{i}"
+                    build_dir = os.path.join(get_default_build_root(), name)
+                    with _build_lock(build_dir):
+                        module = load_inline(
+                            name, cpp_sources=[SOURCE], build_directory=build_dir,
+                            extra_cflags=["-O3", *flags], extra_ldflags=[f for f in flags if f == "-fopenmp"],
+                        )
                     if i:
                         log.warning("built the C++ kernels without %s (%s)", FLAG_SETS[0], errors[0])
                     break
