@@ -32,3 +32,21 @@ def default_base():
     from remix.models import load_base
 
     return load_base()
+
+
+# A server of the default base (no adapters) for the modules that talk to it over HTTP (tools, the Responses API); a
+# module with servers of its own (adapters, keys) defines its own `server` and `client`, which take precedence.
+@pytest.fixture(scope="module")
+def server():
+    from tests.helpers import LiveServer
+
+    srv = LiveServer(["--max-model-len", "2048", "--max-num-seqs", "8"])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)

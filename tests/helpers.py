@@ -69,6 +69,16 @@ def write_adapter(model, path, seed: int, n: int = 4, k: int = 2, r: int = 4) ->
     return str(path)
 
 
+def serve_together(engine, requests) -> dict[str, list]:
+    """Submit every request to ``engine`` at once and step it until idle; each request's events by its id."""
+    events = {r.request_id: [] for r in requests}
+    for r in requests:
+        engine.submit(r, events[r.request_id].append)
+    while engine.has_work():
+        engine.step()
+    return events
+
+
 def drop_streams(url: str, count: int, body_of, headers: dict | None = None, keep_lines=lambda i: 2,
                  path: str = "/v1/completions") -> None:
     """Open ``count`` streaming requests to ``path`` at once and hang up on each after a few lines."""

@@ -6,7 +6,7 @@ import torch
 import remix
 from remix.kernels.cpu_alloc import HUGE_PAGE, huge_pages_available
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
-from tests.helpers import write_adapter
+from tests.helpers import serve_together, write_adapter
 
 PROMPTS = ["The quick brown fox", "Hello, my name is", "1 2 3 4", "Once upon a time, in a land far away, there"]
 
@@ -41,12 +41,9 @@ def assert_batch_equals_alone(engine, prompts, max_tokens, adapter_of=lambda i: 
     """Every greedy request's tokens are the same served alone and submitted together (the engine then idle)."""
     alone = [tokens_of(collect(engine, GenerationRequest(f"one{i}", p, greedy(max_tokens), adapter=adapter_of(i))))
              for i, p in enumerate(prompts)]
-    sinks = {i: [] for i in range(len(prompts))}
-    for i, p in enumerate(prompts):
-        engine.submit(GenerationRequest(f"many{i}", p, greedy(max_tokens), adapter=adapter_of(i)), sinks[i].append)
-    while engine.has_work():
-        engine.step()
-    assert [tokens_of(sinks[i]) for i in range(len(prompts))] == alone
+    together = serve_together(engine, [GenerationRequest(f"many{i}", p, greedy(max_tokens), adapter=adapter_of(i))
+                                       for i, p in enumerate(prompts)])
+    assert [tokens_of(together[f"many{i}"]) for i in range(len(prompts))] == alone
     assert engine.stats()["slots_used"] == 0
 
 

@@ -17,6 +17,7 @@ import remix
 from remix.models import tiny_model, tiny_tokenizer
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from server.engine.fastpath import LeanForward, unsupported_reason
+from tests.helpers import serve_together
 
 SIZES = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=257, eos_token_id=258, pad_token_id=256)
@@ -45,12 +46,8 @@ def tiny(arch: str, kv_heads: int = 2):
 
 
 def run_all(engine, requests):
-    events = {r.request_id: [] for r in requests}
-    for r in requests:
-        engine.submit(r, events[r.request_id].append)
-    while engine.has_work():
-        engine.step()
-    return {rid: ([t for e in evs for t in e.token_ids], [lp for e in evs for lp in e.logprobs]) for rid, evs in events.items()}
+    return {rid: ([t for e in evs for t in e.token_ids], [lp for e in evs for lp in e.logprobs])
+            for rid, evs in serve_together(engine, requests).items()}
 
 
 def engines_for(model, tok, adapters: dict[str, str], decoders=("exact", "hf")):

@@ -10,7 +10,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from tests.helpers import LiveServer, drop_streams, wait_idle
+from tests.helpers import drop_streams, wait_idle
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
@@ -18,17 +18,7 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
                           "required": ["city"], "additionalProperties": False}}
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = LiveServer(["--max-model-len", "2048", "--max-num-seqs", "8"])
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
+# `server` and `client`: the default base's (tests/conftest.py)
 
 def post(server, body, path="/v1/responses"):
     return httpx.post(server.url + path, json=body, timeout=120)

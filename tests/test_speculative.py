@@ -13,22 +13,30 @@ from remix.kernels import cpu_ext
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
 from server.engine.speculative import NgramIndex
 from server.metrics import EngineCollector
+from tests.helpers import serve_together
 from tests.test_engine import PROMPTS, lively_tiny, logprobs_of, make_adapter, tokens_of
 
 
 def test_ngram_index_proposes_what_followed_the_longest_earlier_match():
-    idx = NgramIndex(1, 3)
+    idx = NgramIndex(1, 3, [1, 2, 3, 4, 1, 2])
     # the tail [1, 2]: (4, 1, 2) never occurred before; (1, 2) did, at 0-1, followed by 3, 4, 1
-    assert idx.propose([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]
+    assert idx.propose(3) == [3, 4, 1]
     # one more token: the 3-gram (1, 2, 3) now matches (longest first), followed by 4, 1, 2
-    assert idx.propose([1, 2, 3, 4, 1, 2, 3], 3) == [4, 1, 2]
-    assert idx.propose([1, 2, 3, 4, 1, 2, 3, 9], 3) == []  # 9 never occurred before
-    assert idx.propose([1, 2, 3, 4, 1, 2, 3, 9], 0) == []
+    assert idx.propose(3, [3]) == [4, 1, 2]
+    assert idx.propose(3, [9]) == [] and idx.tokens == [1, 2, 3, 4, 1, 2, 3, 9]  # 9 never occurred before
+    assert idx.propose(0) == []
     # the latest occurrence where k tokens follow it: (7, 8) at 0-1 and 3-4; the latest is followed by 5, 6, 7
-    assert NgramIndex(2, 2).propose([7, 8, 0, 7, 8, 5, 6, 7, 8], 3) == [5, 6, 7]
+    assert NgramIndex(2, 2, [7, 8, 0, 7, 8, 5, 6, 7, 8]).propose(3) == [5, 6, 7]
     # a loop: the latest occurrence of (5, 5) is followed by one token only, the earliest by the rest of the run
-    assert NgramIndex(2, 2).propose([5, 5, 5, 5], 3) == [5, 5]
-    assert NgramIndex(2, 2).propose([1, 2], 3) == []  # nothing before the tail itself
+    assert NgramIndex(2, 2, [5, 5, 5, 5]).propose(3) == [5, 5]
+    assert NgramIndex(2, 2, [1, 2]).propose(3) == []  # nothing before the tail itself
+    # fed in pieces, the same index as fed at once
+    pieces = NgramIndex(2, 3, [7, 8, 0])
+    for t in (7, 8, 5, 6, 7):
+        pieces.propose(2, [t])
+    whole = NgramIndex(2, 3, [7, 8, 0, 7, 8, 5, 6, 7, 8])
+    assert pieces.propose(3, [8]) == whole.propose(3) == [5, 6, 7]
+    assert (pieces.latest, pieces.earliest) == (whole.latest, whole.earliest)
     with pytest.raises(ValueError, match="min_n"):
         NgramIndex(3, 2)
 
@@ -42,14 +50,10 @@ def engines(model, tok, k=4, **cfg):
 
 def run_together(engine, requests):
     """Submit all, step until done; per request (tokens, log-probabilities, text, finish reason)."""
-    sinks = {r.request_id: [] for r in requests}
-    for r in requests:
-        engine.submit(r, sinks[r.request_id].append)
-    while engine.has_work():
-        engine.step()
+    events = serve_together(engine, requests)
     assert engine.stats()["slots_used"] == 0
     return {rid: (tokens_of(ev), logprobs_of(ev), "".join(e.text for e in ev), ev[-1].finish_reason)
-            for rid, ev in sinks.items()}
+            for rid, ev in events.items()}
 
 
 def needs_kernels():

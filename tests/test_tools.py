@@ -6,14 +6,12 @@ import json
 import random
 
 import httpx
-import openai
 import pytest
 
 import remix
 from remix import chat
 from server import tools
 from server.protocol import ChatCompletionRequest, ChatMessage
-from tests.helpers import LiveServer
 
 pytest.importorskip("xgrammar")
 
@@ -29,9 +27,9 @@ CALLS = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"cit
          '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
 
 
-def parse(pieces):
+def parse(pieces, call_format=chat.HERMES):
     """(content, [(name, arguments)]) from a CallParser fed ``pieces``, by its events (as the stream sends them)."""
-    p = tools.CallParser()
+    p = tools.CallParser(call_format)
     content, calls = "", []
     for ev in [e for piece in pieces for e in p.feed(piece)] + p.finish():
         if ev[0] == "content":
@@ -144,17 +142,7 @@ def test_structural_tags_per_tool_choice():
 
 # ---------------------------------------------------------------- over HTTP (tiny base)
 
-@pytest.fixture(scope="module")
-def server():
-    srv = LiveServer(["--max-model-len", "2048", "--max-num-seqs", "8"])
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
+# `server` and `client`: the default base's (tests/conftest.py)
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 

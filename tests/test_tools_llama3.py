@@ -12,6 +12,7 @@ from remix import chat
 from server import tools
 from tests.helpers import LiveServer
 from tests.test_tools import TOOLS, msgs, streamed, tools_model, valid_weather
+from tests.test_tools import parse as parse_calls
 
 pytest.importorskip("xgrammar")
 
@@ -53,17 +54,7 @@ def llama_tok():
 
 
 def parse(pieces):
-    p = tools.CallParser(chat.LLAMA3_JSON)
-    content, calls = "", []
-    for ev in [e for piece in pieces for e in p.feed(piece)] + p.finish():
-        if ev[0] == "content":
-            content += ev[1]
-        elif ev[0] == "call":
-            calls.append([ev[2], ""])
-        else:
-            calls[ev[1]][1] += ev[2]
-    assert content == p.content and [[c["function"]["name"], c["function"]["arguments"]] for c in p.tool_calls()] == calls
-    return content, [tuple(c) for c in calls]
+    return parse_calls(pieces, chat.LLAMA3_JSON)
 
 
 def test_the_format_is_the_templates():

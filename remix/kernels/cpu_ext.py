@@ -53,6 +53,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 
 import torch
@@ -2721,8 +2722,6 @@ def _cpu_tag() -> str:
 def _env_tag() -> str:
     """A short hash of the torch build and the environment that imports it: two virtual environments (a developer's
     and CI's fresh one) had shared one build directory and rebuilt it in turn, each for its own torch headers."""
-    import sys
-
     return hashlib.sha1(f"{torch.__version__} {sys.prefix}".encode()).hexdigest()[:6]
 
 

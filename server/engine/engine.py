@@ -473,9 +473,10 @@ class Engine:
                 drafts.append([])
                 continue
             if s.ngrams is None:
-                s.ngrams = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+                s.ngrams = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max, s.prompt_ids)
                 s.draft_len = k
-            drafts.append(s.ngrams.propose(s.prompt_ids + s.output_ids, min(room, s.draft_len)))
+            idx = s.ngrams  # its tokens: the prompt and the output up to the last step; the new ones appended
+            drafts.append(idx.propose(min(room, s.draft_len), s.output_ids[len(idx.tokens) - len(s.prompt_ids):]))
         return drafts
 
     def _run_verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> int:

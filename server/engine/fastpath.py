@@ -44,7 +44,8 @@ on that path runs all its decoder layers in one C++ call (``DecodeStack``: the s
 bit-identical to the Python loop below; 30.7 -> 27.6 ms a float32 step of the default base at one sequence, 42.1 ->
 36.6 at eight, 76-78 -> 72-75 at 32) unless a routing trace is kept. Prefill steps (and the checked drafts of
 speculative decoding) run through it too, each real token a row of its own (its slot's cache row, its position, the
-same slot attention and K/V writes as the Python loop), so a short chunk no longer pays ~3 ms of Python per step.
+same slot attention and K/V writes as the Python loop): one prompt of 16 / 128 tokens with an adapter, bfloat16, in
+0.89 / 0.86 of the loop's time (one-off A/B in one process; four prompts of 128: 1.02, within noise).
 Where an adapter wraps q, k or v (a LoRA on attention, as peft's default targets q_proj and v_proj), that layer's three
 projections run in turn (plain ones by the compiled GEMM, wrapped ones by their ReMix call) and their outputs are
 concatenated, in the Python loop and the stack alike.

@@ -21,22 +21,25 @@ from __future__ import annotations
 
 
 class NgramIndex:
-    """Where each n-gram (``min_n`` <= n <= ``max_n``) of one token sequence last occurred, kept up to date as the
-    sequence grows: ``propose`` indexes only the tokens added since its last call (a long prompt once, then
-    ``max_n - min_n + 1`` dictionary writes a token)."""
+    """One sequence's tokens (the prompt given at the start, each call's new tokens appended) and where each of its
+    n-grams (``min_n`` <= n <= ``max_n``) occurred, kept up to date as it grows: ``propose`` indexes only the tokens
+    added since its last call (a long prompt once, then ``max_n - min_n + 1`` dictionary writes a token)."""
 
-    def __init__(self, min_n: int, max_n: int):
+    def __init__(self, min_n: int, max_n: int, tokens=()):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min_n <= max_n, got {min_n} and {max_n}")
         self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = list(tokens)
         self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence's continuation starts
         self.earliest: dict[tuple[int, ...], int] = {}  # ... and its earliest's
         self.indexed = 0  # n-grams ending before this position are in the tables
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to ``k`` tokens that followed an earlier occurrence of the longest n-gram ending ``tokens`` (the
-        latest where k tokens follow it, else the earliest; empty: none occurred before). The continuation may run
-        into the tail itself (a repeating pattern)."""
+    def propose(self, k: int, new=()) -> list[int]:
+        """Append ``new`` tokens; then up to ``k`` tokens that followed an earlier occurrence of the longest n-gram
+        ending the sequence (the latest where k tokens follow it, else the earliest; empty: none occurred before). The
+        continuation may run into the tail itself (a repeating pattern)."""
+        tokens = self.tokens
+        tokens.extend(new)
         L = len(tokens)
         latest, earliest, lo, hi = self.latest, self.earliest, self.min_n, self.max_n
         # every n-gram that ends at e <= L - 2 (its continuation then starts at or before the last token)
