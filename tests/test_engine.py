@@ -178,17 +178,22 @@ def test_n_sequences_and_stop_strings(engine_and_model):
 def test_cancelling_100_requests_leaves_no_cache(engine_and_model):
     engine, model, tok = engine_and_model
     engine.config.max_queue = 200
+    final = {}
     for i in range(100):
-        engine.submit(GenerationRequest(f"c{i}", tok(PROMPTS[i % 4]).input_ids, greedy(50)), lambda e: None)
+        engine.submit(GenerationRequest(f"c{i}", tok(PROMPTS[i % 4]).input_ids, greedy(50)),
+                      lambda e: final.setdefault(e.request_id, e) if e.finished else None)
     for _ in range(5):
         engine.step()
-    assert engine.stats()["slots_used"] > 0
+    assert engine.stats()["slots_used"] > 0 and engine.stats()["waiting"] > 0
     for i in range(100):
         engine.cancel(f"c{i}")
     engine.step()
     stats = engine.stats()
     assert stats["slots_used"] == 0 and stats["kv_tokens_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
     assert not engine.requests
+    # every request ends with a final event, the running ones and those still waiting alike
+    assert sorted(final) == sorted(f"c{i}" for i in range(100))
+    assert {e.finish_reason for e in final.values()} == {"cancelled"}
 
 
 def test_input_errors(engine_and_model):

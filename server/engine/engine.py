@@ -3,7 +3,8 @@
 Contract (driven by the HTTP layer from another thread, mlx-lm/TGI style):
     engine.submit(request, callback)  -> queues it (raises EngineError subclasses for bad input / full queue)
     callback(Event)                   <- called on the engine thread for every new token and at the end
-    engine.cancel(request_id)         -> frees its sequences' cache at the next step boundary
+    engine.cancel(request_id)         -> frees its sequences' cache at the next step boundary; each sequence not
+                                         yet finished (or not yet started) gets a final event, "cancelled"
     engine.step()                     -> one scheduling step (the thread calls it in a loop; tests may call it)
 
 Each step: admit waiting requests into free cache slots (taking the longest prefix of each prompt that some slot
@@ -318,8 +319,15 @@ class Engine:
     def _apply_cancels(self) -> None:
         with self._lock:
             cancels, self._cancels = self._cancels, set()
-            if cancels:
+            dropped = [(r, cb) for r, cb in self.waiting if r.request_id in cancels]
+            if dropped:
                 self.waiting = collections.deque((r, cb) for r, cb in self.waiting if r.request_id not in cancels)
+        for r, cb in dropped:  # cancelled before it started: each of its sequences still gets its final event
+            for index in range(r.params.n):
+                try:
+                    cb(Event(r.request_id, index, [], "", [], True, "cancelled", len(r.prompt_ids), 0))
+                except Exception:  # a broken consumer must not take the engine down
+                    log.exception("request %s: callback failed", r.request_id)
         for rid in cancels:
             for seq in list(self.requests.get(rid, [])):
                 if seq.status is not Status.FINISHED:
