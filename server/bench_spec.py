@@ -1,7 +1,7 @@
 """Speculative decoding by prompt lookup (``--num-speculative-tokens``) against the same engine without it and against
 HF generate with its own prompt lookup (``prompt_lookup_num_tokens``), in one run.
 
-    python -m server.bench_spec --json out.json [--markdown out.md] [--num-speculative-tokens 8]
+    python -m server.bench_spec --json out.json [--markdown out.md] [--num-speculative-tokens 8] [--speculative-schedule cost]
                                 [--new-tokens 128] [--prompts 4] [--concurrency 4] [--repeats 2] [--dtype auto]
                                 [--temperature 0]
 
@@ -40,6 +40,7 @@ from remix.kernels import cpu_ext, tune_cpu_allocator
 from server.bench import add_output_args, common_prefix, write_outputs
 from server.cli import DTYPES, resolve_dtype
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.engine.speculative import SCHEDULES
 
 FREE = ["Write a short story about a robot who learns to paint.",
         "Explain why the sky is blue to a ten-year-old.",
@@ -115,6 +116,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-speculative-tokens", type=int, default=8)
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
+    ap.add_argument("--speculative-schedule", default="cost", choices=SCHEDULES,
+                    help="how long each draft is (the server's --speculative-schedule)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=4, help="requests per workload")
     ap.add_argument("--concurrency", type=int, default=4, help="requests submitted together (engines only; 0: skip)")
@@ -145,7 +148,8 @@ def main(argv=None) -> dict:
     engine = Engine(model, tok, EngineConfig(
         max_model_len=max(len(p) for ps in workloads.values() for p in ps) + N + 8, max_num_seqs=max(C, 1),
         prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
-        speculative_max_seqs=max(C, 1), prefix_caching=False))  # every run computes its prompts
+        speculative_max_seqs=max(C, 1), speculative_schedule=args.speculative_schedule,
+        prefix_caching=False))  # every run computes its prompts
     eos = sorted(engine.eos_ids)
     results: dict = {}
     for name, prompts in workloads.items():
@@ -195,7 +199,7 @@ def main(argv=None) -> dict:
                                                      if C > 1 else ()):
             print(f"{name:4s} {key:36s} {r[key]:.2f}")
     out = {"cpu": cpu_ext.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "base": args.base,
-           "dtype": str(dtype).removeprefix("torch."), "num_speculative_tokens": k, "temperature": args.temperature,
+           "dtype": str(dtype).removeprefix("torch."), "num_speculative_tokens": k, "speculative_schedule": args.speculative_schedule, "temperature": args.temperature,
            "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max], "new_tokens": N, "prompts": args.prompts,
            "concurrency": C, "repeats": args.repeats, "results": results}
     write_outputs(args, out, markdown)
@@ -220,7 +224,8 @@ def markdown(out: dict) -> str:
         rows.append(row)
     rows.append("")
     mode = f"sampled at temperature {out['temperature']} (the engine's requests seeded)" if out["temperature"] else "greedy"
-    rows.append(f"Tokens/s, {mode}, {out['dtype']}, {out['num_speculative_tokens']} draft tokens from n-grams of "
+    rows.append(f"Tokens/s, {mode}, {out['dtype']}, up to {out['num_speculative_tokens']} draft tokens "
+                f"({out.get('speculative_schedule', 'cost')} schedule) from n-grams of "
                 f"{out['prompt_lookup'][0]}-{out['prompt_lookup'][1]} (HF: up to {out['num_speculative_tokens']}, "
                 f"its n-grams of 1-2); one request at a time unless marked.")
     return "\n".join(rows) + "\n"

@@ -55,8 +55,12 @@ OPTIONS = [  # (flag, type, default, help)
                                        "quoting); 0 = off"),
     ("prompt_lookup_min", int, 2, "speculative decoding: the shortest n-gram that proposes a draft"),
     ("prompt_lookup_max", int, 4, "speculative decoding: the longest n-gram tried first"),
-    ("speculative_max_seqs", int, 4, "speculative decoding: only in steps of at most this many decoding sequences "
+    ("speculative_max_seqs", int, 8, "speculative decoding: only in steps of at most this many decoding sequences "
                                      "(larger steps are bound by arithmetic, which drafts add to)"),
+    ("speculative_schedule", str, "cost", "speculative decoding: cost (each sequence's draft only as long as its "
+                                          "tokens are likely enough to be taken to be worth what a draft token costs "
+                                          "in this engine's own timed steps) or constant (the whole draft wherever an "
+                                          "n-gram matches)"),
     ("drain_timeout", float, 30.0, "seconds SIGTERM waits for in-flight requests before exiting"),
     ("device", str, "auto", "where the model runs: cpu, cuda, cuda:N or auto (cuda when a CUDA device is present)"),
     ("dtype", str, "auto", "weights and activations: auto (the default: bfloat16 on CUDA or a CPU with AMX-BF16 or "
@@ -154,6 +158,11 @@ def load_settings(argv: list[str] | None = None) -> dict:
     if not 1 <= settings["prompt_lookup_min"] <= settings["prompt_lookup_max"]:
         raise SystemExit(f"error: --prompt-lookup-min and --prompt-lookup-max must satisfy 1 <= min <= max, got "
                          f"{settings['prompt_lookup_min']} and {settings['prompt_lookup_max']}")
+    from server.engine.speculative import SCHEDULES
+
+    if settings["speculative_schedule"] not in SCHEDULES:
+        raise SystemExit(f"error: --speculative-schedule must be one of {', '.join(SCHEDULES)}, got "
+                         f"{settings['speculative_schedule']!r}")
     if settings["speculative_max_seqs"] < 1:
         raise SystemExit(f"error: --speculative-max-seqs must be >= 1, got {settings['speculative_max_seqs']}")
     if settings["chat_template"]:
@@ -271,7 +280,8 @@ def build_state(settings: dict):
         decoder=settings["decoder"], cuda_graphs=settings["cuda_graphs"] == "on", kv_cache_dtype=settings["kv_cache_dtype"],
         prefix_caching=settings["prefix_caching"] == "on", batch_invariant=settings["batch_invariant"] == "on",
         num_speculative_tokens=settings["num_speculative_tokens"], prompt_lookup_min=settings["prompt_lookup_min"],
-        prompt_lookup_max=settings["prompt_lookup_max"], speculative_max_seqs=settings["speculative_max_seqs"]))
+        prompt_lookup_max=settings["prompt_lookup_max"], speculative_max_seqs=settings["speculative_max_seqs"],
+        speculative_schedule=settings["speculative_schedule"]))
     for name, path in settings["adapters"].items():
         engine.load_adapter(name, path)  # AdapterError lists every problem
         log.info("loaded adapter %s from %s", name, path)

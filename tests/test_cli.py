@@ -19,7 +19,8 @@ def test_flags_override_config_file(tmp_path):
                                         (["--root-path", "api/"], "--root-path"),
                                         (["--num-speculative-tokens", "-1"], "--num-speculative-tokens"),
                                         (["--prompt-lookup-min", "5"], "--prompt-lookup-min"),
-                                        (["--speculative-max-seqs", "0"], "--speculative-max-seqs")])
+                                        (["--speculative-max-seqs", "0"], "--speculative-max-seqs"),
+                                        (["--speculative-schedule", "heuristic"], "--speculative-schedule")])
 def test_bad_values_name_the_field(argv, field):
     with pytest.raises(SystemExit, match=field):
         cli.load_settings(argv + ["--base", "tiny"])

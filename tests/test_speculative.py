@@ -11,7 +11,7 @@ import torch
 import remix
 from remix.kernels import cpu_ext
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
-from server.engine.speculative import NgramIndex
+from server.engine.speculative import DraftPolicy, DraftStats, NgramIndex
 from server.metrics import EngineCollector
 from tests.helpers import serve_together
 from tests.test_engine import PROMPTS, lively_tiny, logprobs_of, make_adapter, tokens_of
@@ -41,11 +41,40 @@ def test_ngram_index_proposes_what_followed_the_longest_earlier_match():
         NgramIndex(3, 2)
 
 
-def engines(model, tok, k=4, **cfg):
-    """The model served by an engine without speculation and a copy of it by one with it (k draft tokens)."""
+def test_draft_policy_weighs_a_draft_token_against_a_steps_token():
+    policy = DraftPolicy(refresh=3, probe_every=4)
+    assert policy.ratio(4) is None  # no step of 4 rows timed yet: this one runs without drafts, timed
+    policy.observe_step(4, 0, 0.010)  # 10 ms for 4 tokens: 2.5 ms a token
+    assert policy.ratio(4) == 0.0  # no step with drafts yet: drafts cost nothing known, so whole drafts
+    policy.observe_step(4, 8, 0.014)  # 8 draft tokens cost 4 ms: 0.5 ms each
+    assert policy.ratio(4) == policy.ratio(4) == pytest.approx(0.5 / 2.5)
+    assert policy.ratio(4) is None  # refresh = 3 steps since t(4) was taken: one without drafts, to keep it current
+    policy.observe_step(4, 0, 0.010)
+    assert policy.ratio(4) == pytest.approx(0.2) and policy.ratio(1) is None  # each row count timed on its own
+    # the largest j with rate^j >= 0.2: rate 0.6 (the prior) -> 3 (0.216); 0.9 -> 15, capped at k; 0.25 -> 1
+    assert DraftStats().rate == pytest.approx(0.6) and policy.length(DraftStats(), 0.2, 8) == 3
+    assert policy.length(DraftStats(9, 10), 0.2, 8) == 8 and policy.length(DraftStats(1, 4), 0.2, 8) == 1
+    # a sequence whose drafts fail drafts nothing, but checks one token every probe_every steps
+    stats = DraftStats(1, 10)
+    assert [policy.length(stats, 0.2, 8) for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert policy.length(stats, 0.0, 8) == 8  # free drafts: the whole draft whatever the rate
+    assert policy.length(DraftStats(), 1.5, 8) == 0  # a draft token costs more than a step's token
+    # checks move the rate: a draft taken whole counts its tokens only, one cut short its first rejected token too
+    stats = DraftStats()
+    policy.observe_check(stats, 4, 4)
+    assert (stats.taken, stats.checked) == pytest.approx((0.8 * 1.2 + 4, 0.8 * 2 + 4))
+    policy.observe_check(stats, 4, 1)
+    assert (stats.taken, stats.checked) == pytest.approx((0.8 * (0.96 + 4) + 1, 0.8 * 5.6 + 2))
+    constant = DraftPolicy(constant=True)
+    assert constant.ratio(4) == 0.0 and constant.length(DraftStats(0, 10), constant.ratio(4), 6) == 6
+
+
+def engines(model, tok, k=4, schedule="constant", **cfg):
+    """The model served by an engine without speculation and a copy of it by one with it (k draft tokens; by default
+    the constant schedule: every matching draft checked, whatever it costs on the tiny models here)."""
     base = {"max_model_len": 128, "max_num_seqs": 4, **cfg}
     return (Engine(model, tok, EngineConfig(**base)),
-            Engine(copy.deepcopy(model), tok, EngineConfig(**base, num_speculative_tokens=k)))
+            Engine(copy.deepcopy(model), tok, EngineConfig(**base, num_speculative_tokens=k, speculative_schedule=schedule)))
 
 
 def run_together(engine, requests):
@@ -112,7 +141,8 @@ def test_mixed_batch_with_adapters_and_sampled_requests(tmp_path):
     assert spec.spec_totals["accepted_tokens"] > 0
     # five running sequences: no drafts while all five decode (speculative_max_seqs 4), then the same as above
     fifth = GenerationRequest("y4", tok("Once").input_ids, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
-    five_plain, five_spec = engines(remix.tiny_model(seed=0)[0], tok, max_num_seqs=5, max_batched_tokens=64)
+    five_plain, five_spec = engines(remix.tiny_model(seed=0)[0], tok, max_num_seqs=5, max_batched_tokens=64,
+                                    speculative_max_seqs=4)
     for e in (five_plain, five_spec):
         e.load_adapter("a", path)
     steps = []
@@ -208,7 +238,8 @@ def test_prefix_cache_after_rejected_drafts_holds_only_accepted_positions():
     needs_kernels()
     model, tok = lively_tiny()
     plain = Engine(model, tok, EngineConfig(max_model_len=256, max_num_seqs=2, prefix_caching=False))
-    spec = Engine(model, tok, EngineConfig(max_model_len=256, max_num_seqs=2, num_speculative_tokens=6))
+    spec = Engine(model, tok, EngineConfig(max_model_len=256, max_num_seqs=2, num_speculative_tokens=6,
+                                           speculative_schedule="constant"))
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, logprobs=0)
     ids = tok(PROMPTS[0]).input_ids
     first = collect(spec, GenerationRequest("a", ids, params))
@@ -247,6 +278,6 @@ def test_counters_and_settings():
     assert names["remix_spec_decode_accepted_tokens"] == s["spec_accepted_tokens"]
     assert names["remix_spec_decode_steps"] == s["spec_steps"] > 0
     for bad in (dict(num_speculative_tokens=-1), dict(num_speculative_tokens=2, prompt_lookup_min=3, prompt_lookup_max=2),
-                dict(speculative_max_seqs=0)):
+                dict(speculative_max_seqs=0), dict(speculative_schedule="heuristic")):
         with pytest.raises(ValueError):
             Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2, **bad))

@@ -34,7 +34,7 @@ from server.engine.prefix import BLOCK, PrefixIndex, chain
 from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample, token_logprobs
-from server.engine.speculative import NgramIndex
+from server.engine.speculative import SCHEDULES, DraftPolicy, DraftStats, NgramIndex
 from server.engine.sequence import Event, GenerationRequest, Sequence, Status, decoder, update_text
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,10 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
-    speculative_max_seqs: int = 4
+    speculative_max_seqs: int = 8
+    # "cost": each sequence's draft as long as its tokens are worth their time (speculative.DraftPolicy);
+    # "constant": num_speculative_tokens wherever an n-gram matches (HF's "constant" schedule)
+    speculative_schedule: str = "cost"
 
 
 class Engine:
@@ -102,6 +105,8 @@ class Engine:
             raise ValueError("num_speculative_tokens must be >= 0 and speculative_max_seqs >= 1")
         if cfg.num_speculative_tokens:
             NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)  # checks the n-gram sizes
+        if cfg.speculative_schedule not in SCHEDULES:
+            raise ValueError(f"speculative_schedule must be one of {', '.join(SCHEDULES)}, got {cfg.speculative_schedule!r}")
         if cfg.batch_invariant:
             why = batch_invariant_unsupported(next(model.parameters()).device, dtype, cfg.decoder)
             if why:
@@ -134,6 +139,7 @@ class Engine:
         self.steps = 0
         self.last_step = {"decode_rows": 0, "prefill_tokens": 0, "draft_tokens": 0, "accepted_tokens": 0}
         self.spec_totals = {"draft_tokens": 0, "accepted_tokens": 0, "steps": 0}  # speculative decoding, since start
+        self.draft_policy = DraftPolicy(constant=cfg.speculative_schedule == "constant")  # each draft's length
 
     # -- public, thread-safe -----------------------------------------------------------------------
     def submit(self, request: GenerationRequest, callback) -> None:
@@ -304,10 +310,13 @@ class Engine:
         prefill = self._plan_prefill(self.config.max_batched_tokens - len(decode) - drafted)
         accepted = 0
         if decode:
+            start = time.perf_counter()
             if drafted:
                 accepted = self._run_verify(decode, drafts)
             else:
                 self._run_decode(decode)
+            if self.config.num_speculative_tokens:
+                self.draft_policy.observe_step(len(decode), drafted, time.perf_counter() - start)
         if prefill:
             self._run_prefill(prefill)
         self.last_step = {"decode_rows": len(decode), "prefill_tokens": sum(c for _, c in prefill),
@@ -472,6 +481,9 @@ class Engine:
         k = cfg.num_speculative_tokens
         if not k or not seqs or len(seqs) > cfg.speculative_max_seqs or any(s.request.trace for s in seqs):
             return None
+        ratio = self.draft_policy.ratio(len(seqs))
+        if ratio is None:  # a step without drafts, timed: what draft tokens are weighed against
+            return None
         drafts = []
         k = min(k, (cfg.max_batched_tokens - len(seqs)) // len(seqs))  # the step's tokens within max_batched_tokens
         for s in seqs:
@@ -482,9 +494,12 @@ class Engine:
                 continue
             if s.ngrams is None:
                 s.ngrams = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max, s.prompt_ids)
-                s.draft_len = k
+                s.drafts = DraftStats()
             idx = s.ngrams  # its tokens: the prompt and the output up to the last step; the new ones appended
-            drafts.append(idx.propose(min(room, s.draft_len), s.output_ids[len(idx.tokens) - len(s.prompt_ids):]))
+            want = self.draft_policy.length(s.drafts, ratio, room)
+            drafts.append(idx.propose(want, s.output_ids[len(idx.tokens) - len(s.prompt_ids):]))
+        if not self.draft_policy.worth(len(seqs), [(s.drafts, len(d)) for s, d in zip(seqs, drafts) if d]):
+            return None  # the drafts' expected tokens are not worth checking them: a plain step (timed)
         return drafts
 
     def _run_verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> int:
@@ -529,10 +544,7 @@ class Engine:
                     break
                 took += 1  # draft token j was this token: its keys and values (position j + 1) stand too
             accepted += took
-            # the next draft's length, as HF's assisted generation schedules it: two more after a draft taken whole,
-            # one less after one cut short (a sequence whose drafts keep failing checks one token, nearly free alone)
-            k = self.config.num_speculative_tokens
-            s.draft_len = min(k, s.draft_len + 2) if took == len(d) else max(1, s.draft_len - 1)
+            self.draft_policy.observe_check(s.drafts, len(d), took)  # what its next drafts' lengths weigh
         totals = self.spec_totals
         totals["draft_tokens"] += sum(counts) - b
         totals["accepted_tokens"] += accepted

@@ -79,7 +79,7 @@ class Sequence:
     stop_floor: int = 0  # text emitted before min_tokens was reached: stop strings are matched after it only
     prompt_lps: list | None = None  # the prompt's log-probabilities so far (params.prompt_logprobs), until emitted
     ngrams: object | None = None  # speculative decoding's n-gram index of its tokens (server.engine.speculative)
-    draft_len: int = 0  # ... and the length of its next draft (adapted to how its drafts fared)
+    drafts: object | None = None  # ... and how its drafts fared (speculative.DraftStats: their next lengths)
 
     def token_history(self, eos_ids=(), vocab_size: int = 0) -> TokenHistory:
         if self.history is None:
