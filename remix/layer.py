@@ -186,6 +186,13 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         """Top-k routing and the gather of the selected LoRAs only, in the compiled CPU kernel (the general form:
         a base with hooks or of another type runs as a module; the common case takes ``_call`` in ``forward``)."""
         w = self._inference_weights()
+        call = self._call  # just bound where it applies: the first call then computes what every later one will
+        if call is not None and not self.record and cpu_ext.bound_applies(self._modules["base"], self._call_for):
+            out = call(x)
+            if out is not None:
+                d = self.__dict__
+                d["last_idx"], d["last_weights"], d["last_log_q"] = out[1], None, None
+                return out[0]
         x2 = x.reshape(-1, self.in_features).contiguous()
         y = self.base(x2).contiguous()
         idx = ext.route_gather_(x2, y, *w["args"])

@@ -227,6 +227,23 @@ def test_compiled_module_call_follows_the_base_and_steps_aside():
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_call_computes_what_every_later_call_does(dtype):
+    """The first top-k forward binds the compiled call and takes it at once: the base GEMM of every call is the same
+    kernel, so a layer's output does not change (not even by an ulp) between its first call and the next."""
+    from remix.kernels import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip("no compiled kernels here")
+    for T in (1, 8, 32, 300):
+        layer = layer_with_weights(n=8, k=2, r=4, d_in=64, d_out=96).to(dtype).eval()
+        x = torch.randn(T, 64).to(dtype)
+        with torch.no_grad():
+            first = layer(x)
+            assert layer._call is not None
+            assert torch.equal(first, layer(x)), T
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_compiled_module_call_equals_torch_path_on_every_split(threads):
     """The bound call runs the base GEMM inside the kernel's region: on one thread (serial), below 64 tokens (GEMM
