@@ -30,7 +30,8 @@ class MixtureOfLoRAsLinear(nn.Module):
     """A frozen ``nn.Linear`` plus a pool of n LoRAs and (for routed kinds) a router ``P [n, D]``.
 
     Parameters: ``lora_A [n, r, D]`` (Kaiming-uniform), ``lora_B [n, O, r]`` (zeros, so a fresh
-    adapter is an exact no-op), ``router [n, D]``. Set ``record = True`` to accumulate ``usage``
+    adapter adds exactly nothing to the base layer's output - on CPU in eval mode the compiled call computes that
+    output with the project's own GEMM, which rounds in another order than ATen's linear), ``router [n, D]``. Set ``record = True`` to accumulate ``usage``
     (selections per LoRA) and, for learned-weight routers, the ESS of the routing weights. ``last_idx`` holds the
     last forward's selections; on the compiled CPU path it is one buffer the next forward overwrites (clone to keep).
     """

@@ -28,10 +28,21 @@ def test_fresh_pools_keep_logits_and_unwrap_restores(tiny, device):
     assert len(layers) == 6
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(("lora_" in n or "router" in n) for n in trainable)
+    from remix.kernels import cpu_ext
+
     for mode in ("train", "eval"):
         getattr(model, mode)()
-        with torch.no_grad():
+        with torch.no_grad(), cpu_ext.disabled():  # the torch paths: the base layer as it was, plus exactly zero
             assert torch.equal(model(**ids).logits, before)
+    if device == "cpu" and cpu_ext.available():
+        # the compiled call (what eval uses on CPU) runs the base GEMM on the project's own kernel, which sums in
+        # another order than ATen's linear: each layer adds exactly nothing to that kernel's output, and the logits
+        # agree with the unwrapped model's to rounding
+        with torch.no_grad():
+            for layer in layers.values():
+                x = torch.randn(3, layer.in_features)
+                assert torch.equal(layer(x), cpu_ext.linear(x, layer.base.weight, layer.base.bias))
+            torch.testing.assert_close(model(**ids).logits, before, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         for layer in layers.values():
             layer.lora_B.normal_()

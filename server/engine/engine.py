@@ -328,7 +328,7 @@ class Engine:
     def _apply_cancels(self) -> None:
         with self._lock:
             cancels, self._cancels = self._cancels, set()
-            dropped = [(r, cb) for r, cb in self.waiting if r.request_id in cancels]
+            dropped = [(r, cb) for r, cb in self.waiting if r.request_id in cancels] if cancels else []
             if dropped:
                 self.waiting = collections.deque((r, cb) for r, cb in self.waiting if r.request_id not in cancels)
         for r, cb in dropped:  # cancelled before it started: each of its sequences still gets its final event
