@@ -74,6 +74,12 @@ class EngineCollector:
                                       "greedy tokens (each saved a decode step).", value=s["spec_accepted_tokens"])
             yield CounterMetricFamily("remix_spec_decode_steps", "Decode steps that checked drafts.",
                                       value=s["spec_steps"])
+            yield GaugeMetricFamily("remix_spec_decode_check_cost_seconds", "What checking drafts costs a decode step "
+                                    "at all, as the cost schedule measures it (0 until measured).",
+                                    value=s["spec_check_cost_ms"] / 1e3)
+            yield GaugeMetricFamily("remix_spec_decode_draft_token_cost_seconds", "What each draft token costs a "
+                                    "decode step, as the cost schedule measures it (0 until measured).",
+                                    value=s["spec_draft_token_cost_ms"] / 1e3)
         if s.get("prefix_caching"):
             yield CounterMetricFamily("remix_prefix_cache_queries", "New sequences that looked up their prompt's prefix.",
                                       value=s["prefix_cache_queries"])

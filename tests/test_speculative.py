@@ -277,6 +277,10 @@ def test_counters_and_settings():
     assert names["remix_spec_decode_draft_tokens"] == s["spec_draft_tokens"] > 0
     assert names["remix_spec_decode_accepted_tokens"] == s["spec_accepted_tokens"]
     assert names["remix_spec_decode_steps"] == s["spec_steps"] > 0
+    assert s["spec_schedule"] == "cost" and s["spec_draft_token_cost_ms"] >= 0 and s["spec_check_cost_ms"] >= 0
+    fixed, per_token = spec.draft_policy.costs()
+    assert names["remix_spec_decode_draft_token_cost_seconds"] == pytest.approx(per_token, abs=1e-7)
+    assert names["remix_spec_decode_check_cost_seconds"] == pytest.approx(fixed, abs=1e-7)
     for bad in (dict(num_speculative_tokens=-1), dict(num_speculative_tokens=2, prompt_lookup_min=3, prompt_lookup_max=2),
                 dict(speculative_max_seqs=0), dict(speculative_schedule="heuristic")):
         with pytest.raises(ValueError):

@@ -228,11 +228,19 @@ class Engine:
                 "prefix_caching": self.prefix is not None, "batch_invariant": self.config.batch_invariant,
                 **({f"prefix_cache_{k}": v for k, v in self.prefix.stats().items()} if self.prefix is not None else {}),
                 **({f"spec_{k}": v for k, v in self.spec_totals.items()} if self.config.num_speculative_tokens else {}),
+                **(self._spec_costs() if self.config.num_speculative_tokens else {}),
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(self.runner.cache.k[0].dtype).removeprefix("torch."),
                 "cuda_graphs": self.runner.graphs is not None and not self.runner.graphs.eager,
                 "decoder": self.runner.decoder, **({"decoder_fallback": self.runner.decoder_fallback}
                                                    if self.runner.decoder_fallback else {})}
+
+    def _spec_costs(self) -> dict:
+        """The draft schedule and, for "cost", what it has measured: a step's cost of checking drafts at all (F) and
+        each draft token's (c), in milliseconds (0 until steps with drafts were timed)."""
+        fixed, per_token = self.draft_policy.costs()
+        return {"spec_schedule": self.config.speculative_schedule, "spec_check_cost_ms": round(fixed * 1e3, 4),
+                "spec_draft_token_cost_ms": round(per_token * 1e3, 4)}
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding or self._cancels)
