@@ -31,9 +31,10 @@ class MixtureOfLoRAsLinear(nn.Module):
 
     Parameters: ``lora_A [n, r, D]`` (Kaiming-uniform), ``lora_B [n, O, r]`` (zeros, so a fresh
     adapter adds exactly nothing to the base layer's output - on CPU in eval mode the compiled call computes that
-    output with the project's own GEMM, which rounds in another order than ATen's linear), ``router [n, D]``. Set ``record = True`` to accumulate ``usage``
-    (selections per LoRA) and, for learned-weight routers, the ESS of the routing weights. ``last_idx`` holds the
-    last forward's selections; on the compiled CPU path it is one buffer the next forward overwrites (clone to keep).
+    output with the project's own GEMM, which rounds in another order than ATen's linear), ``router [n, D]``. Set
+    ``record = True`` to accumulate ``usage`` (selections per LoRA) and, for learned-weight routers, the ESS of the
+    routing weights. ``last_idx`` holds the last forward's selections; on the compiled CPU path it is one buffer the
+    next forward overwrites (clone to keep).
     """
 
     kind = "abstract"
@@ -135,15 +136,25 @@ class ReMixLinear(MixtureOfLoRAsLinear):
             idx, self.last_log_q = routing.topk_lower_index(logits, self.k), None
         return idx, self.omega
 
+    def _bound(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The compiled whole-module call's output (None where it is not bound or does not apply: no usage recording,
+        the base it was bound to, no autograd, weights unchanged, a CPU tensor)."""
+        call = self._call
+        if call is None or self.record or not cpu_ext.bound_applies(self._modules["base"], self._call_for):
+            return None
+        out = call(x)
+        if out is None:
+            return None
+        d = self.__dict__  # plain attributes, no nn.Module.__setattr__
+        d["last_idx"], d["last_weights"], d["last_log_q"] = out[1], None, None
+        return out[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        call = self._call  # the compiled whole-module call, bound on the first top-k forward that can use it
-        if call is not None and (self.sample is False or (self.sample is None and not self.training)) and not self.record:
-            if cpu_ext.bound_applies(self._modules["base"], self._call_for):  # else: the general path rebinds
-                out = call(x)  # None when it does not apply (autograd needed, weights changed, not a CPU tensor)
-                if out is not None:
-                    d = self.__dict__  # plain attributes, no nn.Module.__setattr__
-                    d["last_idx"], d["last_weights"], d["last_log_q"] = out[1], None, None
-                    return out[0]
+        # the compiled whole-module call, bound on the first top-k forward that can use it (else the general path binds)
+        if self._call is not None and (self.sample is False or (self.sample is None and not self.training)):
+            y = self._bound(x)
+            if y is not None:
+                return y
         sample = self.training if self.sample is None else self.sample
         if not sample:
             params = self._parameters
@@ -187,13 +198,9 @@ class ReMixLinear(MixtureOfLoRAsLinear):
         """Top-k routing and the gather of the selected LoRAs only, in the compiled CPU kernel (the general form:
         a base with hooks or of another type runs as a module; the common case takes ``_call`` in ``forward``)."""
         w = self._inference_weights()
-        call = self._call  # just bound where it applies: the first call then computes what every later one will
-        if call is not None and not self.record and cpu_ext.bound_applies(self._modules["base"], self._call_for):
-            out = call(x)
-            if out is not None:
-                d = self.__dict__
-                d["last_idx"], d["last_weights"], d["last_log_q"] = out[1], None, None
-                return out[0]
+        y = self._bound(x)  # just bound where it applies: the first call computes what every later one will
+        if y is not None:
+            return y
         x2 = x.reshape(-1, self.in_features).contiguous()
         y = self.base(x2).contiguous()
         idx = ext.route_gather_(x2, y, *w["args"])

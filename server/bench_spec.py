@@ -199,7 +199,8 @@ def main(argv=None) -> dict:
                                                      if C > 1 else ()):
             print(f"{name:4s} {key:36s} {r[key]:.2f}")
     out = {"cpu": cpu_ext.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "base": args.base,
-           "dtype": str(dtype).removeprefix("torch."), "num_speculative_tokens": k, "speculative_schedule": args.speculative_schedule, "temperature": args.temperature,
+           "dtype": str(dtype).removeprefix("torch."), "num_speculative_tokens": k,
+           "speculative_schedule": args.speculative_schedule, "temperature": args.temperature,
            "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max], "new_tokens": N, "prompts": args.prompts,
            "concurrency": C, "repeats": args.repeats, "results": results}
     write_outputs(args, out, markdown)

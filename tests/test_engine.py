@@ -240,6 +240,36 @@ def test_threaded_engine_and_live_adapter_unload(tmp_path, device):
         engine.stop()
 
 
+def test_queued_requests_of_an_unloading_adapter(tmp_path):
+    """A request still waiting when its adapter is unloaded runs first (each of its n choices), then the adapter goes;
+    one whose adapter is gone when its turn comes ends with an error event for each choice (the HTTP layer waits for
+    all of them), and the engine goes on."""
+    model, tok = lively_tiny()
+    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=2))
+    path = str(make_adapter(lively_tiny()[0], tmp_path / "a", seed=3))
+    for drop in (False, True):
+        engine.load_adapter("a", path)
+        busy, queued = [], []
+        engine.submit(GenerationRequest(f"busy{drop}", tok(PROMPTS[0]).input_ids, greedy(8, n=2)), busy.append)
+        engine.submit(GenerationRequest(f"q{drop}", tok(PROMPTS[1]).input_ids,
+                                        SamplingParams(max_tokens=4, temperature=0.9, seed=1, n=2), adapter="a"),
+                      queued.append)
+        engine.step()  # the first request takes both slots; the second waits
+        engine.unload_adapter("a")
+        assert "a" in engine.registry.adapters  # a waiting request still names it
+        if drop:
+            engine.registry.remove("a")  # gone before the waiting request's turn
+        while engine.has_work():
+            engine.step()
+        final = sorted((e.index, e.finish_reason, e.error) for e in queued if e.finished)
+        if drop:
+            assert final == [(0, "error", "adapter was unloaded"), (1, "error", "adapter was unloaded")]
+        else:
+            assert final == [(0, "length", None), (1, "length", None)]
+        assert "a" not in engine.registry.adapters
+        assert [e.finish_reason for e in busy if e.finished] == ["length", "length"]
+
+
 @pytest.mark.slow
 def test_default_base_greedy_equals_hf(default_base):
     model, tok = remix.load_base()

@@ -33,7 +33,7 @@ from server.engine.grammar import GrammarError, Grammars
 from server.engine.prefix import BLOCK, PrefixIndex, chain
 from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
-from server.engine.sampler import sample, token_logprobs
+from server.engine.sampler import first_argmax, sample, token_logprobs
 from server.engine.speculative import SCHEDULES, DraftPolicy, DraftStats, NgramIndex
 from server.engine.sequence import Event, GenerationRequest, Sequence, Status, decoder, update_text
 
@@ -339,12 +339,8 @@ class Engine:
             dropped = [(r, cb) for r, cb in self.waiting if r.request_id in cancels] if cancels else []
             if dropped:
                 self.waiting = collections.deque((r, cb) for r, cb in self.waiting if r.request_id not in cancels)
-        for r, cb in dropped:  # cancelled before it started: each of its sequences still gets its final event
-            for index in range(r.params.n):
-                try:
-                    cb(Event(r.request_id, index, [], "", [], True, "cancelled", len(r.prompt_ids), 0))
-                except Exception:  # a broken consumer must not take the engine down
-                    log.exception("request %s: callback failed", r.request_id)
+        for r, cb in dropped:
+            self._end_unstarted(r, cb, "cancelled")
         for rid in cancels:
             for seq in list(self.requests.get(rid, [])):
                 if seq.status is not Status.FINISHED:
@@ -352,6 +348,16 @@ class Engine:
                     self._finish(seq)
         if cancels:
             self._arrange()
+
+    @staticmethod
+    def _end_unstarted(request: GenerationRequest, callback, reason: str, error: str | None = None) -> None:
+        """A request that ends before any of its sequences started: each choice still gets its final event."""
+        for index in range(request.params.n):
+            try:
+                callback(Event(request.request_id, index, [], "", [], True, reason, len(request.prompt_ids), 0,
+                               error=error))
+            except Exception:  # a broken consumer must not take the engine down
+                log.exception("request %s: callback failed", request.request_id)
 
     def _admit(self) -> None:
         free = [i for i, s in enumerate(self.slot_seq) if s is None]
@@ -364,7 +370,7 @@ class Engine:
             if request.adapter is not None:
                 adapter = self.registry.adapters.get(request.adapter)
                 if adapter is None:  # accepted requests of an unloading adapter still run; a removed one cannot
-                    callback(Event(request.request_id, 0, [], "", [], True, "error", error="adapter was unloaded"))
+                    self._end_unstarted(request, callback, "error", "adapter was unloaded")
                     continue
                 slot = adapter.slot
                 adapter.active += request.params.n
@@ -542,11 +548,19 @@ class Engine:
             # adjusted, its history up to that token (penalties, min_tokens, a grammar's state) - emitted, up to and
             # including the first that is not the draft's: the tokens (and the draws) of decoding without a draft
             p, took = s.params, 0
+            tokens = lps = None
+            if p.greedy and not p.adjusts:  # nothing depends on history: every position's argmax (what sample takes
+                tokens = first_argmax(rows).tolist()  # for such a row) and log-probabilities at once
+                if p.logprobs is not None:
+                    lps = token_logprobs(rows, torch.tensor(tokens), p.logprobs)
             for j in range(len(d) + 1):
-                row = rows[j : j + 1]
-                history = [s.token_history(self.eos_ids, vocab)] if p.adjusts else None
-                token = int(sample(row, [p], [s.generator], history)[0])
-                lp = token_logprobs(row, torch.tensor([token]), p.logprobs)[0] if p.logprobs is not None else None
+                if tokens is not None:
+                    token, lp = tokens[j], lps[j] if lps is not None else None
+                else:
+                    row = rows[j : j + 1]
+                    history = [s.token_history(self.eos_ids, vocab)] if p.adjusts else None
+                    token = int(sample(row, [p], [s.generator], history)[0])
+                    lp = token_logprobs(row, torch.tensor([token]), p.logprobs)[0] if p.logprobs is not None else None
                 s.num_computed += 1  # the input at position j: its keys and values are the sequence's now
                 if self._emit(s, token, lp) or j == len(d) or token != d[j]:
                     break
