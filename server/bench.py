@@ -16,7 +16,9 @@ and with --peft, a plain LoRA as peft saves it (r 16, alpha 32, on every linear 
   engine_peft        our engine serving the same directory (read as a router-"lora" adapter)
 at each concurrency, plus the engine's median decode-step time and the time of that step's weight GEMMs alone at the
 same batch (the floor on this machine: the faster of ATen's GEMMs and, on CPU, the compiled kernels' GEMM, which
-the engine runs), and prints/writes the ratios with their goals. Every contender runs ``--repeats`` times, all five
+the engine runs), and prints/writes the ratios with their goals. On CPU the compiled decode stack also times its ops
+during those steps, and the JSON (``decode_breakdown_ms``) and the tables show where a step goes: attention, the FFN
+projections (the ReMix modules), the attention projections, the small ops, and what lies outside the decoder layers. Every contender runs ``--repeats`` times, all five
 in rounds with the floor timed in the same rounds: the tables report each contender's fastest run, and each ratio is
 the median over the rounds of that ratio within a round (two contenders run back to back), so one lucky round of one
 of them does not decide it - on a shared VM one slow spell had moved a single run's figures by 10-20 %. On CUDA every
@@ -133,21 +135,55 @@ def hf_sampling(sampling: dict | None) -> dict:
 
 
 def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None],
-                 sampling: dict | None = None) -> tuple[float, float]:
-    """Wall time for all requests (submitted together) and the mean time of full-batch decode-only steps. sampling:
-    None (greedy) or {"temperature", "top_p"} (each request seeded by its index)."""
+                 sampling: dict | None = None, breakdown: dict | None = None) -> tuple[float, float]:
+    """Wall time for all requests (submitted together) and the median time of full-batch decode-only steps. sampling:
+    None (greedy) or {"temperature", "top_p"} (each request seeded by its index). ``breakdown``: filled, where the
+    compiled decode stack ran those steps, with where they went (ms a step, means: see :func:`decode_breakdown`)."""
     for i, p in enumerate(prompts):
         params = SamplingParams(max_tokens=new_tokens, ignore_eos=True,
                                 **({"temperature": 0.0} if not sampling else {**sampling, "seed": i}))
         engine.submit(GenerationRequest(f"b{time.monotonic_ns()}-{i}", p, params, adapters[i % len(adapters)]), lambda e: None)
-    decode_steps = []
+    clocked = breakdown is not None and engine.runner.model.device.type == "cpu" and cpu_ext.available()
+    if clocked:
+        cpu_ext.stack_clock(True)
+    decode_steps, timed_steps, parts = [], [], {}
     start = time.perf_counter()
     while engine.has_work():
         t0 = time.perf_counter()
         engine.step()
+        dt = time.perf_counter() - t0
+        ops, runs = cpu_ext.stack_clock(True) if clocked else ({}, 0)  # (read after the step's clock stopped)
         if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == len(prompts):
-            decode_steps.append(time.perf_counter() - t0)
-    return time.perf_counter() - start, statistics.median(decode_steps) if decode_steps else float("nan")
+            decode_steps.append(dt)
+            if runs == 1:  # the step ran the compiled stack once: its ops were timed
+                timed_steps.append(dt)
+                for name, ms in ops.items():
+                    parts[name] = parts.get(name, 0.0) + ms
+    wall = time.perf_counter() - start
+    if clocked:
+        cpu_ext.stack_clock(False)
+        if timed_steps:
+            breakdown.update(decode_breakdown(parts, timed_steps))
+    return wall, statistics.median(decode_steps) if decode_steps else float("nan")
+
+
+# a decode step's parts as the README's table groups them: the stack's ops (cpu_ext.STACK_OPS) and the rest of the step
+BREAKDOWN_GROUPS = {"attention": ("attention",), "ffn_projections": ("gate", "up", "down"), "attention_projections": ("qkv", "o_proj"),
+                    "norms_rotary_kv_act": ("norms", "rotary", "kv_write", "act")}
+
+
+def decode_breakdown(parts: dict[str, float], steps: list[float]) -> dict:
+    """Where the timed decode steps went, in ms a step (means, so the parts add up to ``step``): each kind of op of the
+    compiled decoder layers (``ops``: cpu_ext.STACK_OPS, summed over the steps in ``parts``), those ops grouped
+    (BREAKDOWN_GROUPS: the FFN projections are the ReMix modules where an adapter is on, their base GEMMs included),
+    and ``outside_layers``: the rest of the step (embedding, LM head, sampling, detokenization, scheduling)."""
+    n = len(steps)
+    ops = {name: ms / n for name, ms in parts.items()}
+    step = 1000 * statistics.mean(steps)
+    out = {"steps": n, "step": step, "ops": ops}
+    out.update({group: sum(ops.get(o, 0.0) for o in members) for group, members in BREAKDOWN_GROUPS.items()})
+    out["outside_layers"] = step - sum(ops.values())
+    return out
 
 
 def serve_in_turn(engines: dict[str, Engine], prompts: dict[str, list[list[int]]],
@@ -348,10 +384,13 @@ def main(argv=None) -> dict:
         # median decode step); the ratios are taken within each round (see ``ratio`` below)
         runs: dict[str, list] = {}
         floors: dict[str, list] = {}
+        breakdowns: dict[str, list] = {}
         for rep in range(args.repeats):
             for name, adapters in engines:
-                wall, step = bench_engine(engine, prompts, args.new_tokens, adapters, sampling)
+                parts: dict = {}
+                wall, step = bench_engine(engine, prompts, args.new_tokens, adapters, sampling, breakdown=parts)
                 runs.setdefault(name, []).append((wall, step))
+                breakdowns.setdefault(name, []).append(parts)
                 print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms  (run {rep + 1})", flush=True)
             # the floor in the same rounds, right after the engine's runs: timed once after all of them, it had met a
             # slower moment than the steps it divides (fourteenth session: a 60 ms floor under a 64 ms step at 32
@@ -372,6 +411,9 @@ def main(argv=None) -> dict:
             if got[0][1] is not None:  # the engine's contenders also report their decode step
                 row[name]["decode_step_ms"] = 1000 * min(st for _, st in got)
                 row[name]["runs_decode_step_ms"] = [round(1000 * st, 3) for _, st in got]
+                fastest = min(range(len(got)), key=lambda j: got[j][1])
+                if breakdowns[name][fastest]:  # where that run's decode steps went (CPU, compiled decode stack)
+                    row[name]["decode_breakdown_ms"] = breakdowns[name][fastest]
         # the floor is the faster of ATen's GEMMs (what HF runs) and the compiled kernels' GEMM (what the engine runs
         # on CPU: their own float32 kernel, oneDNN (Intel: MKL) from 256 rows; bfloat16 their own below 128 rows, else ATen's): a
         # step cannot beat the weight GEMMs of the best GEMM this machine has
@@ -442,11 +484,30 @@ def markdown(out: dict) -> str:
         cells = [f"{row[k]['tokens_per_s']:.1f}" if k in row else "–" for k, _ in present]
         lines.append(f"| {c} | " + " | ".join(cells) + f" | {row['engine_remix']['decode_step_ms']:.0f} ms | "
                      f"{row['gemm_floor_ms']:.0f} ms |")
+    lines += breakdown_table(out)
     lines += ["", "| ratio (median over rounds of the ratio within each round) | value | goal |", "|---|---|---|"]
     for name, value in out["ratios"].items():
         g = out["goals"].get(name)
         lines.append(f"| {name} | {value:.2f} | " + (f"{g['goal']} ({'met' if g['met'] else 'not met'})" if g else "") + " |")
     return "\n".join(lines) + "\n"
+
+
+def breakdown_table(out: dict) -> list[str]:
+    """Where a decode step goes (the engine's contenders, where the compiled decode stack timed its ops): ms a step,
+    means over the fastest run's full-batch decode steps, beside the step's GEMM floor; [] when nothing was timed."""
+    contenders = [("engine_base", "base"), ("engine_remix", "1 ReMix adapter"), ("engine_4adapters", "4 adapters")]
+    rows = [(c, label, row[k]["decode_breakdown_ms"], row["gemm_floor_ms"]) for c, row in out["results"].items()
+            for k, label in contenders if "decode_breakdown_ms" in row.get(k, {})]
+    if not rows:
+        return []
+    lines = ["", "| concurrency | engine | decode step | attention | FFN projections (gate, up, down) | q/k/v and o "
+                 "| norms, rotary, KV writes, activation | outside the layers (LM head, sampling, scheduling) "
+                 "| the step's GEMMs alone |", "|---|---|---|---|---|---|---|---|---|"]
+    for c, label, b, floor in rows:
+        lines.append(f"| {c} | {label} | {b['step']:.2f} | {b['attention']:.2f} | {b['ffn_projections']:.2f} | "
+                     f"{b['attention_projections']:.2f} | {b['norms_rotary_kv_act']:.2f} | {b['outside_layers']:.2f} | "
+                     f"{floor:.2f} |")
+    return lines
 
 
 if __name__ == "__main__":

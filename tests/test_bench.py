@@ -85,6 +85,40 @@ def test_server_bench_runs_every_contender_on_the_tiny_model(tmp_path):
     for name in ("hf_generate", "hf_loop", "engine_base", "engine_remix", "engine_4adapters"):
         runs = r[name]["runs_tokens_per_s"]
         assert len(runs) == 2 and math.isclose(r[name]["tokens_per_s"], max(runs), rel_tol=1e-3)
+    if cpu_ext.available():  # where each engine's decode step went: the compiled stack timed its ops
+        for name in ("engine_base", "engine_remix", "engine_4adapters"):
+            b = r[name]["decode_breakdown_ms"]
+            # 4 new tokens: the first comes from the prefill, three from full-batch decode steps
+            assert b["steps"] == 3 and set(b["ops"]) == set(cpu_ext.STACK_OPS)
+            assert all(v > 0 for v in b["ops"].values())  # every kind of op ran in every layer
+            assert b["step"] == pytest.approx(b["outside_layers"] + sum(b["ops"].values()))  # the parts add up
+            assert b["ffn_projections"] == pytest.approx(b["ops"]["gate"] + b["ops"]["up"] + b["ops"]["down"])
+            assert b["outside_layers"] > 0  # the LM head, sampling and scheduling are not in the stack
+        assert "| 2 | 1 ReMix adapter |" in (tmp_path / "s.md").read_text()
+
+
+def test_the_decode_stack_clock_runs_only_when_on():
+    if not cpu_ext.available():
+        pytest.skip("compiled CPU kernels not built")
+    from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+    from server.engine.engine import collect
+    import remix
+
+    model, tok = remix.load_base("tiny")
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2))
+
+    def decode(n):
+        collect(engine, GenerationRequest(f"c{n}", [1, 2, 3], SamplingParams(max_tokens=n, ignore_eos=True)))
+
+    cpu_ext.stack_clock(False)
+    decode(4)
+    ops, runs = cpu_ext.stack_clock(True)  # (read and reset; on from here)
+    assert runs == 0 and not any(ops.values())
+    decode(4)  # the prompt (its three tokens as rows of the stack), then three decode steps
+    ops, runs = cpu_ext.stack_clock(False)
+    assert runs == 4 and all(v > 0 for v in ops.values())
+    decode(3)
+    assert cpu_ext.stack_clock(False) == ({name: 0.0 for name in cpu_ext.STACK_OPS}, 0)
 
 
 def test_server_bench_in_bfloat16_runs_every_contender_in_that_dtype():

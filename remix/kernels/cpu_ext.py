@@ -64,6 +64,7 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <chrono>
 #include <functional>
 #include <cmath>
 #include <cstdio>
@@ -2479,6 +2480,25 @@ struct Proj {
   }
 };
 
+// The decode stack's clock (server.bench's "where a decode step goes"): the nanoseconds DecodeStack::run spent in each
+// kind of op since the last read (stack_clock), and the runs they cover. Off unless switched on; on, a run reads the
+// clock ~12 times a layer (~0.3 us a layer here), each op's time taken from the end of the op before it.
+constexpr int STACK_OPS = 10;  // the kinds, in the order of STACK_OPS in cpu_ext.py
+enum StackOp { OP_NORMS, OP_QKV, OP_ROTARY, OP_KV_WRITE, OP_ATTENTION, OP_O_PROJ, OP_GATE, OP_UP, OP_ACT, OP_DOWN };
+bool g_stack_clock = false;
+double g_stack_ns[STACK_OPS];
+int64_t g_stack_runs = 0;
+struct StackClock {
+  const bool on = g_stack_clock;
+  std::chrono::steady_clock::time_point t = on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  void lap(StackOp op) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    g_stack_ns[op] += std::chrono::duration<double, std::nano>(now - t).count();
+    t = now;
+  }
+};
+
 struct DecodeStack {
   struct Layer {
     torch::Tensor in_w, post_w, wqkv, bqkv;  // wqkv undefined: q, k and v run as three projections (some wrapped)
@@ -2518,12 +2538,16 @@ struct DecodeStack {
     // (streaming, /metrics, new requests) must not wait a whole step for it, as they did not between the Python loop's ops
     {
     pybind11::gil_scoped_release nogil;
+    StackClock clock;
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& L = layers[i];
       auto x = add_rms_norm_(h, pending, L.in_w, L.in_eps);
+      clock.lap(OP_NORMS);
       auto qkv = (L.wqkv.defined() ? linear(x, L.wqkv, L.bqkv) : torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1))
                      .view({b, 1, H + 2 * Hkv, Dh});
+      clock.lap(OP_QKV);
       rotary_(qkv.view({-1, H + 2 * Hkv, Dh}).slice(1, 0, H + Hkv), cos, sin);
+      clock.lap(OP_ROTARY);
       const auto k = qkv.slice(2, H, H + Hkv).transpose(1, 2), v = qkv.slice(2, H + Hkv, H + 2 * Hkv).transpose(1, 2);
       const auto qk = qkv.select(1, 0).slice(1, 0, H + Hkv);
       torch::Tensor o;
@@ -2531,19 +2555,30 @@ struct DecodeStack {
       if (q8) {
         kv_write_q8_(K[i], Ks[i], k, row0, pos, at_rows);
         kv_write_q8_(V[i], Vs[i], v, row0, pos, at_rows);
+        clock.lap(OP_KV_WRITE);
         o = attention_at_q8(qk, K[i], V[i], Ks[i], Vs[i], row0, at_rows, lens, H, scaling);
       } else {
         kv_write_(K[i], k, row0, pos, at_rows);
         kv_write_(V[i], v, row0, pos, at_rows);
+        clock.lap(OP_KV_WRITE);
         o = attention_at(qk, K[i], V[i], row0, at_rows, lens, H, scaling);
       }
       o = o.reshape({b, H, 1, Dh}).transpose(1, 2).reshape({b, 1, H * Dh});
+      clock.lap(OP_ATTENTION);
       pending = L.o(o, slots);
+      clock.lap(OP_O_PROJ);
       x = add_rms_norm_(h, pending, L.post_w, L.post_eps);
+      clock.lap(OP_NORMS);
       auto act = L.gate(x, slots);
-      at::silu_(act).mul_(L.up(x, slots));
+      clock.lap(OP_GATE);
+      auto up = L.up(x, slots);
+      clock.lap(OP_UP);
+      at::silu_(act).mul_(up);
+      clock.lap(OP_ACT);
       pending = L.down(act, slots);
+      clock.lap(OP_DOWN);
     }
+    if (clock.on) ++g_stack_runs;
     }  // the GIL again
     return pybind11::cast(std::make_tuple(h, pending));
   }
@@ -2590,6 +2625,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_attention_bf16_dot", [](bool on) { g_attn_dot = on; },
         "A/B runs and tests: whether bfloat16 decode attention takes vdpbf16ps (default) or the widening path");
   m.def("_phase_a_bf16_dot", [](bool on) { g_phase_a_dot = on; }, "A/B runs: bfloat16 phase A on vdpbf16ps or widened");
+  m.def("stack_clock", [](bool on) {
+    std::vector<double> ns(g_stack_ns, g_stack_ns + STACK_OPS);
+    const int64_t runs = g_stack_runs;
+    std::fill_n(g_stack_ns, STACK_OPS, 0.0);
+    g_stack_runs = 0;
+    g_stack_clock = on;
+    return std::make_tuple(ns, runs);
+  }, "the decode stack's time per kind of op (ns) and its runs since the last call; resets them, then switches the clock on or off");
   m.def("_batch_invariant", [](bool on) {
     const bool was = g_batch_invariant;
     g_batch_invariant = on;
@@ -2773,7 +2816,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v124_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v125_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
@@ -2872,6 +2915,22 @@ def amx_bf16() -> bool:
     the AVX512-BF16 kernel then runs, for comparisons."""
     ext = load()
     return ext is not None and ext.amx_bf16()
+
+
+# the kinds of op the decode stack's clock times, in its order (``StackOp`` in the C++ source)
+STACK_OPS = ("norms", "qkv", "rotary", "kv_write", "attention", "o_proj", "gate", "up", "act", "down")
+
+
+def stack_clock(on: bool) -> tuple[dict[str, float], int]:
+    """The compiled decode stack's (``DecodeStack``) time in each kind of op since the last call, in milliseconds by
+    :data:`STACK_OPS` name (norms: both RMSNorms of a layer with their residual adds; act: ``silu(gate) * up``;
+    each op from the end of the one before it, so they add up to the stack's whole run), and the number of runs
+    (decode steps) they cover; resets both, then switches the clock on (or off). ({}, 0) without the kernels."""
+    ext = load()
+    if ext is None:
+        return {}, 0
+    ns, runs = ext.stack_clock(on)
+    return {name: v / 1e6 for name, v in zip(STACK_OPS, ns)}, runs
 
 
 def pool_dtype(dtype: torch.dtype) -> torch.dtype:
