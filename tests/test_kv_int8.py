@@ -234,10 +234,13 @@ def test_int8_cache_under_hf_modules_equals_the_exact_decoder():
 @pytest.mark.slow
 def test_default_base_on_the_int8_cache_follows_the_full_cache(default_base):
     """The embedded SmolLM2-135M-Instruct in bfloat16 (the server's default on such CPUs) on an 8-bit cache against the
-    bfloat16 cache: the first token's five most likely candidates keep their log-probabilities within 0.25, and on
+    bfloat16 cache: the first token's five most likely candidates keep their log-probabilities within 0.4, and on
     confident text the greedy tokens are the same (a near-tie can flip: the chat answer's first token is one - "The"
     and "L'" 0.25 apart on the bfloat16 cache, 0.08 in float32, tied on the 8-bit cache - so the chat prompt is held to
-    the log-probabilities only)."""
+    the log-probabilities only). The logits are bfloat16, in steps of 0.125 at these magnitudes (16-32), so the two
+    caches' log-probabilities move by whole steps: 0.25 had been the bound, and on an Intel VM with AMX (whose base
+    GEMMs round otherwise than AVX512-BF16's) two of the chat prompt's candidates moved by 0.258 (two steps and the
+    normaliser's change); 0.4 allows three steps."""
     import remix
 
     engines = {}
@@ -256,6 +259,6 @@ def test_default_base_on_the_int8_cache_follows_the_full_cache(default_base):
     for full, small in zip(first["auto"], first["int8"]):
         full, small = dict(full), dict(small)
         common = set(full) & set(small)
-        assert len(common) >= 4 and all(abs(full[t] - small[t]) < 0.25 for t in common)
+        assert len(common) >= 4 and all(abs(full[t] - small[t]) < 0.4 for t in common)
     assert text["int8"] == text["auto"]
     assert "Paris" in tok.decode(text["int8"][0])
