@@ -704,7 +704,10 @@ void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void
 // batch. The float32 tile is transposed in registers, the bias added, one rounding to bfloat16 (vcvtneps2bf16).
 // Measured on the 2-core Intel VM with AMX (2026-12-02, weights cold, 576 <-> 1536): 32 rows 95-125 us (up to ~200 in
 // this VM's slow spells) against the AVX512-BF16 dot_gemm's 490-690 and oneDNN's 200-330 (which reorders the weight on
-// every call); 1 row ~70-110 us, as dot_gemm (a GEMV: memory-bound either way).
+// every call); 1 row ~70-110 us, as dot_gemm (a GEMV: memory-bound either way). (Twenty-fourth session's Intel VM, all
+// linears of a decode step: at one row dot_gemm streamed them in 11.3 ms against 12.5 here, from 8 rows AMX is ahead -
+// 13.4 against 15.4 at 8, 16.7 against 48 at 32; one kernel serves every row count below DOT_BF16_BELOW, since a row's
+// outputs must not depend on the batch.)
 
 // Linux hands out AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process); false where the
 // OS refuses, or where REMIX_DISABLE_AMX is set to anything but 0 (read once: for A/B runs), and then dot_gemm.
@@ -782,8 +785,12 @@ inline void amx_write_tile(const float* c, int64_t t0, int64_t T, int64_t o, con
 }
 
 // Tiles 0-3 += W rows (w0: 16, w1: 16) x one or two token blocks over all of D; the npf rows of W at pf (the next block)
-// are prefetched a line per row per step, so they arrive while this block computes (as dot_gemm does). Measured: without
-// it 32 rows 170-270 us, with it into L1 126-185 (into L2: 176).
+// are prefetched into L2 a line per row per step, so they arrive while this block computes (as dot_gemm does). Measured
+// (eleventh session, one 576 <-> 1536 linear at 32 rows): without it 170-270 us, into L1 126-185, into L2 176. Every
+// linear of a decode step (twenty-fourth session's Intel VM, both hints in turn in one process, medians of 15 rounds):
+// into L2 0.95 / 0.96 / 0.90 / 0.94 / 0.96 of the time into L1 at 1 / 8 / 32 / 64 / 127 rows (13.1 -> 12.5 ms at one
+// row, 16.8 -> 15.3 at 32) - a block of 32 rows of W is 36-96 KB, and prefetched into L1 (48 KB) it evicted the block
+// being read; a whole decode step at one sequence 0.97, at 32 the same (outputs unchanged: only the hint differs).
 template <bool TWO_T>
 inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp, int64_t KB, int64_t TB, int64_t D,
                       const uint16_t* pf, int64_t npf) {
@@ -791,7 +798,7 @@ inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp
   _tile_zero(1);
   if constexpr (TWO_T) { _tile_zero(2); _tile_zero(3); }
   for (int64_t kb = 0; kb < KB; ++kb) {
-    for (int64_t p = 0; p < npf; ++p) _mm_prefetch(reinterpret_cast<const char*>(pf + p * D + kb * 32), _MM_HINT_T0);
+    for (int64_t p = 0; p < npf; ++p) _mm_prefetch(reinterpret_cast<const char*>(pf + p * D + kb * 32), _MM_HINT_T1);
     _tile_loadd(4, w0 + kb * 32, D * 2);
     _tile_loadd(5, w1 + kb * 32, D * 2);
     const uint32_t* xb = xp + kb * TB * 256;
@@ -2816,7 +2823,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v125_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v130_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
