@@ -791,20 +791,20 @@ inline void amx_write_tile(const float* c, int64_t t0, int64_t T, int64_t o, con
 // into L2 0.95 / 0.96 / 0.90 / 0.94 / 0.96 of the time into L1 at 1 / 8 / 32 / 64 / 127 rows (13.1 -> 12.5 ms at one
 // row, 16.8 -> 15.3 at 32) - a block of 32 rows of W is 36-96 KB, and prefetched into L1 (48 KB) it evicted the block
 // being read; a whole decode step at one sequence 0.97, at 32 the same (outputs unchanged: only the hint differs).
-template <bool TWO_T>
+template <bool TWO_T, bool TWO_W = true>
 inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp, int64_t KB, int64_t TB, int64_t D,
                       const uint16_t* pf, int64_t npf) {
   _tile_zero(0);
-  _tile_zero(1);
+  if constexpr (TWO_W) _tile_zero(1);
   if constexpr (TWO_T) { _tile_zero(2); _tile_zero(3); }
   for (int64_t kb = 0; kb < KB; ++kb) {
     for (int64_t p = 0; p < npf; ++p) _mm_prefetch(reinterpret_cast<const char*>(pf + p * D + kb * 32), _MM_HINT_T1);
     _tile_loadd(4, w0 + kb * 32, D * 2);
-    _tile_loadd(5, w1 + kb * 32, D * 2);
+    if constexpr (TWO_W) _tile_loadd(5, w1 + kb * 32, D * 2);
     const uint32_t* xb = xp + kb * TB * 256;
     _tile_loadd(6, xb, 64);
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
+    if constexpr (TWO_W) _tile_dpbf16ps(1, 5, 6);
     if constexpr (TWO_T) {
       _tile_loadd(7, xb + 256, 64);
       _tile_dpbf16ps(2, 4, 7);
@@ -814,7 +814,12 @@ inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp
 }
 
 // Y[:, o0:o1) = X W[o0:o1)^T (+ bias) on this thread, o0 and o1 multiples of 16 (amx_shape), bfloat16 throughout: blocks
-// of 32 rows of W, each against the tokens 32 at a time (beyond 32 tokens the block is read again, from L2).
+// of 32 rows of W, each against the tokens 32 at a time (beyond 32 tokens the block is read again, from L2); up to 16
+// tokens, blocks of 16 rows (one W tile a step: half the rows streaming at once, each output's tile and its order of
+// sums the same). All linears of a decode step, both block heights in turn in one process (twenty-fourth session's
+// Intel VM, medians of 15 rounds): 16 rows 0.95 / 0.92 / 0.97 / 1.00 of 32 rows' time at 1 / 4 / 8 / 16 tokens (12.5
+// -> 12.0 ms at one), a one-sequence decode step 15.4 -> 14.5 ms, at eight 0.98; from 17 tokens (two token blocks,
+// where each W tile serves both) 0.96-1.01, not taken.
 void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const uint16_t* bias, uint16_t* Y, int64_t O,
               int64_t o0, int64_t o1) {
   const int64_t KB = D / 32, TB = (T + 15) / 16;
@@ -827,6 +832,17 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
   for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
   _tile_loadconfig(&cfg);
   alignas(64) float c[4][256];
+  if (TB == 1) {  // up to 16 tokens: blocks of 16 rows of W (see above)
+    for (int64_t o = o0; o < o1; o += 16) {
+      const uint16_t* w0 = W + o * D;
+      const int64_t npf = std::max<int64_t>(0, std::min<int64_t>(16, o1 - o - 16));  // rows of the next block
+      amx_block<false, false>(w0, w0, xp, KB, TB, D, npf ? w0 + 16 * D : nullptr, npf);
+      _tile_stored(0, c[0], 64);
+      amx_write_tile(c[0], 0, T, o, bias, Y, O);
+    }
+    _tile_release();
+    return;
+  }
   for (int64_t o = o0; o < o1; o += 32) {
     const bool two = o + 16 < o1;
     const uint16_t* w0 = W + o * D;
@@ -2823,7 +2839,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v130_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v132_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
