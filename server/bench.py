@@ -18,11 +18,11 @@ at each concurrency, plus the engine's median decode-step time and the time of t
 same batch (the floor on this machine: the faster of ATen's GEMMs and, on CPU, the compiled kernels' GEMM, which
 the engine runs), and prints/writes the ratios with their goals. On CPU the compiled decode stack also times its ops
 during those steps, and the JSON (``decode_breakdown_ms``) and the tables show where a step goes: attention, the FFN
-projections (the ReMix modules), the attention projections, the small ops, and what lies outside the decoder layers. Every contender runs ``--repeats`` times, all five
-in rounds with the floor timed in the same rounds: the tables report each contender's fastest run, and each ratio is
-the median over the rounds of that ratio within a round (two contenders run back to back), so one lucky round of one
-of them does not decide it - on a shared VM one slow spell had moved a single run's figures by 10-20 %. On CUDA every
-timing ends with a device synchronisation.
+projections (the ReMix modules), the attention projections, the small ops, and what lies outside the decoder layers.
+Every contender runs ``--repeats`` times, all five in rounds with the floor timed in the same rounds: the tables
+report each contender's fastest run, and each ratio is the median over the rounds of that ratio within a round (two
+contenders run back to back), so one lucky round of one of them does not decide it - on a shared VM one slow spell had
+moved a single run's figures by 10-20 %. On CUDA every timing ends with a device synchronisation.
 """
 
 from __future__ import annotations
@@ -168,8 +168,8 @@ def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]
 
 
 # a decode step's parts as the README's table groups them: the stack's ops (cpu_ext.STACK_OPS) and the rest of the step
-BREAKDOWN_GROUPS = {"attention": ("attention",), "ffn_projections": ("gate", "up", "down"), "attention_projections": ("qkv", "o_proj"),
-                    "norms_rotary_kv_act": ("norms", "rotary", "kv_write", "act")}
+BREAKDOWN_GROUPS = {"attention": ("attention",), "ffn_projections": ("gate", "up", "down"),
+                    "attention_projections": ("qkv", "o_proj"), "norms_rotary_kv_act": ("norms", "rotary", "kv_write", "act")}
 
 
 def decode_breakdown(parts: dict[str, float], steps: list[float]) -> dict:
