@@ -197,31 +197,34 @@ def test_compiled_route_gather_matches_torch_path(T, n, k, r):
 def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     """The kernel's sums run in the same order for a token whoever shares the call: exact equality, alone, in a small
     batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread. A token share
-    is routed and gathered 64 tokens at a time (bfloat16 with bfloat16 pools: x read as it is, widened in registers,
-    where below 64 tokens the router reads a float32 copy; with float32 pools from a float32 copy of the tile's x): 150 tokens are tiles of
-    64 + 11 per thread on two threads and 64 + 64 + 22 on one, so a token off its tile's first row must be read from
-    the right row."""
+    is routed and gathered 64 tokens an adapter at a time (bfloat16 with bfloat16 pools: x read as it is, widened in
+    registers, where below 64 tokens the router reads a float32 copy; with float32 pools from a float32 copy of the
+    tile's x): 300 tokens of two adapters are tiles of 128 + 22 per thread on two threads and 128 + 128 + 44 on one,
+    and one adapter's 109 tokens alone tiles of 64 + 45 on one thread, so a token off its tile's first row must be read
+    from the right row, and its sums must not depend on its tile."""
     ext = _compiled()
     n, r, D, O = 8, 8, 64, 200  # O: two-vector slices, a one-vector slice and a scalar tail
     g = torch.Generator().manual_seed(3)
     P, a, bt = torch.randn(2 * n, D, generator=g), torch.randn(2 * n * r, D, generator=g), torch.randn(2 * n * r, O, generator=g)
     a, bt = a.to(pools), bt.to(pools)
     tables = (torch.tensor([0, n]), torch.tensor([n, n]), torch.tensor([2, 3]), torch.tensor([0.5, 0.25]))
-    x = torch.randn(150, D, generator=g).to(dtype)
-    slots = torch.randint(-1, 2, (150,), generator=g)
-    y0 = torch.randn(150, O, generator=g).to(dtype)
+    x = torch.randn(300, D, generator=g).to(dtype)
+    slots = torch.randint(-1, 2, (300,), generator=g)
+    y0 = torch.randn(300, O, generator=g).to(dtype)
     none = torch.empty(0, dtype=torch.int64)
 
     def run(rows):
         y = y0[rows].clone()
         return ext.route_gather_(x[rows].clone(), y, P, a, bt, slots[rows].clone(), *tables, r, 3, none), y
 
-    idx, batch = run(slice(0, 150))  # 150 tokens: split by tokens
+    idx, batch = run(slice(0, 300))  # 300 tokens: split by tokens
+    one = (slots == 1).nonzero().flatten()  # one adapter's tokens alone (and in the batch above, with the other's)
+    assert len(one) >= 64  # split by tokens too
     threads = torch.get_num_threads()
     try:
         for nthreads in {1, max(2, threads)}:
             torch.set_num_threads(nthreads)
-            for rows in (slice(0, 1), slice(17, 18), slice(149, 150), slice(10, 40), slice(0, 150)):  # 30: split by pools
+            for rows in (slice(0, 1), slice(17, 18), slice(299, 300), slice(10, 40), slice(0, 150), one):  # 30: split by pools
                 idx_s, y_s = run(rows)
                 assert torch.equal(idx_s, idx[rows]) and torch.equal(y_s, batch[rows])
     finally:
