@@ -29,7 +29,8 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     sample_rows(logits, rows, temperature, top_k, top_p, u[, mask, nbits, min_p])   sampled tokens, one uniform draw
                                a row (the sampler's reference distribution, no sort of the vocabulary; a grammar's
                                bitmask applied as the logits are read)
-    DecodeStack(layers, ...).run(h, ...)   every decoder layer of a decode step in one call (those ops in order)
+    DecodeStack(layers, ...).run(h, ...)   every decoder layer of a decode step in one call (those ops in order);
+                               stack_clock(on) reads and resets its time per kind of op (server.bench's breakdown)
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
 rows of B held in registers while its tokens' y are updated), with explicit SIMD (GCC/Clang vector types)
@@ -796,7 +797,7 @@ inline void amx_write_tile(const float* c, int64_t t0, int64_t T, int64_t o, con
 // into L2 0.95 / 0.96 / 0.90 / 0.94 / 0.96 of the time into L1 at 1 / 8 / 32 / 64 / 127 rows (13.1 -> 12.5 ms at one
 // row, 16.8 -> 15.3 at 32) - a block of 32 rows of W is 36-96 KB, and prefetched into L1 (48 KB) it evicted the block
 // being read; a whole decode step at one sequence 0.97, at 32 the same (outputs unchanged: only the hint differs).
-template <bool TWO_T, bool TWO_W = true>
+template <bool TWO_T, bool TWO_W>
 inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp, int64_t KB, int64_t TB, int64_t D,
                       const uint16_t* pf, int64_t npf) {
   _tile_zero(0);
@@ -813,7 +814,7 @@ inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp
     if constexpr (TWO_T) {
       _tile_loadd(7, xb + 256, 64);
       _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
+      if constexpr (TWO_W) _tile_dpbf16ps(3, 5, 7);
     }
   }
 }
@@ -837,36 +838,37 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
   for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
   _tile_loadconfig(&cfg);
   alignas(64) float c[4][256];
-  if (TB == 1) {  // up to 16 tokens: blocks of 16 rows of W (see above)
-    for (int64_t o = o0; o < o1; o += 16) {
-      const uint16_t* w0 = W + o * D;
-      const int64_t npf = std::max<int64_t>(0, std::min<int64_t>(16, o1 - o - 16));  // rows of the next block
-      amx_block<false, false>(w0, w0, xp, KB, TB, D, npf ? w0 + 16 * D : nullptr, npf);
-      _tile_stored(0, c[0], 64);
-      amx_write_tile(c[0], 0, T, o, bias, Y, O);
-    }
-    _tile_release();
-    return;
-  }
-  for (int64_t o = o0; o < o1; o += 32) {
-    const bool two = o + 16 < o1;
+  const int64_t H = TB == 1 ? 16 : 32;  // rows of W a block: up to 16 tokens one W tile a step (see above)
+  for (int64_t o = o0; o < o1; o += H) {
+    const bool two = H == 32 && o + 16 < o1;  // a second W tile (16 more rows) in this block
     const uint16_t* w0 = W + o * D;
     const uint16_t* w1 = two ? w0 + 16 * D : w0;
-    const int64_t next = std::max<int64_t>(0, std::min<int64_t>(32, o1 - o - 32));  // rows of the next block
+    const int64_t next = std::max<int64_t>(0, std::min<int64_t>(H, o1 - o - H));  // rows of the next block
     for (int64_t tb = 0; tb < TB; tb += 2) {
       const int64_t npf = tb == 0 ? next : 0;  // prefetched during the block's first pass only
-      const uint16_t* pf = npf ? w0 + 32 * D : nullptr;
-      if (tb + 1 < TB) amx_block<true>(w0, w1, xp + tb * 256, KB, TB, D, pf, npf);
-      else amx_block<false>(w0, w1, xp + tb * 256, KB, TB, D, pf, npf);
+      const uint16_t* pf = npf ? w0 + H * D : nullptr;
+      const uint32_t* xb = xp + tb * 256;
+      if (tb + 1 < TB) {
+        if (two) amx_block<true, true>(w0, w1, xb, KB, TB, D, pf, npf);
+        else amx_block<true, false>(w0, w1, xb, KB, TB, D, pf, npf);
+      } else if (two) {
+        amx_block<false, true>(w0, w1, xb, KB, TB, D, pf, npf);
+      } else {
+        amx_block<false, false>(w0, w1, xb, KB, TB, D, pf, npf);
+      }
       _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
       amx_write_tile(c[0], tb * 16, T, o, bias, Y, O);
-      if (two) amx_write_tile(c[1], tb * 16, T, o + 16, bias, Y, O);
+      if (two) {
+        _tile_stored(1, c[1], 64);
+        amx_write_tile(c[1], tb * 16, T, o + 16, bias, Y, O);
+      }
       if (tb + 1 < TB) {
         _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
         amx_write_tile(c[2], tb * 16 + 16, T, o, bias, Y, O);
-        if (two) amx_write_tile(c[3], tb * 16 + 16, T, o + 16, bias, Y, O);
+        if (two) {
+          _tile_stored(3, c[3], 64);
+          amx_write_tile(c[3], tb * 16 + 16, T, o + 16, bias, Y, O);
+        }
       }
     }
   }
@@ -2853,7 +2855,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v134_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v137_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
