@@ -22,8 +22,10 @@ def _batches(items, size):
 @torch.no_grad()
 def heldout_loss(model, examples: list[Example], pad_id: int, batch_size: int = 16) -> float:
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for chunk in _batches(examples, batch_size):
-        losses, _ = completion_losses(model, collate(chunk, pad_id))
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        losses, _ = completion_losses(model, batch)
         total += float(losses.sum())
         count += len(chunk)
     return total / max(count, 1)
