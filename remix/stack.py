@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from remix import routing
-from remix.kernels import (cpu_ext, flatten_a, flatten_b_t, multi_routing_plan, route_with_plan, scale_chunks,
-                           selection_mask, topk_masked_u)
+from remix.kernels import cpu_ext, flatten_a, flatten_b_t, multi_routing_plan, route_with_plan, topk_masked_u
 
 
 @dataclass
@@ -195,6 +193,14 @@ class RoutingContext:
     count: bool = True
     trace: list | None = None
     plans: dict = field(default_factory=dict)  # StackedPools.layout -> this step's multi_routing_plan (shared by modules)
+    increments: dict = field(default_factory=dict)  # (n, device) -> n ones for the counters (see :meth:`ones`)
+
+    def ones(self, n: int, device: torch.device) -> torch.Tensor:
+        """n int64 ones on device (index_add_'s increments for the counters), made once a step for every module."""
+        t = self.increments.get((n, device))
+        if t is None:
+            t = self.increments[(n, device)] = torch.ones(n, dtype=torch.int64, device=device)
+        return t
 
     def plan_for(self, f: "StackedPools") -> tuple:
         """The fused path's per-token routing tables for pools of this layout, made by the first module that asks."""
@@ -260,13 +266,11 @@ def stacked_forward(
             continue
         xs = x if rows is None else x.index_select(0, rows)
         pu = F.linear(xs, w.pa)  # [t, n + n*r]
-        if w.router32 is None:
-            um, idx = topk_masked_u(pu, w.n, w.k, w.omega)
-        else:  # low-precision pools: route on float32 logits, as DESIGN §1 requires
-            idx = routing.topk_lower_index(F.linear(xs.float(), w.router32), w.k)
-            um = scale_chunks(pu[:, w.n :], selection_mask(idx, w.omega, w.n))
+        # low-precision pools route on float32 logits, as DESIGN §1 requires
+        logits = None if w.router32 is None else F.linear(xs.float(), w.router32)
+        um, idx = topk_masked_u(pu, w.n, w.k, w.omega, logits)
         if ctx.count:  # index_add_, not bincount: no host synchronisation on CUDA
-            w.counts.index_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.int64, device=idx.device))
+            w.counts.index_add_(0, idx.flatten(), ctx.ones(idx.numel(), idx.device))
         if ctx.trace is not None:
             ctx.trace.append((name, slot, rows, idx))
         if rows is None:

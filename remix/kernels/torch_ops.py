@@ -16,6 +16,7 @@ only on its own row (no cross-token reduction), so batch-mates cannot change it.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +66,8 @@ def masked_lora_delta(
     return torch.addmm(out, um, b_flat_t)
 
 
-def topk_masked_u(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_masked_u(pu: torch.Tensor, n: int, k: int, omega: float, logits: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route and mask in one call, for inference: pu = [router logits | every pool's A x].
 
     Semantics::
@@ -75,10 +77,11 @@ def topk_masked_u(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch
             um[t, i*r:(i+1)*r] = omega * pu[t, n + i*r : n + (i+1)*r] if i in J else 0
             idx[t] = J
 
-    pu: [T, n + n*r] -> (um [T, n*r], idx [T, k] int64). The torch path of the layers (CUDA, or a
-    CPU without the compiled kernels of :mod:`remix.kernels.cpu_ext`).
+    pu: [T, n + n*r] -> (um [T, n*r], idx [T, k] int64); ``logits`` [T, n], when given, route instead of
+    ``pu[:, :n]``. The torch path of the layers (CUDA, or a CPU without the compiled kernels of
+    :mod:`remix.kernels.cpu_ext`).
     """
-    return topk_masked_u_torch(pu, n, k, omega)
+    return topk_masked_u_torch(pu, n, k, omega, logits)
 
 
 def topk_masked_u_multi(pu: torch.Tensor, num_loras: int, slot_of_token: torch.Tensor, slot_off: torch.Tensor,
@@ -140,13 +143,19 @@ def route_with_plan(pu: torch.Tensor, num_loras: int, plan: tuple, logits: torch
     return scale_chunks(pu[:, N:], mask[:, :N]), sel
 
 
-def topk_masked_u_torch(pu: torch.Tensor, n: int, k: int, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`topk_masked_u` in plain torch ops (any device and dtype; logits compared in float32)."""
+def topk_masked_u_torch(pu: torch.Tensor, n: int, k: int, omega: float, logits: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_masked_u` in plain torch ops (any device and dtype; logits compared in float32). ``logits`` [T, n],
+    when given, replace ``pu[:, :n]`` for the routing (float32 logits of a lower-precision model).
+
+    Five kernels besides the slicing (sort, zeros, scatter, a cast where pu is not float32, the multiply): on CUDA an
+    eager prefill step launches them for every module. omega goes through float32 first, as the fused path's float32
+    table of weights does, so a token's weight is the same bits whichever path serves it."""
     from remix.routing import topk_lower_index
 
     T = pu.shape[0]
-    idx = topk_lower_index(pu[:, :n].float(), k)
-    mask = torch.zeros(T, n, dtype=pu.dtype, device=pu.device).scatter_(1, idx, omega)
+    idx = topk_lower_index((pu[:, :n] if logits is None else logits).float(), k)
+    mask = torch.zeros(T, n, dtype=pu.dtype, device=pu.device).scatter_(1, idx, float(np.float32(omega)))
     return scale_chunks(pu[:, n:], mask), idx
 
 
