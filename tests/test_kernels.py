@@ -712,6 +712,40 @@ def test_compiled_layer_ops_match_hf_formulas(dtype):
         ext.rotary_(torch.randn(2, 2, 5), torch.randn(2, 5), torch.randn(2, 5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_silu_mul_matches_hf_and_ignores_batch_mates(dtype):
+    """silu(gate) * up in place (LlamaMLP's act_fn(gate_proj(x)) * up_proj(x), silu rounded to the dtype before the
+    product): within float32 ulps of ATen's two ops (another ~1-ulp exp), bfloat16 equal but where a float32 silu lies
+    within an ulp of a rounding boundary; a row's result the same alone or among any number of rows (vectors of 16
+    lanes, the tail padded: 1536 x rows elements split among threads anywhere), NaN and infinities kept."""
+    import torch.nn.functional as F
+
+    ext = _compiled()
+    torch.manual_seed(0)
+    g, u = (torch.randn(300, 1536) * 4).to(dtype), torch.randn(300, 1536).to(dtype)
+    got = ext.silu_mul_(g.clone(), u)
+    want = F.silu(g) * u
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=2e-6)
+    else:
+        _bf16_close(got, want)
+        assert (got != want).float().mean() < 1e-3  # (0 of 460,800 here when written)
+    alone = torch.cat([ext.silu_mul_(g[i : i + 1].clone(), u[i : i + 1].contiguous()) for i in range(300)])
+    assert torch.equal(alone, got)
+    odd = ext.silu_mul_(g.flatten()[7:7 + 999].clone(), u.flatten()[7:7 + 999].clone())  # a tail of 7 past 62 vectors
+    assert torch.equal(odd, got.flatten()[7:7 + 999])
+    x = torch.tensor([float("nan"), float("inf"), 0.0, -0.0, 3.0, -3.0, -50.0], dtype=dtype)
+    out = ext.silu_mul_(x.clone(), torch.ones_like(x))
+    assert out[0].isnan() and out[1] == float("inf") and out[2] == 0 and out[3] == 0
+    torch.testing.assert_close(out[4:].float(), F.silu(x[4:]).float(), atol=0, rtol=2**-7)
+    y = torch.randn(4, 8).to(dtype)
+    want_y = F.silu(y) * y
+    out = ext.silu_mul_(y, y.clone())  # in place: returns y itself
+    assert out.data_ptr() == y.data_ptr() and torch.allclose(y.float(), want_y.float(), rtol=2**-7, atol=1e-6)
+    with pytest.raises(RuntimeError, match="one shape and dtype"):
+        ext.silu_mul_(torch.randn(4, 8).to(dtype), torch.randn(4, 9).to(dtype))
+
+
 def test_multi_adapter_routing_matches_its_loop_semantics(device):
     """topk_masked_u_multi (vectorised, no host reads: what the fused path and CUDA graphs run) against the loop in
     its docstring: each token routes within its own slot's range, ties go to the lower id, tokens of slot -1, of a
