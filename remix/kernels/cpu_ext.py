@@ -2339,8 +2339,8 @@ template <typename T> inline void from_floats(const float* src, T* dst, int64_t 
 // and x e / (1 + e) below, e = exp(-|x|) (vexp, ~1 ulp; ATen's Sleef exp is another ~1-ulp exp, so a bfloat16 result
 // differs from ATen's two ops only where the float32 silu lies within an ulp of a rounding boundary). Every element
 // goes through the same 16-lane code (a tail padded into a vector), so its value never depends on where a thread's
-// share of the elements begins. ATen's silu_ on bfloat16 ran at ~1 ns an element here (twenty-fifth session's Intel
-// VM: 27.5 us for 32 x 1536, mul_ 9.2 more; see silu_mul_ in docs/BENCHMARKS.md).
+// share of the elements begins. In a decode step (twenty-fifth session's Intel VM, bfloat16, in turn in one process)
+// ATen's silu_ + mul_ took ~1 ns an element (1.48 ms a step at 32 sequences), this op 0.97 (docs/BENCHMARKS.md).
 constexpr int64_t SILU_GRAIN = 4096;  // elements a thread at least
 
 inline vf silu_v(vf x) {
@@ -2930,7 +2930,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v139_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v140_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
