@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (run through the `device` tool with carry [".whl", ".smol"], after scripts/gpu/prepare.sh here):
-# installs the carried wheels, builds random weights of the default base's shapes, runs every CUDA test and the server benchmark on CUDA in float32 and bfloat16. Everything lands in
-# $OUT (tests.log, bench_*.txt, server_cuda*.json/md); the last lines printed are a summary.
+# installs the carried wheels, builds random weights of the default base's shapes, runs every CUDA test and the server
+# benchmark on CUDA in bfloat16 and float32 (each within its budget of seconds). Everything lands in
+# $OUT (tests.log, bench_*.log, server_cuda*.json/md: seven files, within the device tool's eight); the last lines
+# printed are a summary.
 # Usage (device tool command): bash scripts/gpu/check.sh [test-seconds-budget, default 240] [bench-seconds-budget per dtype, default 200]
 set -uo pipefail
 budget=${1:-240}; bench_budget=${2:-200}
@@ -30,6 +32,6 @@ wait
 for dtype in bfloat16 float32; do
   timeout "$bench_budget" python3 -m server.bench --base /tmp/smol --device cuda --dtype $dtype --json "$OUT/server_cuda_$dtype.json" \
     --markdown "$OUT/server_cuda_$dtype.md" > "$OUT/bench_$dtype.log" 2>&1
-  echo "rc=$?" >> "$OUT/bench_$dtype.log"; grep -E "^c=|goal|rc=" "$OUT/bench_$dtype.log" > "$OUT/bench_$dtype.txt"
-  echo "== bench $dtype"; grep goal "$OUT/bench_$dtype.txt"
+  echo "rc=$?" >> "$OUT/bench_$dtype.log"
+  echo "== bench $dtype"; grep -E "goal|^rc=" "$OUT/bench_$dtype.log"
 done
