@@ -2,7 +2,7 @@
 
     python -m server.bench --json out.json [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 128]
                            [--dtype auto|bfloat16|float32] [--device cpu|cuda|auto] [--repeats 2]
-                           [--kv-cache-dtype auto|int8] [--peft] [--temperature T --top-p P]
+                           [--kv-cache-dtype auto|int8] [--peft] [--temperature T --top-p P] [--max-batched-tokens N]
 
 On the default base (prompts of ~128 tokens, 128 new tokens, greedy - or, with --temperature, every contender
 sampling alike: HF generate with do_sample, the engine seeded per request -, prefill included) it measures:
@@ -323,9 +323,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
                     help="the engine's KV cache (the server's --kv-cache-dtype; int8: CPU only); HF's is its own")
     ap.add_argument("--device", default="cpu", help=f"where every contender runs: {', '.join(DEVICES)} or cuda:N (auto: cuda if present)")
+    ap.add_argument("--max-batched-tokens", type=int, default=0,
+                    help="the engine's tokens a step (the server's --max-batched-tokens; 0: 512, or the prompt length plus "
+                         "the largest concurrency if that is more). HF generate prefills every prompt of a batch in one "
+                         "forward; the engine in steps of this many tokens")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats: must be at least 1")
+    if args.max_batched_tokens and args.max_batched_tokens < max(int(c) for c in args.concurrency.split(",")) + 1:
+        ap.error("--max-batched-tokens: must exceed the largest concurrency (a step holds every decode row)")
     try:
         device = resolve_device(args.device)
     except ValueError as e:
@@ -346,7 +352,7 @@ def main(argv=None) -> dict:
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else None
     max_len = args.prompt_tokens + args.new_tokens + 8
     engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,
-                                             max_batched_tokens=max(512, args.prompt_tokens + max(levels)),
+                                             max_batched_tokens=args.max_batched_tokens or max(512, args.prompt_tokens + max(levels)),
                                              kv_cache_dtype=args.kv_cache_dtype,
                                              # every round submits the same prompts, and HF computes every prompt:
                                              # so does the engine (no prefix cache)
@@ -463,6 +469,7 @@ def main(argv=None) -> dict:
     out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
                       "kv_cache_dtype": args.kv_cache_dtype, "sampling": sampling or "greedy", "peft_targets": PEFT_TARGETS if args.peft else None,
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                      "max_batched_tokens": engine.config.max_batched_tokens,
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_ext.cpu_model(),
                       # which bfloat16 GEMM the engine ran (AMX tiles, or not: no AMX, or REMIX_DISABLE_AMX=1)
                       "amx_bf16": device.type == "cpu" and cpu_ext.amx_bf16()},

@@ -161,6 +161,20 @@ def test_server_bench_takes_the_8bit_cache():
     assert out["config"]["kv_cache_dtype"] == "int8" and out["results"][2]["engine_remix"]["tokens_per_s"] > 0
 
 
+def test_server_bench_takes_the_engines_token_budget(capsys):
+    """--max-batched-tokens reaches the engine (recorded in the JSON): 3 tokens a step means prompts of 8 tokens are
+    prefilled in several steps, as the server would with that setting; one that cannot hold the decode rows is refused
+    with the flag's name."""
+    out = server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "3",
+                             "--skip-hf-loop", "--repeats", "1", "--max-batched-tokens", "3"])
+    assert out["config"]["max_batched_tokens"] == 3 and out["results"][2]["engine_remix"]["tokens_per_s"] > 0
+    assert server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "2",
+                              "--skip-hf-loop", "--repeats", "1"])["config"]["max_batched_tokens"] == 512
+    with pytest.raises(SystemExit):
+        server_bench.main(["--base", "tiny", "--concurrency", "4", "--max-batched-tokens", "4"])
+    assert "--max-batched-tokens: must exceed the largest concurrency" in capsys.readouterr().err
+
+
 def test_kv_bench_measures_both_caches_in_rounds_and_their_agreement(tmp_path):
     from server import bench_kv
 
