@@ -359,8 +359,12 @@ def test_compiled_bfloat16_phase_a_paths_match_float64(T, D):
                 alone = ext.gather_(x[t : t + 1].contiguous(), y0[t : t + 1].clone(), a, bt, idx[t : t + 1].contiguous(),
                                     w[t : t + 1].contiguous(), r)
                 assert torch.equal(alone, out[t : t + 1])
+            ext._phase_a_prefetch(False)  # the vdpbf16ps path's prefetch of the next rows of A changes no value
+            assert torch.equal(ext.gather_(x, y0.clone(), a, bt, idx, w, r), out)
+            ext._phase_a_prefetch(True)
     finally:
         ext._phase_a_bf16_dot(True)
+        ext._phase_a_prefetch(True)
 
 
 def test_compiled_bfloat16_output_rounds_like_torch():
