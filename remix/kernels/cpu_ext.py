@@ -148,7 +148,7 @@ inline float hsum(vf v) {  // a fixed pairwise order (depth 4, not 16)
 // on which tokens share its block.
 template <typename R, typename XT = float>
 inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, int64_t D, float* out, int64_t os,
-                    const float* scale) {
+                    const float* scale, const R* pf = nullptr) {
   const XT* x[4];
   const R* a[4];
   for (int q = 0; q < 4; ++q) x[q] = xs[std::min<int64_t>(q, nq - 1)];
@@ -157,6 +157,8 @@ inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, 
   for (int q = 0; q < 4; ++q) for (int c = 0; c < 4; ++c) acc[q][c] = vf{};
   int64_t d = 0;
   for (; d + L <= D; d += L) {
+    if (pf && (d * static_cast<int64_t>(sizeof(R))) % 64 == 0)  // a line of each of the four rows the next call reads
+      for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + c * D + d), _MM_HINT_T1);
     vf av[4];
     for (int c = 0; c < 4; ++c) av[c] = load(a[c] + d);
     for (int q = 0; q < 4; ++q) {
@@ -272,12 +274,13 @@ struct Pools {
   bool bf16 = false;
 };
 
-// phase A on bfloat16 pools prefetches, while one call of dots4x4 runs, the four rows of A the next call reads (into L2,
-// a line of each per step, as the AMX GEMM does with W): at 8 to 32 rows each LoRA's rows come from memory, a few
-// KB each, too short for the hardware prefetchers. In turn in one process (default base, bfloat16, medians of 8
-// rounds, two runs in both orders; twenty-fifth session's Intel VM): the FFN projections 0.98 of the time at 8
-// sequences with one adapter, 0.94-0.95 with four, 0.95-1.01 at 32 with one, 0.92-0.93 with four; decode steps
-// 0.95-1.00. Only where the prefetch goes changes, so the outputs do not. g_pa_pf: off for A/B runs (_phase_a_prefetch).
+// phase A prefetches, while one call of dots4x4 runs, the four rows of A the next call reads (into L2, a line of each
+// per 64 bytes of a row, as the AMX GEMM does with W): at 8 to 32 rows each LoRA's rows come from memory, a few KB
+// each, too short for the hardware prefetchers. In turn in one process (default base, medians of 8 rounds, two runs
+// in both orders; twenty-fifth session's Intel VM), bfloat16 (vdpbf16ps): the FFN projections 0.98 of the time at 8
+// sequences with one adapter, 0.94-0.95 with four, 0.95-1.01 at 32 with one, 0.92-0.93 with four, decode steps
+// 0.95-1.00; float32: 1.00-1.03 / 0.96-0.97 / 0.95-1.00 / 0.98-1.00. Only where the prefetch goes changes, so the
+// outputs do not. g_pa_pf: off for A/B runs (_phase_a_prefetch).
 bool g_pa_pf = true;
 bool g_phase_a_dot = true;  // A/B runs
 #ifdef REMIX_DOT_BF16
@@ -333,14 +336,10 @@ void phase_a_of(const Pairs& pr, int64_t b0, int64_t b1, const XT* X, const Pool
     for (int64_t q = 0; q < nq; ++q) xs[q] = X + pr.rows[p0 + q] * D;
     const int64_t next = b + 1 < b1 ? pr.blocks[2 * b + 2] : -1;  // the next block's LoRA
     for (int64_t c0 = 0; c0 < r; c0 += 4) {
-      if constexpr (std::is_same_v<R, uint16_t> && std::is_same_v<XT, uint16_t>) {
-        // the rows the next call reads: this LoRA's next four, or the next block's LoRA's first four (into L2)
-        const R* pf = !g_pa_pf ? nullptr : c0 + 4 < r ? A + (i * r + c0 + 4) * D
-                                                     : next >= 0 && next != i && r % 4 == 0 ? A + next * r * D : nullptr;
-        dots4x4(xs, nq, A + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0, pf);
-      } else {
-        dots4x4(xs, nq, A + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0);
-      }
+      // the rows the next call reads: this LoRA's next four, or the next block's LoRA's first four (into L2)
+      const R* pf = !g_pa_pf ? nullptr
+                    : c0 + 4 < r ? A + (i * r + c0 + 4) * D : next >= 0 && next != i ? A + next * r * D : nullptr;
+      dots4x4(xs, nq, A + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0, pf);
     }
   }
 }
@@ -2949,7 +2948,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v141_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v142_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
