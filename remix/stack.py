@@ -207,8 +207,7 @@ class RoutingContext:
         plan = self.plans.get(f.layout)
         if plan is None:
             bias, keep, weight = multi_routing_plan(self.slots, f.tables, f.num_loras, f.kmax, f.pa.dtype)
-            ones = torch.ones(keep.numel(), dtype=torch.int64, device=self.slots.device)  # index_add_'s increments
-            plan = self.plans[f.layout] = (bias, keep, weight, ones)
+            plan = self.plans[f.layout] = (bias, keep, weight, self.ones(keep.numel(), self.slots.device))
         return plan
 
     @classmethod

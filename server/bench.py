@@ -330,7 +330,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats: must be at least 1")
-    if args.max_batched_tokens and args.max_batched_tokens < max(int(c) for c in args.concurrency.split(",")) + 1:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if args.max_batched_tokens and args.max_batched_tokens <= max(levels):
         ap.error("--max-batched-tokens: must exceed the largest concurrency (a step holds every decode row)")
     try:
         device = resolve_device(args.device)
@@ -346,7 +347,6 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="remix-bench-"))
     adapter_paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
     model.to(device=device, dtype=dtype)  # the engine's copy (the adapters are already written)
-    levels = [int(c) for c in args.concurrency.split(",")]
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else None

@@ -2366,33 +2366,27 @@ inline vf silu_v(vf x) {
   return (x >= 0.f ? x : x * e) / (e + 1.f);  // one division (a vector select of the numerator)
 }
 
-// x rounded to T's precision, all lanes: bfloat16 to nearest even in bit operations (NaN kept), as round_to does
+// every lane rounded to T's precision (round_to's values; 16 at a time by narrow16 with AVX-512, NaN kept a NaN)
 template <typename T>
 inline vf round_v(vf x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else {
-    vu b;
-    std::memcpy(&b, &x, sizeof b);
-    const vu r = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
-    const vu keep = (vu)((b & 0x7FFFFFFFu) > 0x7F800000u);  // NaN: all ones
-    const vu out = (keep & b) | (~keep & r);
-    vf f;
-    std::memcpy(&f, &out, sizeof f);
-    return f;
+  if constexpr (!std::is_same_v<T, float>) {
+#ifdef __AVX512F__
+    if constexpr (L == 16) return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(narrow16((__m512)x)), 16));
+#endif
+    for (int l = 0; l < L; ++l) x[l] = round_to<T>(x[l]);
   }
+  return x;
 }
 
 template <typename T>
-inline void store_v(T* p, vf x) {  // x's values already exact in T
-  if constexpr (std::is_same_v<T, float>) {
-    store(p, x);
-  } else {
-    vu b;
-    std::memcpy(&b, &x, sizeof b);
-    const vh h = __builtin_convertvector(b >> 16, vh);
-    std::memcpy(p, &h, sizeof h);
-  }
+inline void store_v(T* p, vf x) {  // x's values already exact in T (narrow16 then only drops the low bits)
+#ifdef __AVX512F__
+  if constexpr (L == 16 && !std::is_same_v<T, float>)
+    return _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16((__m512)x));
+#endif
+  alignas(64) float f[L];
+  store(f, x);
+  from_floats(f, p, L);
 }
 
 template <typename T>
@@ -2948,7 +2942,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v142_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v144_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(

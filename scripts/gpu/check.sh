@@ -12,17 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD || { echo "wheel install failed"; exit 3; }
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 - <<'PY' > /dev/null 2>&1 &
-import shutil, torch
-from pathlib import Path
-from transformers import AutoConfig, AutoModelForCausalLM
-src, out = Path(".smol"), Path("/tmp/smol")
-torch.manual_seed(0)
-AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32).save_pretrained(out)
-for f in src.iterdir():
-    if f.suffix in (".json", ".jinja") and f.name != "config.json":
-        shutil.copy(f, out / f.name)
-PY
+python3 scripts/gpu/random_base.py .smol /tmp/smol > /dev/null 2>&1 &
 # Every test that runs on CUDA carries the `cuda` mark (the `device` fixture's CUDA case and the CUDA-only tests); the CPU
 # cases run in CI on the development machine. One pytest process: the compiled CPU kernels build once.
 timeout "$budget" python3 -X faulthandler -m pytest -q -p no:cacheprovider tests -m cuda --continue-on-collection-errors --tb=short -rfEs --durations=8 \

@@ -32,23 +32,6 @@ from server.cli import resolve_device, resolve_dtype
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 
-def random_base(config_dir: str) -> str:
-    """A directory holding config_dir's configuration and tokenizer with random weights (seed 0), as check.sh makes:
-    the default base's 98 MB package does not travel to the GPU machine."""
-    import shutil
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    out = Path(tempfile.mkdtemp(prefix="remix-random-base-"))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32).save_pretrained(out)
-    for f in Path(config_dir).iterdir():
-        if f.suffix in (".json", ".jinja") and f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    return str(out)
-
-
 def engine_for(model, tok, paths, budget: int, max_len: int) -> Engine:
     engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=32, max_queue=1024,
                                              max_batched_tokens=budget, prefix_caching=False))
@@ -123,7 +106,9 @@ def main(argv=None) -> None:
                     "tokenizer only (scripts/gpu/prepare.sh's .smol): random weights of its shapes")
     args = ap.parse_args(argv)
     if args.random_weights:
-        args.base = random_base(args.base)
+        from random_base import random_base  # (this script's folder is on sys.path)
+
+        args.base = random_base(args.base, tempfile.mkdtemp(prefix="remix-random-base-"))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tok = remix.load_base(args.base)
