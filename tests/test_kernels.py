@@ -199,7 +199,8 @@ def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread. A token share
     is routed and gathered 64 tokens an adapter at a time (bfloat16 with bfloat16 pools: x read as it is, widened in
     registers, where below 64 tokens the router reads a float32 copy; with float32 pools from a float32 copy of the
-    tile's x): 300 tokens of two adapters are tiles of 128 + 22 per thread on two threads and 128 + 128 + 44 on one,
+    tile's x; below 64 tokens of two or more adapters each thread computes the logits of a share of the routers' rows
+    for every token, on or off here): 300 tokens of two adapters are tiles of 128 + 22 per thread on two threads and 128 + 128 + 44 on one,
     and one adapter's 109 tokens alone tiles of 64 + 45 on one thread, so a token off its tile's first row must be read
     from the right row, and its sums must not depend on its tile."""
     ext = _compiled()
@@ -222,13 +223,15 @@ def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     assert len(one) >= 64  # split by tokens too
     threads = torch.get_num_threads()
     try:
-        for nthreads in {1, max(2, threads)}:
+        for nthreads, units in itertools.product({1, max(2, threads)}, (True, False)):
             torch.set_num_threads(nthreads)
+            ext._route_units(units)  # below 64 tokens of two or more adapters: the threads split the routers' rows
             for rows in (slice(0, 1), slice(17, 18), slice(299, 300), slice(10, 40), slice(0, 150), one):  # 30: split by pools
                 idx_s, y_s = run(rows)
                 assert torch.equal(idx_s, idx[rows]) and torch.equal(y_s, batch[rows])
     finally:
         torch.set_num_threads(threads)
+        ext._route_units(True)
 
 
 @pytest.mark.parametrize("T", [5, 70])  # threads split the pools below 64 tokens, the tokens from 64

@@ -505,45 +505,87 @@ inline int64_t routed_slot(const Routing& rt, int64_t t) {
   return (s < 0 || s >= rt.S || rt.n[s] == 0) ? -1 : s;
 }
 
+// Tokens by slot (counting sort, no slot / empty pool skipped): slot s's tokens are tok[start[s], start[s + 1]).
+inline void tokens_by_slot(const Routing& rt, int64_t t0, int64_t t1, std::vector<int64_t>& start, std::vector<int64_t>& tok) {
+  const int64_t S = rt.S;
+  start.assign(S + 1, 0);
+  for (int64_t t = t0; t < t1; ++t) { const int64_t s = routed_slot(rt, t); if (s >= 0) ++start[s + 1]; }
+  for (int64_t s = 0; s < S; ++s) start[s + 1] += start[s];
+  tok.resize(start[S]);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t t = t0; t < t1; ++t) { const int64_t s = routed_slot(rt, t); if (s >= 0) tok[fill[s]++] = t; }
+}
+
+// Token t's top k of its slot s's n logits lg (ties to the lower index): global ids into ip [T, kmax], omega into wp.
+inline void topk_token(const float* lg, int64_t t, int64_t s, const Routing& rt, int64_t* ip, float* wp) {
+  const int64_t o = rt.off[s], n = rt.n[s], k = rt.k[s];
+  uint64_t taken = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t best = -1;
+    float value = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      if ((taken >> i) & 1ull) continue;
+      if (best < 0 || lg[i] > value) { best = i; value = lg[i]; }  // strict >: ties keep the lower index
+    }
+    taken |= 1ull << best;
+    ip[t * rt.kmax + j] = o + best;
+    wp[t * rt.kmax + j] = rt.omega[s];
+  }
+}
+
 // x's first row is token x0's; float32 x, or a bfloat16 call's own x (XT c10::BFloat16: each element widened in a
 // register where it is read - the same float values as a widened copy, summed in the same order, without the copy,
 // and with half the bytes of four x rows in L1 beside four router rows).
 template <typename XT>
 void route_rows(const XT* x, int64_t x0, int64_t D, int64_t t0, int64_t t1, const Routing& rt, int64_t* ip, float* wp) {
   const int64_t S = rt.S;
-  std::vector<int64_t> start(S + 1, 0), tok;  // counting sort of the tokens by slot (no slot / empty pool: skipped)
-  for (int64_t t = t0; t < t1; ++t) { const int64_t s = routed_slot(rt, t); if (s >= 0) ++start[s + 1]; }
-  for (int64_t s = 0; s < S; ++s) start[s + 1] += start[s];
-  tok.resize(start[S]);
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t t = t0; t < t1; ++t) { const int64_t s = routed_slot(rt, t); if (s >= 0) tok[fill[s]++] = t; }
-  }
+  std::vector<int64_t> start, tok;
+  tokens_by_slot(rt, t0, t1, start, tok);
   float logits[4 * 64];
   for (int64_t s = 0; s < S; ++s)
     for (int64_t b0 = start[s]; b0 < start[s + 1]; b0 += 4) {
-      const int64_t nq = std::min<int64_t>(4, start[s + 1] - b0), o = rt.off[s], n = rt.n[s], k = rt.k[s];
+      const int64_t nq = std::min<int64_t>(4, start[s + 1] - b0), o = rt.off[s], n = rt.n[s];
       const XT* xs[4];
       for (int64_t q = 0; q < nq; ++q) xs[q] = x + (tok[b0 + q] - x0) * D;
       for (int64_t c0 = 0; c0 < n; c0 += 4)
         dots4x4(xs, nq, rt.router + (o + c0) * D, std::min<int64_t>(4, n - c0), D, logits + c0, 64, nullptr);
-      for (int64_t q = 0; q < nq; ++q) {
-        const float* lg = logits + q * 64;
-        const int64_t t = tok[b0 + q];
-        uint64_t taken = 0;
-        for (int64_t j = 0; j < k; ++j) {
-          int64_t best = -1;
-          float value = 0.f;
-          for (int64_t i = 0; i < n; ++i) {
-            if ((taken >> i) & 1ull) continue;
-            if (best < 0 || lg[i] > value) { best = i; value = lg[i]; }  // strict >: ties keep the lower index
-          }
-          taken |= 1ull << best;
-          ip[t * rt.kmax + j] = o + best;
-          wp[t * rt.kmax + j] = rt.omega[s];
-        }
-      }
+      for (int64_t q = 0; q < nq; ++q) topk_token(logits + q * 64, tok[b0 + q], s, rt, ip, wp);
     }
+}
+
+// The router logits of every routed token of x [T, D] for this thread's share (h of nh) of the units (slot, block of
+// four router rows) of the slots in use: logits[t * 64 + i] for LoRA i of token t's slot. Each logit is dots4x4's sum
+// for its token and row, whatever block it is computed in, so the split does not change a value. run() takes it below
+// SPLIT_POOLS_BELOW tokens of two or more adapters: split by tokens, every thread read every router of the batch (a
+// token of each adapter on each thread: four adapters' float32 routers, 4 x 8 x 1536 x 4 bytes for a down_proj, read
+// twice); split by units, each reads its share once. The decode stack's FFN projections (default base, bfloat16, four
+// adapters mixed, both ways in turn in one process, medians of 8 rounds, two runs in both orders; 26th session's
+// Intel VM): 8 sequences 12.77 -> 12.54 and 12.42 -> 12.15 ms a step, 32 sequences 17.33 -> 17.20 and 16.53 -> 16.75
+// (noise); with one adapter (two units: each thread half the router for every token) 32 sequences went 13.37 ->
+// 13.61 (it reads x as it is, widened in registers: a float32 copy is not complete before the barrier), so one
+// adapter keeps the split by tokens. g_route_units: off for tests and A/B runs (_route_units).
+bool g_route_units = true;
+template <typename XT>
+void route_logits_share(const XT* x, int64_t D, int64_t T, const Routing& rt, int64_t h, int64_t nh, float* logits) {
+  std::vector<int64_t> start, tok;
+  tokens_by_slot(rt, 0, T, start, tok);
+  std::vector<int64_t> units;  // slot * 64 + first row
+  for (int64_t s = 0; s < rt.S; ++s)
+    if (start[s + 1] > start[s])
+      for (int64_t c0 = 0; c0 < rt.n[s]; c0 += 4) units.push_back(s * 64 + c0);
+  const int64_t nu = static_cast<int64_t>(units.size());
+  float out[4 * 4];
+  for (int64_t u = nu * h / nh; u < nu * (h + 1) / nh; ++u) {
+    const int64_t s = units[u] / 64, c0 = units[u] % 64, nc = std::min<int64_t>(4, rt.n[s] - c0);
+    for (int64_t b0 = start[s]; b0 < start[s + 1]; b0 += 4) {
+      const int64_t nq = std::min<int64_t>(4, start[s + 1] - b0);
+      const XT* xs[4];
+      for (int64_t q = 0; q < nq; ++q) xs[q] = x + tok[b0 + q] * D;
+      dots4x4(xs, nq, rt.router + (rt.off[s] + c0) * D, nc, D, out, 4, nullptr);
+      for (int64_t q = 0; q < nq; ++q)
+        for (int64_t c = 0; c < nc; ++c) logits[tok[b0 + q] * 64 + c0 + c] = out[q * 4 + c];
+    }
+  }
 }
 
 // out[i] = hsum(v[i]) for i < n, bit for bit, sixteen at a time: with AVX-512 the same pairwise tree runs across
@@ -1159,16 +1201,43 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     return;
   }
   Scratch U = scratch(T * k * pl.r);
+  bool units = false;  // two or more slots in use: route by units of the routers (route_logits_share)
+  if (g_route_units && rt)
+    for (int64_t t = 1; t < T && !units; ++t) {
+      const int64_t s = routed_slot(*rt, t);
+      units = s >= 0 && s != routed_slot(*rt, 0);
+    }
+  Scratch logits = scratch(units ? T * 64 : 0);
 #pragma omp parallel num_threads(P)
   {
     const auto [h, nh] = region_thread();
-    {  // stage 1: widen and route a share of the tokens
+    std::vector<int64_t> own_sel;
+    std::vector<float> own_w;
+    {  // stage 1: widen and route a share of the tokens (or compute a share of the routers' logits)
       const int64_t t0 = T * h / nh, t1 = T * (h + 1) / nh;
       if (copy_x && t1 > t0) widen_x(t0, t1, xbuf.get(), 0);
-      if (rt && t1 > t0) route_rows(X, 0, D, t0, t1, *rt, sel, w);
+      if (units) {
+        own_sel.assign(sel, sel + T * k);  // (read before the barrier, after which thread 0 writes sel)
+        own_w.assign(w, w + T * k);
+        if (bf16) route_logits_share(xb, D, T, *rt, h, nh, logits.get());
+        else route_logits_share(X, D, T, *rt, h, nh, logits.get());
+      } else if (rt && t1 > t0) {
+        route_rows(X, 0, D, t0, t1, *rt, sel, w);
+      }
     }
 #pragma omp barrier
-    const Pairs pr(sel, w, T, k, pl.N);  // every thread sorts the (few) pairs itself: same input, same order
+    if (units) {  // every thread takes the top-k of every token from the logits (thread 0 into sel / w)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t s = routed_slot(*rt, t);
+        if (s >= 0) topk_token(logits.get() + t * 64, t, s, *rt, own_sel.data(), own_w.data());
+      }
+      if (h == 0) {
+        std::copy(own_sel.begin(), own_sel.end(), sel);
+        std::copy(own_w.begin(), own_w.end(), w);
+      }
+    }
+    // every thread sorts the (few) pairs itself: same input, same order
+    const Pairs pr(units ? own_sel.data() : sel, units ? own_w.data() : w, T, k, pl.N);
     const int64_t nb = pr.num_blocks();
     if (pr.size() > 0) {  // the same for every thread: all of them meet the barrier, or none
       phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, xh, pl, U.get());
@@ -2283,7 +2352,11 @@ torch::Tensor masked_argmax_rows(torch::Tensor logits, torch::Tensor rows, torch
 // float32 sums run in another order than ATen's. Rows are independent and split among threads in blocks of ROW_GRAIN
 // (a step of up to ROW_GRAIN rows runs on one thread), and a row's result never depends on how many rows share the
 // call: so the engine can use these ops for every step size, and a request's numbers do not depend on its batch-mates.
-constexpr int64_t ROW_GRAIN = 32;
+// 16, not 32: a 32-sequence decode step's norms and rotary on both threads instead of one (the rows they read were
+// written by both threads' GEMM slices): in the decode stack (default base, bfloat16, one adapter, the two grains in
+// turn in one process, 26th session's Intel VM) norms 1.54-1.56 -> 1.18-1.21 ms a step and rotary 0.80-0.83 ->
+// 0.54-0.55; a 16-sequence step unchanged (one thread either way).
+constexpr int64_t ROW_GRAIN = 16;
 
 template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
 template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
@@ -2725,6 +2798,7 @@ Proj to_proj(const pybind11::tuple& t) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
   m.def("_phase_a_prefetch", [](bool on) { g_pa_pf = on; }, "A/B runs: phase A's prefetch of the next rows of A (default on)");
   m.def("silu_mul_", &silu_mul_, "g = silu(g) * u in place (HF's roundings), float32 or bfloat16");
@@ -2942,7 +3016,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v144_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v145_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
