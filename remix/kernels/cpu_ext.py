@@ -1264,7 +1264,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
 typedef int32_t vi __attribute__((vector_size(L * sizeof(int32_t))));
 
 // exp(x) for x <= 0 (scores minus their maximum): Cephes' expf reduction and polynomial (~1 ulp), 2^n by exponent add
-inline vf vexp(vf x) {
+__attribute__((always_inline)) inline vf vexp(vf x) {
   const vf lo = vf{} - 87.f;
   x = x < lo ? lo : x;
   const vf magic = vf{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
@@ -2475,10 +2475,18 @@ inline void silu_mul_block(T* g, const T* u, int64_t n) {  // n <= L elements, t
   std::memcpy(g, a, n * sizeof(T));
 }
 
+// Four vectors a step, vexp inlined (GCC had called it out of line, one vector's chain of ~12 dependent FMAs at a
+// time): bfloat16 [512, 1536] 533 -> 430 us (with a copy to reset g), float32 ~0.9 of the time; the same values.
 template <typename T>
 void silu_mul_elems(T* g, const T* u, int64_t n) {
   at::parallel_for(0, (n + L - 1) / L, SILU_GRAIN / L, [&](int64_t v0, int64_t v1) {
-    for (int64_t v = v0; v < v1; ++v) silu_mul_block(g + v * L, u + v * L, std::min<int64_t>(L, n - v * L));
+    int64_t v = v0;
+    for (; v + 4 <= v1 && (v + 4) * L <= n; v += 4) {
+      vf a[4];
+      for (int j = 0; j < 4; ++j) a[j] = silu_mul_v<T>(load(g + (v + j) * L), load(u + (v + j) * L));
+      for (int j = 0; j < 4; ++j) store_v(g + (v + j) * L, a[j]);
+    }
+    for (; v < v1; ++v) silu_mul_block(g + v * L, u + v * L, std::min<int64_t>(L, n - v * L));
   });
 }
 
@@ -3016,7 +3024,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v145_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v146_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
