@@ -201,8 +201,9 @@ def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     registers, where below 64 tokens the router reads a float32 copy; with float32 pools from a float32 copy of the
     tile's x; below 64 tokens of two or more adapters each thread computes the logits of a share of the routers' rows
     for every token, on or off here): 300 tokens of two adapters are tiles of 128 + 22 per thread on two threads and 128 + 128 + 44 on one,
-    and one adapter's 109 tokens alone tiles of 64 + 45 on one thread, so a token off its tile's first row must be read
-    from the right row, and its sums must not depend on its tile."""
+    and one adapter's 109 tokens alone tiles of 64 + 45 on one thread (float32; bfloat16 tiles are 256 tokens an
+    adapter: see the next test), so a token off its tile's first row must be read from the right row, and its sums
+    must not depend on its tile."""
     ext = _compiled()
     n, r, D, O = 8, 8, 64, 200  # O: two-vector slices, a one-vector slice and a scalar tail
     g = torch.Generator().manual_seed(3)
@@ -232,6 +233,36 @@ def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     finally:
         torch.set_num_threads(threads)
         ext._route_units(True)
+
+
+def test_compiled_bfloat16_tiles_of_256_tokens_give_each_token_its_own_result():
+    """bfloat16 gathers a token share 256 tokens an adapter at a time: 600 tokens of one adapter on one thread are tiles
+    of 256 + 256 + 88 (300 a thread on two: 256 + 44), and every token's idx and y row equal those of the token alone."""
+    ext = _compiled()
+    n, r, D, O = 8, 8, 64, 200
+    g = torch.Generator().manual_seed(5)
+    P = torch.randn(n, D, generator=g)
+    a, bt = torch.randn(n * r, D, generator=g).bfloat16(), torch.randn(n * r, O, generator=g).bfloat16()
+    tables = (torch.tensor([0]), torch.tensor([n]), torch.tensor([2]), torch.tensor([0.5]))
+    x = torch.randn(600, D, generator=g).bfloat16()
+    y0 = torch.randn(600, O, generator=g).bfloat16()
+    slots = torch.zeros(600, dtype=torch.int64)
+    none = torch.empty(0, dtype=torch.int64)
+
+    def run(rows):
+        y = y0[rows].clone()
+        return ext.route_gather_(x[rows].clone(), y, P, a, bt, slots[rows].clone(), *tables, r, 2, none), y
+
+    threads = torch.get_num_threads()
+    try:
+        for nthreads in {1, max(2, threads)}:
+            torch.set_num_threads(nthreads)
+            idx, batch = run(slice(0, 600))
+            for t in (0, 1, 255, 256, 257, 299, 300, 511, 512, 599):
+                idx_t, y_t = run(slice(t, t + 1))
+                assert torch.equal(idx_t, idx[t : t + 1]) and torch.equal(y_t, batch[t : t + 1]), t
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("T", [5, 70])  # threads split the pools below 64 tokens, the tokens from 64

@@ -397,7 +397,13 @@ void phase_b(const Pairs& pr, const Pools& pl, const float* U, float* Y, int64_t
 // rules in turn in one process (twenty-fourth session's Intel VM, medians of 9 rounds): tiles of 64 x adapters against
 // 64 at 512 / 1024 tokens took 0.85 / 0.90 (576 -> 1536) and 0.90 / 0.95 (1536 -> 576) of the module's time in
 // bfloat16 (the adapters' share of it ~0.7), 0.95 / 0.96 and 0.94 / 0.97 in float32; one adapter is unchanged.
-constexpr int64_t TILE = 64;
+// bfloat16 takes tiles of TILE_BF16 tokens an adapter (its y goes through phase_b_bf16's blocks of YBLOCK columns, so a
+// tile's float32 y is C x YBLOCK, not C x O): one adapter's ReMix delta at 512 tokens (30 modules a shape, in turn in
+// one process, medians of 12 rounds, two runs; 26th session's Intel VM) 466 / 439 -> 430 / 367 us (576 -> 1536) and
+// 431 / 424 -> 405 / 389 (1536 -> 576) with tiles of 256 against 64; at 1,024 tokens 256 and 512 within 3 % of 64;
+// the engine's prefill of 32 prompts of 128 tokens 1.866 -> 1.819 s and 1.955 -> 1.930 (medians of 6). float32 updates
+// y itself (C x O floats in the tile): 256 was slower at 576 -> 1536 (385 -> 407, 345 -> 470 us), so it keeps 64.
+constexpr int64_t TILE = 64, TILE_BF16 = 256;
 
 void check_pools(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& a, const torch::Tensor& bt, int64_t r) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous CPU [T, D] tensor");
@@ -1161,7 +1167,7 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
       }
       slots = std::max<int64_t>(1, n);
     }
-    const int64_t C = std::min<int64_t>(TILE * slots, t1 - t0);
+    const int64_t C = std::min<int64_t>((bf16 ? TILE_BF16 : TILE) * slots, t1 - t0);
     Scratch xc = scratch(copy_x ? C * D : 0), yb = scratch(bf16 ? C * YBLOCK : 0);
     std::vector<float> U;
     std::vector<char> has(C);
@@ -3024,7 +3030,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v146_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v147_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
