@@ -286,7 +286,8 @@ def test_compiled_decode_stack_is_bit_identical_to_the_python_loop(tmp_path, mon
     Python loop gives - the same kernels in the same order: tokens, log-probabilities and every LoRA's selection
     count, with a ReMix adapter on the FFN, another on o_proj and down_proj, and the bare base in one batch; then
     again with a third adapter on q and v (q/k/v no longer one GEMM: three projections in turn, in both). A routing
-    trace sends the step through the Python loop instead."""
+    trace sends the step through the Python loop instead. With that adapter loaded, steps whose tokens do not route in
+    q / k / v run the base's one [q; k; v] GEMM in the stack, three projections in the loop: still the same numbers."""
     from remix.kernels import cpu_ext
 
     if cpu_ext.load() is None:
@@ -320,6 +321,12 @@ def test_compiled_decode_stack_is_bit_identical_to_the_python_loop(tmp_path, mon
     for name, layer in stacked.runner.stacked.items():
         assert torch.equal(layer.stack.counts, loop.runner.stacked[name].stack.counts), name
     assert any(".q_proj" in name and layer.stack.counts.sum() > 0 for name, layer in stacked.runner.stacked.items())
+    # with it loaded, steps where no token routes in q / k / v run the base's one [q; k; v] GEMM in the stack (the loop
+    # keeps three projections): the same numbers
+    key = stacked.runner.lean._stack[0]  # per layer: norms (4 items), the one q/k/v weight and bias, q, k, v, ...
+    assert key[4] is not None and key[6] is not None
+    without = [None, "a0", "a1", "a0"]
+    assert run_all(stacked, requests_for(tok, without)) == run_all(loop, requests_for(tok, without))
     # a routing trace: the Python loop
     used.clear()
     traced = requests_for(tok, [None, "a0", "qv"])

@@ -2675,6 +2675,7 @@ void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh
   });
 }
 
+bool g_proj_skip = true;
 // ---- the decoder layers of one decode step in one call (the engine's lean forward on CPU, see server/engine/fastpath.py)
 // The same calls, in the same order and on the same tensors, as the Python loop of LeanForward for a decode step:
 // add_rms_norm_, the fused q/k/v linear, rotary_, kv_write_ of K and V, decode_attention, o_proj, add_rms_norm_,
@@ -2682,12 +2683,36 @@ void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh
 // (~3 ms a 32-sequence step of the default base, ~2.5 ms of a one-sequence step of ~25 ms).
 // A projection is either a ModuleCall (a ReMix layer: base GEMM, routing and gather, with its slot map and counts)
 // or a plain linear (weight, bias) run by linear() above.
+// Whether any of `rows` tokens (slots sp, or slot 0 for every token when sp is null) has a pool in call's tables.
+inline bool routes_any(const ModuleCall& call, const int64_t* sp, int64_t rows) {
+  const torch::Tensor& n = call.n;
+  if (n.scalar_type() != torch::kInt64 || !n.is_contiguous()) return true;  // (not seen: route_gather_into checks them)
+  const int64_t S = n.numel();
+  const int64_t* np = n.data_ptr<int64_t>();
+  if (!sp) return S >= 1 && np[0] > 0;
+  for (int64_t t = 0; t < rows; ++t)
+    if (sp[t] >= 0 && sp[t] < S && np[sp[t]] > 0) return true;
+  return false;
+}
+
+// A ReMix projection whose call has no token to route (a step of bare-base requests, or of adapters on other modules)
+// runs its base weight by linear(): the same kernel, sums and output slices as the call's own base GEMM, so the same y,
+// without the call's routing stage and barrier. (Its counts and last selections are left as they are: the call would
+// add nothing to the counts.) Bare-base decode steps of the default base in bfloat16 with one adapter loaded (on the
+// FFN), this and the call in turn in one process (26th session's Intel VM, medians of 8 rounds, both orders): the FFN
+// projections 8.54 -> 7.64 and 8.72 -> 8.02 ms a step at 8 sequences, 9.91 -> 9.21 and 10.43 -> 9.59 at 32 (the call
+// alone, 90 cycled copies outside the engine, had timed as the plain GEMM: the cost is in situ). The same for q / k /
+// v with a LoRA on them (DecodeStack::Layer): a peft adapter on all seven linears loaded beside a ReMix one, its q / k /
+// v had cost steps without it 1.93 -> 2.97 ms at 8 sequences and 2.09 -> 3.64 at 32; with the one GEMM 1.71 / 2.14.
+// g_proj_skip: off for A/B runs (_proj_skip).
 struct Proj {
   pybind11::object owner;  // the ModuleCall's Python object (kept alive), or None
   const ModuleCall* call = nullptr;
   torch::Tensor w, b, counts;
-  torch::Tensor operator()(const torch::Tensor& x, const torch::Tensor& slots) const {
-    return call ? std::get<0>(call->routed(x, slots, counts)) : linear(x, w, b);
+  torch::Tensor operator()(const torch::Tensor& x, const torch::Tensor& slots, const int64_t* sp, int64_t rows) const {
+    if (!call) return linear(x, w, b);
+    if (g_proj_skip && !routes_any(*call, sp, rows)) return linear(x, call->weight, call->bias);
+    return std::get<0>(call->routed(x, slots, counts));
   }
 };
 
@@ -2712,10 +2737,20 @@ struct StackClock {
 
 struct DecodeStack {
   struct Layer {
-    torch::Tensor in_w, post_w, wqkv, bqkv;  // wqkv undefined: q, k and v run as three projections (some wrapped)
+    // wqkv: the base [q; k; v] weight (its rows the three base weights); undefined: q, k and v run as three projections
+    // (some wrapped). Both given (a LoRA on q / k / v, base weights still those rows): wqkv where no token of the call
+    // routes in q, k or v (any_routed), the projections where one does - the same base outputs either way (the
+    // compiled GEMM's sums do not depend on the other outputs of the call)
+    torch::Tensor in_w, post_w, wqkv, bqkv;
     double in_eps, post_eps;
     Proj q, k, v, o, gate, up, down;
   };
+  // Whether any of the b tokens has a pool in one of L's wrapped q / k / v projections.
+  static bool any_routed(const Layer& L, const int64_t* sp, int64_t b) {
+    for (const Proj* p : {&L.q, &L.k, &L.v})
+      if (p->call && routes_any(*p->call, sp, b)) return true;
+    return false;
+  }
   std::vector<Layer> layers;
   int64_t H, Hkv, Dh;
   double scaling;
@@ -2745,6 +2780,9 @@ struct DecodeStack {
       row0 = 0;
     }
     torch::Tensor pending = torch::empty({0}, h.options());
+    const torch::Tensor slots_c = slots.numel() ? slots.contiguous() : slots;
+    TORCH_CHECK(!slots_c.numel() || (slots_c.scalar_type() == torch::kInt64 && slots_c.numel() == b), "slots must be int64 [b] or empty");
+    const int64_t* sp = slots_c.numel() ? slots_c.data_ptr<int64_t>() : nullptr;
     // without the GIL (nothing below touches Python): a step holds it ~25-80 ms here, and the server's HTTP threads
     // (streaming, /metrics, new requests) must not wait a whole step for it, as they did not between the Python loop's ops
     {
@@ -2754,7 +2792,10 @@ struct DecodeStack {
       const Layer& L = layers[i];
       auto x = add_rms_norm_(h, pending, L.in_w, L.in_eps);
       clock.lap(OP_NORMS);
-      auto qkv = (L.wqkv.defined() ? linear(x, L.wqkv, L.bqkv) : torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1))
+      const bool three = L.q.call || L.k.call || L.v.call || !L.wqkv.defined();  // projections given
+      auto qkv = (L.wqkv.defined() && !(three && any_routed(L, sp, b))
+                      ? linear(x, L.wqkv, L.bqkv)
+                      : torch::cat({L.q(x, slots, sp, b), L.k(x, slots, sp, b), L.v(x, slots, sp, b)}, -1))
                      .view({b, 1, H + 2 * Hkv, Dh});
       clock.lap(OP_QKV);
       rotary_(qkv.view({-1, H + 2 * Hkv, Dh}).slice(1, 0, H + Hkv), cos, sin);
@@ -2776,17 +2817,17 @@ struct DecodeStack {
       }
       o = o.reshape({b, H, 1, Dh}).transpose(1, 2).reshape({b, 1, H * Dh});
       clock.lap(OP_ATTENTION);
-      pending = L.o(o, slots);
+      pending = L.o(o, slots, sp, b);
       clock.lap(OP_O_PROJ);
       x = add_rms_norm_(h, pending, L.post_w, L.post_eps);
       clock.lap(OP_NORMS);
-      auto act = L.gate(x, slots);
+      auto act = L.gate(x, slots, sp, b);
       clock.lap(OP_GATE);
-      auto up = L.up(x, slots);
+      auto up = L.up(x, slots, sp, b);
       clock.lap(OP_UP);
       silu_mul_(act, up);
       clock.lap(OP_ACT);
-      pending = L.down(act, slots);
+      pending = L.down(act, slots, sp, b);
       clock.lap(OP_DOWN);
     }
     if (clock.on) ++g_stack_runs;
@@ -2812,6 +2853,7 @@ Proj to_proj(const pybind11::tuple& t) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("_proj_skip", [](bool on) { g_proj_skip = on; }, "A/B");
   m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
   m.def("_phase_a_prefetch", [](bool on) { g_pa_pf = on; }, "A/B runs: phase A's prefetch of the next rows of A (default on)");
@@ -2902,7 +2944,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       });
   // layers: one (in_norm_weight, in_eps, post_norm_weight, post_eps, qkv_weight or None, qkv_bias or None,
   // (q, k, v) or None, o, gate, up, down) per decoder layer, each projection as to_proj takes it; (q, k, v) where
-  // qkv_weight is None (they run in turn and their outputs are concatenated), else None
+  // qkv_weight is None (they run in turn and their outputs are concatenated), or both (see DecodeStack::Layer)
   pybind11::class_<DecodeStack>(m, "DecodeStack", pybind11::module_local())
       .def(pybind11::init([](pybind11::list layers, int64_t H, int64_t Hkv, int64_t Dh, double scaling) {
         DecodeStack d{{}, H, Hkv, Dh, scaling};
@@ -2914,11 +2956,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           L.in_eps = t[1].cast<double>();
           L.post_w = t[2].cast<torch::Tensor>();
           L.post_eps = t[3].cast<double>();
-          TORCH_CHECK(t[4].is_none() != t[6].is_none(), "a layer has either one q/k/v weight or three q/k/v projections");
+          TORCH_CHECK(!t[4].is_none() || !t[6].is_none(), "a layer has one q/k/v weight, three q/k/v projections or both");
           if (!t[4].is_none()) {
             L.wqkv = t[4].cast<torch::Tensor>();
             L.bqkv = t[5].is_none() ? torch::empty({0}, L.wqkv.options()) : t[5].cast<torch::Tensor>();
-          } else {
+          }
+          if (!t[6].is_none()) {
             const auto qkv = t[6].cast<pybind11::tuple>();
             TORCH_CHECK(qkv.size() == 3, "q/k/v projections: (q, k, v)");
             L.q = to_proj(qkv[0].cast<pybind11::tuple>());
@@ -3030,7 +3073,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v147_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v148_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(

@@ -192,6 +192,22 @@ class LeanForward:
                 return None
         return fused[0], fused[1]
 
+    def _fused_base(self, i: int, at: nn.Module) -> tuple | None:
+        """Layer i's one [q; k; v] (weight, bias) while each of the three projections is a plain linear or a ReMix
+        layer over a plain linear whose weight is its view (a LoRA on q / k / v: the compiled decode stack then runs
+        the one GEMM in steps where no token routes in them), else None."""
+        fused = self.qkv[i]
+        if fused is None:
+            return None
+        am = at._modules
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), fused[2]):
+            p = am[name]
+            if type(p) is StackedLinear:
+                p = p._modules["base"]
+            if type(p) is not nn.Linear or p._parameters["weight"] is not w:
+                return None
+        return fused[0], fused[1]
+
     def _qkv(self, i: int, at: nn.Module, x: torch.Tensor, lean) -> torch.Tensor:
         fused = self._fused_qkv(i, at)
         if fused is not None:
@@ -246,8 +262,9 @@ class LeanForward:
             key += (n1._parameters["weight"], n1.variance_epsilon, n2._parameters["weight"], n2.variance_epsilon)
             if fused is not None:
                 key += (*fused, None, None, None, None, None, None)
-            else:  # some of q/k/v wrapped (a LoRA on attention): three projections, their outputs concatenated
-                key += (None, None)
+            else:  # some of q/k/v wrapped (a LoRA on attention): three projections, their outputs concatenated,
+                # with the base's one GEMM beside them where the base weights are still its rows
+                key += self._fused_base(i, lm["self_attn"]) or (None, None)
             for m in ((am["o_proj"],) if fused is not None else (am["q_proj"], am["k_proj"], am["v_proj"], am["o_proj"])) + (
                     mm["gate_proj"], mm["up_proj"], mm["down_proj"]):
                 if type(m) is nn.Linear:
@@ -262,7 +279,7 @@ class LeanForward:
 
             def layer_args(c):
                 projs = list(zip(c[6::2], c[7::2]))  # q, k, v, o, gate, up, down
-                qkv = None if c[4] is not None else tuple(projs[:3])
+                qkv = None if c[6] is None else tuple(projs[:3])
                 return (c[0], float(c[1]), c[2], float(c[3]), c[4], c[5], qkv, *projs[3:])
 
             layers = [layer_args(key[i : i + n]) for i in range(0, len(key), n)]
