@@ -1209,9 +1209,10 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   Scratch U = scratch(T * k * pl.r);
   bool units = false;  // two or more slots in use: route by units of the routers (route_logits_share)
   if (g_route_units && rt)
-    for (int64_t t = 1; t < T && !units; ++t) {
+    for (int64_t t = 0, first = -1; t < T && !units; ++t) {
       const int64_t s = routed_slot(*rt, t);
-      units = s >= 0 && s != routed_slot(*rt, 0);
+      if (s >= 0 && first < 0) first = s;
+      units = s >= 0 && s != first;
     }
   Scratch logits = scratch(units ? T * 64 : 0);
 #pragma omp parallel num_threads(P)
@@ -3073,7 +3074,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v148_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v149_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(

@@ -33,7 +33,7 @@ another order; other bfloat16 keeps the weights in float32); and in every step e
 (``add_rms_norm_``) and the rotary embedding in place on the q/k/v output (``rotary_``), one call each instead of 4-7
 ATen ops, with HF's roundings in bfloat16 and float32 sums in another order than ATen's. At one sequence that is most
 of a step's dispatch: 35.7 -> 30.0 ms a float32 decode step. They run at every step size (rows split among threads
-from 32 rows on), because a row's result must not depend on the step it lands in: an earlier version used them only in
+from 17 rows on), because a row's result must not depend on the step it lands in: an earlier version used them only in
 steps of up to 32 tokens and ATen's ops above, so a request's bfloat16 numbers (and now and then a token) depended on
 how many tokens its batch-mates brought to the step. ``silu(gate) * up`` is one compiled op too (``silu_mul_``), in place
 on the gate's output: in a bfloat16 decode step on the twenty-fifth session's Intel VM ATen's two ops took 0.39 / 0.79 /
