@@ -235,6 +235,41 @@ def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
         ext._route_units(True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 8, 40, 130])
+def test_module_call_with_nothing_to_route_is_its_base_gemm(dtype, T):
+    """A module call whose tokens route nowhere (no slot, a slot past the tables, a slot with an empty pool) runs the
+    plain GEMM: the same y, bit for bit, as the full call (routing stage and all) and every selection -1; a token of a
+    slot with a pool among them takes the full call again."""
+    from remix.kernels import cpu_ext
+
+    ext = _compiled()
+    n, r, D, O = 4, 4, 64, 96
+    g = torch.Generator().manual_seed(T)
+    base = torch.nn.Linear(D, O, bias=True).to(dtype)
+    router, a, bt = torch.randn(n, D, generator=g), torch.randn(n * r, D, generator=g), torch.randn(n * r, O, generator=g)
+    tables = (torch.tensor([0, 0]), torch.tensor([n, 0]), torch.tensor([2, 1]), torch.tensor([0.5, 0.5]))  # slot 1: empty
+    call = cpu_ext.bind_module(base, router, a.to(dtype), bt.to(dtype), tables, r, 2)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    nowhere = torch.tensor([(-1, 1, 5)[t % 3] for t in range(T)])
+    none = torch.empty(0, dtype=torch.int64)
+    try:
+        with torch.inference_mode():
+            y, idx = call.routed(x, nowhere, none)
+            ext._proj_skip(False)
+            y_full, idx_full = call.routed(x, nowhere, none)
+            ext._proj_skip(True)
+            assert torch.equal(y, y_full) and torch.equal(idx, idx_full) and bool((idx == -1).all())
+            assert torch.equal(y, cpu_ext.linear(x, base.weight, base.bias))
+            some = nowhere.clone()
+            some[-1] = 0  # one token with a pool: routed, its row changes
+            y_some, idx_some = call.routed(x, some, none)
+            assert (idx_some[-1] >= 0).all() and not torch.equal(y_some[-1], y[-1])
+            assert torch.equal(y_some[:-1], y[:-1])
+    finally:
+        ext._proj_skip(True)
+
+
 def test_compiled_bfloat16_tiles_of_256_tokens_give_each_token_its_own_result():
     """bfloat16 gathers a token share 256 tokens an adapter at a time: 600 tokens of one adapter on one thread are tiles
     of 256 + 256 + 88 (300 a thread on two: 256 + 44), and every token's idx and y row equal those of the token alone."""

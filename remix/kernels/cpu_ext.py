@@ -1872,6 +1872,33 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
 // The whole module in one call: y = x @ weight^T (+ bias), then route_gather_ into it; x: [..., D]; returns
 // (y [..., O], idx [T, kmax]). float32 (contiguous weight): the GEMM runs inside the gather's parallel region (BaseGemm),
 // otherwise ATen's linear computes y first. Saves the Python-level call of the base layer and a second crossing.
+bool g_proj_skip = true;
+// Whether any of `rows` tokens (slots sp, or slot 0 for every token when sp is null) has a pool in a call's slot
+// tables (n: LoRAs a slot; a token with no slot, a slot past the tables or an empty pool routes nowhere, as routed_slot).
+inline bool routes_any(const torch::Tensor& n, const int64_t* sp, int64_t rows) {
+  if (n.scalar_type() != torch::kInt64 || !n.is_contiguous()) return true;  // (route_gather_into then checks them)
+  const int64_t S = n.numel();
+  const int64_t* np = n.data_ptr<int64_t>();
+  if (!sp) return rows > 0 && S >= 1 && np[0] > 0;
+  for (int64_t t = 0; t < rows; ++t)
+    if (sp[t] >= 0 && sp[t] < S && np[sp[t]] > 0) return true;
+  return false;
+}
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias);
+
+// A module call with no token to route (a step of bare-base requests, or of adapters on other modules) runs its base
+// weight by linear(): the same kernel, sums and output slices as the call's own base GEMM, so the same y,
+// without the call's routing stage and barrier. (Its counts and last selections are left as they are: the call would
+// add nothing to the counts.) Bare-base decode steps of the default base in bfloat16 with one adapter loaded (on the
+// FFN), this and the call in turn in one process (26th session's Intel VM, medians of 8 rounds, both orders): the FFN
+// projections 8.54 -> 7.64 and 8.72 -> 8.02 ms a step at 8 sequences, 9.91 -> 9.21 and 10.43 -> 9.59 at 32 (the call
+// alone, 90 cycled copies outside the engine, had timed as the plain GEMM: the cost is in situ). The decode stack does
+// the like for q / k / v with a LoRA on them (DecodeStack::Layer): a peft adapter on all seven linears loaded beside a
+// ReMix one, its q / k / v had cost steps without it 1.93 -> 2.97 ms at 8 sequences and 2.09 -> 3.64 at 32; with the
+// one GEMM 1.71 / 2.14.
+// Here in the call (it first sat in the decode stack's projections) the same A/B: 9.27 -> 8.44 and 10.52 -> 9.63 ms
+// (one run). g_proj_skip: off for A/B runs (_proj_skip).
 std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
     torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
     torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k, torch::Tensor slot_omega,
@@ -1879,6 +1906,14 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "x [..., D] and weight [O, D] disagree");
   auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
   if (!idx.defined()) idx = torch::empty({x2.size(0), kmax}, x.options().dtype(torch::kInt64));
+  const int64_t T = x2.size(0);
+  const auto sot = slot_of_token.contiguous();
+  if (g_proj_skip && kmax >= 1 && idx.scalar_type() == torch::kInt64 && idx.is_contiguous() && idx.numel() == T * kmax &&
+      (sot.numel() == 0 || (sot.scalar_type() == torch::kInt64 && sot.numel() == T)) &&
+      !routes_any(slot_n, sot.numel() ? sot.data_ptr<int64_t>() : nullptr, T)) {
+    std::fill_n(idx.data_ptr<int64_t>(), T * kmax, int64_t{-1});
+    return {linear(x, weight, bias), idx};
+  }
   const BaseGemm gemm = base_gemm_for(x2, weight, bias);  // on: the base GEMM runs inside the kernel's parallel region
   auto y = gemm.on() ? torch::empty({x2.size(0), weight.size(0)}, x2.options()) : other_linear(x2, weight, bias).contiguous();
   route_gather_into(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, idx, gemm);
@@ -2676,7 +2711,6 @@ void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh
   });
 }
 
-bool g_proj_skip = true;
 // ---- the decoder layers of one decode step in one call (the engine's lean forward on CPU, see server/engine/fastpath.py)
 // The same calls, in the same order and on the same tensors, as the Python loop of LeanForward for a decode step:
 // add_rms_norm_, the fused q/k/v linear, rotary_, kv_write_ of K and V, decode_attention, o_proj, add_rms_norm_,
@@ -2684,36 +2718,12 @@ bool g_proj_skip = true;
 // (~3 ms a 32-sequence step of the default base, ~2.5 ms of a one-sequence step of ~25 ms).
 // A projection is either a ModuleCall (a ReMix layer: base GEMM, routing and gather, with its slot map and counts)
 // or a plain linear (weight, bias) run by linear() above.
-// Whether any of `rows` tokens (slots sp, or slot 0 for every token when sp is null) has a pool in call's tables.
-inline bool routes_any(const ModuleCall& call, const int64_t* sp, int64_t rows) {
-  const torch::Tensor& n = call.n;
-  if (n.scalar_type() != torch::kInt64 || !n.is_contiguous()) return true;  // (not seen: route_gather_into checks them)
-  const int64_t S = n.numel();
-  const int64_t* np = n.data_ptr<int64_t>();
-  if (!sp) return S >= 1 && np[0] > 0;
-  for (int64_t t = 0; t < rows; ++t)
-    if (sp[t] >= 0 && sp[t] < S && np[sp[t]] > 0) return true;
-  return false;
-}
-
-// A ReMix projection whose call has no token to route (a step of bare-base requests, or of adapters on other modules)
-// runs its base weight by linear(): the same kernel, sums and output slices as the call's own base GEMM, so the same y,
-// without the call's routing stage and barrier. (Its counts and last selections are left as they are: the call would
-// add nothing to the counts.) Bare-base decode steps of the default base in bfloat16 with one adapter loaded (on the
-// FFN), this and the call in turn in one process (26th session's Intel VM, medians of 8 rounds, both orders): the FFN
-// projections 8.54 -> 7.64 and 8.72 -> 8.02 ms a step at 8 sequences, 9.91 -> 9.21 and 10.43 -> 9.59 at 32 (the call
-// alone, 90 cycled copies outside the engine, had timed as the plain GEMM: the cost is in situ). The same for q / k /
-// v with a LoRA on them (DecodeStack::Layer): a peft adapter on all seven linears loaded beside a ReMix one, its q / k /
-// v had cost steps without it 1.93 -> 2.97 ms at 8 sequences and 2.09 -> 3.64 at 32; with the one GEMM 1.71 / 2.14.
-// g_proj_skip: off for A/B runs (_proj_skip).
 struct Proj {
   pybind11::object owner;  // the ModuleCall's Python object (kept alive), or None
   const ModuleCall* call = nullptr;
   torch::Tensor w, b, counts;
-  torch::Tensor operator()(const torch::Tensor& x, const torch::Tensor& slots, const int64_t* sp, int64_t rows) const {
-    if (!call) return linear(x, w, b);
-    if (g_proj_skip && !routes_any(*call, sp, rows)) return linear(x, call->weight, call->bias);
-    return std::get<0>(call->routed(x, slots, counts));
+  torch::Tensor operator()(const torch::Tensor& x, const torch::Tensor& slots) const {
+    return call ? std::get<0>(call->routed(x, slots, counts)) : linear(x, w, b);
   }
 };
 
@@ -2749,7 +2759,7 @@ struct DecodeStack {
   // Whether any of the b tokens has a pool in one of L's wrapped q / k / v projections.
   static bool any_routed(const Layer& L, const int64_t* sp, int64_t b) {
     for (const Proj* p : {&L.q, &L.k, &L.v})
-      if (p->call && routes_any(*p->call, sp, b)) return true;
+      if (p->call && routes_any(p->call->n, sp, b)) return true;
     return false;
   }
   std::vector<Layer> layers;
@@ -2793,10 +2803,9 @@ struct DecodeStack {
       const Layer& L = layers[i];
       auto x = add_rms_norm_(h, pending, L.in_w, L.in_eps);
       clock.lap(OP_NORMS);
-      const bool three = L.q.call || L.k.call || L.v.call || !L.wqkv.defined();  // projections given
-      auto qkv = (L.wqkv.defined() && !(three && any_routed(L, sp, b))
+      auto qkv = (L.wqkv.defined() && !any_routed(L, sp, b)
                       ? linear(x, L.wqkv, L.bqkv)
-                      : torch::cat({L.q(x, slots, sp, b), L.k(x, slots, sp, b), L.v(x, slots, sp, b)}, -1))
+                      : torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1))
                      .view({b, 1, H + 2 * Hkv, Dh});
       clock.lap(OP_QKV);
       rotary_(qkv.view({-1, H + 2 * Hkv, Dh}).slice(1, 0, H + Hkv), cos, sin);
@@ -2818,17 +2827,17 @@ struct DecodeStack {
       }
       o = o.reshape({b, H, 1, Dh}).transpose(1, 2).reshape({b, 1, H * Dh});
       clock.lap(OP_ATTENTION);
-      pending = L.o(o, slots, sp, b);
+      pending = L.o(o, slots);
       clock.lap(OP_O_PROJ);
       x = add_rms_norm_(h, pending, L.post_w, L.post_eps);
       clock.lap(OP_NORMS);
-      auto act = L.gate(x, slots, sp, b);
+      auto act = L.gate(x, slots);
       clock.lap(OP_GATE);
-      auto up = L.up(x, slots, sp, b);
+      auto up = L.up(x, slots);
       clock.lap(OP_UP);
       silu_mul_(act, up);
       clock.lap(OP_ACT);
-      pending = L.down(act, slots, sp, b);
+      pending = L.down(act, slots);
       clock.lap(OP_DOWN);
     }
     if (clock.on) ++g_stack_runs;
@@ -3074,7 +3083,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v149_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v150_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(

@@ -179,30 +179,18 @@ class LeanForward:
             return False
         return not any(self._hook_dicts)
 
-    def _fused_qkv(self, i: int, at: nn.Module) -> tuple | None:
+    def _fused_qkv(self, i: int, at: nn.Module, under_lora: bool = False) -> tuple | None:
         """Layer i's one [q; k; v] (weight, bias) while the three projections are still the plain linears whose weights
-        are its views, else None (a projection was wrapped or replaced: they run as modules)."""
+        are its views, else None (a projection was wrapped or replaced: they run as modules). ``under_lora``: a ReMix
+        layer over such a linear counts too (a LoRA on q / k / v: the compiled decode stack then runs the one GEMM in
+        steps where no token routes in them)."""
         fused = self.qkv[i]
         if fused is None:
             return None
         am = at._modules
         for name, w in zip(("q_proj", "k_proj", "v_proj"), fused[2]):
             p = am[name]
-            if type(p) is not nn.Linear or p._parameters["weight"] is not w:
-                return None
-        return fused[0], fused[1]
-
-    def _fused_base(self, i: int, at: nn.Module) -> tuple | None:
-        """Layer i's one [q; k; v] (weight, bias) while each of the three projections is a plain linear or a ReMix
-        layer over a plain linear whose weight is its view (a LoRA on q / k / v: the compiled decode stack then runs
-        the one GEMM in steps where no token routes in them), else None."""
-        fused = self.qkv[i]
-        if fused is None:
-            return None
-        am = at._modules
-        for name, w in zip(("q_proj", "k_proj", "v_proj"), fused[2]):
-            p = am[name]
-            if type(p) is StackedLinear:
+            if under_lora and type(p) is StackedLinear:
                 p = p._modules["base"]
             if type(p) is not nn.Linear or p._parameters["weight"] is not w:
                 return None
@@ -264,7 +252,7 @@ class LeanForward:
                 key += (*fused, None, None, None, None, None, None)
             else:  # some of q/k/v wrapped (a LoRA on attention): three projections, their outputs concatenated,
                 # with the base's one GEMM beside them where the base weights are still its rows
-                key += self._fused_base(i, lm["self_attn"]) or (None, None)
+                key += self._fused_qkv(i, lm["self_attn"], under_lora=True) or (None, None)
             for m in ((am["o_proj"],) if fused is not None else (am["q_proj"], am["k_proj"], am["v_proj"], am["o_proj"])) + (
                     mm["gate_proj"], mm["up_proj"], mm["down_proj"]):
                 if type(m) is nn.Linear:
