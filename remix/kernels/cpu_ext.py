@@ -441,9 +441,23 @@ inline void widen(const uint16_t* __restrict src, float* __restrict dst, int64_t
   for (; i < n; ++i) { uint32_t b = static_cast<uint32_t>(src[i]) << 16; std::memcpy(dst + i, &b, 4); }
 }
 #ifdef __AVX512F__
+bool g_narrow_cvt = true;  // A/B runs (_narrow_cvt)
 // Sixteen float32 lanes rounded to bfloat16 as narrow() rounds them (to nearest even; NaN kept quiet), as 16-bit lanes.
+// With AVX512-BF16, vcvtneps2bf16 where no lane is a denormal, an infinity or a NaN (it rounds every normal float to
+// nearest even as the integer code does, but flushes denormals to zero), else the integer code.
 inline __m256i narrow16(__m512 v) {
-  const __m512i b = _mm512_castps_si512(v), hi = _mm512_srli_epi32(b, 16);
+  const __m512i b = _mm512_castps_si512(v);
+#ifdef REMIX_DOT_BF16
+  if (g_narrow_cvt) {
+    // exponent 0 (a nonzero lane: a denormal) or 255: the exponent field minus one wraps to >= 0x7F000000
+    const __m512i e = _mm512_and_si512(b, _mm512_set1_epi32(0x7F800000));
+    const __mmask16 odd = _mm512_mask_cmpge_epu32_mask(_mm512_test_epi32_mask(b, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                       _mm512_sub_epi32(e, _mm512_set1_epi32(0x00800000)),
+                                                       _mm512_set1_epi32(0x7F000000));
+    if (__builtin_expect(odd == 0, 1)) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  }
+#endif
+  const __m512i hi = _mm512_srli_epi32(b, 16);
   const __m512i rounded = _mm512_srli_epi32(
       _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
   const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)),
@@ -454,15 +468,8 @@ inline __m256i narrow16(__m512 v) {
 inline void narrow(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {  // round to nearest even
   int64_t i = 0;
 #ifdef __AVX512F__
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), abs = _mm512_set1_epi32(0x7FFFFFFF),
-                inf = _mm512_set1_epi32(0x7F800000), quiet = _mm512_set1_epi32(0x40);
-  for (; i + 16 <= n; i += 16) {
-    const __m512i b = _mm512_loadu_si512(src + i), hi = _mm512_srli_epi32(b, 16);
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(hi, one))), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, abs), inf);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(hi, quiet))));
-  }
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), narrow16(_mm512_loadu_ps(src + i)));
 #endif
   for (; i < n; ++i) {
     uint32_t b;
@@ -1101,7 +1108,8 @@ inline std::pair<int64_t, int64_t> region_thread() {
 #endif
 }
 
-constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the pools' reads instead of the tokens
+constexpr int64_t SPLIT_POOLS_BELOW = 64;
+  // tokens: below, threads split the pools' reads instead of the tokens
 
 // Optionally route (rt non-null: fills sel/w), then gather, for x [T, D] and y [T, O] (float32 or bfloat16), in place.
 //   T >= SPLIT_POOLS_BELOW: each thread routes and gathers its own contiguous share of the tokens (no barrier).
@@ -1119,16 +1127,20 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   const int64_t P = region_threads(gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
   const float* X = bf16 ? nullptr : x.data_ptr<float>();
   float* Y = bf16 ? nullptr : y.data_ptr<float>();
-  // bfloat16 from SPLIT_POOLS_BELOW rows with phase A on vdpbf16ps: the router reads x as it is (route_rows widens in
-  // registers; the same values and sums as from a copy) - a token tile's float32 copy (64 x 1536 x 4 bytes) and its
-  // reads out of L1 go. Two builds in turn in one process (45 modules a shape, bfloat16, one adapter, outputs equal
-  // bit for bit; 2026-12-03, Zen 5 VM): the delta at 128 rows 64-84 against 63-138 us (576 -> 1536) and 54-74 against
-  // 62-78 (1536 -> 576), at 512 rows 210-318 against 195-330 and 183-342 against 220-343, better in 13 of 16 pairs of
-  // runs; below 64 rows (each element read by routing only once or twice) reading x as it is was slower (32 rows:
-  // 31-51 against 22-34 us, 576 -> 1536), so there, and for phase A's widening path (float32 pools, no AVX512-BF16),
-  // a float32 copy of x is read, left uninitialised (every element is widened into before it is read: a vector's
-  // zero fill ran on the calling thread before the region, ~10 us a module at 32 rows).
-  const bool copy_x = bf16 && (T < SPLIT_POOLS_BELOW || !phase_a_reads_bf16(pl));
+  // bfloat16 with phase A on vdpbf16ps: the router reads x as it is (route_rows widens in registers; the same values
+  // and sums as from a copy) - a float32 copy of x (a token tile's, 64 x 1536 x 4 bytes, or below SPLIT_POOLS_BELOW
+  // rows all of x, in memory fresh each call) and its reads go. Two builds in turn in one process (45 modules a shape,
+  // bfloat16, one adapter, outputs equal bit for bit; 2026-12-03, Zen 5 VM): the delta at 128 rows 64-84 against
+  // 63-138 us (576 -> 1536) and 54-74 against 62-78 (1536 -> 576), at 512 rows 210-318 against 195-330 and 183-342
+  // against 220-343, better in 13 of 16 pairs of runs. Below 64 rows that bench had found the copy faster (32 rows:
+  // 22-34 against 31-51 us, 576 -> 1536, one module cycled outside the engine); in the engine's decode steps (27th
+  // session's Intel VM, both in turn in one process, medians of 8 rounds, both orders) reading x as it is took the FFN
+  // projections 10.46 -> 10.37 and 10.76 -> 10.47 ms a step at 8 sequences with one adapter, 14.02 -> 13.62 and 14.75
+  // -> 14.21 at 32, 12.40 -> 12.04 and 13.06 -> 12.88 at 8 with four, 18.28 -> 17.60 at 32 with four; at one
+  // sequence 9.03 -> 8.85 and 9.01 -> 9.10 (noise). Phase A's widening path (float32 pools, no AVX512-BF16) reads a
+  // float32 copy, left uninitialised (every element is widened into before it is read: a vector's zero fill ran on the
+  // calling thread before the region, ~10 us a module at 32 rows).
+  const bool copy_x = bf16 && !phase_a_reads_bf16(pl);
   const auto* xb = bf16 ? reinterpret_cast<const c10::BFloat16*>(x.data_ptr()) : nullptr;
   Scratch xbuf;
   if (copy_x && P > 1 && T < SPLIT_POOLS_BELOW) {  // (a token share copies its rows in chunks of its own)
@@ -1229,7 +1241,8 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
         if (bf16) route_logits_share(xb, D, T, *rt, h, nh, logits.get());
         else route_logits_share(X, D, T, *rt, h, nh, logits.get());
       } else if (rt && t1 > t0) {
-        route_rows(X, 0, D, t0, t1, *rt, sel, w);
+        if (bf16 && !copy_x) route_rows(xb, 0, D, t0, t1, *rt, sel, w);
+        else route_rows(X, 0, D, t0, t1, *rt, sel, w);
       }
     }
 #pragma omp barrier
@@ -2864,7 +2877,19 @@ Proj to_proj(const pybind11::tuple& t) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_proj_skip", [](bool on) { g_proj_skip = on; }, "A/B");
+  m.def("_narrow_cvt", [](bool on) {
+#ifdef __AVX512F__
+    g_narrow_cvt = on;
+#endif
+  }, "A/B runs and tests: float32 -> bfloat16 rounding by vcvtneps2bf16 where no lane is special (default on)");
+  m.def("_to_bf16", [](torch::Tensor x) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(), "contiguous CPU float32");
+    auto out = torch::empty(x.sizes(), x.options().dtype(torch::kBFloat16));
+    narrow(x.data_ptr<float>(), reinterpret_cast<uint16_t*>(out.data_ptr()), x.numel());
+    return out;
+  }, "tests: the kernels' float32 -> bfloat16 rounding (narrow) of a tensor");
   m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
+
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
   m.def("_phase_a_prefetch", [](bool on) { g_pa_pf = on; }, "A/B runs: phase A's prefetch of the next rows of A (default on)");
   m.def("silu_mul_", &silu_mul_, "g = silu(g) * u in place (HF's roundings), float32 or bfloat16");
@@ -3083,7 +3108,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v150_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v151_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
