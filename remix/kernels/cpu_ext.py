@@ -575,8 +575,9 @@ void route_rows(const XT* x, int64_t x0, int64_t D, int64_t t0, int64_t t1, cons
 // adapters mixed, both ways in turn in one process, medians of 8 rounds, two runs in both orders; 26th session's
 // Intel VM): 8 sequences 12.77 -> 12.54 and 12.42 -> 12.15 ms a step, 32 sequences 17.33 -> 17.20 and 16.53 -> 16.75
 // (noise); with one adapter (two units: each thread half the router for every token) 32 sequences went 13.37 ->
-// 13.61 (it reads x as it is, widened in registers: a float32 copy is not complete before the barrier), so one
-// adapter keeps the split by tokens. g_route_units: off for tests and A/B runs (_route_units).
+// 13.61, and in the 27th session (the split by tokens still on a float32 copy of x, since dropped) 1 / 8 / 32 sequences
+// 9.49 / 10.96 / 14.80 ms by tokens, 9.47 / 10.86 / 14.79 by units (noise), so one adapter keeps the split by tokens.
+// g_route_units: off for tests and A/B runs (_route_units).
 bool g_route_units = true;
 template <typename XT>
 void route_logits_share(const XT* x, int64_t D, int64_t T, const Routing& rt, int64_t h, int64_t nh, float* logits) {
@@ -1108,8 +1109,7 @@ inline std::pair<int64_t, int64_t> region_thread() {
 #endif
 }
 
-constexpr int64_t SPLIT_POOLS_BELOW = 64;
-  // tokens: below, threads split the pools' reads instead of the tokens
+constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the pools' reads instead of the tokens
 
 // Optionally route (rt non-null: fills sel/w), then gather, for x [T, D] and y [T, O] (float32 or bfloat16), in place.
 //   T >= SPLIT_POOLS_BELOW: each thread routes and gathers its own contiguous share of the tokens (no barrier).
@@ -1165,8 +1165,8 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
     for (int64_t t = t0; t < t1; ++t)
       if (rt ? routed_slot(*rt, t) >= 0 : selected(t)) widen(xh + t * D, dst + (t - row0) * D, D);
   };
-  // route (where asked) and gather tokens [t0, t1) on this thread, by tiles; bfloat16: x's float32 copy in a buffer of
-  // one tile, y updated by blocks (phase_b_bf16) - copies of a whole share (~1.5 MB each for x and y at 512 rows) went
+  // route (where asked) and gather tokens [t0, t1) on this thread, by tiles; bfloat16: x's float32 copy (copy_x) in a
+  // buffer of one tile, y updated by blocks (phase_b_bf16) - copies of a whole share (~1.5 MB each for x and y at 512 rows) went
   // out to memory and came back (128 / 512 rows: 1.1-1.35x the time)
   auto token_share = [&](int64_t t0, int64_t t1) {
     if (t1 <= t0) return;
