@@ -1166,8 +1166,8 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
       if (rt ? routed_slot(*rt, t) >= 0 : selected(t)) widen(xh + t * D, dst + (t - row0) * D, D);
   };
   // route (where asked) and gather tokens [t0, t1) on this thread, by tiles; bfloat16: x's float32 copy (copy_x) in a
-  // buffer of one tile, y updated by blocks (phase_b_bf16) - copies of a whole share (~1.5 MB each for x and y at 512 rows) went
-  // out to memory and came back (128 / 512 rows: 1.1-1.35x the time)
+  // buffer of one tile, y updated by blocks (phase_b_bf16) - copies of a whole share (~1.5 MB each for x and y at 512
+  // rows) went out to memory and came back (128 / 512 rows: 1.1-1.35x the time)
   auto token_share = [&](int64_t t0, int64_t t1) {
     if (t1 <= t0) return;
     int64_t slots = 1;  // the adapters among the share's tokens (at most 8 counted)
@@ -2889,7 +2889,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "tests: the kernels' float32 -> bfloat16 rounding (narrow) of a tensor");
   m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
-
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
   m.def("_phase_a_prefetch", [](bool on) { g_pa_pf = on; }, "A/B runs: phase A's prefetch of the next rows of A (default on)");
   m.def("silu_mul_", &silu_mul_, "g = silu(g) * u in place (HF's roundings), float32 or bfloat16");
