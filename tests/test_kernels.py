@@ -198,12 +198,12 @@ def test_compiled_token_result_is_bit_identical_in_any_batch(dtype, pools):
     """The kernel's sums run in the same order for a token whoever shares the call: exact equality, alone, in a small
     batch (threads split the pools' reads), in a large one (threads split the tokens) and on one thread. A token share
     is routed and gathered 64 tokens an adapter at a time (bfloat16 with bfloat16 pools: x read as it is, widened in
-    registers, where below 64 tokens the router reads a float32 copy; with float32 pools from a float32 copy of the
-    tile's x; below 64 tokens of two or more adapters each thread computes the logits of a share of the routers' rows
-    for every token, on or off here): 300 tokens of two adapters are tiles of 128 + 22 per thread on two threads and 128 + 128 + 44 on one,
-    and one adapter's 109 tokens alone tiles of 64 + 45 on one thread (float32; bfloat16 tiles are 256 tokens an
-    adapter: see the next test), so a token off its tile's first row must be read from the right row, and its sums
-    must not depend on its tile."""
+    registers, at every size; with float32 pools from a float32 copy of x; below 64 tokens of two or more adapters
+    each thread computes the logits of a share of the routers' rows for every token, on or off here): 300 tokens of
+    two adapters are tiles of 128 + 22 per thread on two threads and 128 + 128 + 44 on one, and one adapter's 109
+    tokens alone tiles of 64 + 45 on one thread (float32; bfloat16 tiles are 256 tokens an adapter: see the test of
+    them), so a token off its tile's first row must be read from the right row, and its sums must not depend on its
+    tile."""
     ext = _compiled()
     n, r, D, O = 8, 8, 64, 200  # O: two-vector slices, a one-vector slice and a scalar tail
     g = torch.Generator().manual_seed(3)

@@ -512,10 +512,13 @@ struct Routing {
   int64_t S, kmax;
 };
 
-// Token t's slot when it has a pool to route in, else -1 (no slot, a slot past the tables, or an empty pool).
+// Whether slot s of S (n: LoRAs a slot) has a pool to route in: not a missing slot, one past the tables or an empty pool.
+inline bool slot_routes(const int64_t* n, int64_t S, int64_t s) { return s >= 0 && s < S && n[s] > 0; }
+
+// Token t's slot when it has a pool to route in, else -1.
 inline int64_t routed_slot(const Routing& rt, int64_t t) {
   const int64_t s = rt.slot ? rt.slot[t] : 0;
-  return (s < 0 || s >= rt.S || rt.n[s] == 0) ? -1 : s;
+  return slot_routes(rt.n, rt.S, s) ? s : -1;
 }
 
 // Tokens by slot (counting sort, no slot / empty pool skipped): slot s's tokens are tok[start[s], start[s + 1]).
@@ -1887,14 +1890,13 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
 // otherwise ATen's linear computes y first. Saves the Python-level call of the base layer and a second crossing.
 bool g_proj_skip = true;
 // Whether any of `rows` tokens (slots sp, or slot 0 for every token when sp is null) has a pool in a call's slot
-// tables (n: LoRAs a slot; a token with no slot, a slot past the tables or an empty pool routes nowhere, as routed_slot).
+// tables (n: LoRAs a slot), by routed_slot's rule (slot_routes).
 inline bool routes_any(const torch::Tensor& n, const int64_t* sp, int64_t rows) {
   if (n.scalar_type() != torch::kInt64 || !n.is_contiguous()) return true;  // (route_gather_into then checks them)
   const int64_t S = n.numel();
   const int64_t* np = n.data_ptr<int64_t>();
-  if (!sp) return rows > 0 && S >= 1 && np[0] > 0;
   for (int64_t t = 0; t < rows; ++t)
-    if (sp[t] >= 0 && sp[t] < S && np[sp[t]] > 0) return true;
+    if (slot_routes(np, S, sp ? sp[t] : 0)) return true;
   return false;
 }
 
