@@ -270,6 +270,64 @@ def test_module_call_with_nothing_to_route_is_its_base_gemm(dtype, T):
         ext._proj_skip(True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 8, 40, 130])
+def test_module_call_on_raw_pointers_is_the_checked_call(dtype, T):
+    """ModuleCall's call on the bound tensors' raw pointers (no tensor header read, no handle copied, no reshape) gives
+    what the checked path (linear_route_gather) gives, bit for bit: y, the selections and the counts they add, for
+    x [T, D] and [T, 1, D], one slot or mixed slots (none, past the tables, an empty pool, two adapters), with and
+    without counts, in batch-invariant mode too (130 rows then take the fused GEMM); and where it does not apply
+    (x not contiguous, x of another dtype than the weight, counts of the wrong length) it leaves the call to the
+    checked path, which answers or raises as before."""
+    from remix.kernels import cpu_ext
+
+    ext = _compiled()
+    n, r, D, O = 4, 4, 64, 96
+    g = torch.Generator().manual_seed(T)
+    base = torch.nn.Linear(D, O, bias=True).to(dtype)
+    router = torch.randn(2 * n, D, generator=g)
+    a, bt = torch.randn(2 * n * r, D, generator=g).to(dtype), torch.randn(2 * n * r, O, generator=g).to(dtype)
+    tables = (torch.tensor([0, n, 0]), torch.tensor([n, n, 0]), torch.tensor([2, 1, 1]), torch.tensor([0.5, 2.0, 1.0]))
+    call = cpu_ext.bind_module(base, router, a, bt, tables, r, 2)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    mixed = torch.tensor([(0, 1, -1, 2, 7, 1, 0)[t % 7] for t in range(T)])
+    none = torch.empty(0, dtype=torch.int64)
+
+    def both(xx, slots, with_counts):
+        out = []
+        for raw in (False, True):
+            ext._module_call_raw(raw)
+            counts = torch.zeros(2 * n, dtype=torch.int64) if with_counts else none
+            y, idx = call.routed(xx, slots, counts)
+            out.append((y.clone(), idx.clone(), counts.clone()))
+        (y0, i0, c0), (y1, i1, c1) = out
+        assert y0.shape == y1.shape == (*xx.shape[:-1], O) and y1.is_contiguous()
+        assert torch.equal(y0, y1) and torch.equal(i0, i1) and torch.equal(c0, c1)
+        return out[1]
+
+    try:
+        with torch.inference_mode():
+            for invariant in (False, True):
+                ext._batch_invariant(invariant)
+                for slots in (none, mixed):
+                    for with_counts in (False, True):
+                        y, idx, counts = both(x, slots, with_counts)
+                        assert (idx >= 0).any() and (not with_counts or int(counts.sum()) == int((idx >= 0).sum()))
+                        both(x.view(T, 1, D), slots, with_counts)
+            ext._batch_invariant(False)
+            both(x.t().contiguous().t(), mixed, True)  # not contiguous: the checked path both times
+            other = x.float() if dtype == torch.bfloat16 else x.bfloat16()
+            for raw in (False, True):
+                ext._module_call_raw(raw)
+                with pytest.raises(RuntimeError, match="dtype"):  # x of another dtype than the weight: ATen's linear
+                    call.routed(other, none, none)
+                with pytest.raises(RuntimeError, match="counts"):
+                    call.routed(x, mixed, torch.zeros(2 * n + 1, dtype=torch.int64))
+    finally:
+        ext._module_call_raw(True)
+        ext._batch_invariant(False)
+
+
 def test_compiled_bfloat16_tiles_of_256_tokens_give_each_token_its_own_result():
     """bfloat16 gathers a token share 256 tokens an adapter at a time: 600 tokens of one adapter on one thread are tiles
     of 256 + 256 + 88 (300 a thread on two: 256 + 44), and every token's idx and y row equal those of the token alone."""

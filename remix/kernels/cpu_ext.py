@@ -1122,14 +1122,20 @@ constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the p
 // A token's result is the same either way and whatever shares its call.
 // With gemm on (float32 only), y is first computed as the base layer's output inside the same region: by column slices
 // that match phase B's, so each thread's y slice is still in its own cache when phase B updates it.
+void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const Routing* rt, int64_t* sel, float* w,
+         int64_t k, const BaseGemm& gemm = {nullptr, nullptr});
 void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routing* rt, int64_t* sel, float* w, int64_t k,
          const BaseGemm& gemm = {nullptr, nullptr}) {
-  const int64_t T = x.size(0), D = pl.D, O = pl.O;
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  run(x.data_ptr(), y.data_ptr(), x.size(0), x.scalar_type() == torch::kBFloat16, pl, rt, sel, w, k, gemm);
+}
+// The same on x [T, D] and y [T, O] given as pointers (contiguous, both bfloat16 where bf16, else float32).
+void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const Routing* rt, int64_t* sel, float* w,
+         int64_t k, const BaseGemm& gemm) {
+  const int64_t D = pl.D, O = pl.O;
   TORCH_CHECK(!gemm.on() || gemm.bf16 == bf16, "the fused base GEMM's dtype must be x's");
   const int64_t P = region_threads(gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
-  const float* X = bf16 ? nullptr : x.data_ptr<float>();
-  float* Y = bf16 ? nullptr : y.data_ptr<float>();
+  const float* X = bf16 ? nullptr : static_cast<const float*>(xv);
+  float* Y = bf16 ? nullptr : static_cast<float*>(yv);
   // bfloat16 with phase A on vdpbf16ps: the router reads x as it is (route_rows widens in registers; the same values
   // and sums as from a copy) - a float32 copy of x (a token tile's, 64 x 1536 x 4 bytes, or below SPLIT_POOLS_BELOW
   // rows all of x, in memory fresh each call) and its reads go. Two builds in turn in one process (45 modules a shape,
@@ -1144,14 +1150,14 @@ void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routin
   // float32 copy, left uninitialised (every element is widened into before it is read: a vector's zero fill ran on the
   // calling thread before the region, ~10 us a module at 32 rows).
   const bool copy_x = bf16 && !phase_a_reads_bf16(pl);
-  const auto* xb = bf16 ? reinterpret_cast<const c10::BFloat16*>(x.data_ptr()) : nullptr;
+  const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
   Scratch xbuf;
   if (copy_x && P > 1 && T < SPLIT_POOLS_BELOW) {  // (a token share copies its rows in chunks of its own)
     xbuf = scratch(T * D);
     X = xbuf.get();
   }
-  const uint16_t* xh = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr()) : nullptr;
-  uint16_t* yh = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr()) : nullptr;
+  const uint16_t* xh = bf16 ? static_cast<const uint16_t*>(xv) : nullptr;
+  uint16_t* yh = bf16 ? static_cast<uint16_t*>(yv) : nullptr;
   const void* gx = bf16 ? static_cast<const void*>(xh) : X;  // the GEMM reads and writes x's dtype
   void* gy = bf16 ? static_cast<void*>(yh) : Y;
 
@@ -1889,15 +1895,19 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
 // (y [..., O], idx [T, kmax]). float32 (contiguous weight): the GEMM runs inside the gather's parallel region (BaseGemm),
 // otherwise ATen's linear computes y first. Saves the Python-level call of the base layer and a second crossing.
 bool g_proj_skip = true;
+// ModuleCall::routed's call on the bound tensors' raw pointers (ModuleCall::Raw); off: every call through
+// linear_route_gather's checked path (tests, A/B runs: _module_call_raw).
+bool g_raw_call = true;
 // Whether any of `rows` tokens (slots sp, or slot 0 for every token when sp is null) has a pool in a call's slot
 // tables (n: LoRAs a slot), by routed_slot's rule (slot_routes).
-inline bool routes_any(const torch::Tensor& n, const int64_t* sp, int64_t rows) {
-  if (n.scalar_type() != torch::kInt64 || !n.is_contiguous()) return true;  // (route_gather_into then checks them)
-  const int64_t S = n.numel();
-  const int64_t* np = n.data_ptr<int64_t>();
+inline bool routes_any(const int64_t* np, int64_t S, const int64_t* sp, int64_t rows) {
   for (int64_t t = 0; t < rows; ++t)
     if (slot_routes(np, S, sp ? sp[t] : 0)) return true;
   return false;
+}
+inline bool routes_any(const torch::Tensor& n, const int64_t* sp, int64_t rows) {
+  if (n.scalar_type() != torch::kInt64 || !n.is_contiguous()) return true;  // (route_gather_into then checks them)
+  return routes_any(n.data_ptr<int64_t>(), n.numel(), sp, rows);
 }
 
 torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias);
@@ -1999,9 +2009,108 @@ struct ModuleCall {
   // (last_idx) while y is freed splits y's freed block in glibc's heap, and every next y then lands in memory the
   // caches have not seen (measured: +10 % on a 512-token module)
   mutable torch::Tensor idx_buf;
+
+  // The bound tensors as raw pointers and sizes, taken once at binding where they pass every check route_gather_into
+  // and base_gemm_for would make of them (ok), so that a call reads none of their headers (a TensorImpl and a
+  // StorageImpl each, nine tensors, cold at every call of a decode step: ~30 cache lines), copies no handle (an atomic
+  // on each, twice: linear_route_gather and route_gather_into take them by value) and dispatches no reshape or view.
+  // They stay valid: router, a, bt and the slot tables are never changed in place (a pool stack is replaced when an
+  // adapter comes or goes, and bound again; a layer's own binding watches the parameters they alias), and the base's
+  // weight and bias are watched - applies(), which every caller asks first, declines a call once one changed. Only
+  // the tables' entries are checked again at each call. The sums are those of the checked path (the same run()).
+  // The decode stack's FFN projections a step (default base, bfloat16, one adapter; this and the checked path in turn
+  // in one process, medians of 10 rounds, both orders; 28th session's Intel VM): 9.71 -> 9.03 and 9.80 -> 9.14 ms at
+  // one sequence, 10.69 -> 9.95 and 10.63 -> 10.03 at 8, 14.29 -> 13.59 and 14.24 -> 13.47 at 32 (~7 us a call).
+  struct Raw {
+    bool ok = false;
+    at::ScalarType dt = torch::kFloat32;  // the weight's (x must match it)
+    const void *w = nullptr, *b = nullptr;
+    Pools pl{nullptr, nullptr, 0, 0, 0, 0};
+    const float *router = nullptr, *omega = nullptr;
+    const int64_t *off = nullptr, *n = nullptr, *k = nullptr;
+    int64_t S = 0;
+  } raw;
+  void bind_raw() {
+    const int64_t O = weight.size(0), D = weight.dim() == 2 ? weight.size(1) : -1, lim = int64_t{1} << 30;
+#ifdef REMIX_DOT_BF16
+    const bool dt_ok = weight.scalar_type() == torch::kFloat32 || weight.scalar_type() == torch::kBFloat16;
+#else
+    const bool dt_ok = weight.scalar_type() == torch::kFloat32;
+#endif
+    const auto tab = [&](const torch::Tensor& t, at::ScalarType st) {
+      return t.device().is_cpu() && t.scalar_type() == st && t.is_contiguous() && t.dim() == 1 && t.numel() == off.numel();
+    };
+    raw.ok = dt_ok && weight.dim() == 2 && weight.device().is_cpu() && weight.is_contiguous() && O < lim && D < lim &&
+             (!bias.numel() || (bias.scalar_type() == weight.scalar_type() && bias.is_contiguous() && bias.numel() == O)) &&
+             kmax >= 1 && kmax <= 64 && r >= 1 && r <= 256 && a.dim() == 2 && bt.dim() == 2 && a.device().is_cpu() &&
+             bt.device().is_cpu() && (a.scalar_type() == torch::kFloat32 || a.scalar_type() == torch::kBFloat16) &&
+             bt.scalar_type() == a.scalar_type() && a.is_contiguous() && bt.is_contiguous() && a.size(0) % r == 0 &&
+             a.size(1) == D && bt.size(0) == a.size(0) && bt.size(1) == O && router.device().is_cpu() &&
+             router.scalar_type() == torch::kFloat32 && router.is_contiguous() && router.dim() == 2 &&
+             router.size(0) == a.size(0) / r && router.size(1) == D && off.numel() >= 1 && tab(off, torch::kInt64) &&
+             tab(n, torch::kInt64) && tab(k, torch::kInt64) && tab(omega, torch::kFloat32);
+    if (!raw.ok) return;
+    raw.dt = weight.scalar_type();
+    raw.w = weight.data_ptr();
+    raw.b = bias.numel() ? bias.data_ptr() : nullptr;
+    raw.pl = Pools{a.data_ptr(), bt.data_ptr(), r, a.size(0) / r, D, O, a.scalar_type() == torch::kBFloat16};
+    raw.router = router.data_ptr<float>();
+    raw.omega = omega.data_ptr<float>();
+    raw.off = off.data_ptr<int64_t>();
+    raw.n = n.data_ptr<int64_t>();
+    raw.k = k.data_ptr<int64_t>();
+    raw.S = off.numel();
+  }
+  // base_gemm_for's decision from the bound weight's facts (x has the weight's dtype and is a contiguous CPU tensor)
+  BaseGemm raw_gemm(int64_t T) const {
+    const bool bf16 = raw.dt == torch::kBFloat16;
+    if (!g_batch_invariant && ((bf16 && T >= DOT_BF16_BELOW) || (!bf16 && T >= ONEDNN_F32_FROM && large_f32_elsewhere())))
+      return {nullptr, nullptr};
+#ifdef REMIX_AMX
+    const bool amx = bf16 && amx_shape(raw.pl.D, raw.pl.O) && amx_ready();
+#else
+    const bool amx = false;
+#endif
+    return {raw.w, raw.b, bf16, amx};
+  }
+
   std::tuple<torch::Tensor, torch::Tensor> routed(torch::Tensor x, torch::Tensor slot_of_token, torch::Tensor counts) const {
     const int64_t T = x.dim() ? x.numel() / std::max<int64_t>(1, x.size(-1)) : 0;
     if (!idx_buf.defined() || idx_buf.size(0) != T) idx_buf = torch::empty({T, kmax}, torch::kInt64);
+    const Raw& R = raw;
+    if (R.ok && g_raw_call && x.dim() >= 1 && x.size(-1) == R.pl.D && x.scalar_type() == R.dt && x.device().is_cpu() &&
+        x.is_contiguous() &&
+        (slot_of_token.numel() == 0 || (slot_of_token.scalar_type() == torch::kInt64 && slot_of_token.is_contiguous() &&
+                                        slot_of_token.numel() == T)) &&
+        (counts.numel() == 0 || (counts.scalar_type() == torch::kInt64 && counts.is_contiguous() && counts.numel() == R.pl.N))) {
+      const BaseGemm gemm = raw_gemm(T);
+      const int64_t* sp = slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
+      int64_t* ip = idx_buf.data_ptr<int64_t>();
+      if (g_proj_skip && !routes_any(R.n, R.S, sp, T)) {  // as linear_route_gather: the base GEMM alone
+        std::fill_n(ip, T * kmax, int64_t{-1});
+        return {linear(x, weight, bias), idx_buf};
+      }
+      if (gemm.on()) {  // (otherwise a GEMM outside the kernel: linear_route_gather below, as before)
+        int64_t bad = -1;  // route_gather_into's check of the tables' entries
+        for (int64_t s = 0; s < R.S && bad < 0; ++s)
+          if (!(R.n[s] == 0 || (R.n[s] <= 64 && R.off[s] >= 0 && R.off[s] + R.n[s] <= R.pl.N && R.k[s] >= 1 &&
+                                R.k[s] <= R.n[s] && R.k[s] <= kmax)))
+            bad = s;
+        TORCH_CHECK(bad < 0, message("slot %lld: bad offset / n / k", bad));
+        auto shape = x.sizes().vec();
+        shape.back() = R.pl.O;
+        auto y = torch::empty(shape, x.options());
+        std::fill_n(ip, T * kmax, int64_t{-1});
+        std::vector<float> w(T * kmax, 0.f);
+        const Routing rt{R.router, sp, R.off, R.n, R.k, R.omega, R.S, kmax};
+        run(x.data_ptr(), y.data_ptr(), T, R.dt == torch::kBFloat16, R.pl, &rt, ip, w.data(), kmax, gemm);
+        if (counts.numel() > 0) {
+          int64_t* cp = counts.data_ptr<int64_t>();
+          for (int64_t e = 0; e < T * kmax; ++e) if (ip[e] >= 0) cp[ip[e]] += 1;
+        }
+        return {y, idx_buf};
+      }
+    }
     return linear_route_gather(x, weight, bias, router, a, bt, slot_of_token, off, n, k, omega, r, kmax, counts, idx_buf);
   }
 };
@@ -2891,6 +3000,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "tests: the kernels' float32 -> bfloat16 rounding (narrow) of a tensor");
   m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
+  m.def("_module_call_raw", [](bool on) { g_raw_call = on; }, "tests and A/B runs: ModuleCall's call on raw pointers (default on)");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
   m.def("_phase_a_prefetch", [](bool on) { g_pa_pf = on; }, "A/B runs: phase A's prefetch of the next rows of A (default on)");
   m.def("silu_mul_", &silu_mul_, "g = silu(g) * u in place (HF's roundings), float32 or bfloat16");
@@ -2967,6 +3077,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              std::vector<torch::Tensor> watched) {
         ModuleCall c{weight, bias, router, a, bt, off, n, k, omega, r, kmax, watched, {}, {}};
         for (const auto& t : watched) c.seen.emplace_back(version(t), t.data_ptr());
+        c.bind_raw();
         return c;
       }))
       .def("__call__", [](const ModuleCall& c, torch::Tensor x) -> pybind11::object {
@@ -3109,7 +3220,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v151_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v152_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
