@@ -70,6 +70,8 @@ class StackedPools:
     router32: torch.Tensor | None = None  # [N, D] float32 router when the pools are in a lower precision (torch path)
     offsets: dict = field(default_factory=dict)  # slot -> first global id, as Python ints (no device reads)
     layout: tuple = ()  # (dtype, device, N, kmax, (slot, offset, n, k, omega)...): modules with equal layouts route alike
+    ranks: torch.Tensor | None = None  # int64 [N]: each LoRA's own rank where some are padded (the CPU kernel skips the
+    # padding), None where every slot has rank r
 
     @property
     def num_loras(self) -> int:
@@ -155,10 +157,11 @@ class PoolStack:
         id, ranks padded to the largest."""
         ids = sorted(self._raw)
         r_max = max(self._raw[s][0].shape[1] for s in ids)
-        routers, As, Bs, off, total = [], [], [], {}, 0
+        routers, As, Bs, off, total, ranks = [], [], [], {}, 0, []
         for s in ids:
             A, B, router, _ = self._raw[s]
             off[s], total = total, total + A.shape[0]
+            ranks += [A.shape[1]] * A.shape[0]
             routers.append(router.to(router_dtype or dtype))
             As.append(F.pad(A.to(dtype), (0, 0, 0, r_max - A.shape[1])))  # [n, r_max, D]
             Bs.append(F.pad(B.to(dtype), (0, r_max - B.shape[2])))  # [n, O, r_max]
@@ -172,6 +175,7 @@ class PoolStack:
             tables=(col(lambda s: off[s]), col(lambda s: self.slots[s].n), col(lambda s: self.slots[s].k),
                     col(lambda s: self.slots[s].omega, torch.float32)),
             offsets=off,
+            ranks=None if min(ranks) == r_max else torch.tensor(ranks, dtype=torch.int64, device=device),
             layout=(dtype, device, total, max(self.slots[s].k for s in ids),
                     *((s, off[s], self.slots[s].n, self.slots[s].k, self.slots[s].omega) for s in ids)),
         )
@@ -302,7 +306,7 @@ def _cpu_forward(ext, x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: R
     c = stack.cpu
     y = y.contiguous()
     idx = ext.route_gather_(x.contiguous(), y, c.router, c.a, c.bt, ctx.slots, *c.tables, c.r, c.kmax,
-                            c.counts if ctx.count else cpu_ext.NONE)
+                            c.counts if ctx.count else cpu_ext.NONE, *(() if c.ranks is None else (c.ranks,)))
     _trace_global(ctx, stack, idx, c.offsets, name)
     return y
 
@@ -341,7 +345,7 @@ class StackedLinear(torch.nn.Module):
             if not cpu_ext.bound_applies(base, cpu_ext.base_key(base)):
                 return None  # hooks on the base, or disabled: the base runs as a module
             # a new stack (adapter loaded / unloaded) or new base tensors: bind again
-            call = cpu_ext.bind_module(base, cpu.router, cpu.a, cpu.bt, cpu.tables, cpu.r, cpu.kmax)
+            call = cpu_ext.bind_module(base, cpu.router, cpu.a, cpu.bt, cpu.tables, cpu.r, cpu.kmax, ranks=cpu.ranks)
             self.__dict__["_bound"] = (cpu, cpu_ext.base_key(base), call)
         return call
 

@@ -19,15 +19,21 @@ same batch (the floor on this machine: the faster of ATen's GEMMs and, on CPU, t
 the engine runs), and prints/writes the ratios with their goals. On CPU the compiled decode stack also times its ops
 during those steps, and the JSON (``decode_breakdown_ms``) and the tables show where a step goes: attention, the FFN
 projections (the ReMix modules), the attention projections, the small ops, and what lies outside the decoder layers.
-Every contender runs ``--repeats`` times, all five in rounds with the floor timed in the same rounds: the tables
-report each contender's fastest run, and each ratio is the median over the rounds of that ratio within a round (two
-contenders run back to back), so one lucky round of one of them does not decide it - on a shared VM one slow spell had
-moved a single run's figures by 10-20 %. On CUDA every timing ends with a device synchronisation.
+Every contender runs ``--repeats`` times, in rounds with the floor timed in the same rounds: the tables report each
+contender's fastest run, and each ratio is the median over the rounds of that ratio within a round, so one lucky round
+of one of them does not decide it - on a shared VM one slow spell had moved a single run's figures by 10-20 %. Within
+a round the engine's contenders run at the same time: each is an engine of its own (its own copy of the base, every
+adapter loaded in each), all serving the same prompts, stepped in turn one step each (the order reversed every
+sweep), each on the clock of its own steps - so a slow spell of the machine lands on all of them alike instead of on
+whichever ran in it (runs of a contender after another had put the adapter's ratio to the bare engine anywhere from
+0.77 to 0.97 within one bench run). The HF peers run after them in the round. On CUDA every timing ends with a device
+synchronisation.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -168,6 +174,55 @@ def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]
         if timed_steps:
             breakdown.update(decode_breakdown(parts, timed_steps))
     return wall, statistics.median(decode_steps) if decode_steps else float("nan")
+
+
+def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]], prompts, new_tokens,
+                          sampling: dict | None = None, breakdowns: dict | None = None) -> dict[str, tuple[float, float]]:
+    """Every contender (an engine of its own and the adapters its requests name, round-robin) serves the same prompts,
+    submitted together; the engines are stepped in turn, one step each, the order reversed every sweep, so a slow spell
+    of a shared machine lands on all of them alike. Per contender: (the wall time on the clock of its own steps, the
+    median of its full-batch decode-only steps). ``sampling`` as :func:`bench_engine`; ``breakdowns``: filled per
+    contender, where the compiled decode stack ran its steps, as ``bench_engine`` fills ``breakdown`` (the stack's
+    clock is read after every step, so each engine's ops are its own)."""
+    for name, (engine, adapters) in contenders.items():
+        for i, p in enumerate(prompts):
+            params = SamplingParams(max_tokens=new_tokens, ignore_eos=True,
+                                    **({"temperature": 0.0} if not sampling else {**sampling, "seed": i}))
+            engine.submit(GenerationRequest(f"b-{name}-{time.monotonic_ns()}-{i}", p, params, adapters[i % len(adapters)]),
+                          lambda e: None)
+    first = next(iter(contenders.values()))[0]
+    clocked = breakdowns is not None and first.runner.model.device.type == "cpu" and cpu_ext.available()
+    if clocked:
+        cpu_ext.stack_clock(True)
+    clock = {name: 0.0 for name in contenders}
+    decode_steps: dict[str, list[float]] = {name: [] for name in contenders}
+    timed_steps: dict[str, list[float]] = {name: [] for name in contenders}
+    parts: dict[str, dict[str, float]] = {name: {} for name in contenders}
+    order, sweep = list(contenders), 0
+    while any(engine.has_work() for engine, _ in contenders.values()):
+        for name in order if sweep % 2 == 0 else order[::-1]:
+            engine = contenders[name][0]
+            if not engine.has_work():
+                continue
+            t0 = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t0
+            ops, runs = cpu_ext.stack_clock(True) if clocked else ({}, 0)  # (read after the step's clock stopped)
+            clock[name] += dt
+            if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == len(prompts):
+                decode_steps[name].append(dt)
+                if runs == 1:  # the step ran the compiled stack once: its ops were timed
+                    timed_steps[name].append(dt)
+                    for op, ms in ops.items():
+                        parts[name][op] = parts[name].get(op, 0.0) + ms
+        sweep += 1
+    if clocked:
+        cpu_ext.stack_clock(False)
+        for name in contenders:
+            if timed_steps[name]:
+                breakdowns[name] = decode_breakdown(parts[name], timed_steps[name])
+    return {name: (clock[name], statistics.median(decode_steps[name]) if decode_steps[name] else float("nan"))
+            for name in contenders}
 
 
 # a decode step's parts as the README's table groups them: the stack's ops (cpu_ext.STACK_OPS) and the rest of the step
@@ -346,24 +401,38 @@ def main(argv=None) -> dict:
     model, tok = remix.load_base(args.base)  # float32: the adapters are made (and stored) in full precision
     tmp = Path(tempfile.mkdtemp(prefix="remix-bench-"))
     adapter_paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
-    model.to(device=device, dtype=dtype)  # the engine's copy (the adapters are already written)
+    model.to(device=device, dtype=dtype)  # the engines' weights (the adapters are already written)
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else None
     max_len = args.prompt_tokens + args.new_tokens + 8
-    engine = Engine(model, tok, EngineConfig(max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,
-                                             max_batched_tokens=args.max_batched_tokens or max(512, args.prompt_tokens + max(levels)),
-                                             kv_cache_dtype=args.kv_cache_dtype,
-                                             # every round submits the same prompts, and HF computes every prompt:
-                                             # so does the engine (no prefix cache)
-                                             prefix_caching=False))
-    for i, path in enumerate(adapter_paths):
-        engine.load_adapter(f"a{i}", str(path))
     if args.peft:
         peft_path = tmp / "peft"
         make_peft_adapter(remix.load_base(args.base)[0], peft_path)
-        engine.load_adapter("peft", str(peft_path))
-    engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
+    engines = (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"]))
+    if args.peft:
+        engines += (("engine_peft", ["peft"]),)
+    # one engine per contender, each on its own copy of the weights with the adapters its requests name loaded (as a
+    # server of those adapters has them; with the peft LoRA loaded too, the ReMix adapters' pools were padded to its
+    # rank 16 - the compiled kernel now skips the padding, the torch path does not), stepped in turn
+    # (bench_engines_in_turn)
+    copies = [model] + [copy.deepcopy(model) for _ in engines[1:]]
+    contenders: dict[str, tuple[Engine, list]] = {}
+    for (name, adapters), weights in zip(engines, copies):
+        engine = Engine(weights, tok, EngineConfig(
+            max_model_len=max_len, max_num_seqs=max(levels), max_queue=1024,
+            max_batched_tokens=args.max_batched_tokens or max(512, args.prompt_tokens + max(levels)),
+            kv_cache_dtype=args.kv_cache_dtype,
+            # every round submits the same prompts, and HF computes every prompt: so does the engine (no prefix cache)
+            prefix_caching=False))
+        for i, path in enumerate(adapter_paths):
+            if f"a{i}" in adapters:
+                engine.load_adapter(f"a{i}", str(path))
+        if "peft" in adapters:
+            engine.load_adapter("peft", str(peft_path))
+        engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
+        contenders[name] = (engine, adapters)
+    engine = contenders["engine_remix"][0]  # the floor's weights, the config the JSON records
     # the HF peers run on plain copies of the base (the engine's model has serving wrappers): one as it is, one with the
     # adapter applied by a per-expert Python loop
     peers = {"hf_generate": remix.load_base(args.base, dtype=dtype, device=device)[0]}
@@ -374,32 +443,32 @@ def main(argv=None) -> dict:
             setattr(looped.get_submodule(parent), child, PerExpertLoopLinear(
                 layer.base, layer.lora_A.detach(), layer.lora_B.detach(), layer.router.detach(), layer.k, layer.omega))
         peers["hf_loop"] = looped
-    engines = (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"]))
     if args.peft:
         from peft import PeftModel
 
         peers["hf_peft"] = PeftModel.from_pretrained(remix.load_base(args.base, dtype=dtype, device=device)[0],
                                                      str(peft_path)).eval()
-        engines += (("engine_peft", ["peft"]),)
     results, rounds_of = {}, {}  # rounds_of[c][name]: every round's (wall, decode step or None), for the ratios
     for c in levels:
         prompts = prompts_of(tok, c, args.prompt_tokens)
         tokens = c * args.new_tokens
         row = {}
-        bench_engine(engine, prompts_of(tok, 2, args.prompt_tokens), 4, [None, "a0"])  # warm-up: loads the routing op, touches the cache
+        for e, adapters in contenders.values():  # warm-up: loads the routing op, touches the cache
+            bench_engine(e, prompts_of(tok, 2, args.prompt_tokens), 4, adapters)
         # every contender --repeats times, in rounds (a slow spell of this shared machine then hits all of them alike,
         # the HF peers included: HF generate alone ran at 96 to 140 tok/s at 32 sequences in one session's runs), and
         # each one's best run reported in the tables (its fastest wall time and, for the engine, separately its fastest
-        # median decode step); the ratios are taken within each round (see ``ratio`` below)
+        # median decode step); the ratios are taken within each round (see ``ratio`` below), and within a round the
+        # engine's contenders run in turn, step by step (bench_engines_in_turn)
         runs: dict[str, list] = {}
         floors: dict[str, list] = {}
         breakdowns: dict[str, list] = {}
         for rep in range(args.repeats):
-            for name, adapters in engines:
-                parts: dict = {}
-                wall, step = bench_engine(engine, prompts, args.new_tokens, adapters, sampling, breakdown=parts)
+            parts: dict = {}
+            for name, (wall, step) in bench_engines_in_turn(contenders, prompts, args.new_tokens, sampling,
+                                                            breakdowns=parts).items():
                 runs.setdefault(name, []).append((wall, step))
-                breakdowns.setdefault(name, []).append(parts)
+                breakdowns.setdefault(name, []).append(parts.get(name, {}))
                 print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms  (run {rep + 1})", flush=True)
             # the floor in the same rounds, right after the engine's runs: timed once after all of them, it had met a
             # slower moment than the steps it divides (fourteenth session: a 60 ms floor under a 64 ms step at 32

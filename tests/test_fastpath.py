@@ -372,3 +372,36 @@ def test_decode_stack_is_checked_again_only_after_an_assignment_or_a_pool_change
     assert len(checks) == 1
     assert got == run_all(loop, requests_for(tok, [None, "a0"]))
     assert got != before  # the changes matter: a stale stack could not have matched the loop
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
+    """The decode stack prefetches, during each GEMM before a routed module, that module's pools (Ahead in cpu_ext): only
+    where lines are cached changes, so tokens, log-probabilities and selection counts are the same with it from one
+    row, from the default, and never - with one adapter, two, and the bare base in the batch."""
+    from remix.kernels import cpu_ext
+
+    ext = cpu_ext.load()
+    if ext is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    model, tok = tiny("llama", 2)
+    paths = random_adapters(model, tmp_path, [None, ["o_proj", "down_proj"]])
+    model.to(dtype)
+    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16,
+                                             max_batched_tokens=40, prefix_caching=False))  # every run prefills alike
+    for name, path in paths.items():
+        engine.load_adapter(name, path)
+    runs = []
+    try:
+        for rows, start in ((0, 0.5), (1, 0.0), (4, 0.5), (2, 0.9)):
+            ext._ahead_from(rows, start)
+            for layer in engine.runner.stacked.values():
+                layer.stack.counts.zero_()
+            got = run_all(engine, requests_for(tok, [None, "a0", "a1", "a0", "a1"]))
+            runs.append((got, {name: layer.stack.counts.clone() for name, layer in engine.runner.stacked.items()}))
+    finally:
+        ext._ahead_from(4, 0.0)
+    assert all(len(toks) == 24 for toks, _ in runs[0][0].values())
+    for got, counts in runs[1:]:
+        assert got == runs[0][0]
+        assert all(torch.equal(counts[name], runs[0][1][name]) for name in counts)

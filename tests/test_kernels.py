@@ -1018,3 +1018,49 @@ def test_a_stale_build_lock_is_removed_and_a_live_builder_waited_for(tmp_path):
         waited = time.monotonic() - start
     holder.wait(10)
     assert waited > 0.5  # it waited for the live builder before touching anything
+
+
+@pytest.mark.parametrize("dtype,pools", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("T", [1, 5, 40, 130])
+def test_compiled_gather_skips_a_padded_ranks_zeros_and_gives_the_same_result(dtype, pools, T):
+    """Adapters of ranks 3, 8 and 16 in one stack, padded to 16 (a rank-16 peft LoRA beside rank-8 ReMix adapters):
+    with each LoRA's own rank (ranks [N]) the kernel reads and multiplies only its rows, and gives what the padded
+    stack gives - the padding's products are exact zeros - through route_gather_ and a bound module call (routed
+    and, past the fused GEMM's rows, the checked path), in both of the kernel's splits; a rank above r is refused."""
+    ext = _compiled()
+    from remix.kernels import cpu_ext
+
+    n, D, O, ranks = 4, 48, 72, [3, 8, 16]
+    r = max(ranks)
+    g = torch.Generator().manual_seed(T)
+    A, B = make_stack(ranks, n, D, O, torch.float32, seed=T)  # [3n, r, D], [3n, O, r], zero past each rank
+    P = torch.randn(3 * n, D, generator=g)
+    a, bt = A.reshape(-1, D).to(pools).contiguous(), B.transpose(1, 2).reshape(-1, O).to(pools).contiguous()
+    per_lora = torch.tensor([rk for rk in ranks for _ in range(n)])
+    tables = (torch.tensor([0, n, 2 * n]), torch.tensor([n, n, n]), torch.tensor([2, 3, 2]), torch.tensor([0.5, 0.25, 1.0]))
+    x = torch.randn(T, D, generator=g).to(dtype)
+    slots = torch.randint(-1, 3, (T,), generator=g)
+    y0 = torch.randn(T, O, generator=g).to(dtype)
+    none = torch.empty(0, dtype=torch.int64)
+    base = torch.nn.Linear(D, O, bias=True).to(dtype)
+    for units in (True, False):
+        ext._route_units(units)
+        try:
+            y_pad, y_own = y0.clone(), y0.clone()
+            idx_pad = ext.route_gather_(x, y_pad, P, a, bt, slots, *tables, r, 3, none)
+            idx_own = ext.route_gather_(x, y_own, P, a, bt, slots, *tables, r, 3, none, per_lora)
+            assert torch.equal(idx_pad, idx_own) and torch.equal(y_pad, y_own)
+            if (idx_own >= n).any():  # a token selected a LoRA of rank 8 or 16: its rows past the first count
+                y_one = y0.clone()
+                ext.route_gather_(x, y_one, P, a, bt, slots, *tables, r, 3, none, per_lora.clamp(max=1))
+                assert not torch.equal(y_one, y_own)  # (the ranks given are the ranks used)
+            padded = cpu_ext.bind_module(base, P, a, bt, tables, r, 3)
+            own = cpu_ext.bind_module(base, P, a, bt, tables, r, 3, ranks=per_lora)
+            c_pad, c_own = torch.zeros(3 * n, dtype=torch.int64), torch.zeros(3 * n, dtype=torch.int64)
+            with torch.inference_mode():
+                (yp, ip), (yo, io) = padded.routed(x, slots, c_pad), own.routed(x, slots, c_own)
+            assert torch.equal(yp, yo) and torch.equal(ip, io) and torch.equal(c_pad, c_own)
+        finally:
+            ext._route_units(True)
+    with pytest.raises(RuntimeError, match="not in \\[0, r\\]"):
+        ext.route_gather_(x, y0.clone(), P, a, bt, slots, *tables, r, 3, none, per_lora + 1)

@@ -268,10 +268,16 @@ struct Pairs {
 
 // A [N*r, D] and B^T [N*r, O] of every LoRA, float32 or bfloat16 (bf16: both; widened to float32 as they are read,
 // every sum in float32: bfloat16 pools halve the bytes a small batch reads, the arithmetic is the same).
+// rank: each LoRA's own rank (its first rank[i] rows of A and of B^T; the rest, up to r, the zeros a stack of several
+// ranks pads it with), or null where every LoRA has rank r. The padding's products are exact zeros, so skipping them
+// changes no sum; a stack of rank-8 adapters beside one of rank 16 (a peft LoRA) had read and multiplied twice their
+// pools' bytes.
 struct Pools {
   const void *a, *bt;
   int64_t r, N, D, O;
   bool bf16 = false;
+  const int64_t* rank = nullptr;
+  int64_t rank_of(int64_t i) const { return rank ? rank[i] : r; }
 };
 
 // phase A prefetches, while one call of dots4x4 runs, the four rows of A the next call reads (into L2, a line of each
@@ -335,11 +341,12 @@ void phase_a_of(const Pairs& pr, int64_t b0, int64_t b1, const XT* X, const Pool
     const XT* xs[4];
     for (int64_t q = 0; q < nq; ++q) xs[q] = X + pr.rows[p0 + q] * D;
     const int64_t next = b + 1 < b1 ? pr.blocks[2 * b + 2] : -1;  // the next block's LoRA
-    for (int64_t c0 = 0; c0 < r; c0 += 4) {
+    const int64_t rk = pl.rank_of(i);  // (U's entries past it are neither written nor read)
+    for (int64_t c0 = 0; c0 < rk; c0 += 4) {
       // the rows the next call reads: this LoRA's next four, or the next block's LoRA's first four (into L2)
       const R* pf = !g_pa_pf ? nullptr
-                    : c0 + 4 < r ? A + (i * r + c0 + 4) * D : next >= 0 && next != i ? A + next * r * D : nullptr;
-      dots4x4(xs, nq, A + (i * r + c0) * D, std::min<int64_t>(4, r - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0, pf);
+                    : c0 + 4 < rk ? A + (i * r + c0 + 4) * D : next >= 0 && next != i ? A + next * r * D : nullptr;
+      dots4x4(xs, nq, A + (i * r + c0) * D, std::min<int64_t>(4, rk - c0), D, U + p0 * r + c0, r, pr.scale.data() + p0, pf);
     }
   }
 }
@@ -354,8 +361,9 @@ void phase_b_of(const Pairs& pr, const Pools& pl, const float* U, float* Y, int6
   for (int64_t i = 0; i < pl.N; ++i) {
     const int64_t np = pr.start[i + 1] - pr.start[i];
     if (np == 0) continue;
-    for (int64_t c0 = 0; c0 < r; c0 += 8)
-      axpy_rows(std::min<int64_t>(8, r - c0), Y, ldy, yo, O, Bt + (i * r + c0) * O, U + pr.start[i] * r + c0, r,
+    const int64_t rk = pl.rank_of(i);
+    for (int64_t c0 = 0; c0 < rk; c0 += 8)
+      axpy_rows(std::min<int64_t>(8, rk - c0), Y, ldy, yo, O, Bt + (i * r + c0) * O, U + pr.start[i] * r + c0, r,
                 pr.rows.data() + pr.start[i], np, o0, o1, prefetch);
   }
 }
@@ -740,10 +748,102 @@ inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw
 // default base's linears of one decode step, cold: float32 25.6 -> 20.5 ms and bfloat16 17.4 -> 10.0 ms at one row,
 // 26 / 18 GB/s -> 20-22 / 26 of the ~40 GB/s that two threads stream); from 16 rows (5 x 5, compute-bound) into L1
 // (3), as before (L2 there: 32 rows 61 -> 71 ms).
+// Thread h of nh's share [o0, o1) of O outputs: whole slices of 2L, so phase B's vector paths (and the fused GEMM's
+// columns) never depend on the split.
+inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh) {
+  const int64_t chunks = (O + 2 * L - 1) / (2 * L);
+  return {std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L)};
+}
+
+// Threads for a parallel region over `items` units of work: torch's setting, capped by the work; 1 inside another
+// region or without OpenMP (then torch's parallel_for runs serially too).
+inline int64_t region_threads(int64_t items) {
+#ifdef _OPENMP
+  return at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), items);
+#else
+  return 1;
+#endif
+}
+
+// (this thread's index, the region's thread count) inside an OpenMP region; (0, 1) without OpenMP.
+inline std::pair<int64_t, int64_t> region_thread() {
+#ifdef _OPENMP
+  return {omp_get_thread_num(), omp_get_num_threads()};
+#else
+  return {0, 1};
+#endif
+}
+
+// The pool rows of the routed module a decode step runs next (its routers, A and B^T rows of the LoRAs of the slots in
+// the step), prefetched into L2 while an earlier GEMM of the step streams its weights, so that module's routing and
+// phases read them from cache instead of from memory, a few KB at a time, each stage waiting for its first reads.
+// Thread h of nh takes every router row (each thread routes a share of the tokens over all of them), its share of the
+// LoRAs' A rows (phase A splits the LoRA blocks in order) and of B^T's columns (phase B's output slice, out_slice).
+// Only where a line goes changes (no value), so nothing a kernel computes does. The lines are spread evenly over the
+// GEMM's blocks of weight rows (from the share g_ahead_start of them: 0, all of it; from the second half the FFN took
+// 9.93 against 9.59 ms a step at 8 sequences, one run of whole runs in turn). The stack asks for it from g_ahead_from rows: at one row two of eight LoRAs are read, and the
+// other six would be prefetched for nothing. In one run, the variant alternating step by step (29th session, 2-vCPU
+// AMD EPYC Zen 4 VM, default base in bfloat16, 128-token prompts, 128 new tokens, medians of ~240 decode steps a
+// variant): one adapter, the FFN projections a step 10.67 -> 10.42 ms at 8 sequences and 20.96 -> 20.80 at 32 (steps
+// 20.34 -> 20.19 and 42.85 -> 42.57); four adapters 11.74 -> 11.13 and 23.07 -> 22.06 (steps 21.45 -> 21.43 and
+// 44.56 -> 44.17).
+struct Ahead {
+  const char *router = nullptr, *a = nullptr, *bt = nullptr;
+  int64_t lo = 0, hi = 0;  // the LoRAs [lo, hi) of the step's slots
+  int64_t r = 0, D = 0, O = 0, esz = 4;  // rows a LoRA (padded), A's and B^T's row lengths, the pools' element size
+  const int64_t* rank = nullptr;  // each LoRA's own rank (Pools::rank), or null: r
+};
+int64_t g_ahead_from = 4;  // rows of a decode step from which the stack prefetches ahead (0: never; A/B runs: _ahead_from)
+double g_ahead_start = 0.0;  // the share of a GEMM's blocks after which its prefetches start (A/B runs)
+
+// This thread's lines of an Ahead, issued a few at a time by a GEMM's blocks (segments of rows of a byte length: the
+// routers; each of its LoRAs' A rows; each LoRA's B^T rows, this thread's columns of them - a LoRA's own rank only).
+struct AheadCursor {
+  struct Seg { const char* p; int64_t rows, bytes, stride; };
+  std::vector<Seg> seg;
+  size_t s = 0;
+  int64_t row = 0, off = 0, lines = 0;
+  AheadCursor(const Ahead* ah, int64_t h, int64_t nh) {
+    if (!ah || ah->hi <= ah->lo) return;
+    const int64_t n = ah->hi - ah->lo, r = ah->r;
+    auto rank = [&](int64_t i) { return ah->rank ? ah->rank[i] : r; };
+    seg.reserve(1 + 2 * n);
+    seg.push_back({ah->router + ah->lo * ah->D * 4, 1, n * ah->D * 4, 0});
+    for (int64_t i = ah->lo + n * h / nh; i < ah->lo + n * (h + 1) / nh; ++i)
+      seg.push_back({ah->a + i * r * ah->D * ah->esz, 1, rank(i) * ah->D * ah->esz, 0});
+    const auto [o0, o1] = out_slice(ah->O, h, nh);
+    if (o1 > o0)
+      for (int64_t i = ah->lo; i < ah->hi; ++i)
+        seg.push_back({ah->bt + (i * r * ah->O + o0) * ah->esz, rank(i), (o1 - o0) * ah->esz, ah->O * ah->esz});
+    for (const Seg& g : seg) lines += g.rows * ((g.bytes + 63) / 64);
+  }
+  void issue(int64_t count) {
+    while (count > 0 && s < seg.size()) {
+      const Seg& g = seg[s];
+      const char* p = g.p + row * g.stride;
+      for (; off < g.bytes && count > 0; off += 64, --count) _mm_prefetch(p + off, _MM_HINT_T1);
+      if (off >= g.bytes) {
+        off = 0;
+        if (++row >= g.rows) { row = 0; ++s; }
+      }
+    }
+  }
+};
+
 template <int GO, int RT, int PFL, typename E>
-void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y, int64_t O, int64_t o0, int64_t o1) {
+void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y, int64_t O, int64_t o0, int64_t o1,
+              const Ahead* ahead = nullptr) {
   const int64_t tiles = (T + RT - 1) / RT;
-  for (int64_t o = o0; o < o1; o += GO) {
+  AheadCursor cur = [&] {
+    if (!ahead) return AheadCursor(nullptr, 0, 1);
+    const auto [h, nh] = region_thread();
+    return AheadCursor(ahead, h, nh);
+  }();
+  const int64_t blocks = (o1 - o0 + GO - 1) / GO;
+  const int64_t first = std::min<int64_t>(blocks - 1, static_cast<int64_t>(blocks * g_ahead_start));
+  const int64_t per = cur.lines ? (cur.lines + (blocks - first) - 1) / (blocks - first) : 0;
+  for (int64_t o = o0, blk = 0; o < o1; o += GO, ++blk) {
+    if (per && blk >= first) cur.issue(per);
     const int64_t nw = std::min<int64_t>(GO, o1 - o);
     const int64_t nn = std::min<int64_t>(GO, std::max<int64_t>(0, o1 - o - GO));  // rows of the next block
     const E* Wo = W + o * D;
@@ -769,11 +869,11 @@ void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y,
 // dot_gemm with the tile shape for T rows: 6 x 3 below 16 rows (more of W per load of X), else 5 x 5.
 template <typename E>
 void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void* bias, void* Y, int64_t O, int64_t o0,
-                  int64_t o1) {
+                  int64_t o1, const Ahead* ahead = nullptr) {
   const auto *x = static_cast<const E*>(X), *w = static_cast<const E*>(W), *b = static_cast<const E*>(bias);
   auto* y = static_cast<E*>(Y);
-  if (T < 16) return dot_gemm<6, 3, 1>(x, T, D, w, b, y, O, o0, o1);
-  dot_gemm<5, 5, 3>(x, T, D, w, b, y, O, o0, o1);
+  if (T < 16) return dot_gemm<6, 3, 1>(x, T, D, w, b, y, O, o0, o1, ahead);
+  dot_gemm<5, 5, 3>(x, T, D, w, b, y, O, o0, o1, ahead);
 }
 
 #ifdef REMIX_AMX
@@ -965,6 +1065,7 @@ struct BaseGemm {
   const void *w, *bias;  // w [O, D] contiguous; bias [O] or null; float32, or bfloat16 when bf16
   bool bf16 = false;
   bool amx = false;  // bfloat16 on AMX tiles (amx_gemm)
+  const Ahead* ahead = nullptr;  // the next routed module's pools, prefetched while this GEMM runs (dot_gemm only)
   bool on() const { return w != nullptr; }
   void operator()(const void* Xv, void* Yv, int64_t T, int64_t D, int64_t O, int64_t o0, int64_t o1) const {
     if (o1 <= o0 || T == 0) return;
@@ -974,10 +1075,10 @@ struct BaseGemm {
                       static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(Yv), O, o0, o1);
 #endif
 #ifdef REMIX_DOT_BF16
-    if (bf16) return dot_gemm_any<uint16_t>(Xv, T, D, w, bias, Yv, O, o0, o1);
+    if (bf16) return dot_gemm_any<uint16_t>(Xv, T, D, w, bias, Yv, O, o0, o1, ahead);
 #endif
 #ifdef __AVX512F__
-    dot_gemm_any<float>(Xv, T, D, w, bias, Yv, O, o0, o1);
+    dot_gemm_any<float>(Xv, T, D, w, bias, Yv, O, o0, o1, ahead);
 #else
     const auto* X = static_cast<const float*>(Xv);
     const auto* W = static_cast<const float*>(w);
@@ -1084,32 +1185,6 @@ BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, con
   const bool amx = false;
 #endif
   return {weight.data_ptr(), bias.numel() ? bias.data_ptr() : nullptr, bf16, amx};
-}
-
-// Thread h of nh's share [o0, o1) of O outputs: whole slices of 2L, so phase B's vector paths (and the fused GEMM's
-// columns) never depend on the split.
-inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh) {
-  const int64_t chunks = (O + 2 * L - 1) / (2 * L);
-  return {std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L)};
-}
-
-// Threads for a parallel region over `items` units of work: torch's setting, capped by the work; 1 inside another
-// region or without OpenMP (then torch's parallel_for runs serially too).
-inline int64_t region_threads(int64_t items) {
-#ifdef _OPENMP
-  return at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), items);
-#else
-  return 1;
-#endif
-}
-
-// (this thread's index, the region's thread count) inside an OpenMP region; (0, 1) without OpenMP.
-inline std::pair<int64_t, int64_t> region_thread() {
-#ifdef _OPENMP
-  return {omp_get_thread_num(), omp_get_num_threads()};
-#else
-  return {0, 1};
-#endif
 }
 
 constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the pools' reads instead of the tokens
@@ -1840,6 +1915,16 @@ torch::Tensor gather_(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::
   return y;
 }
 
+// Each LoRA's own rank (Pools::rank) from ranks (int64 [N], each in [0, r]), or null where ranks is empty (all r).
+const int64_t* checked_ranks(const torch::Tensor& ranks, int64_t N, int64_t r) {
+  if (!ranks.defined() || ranks.numel() == 0) return nullptr;
+  TORCH_CHECK(ranks.device().is_cpu() && ranks.scalar_type() == torch::kInt64 && ranks.is_contiguous() && ranks.numel() == N,
+              "ranks must be a contiguous CPU int64 [N] tensor (one per LoRA) or empty");
+  const int64_t* rp = ranks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] <= r, message("ranks[%lld] = %lld: not in [0, r]", i, rp[i]));
+  return rp;
+}
+
 // Route every token within its slot's pool (top-k of float32 router logits, ties to the lower index, constant
 // weight omega) and add its delta into y in place. slot_of_token empty = every token is slot 0; slot -1, or a
 // slot with n = 0, gets no delta. Returns idx [T, kmax] (global ids, -1 padded); adds each selection to counts
@@ -1847,7 +1932,7 @@ torch::Tensor gather_(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::
 torch::Tensor route_gather_into(torch::Tensor x, torch::Tensor y, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
                                 torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k,
                                 torch::Tensor slot_omega, int64_t r, int64_t kmax, torch::Tensor counts, torch::Tensor idx,
-                                const BaseGemm& gemm = {nullptr, nullptr}) {
+                                const BaseGemm& gemm = {nullptr, nullptr}, const torch::Tensor& ranks = {}) {
   check_pools(x, y, a, bt, r);
   const int64_t T = x.size(0), D = x.size(1), N = a.size(0) / r;
   TORCH_CHECK(router.scalar_type() == torch::kFloat32 && router.is_contiguous() && router.size(0) == N && router.size(1) == D,
@@ -1876,7 +1961,8 @@ torch::Tensor route_gather_into(torch::Tensor x, torch::Tensor y, torch::Tensor 
   std::fill_n(ip, T * kmax, int64_t{-1});  // not idx.fill_: a dispatched op, ~1.7 us a call at decode sizes
   std::vector<float> weight(T * kmax, 0.f);
   const Routing rt{router.data_ptr<float>(), one ? nullptr : sot.data_ptr<int64_t>(), op, np, kp, om.data_ptr<float>(), S, kmax};
-  const Pools pl{a.data_ptr(), bt.data_ptr(), r, N, D, y.size(1), a.scalar_type() == torch::kBFloat16};
+  Pools pl{a.data_ptr(), bt.data_ptr(), r, N, D, y.size(1), a.scalar_type() == torch::kBFloat16};
+  pl.rank = checked_ranks(ranks, N, r);
   run(x, y, pl, &rt, ip, weight.data(), kmax, gemm);
   if (counts.numel() > 0) {
     int64_t* cp = counts.data_ptr<int64_t>();
@@ -1889,6 +1975,13 @@ torch::Tensor route_gather_(torch::Tensor x, torch::Tensor y, torch::Tensor rout
                             torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k,
                             torch::Tensor slot_omega, int64_t r, int64_t kmax, torch::Tensor counts) {
   return route_gather_into(x, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, {});
+}
+torch::Tensor route_gather_ranks_(torch::Tensor x, torch::Tensor y, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
+                                  torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n,
+                                  torch::Tensor slot_k, torch::Tensor slot_omega, int64_t r, int64_t kmax,
+                                  torch::Tensor counts, torch::Tensor ranks) {
+  return route_gather_into(x, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, {},
+                           {nullptr, nullptr}, ranks);
 }
 
 // The whole module in one call: y = x @ weight^T (+ bias), then route_gather_ into it; x: [..., D]; returns
@@ -1910,7 +2003,7 @@ inline bool routes_any(const torch::Tensor& n, const int64_t* sp, int64_t rows) 
   return routes_any(n.data_ptr<int64_t>(), n.numel(), sp, rows);
 }
 
-torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias);
+torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, const Ahead* ahead = nullptr);
 
 // A module call with no token to route (a step of bare-base requests, or of adapters on other modules) runs its base
 // weight by linear(): the same kernel, sums and output slices as the call's own base GEMM, so the same y,
@@ -1927,7 +2020,8 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias);
 std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
     torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
     torch::Tensor slot_of_token, torch::Tensor slot_off, torch::Tensor slot_n, torch::Tensor slot_k, torch::Tensor slot_omega,
-    int64_t r, int64_t kmax, torch::Tensor counts, torch::Tensor idx) {
+    int64_t r, int64_t kmax, torch::Tensor counts, torch::Tensor idx,
+    const torch::Tensor& ranks = {}) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "x [..., D] and weight [O, D] disagree");
   auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
   if (!idx.defined()) idx = torch::empty({x2.size(0), kmax}, x.options().dtype(torch::kInt64));
@@ -1941,7 +2035,8 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
   }
   const BaseGemm gemm = base_gemm_for(x2, weight, bias);  // on: the base GEMM runs inside the kernel's parallel region
   auto y = gemm.on() ? torch::empty({x2.size(0), weight.size(0)}, x2.options()) : other_linear(x2, weight, bias).contiguous();
-  route_gather_into(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, idx, gemm);
+  route_gather_into(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, idx, gemm,
+                    ranks);
   auto shape = x.sizes().vec();
   shape.back() = weight.size(0);
   return {y.view(shape), idx};
@@ -1950,10 +2045,11 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
 
 // The base layer alone, y = x W^T (+ bias), by the fused path's GEMM (BaseGemm on the same output slices) where it
 // applies, else ATen's linear: the base GEMM the kernel bench measures the ReMix module against.
-torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) {
+torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, const Ahead* ahead) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "x [..., D] and weight [O, D] disagree");
   auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
-  const BaseGemm gemm = base_gemm_for(x2, weight, bias);
+  BaseGemm gemm = base_gemm_for(x2, weight, bias);
+  gemm.ahead = ahead;
   if (!gemm.on()) {
     auto shape = x.sizes().vec();
     shape.back() = weight.size(0);
@@ -1993,6 +2089,7 @@ struct ModuleCall {
   int64_t r, kmax;
   std::vector<torch::Tensor> watched;
   std::vector<std::pair<int64_t, const void*>> seen;  // (version, data pointer) of each watched tensor at binding
+  torch::Tensor ranks;  // int64 [N]: each LoRA's own rank where the stack pads some (Pools::rank), else empty
 
   bool applies(const torch::Tensor& x) const {
     if (!x.device().is_cpu() || (x.scalar_type() != torch::kFloat32 && x.scalar_type() != torch::kBFloat16)) return false;
@@ -2050,10 +2147,12 @@ struct ModuleCall {
              router.size(0) == a.size(0) / r && router.size(1) == D && off.numel() >= 1 && tab(off, torch::kInt64) &&
              tab(n, torch::kInt64) && tab(k, torch::kInt64) && tab(omega, torch::kFloat32);
     if (!raw.ok) return;
+    raw.pl.rank = nullptr;
     raw.dt = weight.scalar_type();
     raw.w = weight.data_ptr();
     raw.b = bias.numel() ? bias.data_ptr() : nullptr;
     raw.pl = Pools{a.data_ptr(), bt.data_ptr(), r, a.size(0) / r, D, O, a.scalar_type() == torch::kBFloat16};
+    raw.pl.rank = checked_ranks(ranks, raw.pl.N, r);
     raw.router = router.data_ptr<float>();
     raw.omega = omega.data_ptr<float>();
     raw.off = off.data_ptr<int64_t>();
@@ -2074,7 +2173,34 @@ struct ModuleCall {
     return {raw.w, raw.b, bf16, amx};
   }
 
-  std::tuple<torch::Tensor, torch::Tensor> routed(torch::Tensor x, torch::Tensor slot_of_token, torch::Tensor counts) const {
+  // The Ahead of this call's pools for the slots in use (used[s]: a token of slot s in the step; null: slot 0 alone),
+  // or an empty one (hi = lo) where the bound pools are not raw-ready or no used slot has a pool.
+  Ahead ahead_for(const std::vector<char>* used) const {
+    Ahead ah;
+    if (!raw.ok) return ah;
+    int64_t lo = raw.pl.N, hi = 0;
+    for (int64_t s = 0; s < raw.S; ++s)
+      if ((used ? (s < static_cast<int64_t>(used->size()) && (*used)[s]) : s == 0) && raw.n[s] > 0 && raw.off[s] >= 0 &&
+          raw.off[s] + raw.n[s] <= raw.pl.N) {
+        lo = std::min(lo, raw.off[s]);
+        hi = std::max(hi, raw.off[s] + raw.n[s]);
+      }
+    if (hi <= lo) return ah;
+    ah.router = reinterpret_cast<const char*>(raw.router);
+    ah.a = static_cast<const char*>(raw.pl.a);
+    ah.bt = static_cast<const char*>(raw.pl.bt);
+    ah.lo = lo;
+    ah.hi = hi;
+    ah.r = raw.pl.r;
+    ah.D = raw.pl.D;
+    ah.O = raw.pl.O;
+    ah.esz = raw.pl.bf16 ? 2 : 4;
+    ah.rank = raw.pl.rank;
+    return ah;
+  }
+
+  std::tuple<torch::Tensor, torch::Tensor> routed(torch::Tensor x, torch::Tensor slot_of_token, torch::Tensor counts,
+                                                  const Ahead* ahead = nullptr) const {
     const int64_t T = x.dim() ? x.numel() / std::max<int64_t>(1, x.size(-1)) : 0;
     if (!idx_buf.defined() || idx_buf.size(0) != T) idx_buf = torch::empty({T, kmax}, torch::kInt64);
     const Raw& R = raw;
@@ -2083,12 +2209,13 @@ struct ModuleCall {
         (slot_of_token.numel() == 0 || (slot_of_token.scalar_type() == torch::kInt64 && slot_of_token.is_contiguous() &&
                                         slot_of_token.numel() == T)) &&
         (counts.numel() == 0 || (counts.scalar_type() == torch::kInt64 && counts.is_contiguous() && counts.numel() == R.pl.N))) {
-      const BaseGemm gemm = raw_gemm(T);
+      BaseGemm gemm = raw_gemm(T);
+      gemm.ahead = ahead;
       const int64_t* sp = slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
       int64_t* ip = idx_buf.data_ptr<int64_t>();
       if (g_proj_skip && !routes_any(R.n, R.S, sp, T)) {  // as linear_route_gather: the base GEMM alone
         std::fill_n(ip, T * kmax, int64_t{-1});
-        return {linear(x, weight, bias), idx_buf};
+        return {linear(x, weight, bias, ahead), idx_buf};
       }
       if (gemm.on()) {  // (otherwise a GEMM outside the kernel: linear_route_gather below, as before)
         int64_t bad = -1;  // route_gather_into's check of the tables' entries
@@ -2111,7 +2238,8 @@ struct ModuleCall {
         return {y, idx_buf};
       }
     }
-    return linear_route_gather(x, weight, bias, router, a, bt, slot_of_token, off, n, k, omega, r, kmax, counts, idx_buf);
+    return linear_route_gather(x, weight, bias, router, a, bt, slot_of_token, off, n, k, omega, r, kmax, counts, idx_buf,
+                               ranks);
   }
 };
 
@@ -2846,8 +2974,8 @@ struct Proj {
   pybind11::object owner;  // the ModuleCall's Python object (kept alive), or None
   const ModuleCall* call = nullptr;
   torch::Tensor w, b, counts;
-  torch::Tensor operator()(const torch::Tensor& x, const torch::Tensor& slots) const {
-    return call ? std::get<0>(call->routed(x, slots, counts)) : linear(x, w, b);
+  torch::Tensor operator()(const torch::Tensor& x, const torch::Tensor& slots, const Ahead* ahead = nullptr) const {
+    return call ? std::get<0>(call->routed(x, slots, counts, ahead)) : linear(x, w, b, ahead);
   }
 };
 
@@ -2920,6 +3048,30 @@ struct DecodeStack {
     const int64_t* sp = slots_c.numel() ? slots_c.data_ptr<int64_t>() : nullptr;
     // without the GIL (nothing below touches Python): a step holds it ~25-80 ms here, and the server's HTTP threads
     // (streaming, /metrics, new requests) must not wait a whole step for it, as they did not between the Python loop's ops
+    // the slots in this step, and each routed projection's Ahead for them (prefetched during the GEMM before it)
+    const bool ahead_on = g_ahead_from > 0 && b >= g_ahead_from;
+    std::vector<char> used;
+    if (ahead_on && sp) {
+      for (int64_t t = 0; t < b; ++t)
+        if (sp[t] >= 0 && sp[t] < 4096) {
+          if (sp[t] >= static_cast<int64_t>(used.size())) used.resize(sp[t] + 1, 0);
+          used[sp[t]] = 1;
+        }
+    }
+    std::vector<Ahead> aheads;  // per layer: gate, up, down
+    if (ahead_on) {
+      aheads.resize(3 * layers.size());
+      for (size_t i = 0; i < layers.size(); ++i) {
+        const Proj* ps[3] = {&layers[i].gate, &layers[i].up, &layers[i].down};
+        for (int j = 0; j < 3; ++j)
+          if (ps[j]->call) aheads[3 * i + j] = ps[j]->call->ahead_for(sp ? &used : nullptr);
+      }
+    }
+    auto ahead_of = [&](size_t i, int j) -> const Ahead* {
+      if (!ahead_on) return nullptr;
+      const Ahead& ah = aheads[3 * i + j];
+      return ah.hi > ah.lo ? &ah : nullptr;
+    };
     {
     pybind11::gil_scoped_release nogil;
     StackClock clock;
@@ -2951,13 +3103,13 @@ struct DecodeStack {
       }
       o = o.reshape({b, H, 1, Dh}).transpose(1, 2).reshape({b, 1, H * Dh});
       clock.lap(OP_ATTENTION);
-      pending = L.o(o, slots);
+      pending = L.o(o, slots, ahead_of(i, 0));
       clock.lap(OP_O_PROJ);
       x = add_rms_norm_(h, pending, L.post_w, L.post_eps);
       clock.lap(OP_NORMS);
-      auto act = L.gate(x, slots);
+      auto act = L.gate(x, slots, ahead_of(i, 1));
       clock.lap(OP_GATE);
-      auto up = L.up(x, slots);
+      auto up = L.up(x, slots, ahead_of(i, 2));
       clock.lap(OP_UP);
       silu_mul_(act, up);
       clock.lap(OP_ACT);
@@ -2988,6 +3140,7 @@ Proj to_proj(const pybind11::tuple& t) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_proj_skip", [](bool on) { g_proj_skip = on; }, "A/B");
+  m.def("_ahead_from", [](int64_t rows, double start) { g_ahead_from = rows; g_ahead_start = start; }, "A/B");
   m.def("_narrow_cvt", [](bool on) {
 #ifdef __AVX512F__
     g_narrow_cvt = on;
@@ -3047,7 +3200,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("top_p"), pybind11::arg("u"), pybind11::arg("mask") = torch::empty({0}, torch::kInt32), pybind11::arg("nbits") = 0,
         pybind11::arg("min_p") = torch::empty({0}, torch::kFloat32));
   m.def("masked_argmax_rows", &masked_argmax_rows, "argmax_rows of given rows with the tokens a bitmask leaves out as -inf");
-  m.def("linear", &linear, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
+  m.def("linear", [](torch::Tensor x, torch::Tensor w, torch::Tensor b) { return linear(x, w, b); }, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
   m.attr("ONEDNN_F32_FROM") = large_f32_elsewhere() ? ONEDNN_F32_FROM : -1;  // -1: the dot-product kernel at every size
   m.attr("F32_LARGE_GEMM") = large_f32_elsewhere() ? (onednn_f32_large() ? "onednn" : "aten") : "dot";  // from that limit
@@ -3071,11 +3224,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "True when bfloat16 base GEMMs of whole tiles (D % 32 == 0, O % 16 == 0) below DOT_BF16_BELOW rows run on AMX tiles");
   m.def("gather_", &gather_, "y += the kernel contract's gather for given ids and weights, in place");
   m.def("route_gather_", &route_gather_, "top-k routing per token within its slot's pool, then the gather, in place");
+  m.def("route_gather_", &route_gather_ranks_, "the same with each LoRA's own rank (ranks: int64 [N]; padded rows skipped)");
   pybind11::class_<ModuleCall>(m, "ModuleCall", pybind11::module_local())
       .def(pybind11::init([](torch::Tensor weight, torch::Tensor bias, torch::Tensor router, torch::Tensor a, torch::Tensor bt,
                              torch::Tensor off, torch::Tensor n, torch::Tensor k, torch::Tensor omega, int64_t r, int64_t kmax,
-                             std::vector<torch::Tensor> watched) {
+                             std::vector<torch::Tensor> watched, torch::Tensor ranks) {
         ModuleCall c{weight, bias, router, a, bt, off, n, k, omega, r, kmax, watched, {}, {}};
+        c.ranks = ranks.numel() ? ranks.contiguous() : torch::Tensor();
+        if (c.ranks.defined()) checked_ranks(c.ranks, a.size(0) / std::max<int64_t>(1, r), r);  // a bad table fails here
         for (const auto& t : watched) c.seen.emplace_back(version(t), t.data_ptr());
         c.bind_raw();
         return c;
@@ -3220,7 +3376,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v152_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v153_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
@@ -3256,17 +3412,19 @@ def disabled():
         _off.on = before
 
 
-def bind_module(base, router, a, bt, tables: tuple, r: int, kmax: int, watched: tuple = ()):
+def bind_module(base, router, a, bt, tables: tuple, r: int, kmax: int, watched: tuple = (), ranks=None):
     """The compiled whole-module call (base GEMM, routing, gather) bound to ``base`` and one pool stack, or
     None where it cannot stand in for the base: no compiled kernels, or a base that is not a plain CPU ``nn.Linear``.
     It watches the base's tensors and ``watched`` (the parameters the pools were copied from) and declines a call
-    once any of them changed; :func:`bound_applies` covers what it cannot see (hooks, replaced tensors)."""
+    once any of them changed; :func:`bound_applies` covers what it cannot see (hooks, replaced tensors). ``ranks``
+    (int64 [N], or None where every LoRA has rank r): each LoRA's own rank in a stack padded to r, whose padding the
+    kernel then skips."""
     ext = load()
     if ext is None or type(base) is not torch.nn.Linear or base.weight.device.type != "cpu":
         return None
     own = [t for t in (base.weight, base.bias) if t is not None]
     return ext.ModuleCall(base.weight, NONE if base.bias is None else base.bias, router, a, bt, *tables, r, kmax,
-                          [*own, *watched])
+                          [*own, *watched], NONE if ranks is None else ranks)
 
 
 def base_key(base) -> tuple:
