@@ -271,7 +271,9 @@ struct Pairs {
 // rank: each LoRA's own rank (its first rank[i] rows of A and of B^T; the rest, up to r, the zeros a stack of several
 // ranks pads it with), or null where every LoRA has rank r. The padding's products are exact zeros, so skipping them
 // changes no sum; a stack of rank-8 adapters beside one of rank 16 (a peft LoRA) had read and multiplied twice their
-// pools' bytes.
+// pools' bytes. 90 modules of the default base's FFN shapes in bfloat16, a ReMix pool (n 8, r 8) beside a rank-16
+// LoRA, every token on the ReMix adapter, both bindings in turn (29th session, Zen 4 VM, medians of 15 rounds): the
+// whole modules (base GEMM included) 12.71 -> 11.39 ms at 8 rows, 23.45 -> 21.29 at 32.
 struct Pools {
   const void *a, *bt;
   int64_t r, N, D, O;

@@ -1,0 +1,89 @@
+"""A/B of compiled-kernel switches that change no value, the variant alternating step by step within one run.
+
+    python scripts/ab_steps.py --concurrency 8,32 --adapters 1,4 --runs 3 \
+        --variant 'off=ext._ahead_from(0, 0.0)' --variant 'on=ext._ahead_from(4, 0.0)'
+
+On a shared VM whole runs in turn drift apart by 10-20 %; here the engine serves one set of requests and every decode
+step runs the next variant (each ``--variant NAME=STATEMENT`` is Python run with ``ext``, the compiled module, before
+the step), so a slow spell lands on all of them. Only switches that leave every value unchanged may be compared so
+(the requests run on whatever each step computed). Prints, per concurrency and adapter count, the median full-batch
+decode step and the median time of its FFN projections (the decode stack's clock) for each variant; the first
+variant's statement runs again at the end. Default base in bfloat16 (or --dtype), prompts of 128 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import remix
+from remix.kernels import cpu_ext, tune_cpu_allocator
+from server.bench import make_adapter, prompts_of
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", default="8,32")
+    ap.add_argument("--adapters", default="1", help="comma-separated: ReMix adapters mixed in the batch (0: bare base)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3, help="runs of the requests at each setting (steps alternate within)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--variant", action="append", required=True, help="NAME=STATEMENT (at least two)")
+    args = ap.parse_args(argv)
+    variants = dict(v.split("=", 1) for v in args.variant)
+    if len(variants) < 2:
+        ap.error("--variant: give at least two")
+    tune_cpu_allocator()
+    ext = cpu_ext.load()
+    if ext is None:
+        ap.error("the compiled CPU kernels are not built here")
+    model, tok = remix.load_base("smollm2-135m-instruct")
+    tmp = Path(tempfile.mkdtemp(prefix="remix-ab-"))
+    paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
+    model.to(dtype=getattr(torch, args.dtype))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    engine = Engine(model, tok, EngineConfig(max_model_len=128 + args.new_tokens + 8, max_num_seqs=max(levels),
+                                             max_queue=1024, max_batched_tokens=512, prefix_caching=False))
+    for i, p in enumerate(paths):
+        engine.load_adapter(f"a{i}", str(p))
+    engine.warm_up()
+    names = list(variants)
+    for count in (int(a) for a in args.adapters.split(",")):
+        adapters = [None] if count == 0 else [f"a{i}" for i in range(count)]
+        for c in levels:
+            prompts = prompts_of(tok, c, 128)
+            step = {v: [] for v in names}
+            ffn = {v: [] for v in names}
+            for run in range(args.runs):
+                for i, p in enumerate(prompts):
+                    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.0)
+                    engine.submit(GenerationRequest(f"ab-{time.monotonic_ns()}-{i}", p, params, adapters[i % len(adapters)]),
+                                  lambda e: None)
+                cpu_ext.stack_clock(True)
+                n = run
+                while engine.has_work():
+                    v = names[n % len(names)]
+                    n += 1
+                    exec(variants[v], {"ext": ext})
+                    t0 = time.perf_counter()
+                    engine.step()
+                    dt = time.perf_counter() - t0
+                    ops, runs = cpu_ext.stack_clock(True)
+                    if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == c and runs == 1:
+                        step[v].append(1000 * dt)
+                        ffn[v].append(sum(ops.get(k, 0.0) for k in ("gate", "up", "down")))
+                cpu_ext.stack_clock(False)
+            print(f"c={c} adapters={count} steps a variant={len(step[names[0]])}  " + "  ".join(
+                f"{v}: step {statistics.median(step[v]):.2f} ms, FFN {statistics.median(ffn[v]):.2f}" for v in names),
+                flush=True)
+    exec(variants[names[0]], {"ext": ext})
+
+
+if __name__ == "__main__":
+    main()
