@@ -72,6 +72,8 @@ class StackedPools:
     layout: tuple = ()  # (dtype, device, N, kmax, (slot, offset, n, k, omega)...): modules with equal layouts route alike
     ranks: torch.Tensor | None = None  # int64 [N]: each LoRA's own rank where some are padded (the CPU kernel skips the
     # padding), None where every slot has rank r
+    cols: torch.Tensor | None = None  # int64 [rows of a]: each row's LoRA, in a compact stack of several ranks (torch
+    # path: a and bt hold each LoRA's own rows only), else None (r rows a LoRA)
 
     @property
     def num_loras(self) -> int:
@@ -139,7 +141,7 @@ class PoolStack:
         if not self._raw:
             return
         dtype = next(iter(self._raw.values()))[3]
-        self.fused = self._stack_all(dtype)
+        self.fused = self._stack_all(dtype, compact=True)
         self.fused.pa = torch.cat([self.fused.router, self.fused.a], 0).contiguous()
         if dtype != torch.float32:  # route on float32 logits, as DESIGN §1 requires
             self.fused.router32 = torch.cat([self._raw[s][2].float() for s in sorted(self._raw)]).contiguous()
@@ -152,9 +154,10 @@ class PoolStack:
         self.cpu = self._stack_all(cpu_ext.pool_dtype(next(iter(self._raw.values()))[3]), router_dtype=torch.float32)
         self.cpu.counts = self.counts[:-1]  # [N], contiguous: the kernel adds each selection into it
 
-    def _stack_all(self, dtype: torch.dtype, router_dtype: torch.dtype | None = None) -> StackedPools:
+    def _stack_all(self, dtype: torch.dtype, router_dtype: torch.dtype | None = None, compact: bool = False) -> StackedPools:
         """Every slot's pool in ``dtype`` (its router in ``router_dtype``, default the same), stacked by ascending slot
-        id, ranks padded to the largest."""
+        id, ranks padded to the largest - or, ``compact`` (the torch path's GEMMs), each LoRA's rows at its own rank,
+        LoRA after LoRA (``cols``: the LoRA of each row; None where every rank is the same, the layouts then equal)."""
         ids = sorted(self._raw)
         r_max = max(self._raw[s][0].shape[1] for s in ids)
         routers, As, Bs, off, total, ranks = [], [], [], {}, 0, []
@@ -163,19 +166,22 @@ class PoolStack:
             off[s], total = total, total + A.shape[0]
             ranks += [A.shape[1]] * A.shape[0]
             routers.append(router.to(router_dtype or dtype))
-            As.append(F.pad(A.to(dtype), (0, 0, 0, r_max - A.shape[1])))  # [n, r_max, D]
-            Bs.append(F.pad(B.to(dtype), (0, r_max - B.shape[2])))  # [n, O, r_max]
+            pad = 0 if compact else r_max - A.shape[1]
+            As.append(flatten_a(F.pad(A.to(dtype), (0, 0, 0, pad))))  # [n * (r_max or r), D]
+            Bs.append(flatten_b_t(F.pad(B.to(dtype), (0, pad))))  # [n * (r_max or r), O]
         device = As[0].device
         size = max(ids) + 1
         col = lambda f, kind=torch.int64: torch.tensor(  # noqa: E731
             [f(s) if s in self.slots else 0 for s in range(size)], dtype=kind, device=device)
         return StackedPools(
-            router=torch.cat(routers).contiguous(), a=flatten_a(torch.cat(As)).contiguous(),
-            bt=flatten_b_t(torch.cat(Bs)).contiguous(), r=r_max, kmax=max(self.slots[s].k for s in ids),
+            router=torch.cat(routers).contiguous(), a=torch.cat(As).contiguous(),
+            bt=torch.cat(Bs).contiguous(), r=r_max, kmax=max(self.slots[s].k for s in ids),
             tables=(col(lambda s: off[s]), col(lambda s: self.slots[s].n), col(lambda s: self.slots[s].k),
                     col(lambda s: self.slots[s].omega, torch.float32)),
             offsets=off,
             ranks=None if min(ranks) == r_max else torch.tensor(ranks, dtype=torch.int64, device=device),
+            cols=None if not compact or min(ranks) == r_max else torch.repeat_interleave(
+                torch.arange(total, device=device), torch.tensor(ranks, device=device)),
             layout=(dtype, device, total, max(self.slots[s].k for s in ids),
                     *((s, off[s], self.slots[s].n, self.slots[s].k, self.slots[s].omega) for s in ids)),
         )
@@ -293,7 +299,7 @@ def _fused_forward(x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: Rout
     pu = F.linear(x, f.pa)  # [T, N + N*r_max]
     logits = None if f.router32 is None else F.linear(x.float(), f.router32)
     *plan, ones = ctx.plan_for(f)
-    um, sel = route_with_plan(pu, f.num_loras, plan, logits)
+    um, sel = route_with_plan(pu, f.num_loras, plan, logits, cols=f.cols)
     if ctx.count:  # unused ranks (id N) land in the spare last counter
         stack.counts.index_add_(0, sel.flatten(), ones)
     if ctx.trace is not None:

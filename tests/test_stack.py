@@ -98,6 +98,10 @@ def test_fused_and_compiled_paths_equal_per_slot_path(device):
     base, singles, stacked = make(device=device)
     stacked.stack.ensure_torch()
     assert stacked.stack.fused is not None and stacked.stack.fused.num_loras == 8 + 4 + 6
+    # the fused torch path stacks each LoRA at its own rank (8, 4, 2): no padding in its two GEMMs
+    f = stacked.stack.fused
+    assert f.a.shape[0] == f.bt.shape[0] == f.pa.shape[0] - 18 == 8 * 8 + 4 * 4 + 6 * 2
+    assert f.cols.tolist() == [i for i, rk in enumerate([8] * 8 + [4] * 4 + [2] * 6) for _ in range(rk)]
     T = 30
     x = torch.randn(T, 32, device=device)
     slots = (torch.arange(T) % 4 - 1).to(device)

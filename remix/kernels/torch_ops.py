@@ -128,11 +128,12 @@ def multi_routing_plan(slot_of_token: torch.Tensor, tables: tuple, num_loras: in
     return bias, keep, weight
 
 
-def route_with_plan(pu: torch.Tensor, num_loras: int, plan: tuple, logits: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def route_with_plan(pu: torch.Tensor, num_loras: int, plan: tuple, logits: torch.Tensor | None = None,
+                    cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One module's routing and masking of a mixed batch, given the step's :func:`multi_routing_plan`: logits outside
     a token's range become -inf, a stable descending sort keeps the lower index on ties. Returns (um [T, N*r],
-    sel [T, kmax]: global ids, ``num_loras`` where a rank is not used)."""
+    sel [T, kmax]: global ids, ``num_loras`` where a rank is not used). ``cols``: the LoRA of each of pu's A columns
+    where the pools are stacked at their own ranks (then um is [T, sum of ranks]; the same products, no padding)."""
     bias, keep, weight = plan
     N = num_loras
     scores = (pu[:, :N] if logits is None else logits).float() + bias
@@ -140,6 +141,8 @@ def route_with_plan(pu: torch.Tensor, num_loras: int, plan: tuple, logits: torch
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :kmax]
     sel = torch.where(keep, order, N)
     mask = torch.zeros(pu.shape[0], N + 1, dtype=pu.dtype, device=pu.device).scatter_(1, sel, weight)
+    if cols is not None:
+        return pu[:, N:] * mask.index_select(1, cols), sel
     return scale_chunks(pu[:, N:], mask[:, :N]), sel
 
 
