@@ -739,17 +739,6 @@ inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw
 }
 #endif
 
-// Y[:, o0:o1) = X W[o0:o1)^T (+ bias) for X [T, D] of float32 or bfloat16 (E = uint16_t: dot_tile's AVX512-BF16 form),
-// on this thread: blocks of GO rows of W (they stay in L1 while every block of RT rows of X passes), the last rows of X
-// in one smaller tile. While a block is computed, its tiles prefetch the next block's rows of W (tile j rows j,
-// j + tiles, ...: each row one line per step, all rows in flight by the block's end), so a decode step's weights,
-// which come from memory, arrive while the FMAs run instead of when the next block first loads them (measured on the
-// Zen 5 VM, float32, cold weights: 32 rows 1.15-1.3x, 10 rows 1.25x faster; no change to any sum). PFL is the
-// prefetch's locality hint: below 16 rows (the 6 x 3 tile: a GEMV-like pass that only streams W) into L2 (1): the
-// next block's 6 rows prefetched into L1 evicted the block being read (on a 2-core Zen 4 VM, 2026-12-02, all of the
-// default base's linears of one decode step, cold: float32 25.6 -> 20.5 ms and bfloat16 17.4 -> 10.0 ms at one row,
-// 26 / 18 GB/s -> 20-22 / 26 of the ~40 GB/s that two threads stream); from 16 rows (5 x 5, compute-bound) into L1
-// (3), as before (L2 there: 32 rows 61 -> 71 ms).
 // Thread h of nh's share [o0, o1) of O outputs: whole slices of 2L, so phase B's vector paths (and the fused GEMM's
 // columns) never depend on the split.
 inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh) {
@@ -783,12 +772,13 @@ inline std::pair<int64_t, int64_t> region_thread() {
 // LoRAs' A rows (phase A splits the LoRA blocks in order) and of B^T's columns (phase B's output slice, out_slice).
 // Only where a line goes changes (no value), so nothing a kernel computes does. The lines are spread evenly over the
 // GEMM's blocks of weight rows (from the share g_ahead_start of them: 0, all of it; from the second half the FFN took
-// 9.93 against 9.59 ms a step at 8 sequences, one run of whole runs in turn). The stack asks for it from g_ahead_from rows: at one row two of eight LoRAs are read, and the
-// other six would be prefetched for nothing. In one run, the variant alternating step by step (29th session, 2-vCPU
-// AMD EPYC Zen 4 VM, default base in bfloat16, 128-token prompts, 128 new tokens, medians of ~240 decode steps a
-// variant): one adapter, the FFN projections a step 10.67 -> 10.42 ms at 8 sequences and 20.96 -> 20.80 at 32 (steps
-// 20.34 -> 20.19 and 42.85 -> 42.57); four adapters 11.74 -> 11.13 and 23.07 -> 22.06 (steps 21.45 -> 21.43 and
-// 44.56 -> 44.17).
+// 9.93 against 9.59 ms a step at 8 sequences, one run of whole runs in turn). The stack asks for it from g_ahead_from
+// rows: at one row two of eight LoRAs are read, and the other six would be prefetched for nothing (from one row the
+// step took 9.98 -> 10.42 ms at one sequence; the routers alone from one row, 9.98 -> 10.00). In one run, the
+// variant alternating step by step (29th session, 2-vCPU AMD EPYC Zen 4 VM, default base in bfloat16, 128-token
+// prompts, 128 new tokens, medians of ~240 decode steps a variant): one adapter, the FFN projections a step 10.67 ->
+// 10.42 ms at 8 sequences and 20.96 -> 20.80 at 32 (steps 20.34 -> 20.19 and 42.85 -> 42.57); four adapters 11.74 ->
+// 11.13 and 23.07 -> 22.06 (steps 21.45 -> 21.43 and 44.56 -> 44.17).
 struct Ahead {
   const char *router = nullptr, *a = nullptr, *bt = nullptr;
   int64_t lo = 0, hi = 0;  // the LoRAs [lo, hi) of the step's slots
@@ -832,6 +822,17 @@ struct AheadCursor {
   }
 };
 
+// Y[:, o0:o1) = X W[o0:o1)^T (+ bias) for X [T, D] of float32 or bfloat16 (E = uint16_t: dot_tile's AVX512-BF16 form),
+// on this thread: blocks of GO rows of W (they stay in L1 while every block of RT rows of X passes), the last rows of X
+// in one smaller tile. While a block is computed, its tiles prefetch the next block's rows of W (tile j rows j,
+// j + tiles, ...: each row one line per step, all rows in flight by the block's end), so a decode step's weights,
+// which come from memory, arrive while the FMAs run instead of when the next block first loads them (measured on the
+// Zen 5 VM, float32, cold weights: 32 rows 1.15-1.3x, 10 rows 1.25x faster; no change to any sum). PFL is the
+// prefetch's locality hint: below 16 rows (the 6 x 3 tile: a GEMV-like pass that only streams W) into L2 (1): the
+// next block's 6 rows prefetched into L1 evicted the block being read (on a 2-core Zen 4 VM, 2026-12-02, all of the
+// default base's linears of one decode step, cold: float32 25.6 -> 20.5 ms and bfloat16 17.4 -> 10.0 ms at one row,
+// 26 / 18 GB/s -> 20-22 / 26 of the ~40 GB/s that two threads stream); from 16 rows (5 x 5, compute-bound) into L1
+// (3), as before (L2 there: 32 rows 61 -> 71 ms).
 template <int GO, int RT, int PFL, typename E>
 void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y, int64_t O, int64_t o0, int64_t o1,
               const Ahead* ahead = nullptr) {
