@@ -312,7 +312,7 @@ def _cpu_forward(ext, x: torch.Tensor, y: torch.Tensor, stack: PoolStack, ctx: R
     c = stack.cpu
     y = y.contiguous()
     idx = ext.route_gather_(x.contiguous(), y, c.router, c.a, c.bt, ctx.slots, *c.tables, c.r, c.kmax,
-                            c.counts if ctx.count else cpu_ext.NONE, *(() if c.ranks is None else (c.ranks,)))
+                            c.counts if ctx.count else cpu_ext.NONE, cpu_ext.NONE if c.ranks is None else c.ranks)
     _trace_global(ctx, stack, idx, c.offsets, name)
     return y
 

@@ -22,8 +22,8 @@ projections (the ReMix modules), the attention projections, the small ops, and w
 Every contender runs ``--repeats`` times, in rounds with the floor timed in the same rounds: the tables report each
 contender's fastest run, and each ratio is the median over the rounds of that ratio within a round, so one lucky round
 of one of them does not decide it - on a shared VM one slow spell had moved a single run's figures by 10-20 %. Within
-a round the engine's contenders run at the same time: each is an engine of its own (its own copy of the base, every
-adapter loaded in each), all serving the same prompts, stepped in turn one step each (the order reversed every
+a round the engine's contenders run at the same time: each is an engine of its own (its own copy of the base, the
+adapters its requests name loaded), all serving the same prompts, stepped in turn one step each (the order reversed every
 sweep), each on the clock of its own steps - so a slow spell of the machine lands on all of them alike instead of on
 whichever ran in it (runs of a contender after another had put the adapter's ratio to the bare engine anywhere from
 0.77 to 0.97 within one bench run). The HF peers run after them in the round. On CUDA every timing ends with a device
@@ -145,35 +145,15 @@ def hf_sampling(sampling: dict | None) -> dict:
 
 def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None],
                  sampling: dict | None = None, breakdown: dict | None = None) -> tuple[float, float]:
-    """Wall time for all requests (submitted together) and the median time of full-batch decode-only steps. sampling:
-    None (greedy) or {"temperature", "top_p"} (each request seeded by its index). ``breakdown``: filled, where the
-    compiled decode stack ran those steps, with where they went (ms a step, means: see :func:`decode_breakdown`)."""
-    for i, p in enumerate(prompts):
-        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True,
-                                **({"temperature": 0.0} if not sampling else {**sampling, "seed": i}))
-        engine.submit(GenerationRequest(f"b{time.monotonic_ns()}-{i}", p, params, adapters[i % len(adapters)]), lambda e: None)
-    clocked = breakdown is not None and engine.runner.model.device.type == "cpu" and cpu_ext.available()
-    if clocked:
-        cpu_ext.stack_clock(True)
-    decode_steps, timed_steps, parts = [], [], {}
-    start = time.perf_counter()
-    while engine.has_work():
-        t0 = time.perf_counter()
-        engine.step()
-        dt = time.perf_counter() - t0
-        ops, runs = cpu_ext.stack_clock(True) if clocked else ({}, 0)  # (read after the step's clock stopped)
-        if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == len(prompts):
-            decode_steps.append(dt)
-            if runs == 1:  # the step ran the compiled stack once: its ops were timed
-                timed_steps.append(dt)
-                for name, ms in ops.items():
-                    parts[name] = parts.get(name, 0.0) + ms
-    wall = time.perf_counter() - start
-    if clocked:
-        cpu_ext.stack_clock(False)
-        if timed_steps:
-            breakdown.update(decode_breakdown(parts, timed_steps))
-    return wall, statistics.median(decode_steps) if decode_steps else float("nan")
+    """One engine alone (:func:`bench_engines_in_turn` with one contender): its wall time on the clock of its steps
+    and the median time of its full-batch decode-only steps. sampling: None (greedy) or {"temperature", "top_p"}
+    (each request seeded by its index). ``breakdown``: filled, where the compiled decode stack ran those steps, with
+    where they went (ms a step, means: see :func:`decode_breakdown`)."""
+    parts: dict | None = {} if breakdown is not None else None
+    wall, step = bench_engines_in_turn({"engine": (engine, adapters)}, prompts, new_tokens, sampling, parts)["engine"]
+    if breakdown is not None:
+        breakdown.update(parts.get("engine", {}))
+    return wall, step
 
 
 def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]], prompts, new_tokens,
@@ -181,9 +161,10 @@ def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]]
     """Every contender (an engine of its own and the adapters its requests name, round-robin) serves the same prompts,
     submitted together; the engines are stepped in turn, one step each, the order reversed every sweep, so a slow spell
     of a shared machine lands on all of them alike. Per contender: (the wall time on the clock of its own steps, the
-    median of its full-batch decode-only steps). ``sampling`` as :func:`bench_engine`; ``breakdowns``: filled per
-    contender, where the compiled decode stack ran its steps, as ``bench_engine`` fills ``breakdown`` (the stack's
-    clock is read after every step, so each engine's ops are its own)."""
+    median of its full-batch decode-only steps). ``sampling``: None (greedy) or {"temperature", "top_p"} (each request
+    seeded by its index). ``breakdowns``: filled per contender, where the compiled decode stack ran its steps, with
+    where they went (ms a step, means: :func:`decode_breakdown`; the stack's clock is read after every step, so each
+    engine's ops are its own)."""
     for name, (engine, adapters) in contenders.items():
         for i, p in enumerate(prompts):
             params = SamplingParams(max_tokens=new_tokens, ignore_eos=True,
@@ -413,8 +394,8 @@ def main(argv=None) -> dict:
     if args.peft:
         engines += (("engine_peft", ["peft"]),)
     # one engine per contender, each on its own copy of the weights with the adapters its requests name loaded (as a
-    # server of those adapters has them; with the peft LoRA loaded too, the ReMix adapters' pools were padded to its
-    # rank 16 - the compiled kernel now skips the padding, the torch path does not), stepped in turn
+    # server of those adapters has them; with the rank-16 peft LoRA loaded in all of them, the ReMix adapters' pools
+    # had been padded to rank 16 until the kernels learned to skip a padded rank), stepped in turn
     # (bench_engines_in_turn)
     copies = [model] + [copy.deepcopy(model) for _ in engines[1:]]
     contenders: dict[str, tuple[Engine, list]] = {}

@@ -397,9 +397,12 @@ def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
             ext._ahead_from(rows, start)
             for layer in engine.runner.stacked.values():
                 layer.stack.counts.zero_()
+            cpu_ext.stack_clock(True)
             got = run_all(engine, requests_for(tok, [None, "a0", "a1", "a0", "a1"]))
+            assert cpu_ext.stack_clock(False)[1] > 0  # decode steps ran in the compiled stack, where the prefetch is
             runs.append((got, {name: layer.stack.counts.clone() for name, layer in engine.runner.stacked.items()}))
     finally:
+        cpu_ext.stack_clock(False)
         ext._ahead_from(4, 0.0)
     assert all(len(toks) == 24 for toks, _ in runs[0][0].values())
     for got, counts in runs[1:]:

@@ -1050,16 +1050,20 @@ def test_compiled_gather_skips_a_padded_ranks_zeros_and_gives_the_same_result(dt
             idx_pad = ext.route_gather_(x, y_pad, P, a, bt, slots, *tables, r, 3, none)
             idx_own = ext.route_gather_(x, y_own, P, a, bt, slots, *tables, r, 3, none, per_lora)
             assert torch.equal(idx_pad, idx_own) and torch.equal(y_pad, y_own)
-            if (idx_own >= n).any():  # a token selected a LoRA of rank 8 or 16: its rows past the first count
-                y_one = y0.clone()
-                ext.route_gather_(x, y_one, P, a, bt, slots, *tables, r, 3, none, per_lora.clamp(max=1))
-                assert not torch.equal(y_one, y_own)  # (the ranks given are the ranks used)
             padded = cpu_ext.bind_module(base, P, a, bt, tables, r, 3)
             own = cpu_ext.bind_module(base, P, a, bt, tables, r, 3, ranks=per_lora)
             c_pad, c_own = torch.zeros(3 * n, dtype=torch.int64), torch.zeros(3 * n, dtype=torch.int64)
             with torch.inference_mode():
                 (yp, ip), (yo, io) = padded.routed(x, slots, c_pad), own.routed(x, slots, c_own)
             assert torch.equal(yp, yo) and torch.equal(ip, io) and torch.equal(c_pad, c_own)
+            if (idx_own >= n).any():  # a token selected a LoRA of rank 8 or 16: its rows past the first count, so
+                # ranks cut to 1 must change y - the ranks given are the ranks used, by both entries
+                y_one = y0.clone()
+                ext.route_gather_(x, y_one, P, a, bt, slots, *tables, r, 3, none, per_lora.clamp(max=1))
+                assert not torch.equal(y_one, y_own)
+                one = cpu_ext.bind_module(base, P, a, bt, tables, r, 3, ranks=per_lora.clamp(max=1))
+                with torch.inference_mode():
+                    assert not torch.equal(one.routed(x, slots, none)[0], yo)
         finally:
             ext._route_units(True)
     with pytest.raises(RuntimeError, match="not in \\[0, r\\]"):

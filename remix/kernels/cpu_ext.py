@@ -273,7 +273,7 @@ struct Pairs {
 // changes no sum; a stack of rank-8 adapters beside one of rank 16 (a peft LoRA) had read and multiplied twice their
 // pools' bytes. 90 modules of the default base's FFN shapes in bfloat16, a ReMix pool (n 8, r 8) beside a rank-16
 // LoRA, every token on the ReMix adapter, both bindings in turn (29th session, Zen 4 VM, medians of 15 rounds): the
-// whole modules (base GEMM included) 12.71 -> 11.39 ms at 8 rows, 23.45 -> 21.29 at 32.
+// whole modules (base GEMM included) 12.71 -> 11.39 ms at 8 rows, 23.45 -> 21.29 at 32 (scripts/ab_ranks.py).
 struct Pools {
   const void *a, *bt;
   int64_t r, N, D, O;
@@ -780,10 +780,9 @@ inline std::pair<int64_t, int64_t> region_thread() {
 // 10.42 ms at 8 sequences and 20.96 -> 20.80 at 32 (steps 20.34 -> 20.19 and 42.85 -> 42.57); four adapters 11.74 ->
 // 11.13 and 23.07 -> 22.06 (steps 21.45 -> 21.43 and 44.56 -> 44.17).
 struct Ahead {
-  const char *router = nullptr, *a = nullptr, *bt = nullptr;
+  const float* router = nullptr;  // [N, D]
+  Pools pl{nullptr, nullptr, 0, 0, 0, 0};
   int64_t lo = 0, hi = 0;  // the LoRAs [lo, hi) of the step's slots
-  int64_t r = 0, D = 0, O = 0, esz = 4;  // rows a LoRA (padded), A's and B^T's row lengths, the pools' element size
-  const int64_t* rank = nullptr;  // each LoRA's own rank (Pools::rank), or null: r
 };
 int64_t g_ahead_from = 4;  // rows of a decode step from which the stack prefetches ahead (0: never; A/B runs: _ahead_from)
 double g_ahead_start = 0.0;  // the share of a GEMM's blocks after which its prefetches start (A/B runs)
@@ -797,16 +796,17 @@ struct AheadCursor {
   int64_t row = 0, off = 0, lines = 0;
   AheadCursor(const Ahead* ah, int64_t h, int64_t nh) {
     if (!ah || ah->hi <= ah->lo) return;
-    const int64_t n = ah->hi - ah->lo, r = ah->r;
-    auto rank = [&](int64_t i) { return ah->rank ? ah->rank[i] : r; };
+    const Pools& pl = ah->pl;
+    const int64_t lo = ah->lo, n = ah->hi - lo, r = pl.r, D = pl.D, O = pl.O, esz = pl.bf16 ? 2 : 4;
+    const char *A = static_cast<const char*>(pl.a), *Bt = static_cast<const char*>(pl.bt);
     seg.reserve(1 + 2 * n);
-    seg.push_back({ah->router + ah->lo * ah->D * 4, 1, n * ah->D * 4, 0});
-    for (int64_t i = ah->lo + n * h / nh; i < ah->lo + n * (h + 1) / nh; ++i)
-      seg.push_back({ah->a + i * r * ah->D * ah->esz, 1, rank(i) * ah->D * ah->esz, 0});
-    const auto [o0, o1] = out_slice(ah->O, h, nh);
+    seg.push_back({reinterpret_cast<const char*>(ah->router + lo * D), 1, n * D * 4, 0});
+    for (int64_t i = lo + n * h / nh; i < lo + n * (h + 1) / nh; ++i)
+      seg.push_back({A + i * r * D * esz, 1, pl.rank_of(i) * D * esz, 0});
+    const auto [o0, o1] = out_slice(O, h, nh);
     if (o1 > o0)
-      for (int64_t i = ah->lo; i < ah->hi; ++i)
-        seg.push_back({ah->bt + (i * r * ah->O + o0) * ah->esz, rank(i), (o1 - o0) * ah->esz, ah->O * ah->esz});
+      for (int64_t i = lo; i < ah->hi; ++i)
+        seg.push_back({Bt + (i * r * O + o0) * esz, pl.rank_of(i), (o1 - o0) * esz, O * esz});
     for (const Seg& g : seg) lines += g.rows * ((g.bytes + 63) / 64);
   }
   void issue(int64_t count) {
@@ -1166,6 +1166,21 @@ at::Tensor other_linear(const torch::Tensor& x2, const torch::Tensor& weight, co
   return bias.numel() ? at::linear(x2, weight, bias) : at::linear(x2, weight);
 }
 
+// The compiled GEMM for T rows of a checked weight w [O, D] (bias or null), or an off one where oneDNN's (or MKL's) is
+// faster: bfloat16 from DOT_BF16_BELOW rows, float32 from ONEDNN_F32_FROM (unless batch-invariant).
+BaseGemm gemm_for_rows(const void* w, const void* bias, bool bf16, int64_t T, int64_t D, int64_t O) {
+  if (!g_batch_invariant && ((bf16 && T >= DOT_BF16_BELOW) || (!bf16 && T >= ONEDNN_F32_FROM && large_f32_elsewhere())))
+    return {nullptr, nullptr};
+#ifdef REMIX_AMX
+  const bool amx = bf16 && amx_shape(D, O) && amx_ready();
+#else
+  const bool amx = false;
+  (void)D;
+  (void)O;
+#endif
+  return {w, bias, bf16, amx};
+}
+
 BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
   const int64_t O = weight.size(0), lim = int64_t{1} << 30;
   const auto dt = x2.scalar_type();
@@ -1177,17 +1192,9 @@ BaseGemm base_gemm_for(const torch::Tensor& x2, const torch::Tensor& weight, con
   const bool ok = x2.device().is_cpu() && dtype_ok && weight.device().is_cpu() && weight.scalar_type() == dt &&
                   weight.is_contiguous() && (!bias.numel() || (bias.scalar_type() == dt && bias.is_contiguous() && bias.numel() == O)) &&
                   x2.size(0) < lim && x2.size(1) < lim && O < lim;
-  // bfloat16 from DOT_BF16_BELOW rows and float32 from ONEDNN_F32_FROM rows: oneDNN's GEMM (or MKL's) is faster
-  if (!ok || (!g_batch_invariant && ((dt == torch::kBFloat16 && x2.size(0) >= DOT_BF16_BELOW) ||
-                                      (dt == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM && large_f32_elsewhere()))))
-    return {nullptr, nullptr};
-  const bool bf16 = dt == torch::kBFloat16;
-#ifdef REMIX_AMX
-  const bool amx = bf16 && amx_shape(x2.size(1), O) && amx_ready();
-#else
-  const bool amx = false;
-#endif
-  return {weight.data_ptr(), bias.numel() ? bias.data_ptr() : nullptr, bf16, amx};
+  if (!ok) return {nullptr, nullptr};
+  return gemm_for_rows(weight.data_ptr(), bias.numel() ? bias.data_ptr() : nullptr, dt == torch::kBFloat16, x2.size(0),
+                       x2.size(1), O);
 }
 
 constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the pools' reads instead of the tokens
@@ -1918,6 +1925,15 @@ torch::Tensor gather_(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::
   return y;
 }
 
+// Every slot's table entry fits a pool of N LoRAs (no pool, or up to 64 LoRAs inside it with 1 <= k <= min(n, kmax)),
+// else an error naming the first that does not.
+void check_slot_tables(const int64_t* op, const int64_t* np, const int64_t* kp, int64_t S, int64_t N, int64_t kmax) {
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK(np[s] == 0 || (np[s] <= 64 && op[s] >= 0 && op[s] + np[s] <= N && kp[s] >= 1 && kp[s] <= np[s] &&
+                               kp[s] <= kmax),
+                message("slot %lld: bad offset / n / k", s));
+}
+
 // Each LoRA's own rank (Pools::rank) from ranks (int64 [N], each in [0, r]), or null where ranks is empty (all r).
 const int64_t* checked_ranks(const torch::Tensor& ranks, int64_t N, int64_t r) {
   if (!ranks.defined() || ranks.numel() == 0) return nullptr;
@@ -1947,11 +1963,7 @@ torch::Tensor route_gather_into(torch::Tensor x, torch::Tensor y, torch::Tensor 
   const int64_t S = off.numel();
   TORCH_CHECK(nn.numel() == S && kk.numel() == S && om.numel() == S, "slot tables must have one entry per slot");
   const int64_t *op = off.data_ptr<int64_t>(), *np = nn.data_ptr<int64_t>(), *kp = kk.data_ptr<int64_t>();
-  int64_t bad = -1;  // the first slot whose table entry does not fit the pool (checked outside the loop)
-  for (int64_t s = 0; s < S && bad < 0; ++s)
-    if (!(np[s] == 0 || (np[s] <= 64 && op[s] >= 0 && op[s] + np[s] <= N && kp[s] >= 1 && kp[s] <= np[s] && kp[s] <= kmax)))
-      bad = s;
-  TORCH_CHECK(bad < 0, message("slot %lld: bad offset / n / k", bad));
+  check_slot_tables(op, np, kp, S, N, kmax);
   auto sot = slot_of_token.contiguous();
   const bool one = sot.numel() == 0;
   TORCH_CHECK(one || (sot.scalar_type() == torch::kInt64 && sot.numel() == T), "slot_of_token must be int64 [T] or empty");
@@ -2150,12 +2162,11 @@ struct ModuleCall {
              router.size(0) == a.size(0) / r && router.size(1) == D && off.numel() >= 1 && tab(off, torch::kInt64) &&
              tab(n, torch::kInt64) && tab(k, torch::kInt64) && tab(omega, torch::kFloat32);
     if (!raw.ok) return;
-    raw.pl.rank = nullptr;
     raw.dt = weight.scalar_type();
     raw.w = weight.data_ptr();
     raw.b = bias.numel() ? bias.data_ptr() : nullptr;
     raw.pl = Pools{a.data_ptr(), bt.data_ptr(), r, a.size(0) / r, D, O, a.scalar_type() == torch::kBFloat16};
-    raw.pl.rank = checked_ranks(ranks, raw.pl.N, r);
+    raw.pl.rank = ranks.defined() ? ranks.data_ptr<int64_t>() : nullptr;  // (checked at construction)
     raw.router = router.data_ptr<float>();
     raw.omega = omega.data_ptr<float>();
     raw.off = off.data_ptr<int64_t>();
@@ -2164,17 +2175,7 @@ struct ModuleCall {
     raw.S = off.numel();
   }
   // base_gemm_for's decision from the bound weight's facts (x has the weight's dtype and is a contiguous CPU tensor)
-  BaseGemm raw_gemm(int64_t T) const {
-    const bool bf16 = raw.dt == torch::kBFloat16;
-    if (!g_batch_invariant && ((bf16 && T >= DOT_BF16_BELOW) || (!bf16 && T >= ONEDNN_F32_FROM && large_f32_elsewhere())))
-      return {nullptr, nullptr};
-#ifdef REMIX_AMX
-    const bool amx = bf16 && amx_shape(raw.pl.D, raw.pl.O) && amx_ready();
-#else
-    const bool amx = false;
-#endif
-    return {raw.w, raw.b, bf16, amx};
-  }
+  BaseGemm raw_gemm(int64_t T) const { return gemm_for_rows(raw.w, raw.b, raw.dt == torch::kBFloat16, T, raw.pl.D, raw.pl.O); }
 
   // The Ahead of this call's pools for the slots in use (used[s]: a token of slot s in the step; null: slot 0 alone),
   // or an empty one (hi = lo) where the bound pools are not raw-ready or no used slot has a pool.
@@ -2189,16 +2190,10 @@ struct ModuleCall {
         hi = std::max(hi, raw.off[s] + raw.n[s]);
       }
     if (hi <= lo) return ah;
-    ah.router = reinterpret_cast<const char*>(raw.router);
-    ah.a = static_cast<const char*>(raw.pl.a);
-    ah.bt = static_cast<const char*>(raw.pl.bt);
+    ah.router = raw.router;
+    ah.pl = raw.pl;
     ah.lo = lo;
     ah.hi = hi;
-    ah.r = raw.pl.r;
-    ah.D = raw.pl.D;
-    ah.O = raw.pl.O;
-    ah.esz = raw.pl.bf16 ? 2 : 4;
-    ah.rank = raw.pl.rank;
     return ah;
   }
 
@@ -2221,12 +2216,7 @@ struct ModuleCall {
         return {linear(x, weight, bias, ahead), idx_buf};
       }
       if (gemm.on()) {  // (otherwise a GEMM outside the kernel: linear_route_gather below, as before)
-        int64_t bad = -1;  // route_gather_into's check of the tables' entries
-        for (int64_t s = 0; s < R.S && bad < 0; ++s)
-          if (!(R.n[s] == 0 || (R.n[s] <= 64 && R.off[s] >= 0 && R.off[s] + R.n[s] <= R.pl.N && R.k[s] >= 1 &&
-                                R.k[s] <= R.n[s] && R.k[s] <= kmax)))
-            bad = s;
-        TORCH_CHECK(bad < 0, message("slot %lld: bad offset / n / k", bad));
+        check_slot_tables(R.off, R.n, R.k, R.S, R.pl.N, kmax);
         auto shape = x.sizes().vec();
         shape.back() = R.pl.O;
         auto y = torch::empty(shape, x.options());
@@ -3053,17 +3043,16 @@ struct DecodeStack {
     // (streaming, /metrics, new requests) must not wait a whole step for it, as they did not between the Python loop's ops
     // the slots in this step, and each routed projection's Ahead for them (prefetched during the GEMM before it)
     const bool ahead_on = g_ahead_from > 0 && b >= g_ahead_from;
-    std::vector<char> used;
-    if (ahead_on && sp) {
-      for (int64_t t = 0; t < b; ++t)
-        if (sp[t] >= 0 && sp[t] < 4096) {
-          if (sp[t] >= static_cast<int64_t>(used.size())) used.resize(sp[t] + 1, 0);
-          used[sp[t]] = 1;
-        }
-    }
     std::vector<Ahead> aheads;  // per layer: gate, up, down
     if (ahead_on) {
       aheads.resize(3 * layers.size());
+      int64_t S = 0;  // the slot tables' longest
+      for (const auto& L : layers)
+        for (const Proj* p : {&L.gate, &L.up, &L.down})
+          if (p->call) S = std::max(S, p->call->raw.S);
+      std::vector<char> used(S, 0);  // (a slot past every table routes nowhere)
+      for (int64_t t = 0; sp && t < b; ++t)
+        if (sp[t] >= 0 && sp[t] < S) used[sp[t]] = 1;
       for (size_t i = 0; i < layers.size(); ++i) {
         const Proj* ps[3] = {&layers[i].gate, &layers[i].up, &layers[i].down};
         for (int j = 0; j < 3; ++j)
