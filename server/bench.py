@@ -23,8 +23,8 @@ Every contender runs ``--repeats`` times, in rounds with the floor timed in the 
 contender's fastest run, and each ratio is the median over the rounds of that ratio within a round, so one lucky round
 of one of them does not decide it - on a shared VM one slow spell had moved a single run's figures by 10-20 %. Within
 a round the engine's contenders run at the same time: each is an engine of its own (its own copy of the base, the
-adapters its requests name loaded), all serving the same prompts, stepped in turn one step each (the order reversed every
-sweep), each on the clock of its own steps - so a slow spell of the machine lands on all of them alike instead of on
+adapters its requests name loaded), all serving the same prompts, stepped in turn one step each (in the same order every
+sweep, so no engine's step follows its own), each on the clock of its own steps - so a slow spell of the machine lands on all of them alike instead of on
 whichever ran in it (runs of a contender after another had put the adapter's ratio to the bare engine anywhere from
 0.77 to 0.97 within one bench run). The HF peers run after them in the round. On CUDA every timing ends with a device
 synchronisation.
@@ -159,8 +159,14 @@ def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]
 def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]], prompts, new_tokens,
                           sampling: dict | None = None, breakdowns: dict | None = None) -> dict[str, tuple[float, float]]:
     """Every contender (an engine of its own and the adapters its requests name, round-robin) serves the same prompts,
-    submitted together; the engines are stepped in turn, one step each, the order reversed every sweep, so a slow spell
-    of a shared machine lands on all of them alike. Per contender: (the wall time on the clock of its own steps, the
+    submitted together; the engines are stepped in turn, one step each, so a slow spell of a shared machine lands on
+    all of them alike. The order is the same every sweep: no engine's step follows its own. (Reversed every sweep, as it
+    was until the thirtieth session, the first and last contenders ran two steps back to back at every turn of the
+    order, half of their steps, and the middle ones never. A one-sequence step right after the same engine's, in three
+    runs of scripts/back_to_back.py: 9.954 / 10.346 / 10.029 ms against 9.992 / 10.469 / 10.131 for the bare engine,
+    10.793 / 11.201 / 10.808 against 10.902 / 11.181 / 10.886 with an adapter - the cache still holding some of that
+    engine's state - so at one sequence the bare engine, first of the order, had ~0.3 % on the adapter's engines in the
+    middle for nothing; at 8 sequences no difference.) Per contender: (the wall time on the clock of its own steps, the
     median of its full-batch decode-only steps). ``sampling``: None (greedy) or {"temperature", "top_p"} (each request
     seeded by its index). ``breakdowns``: filled per contender, where the compiled decode stack ran its steps, with
     where they went (ms a step, means: :func:`decode_breakdown`; the stack's clock is read after every step, so each
@@ -179,9 +185,8 @@ def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]]
     decode_steps: dict[str, list[float]] = {name: [] for name in contenders}
     timed_steps: dict[str, list[float]] = {name: [] for name in contenders}
     parts: dict[str, dict[str, float]] = {name: {} for name in contenders}
-    order, sweep = list(contenders), 0
     while any(engine.has_work() for engine, _ in contenders.values()):
-        for name in order if sweep % 2 == 0 else order[::-1]:
+        for name in contenders:
             engine = contenders[name][0]
             if not engine.has_work():
                 continue
@@ -196,7 +201,6 @@ def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]]
                     timed_steps[name].append(dt)
                     for op, ms in ops.items():
                         parts[name][op] = parts[name].get(op, 0.0) + ms
-        sweep += 1
     if clocked:
         cpu_ext.stack_clock(False)
         for name in contenders:
