@@ -553,7 +553,7 @@ def markdown(out: dict) -> str:
     lines += ["", "| ratio (median over rounds of the ratio within each round) | value | goal |", "|---|---|---|"]
     for name, value in out["ratios"].items():
         g = out["goals"].get(name)
-        lines.append(f"| {name} | {value:.2f} | " + (f"{g['goal']} ({'met' if g['met'] else 'not met'})" if g else "") + " |")
+        lines.append(f"| {name} | {value:.3f} | " + (f"{g['goal']} ({'met' if g['met'] else 'not met'})" if g else "") + " |")
     return "\n".join(lines) + "\n"
 
 
