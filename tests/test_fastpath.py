@@ -408,3 +408,43 @@ def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
     for got, counts in runs[1:]:
         assert got == runs[0][0]
         assert all(torch.equal(counts[name], runs[0][1][name]) for name in counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
+    """In decode steps of few rows the stack runs a routed FFN's gate, up and silu(gate) * up in one parallel region
+    (run_pair in cpu_ext): tokens, log-probabilities and selection counts are those of the two calls and silu_mul_ -
+    with an adapter on the FFN, one on o / down only (its tokens route nowhere in gate and up) and the bare base mixed
+    in, in steps of one to five rows. The stack clock shows the fused path ran (no time on 'up' or 'act') or did not."""
+    from remix.kernels import cpu_ext
+
+    ext = cpu_ext.load()
+    if ext is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    model, tok = tiny("llama", 2)
+    paths = random_adapters(model, tmp_path, [None, ["o_proj", "down_proj"]])
+    model.to(dtype)
+    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16,
+                                             max_batched_tokens=40, prefix_caching=False))
+    for name, path in paths.items():
+        engine.load_adapter(name, path)
+    runs = {}
+    try:
+        for below in (64, 0):  # every decode step here fused, then none
+            ext._fuse_pair_below(below)
+            for layer in engine.runner.stacked.values():
+                layer.stack.counts.zero_()
+            cpu_ext.stack_clock(True)
+            got = run_all(engine, requests_for(tok, [None, "a0", "a1", "a0", None]))
+            ops, timed = cpu_ext.stack_clock(False)
+            assert timed > 0  # decode steps ran in the compiled stack
+            assert (ops["up"] == 0 and ops["act"] == 0) if below else (ops["up"] > 0 and ops["act"] > 0)
+            runs[below] = (got, {name: layer.stack.counts.clone() for name, layer in engine.runner.stacked.items()})
+    finally:
+        cpu_ext.stack_clock(False)
+        ext._fuse_pair_below(4)
+    assert all(len(toks) == 24 for toks, _ in runs[64][0].values())
+    assert runs[64][0] == runs[0][0]
+    counts = runs[64][1]
+    assert any(int(c.sum()) > 0 for name, c in counts.items() if "gate_proj" in name)
+    assert all(torch.equal(counts[name], runs[0][1][name]) for name in counts)

@@ -783,6 +783,7 @@ struct Ahead {
   const float* router = nullptr;  // [N, D]
   Pools pl{nullptr, nullptr, 0, 0, 0, 0};
   int64_t lo = 0, hi = 0;  // the LoRAs [lo, hi) of the step's slots
+  const Ahead* next = nullptr;  // another module's, prefetched after these (gate's, then up's when run_pair runs both)
 };
 int64_t g_ahead_from = 4;  // rows of a decode step from which the stack prefetches ahead (0: never; A/B runs: _ahead_from)
 double g_ahead_start = 0.0;  // the share of a GEMM's blocks after which its prefetches start (A/B runs)
@@ -795,11 +796,15 @@ struct AheadCursor {
   size_t s = 0;
   int64_t row = 0, off = 0, lines = 0;
   AheadCursor(const Ahead* ah, int64_t h, int64_t nh) {
-    if (!ah || ah->hi <= ah->lo) return;
+    for (; ah; ah = ah->next) add(ah, h, nh);
+    for (const Seg& g : seg) lines += g.rows * ((g.bytes + 63) / 64);
+  }
+  void add(const Ahead* ah, int64_t h, int64_t nh) {
+    if (ah->hi <= ah->lo) return;
     const Pools& pl = ah->pl;
     const int64_t lo = ah->lo, n = ah->hi - lo, r = pl.r, D = pl.D, O = pl.O, esz = pl.bf16 ? 2 : 4;
     const char *A = static_cast<const char*>(pl.a), *Bt = static_cast<const char*>(pl.bt);
-    seg.reserve(1 + 2 * n);
+    seg.reserve(seg.size() + 1 + 2 * n);
     seg.push_back({reinterpret_cast<const char*>(ah->router + lo * D), 1, n * D * 4, 0});
     for (int64_t i = lo + n * h / nh; i < lo + n * (h + 1) / nh; ++i)
       seg.push_back({A + i * r * D * esz, 1, pl.rank_of(i) * D * esz, 0});
@@ -807,7 +812,6 @@ struct AheadCursor {
     if (o1 > o0)
       for (int64_t i = lo; i < ah->hi; ++i)
         seg.push_back({Bt + (i * r * O + o0) * esz, pl.rank_of(i), (o1 - o0) * esz, O * esz});
-    for (const Seg& g : seg) lines += g.rows * ((g.bytes + 63) / 64);
   }
   void issue(int64_t count) {
     while (count > 0 && s < seg.size()) {
@@ -1372,6 +1376,79 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
   }
 }
 
+
+// act = silu(y_a) * y_b over columns [o0, o1) of T rows of O (y_a in place), silu_mul_'s values (defined below).
+void silu_mul_cols(void* ya, const void* yb, int64_t T, int64_t O, int64_t o0, int64_t o1, bool bf16);
+
+// The gate and up projections of one FFN (one x [T, D], T < SPLIT_POOLS_BELOW, both pools read by phase A as run()'s
+// small-batch path reads them: float32 x, or bfloat16 x with pools phase_a_reads_bf16) in one parallel region, then
+// act = silu(gate) * up into y_a. Each module's y, selections and weights are run()'s for it (route_rows per token,
+// phase A per block, the GEMM per output, phase B per slice: the same sums and roundings), and act is silu_mul_'s.
+// What goes: one region's fork and join of the two, two of its four barriers, the second module's routing and
+// phase A waiting after the first's (here the two run side by side: at one token one thread routes gate's token
+// while the other routes up's), and silu_mul_'s own pass over the outputs (each thread takes its slice as soon as
+// its two GEMM slices are done). ra / rb null: that module routes nothing (its base GEMM alone). The decode stack takes
+// it for steps of fewer than g_fuse_pair_below rows (_fuse_pair_below: tests and A/B runs). scripts/ab_steps.py (the
+// variant alternating step by step; 30th session, Zen 4 VM, default base in bfloat16), steps with it against without:
+// one sequence, one adapter 12.19 -> 12.06, 10.57 -> 10.32 and 11.51 -> 11.42 ms, four adapters 11.19 -> 10.90 and
+// 11.42 -> 11.28; two sequences 11.33 -> 11.27 and 11.65 -> 11.40; three 13.73 -> 13.31 and 14.37 -> 14.51. From 4
+// rows the stack prefetches each routed module's pools during the GEMM before it (Ahead), which this order would
+// have to take from o_proj's GEMM alone: at 8 sequences the steps went 21.08 -> 20.97, 18.84 -> 18.92 and 21.56 ->
+// 21.75 (four adapters), so there the two calls stay. The bare gate and up in one region the same way (two GEMM
+// slices and silu a thread) gained nothing: 10.23 -> 10.27 and 9.37 -> 9.29 ms at one sequence, 18.71 -> 18.77 and
+// 18.29 -> 18.65 at 8, 41.19 -> 41.41 and 38.78 -> 38.79 at 32 - so a bare step keeps its two linears.
+int64_t g_fuse_pair_below = 4;
+void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Pools& pa, const Pools& pb,
+              const Routing* ra, const Routing* rb, int64_t* sela, float* wa, int64_t* selb, float* wb, int64_t k,
+              const BaseGemm& ga, const BaseGemm& gb) {
+  const int64_t D = pa.D, O = pa.O;
+  TORCH_CHECK(pb.D == D && pb.O == O && T < SPLIT_POOLS_BELOW && ga.on() && gb.on(), "run_pair: gate and up must share x and O");
+  const int64_t P = region_threads((O + 2 * L - 1) / (2 * L));
+  const float* X = bf16 ? nullptr : static_cast<const float*>(xv);
+  const uint16_t* xh = bf16 ? static_cast<const uint16_t*>(xv) : nullptr;
+  const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
+  const Scratch Ua = scratch(T * k * pa.r), Ub = scratch(T * k * pb.r);
+#pragma omp parallel num_threads(P)
+  {
+    const auto [h, nh] = region_thread();
+    // stage 1: the items (module, token), gate's tokens first, a share to each thread
+    const int64_t i0 = 2 * T * h / nh, i1 = 2 * T * (h + 1) / nh;
+    const auto route = [&](const Routing* rt, int64_t t0, int64_t t1, int64_t* sel, float* w) {
+      if (!rt || t1 <= t0) return;
+      if (bf16) route_rows(xb, 0, D, t0, t1, *rt, sel, w);
+      else route_rows(X, 0, D, t0, t1, *rt, sel, w);
+    };
+    route(ra, std::min(i0, T), std::min(i1, T), sela, wa);
+    route(rb, std::max(i0, T) - T, std::max(i1, T) - T, selb, wb);
+#pragma omp barrier
+    // every thread sorts the (few) pairs itself: same input, same order; phase A over both modules' blocks in turn
+    const Pairs pra(sela, wa, T, k, pa.N), prb(selb, wb, T, k, pb.N);
+    const int64_t na = pra.num_blocks(), nt = na + prb.num_blocks();
+    if (nt > 0) {  // the same for every thread: all of them meet the barrier, or none
+      const int64_t b0 = nt * h / nh, b1 = nt * (h + 1) / nh;
+      if (std::min(b1, na) > b0) phase_a(pra, b0, std::min(b1, na), X, xh, pa, Ua.get());
+      if (b1 > std::max(b0, na)) phase_a(prb, std::max(b0, na) - na, b1 - na, X, xh, pb, Ub.get());
+#pragma omp barrier
+    }
+    const auto [o0, o1] = out_slice(O, h, nh);
+    const auto finish = [&](const BaseGemm& g, void* y, const Pairs& pr, const Pools& pl, const float* U,
+                            const int64_t* sel, const float* w) {
+      g(xv, y, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
+      if (o1 <= o0 || pr.size() == 0) return;
+      if (!bf16) return phase_b(pr, pl, U, static_cast<float*>(y), O, 0, o0, o1, /*prefetch=*/true);
+      char has[SPLIT_POOLS_BELOW];
+      for (int64_t t = 0; t < T; ++t) {
+        has[t] = 0;
+        for (int64_t j = 0; j < k; ++j) has[t] |= sel[t * k + j] >= 0 && w[t * k + j] != 0.f;
+      }
+      const Scratch yblk = scratch(T * YBLOCK);
+      phase_b_bf16(pr, pl, U, static_cast<uint16_t*>(y), T, has, yblk.get(), o0, o1, /*prefetch=*/true);
+    };
+    finish(ga, ya, pra, pa, Ua.get(), sela, wa);
+    finish(gb, yb, prb, pb, Ub.get(), selb, wb);
+    silu_mul_cols(ya, yb, T, O, o0, o1, bf16);
+  }
+}
 
 // ---- decode attention over a slot cache: one query token per row, each reading only its own row's first len positions
 
@@ -2234,7 +2311,57 @@ struct ModuleCall {
     return linear_route_gather(x, weight, bias, router, a, bt, slot_of_token, off, n, k, omega, r, kmax, counts, idx_buf,
                                ranks);
   }
+
+  // This call (an FFN's gate) and `up` on the same x: act = silu(gate(x)) * up(x), each module's selections counted
+  // and left in its idx_buf as routed() leaves them, by run_pair in one region; an undefined tensor where that does not
+  // apply (the caller then makes the two calls and silu_mul_, which give the same values). up_ahead: what up's GEMM
+  // prefetches (the next routed module's pools).
+  torch::Tensor routed_pair(const ModuleCall& up, const torch::Tensor& x, const torch::Tensor& slot_of_token,
+                            const torch::Tensor& counts, const torch::Tensor& up_counts, const Ahead* up_ahead) const {
+    const Raw &A = raw, &B = up.raw;
+    if (!g_raw_call || !A.ok || !B.ok || A.dt != B.dt || kmax != up.kmax || x.dim() < 1 ||
+        x.scalar_type() != A.dt || !x.device().is_cpu() || !x.is_contiguous() || x.size(-1) != A.pl.D ||
+        B.pl.D != A.pl.D || B.pl.O != A.pl.O)
+      return {};
+    const int64_t T = x.numel() / A.pl.D;
+    const bool bf16 = A.dt == torch::kBFloat16;
+    if (T < 1 || T >= SPLIT_POOLS_BELOW || region_threads((A.pl.O + 2 * L - 1) / (2 * L)) <= 1 ||
+        (bf16 && (!phase_a_reads_bf16(A.pl) || !phase_a_reads_bf16(B.pl))))
+      return {};
+    if (slot_of_token.numel() != 0 && (slot_of_token.scalar_type() != torch::kInt64 || !slot_of_token.is_contiguous() ||
+                                       slot_of_token.numel() != T))
+      return {};
+    for (const auto* c : {&counts, &up_counts})
+      if (c->numel() != 0 && (c->scalar_type() != torch::kInt64 || !c->is_contiguous())) return {};
+    if ((counts.numel() && counts.numel() != A.pl.N) || (up_counts.numel() && up_counts.numel() != B.pl.N)) return {};
+    BaseGemm ga = raw_gemm(T), gb = up.raw_gemm(T);
+    if (!ga.on() || !gb.on()) return {};
+    gb.ahead = up_ahead;
+    const int64_t* sp = slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
+    const bool route_a = !g_proj_skip || routes_any(A.n, A.S, sp, T), route_b = !g_proj_skip || routes_any(B.n, B.S, sp, T);
+    if (route_a) check_slot_tables(A.off, A.n, A.k, A.S, A.pl.N, kmax);
+    if (route_b) check_slot_tables(B.off, B.n, B.k, B.S, B.pl.N, kmax);
+    for (const ModuleCall* m : {this, &up})
+      if (!m->idx_buf.defined() || m->idx_buf.size(0) != T) m->idx_buf = torch::empty({T, kmax}, torch::kInt64);
+    int64_t *ia = idx_buf.data_ptr<int64_t>(), *ib = up.idx_buf.data_ptr<int64_t>();
+    std::fill_n(ia, T * kmax, int64_t{-1});
+    std::fill_n(ib, T * kmax, int64_t{-1});
+    std::vector<float> wa(T * kmax, 0.f), wb(T * kmax, 0.f);
+    const Routing ra{A.router, sp, A.off, A.n, A.k, A.omega, A.S, kmax}, rb{B.router, sp, B.off, B.n, B.k, B.omega, B.S, kmax};
+    auto shape = x.sizes().vec();
+    shape.back() = A.pl.O;
+    auto ya = torch::empty(shape, x.options()), yb = torch::empty(shape, x.options());
+    run_pair(x.data_ptr(), ya.data_ptr(), yb.data_ptr(), T, bf16, A.pl, B.pl, route_a ? &ra : nullptr,
+             route_b ? &rb : nullptr, ia, wa.data(), ib, wb.data(), kmax, ga, gb);
+    for (const auto& [c, ip] : {std::make_pair(&counts, ia), std::make_pair(&up_counts, ib)})
+      if (c->numel() > 0) {
+        int64_t* cp = c->data_ptr<int64_t>();
+        for (int64_t e = 0; e < T * kmax; ++e) if (ip[e] >= 0) cp[ip[e]] += 1;
+      }
+    return ya;
+  }
 };
+
 
 
 // Calls f(float{}) or f(c10::BFloat16{}) by dtype: the element type of the float32 / bfloat16 ops below.
@@ -2777,6 +2904,18 @@ void silu_mul_elems(T* g, const T* u, int64_t n) {
   });
 }
 
+namespace {  // (declared in it, for run_pair)
+void silu_mul_cols(void* ya, const void* yb, int64_t T, int64_t O, int64_t o0, int64_t o1, bool bf16) {
+  const auto cols = [&](auto* g, const auto* u) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = o0; o < o1; o += L)  // per element silu_mul_v's arithmetic, as silu_mul_elems
+        silu_mul_block(g + t * O + o, u + t * O + o, std::min<int64_t>(L, o1 - o));
+  };
+  if (bf16) cols(static_cast<c10::BFloat16*>(ya), static_cast<const c10::BFloat16*>(yb));
+  else cols(static_cast<float*>(ya), static_cast<const float*>(yb));
+}
+}  // namespace
+
 torch::Tensor silu_mul_(torch::Tensor g, torch::Tensor u) {
   TORCH_CHECK(g.device().is_cpu() && u.device().is_cpu() && g.is_contiguous() && u.is_contiguous() && g.sizes() == u.sizes() &&
               g.scalar_type() == u.scalar_type(), "g and u must be contiguous CPU tensors of one shape and dtype");
@@ -3057,6 +3196,8 @@ struct DecodeStack {
         const Proj* ps[3] = {&layers[i].gate, &layers[i].up, &layers[i].down};
         for (int j = 0; j < 3; ++j)
           if (ps[j]->call) aheads[3 * i + j] = ps[j]->call->ahead_for(sp ? &used : nullptr);
+        // gate and up run together (run_pair, before either GEMM): o_proj's GEMM prefetches both modules' pools
+        if (b < g_fuse_pair_below && ps[0]->call && ps[1]->call) aheads[3 * i].next = &aheads[3 * i + 1];
       }
     }
     auto ahead_of = [&](size_t i, int j) -> const Ahead* {
@@ -3099,12 +3240,21 @@ struct DecodeStack {
       clock.lap(OP_O_PROJ);
       x = add_rms_norm_(h, pending, L.post_w, L.post_eps);
       clock.lap(OP_NORMS);
-      auto act = L.gate(x, slots, ahead_of(i, 1));
-      clock.lap(OP_GATE);
-      auto up = L.up(x, slots, ahead_of(i, 2));
-      clock.lap(OP_UP);
-      silu_mul_(act, up);
-      clock.lap(OP_ACT);
+      // a routed gate, up and silu(gate) * up in one region in steps of few rows (run_pair: the same values), its
+      // time on the clock's gate
+      auto act = L.gate.call && L.up.call && b < g_fuse_pair_below
+                     ? L.gate.call->routed_pair(*L.up.call, x, slots, L.gate.counts, L.up.counts, ahead_of(i, 2))
+                     : torch::Tensor();
+      if (act.defined()) {
+        clock.lap(OP_GATE);
+      } else {
+        act = L.gate(x, slots, ahead_of(i, 1));
+        clock.lap(OP_GATE);
+        auto up = L.up(x, slots, ahead_of(i, 2));
+        clock.lap(OP_UP);
+        silu_mul_(act, up);
+        clock.lap(OP_ACT);
+      }
       pending = L.down(act, slots);
       clock.lap(OP_DOWN);
     }
@@ -3132,6 +3282,8 @@ Proj to_proj(const pybind11::tuple& t) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_proj_skip", [](bool on) { g_proj_skip = on; }, "A/B");
+  m.def("_fuse_pair_below", [](int64_t rows) { g_fuse_pair_below = rows; },
+        "tests and A/B runs: decode steps of fewer rows run a routed gate, up and silu in one region (default 4)");
   m.def("_ahead_from", [](int64_t rows, double start) { g_ahead_from = rows; g_ahead_start = start; }, "A/B");
   m.def("_narrow_cvt", [](bool on) {
 #ifdef __AVX512F__
@@ -3368,7 +3520,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v153_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v165_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
@@ -3478,7 +3630,7 @@ STACK_OPS = ("norms", "qkv", "rotary", "kv_write", "attention", "o_proj", "gate"
 def stack_clock(on: bool) -> tuple[dict[str, float], int]:
     """The compiled decode stack's (``DecodeStack``) time in each kind of op since the last call, in milliseconds by
     :data:`STACK_OPS` name (norms: both RMSNorms of a layer with their residual adds; act: ``silu(gate) * up``;
-    each op from the end of the one before it, so they add up to the stack's whole run), and the number of runs
+    where a step of few rows runs a routed gate, up and act in one region, all three on gate; each op from the end of the one before it, so they add up to the stack's whole run), and the number of runs
     (decode steps) they cover; resets both, then switches the clock on (or off). ({}, 0) without the kernels."""
     ext = load()
     if ext is None:
