@@ -374,11 +374,10 @@ def test_decode_stack_is_checked_again_only_after_an_assignment_or_a_pool_change
     assert got != before  # the changes matter: a stale stack could not have matched the loop
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
-    """The decode stack prefetches, during each GEMM before a routed module, that module's pools (Ahead in cpu_ext): only
-    where lines are cached changes, so tokens, log-probabilities and selection counts are the same with it from one
-    row, from the default, and never - with one adapter, two, and the bare base in the batch."""
+def switch_engine(tmp_path, dtype):
+    """(the compiled kernels, an engine, its tokenizer) for A/B tests of a kernel switch that changes no value: the tiny
+    Llama in ``dtype`` with a0 on the default targets and a1 on o / down only; skips without the compiled kernels.
+    Every run prefills alike (no prefix cache), so two runs of the same requests can be compared token for token."""
     from remix.kernels import cpu_ext
 
     ext = cpu_ext.load()
@@ -388,19 +387,38 @@ def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
     paths = random_adapters(model, tmp_path, [None, ["o_proj", "down_proj"]])
     model.to(dtype)
     engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16,
-                                             max_batched_tokens=40, prefix_caching=False))  # every run prefills alike
+                                             max_batched_tokens=40, prefix_caching=False))
     for name, path in paths.items():
         engine.load_adapter(name, path)
+    return ext, engine, tok
+
+
+def zero_counts(engine) -> None:
+    for layer in engine.runner.stacked.values():
+        layer.stack.counts.zero_()
+
+
+def counts_of(engine) -> dict:
+    return {name: layer.stack.counts.clone() for name, layer in engine.runner.stacked.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
+    """The decode stack prefetches, during each GEMM before a routed module, that module's pools (Ahead in cpu_ext): only
+    where lines are cached changes, so tokens, log-probabilities and selection counts are the same with it from one
+    row, from the default, and never - with one adapter, two, and the bare base in the batch."""
+    from remix.kernels import cpu_ext
+
+    ext, engine, tok = switch_engine(tmp_path, dtype)
     runs = []
     try:
         for rows, start in ((0, 0.5), (1, 0.0), (4, 0.5), (2, 0.9)):
             ext._ahead_from(rows, start)
-            for layer in engine.runner.stacked.values():
-                layer.stack.counts.zero_()
+            zero_counts(engine)
             cpu_ext.stack_clock(True)
             got = run_all(engine, requests_for(tok, [None, "a0", "a1", "a0", "a1"]))
             assert cpu_ext.stack_clock(False)[1] > 0  # decode steps ran in the compiled stack, where the prefetch is
-            runs.append((got, {name: layer.stack.counts.clone() for name, layer in engine.runner.stacked.items()}))
+            runs.append((got, counts_of(engine)))
     finally:
         cpu_ext.stack_clock(False)
         ext._ahead_from(4, 0.0)
@@ -418,28 +436,18 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
     in, in steps of one to five rows. The stack clock shows the fused path ran (no time on 'up' or 'act') or did not."""
     from remix.kernels import cpu_ext
 
-    ext = cpu_ext.load()
-    if ext is None:
-        pytest.skip("the compiled CPU kernels are not built here")
-    model, tok = tiny("llama", 2)
-    paths = random_adapters(model, tmp_path, [None, ["o_proj", "down_proj"]])
-    model.to(dtype)
-    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=8, max_prefill_chunk=16,
-                                             max_batched_tokens=40, prefix_caching=False))
-    for name, path in paths.items():
-        engine.load_adapter(name, path)
+    ext, engine, tok = switch_engine(tmp_path, dtype)
     runs = {}
     try:
         for below in (64, 0):  # every decode step here fused, then none
             ext._fuse_pair_below(below)
-            for layer in engine.runner.stacked.values():
-                layer.stack.counts.zero_()
+            zero_counts(engine)
             cpu_ext.stack_clock(True)
             got = run_all(engine, requests_for(tok, [None, "a0", "a1", "a0", None]))
             ops, timed = cpu_ext.stack_clock(False)
             assert timed > 0  # decode steps ran in the compiled stack
             assert (ops["up"] == 0 and ops["act"] == 0) if below else (ops["up"] > 0 and ops["act"] > 0)
-            runs[below] = (got, {name: layer.stack.counts.clone() for name, layer in engine.runner.stacked.items()})
+            runs[below] = (got, counts_of(engine))
     finally:
         cpu_ext.stack_clock(False)
         ext._fuse_pair_below(4)

@@ -783,7 +783,6 @@ struct Ahead {
   const float* router = nullptr;  // [N, D]
   Pools pl{nullptr, nullptr, 0, 0, 0, 0};
   int64_t lo = 0, hi = 0;  // the LoRAs [lo, hi) of the step's slots
-  const Ahead* next = nullptr;  // another module's, prefetched after these (gate's, then up's when run_pair runs both)
 };
 int64_t g_ahead_from = 4;  // rows of a decode step from which the stack prefetches ahead (0: never; A/B runs: _ahead_from)
 double g_ahead_start = 0.0;  // the share of a GEMM's blocks after which its prefetches start (A/B runs)
@@ -796,15 +795,11 @@ struct AheadCursor {
   size_t s = 0;
   int64_t row = 0, off = 0, lines = 0;
   AheadCursor(const Ahead* ah, int64_t h, int64_t nh) {
-    for (; ah; ah = ah->next) add(ah, h, nh);
-    for (const Seg& g : seg) lines += g.rows * ((g.bytes + 63) / 64);
-  }
-  void add(const Ahead* ah, int64_t h, int64_t nh) {
-    if (ah->hi <= ah->lo) return;
+    if (!ah || ah->hi <= ah->lo) return;
     const Pools& pl = ah->pl;
     const int64_t lo = ah->lo, n = ah->hi - lo, r = pl.r, D = pl.D, O = pl.O, esz = pl.bf16 ? 2 : 4;
     const char *A = static_cast<const char*>(pl.a), *Bt = static_cast<const char*>(pl.bt);
-    seg.reserve(seg.size() + 1 + 2 * n);
+    seg.reserve(1 + 2 * n);
     seg.push_back({reinterpret_cast<const char*>(ah->router + lo * D), 1, n * D * 4, 0});
     for (int64_t i = lo + n * h / nh; i < lo + n * (h + 1) / nh; ++i)
       seg.push_back({A + i * r * D * esz, 1, pl.rank_of(i) * D * esz, 0});
@@ -812,6 +807,7 @@ struct AheadCursor {
     if (o1 > o0)
       for (int64_t i = lo; i < ah->hi; ++i)
         seg.push_back({Bt + (i * r * O + o0) * esz, pl.rank_of(i), (o1 - o0) * esz, O * esz});
+    for (const Seg& g : seg) lines += g.rows * ((g.bytes + 63) / 64);
   }
   void issue(int64_t count) {
     while (count > 0 && s < seg.size()) {
@@ -1213,6 +1209,21 @@ constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the p
 // that match phase B's, so each thread's y slice is still in its own cache when phase B updates it.
 void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const Routing* rt, int64_t* sel, float* w,
          int64_t k, const BaseGemm& gemm = {nullptr, nullptr});
+
+// Phase B of a small batch (T < SPLIT_POOLS_BELOW) on this thread's output slice [o0, o1) of y [T, O] (float32, or
+// bfloat16 through phase_b_bf16's blocks: the rows of tokens with a selection in sel / w [T, k]), B^T's rows prefetched.
+void phase_b_slice(const Pairs& pr, const Pools& pl, const float* U, void* y, int64_t T, bool bf16, const int64_t* sel,
+                   const float* w, int64_t k, int64_t o0, int64_t o1) {
+  if (o1 <= o0 || pr.size() == 0) return;
+  if (!bf16) return phase_b(pr, pl, U, static_cast<float*>(y), pl.O, 0, o0, o1, /*prefetch=*/true);
+  char has[SPLIT_POOLS_BELOW];
+  for (int64_t t = 0; t < T; ++t) {
+    has[t] = 0;
+    for (int64_t j = 0; j < k; ++j) has[t] |= sel[t * k + j] >= 0 && w[t * k + j] != 0.f;
+  }
+  const Scratch yb = scratch(T * YBLOCK);
+  phase_b_bf16(pr, pl, U, static_cast<uint16_t*>(y), T, has, yb.get(), o0, o1, /*prefetch=*/true);
+}
 void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routing* rt, int64_t* sel, float* w, int64_t k,
          const BaseGemm& gemm = {nullptr, nullptr}) {
   run(x.data_ptr(), y.data_ptr(), x.size(0), x.scalar_type() == torch::kBFloat16, pl, rt, sel, w, k, gemm);
@@ -1363,16 +1374,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     }
     const auto [o0, o1] = out_slice(O, h, nh);
     if (gemm.on()) gemm(gx, gy, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
-    if (o1 > o0 && pr.size() > 0) {
-      if (bf16) {
-        char has[SPLIT_POOLS_BELOW];
-        for (int64_t t = 0; t < T; ++t) has[t] = selected(t);
-        const Scratch yb = scratch(T * YBLOCK);
-        phase_b_bf16(pr, pl, U.get(), yh, T, has, yb.get(), o0, o1, /*prefetch=*/true);
-      } else {
-        phase_b(pr, pl, U.get(), Y, O, 0, o0, o1, /*prefetch=*/true);
-      }
-    }
+    phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, o0, o1);
   }
 }
 
@@ -1431,21 +1433,10 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
 #pragma omp barrier
     }
     const auto [o0, o1] = out_slice(O, h, nh);
-    const auto finish = [&](const BaseGemm& g, void* y, const Pairs& pr, const Pools& pl, const float* U,
-                            const int64_t* sel, const float* w) {
-      g(xv, y, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
-      if (o1 <= o0 || pr.size() == 0) return;
-      if (!bf16) return phase_b(pr, pl, U, static_cast<float*>(y), O, 0, o0, o1, /*prefetch=*/true);
-      char has[SPLIT_POOLS_BELOW];
-      for (int64_t t = 0; t < T; ++t) {
-        has[t] = 0;
-        for (int64_t j = 0; j < k; ++j) has[t] |= sel[t * k + j] >= 0 && w[t * k + j] != 0.f;
-      }
-      const Scratch yblk = scratch(T * YBLOCK);
-      phase_b_bf16(pr, pl, U, static_cast<uint16_t*>(y), T, has, yblk.get(), o0, o1, /*prefetch=*/true);
-    };
-    finish(ga, ya, pra, pa, Ua.get(), sela, wa);
-    finish(gb, yb, prb, pb, Ub.get(), selb, wb);
+    ga(xv, ya, T, D, O, o0, o1);  // this thread's slices of both base outputs, each updated by its phase B next
+    phase_b_slice(pra, pa, Ua.get(), ya, T, bf16, sela, wa, k, o0, o1);
+    gb(xv, yb, T, D, O, o0, o1);
+    phase_b_slice(prb, pb, Ub.get(), yb, T, bf16, selb, wb, k, o0, o1);
     silu_mul_cols(ya, yb, T, O, o0, o1, bf16);
   }
 }
@@ -2002,6 +1993,18 @@ torch::Tensor gather_(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::
   return y;
 }
 
+// Whether a bound call can take this slot map (empty, or int64 [T] contiguous) and counts (empty, or int64 [N]
+// contiguous) on raw pointers; and the selections ip [n] (-1: none) added into counts where given.
+inline bool call_args_fit(const torch::Tensor& slots, int64_t T, const torch::Tensor& counts, int64_t N) {
+  return (slots.numel() == 0 || (slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.numel() == T)) &&
+         (counts.numel() == 0 || (counts.scalar_type() == torch::kInt64 && counts.is_contiguous() && counts.numel() == N));
+}
+inline void add_counts(const torch::Tensor& counts, const int64_t* ip, int64_t n) {
+  if (counts.numel() == 0) return;
+  int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t e = 0; e < n; ++e) if (ip[e] >= 0) cp[ip[e]] += 1;
+}
+
 // Every slot's table entry fits a pool of N LoRAs (no pool, or up to 64 LoRAs inside it with 1 <= k <= min(n, kmax)),
 // else an error naming the first that does not.
 void check_slot_tables(const int64_t* op, const int64_t* np, const int64_t* kp, int64_t S, int64_t N, int64_t kmax) {
@@ -2056,10 +2059,7 @@ torch::Tensor route_gather_into(torch::Tensor x, torch::Tensor y, torch::Tensor 
   Pools pl{a.data_ptr(), bt.data_ptr(), r, N, D, y.size(1), a.scalar_type() == torch::kBFloat16};
   pl.rank = checked_ranks(ranks, N, r);
   run(x, y, pl, &rt, ip, weight.data(), kmax, gemm);
-  if (counts.numel() > 0) {
-    int64_t* cp = counts.data_ptr<int64_t>();
-    for (int64_t e = 0; e < T * kmax; ++e) if (ip[e] >= 0) cp[ip[e]] += 1;
-  }
+  add_counts(counts, ip, T * kmax);
   return idx;
 }
 
@@ -2096,6 +2096,7 @@ inline bool routes_any(const torch::Tensor& n, const int64_t* sp, int64_t rows) 
 }
 
 torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, const Ahead* ahead = nullptr);
+
 
 // A module call with no token to route (a step of bare-base requests, or of adapters on other modules) runs its base
 // weight by linear(): the same kernel, sums and output slices as the call's own base GEMM, so the same y,
@@ -2274,20 +2275,22 @@ struct ModuleCall {
     return ah;
   }
 
+  // idx_buf sized for T rows (kept while the row count stays), its data
+  int64_t* idx_of(int64_t T) const {
+    if (!idx_buf.defined() || idx_buf.size(0) != T) idx_buf = torch::empty({T, kmax}, torch::kInt64);
+    return idx_buf.data_ptr<int64_t>();
+  }
+
   std::tuple<torch::Tensor, torch::Tensor> routed(torch::Tensor x, torch::Tensor slot_of_token, torch::Tensor counts,
                                                   const Ahead* ahead = nullptr) const {
     const int64_t T = x.dim() ? x.numel() / std::max<int64_t>(1, x.size(-1)) : 0;
-    if (!idx_buf.defined() || idx_buf.size(0) != T) idx_buf = torch::empty({T, kmax}, torch::kInt64);
+    int64_t* const ip = idx_of(T);  // (the checked path below fills the same buffer)
     const Raw& R = raw;
     if (R.ok && g_raw_call && x.dim() >= 1 && x.size(-1) == R.pl.D && x.scalar_type() == R.dt && x.device().is_cpu() &&
-        x.is_contiguous() &&
-        (slot_of_token.numel() == 0 || (slot_of_token.scalar_type() == torch::kInt64 && slot_of_token.is_contiguous() &&
-                                        slot_of_token.numel() == T)) &&
-        (counts.numel() == 0 || (counts.scalar_type() == torch::kInt64 && counts.is_contiguous() && counts.numel() == R.pl.N))) {
+        x.is_contiguous() && call_args_fit(slot_of_token, T, counts, R.pl.N)) {
       BaseGemm gemm = raw_gemm(T);
       gemm.ahead = ahead;
       const int64_t* sp = slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
-      int64_t* ip = idx_buf.data_ptr<int64_t>();
       if (g_proj_skip && !routes_any(R.n, R.S, sp, T)) {  // as linear_route_gather: the base GEMM alone
         std::fill_n(ip, T * kmax, int64_t{-1});
         return {linear(x, weight, bias, ahead), idx_buf};
@@ -2301,10 +2304,7 @@ struct ModuleCall {
         std::vector<float> w(T * kmax, 0.f);
         const Routing rt{R.router, sp, R.off, R.n, R.k, R.omega, R.S, kmax};
         run(x.data_ptr(), y.data_ptr(), T, R.dt == torch::kBFloat16, R.pl, &rt, ip, w.data(), kmax, gemm);
-        if (counts.numel() > 0) {
-          int64_t* cp = counts.data_ptr<int64_t>();
-          for (int64_t e = 0; e < T * kmax; ++e) if (ip[e] >= 0) cp[ip[e]] += 1;
-        }
+        add_counts(counts, ip, T * kmax);
         return {y, idx_buf};
       }
     }
@@ -2328,12 +2328,7 @@ struct ModuleCall {
     if (T < 1 || T >= SPLIT_POOLS_BELOW || region_threads((A.pl.O + 2 * L - 1) / (2 * L)) <= 1 ||
         (bf16 && (!phase_a_reads_bf16(A.pl) || !phase_a_reads_bf16(B.pl))))
       return {};
-    if (slot_of_token.numel() != 0 && (slot_of_token.scalar_type() != torch::kInt64 || !slot_of_token.is_contiguous() ||
-                                       slot_of_token.numel() != T))
-      return {};
-    for (const auto* c : {&counts, &up_counts})
-      if (c->numel() != 0 && (c->scalar_type() != torch::kInt64 || !c->is_contiguous())) return {};
-    if ((counts.numel() && counts.numel() != A.pl.N) || (up_counts.numel() && up_counts.numel() != B.pl.N)) return {};
+    if (!call_args_fit(slot_of_token, T, counts, A.pl.N) || !call_args_fit(slot_of_token, T, up_counts, B.pl.N)) return {};
     BaseGemm ga = raw_gemm(T), gb = up.raw_gemm(T);
     if (!ga.on() || !gb.on()) return {};
     gb.ahead = up_ahead;
@@ -2341,9 +2336,7 @@ struct ModuleCall {
     const bool route_a = !g_proj_skip || routes_any(A.n, A.S, sp, T), route_b = !g_proj_skip || routes_any(B.n, B.S, sp, T);
     if (route_a) check_slot_tables(A.off, A.n, A.k, A.S, A.pl.N, kmax);
     if (route_b) check_slot_tables(B.off, B.n, B.k, B.S, B.pl.N, kmax);
-    for (const ModuleCall* m : {this, &up})
-      if (!m->idx_buf.defined() || m->idx_buf.size(0) != T) m->idx_buf = torch::empty({T, kmax}, torch::kInt64);
-    int64_t *ia = idx_buf.data_ptr<int64_t>(), *ib = up.idx_buf.data_ptr<int64_t>();
+    int64_t *ia = idx_of(T), *ib = up.idx_of(T);
     std::fill_n(ia, T * kmax, int64_t{-1});
     std::fill_n(ib, T * kmax, int64_t{-1});
     std::vector<float> wa(T * kmax, 0.f), wb(T * kmax, 0.f);
@@ -2353,11 +2346,8 @@ struct ModuleCall {
     auto ya = torch::empty(shape, x.options()), yb = torch::empty(shape, x.options());
     run_pair(x.data_ptr(), ya.data_ptr(), yb.data_ptr(), T, bf16, A.pl, B.pl, route_a ? &ra : nullptr,
              route_b ? &rb : nullptr, ia, wa.data(), ib, wb.data(), kmax, ga, gb);
-    for (const auto& [c, ip] : {std::make_pair(&counts, ia), std::make_pair(&up_counts, ib)})
-      if (c->numel() > 0) {
-        int64_t* cp = c->data_ptr<int64_t>();
-        for (int64_t e = 0; e < T * kmax; ++e) if (ip[e] >= 0) cp[ip[e]] += 1;
-      }
+    add_counts(counts, ia, T * kmax);
+    add_counts(up_counts, ib, T * kmax);
     return ya;
   }
 };
@@ -3196,8 +3186,6 @@ struct DecodeStack {
         const Proj* ps[3] = {&layers[i].gate, &layers[i].up, &layers[i].down};
         for (int j = 0; j < 3; ++j)
           if (ps[j]->call) aheads[3 * i + j] = ps[j]->call->ahead_for(sp ? &used : nullptr);
-        // gate and up run together (run_pair, before either GEMM): o_proj's GEMM prefetches both modules' pools
-        if (b < g_fuse_pair_below && ps[0]->call && ps[1]->call) aheads[3 * i].next = &aheads[3 * i + 1];
       }
     }
     auto ahead_of = [&](size_t i, int j) -> const Ahead* {
@@ -3520,7 +3508,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v165_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v166_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
@@ -3630,8 +3618,8 @@ STACK_OPS = ("norms", "qkv", "rotary", "kv_write", "attention", "o_proj", "gate"
 def stack_clock(on: bool) -> tuple[dict[str, float], int]:
     """The compiled decode stack's (``DecodeStack``) time in each kind of op since the last call, in milliseconds by
     :data:`STACK_OPS` name (norms: both RMSNorms of a layer with their residual adds; act: ``silu(gate) * up``;
-    where a step of few rows runs a routed gate, up and act in one region, all three on gate; each op from the end of the one before it, so they add up to the stack's whole run), and the number of runs
-    (decode steps) they cover; resets both, then switches the clock on (or off). ({}, 0) without the kernels."""
+    where a step of few rows runs a routed gate, up and act in one region, all three on gate; each op from the end
+    of the one before it, so they add up to the stack's whole run), and the number of runs (decode steps) they cover; resets both, then switches the clock on (or off). ({}, 0) without the kernels."""
     ext = load()
     if ext is None:
         return {}, 0
