@@ -42,6 +42,30 @@ def test_kernel_bench_writes_times_ratios_and_table(tmp_path):
     assert (tmp_path / "k.md").read_text().count("\n| 576→1536 | 1 |") == 1
 
 
+def test_kernel_bench_rounds_take_turns_call_by_call():
+    """Within a round the functions are called in turn (a, b, a, b, ...), each its own number of calls, the faster
+    one's surplus at the round's end - not all of a's calls, then all of b's - so two functions compared within a
+    round meet the same moment of a drifting machine; each round's time is the mean of its calls."""
+    import time
+    log = []
+
+    def fn(name, seconds):
+        def call():
+            log.append(name)
+            time.sleep(seconds)
+        return call
+
+    rounds = {}
+    kernel_bench.time_rounds({"a": fn("a", 0.001), "b": fn("b", 0.003)}, min_time=0.06, repeats=3, rounds=rounds)
+    first = next(i for i in range(1, len(log)) if log[i - 1] == "b" and log[i] == "a")  # after the sizing calls
+    timed = log[first:]
+    ca, cb = timed.count("a") // 3, timed.count("b") // 3
+    assert ca > cb >= 2 and len(timed) == 3 * (ca + cb)
+    assert timed == (["a", "b"] * cb + ["a"] * (ca - cb)) * 3
+    assert all(len(v) == 3 for v in rounds.values())
+    assert 0.001 <= min(rounds["a"]) * 1e-6 and max(rounds["a"]) < min(rounds["b"])
+
+
 def test_a_goal_on_an_unmeasured_remix_delta_is_not_met():
     """A ReMix delta that came out <= 0 (clamped to 1e-3 us) would make loop_over_fast enormous: its goals do not count
     as met; the overhead goal, which does not use the delta, is judged as usual."""

@@ -66,9 +66,14 @@ def timeit(fn, min_time: float = 0.3, repeats: int = 7) -> float:
 
 
 def time_rounds(fns: dict, min_time: float = 0.3, repeats: int = 7, rounds: dict | None = None) -> dict[str, float]:
-    """Median over ``repeats`` rounds of each function's mean time per call (µs); every round times every function
-    in turn, so a slow spell of the machine (this VM drifts by 20-30 %) lands on all of them, not on one. ``rounds``,
-    when given, receives every function's per-round times (for differences taken within a round)."""
+    """Median over ``repeats`` rounds of each function's mean time per call (µs); ``rounds``, when given, receives
+    every function's per-round times (for differences taken within a round).
+
+    Within a round the functions take turns call by call (each its own number of calls, sized to ~min_time/repeats,
+    so a fast one's surplus calls come at the round's end), not one function's calls in one block after another's:
+    this VM drifts by 20-30 % over seconds, and a block of ~0.4 s each had put the ReMix delta of one run's nine rounds
+    anywhere from 44 to 173 us (576 -> 1536, 32 tokens, a base of ~370). Two functions called in turn see the same
+    machine."""
     calls = {}
     for name, fn in fns.items():  # warm up, then size each function's batch of calls to ~min_time/repeats
         fn()
@@ -79,11 +84,15 @@ def time_rounds(fns: dict, min_time: float = 0.3, repeats: int = 7, rounds: dict
         calls[name] = max(2, int(n * (min_time / repeats) / (time.perf_counter() - start)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / calls[name] * 1e6)
+        spent = dict.fromkeys(fns, 0.0)
+        for turn in range(max(calls.values())):
+            for name, fn in fns.items():
+                if turn < calls[name]:
+                    t0 = time.perf_counter()
+                    fn()
+                    spent[name] += time.perf_counter() - t0
+        for name in fns:
+            samples[name].append(spent[name] / calls[name] * 1e6)
     if rounds is not None:
         rounds.update(samples)
     return {name: statistics.median(v) for name, v in samples.items()}
