@@ -127,6 +127,16 @@ def test_fit_two_steps_is_reproducible(tmp_path):
     assert len(a) == 2 and a == b
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file() and "eval_exact_match" in summary
+    # the frozen base evaluated first (step 0 of the log), beside the adapter's scores in the summary
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "eval_loss" in rows[0] and "loss" not in rows[0]
+    base = summary["base"]
+    assert base["eval_loss"] == rows[0]["eval_loss"] and base["eval_exact_match"] == rows[0]["eval_exact_match"]
+    assert set(base["tasks_exact_match"]) == set(summary["tasks"]) and math.isfinite(base["eval_loss"])
+    assert base["eval_loss"] != summary["eval_loss"]  # two steps of training moved the held-out loss
+    off = _run(["--steps", "1", "--eval-base", "false", "--output", str(tmp_path / "c")])
+    assert off.returncode == 0, off.stderr
+    assert "base" not in json.loads((tmp_path / "c" / "summary.json").read_text())
 
 
 @pytest.mark.cuda
@@ -153,6 +163,9 @@ def test_kill_and_resume_gives_the_same_curve(tmp_path):
     straight, again = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
     assert [s for s, _ in again] == list(range(1, 7))
     assert again == straight
+    # the base's scores (evaluated before step 1 of the first attempt) reach the resumed run's summary from its log
+    first = json.loads((tmp_path / "straight" / "summary.json").read_text())["base"]
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["base"] == first
 
 
 @pytest.mark.parametrize("router", ["softmax-topk", "dense", "lora"])

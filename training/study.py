@@ -57,7 +57,8 @@ def run_all(out: Path, scale: dict, seeds: list[int], only: list[str]) -> None:
         cmd = [sys.executable, "-m", "training.fit", "--seed", str(seed), "--output", str(run_dir),
                "--steps", str(scale["steps"]), "--batch-size", str(scale["batch_size"]), "--eval-size",
                str(scale["eval_size"]), "--train-size", str(scale["train_size"]), "--device", scale["device"],
-               "--eval-every", "0", "--save-every", "0", "--progress", "false", *flags]  # flags last: they win
+               "--eval-every", "0", "--eval-base", "false", "--save-every", "0", "--progress", "false",
+               *flags]  # flags last: they win
         start = time.time()
         print(f"[study] {name} seed {seed}: {' '.join(cmd[2:])}", flush=True)
         subprocess.run(cmd, check=True)
