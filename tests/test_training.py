@@ -224,3 +224,38 @@ def test_a_task_brings_its_own_defaults(tmp_path):
     cfg = load_config(["--config", str(cfg_file)])
     assert (cfg.max_seq_len, cfg.eval_max_new_tokens) == (TASK_DEFAULTS["tools"]["max_seq_len"], 50)
     assert load_config([]).max_seq_len == 128  # the mixture keeps the plain defaults
+
+
+def test_evaluate_cli_scores_an_adapter_and_its_base_as_fit_did(tmp_path):
+    """python -m training.evaluate ADAPTER: the adapter's training settings pick the same held-out set fit scored, so
+    its scores are fit's final ones exactly; the base, evaluated bare, matches fit's step-0 evaluation (through the
+    fresh pools' kernels) to float rounding; bad input is a message and exit code 2."""
+    assert _run(["--steps", "2", "--output", str(tmp_path / "run")]).returncode == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    cmd = [sys.executable, "-m", "training.evaluate", str(tmp_path / "run" / "adapter"), "--threads", "1"]
+    res = subprocess.run(cmd + ["--json", str(tmp_path / "ev.json")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads((tmp_path / "ev.json").read_text())
+    assert out["examples"] == 6 and out["settings"]["eval_size"] == 6 and out["base_model"] == "tiny"
+    assert out["adapter"]["eval_loss"] == summary["eval_loss"]
+    assert out["adapter"]["eval_exact_match"] == summary["eval_exact_match"]
+    assert {t: r["exact_match"] for t, r in out["adapter"]["tasks"].items()} == {
+        t: r["exact_match"] for t, r in summary["tasks"].items()}
+    assert math.isclose(out["base"]["eval_loss"], summary["base"]["eval_loss"], rel_tol=1e-5)
+    assert out["base"]["eval_exact_match"] == summary["base"]["eval_exact_match"]
+    lines = res.stdout.splitlines()  # the table: a header, then base and adapter rows
+    assert lines[1].split()[:3] == ["loss", "exact", "match"] and lines[2].startswith("base") and lines[3].startswith("adapter")
+    assert f"{summary['eval_loss']:.3f}" in lines[3]
+    # another task: its own held-out set (and the task's defaults), not the adapter's
+    other = subprocess.run(cmd + ["--data", "arithmetic", "--eval-size", "4", "--skip-base", "--json", str(tmp_path / "a.json")],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr
+    got = json.loads((tmp_path / "a.json").read_text())
+    assert got["examples"] == 4 and set(got["adapter"]["tasks"]) == {"arithmetic"} and "base" not in got
+    missing = subprocess.run([sys.executable, "-m", "training.evaluate", str(tmp_path / "nope")], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "is not a directory" in missing.stderr and "Traceback" not in missing.stderr
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "2+2=", "completion": "4"}\n')
+    nosplit = subprocess.run(cmd + ["--data", str(rows)], capture_output=True, text=True, timeout=120)
+    assert nosplit.returncode == 2 and "--eval-data" in nosplit.stderr

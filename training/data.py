@@ -164,6 +164,17 @@ def load_examples(source: str, split: str, tokenizer, max_len: int, size: int, s
     return examples
 
 
+def heldout_examples(data: str, eval_data: str, tokenizer, max_len: int, size: int, seed: int,
+                     chat: bool = True) -> list[Example]:
+    """The held-out set training.fit evaluates on: ``eval_data`` (a JSONL path or task name, its first ``size``
+    examples), else the test split of the built-in task ``data`` (drawn with seed + 1), else none."""
+    if eval_data:
+        return load_examples(eval_data, "test", tokenizer, max_len, size, seed, chat)[:size]
+    if data in TASKS:
+        return load_examples(data, "test", tokenizer, max_len, size, seed + 1, chat)
+    return []
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels ([B, L])."""
     L = max(len(ex.input_ids) for ex in examples)

@@ -1,17 +1,32 @@
 """Held-out evaluation: loss, exact match by greedy generation (deterministic top-k routing), and
-routing diagnostics per module and task family (selection entropy, effective LoRAs, ESS, heatmaps)."""
+routing diagnostics per module and task family (selection entropy, effective LoRAs, ESS, heatmaps).
+
+    python -m training.evaluate ADAPTER [--data TASK | --eval-data FILE.jsonl] [--json out.json]
+
+scores a saved adapter and its frozen base on the held-out set training.fit evaluated it on (the adapter's own training
+settings: its task, seed, held-out size and lengths), or on another task or JSONL file, and prints them side by side.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+import remix
 from remix import routing
-from training.data import Example, collate
+from remix.adapter import read_config
+from training.config import TrainConfig, _parse_bool
+from training.data import DataError, Example, collate, heldout_examples
 from training.rloo import completion_losses
-from training.tasks import exact_match
+from training.tasks import TASK_DEFAULTS, exact_match
 
 
 def _batches(items, size):
@@ -71,14 +86,13 @@ def evaluate(model, tokenizer, layers: dict, examples: list[Example], max_new_to
                 if len(samples) < 6:
                     samples.append({"task": task, "reference": ex.reference, "prediction": pred.strip(), "correct": ok})
         correct_all += correct
+        result["tasks"][task] = {"exact_match": correct / len(items), "count": len(items)}
+        if not layers:  # the bare base: nothing routed
+            continue
         usage = torch.stack([layer.usage.to("cpu", copy=True) for layer in layers.values()])  # [modules, n], a CPU copy
         effective = [routing.selection_entropy(u)[1] for u in usage]
         ess = [layer.mean_ess() for layer in layers.values()]
-        result["tasks"][task] = {
-            "exact_match": correct / len(items), "count": len(items),
-            "effective_loras_mean": sum(effective) / len(effective),
-            "ess_mean": sum(ess) / len(ess),
-        }
+        result["tasks"][task].update(effective_loras_mean=sum(effective) / len(effective), ess_mean=sum(ess) / len(ess))
         result["usage"][task] = usage
     for layer in layers.values():
         layer.record = False
@@ -116,3 +130,90 @@ def usage_heatmap(usage: torch.Tensor, names: list[str], path: Path, title: str)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---- python -m training.evaluate
+
+SETTINGS = ("data", "eval_data", "eval_size", "seed", "max_seq_len", "eval_max_new_tokens", "chat")
+
+
+def settings_for(trained: dict, explicit: dict) -> dict:
+    """The held-out set's settings: the flags given, then (unless they name other data than the adapter was trained
+    on) the adapter's training settings, then the named task's own defaults, then training.fit's defaults."""
+    out = {name: getattr(TrainConfig, name) for name in SETTINGS}
+    same_data = all(explicit.get(name, trained.get(name)) == trained.get(name) for name in ("data", "eval_data"))
+    if same_data:
+        out.update({name: trained[name] for name in SETTINGS if name in trained})
+    else:
+        out.update({k: v for k, v in TASK_DEFAULTS.get(explicit.get("data", out["data"]), {}).items() if k in SETTINGS})
+    out.update(explicit)
+    return out
+
+
+def _scores(res: dict) -> dict:
+    return {"eval_loss": res["loss"], "eval_exact_match": res["exact_match"],
+            "tasks": {t: {k: v for k, v in r.items() if k != "count"} for t, r in res["tasks"].items()},
+            "samples": res["samples"]}
+
+
+def table(out: dict) -> str:
+    """Base and adapter side by side: held-out loss, exact match, exact match per task family."""
+    rows = [(name, out[key]) for name, key in (("base", "base"), ("adapter", "adapter")) if key in out]
+    tasks = sorted(rows[-1][1]["tasks"])
+    head = ["", "loss", "exact match", *tasks]
+    lines = [head] + [[name, f"{r['eval_loss']:.3f}", f"{100 * r['eval_exact_match']:.1f} %",
+                       *(f"{100 * r['tasks'][t]['exact_match']:.1f} %" for t in tasks)] for name, r in rows]
+    width = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, width)))
+                     for line in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("adapter", help="an adapter directory (adapter_config.json + adapter_model.safetensors)")
+    ap.add_argument("--base", default=None, help="the base model (default: the one the adapter was trained on)")
+    defaults = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in SETTINGS:
+        kind = _parse_bool if name == "chat" else type(defaults[name].default)
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                        help=f"{defaults[name].metadata['help']} (default: the adapter's training setting)")
+    ap.add_argument("--skip-base", action="store_true", help="score the adapter only")
+    ap.add_argument("--json", default=None, help="also write the scores (and a few samples) here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = read_config(args.adapter)
+        trained = (config.get("training") or {}).get("config") or {}
+        setting = settings_for(trained, {n: getattr(args, n) for n in SETTINGS if getattr(args, n) is not None})
+        base = args.base or trained.get("base") or (config.get("base_model") or {}).get("name")
+        if not base:
+            raise DataError("the adapter does not name its base model: give --base")
+        model, tokenizer = remix.load_base(base, device=args.device)
+        heldout = heldout_examples(setting["data"], setting["eval_data"], tokenizer, setting["max_seq_len"],
+                                   setting["eval_size"], setting["seed"], setting["chat"])
+        if not heldout:
+            raise DataError(f"--data {setting['data']} has no built-in test split: give --eval-data FILE.jsonl")
+        out = {"adapter_path": str(args.adapter), "base_model": base, "examples": len(heldout), "settings": setting}
+        if not args.skip_base:  # first: load_adapter wraps the model's modules in place
+            out["base"] = _scores(evaluate(model, tokenizer, {}, heldout, setting["eval_max_new_tokens"]))
+        layers = remix.load_adapter(model, args.adapter)
+        out["adapter"] = _scores(evaluate(model, tokenizer, layers, heldout, setting["eval_max_new_tokens"]))
+    except (remix.AdapterError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{out['examples']} held-out examples ({setting['eval_data'] or setting['data']}, seed {setting['seed']}), "
+          f"base {base}:")
+    print(table(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

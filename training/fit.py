@@ -25,9 +25,8 @@ from remix.kernels import tune_cpu_allocator
 from training import distributed, rloo
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, load_config
-from training.data import DataError, collate, load_examples
+from training.data import DataError, collate, heldout_examples, load_examples
 from training.evaluate import evaluate, usage_heatmap
-from training.tasks import TASKS
 
 log = logging.getLogger("training.fit")
 
@@ -118,12 +117,7 @@ def run(cfg: TrainConfig) -> dict:
     np.random.seed(cfg.seed)
     model, tokenizer = remix.load_base(cfg.base, device=cfg.device)
     train = load_examples(cfg.data, "train", tokenizer, cfg.max_seq_len, cfg.train_size, cfg.seed, cfg.chat)
-    if cfg.eval_data:
-        heldout = load_examples(cfg.eval_data, "test", tokenizer, cfg.max_seq_len, cfg.eval_size, cfg.seed, cfg.chat)[: cfg.eval_size]
-    elif cfg.data in TASKS:
-        heldout = load_examples(cfg.data, "test", tokenizer, cfg.max_seq_len, cfg.eval_size, cfg.seed + 1, cfg.chat)
-    else:
-        heldout = []
+    heldout = heldout_examples(cfg.data, cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.eval_size, cfg.seed, cfg.chat)
     layers = remix.inject(model, cfg.mixture())
     noises = []
     for i, layer in enumerate(layers.values()):
