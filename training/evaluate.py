@@ -158,7 +158,7 @@ def _scores(res: dict) -> dict:
 
 def table(out: dict) -> str:
     """Base and adapter side by side: held-out loss, exact match, exact match per task family."""
-    rows = [(name, out[key]) for name, key in (("base", "base"), ("adapter", "adapter")) if key in out]
+    rows = [(name, out[name]) for name in ("base", "adapter") if name in out]
     tasks = sorted(rows[-1][1]["tasks"])
     head = ["", "loss", "exact match", *tasks]
     lines = [head] + [[name, f"{r['eval_loss']:.3f}", f"{100 * r['eval_exact_match']:.1f} %",
