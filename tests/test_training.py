@@ -259,3 +259,13 @@ def test_evaluate_cli_scores_an_adapter_and_its_base_as_fit_did(tmp_path):
     rows.write_text('{"prompt": "2+2=", "completion": "4"}\n')
     nosplit = subprocess.run(cmd + ["--data", str(rows)], capture_output=True, text=True, timeout=120)
     assert nosplit.returncode == 2 and "--eval-data" in nosplit.stderr
+    import remix  # another base (other weights, a wider FFN): the adapter's loader lists what does not fit, exit 2
+
+    other, tok = remix.tiny_model(seed=5, intermediate_size=96)
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    wrong = subprocess.run(cmd + ["--base", str(tmp_path / "other"), "--skip-base"], capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
+    message = wrong.stderr[wrong.stderr.index("error: "):]
+    assert "7 problem(s)" in message and "base model has [64, 96]" in message and "different weights" in message, message
