@@ -23,11 +23,11 @@ Every contender runs ``--repeats`` times, in rounds with the floor timed in the 
 contender's fastest run, and each ratio is the median over the rounds of that ratio within a round, so one lucky round
 of one of them does not decide it - on a shared VM one slow spell had moved a single run's figures by 10-20 %. Within
 a round the engine's contenders run at the same time: each is an engine of its own (its own copy of the base, the
-adapters its requests name loaded), all serving the same prompts, stepped in turn one step each (in the same order every
-sweep, so no engine's step follows its own), each on the clock of its own steps - so a slow spell of the machine lands on all of them alike instead of on
-whichever ran in it (runs of a contender after another had put the adapter's ratio to the bare engine anywhere from
-0.77 to 0.97 within one bench run). The HF peers run after them in the round. On CUDA every timing ends with a device
-synchronisation.
+adapters its requests name loaded), all serving the same prompts, stepped in turn one step each (in the same order
+every sweep, so no engine's step follows its own), each on the clock of its own steps - so a slow spell of the machine
+lands on all of them alike instead of on whichever ran in it (runs of a contender after another had put the adapter's
+ratio to the bare engine anywhere from 0.77 to 0.97 within one bench run). The HF peers run after them in the round.
+On CUDA every timing ends with a device synchronisation.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ from remix import routing
 from remix.config import MixtureConfig
 from remix.layer import ReMixLinear
 from training import rloo
-from training.config import ConfigError, load_config
+from training.config import ConfigError, TrainConfig, load_config
 from training.data import DataError, read_jsonl
+from training.tasks import TASK_DEFAULTS
 
 
 def test_hand_worked_three_sample_rloo():
@@ -214,8 +215,6 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def test_a_task_brings_its_own_defaults(tmp_path):
     """--data tools raises max_seq_len and eval_max_new_tokens to what its rows need (with the defaults every row
     would be cut: "no example has a completion within max_seq_len=128"); a config file or a flag still wins."""
-    from training.tasks import TASK_DEFAULTS
-
     cfg = load_config(["--data", "tools"])
     assert (cfg.max_seq_len, cfg.eval_max_new_tokens) == (TASK_DEFAULTS["tools"]["max_seq_len"], 64)
     assert load_config(["--data", "tools", "--max-seq-len", "300"]).max_seq_len == 300
@@ -252,6 +251,10 @@ def test_evaluate_cli_scores_an_adapter_and_its_base_as_fit_did(tmp_path):
     assert other.returncode == 0, other.stderr
     got = json.loads((tmp_path / "a.json").read_text())
     assert got["examples"] == 4 and set(got["adapter"]["tasks"]) == {"arithmetic"} and "base" not in got
+    # other data than the adapter's: not its training lengths (--eval-max-new-tokens 4 here), the task's or fit's own
+    want = {**{k: getattr(TrainConfig, k) for k in ("max_seq_len", "eval_max_new_tokens")},
+            **{k: v for k, v in TASK_DEFAULTS.get("arithmetic", {}).items() if k in ("max_seq_len", "eval_max_new_tokens")}}
+    assert {k: got["settings"][k] for k in want} == want and out["settings"]["eval_max_new_tokens"] == 4
     missing = subprocess.run([sys.executable, "-m", "training.evaluate", str(tmp_path / "nope")], capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 2 and "is not a directory" in missing.stderr and "Traceback" not in missing.stderr

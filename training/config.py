@@ -54,7 +54,7 @@ class TrainConfig:
     seed: int = _f(0, "seed of data order, initialisation and routing samples")
     # --- evaluation, checkpoints, output --------------------------------------------------------------
     eval_every: int = _f(50, "evaluate every N steps (0 = only at the end)")
-    eval_base: bool = _f(True, "evaluate the frozen base first (step 0: a fresh adapter is an exact no-op), so the "
+    eval_base: bool = _f(True, "evaluate the frozen base first (step 0: fresh pools, B = 0, add nothing), so the "
                                "summary shows what the adapter changed")
     save_every: int = _f(25, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept")

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             out["base"] = _scores(evaluate(model, tokenizer, {}, heldout, setting["eval_max_new_tokens"]))
         layers = remix.load_adapter(model, args.adapter)
         out["adapter"] = _scores(evaluate(model, tokenizer, layers, heldout, setting["eval_max_new_tokens"]))
-    except (remix.AdapterError, DataError, FileNotFoundError, ValueError) as e:
+    except (remix.AdapterError, DataError, FileNotFoundError) as e:  # (load_base: FileNotFoundError)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{out['examples']} held-out examples ({setting['eval_data'] or setting['data']}, seed {setting['seed']}), "

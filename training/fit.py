@@ -97,9 +97,18 @@ def train_step(cfg: TrainConfig, model, layers: dict, batch: dict) -> dict:
             "seq_tokens": int(batch["attention_mask"].sum()) * rows, **extra}
 
 
-def _scores(loss: float, exact: float, tasks: dict) -> dict:
-    """Held-out scores as the summary's ``base`` gives them."""
-    return {"eval_loss": loss, "eval_exact_match": exact, "tasks_exact_match": tasks}
+def base_scores(metrics_path: Path) -> dict | None:
+    """The frozen base's held-out scores, from the run log's step-0 evaluation (written by this run or, resumed, by
+    its first attempt), as the summary's ``base`` gives them; None where the log has none."""
+    if not metrics_path.exists():
+        return None
+    rows = map(json.loads, filter(str.strip, metrics_path.read_text().splitlines()))
+    row = next((r for r in rows if r.get("step") == 0 and "eval_loss" in r), None)
+    if row is None:
+        return None
+    tasks = {k[len("eval_"):-len("_exact_match")]: v for k, v in row.items()
+             if k.startswith("eval_") and k.endswith("_exact_match") and k != "eval_exact_match"}
+    return {"eval_loss": row["eval_loss"], "eval_exact_match": row["eval_exact_match"], "tasks_exact_match": tasks}
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -155,18 +164,8 @@ def run(cfg: TrainConfig) -> dict:
               **{f"eval_{t}_{k}": v for t, r in res["tasks"].items() for k, v in r.items() if k != "count"}})
         return res
 
-    base = None  # the base's held-out scores (step 0), for the summary
     if cfg.eval_base and start == 0:
-        res = do_eval(0)  # fresh pools (B = 0) leave every output the base's
-        if res is not None:
-            base = _scores(res["loss"], res["exact_match"], {t: r["exact_match"] for t, r in res["tasks"].items()})
-    elif cfg.eval_base and lead and metrics_path.exists():  # resumed: the step-0 record of the run's log
-        row = next((r for r in map(json.loads, filter(str.strip, metrics_path.read_text().splitlines()))
-                    if r.get("step") == 0 and "eval_loss" in r), None)
-        if row is not None:
-            base = _scores(row["eval_loss"], row["eval_exact_match"], {
-                k[len("eval_"):-len("_exact_match")]: v for k, v in row.items()
-                if k.startswith("eval_") and k.endswith("_exact_match") and k != "eval_exact_match"})
+        do_eval(0)  # the frozen base: fresh pools (B = 0) add nothing; the summary reads it back from the log
     progress = None
     if cfg.progress and lead:
         from tqdm import tqdm
@@ -222,7 +221,7 @@ def run(cfg: TrainConfig) -> dict:
             usage_heatmap(usage, names, run_dir / f"usage_{task}.png", f"{cfg.router}: LoRA usage on {task}")
         summary.update({"eval_loss": result["loss"], "eval_exact_match": result["exact_match"],
                         "tasks": result["tasks"], "samples": result["samples"]})
-    if base is not None:
+    if cfg.eval_base and (base := base_scores(metrics_path)) is not None:
         summary["base"] = base
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if cfg.router == "lora":

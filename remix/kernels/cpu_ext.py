@@ -455,6 +455,15 @@ bool g_narrow_cvt = true;  // A/B runs (_narrow_cvt)
 // Sixteen float32 lanes rounded to bfloat16 as narrow() rounds them (to nearest even; NaN kept quiet), as 16-bit lanes.
 // With AVX512-BF16, vcvtneps2bf16 where no lane is a denormal, an infinity or a NaN (it rounds every normal float to
 // nearest even as the integer code does, but flushes denormals to zero), else the integer code.
+// narrow()'s rounding of sixteen float32 lanes (bits b) to bfloat16, kept in the 32-bit lanes (the low 16 bits zero):
+// to nearest even, a NaN kept a quiet NaN. round_v's bfloat16 rounding, and narrow16's where vcvtneps2bf16 is not exact.
+inline __m512i round_lanes_bf16(__m512i b) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i r = _mm512_and_si512(
+      _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)))), hi);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+  return _mm512_mask_or_epi32(r, nan, _mm512_and_si512(b, hi), _mm512_set1_epi32(0x00400000));
+}
 inline __m256i narrow16(__m512 v) {
   const __m512i b = _mm512_castps_si512(v);
 #ifdef REMIX_DOT_BF16
@@ -467,12 +476,7 @@ inline __m256i narrow16(__m512 v) {
     if (__builtin_expect(odd == 0, 1)) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
   }
 #endif
-  const __m512i hi = _mm512_srli_epi32(b, 16);
-  const __m512i rounded = _mm512_srli_epi32(
-      _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)),
-                                                _mm512_set1_epi32(0x7F800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40))));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_lanes_bf16(b), 16));
 }
 #endif
 inline void narrow(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {  // round to nearest even
@@ -1210,6 +1214,12 @@ constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the p
 void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const Routing* rt, int64_t* sel, float* w,
          int64_t k, const BaseGemm& gemm = {nullptr, nullptr});
 
+// Whether token t has a LoRA to gather in sel / w [T, k] (an id and a nonzero weight): the pairs Pairs collects.
+inline bool has_selection(const int64_t* sel, const float* w, int64_t k, int64_t t) {
+  for (int64_t j = 0; j < k; ++j) if (sel[t * k + j] >= 0 && w[t * k + j] != 0.f) return true;
+  return false;
+}
+
 // Phase B of a small batch (T < SPLIT_POOLS_BELOW) on this thread's output slice [o0, o1) of y [T, O] (float32, or
 // bfloat16 through phase_b_bf16's blocks: the rows of tokens with a selection in sel / w [T, k]), B^T's rows prefetched.
 void phase_b_slice(const Pairs& pr, const Pools& pl, const float* U, void* y, int64_t T, bool bf16, const int64_t* sel,
@@ -1217,10 +1227,7 @@ void phase_b_slice(const Pairs& pr, const Pools& pl, const float* U, void* y, in
   if (o1 <= o0 || pr.size() == 0) return;
   if (!bf16) return phase_b(pr, pl, U, static_cast<float*>(y), pl.O, 0, o0, o1, /*prefetch=*/true);
   char has[SPLIT_POOLS_BELOW];
-  for (int64_t t = 0; t < T; ++t) {
-    has[t] = 0;
-    for (int64_t j = 0; j < k; ++j) has[t] |= sel[t * k + j] >= 0 && w[t * k + j] != 0.f;
-  }
+  for (int64_t t = 0; t < T; ++t) has[t] = has_selection(sel, w, k, t);
   const Scratch yb = scratch(T * YBLOCK);
   phase_b_bf16(pr, pl, U, static_cast<uint16_t*>(y), T, has, yb.get(), o0, o1, /*prefetch=*/true);
 }
@@ -1265,10 +1272,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
   // where the ids are given), y of a token with a selection (by blocks, phase_b_bf16) - a base-only token of a mixed
   // batch (or a whole batch of them) costs its GEMM and nothing else; its y keeps the GEMM's rounding, which widen then
   // narrow would give back.
-  auto selected = [&](int64_t t) {
-    for (int64_t j = 0; j < k; ++j) if (sel[t * k + j] >= 0 && w[t * k + j] != 0.f) return true;
-    return false;
-  };
+  auto selected = [&](int64_t t) { return has_selection(sel, w, k, t); };
   // x rows [t0, t1) that are read into dst, whose first row is token row0's
   auto widen_x = [&](int64_t t0, int64_t t1, float* dst, int64_t row0) {
     for (int64_t t = t0; t < t1; ++t)
@@ -2097,7 +2101,6 @@ inline bool routes_any(const torch::Tensor& n, const int64_t* sp, int64_t rows) 
 
 torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, const Ahead* ahead = nullptr);
 
-
 // A module call with no token to route (a step of bare-base requests, or of adapters on other modules) runs its base
 // weight by linear(): the same kernel, sums and output slices as the call's own base GEMM, so the same y,
 // without the call's routing stage and barrier. (Its counts and last selections are left as they are: the call would
@@ -2351,7 +2354,6 @@ struct ModuleCall {
     return ya;
   }
 };
-
 
 
 // Calls f(float{}) or f(c10::BFloat16{}) by dtype: the element type of the float32 / bfloat16 ops below.
@@ -2848,15 +2850,8 @@ template <typename T>
 inline vf round_v(vf x) {
   if constexpr (!std::is_same_v<T, float>) {
 #ifdef __AVX512F__
-    if constexpr (L == 16) {  // narrow()'s rounding on the 32-bit lanes themselves (no narrowing shuffle and back)
-      const __m512i b = _mm512_castps_si512((__m512)x);
-      const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-      const __m512i r = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                                          _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)))), hi);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)),
-                                                    _mm512_set1_epi32(0x7F800000));
-      return (vf)_mm512_castsi512_ps(_mm512_mask_or_epi32(r, nan, _mm512_and_si512(b, hi), _mm512_set1_epi32(0x00400000)));
-    }
+    if constexpr (L == 16)  // on the 32-bit lanes themselves (no narrowing shuffle and back)
+      return (vf)_mm512_castsi512_ps(round_lanes_bf16(_mm512_castps_si512((__m512)x)));
 #endif
     for (int l = 0; l < L; ++l) x[l] = round_to<T>(x[l]);
   }
@@ -3522,7 +3517,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v168_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v169_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
@@ -3633,7 +3628,8 @@ def stack_clock(on: bool) -> tuple[dict[str, float], int]:
     """The compiled decode stack's (``DecodeStack``) time in each kind of op since the last call, in milliseconds by
     :data:`STACK_OPS` name (norms: both RMSNorms of a layer with their residual adds; act: ``silu(gate) * up``;
     where a step of few rows runs a routed gate, up and act in one region, all three on gate; each op from the end
-    of the one before it, so they add up to the stack's whole run), and the number of runs (decode steps) they cover; resets both, then switches the clock on (or off). ({}, 0) without the kernels."""
+    of the one before it, so they add up to the stack's whole run), and the number of runs (decode steps) they
+    cover; resets both, then switches the clock on (or off). ({}, 0) without the kernels."""
     ext = load()
     if ext is None:
         return {}, 0
