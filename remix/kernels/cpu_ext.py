@@ -743,6 +743,26 @@ inline void dot_tile(const uint16_t* X, int64_t D, const uint16_t* W, int64_t nw
 }
 #endif
 
+// How dot_gemm runs a tile of RT rows: one row (a GEMV step that streams W) inlined into dot_gemm, two or more rows
+// in a call of its own (dot_tile_call). Inlined there too, GCC (at -O3, -march=native on the 2-core Zen 4 VM) had kept
+// the accumulators of the bfloat16 6 x 3 and 6 x 2 tiles (and the float32 ones in some builds) in memory, a store after
+// every vdpbf16ps and a load-add-store chain through one of them: one hot 576 -> 1536 bfloat16 linear at 2 / 4 / 8 rows
+// took 24 / 49 / 89 us, in its own call 19 / 34 / 57 (16 and 32 rows, the 5 x 5 tile, already out of line: unchanged).
+// Only where the code lies changes, so no output does. Every tile out of line had cost ~6 % at one row (a decode step
+// at one sequence 10.5 -> 11.1 ms, in turn in one process), so one row stays inline.
+template <int GO, int RT, int PFL, typename E>
+__attribute__((noinline)) void dot_tile_call(const E* X, int64_t D, const E* W, int64_t nw, E* Y, int64_t ldy, const E* bias,
+                                             const E* pf, int64_t npf, int64_t pstride) {
+  dot_tile<GO, RT, PFL>(X, D, W, nw, Y, ldy, bias, pf, npf, pstride);
+}
+
+template <int GO, int RT, int PFL, typename E>
+inline void run_tile(const E* X, int64_t D, const E* W, int64_t nw, E* Y, int64_t ldy, const E* bias, const E* pf,
+                     int64_t npf, int64_t pstride) {
+  if constexpr (RT == 1) dot_tile<GO, RT, PFL>(X, D, W, nw, Y, ldy, bias, pf, npf, pstride);
+  else dot_tile_call<GO, RT, PFL, E>(X, D, W, nw, Y, ldy, bias, pf, npf, pstride);
+}
+
 // Thread h of nh's share [o0, o1) of O outputs: whole slices of 2L, so phase B's vector paths (and the fused GEMM's
 // columns) never depend on the split.
 inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh) {
@@ -836,11 +856,14 @@ struct AheadCursor {
 // next block's 6 rows prefetched into L1 evicted the block being read (on a 2-core Zen 4 VM, 2026-12-02, all of the
 // default base's linears of one decode step, cold: float32 25.6 -> 20.5 ms and bfloat16 17.4 -> 10.0 ms at one row,
 // 26 / 18 GB/s -> 20-22 / 26 of the ~40 GB/s that two threads stream); from 16 rows (5 x 5, compute-bound) into L1
-// (3), as before (L2 there: 32 rows 61 -> 71 ms).
+// (3), as before (L2 there: 32 rows 61 -> 71 ms). Into L2 the tiles prefetch the block after next (two blocks ahead: at
+// eight sequences a bfloat16 decode step's FFN 6.80 -> 6.49 ms and the step 14.92 -> 14.08 with one adapter, 13.77 ->
+// 12.95 bare, in turn in one process; three blocks 7.05; no change at one; at 32, into L1, two blocks 21.5 -> 21.8).
 template <int GO, int RT, int PFL, typename E>
 void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y, int64_t O, int64_t o0, int64_t o1,
               const Ahead* ahead = nullptr) {
   const int64_t tiles = (T + RT - 1) / RT;
+  constexpr int64_t AHEAD = PFL == 1 ? 2 * GO : GO;  // the rows of W between a row read and its prefetch (see above)
   AheadCursor cur = [&] {
     if (!ahead) return AheadCursor(nullptr, 0, 1);
     const auto [h, nh] = region_thread();
@@ -852,22 +875,22 @@ void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y,
   for (int64_t o = o0, blk = 0; o < o1; o += GO, ++blk) {
     if (per && blk >= first) cur.issue(per);
     const int64_t nw = std::min<int64_t>(GO, o1 - o);
-    const int64_t nn = std::min<int64_t>(GO, std::max<int64_t>(0, o1 - o - GO));  // rows of the next block
+    const int64_t nn = std::min<int64_t>(GO, std::max<int64_t>(0, o1 - o - AHEAD));  // rows of the block prefetched
     const E* Wo = W + o * D;
     const E* bo = bias ? bias + o : nullptr;
     auto prefetches = [&](int64_t j) { return nn > j ? (nn - 1 - j) / tiles + 1 : 0; };  // rows j, j + tiles, ... < nn
     int64_t t = 0, j = 0;
     for (; t + RT <= T; t += RT, ++j)
-      dot_tile<GO, RT, PFL>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo, Wo + (GO + j) * D, prefetches(j), tiles * D);
+      run_tile<GO, RT, PFL>(X + t * D, D, Wo, nw, Y + t * O + o, O, bo, Wo + (AHEAD + j) * D, prefetches(j), tiles * D);
     const E* Xt = X + t * D;
     E* Yt = Y + t * O + o;
-    const E* pf = Wo + (GO + j) * D;
+    const E* pf = Wo + (AHEAD + j) * D;
     const int64_t npf = prefetches(j);
     switch (T - t) {  // RT <= 5
-      case 1: dot_tile<GO, 1, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
-      case 2: if constexpr (RT > 2) dot_tile<GO, 2, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
-      case 3: if constexpr (RT > 3) dot_tile<GO, 3, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
-      case 4: if constexpr (RT > 4) dot_tile<GO, 4, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 1: run_tile<GO, 1, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 2: if constexpr (RT > 2) run_tile<GO, 2, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 3: if constexpr (RT > 3) run_tile<GO, 3, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
+      case 4: if constexpr (RT > 4) run_tile<GO, 4, PFL>(Xt, D, Wo, nw, Yt, O, bo, pf, npf, tiles * D); break;
       default: break;
     }
   }
@@ -3517,7 +3540,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v169_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v179_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
