@@ -404,16 +404,22 @@ def counts_of(engine) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
-    """The decode stack prefetches, during each GEMM before a routed module, that module's pools (Ahead in cpu_ext): only
-    where lines are cached changes, so tokens, log-probabilities and selection counts are the same with it from one
-    row, from the default, and never - with one adapter, two, and the bare base in the batch."""
+    """The decode stack prefetches, during each GEMM before a routed module, that module's pools (Ahead in cpu_ext), whole
+    for the slots whose tokens pick at least as many LoRAs as they have (_ahead_cover), and a small call its own
+    selected LoRAs' B^T rows during its own GEMM (_own_bt): only where lines are cached changes, so tokens,
+    log-probabilities and selection counts are the same with them from one row, from the default, and never, with every
+    slot prefetched, none, and the own rows from the GEMM's first block or never - with one adapter, two, and the bare
+    base in the batch."""
     from remix.kernels import cpu_ext
 
     ext, engine, tok = switch_engine(tmp_path, dtype)
     runs = []
     try:
-        for rows, start in ((0, 0.5), (1, 0.0), (4, 0.5), (2, 0.9)):
+        for rows, start, cover, own in ((0, 0.5, 1.0, None), (1, 0.0, 0.0, 0.0), (4, 0.5, 1.0, 0.75), (2, 0.9, 50.0, 0.0),
+                                        (4, 0.0, 0.0, None)):
             ext._ahead_from(rows, start)
+            ext._ahead_cover(cover)
+            ext._own_bt(own is not None, 0.75 if own is None else own)
             zero_counts(engine)
             cpu_ext.stack_clock(True)
             got = run_all(engine, requests_for(tok, [None, "a0", "a1", "a0", "a1"]))
@@ -422,6 +428,8 @@ def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
     finally:
         cpu_ext.stack_clock(False)
         ext._ahead_from(4, 0.0)
+        ext._ahead_cover(1.0)
+        ext._own_bt(True, 0.75)
     assert all(len(toks) == 24 for toks, _ in runs[0][0].values())
     for got, counts in runs[1:]:
         assert got == runs[0][0]

@@ -806,10 +806,30 @@ inline std::pair<int64_t, int64_t> region_thread() {
 struct Ahead {
   const float* router = nullptr;  // [N, D]
   Pools pl{nullptr, nullptr, 0, 0, 0, 0};
-  int64_t lo = 0, hi = 0;  // the LoRAs [lo, hi) of the step's slots
+  std::vector<std::pair<int64_t, int64_t>> ranges;  // the LoRAs [lo, hi) of each slot prefetched, in order
+  bool bt_only = false;  // B^T's rows alone (no routers, no A): a call's own selected LoRAs, for its phase B
+  int64_t loras() const {
+    int64_t n = 0;
+    for (const auto& [lo, hi] : ranges) n += hi - lo;
+    return n;
+  }
 };
 int64_t g_ahead_from = 4;  // rows of a decode step from which the stack prefetches ahead (0: never; A/B runs: _ahead_from)
 double g_ahead_start = 0.0;  // the share of a GEMM's blocks after which its prefetches start (A/B runs)
+// A slot's pools are prefetched whole from tokens x k >= g_ahead_cover x n: with fewer picks most of its LoRAs go unread
+// (four adapters at eight rows, two tokens each: ~14 of the 32 LoRAs prefetched were read, and the other bytes slowed the
+// GEMM that streamed them). The 32nd session's Zen 4 VM, bfloat16, scripts/ab_steps.py (the rule against any token): four
+// adapters at 8 sequences 17.46 -> 16.41 ms a step; one adapter at 8 and 32, four at 32 (every slot whole either way)
+// 14.46 / 14.46, 42.61 / 42.43, 45.30 / 45.28. (0: any token; A/B runs: _ahead_cover.)
+double g_ahead_cover = 1.0;
+// A small call's own selected LoRAs that no Ahead prefetched whole: their B^T rows (this thread's columns, what its
+// phase B reads next) prefetched into L2 over the GEMM's blocks from the share g_own_start of them on (earlier, the rest
+// of the GEMM's weights would push them out again). Cold, those rows had come in at ~9 GB/s: phase B took 19 of a
+// module call's 95 us with four adapters at 8 rows. Same run as above: four adapters at 8 sequences 16.52 -> 15.88 ms a
+// step (from half of the GEMM: 16.01); one sequence, and one adapter at 8 or 32 (nothing left to prefetch), unchanged.
+// Only where lines go changes, so no output does. (A/B runs: _own_bt.)
+bool g_own_bt = true;
+double g_own_start = 0.75;
 
 // This thread's lines of an Ahead, issued a few at a time by a GEMM's blocks (segments of rows of a byte length: the
 // routers; each of its LoRAs' A rows; each LoRA's B^T rows, this thread's columns of them - a LoRA's own rank only).
@@ -819,18 +839,22 @@ struct AheadCursor {
   size_t s = 0;
   int64_t row = 0, off = 0, lines = 0;
   AheadCursor(const Ahead* ah, int64_t h, int64_t nh) {
-    if (!ah || ah->hi <= ah->lo) return;
+    if (!ah || ah->ranges.empty()) return;
     const Pools& pl = ah->pl;
-    const int64_t lo = ah->lo, n = ah->hi - lo, r = pl.r, D = pl.D, O = pl.O, esz = pl.bf16 ? 2 : 4;
+    const int64_t n = ah->loras(), r = pl.r, D = pl.D, O = pl.O, esz = pl.bf16 ? 2 : 4;
     const char *A = static_cast<const char*>(pl.a), *Bt = static_cast<const char*>(pl.bt);
-    seg.reserve(1 + 2 * n);
-    seg.push_back({reinterpret_cast<const char*>(ah->router + lo * D), 1, n * D * 4, 0});
-    for (int64_t i = lo + n * h / nh; i < lo + n * (h + 1) / nh; ++i)
-      seg.push_back({A + i * r * D * esz, 1, pl.rank_of(i) * D * esz, 0});
+    std::vector<int64_t> ids;  // the prefetched LoRAs in order
+    ids.reserve(n);
+    seg.reserve(ah->ranges.size() + 2 * n);
+    for (const auto& [lo, hi] : ah->ranges) {
+      if (!ah->bt_only) seg.push_back({reinterpret_cast<const char*>(ah->router + lo * D), 1, (hi - lo) * D * 4, 0});
+      for (int64_t i = lo; i < hi; ++i) ids.push_back(i);
+    }
+    for (int64_t j = n * h / nh; !ah->bt_only && j < n * (h + 1) / nh; ++j)
+      seg.push_back({A + ids[j] * r * D * esz, 1, pl.rank_of(ids[j]) * D * esz, 0});
     const auto [o0, o1] = out_slice(O, h, nh);
     if (o1 > o0)
-      for (int64_t i = lo; i < ah->hi; ++i)
-        seg.push_back({Bt + (i * r * O + o0) * esz, pl.rank_of(i), (o1 - o0) * esz, O * esz});
+      for (const int64_t i : ids) seg.push_back({Bt + (i * r * O + o0) * esz, pl.rank_of(i), (o1 - o0) * esz, O * esz});
     for (const Seg& g : seg) lines += g.rows * ((g.bytes + 63) / 64);
   }
   void issue(int64_t count) {
@@ -861,7 +885,7 @@ struct AheadCursor {
 // 12.95 bare, in turn in one process; three blocks 7.05; no change at one; at 32, into L1, two blocks 21.5 -> 21.8).
 template <int GO, int RT, int PFL, typename E>
 void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y, int64_t O, int64_t o0, int64_t o1,
-              const Ahead* ahead = nullptr) {
+              const Ahead* ahead = nullptr, const Ahead* own = nullptr) {
   const int64_t tiles = (T + RT - 1) / RT;
   constexpr int64_t AHEAD = PFL == 1 ? 2 * GO : GO;  // the rows of W between a row read and its prefetch (see above)
   AheadCursor cur = [&] {
@@ -872,8 +896,16 @@ void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y,
   const int64_t blocks = (o1 - o0 + GO - 1) / GO;
   const int64_t first = std::min<int64_t>(blocks - 1, static_cast<int64_t>(blocks * g_ahead_start));
   const int64_t per = cur.lines ? (cur.lines + (blocks - first) - 1) / (blocks - first) : 0;
+  AheadCursor mine = [&] {
+    if (!own) return AheadCursor(nullptr, 0, 1);
+    const auto [h, nh] = region_thread();
+    return AheadCursor(own, h, nh);
+  }();
+  const int64_t own_first = std::min<int64_t>(blocks - 1, static_cast<int64_t>(blocks * g_own_start));
+  const int64_t own_per = mine.lines ? (mine.lines + (blocks - own_first) - 1) / (blocks - own_first) : 0;
   for (int64_t o = o0, blk = 0; o < o1; o += GO, ++blk) {
     if (per && blk >= first) cur.issue(per);
+    if (own_per && blk >= own_first) mine.issue(own_per);
     const int64_t nw = std::min<int64_t>(GO, o1 - o);
     const int64_t nn = std::min<int64_t>(GO, std::max<int64_t>(0, o1 - o - AHEAD));  // rows of the block prefetched
     const E* Wo = W + o * D;
@@ -899,11 +931,11 @@ void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y,
 // dot_gemm with the tile shape for T rows: 6 x 3 below 16 rows (more of W per load of X), else 5 x 5.
 template <typename E>
 void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void* bias, void* Y, int64_t O, int64_t o0,
-                  int64_t o1, const Ahead* ahead = nullptr) {
+                  int64_t o1, const Ahead* ahead = nullptr, const Ahead* own = nullptr) {
   const auto *x = static_cast<const E*>(X), *w = static_cast<const E*>(W), *b = static_cast<const E*>(bias);
   auto* y = static_cast<E*>(Y);
-  if (T < 16) return dot_gemm<6, 3, 1>(x, T, D, w, b, y, O, o0, o1, ahead);
-  dot_gemm<5, 5, 3>(x, T, D, w, b, y, O, o0, o1, ahead);
+  if (T < 16) return dot_gemm<6, 3, 1>(x, T, D, w, b, y, O, o0, o1, ahead, own);
+  dot_gemm<5, 5, 3>(x, T, D, w, b, y, O, o0, o1, ahead, own);
 }
 
 #ifdef REMIX_AMX
@@ -1096,6 +1128,7 @@ struct BaseGemm {
   bool bf16 = false;
   bool amx = false;  // bfloat16 on AMX tiles (amx_gemm)
   const Ahead* ahead = nullptr;  // the next routed module's pools, prefetched while this GEMM runs (dot_gemm only)
+  const Ahead* own = nullptr;  // this call's own selected LoRAs' B^T rows, prefetched over the GEMM's later blocks (g_own_bt)
   bool on() const { return w != nullptr; }
   void operator()(const void* Xv, void* Yv, int64_t T, int64_t D, int64_t O, int64_t o0, int64_t o1) const {
     if (o1 <= o0 || T == 0) return;
@@ -1105,10 +1138,10 @@ struct BaseGemm {
                       static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(Yv), O, o0, o1);
 #endif
 #ifdef REMIX_DOT_BF16
-    if (bf16) return dot_gemm_any<uint16_t>(Xv, T, D, w, bias, Yv, O, o0, o1, ahead);
+    if (bf16) return dot_gemm_any<uint16_t>(Xv, T, D, w, bias, Yv, O, o0, o1, ahead, own);
 #endif
 #ifdef __AVX512F__
-    dot_gemm_any<float>(Xv, T, D, w, bias, Yv, O, o0, o1, ahead);
+    dot_gemm_any<float>(Xv, T, D, w, bias, Yv, O, o0, o1, ahead, own);
 #else
     const auto* X = static_cast<const float*>(Xv);
     const auto* W = static_cast<const float*>(w);
@@ -1254,6 +1287,30 @@ void phase_b_slice(const Pairs& pr, const Pools& pl, const float* U, void* y, in
   const Scratch yb = scratch(T * YBLOCK);
   phase_b_bf16(pr, pl, U, static_cast<uint16_t*>(y), T, has, yb.get(), o0, o1, /*prefetch=*/true);
 }
+// The Ahead of a small call's own selected LoRAs (pr) for g_own_bt: their B^T rows, less the LoRAs of slots the decode
+// stack prefetches whole (its Ahead: from g_ahead_from rows, a slot whose tokens x k >= g_ahead_cover x n).
+Ahead own_ahead(const Pairs& pr, const Pools& pl, const Routing* rt, int64_t T) {
+  Ahead mine;
+  if (pr.size() == 0) return mine;
+  std::vector<char> whole(pl.N, 0);
+  if (rt && g_ahead_from > 0 && T >= g_ahead_from) {
+    std::vector<int64_t> count(rt->S, 0);
+    for (int64_t t = 0; t < T; ++t)
+      if (const int64_t sl = routed_slot(*rt, t); sl >= 0) ++count[sl];
+    for (int64_t sl = 0; sl < rt->S; ++sl)
+      if (count[sl] > 0 && count[sl] * std::max<int64_t>(1, rt->k[sl]) >= g_ahead_cover * rt->n[sl])
+        for (int64_t i = std::max<int64_t>(0, rt->off[sl]); i < std::min(pl.N, rt->off[sl] + rt->n[sl]); ++i) whole[i] = 1;
+  }
+  for (int64_t i = 0; i < pl.N; ++i)
+    if (pr.start[i + 1] > pr.start[i] && !whole[i]) {
+      if (!mine.ranges.empty() && mine.ranges.back().second == i) mine.ranges.back().second = i + 1;
+      else mine.ranges.emplace_back(i, i + 1);
+    }
+  mine.pl = pl;
+  mine.bt_only = true;
+  return mine;
+}
+
 void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routing* rt, int64_t* sel, float* w, int64_t k,
          const BaseGemm& gemm = {nullptr, nullptr}) {
   run(x.data_ptr(), y.data_ptr(), x.size(0), x.scalar_type() == torch::kBFloat16, pl, rt, sel, w, k, gemm);
@@ -1400,7 +1457,12 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
 #pragma omp barrier
     }
     const auto [o0, o1] = out_slice(O, h, nh);
-    if (gemm.on()) gemm(gx, gy, T, D, O, o0, o1);  // this thread's slice of the base output, updated by phase B next
+    if (gemm.on()) {  // this thread's slice of the base output, updated by phase B next
+      BaseGemm g = gemm;
+      const Ahead mine = g_own_bt ? own_ahead(pr, pl, rt, T) : Ahead{};
+      if (!mine.ranges.empty()) g.own = &mine;
+      g(gx, gy, T, D, O, o0, o1);
+    }
     phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, o0, o1);
   }
 }
@@ -2281,23 +2343,22 @@ struct ModuleCall {
   // base_gemm_for's decision from the bound weight's facts (x has the weight's dtype and is a contiguous CPU tensor)
   BaseGemm raw_gemm(int64_t T) const { return gemm_for_rows(raw.w, raw.b, raw.dt == torch::kBFloat16, T, raw.pl.D, raw.pl.O); }
 
-  // The Ahead of this call's pools for the slots in use (used[s]: a token of slot s in the step; null: slot 0 alone),
-  // or an empty one (hi = lo) where the bound pools are not raw-ready or no used slot has a pool.
-  Ahead ahead_for(const std::vector<char>* used) const {
+  // The Ahead of this call's pools for the slots worth prefetching whole (tokens[s]: the step's tokens of slot s; null:
+  // slot 0 alone) - those whose tokens pick at least as many LoRAs as they have (g_ahead_cover) -, or an empty one where
+  // the bound pools are not raw-ready or no such slot has a pool.
+  Ahead ahead_for(const std::vector<int64_t>* tokens) const {
     Ahead ah;
     if (!raw.ok) return ah;
-    int64_t lo = raw.pl.N, hi = 0;
-    for (int64_t s = 0; s < raw.S; ++s)
-      if ((used ? (s < static_cast<int64_t>(used->size()) && (*used)[s]) : s == 0) && raw.n[s] > 0 && raw.off[s] >= 0 &&
-          raw.off[s] + raw.n[s] <= raw.pl.N) {
-        lo = std::min(lo, raw.off[s]);
-        hi = std::max(hi, raw.off[s] + raw.n[s]);
-      }
-    if (hi <= lo) return ah;
+    for (int64_t s = 0; s < raw.S; ++s) {
+      const int64_t count = tokens ? (s < static_cast<int64_t>(tokens->size()) ? (*tokens)[s] : 0) : s == 0;
+      if (count > 0 && raw.n[s] > 0 && raw.off[s] >= 0 && raw.off[s] + raw.n[s] <= raw.pl.N &&
+          (!tokens || count * std::max<int64_t>(1, raw.k[s]) >= g_ahead_cover * raw.n[s]))
+        ah.ranges.emplace_back(raw.off[s], raw.off[s] + raw.n[s]);
+    }
+    if (ah.ranges.empty()) return ah;
+    std::sort(ah.ranges.begin(), ah.ranges.end());
     ah.router = raw.router;
     ah.pl = raw.pl;
-    ah.lo = lo;
-    ah.hi = hi;
     return ah;
   }
 
@@ -3211,9 +3272,9 @@ struct DecodeStack {
       for (const auto& L : layers)
         for (const Proj* p : {&L.gate, &L.up, &L.down})
           if (p->call) S = std::max(S, p->call->raw.S);
-      std::vector<char> used(S, 0);  // (a slot past every table routes nowhere)
+      std::vector<int64_t> used(S, 0);  // tokens a slot (a slot past every table routes nowhere)
       for (int64_t t = 0; sp && t < b; ++t)
-        if (sp[t] >= 0 && sp[t] < S) used[sp[t]] = 1;
+        if (sp[t] >= 0 && sp[t] < S) ++used[sp[t]];
       for (size_t i = 0; i < layers.size(); ++i) {
         const Proj* ps[3] = {&layers[i].gate, &layers[i].up, &layers[i].down};
         for (int j = 0; j < 3; ++j)
@@ -3223,7 +3284,7 @@ struct DecodeStack {
     auto ahead_of = [&](size_t i, int j) -> const Ahead* {
       if (!ahead_on) return nullptr;
       const Ahead& ah = aheads[3 * i + j];
-      return ah.hi > ah.lo ? &ah : nullptr;
+      return ah.ranges.empty() ? nullptr : &ah;
     };
     {
     pybind11::gil_scoped_release nogil;
@@ -3319,6 +3380,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
   m.def("_module_call_raw", [](bool on) { g_raw_call = on; }, "tests and A/B runs: ModuleCall's call on raw pointers (default on)");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
+  m.def("_ahead_cover", [](double c) { g_ahead_cover = c; }, "A/B runs: prefetch a slot's pools from tokens x k >= c x n");
+  m.def("_own_bt", [](bool on, double start) { g_own_bt = on; g_own_start = start; },
+        "A/B runs: a small call's own B^T rows prefetched during its GEMM, from this share of its blocks (default on, 0.75)");
   m.def("_phase_a_prefetch", [](bool on) { g_pa_pf = on; }, "A/B runs: phase A's prefetch of the next rows of A (default on)");
   m.def("silu_mul_", &silu_mul_, "g = silu(g) * u in place (HF's roundings), float32 or bfloat16");
   m.def("rotary_", &rotary_, "x = x * cos + roll(x, Dh / 2) * sin_signed in place (HF's roundings)");
@@ -3540,7 +3604,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v179_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v188_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
