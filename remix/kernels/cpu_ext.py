@@ -822,9 +822,9 @@ double g_ahead_start = 0.0;  // the share of a GEMM's blocks after which its pre
 // adapters at 8 sequences 17.46 -> 16.41 ms a step; one adapter at 8 and 32, four at 32 (every slot whole either way)
 // 14.46 / 14.46, 42.61 / 42.43, 45.30 / 45.28. (0: any token; A/B runs: _ahead_cover.)
 double g_ahead_cover = 1.0;
-// A small call's own selected LoRAs that no Ahead prefetched whole: their B^T rows (this thread's columns, what its
-// phase B reads next) prefetched into L2 over the GEMM's blocks from the share g_own_start of them on (earlier, the rest
-// of the GEMM's weights would push them out again). Cold, those rows had come in at ~9 GB/s: phase B took 19 of a
+// A call of fewer than OWN_BT_BELOW rows, its own selected LoRAs that no Ahead prefetched whole: their B^T rows (this
+// thread's columns, what its phase B reads next) prefetched into L2 over the GEMM's blocks from the share g_own_start of
+// them on (earlier, the rest of the GEMM's weights would push them out again). Cold, those rows had come in at ~9 GB/s: phase B took 19 of a
 // module call's 95 us with four adapters at 8 rows. Same run as above: four adapters at 8 sequences 16.52 -> 15.88 ms a
 // step (from half of the GEMM: 16.01); one sequence, and one adapter at 8 or 32 (nothing left to prefetch), unchanged.
 // Only where lines go changes, so no output does. (A/B runs: _own_bt.)
@@ -1287,13 +1287,23 @@ void phase_b_slice(const Pairs& pr, const Pools& pl, const float* U, void* y, in
   const Scratch yb = scratch(T * YBLOCK);
   phase_b_bf16(pr, pl, U, static_cast<uint16_t*>(y), T, has, yb.get(), o0, o1, /*prefetch=*/true);
 }
-// The Ahead of a small call's own selected LoRAs (pr) for g_own_bt: their B^T rows, less the LoRAs of slots the decode
-// stack prefetches whole (its Ahead: from g_ahead_from rows, a slot whose tokens x k >= g_ahead_cover x n).
-Ahead own_ahead(const Pairs& pr, const Pools& pl, const Routing* rt, int64_t T) {
+// Rows from which a call leaves its own B^T rows to phase B's reads: 90 bound modules of one pool (n 8, k 2, r 8) in
+// turn with and without (32nd session, Zen 4 VM, medians of 25 rounds; outside the stack, so no Ahead): bfloat16 the
+// adapter's share 0.51 -> 0.42 / 1.25 -> 0.87 / 2.20 -> 2.05 ms at 1 / 8 / 32 rows, float32 0.60 -> 0.52 / 1.68 -> 1.65
+// / 3.40 -> 3.67 (the GEMM compute-bound there, the float32 rows twice the bytes).
+constexpr int64_t OWN_BT_BELOW = 16;
+
+// Whether the calling thread runs a decode stack's layers with its Ahead on (each routed module's pools of the slots
+// worth it prefetched during the GEMM before it): set by DecodeStack::run, read by run() before its region.
+thread_local bool t_stack_ahead = false;
+
+// The Ahead of a small call's own selected LoRAs (pr) for g_own_bt: their B^T rows, less, where the decode stack has
+// prefetched this module's pools (stack_ahead), the LoRAs of the slots it took whole (tokens x k >= g_ahead_cover x n).
+Ahead own_ahead(const Pairs& pr, const Pools& pl, const Routing* rt, int64_t T, bool stack_ahead) {
   Ahead mine;
-  if (pr.size() == 0) return mine;
+  if (pr.size() == 0 || T >= OWN_BT_BELOW) return mine;
   std::vector<char> whole(pl.N, 0);
-  if (rt && g_ahead_from > 0 && T >= g_ahead_from) {
+  if (rt && stack_ahead) {
     std::vector<int64_t> count(rt->S, 0);
     for (int64_t t = 0; t < T; ++t)
       if (const int64_t sl = routed_slot(*rt, t); sl >= 0) ++count[sl];
@@ -1420,6 +1430,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
       units = s >= 0 && s != first;
     }
   Scratch logits = scratch(units ? T * 64 : 0);
+  const bool stack_ahead = t_stack_ahead;  // (thread-local: read on the calling thread)
 #pragma omp parallel num_threads(P)
   {
     const auto [h, nh] = region_thread();
@@ -1459,7 +1470,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     const auto [o0, o1] = out_slice(O, h, nh);
     if (gemm.on()) {  // this thread's slice of the base output, updated by phase B next
       BaseGemm g = gemm;
-      const Ahead mine = g_own_bt ? own_ahead(pr, pl, rt, T) : Ahead{};
+      const Ahead mine = g_own_bt ? own_ahead(pr, pl, rt, T, stack_ahead) : Ahead{};
       if (!mine.ranges.empty()) g.own = &mine;
       g(gx, gy, T, D, O, o0, o1);
     }
@@ -3288,6 +3299,10 @@ struct DecodeStack {
     };
     {
     pybind11::gil_scoped_release nogil;
+    struct StackAhead {  // t_stack_ahead for the layers below, off again however they end
+      explicit StackAhead(bool on) { t_stack_ahead = on; }
+      ~StackAhead() { t_stack_ahead = false; }
+    } stack_ahead(ahead_on);
     StackClock clock;
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& L = layers[i];
@@ -3604,7 +3619,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v188_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v191_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
