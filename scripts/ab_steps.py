@@ -1,7 +1,7 @@
 """A/B of compiled-kernel switches that change no value, the variant alternating step by step within one run.
 
     python scripts/ab_steps.py --concurrency 8,32 --adapters 1,4 --runs 3 \
-        --variant 'off=ext._ahead_from(0, 0.0)' --variant 'on=ext._ahead_from(4, 0.0)'
+        --variant 'off=ext._ahead_from(0, 0.0)' --variant 'on=ext._ahead_from(16, 0.0)'
 
 On a shared VM whole runs in turn drift apart by 10-20 %; here the engine serves one set of requests and every decode
 step runs the next variant (each ``--variant NAME=STATEMENT`` is Python run with ``ext``, the compiled module, before

@@ -415,8 +415,8 @@ def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
     ext, engine, tok = switch_engine(tmp_path, dtype)
     runs = []
     try:
-        for rows, start, cover, own in ((0, 0.5, 1.0, None), (1, 0.0, 0.0, 0.0), (4, 0.5, 1.0, 0.75), (2, 0.9, 50.0, 0.0),
-                                        (4, 0.0, 0.0, None)):
+        for rows, start, cover, own in ((0, 0.5, 1.0, None), (1, 0.0, 0.0, 0.0), (16, 0.0, 1.0, 0.75), (4, 0.5, 1.0, 0.75),
+                                        (2, 0.9, 50.0, 0.0), (4, 0.0, 0.0, None)):
             ext._ahead_from(rows, start)
             ext._ahead_cover(cover)
             ext._own_bt(own is not None, 0.75 if own is None else own)
@@ -427,7 +427,7 @@ def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
             runs.append((got, counts_of(engine)))
     finally:
         cpu_ext.stack_clock(False)
-        ext._ahead_from(4, 0.0)
+        ext._ahead_from(16, 0.0)
         ext._ahead_cover(1.0)
         ext._own_bt(True, 0.75)
     assert all(len(toks) == 24 for toks, _ in runs[0][0].values())

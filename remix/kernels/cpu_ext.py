@@ -802,7 +802,10 @@ inline std::pair<int64_t, int64_t> region_thread() {
 // variant alternating step by step (29th session, 2-vCPU AMD EPYC Zen 4 VM, default base in bfloat16, 128-token
 // prompts, 128 new tokens, medians of ~240 decode steps a variant): one adapter, the FFN projections a step 10.67 ->
 // 10.42 ms at 8 sequences and 20.96 -> 20.80 at 32 (steps 20.34 -> 20.19 and 42.85 -> 42.57); four adapters 11.74 ->
-// 11.13 and 23.07 -> 22.06 (steps 21.45 -> 21.43 and 44.56 -> 44.17).
+// 11.13 and 23.07 -> 22.06 (steps 21.45 -> 21.43 and 44.56 -> 44.17). Since the 32nd session it starts at 16 rows,
+// where a call stops prefetching its own selected LoRAs' B^T rows during its GEMM (OWN_BT_BELOW): below, those alone,
+// and no whole pools during the GEMM before, took the steps 11.57 -> 11.19 ms at 4 sequences and 15.43 -> 15.29 at 8
+// with one adapter, 11.46 -> 11.41 and 16.56 -> 16.53 with four (scripts/ab_steps.py, in turn step by step).
 struct Ahead {
   const float* router = nullptr;  // [N, D]
   Pools pl{nullptr, nullptr, 0, 0, 0, 0};
@@ -814,7 +817,7 @@ struct Ahead {
     return n;
   }
 };
-int64_t g_ahead_from = 4;  // rows of a decode step from which the stack prefetches ahead (0: never; A/B runs: _ahead_from)
+int64_t g_ahead_from = 16;  // rows of a decode step from which the stack prefetches ahead (0: never; A/B runs: _ahead_from)
 double g_ahead_start = 0.0;  // the share of a GEMM's blocks after which its prefetches start (A/B runs)
 // A slot's pools are prefetched whole from tokens x k >= g_ahead_cover x n: with fewer picks most of its LoRAs go unread
 // (four adapters at eight rows, two tokens each: ~14 of the 32 LoRAs prefetched were read, and the other bytes slowed the
@@ -1494,9 +1497,10 @@ void silu_mul_cols(void* ya, const void* yb, int64_t T, int64_t O, int64_t o0, i
 // variant alternating step by step; 30th session, Zen 4 VM, default base in bfloat16), steps with it against without:
 // one sequence, one adapter 12.19 -> 12.06, 10.57 -> 10.32 and 11.51 -> 11.42 ms, four adapters 11.19 -> 10.90 and
 // 11.42 -> 11.28; two sequences 11.33 -> 11.27 and 11.65 -> 11.40; three 13.73 -> 13.31 and 14.37 -> 14.51. From 4
-// rows the stack prefetches each routed module's pools during the GEMM before it (Ahead), which this order would
+// rows the stack then prefetched each routed module's pools during the GEMM before it (Ahead), which this order would
 // have to take from o_proj's GEMM alone: at 8 sequences the steps went 21.08 -> 20.97, 18.84 -> 18.92 and 21.56 ->
-// 21.75 (four adapters), so there the two calls stay. The bare gate and up in one region the same way (two GEMM
+// 21.75 (four adapters), so there the two calls stay; with Ahead from 16 rows and each call's own B^T rows prefetched
+// during its GEMM (which run_pair does not do), 15.08 -> 14.83 and 16.21 -> 16.41 (32nd session) - no change made. The bare gate and up in one region the same way (two GEMM
 // slices and silu a thread) gained nothing: 10.23 -> 10.27 and 9.37 -> 9.29 ms at one sequence, 18.71 -> 18.77 and
 // 18.29 -> 18.65 at 8, 41.19 -> 41.41 and 38.78 -> 38.79 at 32 - so a bare step keeps its two linears.
 int64_t g_fuse_pair_below = 4;
@@ -3619,7 +3623,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v191_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v192_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
