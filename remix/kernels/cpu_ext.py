@@ -452,9 +452,6 @@ inline void widen(const uint16_t* __restrict src, float* __restrict dst, int64_t
 }
 #ifdef __AVX512F__
 bool g_narrow_cvt = true;  // A/B runs (_narrow_cvt)
-// Sixteen float32 lanes rounded to bfloat16 as narrow() rounds them (to nearest even; NaN kept quiet), as 16-bit lanes.
-// With AVX512-BF16, vcvtneps2bf16 where no lane is a denormal, an infinity or a NaN (it rounds every normal float to
-// nearest even as the integer code does, but flushes denormals to zero), else the integer code.
 // narrow()'s rounding of sixteen float32 lanes (bits b) to bfloat16, kept in the 32-bit lanes (the low 16 bits zero):
 // to nearest even, a NaN kept a quiet NaN. round_v's bfloat16 rounding, and narrow16's where vcvtneps2bf16 is not exact.
 inline __m512i round_lanes_bf16(__m512i b) {
@@ -464,6 +461,9 @@ inline __m512i round_lanes_bf16(__m512i b) {
   const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
   return _mm512_mask_or_epi32(r, nan, _mm512_and_si512(b, hi), _mm512_set1_epi32(0x00400000));
 }
+// Sixteen float32 lanes rounded to bfloat16 as narrow() rounds them (to nearest even; NaN kept quiet), as 16-bit lanes.
+// With AVX512-BF16, vcvtneps2bf16 where no lane is a denormal, an infinity or a NaN (it rounds every normal float to
+// nearest even as the integer code does, but flushes denormals to zero), else the integer code.
 inline __m256i narrow16(__m512 v) {
   const __m512i b = _mm512_castps_si512(v);
 #ifdef REMIX_DOT_BF16
@@ -825,12 +825,16 @@ double g_ahead_start = 0.0;  // the share of a GEMM's blocks after which its pre
 // adapters at 8 sequences 17.46 -> 16.41 ms a step; one adapter at 8 and 32, four at 32 (every slot whole either way)
 // 14.46 / 14.46, 42.61 / 42.43, 45.30 / 45.28. (0: any token; A/B runs: _ahead_cover.)
 double g_ahead_cover = 1.0;
+// Whether the stack's Ahead takes a slot of n LoRAs (k a token) whole when `tokens` of the step are on it.
+inline bool whole_slot(int64_t tokens, int64_t k, int64_t n) {
+  return tokens > 0 && tokens * std::max<int64_t>(1, k) >= g_ahead_cover * n;
+}
 // A call of fewer than OWN_BT_BELOW rows, its own selected LoRAs that no Ahead prefetched whole: their B^T rows (this
-// thread's columns, what its phase B reads next) prefetched into L2 over the GEMM's blocks from the share g_own_start of
-// them on (earlier, the rest of the GEMM's weights would push them out again). Cold, those rows had come in at ~9 GB/s: phase B took 19 of a
-// module call's 95 us with four adapters at 8 rows. Same run as above: four adapters at 8 sequences 16.52 -> 15.88 ms a
-// step (from half of the GEMM: 16.01); one sequence, and one adapter at 8 or 32 (nothing left to prefetch), unchanged.
-// Only where lines go changes, so no output does. (A/B runs: _own_bt.)
+// thread's columns, what its phase B reads next) prefetched into L2 over the GEMM's blocks from the share g_own_start
+// of them on (earlier, the rest of the GEMM's weights would push them out again). Cold, those rows had come in at
+// ~9 GB/s: phase B took 19 of a module call's 95 us with four adapters at 8 rows. Four adapters at 8 sequences 16.52
+// -> 15.88 ms a step (from half of the GEMM: 16.01; scripts/ab_steps.py); one sequence, and one adapter at 8 or 32
+// (nothing left to prefetch), unchanged. Only where lines go changes, so no output does. (A/B runs: _own_bt.)
 bool g_own_bt = true;
 double g_own_start = 0.75;
 
@@ -859,6 +863,20 @@ struct AheadCursor {
     if (o1 > o0)
       for (const int64_t i : ids) seg.push_back({Bt + (i * r * O + o0) * esz, pl.rank_of(i), (o1 - o0) * esz, O * esz});
     for (const Seg& g : seg) lines += g.rows * ((g.bytes + 63) / 64);
+  }
+  // This thread's lines of ah (none where null), spread evenly over a GEMM's `blocks` from the share `start` of them
+  // on: at(blk) issues block blk's share.
+  static AheadCursor spread(const Ahead* ah, int64_t blocks, double start) {
+    if (!ah) return AheadCursor(nullptr, 0, 1);
+    const auto [h, nh] = region_thread();
+    AheadCursor c(ah, h, nh);
+    c.first = std::min<int64_t>(blocks - 1, static_cast<int64_t>(blocks * start));
+    c.per = c.lines ? (c.lines + (blocks - c.first) - 1) / (blocks - c.first) : 0;
+    return c;
+  }
+  int64_t first = 0, per = 0;
+  void at(int64_t blk) {
+    if (per && blk >= first) issue(per);
   }
   void issue(int64_t count) {
     while (count > 0 && s < seg.size()) {
@@ -891,24 +909,12 @@ void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y,
               const Ahead* ahead = nullptr, const Ahead* own = nullptr) {
   const int64_t tiles = (T + RT - 1) / RT;
   constexpr int64_t AHEAD = PFL == 1 ? 2 * GO : GO;  // the rows of W between a row read and its prefetch (see above)
-  AheadCursor cur = [&] {
-    if (!ahead) return AheadCursor(nullptr, 0, 1);
-    const auto [h, nh] = region_thread();
-    return AheadCursor(ahead, h, nh);
-  }();
   const int64_t blocks = (o1 - o0 + GO - 1) / GO;
-  const int64_t first = std::min<int64_t>(blocks - 1, static_cast<int64_t>(blocks * g_ahead_start));
-  const int64_t per = cur.lines ? (cur.lines + (blocks - first) - 1) / (blocks - first) : 0;
-  AheadCursor mine = [&] {
-    if (!own) return AheadCursor(nullptr, 0, 1);
-    const auto [h, nh] = region_thread();
-    return AheadCursor(own, h, nh);
-  }();
-  const int64_t own_first = std::min<int64_t>(blocks - 1, static_cast<int64_t>(blocks * g_own_start));
-  const int64_t own_per = mine.lines ? (mine.lines + (blocks - own_first) - 1) / (blocks - own_first) : 0;
+  AheadCursor next = AheadCursor::spread(ahead, blocks, g_ahead_start);  // the next routed module's pools
+  AheadCursor mine = AheadCursor::spread(own, blocks, g_own_start);  // this call's own B^T rows
   for (int64_t o = o0, blk = 0; o < o1; o += GO, ++blk) {
-    if (per && blk >= first) cur.issue(per);
-    if (own_per && blk >= own_first) mine.issue(own_per);
+    next.at(blk);
+    mine.at(blk);
     const int64_t nw = std::min<int64_t>(GO, o1 - o);
     const int64_t nn = std::min<int64_t>(GO, std::max<int64_t>(0, o1 - o - AHEAD));  // rows of the block prefetched
     const E* Wo = W + o * D;
@@ -1311,7 +1317,7 @@ Ahead own_ahead(const Pairs& pr, const Pools& pl, const Routing* rt, int64_t T, 
     for (int64_t t = 0; t < T; ++t)
       if (const int64_t sl = routed_slot(*rt, t); sl >= 0) ++count[sl];
     for (int64_t sl = 0; sl < rt->S; ++sl)
-      if (count[sl] > 0 && count[sl] * std::max<int64_t>(1, rt->k[sl]) >= g_ahead_cover * rt->n[sl])
+      if (whole_slot(count[sl], rt->k[sl], rt->n[sl]))
         for (int64_t i = std::max<int64_t>(0, rt->off[sl]); i < std::min(pl.N, rt->off[sl] + rt->n[sl]); ++i) whole[i] = 1;
   }
   for (int64_t i = 0; i < pl.N; ++i)
@@ -1500,9 +1506,10 @@ void silu_mul_cols(void* ya, const void* yb, int64_t T, int64_t O, int64_t o0, i
 // rows the stack then prefetched each routed module's pools during the GEMM before it (Ahead), which this order would
 // have to take from o_proj's GEMM alone: at 8 sequences the steps went 21.08 -> 20.97, 18.84 -> 18.92 and 21.56 ->
 // 21.75 (four adapters), so there the two calls stay; with Ahead from 16 rows and each call's own B^T rows prefetched
-// during its GEMM (which run_pair does not do), 15.08 -> 14.83 and 16.21 -> 16.41 (32nd session) - no change made. The bare gate and up in one region the same way (two GEMM
-// slices and silu a thread) gained nothing: 10.23 -> 10.27 and 9.37 -> 9.29 ms at one sequence, 18.71 -> 18.77 and
-// 18.29 -> 18.65 at 8, 41.19 -> 41.41 and 38.78 -> 38.79 at 32 - so a bare step keeps its two linears.
+// during its GEMM (which run_pair does not do), 15.08 -> 14.83 and 16.21 -> 16.41 (32nd session) - no change made. The
+// bare gate and up in one region the same way (two GEMM slices and silu a thread) gained nothing: 10.23 -> 10.27 and
+// 9.37 -> 9.29 ms at one sequence, 18.71 -> 18.77 and 18.29 -> 18.65 at 8, 41.19 -> 41.41 and 38.78 -> 38.79 at 32 - so
+// a bare step keeps its two linears.
 int64_t g_fuse_pair_below = 4;
 void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Pools& pa, const Pools& pb,
               const Routing* ra, const Routing* rb, int64_t* sela, float* wa, int64_t* selb, float* wb, int64_t k,
@@ -2367,7 +2374,7 @@ struct ModuleCall {
     for (int64_t s = 0; s < raw.S; ++s) {
       const int64_t count = tokens ? (s < static_cast<int64_t>(tokens->size()) ? (*tokens)[s] : 0) : s == 0;
       if (count > 0 && raw.n[s] > 0 && raw.off[s] >= 0 && raw.off[s] + raw.n[s] <= raw.pl.N &&
-          (!tokens || count * std::max<int64_t>(1, raw.k[s]) >= g_ahead_cover * raw.n[s]))
+          (!tokens || whole_slot(count, raw.k[s], raw.n[s])))
         ah.ranges.emplace_back(raw.off[s], raw.off[s] + raw.n[s]);
     }
     if (ah.ranges.empty()) return ah;
@@ -3623,7 +3630,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v192_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v195_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
