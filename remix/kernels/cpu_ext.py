@@ -142,6 +142,22 @@ inline float hsum(vf v) {  // a fixed pairwise order (depth 4, not 16)
   return (h[0] + h[2]) + (h[1] + h[3]);
 }
 
+// v itself, in a register: GCC may not load it again where it is used. It had folded each use of a loaded vector into
+// its FMA as a memory operand, so that a vector read once in the source was loaded once per use: dots4x4's float32
+// loop 32 loads to 16 FMAs (its rows four times each), the float32 GEMM tiles 30 to 25 (5 x 5) and 24 to 20 (5 x 4),
+// against the one 512-bit load a cycle this Zen 4 issues beside an FMA. Kept in registers (8 and 10 loads; the same
+// FMAs in the same order, so no value changes), on the 33rd session's Zen 4 VM: dots4x4, one float32 module at 32 rows
+// timed stage by stage on thread 0 (a scratch build), hot, routing 5.3 -> 3.3 us (576 -> 1536) and 8.8 -> 4.9 (1536
+// -> 576), phase A 11.0 -> 6.4 and 28.9 -> 10.7; cold (90 modules in turn) routing 6.0 -> 5.2 and 12 -> 8.2, phase A
+// 11 -> 11.5 and 23-27 -> 20; a bfloat16 decode step's routing (router float32, x widened in registers) 3.3-4.0 ->
+// 2.75 us a call at 8 sequences, 4.6-4.9 -> 3.9 at 32. The float32 GEMM tiles: see dot_tile.
+__attribute__((always_inline)) inline vf keep(vf v) {
+#ifdef __AVX512F__
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
+
 // out[q * os + c] = scale[q] * dot(xs[q], rows + c * D) for q < nq, c < nc (both <= 4): each row load serves four
 // tokens and each token load four rows (a short block repeats its last token or row: computed, never stored). Every
 // dot is summed in one order (16 lanes over D, the lanes pairwise, then the tail), so a token's value never depends
@@ -160,9 +176,9 @@ inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, 
     if (pf && (d * static_cast<int64_t>(sizeof(R))) % 64 == 0)  // a line of each of the four rows the next call reads
       for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + c * D + d), _MM_HINT_T1);
     vf av[4];
-    for (int c = 0; c < 4; ++c) av[c] = load(a[c] + d);
+    for (int c = 0; c < 4; ++c) av[c] = keep(load(a[c] + d));
     for (int q = 0; q < 4; ++q) {
-      const vf xv = load(x[q] + d);
+      const vf xv = keep(load(x[q] + d));
       for (int c = 0; c < 4; ++c) acc[q][c] += av[c] * xv;
     }
   }
@@ -652,6 +668,10 @@ inline void hsum_many(const vf* v, int64_t n, float* out) {
 // the block shape, so a row of X gets bit-identical outputs alone or in any batch, and from any thread split.
 // pf: npf rows of the next block of W (pstride elements apart) that this tile prefetches, one cache line of each per
 // step of L over D (a step reads 64 bytes of a row): see dot_gemm.
+// From two rows each loaded vector is kept in a register (keep): every float32 linear of the default base, the build
+// before and this one in turn in one process (33rd session, Zen 4 VM, medians of 12 passes), 8 / 16 / 32 / 64 rows
+// in 0.79-0.81 / 0.98 / 0.97 / 0.95 of the time; one and two rows within the noise (+-3.5 %), so the one-row tile
+// (a GEMV step: each W vector used once either way) is left as it was.
 template <int GO, int RT, int PFL>
 inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, float* Y, int64_t ldy, const float* bias,
                      const float* pf, int64_t npf, int64_t pstride) {
@@ -663,9 +683,9 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
   for (; d + L <= D; d += L) {
     for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * pstride + d, 0, PFL);
     vf av[GO];
-    for (int c = 0; c < GO; ++c) av[c] = load(a[c] + d);
+    for (int c = 0; c < GO; ++c) av[c] = RT > 1 ? keep(load(a[c] + d)) : load(a[c] + d);
     for (int q = 0; q < RT; ++q) {
-      const vf xv = load(X + q * D + d);
+      const vf xv = RT > 1 ? keep(load(X + q * D + d)) : load(X + q * D + d);
       for (int c = 0; c < GO; ++c) acc[q][c] += av[c] * xv;
     }
   }
@@ -3630,7 +3650,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v195_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v199_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
