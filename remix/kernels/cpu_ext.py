@@ -74,7 +74,7 @@ SOURCE = r"""
 #include <memory>
 #include <type_traits>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -162,9 +162,76 @@ __attribute__((always_inline)) inline vf keep(vf v) {
 // tokens and each token load four rows (a short block repeats its last token or row: computed, never stored). Every
 // dot is summed in one order (16 lanes over D, the lanes pairwise, then the tail), so a token's value never depends
 // on which tokens share its block.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// Eight float32 values (widened where bfloat16) - axpy_lora's and dots4x4's AVX2 paths.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+__attribute__((always_inline)) inline __m256 keep8(__m256 v) {  // as keep(): v from a register
+  asm("" : "+x"(v));
+  return v;
+}
+// hsum of the 16 lanes lo (0-7) and hi (8-15): hsum's order, add for add.
+inline float hsum16(__m256 lo, __m256 hi) {
+  const __m256 h = _mm256_add_ps(lo, hi);  // h[l] = v[l] + v[l + 8]
+  const __m128 g = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));  // h[l] += h[l + 4]
+  const __m128 t = _mm_add_ps(g, _mm_movehl_ps(g, g));  // (h0 + h2), (h1 + h3)
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+// dots4x4 without AVX-512: its 4 x 4 sixteen-lane sums are 32 256-bit registers, twice AVX2's, and GCC spilled them
+// (and moved halves through general registers): routing and phase A of one float32 module at 32 rows took 3-4x their
+// AVX-512 time on the same CPU (an AVX2 build on the Zen 4 VM). Here blocks of 2 x 2, each sum in two 8-lane halves:
+// lane l of 16 still sums d = l mod 16 in order with one fused multiply-add a step, then hsum's order, then the tail -
+// every value the 16-lane code's.
+template <typename R, typename XT>
+inline void dots2x2_avx2(const XT* x0, const XT* x1, int64_t nq, const R* a0, const R* a1, int64_t nc, int64_t D,
+                         float out[2][2], const R* pf0, const R* pf1) {
+  __m256 lo[2][2], hi[2][2];
+  for (int q = 0; q < 2; ++q) for (int c = 0; c < 2; ++c) lo[q][c] = hi[q][c] = _mm256_setzero_ps();
+  const XT* x[2] = {x0, nq > 1 ? x1 : x0};
+  const R* a[2] = {a0, nc > 1 ? a1 : a0};
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    if (pf0 && (d * static_cast<int64_t>(sizeof(R))) % 64 == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf0 + d), _MM_HINT_T1);
+      if (pf1) _mm_prefetch(reinterpret_cast<const char*>(pf1 + d), _MM_HINT_T1);
+    }
+    __m256 al[2], ah[2];
+    for (int c = 0; c < 2; ++c) { al[c] = keep8(load8(a[c] + d)); ah[c] = keep8(load8(a[c] + d + 8)); }
+    for (int q = 0; q < 2; ++q) {
+      const __m256 xl = keep8(load8(x[q] + d)), xh = keep8(load8(x[q] + d + 8));
+      for (int c = 0; c < 2; ++c) {
+        lo[q][c] = _mm256_fmadd_ps(al[c], xl, lo[q][c]);
+        hi[q][c] = _mm256_fmadd_ps(ah[c], xh, hi[q][c]);
+      }
+    }
+  }
+  for (int64_t q = 0; q < nq; ++q)
+    for (int64_t c = 0; c < nc; ++c) {
+      float sum = hsum16(lo[q][c], hi[q][c]);
+      for (int64_t e = d; e < D; ++e) sum += static_cast<float>(a[c][e]) * static_cast<float>(x[q][e]);
+      out[q][c] = sum;
+    }
+}
+#endif
+
 template <typename R, typename XT = float>
 inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, int64_t D, float* out, int64_t os,
                     const float* scale, const R* pf = nullptr) {
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  for (int64_t q0 = 0; q0 < nq; q0 += 2)
+    for (int64_t c0 = 0; c0 < nc; c0 += 2) {
+      float o2[2][2];
+      const int64_t mq = std::min<int64_t>(2, nq - q0), mc = std::min<int64_t>(2, nc - c0);
+      const bool first = q0 == 0 && pf;  // the first token pair prefetches the next call's rows, two at a time
+      dots2x2_avx2(xs[q0], xs[q0 + mq - 1], mq, rows + c0 * D, rows + (c0 + mc - 1) * D, mc, D, o2,
+                   first ? pf + c0 * D : nullptr, first ? pf + (c0 + 1) * D : nullptr);
+      for (int64_t q = 0; q < mq; ++q)
+        for (int64_t c = 0; c < mc; ++c) out[(q0 + q) * os + c0 + c] = scale ? o2[q][c] * scale[q0 + q] : o2[q][c];
+    }
+  return;
+#endif
   const XT* x[4];
   const R* a[4];
   for (int q = 0; q < 4; ++q) x[q] = xs[std::min<int64_t>(q, nq - 1)];
@@ -207,6 +274,32 @@ template <int CN, typename R>
 void axpy_lora(float* Y, int64_t ldy, int64_t yo, int64_t O, const R* b, const float* U, int64_t us, const int64_t* rows,
                int64_t np, int64_t o0, int64_t o1, bool prefetch) {
   int64_t o = o0;
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  // Without AVX-512 the 16-lane vectors below are pairs of 256-bit registers, and the CN rows of B for 2L outputs (4 CN
+  // of them) do not fit AVX2's sixteen: GCC spilled them and moved halves through general registers - phase B of one
+  // float32 module at 32 rows took 210 us against 14-29 with AVX-512 (an AVX2 build, -march=haswell, run on the Zen 4
+  // VM). Here eight outputs a step, CN registers of B: each output's sum in the same order, one fused multiply-add per
+  // c, as below (outputs bit-identical to the old AVX2 build's): that phase B 210 -> 21 us (576 -> 1536), 82 -> 11
+  // (1536 -> 576); with dots4x4's AVX2 path the ReMix delta of one float32 module (90 in turn) 314 / 261 -> 39 / 52 us
+  // at 32 rows and 4167 / 3156 -> 473 / 488 at 512, bfloat16 at 32 rows 280 / 226 -> 52 / 56.
+  for (; o + 8 <= o1; o += 8) {
+    __m256 bv[CN];
+    for (int c = 0; c < CN; ++c) bv[c] = load8(b + c * O + o);
+    if (prefetch && (o - o0) % (2 * L) == 0)  // as below: the slice 256 bytes on
+      for (int c = 0; c < CN; ++c) {
+        const R* ahead = b + c * O + o + 256 / sizeof(R);
+        __builtin_prefetch(ahead, 0, 3);
+        if constexpr (sizeof(R) == 4) __builtin_prefetch(ahead + L, 0, 3);
+      }
+    for (int64_t p = 0; p < np; ++p) {
+      float* y = Y + rows[p] * ldy + (o - yo);
+      const float* u = U + p * us;
+      __m256 y0 = _mm256_loadu_ps(y);
+      for (int c = 0; c < CN; ++c) y0 = _mm256_fmadd_ps(_mm256_set1_ps(u[c]), bv[c], y0);
+      _mm256_storeu_ps(y, y0);
+    }
+  }
+#endif
   for (; o + 2 * L <= o1; o += 2 * L) {
     vf b0[CN], b1[CN];
     for (int c = 0; c < CN; ++c) { b0[c] = load(b + c * O + o); b1[c] = load(b + c * O + o + L); }
@@ -3650,7 +3743,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v199_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v201_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
