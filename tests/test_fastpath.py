@@ -445,6 +445,9 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
     from remix.kernels import cpu_ext
 
     ext, engine, tok = switch_engine(tmp_path, dtype)
+    # bfloat16 modules run in the compiled kernels (and so in one region) only with AVX512-BF16; elsewhere (an AVX2
+    # build) every step takes the two calls, which must still give the same values
+    fusable = dtype == torch.float32 or cpu_ext.dot_gemm(torch.bfloat16)
     runs = {}
     try:
         for below in (64, 0):  # every decode step here fused, then none
@@ -454,7 +457,8 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
             got = run_all(engine, requests_for(tok, [None, "a0", "a1", "a0", None]))
             ops, timed = cpu_ext.stack_clock(False)
             assert timed > 0  # decode steps ran in the compiled stack
-            assert (ops["up"] == 0 and ops["act"] == 0) if below else (ops["up"] > 0 and ops["act"] > 0)
+            fused = below and fusable
+            assert (ops["up"] == 0 and ops["act"] == 0) if fused else (ops["up"] > 0 and ops["act"] > 0)
             runs[below] = (got, counts_of(engine))
     finally:
         cpu_ext.stack_clock(False)
