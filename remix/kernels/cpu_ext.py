@@ -158,10 +158,6 @@ __attribute__((always_inline)) inline vf keep(vf v) {
   return v;
 }
 
-// out[q * os + c] = scale[q] * dot(xs[q], rows + c * D) for q < nq, c < nc (both <= 4): each row load serves four
-// tokens and each token load four rows (a short block repeats its last token or row: computed, never stored). Every
-// dot is summed in one order (16 lanes over D, the lanes pairwise, then the tail), so a token's value never depends
-// on which tokens share its block.
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 // Eight float32 values (widened where bfloat16) - axpy_lora's and dots4x4's AVX2 paths.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -216,6 +212,10 @@ inline void dots2x2_avx2(const XT* x0, const XT* x1, int64_t nq, const R* a0, co
 }
 #endif
 
+// out[q * os + c] = scale[q] * dot(xs[q], rows + c * D) for q < nq, c < nc (both <= 4): each row load serves four
+// tokens and each token load four rows (a short block repeats its last token or row: computed, never stored). Every
+// dot is summed in one order (16 lanes over D, the lanes pairwise, then the tail), so a token's value never depends
+// on which tokens share its block.
 template <typename R, typename XT = float>
 inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, int64_t D, float* out, int64_t os,
                     const float* scale, const R* pf = nullptr) {
@@ -230,8 +230,7 @@ inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, 
       for (int64_t q = 0; q < mq; ++q)
         for (int64_t c = 0; c < mc; ++c) out[(q0 + q) * os + c0 + c] = scale ? o2[q][c] * scale[q0 + q] : o2[q][c];
     }
-  return;
-#endif
+#else
   const XT* x[4];
   const R* a[4];
   for (int q = 0; q < 4; ++q) x[q] = xs[std::min<int64_t>(q, nq - 1)];
@@ -263,6 +262,7 @@ inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, 
       for (int64_t e = d; e < D; ++e) s += static_cast<float>(a[c][e]) * static_cast<float>(x[q][e]);
       out[q * os + c] = scale ? s * scale[q] : s;
     }
+#endif
 }
 
 // Y[rows[p]][o0, o1) += sum_{c < CN} U[p * us + c] * b[c] for the np pairs of one LoRA (o0 a multiple of 2L), where
@@ -270,6 +270,16 @@ inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, 
 // slice of 2L outputs the CN rows of b sit in registers while every pair's y is read, updated and written once (in
 // pair order, so a token listed twice is updated twice). Which code path an output takes depends only on its index
 // o, so its sum runs in one order however the outputs are split between threads.
+// Rows of B fresh from memory (a small batch): axpy_lora asks, at each slice of 2L outputs from o, for the CN rows' slice
+// 256 bytes on (two lines of a float32 row, one of a bfloat16 row).
+template <int CN, typename R>
+inline void prefetch_rows_ahead(const R* b, int64_t O, int64_t o) {
+  for (int c = 0; c < CN; ++c) {
+    const R* ahead = b + c * O + o + 256 / sizeof(R);
+    __builtin_prefetch(ahead, 0, 3);
+    if constexpr (sizeof(R) == 4) __builtin_prefetch(ahead + L, 0, 3);
+  }
+}
 template <int CN, typename R>
 void axpy_lora(float* Y, int64_t ldy, int64_t yo, int64_t O, const R* b, const float* U, int64_t us, const int64_t* rows,
                int64_t np, int64_t o0, int64_t o1, bool prefetch) {
@@ -280,17 +290,12 @@ void axpy_lora(float* Y, int64_t ldy, int64_t yo, int64_t O, const R* b, const f
   // float32 module at 32 rows took 210 us against 14-29 with AVX-512 (an AVX2 build, -march=haswell, run on the Zen 4
   // VM). Here eight outputs a step, CN registers of B: each output's sum in the same order, one fused multiply-add per
   // c, as below (outputs bit-identical to the old AVX2 build's): that phase B 210 -> 21 us (576 -> 1536), 82 -> 11
-  // (1536 -> 576); with dots4x4's AVX2 path the ReMix delta of one float32 module (90 in turn) 314 / 261 -> 39 / 52 us
-  // at 32 rows and 4167 / 3156 -> 473 / 488 at 512, bfloat16 at 32 rows 280 / 226 -> 52 / 56.
+  // (1536 -> 576); with dots4x4's AVX2 path the ReMix delta of one float32 module (30 in turn, 10 at 512 rows) 314 / 261
+  // -> 39 / 52 us at 32 rows and 4167 / 3156 -> 473 / 488 at 512, bfloat16 at 32 rows 280 / 226 -> 52 / 56.
   for (; o + 8 <= o1; o += 8) {
     __m256 bv[CN];
     for (int c = 0; c < CN; ++c) bv[c] = load8(b + c * O + o);
-    if (prefetch && (o - o0) % (2 * L) == 0)  // as below: the slice 256 bytes on
-      for (int c = 0; c < CN; ++c) {
-        const R* ahead = b + c * O + o + 256 / sizeof(R);
-        __builtin_prefetch(ahead, 0, 3);
-        if constexpr (sizeof(R) == 4) __builtin_prefetch(ahead + L, 0, 3);
-      }
+    if (prefetch && (o - o0) % (2 * L) == 0) prefetch_rows_ahead<CN>(b, O, o);
     for (int64_t p = 0; p < np; ++p) {
       float* y = Y + rows[p] * ldy + (o - yo);
       const float* u = U + p * us;
@@ -303,12 +308,7 @@ void axpy_lora(float* Y, int64_t ldy, int64_t yo, int64_t O, const R* b, const f
   for (; o + 2 * L <= o1; o += 2 * L) {
     vf b0[CN], b1[CN];
     for (int c = 0; c < CN; ++c) { b0[c] = load(b + c * O + o); b1[c] = load(b + c * O + o + L); }
-    if (prefetch)  // rows of B fresh from memory (a small batch): ask for the slice after next now
-      for (int c = 0; c < CN; ++c) {  // the slice 256 bytes on: two lines of a float32 row, one of a bfloat16 row
-        const R* ahead = b + c * O + o + 256 / sizeof(R);
-        __builtin_prefetch(ahead, 0, 3);
-        if constexpr (sizeof(R) == 4) __builtin_prefetch(ahead + L, 0, 3);
-      }
+    if (prefetch) prefetch_rows_ahead<CN>(b, O, o);
     for (int64_t p = 0; p < np; ++p) {
       float* y = Y + rows[p] * ldy + (o - yo);
       const float* u = U + p * us;
@@ -3743,7 +3743,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v201_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v202_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
