@@ -10,6 +10,7 @@ run it. For checking and timing the code paths of CPUs one does not have; the pr
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
@@ -26,6 +27,7 @@ def main(argv: list[str]) -> None:
     if cpu_ext.load() is None:
         sys.exit(f"the kernels did not build with -march={march}")
     sys.argv = [module, *rest]
+    sys.path[0] = os.getcwd()  # as `python -m` has it (not this script's folder)
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -12,10 +12,10 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                rows, bfloat16 below 128; above, oneDNN's GEMM first); call(x) -> (y, idx), or None
                                when it does not apply
                                (autograd, changed weights, not a CPU float tensor)
-    linear(x, w, bias)         that base GEMM alone, each thread on its own slice of the outputs: with AVX-512 a
-                               dot-product kernel (a row's outputs bit-identical in any batch; ~2x ATen's MKL GEMM
-                               at small batches on the AMD machine measured; from 256 rows oneDNN's linear, MKL's
-                               on Intel CPUs: F32_LARGE_GEMM), else MKL;
+    linear(x, w, bias)         that base GEMM alone, each thread on its own slice of the outputs: with AVX-512 or
+                               AVX2 + FMA a dot-product kernel (a row's outputs bit-identical in any batch, and the
+                               same in both builds; ~2x ATen's MKL GEMM at small batches on the AMD machines
+                               measured; from 256 rows oneDNN's linear, MKL's on Intel CPUs: F32_LARGE_GEMM), else MKL;
                                bfloat16 its own kernel below 128 rows (AMX tiles where the CPU has AMX-BF16, else
                                AVX512-BF16), else ATen's
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
@@ -770,6 +770,36 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
                      const float* pf, int64_t npf, int64_t pstride) {
   const float* a[GO];
   for (int c = 0; c < GO; ++c) a[c] = W + std::min<int64_t>(c, nw - 1) * D;
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  // AVX2: each 16-lane sum in two 8-lane halves (lanes 0-7, 8-15), as dots2x2_avx2: lane l still sums d = l mod 16 in
+  // order, one fused multiply-add a step, then hsum's order (hsum16), the tail, the bias - every output the AVX-512
+  // code's, bit for bit. The tile shapes (dot_gemm_any) keep the 2 RT GO halves and the loaded vectors in AVX2's 16
+  // registers.
+  __m256 lo[RT][GO], hi[RT][GO];
+  for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) lo[q][c] = hi[q][c] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * pstride + d, 0, PFL);
+    {
+      __m256 av[GO];
+      for (int c = 0; c < GO; ++c) av[c] = RT > 1 ? keep8(load8(a[c] + d)) : load8(a[c] + d);
+      for (int q = 0; q < RT; ++q) {
+        const __m256 xv = GO > 1 ? keep8(load8(X + q * D + d)) : load8(X + q * D + d);
+        for (int c = 0; c < GO; ++c) lo[q][c] = _mm256_fmadd_ps(av[c], xv, lo[q][c]);
+      }
+    }
+    {
+      __m256 av[GO];
+      for (int c = 0; c < GO; ++c) av[c] = RT > 1 ? keep8(load8(a[c] + d + 8)) : load8(a[c] + d + 8);
+      for (int q = 0; q < RT; ++q) {
+        const __m256 xv = GO > 1 ? keep8(load8(X + q * D + d + 8)) : load8(X + q * D + d + 8);
+        for (int c = 0; c < GO; ++c) hi[q][c] = _mm256_fmadd_ps(av[c], xv, hi[q][c]);
+      }
+    }
+  }
+  float sums[RT * GO];
+  for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) sums[q * GO + c] = hsum16(lo[q][c], hi[q][c]);
+#else
   vf acc[RT][GO];
   for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) acc[q][c] = vf{};
   int64_t d = 0;
@@ -784,6 +814,7 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
   }
   float sums[RT * GO];
   hsum_many(&acc[0][0], RT * GO, sums);
+#endif
 #ifdef __AVX512F__
   if (d == D && GO <= 16) {  // no tail of D: each row of the tile's outputs (+ bias) in one masked store
     const __mmask16 m = static_cast<__mmask16>((1u << nw) - 1);
@@ -798,7 +829,7 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
   for (int q = 0; q < RT; ++q)
     for (int64_t c = 0; c < nw; ++c) {
       float s = sums[q * GO + c];
-      for (int64_t e = d; e < D; ++e) s += a[c][e] * X[q * D + e];
+      for (int64_t e = d; e < D; ++e) s = __builtin_fmaf(a[c][e], X[q * D + e], s);  // one rounding a step, in every build
       Y[q * ldy + c] = bias ? s + bias[c] : s;
     }
 }
@@ -1050,12 +1081,33 @@ void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y,
   }
 }
 
+// AVX2 tile shapes (rows of W x rows of X) of the float32 dot_gemm: 3 x 2 at every row count - 12 accumulator halves,
+// 3 rows of W and one of X in the 16 registers. Until the 34th session an AVX2 build ran MKL's sgemm on each thread's
+// slice of the outputs here, whose roundings change with the shape (16 batch-invariance tests failed on an AVX2 build).
+// All float32 linears of the default base (an AVX2 build on the 34th session's Zen 4 VM, `python scripts/as_march.py
+// haswell -m remix.kernels.gemm_bench --dtype float32 --rows 1,2,4,8,16,32,64`), sgemm slices -> 3 x 2 tiles: 24.0 /
+// 39.4 / 36.8 / 43.9 / 55.6 / 76.3 / 125.4 -> 17.8 / 18.6 / 18.8 / 22.9 / 46.4 / 74.2 / 127.7 ms at 1 / 2 / 4 / 8 /
+// 16 / 32 / 64 rows. Tried: 4 x 1 below 16 rows (8 rows 27.4 ms), 3 x 3 from 16 (18 halves spill: 64 rows 155 ms).
+// (-DAVX2_GO=.. -DAVX2_RT=.. -DAVX2_GO_SMALL=.. -DAVX2_RT_SMALL=.. for such A/B builds.)
+#ifndef AVX2_GO
+#define AVX2_GO 3
+#define AVX2_RT 2
+#define AVX2_GO_SMALL 3
+#define AVX2_RT_SMALL 2
+#endif
+
 // dot_gemm with the tile shape for T rows: 6 x 3 below 16 rows (more of W per load of X), else 5 x 5.
 template <typename E>
 void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void* bias, void* Y, int64_t O, int64_t o0,
                   int64_t o1, const Ahead* ahead = nullptr, const Ahead* own = nullptr) {
   const auto *x = static_cast<const E*>(X), *w = static_cast<const E*>(W), *b = static_cast<const E*>(bias);
   auto* y = static_cast<E*>(Y);
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<E, float>) {  // AVX2: the tiles above
+    if (T < 16) return dot_gemm<AVX2_GO_SMALL, AVX2_RT_SMALL, 1>(x, T, D, w, b, y, O, o0, o1, ahead, own);
+    return dot_gemm<AVX2_GO, AVX2_RT, 3>(x, T, D, w, b, y, O, o0, o1, ahead, own);
+  }
+#endif
   if (T < 16) return dot_gemm<6, 3, 1>(x, T, D, w, b, y, O, o0, o1, ahead, own);
   dot_gemm<5, 5, 3>(x, T, D, w, b, y, O, o0, o1, ahead, own);
 }
@@ -1241,8 +1293,9 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
 // region to start. With AVX-512 it is dot_gemm (24-25 accumulators in the 32 registers): on this project's 2-core AMD
 // Zen 5 VM, all of the default base's linears at batch 1 / 8 / 32 take 0.39 / 0.52 / 0.52 of the time of ATen's
 // linear (MKL, whose float32 GEMMs reach ~100-190 GFLOP/s there; its GEMV at batch 1 ~17 GB/s of the machine's ~44)
-// - and every row's outputs are the same in any batch. Without AVX-512 (24 accumulators would spill) each thread calls
-// MKL on its own slice of the outputs instead. bfloat16 (X, W, Y and bias all bfloat16) only where the CPU has
+// - and every row's outputs are the same in any batch. With AVX2 + FMA and no AVX-512 it is dot_gemm too, in tiles
+// that fit AVX2's 16 registers (dot_tile's AVX2 path: the same outputs bit for bit); without either, each thread calls
+// MKL on its own slice of the outputs (shape-dependent roundings). bfloat16 (X, W, Y and bias all bfloat16) only where the CPU has
 // AVX512-BF16 and below DOT_BF16_BELOW rows: dot_gemm in its bfloat16 form, float32 sums rounded once (as oneDNN's);
 // elsewhere the caller takes ATen's.
 struct BaseGemm {
@@ -1262,7 +1315,7 @@ struct BaseGemm {
 #ifdef REMIX_DOT_BF16
     if (bf16) return dot_gemm_any<uint16_t>(Xv, T, D, w, bias, Yv, O, o0, o1, ahead, own);
 #endif
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     dot_gemm_any<float>(Xv, T, D, w, bias, Yv, O, o0, o1, ahead, own);
 #else
     const auto* X = static_cast<const float*>(Xv);
@@ -3575,7 +3628,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef REMIX_DOT_BF16
     if (bf16) return true;  // below DOT_BF16_BELOW rows
 #endif
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     return !bf16;
 #else
     return false;
@@ -3743,7 +3796,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v202_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v205_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
@@ -3820,7 +3873,7 @@ def for_input(x) -> object | None:
 
 def dot_gemm(dtype: torch.dtype = torch.float32) -> bool:
     """True when the base GEMM of ``dtype`` (:func:`linear`, the fused module call) is the compiled dot-product kernel,
-    whose row outputs do not depend on the batch: float32 with AVX-512 (below ``load().ONEDNN_F32_FROM`` rows),
+    whose row outputs do not depend on the batch: float32 with AVX-512 or AVX2 + FMA (below ``load().ONEDNN_F32_FROM`` rows),
     bfloat16 with AVX512-BF16 (below ``load().DOT_BF16_BELOW`` rows); oneDNN's GEMM above. False without the kernels
     or those instructions (float32 then runs MKL, bfloat16 ATen's oneDNN GEMM)."""
     ext = load()
@@ -3877,7 +3930,7 @@ NONE_F = torch.empty(0, dtype=torch.float32)  # linear's "no bias", add_rms_norm
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with the compiled kernels' base GEMM where it applies (CPU float32 or bfloat16, contiguous weight, no
-    autograd): each thread its own slice of the outputs, with AVX-512 by the dot-product kernel (see BaseGemm in the
+    autograd): each thread its own slice of the outputs, with AVX-512 or AVX2 by the dot-product kernel (see BaseGemm in the
     source: the default base's float32 linears at batch 1 / 32 in 0.39 / 0.52 of ATen's time on the AMD Zen 5 VM,
     a row's outputs the same in any batch - :func:`dot_gemm` says which), else MKL; bfloat16 below 128 rows with
     AVX512-BF16 (1.7x oneDNN's GEMV at one row), else ATen's; elsewhere plain ``F.linear``. The kernel bench times

@@ -738,7 +738,7 @@ class Engine:
 
 def batch_invariant_unsupported(device: torch.device, dtype: torch.dtype, decoder: str) -> str | None:
     """Why batch-invariant mode cannot hold for this device, dtype and decoder, or None: it needs the lean decoder on
-    CPU with the compiled dot-product GEMM for the dtype (AVX-512; AVX512-BF16 for bfloat16), whose rows never depend
+    CPU with the compiled dot-product GEMM for the dtype (AVX-512 or AVX2 + FMA; AVX512-BF16 for bfloat16), whose rows never depend
     on the batch; ATen's, oneDNN's and cuBLAS's GEMMs choose kernels by shape."""
     from remix.kernels import cpu_ext
 
@@ -747,8 +747,8 @@ def batch_invariant_unsupported(device: torch.device, dtype: torch.dtype, decode
     if decoder != "lean":
         return f"needs --decoder lean (the {decoder} decoder runs ATen's GEMMs)"
     if not cpu_ext.dot_gemm(dtype):
-        return (f"this CPU has no compiled dot-product GEMM for {str(dtype).removeprefix('torch.')} (AVX-512"
-                f"{', AVX512-BF16' if dtype == torch.bfloat16 else ''} and the compiled kernels)")
+        return (f"this CPU has no compiled dot-product GEMM for {str(dtype).removeprefix('torch.')} ("
+                f"{'AVX512-BF16' if dtype == torch.bfloat16 else 'AVX-512 or AVX2 + FMA'} and the compiled kernels)")
     return None
 
 

@@ -1,0 +1,88 @@
+"""Outputs of the compiled float32 kernels on fixed inputs, to compare two builds of them bit for bit.
+
+    python -m tests.kernel_outputs save out.pt                                      # this build's
+    python scripts/as_march.py haswell -m tests.kernel_outputs compare out.pt       # the AVX2 build's against them
+
+The kernels' AVX2 paths (builds without AVX-512) keep every 16-lane sum as two 8-lane halves in the same order, so an
+AVX2 build must give the AVX-512 build's outputs exactly: the base GEMM (linear, batch-invariant mode so every size
+takes the dot-product kernel), a routed module call (routing, phase A, phase B and the GEMM fused) and the decode
+attention. `compare` prints every mismatch and exits 1 if there is one (tests/test_avx2_build.py runs it)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from remix.kernels import cpu_ext
+
+
+def outputs() -> dict[str, torch.Tensor]:
+    ext = cpu_ext.load()
+    if ext is None:
+        raise SystemExit("the compiled kernels did not build")
+    out: dict[str, torch.Tensor] = {}
+    g = torch.Generator().manual_seed(0)
+    was = ext._batch_invariant(True)
+    try:
+        with torch.inference_mode():
+            # D a multiple of 16 or not (the tail), O not a multiple of the tiles, 1 to 300 rows (every tile remainder)
+            for D, O in [(576, 1536), (1536, 576), (64, 96), (100, 37), (33, 70)]:
+                W, b = torch.randn(O, D, generator=g), torch.randn(O, generator=g)
+                for T in (1, 2, 3, 5, 8, 15, 16, 17, 32, 300):
+                    x = torch.randn(T, D, generator=g)
+                    out[f"linear {D}->{O} T={T}"] = cpu_ext.linear(x, W, b)
+                    out[f"linear {D}->{O} T={T} no bias"] = cpu_ext.linear(x, W)
+            # a routed module: two adapters of n = 8 (k = 2, r = 8) and a slot with none, as the engine binds them
+            n, r = 8, 8
+            for D, O in [(576, 1536), (1536, 576), (64, 96)]:
+                base = torch.nn.Linear(D, O, bias=False)
+                with torch.no_grad():
+                    base.weight.copy_(torch.randn(O, D, generator=g) * D**-0.5)
+                router = torch.randn(2 * n, D, generator=g)
+                a, bt = torch.randn(2 * n * r, D, generator=g), torch.randn(2 * n * r, O, generator=g) * 0.1
+                tables = (torch.tensor([0, n]), torch.tensor([n, n]), torch.tensor([2, 2]), torch.tensor([0.5, 2.0]))
+                call = cpu_ext.bind_module(base, router, a, bt, tables, r, 2)
+                for T in (1, 4, 8, 32, 130):
+                    x = torch.randn(T, D, generator=g)
+                    slots = torch.tensor([(0, 1, -1)[t % 3] for t in range(T)])
+                    y, idx = call.routed(x, slots, torch.empty(0, dtype=torch.int64))
+                    out[f"module {D}->{O} T={T}"], out[f"module {D}->{O} T={T} idx"] = y, idx
+            # decode attention: 3 KV heads of 64, 3 queries each, lengths not multiples of 16
+            S, P, Hkv, Hq, Dh = 6, 70, 3, 9, 64
+            K, V = torch.randn(S, Hkv, P, Dh, generator=g), torch.randn(S, Hkv, P, Dh, generator=g)
+            qk = torch.randn(5, Hq + 2 * Hkv, Dh, generator=g) * 2
+            out["decode attention"] = ext.decode_attention(qk, K, V, 1, torch.tensor([1, 70, 17, 33, 16]), Hq, Dh**-0.5)
+    finally:
+        ext._batch_invariant(was)
+    return out
+
+
+def compare(path: str) -> list[str]:
+    """The names whose outputs here differ from those saved at path (or are missing), with the largest difference."""
+    want, got = torch.load(path), outputs()
+    bad = []
+    for name, w in want.items():
+        h = got.get(name)
+        if h is None or h.shape != w.shape or not torch.equal(h, w):
+            diff = (h.double() - w.double()).abs().max().item() if h is not None and h.shape == w.shape else "shape"
+            bad.append(f"{name}: {diff}")
+    return bad
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("save", "compare"):
+        print(__doc__.splitlines()[0] + "\nusage: python -m tests.kernel_outputs save|compare PATH", file=sys.stderr)
+        return 2
+    if argv[0] == "save":
+        torch.save(outputs(), argv[1])
+        return 0
+    bad = compare(argv[1])
+    for line in bad:
+        print("MISMATCH", line)
+    print(f"{len(bad)} mismatches in {len(torch.load(argv[1]))} outputs")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
