@@ -1866,7 +1866,10 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
         const float* k;
         if constexpr (std::is_same_v<T, float>) k = K + (t0 + row) * DH;
         else k = kb + row * DH;
-        vf acc = qv[r][0] * load(k);
+        // the first product rounded on its own (keep: GCC had fused it into the second step's FMA and rounded the
+        // second product instead - either is one order, but only this one is spelled out, so the AVX2 build's
+        // attend_group_avx2 can give the same bits)
+        vf acc = keep(qv[r][0] * load(k));
         for (int c = 1; c < NV; ++c) acc += qv[r][c] * load(k + c * L);
         a[j] = acc;
       }
@@ -1880,6 +1883,127 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
   }
   float_v_pass<DH>(V, len, nrep, s, padded, inv, out, next_k);
 }
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// attend_group without AVX-512 (AVX2 + FMA builds): the same sums in the same order on 8-lane halves. With 16-lane
+// vectors split in two by the compiler, the generic code spilled (nrep x Dh / 8 accumulators of V against AVX2's 16
+// registers) and reduce16's cross-half shuffles went through memory: on an AVX2 build (the 34th session's Zen 4 VM,
+// -march=haswell, default base in float32) a decode step's attention took 44.7 of the step's 125 ms at 32 sequences
+// (11.5 of 35 at 8), where its K / V bytes take ~10. Every output is the AVX-512 build's, bit for bit
+// (tests/test_avx2_build.py).
+
+// The scores of 8 rows from h[j] = lo_j + hi_j (hsum's first step): hsum's remaining adds for each row, in row order.
+inline __m256 reduce8_avx2(__m256 h0, __m256 h1, __m256 h2, __m256 h3, __m256 h4, __m256 h5, __m256 h6, __m256 h7) {
+  // [g_j | g_j+4], g[l] = h[l] + h[l + 4] (hsum's second step)
+  const auto pair = [](__m256 a, __m256 b) {
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  };
+  const __m256 p0 = pair(h0, h4), p1 = pair(h1, h5), p2 = pair(h2, h6), p3 = pair(h3, h7);
+  // (g0 + g2), (g1 + g3) of rows 0, 1 | 4, 5 and 2, 3 | 6, 7; then their sum, rows 0-3 | 4-7
+  const __m256 r01 = _mm256_add_ps(_mm256_shuffle_ps(p0, p1, 0x44), _mm256_shuffle_ps(p0, p1, 0xEE));
+  const __m256 r23 = _mm256_add_ps(_mm256_shuffle_ps(p2, p3, 0x44), _mm256_shuffle_ps(p2, p3, 0xEE));
+  return _mm256_add_ps(_mm256_shuffle_ps(r01, r23, 0x88), _mm256_shuffle_ps(r01, r23, 0xDD));
+}
+
+// h = lo + hi of q . k over DH: lane l of 16 sums d = l mod 16 with one fused multiply-add a step after a product
+template <int DH>
+__attribute__((always_inline)) inline __m256 qk_halves(const float* q, const float* k) {
+  __m256 lo = _mm256_mul_ps(_mm256_load_ps(q), _mm256_loadu_ps(k));
+  __m256 hi = _mm256_mul_ps(_mm256_load_ps(q + 8), _mm256_loadu_ps(k + 8));
+  for (int c = 1; c < DH / L; ++c) {
+    lo = _mm256_fmadd_ps(_mm256_load_ps(q + c * L), _mm256_loadu_ps(k + c * L), lo);
+    hi = _mm256_fmadd_ps(_mm256_load_ps(q + c * L + 8), _mm256_loadu_ps(k + c * L + 8), hi);
+  }
+  return _mm256_add_ps(lo, hi);
+}
+
+// The V pass's halves [c0, c0 + CW) of G heads (NR = nrep <= G; G x CW accumulators in registers): as float_v_pass.
+template <int G, int CW, typename VT, typename T>
+void v_cols_avx2(const VT* V, int64_t DH, int64_t c0, int64_t len, int64_t nrep, const float* s, int64_t padded,
+                 const float* inv, T* out, const VT* next_k, bool first) {
+  constexpr int64_t ES = sizeof(VT);
+  __m256 acc[G][CW];
+  for (int r = 0; r < G; ++r) for (int c = 0; c < CW; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t u = 0; u < len; ++u) {
+    const VT* v = V + u * DH;
+    if (first) {
+      for (int64_t o = 0; o < DH * ES; o += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor: no fault
+      if (next_k && u < 2 * L * DH * ES / 64)  // the next group's first two K blocks, a line a row
+        __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, ATTN_PFL);
+    }
+    __m256 vv[CW];
+    for (int c = 0; c < CW; ++c) vv[c] = load8(v + 8 * (c0 + c));
+    for (int r = 0; r < G; ++r) {
+      if (r >= nrep) break;
+      const __m256 p = _mm256_set1_ps(s[r * padded + u]);
+      for (int c = 0; c < CW; ++c) acc[r][c] = _mm256_fmadd_ps(p, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < G && r < nrep; ++r)
+    for (int c = 0; c < CW; ++c) {
+      alignas(32) float o[8];
+      _mm256_store_ps(o, _mm256_mul_ps(acc[r][c], _mm256_set1_ps(inv[r])));
+      for (int l = 0; l < 8; ++l) out[r * DH + 8 * (c0 + c) + l] = static_cast<T>(o[l]);
+    }
+}
+
+template <int G, int DH, typename VT, typename T>
+void v_pass_avx2(const VT* V, int64_t len, int64_t nrep, const float* s, int64_t padded, const float* inv, T* out,
+                 const VT* next_k) {
+  // CW: the largest power of two (a divisor of NH) with at most 12 accumulators
+  constexpr int NH = DH / 8, CAP = std::min(NH, std::max(1, 12 / G)), CW = CAP >= 8 ? 8 : CAP >= 4 ? 4 : CAP >= 2 ? 2 : 1;
+  static_assert(NH % CW == 0, "the V pass's column blocks must tile the head");
+  for (int c0 = 0; c0 < NH; c0 += CW)
+    v_cols_avx2<G, CW>(V, DH, c0, len, nrep, s, padded, inv, out, next_k, c0 == 0);
+}
+
+template <typename T, int DH>
+void attend_group_avx2(const T* q, const T* K, const T* V, int64_t len, int64_t nrep, float scale, T* out, float* s,
+                       const T* next_k) {
+  alignas(32) float qs[MAX_GROUP * DH];  // q * scale, as attend_group's qv
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < DH; c += 8) _mm256_store_ps(qs + r * DH + c, _mm256_mul_ps(load8(q + r * DH + c), _mm256_set1_ps(scale)));
+  const int64_t padded = (len + L - 1) / L * L;
+  const char* k_end = reinterpret_cast<const char*>(K + len * DH);
+  for (int64_t t0 = 0; t0 < len; t0 += L) {
+    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
+    prefetch_k(ahead, L * DH * static_cast<int64_t>(sizeof(T)), k_end, V);  // K two blocks on, then V's start
+    const int64_t n = std::min<int64_t>(L, len - t0);
+    [[maybe_unused]] alignas(32) float kb[std::is_same_v<T, float> ? 1 : L * DH];  // bfloat16 rows widened once
+    if constexpr (!std::is_same_v<T, float>)
+      for (int64_t j = 0; j < n; ++j)
+        for (int c = 0; c < DH; c += 8) _mm256_store_ps(kb + j * DH + c, load8(K + (t0 + j) * DH + c));
+    const auto row = [&](int64_t j) -> const float* {  // past len: the last row again, never used
+      const int64_t i = std::min<int64_t>(j, n - 1);
+      if constexpr (std::is_same_v<T, float>) return K + (t0 + i) * DH;
+      else return kb + i * DH;
+    };
+    for (int64_t r = 0; r < nrep; ++r) {
+      const float* qr = qs + r * DH;
+      for (int64_t j0 = 0; j0 < L; j0 += 8) {
+        const __m256 h0 = qk_halves<DH>(qr, row(j0)), h4 = qk_halves<DH>(qr, row(j0 + 4));
+        const __m256 h1 = qk_halves<DH>(qr, row(j0 + 1)), h5 = qk_halves<DH>(qr, row(j0 + 5));
+        const __m256 h2 = qk_halves<DH>(qr, row(j0 + 2)), h6 = qk_halves<DH>(qr, row(j0 + 6));
+        const __m256 h3 = qk_halves<DH>(qr, row(j0 + 3)), h7 = qk_halves<DH>(qr, row(j0 + 7));
+        _mm256_storeu_ps(s + r * padded + t0 + j0, reduce8_avx2(h0, h1, h2, h3, h4, h5, h6, h7));
+      }
+    }
+  }
+  float inv[MAX_GROUP];
+  for (int64_t r = 0; r < nrep; ++r) {
+    float* sr = s + r * padded;
+    inv[r] = softmax_pass(sr, len, padded, [&](int64_t t, vf e) { store(sr + t, e); });
+  }
+  switch (nrep) {
+    case 1: return v_pass_avx2<1, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    case 2: return v_pass_avx2<2, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    case 3: return v_pass_avx2<3, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    case 4: return v_pass_avx2<4, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    default: return v_pass_avx2<MAX_GROUP, DH>(V, len, nrep, s, padded, inv, out, next_k);
+  }
+}
+#endif
 
 bool g_attn_dot = true;  // off: bfloat16 takes attend_group's widening path too (A/B runs, tests)
 #ifdef REMIX_DOT_BF16
@@ -1994,8 +2118,13 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
         continue;
       }
 #endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+      attend_group_avx2<T, DH>(q + i * q_row + g * nrep * DH, K + at, V + at, lens[i], nrep, scale, out + it * nrep * DH,
+                               s.data(), next >= 0 ? K + next : nullptr);
+#else
       attend_group<T, DH>(q + i * q_row + g * nrep * DH, K + at, V + at, lens[i], nrep, scale, out + it * nrep * DH, s.data(),
                           next >= 0 ? K + next : nullptr);
+#endif
     }
   }
 }
@@ -3796,7 +3925,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v205_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v208_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
