@@ -5,8 +5,8 @@
 
 The kernels' AVX2 paths (builds without AVX-512) keep every 16-lane sum as two 8-lane halves in the same order, so an
 AVX2 build must give the AVX-512 build's outputs exactly: the base GEMM (linear, batch-invariant mode so every size
-takes the dot-product kernel), a routed module call (routing, phase A, phase B and the GEMM fused) and the decode
-attention. `compare` prints every mismatch and exits 1 if there is one (tests/test_avx2_build.py runs it)."""
+takes the dot-product kernel), a routed module call (routing, phase A, phase B and the GEMM fused), the decode
+attention and the FFN's activation. `compare` prints every mismatch and exits 1 if there is one (tests/test_avx2_build.py runs it)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,10 @@ def outputs() -> dict[str, torch.Tensor]:
                 out[f"decode attention {Hkv}x{nrep}x{Dh}"] = ext.decode_attention(qk, K, V, 1, lens, Hq, Dh**-0.5)
                 slots = torch.tensor([5, 0, 0, 3, 1])
                 out[f"slot attention {Hkv}x{nrep}x{Dh}"] = ext.slot_attention(qk, K, V, slots, lens, Hq, Dh**-0.5)
+            # silu(g) * u (the FFN's activation) over widths with and without a tail, values from -100 to 100
+            for n in (1536, 100, 7):
+                gate = torch.randn(3, n, generator=g) * torch.tensor([1.0, 10.0, 100.0])[:, None]
+                out[f"silu_mul {n}"] = ext.silu_mul_(gate.contiguous(), torch.randn(3, n, generator=g))
     finally:
         ext._batch_invariant(was)
     return out

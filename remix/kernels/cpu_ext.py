@@ -1722,27 +1722,36 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
 
 typedef int32_t vi __attribute__((vector_size(L * sizeof(int32_t))));
 
-// exp(x) for x <= 0 (scores minus their maximum): Cephes' expf reduction and polynomial (~1 ulp), 2^n by exponent add
-__attribute__((always_inline)) inline vf vexp(vf x) {
-  const vf lo = vf{} - 87.f;
+// exp(x) for x <= 0 (scores minus their maximum): Cephes' expf reduction and polynomial (~1 ulp), 2^n by exponent add.
+// On any vector type V of floats (VI: its int32 twin): vf, and on AVX2 builds the 8-lane vf8, which GCC compiles to
+// AVX2's own registers - a 16-lane vector's compares and selects it lowered to scalar code there (vcmpss / vblendvps
+// lane by lane). Each lane's arithmetic is the same either way, so are its values.
+template <typename V, typename VI>
+__attribute__((always_inline)) inline V vexp_of(V x) {
+  const V lo = V{} - 87.f;
   x = x < lo ? lo : x;
-  const vf magic = vf{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const vf n = (x * 1.44269504088896341f + magic) - magic;
-  vf r = x - n * 0.693359375f;
+  const V magic = V{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const V n = (x * 1.44269504088896341f + magic) - magic;
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  vf p = vf{} + 1.9875691500e-4f;
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  vf e = p * r * r + r + 1.f;
-  vi bits;
+  V e = p * r * r + r + 1.f;
+  VI bits;
   std::memcpy(&bits, &e, sizeof e);
-  bits += __builtin_convertvector(n, vi) << 23;
+  bits += __builtin_convertvector(n, VI) << 23;
   std::memcpy(&e, &bits, sizeof e);
   return e;
 }
+__attribute__((always_inline)) inline vf vexp(vf x) { return vexp_of<vf, vi>(x); }
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));  // unaligned loads allowed
+typedef int32_t vi8 __attribute__((vector_size(8 * sizeof(int32_t))));
+inline vf8 load_8(const float* p) { return *reinterpret_cast<const vf8*>(p); }
+inline void store_8(float* p, vf8 v) { *reinterpret_cast<vf8*>(p) = v; }
 
 // Lane l of the result = the sum of a[REV4[l]]'s lanes, by a pairwise tree of shuffles (16 dots for ~30 operations
 // instead of 16 horizontal sums); the same order on every call. (The shuffle tree is GCC's vector extension; with
@@ -1805,6 +1814,27 @@ inline float softmax_pass(float* sr, int64_t len, int64_t padded, Put&& put) {
   }
   return 1.f / hsum(sum);
 }
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// softmax_pass on 8-lane vectors (AVX2 builds: see vexp_of), storing e into sr: the same max, the same exp of each
+// score, and the sum in the same order (lanes 0-7 and 8-15 of each 16 in two sums, then hsum's order).
+inline float softmax_pass8(float* sr, int64_t len, int64_t padded) {
+  for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;
+  vf8 mv = load_8(sr);
+  for (int64_t t = 8; t < padded; t += 8) { const vf8 x = load_8(sr + t); mv = mv > x ? mv : x; }
+  float m = mv[0];
+  for (int l = 1; l < 8; ++l) m = mv[l] > m ? mv[l] : m;
+  vf8 lo = vf8{}, hi = vf8{};
+  for (int64_t t = 0; t < padded; t += L) {
+    const vf8 a = vexp_of<vf8, vi8>(load_8(sr + t) - m), b = vexp_of<vf8, vi8>(load_8(sr + t + 8) - m);
+    store_8(sr + t, a);
+    store_8(sr + t + 8, b);
+    lo += a;
+    hi += b;
+  }
+  return 1.f / hsum16((__m256)lo, (__m256)hi);
+}
+#endif
 
 // The V pass of the float paths (attend_group, attend_group_q8): out[r] = (sum_u s[r][u] V[u]) * inv[r], V's rows
 // (float32, bfloat16 or int8: `load` widens each) read once for all nrep heads, every sum in float32, rounded once to T.
@@ -1991,10 +2021,7 @@ void attend_group_avx2(const T* q, const T* K, const T* V, int64_t len, int64_t 
     }
   }
   float inv[MAX_GROUP];
-  for (int64_t r = 0; r < nrep; ++r) {
-    float* sr = s + r * padded;
-    inv[r] = softmax_pass(sr, len, padded, [&](int64_t t, vf e) { store(sr + t, e); });
-  }
+  for (int64_t r = 0; r < nrep; ++r) inv[r] = softmax_pass8(s + r * padded, len, padded);
   switch (nrep) {
     case 1: return v_pass_avx2<1, DH>(V, len, nrep, s, padded, inv, out, next_k);
     case 2: return v_pass_avx2<2, DH>(V, len, nrep, s, padded, inv, out, next_k);
@@ -3240,11 +3267,13 @@ template <typename T> inline void from_floats(const float* src, T* dst, int64_t 
 // ATen's silu_ + mul_ took ~1 ns an element (1.48 ms a step at 32 sequences), this op 0.97 (docs/BENCHMARKS.md).
 constexpr int64_t SILU_GRAIN = 4096;  // elements a thread at least
 
-inline vf silu_v(vf x) {
-  const vf ax = x < 0.f ? -x : x;
-  const vf e = vexp(-ax);
+template <typename V, typename VI>
+inline V silu_of(V x) {
+  const V ax = x < 0.f ? -x : x;
+  const V e = vexp_of<V, VI>(-ax);
   return (x >= 0.f ? x : x * e) / (e + 1.f);  // one division (a vector select of the numerator)
 }
+inline vf silu_v(vf x) { return silu_of<vf, vi>(x); }
 
 // every lane rounded to T's precision (round_to's values; 16 at a time by narrow16 with AVX-512, NaN kept a NaN)
 template <typename T>
@@ -3281,6 +3310,22 @@ inline vf silu_mul_v(vf g, vf u) { return round_v<T>(silu_v(g)) * u; }
 
 template <typename T>
 inline void silu_mul_block(T* g, const T* u, int64_t n) {  // n <= L elements, through one vector
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {  // AVX2: 8 lanes at a time (see vexp_of), each element's same arithmetic
+    for (int64_t i = 0; i < n; i += 8) {
+      if (n - i >= 8) {
+        store_8(g + i, silu_of<vf8, vi8>(load_8(g + i)) * load_8(u + i));
+      } else {
+        alignas(32) float a[8] = {}, b[8] = {};
+        std::memcpy(a, g + i, (n - i) * sizeof(float));
+        std::memcpy(b, u + i, (n - i) * sizeof(float));
+        store_8(a, silu_of<vf8, vi8>(load_8(a)) * load_8(b));
+        std::memcpy(g + i, a, (n - i) * sizeof(float));
+      }
+    }
+    return;
+  }
+#endif
   if (n == L) return store_v(g, silu_mul_v<T>(load(g), load(u)));
   alignas(64) T a[L] = {}, b[L] = {};
   std::memcpy(a, g, n * sizeof(T));
@@ -3295,6 +3340,19 @@ template <typename T>
 void silu_mul_elems(T* g, const T* u, int64_t n) {
   at::parallel_for(0, (n + L - 1) / L, SILU_GRAIN / L, [&](int64_t v0, int64_t v1) {
     int64_t v = v0;
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+    if constexpr (std::is_same_v<T, float>) {  // AVX2: silu_mul_block's 8-lane path over the share
+      const int64_t e0 = v0 * L, e1 = std::min<int64_t>(v1 * L, n);
+      int64_t e = e0;
+      for (; e + 32 <= e1; e += 32) {
+        vf8 a[4];
+        for (int j = 0; j < 4; ++j) a[j] = silu_of<vf8, vi8>(load_8(g + e + 8 * j)) * load_8(u + e + 8 * j);
+        for (int j = 0; j < 4; ++j) store_8(g + e + 8 * j, a[j]);
+      }
+      if (e < e1) silu_mul_block(g + e, u + e, e1 - e);
+      return;
+    }
+#endif
     for (; v + 4 <= v1 && (v + 4) * L <= n; v += 4) {
       vf a[4];
       for (int j = 0; j < 4; ++j) a[j] = silu_mul_v<T>(load(g + (v + j) * L), load(u + (v + j) * L));
@@ -3925,7 +3983,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v208_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v209_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
