@@ -64,6 +64,10 @@ def outputs() -> dict[str, torch.Tensor]:
             for n in (1536, 100, 7):
                 gate = torch.randn(3, n, generator=g) * torch.tensor([1.0, 10.0, 100.0])[:, None]
                 out[f"silu_mul {n}"] = ext.silu_mul_(gate.contiguous(), torch.randn(3, n, generator=g))
+            # greedy sampling's argmax over a vocabulary (ties and a NaN row included)
+            logits = torch.randn(6, 49152, generator=g).round(decimals=1)
+            logits[2, 100] = float("nan")
+            out["argmax_rows"] = ext.argmax_rows(logits)
     finally:
         ext._batch_invariant(was)
     return out

@@ -2897,25 +2897,55 @@ torch::Tensor slot_attention_q8(torch::Tensor qk, torch::Tensor K, torch::Tensor
 // MASKED (structured output's greedy rows): every token a grammar does not allow counts as -inf - the same token as
 // masking a copy to -inf (server/engine/grammar.py) and then taking the plain argmax, in one pass that writes nothing.
 // mask: bit t % 32 of word t / 32 set where token t is allowed; tokens from nbits on never are.
+// The lanes argmax_row runs on: 16 (vf), or 8 for float32 on AVX2 builds (vf8: GCC lowered the 16-lane compares and
+// selects to scalar code there - see vexp_of). The result is the same either way (each lane keeps its first maximum;
+// then the largest value, the lowest index among equals).
+template <int W> struct Lanes;
+template <> struct Lanes<16> {
+  using F = vf;
+  using I = vi;
+  using U = vu;
+  template <typename T> static F load_at(const T* p) { return load(p); }
+};
+typedef uint32_t vu8 __attribute__((vector_size(8 * sizeof(uint32_t))));
+template <> struct Lanes<8> {
+  using F = vf8;
+  using I = vi8;
+  using U = vu8;
+  static F load_at(const float* p) { return load_8(p); }
+};
+template <typename T>
+constexpr int argmax_lanes() {
+#if !defined(__AVX512F__) && defined(__AVX2__)
+  return std::is_same_v<T, float> ? 8 : 16;
+#else
+  return 16;
+#endif
+}
+
 template <typename T, bool MASKED = false>
 int64_t argmax_row(const T* p, int64_t V, const int32_t* mask = nullptr, int64_t nbits = 0) {
-  vf best = vf{} - INFINITY;
-  vi at = vi{} - 1, lane;
-  vi nan = vi{};
-  for (int l = 0; l < L; ++l) lane[l] = l;
+  constexpr int W = argmax_lanes<T>();
+  using F = typename Lanes<W>::F;
+  using I = typename Lanes<W>::I;
+  using U = typename Lanes<W>::U;
+  F best = F{} - INFINITY;
+  I at = I{} - 1, lane;
+  I nan = I{};
+  for (int l = 0; l < W; ++l) lane[l] = l;
   auto allowed = [&](int64_t t) {
     return !MASKED || (t < nbits && ((static_cast<uint32_t>(mask[t / 32]) >> (t % 32)) & 1u));
   };
   const int64_t Vv = MASKED ? std::min(V, nbits) : V;  // (the vectors' end: padded columns go to the tail)
   int64_t i = 0;
-  for (; i + L <= Vv && i + L <= INT32_MAX; i += L) {
-    vf v = load(p + i);
-    if constexpr (MASKED) {  // (L = 16: a vector's bits sit in one word)
-      const vu bits = (vu{} + static_cast<uint32_t>(mask[i / 32])) >> (vu)(lane + static_cast<int32_t>(i % 32));
-      v = (vi)((bits & 1u) != 0) ? v : vf{} - INFINITY;
+  for (; i + W <= Vv && i + W <= INT32_MAX; i += W) {
+    F v = Lanes<W>::load_at(p + i);
+    if constexpr (MASKED) {  // (W <= 32 and i a multiple of W: a vector's bits sit in one word)
+      const U bits = (U{} + static_cast<uint32_t>(mask[i / 32])) >> (U)(lane + static_cast<int32_t>(i % 32));
+      v = (I)((bits & 1u) != 0) ? v : F{} - INFINITY;
     }
-    const vi here = lane + static_cast<int32_t>(i);
-    const vi gt = v > best;
+    const I here = lane + static_cast<int32_t>(i);
+    const I gt = v > best;
     best = gt ? v : best;
     at = gt ? here : at;
     nan |= v != v;
@@ -2923,7 +2953,7 @@ int64_t argmax_row(const T* p, int64_t V, const int32_t* mask = nullptr, int64_t
   float bv = -INFINITY;
   int64_t bi = -1;
   bool any_nan = false;
-  for (int l = 0; l < L; ++l) {
+  for (int l = 0; l < W; ++l) {
     any_nan |= nan[l] != 0;
     if (at[l] >= 0 && (best[l] > bv || (best[l] == bv && at[l] < bi))) { bv = best[l]; bi = at[l]; }
   }
@@ -3983,7 +4013,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v209_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v210_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
