@@ -68,6 +68,16 @@ def outputs() -> dict[str, torch.Tensor]:
             logits = torch.randn(6, 49152, generator=g).round(decimals=1)
             logits[2, 100] = float("nan")
             out["argmax_rows"] = ext.argmax_rows(logits)
+            # sampling: temperature alone, with top-k, top-p, min-p, and under a grammar's bitmask
+            x = torch.randn(8, 49152, generator=g) * 3
+            rows, n8 = torch.arange(8), torch.full((8,), 0.8)
+            top_k = torch.tensor([0, 0, 50, 0, 0, 7, 0, 1])
+            top_p = torch.tensor([1.0, 0.9, 1.0, 0.5, 1.0, 0.95, 0.99, 1.0])
+            u = torch.rand(8, generator=g, dtype=torch.float64)
+            out["sample_rows"] = ext.sample_rows(x, rows, n8, top_k, top_p, u)
+            out["sample_rows min_p"] = ext.sample_rows(x, rows, n8, top_k, top_p, u, min_p=torch.full((8,), 0.05))
+            bits = torch.randint(-2**31, 2**31 - 1, (8, 49152 // 32), generator=g, dtype=torch.int64).to(torch.int32)
+            out["sample_rows masked"] = ext.sample_rows(x, rows, n8, top_k, top_p, u, bits, 49152 - 5)
     finally:
         ext._batch_invariant(was)
     return out

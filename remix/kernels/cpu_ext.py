@@ -3007,25 +3007,33 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
   auto allowed = [&](int64_t t) {
     return !MASKED || (t < nbits && ((static_cast<uint32_t>(mask[t / 32]) >> (t % 32)) & 1u));
   };
+  // the vector loops on W lanes (x) and WE lanes (e: float32): 16, or 8 on AVX2 builds (see argmax_lanes); every sum
+  // below keeps the 16-lane order (lane l of 16 sums the indices l mod 16: on 8 lanes two vectors a block of 16)
+  constexpr int W = argmax_lanes<T>(), WE = argmax_lanes<float>(), NE = L / WE;
+  using F = typename Lanes<W>::F;
+  using I = typename Lanes<W>::I;
+  using U = typename Lanes<W>::U;
+  using FE = typename Lanes<WE>::F;
+  using IE = typename Lanes<WE>::I;
   float m = -INFINITY;
   bool nan = false;
   int64_t i = 0;
   {
-    vf mv = vf{} - INFINITY;
-    vi nv = vi{}, lane;
-    for (int l = 0; l < L; ++l) lane[l] = l;
+    F mv = F{} - INFINITY;
+    I nv = I{}, lane;
+    for (int l = 0; l < W; ++l) lane[l] = l;
     const int64_t Vv = MASKED ? std::min(V, nbits) : V;
-    for (; i + L <= Vv; i += L) {
-      vf y = load(x + i) / temp;
-      if constexpr (MASKED) {  // (L = 16: a vector's bits sit in one word)
-        const vu bits = (vu{} + static_cast<uint32_t>(mask[i / 32])) >> (vu)(lane + static_cast<int32_t>(i % 32));
-        y = (vi)((bits & 1u) != 0) ? y : vf{} - INFINITY;
+    for (; i + W <= Vv; i += W) {
+      F y = Lanes<W>::load_at(x + i) / temp;
+      if constexpr (MASKED) {  // (W <= 32 and i a multiple of W: a vector's bits sit in one word)
+        const U bits = (U{} + static_cast<uint32_t>(mask[i / 32])) >> (U)(lane + static_cast<int32_t>(i % 32));
+        y = (I)((bits & 1u) != 0) ? y : F{} - INFINITY;
       }
-      store(e + i, y);
+      *reinterpret_cast<F*>(e + i) = y;
       nv |= y != y;
       mv = y > mv ? y : mv;
     }
-    for (int l = 0; l < L; ++l) { nan |= nv[l] != 0; m = mv[l] > m ? mv[l] : m; }
+    for (int l = 0; l < W; ++l) { nan |= nv[l] != 0; m = mv[l] > m ? mv[l] : m; }
   }
   for (; i < V; ++i) {
     const float y = allowed(i) ? static_cast<float>(x[i]) / temp : -INFINITY;
@@ -3054,21 +3062,22 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
   }
   // exp(y - m) where kept (y >= kth, finite), else 0
   double Z = 0.0;
-  vf zv = vf{};  // (lane sums in float32, as a float32 softmax sums; a chain of double adds took ~60 us a row)
-  for (i = 0; i + L <= V; i += L) {
-    const vf y = load(e + i);
-    vf v = vexp(y - m);
-    v = (y >= kth && y - m >= -87.f) ? v : vf{};  // (below: a float32 softmax's probability is < 2^-125, and vexp
-    store(e + i, v);                                //  clamps there; such a token is never drawn)
-    zv += v;
-  }
-  for (int l = 0; l < L; ++l) Z += zv[l];
+  FE zv[NE] = {};  // (lane sums in float32, as a float32 softmax sums; a chain of double adds took ~60 us a row)
+  for (i = 0; i + L <= V; i += L)
+    for (int h = 0; h < NE; ++h) {
+      const FE y = Lanes<WE>::load_at(e + i + h * WE);
+      FE v = vexp_of<FE, IE>(y - m);
+      v = (y >= kth && y - m >= -87.f) ? v : FE{};  // (below: a float32 softmax's probability is < 2^-125, and vexp
+      *reinterpret_cast<FE*>(e + i + h * WE) = v;    //  clamps there; such a token is never drawn)
+      zv[h] += v;
+    }
+  for (int h = 0; h < NE; ++h) for (int l = 0; l < WE; ++l) Z += zv[h][l];
   for (; i < V; ++i) {
     const float y = e[i];
     e[i] = (y >= kth && y - m >= -87.f) ? std::exp(y - m) : 0.f;
     Z += e[i];
   }
-  double W = Z;  // the kept tokens' mass
+  double Wt = Z;  // the kept tokens' mass
   if (top_p < 1.f) {
     const double target = static_cast<double>(top_p) * Z;
     constexpr int NB = 1024;  // e in (0, 1]: its bits >> 21 (8 exponent bits, 2 of the mantissa) are below 1024
@@ -3093,28 +3102,28 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
     size_t kept = 0;
     for (; kept < edge.size() && acc < target; ++kept) acc += edge[kept].first;
     for (size_t j = kept; j < edge.size(); ++j) e[edge[j].second] = 0.f;
-    W = acc;
+    Wt = acc;
   }
   if (min_p > 0.f) {  // after top-p, as HF's warpers run: e is the probability over the top token's (whose e is 1)
-    vf wv = vf{};
-    for (i = 0; i + L <= V; i += L) {
-      const vf v = load(e + i);
-      const vf kept = v >= min_p ? v : vf{};
-      store(e + i, kept);
-      wv += kept;
-    }
-    W = 0.0;
-    for (int l = 0; l < L; ++l) W += wv[l];
-    for (; i < V; ++i) { if (e[i] < min_p) e[i] = 0.f; W += e[i]; }
+    FE wv[NE] = {};
+    for (i = 0; i + L <= V; i += L)
+      for (int h = 0; h < NE; ++h) {
+        const FE v = Lanes<WE>::load_at(e + i + h * WE);
+        const FE kept = v >= min_p ? v : FE{};
+        *reinterpret_cast<FE*>(e + i + h * WE) = kept;
+        wv[h] += kept;
+      }
+    Wt = 0.0;
+    for (int h = 0; h < NE; ++h) for (int l = 0; l < WE; ++l) Wt += wv[h][l];
+    for (; i < V; ++i) { if (e[i] < min_p) e[i] = 0.f; Wt += e[i]; }
   }
   // the token in whose interval goal falls: whole blocks of L summed first, then the block it falls in
-  const double goal = u * W;
+  const double goal = u * Wt;
   double acc = 0.0;
   int64_t j = 0;
   for (; j + L <= V; j += L) {
-    const vf v = load(e + j);
     float block = 0.f;
-    for (int l = 0; l < L; ++l) block += v[l];
+    for (int l = 0; l < L; ++l) block += e[j + l];
     if (acc + block >= goal && block > 0.f) break;
     acc += block;
   }
@@ -4013,7 +4022,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v210_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v211_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
