@@ -46,10 +46,10 @@ def test_avx2_build_gives_the_avx512_builds_outputs_bit_for_bit(avx2_build, tmp_
 
 
 def test_avx2_build_passes_the_kernel_tests(avx2_build):
-    """The kernel, sampling-kernel and fast-path tests (each kernel against its reference, batch invariance) on the AVX2
-    build."""
+    """The kernel, sampling-kernel, 8-bit cache and fast-path tests (each kernel against its reference, batch
+    invariance) on the AVX2 build."""
     run = as_haswell("pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "tests/test_sampling_kernel.py",
-                     "tests/test_fastpath.py")
+                     "tests/test_kv_int8.py", "tests/test_fastpath.py")
     tail = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail
     assert " passed" in run.stdout and " failed" not in run.stdout, tail

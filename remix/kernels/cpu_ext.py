@@ -164,6 +164,9 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
+inline __m256 load8(const int8_t* p) {  // eight int8 codes widened exactly
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 __attribute__((always_inline)) inline __m256 keep8(__m256 v) {  // as keep(): v from a register
   asm("" : "+x"(v));
   return v;
@@ -1818,7 +1821,8 @@ inline float softmax_pass(float* sr, int64_t len, int64_t padded, Put&& put) {
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 // softmax_pass on 8-lane vectors (AVX2 builds: see vexp_of), storing e into sr: the same max, the same exp of each
 // score, and the sum in the same order (lanes 0-7 and 8-15 of each 16 in two sums, then hsum's order).
-inline float softmax_pass8(float* sr, int64_t len, int64_t padded) {
+// vs (the 8-bit cache's V scales, or null): each stored e times its position's scale (0 past len), the sum e's own.
+inline float softmax_pass8(float* sr, int64_t len, int64_t padded, const float* vs = nullptr) {
   for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;
   vf8 mv = load_8(sr);
   for (int64_t t = 8; t < padded; t += 8) { const vf8 x = load_8(sr + t); mv = mv > x ? mv : x; }
@@ -1827,8 +1831,15 @@ inline float softmax_pass8(float* sr, int64_t len, int64_t padded) {
   vf8 lo = vf8{}, hi = vf8{};
   for (int64_t t = 0; t < padded; t += L) {
     const vf8 a = vexp_of<vf8, vi8>(load_8(sr + t) - m), b = vexp_of<vf8, vi8>(load_8(sr + t + 8) - m);
-    store_8(sr + t, a);
-    store_8(sr + t + 8, b);
+    if (vs) {
+      alignas(32) float sc[L] = {};
+      std::memcpy(sc, vs + t, std::min<int64_t>(L, len - t) * sizeof(float));
+      store_8(sr + t, a * load_8(sc));
+      store_8(sr + t + 8, b * load_8(sc + 8));
+    } else {
+      store_8(sr + t, a);
+      store_8(sr + t + 8, b);
+    }
     lo += a;
     hi += b;
   }
@@ -2213,6 +2224,62 @@ void attend_group_q8(const T* q, const int8_t* K, const int8_t* V, const float* 
   float_v_pass<DH>(V, len, nrep, s, padded, inv, out, next_k);
 }
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// attend_group_q8 without AVX-512 (AVX2 + FMA builds): GCC's code for the 16-lane version widened the codes and
+// shuffled the pairs element by element - 30 layers x 32 rows x ~190 positions took 80 ms on an AVX2 build against
+// 3.5 on the AVX-512 build's integer path (34th session, Zen 4 VM). Here each K block's codes are widened once into
+// kf ([DH / 2][2][16] floats: the pair's even / odd dimension for 16 positions, de-interleaved by a byte shuffle),
+// then each head's scores are two fused multiply-adds a pair on 8-lane halves; the softmax (softmax_pass8, V's scales
+// folded into the numerators) and V pass (v_pass_avx2, codes widened as read) as attend_group_avx2's. One order per
+// output whatever the batch; not the AVX-512 float path's order (CPUs with AVX512-VNNI take the integer path anyway).
+template <typename T, int DH>
+void attend_group_q8_avx2(const T* q, const int8_t* K, const int8_t* V, const float* ks, const float* vs, int64_t len,
+                          int64_t nrep, float scale, T* out, float* s, const int8_t* next_k) {
+  static_assert(KB == L, "a K block is one block of scores");
+  alignas(32) float qf[MAX_GROUP * DH];
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < DH; c += 8) _mm256_store_ps(qf + r * DH + c, _mm256_mul_ps(load8(q + r * DH + c), _mm256_set1_ps(scale)));
+  const int64_t padded = (len + L - 1) / L * L;
+  const char* k_end = reinterpret_cast<const char*>(K + padded * DH);
+  const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  alignas(32) float kf[DH / 2][2][L];
+  for (int64_t t0 = 0; t0 < len; t0 += L) {
+    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
+    prefetch_k(ahead, L * DH, k_end, V);  // K two blocks on, then V's start
+    const int64_t n = std::min<int64_t>(L, len - t0);
+    const int8_t* kb = K + t0 * DH;  // [DH / 2][16][2]; positions past len hold stale codes, never used
+    for (int e = 0; e < DH / 2; ++e)
+      for (int h = 0; h < 2; ++h) {  // positions 8 h .. 8 h + 7: even dimensions in the low 8 bytes, odd in the high
+        const __m128i b = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kb + e * 2 * L + h * L)), split);
+        _mm256_store_ps(kf[e][0] + 8 * h, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+        _mm256_store_ps(kf[e][1] + 8 * h, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b))));
+      }
+    alignas(32) float kscale[L] = {};
+    std::memcpy(kscale, ks + t0, n * sizeof(float));
+    for (int64_t r = 0; r < nrep; ++r) {
+      const float* qr = qf + r * DH;
+      __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+      for (int e = 0; e < DH / 2; ++e) {
+        const __m256 q0 = _mm256_set1_ps(qr[2 * e]), q1 = _mm256_set1_ps(qr[2 * e + 1]);
+        lo = _mm256_fmadd_ps(q1, _mm256_load_ps(kf[e][1]), _mm256_fmadd_ps(q0, _mm256_load_ps(kf[e][0]), lo));
+        hi = _mm256_fmadd_ps(q1, _mm256_load_ps(kf[e][1] + 8), _mm256_fmadd_ps(q0, _mm256_load_ps(kf[e][0] + 8), hi));
+      }
+      _mm256_storeu_ps(s + r * padded + t0, _mm256_mul_ps(lo, _mm256_load_ps(kscale)));
+      _mm256_storeu_ps(s + r * padded + t0 + 8, _mm256_mul_ps(hi, _mm256_load_ps(kscale + 8)));
+    }
+  }
+  float inv[MAX_GROUP];
+  for (int64_t r = 0; r < nrep; ++r) inv[r] = softmax_pass8(s + r * padded, len, padded, vs);
+  switch (nrep) {
+    case 1: return v_pass_avx2<1, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    case 2: return v_pass_avx2<2, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    case 3: return v_pass_avx2<3, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    case 4: return v_pass_avx2<4, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    default: return v_pass_avx2<MAX_GROUP, DH>(V, len, nrep, s, padded, inv, out, next_k);
+  }
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define REMIX_Q8_VNNI 1
 bool g_attn_q8_int = true;  // off: the 8-bit cache takes attend_group_q8's float path (A/B runs, tests)
@@ -2405,8 +2472,13 @@ void decode_attention_q8_impl(const T* q, int64_t q_row, const int8_t* K, const 
         continue;
       }
 #endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+      attend_group_q8_avx2<T, DH>(q + i * q_row + g * nrep * DH, K + at * DH, V + at * DH, Ks + at, Vs + at, lens[i],
+                                  nrep, scale, out + it * nrep * DH, s.data(), next >= 0 ? K + next : nullptr);
+#else
       attend_group_q8<T, DH>(q + i * q_row + g * nrep * DH, K + at * DH, V + at * DH, Ks + at, Vs + at, lens[i], nrep,
                              scale, out + it * nrep * DH, s.data(), next >= 0 ? K + next : nullptr);
+#endif
     }
   }
 }
@@ -4022,7 +4094,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v211_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v212_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
