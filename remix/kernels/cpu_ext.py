@@ -778,30 +778,23 @@ inline void dot_tile(const float* X, int64_t D, const float* W, int64_t nw, floa
   // order, one fused multiply-add a step, then hsum's order (hsum16), the tail, the bias - every output the AVX-512
   // code's, bit for bit. The tile shapes (dot_gemm_any) keep the 2 RT GO halves and the loaded vectors in AVX2's 16
   // registers.
-  __m256 lo[RT][GO], hi[RT][GO];
-  for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) lo[q][c] = hi[q][c] = _mm256_setzero_ps();
+  __m256 acc[2][RT][GO];  // [lanes 0-7 / 8-15]
+  for (int h = 0; h < 2; ++h) for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) acc[h][q][c] = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + L <= D; d += L) {
     for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * pstride + d, 0, PFL);
-    {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
       __m256 av[GO];
-      for (int c = 0; c < GO; ++c) av[c] = RT > 1 ? keep8(load8(a[c] + d)) : load8(a[c] + d);
+      for (int c = 0; c < GO; ++c) av[c] = RT > 1 ? keep8(load8(a[c] + d + 8 * h)) : load8(a[c] + d + 8 * h);
       for (int q = 0; q < RT; ++q) {
-        const __m256 xv = GO > 1 ? keep8(load8(X + q * D + d)) : load8(X + q * D + d);
-        for (int c = 0; c < GO; ++c) lo[q][c] = _mm256_fmadd_ps(av[c], xv, lo[q][c]);
-      }
-    }
-    {
-      __m256 av[GO];
-      for (int c = 0; c < GO; ++c) av[c] = RT > 1 ? keep8(load8(a[c] + d + 8)) : load8(a[c] + d + 8);
-      for (int q = 0; q < RT; ++q) {
-        const __m256 xv = GO > 1 ? keep8(load8(X + q * D + d + 8)) : load8(X + q * D + d + 8);
-        for (int c = 0; c < GO; ++c) hi[q][c] = _mm256_fmadd_ps(av[c], xv, hi[q][c]);
+        const __m256 xv = GO > 1 ? keep8(load8(X + q * D + d + 8 * h)) : load8(X + q * D + d + 8 * h);
+        for (int c = 0; c < GO; ++c) acc[h][q][c] = _mm256_fmadd_ps(av[c], xv, acc[h][q][c]);
       }
     }
   }
   float sums[RT * GO];
-  for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) sums[q * GO + c] = hsum16(lo[q][c], hi[q][c]);
+  for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) sums[q * GO + c] = hsum16(acc[0][q][c], acc[1][q][c]);
 #else
   vf acc[RT][GO];
   for (int q = 0; q < RT; ++q) for (int c = 0; c < GO; ++c) acc[q][c] = vf{};
@@ -1090,14 +1083,9 @@ void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y,
 // All float32 linears of the default base (an AVX2 build on the 34th session's Zen 4 VM, `python scripts/as_march.py
 // haswell -m remix.kernels.gemm_bench --dtype float32 --rows 1,2,4,8,16,32,64`), sgemm slices -> 3 x 2 tiles: 24.0 /
 // 39.4 / 36.8 / 43.9 / 55.6 / 76.3 / 125.4 -> 17.8 / 18.6 / 18.8 / 22.9 / 46.4 / 74.2 / 127.7 ms at 1 / 2 / 4 / 8 /
-// 16 / 32 / 64 rows. Tried: 4 x 1 below 16 rows (8 rows 27.4 ms), 3 x 3 from 16 (18 halves spill: 64 rows 155 ms).
-// (-DAVX2_GO=.. -DAVX2_RT=.. -DAVX2_GO_SMALL=.. -DAVX2_RT_SMALL=.. for such A/B builds.)
-#ifndef AVX2_GO
-#define AVX2_GO 3
-#define AVX2_RT 2
-#define AVX2_GO_SMALL 3
-#define AVX2_RT_SMALL 2
-#endif
+// 16 / 32 / 64 rows. Tried (docs/BENCHMARKS.md, 34th session): 4 x 1 below 16 rows, 3 x 3, 4 x 2 and 6 x 1 from 16,
+// two passes over D in 4 x 3 / 4 x 2 tiles - all slower.
+constexpr int AVX2_GO = 3, AVX2_RT = 2;
 
 // dot_gemm with the tile shape for T rows: 6 x 3 below 16 rows (more of W per load of X), else 5 x 5.
 template <typename E>
@@ -1107,7 +1095,7 @@ void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void
   auto* y = static_cast<E*>(Y);
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<E, float>) {  // AVX2: the tiles above
-    if (T < 16) return dot_gemm<AVX2_GO_SMALL, AVX2_RT_SMALL, 1>(x, T, D, w, b, y, O, o0, o1, ahead, own);
+    if (T < 16) return dot_gemm<AVX2_GO, AVX2_RT, 1>(x, T, D, w, b, y, O, o0, o1, ahead, own);  // (PFL: see dot_gemm)
     return dot_gemm<AVX2_GO, AVX2_RT, 3>(x, T, D, w, b, y, O, o0, o1, ahead, own);
   }
 #endif
@@ -1999,12 +1987,30 @@ void v_pass_avx2(const VT* V, int64_t len, int64_t nrep, const float* s, int64_t
     v_cols_avx2<G, CW>(V, DH, c0, len, nrep, s, padded, inv, out, next_k, c0 == 0);
 }
 
+// v_pass_avx2 with G (a register block's heads) for nrep, and q * scale for nrep heads into qs (as attend_group's qv):
+// what attend_group_avx2 and attend_group_q8_avx2 share.
+template <int DH, typename VT, typename T>
+void v_pass_avx2_any(const VT* V, int64_t len, int64_t nrep, const float* s, int64_t padded, const float* inv, T* out,
+                     const VT* next_k) {
+  switch (nrep) {
+    case 1: return v_pass_avx2<1, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    case 2: return v_pass_avx2<2, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    case 3: return v_pass_avx2<3, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    case 4: return v_pass_avx2<4, DH>(V, len, nrep, s, padded, inv, out, next_k);
+    default: return v_pass_avx2<MAX_GROUP, DH>(V, len, nrep, s, padded, inv, out, next_k);
+  }
+}
+template <int DH, typename T>
+inline void scaled_q_avx2(const T* q, int64_t nrep, float scale, float* qs) {
+  for (int64_t r = 0; r < nrep; ++r)
+    for (int c = 0; c < DH; c += 8) _mm256_store_ps(qs + r * DH + c, _mm256_mul_ps(load8(q + r * DH + c), _mm256_set1_ps(scale)));
+}
+
 template <typename T, int DH>
 void attend_group_avx2(const T* q, const T* K, const T* V, int64_t len, int64_t nrep, float scale, T* out, float* s,
                        const T* next_k) {
-  alignas(32) float qs[MAX_GROUP * DH];  // q * scale, as attend_group's qv
-  for (int64_t r = 0; r < nrep; ++r)
-    for (int c = 0; c < DH; c += 8) _mm256_store_ps(qs + r * DH + c, _mm256_mul_ps(load8(q + r * DH + c), _mm256_set1_ps(scale)));
+  alignas(32) float qs[MAX_GROUP * DH];
+  scaled_q_avx2<DH>(q, nrep, scale, qs);
   const int64_t padded = (len + L - 1) / L * L;
   const char* k_end = reinterpret_cast<const char*>(K + len * DH);
   for (int64_t t0 = 0; t0 < len; t0 += L) {
@@ -2033,13 +2039,7 @@ void attend_group_avx2(const T* q, const T* K, const T* V, int64_t len, int64_t 
   }
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) inv[r] = softmax_pass8(s + r * padded, len, padded);
-  switch (nrep) {
-    case 1: return v_pass_avx2<1, DH>(V, len, nrep, s, padded, inv, out, next_k);
-    case 2: return v_pass_avx2<2, DH>(V, len, nrep, s, padded, inv, out, next_k);
-    case 3: return v_pass_avx2<3, DH>(V, len, nrep, s, padded, inv, out, next_k);
-    case 4: return v_pass_avx2<4, DH>(V, len, nrep, s, padded, inv, out, next_k);
-    default: return v_pass_avx2<MAX_GROUP, DH>(V, len, nrep, s, padded, inv, out, next_k);
-  }
+  v_pass_avx2_any<DH>(V, len, nrep, s, padded, inv, out, next_k);
 }
 #endif
 
@@ -2237,8 +2237,7 @@ void attend_group_q8_avx2(const T* q, const int8_t* K, const int8_t* V, const fl
                           int64_t nrep, float scale, T* out, float* s, const int8_t* next_k) {
   static_assert(KB == L, "a K block is one block of scores");
   alignas(32) float qf[MAX_GROUP * DH];
-  for (int64_t r = 0; r < nrep; ++r)
-    for (int c = 0; c < DH; c += 8) _mm256_store_ps(qf + r * DH + c, _mm256_mul_ps(load8(q + r * DH + c), _mm256_set1_ps(scale)));
+  scaled_q_avx2<DH>(q, nrep, scale, qf);
   const int64_t padded = (len + L - 1) / L * L;
   const char* k_end = reinterpret_cast<const char*>(K + padded * DH);
   const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -2270,13 +2269,7 @@ void attend_group_q8_avx2(const T* q, const int8_t* K, const int8_t* V, const fl
   }
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) inv[r] = softmax_pass8(s + r * padded, len, padded, vs);
-  switch (nrep) {
-    case 1: return v_pass_avx2<1, DH>(V, len, nrep, s, padded, inv, out, next_k);
-    case 2: return v_pass_avx2<2, DH>(V, len, nrep, s, padded, inv, out, next_k);
-    case 3: return v_pass_avx2<3, DH>(V, len, nrep, s, padded, inv, out, next_k);
-    case 4: return v_pass_avx2<4, DH>(V, len, nrep, s, padded, inv, out, next_k);
-    default: return v_pass_avx2<MAX_GROUP, DH>(V, len, nrep, s, padded, inv, out, next_k);
-  }
+  v_pass_avx2_any<DH>(V, len, nrep, s, padded, inv, out, next_k);
 }
 #endif
 
@@ -4094,7 +4087,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v212_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v213_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
