@@ -1943,7 +1943,10 @@ __attribute__((always_inline)) inline __m256 qk_halves(const float* q, const flo
     lo = _mm256_fmadd_ps(_mm256_load_ps(q + c * L), _mm256_loadu_ps(k + c * L), lo);
     hi = _mm256_fmadd_ps(_mm256_load_ps(q + c * L + 8), _mm256_loadu_ps(k + c * L + 8), hi);
   }
-  return _mm256_add_ps(lo, hi);
+  // keep8: GCC's _mm256_mul_ps / _mm256_add_ps are plain vector arithmetic, which it contracts - at DH 16 (no FMA step)
+  // it had fused hi's product into this add (one rounding fewer than attend_group's), and the builds' scores differed
+  // by an ulp
+  return _mm256_add_ps(keep8(lo), keep8(hi));
 }
 
 // The V pass's halves [c0, c0 + CW) of G heads (NR = nrep <= G; G x CW accumulators in registers): as float_v_pass.
@@ -4087,7 +4090,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v213_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v214_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
