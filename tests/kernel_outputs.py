@@ -26,7 +26,9 @@ def outputs() -> dict[str, torch.Tensor]:
     was = ext._batch_invariant(True)
     try:
         with torch.inference_mode():
-            # D a multiple of 16 or not (the tail), O not a multiple of the tiles, 1 to 300 rows (every tile remainder)
+            # D a multiple of 16 or not (the tail), O not a multiple of the tiles, 1 to 300 rows (every tile remainder).
+            # (Every tail of D is an explicit FMA a step in the kernels: GCC vectorises a scalar `s += a * b` loop as
+            # rounded products plus a remainder of FMAs, split by the build's vector width.)
             for D, O in [(576, 1536), (1536, 576), (64, 96), (100, 37), (33, 70)]:
                 W, b = torch.randn(O, D, generator=g), torch.randn(O, generator=g)
                 for T in (1, 2, 3, 5, 8, 15, 16, 17, 32, 300):
@@ -35,7 +37,7 @@ def outputs() -> dict[str, torch.Tensor]:
                     out[f"linear {D}->{O} T={T} no bias"] = cpu_ext.linear(x, W)
             # a routed module: two adapters of n = 8 (k = 2, r = 8) and a slot with none, as the engine binds them
             n, r = 8, 8
-            for D, O in [(576, 1536), (1536, 576), (64, 96)]:
+            for D, O in [(576, 1536), (1536, 576), (64, 96), (100, 37), (33, 70)]:
                 base = torch.nn.Linear(D, O, bias=False)
                 with torch.no_grad():
                     base.weight.copy_(torch.randn(O, D, generator=g) * D**-0.5)
@@ -62,6 +64,22 @@ def outputs() -> dict[str, torch.Tensor]:
             for n in (1536, 100, 7):
                 gate = torch.randn(3, n, generator=g) * torch.tensor([1.0, 10.0, 100.0])[:, None]
                 out[f"silu_mul {n}"] = ext.silu_mul_(gate.contiguous(), torch.randn(3, n, generator=g))
+                gate_h = gate.to(torch.bfloat16).contiguous()
+                out[f"silu_mul bfloat16 {n}"] = ext.silu_mul_(gate_h, torch.randn(3, n, generator=g).to(torch.bfloat16))
+            # a sublayer's residual add + RMSNorm and the rotary embedding in place (widths with and without a tail;
+            # float32 and bfloat16)
+            for dt in (torch.float32, torch.bfloat16):
+                for D in (576, 100, 33):
+                    h, delta = torch.randn(5, D, generator=g).to(dt), torch.randn(5, D, generator=g).to(dt)
+                    w = (torch.rand(D, generator=g) + 0.5).to(dt)
+                    out[f"add_rms_norm {dt} {D}"] = ext.add_rms_norm_(h, delta, w, 1e-5)
+                    out[f"add_rms_norm {dt} {D} residual"] = h
+                for Dh in (64, 16):
+                    qkv = torch.randn(5, 9 + 2 * 3, Dh, generator=g).to(dt)
+                    ang = torch.rand(5, Dh // 2, generator=g) * 6
+                    cos, sin = torch.cat([ang.cos(), ang.cos()], -1).to(dt), torch.cat([-ang.sin(), ang.sin()], -1).to(dt)
+                    ext.rotary_(qkv[:, :12], cos, sin)
+                    out[f"rotary {dt} {Dh}"] = qkv
             # greedy sampling's argmax over a vocabulary (ties and a NaN row included)
             logits = torch.randn(6, 49152, generator=g).round(decimals=1)
             logits[2, 100] = float("nan")

@@ -209,7 +209,7 @@ inline void dots2x2_avx2(const XT* x0, const XT* x1, int64_t nq, const R* a0, co
   for (int64_t q = 0; q < nq; ++q)
     for (int64_t c = 0; c < nc; ++c) {
       float sum = hsum16(lo[q][c], hi[q][c]);
-      for (int64_t e = d; e < D; ++e) sum += static_cast<float>(a[c][e]) * static_cast<float>(x[q][e]);
+      for (int64_t e = d; e < D; ++e) sum = __builtin_fmaf(static_cast<float>(a[c][e]), static_cast<float>(x[q][e]), sum);
       out[q][c] = sum;
     }
 }
@@ -259,10 +259,13 @@ inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, 
   for (int q = 0; q < 4; ++q)
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) sums[q][c] = hsum(acc[q][c]);
+  // The tail of D an explicit fused multiply-add a step (as dot_tile's): written `s += a * x`, GCC vectorised the loop
+  // as rounded products added in order and left a remainder of FMAs, split by the build's vector width - the AVX2 and
+  // AVX-512 builds' routers and phase A differed by an ulp where D is not a multiple of 16 (35th session)
   for (int64_t q = 0; q < nq; ++q)
     for (int64_t c = 0; c < nc; ++c) {
       float s = sums[q][c];
-      for (int64_t e = d; e < D; ++e) s += static_cast<float>(a[c][e]) * static_cast<float>(x[q][e]);
+      for (int64_t e = d; e < D; ++e) s = __builtin_fmaf(static_cast<float>(a[c][e]), static_cast<float>(x[q][e]), s);
       out[q * os + c] = scale ? s * scale[q] : s;
     }
 #endif
@@ -337,7 +340,7 @@ void axpy_lora(float* Y, int64_t ldy, int64_t yo, int64_t O, const R* b, const f
       float* y = Y + rows[p] * ldy + (o - yo);
       const float* u = U + p * us;
       float acc = *y;
-      for (int c = 0; c < CN; ++c) acc += u[c] * static_cast<float>(b[c * O + o]);
+      for (int c = 0; c < CN; ++c) acc = __builtin_fmaf(u[c], static_cast<float>(b[c * O + o]), acc);
       *y = acc;
     }
 }
@@ -3312,7 +3315,7 @@ void add_rms_rows(T* h, const T* delta, const T* w, T* out, int64_t rows, int64_
       int64_t d = 0;
       for (; d + L <= D; d += L) { const vf v = load(hr + d); acc += v * v; }
       float ss = hsum(acc);
-      for (; d < D; ++d) { const float v = to_f(hr[d]); ss += v * v; }
+      for (; d < D; ++d) { const float v = to_f(hr[d]); ss = __builtin_fmaf(v, v, ss); }  // explicit: see dots4x4's tail
       const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
       for (int64_t e = 0; e < D; ++e)  // LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
         out[i * D + e] = from_f<T>(to_f(w[e]) * to_f(from_f<T>(to_f(hr[e]) * r)));
@@ -4090,7 +4093,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v214_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v215_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
