@@ -60,6 +60,12 @@ def outputs() -> dict[str, torch.Tensor]:
                 out[f"decode attention {Hkv}x{nrep}x{Dh}"] = ext.decode_attention(qk, K, V, 1, lens, Hq, Dh**-0.5)
                 slots = torch.tensor([5, 0, 0, 3, 1])
                 out[f"slot attention {Hkv}x{nrep}x{Dh}"] = ext.slot_attention(qk, K, V, slots, lens, Hq, Dh**-0.5)
+                # bfloat16 on the widening path (the AVX-512 build's vdpbf16ps path rounds the weights to bfloat16 and
+                # has no AVX2 counterpart)
+                ext._attention_bf16_dot(False)
+                h = torch.bfloat16
+                out[f"decode attention bfloat16 {Hkv}x{nrep}x{Dh}"] = ext.decode_attention(qk.to(h), K.to(h), V.to(h), 1, lens, Hq, Dh**-0.5)
+                ext._attention_bf16_dot(True)
             # silu(g) * u (the FFN's activation) over widths with and without a tail, values from -100 to 100
             for n in (1536, 100, 7):
                 gate = torch.randn(3, n, generator=g) * torch.tensor([1.0, 10.0, 100.0])[:, None]
