@@ -6,7 +6,7 @@
 The kernels' AVX2 paths (builds without AVX-512) keep every 16-lane sum as two 8-lane halves in the same order, so an
 AVX2 build must give the AVX-512 build's outputs exactly: the base GEMM (linear, batch-invariant mode so every size
 takes the dot-product kernel), a routed module call (routing, phase A, phase B and the GEMM fused), the decode
-attention and the FFN's activation. `compare` prints every mismatch and exits 1 if there is one (tests/test_avx2_build.py runs it)."""
+attention and the FFN's activation, and the engine end to end on the tiny model (engine_outputs). `compare` prints every mismatch and exits 1 if there is one (tests/test_avx2_build.py runs it)."""
 
 from __future__ import annotations
 
@@ -102,6 +102,43 @@ def outputs() -> dict[str, torch.Tensor]:
             out["sample_rows masked"] = ext.sample_rows(x, rows, n8, top_k, top_p, u, bits, 49152 - 5)
     finally:
         ext._batch_invariant(was)
+    out.update(engine_outputs())
+    return out
+
+
+def engine_outputs() -> dict[str, torch.Tensor]:
+    """The engine end to end on the compiled kernels (the tiny Llama in float32, `batch_invariant` so prefill takes
+    the compiled GEMM too): greedy requests of two ReMix adapters and of the bare base and a seeded sampled one,
+    served together; their tokens and log-probabilities (with the top two alternatives)."""
+    import tempfile
+    from pathlib import Path
+
+    import remix
+    from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+    from tests.helpers import serve_together, write_adapter
+
+    model, tok = remix.tiny_model(seed=3)
+    with torch.no_grad():  # larger weights, so greedy decoding does not collapse to one repeated byte
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [write_adapter(model, Path(tmp) / f"a{i}", seed=i) for i in range(2)]
+        engine = Engine(model, tok, EngineConfig(max_model_len=96, max_num_seqs=4, max_prefill_chunk=16,
+                                                 max_batched_tokens=40, batch_invariant=True))
+        for i, path in enumerate(paths):
+            engine.load_adapter(f"a{i}", path)
+    prompts = ["The quick brown fox", "Hello, my name is", "1 2 3 4", "Once upon a time, in a land far away, there"]
+    greedy = dict(max_tokens=24, ignore_eos=True, logprobs=2)
+    params = [SamplingParams(temperature=0.0, **greedy)] * 3 + [SamplingParams(temperature=0.8, top_p=0.9, seed=7, **greedy)]
+    reqs = [GenerationRequest(f"r{i}", tok(p).input_ids, params[i], adapter=(None, "a0", "a1", "a0")[i]) for i, p in enumerate(prompts)]
+    events = serve_together(engine, reqs)
+    out = {}
+    for r in reqs:
+        evs = events[r.request_id]
+        out[f"engine {r.request_id} tokens"] = torch.tensor([t for e in evs for t in e.token_ids])
+        out[f"engine {r.request_id} logprobs"] = torch.tensor(
+            [[lp] + [x for pair in top for x in pair] for e in evs for (_, lp, top) in e.logprobs], dtype=torch.float64)
     return out
 
 

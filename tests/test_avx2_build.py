@@ -35,7 +35,8 @@ def avx2_build():
 
 def test_avx2_build_gives_the_avx512_builds_outputs_bit_for_bit(avx2_build, tmp_path):
     """Every 16-lane sum of the AVX-512 code is two 8-lane halves in the AVX2 code, summed in the same order: the base
-    GEMM at 1-300 rows (D with and without a tail), routed module calls and the decode attention, equal exactly."""
+    GEMM at 1-300 rows (D with and without a tail), routed module calls, the decode attention, norm, rotary, silu,
+    argmax and sampling, and the engine's tokens and log-probabilities on the tiny model, equal exactly."""
     from tests import kernel_outputs
 
     saved = tmp_path / "native.pt"
