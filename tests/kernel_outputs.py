@@ -66,6 +66,21 @@ def outputs() -> dict[str, torch.Tensor]:
                 h = torch.bfloat16
                 out[f"decode attention bfloat16 {Hkv}x{nrep}x{Dh}"] = ext.decode_attention(qk.to(h), K.to(h), V.to(h), 1, lens, Hq, Dh**-0.5)
                 ext._attention_bf16_dot(True)
+            # the 8-bit KV cache's attention on its float path (an AVX-512 build with AVX512-VNNI takes integer dot
+            # products by default, which an AVX2 build has no counterpart of)
+            from server.engine.cache import quantize_kv, to_key_blocks
+
+            has_int = ext._attention_q8_int(False)
+            for Hkv, nrep, Dh in [(3, 3, 64), (1, 8, 128), (2, 2, 16)]:
+                S, P, Hq = 6, 80, Hkv * nrep
+                K8, Ks = quantize_kv(torch.randn(S, Hkv, P, Dh, generator=g))
+                V8, Vs = quantize_kv(torch.randn(S, Hkv, P, Dh, generator=g) * 2)
+                qk = torch.randn(5, Hq + 2 * Hkv, Dh, generator=g) * 2
+                lens = torch.tensor([1, 70, 17, 33, 16])
+                out[f"decode attention int8 cache {Hkv}x{nrep}x{Dh}"] = ext.decode_attention_q8(
+                    qk, to_key_blocks(K8), V8, Ks, Vs, 1, lens, Hq, Dh**-0.5)
+            if has_int:
+                ext._attention_q8_int(True)
             # silu(g) * u (the FFN's activation) over widths with and without a tail, values from -100 to 100
             for n in (1536, 100, 7):
                 gate = torch.randn(3, n, generator=g) * torch.tensor([1.0, 10.0, 100.0])[:, None]

@@ -2217,7 +2217,10 @@ void attend_group_q8(const T* q, const int8_t* K, const int8_t* V, const float* 
       const vf lo = load(kb + e * 2 * L), hi = load(kb + e * 2 * L + L);  // positions 0-7 and 8-15, pairs inner
       const vf k0 = __builtin_shuffle(lo, hi, vi{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30});
       const vf k1 = __builtin_shuffle(lo, hi, vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
-      for (int64_t r = 0; r < nrep; ++r) acc[r] += qf[r][2 * e] * k0 + qf[r][2 * e + 1] * k1;
+      for (int64_t r = 0; r < nrep; ++r) {  // two fused multiply-adds, even dimension first (as the AVX2 code)
+        acc[r] += qf[r][2 * e] * k0;
+        acc[r] += qf[r][2 * e + 1] * k1;
+      }
     }
     const vf kscale = load_n(ks + t0, n);
     for (int64_t r = 0; r < nrep; ++r) store(s + r * padded + t0, acc[r] * kscale);
@@ -2237,7 +2240,8 @@ void attend_group_q8(const T* q, const int8_t* K, const int8_t* V, const float* 
 // kf ([DH / 2][2][16] floats: the pair's even / odd dimension for 16 positions, de-interleaved by a byte shuffle),
 // then each head's scores are two fused multiply-adds a pair on 8-lane halves; the softmax (softmax_pass8, V's scales
 // folded into the numerators) and V pass (v_pass_avx2, codes widened as read) as attend_group_avx2's. One order per
-// output whatever the batch; not the AVX-512 float path's order (CPUs with AVX512-VNNI take the integer path anyway).
+// output whatever the batch, the AVX-512 float path's (tests/kernel_outputs.py; CPUs with AVX512-VNNI take the
+// integer path by default).
 template <typename T, int DH>
 void attend_group_q8_avx2(const T* q, const int8_t* K, const int8_t* V, const float* ks, const float* vs, int64_t len,
                           int64_t nrep, float scale, T* out, float* s, const int8_t* next_k) {
@@ -4093,7 +4097,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v215_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v216_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
