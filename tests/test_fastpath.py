@@ -462,7 +462,7 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
             runs[below] = (got, counts_of(engine))
     finally:
         cpu_ext.stack_clock(False)
-        ext._fuse_pair_below(4)
+        ext._fuse_pair_below(5)
     assert all(len(toks) == 24 for toks, _ in runs[64][0].values())
     assert runs[64][0] == runs[0][0]
     counts = runs[64][1]

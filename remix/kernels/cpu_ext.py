@@ -1669,8 +1669,13 @@ void silu_mul_cols(void* ya, const void* yb, int64_t T, int64_t O, int64_t o0, i
 // during its GEMM (which run_pair does not do), 15.08 -> 14.83 and 16.21 -> 16.41 (32nd session) - no change made. The
 // bare gate and up in one region the same way (two GEMM slices and silu a thread) gained nothing: 10.23 -> 10.27 and
 // 9.37 -> 9.29 ms at one sequence, 18.71 -> 18.77 and 18.29 -> 18.65 at 8, 41.19 -> 41.41 and 38.78 -> 38.79 at 32 - so
-// a bare step keeps its two linears.
-int64_t g_fuse_pair_below = 4;
+// a bare step keeps its two linears. 35th session (Zen 4 VM, bfloat16, scripts/ab_steps.py, three runs, the pair at the
+// row count against the two calls): 4 sequences 9.83 -> 9.62, 11.24 -> 11.05 and 9.89 -> 9.57 ms with one adapter,
+// 12.12 -> 12.02, 10.40 -> 10.25 and 10.34 -> 10.24 with four; 6 sequences 12.26 -> 12.08 with one but 13.10 -> 13.22
+// with four; 8 sequences 14.70 -> 14.59 and 14.61 -> 14.50 with one but 15.99 -> 16.17 and 15.62 -> 15.78 with four (FFN
+// 8.46 -> 8.82, 8.30 -> 8.67: below 16 rows the two calls each prefetch their own LoRAs' B^T rows during their GEMMs,
+// which run_pair does not, and with four adapters few of a slot's LoRAs are picked) - so the pair runs up to 4 rows.
+int64_t g_fuse_pair_below = 5;
 void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Pools& pa, const Pools& pb,
               const Routing* ra, const Routing* rb, int64_t* sela, float* wa, int64_t* selb, float* wb, int64_t k,
               const BaseGemm& ga, const BaseGemm& gb) {
@@ -4097,7 +4102,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v216_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v217_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
