@@ -15,6 +15,7 @@ import sys
 import torch
 
 from remix.kernels import cpu_ext
+from server.engine.cache import quantize_kv, to_key_blocks
 
 
 def outputs() -> dict[str, torch.Tensor]:
@@ -51,7 +52,10 @@ def outputs() -> dict[str, torch.Tensor]:
                     y, idx = call.routed(x, slots, torch.empty(0, dtype=torch.int64))
                     out[f"module {D}->{O} T={T}"], out[f"module {D}->{O} T={T} idx"] = y, idx
             # decode attention (the default base's 3 key/value heads of 64, 3 queries each, and other group sizes and
-            # head widths), lengths not multiples of 16; slot attention (rows reading given cache rows)
+            # head widths), lengths not multiples of 16; slot attention (rows reading given cache rows); bfloat16 on
+            # the widening path (the AVX-512 build's vdpbf16ps path rounds the weights to bfloat16 and has no AVX2
+            # counterpart; switched back on in the finally below)
+            ext._attention_bf16_dot(False)
             for Hkv, nrep, Dh in [(3, 3, 64), (2, 1, 64), (1, 8, 128), (4, 2, 64), (1, 3, 32), (1, 5, 64), (2, 2, 16)]:
                 S, P, Hq = 6, 70, Hkv * nrep
                 K, V = torch.randn(S, Hkv, P, Dh, generator=g), torch.randn(S, Hkv, P, Dh, generator=g)
@@ -60,17 +64,11 @@ def outputs() -> dict[str, torch.Tensor]:
                 out[f"decode attention {Hkv}x{nrep}x{Dh}"] = ext.decode_attention(qk, K, V, 1, lens, Hq, Dh**-0.5)
                 slots = torch.tensor([5, 0, 0, 3, 1])
                 out[f"slot attention {Hkv}x{nrep}x{Dh}"] = ext.slot_attention(qk, K, V, slots, lens, Hq, Dh**-0.5)
-                # bfloat16 on the widening path (the AVX-512 build's vdpbf16ps path rounds the weights to bfloat16 and
-                # has no AVX2 counterpart)
-                ext._attention_bf16_dot(False)
                 h = torch.bfloat16
                 out[f"decode attention bfloat16 {Hkv}x{nrep}x{Dh}"] = ext.decode_attention(qk.to(h), K.to(h), V.to(h), 1, lens, Hq, Dh**-0.5)
-                ext._attention_bf16_dot(True)
             # the 8-bit KV cache's attention on its float path (an AVX-512 build with AVX512-VNNI takes integer dot
             # products by default, which an AVX2 build has no counterpart of)
-            from server.engine.cache import quantize_kv, to_key_blocks
-
-            has_int = ext._attention_q8_int(False)
+            ext._attention_q8_int(False)  # (no-op without the integer path; back on in the finally below)
             for Hkv, nrep, Dh in [(3, 3, 64), (1, 8, 128), (2, 2, 16)]:
                 S, P, Hq = 6, 80, Hkv * nrep
                 K8, Ks = quantize_kv(torch.randn(S, Hkv, P, Dh, generator=g))
@@ -79,8 +77,6 @@ def outputs() -> dict[str, torch.Tensor]:
                 lens = torch.tensor([1, 70, 17, 33, 16])
                 out[f"decode attention int8 cache {Hkv}x{nrep}x{Dh}"] = ext.decode_attention_q8(
                     qk, to_key_blocks(K8), V8, Ks, Vs, 1, lens, Hq, Dh**-0.5)
-            if has_int:
-                ext._attention_q8_int(True)
             # silu(g) * u (the FFN's activation) over widths with and without a tail, values from -100 to 100
             for n in (1536, 100, 7):
                 gate = torch.randn(3, n, generator=g) * torch.tensor([1.0, 10.0, 100.0])[:, None]
@@ -117,6 +113,8 @@ def outputs() -> dict[str, torch.Tensor]:
             out["sample_rows masked"] = ext.sample_rows(x, rows, n8, top_k, top_p, u, bits, 49152 - 5)
     finally:
         ext._batch_invariant(was)
+        ext._attention_bf16_dot(True)
+        ext._attention_q8_int(True)
     out.update(engine_outputs())
     return out
 

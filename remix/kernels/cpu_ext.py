@@ -1789,6 +1789,18 @@ inline void prefetch_k(const void* ahead, int64_t bytes, const void* k_end, cons
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o < e ? a + o : vs + (a + o - e), 0, ATTN_PFL);
 }
 
+// The K stream of one key/value head, block by block: f(t0, n) for each block of L positions (n of them before len),
+// after prefetching (prefetch_k) K's block AHEAD blocks on, continuing into V's start past K's k_rows rows of row_bytes.
+template <int AHEAD = 2, typename F>
+__attribute__((always_inline)) inline void for_k_blocks(const void* K, const void* V, int64_t len, int64_t k_rows,
+                                                        int64_t row_bytes, F&& f) {
+  const char* k = static_cast<const char*>(K);
+  for (int64_t t0 = 0; t0 < len; t0 += L) {
+    prefetch_k(k + (t0 + AHEAD * L) * row_bytes, L * row_bytes, k + k_rows * row_bytes, V);
+    f(t0, std::min<int64_t>(L, len - t0));
+  }
+}
+
 // The de-interleave of a V pass that took two positions a step (attend_group_bf16, attend_group_q8_int): lane 4 l + i
 // of a holds dimension 8 l + i, of b 8 l + 4 + i; d0, d1 get dimensions 0-15 and 16-31 in order.
 inline void unpair(vf a, vf b, vf& d0, vf& d1) {
@@ -1843,21 +1855,26 @@ inline float softmax_pass8(float* sr, int64_t len, int64_t padded, const float* 
 }
 #endif
 
+// A float V pass's prefetches at position u (v: its row): V's row 32 positions on (it may run past the tensor: no
+// fault) and, a line a row, the next group's first two K blocks.
+template <typename VT>
+__attribute__((always_inline)) inline void prefetch_v_row(const VT* v, int64_t DH, const VT* next_k, int64_t u) {
+  constexpr int64_t ES = sizeof(VT);
+  for (int64_t o = 0; o < DH * ES; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);
+  if (next_k && u < 2 * L * DH * ES / 64) __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, ATTN_PFL);
+}
+
 // The V pass of the float paths (attend_group, attend_group_q8): out[r] = (sum_u s[r][u] V[u]) * inv[r], V's rows
 // (float32, bfloat16 or int8: `load` widens each) read once for all nrep heads, every sum in float32, rounded once to T.
 template <int DH, typename VT, typename T>
 void float_v_pass(const VT* V, int64_t len, int64_t nrep, const float* s, int64_t padded, const float* inv, T* out,
                   const VT* next_k) {
   constexpr int NV = DH / L;
-  constexpr int64_t ES = sizeof(VT);
   vf acc[MAX_GROUP][NV];
   for (int64_t r = 0; r < nrep; ++r) for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
   for (int64_t u = 0; u < len; ++u) {
     const VT* v = V + u * DH;
-    for (int64_t o = 0; o < DH * ES; o += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor: no fault
-    if (next_k && u < 2 * L * DH * ES / 64)  // the next group's first two K blocks, a line a row
-      __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, ATTN_PFL);
+    prefetch_v_row(v, DH, next_k, u);
     vf vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = load(v + c * L);
     for (int64_t r = 0; r < nrep; ++r) {
@@ -1885,11 +1902,7 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
   for (int64_t r = 0; r < nrep; ++r)
     for (int c = 0; c < NV; ++c) qv[r][c] = load(q + r * DH + c * L) * scale;
   const int64_t padded = (len + L - 1) / L * L;
-  const char* k_end = reinterpret_cast<const char*>(K + len * DH);
-  for (int64_t t0 = 0; t0 < len; t0 += L) {
-    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
-    prefetch_k(ahead, L * DH * static_cast<int64_t>(sizeof(T)), k_end, V);  // K two blocks on, then V's start
-    const int64_t n = std::min<int64_t>(L, len - t0);
+  for_k_blocks(K, V, len, len, DH * static_cast<int64_t>(sizeof(T)), [&](int64_t t0, int64_t n) {
     // bfloat16: the block's rows widened once into kb for all nrep heads (each head widening them again cost ~10 %
     // of a decode step's attention); float32 reads K directly. The same float values either way.
     [[maybe_unused]] alignas(64) float kb[std::is_same_v<T, float> ? 1 : L * DH];
@@ -1912,7 +1925,7 @@ void attend_group(const T* q, const T* K, const T* V, int64_t len, int64_t nrep,
       }
       store(s + r * padded + t0, reduce16(a));
     }
-  }
+  });
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) {
     float* sr = s + r * padded;
@@ -1961,17 +1974,11 @@ __attribute__((always_inline)) inline __m256 qk_halves(const float* q, const flo
 template <int G, int CW, typename VT, typename T>
 void v_cols_avx2(const VT* V, int64_t DH, int64_t c0, int64_t len, int64_t nrep, const float* s, int64_t padded,
                  const float* inv, T* out, const VT* next_k, bool first) {
-  constexpr int64_t ES = sizeof(VT);
   __m256 acc[G][CW];
   for (int r = 0; r < G; ++r) for (int c = 0; c < CW; ++c) acc[r][c] = _mm256_setzero_ps();
   for (int64_t u = 0; u < len; ++u) {
     const VT* v = V + u * DH;
-    if (first) {
-      for (int64_t o = 0; o < DH * ES; o += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor: no fault
-      if (next_k && u < 2 * L * DH * ES / 64)  // the next group's first two K blocks, a line a row
-        __builtin_prefetch(reinterpret_cast<const char*>(next_k) + u * 64, 0, ATTN_PFL);
-    }
+    if (first) prefetch_v_row(v, DH, next_k, u);
     __m256 vv[CW];
     for (int c = 0; c < CW; ++c) vv[c] = load8(v + 8 * (c0 + c));
     for (int r = 0; r < G; ++r) {
@@ -2023,11 +2030,7 @@ void attend_group_avx2(const T* q, const T* K, const T* V, int64_t len, int64_t 
   alignas(32) float qs[MAX_GROUP * DH];
   scaled_q_avx2<DH>(q, nrep, scale, qs);
   const int64_t padded = (len + L - 1) / L * L;
-  const char* k_end = reinterpret_cast<const char*>(K + len * DH);
-  for (int64_t t0 = 0; t0 < len; t0 += L) {
-    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
-    prefetch_k(ahead, L * DH * static_cast<int64_t>(sizeof(T)), k_end, V);  // K two blocks on, then V's start
-    const int64_t n = std::min<int64_t>(L, len - t0);
+  for_k_blocks(K, V, len, len, DH * static_cast<int64_t>(sizeof(T)), [&](int64_t t0, int64_t n) {
     [[maybe_unused]] alignas(32) float kb[std::is_same_v<T, float> ? 1 : L * DH];  // bfloat16 rows widened once
     if constexpr (!std::is_same_v<T, float>)
       for (int64_t j = 0; j < n; ++j)
@@ -2047,7 +2050,7 @@ void attend_group_avx2(const T* q, const T* K, const T* V, int64_t len, int64_t 
         _mm256_storeu_ps(s + r * padded + t0 + j0, reduce8_avx2(h0, h1, h2, h3, h4, h5, h6, h7));
       }
     }
-  }
+  });
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) inv[r] = softmax_pass8(s + r * padded, len, padded);
   v_pass_avx2_any<DH>(V, len, nrep, s, padded, inv, out, next_k);
@@ -2074,11 +2077,7 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
   for (int64_t r = 0; r < nrep; ++r)
     for (int c = 0; c < NQ; ++c) qv[r][c] = (__m512bh)_mm512_loadu_si512(q + r * DH + c * 32);
   const int64_t padded = (len + L - 1) / L * L;
-  const char* k_end = reinterpret_cast<const char*>(K + len * DH);
-  for (int64_t t0 = 0; t0 < len; t0 += L) {
-    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
-    prefetch_k(ahead, L * DH * 2, k_end, V);  // K two blocks on, then V's start
-    const int64_t n = std::min<int64_t>(L, len - t0);
+  for_k_blocks(K, V, len, len, DH * 2, [&](int64_t t0, int64_t n) {
     for (int64_t r = 0; r < nrep; ++r) {
       vf a[L];
       for (int j = 0; j < L; ++j) {
@@ -2089,7 +2088,7 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
       }
       store(s + r * padded + t0, reduce16(a) * scale);
     }
-  }
+  });
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) {
     uint16_t* pr = pb + r * padded;  // the weights rounded to bfloat16
@@ -2210,11 +2209,7 @@ void attend_group_q8(const T* q, const int8_t* K, const int8_t* V, const float* 
   for (int64_t r = 0; r < nrep; ++r)
     for (int c = 0; c < NV; ++c) store(qf[r] + c * L, load(q + r * DH + c * L) * scale);
   const int64_t padded = (len + L - 1) / L * L;
-  const char* k_end = reinterpret_cast<const char*>(K + padded * DH);
-  for (int64_t t0 = 0; t0 < len; t0 += L) {
-    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
-    prefetch_k(ahead, L * DH, k_end, V);  // K two blocks on, then V's start
-    const int64_t n = std::min<int64_t>(L, len - t0);
+  for_k_blocks(K, V, len, padded, DH, [&](int64_t t0, int64_t n) {
     const int8_t* kb = K + t0 * DH;  // [DH / 2][16][2]; positions past len hold stale codes, never used
     vf acc[MAX_GROUP];
     for (int64_t r = 0; r < nrep; ++r) acc[r] = vf{};
@@ -2229,7 +2224,7 @@ void attend_group_q8(const T* q, const int8_t* K, const int8_t* V, const float* 
     }
     const vf kscale = load_n(ks + t0, n);
     for (int64_t r = 0; r < nrep; ++r) store(s + r * padded + t0, acc[r] * kscale);
-  }
+  });
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) {
     float* sr = s + r * padded;
@@ -2254,13 +2249,9 @@ void attend_group_q8_avx2(const T* q, const int8_t* K, const int8_t* V, const fl
   alignas(32) float qf[MAX_GROUP * DH];
   scaled_q_avx2<DH>(q, nrep, scale, qf);
   const int64_t padded = (len + L - 1) / L * L;
-  const char* k_end = reinterpret_cast<const char*>(K + padded * DH);
   const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   alignas(32) float kf[DH / 2][2][L];
-  for (int64_t t0 = 0; t0 < len; t0 += L) {
-    const char* ahead = reinterpret_cast<const char*>(K + (t0 + 2 * L) * DH);
-    prefetch_k(ahead, L * DH, k_end, V);  // K two blocks on, then V's start
-    const int64_t n = std::min<int64_t>(L, len - t0);
+  for_k_blocks(K, V, len, padded, DH, [&](int64_t t0, int64_t n) {
     const int8_t* kb = K + t0 * DH;  // [DH / 2][16][2]; positions past len hold stale codes, never used
     for (int e = 0; e < DH / 2; ++e)
       for (int h = 0; h < 2; ++h) {  // positions 8 h .. 8 h + 7: even dimensions in the low 8 bytes, odd in the high
@@ -2281,7 +2272,7 @@ void attend_group_q8_avx2(const T* q, const int8_t* K, const int8_t* V, const fl
       _mm256_storeu_ps(s + r * padded + t0, _mm256_mul_ps(lo, _mm256_load_ps(kscale)));
       _mm256_storeu_ps(s + r * padded + t0 + 8, _mm256_mul_ps(hi, _mm256_load_ps(kscale + 8)));
     }
-  }
+  });
   float inv[MAX_GROUP];
   for (int64_t r = 0; r < nrep; ++r) inv[r] = softmax_pass8(s + r * padded, len, padded, vs);
   v_pass_avx2_any<DH>(V, len, nrep, s, padded, inv, out, next_k);
@@ -2347,10 +2338,7 @@ inline void q8_vpass(const int8_t* V, int64_t len, const int16_t* pb, int64_t ps
 template <int NR, int DH>
 inline void q8_kpass(const int8_t* K, const float* ks, int64_t len, int64_t padded, const int16_t (*qi)[DH],
                      const float* qscale, float* s, const int8_t* V, int64_t nr = NR) {
-  const char* k_end = reinterpret_cast<const char*>(K + padded * DH);
-  for (int64_t t0 = 0; t0 < len; t0 += KB) {
-    const char* ahead = reinterpret_cast<const char*>(K + (t0 + Q8_KPF * KB) * DH);
-    prefetch_k(ahead, KB * DH, k_end, V);  // K Q8_KPF blocks on, then V's start
+  for_k_blocks<Q8_KPF>(K, V, len, padded, DH, [&](int64_t t0, int64_t) {
     const int8_t* kb = K + t0 * DH;  // [DH / 2][16][2]; positions past len hold stale codes, never used
     __m512i acc[NR][4];
     for (int r = 0; r < NR; ++r) for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_si512();
@@ -2373,7 +2361,7 @@ inline void q8_kpass(const int8_t* K, const float* ks, int64_t len, int64_t padd
       const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]), _mm512_add_epi32(acc[r][2], acc[r][3]));
       store(s + r * padded + t0, (vf)_mm512_cvtepi32_ps(sum) * (kscale * qscale[r]));
     }
-  }
+  });
 }
 
 // attend_group_q8 on integer dot products (AVX512-VNNI's vpdpwssd: 32 int16 products summed pairwise into 16 int32
@@ -2986,6 +2974,7 @@ template <> struct Lanes<16> {
   using I = vi;
   using U = vu;
   template <typename T> static F load_at(const T* p) { return load(p); }
+  static void store_at(float* p, F v) { store(p, v); }
 };
 typedef uint32_t vu8 __attribute__((vector_size(8 * sizeof(uint32_t))));
 template <> struct Lanes<8> {
@@ -2993,6 +2982,7 @@ template <> struct Lanes<8> {
   using I = vi8;
   using U = vu8;
   static F load_at(const float* p) { return load_8(p); }
+  static void store_at(float* p, F v) { store_8(p, v); }
 };
 template <typename T>
 constexpr int argmax_lanes() {
@@ -3109,7 +3099,7 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
         const U bits = (U{} + static_cast<uint32_t>(mask[i / 32])) >> (U)(lane + static_cast<int32_t>(i % 32));
         y = (I)((bits & 1u) != 0) ? y : F{} - INFINITY;
       }
-      *reinterpret_cast<F*>(e + i) = y;
+      Lanes<W>::store_at(e + i, y);
       nv |= y != y;
       mv = y > mv ? y : mv;
     }
@@ -3148,7 +3138,7 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
       const FE y = Lanes<WE>::load_at(e + i + h * WE);
       FE v = vexp_of<FE, IE>(y - m);
       v = (y >= kth && y - m >= -87.f) ? v : FE{};  // (below: a float32 softmax's probability is < 2^-125, and vexp
-      *reinterpret_cast<FE*>(e + i + h * WE) = v;    //  clamps there; such a token is never drawn)
+      Lanes<WE>::store_at(e + i + h * WE, v);        //  clamps there; such a token is never drawn)
       zv[h] += v;
     }
   for (int h = 0; h < NE; ++h) for (int l = 0; l < WE; ++l) Z += zv[h][l];
@@ -3190,7 +3180,7 @@ int64_t sample_row(const T* x, int64_t V, float temp, int64_t top_k, float top_p
       for (int h = 0; h < NE; ++h) {
         const FE v = Lanes<WE>::load_at(e + i + h * WE);
         const FE kept = v >= min_p ? v : FE{};
-        *reinterpret_cast<FE*>(e + i + h * WE) = kept;
+        Lanes<WE>::store_at(e + i + h * WE, kept);
         wv[h] += kept;
       }
     Wt = 0.0;
@@ -4102,7 +4092,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v217_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v218_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):
                         module = load_inline(
