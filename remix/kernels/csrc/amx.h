@@ -1,0 +1,184 @@
+// The bfloat16 base GEMM on AMX tiles (Intel Sapphire Rapids and later; compiled where the build has AMX-BF16).
+// Part of the kernels' one translation unit, remix_cpu.cpp (built by remix/kernels/cpu_ext.py): include it there only.
+#pragma once
+#include "gemm.h"
+
+namespace {
+
+#ifdef REMIX_AMX
+// ---- bfloat16 GEMM on AMX tiles (Intel Sapphire Rapids and later): the base GEMM of a bfloat16 model where the CPU has
+// AMX-BF16. Y^T = W X^T tile by tile, so W's rows load into tiles as they lie in memory (no packed copy of the weights):
+// a W tile is 16 rows x 32 inputs, an X tile 16 pairs of inputs x 16 tokens (VNNI: each 32-bit element a pair of
+// bfloat16 of one token), packed from X on every call (~1-5 us at a decode step's size). TDPBF16PS adds the products of
+// each pair into float32 (Intel SDM: round to nearest even, denormals flushed) in input order, one 32-input block after
+// another: one order per output whatever the token count or split, so a row's outputs are bit-identical alone or in any
+// batch. The float32 tile is transposed in registers, the bias added, one rounding to bfloat16 (vcvtneps2bf16).
+// Measured on the 2-core Intel VM with AMX (2026-12-02, weights cold, 576 <-> 1536): 32 rows 95-125 us (up to ~200 in
+// this VM's slow spells) against the AVX512-BF16 dot_gemm's 490-690 and oneDNN's 200-330 (which reorders the weight on
+// every call); 1 row ~70-110 us, as dot_gemm (a GEMV: memory-bound either way). (Twenty-fourth session's Intel VM, all
+// linears of a decode step: at one row dot_gemm streamed them in 11.3 ms against 12.5 here, from 8 rows AMX is ahead -
+// 13.4 against 15.4 at 8, 16.7 against 48 at 32; one kernel serves every row count below DOT_BF16_BELOW, since a row's
+// outputs must not depend on the batch.)
+
+// Linux hands out AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process); false where the
+// OS refuses, or where REMIX_DISABLE_AMX is set to anything but 0 (read once: for A/B runs), and then dot_gemm.
+bool amx_ready() {
+  static const bool ok = [] {
+    const char* off = std::getenv("REMIX_DISABLE_AMX");
+    if (off && *off && std::strcmp(off, "0") != 0) return false;
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+// The shapes the tile kernel takes: D whole blocks of 32 inputs, O whole tiles of 16 outputs (a tile load reads 16 full
+// rows: never past W's end).
+inline bool amx_shape(int64_t D, int64_t O) { return D % 32 == 0 && O % 16 == 0; }
+
+struct TileConfig {  // LDTILECFG's 64-byte operand, palette 1
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// r[i] lane j -> r[j] lane i, 16 x 16 elements of 32 bits
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[4 g + c], 128-bit lane l: column 4 l + c of rows 4 g .. 4 g + 3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit blocks across the groups g
+    const __m512i p0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), p1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    const __m512i p2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44), p3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_i32x4(p0, p2, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(p0, p2, 0xDD);
+    t[8 + c] = _mm512_shuffle_i32x4(p1, p3, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(p1, p3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// X [T, D] bfloat16 -> tiles of 16 pairs x 16 tokens (tokens past T zero), tile (kb, tb) at Xp + (kb TB + tb) 256: the
+// two token blocks a step of the kernel reads lie side by side.
+void amx_pack_x(const uint16_t* X, int64_t T, int64_t D, uint32_t* Xp) {
+  const int64_t KB = D / 32, TB = (T + 15) / 16;
+  for (int64_t tb = 0; tb < TB; ++tb)
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t t = tb * 16 + i;
+        r[i] = t < T ? _mm512_loadu_si512(X + t * D + kb * 32) : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      uint32_t* dst = Xp + (kb * TB + tb) * 256;
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(dst + i * 16, r[i]);
+    }
+}
+
+// A float32 tile c [16 outputs o.., 16 tokens t0..] -> Y[t, o .. o + 16) (+ bias), rounded to bfloat16, tokens < T.
+inline void amx_write_tile(const float* c, int64_t t0, int64_t T, int64_t o, const uint16_t* bias, uint16_t* Y, int64_t O) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + i * 16);
+  transpose16(r);
+  const __m512 b = bias ? (__m512)load(reinterpret_cast<const c10::BFloat16*>(bias + o)) : _mm512_setzero_ps();
+  const int64_t n = std::min<int64_t>(16, T - t0);
+  for (int64_t i = 0; i < n; ++i)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(Y + (t0 + i) * O + o),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(r[i]), b))));
+}
+
+// Tiles 0-3 += W rows (w0: 16, w1: 16) x one or two token blocks over all of D; the npf rows of W at pf (the next block)
+// are prefetched into L2 a line per row per step, so they arrive while this block computes (as dot_gemm does). Measured
+// (eleventh session, one 576 <-> 1536 linear at 32 rows): without it 170-270 us, into L1 126-185, into L2 176. Every
+// linear of a decode step (twenty-fourth session's Intel VM, both hints in turn in one process, medians of 15 rounds):
+// into L2 0.95 / 0.96 / 0.90 / 0.94 / 0.96 of the time into L1 at 1 / 8 / 32 / 64 / 127 rows (13.1 -> 12.5 ms at one
+// row, 16.8 -> 15.3 at 32) - a block of 32 rows of W is 36-96 KB, and prefetched into L1 (48 KB) it evicted the block
+// being read; a whole decode step at one sequence 0.97, at 32 the same (outputs unchanged: only the hint differs).
+template <bool TWO_T, bool TWO_W>
+inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp, int64_t KB, int64_t TB, int64_t D,
+                      const uint16_t* pf, int64_t npf) {
+  _tile_zero(0);
+  if constexpr (TWO_W) _tile_zero(1);
+  if constexpr (TWO_T) { _tile_zero(2); _tile_zero(3); }
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    for (int64_t p = 0; p < npf; ++p) _mm_prefetch(reinterpret_cast<const char*>(pf + p * D + kb * 32), _MM_HINT_T1);
+    _tile_loadd(4, w0 + kb * 32, D * 2);
+    if constexpr (TWO_W) _tile_loadd(5, w1 + kb * 32, D * 2);
+    const uint32_t* xb = xp + kb * TB * 256;
+    _tile_loadd(6, xb, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (TWO_W) _tile_dpbf16ps(1, 5, 6);
+    if constexpr (TWO_T) {
+      _tile_loadd(7, xb + 256, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      if constexpr (TWO_W) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+// Y[:, o0:o1) = X W[o0:o1)^T (+ bias) on this thread, o0 and o1 multiples of 16 (amx_shape), bfloat16 throughout: blocks
+// of 32 rows of W, each against the tokens 32 at a time (beyond 32 tokens the block is read again, from L2); up to 16
+// tokens, blocks of 16 rows (one W tile a step: half the rows streaming at once, each output's tile and its order of
+// sums the same). All linears of a decode step, both block heights in turn in one process (twenty-fourth session's
+// Intel VM, medians of 15 rounds): 16 rows 0.95 / 0.92 / 0.97 / 1.00 of 32 rows' time at 1 / 4 / 8 / 16 tokens (12.5
+// -> 12.0 ms at one), a one-sequence decode step 15.4 -> 14.5 ms, at eight 0.98; from 17 tokens (two token blocks,
+// where each W tile serves both) 0.96-1.01, not taken.
+void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const uint16_t* bias, uint16_t* Y, int64_t O,
+              int64_t o0, int64_t o1) {
+  const int64_t KB = D / 32, TB = (T + 15) / 16;
+  thread_local Scratch packed;  // each thread packs all of X for itself (no barrier); kept between calls
+  thread_local int64_t packed_cap = 0;
+  if (KB * TB * 256 > packed_cap) { packed = scratch(KB * TB * 256); packed_cap = KB * TB * 256; }
+  uint32_t* xp = reinterpret_cast<uint32_t*>(packed.get());
+  amx_pack_x(X, T, D, xp);
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[4][256];
+  const int64_t H = TB == 1 ? 16 : 32;  // rows of W a block: up to 16 tokens one W tile a step (see above)
+  for (int64_t o = o0; o < o1; o += H) {
+    const bool two = H == 32 && o + 16 < o1;  // a second W tile (16 more rows) in this block
+    const uint16_t* w0 = W + o * D;
+    const uint16_t* w1 = two ? w0 + 16 * D : w0;
+    const int64_t next = std::max<int64_t>(0, std::min<int64_t>(H, o1 - o - H));  // rows of the next block
+    for (int64_t tb = 0; tb < TB; tb += 2) {
+      const int64_t npf = tb == 0 ? next : 0;  // prefetched during the block's first pass only
+      const uint16_t* pf = npf ? w0 + H * D : nullptr;
+      const uint32_t* xb = xp + tb * 256;
+      if (tb + 1 < TB) {
+        if (two) amx_block<true, true>(w0, w1, xb, KB, TB, D, pf, npf);
+        else amx_block<true, false>(w0, w1, xb, KB, TB, D, pf, npf);
+      } else if (two) {
+        amx_block<false, true>(w0, w1, xb, KB, TB, D, pf, npf);
+      } else {
+        amx_block<false, false>(w0, w1, xb, KB, TB, D, pf, npf);
+      }
+      _tile_stored(0, c[0], 64);
+      amx_write_tile(c[0], tb * 16, T, o, bias, Y, O);
+      if (two) {
+        _tile_stored(1, c[1], 64);
+        amx_write_tile(c[1], tb * 16, T, o + 16, bias, Y, O);
+      }
+      if (tb + 1 < TB) {
+        _tile_stored(2, c[2], 64);
+        amx_write_tile(c[2], tb * 16 + 16, T, o, bias, Y, O);
+        if (two) {
+          _tile_stored(3, c[3], 64);
+          amx_write_tile(c[3], tb * 16 + 16, T, o + 16, bias, Y, O);
+        }
+      }
+    }
+  }
+  _tile_release();  // the tile state off again: a context switch need not save 8 KB of it
+}
+#endif  // REMIX_AMX
+
+}  // namespace

@@ -1,0 +1,300 @@
+// One ReMix module call in one parallel region: run (base GEMM, routing, phase A, phase B; below 64 tokens the
+// threads split the pools' reads, from 64 the tokens) and run_pair (an FFN's gate and up together, then silu * up).
+// Part of the kernels' one translation unit, remix_cpu.cpp (built by remix/kernels/cpu_ext.py): include it there only.
+#pragma once
+#include "base_gemm.h"
+
+namespace {
+
+constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the pools' reads instead of the tokens
+
+// Optionally route (rt non-null: fills sel/w), then gather, for x [T, D] and y [T, O] (float32 or bfloat16), in place.
+//   T >= SPLIT_POOLS_BELOW: each thread routes and gathers its own contiguous share of the tokens (no barrier).
+//   Fewer tokens: the pools' reads dominate and every thread would read all of them, so the threads split the work
+//   instead: route a share of the tokens | phase A over a share of the LoRA blocks | phase B over a share of the
+//   outputs (each boundary a multiple of 2L), with a barrier between the stages.
+// A token's result is the same either way and whatever shares its call.
+// With gemm on (float32 only), y is first computed as the base layer's output inside the same region: by column slices
+// that match phase B's, so each thread's y slice is still in its own cache when phase B updates it.
+void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const Routing* rt, int64_t* sel, float* w,
+         int64_t k, const BaseGemm& gemm = {nullptr, nullptr});
+
+// Whether token t has a LoRA to gather in sel / w [T, k] (an id and a nonzero weight): the pairs Pairs collects.
+inline bool has_selection(const int64_t* sel, const float* w, int64_t k, int64_t t) {
+  for (int64_t j = 0; j < k; ++j) if (sel[t * k + j] >= 0 && w[t * k + j] != 0.f) return true;
+  return false;
+}
+
+// Phase B of a small batch (T < SPLIT_POOLS_BELOW) on this thread's output slice [o0, o1) of y [T, O] (float32, or
+// bfloat16 through phase_b_bf16's blocks: the rows of tokens with a selection in sel / w [T, k]), B^T's rows prefetched.
+void phase_b_slice(const Pairs& pr, const Pools& pl, const float* U, void* y, int64_t T, bool bf16, const int64_t* sel,
+                   const float* w, int64_t k, int64_t o0, int64_t o1) {
+  if (o1 <= o0 || pr.size() == 0) return;
+  if (!bf16) return phase_b(pr, pl, U, static_cast<float*>(y), pl.O, 0, o0, o1, /*prefetch=*/true);
+  char has[SPLIT_POOLS_BELOW];
+  for (int64_t t = 0; t < T; ++t) has[t] = has_selection(sel, w, k, t);
+  const Scratch yb = scratch(T * YBLOCK);
+  phase_b_bf16(pr, pl, U, static_cast<uint16_t*>(y), T, has, yb.get(), o0, o1, /*prefetch=*/true);
+}
+// Rows from which a call leaves its own B^T rows to phase B's reads: 90 bound modules of one pool (n 8, k 2, r 8) in
+// turn with and without (32nd session, Zen 4 VM, medians of 25 rounds; outside the stack, so no Ahead): bfloat16 the
+// adapter's share 0.51 -> 0.42 / 1.25 -> 0.87 / 2.20 -> 2.05 ms at 1 / 8 / 32 rows, float32 0.60 -> 0.52 / 1.68 -> 1.65
+// / 3.40 -> 3.67 (the GEMM compute-bound there, the float32 rows twice the bytes).
+constexpr int64_t OWN_BT_BELOW = 16;
+
+// Whether the calling thread runs a decode stack's layers with its Ahead on (each routed module's pools of the slots
+// worth it prefetched during the GEMM before it): set by DecodeStack::run, read by run() before its region.
+thread_local bool t_stack_ahead = false;
+
+// The Ahead of a small call's own selected LoRAs (pr) for g_own_bt: their B^T rows, less, where the decode stack has
+// prefetched this module's pools (stack_ahead), the LoRAs of the slots it took whole (tokens x k >= g_ahead_cover x n).
+Ahead own_ahead(const Pairs& pr, const Pools& pl, const Routing* rt, int64_t T, bool stack_ahead) {
+  Ahead mine;
+  if (pr.size() == 0 || T >= OWN_BT_BELOW) return mine;
+  std::vector<char> whole(pl.N, 0);
+  if (rt && stack_ahead) {
+    std::vector<int64_t> count(rt->S, 0);
+    for (int64_t t = 0; t < T; ++t)
+      if (const int64_t sl = routed_slot(*rt, t); sl >= 0) ++count[sl];
+    for (int64_t sl = 0; sl < rt->S; ++sl)
+      if (whole_slot(count[sl], rt->k[sl], rt->n[sl]))
+        for (int64_t i = std::max<int64_t>(0, rt->off[sl]); i < std::min(pl.N, rt->off[sl] + rt->n[sl]); ++i) whole[i] = 1;
+  }
+  for (int64_t i = 0; i < pl.N; ++i)
+    if (pr.start[i + 1] > pr.start[i] && !whole[i]) {
+      if (!mine.ranges.empty() && mine.ranges.back().second == i) mine.ranges.back().second = i + 1;
+      else mine.ranges.emplace_back(i, i + 1);
+    }
+  mine.pl = pl;
+  mine.bt_only = true;
+  return mine;
+}
+
+void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routing* rt, int64_t* sel, float* w, int64_t k,
+         const BaseGemm& gemm = {nullptr, nullptr}) {
+  run(x.data_ptr(), y.data_ptr(), x.size(0), x.scalar_type() == torch::kBFloat16, pl, rt, sel, w, k, gemm);
+}
+// The same on x [T, D] and y [T, O] given as pointers (contiguous, both bfloat16 where bf16, else float32).
+void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const Routing* rt, int64_t* sel, float* w,
+         int64_t k, const BaseGemm& gemm) {
+  const int64_t D = pl.D, O = pl.O;
+  TORCH_CHECK(!gemm.on() || gemm.bf16 == bf16, "the fused base GEMM's dtype must be x's");
+  const int64_t P = region_threads(gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
+  const float* X = bf16 ? nullptr : static_cast<const float*>(xv);
+  float* Y = bf16 ? nullptr : static_cast<float*>(yv);
+  // bfloat16 with phase A on vdpbf16ps: the router reads x as it is (route_rows widens in registers; the same values
+  // and sums as from a copy) - a float32 copy of x (a token tile's, 64 x 1536 x 4 bytes, or below SPLIT_POOLS_BELOW
+  // rows all of x, in memory fresh each call) and its reads go. Two builds in turn in one process (45 modules a shape,
+  // bfloat16, one adapter, outputs equal bit for bit; 2026-12-03, Zen 5 VM): the delta at 128 rows 64-84 against
+  // 63-138 us (576 -> 1536) and 54-74 against 62-78 (1536 -> 576), at 512 rows 210-318 against 195-330 and 183-342
+  // against 220-343, better in 13 of 16 pairs of runs. Below 64 rows that bench had found the copy faster (32 rows:
+  // 22-34 against 31-51 us, 576 -> 1536, one module cycled outside the engine); in the engine's decode steps (27th
+  // session's Intel VM, both in turn in one process, medians of 8 rounds, both orders) reading x as it is took the FFN
+  // projections 10.46 -> 10.37 and 10.76 -> 10.47 ms a step at 8 sequences with one adapter, 14.02 -> 13.62 and 14.75
+  // -> 14.21 at 32, 12.40 -> 12.04 and 13.06 -> 12.88 at 8 with four, 18.28 -> 17.60 at 32 with four; at one
+  // sequence 9.03 -> 8.85 and 9.01 -> 9.10 (noise). Phase A's widening path (float32 pools, no AVX512-BF16) reads a
+  // float32 copy, left uninitialised (every element is widened into before it is read: a vector's zero fill ran on the
+  // calling thread before the region, ~10 us a module at 32 rows).
+  const bool copy_x = bf16 && !phase_a_reads_bf16(pl);
+  const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
+  Scratch xbuf;
+  if (copy_x && P > 1 && T < SPLIT_POOLS_BELOW) {  // (a token share copies its rows in chunks of its own)
+    xbuf = scratch(T * D);
+    X = xbuf.get();
+  }
+  const uint16_t* xh = bf16 ? static_cast<const uint16_t*>(xv) : nullptr;
+  uint16_t* yh = bf16 ? static_cast<uint16_t*>(yv) : nullptr;
+  const void* gx = bf16 ? static_cast<const void*>(xh) : X;  // the GEMM reads and writes x's dtype
+  void* gy = bf16 ? static_cast<void*>(yh) : Y;
+
+  // bfloat16: float32 copies only of the rows that are read: x of a token routed in a pool (of a token with a selection
+  // where the ids are given), y of a token with a selection (by blocks, phase_b_bf16) - a base-only token of a mixed
+  // batch (or a whole batch of them) costs its GEMM and nothing else; its y keeps the GEMM's rounding, which widen then
+  // narrow would give back.
+  auto selected = [&](int64_t t) { return has_selection(sel, w, k, t); };
+  // x rows [t0, t1) that are read into dst, whose first row is token row0's
+  auto widen_x = [&](int64_t t0, int64_t t1, float* dst, int64_t row0) {
+    for (int64_t t = t0; t < t1; ++t)
+      if (rt ? routed_slot(*rt, t) >= 0 : selected(t)) widen(xh + t * D, dst + (t - row0) * D, D);
+  };
+  // route (where asked) and gather tokens [t0, t1) on this thread, by tiles; bfloat16: x's float32 copy (copy_x) in a
+  // buffer of one tile, y updated by blocks (phase_b_bf16) - copies of a whole share (~1.5 MB each for x and y at 512
+  // rows) went out to memory and came back (128 / 512 rows: 1.1-1.35x the time)
+  auto token_share = [&](int64_t t0, int64_t t1) {
+    if (t1 <= t0) return;
+    int64_t slots = 1;  // the adapters among the share's tokens (at most 8 counted)
+    if (rt && rt->slot) {
+      int64_t seen[8], n = 0;
+      for (int64_t t = t0; t < t1 && n < 8; ++t) {
+        const int64_t sl = routed_slot(*rt, t);
+        if (sl >= 0 && std::find(seen, seen + n, sl) == seen + n) seen[n++] = sl;
+      }
+      slots = std::max<int64_t>(1, n);
+    }
+    const int64_t C = std::min<int64_t>((bf16 ? TILE_BF16 : TILE) * slots, t1 - t0);
+    Scratch xc = scratch(copy_x ? C * D : 0), yb = scratch(bf16 ? C * YBLOCK : 0);
+    std::vector<float> U;
+    std::vector<char> has(C);
+    for (int64_t c0 = t0; c0 < t1; c0 += C) {
+      const int64_t c1 = std::min(c0 + C, t1);
+      if (copy_x) widen_x(c0, c1, xc.get(), c0);
+      const float* xt = copy_x ? xc.get() : bf16 ? nullptr : X + c0 * D;  // the tile's first row (float32 x)
+      if (rt && !copy_x && bf16) route_rows(xb, 0, D, c0, c1, *rt, sel, w);
+      else if (rt) route_rows(xt, c0, D, c0, c1, *rt, sel, w);
+      const Pairs pr(sel + c0 * k, w + c0 * k, c1 - c0, k, pl.N);
+      if (pr.size() == 0) continue;
+      U.resize(pr.size() * pl.r);
+      phase_a(pr, 0, pr.num_blocks(), xt, bf16 ? xh + c0 * D : nullptr, pl, U.data());
+      if (!bf16) {
+        phase_b(pr, pl, U.data(), Y + c0 * O, O, 0, 0, O, false);
+        continue;
+      }
+      for (int64_t t = c0; t < c1; ++t) has[t - c0] = selected(t);
+      phase_b_bf16(pr, pl, U.data(), yh + c0 * O, c1 - c0, has.data(), yb.get(), 0, O, false);
+    }
+  };
+  if (P <= 1) {
+    if (gemm.on()) gemm(gx, gy, T, D, O, 0, O);
+    return token_share(0, T);
+  }
+  if (T >= SPLIT_POOLS_BELOW) {
+#pragma omp parallel num_threads(P)
+    {
+      const auto [h, nh] = region_thread();
+      if (gemm.on()) {  // the GEMM by output slices, then the gather by tokens
+        const auto [o0, o1] = out_slice(O, h, nh);
+        gemm(gx, gy, T, D, O, o0, o1);
+#pragma omp barrier
+      }
+      token_share(T * h / nh, T * (h + 1) / nh);
+    }
+    return;
+  }
+  Scratch U = scratch(T * k * pl.r);
+  bool units = false;  // two or more slots in use: route by units of the routers (route_logits_share)
+  if (g_route_units && rt)
+    for (int64_t t = 0, first = -1; t < T && !units; ++t) {
+      const int64_t s = routed_slot(*rt, t);
+      if (s >= 0 && first < 0) first = s;
+      units = s >= 0 && s != first;
+    }
+  Scratch logits = scratch(units ? T * 64 : 0);
+  const bool stack_ahead = t_stack_ahead;  // (thread-local: read on the calling thread)
+#pragma omp parallel num_threads(P)
+  {
+    const auto [h, nh] = region_thread();
+    std::vector<int64_t> own_sel;
+    std::vector<float> own_w;
+    {  // stage 1: widen and route a share of the tokens (or compute a share of the routers' logits)
+      const int64_t t0 = T * h / nh, t1 = T * (h + 1) / nh;
+      if (copy_x && t1 > t0) widen_x(t0, t1, xbuf.get(), 0);
+      if (units) {
+        own_sel.assign(sel, sel + T * k);  // (read before the barrier, after which thread 0 writes sel)
+        own_w.assign(w, w + T * k);
+        if (bf16) route_logits_share(xb, D, T, *rt, h, nh, logits.get());
+        else route_logits_share(X, D, T, *rt, h, nh, logits.get());
+      } else if (rt && t1 > t0) {
+        if (bf16 && !copy_x) route_rows(xb, 0, D, t0, t1, *rt, sel, w);
+        else route_rows(X, 0, D, t0, t1, *rt, sel, w);
+      }
+    }
+#pragma omp barrier
+    if (units) {  // every thread takes the top-k of every token from the logits (thread 0 into sel / w)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t s = routed_slot(*rt, t);
+        if (s >= 0) topk_token(logits.get() + t * 64, t, s, *rt, own_sel.data(), own_w.data());
+      }
+      if (h == 0) {
+        std::copy(own_sel.begin(), own_sel.end(), sel);
+        std::copy(own_w.begin(), own_w.end(), w);
+      }
+    }
+    // every thread sorts the (few) pairs itself: same input, same order
+    const Pairs pr(units ? own_sel.data() : sel, units ? own_w.data() : w, T, k, pl.N);
+    const int64_t nb = pr.num_blocks();
+    if (pr.size() > 0) {  // the same for every thread: all of them meet the barrier, or none
+      phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, xh, pl, U.get());
+#pragma omp barrier
+    }
+    const auto [o0, o1] = out_slice(O, h, nh);
+    if (gemm.on()) {  // this thread's slice of the base output, updated by phase B next
+      BaseGemm g = gemm;
+      const Ahead mine = g_own_bt ? own_ahead(pr, pl, rt, T, stack_ahead) : Ahead{};
+      if (!mine.ranges.empty()) g.own = &mine;
+      g(gx, gy, T, D, O, o0, o1);
+    }
+    phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, o0, o1);
+  }
+}
+
+
+// act = silu(y_a) * y_b over columns [o0, o1) of T rows of O (y_a in place), silu_mul_'s values (defined below).
+void silu_mul_cols(void* ya, const void* yb, int64_t T, int64_t O, int64_t o0, int64_t o1, bool bf16);
+
+// The gate and up projections of one FFN (one x [T, D], T < SPLIT_POOLS_BELOW, both pools read by phase A as run()'s
+// small-batch path reads them: float32 x, or bfloat16 x with pools phase_a_reads_bf16) in one parallel region, then
+// act = silu(gate) * up into y_a. Each module's y, selections and weights are run()'s for it (route_rows per token,
+// phase A per block, the GEMM per output, phase B per slice: the same sums and roundings), and act is silu_mul_'s.
+// What goes: one region's fork and join of the two, two of its four barriers, the second module's routing and
+// phase A waiting after the first's (here the two run side by side: at one token one thread routes gate's token
+// while the other routes up's), and silu_mul_'s own pass over the outputs (each thread takes its slice as soon as
+// its two GEMM slices are done). ra / rb null: that module routes nothing (its base GEMM alone). The decode stack takes
+// it for steps of fewer than g_fuse_pair_below rows (_fuse_pair_below: tests and A/B runs). scripts/ab_steps.py (the
+// variant alternating step by step; 30th session, Zen 4 VM, default base in bfloat16), steps with it against without:
+// one sequence, one adapter 12.19 -> 12.06, 10.57 -> 10.32 and 11.51 -> 11.42 ms, four adapters 11.19 -> 10.90 and
+// 11.42 -> 11.28; two sequences 11.33 -> 11.27 and 11.65 -> 11.40; three 13.73 -> 13.31 and 14.37 -> 14.51. From 4
+// rows the stack then prefetched each routed module's pools during the GEMM before it (Ahead), which this order would
+// have to take from o_proj's GEMM alone: at 8 sequences the steps went 21.08 -> 20.97, 18.84 -> 18.92 and 21.56 ->
+// 21.75 (four adapters), so there the two calls stay; with Ahead from 16 rows and each call's own B^T rows prefetched
+// during its GEMM (which run_pair does not do), 15.08 -> 14.83 and 16.21 -> 16.41 (32nd session) - no change made. The
+// bare gate and up in one region the same way (two GEMM slices and silu a thread) gained nothing: 10.23 -> 10.27 and
+// 9.37 -> 9.29 ms at one sequence, 18.71 -> 18.77 and 18.29 -> 18.65 at 8, 41.19 -> 41.41 and 38.78 -> 38.79 at 32 - so
+// a bare step keeps its two linears. 35th session (Zen 4 VM, bfloat16, scripts/ab_steps.py, three runs, the pair at the
+// row count against the two calls): 4 sequences 9.83 -> 9.62, 11.24 -> 11.05 and 9.89 -> 9.57 ms with one adapter,
+// 12.12 -> 12.02, 10.40 -> 10.25 and 10.34 -> 10.24 with four; 6 sequences 12.26 -> 12.08 with one but 13.10 -> 13.22
+// with four; 8 sequences 14.70 -> 14.59 and 14.61 -> 14.50 with one but 15.99 -> 16.17 and 15.62 -> 15.78 with four (FFN
+// 8.46 -> 8.82, 8.30 -> 8.67: below 16 rows the two calls each prefetch their own LoRAs' B^T rows during their GEMMs,
+// which run_pair does not, and with four adapters few of a slot's LoRAs are picked) - so the pair runs up to 4 rows.
+int64_t g_fuse_pair_below = 5;
+void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Pools& pa, const Pools& pb,
+              const Routing* ra, const Routing* rb, int64_t* sela, float* wa, int64_t* selb, float* wb, int64_t k,
+              const BaseGemm& ga, const BaseGemm& gb) {
+  const int64_t D = pa.D, O = pa.O;
+  TORCH_CHECK(pb.D == D && pb.O == O && T < SPLIT_POOLS_BELOW && ga.on() && gb.on(), "run_pair: gate and up must share x and O");
+  const int64_t P = region_threads((O + 2 * L - 1) / (2 * L));
+  const float* X = bf16 ? nullptr : static_cast<const float*>(xv);
+  const uint16_t* xh = bf16 ? static_cast<const uint16_t*>(xv) : nullptr;
+  const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
+  const Scratch Ua = scratch(T * k * pa.r), Ub = scratch(T * k * pb.r);
+#pragma omp parallel num_threads(P)
+  {
+    const auto [h, nh] = region_thread();
+    // stage 1: the items (module, token), gate's tokens first, a share to each thread
+    const int64_t i0 = 2 * T * h / nh, i1 = 2 * T * (h + 1) / nh;
+    const auto route = [&](const Routing* rt, int64_t t0, int64_t t1, int64_t* sel, float* w) {
+      if (!rt || t1 <= t0) return;
+      if (bf16) route_rows(xb, 0, D, t0, t1, *rt, sel, w);
+      else route_rows(X, 0, D, t0, t1, *rt, sel, w);
+    };
+    route(ra, std::min(i0, T), std::min(i1, T), sela, wa);
+    route(rb, std::max(i0, T) - T, std::max(i1, T) - T, selb, wb);
+#pragma omp barrier
+    // every thread sorts the (few) pairs itself: same input, same order; phase A over both modules' blocks in turn
+    const Pairs pra(sela, wa, T, k, pa.N), prb(selb, wb, T, k, pb.N);
+    const int64_t na = pra.num_blocks(), nt = na + prb.num_blocks();
+    if (nt > 0) {  // the same for every thread: all of them meet the barrier, or none
+      const int64_t b0 = nt * h / nh, b1 = nt * (h + 1) / nh;
+      if (std::min(b1, na) > b0) phase_a(pra, b0, std::min(b1, na), X, xh, pa, Ua.get());
+      if (b1 > std::max(b0, na)) phase_a(prb, std::max(b0, na) - na, b1 - na, X, xh, pb, Ub.get());
+#pragma omp barrier
+    }
+    const auto [o0, o1] = out_slice(O, h, nh);
+    ga(xv, ya, T, D, O, o0, o1);  // this thread's slices of both base outputs, each updated by its phase B next
+    phase_b_slice(pra, pa, Ua.get(), ya, T, bf16, sela, wa, k, o0, o1);
+    gb(xv, yb, T, D, O, o0, o1);
+    phase_b_slice(prb, pb, Ub.get(), yb, T, bf16, selb, wb, k, o0, o1);
+    silu_mul_cols(ya, yb, T, O, o0, o1, bf16);
+  }
+}
+
+}  // namespace
