@@ -1,6 +1,11 @@
 // The CPU kernels' one translation unit: every part in csrc/ in order, then the Python module's bindings.
 // remix/kernels/cpu_ext.py builds it on first use (torch's JIT extension loader, -O3 -march=native -fopenmp) and
 // documents each operator; each part says what it holds.
+// The parts are headers of this one file: ModuleCall and DecodeStack (global, for pybind11) hold types of their
+// anonymous namespace, which GCC flags only where the class is defined in a header (-Wsubobject-linkage).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wsubobject-linkage"
+#endif
 #include "common.h"
 #include "gather.h"
 #include "gemm.h"
