@@ -27,6 +27,7 @@ struct Proj {
 constexpr int STACK_OPS = 10;  // the kinds, in the order of STACK_OPS in remix/kernels/cpu_ext.py
 enum StackOp { OP_NORMS, OP_QKV, OP_ROTARY, OP_KV_WRITE, OP_ATTENTION, OP_O_PROJ, OP_GATE, OP_UP, OP_ACT, OP_DOWN };
 bool g_stack_clock = false;
+bool g_qkv_gather = true;  // DecodeStack::qkv_of
 double g_stack_ns[STACK_OPS];
 int64_t g_stack_runs = 0;
 struct StackClock {
@@ -55,6 +56,37 @@ struct DecodeStack {
     for (const Proj* p : {&L.q, &L.k, &L.v})
       if (p->call && routes_any(p->call->n, sp, b)) return true;
     return false;
+  }
+  // Layer L's q / k / v outputs [b, (H + 2 Hkv) Dh]: the one [q; k; v] GEMM where no token routes in them; where
+  // some do, in steps of one row (QKV_GATHER_BELOW) where that GEMM is the compiled one (its outputs' sums do not
+  // depend on the other outputs), the same GEMM, then each routed projection's gather into its columns (gather_into,
+  // on the calling thread: a gather of one token opens no parallel region); else the three projections in turn.
+  // g_qkv_gather off: the three in turn wherever a token routes (A/B runs and tests: _qkv_gather). A/B
+  // (36th session, Zen 4 VM, default base in bfloat16, a peft LoRA of rank 16 on q / k / v / o and the FFN, steps
+  // alternating): one sequence, q / k / v 1.91 -> 1.50 and 1.75 -> 1.63 ms a step (steps 10.26 -> 9.86, 11.30 ->
+  // 11.12); from two rows slower (2 / 4 / 6 / 8 / 32 sequences 1.78 -> 1.93, 1.80 -> 2.03, 1.76 -> 1.97, 2.57 -> 2.81,
+  // 6.65 -> 6.88: each gather is then a region of its own, its pools read cold, where a projection's call reads them
+  // during its GEMM).
+  static constexpr int64_t QKV_GATHER_BELOW = 2;
+  torch::Tensor qkv_of(const Layer& L, const torch::Tensor& x, const torch::Tensor& slots, const int64_t* sp, int64_t b) const {
+    if (!L.wqkv.defined()) return torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1);
+    if (!any_routed(L, sp, b)) return linear(x, L.wqkv, L.bqkv);
+    if (!g_qkv_gather || b >= QKV_GATHER_BELOW || !gemm_for_rows(L.wqkv.data_ptr(), nullptr, L.wqkv.scalar_type() == torch::kBFloat16, b,
+                                        L.wqkv.size(1), L.wqkv.size(0)).on())
+      return torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1);
+    auto qkv = linear(x, L.wqkv, L.bqkv);
+    int64_t c0 = 0;
+    for (const Proj* p : {&L.q, &L.k, &L.v}) {
+      const int64_t c1 = c0 + (p == &L.q ? H : Hkv) * Dh;
+      if (p->call && routes_any(p->call->n, sp, b)) {
+        auto cols = qkv.slice(-1, c0, c1);
+        auto y = cols.contiguous();
+        p->call->gather_into(x, y, slots, p->counts);
+        cols.copy_(y);
+      }
+      c0 = c1;
+    }
+    return qkv;
   }
   std::vector<Layer> layers;
   int64_t H, Hkv, Dh;
@@ -124,10 +156,7 @@ struct DecodeStack {
       const Layer& L = layers[i];
       auto x = add_rms_norm_(h, pending, L.in_w, L.in_eps);
       clock.lap(OP_NORMS);
-      auto qkv = (L.wqkv.defined() && !any_routed(L, sp, b)
-                      ? linear(x, L.wqkv, L.bqkv)
-                      : torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1))
-                     .view({b, 1, H + 2 * Hkv, Dh});
+      auto qkv = qkv_of(L, x, slots, sp, b).view({b, 1, H + 2 * Hkv, Dh});
       clock.lap(OP_QKV);
       rotary_(qkv.view({-1, H + 2 * Hkv, Dh}).slice(1, 0, H + Hkv), cos, sin);
       clock.lap(OP_ROTARY);

@@ -336,6 +336,31 @@ struct ModuleCall {
                                ranks);
   }
 
+  // routed()'s routing, sums and counts into a y that already holds the base output (contiguous, [T, O], x's dtype), in
+  // place, without the GEMM: the decode stack's q / k / v under a LoRA, whose base outputs come from the layer's one
+  // [q; k; v] GEMM (the delta of a token is the same whatever computed its base output, and run() without a GEMM
+  // routes and gathers as with one).
+  void gather_into(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& slot_of_token,
+                   const torch::Tensor& counts) const {
+    const int64_t T = x.dim() ? x.numel() / std::max<int64_t>(1, x.size(-1)) : 0;
+    int64_t* const ip = idx_of(T);
+    const Raw& R = raw;
+    if (R.ok && g_raw_call && x.dim() >= 1 && x.size(-1) == R.pl.D && x.scalar_type() == R.dt && x.device().is_cpu() &&
+        x.is_contiguous() && y.scalar_type() == R.dt && y.is_contiguous() && y.numel() == T * R.pl.O &&
+        call_args_fit(slot_of_token, T, counts, R.pl.N)) {
+      check_slot_tables(R.off, R.n, R.k, R.S, R.pl.N, kmax);
+      std::fill_n(ip, T * kmax, int64_t{-1});
+      std::vector<float> w(T * kmax, 0.f);
+      const int64_t* sp = slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
+      const Routing rt{R.router, sp, R.off, R.n, R.k, R.omega, R.S, kmax};
+      run(x.data_ptr(), y.data_ptr(), T, R.dt == torch::kBFloat16, R.pl, &rt, ip, w.data(), kmax);
+      add_counts(counts, ip, T * kmax);
+      return;
+    }
+    route_gather_into(x.reshape({T, x.size(-1)}), y.view({T, -1}), router, a, bt, slot_of_token, off, n, k, omega, r,
+                      kmax, counts, idx_buf, {nullptr, nullptr}, ranks);
+  }
+
   // This call (an FFN's gate) and `up` on the same x: act = silu(gate(x)) * up(x), each module's selections counted
   // and left in its idx_buf as routed() leaves them, by run_pair in one region; an undefined tensor where that does not
   // apply (the caller then makes the two calls and silu_mul_, which give the same values). up_ahead: what up's GEMM

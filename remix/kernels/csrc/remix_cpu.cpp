@@ -22,6 +22,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_proj_skip", [](bool on) { g_proj_skip = on; }, "A/B");
+  m.def("_qkv_gather", [](bool on) { g_qkv_gather = on; },
+        "tests and A/B runs: the decode stack's routed q / k / v as one GEMM then their gathers (default on)");
   m.def("_fuse_pair_below", [](int64_t rows) { g_fuse_pair_below = rows; },
         "tests and A/B runs: decode steps of fewer rows run a routed gate, up and silu in one region (default 4)");
   m.def("_ahead_from", [](int64_t rows, double start) { g_ahead_from = rows; g_ahead_start = start; }, "A/B");
