@@ -63,16 +63,15 @@ struct DecodeStack {
   // on the calling thread: a gather of one token opens no parallel region); else the three projections in turn.
   // g_qkv_gather off: the three in turn wherever a token routes (A/B runs and tests: _qkv_gather). A/B
   // (36th session, Zen 4 VM, default base in bfloat16, a peft LoRA of rank 16 on q / k / v / o and the FFN, steps
-  // alternating): one sequence, q / k / v 1.91 -> 1.50 and 1.75 -> 1.63 ms a step (steps 10.26 -> 9.86, 11.30 ->
-  // 11.12); from two rows slower (2 / 4 / 6 / 8 / 32 sequences 1.78 -> 1.93, 1.80 -> 2.03, 1.76 -> 1.97, 2.57 -> 2.81,
-  // 6.65 -> 6.88: each gather is then a region of its own, its pools read cold, where a projection's call reads them
-  // during its GEMM).
+  // alternating): one sequence, q / k / v 1.91 -> 1.50, 1.75 -> 1.63 and 2.12 -> 1.69 ms a step (steps 10.26 -> 9.86,
+  // 11.30 -> 11.12, 11.60 -> 11.18); from two rows slower (2 / 4 / 6 / 8 / 32 sequences 1.78 -> 1.93, 1.80 -> 2.03,
+  // 1.76 -> 1.97, 2.57 -> 2.81, 6.65 -> 6.88: each gather is then a region of its own, its pools read cold, where a
+  // projection's call reads them during its GEMM).
   static constexpr int64_t QKV_GATHER_BELOW = 2;
   torch::Tensor qkv_of(const Layer& L, const torch::Tensor& x, const torch::Tensor& slots, const int64_t* sp, int64_t b) const {
     if (!L.wqkv.defined()) return torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1);
     if (!any_routed(L, sp, b)) return linear(x, L.wqkv, L.bqkv);
-    if (!g_qkv_gather || b >= QKV_GATHER_BELOW || !gemm_for_rows(L.wqkv.data_ptr(), nullptr, L.wqkv.scalar_type() == torch::kBFloat16, b,
-                                        L.wqkv.size(1), L.wqkv.size(0)).on())
+    if (!g_qkv_gather || b >= QKV_GATHER_BELOW || !base_gemm_for(x.reshape({-1, x.size(-1)}), L.wqkv, L.bqkv).on())
       return torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1);
     auto qkv = linear(x, L.wqkv, L.bqkv);
     int64_t c0 = 0;
