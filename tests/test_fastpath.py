@@ -471,33 +471,32 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_qkv_as_one_gemm_then_gathers_changes_no_value(tmp_path, dtype):
-    """In decode steps of one row the stack computes a LoRA-wrapped layer's q / k / v as the base's one [q; k; v] GEMM,
-    then each routed projection's gather into its columns (_qkv_gather; from two rows the three projections in turn):
-    tokens, log-probabilities and every LoRA's selection counts equal those of the three calls - one request at a time
-    on an adapter on q and v (and o, down), on the FFN adapter, and on the bare base; then the stack against the Python
-    loop (which always runs the three)."""
+def test_qkv_as_one_gemm_then_gathers_changes_no_value(tmp_path, dtype):
+    """In decode steps of up to 32 rows the stack computes a LoRA-wrapped layer's q / k / v as the base's one [q; k; v]
+    GEMM, then each routed projection's gather into its columns (_qkv_gather): tokens, log-probabilities and every
+    LoRA's selection counts equal those of the three calls - one request at a time (steps of one row) on an adapter
+    on q and v (and o, down), on the FFN adapter and on the bare base, then all of them in one batch; and the stack
+    against the Python loop (which always runs the three)."""
     ext, engine, tok = switch_engine(tmp_path, dtype)
     model, _ = tiny("llama", 2)  # the engine's base, unwrapped (the factory is seeded)
     engine.load_adapter("qv", two_adapters(model, tmp_path / "qv")["a1"])
     assert engine.runner.lean is not None and engine.runner.lean.qkv[0] is not None
+    mixed = [None, "qv", "a0", "qv", "a1"]
     runs = {}
     try:
         for on in (True, False):
             ext._qkv_gather(on)
             zero_counts(engine)
-            got = {}
-            for adapter in ("qv", "a0", None):  # one request a run: every decode step has one row
-                got[adapter] = run_all(engine, requests_for(tok, [adapter])[:1])["r0"]
+            got = {adapter: run_all(engine, requests_for(tok, [adapter])[:1])["r0"] for adapter in ("qv", "a0", None)}
+            got["mixed"] = run_all(engine, requests_for(tok, mixed))
             runs[on] = (got, counts_of(engine))
     finally:
         ext._qkv_gather(True)
-    assert len(runs[True][0]) == 3 and all(len(toks) == 24 for toks, _ in runs[True][0].values())
+    assert all(len(toks) == 24 for toks, _ in runs[True][0]["mixed"].values()) and len(runs[True][0]["qv"][0]) == 24
     assert runs[True][0] == runs[False][0]
     counts = runs[True][1]
     assert any(".q_proj" in name and int(c.sum()) > 0 for name, c in counts.items())
     assert all(torch.equal(counts[name], runs[False][1][name]) for name in counts)
     engine.runner.lean.stack_enabled = False  # the Python loop: three projections
-    zero_counts(engine)
-    loop = run_all(engine, requests_for(tok, ["qv"])[:1])
-    assert loop["r0"] == runs[True][0]["qv"]
+    assert run_all(engine, requests_for(tok, ["qv"])[:1])["r0"] == runs[True][0]["qv"]
+    assert run_all(engine, requests_for(tok, mixed)) == runs[True][0]["mixed"]

@@ -58,16 +58,17 @@ struct DecodeStack {
     return false;
   }
   // Layer L's q / k / v outputs [b, (H + 2 Hkv) Dh]: the one [q; k; v] GEMM where no token routes in them; where
-  // some do, in steps of one row (QKV_GATHER_BELOW) where that GEMM is the compiled one (its outputs' sums do not
-  // depend on the other outputs), the same GEMM, then each routed projection's gather into its columns (gather_into,
-  // on the calling thread: a gather of one token opens no parallel region); else the three projections in turn.
-  // g_qkv_gather off: the three in turn wherever a token routes (A/B runs and tests: _qkv_gather). A/B
-  // (36th session, Zen 4 VM, default base in bfloat16, a peft LoRA of rank 16 on q / k / v / o and the FFN, steps
-  // alternating): one sequence, q / k / v 1.91 -> 1.50, 1.75 -> 1.63 and 2.12 -> 1.69 ms a step (steps 10.26 -> 9.86,
-  // 11.30 -> 11.12, 11.60 -> 11.18); from two rows slower (2 / 4 / 6 / 8 / 32 sequences 1.78 -> 1.93, 1.80 -> 2.03,
-  // 1.76 -> 1.97, 2.57 -> 2.81, 6.65 -> 6.88: each gather is then a region of its own, its pools read cold, where a
-  // projection's call reads them during its GEMM).
-  static constexpr int64_t QKV_GATHER_BELOW = 2;
+  // some do, in steps below QKV_GATHER_BELOW rows where that GEMM is the compiled one (its outputs' sums do not depend
+  // on the other outputs), the same GEMM, then each routed projection's gather into its columns (gather_into, on the
+  // calling thread alone); else the three projections in turn. The same values either way. g_qkv_gather off: the
+  // three in turn wherever a token routes (A/B runs and tests: _qkv_gather). A/B (36th session, Zen 4 VM, default
+  // base in bfloat16, steps alternating), q / k / v a step, three calls -> this: a peft LoRA of rank 16 on q / k / v /
+  // o and the FFN, 1 / 2 / 4 / 8 / 16 / 32 sequences 2.08 -> 1.66 / 2.23 -> 1.93 / 1.98 -> 1.87 / 2.86 -> 2.59 / 4.24
+  // -> 3.96 / 6.92 -> 6.72 ms; a ReMix adapter (n 8, k 2, r 8) on q and v, 1 / 4 / 8 / 32 sequences 1.84 -> 1.46 /
+  // 1.95 -> 1.70 / 2.63 -> 2.40 / 6.74 -> 6.56. With each gather a parallel region of two threads instead, from two
+  // rows it was slower (8 sequences 2.57 -> 2.81: a region's fork and barriers three times a layer, and its pools read
+  // cold where a projection's own call reads them during its GEMM).
+  static constexpr int64_t QKV_GATHER_BELOW = 33;
   torch::Tensor qkv_of(const Layer& L, const torch::Tensor& x, const torch::Tensor& slots, const int64_t* sp, int64_t b) const {
     if (!L.wqkv.defined()) return torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1);
     if (!any_routed(L, sp, b)) return linear(x, L.wqkv, L.bqkv);

@@ -337,9 +337,9 @@ struct ModuleCall {
   }
 
   // routed()'s routing, sums and counts into a y that already holds the base output (contiguous, [T, O], x's dtype), in
-  // place, without the GEMM: the decode stack's q / k / v under a LoRA, whose base outputs come from the layer's one
-  // [q; k; v] GEMM (the delta of a token is the same whatever computed its base output, and run() without a GEMM
-  // routes and gathers as with one).
+  // place, without the GEMM, on the calling thread alone: the decode stack's q / k / v under a LoRA, whose base outputs
+  // come from the layer's one [q; k; v] GEMM (a token's delta is the same whatever computed its base output, and
+  // run() without a GEMM, on one thread or two, routes and gathers with the same sums).
   void gather_into(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& slot_of_token,
                    const torch::Tensor& counts) const {
     const int64_t T = x.dim() ? x.numel() / std::max<int64_t>(1, x.size(-1)) : 0;
@@ -353,7 +353,10 @@ struct ModuleCall {
       std::vector<float> w(T * kmax, 0.f);
       const int64_t* sp = slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
       const Routing rt{R.router, sp, R.off, R.n, R.k, R.omega, R.S, kmax};
-      run(x.data_ptr(), y.data_ptr(), T, R.dt == torch::kBFloat16, R.pl, &rt, ip, w.data(), kmax);
+      {
+        OneThread alone;  // (see DecodeStack::qkv_of)
+        run(x.data_ptr(), y.data_ptr(), T, R.dt == torch::kBFloat16, R.pl, &rt, ip, w.data(), kmax);
+      }
       add_counts(counts, ip, T * kmax);
       return;
     }
