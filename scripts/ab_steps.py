@@ -7,8 +7,12 @@ On a shared VM whole runs in turn drift apart by 10-20 %; here the engine serves
 step runs the next variant (each ``--variant NAME=STATEMENT`` is Python run with ``ext``, the compiled module, before
 the step), so a slow spell lands on all of them. Only switches that leave every value unchanged may be compared so
 (the requests run on whatever each step computed). Prints, per concurrency and adapter count, the median full-batch
-decode step and the median time of its FFN projections (the decode stack's clock) for each variant; the first
-variant's statement runs again at the end. Default base in bfloat16 (or --dtype), prompts of 128 tokens.
+decode step and the median time of its FFN projections (the decode stack's clock; --ops picks other kinds) for each
+variant; the first variant's statement runs again at the end. Default base in bfloat16 (or --dtype), prompts of 128
+tokens. --peft: every request on server.bench's peft LoRA (rank 16 on q / k / v / o and the FFN) instead:
+
+    python scripts/ab_steps.py --peft --concurrency 1,8 --ops qkv \
+        --variant 'three=ext._qkv_gather(False)' --variant 'fused=ext._qkv_gather(True)'
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
-from server.bench import make_adapter, prompts_of
+from server.bench import make_adapter, make_peft_adapter, prompts_of
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 
@@ -35,6 +39,8 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs of the requests at each setting (steps alternate within)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--variant", action="append", required=True, help="NAME=STATEMENT (at least two)")
+    ap.add_argument("--peft", action="store_true", help="requests on a peft LoRA (q / k / v / o + FFN), not --adapters")
+    ap.add_argument("--ops", default="gate,up,down", help=f"the stack's ops whose time is printed: {','.join(cpu_ext.STACK_OPS)}")
     args = ap.parse_args(argv)
     variants = dict(v.split("=", 1) for v in args.variant)
     if len(variants) < 2:
@@ -46,16 +52,23 @@ def main(argv=None) -> None:
     model, tok = remix.load_base("smollm2-135m-instruct")
     tmp = Path(tempfile.mkdtemp(prefix="remix-ab-"))
     paths = [make_adapter(model, tmp / f"a{i}", seed=i) for i in range(4)]
+    if args.peft:
+        make_peft_adapter(remix.load_base("smollm2-135m-instruct")[0], tmp / "peft")
+    ops_shown = args.ops.split(",")
+    if not set(ops_shown) <= set(cpu_ext.STACK_OPS):
+        ap.error(f"--ops: pick from {', '.join(cpu_ext.STACK_OPS)}")
     model.to(dtype=getattr(torch, args.dtype))
     levels = [int(c) for c in args.concurrency.split(",")]
     engine = Engine(model, tok, EngineConfig(max_model_len=128 + args.new_tokens + 8, max_num_seqs=max(levels),
                                              max_queue=1024, max_batched_tokens=512, prefix_caching=False))
     for i, p in enumerate(paths):
         engine.load_adapter(f"a{i}", str(p))
+    if args.peft:
+        engine.load_adapter("peft", str(tmp / "peft"))
     engine.warm_up()
     names = list(variants)
-    for count in (int(a) for a in args.adapters.split(",")):
-        adapters = [None] if count == 0 else [f"a{i}" for i in range(count)]
+    for count in ([1] if args.peft else [int(a) for a in args.adapters.split(",")]):
+        adapters = ["peft"] if args.peft else [None] if count == 0 else [f"a{i}" for i in range(count)]
         for c in levels:
             prompts = prompts_of(tok, c, 128)
             step = {v: [] for v in names}
@@ -77,11 +90,11 @@ def main(argv=None) -> None:
                     ops, runs = cpu_ext.stack_clock(True)
                     if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == c and runs == 1:
                         step[v].append(1000 * dt)
-                        ffn[v].append(sum(ops.get(k, 0.0) for k in ("gate", "up", "down")))
+                        ffn[v].append(sum(ops.get(k, 0.0) for k in ops_shown))
                 cpu_ext.stack_clock(False)
-            print(f"c={c} adapters={count} steps a variant={len(step[names[0]])}  " + "  ".join(
-                f"{v}: step {statistics.median(step[v]):.2f} ms, FFN {statistics.median(ffn[v]):.2f}" for v in names),
-                flush=True)
+            print(f"c={c} adapters={'peft' if args.peft else count} steps a variant={len(step[names[0]])}  " + "  ".join(
+                f"{v}: step {statistics.median(step[v]):.2f} ms, {'+'.join(ops_shown)} {statistics.median(ffn[v]):.2f}"
+                for v in names), flush=True)
     exec(variants[names[0]], {"ext": ext})
 
 

@@ -472,11 +472,11 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qkv_as_one_gemm_then_gathers_changes_no_value(tmp_path, dtype):
-    """In decode steps of up to 32 rows the stack computes a LoRA-wrapped layer's q / k / v as the base's one [q; k; v]
-    GEMM, then each routed projection's gather into its columns (_qkv_gather): tokens, log-probabilities and every
-    LoRA's selection counts equal those of the three calls - one request at a time (steps of one row) on an adapter
-    on q and v (and o, down), on the FFN adapter and on the bare base, then all of them in one batch; and the stack
-    against the Python loop (which always runs the three)."""
+    """In decode steps of one row the stack computes a LoRA-wrapped layer's q / k / v as the base's one [q; k; v] GEMM,
+    then each routed projection's gather into its columns (_qkv_gather): tokens, log-probabilities and every LoRA's
+    selection counts equal those of the three calls - one request at a time on an adapter on q and v (and o, down),
+    on the FFN adapter and on the bare base, then all of them in one batch (the three calls, either way); and the
+    stack against the Python loop (which always runs the three)."""
     ext, engine, tok = switch_engine(tmp_path, dtype)
     model, _ = tiny("llama", 2)  # the engine's base, unwrapped (the factory is seeded)
     engine.load_adapter("qv", two_adapters(model, tmp_path / "qv")["a1"])

@@ -165,13 +165,12 @@ def load():
         if os.environ.get("REMIX_DISABLE_EXT", "") not in ("", "0"):
             log.info("REMIX_DISABLE_EXT is set: using the torch-ops path")
         else:
-            from torch.utils.cpp_extension import get_default_build_root
-            from torch.utils.cpp_extension import load as cpp_load
+            from torch.utils.cpp_extension import get_default_build_root, load as cpp_load
 
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v221_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v224_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):  # (ninja rebuilds when remix_cpu.cpp or any part it includes changes)
                         module = cpp_load(

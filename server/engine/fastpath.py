@@ -50,9 +50,8 @@ same slot attention and K/V writes as the Python loop): one prompt of 16 / 128 t
 0.89 / 0.86 of the loop's time (one-off A/B in one process; four prompts of 128: 1.02, within noise).
 Where an adapter wraps q, k or v (a LoRA on attention, as peft's default targets q_proj and v_proj), that layer's three
 projections run in turn (plain ones by the compiled GEMM, wrapped ones by their ReMix call) and their outputs are
-concatenated, in the Python loop and the stack alike - except the stack's steps of up to 32 rows, which run the
-base's one [q; k; v] GEMM and then each wrapped projection's gather into its columns (the same values;
-``DecodeStack::qkv_of``).
+concatenated, in the Python loop and the stack alike - except the stack's steps of one row, which run the base's one
+[q; k; v] GEMM and then each wrapped projection's gather into its columns (the same values; ``DecodeStack::qkv_of``).
 
 It applies to ``llama``, ``mistral`` and ``qwen2`` models with default RoPE, SiLU, SDPA attention and full attention
 in every layer; any other model or a forward hook on a decoder module makes the runner take the HF modules as before.

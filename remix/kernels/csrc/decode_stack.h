@@ -58,21 +58,20 @@ struct DecodeStack {
     return false;
   }
   // Layer L's q / k / v outputs [b, (H + 2 Hkv) Dh]: the one [q; k; v] GEMM where no token routes in them; where
-  // some do, in steps below QKV_GATHER_BELOW rows where that GEMM is the compiled one (its outputs' sums do not depend
-  // on the other outputs), the same GEMM, then each routed projection's gather into its columns (gather_into, on the
-  // calling thread alone); else the three projections in turn. The same values either way. g_qkv_gather off: the
-  // three in turn wherever a token routes (A/B runs and tests: _qkv_gather). A/B (36th session, Zen 4 VM, default
-  // base in bfloat16, steps alternating), q / k / v a step, three calls -> this: a peft LoRA of rank 16 on q / k / v /
-  // o and the FFN, 1 / 2 / 4 / 8 / 16 / 32 sequences 2.08 -> 1.66 / 2.23 -> 1.93 / 1.98 -> 1.87 / 2.86 -> 2.59 / 4.24
-  // -> 3.96 / 6.92 -> 6.72 ms; a ReMix adapter (n 8, k 2, r 8) on q and v, 1 / 4 / 8 / 32 sequences 1.84 -> 1.46 /
-  // 1.95 -> 1.70 / 2.63 -> 2.40 / 6.74 -> 6.56. With each gather a parallel region of two threads instead, from two
-  // rows it was slower (8 sequences 2.57 -> 2.81: a region's fork and barriers three times a layer, and its pools read
-  // cold where a projection's own call reads them during its GEMM).
-  static constexpr int64_t QKV_GATHER_BELOW = 33;
+  // some do, in steps of one row (QKV_GATHER_BELOW) where that GEMM is the compiled one (its outputs' sums do not depend
+  // on the other outputs), the same GEMM, then each routed projection's gather into its columns (gather_into: a gather
+  // of one token opens no parallel region); else the three projections in turn. The same values either way.
+  // g_qkv_gather off: the three in turn wherever a token routes (A/B runs and tests: _qkv_gather). Measured (36th
+  // session, Zen 4 VM, default base in bfloat16, steps alternating; scripts/ab_steps.py --peft --ops qkv, which also
+  // loads four ReMix adapters on the FFN): one sequence 1.83 -> 1.77 ms of q / k / v a step; with the peft LoRA alone
+  // loaded 2.09 -> 1.69. From two rows the outcome hung on what else was loaded: the gathers on the calling thread were
+  // faster with the peft LoRA alone (8 / 32 sequences 2.75 -> 2.62, 6.70 -> 6.53) and slower beside the four ReMix
+  // adapters (2.02 -> 2.30, 5.17 -> 5.85); as two-thread regions, slower at 8 either way (2.57 -> 2.81).
+  static constexpr int64_t QKV_GATHER_BELOW = 2;
   torch::Tensor qkv_of(const Layer& L, const torch::Tensor& x, const torch::Tensor& slots, const int64_t* sp, int64_t b) const {
-    if (!L.wqkv.defined()) return torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1);
-    if (!any_routed(L, sp, b)) return linear(x, L.wqkv, L.bqkv);
-    if (!g_qkv_gather || b >= QKV_GATHER_BELOW || !base_gemm_for(x.reshape({-1, x.size(-1)}), L.wqkv, L.bqkv).on())
+    const bool fused = L.wqkv.defined();
+    if (fused && !any_routed(L, sp, b)) return linear(x, L.wqkv, L.bqkv);
+    if (!fused || !g_qkv_gather || b >= QKV_GATHER_BELOW || !base_gemm_for(x.reshape({-1, x.size(-1)}), L.wqkv, L.bqkv).on())
       return torch::cat({L.q(x, slots), L.k(x, slots), L.v(x, slots)}, -1);
     auto qkv = linear(x, L.wqkv, L.bqkv);
     int64_t c0 = 0;

@@ -185,19 +185,11 @@ inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh) {
   return {std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L)};
 }
 
-// Set on a thread whose calls should run on it alone (OneThread): region_threads then gives 1.
-thread_local bool t_one_thread = false;
-struct OneThread {  // t_one_thread within a scope
-  bool before = t_one_thread;
-  OneThread() { t_one_thread = true; }
-  ~OneThread() { t_one_thread = before; }
-};
-
 // Threads for a parallel region over `items` units of work: torch's setting, capped by the work; 1 inside another
-// region, under OneThread, or without OpenMP (then torch's parallel_for runs serially too).
+// region or without OpenMP (then torch's parallel_for runs serially too).
 inline int64_t region_threads(int64_t items) {
 #ifdef _OPENMP
-  return at::in_parallel_region() || t_one_thread ? 1 : std::min<int64_t>(at::get_num_threads(), items);
+  return at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), items);
 #else
   return 1;
 #endif

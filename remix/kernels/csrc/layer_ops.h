@@ -266,6 +266,17 @@ struct CacheRows {
   int64_t operator[](int64_t i) const { return r ? r[i] : row0 + i; }
 };
 
+// The positions a K/V write puts b x q tokens at: pos int64 [b, q], each in [0, P) (checked); pc holds the contiguous
+// copy its data points into.
+const int64_t* checked_positions(const torch::Tensor& pos, int64_t b, int64_t q, int64_t P, torch::Tensor& pc) {
+  pc = pos.contiguous();
+  TORCH_CHECK(pc.scalar_type() == torch::kInt64 && pc.dim() == 2 && pc.size(0) == b && pc.size(1) == q, "pos must be int64 [b, q]");
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t e = 0; e < b * q; ++e)
+    TORCH_CHECK(pp[e] >= 0 && pp[e] < P, message("position %lld out of [0, %lld)", pp[e], P));
+  return pp;
+}
+
 void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Tensor pos, torch::Tensor rows) {
   TORCH_CHECK(cache.device().is_cpu() && fresh.device().is_cpu() && cache.dim() == 4 && fresh.dim() == 4 && cache.is_contiguous(),
               "cache must be a contiguous CPU [S, H, P, Dh] tensor, fresh a CPU [b, H, q, Dh] tensor");
@@ -274,11 +285,8 @@ void kv_write_(torch::Tensor cache, torch::Tensor fresh, int64_t row0, torch::Te
   const int64_t b = fresh.size(0), q = fresh.size(2);
   TORCH_CHECK(fresh.size(1) == H && fresh.size(3) == Dh && (Dh == 1 || fresh.stride(3) == 1), "fresh must be [b, H, q, Dh] with Dh contiguous");
   const CacheRows cr(rows, row0, b, S);
-  auto pc = pos.contiguous();
-  TORCH_CHECK(pc.scalar_type() == torch::kInt64 && pc.dim() == 2 && pc.size(0) == b && pc.size(1) == q, "pos must be int64 [b, q]");
-  const int64_t* pp = pc.data_ptr<int64_t>();
-  for (int64_t e = 0; e < b * q; ++e)
-    TORCH_CHECK(pp[e] >= 0 && pp[e] < P, message("position %lld out of [0, %lld)", pp[e], P));
+  torch::Tensor pc;
+  const int64_t* pp = checked_positions(pos, b, q, P, pc);
   const int64_t es = cache.element_size(), row = Dh * es;
   char* dst = static_cast<char*>(cache.data_ptr());
   const char* src = static_cast<const char*>(fresh.data_ptr());
@@ -350,11 +358,8 @@ void kv_write_q8_(torch::Tensor cache, torch::Tensor scales, torch::Tensor fresh
   const int64_t b = fresh.size(0), q = fresh.size(2);
   TORCH_CHECK(fresh.size(1) == H && (Dh == 1 || fresh.stride(3) == 1), "fresh must be [b, H, q, Dh] with Dh contiguous");
   const CacheRows cr(rows, row0, b, S);
-  auto pc = pos.contiguous();
-  TORCH_CHECK(pc.scalar_type() == torch::kInt64 && pc.dim() == 2 && pc.size(0) == b && pc.size(1) == q, "pos must be int64 [b, q]");
-  const int64_t* pp = pc.data_ptr<int64_t>();
-  for (int64_t e = 0; e < b * q; ++e)
-    TORCH_CHECK(pp[e] >= 0 && pp[e] < P, message("position %lld out of [0, %lld)", pp[e], P));
+  torch::Tensor pc;
+  const int64_t* pp = checked_positions(pos, b, q, P, pc);
   int8_t* dst = cache.data_ptr<int8_t>();
   float* sc = scales.data_ptr<float>();
   std::vector<int8_t> codes(Dh);

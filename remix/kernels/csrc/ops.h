@@ -305,30 +305,46 @@ struct ModuleCall {
     return idx_buf.data_ptr<int64_t>();
   }
 
+  // Whether a call on x [..., D] (T tokens) with this slot map and counts can take the raw pointers (raw_run).
+  bool raw_fits(const torch::Tensor& x, int64_t T, const torch::Tensor& slot_of_token, const torch::Tensor& counts) const {
+    const Raw& R = raw;
+    return R.ok && g_raw_call && x.dim() >= 1 && x.size(-1) == R.pl.D && x.scalar_type() == R.dt && x.device().is_cpu() &&
+           x.is_contiguous() && call_args_fit(slot_of_token, T, counts, R.pl.N);
+  }
+  // run() on the raw pointers: x's T tokens routed (slot map sp, or null) and gathered into y (after the base GEMM where
+  // gemm is on), their selections into idx_buf (sized by idx_of) and counts.
+  void raw_run(const torch::Tensor& x, const torch::Tensor& y, int64_t T, const int64_t* sp, const torch::Tensor& counts,
+               const BaseGemm& gemm) const {
+    const Raw& R = raw;
+    check_slot_tables(R.off, R.n, R.k, R.S, R.pl.N, kmax);
+    int64_t* const ip = idx_buf.data_ptr<int64_t>();
+    std::fill_n(ip, T * kmax, int64_t{-1});
+    std::vector<float> w(T * kmax, 0.f);
+    const Routing rt{R.router, sp, R.off, R.n, R.k, R.omega, R.S, kmax};
+    run(x.data_ptr(), y.data_ptr(), T, R.dt == torch::kBFloat16, R.pl, &rt, ip, w.data(), kmax, gemm);
+    add_counts(counts, ip, T * kmax);
+  }
+  static const int64_t* slots_of(const torch::Tensor& slot_of_token) {
+    return slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
+  }
+
   std::tuple<torch::Tensor, torch::Tensor> routed(torch::Tensor x, torch::Tensor slot_of_token, torch::Tensor counts,
                                                   const Ahead* ahead = nullptr) const {
     const int64_t T = x.dim() ? x.numel() / std::max<int64_t>(1, x.size(-1)) : 0;
     int64_t* const ip = idx_of(T);  // (the checked path below fills the same buffer)
-    const Raw& R = raw;
-    if (R.ok && g_raw_call && x.dim() >= 1 && x.size(-1) == R.pl.D && x.scalar_type() == R.dt && x.device().is_cpu() &&
-        x.is_contiguous() && call_args_fit(slot_of_token, T, counts, R.pl.N)) {
+    if (raw_fits(x, T, slot_of_token, counts)) {
       BaseGemm gemm = raw_gemm(T);
       gemm.ahead = ahead;
-      const int64_t* sp = slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
-      if (g_proj_skip && !routes_any(R.n, R.S, sp, T)) {  // as linear_route_gather: the base GEMM alone
+      const int64_t* sp = slots_of(slot_of_token);
+      if (g_proj_skip && !routes_any(raw.n, raw.S, sp, T)) {  // as linear_route_gather: the base GEMM alone
         std::fill_n(ip, T * kmax, int64_t{-1});
         return {linear(x, weight, bias, ahead), idx_buf};
       }
       if (gemm.on()) {  // (otherwise a GEMM outside the kernel: linear_route_gather below, as before)
-        check_slot_tables(R.off, R.n, R.k, R.S, R.pl.N, kmax);
         auto shape = x.sizes().vec();
-        shape.back() = R.pl.O;
+        shape.back() = raw.pl.O;
         auto y = torch::empty(shape, x.options());
-        std::fill_n(ip, T * kmax, int64_t{-1});
-        std::vector<float> w(T * kmax, 0.f);
-        const Routing rt{R.router, sp, R.off, R.n, R.k, R.omega, R.S, kmax};
-        run(x.data_ptr(), y.data_ptr(), T, R.dt == torch::kBFloat16, R.pl, &rt, ip, w.data(), kmax, gemm);
-        add_counts(counts, ip, T * kmax);
+        raw_run(x, y, T, sp, counts, gemm);
         return {y, idx_buf};
       }
     }
@@ -337,27 +353,15 @@ struct ModuleCall {
   }
 
   // routed()'s routing, sums and counts into a y that already holds the base output (contiguous, [T, O], x's dtype), in
-  // place, without the GEMM, on the calling thread alone: the decode stack's q / k / v under a LoRA, whose base outputs
-  // come from the layer's one [q; k; v] GEMM (a token's delta is the same whatever computed its base output, and
-  // run() without a GEMM, on one thread or two, routes and gathers with the same sums).
+  // place, without the GEMM: the decode stack's q / k / v under a LoRA, whose base outputs come from the layer's one
+  // [q; k; v] GEMM (a token's delta is the same whatever computed its base output, and run() without a GEMM routes and
+  // gathers with the same sums).
   void gather_into(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& slot_of_token,
                    const torch::Tensor& counts) const {
     const int64_t T = x.dim() ? x.numel() / std::max<int64_t>(1, x.size(-1)) : 0;
-    int64_t* const ip = idx_of(T);
-    const Raw& R = raw;
-    if (R.ok && g_raw_call && x.dim() >= 1 && x.size(-1) == R.pl.D && x.scalar_type() == R.dt && x.device().is_cpu() &&
-        x.is_contiguous() && y.scalar_type() == R.dt && y.is_contiguous() && y.numel() == T * R.pl.O &&
-        call_args_fit(slot_of_token, T, counts, R.pl.N)) {
-      check_slot_tables(R.off, R.n, R.k, R.S, R.pl.N, kmax);
-      std::fill_n(ip, T * kmax, int64_t{-1});
-      std::vector<float> w(T * kmax, 0.f);
-      const int64_t* sp = slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
-      const Routing rt{R.router, sp, R.off, R.n, R.k, R.omega, R.S, kmax};
-      {
-        OneThread alone;  // (see DecodeStack::qkv_of)
-        run(x.data_ptr(), y.data_ptr(), T, R.dt == torch::kBFloat16, R.pl, &rt, ip, w.data(), kmax);
-      }
-      add_counts(counts, ip, T * kmax);
+    idx_of(T);
+    if (raw_fits(x, T, slot_of_token, counts) && y.scalar_type() == raw.dt && y.is_contiguous() && y.numel() == T * raw.pl.O) {
+      raw_run(x, y, T, slots_of(slot_of_token), counts, {nullptr, nullptr});
       return;
     }
     route_gather_into(x.reshape({T, x.size(-1)}), y.view({T, -1}), router, a, bt, slot_of_token, off, n, k, omega, r,
@@ -413,6 +417,16 @@ void by_dtype(at::ScalarType t, F&& f) {
   else f(c10::BFloat16{});
 }
 
+// Calls f(std::integral_constant<int, Dh>{}) for a head width of 16, 32, 64 or 128 (any other: 128; check_decode
+// admits only these): the attentions' kernels are templates on it.
+template <typename F>
+void by_head_dim(int64_t Dh, F&& f) {
+  if (Dh == 16) f(std::integral_constant<int, 16>{});
+  else if (Dh == 32) f(std::integral_constant<int, 32>{});
+  else if (Dh == 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, 128>{});
+}
+
 // Attention of one decode token per row over a slot cache: row i (cache row row0 + i) attends to its first lens[i]
 // positions. qk: [b, >= Hq, Dh] (its first Hq heads are the queries, head stride Dh, as the fused q/k/v output gives
 // them); K, V: [S, Hkv, P, Dh] contiguous; query head h reads key/value head h / (Hq / Hkv), as repeat_kv maps them.
@@ -453,10 +467,11 @@ torch::Tensor attention_at(torch::Tensor qk, torch::Tensor K, torch::Tensor V, i
   auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
   by_dtype(qk.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    auto f = Dh == 16 ? decode_attention_impl<T, 16> : Dh == 32 ? decode_attention_impl<T, 32>
-           : Dh == 64 ? decode_attention_impl<T, 64> : decode_attention_impl<T, 128>;
-    f(qk.data_ptr<T>(), qk.stride(0), K.data_ptr<T>(), V.data_ptr<T>(), row0, Hkv, P, lp, b, nrep, static_cast<float>(scale),
-      out.data_ptr<T>(), slots.defined() ? slots.data_ptr<int64_t>() : nullptr);
+    by_head_dim(Dh, [&](auto dh) {
+      decode_attention_impl<T, dh()>(qk.data_ptr<T>(), qk.stride(0), K.data_ptr<T>(), V.data_ptr<T>(), row0, Hkv, P, lp, b,
+                                     nrep, static_cast<float>(scale), out.data_ptr<T>(),
+                                     slots.defined() ? slots.data_ptr<int64_t>() : nullptr);
+    });
   });
   return out;
 }
@@ -491,11 +506,12 @@ torch::Tensor attention_at_q8(torch::Tensor qk, torch::Tensor K, torch::Tensor V
   auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
   by_dtype(qk.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    auto f = Dh == 16 ? decode_attention_q8_impl<T, 16> : Dh == 32 ? decode_attention_q8_impl<T, 32>
-           : Dh == 64 ? decode_attention_q8_impl<T, 64> : decode_attention_q8_impl<T, 128>;
-    f(qk.data_ptr<T>(), qk.stride(0), K.data_ptr<int8_t>(), V.data_ptr<int8_t>(), Ks.data_ptr<float>(),
-      Vs.data_ptr<float>(), row0, Hkv, P, lp, b, nrep, static_cast<float>(scale), out.data_ptr<T>(),
-      slots.defined() ? slots.data_ptr<int64_t>() : nullptr);
+    by_head_dim(Dh, [&](auto dh) {
+      decode_attention_q8_impl<T, dh()>(qk.data_ptr<T>(), qk.stride(0), K.data_ptr<int8_t>(), V.data_ptr<int8_t>(),
+                                        Ks.data_ptr<float>(), Vs.data_ptr<float>(), row0, Hkv, P, lp, b, nrep,
+                                        static_cast<float>(scale), out.data_ptr<T>(),
+                                        slots.defined() ? slots.data_ptr<int64_t>() : nullptr);
+    });
   });
   return out;
 }
