@@ -272,6 +272,52 @@ def test_module_call_with_nothing_to_route_is_its_base_gemm(dtype, T):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 8, 40, 130])
+def test_one_lora_slot_skips_its_routing_with_the_same_selections(dtype, T):
+    """A slot of one LoRA (a plain LoRA, n = k = 1) takes its LoRA for every token without the router's dot product
+    (_single_route): the selections, weights, counts and y are those of the routed call, bit for bit, in every path
+    (below 64 tokens split by pools, two slots in use routed by units or by tokens, 130 tokens by token tiles; the
+    module call and route_gather_), beside a slot of eight LoRAs (k 2) that routes as before. Slot 0's router row is
+    NaN: its top 1 of one is still LoRA 0 (topk_token takes index 0 first), which the routed call computes too."""
+    from remix.kernels import cpu_ext
+
+    ext = _compiled()
+    r, D, O = 4, 64, 96
+    g = torch.Generator().manual_seed(T)
+    base = torch.nn.Linear(D, O, bias=True).to(dtype)
+    router = torch.randn(1 + 8 + 1, D, generator=g)
+    router[0] = float("nan")
+    a, bt = torch.randn(10 * r, D, generator=g).to(dtype), torch.randn(10 * r, O, generator=g).to(dtype)
+    tables = (torch.tensor([0, 1, 9]), torch.tensor([1, 8, 1]), torch.tensor([1, 2, 1]), torch.tensor([2.0, 0.5, 1.5]))
+    call = cpu_ext.bind_module(base, router, a, bt, tables, r, 2)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    none = torch.empty(0, dtype=torch.int64)
+    mixes = [torch.zeros(T, dtype=torch.int64), torch.tensor([(0, 1, 2, -1)[t % 4] for t in range(T)])]
+    try:
+        for slots, units in itertools.product(mixes, (True, False)):
+            ext._route_units(units)
+            got = []
+            for skip in (True, False):
+                ext._single_route(skip)
+                counts = torch.zeros(10, dtype=torch.int64)
+                with torch.inference_mode():
+                    y, idx = call.routed(x, slots, counts)
+                y2 = torch.zeros(T, O, dtype=dtype)
+                idx2 = ext.route_gather_(x.clone(), y2, router, a, bt, slots, *tables, r, 2, none)
+                got.append((y, idx, counts, y2, idx2))
+            for u, v in zip(*got):
+                assert torch.equal(u, v)
+            y, idx = got[0][:2]
+            single = (slots == 0) | (slots == 2)
+            assert torch.equal(idx[single, 0], torch.where(slots[single] == 0, 0, 9)) and bool((idx[single, 1] == -1).all())
+            assert bool((idx[slots == 1] >= 1).all() & (idx[slots == 1] <= 8).all())
+            assert bool(torch.isfinite(y.float()).all())
+    finally:
+        ext._single_route(True)
+        ext._route_units(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 8, 40, 130])
 def test_module_call_on_raw_pointers_is_the_checked_call(dtype, T):
     """ModuleCall's call on the bound tensors' raw pointers (no tensor header read, no handle copied, no reshape) gives
     what the checked path (linear_route_gather) gives, bit for bit: y, the selections and the counts they add, for

@@ -491,9 +491,22 @@ inline void tokens_by_slot(const Routing& rt, int64_t t0, int64_t t1, std::vecto
   for (int64_t t = t0; t < t1; ++t) { const int64_t s = routed_slot(rt, t); if (s >= 0) tok[fill[s]++] = t; }
 }
 
+// A slot of one LoRA (a plain LoRA: n = k = 1) whose routing is skipped: its one LoRA is every token's top 1 whatever
+// the logit (NaN included: topk_token takes index 0 first), so the router's dot product, ~1-3 KB of cold router row and
+// a few hundred FMAs a token and module, is not computed. Off (_single_route): the logits are computed as for any pool
+// (tests: the same selections either way).
+bool g_skip_single = true;
+inline bool skips_routing(const Routing& rt, int64_t s) { return g_skip_single && rt.n[s] == 1; }
+
 // Token t's top k of its slot s's n logits lg (ties to the lower index): global ids into ip [T, kmax], omega into wp.
+// lg is not read where skips_routing(rt, s).
 inline void topk_token(const float* lg, int64_t t, int64_t s, const Routing& rt, int64_t* ip, float* wp) {
   const int64_t o = rt.off[s], n = rt.n[s], k = rt.k[s];
+  if (skips_routing(rt, s)) {
+    ip[t * rt.kmax] = o;  // (k <= n = 1)
+    wp[t * rt.kmax] = rt.omega[s];
+    return;
+  }
   uint64_t taken = 0;
   for (int64_t j = 0; j < k; ++j) {
     int64_t best = -1;
@@ -522,7 +535,7 @@ void route_rows(const XT* x, int64_t x0, int64_t D, int64_t t0, int64_t t1, cons
       const int64_t nq = std::min<int64_t>(4, start[s + 1] - b0), o = rt.off[s], n = rt.n[s];
       const XT* xs[4];
       for (int64_t q = 0; q < nq; ++q) xs[q] = x + (tok[b0 + q] - x0) * D;
-      for (int64_t c0 = 0; c0 < n; c0 += 4)
+      for (int64_t c0 = 0; c0 < n && !skips_routing(rt, s); c0 += 4)
         dots4x4(xs, nq, rt.router + (o + c0) * D, std::min<int64_t>(4, n - c0), D, logits + c0, 64, nullptr);
       for (int64_t q = 0; q < nq; ++q) topk_token(logits + q * 64, tok[b0 + q], s, rt, ip, wp);
     }
@@ -547,7 +560,7 @@ void route_logits_share(const XT* x, int64_t D, int64_t T, const Routing& rt, in
   tokens_by_slot(rt, 0, T, start, tok);
   std::vector<int64_t> units;  // slot * 64 + first row
   for (int64_t s = 0; s < rt.S; ++s)
-    if (start[s + 1] > start[s])
+    if (start[s + 1] > start[s] && !skips_routing(rt, s))
       for (int64_t c0 = 0; c0 < rt.n[s]; c0 += 4) units.push_back(s * 64 + c0);
   const int64_t nu = static_cast<int64_t>(units.size());
   float out[4 * 4];

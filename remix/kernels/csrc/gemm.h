@@ -269,7 +269,8 @@ struct AheadCursor {
     ids.reserve(n);
     seg.reserve(ah->ranges.size() + 2 * n);
     for (const auto& [lo, hi] : ah->ranges) {
-      if (!ah->bt_only) seg.push_back({reinterpret_cast<const char*>(ah->router + lo * D), 1, (hi - lo) * D * 4, 0});
+      if (!ah->bt_only && !(g_skip_single && hi - lo == 1))  // (a one-LoRA slot's router is not read: skips_routing)
+        seg.push_back({reinterpret_cast<const char*>(ah->router + lo * D), 1, (hi - lo) * D * 4, 0});
       for (int64_t i = lo; i < hi; ++i) ids.push_back(i);
     }
     for (int64_t j = n * h / nh; !ah->bt_only && j < n * (h + 1) / nh; ++j)

@@ -39,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "tests: the kernels' float32 -> bfloat16 rounding (narrow) of a tensor");
   m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
+  m.def("_single_route", [](bool skip) { g_skip_single = skip; },
+        "tests and A/B runs: a one-LoRA slot's routing skipped (its LoRA every token's top 1; default on)");
   m.def("_module_call_raw", [](bool on) { g_raw_call = on; }, "tests and A/B runs: ModuleCall's call on raw pointers (default on)");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
   m.def("_ahead_cover", [](double c) { g_ahead_cover = c; }, "A/B runs: prefetch a slot's pools from tokens x k >= c x n");
