@@ -316,6 +316,40 @@ def test_one_lora_slot_skips_its_routing_with_the_same_selections(dtype, T):
         ext._route_units(True)
 
 
+@pytest.mark.parametrize("T", [1, 16, 24, 33, 63])
+def test_phase_b_by_chunks_changes_no_value(T):
+    """float32 calls of 24-63 rows (AVX-512 builds) take each thread's slice of the outputs in chunks: the chunk's GEMM,
+    then its phase B (_chunk_b). y, the selections and the counts are those of the whole slice's GEMM then phase B, bit
+    for bit, with chunks of 160 / 128 / 32 outputs (O 200 and 1000: slices of one chunk, of several, a last chunk short), from
+    1 row, one adapter or two mixed with tokens routed nowhere, and a bias."""
+    from remix.kernels import cpu_ext
+
+    ext = _compiled()
+    n, r = 8, 8
+    for D, O in ((64, 200), (96, 1000)):
+        g = torch.Generator().manual_seed(T * 7 + O)
+        base = torch.nn.Linear(D, O, bias=True)
+        router = torch.randn(2 * n, D, generator=g)
+        a, bt = torch.randn(2 * n * r, D, generator=g), torch.randn(2 * n * r, O, generator=g)
+        tables = (torch.tensor([0, n]), torch.tensor([n, n]), torch.tensor([2, 2]), torch.tensor([0.5, 2.0]))
+        call = cpu_ext.bind_module(base, router, a, bt, tables, r, 2)
+        x = torch.randn(T, D, generator=g)
+        for slots in (torch.zeros(T, dtype=torch.int64), torch.tensor([(0, 1, -1)[t % 3] for t in range(T)])):
+            got, was = [], ext._chunk_b(0, 24)
+            try:
+                for cols, start in ((0, 24), (160, 1), (128, 1), (32, 1)):
+                    ext._chunk_b(cols, start)
+                    counts = torch.zeros(2 * n, dtype=torch.int64)
+                    with torch.inference_mode():
+                        y, idx = call.routed(x, slots, counts)
+                    got.append((y, idx, counts))
+            finally:
+                ext._chunk_b(*was)
+            for other in got[1:]:
+                assert all(torch.equal(u, v) for u, v in zip(got[0], other))
+            assert not torch.equal(got[0][0], cpu_ext.linear(x, base.weight, base.bias))  # the LoRAs did add
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 8, 40, 130])
 def test_module_call_on_raw_pointers_is_the_checked_call(dtype, T):

@@ -226,6 +226,8 @@ struct Ahead {
   Pools pl{nullptr, nullptr, 0, 0, 0, 0};
   std::vector<std::pair<int64_t, int64_t>> ranges;  // the LoRAs [lo, hi) of each slot prefetched, in order
   bool bt_only = false;  // B^T's rows alone (no routers, no A): a call's own selected LoRAs, for its phase B
+  int64_t o0 = 0, o1 = 0;  // where o1 > o0: B^T's columns [o0, o1) (a chunk of the thread's outputs), not its out_slice
+  double start = -1;  // where >= 0: the share of the GEMM's blocks the lines start at (else the caller's)
   int64_t loras() const {
     int64_t n = 0;
     for (const auto& [lo, hi] : ranges) n += hi - lo;
@@ -275,7 +277,8 @@ struct AheadCursor {
     }
     for (int64_t j = n * h / nh; !ah->bt_only && j < n * (h + 1) / nh; ++j)
       seg.push_back({A + ids[j] * r * D * esz, 1, pl.rank_of(ids[j]) * D * esz, 0});
-    const auto [o0, o1] = out_slice(O, h, nh);
+    const auto [s0, s1] = out_slice(O, h, nh);
+    const int64_t o0 = ah->o1 > ah->o0 ? ah->o0 : s0, o1 = ah->o1 > ah->o0 ? ah->o1 : s1;
     if (o1 > o0)
       for (const int64_t i : ids) seg.push_back({Bt + (i * r * O + o0) * esz, pl.rank_of(i), (o1 - o0) * esz, O * esz});
     for (const Seg& g : seg) lines += g.rows * ((g.bytes + 63) / 64);
@@ -286,6 +289,7 @@ struct AheadCursor {
     if (!ah) return AheadCursor(nullptr, 0, 1);
     const auto [h, nh] = region_thread();
     AheadCursor c(ah, h, nh);
+    if (ah->start >= 0) start = ah->start;
     c.first = std::min<int64_t>(blocks - 1, static_cast<int64_t>(blocks * start));
     c.per = c.lines ? (c.lines + (blocks - c.first) - 1) / (blocks - c.first) : 0;
     return c;
@@ -322,7 +326,8 @@ struct AheadCursor {
 // 12.95 bare, in turn in one process; three blocks 7.05; no change at one; at 32, into L1, two blocks 21.5 -> 21.8).
 template <int GO, int RT, int PFL, typename E>
 void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y, int64_t O, int64_t o0, int64_t o1,
-              const Ahead* ahead = nullptr, const Ahead* own = nullptr) {
+              const Ahead* ahead = nullptr, const Ahead* own = nullptr, int64_t pf_end = 0) {
+  pf_end = std::max(pf_end, o1);  // W's rows prefetched up to pf_end (a chunk's call: the rest of the slice)
   const int64_t tiles = (T + RT - 1) / RT;
   constexpr int64_t AHEAD = PFL == 1 ? 2 * GO : GO;  // the rows of W between a row read and its prefetch (see above)
   const int64_t blocks = (o1 - o0 + GO - 1) / GO;
@@ -332,7 +337,7 @@ void dot_gemm(const E* X, int64_t T, int64_t D, const E* W, const E* bias, E* Y,
     next.at(blk);
     mine.at(blk);
     const int64_t nw = std::min<int64_t>(GO, o1 - o);
-    const int64_t nn = std::min<int64_t>(GO, std::max<int64_t>(0, o1 - o - AHEAD));  // rows of the block prefetched
+    const int64_t nn = std::min<int64_t>(GO, std::max<int64_t>(0, pf_end - o - AHEAD));  // rows of the block prefetched
     const E* Wo = W + o * D;
     const E* bo = bias ? bias + o : nullptr;
     auto prefetches = [&](int64_t j) { return nn > j ? (nn - 1 - j) / tiles + 1 : 0; };  // rows j, j + tiles, ... < nn
@@ -366,17 +371,17 @@ constexpr int AVX2_GO = 3, AVX2_RT = 2;
 // dot_gemm with the tile shape for T rows: 6 x 3 below 16 rows (more of W per load of X), else 5 x 5.
 template <typename E>
 void dot_gemm_any(const void* X, int64_t T, int64_t D, const void* W, const void* bias, void* Y, int64_t O, int64_t o0,
-                  int64_t o1, const Ahead* ahead = nullptr, const Ahead* own = nullptr) {
+                  int64_t o1, const Ahead* ahead = nullptr, const Ahead* own = nullptr, int64_t pf_end = 0) {
   const auto *x = static_cast<const E*>(X), *w = static_cast<const E*>(W), *b = static_cast<const E*>(bias);
   auto* y = static_cast<E*>(Y);
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<E, float>) {  // AVX2: the tiles above
-    if (T < 16) return dot_gemm<AVX2_GO, AVX2_RT, 1>(x, T, D, w, b, y, O, o0, o1, ahead, own);  // (PFL: see dot_gemm)
-    return dot_gemm<AVX2_GO, AVX2_RT, 3>(x, T, D, w, b, y, O, o0, o1, ahead, own);
+    if (T < 16) return dot_gemm<AVX2_GO, AVX2_RT, 1>(x, T, D, w, b, y, O, o0, o1, ahead, own, pf_end);  // (PFL: see dot_gemm)
+    return dot_gemm<AVX2_GO, AVX2_RT, 3>(x, T, D, w, b, y, O, o0, o1, ahead, own, pf_end);
   }
 #endif
-  if (T < 16) return dot_gemm<6, 3, 1>(x, T, D, w, b, y, O, o0, o1, ahead, own);
-  dot_gemm<5, 5, 3>(x, T, D, w, b, y, O, o0, o1, ahead, own);
+  if (T < 16) return dot_gemm<6, 3, 1>(x, T, D, w, b, y, O, o0, o1, ahead, own, pf_end);
+  dot_gemm<5, 5, 3>(x, T, D, w, b, y, O, o0, o1, ahead, own, pf_end);
 }
 
 }  // namespace

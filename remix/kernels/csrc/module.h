@@ -42,6 +42,29 @@ void phase_b_slice(const Pairs& pr, const Pools& pl, const float* U, void* y, in
 // / 3.40 -> 3.67 (the GEMM compute-bound there, the float32 rows twice the bytes).
 constexpr int64_t OWN_BT_BELOW = 16;
 
+// Phase B by chunks (float32, AVX-512): from g_chunk_b_from rows (below SPLIT_POOLS_BELOW), a thread takes its slice of
+// the outputs in chunks of g_chunk_b (a multiple of 2L, so phase B's vector slices and sums are the slice's, and of the
+// 5 x 5 tile's 5 rows of W, so no chunk ends in a part-filled block): the chunk's GEMM (its prefetches of W running on
+// to the slice's end; the next chunk's B^T rows of the selected LoRAs prefetched over its blocks, the first chunk's own
+// too), then the chunk's phase B with its y and B^T rows in L1 / L2 - instead of the whole slice's GEMM, then phase B
+// reading ~200 KB of B^T cold. The same values (the GEMM's outputs do not depend on the call's other outputs, nor phase
+// B's on the split of the columns). The float32 5 x 5 tiles are compute-bound from ~16 rows: the B^T lines come in
+// while the FMAs run. What it buys hangs on the memory's load. 90 bound modules (n 8, k 2, r 8), variants alternating
+// round by round in one process, medians of 40 rounds (37th session, Zen 4 VM; a /tmp script): in a busy spell, chunks
+// of 128, 576 -> 1536 / 1536 -> 576 at 32 rows 411.6 / 389.0 -> 385.6 / 376.5 us (base 344.6 / 326.2: the delta 67 /
+// 63 -> 41 / 50), 397.5 / 379.0 -> 386.7 / 367.0 in the other order, 24 rows 312.1 / 302.3 -> 305.1 / 297.0, 40 rows
+// 491.0 / 451.9 -> 478.6 / 446.0; in a quiet spell an hour later (the delta without chunks 30 / 37 us) 128 cost 4-7 us,
+// 160 nothing (32 rows 368.8 / 357.2 -> 370.4 / 355.6, 24 rows 285.2 / 283.9 -> 282.9 / 282.9). Not kept: 16 rows
+// (226.5 / 239.7 -> 234.0 / 242.7), bfloat16 (8 / 32 rows 81.8 / 227.6 -> 84.8 / 229.7 us for 576 -> 1536: its phase B
+// already goes by YBLOCK blocks of a float32 copy), the AVX2 build's 3 x 2 tiles (16 / 32 / 48 rows 1-5 us slower);
+// the first chunk's GEMM before phase A, prefetching phase A's rows of A (no better). (A/B runs and tests: _chunk_b.)
+#ifdef __AVX512F__
+int64_t g_chunk_b = 160;
+#else
+int64_t g_chunk_b = 0;
+#endif
+int64_t g_chunk_b_from = 24;
+
 // Whether the calling thread runs a decode stack's layers with its Ahead on (each routed module's pools of the slots
 // worth it prefetched during the GEMM before it): set by DecodeStack::run, read by run() before its region.
 thread_local bool t_stack_ahead = false;
@@ -217,13 +240,31 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
 #pragma omp barrier
     }
     const auto [o0, o1] = out_slice(O, h, nh);
-    if (gemm.on()) {  // this thread's slice of the base output, updated by phase B next
+    if (gemm.on() && !bf16 && g_chunk_b > 0 && T >= g_chunk_b_from && pr.size() > 0) {
+      // by chunks (g_chunk_b, above): each chunk's GEMM, prefetching the next chunk's B^T rows of the selected LoRAs
+      // (the first chunk's own too), then its phase B
+      Ahead next = own_ahead(pr, pl, nullptr, 0, false);  // (T 0: every selected LoRA)
+      next.start = 0;
       BaseGemm g = gemm;
-      const Ahead mine = g_own_bt ? own_ahead(pr, pl, rt, T, stack_ahead) : Ahead{};
-      if (!mine.ranges.empty()) g.own = &mine;
-      g(gx, gy, T, D, O, o0, o1);
+      g.pf_end = o1;
+      for (int64_t c0 = o0; c0 < o1; c0 += g_chunk_b) {
+        const int64_t c1 = std::min(o1, c0 + g_chunk_b);
+        next.o0 = c0 == o0 ? c0 : c1;
+        next.o1 = std::min(o1, c1 + g_chunk_b);
+        g.own = g_own_bt && next.o1 > next.o0 ? &next : nullptr;
+        g.ahead = c0 == o0 ? gemm.ahead : nullptr;  // the decode stack's next module, over the first chunk's blocks
+        g(gx, gy, T, D, O, c0, c1);
+        phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, c0, c1);
+      }
+    } else {
+      if (gemm.on()) {  // this thread's slice of the base output, updated by phase B next
+        BaseGemm g = gemm;
+        const Ahead mine = g_own_bt ? own_ahead(pr, pl, rt, T, stack_ahead) : Ahead{};
+        if (!mine.ranges.empty()) g.own = &mine;
+        g(gx, gy, T, D, O, o0, o1);
+      }
+      phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, o0, o1);
     }
-    phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, o0, o1);
   }
 }
 

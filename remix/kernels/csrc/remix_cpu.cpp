@@ -39,6 +39,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "tests: the kernels' float32 -> bfloat16 rounding (narrow) of a tensor");
   m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
+  m.def("_chunk_b", [](int64_t cols, int64_t from) {
+    const auto was = std::make_tuple(g_chunk_b, g_chunk_b_from);
+    g_chunk_b = cols;
+    g_chunk_b_from = from;
+    return was;
+  }, "tests and A/B runs: float32 calls from `from` rows take GEMM and phase B in chunks of `cols` outputs (0: off); "
+     "returns the setting before");
   m.def("_single_route", [](bool skip) { g_skip_single = skip; },
         "tests and A/B runs: a one-LoRA slot's routing skipped (its LoRA every token's top 1; default on)");
   m.def("_module_call_raw", [](bool on) { g_raw_call = on; }, "tests and A/B runs: ModuleCall's call on raw pointers (default on)");
