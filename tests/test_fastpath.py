@@ -471,6 +471,40 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_lora_routing_shortcuts_change_no_value(tmp_path, dtype):
+    """A plain LoRA (peft's, n = k = 1 in every projection) needs no routing: its one LoRA is every token's top 1, so
+    its router's dot products are skipped (_single_route), and a small call whose tokens all sit in such slots takes
+    its selections without the routing stage and its barrier (_trivial_route; run and, below 5 rows, run_pair). Tokens,
+    log-probabilities and every LoRA's selection counts are those of the routed calls: the peft LoRA alone in steps of
+    one to four rows, then beside the ReMix adapters and the bare base."""
+    peft = pytest.importorskip("peft")
+    from server.bench import make_peft_adapter
+
+    ext, engine, tok = switch_engine(tmp_path, dtype)
+    make_peft_adapter(tiny("llama", 2)[0], tmp_path / "p", 0, 0.5, r=4, lora_alpha=8,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert peft is not None and engine.load_adapter("p", str(tmp_path / "p")).info["format"] == "peft"
+    runs = {}
+    try:
+        for skip, trivial in ((True, True), (True, False), (False, False)):
+            ext._single_route(skip)
+            ext._trivial_route(trivial)
+            zero_counts(engine)
+            got = run_all(engine, requests_for(tok, ["p"]))
+            got.update({f"m{k}": v for k, v in run_all(engine, requests_for(tok, ["p", "a0", None, "a1"])).items()})
+            runs[skip, trivial] = (got, counts_of(engine))
+    finally:
+        ext._single_route(True)
+        ext._trivial_route(True)
+    first = runs[True, True]
+    assert all(len(toks) == 24 for toks, _ in first[0].values())
+    assert any(".gate_proj" in name and int(c.sum()) > 0 for name, c in first[1].items())
+    for got, counts in list(runs.values())[1:]:
+        assert got == first[0]
+        assert all(torch.equal(counts[name], first[1][name]) for name in counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qkv_as_one_gemm_then_gathers_changes_no_value(tmp_path, dtype):
     """In decode steps of one row the stack computes a LoRA-wrapped layer's q / k / v as the base's one [q; k; v] GEMM,
     then each routed projection's gather into its columns (_qkv_gather): tokens, log-probabilities and every LoRA's

@@ -274,9 +274,11 @@ def test_module_call_with_nothing_to_route_is_its_base_gemm(dtype, T):
 @pytest.mark.parametrize("T", [1, 8, 40, 130])
 def test_one_lora_slot_skips_its_routing_with_the_same_selections(dtype, T):
     """A slot of one LoRA (a plain LoRA, n = k = 1) takes its LoRA for every token without the router's dot product
-    (_single_route): the selections, weights, counts and y are those of the routed call, bit for bit, in every path
+    (_single_route), and a call below 64 tokens whose routed tokens all sit in such slots has no routing stage
+    (_trivial_route): the selections, weights, counts and y are those of the routed call, bit for bit, in every path
     (below 64 tokens split by pools, two slots in use routed by units or by tokens, 130 tokens by token tiles; the
-    module call and route_gather_), beside a slot of eight LoRAs (k 2) that routes as before. Slot 0's router row is
+    module call and route_gather_), with two one-LoRA slots and tokens routed nowhere, and beside a slot of eight LoRAs
+    (k 2) that routes as before. Slot 0's router row is
     NaN: its top 1 of one is still LoRA 0 (topk_token takes index 0 first), which the routed call computes too."""
     from remix.kernels import cpu_ext
 
@@ -291,21 +293,23 @@ def test_one_lora_slot_skips_its_routing_with_the_same_selections(dtype, T):
     call = cpu_ext.bind_module(base, router, a, bt, tables, r, 2)
     x = torch.randn(T, D, generator=g).to(dtype)
     none = torch.empty(0, dtype=torch.int64)
-    mixes = [torch.zeros(T, dtype=torch.int64), torch.tensor([(0, 1, 2, -1)[t % 4] for t in range(T)])]
+    mixes = [torch.zeros(T, dtype=torch.int64), torch.tensor([(0, 2, -1)[t % 3] for t in range(T)]),
+             torch.tensor([(0, 1, 2, -1)[t % 4] for t in range(T)])]
     try:
         for slots, units in itertools.product(mixes, (True, False)):
             ext._route_units(units)
             got = []
-            for skip in (True, False):
+            for skip, trivial in ((True, True), (True, False), (False, False)):
                 ext._single_route(skip)
+                ext._trivial_route(trivial)
                 counts = torch.zeros(10, dtype=torch.int64)
                 with torch.inference_mode():
                     y, idx = call.routed(x, slots, counts)
                 y2 = torch.zeros(T, O, dtype=dtype)
                 idx2 = ext.route_gather_(x.clone(), y2, router, a, bt, slots, *tables, r, 2, none)
                 got.append((y, idx, counts, y2, idx2))
-            for u, v in zip(*got):
-                assert torch.equal(u, v)
+            for other in got[1:]:
+                assert all(torch.equal(u, v) for u, v in zip(got[0], other))
             y, idx = got[0][:2]
             single = (slots == 0) | (slots == 2)
             assert torch.equal(idx[single, 0], torch.where(slots[single] == 0, 0, 9)) and bool((idx[single, 1] == -1).all())
@@ -313,6 +317,7 @@ def test_one_lora_slot_skips_its_routing_with_the_same_selections(dtype, T):
             assert bool(torch.isfinite(y.float()).all())
     finally:
         ext._single_route(True)
+        ext._trivial_route(True)
         ext._route_units(True)
 
 

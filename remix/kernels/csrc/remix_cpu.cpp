@@ -46,6 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return was;
   }, "tests and A/B runs: float32 calls from `from` rows take GEMM and phase B in chunks of `cols` outputs (0: off); "
      "returns the setting before");
+  m.def("_trivial_route", [](bool on) { g_trivial_route = on; },
+        "tests and A/B runs: a small call whose tokens all sit in one-LoRA slots skips its routing stage (default on)");
   m.def("_single_route", [](bool skip) { g_skip_single = skip; },
         "tests and A/B runs: a one-LoRA slot's routing skipped (its LoRA every token's top 1; default on)");
   m.def("_module_call_raw", [](bool on) { g_raw_call = on; }, "tests and A/B runs: ModuleCall's call on raw pointers (default on)");
