@@ -69,11 +69,23 @@ int64_t g_chunk_b_from = 24;
 // worth it prefetched during the GEMM before it): set by DecodeStack::run, read by run() before its region.
 thread_local bool t_stack_ahead = false;
 
+// The Ahead of the B^T rows of the selected LoRAs of pr (skip[i]: leave LoRA i out, where given).
+Ahead selected_bt(const Pairs& pr, const Pools& pl, const std::vector<char>* skip = nullptr) {
+  Ahead mine;
+  for (int64_t i = 0; i < pl.N; ++i)
+    if (pr.start[i + 1] > pr.start[i] && !(skip && (*skip)[i])) {
+      if (!mine.ranges.empty() && mine.ranges.back().second == i) mine.ranges.back().second = i + 1;
+      else mine.ranges.emplace_back(i, i + 1);
+    }
+  mine.pl = pl;
+  mine.bt_only = true;
+  return mine;
+}
+
 // The Ahead of a small call's own selected LoRAs (pr) for g_own_bt: their B^T rows, less, where the decode stack has
 // prefetched this module's pools (stack_ahead), the LoRAs of the slots it took whole (tokens x k >= g_ahead_cover x n).
 Ahead own_ahead(const Pairs& pr, const Pools& pl, const Routing* rt, int64_t T, bool stack_ahead) {
-  Ahead mine;
-  if (pr.size() == 0 || T >= OWN_BT_BELOW) return mine;
+  if (pr.size() == 0 || T >= OWN_BT_BELOW) return Ahead{};
   std::vector<char> whole(pl.N, 0);
   if (rt && stack_ahead) {
     std::vector<int64_t> count(rt->S, 0);
@@ -83,14 +95,7 @@ Ahead own_ahead(const Pairs& pr, const Pools& pl, const Routing* rt, int64_t T, 
       if (whole_slot(count[sl], rt->k[sl], rt->n[sl]))
         for (int64_t i = std::max<int64_t>(0, rt->off[sl]); i < std::min(pl.N, rt->off[sl] + rt->n[sl]); ++i) whole[i] = 1;
   }
-  for (int64_t i = 0; i < pl.N; ++i)
-    if (pr.start[i + 1] > pr.start[i] && !whole[i]) {
-      if (!mine.ranges.empty() && mine.ranges.back().second == i) mine.ranges.back().second = i + 1;
-      else mine.ranges.emplace_back(i, i + 1);
-    }
-  mine.pl = pl;
-  mine.bt_only = true;
-  return mine;
+  return selected_bt(pr, pl, &whole);
 }
 
 // Where every routed token of a call sits in a one-LoRA slot (skips_routing: a plain LoRA's), writes their selections
@@ -261,8 +266,8 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     const auto [o0, o1] = out_slice(O, h, nh);
     if (gemm.on() && !bf16 && g_chunk_b > 0 && T >= g_chunk_b_from && pr.size() > 0) {
       // by chunks (g_chunk_b, above): each chunk's GEMM, prefetching the next chunk's B^T rows of the selected LoRAs
-      // (the first chunk's own too), then its phase B
-      Ahead next = own_ahead(pr, pl, nullptr, 0, false);  // (T 0: every selected LoRA)
+      // (the first chunk's own too; g_own_bt off: none), then its phase B
+      Ahead next = selected_bt(pr, pl);
       next.start = 0;
       BaseGemm g = gemm;
       g.pf_end = o1;
