@@ -115,7 +115,7 @@ def test_server_bench_runs_every_contender_on_the_tiny_model(tmp_path):
             # 4 new tokens: the first comes from the prefill, three from full-batch decode steps
             assert b["steps"] == 3 and set(b["ops"]) == set(cpu_ext.STACK_OPS)
             # every kind of op ran in every layer - but at 2 rows an adapter's gate, up and act run as one op, on gate
-            # (run_pair in cpu_ext, below _fuse_pair_below's 5 rows), where the dtype's base GEMM is the compiled one
+            # (run_pair in cpu_ext, below _fuse_pair_below's 9 rows), where the dtype's base GEMM is the compiled one
             # (a bfloat16 model on a build without AVX512-BF16 takes the two calls)
             dtype = getattr(torch, out["config"]["dtype"])
             fused = {"up", "act"} if name != "engine_base" and cpu_ext.dot_gemm(dtype) else set()

@@ -448,7 +448,7 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
     # bfloat16 modules run in the compiled kernels (and so in one region) only with AVX512-BF16; elsewhere (an AVX2
     # build) every step takes the two calls, which must still give the same values
     fusable = dtype == torch.float32 or cpu_ext.dot_gemm(torch.bfloat16)
-    runs = {}
+    runs, was = {}, ext._fuse_pair_below(64)
     try:
         for below in (64, 0):  # every decode step here fused, then none
             ext._fuse_pair_below(below)
@@ -462,7 +462,7 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
             runs[below] = (got, counts_of(engine))
     finally:
         cpu_ext.stack_clock(False)
-        ext._fuse_pair_below(5)
+        ext._fuse_pair_below(was)
     assert all(len(toks) == 24 for toks, _ in runs[64][0].values())
     assert runs[64][0] == runs[0][0]
     counts = runs[64][1]

@@ -319,8 +319,15 @@ void silu_mul_cols(void* ya, const void* yb, int64_t T, int64_t O, int64_t o0, i
 // 12.12 -> 12.02, 10.40 -> 10.25 and 10.34 -> 10.24 with four; 6 sequences 12.26 -> 12.08 with one but 13.10 -> 13.22
 // with four; 8 sequences 14.70 -> 14.59 and 14.61 -> 14.50 with one but 15.99 -> 16.17 and 15.62 -> 15.78 with four (FFN
 // 8.46 -> 8.82, 8.30 -> 8.67: below 16 rows the two calls each prefetch their own LoRAs' B^T rows during their GEMMs,
-// which run_pair does not, and with four adapters few of a slot's LoRAs are picked) - so the pair runs up to 4 rows.
-int64_t g_fuse_pair_below = 5;
+// which run_pair does not, and with four adapters few of a slot's LoRAs are picked) - so the pair ran up to 4 rows.
+// 37th session: its two GEMMs prefetch their own selected LoRAs' B^T rows as run's do (g_pair_own_bt; the pair up to 8
+// rows, without -> with: 8 sequences 15.06 -> 14.90 ms with one adapter, 17.42 -> 17.07 with four; 1 and 4 unchanged
+// within 0.1), and with that the pair runs up to 8 rows (scripts/ab_steps.py, the pair against the two calls, three
+// runs in both orders): 5 sequences 10.72 -> 10.41 / 13.24 -> 13.16 ms (one / four adapters), 6 sequences 14.30 ->
+// 14.03 / 16.15 -> 16.02, 8 sequences 13.97 -> 13.81, 14.08 -> 13.82 and 17.81 -> 17.56 with one, 15.08 -> 15.03,
+// 16.67 -> 16.38 and 19.00 -> 18.55 with four; at 12 mixed (one adapter 23.97 -> 24.21, four 25.68 -> 25.12).
+int64_t g_fuse_pair_below = 9;
+bool g_pair_own_bt = true;  // (A/B runs: _pair_own_bt)
 void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Pools& pa, const Pools& pb,
               const Routing* ra, const Routing* rb, int64_t* sela, float* wa, int64_t* selb, float* wb, int64_t k,
               const BaseGemm& ga, const BaseGemm& gb) {
@@ -331,6 +338,7 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
   const uint16_t* xh = bf16 ? static_cast<const uint16_t*>(xv) : nullptr;
   const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
   const Scratch Ua = scratch(T * k * pa.r), Ub = scratch(T * k * pb.r);
+  const bool stack_ahead = t_stack_ahead;  // (thread-local: read on the calling thread)
   if (ra && route_trivially(*ra, T, sela, wa)) ra = nullptr;
   if (rb && route_trivially(*rb, T, selb, wb)) rb = nullptr;
 #pragma omp parallel num_threads(P)
@@ -358,9 +366,16 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
 #pragma omp barrier
     }
     const auto [o0, o1] = out_slice(O, h, nh);
-    ga(xv, ya, T, D, O, o0, o1);  // this thread's slices of both base outputs, each updated by its phase B next
+    // this thread's slices of both base outputs, each updated by its phase B next (each GEMM prefetching its own
+    // selected LoRAs' B^T rows, as run's calls below OWN_BT_BELOW rows, where g_pair_own_bt)
+    BaseGemm g1 = ga, g2 = gb;
+    const Ahead own_a = g_own_bt && g_pair_own_bt ? own_ahead(pra, pa, ra, T, stack_ahead) : Ahead{};
+    const Ahead own_b = g_own_bt && g_pair_own_bt ? own_ahead(prb, pb, rb, T, stack_ahead) : Ahead{};
+    if (!own_a.ranges.empty()) g1.own = &own_a;
+    if (!own_b.ranges.empty()) g2.own = &own_b;
+    g1(xv, ya, T, D, O, o0, o1);
     phase_b_slice(pra, pa, Ua.get(), ya, T, bf16, sela, wa, k, o0, o1);
-    gb(xv, yb, T, D, O, o0, o1);
+    g2(xv, yb, T, D, O, o0, o1);
     phase_b_slice(prb, pb, Ub.get(), yb, T, bf16, selb, wb, k, o0, o1);
     silu_mul_cols(ya, yb, T, O, o0, o1, bf16);
   }

@@ -24,8 +24,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_proj_skip", [](bool on) { g_proj_skip = on; }, "A/B");
   m.def("_qkv_gather", [](bool on) { g_qkv_gather = on; },
         "tests and A/B runs: the decode stack's routed q / k / v as one GEMM then their gathers (default on)");
-  m.def("_fuse_pair_below", [](int64_t rows) { g_fuse_pair_below = rows; },
-        "tests and A/B runs: decode steps of fewer rows run a routed gate, up and silu in one region (default 4)");
+  m.def("_fuse_pair_below", [](int64_t rows) {
+    const int64_t was = g_fuse_pair_below;
+    g_fuse_pair_below = rows;
+    return was;
+  }, "tests and A/B runs: decode steps of fewer rows run a routed gate, up and silu in one region (default 9); returns "
+     "the setting before");
   m.def("_ahead_from", [](int64_t rows, double start) { g_ahead_from = rows; g_ahead_start = start; }, "A/B");
   m.def("_narrow_cvt", [](bool on) {
 #ifdef __AVX512F__
@@ -39,6 +43,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "tests: the kernels' float32 -> bfloat16 rounding (narrow) of a tensor");
   m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
+  m.def("_pair_own_bt", [](bool on) { g_pair_own_bt = on; },
+        "A/B runs: run_pair's GEMMs prefetch their own selected LoRAs' B^T rows (default on)");
   m.def("_chunk_b", [](int64_t cols, int64_t from) {
     const auto was = std::make_tuple(g_chunk_b, g_chunk_b_from);
     g_chunk_b = cols;
