@@ -477,13 +477,13 @@ def test_plain_lora_routing_shortcuts_change_no_value(tmp_path, dtype):
     its selections without the routing stage and its barrier (_trivial_route; run and, below 5 rows, run_pair). Tokens,
     log-probabilities and every LoRA's selection counts are those of the routed calls: the peft LoRA alone in steps of
     one to four rows, then beside the ReMix adapters and the bare base."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from server.bench import make_peft_adapter
 
     ext, engine, tok = switch_engine(tmp_path, dtype)
     make_peft_adapter(tiny("llama", 2)[0], tmp_path / "p", 0, 0.5, r=4, lora_alpha=8,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    assert peft is not None and engine.load_adapter("p", str(tmp_path / "p")).info["format"] == "peft"
+    assert engine.load_adapter("p", str(tmp_path / "p")).info["format"] == "peft"
     runs = {}
     try:
         for skip, trivial in ((True, True), (True, False), (False, False)):

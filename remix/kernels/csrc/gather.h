@@ -496,7 +496,8 @@ inline void tokens_by_slot(const Routing& rt, int64_t t0, int64_t t1, std::vecto
 // a few hundred FMAs a token and module, is not computed. Off (_single_route): the logits are computed as for any pool
 // (tests: the same selections either way).
 bool g_skip_single = true;
-inline bool skips_routing(const Routing& rt, int64_t s) { return g_skip_single && rt.n[s] == 1; }
+inline bool single_lora_skips(int64_t n) { return g_skip_single && n == 1; }  // a slot of n LoRAs
+inline bool skips_routing(const Routing& rt, int64_t s) { return single_lora_skips(rt.n[s]); }
 
 // Token t's top k of its slot s's n logits lg (ties to the lower index): global ids into ip [T, kmax], omega into wp.
 // lg is not read where skips_routing(rt, s).

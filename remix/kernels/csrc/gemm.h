@@ -271,7 +271,7 @@ struct AheadCursor {
     ids.reserve(n);
     seg.reserve(ah->ranges.size() + 2 * n);
     for (const auto& [lo, hi] : ah->ranges) {
-      if (!ah->bt_only && !(g_skip_single && hi - lo == 1))  // (a one-LoRA slot's router is not read: skips_routing)
+      if (!ah->bt_only && !single_lora_skips(hi - lo))  // (a slot's range; a one-LoRA slot's router is never read)
         seg.push_back({reinterpret_cast<const char*>(ah->router + lo * D), 1, (hi - lo) * D * 4, 0});
       for (int64_t i = lo; i < hi; ++i) ids.push_back(i);
     }

@@ -214,6 +214,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     }
     return;
   }
+  const Routing* const tables = rt;  // (own_ahead reads the slot tables whether or not the call routes)
   if (rt && route_trivially(*rt, T, sel, w)) rt = nullptr;
   Scratch U = scratch(T * k * pl.r);
   bool units = false;  // two or more slots in use: route by units of the routers (route_logits_share)
@@ -266,7 +267,8 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     const auto [o0, o1] = out_slice(O, h, nh);
     if (gemm.on() && !bf16 && g_chunk_b > 0 && T >= g_chunk_b_from && pr.size() > 0) {
       // by chunks (g_chunk_b, above): each chunk's GEMM, prefetching the next chunk's B^T rows of the selected LoRAs
-      // (the first chunk's own too; g_own_bt off: none), then its phase B
+      // (the first chunk's own too; g_own_bt off: none), then its phase B. All selected LoRAs, even a slot the decode
+      // stack prefetched whole during the GEMM before: the slice's ~1.8 MB of W would have pushed those lines out
       Ahead next = selected_bt(pr, pl);
       next.start = 0;
       BaseGemm g = gemm;
@@ -283,7 +285,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     } else {
       if (gemm.on()) {  // this thread's slice of the base output, updated by phase B next
         BaseGemm g = gemm;
-        const Ahead mine = g_own_bt ? own_ahead(pr, pl, rt, T, stack_ahead) : Ahead{};
+        const Ahead mine = g_own_bt ? own_ahead(pr, pl, tables, T, stack_ahead) : Ahead{};
         if (!mine.ranges.empty()) g.own = &mine;
         g(gx, gy, T, D, O, o0, o1);
       }
@@ -339,6 +341,7 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
   const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
   const Scratch Ua = scratch(T * k * pa.r), Ub = scratch(T * k * pb.r);
   const bool stack_ahead = t_stack_ahead;  // (thread-local: read on the calling thread)
+  const Routing *const tables_a = ra, *const tables_b = rb;  // (for own_ahead, as in run)
   if (ra && route_trivially(*ra, T, sela, wa)) ra = nullptr;
   if (rb && route_trivially(*rb, T, selb, wb)) rb = nullptr;
 #pragma omp parallel num_threads(P)
@@ -369,8 +372,8 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
     // this thread's slices of both base outputs, each updated by its phase B next (each GEMM prefetching its own
     // selected LoRAs' B^T rows, as run's calls below OWN_BT_BELOW rows, where g_pair_own_bt)
     BaseGemm g1 = ga, g2 = gb;
-    const Ahead own_a = g_own_bt && g_pair_own_bt ? own_ahead(pra, pa, ra, T, stack_ahead) : Ahead{};
-    const Ahead own_b = g_own_bt && g_pair_own_bt ? own_ahead(prb, pb, rb, T, stack_ahead) : Ahead{};
+    const Ahead own_a = g_own_bt && g_pair_own_bt ? own_ahead(pra, pa, tables_a, T, stack_ahead) : Ahead{};
+    const Ahead own_b = g_own_bt && g_pair_own_bt ? own_ahead(prb, pb, tables_b, T, stack_ahead) : Ahead{};
     if (!own_a.ranges.empty()) g1.own = &own_a;
     if (!own_b.ranges.empty()) g2.own = &own_b;
     g1(xv, ya, T, D, O, o0, o1);

@@ -6,6 +6,8 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wsubobject-linkage"
 #endif
+#include <utility>  // std::exchange (the switches below that return their setting before)
+
 #include "common.h"
 #include "gather.h"
 #include "gemm.h"
@@ -24,12 +26,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_proj_skip", [](bool on) { g_proj_skip = on; }, "A/B");
   m.def("_qkv_gather", [](bool on) { g_qkv_gather = on; },
         "tests and A/B runs: the decode stack's routed q / k / v as one GEMM then their gathers (default on)");
-  m.def("_fuse_pair_below", [](int64_t rows) {
-    const int64_t was = g_fuse_pair_below;
-    g_fuse_pair_below = rows;
-    return was;
-  }, "tests and A/B runs: decode steps of fewer rows run a routed gate, up and silu in one region (default 9); returns "
-     "the setting before");
+  m.def("_fuse_pair_below", [](int64_t rows) { return std::exchange(g_fuse_pair_below, rows); },
+        "tests and A/B runs: decode steps of fewer rows run a routed gate, up and silu in one region (default 9); returns "
+        "the setting before");
   m.def("_ahead_from", [](int64_t rows, double start) { g_ahead_from = rows; g_ahead_start = start; }, "A/B");
   m.def("_narrow_cvt", [](bool on) {
 #ifdef __AVX512F__
@@ -46,10 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_pair_own_bt", [](bool on) { g_pair_own_bt = on; },
         "A/B runs: run_pair's GEMMs prefetch their own selected LoRAs' B^T rows (default on)");
   m.def("_chunk_b", [](int64_t cols, int64_t from) {
-    const auto was = std::make_tuple(g_chunk_b, g_chunk_b_from);
-    g_chunk_b = cols;
-    g_chunk_b_from = from;
-    return was;
+    return std::make_tuple(std::exchange(g_chunk_b, cols), std::exchange(g_chunk_b_from, from));
   }, "tests and A/B runs: float32 calls from `from` rows take GEMM and phase B in chunks of `cols` outputs (0: off); "
      "returns the setting before");
   m.def("_trivial_route", [](bool on) { g_trivial_route = on; },
@@ -94,12 +90,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     g_stack_clock = on;
     return std::make_tuple(ns, runs);
   }, "the decode stack's time per kind of op (ns) and its runs since the last call; resets them, then switches the clock on or off");
-  m.def("_batch_invariant", [](bool on) {
-    const bool was = g_batch_invariant;
-    g_batch_invariant = on;
-    return was;
-  }, "batch-invariant mode: the base GEMM on the dot-product kernel (or AMX tiles) at every row count, not oneDNN's "
-     "from DOT_BF16_BELOW (bfloat16) / ONEDNN_F32_FROM (float32) rows; returns the previous setting");
+  m.def("_batch_invariant", [](bool on) { return std::exchange(g_batch_invariant, on); },
+        "batch-invariant mode: the base GEMM on the dot-product kernel (or AMX tiles) at every row count, not oneDNN's "
+        "from DOT_BF16_BELOW (bfloat16) / ONEDNN_F32_FROM (float32) rows; returns the previous setting");
   m.def("argmax_rows", &argmax_rows, "the first index of each row's maximum (a NaN wins), as torch.max(dim).indices");
   m.def("sample_rows", &sample_rows, "one token per given row by temperature, top-k, top-p and a uniform draw u, as sampler.py's reference",
         pybind11::arg("logits"), pybind11::arg("rows"), pybind11::arg("temperature"), pybind11::arg("top_k"),
