@@ -474,7 +474,7 @@ def test_gate_up_and_act_in_one_region_change_no_value(tmp_path, dtype):
 def test_plain_lora_routing_shortcuts_change_no_value(tmp_path, dtype):
     """A plain LoRA (peft's, n = k = 1 in every projection) needs no routing: its one LoRA is every token's top 1, so
     its router's dot products are skipped (_single_route), and a small call whose tokens all sit in such slots takes
-    its selections without the routing stage and its barrier (_trivial_route; run and, below 5 rows, run_pair). Tokens,
+    its selections without the routing stage and its barrier (_trivial_route; run and, below _fuse_pair_below's 9 rows, run_pair). Tokens,
     log-probabilities and every LoRA's selection counts are those of the routed calls: the peft LoRA alone in steps of
     one to four rows, then beside the ReMix adapters and the bare base."""
     pytest.importorskip("peft")

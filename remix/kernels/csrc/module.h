@@ -86,15 +86,14 @@ Ahead selected_bt(const Pairs& pr, const Pools& pl, const std::vector<char>* ski
 // prefetched this module's pools (stack_ahead), the LoRAs of the slots it took whole (tokens x k >= g_ahead_cover x n).
 Ahead own_ahead(const Pairs& pr, const Pools& pl, const Routing* rt, int64_t T, bool stack_ahead) {
   if (pr.size() == 0 || T >= OWN_BT_BELOW) return Ahead{};
+  if (!rt || !stack_ahead) return selected_bt(pr, pl);  // (nothing prefetched whole)
   std::vector<char> whole(pl.N, 0);
-  if (rt && stack_ahead) {
-    std::vector<int64_t> count(rt->S, 0);
-    for (int64_t t = 0; t < T; ++t)
-      if (const int64_t sl = routed_slot(*rt, t); sl >= 0) ++count[sl];
-    for (int64_t sl = 0; sl < rt->S; ++sl)
-      if (whole_slot(count[sl], rt->k[sl], rt->n[sl]))
-        for (int64_t i = std::max<int64_t>(0, rt->off[sl]); i < std::min(pl.N, rt->off[sl] + rt->n[sl]); ++i) whole[i] = 1;
-  }
+  std::vector<int64_t> count(rt->S, 0);
+  for (int64_t t = 0; t < T; ++t)
+    if (const int64_t sl = routed_slot(*rt, t); sl >= 0) ++count[sl];
+  for (int64_t sl = 0; sl < rt->S; ++sl)
+    if (whole_slot(count[sl], rt->k[sl], rt->n[sl]))
+      for (int64_t i = std::max<int64_t>(0, rt->off[sl]); i < std::min(pl.N, rt->off[sl] + rt->n[sl]); ++i) whole[i] = 1;
   return selected_bt(pr, pl, &whole);
 }
 
