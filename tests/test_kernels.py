@@ -1157,3 +1157,53 @@ def test_compiled_gather_skips_a_padded_ranks_zeros_and_gives_the_same_result(dt
             ext._route_units(True)
     with pytest.raises(RuntimeError, match="not in \\[0, r\\]"):
         ext.route_gather_(x, y0.clone(), P, a, bt, slots, *tables, r, 3, none, per_lora + 1)
+
+
+@pytest.mark.parametrize("T", [1, 7, 17, 32, 63, 64, 100])  # the split path (threads share the tiles), the token path
+@pytest.mark.parametrize("D", [64, 96])
+def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D):
+    """bfloat16 x and pools on a CPU with AMX-BF16: phase A on tiles (U^T = A X^T over the selected LoRAs' rows, tiles
+    of up to 16 rows: two rank-8 LoRAs side by side, a rank-3 LoRA alone, a rank-24 LoRA in tiles of 16 and 8) gives y
+    = round(y0 + delta) with delta from a float64 reference of the same bfloat16 values and selections, to one
+    bfloat16 rounding; the same selections as the vdpbf16ps path (routing is not on tiles); each row alone gets the
+    bits it gets in the batch; and a stack padded to r = 24 with each LoRA's own rank gives the padded stack's bits."""
+    ext = _compiled()
+    try:
+        if not ext._amx_phase_a(True):
+            pytest.skip("no AMX-BF16 here (or turned off): phase A runs on vdpbf16ps")
+        n, O, ranks = 4, 48, [3, 8, 24]
+        r = max(ranks)
+        g = torch.Generator().manual_seed(T * 7 + D)
+        A, B = make_stack(ranks, n, D, O, torch.float32, seed=T + D)  # [3n, r, D], [3n, O, r], zero past each rank
+        a = (A.reshape(-1, D) * 3).bfloat16().contiguous()
+        bt = B.transpose(1, 2).reshape(-1, O).bfloat16().contiguous()
+        P = torch.randn(3 * n, D, generator=g)
+        per_lora = torch.tensor([rk for rk in ranks for _ in range(n)])
+        omega = torch.tensor([0.5, 0.25, 1.0])
+        tables = (torch.tensor([0, n, 2 * n]), torch.tensor([n, n, n]), torch.tensor([2, 3, 2]), omega)
+        x = torch.randn(T, D, generator=g).bfloat16()
+        slots = torch.randint(-1, 3, (T,), generator=g)
+        y0 = torch.randn(T, O, generator=g).bfloat16()
+        none = torch.empty(0, dtype=torch.int64)
+        y = y0.clone()
+        idx = ext.route_gather_(x, y, P, a, bt, slots, *tables, r, 3, none, per_lora)
+        # float64 reference of the same selections (a -1 id and the weight of a token's slot)
+        w = torch.where(idx >= 0, omega[slots.clamp(min=0)][:, None].expand_as(idx), torch.zeros(()))
+        ii = idx.clamp(min=0)
+        u = torch.einsum("tkrd,td->tkr", a.double().view(3 * n, r, D)[ii], x.double()) * w.double()[..., None]
+        want = y0.double() + torch.einsum("tkr,tkro->to", u, bt.double().view(3 * n, r, O)[ii])
+        torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=2.0**-8)  # half an ulp is 2^-9 relative
+        for t in {0, T // 2, T - 1}:
+            alone = y0[t : t + 1].clone()
+            ext.route_gather_(x[t : t + 1].contiguous(), alone, P, a, bt, slots[t : t + 1].contiguous(), *tables, r, 3,
+                              none, per_lora)
+            assert torch.equal(alone, y[t : t + 1])
+        y_pad = y0.clone()
+        assert torch.equal(ext.route_gather_(x, y_pad, P, a, bt, slots, *tables, r, 3, none), idx)
+        assert torch.equal(y_pad, y)
+        ext._amx_phase_a(False)
+        y_dot = y0.clone()
+        assert torch.equal(ext.route_gather_(x, y_dot, P, a, bt, slots, *tables, r, 3, none, per_lora), idx)
+        torch.testing.assert_close(y_dot.double(), want, atol=1e-5, rtol=2.0**-8)
+    finally:
+        ext._amx_phase_a(True)

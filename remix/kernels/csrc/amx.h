@@ -131,14 +131,23 @@ inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp
 // Intel VM, medians of 15 rounds): 16 rows 0.95 / 0.92 / 0.97 / 1.00 of 32 rows' time at 1 / 4 / 8 / 16 tokens (12.5
 // -> 12.0 ms at one), a one-sequence decode step 15.4 -> 14.5 ms, at eight 0.98; from 17 tokens (two token blocks,
 // where each W tile serves both) 0.96-1.01, not taken.
-void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const uint16_t* bias, uint16_t* Y, int64_t O,
-              int64_t o0, int64_t o1) {
-  const int64_t KB = D / 32, TB = (T + 15) / 16;
-  thread_local Scratch packed;  // each thread packs all of X for itself (no barrier); kept between calls
+// X [T, D] packed (amx_pack_x) into this thread's buffer (each thread packs all of X for itself: no barrier), kept
+// between calls; valid until this thread's next call.
+const uint32_t* amx_pack_here(const uint16_t* X, int64_t T, int64_t D) {
+  const int64_t need = (D / 32) * ((T + 15) / 16) * 256;
+  thread_local Scratch packed;
   thread_local int64_t packed_cap = 0;
-  if (KB * TB * 256 > packed_cap) { packed = scratch(KB * TB * 256); packed_cap = KB * TB * 256; }
+  if (need > packed_cap) { packed = scratch(need); packed_cap = need; }
   uint32_t* xp = reinterpret_cast<uint32_t*>(packed.get());
   amx_pack_x(X, T, D, xp);
+  return xp;
+}
+
+// xp: X already packed by this thread (amx_pack_here, e.g. for phase A on tiles), or null: packed here.
+void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const uint16_t* bias, uint16_t* Y, int64_t O,
+              int64_t o0, int64_t o1, const uint32_t* xp = nullptr) {
+  const int64_t KB = D / 32, TB = (T + 15) / 16;
+  if (!xp) xp = amx_pack_here(X, T, D);
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
   _tile_loadconfig(&cfg);
@@ -178,6 +187,108 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
     }
   }
   _tile_release();  // the tile state off again: a context switch need not save 8 KB of it
+}
+
+// ---- phase A on AMX tiles: U[p, :] = scale[p] * A[i] @ x[rows[p]] for every pair p of a bfloat16 call with bfloat16
+// pools, as U^T = A X^T over the selected LoRAs' rows of A (loaded into tiles as they lie, 16 rows x 32 inputs, like W
+// in amx_gemm) against X packed as amx_gemm packs it - so a call that runs both packs X once. Each tile of up to 16
+// rows of A (one LoRA of rank <= 16, or two side by side where the first has its full rank r and 2 r <= 16; a rank
+// above 16 in tiles of 16 rows) runs against every block of 16 tokens holding a token of its LoRAs' pairs: the tiles
+// compute a LoRA's dot with every token of such a block (tens of ns a tile step), where the vdpbf16ps kernel ran one
+// 512-bit instruction per 32 products of the pairs alone. One order per dot (TDPBF16PS: each pair of products into the
+// float32 sum, 32-input block after block), whatever the tokens, their blocks or the thread: a token's U is the same
+// alone or in any batch. Products exact, sums in float32, as the vdpbf16ps kernel (whose order differs).
+// g_amx_phase_a: off for A/B runs and tests (_amx_phase_a).
+bool g_amx_phase_a = true;
+inline bool amx_phase_a(const Pools& pl, bool x_bf16) {
+  return g_amx_phase_a && x_bf16 && pl.bf16 && pl.D % 32 == 0 && amx_ready();
+}
+
+// The row tiles of A over the LoRAs pr selects (the same list on every thread): rows [row0, row0 + m) covering LoRAs
+// [i0, i1).
+struct ATile { int64_t row0, m, i0, i1; };
+inline std::vector<ATile> amx_a_tiles(const Pairs& pr, const Pools& pl) {
+  std::vector<ATile> tiles;
+  const int64_t r = pl.r;
+  for (int64_t i = 0; i < pl.N; ++i) {
+    if (pr.start[i + 1] == pr.start[i]) continue;
+    const int64_t rk = pl.rank_of(i);
+    if (rk > 16) {
+      for (int64_t c0 = 0; c0 < rk; c0 += 16) tiles.push_back({i * r + c0, std::min<int64_t>(16, rk - c0), i, i + 1});
+      continue;
+    }
+    if (!tiles.empty()) {  // beside a full-rank neighbour alone in its tile: one tile of both
+      ATile& last = tiles.back();
+      if (last.i1 == i && last.i1 - last.i0 == 1 && last.m == r && r + rk <= 16) {
+        last.m += rk;
+        last.i1 = i + 1;
+        continue;
+      }
+    }
+    tiles.push_back({i * r, rk, i, i + 1});
+  }
+  return tiles;
+}
+
+// Phase A of this thread's share (h of nh) of the row tiles; xp: the call's T rows of x packed (amx_pack_here), the
+// pairs' rows indexing them.
+void phase_a_amx(const Pairs& pr, const Pools& pl, const uint32_t* xp, int64_t T, int64_t h, int64_t nh, float* U) {
+  const std::vector<ATile> tiles = amx_a_tiles(pr, pl);
+  const int64_t nt = static_cast<int64_t>(tiles.size()), u0 = nt * h / nh, u1 = nt * (h + 1) / nh;
+  if (u1 <= u0) return;
+  const int64_t D = pl.D, r = pl.r, KB = D / 32, TB = (T + 15) / 16;
+  const uint16_t* A = static_cast<const uint16_t*>(pl.a);
+  std::vector<char> need(TB);
+  alignas(64) float c[2][256];
+  int64_t configured = 0;
+  for (int64_t u = u0; u < u1; ++u) {
+    const ATile& tl = tiles[u];
+    if (tl.m != configured) {  // tiles 0-1: U^T of two token blocks; 2: A's rows; 3-4: two blocks of packed X
+      TileConfig cfg;
+      for (int i = 0; i < 5; ++i) { cfg.rows[i] = i < 3 ? static_cast<uint8_t>(tl.m) : 16; cfg.colsb[i] = 64; }
+      _tile_loadconfig(&cfg);
+      configured = tl.m;
+    }
+    std::fill(need.begin(), need.end(), 0);
+    for (int64_t p = pr.start[tl.i0]; p < pr.start[tl.i1]; ++p) need[pr.rows[p] / 16] = 1;
+    const uint16_t* a = A + tl.row0 * D;
+    const ATile* next = u + 1 < u1 ? &tiles[u + 1] : nullptr;  // its rows prefetched (into L2) during the first pass
+    bool first = true;
+    for (int64_t tb = 0; tb < TB; tb += 2) {
+      const bool n0 = need[tb], n1 = tb + 1 < TB && need[tb + 1];
+      if (!n0 && !n1) continue;
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        if (first && next)
+          for (int64_t q = 0; q < next->m; ++q)
+            _mm_prefetch(reinterpret_cast<const char*>(A + (next->row0 + q) * D + kb * 32), _MM_HINT_T1);
+        _tile_loadd(2, a + kb * 32, D * 2);
+        const uint32_t* xb = xp + (kb * TB + tb) * 256;
+        if (n0) {
+          _tile_loadd(3, xb, 64);
+          _tile_dpbf16ps(0, 2, 3);
+        }
+        if (n1) {
+          _tile_loadd(4, xb + 256, 64);
+          _tile_dpbf16ps(1, 2, 4);
+        }
+      }
+      first = false;
+      if (n0) _tile_stored(0, c[0], 64);
+      if (n1) _tile_stored(1, c[1], 64);
+      for (int64_t i = tl.i0; i < tl.i1; ++i) {
+        const int64_t c0 = std::max<int64_t>(0, tl.row0 - i * r), c1 = std::min(pl.rank_of(i), tl.row0 + tl.m - i * r);
+        for (int64_t p = pr.start[i]; p < pr.start[i + 1]; ++p) {
+          const int64_t t = pr.rows[p], b = t / 16 - tb;
+          if (b != 0 && b != 1) continue;
+          const float* col = c[b] + (i * r - tl.row0) * 16 + t % 16;
+          for (int64_t cc = c0; cc < c1; ++cc) U[p * r + cc] = col[cc * 16] * pr.scale[p];
+        }
+      }
+    }
+  }
+  _tile_release();
 }
 #endif  // REMIX_AMX
 

@@ -23,13 +23,14 @@ struct BaseGemm {
   const Ahead* ahead = nullptr;  // the next routed module's pools, prefetched while this GEMM runs (dot_gemm only)
   const Ahead* own = nullptr;  // this call's own selected LoRAs' B^T rows, prefetched over the GEMM's later blocks (g_own_bt)
   int64_t pf_end = 0;  // dot_gemm's prefetches of W run on to this output (0: the call's o1)
+  const uint32_t* xp = nullptr;  // amx_gemm: X already packed by the calling thread (amx_pack_here), or null
   bool on() const { return w != nullptr; }
   void operator()(const void* Xv, void* Yv, int64_t T, int64_t D, int64_t O, int64_t o0, int64_t o1) const {
     if (o1 <= o0 || T == 0) return;
 #ifdef REMIX_AMX
     if (amx)
       return amx_gemm(static_cast<const uint16_t*>(Xv), T, D, static_cast<const uint16_t*>(w),
-                      static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(Yv), O, o0, o1);
+                      static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(Yv), O, o0, o1, xp);
 #endif
 #ifdef REMIX_DOT_BF16
     if (bf16) return dot_gemm_any<uint16_t>(Xv, T, D, w, bias, Yv, O, o0, o1, ahead, own, pf_end);

@@ -139,6 +139,9 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
   // float32 copy, left uninitialised (every element is widened into before it is read: a vector's zero fill ran on the
   // calling thread before the region, ~10 us a module at 32 rows).
   const bool copy_x = bf16 && !phase_a_reads_bf16(pl);
+#ifdef REMIX_AMX
+  const bool amx_a = !copy_x && amx_phase_a(pl, bf16);  // phase A on AMX tiles (phase_a_amx)
+#endif
   const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
   Scratch xbuf;
   if (copy_x && P > 1 && T < SPLIT_POOLS_BELOW) {  // (a token share copies its rows in chunks of its own)
@@ -187,6 +190,10 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
       const Pairs pr(sel + c0 * k, w + c0 * k, c1 - c0, k, pl.N);
       if (pr.size() == 0) continue;
       U.resize(pr.size() * pl.r);
+#ifdef REMIX_AMX
+      if (amx_a) phase_a_amx(pr, pl, amx_pack_here(xh + c0 * D, c1 - c0, D), c1 - c0, 0, 1, U.data());
+      else
+#endif
       phase_a(pr, 0, pr.num_blocks(), xt, bf16 ? xh + c0 * D : nullptr, pl, U.data());
       if (!bf16) {
         phase_b(pr, pl, U.data(), Y + c0 * O, O, 0, 0, O, false);
@@ -259,7 +266,15 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     // every thread sorts the (few) pairs itself: same input, same order
     const Pairs pr(units ? own_sel.data() : sel, units ? own_w.data() : w, T, k, pl.N);
     const int64_t nb = pr.num_blocks();
+    const uint32_t* xp = nullptr;  // x packed for the tiles: phase A's, then the base GEMM's (AMX)
+#ifdef REMIX_AMX
+    if (amx_a && (pr.size() > 0 || gemm.amx)) xp = amx_pack_here(xh, T, D);
+#endif
     if (pr.size() > 0) {  // the same for every thread: all of them meet the barrier, or none
+#ifdef REMIX_AMX
+      if (amx_a) phase_a_amx(pr, pl, xp, T, h, nh, U.get());
+      else
+#endif
       phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, xh, pl, U.get());
 #pragma omp barrier
     }
@@ -284,6 +299,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     } else {
       if (gemm.on()) {  // this thread's slice of the base output, updated by phase B next
         BaseGemm g = gemm;
+        if (g.amx) g.xp = xp;
         const Ahead mine = g_own_bt ? own_ahead(pr, pl, tables, T, stack_ahead) : Ahead{};
         if (!mine.ranges.empty()) g.own = &mine;
         g(gx, gy, T, D, O, o0, o1);
@@ -339,6 +355,9 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
   const uint16_t* xh = bf16 ? static_cast<const uint16_t*>(xv) : nullptr;
   const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
   const Scratch Ua = scratch(T * k * pa.r), Ub = scratch(T * k * pb.r);
+#ifdef REMIX_AMX
+  const bool amx_a = bf16 && phase_a_reads_bf16(pa) && phase_a_reads_bf16(pb) && amx_phase_a(pa, true) && amx_phase_a(pb, true);
+#endif
   const bool stack_ahead = t_stack_ahead;  // (thread-local: read on the calling thread)
   const Routing *const tables_a = ra, *const tables_b = rb;  // (for own_ahead, as in run)
   if (ra && route_trivially(*ra, T, sela, wa)) ra = nullptr;
@@ -361,10 +380,22 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
     // every thread sorts the (few) pairs itself: same input, same order; phase A over both modules' blocks in turn
     const Pairs pra(sela, wa, T, k, pa.N), prb(selb, wb, T, k, pb.N);
     const int64_t na = pra.num_blocks(), nt = na + prb.num_blocks();
+    const uint32_t* xp = nullptr;  // x packed once for the tiles: both modules' phase A, then both GEMMs (AMX)
+#ifdef REMIX_AMX
+    if (amx_a || ga.amx) xp = amx_pack_here(xh, T, D);
+#endif
     if (nt > 0) {  // the same for every thread: all of them meet the barrier, or none
-      const int64_t b0 = nt * h / nh, b1 = nt * (h + 1) / nh;
-      if (std::min(b1, na) > b0) phase_a(pra, b0, std::min(b1, na), X, xh, pa, Ua.get());
-      if (b1 > std::max(b0, na)) phase_a(prb, std::max(b0, na) - na, b1 - na, X, xh, pb, Ub.get());
+#ifdef REMIX_AMX
+      if (amx_a) {
+        phase_a_amx(pra, pa, xp, T, h, nh, Ua.get());
+        phase_a_amx(prb, pb, xp, T, h, nh, Ub.get());
+      } else
+#endif
+      {
+        const int64_t b0 = nt * h / nh, b1 = nt * (h + 1) / nh;
+        if (std::min(b1, na) > b0) phase_a(pra, b0, std::min(b1, na), X, xh, pa, Ua.get());
+        if (b1 > std::max(b0, na)) phase_a(prb, std::max(b0, na) - na, b1 - na, X, xh, pb, Ub.get());
+      }
 #pragma omp barrier
     }
     const auto [o0, o1] = out_slice(O, h, nh);
@@ -375,6 +406,8 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
     const Ahead own_b = g_own_bt && g_pair_own_bt ? own_ahead(prb, pb, tables_b, T, stack_ahead) : Ahead{};
     if (!own_a.ranges.empty()) g1.own = &own_a;
     if (!own_b.ranges.empty()) g2.own = &own_b;
+    if (g1.amx) g1.xp = xp;
+    if (g2.amx) g2.xp = xp;
     g1(xv, ya, T, D, O, o0, o1);
     phase_b_slice(pra, pa, Ua.get(), ya, T, bf16, sela, wa, k, o0, o1);
     g2(xv, yb, T, D, O, o0, o1);

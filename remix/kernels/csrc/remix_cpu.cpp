@@ -82,6 +82,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_attention_bf16_dot", [](bool on) { g_attn_dot = on; },
         "A/B runs and tests: whether bfloat16 decode attention takes vdpbf16ps (default) or the widening path");
   m.def("_phase_a_bf16_dot", [](bool on) { g_phase_a_dot = on; }, "A/B runs: bfloat16 phase A on vdpbf16ps or widened");
+  m.def("_amx_phase_a", [](bool on) {
+#ifdef REMIX_AMX
+    const bool before = g_amx_phase_a;
+    g_amx_phase_a = on;
+    return before && amx_ready();
+#else
+    (void)on;
+    return false;
+#endif
+  }, "tests and A/B runs: bfloat16 phase A on AMX tiles where the CPU has them (default on); returns whether it was on "
+     "and could run here");
   m.def("stack_clock", [](bool on) {
     std::vector<double> ns(g_stack_ns, g_stack_ns + STACK_OPS);
     const int64_t runs = g_stack_runs;
