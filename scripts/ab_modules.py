@@ -1,0 +1,75 @@
+"""A/B of compiled-kernel switches on one decode step's routed FFN modules alone, the variants alternating round by round.
+
+    python scripts/ab_modules.py --rows 1,8,32 --adapters 1,4 --rounds 40 \
+        --variant 'dot=ext._amx_phase_a(False)' --variant 'amx=ext._amx_phase_a(True)'
+
+Binds 90 module calls of the default base's FFN shapes (576 -> 1536 twice and 1536 -> 576 per layer, 30 layers) in
+bfloat16 (or --dtype), each with its own random pools (n 8, k 2, r 8 per adapter; --adapters mixed round-robin over
+the rows), and times a pass over all of them (``ModuleCall.routed``: base GEMM, routing and gather) for each variant
+in turn, the order reversed every other round, plus ``bare``: the same calls with no token routed (their base GEMMs
+alone, the peer the adapter's cost is measured against). Prints the median pass per variant. Outside the engine:
+no decode stack, so none of its prefetching of the next module's pools. Each ``--variant NAME=STATEMENT`` is Python
+run with ``ext`` (the compiled module) before its pass; the first variant's statement runs again at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from remix.kernels import cpu_ext
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,8,32")
+    ap.add_argument("--adapters", default="1,4")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--variant", action="append", required=True, help="NAME=STATEMENT (at least two)")
+    args = ap.parse_args(argv)
+    variants = dict(v.split("=", 1) for v in args.variant)
+    if len(variants) < 2 or "bare" in variants:
+        ap.error("--variant: give at least two, none named bare")
+    ext = cpu_ext.load()
+    if ext is None:
+        ap.error("the compiled CPU kernels are not built here")
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    shapes = [(576, 1536), (576, 1536), (1536, 576)] * 30
+    none = torch.empty(0, dtype=torch.int64)
+    for nad in (int(a) for a in args.adapters.split(",")):
+        calls = []
+        for D, O in shapes:
+            base = torch.nn.Linear(D, O, bias=False).to(dtype)
+            N = 8 * nad
+            router = torch.randn(N, D) * 0.05
+            a = (torch.randn(N * 8, D) * 0.05).to(cpu_ext.pool_dtype(dtype))
+            bt = (torch.randn(N * 8, O) * 0.05).to(cpu_ext.pool_dtype(dtype))
+            tables = (torch.arange(nad) * 8, torch.full((nad,), 8), torch.full((nad,), 2), torch.full((nad,), 0.5))
+            calls.append((cpu_ext.bind_module(base, router, a, bt, tables, 8, 2), D))
+        for T in (int(t) for t in args.rows.split(",")):
+            xs = {d: torch.randn(T, d).to(dtype) for d in (576, 1536)}
+            routed, bare = torch.arange(T) % nad, torch.full((T,), -1, dtype=torch.int64)
+            names = [*variants, "bare"]
+            times = {v: [] for v in names}
+            with torch.inference_mode():
+                for rnd in range(args.rounds):
+                    for v in names if rnd % 2 == 0 else names[::-1]:
+                        if v != "bare":
+                            exec(variants[v], {"ext": ext})
+                        slots = bare if v == "bare" else routed
+                        t0 = time.perf_counter()
+                        for call, D in calls:
+                            call.routed(xs[D], slots, none)
+                        times[v].append(1e3 * (time.perf_counter() - t0))
+            print(f"adapters={nad} rows={T}  " + "  ".join(f"{v} {statistics.median(times[v]):.3f} ms" for v in names),
+                  flush=True)
+    exec(next(iter(variants.values())), {"ext": ext})
+
+
+if __name__ == "__main__":
+    main()
