@@ -198,6 +198,13 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
 // 512-bit instruction per 32 products of the pairs alone. One order per dot (TDPBF16PS: each pair of products into the
 // float32 sum, 32-input block after block), whatever the tokens, their blocks or the thread: a token's U is the same
 // alone or in any batch. Products exact, sums in float32, as the vdpbf16ps kernel (whose order differs).
+// Measured (39th session, Intel VM of family 6 model 207; scripts/ab_modules.py: 90 bound FFN modules of the default
+// base in bfloat16, n 8, k 2, r 8, the two paths in turn round by round, medians of 40-80 rounds, against their bare
+// GEMMs): the adapter's cost at 32 rows, one adapter, 3.14 -> 2.69 ms and 3.17 -> 2.87 (four adapters 6.42 -> 6.25 in
+// one run, 6.02 -> 6.69 in a noisier one); at 1 and 8 rows within +-0.07 ms either way. In the engine (scripts/
+// ab_steps.py, steps alternating): the FFN projections of a 32-sequence step 16.38 -> 15.74 ms (one adapter) and
+// 15.20 -> 14.92 (four), 8 and 1 sequences unchanged (10.80 -> 10.73, 9.51 -> 9.54). The pools' A rows are what
+// it waits on: profiled, phase A's share of a pass fell by half, not by the tiles' 10x.
 // g_amx_phase_a: off for A/B runs and tests (_amx_phase_a).
 bool g_amx_phase_a = true;
 inline bool amx_phase_a(const Pools& pl, bool x_bf16) {
