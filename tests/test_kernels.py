@@ -1166,7 +1166,8 @@ def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D):
     of up to 16 rows: two rank-8 LoRAs side by side, a rank-3 LoRA alone, a rank-24 LoRA in tiles of 16 and 8) gives y
     = round(y0 + delta) with delta from a float64 reference of the same bfloat16 values and selections, to one
     bfloat16 rounding; the same selections as the vdpbf16ps path (routing is not on tiles); each row alone gets the
-    bits it gets in the batch; and a stack padded to r = 24 with each LoRA's own rank gives the padded stack's bits."""
+    bits it gets in the batch; a stack padded to r = 24 with each LoRA's own rank gives the padded stack's bits; and
+    LoRAs of rank 0 add nothing."""
     ext = _compiled()
     try:
         if not ext._amx_phase_a(True):
@@ -1201,6 +1202,16 @@ def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D):
         y_pad = y0.clone()
         assert torch.equal(ext.route_gather_(x, y_pad, P, a, bt, slots, *tables, r, 3, none), idx)
         assert torch.equal(y_pad, y)
+        # the first adapter's LoRAs at rank 0: no delta from them (no tile of zero rows)
+        zero = per_lora.clone()
+        zero[:n] = 0
+        y_zero = y0.clone()
+        assert torch.equal(ext.route_gather_(x, y_zero, P, a, bt, slots, *tables, r, 3, none, zero), idx)
+        a0 = a.double().view(3 * n, r, D).clone()
+        a0[:n] = 0
+        u0 = torch.einsum("tkrd,td->tkr", a0[ii], x.double()) * w.double()[..., None]
+        want0 = y0.double() + torch.einsum("tkr,tkro->to", u0, bt.double().view(3 * n, r, O)[ii])
+        torch.testing.assert_close(y_zero.double(), want0, atol=1e-5, rtol=2.0**-8)
         ext._amx_phase_a(False)
         y_dot = y0.clone()
         assert torch.equal(ext.route_gather_(x, y_dot, P, a, bt, slots, *tables, r, 3, none, per_lora), idx)

@@ -218,8 +218,8 @@ inline std::vector<ATile> amx_a_tiles(const Pairs& pr, const Pools& pl) {
   std::vector<ATile> tiles;
   const int64_t r = pl.r;
   for (int64_t i = 0; i < pl.N; ++i) {
-    if (pr.start[i + 1] == pr.start[i]) continue;
     const int64_t rk = pl.rank_of(i);
+    if (pr.start[i + 1] == pr.start[i] || rk == 0) continue;  // (a rank-0 LoRA's U is never read)
     if (rk > 16) {
       for (int64_t c0 = 0; c0 < rk; c0 += 16) tiles.push_back({i * r + c0, std::min<int64_t>(16, rk - c0), i, i + 1});
       continue;
