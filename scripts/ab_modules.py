@@ -29,6 +29,8 @@ def main(argv=None) -> None:
     ap.add_argument("--adapters", default="1,4")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--mix", default="runs", choices=("runs", "round-robin"),
+                    help="how calls of 64 rows or more mix the adapters: contiguous runs (prefill) or round-robin")
     ap.add_argument("--variant", action="append", required=True, help="NAME=STATEMENT (at least two)")
     args = ap.parse_args(argv)
     variants = dict(v.split("=", 1) for v in args.variant)
@@ -53,7 +55,11 @@ def main(argv=None) -> None:
             calls.append((cpu_ext.bind_module(base, router, a, bt, tables, 8, 2), D))
         for T in (int(t) for t in args.rows.split(",")):
             xs = {d: torch.randn(T, d).to(dtype) for d in (576, 1536)}
-            routed, bare = torch.arange(T) % nad, torch.full((T,), -1, dtype=torch.int64)
+            # decode rows: adapters round-robin; prefill-sized calls (64 rows or more): each adapter a contiguous run
+            # of rows, as the engine packs each sequence's prompt tokens together
+            # (--mix round-robin: every row count round-robin, as a decode step of 64 or more sequences)
+            routed = torch.arange(T) % nad if T < 64 or args.mix == "round-robin" else torch.arange(T) * nad // T
+            bare = torch.full((T,), -1, dtype=torch.int64)
             names = [*variants, "bare"]
             times = {v: [] for v in names}
             with torch.inference_mode():

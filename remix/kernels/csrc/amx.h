@@ -68,14 +68,15 @@ inline void transpose16(__m512i r[16]) {
 
 // X [T, D] bfloat16 -> tiles of 16 pairs x 16 tokens (tokens past T zero), tile (kb, tb) at Xp + (kb TB + tb) 256: the
 // two token blocks a step of the kernel reads lie side by side.
-void amx_pack_x(const uint16_t* X, int64_t T, int64_t D, uint32_t* Xp) {
+// rows (optional): packed row t is X's row rows[t] (a gather), else row t.
+void amx_pack_x(const uint16_t* X, int64_t T, int64_t D, uint32_t* Xp, const int64_t* rows = nullptr) {
   const int64_t KB = D / 32, TB = (T + 15) / 16;
   for (int64_t tb = 0; tb < TB; ++tb)
     for (int64_t kb = 0; kb < KB; ++kb) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t t = tb * 16 + i;
-        r[i] = t < T ? _mm512_loadu_si512(X + t * D + kb * 32) : _mm512_setzero_si512();
+        r[i] = t < T ? _mm512_loadu_si512(X + (rows ? rows[t] : t) * D + kb * 32) : _mm512_setzero_si512();
       }
       transpose16(r);
       uint32_t* dst = Xp + (kb * TB + tb) * 256;
@@ -133,13 +134,14 @@ inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp
 // where each W tile serves both) 0.96-1.01, not taken.
 // X [T, D] packed (amx_pack_x) into this thread's buffer (each thread packs all of X for itself: no barrier), kept
 // between calls; valid until this thread's next call.
-const uint32_t* amx_pack_here(const uint16_t* X, int64_t T, int64_t D) {
+// rows: as amx_pack_x's (T rows gathered), or null.
+const uint32_t* amx_pack_here(const uint16_t* X, int64_t T, int64_t D, const int64_t* rows = nullptr) {
   const int64_t need = (D / 32) * ((T + 15) / 16) * 256;
   thread_local Scratch packed;
   thread_local int64_t packed_cap = 0;
   if (need > packed_cap) { packed = scratch(need); packed_cap = need; }
   uint32_t* xp = reinterpret_cast<uint32_t*>(packed.get());
-  amx_pack_x(X, T, D, xp);
+  amx_pack_x(X, T, D, xp, rows);
   return xp;
 }
 
@@ -204,7 +206,11 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
 // one run, 6.02 -> 6.69 in a noisier one); at 1 and 8 rows within +-0.07 ms either way. In the engine (scripts/
 // ab_steps.py, steps alternating): the FFN projections of a 32-sequence step 16.38 -> 15.74 ms (one adapter) and
 // 15.20 -> 14.92 (four), 8 and 1 sequences unchanged (10.80 -> 10.73, 9.51 -> 9.54). The pools' A rows are what
-// it waits on: profiled, phase A's share of a pass fell by half, not by the tiles' 10x.
+// it waits on: profiled, phase A's share of a pass fell by half, not by the tiles' 10x. From 64 rows (the token
+// path) a tile of tokens of several adapters is packed by adapter (pos): with four adapters round-robin, the tiles
+// against every block ran 128 / 512-row calls at 58.5 -> 61.1 / 158.4 -> 177.3 ms (90 modules) against vdpbf16ps; packed
+// by adapter 43.4 -> 43.1 / 100.5 -> 96.4; contiguous runs of an adapter (prefill) 41.0 -> 39.7 at 128 rows; one
+// adapter at 256 / 512 rows 54.0 -> 52.8 / 85.2 -> 83.7 (the VM's spells differ between these runs).
 // g_amx_phase_a: off for A/B runs and tests (_amx_phase_a).
 bool g_amx_phase_a = true;
 inline bool amx_phase_a(const Pools& pl, bool x_bf16) {
@@ -237,9 +243,11 @@ inline std::vector<ATile> amx_a_tiles(const Pairs& pr, const Pools& pl) {
   return tiles;
 }
 
-// Phase A of this thread's share (h of nh) of the row tiles; xp: the call's T rows of x packed (amx_pack_here), the
-// pairs' rows indexing them.
-void phase_a_amx(const Pairs& pr, const Pools& pl, const uint32_t* xp, int64_t T, int64_t h, int64_t nh, float* U) {
+// Phase A of this thread's share (h of nh) of the row tiles; xp: T rows of x packed (amx_pack_here) - the pairs' rows
+// (tokens) in order, or where pos is given, token t at packed row pos[t] (a call's tokens gathered by adapter, so that
+// an adapter's tiles meet only the blocks of its own tokens).
+void phase_a_amx(const Pairs& pr, const Pools& pl, const uint32_t* xp, int64_t T, int64_t h, int64_t nh, float* U,
+                 const int64_t* pos = nullptr) {
   const std::vector<ATile> tiles = amx_a_tiles(pr, pl);
   const int64_t nt = static_cast<int64_t>(tiles.size()), u0 = nt * h / nh, u1 = nt * (h + 1) / nh;
   if (u1 <= u0) return;
@@ -257,7 +265,7 @@ void phase_a_amx(const Pairs& pr, const Pools& pl, const uint32_t* xp, int64_t T
       configured = tl.m;
     }
     std::fill(need.begin(), need.end(), 0);
-    for (int64_t p = pr.start[tl.i0]; p < pr.start[tl.i1]; ++p) need[pr.rows[p] / 16] = 1;
+    for (int64_t p = pr.start[tl.i0]; p < pr.start[tl.i1]; ++p) need[(pos ? pos[pr.rows[p]] : pr.rows[p]) / 16] = 1;
     const uint16_t* a = A + tl.row0 * D;
     const ATile* next = u + 1 < u1 ? &tiles[u + 1] : nullptr;  // its rows prefetched (into L2) during the first pass
     bool first = true;
@@ -287,7 +295,7 @@ void phase_a_amx(const Pairs& pr, const Pools& pl, const uint32_t* xp, int64_t T
       for (int64_t i = tl.i0; i < tl.i1; ++i) {
         const int64_t c0 = std::max<int64_t>(0, tl.row0 - i * r), c1 = std::min(pl.rank_of(i), tl.row0 + tl.m - i * r);
         for (int64_t p = pr.start[i]; p < pr.start[i + 1]; ++p) {
-          const int64_t t = pr.rows[p], b = t / 16 - tb;
+          const int64_t t = pos ? pos[pr.rows[p]] : pr.rows[p], b = t / 16 - tb;
           if (b != 0 && b != 1) continue;
           const float* col = c[b] + (i * r - tl.row0) * 16 + t % 16;
           for (int64_t cc = c0; cc < c1; ++cc) U[p * r + cc] = col[cc * 16] * pr.scale[p];

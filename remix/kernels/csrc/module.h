@@ -181,6 +181,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     Scratch xc = scratch(copy_x ? C * D : 0), yb = scratch(bf16 ? C * YBLOCK : 0);
     std::vector<float> U;
     std::vector<char> has(C);
+    std::vector<int64_t> order, pos;  // (AMX phase A of several adapters' tokens: packed by adapter)
     for (int64_t c0 = t0; c0 < t1; c0 += C) {
       const int64_t c1 = std::min(c0 + C, t1);
       if (copy_x) widen_x(c0, c1, xc.get(), c0);
@@ -190,16 +191,31 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
       const Pairs pr(sel + c0 * k, w + c0 * k, c1 - c0, k, pl.N);
       if (pr.size() == 0) continue;
       U.resize(pr.size() * pl.r);
+      if (bf16)
+        for (int64_t t = c0; t < c1; ++t) has[t - c0] = selected(t);
 #ifdef REMIX_AMX
-      if (amx_a) phase_a_amx(pr, pl, amx_pack_here(xh + c0 * D, c1 - c0, D), c1 - c0, 0, 1, U.data());
-      else
+      if (amx_a && slots > 1) {  // the tile's tokens with a selection packed by adapter (each adapter's LoRAs then
+        // meet the blocks of its own tokens, not every block of a round-robin mix), the rest left out
+        order.clear();
+        pos.assign(c1 - c0, 0);
+        for (int64_t pass = 0; pass < 2 && rt && rt->slot; ++pass)  // (slot map given: slots > 1)
+          for (int64_t sl = 0; sl < rt->S; ++sl)
+            for (int64_t t = c0; t < c1; ++t)
+              if (has[t - c0] && (pass == 0 ? routed_slot(*rt, t) == sl : sl == 0 && routed_slot(*rt, t) < 0)) {
+                pos[t - c0] = static_cast<int64_t>(order.size());
+                order.push_back(t - c0);
+              }
+        phase_a_amx(pr, pl, amx_pack_here(xh + c0 * D, static_cast<int64_t>(order.size()), D, order.data()),
+                    static_cast<int64_t>(order.size()), 0, 1, U.data(), pos.data());
+      } else if (amx_a) {
+        phase_a_amx(pr, pl, amx_pack_here(xh + c0 * D, c1 - c0, D), c1 - c0, 0, 1, U.data());
+      } else
 #endif
       phase_a(pr, 0, pr.num_blocks(), xt, bf16 ? xh + c0 * D : nullptr, pl, U.data());
       if (!bf16) {
         phase_b(pr, pl, U.data(), Y + c0 * O, O, 0, 0, O, false);
         continue;
       }
-      for (int64_t t = c0; t < c1; ++t) has[t - c0] = selected(t);
       phase_b_bf16(pr, pl, U.data(), yh + c0 * O, c1 - c0, has.data(), yb.get(), 0, O, false);
     }
   };
