@@ -213,8 +213,10 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
 // adapter at 256 / 512 rows 54.0 -> 52.8 / 85.2 -> 83.7 (the VM's spells differ between these runs).
 // g_amx_phase_a: off for A/B runs and tests (_amx_phase_a).
 bool g_amx_phase_a = true;
+// (Where phase A reads a bfloat16 x as it is - phase_a_reads_bf16: bfloat16 pools, g_phase_a_dot on - and D is whole
+// blocks of 32 inputs; the choice depends on neither T nor the tokens, so every call of a module takes the same path.)
 inline bool amx_phase_a(const Pools& pl, bool x_bf16) {
-  return g_amx_phase_a && x_bf16 && pl.bf16 && pl.D % 32 == 0 && amx_ready();
+  return g_amx_phase_a && x_bf16 && phase_a_reads_bf16(pl) && pl.D % 32 == 0 && amx_ready();
 }
 
 // The row tiles of A over the LoRAs pr selects (the same list on every thread): rows [row0, row0 + m) covering LoRAs

@@ -11,8 +11,8 @@ constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the p
 // Optionally route (rt non-null: fills sel/w), then gather, for x [T, D] and y [T, O] (float32 or bfloat16), in place.
 //   T >= SPLIT_POOLS_BELOW: each thread routes and gathers its own contiguous share of the tokens (no barrier).
 //   Fewer tokens: the pools' reads dominate and every thread would read all of them, so the threads split the work
-//   instead: route a share of the tokens | phase A over a share of the LoRA blocks | phase B over a share of the
-//   outputs (each boundary a multiple of 2L), with a barrier between the stages.
+//   instead: route a share of the tokens | phase A over a share of the LoRA blocks (on AMX tiles: of A's row tiles) |
+//   phase B over a share of the outputs (each boundary a multiple of 2L), with a barrier between the stages.
 // A token's result is the same either way and whatever shares its call.
 // With gemm on (float32 only), y is first computed as the base layer's output inside the same region: by column slices
 // that match phase B's, so each thread's y slice is still in its own cache when phase B updates it.
@@ -140,7 +140,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
   // calling thread before the region, ~10 us a module at 32 rows).
   const bool copy_x = bf16 && !phase_a_reads_bf16(pl);
 #ifdef REMIX_AMX
-  const bool amx_a = !copy_x && amx_phase_a(pl, bf16);  // phase A on AMX tiles (phase_a_amx)
+  const bool amx_a = amx_phase_a(pl, bf16);  // phase A on AMX tiles (phase_a_amx; x read as it is: no copy_x)
 #endif
   const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
   Scratch xbuf;
@@ -181,7 +181,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     Scratch xc = scratch(copy_x ? C * D : 0), yb = scratch(bf16 ? C * YBLOCK : 0);
     std::vector<float> U;
     std::vector<char> has(C);
-    std::vector<int64_t> order, pos;  // (AMX phase A of several adapters' tokens: packed by adapter)
+    std::vector<int64_t> start, order, pos;  // (AMX phase A of several adapters' tokens: packed by adapter)
     for (int64_t c0 = t0; c0 < t1; c0 += C) {
       const int64_t c1 = std::min(c0 + C, t1);
       if (copy_x) widen_x(c0, c1, xc.get(), c0);
@@ -194,17 +194,13 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
       if (bf16)
         for (int64_t t = c0; t < c1; ++t) has[t - c0] = selected(t);
 #ifdef REMIX_AMX
-      if (amx_a && slots > 1) {  // the tile's tokens with a selection packed by adapter (each adapter's LoRAs then
-        // meet the blocks of its own tokens, not every block of a round-robin mix), the rest left out
-        order.clear();
+      if (amx_a && slots > 1) {  // the tile's tokens packed by adapter (tokens_by_slot: each adapter's LoRAs then meet
+        // the blocks of its own tokens, not every block of a round-robin mix); tokens with no selection left out
+        tokens_by_slot(*rt, c0, c1, start, order);  // (slots > 1: a slot map; a token with a selection is routed)
+        order.erase(std::remove_if(order.begin(), order.end(), [&](int64_t t) { return !has[t - c0]; }), order.end());
         pos.assign(c1 - c0, 0);
-        for (int64_t pass = 0; pass < 2 && rt && rt->slot; ++pass)  // (slot map given: slots > 1)
-          for (int64_t sl = 0; sl < rt->S; ++sl)
-            for (int64_t t = c0; t < c1; ++t)
-              if (has[t - c0] && (pass == 0 ? routed_slot(*rt, t) == sl : sl == 0 && routed_slot(*rt, t) < 0)) {
-                pos[t - c0] = static_cast<int64_t>(order.size());
-                order.push_back(t - c0);
-              }
+        for (size_t q = 0; q < order.size(); ++q) pos[order[q] - c0] = static_cast<int64_t>(q);
+        for (int64_t& t : order) t -= c0;  // (rows of the tile's x)
         phase_a_amx(pr, pl, amx_pack_here(xh + c0 * D, static_cast<int64_t>(order.size()), D, order.data()),
                     static_cast<int64_t>(order.size()), 0, 1, U.data(), pos.data());
       } else if (amx_a) {
@@ -284,7 +280,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     const int64_t nb = pr.num_blocks();
     const uint32_t* xp = nullptr;  // x packed for the tiles: phase A's, then the base GEMM's (AMX)
 #ifdef REMIX_AMX
-    if (amx_a && (pr.size() > 0 || gemm.amx)) xp = amx_pack_here(xh, T, D);
+    if (gemm.amx || (amx_a && pr.size() > 0)) xp = amx_pack_here(xh, T, D);
 #endif
     if (pr.size() > 0) {  // the same for every thread: all of them meet the barrier, or none
 #ifdef REMIX_AMX
@@ -372,7 +368,7 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
   const auto* xb = bf16 ? static_cast<const c10::BFloat16*>(xv) : nullptr;
   const Scratch Ua = scratch(T * k * pa.r), Ub = scratch(T * k * pb.r);
 #ifdef REMIX_AMX
-  const bool amx_a = bf16 && phase_a_reads_bf16(pa) && phase_a_reads_bf16(pb) && amx_phase_a(pa, true) && amx_phase_a(pb, true);
+  const bool amx_a = amx_phase_a(pa, bf16) && amx_phase_a(pb, bf16);
 #endif
   const bool stack_ahead = t_stack_ahead;  // (thread-local: read on the calling thread)
   const Routing *const tables_a = ra, *const tables_b = rb;  // (for own_ahead, as in run)
@@ -398,7 +394,7 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
     const int64_t na = pra.num_blocks(), nt = na + prb.num_blocks();
     const uint32_t* xp = nullptr;  // x packed once for the tiles: both modules' phase A, then both GEMMs (AMX)
 #ifdef REMIX_AMX
-    if (amx_a || ga.amx) xp = amx_pack_here(xh, T, D);
+    if (ga.amx || (amx_a && nt > 0)) xp = amx_pack_here(xh, T, D);
 #endif
     if (nt > 0) {  // the same for every thread: all of them meet the barrier, or none
 #ifdef REMIX_AMX

@@ -84,9 +84,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_phase_a_bf16_dot", [](bool on) { g_phase_a_dot = on; }, "A/B runs: bfloat16 phase A on vdpbf16ps or widened");
   m.def("_amx_phase_a", [](bool on) {
 #ifdef REMIX_AMX
-    const bool before = g_amx_phase_a;
-    g_amx_phase_a = on;
-    return before && amx_ready();
+    return std::exchange(g_amx_phase_a, on) && amx_ready();
 #else
     (void)on;
     return false;
