@@ -414,6 +414,7 @@ def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
 
     ext, engine, tok = switch_engine(tmp_path, dtype)
     runs = []
+    was = ext._ahead_from(16, 0.0), ext._ahead_cover(1.0), ext._own_bt(True, 0.75)  # (defaults differ by CPU vendor)
     try:
         for rows, start, cover, own in ((0, 0.5, 1.0, None), (1, 0.0, 0.0, 0.0), (16, 0.0, 1.0, 0.75), (4, 0.5, 1.0, 0.75),
                                         (2, 0.9, 50.0, 0.0), (4, 0.0, 0.0, None)):
@@ -427,9 +428,9 @@ def test_prefetching_the_next_modules_pools_changes_no_value(tmp_path, dtype):
             runs.append((got, counts_of(engine)))
     finally:
         cpu_ext.stack_clock(False)
-        ext._ahead_from(16, 0.0)
-        ext._ahead_cover(1.0)
-        ext._own_bt(True, 0.75)
+        ext._ahead_from(*was[0])
+        ext._ahead_cover(was[1])
+        ext._own_bt(*was[2])
     assert all(len(toks) == 24 for toks, _ in runs[0][0].values())
     for got, counts in runs[1:]:
         assert got == runs[0][0]

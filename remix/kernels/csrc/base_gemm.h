@@ -89,13 +89,6 @@ const c10::OperatorHandle* onednn_linear_op() {
 // Intel CPUs, which MKL is tuned for). Measured per linear of the default base at 256 / 512 / 1024 rows: on the 2-core
 // Intel Xeon (AMX) VM of 2026-12-02, oneDNN's took 0.89-1.26 / 1.06-1.13 / 1.06-1.17 of MKL's time; on the 2-core
 // Zen 5 VM oneDNN ran at 359-390 GFLOP/s at 512 rows against MKL's 150-190 (MKL's AMD paths are generic).
-inline bool intel_cpu() {
-#if defined(__x86_64__) || defined(__i386__)
-  return __builtin_cpu_is("intel");
-#else
-  return false;
-#endif
-}
 bool onednn_f32_large() {
   static const bool use = onednn_linear_op() != nullptr && !intel_cpu();
   return use;

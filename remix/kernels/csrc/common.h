@@ -36,6 +36,17 @@ extern "C" void sgemm_(const char*, const char*, const int*, const int*, const i
 
 namespace {
 
+// Whether this is an Intel CPU (GCC's CPU detection, initialised here first: global initializers call this before
+// main, and so before the constructor that would otherwise run it).
+inline bool intel_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
 constexpr int L = 16;  // lanes of one vector: a 512-bit register with AVX-512, split by the compiler otherwise
 // An error message with numbers, formatted by snprintf into one std::string. TORCH_CHECK's own formatting of numbers
 // goes through std::ostringstream, and on one machine (g++ 13.3, torch 2.11, Python 3.12 with many wheels loaded) every

@@ -234,7 +234,24 @@ struct Ahead {
     return n;
   }
 };
-int64_t g_ahead_from = 16;  // rows of a decode step from which the stack prefetches ahead (0: never; A/B runs: _ahead_from)
+// Whether the software prefetches of the pools pay on this CPU: the decode stack's Ahead (g_ahead_from), a small call's
+// own B^T rows (g_own_bt) and float32 phase B by chunks (g_chunk_b) were measured and kept on AMD Zen 4 / 5 VMs; on the
+// Intel Xeon VM of the 38th-40th sessions (family 6 model 207, AMX) each of them slowed what it was meant to speed up:
+// its memory streams W at full rate on the hardware prefetchers alone, and lines prefetched beside that stream take
+// from it. Variants alternating in one process (40th session; scripts/ab_modules.py: 90 bound FFN modules, the adapter's
+// cost over their bare GEMMs; scripts/ab_steps.py: the engine's decode steps), float32, on against off:
+//   own B^T rows:  1 / 8 / 12 rows 0.98 / 2.69 / 2.87 ms against 0.90 / 2.28 / 2.28 (one adapter), 1.05 / 4.71 / 6.28
+//                  against 0.98 / 4.16 / 5.37 (four)
+//   chunks (160):  24 / 32 / 48 rows 3.53 / 4.21 / 4.92 ms against 3.33 / 3.53 / 4.71 (one), 8.96 / 11.07 / 11.58
+//                  against 7.97 / 8.98 / 9.68 (four); the kernel bench's overhead_over_base at T = 32 0.19 / 0.19 against
+//                  0.17 / 0.17 (two runs each, in turn)
+//   Ahead:         the step at 16 / 32 sequences 42.40 / 64.69 ms against 41.25 / 63.19 (one adapter), 47.93 / 72.11
+//                  against 42.69 / 66.36 (four)
+// (bfloat16 there runs its GEMMs on AMX tiles, which issue none of them: 39th session, in BENCHMARKS.) Where they go
+// changes no value, so the default is by vendor; the A/B switches set them either way.
+inline bool pool_prefetch_pays() { return !intel_cpu(); }
+// rows of a decode step from which the stack prefetches ahead (0: never; A/B runs: _ahead_from)
+int64_t g_ahead_from = pool_prefetch_pays() ? 16 : 0;
 double g_ahead_start = 0.0;  // the share of a GEMM's blocks after which its prefetches start (A/B runs)
 // A slot's pools are prefetched whole from tokens x k >= g_ahead_cover x n: with fewer picks most of its LoRAs go unread
 // (four adapters at eight rows, two tokens each: ~14 of the 32 LoRAs prefetched were read, and the other bytes slowed the
@@ -252,7 +269,7 @@ inline bool whole_slot(int64_t tokens, int64_t k, int64_t n) {
 // ~9 GB/s: phase B took 19 of a module call's 95 us with four adapters at 8 rows. Four adapters at 8 sequences 16.52
 // -> 15.88 ms a step (from half of the GEMM: 16.01; scripts/ab_steps.py); one sequence, and one adapter at 8 or 32
 // (nothing left to prefetch), unchanged. Only where lines go changes, so no output does. (A/B runs: _own_bt.)
-bool g_own_bt = true;
+bool g_own_bt = pool_prefetch_pays();
 double g_own_start = 0.75;
 
 // This thread's lines of an Ahead, issued a few at a time by a GEMM's blocks (segments of rows of a byte length: the

@@ -59,7 +59,7 @@ constexpr int64_t OWN_BT_BELOW = 16;
 // already goes by YBLOCK blocks of a float32 copy), the AVX2 build's 3 x 2 tiles (16 / 32 / 48 rows 1-5 us slower);
 // the first chunk's GEMM before phase A, prefetching phase A's rows of A (no better). (A/B runs and tests: _chunk_b.)
 #ifdef __AVX512F__
-int64_t g_chunk_b = 160;
+int64_t g_chunk_b = pool_prefetch_pays() ? 160 : 0;  // (off on Intel CPUs: see pool_prefetch_pays)
 #else
 int64_t g_chunk_b = 0;
 #endif

@@ -29,7 +29,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_fuse_pair_below", [](int64_t rows) { return std::exchange(g_fuse_pair_below, rows); },
         "tests and A/B runs: decode steps of fewer rows run a routed gate, up and silu in one region (default 9); returns "
         "the setting before");
-  m.def("_ahead_from", [](int64_t rows, double start) { g_ahead_from = rows; g_ahead_start = start; }, "A/B");
+  m.def("_ahead_from", [](int64_t rows, double start) {
+    return std::make_tuple(std::exchange(g_ahead_from, rows), std::exchange(g_ahead_start, start));
+  }, "tests and A/B runs: decode steps from `rows` prefetch each routed module's pools during the GEMM before it, from "
+     "the share `start` of its blocks (0: never); returns the setting before");
   m.def("_narrow_cvt", [](bool on) {
 #ifdef __AVX512F__
     g_narrow_cvt = on;
@@ -54,9 +57,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tests and A/B runs: a one-LoRA slot's routing skipped (its LoRA every token's top 1; default on)");
   m.def("_module_call_raw", [](bool on) { g_raw_call = on; }, "tests and A/B runs: ModuleCall's call on raw pointers (default on)");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
-  m.def("_ahead_cover", [](double c) { g_ahead_cover = c; }, "A/B runs: prefetch a slot's pools from tokens x k >= c x n");
-  m.def("_own_bt", [](bool on, double start) { g_own_bt = on; g_own_start = start; },
-        "A/B runs: a small call's own B^T rows prefetched during its GEMM, from this share of its blocks (default on, 0.75)");
+  m.def("_ahead_cover", [](double c) { return std::exchange(g_ahead_cover, c); },
+        "A/B runs: prefetch a slot's pools from tokens x k >= c x n; returns the setting before");
+  m.def("_own_bt", [](bool on, double start) {
+    return std::make_tuple(std::exchange(g_own_bt, on), std::exchange(g_own_start, start));
+  }, "A/B runs: a small call's own B^T rows prefetched during its GEMM, from this share of its blocks (default: off on "
+     "Intel CPUs, else on; 0.75); returns the setting before");
+  m.def("_pool_prefetch_pays", []() { return pool_prefetch_pays(); },
+        "whether the pools' software prefetches are on by default on this CPU (off on Intel's)");
   m.def("_phase_a_prefetch", [](bool on) { g_pa_pf = on; }, "A/B runs: phase A's prefetch of the next rows of A (default on)");
   m.def("silu_mul_", &silu_mul_, "g = silu(g) * u in place (HF's roundings), float32 or bfloat16");
   m.def("rotary_", &rotary_, "x = x * cos + roll(x, Dh / 2) * sin_signed in place (HF's roundings)");
