@@ -321,6 +321,29 @@ def test_one_lora_slot_skips_its_routing_with_the_same_selections(dtype, T):
         ext._route_units(True)
 
 
+def test_pool_prefetch_defaults_follow_the_cpu_vendor():
+    """The pools' software prefetches - the decode stack's Ahead (from 16 rows), a small call's own B^T rows, float32
+    phase B by chunks of 160 outputs (AVX-512 builds) - are on by default where _pool_prefetch_pays() (not an Intel CPU:
+    each measured slower on the Intel VMs) and off where not; each switch hands back what it found."""
+    from pathlib import Path
+
+    ext = _compiled()
+    pays = ext._pool_prefetch_pays()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        assert pays == ("GenuineIntel" not in cpuinfo.read_text())
+    ahead, own, chunk = ext._ahead_from(0, 0.0), ext._own_bt(False, 0.75), ext._chunk_b(0, 24)
+    try:
+        assert ahead == ((16 if pays else 0), 0.0)
+        assert own == (pays, 0.75)
+        assert chunk[0] in ((160 if pays else 0), 0) and chunk[1] == 24  # (0 in builds without AVX-512)
+    finally:
+        ext._ahead_from(*ahead)
+        ext._own_bt(*own)
+        ext._chunk_b(*chunk)
+    assert ext._ahead_from(*ahead) == ahead and ext._own_bt(*own) == own  # (the settings found are back)
+
+
 @pytest.mark.parametrize("T", [1, 16, 24, 33, 63])
 def test_phase_b_by_chunks_changes_no_value(T):
     """float32 calls of 24-63 rows (AVX-512 builds) take each thread's slice of the outputs in chunks: the chunk's GEMM,
