@@ -117,6 +117,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("min_p") = torch::empty({0}, torch::kFloat32));
   m.def("masked_argmax_rows", &masked_argmax_rows, "argmax_rows of given rows with the tokens a bitmask leaves out as -inf");
   m.def("linear", [](torch::Tensor x, torch::Tensor w, torch::Tensor b) { return linear(x, w, b); }, "y = x W^T (+ bias): the fused path's base GEMM where it applies, else oneDNN's or ATen's linear");
+#ifdef __AVX512F__
+  m.attr("AVX512") = true;  // built with AVX-512 (the -march=native build on such a CPU; not the AVX2 build)
+#else
+  m.attr("AVX512") = false;
+#endif
   m.attr("DOT_BF16_BELOW") = DOT_BF16_BELOW;
   m.attr("ONEDNN_F32_FROM") = large_f32_elsewhere() ? ONEDNN_F32_FROM : -1;  // -1: the dot-product kernel at every size
   m.attr("F32_LARGE_GEMM") = large_f32_elsewhere() ? (onednn_f32_large() ? "onednn" : "aten") : "dot";  // from that limit
