@@ -19,7 +19,10 @@ same batch (the floor on this machine: the faster of ATen's GEMMs and, on CPU, t
 the engine runs), and prints/writes the ratios with their goals. On CPU the compiled decode stack also times its ops
 during those steps, and the JSON (``decode_breakdown_ms``) and the tables show where a step goes: attention, the FFN
 projections (the ReMix modules), the attention projections, the small ops, and what lies outside the decoder layers.
-Every contender runs ``--repeats`` times, in rounds with the floor timed in the same rounds: the tables report each
+Each engine's wall time is also split between its steps that carried prompt tokens (chunked prefill, decode rows beside
+them) and its decode-only steps (``runs_seconds_in_prompt_steps`` / ``runs_seconds``), and the ratio
+``adapter_cost_share_in_prompt_steps@c`` (no goal) says what share of the adapter's extra seconds over the bare engine,
+round by round, fell in the steps with prompt tokens. Every contender runs ``--repeats`` times, in rounds with the floor timed in the same rounds: the tables report each
 contender's fastest run, and each ratio is the median over the rounds of that ratio within a round, so one lucky round
 of one of them does not decide it - on a shared VM one slow spell had moved a single run's figures by 10-20 %. Within
 a round the engine's contenders run at the same time: each is an engine of its own (its own copy of the base, the
@@ -157,7 +160,8 @@ def bench_engine(engine: Engine, prompts, new_tokens, adapters: list[str | None]
 
 
 def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]], prompts, new_tokens,
-                          sampling: dict | None = None, breakdowns: dict | None = None) -> dict[str, tuple[float, float]]:
+                          sampling: dict | None = None, breakdowns: dict | None = None,
+                          prompt_clock: dict | None = None) -> dict[str, tuple[float, float]]:
     """Every contender (an engine of its own and the adapters its requests name, round-robin) serves the same prompts,
     submitted together; the engines are stepped in turn, one step each, so a slow spell of a shared machine lands on
     all of them alike. The order is the same every sweep: no engine's step follows its own. (Reversed every sweep, as it
@@ -170,7 +174,9 @@ def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]]
     median of its full-batch decode-only steps). ``sampling``: None (greedy) or {"temperature", "top_p"} (each request
     seeded by its index). ``breakdowns``: filled per contender, where the compiled decode stack ran its steps, with
     where they went (ms a step, means: :func:`decode_breakdown`; the stack's clock is read after every step, so each
-    engine's ops are its own)."""
+    engine's ops are its own). ``prompt_clock``: filled per contender with the seconds of its steps that carried prompt
+    tokens (chunked prefill, with whatever decode rows ran beside them) - the rest of its wall time went to decode-only
+    steps."""
     for name, (engine, adapters) in contenders.items():
         for i, p in enumerate(prompts):
             params = SamplingParams(max_tokens=new_tokens, ignore_eos=True,
@@ -182,6 +188,7 @@ def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]]
     if clocked:
         cpu_ext.stack_clock(True)
     clock = {name: 0.0 for name in contenders}
+    in_prompt_steps = {name: 0.0 for name in contenders}
     decode_steps: dict[str, list[float]] = {name: [] for name in contenders}
     timed_steps: dict[str, list[float]] = {name: [] for name in contenders}
     parts: dict[str, dict[str, float]] = {name: {} for name in contenders}
@@ -195,6 +202,8 @@ def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]]
             dt = time.perf_counter() - t0
             ops, runs = cpu_ext.stack_clock(True) if clocked else ({}, 0)  # (read after the step's clock stopped)
             clock[name] += dt
+            if engine.last_step["prefill_tokens"] > 0:
+                in_prompt_steps[name] += dt
             if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == len(prompts):
                 decode_steps[name].append(dt)
                 if runs == 1:  # the step ran the compiled stack once: its ops were timed
@@ -206,6 +215,8 @@ def bench_engines_in_turn(contenders: dict[str, tuple[Engine, list[str | None]]]
         for name in contenders:
             if timed_steps[name]:
                 breakdowns[name] = decode_breakdown(parts[name], timed_steps[name])
+    if prompt_clock is not None:
+        prompt_clock.update(in_prompt_steps)
     return {name: (clock[name], statistics.median(decode_steps[name]) if decode_steps[name] else float("nan"))
             for name in contenders}
 
@@ -448,11 +459,14 @@ def main(argv=None) -> dict:
         runs: dict[str, list] = {}
         floors: dict[str, list] = {}
         breakdowns: dict[str, list] = {}
+        in_prompt: dict[str, list[float]] = {}  # per contender and round: seconds of its steps with prompt tokens
         for rep in range(args.repeats):
             parts: dict = {}
+            prompt_clock: dict = {}
             for name, (wall, step) in bench_engines_in_turn(contenders, prompts, args.new_tokens, sampling,
-                                                            breakdowns=parts).items():
+                                                            breakdowns=parts, prompt_clock=prompt_clock).items():
                 runs.setdefault(name, []).append((wall, step))
+                in_prompt.setdefault(name, []).append(prompt_clock[name])
                 breakdowns.setdefault(name, []).append(parts.get(name, {}))
                 print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  step {1000 * step:7.1f} ms  (run {rep + 1})", flush=True)
             # the floor in the same rounds, right after the engine's runs: timed once after all of them, it had met a
@@ -473,6 +487,9 @@ def main(argv=None) -> dict:
             row[name] = {"seconds": wall, "tokens_per_s": tokens / wall, "latency_per_token_ms": 1000 * wall / args.new_tokens,
                          "runs_tokens_per_s": [round(tokens / w, 2) for w, _ in got]}
             if got[0][1] is not None:  # the engine's contenders also report their decode step
+                # and how their wall time split between steps with prompt tokens and decode-only steps (each round)
+                row[name]["runs_seconds_in_prompt_steps"] = [round(v, 6) for v in in_prompt[name]]
+                row[name]["runs_seconds"] = [round(w, 6) for w, _ in got]
                 row[name]["decode_step_ms"] = 1000 * min(st for _, st in got)
                 row[name]["runs_decode_step_ms"] = [round(1000 * st, 3) for _, st in got]
                 fastest = min(range(len(got)), key=lambda j: got[j][1])
@@ -513,6 +530,15 @@ def main(argv=None) -> dict:
         floor_rounds = [min(got) for got in zip(*results[c]["gemm_floor_runs_ms"].values())]  # the faster GEMM of each round
         ratio(f"decode_step_over_gemm_floor@{c}", [1000 * st / f for (_, st), f in zip(rounds_of[c]["engine_remix"], floor_rounds)],
               "<=" if c == top else None, 1.25, c)
+        # where the adapter's cost lies: its engine's extra seconds (over the bare engine's, in the same round) that
+        # fell in steps with prompt tokens, as a share of all its extra seconds (a diagnostic, no goal; noisy where
+        # the extra is small)
+        ar, br = results[c]["engine_remix"], results[c]["engine_base"]
+        extra = [(pa - pb, wa - wb) for pa, pb, wa, wb in zip(ar["runs_seconds_in_prompt_steps"],
+                                                              br["runs_seconds_in_prompt_steps"], ar["runs_seconds"],
+                                                              br["runs_seconds"])]
+        if all(total > 0 for _, total in extra):
+            ratio(f"adapter_cost_share_in_prompt_steps@{c}", [p / total for p, total in extra], None, 0, c)
         if "hf_peft" in rounds_of[c]:
             ratio(f"engine_peft_over_hf_peft@{c}", over(c, "engine_peft", "hf_peft"), None, 0, c)
             ratio(f"engine_peft_over_engine_base@{c}", over(c, "engine_peft", "engine_base"), None, 0, c)

@@ -102,6 +102,23 @@ def test_server_bench_runs_every_contender_on_the_tiny_model(tmp_path):
     assert out["ratios"]["decode_step_over_gemm_floor@2"] == pytest.approx(
         statistics.median(s / f for s, f in zip(steps, floors)), rel=1e-2)
     assert "_runs" not in r["engine_remix"]
+    # each engine's wall time per round, and the part of it in steps that carried prompt tokens (the prompts of 8
+    # tokens fit one step's budget: some, never all, of the run)
+    for name in ("engine_base", "engine_remix", "engine_4adapters"):
+        walls, in_prompt = r[name]["runs_seconds"], r[name]["runs_seconds_in_prompt_steps"]
+        assert len(walls) == len(in_prompt) == 2 and all(0 < p < w for p, w in zip(in_prompt, walls))
+        assert r[name]["seconds"] == pytest.approx(min(walls), abs=1e-6)
+    # the adapter's extra seconds over the bare engine's that fell in prompt steps, as a share (where each round's
+    # extra is positive: on a tiny model it may drown in noise, and then the ratio is left out)
+    a, b = r["engine_remix"], r["engine_base"]
+    extra = [(pa - pb, wa - wb) for pa, pb, wa, wb in zip(a["runs_seconds_in_prompt_steps"], b["runs_seconds_in_prompt_steps"],
+                                                          a["runs_seconds"], b["runs_seconds"])]
+    if all(t > 0 for _, t in extra):
+        assert out["ratios"]["adapter_cost_share_in_prompt_steps@2"] == pytest.approx(
+            statistics.median(p / t for p, t in extra), rel=1e-2, abs=1e-2)
+        assert "adapter_cost_share_in_prompt_steps@2" not in out["goals"]
+    else:
+        assert "adapter_cost_share_in_prompt_steps@2" not in out["ratios"]
     assert "engine_remix_over_hf_generate@2" in out["goals"]  # the goal is judged at the top concurrency
     assert "engine_remix_bs1_over_hf_generate_bs1" in out["goals"]  # batch 1 was measured
     assert "| 2 |" in (tmp_path / "s.md").read_text()
