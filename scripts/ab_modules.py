@@ -23,6 +23,29 @@ import torch
 from remix.kernels import cpu_ext
 
 
+def bind_ffn_modules(nad: int, dtype: torch.dtype) -> list:
+    """90 compiled module calls of the default base's FFN shapes (576 -> 1536 twice and 1536 -> 576 per layer, 30
+    layers), each with its own random base weight and pools of ``nad`` adapters (n 8, k 2, r 8, omega 0.5): [(call,
+    d_in)]."""
+    calls = []
+    for D, O in [(576, 1536), (576, 1536), (1536, 576)] * 30:
+        base = torch.nn.Linear(D, O, bias=False).to(dtype)
+        N = 8 * nad
+        router = torch.randn(N, D) * 0.05
+        a = (torch.randn(N * 8, D) * 0.05).to(cpu_ext.pool_dtype(dtype))
+        bt = (torch.randn(N * 8, O) * 0.05).to(cpu_ext.pool_dtype(dtype))
+        tables = (torch.arange(nad) * 8, torch.full((nad,), 8), torch.full((nad,), 2), torch.full((nad,), 0.5))
+        calls.append((cpu_ext.bind_module(base, router, a, bt, tables, 8, 2), D))
+    return calls
+
+
+def slots_of(T: int, nad: int, mix: str = "runs") -> torch.Tensor:
+    """Each row's adapter: round-robin below 64 rows (a decode step), from 64 each adapter a contiguous run of rows
+    (the engine packs each sequence's prompt tokens together); mix "round-robin": round-robin at every row count (a
+    decode step of 64 or more sequences)."""
+    return torch.arange(T) % nad if T < 64 or mix == "round-robin" else torch.arange(T) * nad // T
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,8,32")
@@ -41,24 +64,12 @@ def main(argv=None) -> None:
         ap.error("the compiled CPU kernels are not built here")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    shapes = [(576, 1536), (576, 1536), (1536, 576)] * 30
     none = torch.empty(0, dtype=torch.int64)
     for nad in (int(a) for a in args.adapters.split(",")):
-        calls = []
-        for D, O in shapes:
-            base = torch.nn.Linear(D, O, bias=False).to(dtype)
-            N = 8 * nad
-            router = torch.randn(N, D) * 0.05
-            a = (torch.randn(N * 8, D) * 0.05).to(cpu_ext.pool_dtype(dtype))
-            bt = (torch.randn(N * 8, O) * 0.05).to(cpu_ext.pool_dtype(dtype))
-            tables = (torch.arange(nad) * 8, torch.full((nad,), 8), torch.full((nad,), 2), torch.full((nad,), 0.5))
-            calls.append((cpu_ext.bind_module(base, router, a, bt, tables, 8, 2), D))
+        calls = bind_ffn_modules(nad, dtype)
         for T in (int(t) for t in args.rows.split(",")):
             xs = {d: torch.randn(T, d).to(dtype) for d in (576, 1536)}
-            # decode rows: adapters round-robin; prefill-sized calls (64 rows or more): each adapter a contiguous run
-            # of rows, as the engine packs each sequence's prompt tokens together
-            # (--mix round-robin: every row count round-robin, as a decode step of 64 or more sequences)
-            routed = torch.arange(T) % nad if T < 64 or args.mix == "round-robin" else torch.arange(T) * nad // T
+            routed = slots_of(T, nad, args.mix)
             bare = torch.full((T,), -1, dtype=torch.int64)
             names = [*variants, "bare"]
             times = {v: [] for v in names}

@@ -344,6 +344,43 @@ def test_pool_prefetch_defaults_follow_the_cpu_vendor():
     assert ext._ahead_from(*ahead) == ahead and ext._own_bt(*own) == own  # (the settings found are back)
 
 
+def test_module_clock_times_each_stage_only_when_on_and_changes_no_value():
+    """cpu_ext.module_clock (scripts/module_stages.py): off, the compiled module calls record nothing; on, each call of a
+    routed batch is counted and each thread's stages of run() are timed - below 64 rows the split stages (routing,
+    phase A, the fused base GEMM, phase B, the barriers), from 64 the token tiles' - and reading resets; the outputs
+    are the same bit for bit either way."""
+    from remix.kernels import cpu_ext
+
+    _compiled()
+    D, O, n, r = 64, 96, 8, 8
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(D, O, bias=False)
+    router = torch.randn(n, D, generator=g)
+    a, bt = torch.randn(n * r, D, generator=g) * 0.1, torch.randn(n * r, O, generator=g) * 0.1
+    tables = (torch.tensor([0]), torch.tensor([n]), torch.tensor([2]), torch.tensor([0.5]))
+    call = cpu_ext.bind_module(base, router, a, bt, tables, r, 2)
+    none = torch.empty(0, dtype=torch.int64)
+    with torch.inference_mode():
+        for T in (8, 100):
+            x = torch.randn(T, D, generator=g)
+            slots = torch.zeros(T, dtype=torch.int64)
+            cpu_ext.module_clock(False)
+            y_off = call.routed(x, slots, none)[0].clone()
+            assert cpu_ext.module_clock(True) == ([], 0)  # nothing recorded while off
+            y_on = call.routed(x, slots, none)[0].clone()
+            call.routed(x, slots, none)
+            call.routed(x, torch.full((T,), -1, dtype=torch.int64), none)  # no token routed: the base linear alone
+            threads, calls = cpu_ext.module_clock(False)
+            assert torch.equal(y_on, y_off)
+            assert calls == 2 and 1 <= len(threads) <= torch.get_num_threads()
+            assert all(set(t) == set(cpu_ext.MODULE_STAGES) and all(v >= 0 for v in t.values()) for t in threads)
+            # every thread routed or gathered something; below 64 rows the base GEMM runs in the same region (float32)
+            assert all(t["route"] > 0 and t["phase_b"] > 0 for t in threads)
+            if T < 64:
+                assert all(t["phase_a"] > 0 and t["gemm"] > 0 for t in threads)
+            assert cpu_ext.module_clock(False) == ([], 0)  # read and reset
+
+
 @pytest.mark.parametrize("T", [1, 16, 24, 33, 63])
 def test_phase_b_by_chunks_changes_no_value(T):
     """float32 calls of 24-63 rows (AVX-512 builds) take each thread's slice of the outputs in chunks: the chunk's GEMM,

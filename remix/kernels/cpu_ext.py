@@ -31,6 +31,8 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
                                bitmask applied as the logits are read)
     DecodeStack(layers, ...).run(h, ...)   every decoder layer of a decode step in one call (those ops in order);
                                stack_clock(on) reads and resets its time per kind of op (server.bench's breakdown)
+    module_clock(on)           one module call's time per thread and stage (routing, phase A, GEMM, phase B, the
+                               barriers), read and reset (scripts/module_stages.py)
 
 The gather is blocked by LoRA (phase A: U = w * A_i x for four tokens per load of A_i; phase B: each LoRA's
 rows of B held in registers while its tokens' y are updated), with explicit SIMD (GCC/Clang vector types)
@@ -170,7 +172,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v239_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v240_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):  # (ninja rebuilds when remix_cpu.cpp or any part it includes changes)
                         module = cpp_load(
@@ -289,6 +291,26 @@ def stack_clock(on: bool) -> tuple[dict[str, float], int]:
         return {}, 0
     ns, runs = ext.stack_clock(on)
     return {name: v / 1e6 for name, v in zip(STACK_OPS, ns)}, runs
+
+
+# the stages the module clock times, in its order (``ModuleStage`` in the C++ source)
+MODULE_STAGES = ("route", "wait_1", "pairs_pack", "phase_a", "wait_2", "gemm", "phase_b")
+
+
+def module_clock(on: bool) -> tuple[list[dict[str, float]], int]:
+    """The compiled module calls' (``run`` in the C++ source: routing, gather and, where fused, the base GEMM) time
+    per thread of their parallel regions and per :data:`MODULE_STAGES` stage since the last call, in milliseconds
+    (one dict a thread that ran, in thread order; each stage from the end of the one before it, so a thread's stages
+    add up to its time in the calls; ``wait_1`` / ``wait_2`` are the barriers, ``pairs_pack`` the pairs' sort and x
+    packed for AMX tiles), and the number of calls they cover; resets both, then switches the clock on (or off).
+    Below 64 rows a call splits each stage between the threads; from 64 each thread routes and gathers its own
+    tokens, tile by tile. A call that routes no token takes the base linear alone and is not counted. ([], 0) without
+    the kernels."""
+    ext = load()
+    if ext is None:
+        return [], 0
+    ns, calls = ext.module_clock(on)
+    return [{name: v / 1e6 for name, v in zip(MODULE_STAGES, row)} for row in ns if any(row)], calls
 
 
 def pool_dtype(dtype: torch.dtype) -> torch.dtype:

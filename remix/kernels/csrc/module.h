@@ -8,6 +8,36 @@ namespace {
 
 constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the pools' reads instead of the tokens
 
+// The module clock (scripts/module_stages.py; cpu_ext.module_clock): the nanoseconds each thread of run()'s region spent
+// in each stage since the last read, and the calls they cover - what the 38th-41st sessions had measured with
+// temporary builds. Off unless switched on (then ~8 reads of the clock a thread and call); each stage's time is taken
+// from the end of the stage before it, so a thread's stages add up to its time in the region. Below SPLIT_POOLS_BELOW
+// rows: route (and a float32 copy of bfloat16 x where phase A needs one), wait_1 (the barrier after it), pairs_pack
+// (the top-k of routing by units, the pairs' sort, x packed for AMX tiles), phase_a, wait_2, gemm (the thread's
+// slice of the base GEMM, where the call runs it), phase_b. From SPLIT_POOLS_BELOW: gemm and wait_1 (its barrier),
+// then per token tile route, pairs_pack (with phase A's packing), phase_a, phase_b. Only time is read, no value
+// changes.
+constexpr int MODULE_STAGES = 7;  // in the order of MODULE_STAGES in remix/kernels/cpu_ext.py
+enum ModuleStage { MS_ROUTE, MS_WAIT_1, MS_PAIRS_PACK, MS_PHASE_A, MS_WAIT_2, MS_GEMM, MS_PHASE_B };
+constexpr int MODULE_CLOCK_THREADS = 16;  // threads past these are not timed
+bool g_module_clock = false;
+struct alignas(64) ModuleNs { double ns[MODULE_STAGES]; };  // (a cache line a thread)
+ModuleNs g_module_ns[MODULE_CLOCK_THREADS];
+int64_t g_module_calls = 0;
+struct ModuleClock {
+  const bool on;
+  const int64_t h;
+  std::chrono::steady_clock::time_point t;
+  explicit ModuleClock(int64_t thread) : on(g_module_clock && thread < MODULE_CLOCK_THREADS), h(thread),
+      t(on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{}) {}
+  void lap(ModuleStage s) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    g_module_ns[h].ns[s] += std::chrono::duration<double, std::nano>(now - t).count();
+    t = now;
+  }
+};
+
 // Optionally route (rt non-null: fills sel/w), then gather, for x [T, D] and y [T, O] (float32 or bfloat16), in place.
 //   T >= SPLIT_POOLS_BELOW: each thread routes and gathers its own contiguous share of the tokens (no barrier).
 //   Fewer tokens: the pools' reads dominate and every thread would read all of them, so the threads split the work
@@ -166,7 +196,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
   // route (where asked) and gather tokens [t0, t1) on this thread, by tiles; bfloat16: x's float32 copy (copy_x) in a
   // buffer of one tile, y updated by blocks (phase_b_bf16) - copies of a whole share (~1.5 MB each for x and y at 512
   // rows) went out to memory and came back (128 / 512 rows: 1.1-1.35x the time)
-  auto token_share = [&](int64_t t0, int64_t t1) {
+  auto token_share = [&](int64_t t0, int64_t t1, ModuleClock& clk) {
     if (t1 <= t0) return;
     int64_t slots = 1;  // the adapters among the share's tokens (at most 8 counted)
     if (rt && rt->slot) {
@@ -188,8 +218,12 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
       const float* xt = copy_x ? xc.get() : bf16 ? nullptr : X + c0 * D;  // the tile's first row (float32 x)
       if (rt && !copy_x && bf16) route_rows(xb, 0, D, c0, c1, *rt, sel, w);
       else if (rt) route_rows(xt, c0, D, c0, c1, *rt, sel, w);
+      clk.lap(MS_ROUTE);
       const Pairs pr(sel + c0 * k, w + c0 * k, c1 - c0, k, pl.N);
-      if (pr.size() == 0) continue;
+      if (pr.size() == 0) {
+        clk.lap(MS_PAIRS_PACK);
+        continue;
+      }
       U.resize(pr.size() * pl.r);
       if (bf16)
         for (int64_t t = c0; t < c1; ++t) has[t - c0] = selected(t);
@@ -201,34 +235,45 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
         pos.assign(c1 - c0, 0);
         for (size_t q = 0; q < order.size(); ++q) pos[order[q] - c0] = static_cast<int64_t>(q);
         for (int64_t& t : order) t -= c0;  // (rows of the tile's x)
-        phase_a_amx(pr, pl, amx_pack_here(xh + c0 * D, static_cast<int64_t>(order.size()), D, order.data()),
-                    static_cast<int64_t>(order.size()), 0, 1, U.data(), pos.data());
+        const uint32_t* xq = amx_pack_here(xh + c0 * D, static_cast<int64_t>(order.size()), D, order.data());
+        clk.lap(MS_PAIRS_PACK);
+        phase_a_amx(pr, pl, xq, static_cast<int64_t>(order.size()), 0, 1, U.data(), pos.data());
       } else if (amx_a) {
-        phase_a_amx(pr, pl, amx_pack_here(xh + c0 * D, c1 - c0, D), c1 - c0, 0, 1, U.data());
+        const uint32_t* xq = amx_pack_here(xh + c0 * D, c1 - c0, D);
+        clk.lap(MS_PAIRS_PACK);
+        phase_a_amx(pr, pl, xq, c1 - c0, 0, 1, U.data());
       } else
 #endif
-      phase_a(pr, 0, pr.num_blocks(), xt, bf16 ? xh + c0 * D : nullptr, pl, U.data());
-      if (!bf16) {
-        phase_b(pr, pl, U.data(), Y + c0 * O, O, 0, 0, O, false);
-        continue;
+      {
+        clk.lap(MS_PAIRS_PACK);
+        phase_a(pr, 0, pr.num_blocks(), xt, bf16 ? xh + c0 * D : nullptr, pl, U.data());
       }
-      phase_b_bf16(pr, pl, U.data(), yh + c0 * O, c1 - c0, has.data(), yb.get(), 0, O, false);
+      clk.lap(MS_PHASE_A);
+      if (!bf16) phase_b(pr, pl, U.data(), Y + c0 * O, O, 0, 0, O, false);
+      else phase_b_bf16(pr, pl, U.data(), yh + c0 * O, c1 - c0, has.data(), yb.get(), 0, O, false);
+      clk.lap(MS_PHASE_B);
     }
   };
+  if (g_module_clock) ++g_module_calls;  // (the calling thread, before any region)
   if (P <= 1) {
+    ModuleClock clk(0);
     if (gemm.on()) gemm(gx, gy, T, D, O, 0, O);
-    return token_share(0, T);
+    clk.lap(MS_GEMM);
+    return token_share(0, T, clk);
   }
   if (T >= SPLIT_POOLS_BELOW) {
 #pragma omp parallel num_threads(P)
     {
       const auto [h, nh] = region_thread();
+      ModuleClock clk(h);
       if (gemm.on()) {  // the GEMM by output slices, then the gather by tokens
         const auto [o0, o1] = out_slice(O, h, nh);
         gemm(gx, gy, T, D, O, o0, o1);
+        clk.lap(MS_GEMM);
 #pragma omp barrier
+        clk.lap(MS_WAIT_1);
       }
-      token_share(T * h / nh, T * (h + 1) / nh);
+      token_share(T * h / nh, T * (h + 1) / nh, clk);
     }
     return;
   }
@@ -247,6 +292,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
 #pragma omp parallel num_threads(P)
   {
     const auto [h, nh] = region_thread();
+    ModuleClock clk(h);
     std::vector<int64_t> own_sel;
     std::vector<float> own_w;
     {  // stage 1: widen and route a share of the tokens (or compute a share of the routers' logits)
@@ -262,9 +308,11 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
         else route_rows(X, 0, D, t0, t1, *rt, sel, w);
       }
     }
+    clk.lap(MS_ROUTE);
     if (rt || copy_x) {  // (the same for every thread)
 #pragma omp barrier
     }
+    clk.lap(MS_WAIT_1);
     if (units) {  // every thread takes the top-k of every token from the logits (thread 0 into sel / w)
       for (int64_t t = 0; t < T; ++t) {
         const int64_t s = routed_slot(*rt, t);
@@ -282,13 +330,16 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
 #ifdef REMIX_AMX
     if (gemm.amx || (amx_a && pr.size() > 0)) xp = amx_pack_here(xh, T, D);
 #endif
+    clk.lap(MS_PAIRS_PACK);
     if (pr.size() > 0) {  // the same for every thread: all of them meet the barrier, or none
 #ifdef REMIX_AMX
       if (amx_a) phase_a_amx(pr, pl, xp, T, h, nh, U.get());
       else
 #endif
       phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, xh, pl, U.get());
+      clk.lap(MS_PHASE_A);
 #pragma omp barrier
+      clk.lap(MS_WAIT_2);
     }
     const auto [o0, o1] = out_slice(O, h, nh);
     if (gemm.on() && !bf16 && g_chunk_b > 0 && T >= g_chunk_b_from && pr.size() > 0) {
@@ -306,7 +357,9 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
         g.own = g_own_bt && next.o1 > next.o0 ? &next : nullptr;
         g.ahead = c0 == o0 ? gemm.ahead : nullptr;  // the decode stack's next module, over the first chunk's blocks
         g(gx, gy, T, D, O, c0, c1);
+        clk.lap(MS_GEMM);
         phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, c0, c1);
+        clk.lap(MS_PHASE_B);
       }
     } else {
       if (gemm.on()) {  // this thread's slice of the base output, updated by phase B next
@@ -316,7 +369,9 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
         if (!mine.ranges.empty()) g.own = &mine;
         g(gx, gy, T, D, O, o0, o1);
       }
+      clk.lap(MS_GEMM);
       phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, o0, o1);
+      clk.lap(MS_PHASE_B);
     }
   }
 }

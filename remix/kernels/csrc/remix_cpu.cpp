@@ -107,6 +107,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     g_stack_clock = on;
     return std::make_tuple(ns, runs);
   }, "the decode stack's time per kind of op (ns) and its runs since the last call; resets them, then switches the clock on or off");
+  m.def("module_clock", [](bool on) {
+    std::vector<std::vector<double>> ns(MODULE_CLOCK_THREADS, std::vector<double>(MODULE_STAGES));
+    for (int h = 0; h < MODULE_CLOCK_THREADS; ++h)
+      for (int st = 0; st < MODULE_STAGES; ++st) ns[h][st] = std::exchange(g_module_ns[h].ns[st], 0.0);
+    const int64_t calls = std::exchange(g_module_calls, 0);
+    g_module_clock = on;
+    return std::make_tuple(ns, calls);
+  }, "run()'s time per thread and stage (ns) and its calls since the last call; resets them, then switches the clock "
+     "on or off");
   m.def("_batch_invariant", [](bool on) { return std::exchange(g_batch_invariant, on); },
         "batch-invariant mode: the base GEMM on the dot-product kernel (or AMX tiles) at every row count, not oneDNN's "
         "from DOT_BF16_BELOW (bfloat16) / ONEDNN_F32_FROM (float32) rows; returns the previous setting");
