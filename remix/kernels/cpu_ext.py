@@ -304,8 +304,9 @@ def module_clock(on: bool) -> tuple[list[dict[str, float]], int]:
     add up to its time in the calls; ``wait_1`` / ``wait_2`` are the barriers, ``pairs_pack`` the pairs' sort and x
     packed for AMX tiles), and the number of calls they cover; resets both, then switches the clock on (or off).
     Below 64 rows a call splits each stage between the threads; from 64 each thread routes and gathers its own
-    tokens, tile by tile. A call that routes no token takes the base linear alone and is not counted. ([], 0) without
-    the kernels."""
+    tokens, tile by tile. A call that routes no token takes the base linear alone and is not counted, nor is the
+    decode stack's gate-and-up pair of small steps (``run_pair``). A developer's tool: one caller at a time (the
+    counters are plain globals). ([], 0) without the kernels."""
     ext = load()
     if ext is None:
         return [], 0
