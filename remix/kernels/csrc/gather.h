@@ -85,10 +85,7 @@ inline void dots4x4(const XT* const* xs, int64_t nq, const R* rows, int64_t nc, 
   // GCC stored all sixteen accumulators on every step of the loop above (32 stores a step in route_rows' bfloat16
   // instance: the router ran at a third of its arithmetic's speed)
   float sums[4][4];
-#pragma GCC unroll 4
-  for (int q = 0; q < 4; ++q)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) sums[q][c] = hsum(acc[q][c]);
+  hsum_many(&acc[0][0], 16, &sums[0][0]);  // (hsum's sixteen sums at once: the same adds, by shuffles)
   // The tail of D an explicit fused multiply-add a step (as dot_tile's): written `s += a * x`, GCC vectorised the loop
   // as rounded products added in order and left a remainder of FMAs, split by the build's vector width - the AVX2 and
   // AVX-512 builds' routers and phase A differed by an ulp where D is not a multiple of 16 (35th session)
@@ -268,11 +265,10 @@ inline void dots4x4(const uint16_t* const* xs, int64_t nq, const uint16_t* rows,
       for (int c = 0; c < 4; ++c) acc[q][c] = _mm512_dpbf16_ps(acc[q][c], av[c], xv);
     }
   }
+  float sums[4][4];
+  hsum_many(reinterpret_cast<const vf*>(&acc[0][0]), 16, &sums[0][0]);
   for (int64_t q = 0; q < nq; ++q)
-    for (int64_t c = 0; c < nc; ++c) {
-      const float s = hsum((vf)acc[q][c]);
-      out[q * os + c] = scale ? s * scale[q] : s;
-    }
+    for (int64_t c = 0; c < nc; ++c) out[q * os + c] = scale ? sums[q][c] * scale[q] : sums[q][c];
 }
 #endif
 

@@ -6,33 +6,6 @@
 
 namespace {
 
-// out[i] = hsum(v[i]) for i < n, bit for bit, sixteen at a time: with AVX-512 the same pairwise tree runs across
-// sixteen vectors by shuffles (15 vector adds for 16 sums instead of 16 x 15 scalar ones): step 1 pairs the halves
-// (v[l] + v[l + 8]), step 2 the quarters (h[l] + h[l + 4]), then (h0 + h2) and (h1 + h3), then their sum - hsum's
-// operands in hsum's order, so the dot kernels' outputs do not change with it.
-inline void hsum_many(const vf* v, int64_t n, float* out) {
-  int64_t i = 0;
-#ifdef __AVX512F__
-  for (; i < n; i += 16) {
-    __m512 s[16];
-    for (int j = 0; j < 16; ++j) s[j] = i + j < n ? reinterpret_cast<const __m512&>(v[i + j]) : _mm512_setzero_ps();
-    __m512 c[8], g[4], m[2];
-    for (int j = 0; j < 8; ++j)
-      c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], 0x44), _mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], 0xEE));
-    for (int j = 0; j < 4; ++j)
-      g[j] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0x88), _mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0xDD));
-    for (int j = 0; j < 2; ++j)
-      m[j] = _mm512_add_ps(_mm512_shuffle_ps(g[2 * j], g[2 * j + 1], 0x44), _mm512_shuffle_ps(g[2 * j], g[2 * j + 1], 0xEE));
-    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(m[0], m[1], 0x88), _mm512_shuffle_ps(m[0], m[1], 0xDD));
-    // lane 4 q + u holds source 4 u + q: out[j] = r[4 (j % 4) + j / 4]
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    const int64_t left = std::min<int64_t>(16, n - i);
-    _mm512_mask_storeu_ps(out + i, static_cast<__mmask16>((1u << left) - 1), _mm512_permutexvar_ps(order, r));
-  }
-#endif
-  for (; i < n; ++i) out[i] = hsum(v[i]);
-}
-
 // Y[t, o0 + c] = dot(X[t], W[c]) (+ bias[c]) for t < RT, c < nw (<= GO; a short block repeats its last row of W:
 // computed, never stored). The dot-product form on W's own [O, D] layout (no packed copy of the weights): each of the
 // GO x RT sums has its own accumulator of L lanes over D, then hsum, then the tail of D - one order per output whatever
