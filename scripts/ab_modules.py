@@ -46,14 +46,31 @@ def slots_of(T: int, nad: int, mix: str = "runs") -> torch.Tensor:
     return torch.arange(T) % nad if T < 64 or mix == "round-robin" else torch.arange(T) * nad // T
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,8,32")
+NONE = torch.empty(0, dtype=torch.int64)  # (no routing counts kept)
+
+
+def pass_ms(calls, xs: dict, slots: torch.Tensor) -> float:
+    """One pass over the bound calls (``ModuleCall.routed``, x of each call's d_in from ``xs``), in ms."""
+    t0 = time.perf_counter()
+    for call, D in calls:
+        call.routed(xs[D], slots, NONE)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def module_args(doc: str, rows: str, rounds: int) -> argparse.ArgumentParser:
+    """The options the module scripts share: --rows, --adapters, --rounds, --dtype, --mix."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=rows)
     ap.add_argument("--adapters", default="1,4")
-    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--mix", default="runs", choices=("runs", "round-robin"),
                     help="how calls of 64 rows or more mix the adapters: contiguous runs (prefill) or round-robin")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = module_args(__doc__, "1,8,32", 40)
     ap.add_argument("--variant", action="append", required=True, help="NAME=STATEMENT (at least two)")
     args = ap.parse_args(argv)
     variants = dict(v.split("=", 1) for v in args.variant)
@@ -64,7 +81,6 @@ def main(argv=None) -> None:
         ap.error("the compiled CPU kernels are not built here")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    none = torch.empty(0, dtype=torch.int64)
     for nad in (int(a) for a in args.adapters.split(",")):
         calls = bind_ffn_modules(nad, dtype)
         for T in (int(t) for t in args.rows.split(",")):
@@ -78,11 +94,7 @@ def main(argv=None) -> None:
                     for v in names if rnd % 2 == 0 else names[::-1]:
                         if v != "bare":
                             exec(variants[v], {"ext": ext})
-                        slots = bare if v == "bare" else routed
-                        t0 = time.perf_counter()
-                        for call, D in calls:
-                            call.routed(xs[D], slots, none)
-                        times[v].append(1e3 * (time.perf_counter() - t0))
+                        times[v].append(pass_ms(calls, xs, bare if v == "bare" else routed))
             print(f"adapters={nad} rows={T}  " + "  ".join(f"{v} {statistics.median(times[v]):.3f} ms" for v in names),
                   flush=True)
     exec(next(iter(variants.values())), {"ext": ext})

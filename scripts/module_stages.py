@@ -14,36 +14,21 @@ Only time is read: the clock changes no value.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
 
-from ab_modules import bind_ffn_modules, slots_of
+from ab_modules import bind_ffn_modules, module_args, pass_ms, slots_of
 from remix.kernels import cpu_ext
 
 
-def pass_ms(calls, xs, slots, none) -> float:
-    t0 = time.perf_counter()
-    for call, D in calls:
-        call.routed(xs[D], slots, none)
-    return 1e3 * (time.perf_counter() - t0)
-
-
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="8,32,512")
-    ap.add_argument("--adapters", default="1,4")
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--mix", default="runs", choices=("runs", "round-robin"))
+    ap = module_args(__doc__, "8,32,512", 20)
     args = ap.parse_args(argv)
     if cpu_ext.load() is None:
         ap.error("the compiled CPU kernels are not built here")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    none = torch.empty(0, dtype=torch.int64)
     print("us a module, thread by thread: " + " | ".join(cpu_ext.MODULE_STAGES) + " | sum", flush=True)
     with torch.inference_mode():
         for nad in (int(a) for a in args.adapters.split(",")):
@@ -52,12 +37,12 @@ def main(argv=None) -> None:
                 xs = {d: torch.randn(T, d).to(dtype) for d in (576, 1536)}
                 routed, bare = slots_of(T, nad, args.mix), torch.full((T,), -1, dtype=torch.int64)
                 for _ in range(2):  # warm-up
-                    pass_ms(calls, xs, routed, none)
+                    pass_ms(calls, xs, routed)
                 cpu_ext.module_clock(True)
                 walls, bares = [], []
                 for _ in range(args.rounds):  # the bare pass between, with the clock on (it counts no call)
-                    walls.append(pass_ms(calls, xs, routed, none))
-                    bares.append(pass_ms(calls, xs, bare, none))
+                    walls.append(pass_ms(calls, xs, routed))
+                    bares.append(pass_ms(calls, xs, bare))
                 threads, n = cpu_ext.module_clock(False)
                 print(f"adapters={nad} rows={T} ({n} calls): pass {statistics.median(walls):.2f} ms, bare "
                       f"{statistics.median(bares):.2f} ms; a module {1e3 * statistics.median(walls) / len(calls):.1f} "

@@ -311,6 +311,8 @@ def module_clock(on: bool) -> tuple[list[dict[str, float]], int]:
     if ext is None:
         return [], 0
     ns, calls = ext.module_clock(on)
+    if len(ns[0]) != len(MODULE_STAGES):
+        raise RuntimeError(f"the kernels' module clock has {len(ns[0])} stages, MODULE_STAGES names {len(MODULE_STAGES)}")
     return [{name: v / 1e6 for name, v in zip(MODULE_STAGES, row)} for row in ns if any(row)], calls
 
 

@@ -89,8 +89,9 @@ inline vf load(const int8_t* p) {  // exact; GCC's code for the generic form wen
 }
 // With AVX-512 the same adds in the same order, written as three vector adds and a scalar one: GCC had compiled the
 // loops below into extracts, aligns and scalar adds (~25 instructions a sum), and routing's dots4x4 takes 16 sums a
-// block of 4 tokens x 4 routers - 256 tokens x 8 routers of D 576 took 39.0 us, 30.1 with this (41st session, Intel VM,
-// `_bench_route`-style loop in the extension; every output of 108 module calls bit-identical either way).
+// block of 4 tokens x 4 routers - route_rows alone on 256 tokens x 8 routers of D 576 (a temporary binding; 41st
+// session, Intel VM) took 39.0 us, 30.1 with this, ~25 with dots4x4's sums by hsum_many below (every output of 108
+// module calls bit-identical either way, and the AVX2 build's hsum16 still gives the same sums: test_avx2_build).
 inline float hsum(vf v) {  // a fixed pairwise order (depth 4, not 16)
 #ifdef __AVX512F__
   const __m512 z = reinterpret_cast<__m512>(v);
