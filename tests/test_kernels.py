@@ -1278,3 +1278,88 @@ def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D):
         torch.testing.assert_close(y_dot.double(), want, atol=1e-5, rtol=2.0**-8)
     finally:
         ext._amx_phase_a(True)
+
+
+@pytest.mark.parametrize("T", [128, 200, 513])
+@pytest.mark.parametrize("D,O", [(64, 48), (96, 80)])
+def test_bfloat16_delta_fused_into_amx_gemm(T, D, O):
+    """From 128 rows, outside batch-invariant mode, a bfloat16 module call on a CPU with AMX-BF16 runs the ReMix delta
+    inside the base GEMM's tiles (run_fused): y = round(x W^T + U B^T + bias), U rounded to bfloat16, one rounding.
+    With a stack of three adapters of ranks 3, 8 and 24 (tokens of each, and tokens of none): the selections are the
+    unfused path's; y is within two bfloat16 roundings (U's, y's) of the size of its terms from a float64 reference of
+    those selections, as the unfused path is (which rounds x W^T, then the sum); every row is the same in another
+    call of other rows (the batch reversed, with new rows between); a row with no selection gets the plain AMX
+    GEMM's bits; the checked path (linear_route_gather) gives the raw path's bits; batch-invariant mode keeps the
+    unfused path."""
+    from remix.kernels import cpu_ext
+
+    ext = _compiled()
+    if not cpu_ext.amx_bf16() or not ext._amx_phase_a(True):
+        pytest.skip("no AMX-BF16 here: bfloat16 calls keep phase B")
+    n, ranks = 4, [3, 8, 24]
+    r = max(ranks)
+    g = torch.Generator().manual_seed(T + D)
+    A, B = make_stack(ranks, n, D, O, torch.float32, seed=T + O)  # [3n, r, D], [3n, O, r], zero past each rank
+    a = A.reshape(-1, D).bfloat16().contiguous()
+    bt = (B.transpose(1, 2).reshape(-1, O) * 0.1).bfloat16().contiguous()  # a delta of about a tenth of x W^T
+    router = torch.randn(3 * n, D, generator=g)
+    per_lora = torch.tensor([rk for rk in ranks for _ in range(n)])
+    omega = torch.tensor([0.5, 0.25, 1.0])
+    tables = (torch.tensor([0, n, 2 * n]), torch.tensor([n, n, n]), torch.tensor([2, 3, 2]), omega)
+    base = torch.nn.Linear(D, O, bias=True).bfloat16()
+    call = cpu_ext.bind_module(base, router, a, bt, tables, r, 3, ranks=per_lora)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    slots = torch.randint(-1, 3, (T,), generator=g)
+    none = torch.empty(0, dtype=torch.int64)
+    try:
+        with torch.inference_mode():
+            ext._fuse_from(0)
+            y_old, i_old = (t.clone() for t in call.routed(x, slots, none))
+            ext._fuse_from(128)
+            y, idx = (t.clone() for t in call.routed(x, slots, none))
+            ext._module_call_raw(False)
+            y_checked, i_checked = (t.clone() for t in call.routed(x, slots, none))
+            ext._module_call_raw(True)
+            assert torch.equal(idx, i_old) and torch.equal(i_checked, idx) and torch.equal(y_checked, y)
+            assert not torch.equal(y, y_old)  # (the two paths round differently)
+            # float64 reference of the same selections
+            w = torch.where(idx >= 0, omega[slots.clamp(min=0)][:, None].expand_as(idx), torch.zeros(()))
+            ii = idx.clamp(min=0)
+            u = torch.einsum("tkrd,td->tkr", a.double().view(3 * n, r, D)[ii], x.double()) * w.double()[..., None]
+            bo = bt.double().view(3 * n, r, O)[ii]
+            want = x.double() @ base.weight.double().t() + base.bias.double() + torch.einsum("tkr,tkro->to", u, bo)
+            # the size of what is summed (a sum that cancels is only as exact as its terms): x W^T's terms, U B^T's
+            size = (x.double().abs() @ base.weight.double().abs().t() + base.bias.double().abs()
+                    + torch.einsum("tkr,tkro->to", u.abs(), bo.abs()))
+            # bfloat16's unit roundoff is 2^-8: U's rounding costs at most 2^-8 of U B^T's terms, y's of |y|
+            assert ((y.double() - want).abs() <= size * 2.0**-7).all()
+            assert ((y_old.double() - want).abs() <= size * 2.0**-7).all()  # (the unfused path: the same bound)
+            # each row the same in another call: the batch reversed, a new row after every third
+            other = torch.randn(T, D, generator=g).bfloat16()
+            order = list(range(T - 1, -1, -1))
+            rows, where = [], {}
+            for j, t in enumerate(order):
+                where[t] = len(rows)
+                rows.append(x[t])
+                if j % 3 == 2:
+                    rows.append(other[j])
+            x2 = torch.stack(rows).contiguous()
+            s2 = torch.full((x2.shape[0],), 1)
+            for t, p in where.items():
+                s2[p] = slots[t]
+            y2, i2 = call.routed(x2, s2, none)
+            pos = torch.tensor([where[t] for t in range(T)])
+            assert torch.equal(y2[pos], y) and torch.equal(i2[pos], idx)
+            # rows with no selection: the plain AMX GEMM's bits (batch-invariant mode: amx_gemm at every size)
+            bare = (idx < 0).all(1)
+            assert bare.any()
+            was = ext._batch_invariant(True)
+            try:
+                assert torch.equal(cpu_ext.linear(x, base.weight, base.bias)[bare], y[bare])
+                y_inv, i_inv = call.routed(x, slots, none)  # batch-invariant: phase B, as the small calls
+                assert torch.equal(y_inv, y_old) and torch.equal(i_inv, idx)
+            finally:
+                ext._batch_invariant(was)
+    finally:
+        ext._fuse_from(128)
+        ext._module_call_raw(True)

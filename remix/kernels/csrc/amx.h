@@ -103,9 +103,19 @@ inline void amx_write_tile(const float* c, int64_t t0, int64_t T, int64_t o, con
 // into L2 0.95 / 0.96 / 0.90 / 0.94 / 0.96 of the time into L1 at 1 / 8 / 32 / 64 / 127 rows (13.1 -> 12.5 ms at one
 // row, 16.8 -> 15.3 at 32) - a block of 32 rows of W is 36-96 KB, and prefetched into L1 (48 KB) it evicted the block
 // being read; a whole decode step at one sequence 0.97, at 32 the same (outputs unchanged: only the hint differs).
+// The ReMix delta's steps of a fused block (amx_gemm's dl): after W's, the same tiles += the block's rows of B^T's
+// transpose (b0, b1: 16 rows each, NRP columns) x the packed dense U of the token blocks (up: packed as X is), for each
+// block of 32 of U's columns that any token of the block pair uses (nz[ku]).
+struct AmxDelta {
+  const uint16_t* btt;  // [O, NRP] bfloat16: B^T's transpose, columns past the pools' N r zero
+  int64_t NRP;  // a multiple of 32
+  const uint32_t* up;  // U [T, NRP] rounded to bfloat16, packed by amx_pack_x
+  const char* nz;  // [KU x ceil(TB / 2)]: whether token blocks 2 j, 2 j + 1 use U's columns [32 ku, 32 ku + 32)
+};
+
 template <bool TWO_T, bool TWO_W>
 inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp, int64_t KB, int64_t TB, int64_t D,
-                      const uint16_t* pf, int64_t npf) {
+                      const uint16_t* pf, int64_t npf, const AmxDelta* dl = nullptr, int64_t o = 0, int64_t tb = 0) {
   _tile_zero(0);
   if constexpr (TWO_W) _tile_zero(1);
   if constexpr (TWO_T) { _tile_zero(2); _tile_zero(3); }
@@ -119,6 +129,23 @@ inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp
     if constexpr (TWO_W) _tile_dpbf16ps(1, 5, 6);
     if constexpr (TWO_T) {
       _tile_loadd(7, xb + 256, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      if constexpr (TWO_W) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  if (!dl) return;
+  const int64_t KU = dl->NRP / 32, pairs = (TB + 1) / 2;
+  const uint16_t* b0 = dl->btt + o * dl->NRP;
+  for (int64_t ku = 0; ku < KU; ++ku) {
+    if (!dl->nz[ku * pairs + tb / 2]) continue;
+    _tile_loadd(4, b0 + ku * 32, dl->NRP * 2);
+    if constexpr (TWO_W) _tile_loadd(5, b0 + 16 * dl->NRP + ku * 32, dl->NRP * 2);
+    const uint32_t* ub = dl->up + (ku * TB + tb) * 256;
+    _tile_loadd(6, ub, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (TWO_W) _tile_dpbf16ps(1, 5, 6);
+    if constexpr (TWO_T) {
+      _tile_loadd(7, ub + 256, 64);
       _tile_dpbf16ps(2, 4, 7);
       if constexpr (TWO_W) _tile_dpbf16ps(3, 5, 7);
     }
@@ -146,8 +173,9 @@ const uint32_t* amx_pack_here(const uint16_t* X, int64_t T, int64_t D, const int
 }
 
 // xp: X already packed by this thread (amx_pack_here, e.g. for phase A on tiles), or null: packed here.
+// dl (a fused call's ReMix delta, run_fused): its steps added to each tile before the rounding.
 void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const uint16_t* bias, uint16_t* Y, int64_t O,
-              int64_t o0, int64_t o1, const uint32_t* xp = nullptr) {
+              int64_t o0, int64_t o1, const uint32_t* xp = nullptr, const AmxDelta* dl = nullptr) {
   const int64_t KB = D / 32, TB = (T + 15) / 16;
   if (!xp) xp = amx_pack_here(X, T, D);
   TileConfig cfg;
@@ -165,12 +193,12 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
       const uint16_t* pf = npf ? w0 + H * D : nullptr;
       const uint32_t* xb = xp + tb * 256;
       if (tb + 1 < TB) {
-        if (two) amx_block<true, true>(w0, w1, xb, KB, TB, D, pf, npf);
-        else amx_block<true, false>(w0, w1, xb, KB, TB, D, pf, npf);
+        if (two) amx_block<true, true>(w0, w1, xb, KB, TB, D, pf, npf, dl, o, tb);
+        else amx_block<true, false>(w0, w1, xb, KB, TB, D, pf, npf, dl, o, tb);
       } else if (two) {
-        amx_block<false, true>(w0, w1, xb, KB, TB, D, pf, npf);
+        amx_block<false, true>(w0, w1, xb, KB, TB, D, pf, npf, dl, o, tb);
       } else {
-        amx_block<false, false>(w0, w1, xb, KB, TB, D, pf, npf);
+        amx_block<false, false>(w0, w1, xb, KB, TB, D, pf, npf, dl, o, tb);
       }
       _tile_stored(0, c[0], 64);
       amx_write_tile(c[0], tb * 16, T, o, bias, Y, O);

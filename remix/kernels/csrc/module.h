@@ -143,6 +143,106 @@ inline bool route_trivially(const Routing& rt, int64_t T, int64_t* sel, float* w
   return true;
 }
 
+#ifdef REMIX_AMX
+// ---- The fused form of a large bfloat16 call on AMX (run_fused): the ReMix delta inside the base GEMM's tiles.
+// From g_fuse_from rows (not in batch-invariant mode), each thread takes a contiguous share of the tokens, in tiles of
+// up to TILE_BF16: routes them, sorts the pairs, packs x once (amx_pack_here) for both phase A (phase_a_amx) and the
+// GEMM, writes each token's U (its pairs' rows, scaled) into a dense row of N r columns rounded to bfloat16 (the other
+// LoRAs' columns zero), packs it as x is packed, and runs amx_gemm over every output with the delta's steps appended
+// to each tile's: y = round(x W^T + U B^T (+ bias)), one rounding, every sum in float32 - where the small-batch path
+// rounds x W^T to bfloat16, adds the float32 delta (U unrounded) and rounds again. A token's outputs depend on no other
+// token (tiles skip a block of U's columns only where no token of the block pair uses it: the skipped products are
+// zeros), but not the same as a small call's: as oneDNN's GEMM (which these calls took) rounds differently too.
+// What goes: phase B (y's widening, the FMAs, the rounding back: ~170 us a thread of a 512-row call), x packed twice
+// (oneDNN's reorder, then phase A's tiles'); what comes: the delta's steps (N r / D more tile steps: +4-11 % of the
+// GEMM's with one adapter). From 128 rows, where these calls had taken oneDNN's GEMM (DOT_BF16_BELOW), so a decode
+// step of up to 127 sequences still computes every row as batch-invariant mode does. scripts/ab_modules.py (90 bound
+// FFN modules of the default base, n 8, k 2, r 8; 42nd session, Intel VM, the two alternating, medians of 12 rounds):
+// one adapter 128 / 256 / 512 rows 29.6 / 47.6 / 72.7 -> 23.6 / 35.5 / 59.7 ms (bare GEMMs 20.0 / 30.6 / 44.2), four
+// adapters 34.1 / 54.0 / 78.9 -> 26.4 / 40.2 / 66.4; at 64 rows (the GEMM by output slices inside the region, then
+// phase B by token tiles) 14.7 -> 15.1 with one, 18.6 -> 18.2 with four. At decode sizes (the small-batch path's
+// slices with the delta's steps) 8 rows 6.30 -> 6.68 (four adapters 7.94 -> 9.25: a token block of four adapters' tokens
+// reads every adapter's B^T), 32 rows 10.02 -> 9.18 - and a decode step's rows must not round by the step's size.
+// In the engine (32 prompts of 128 tokens, 128 new tokens each, one adapter, steps of the variants in turn): the
+// prompt steps 1.47-1.57 -> 1.28-1.37 s a run (the bare base 1.29-1.31), engine over bare 0.881 -> 0.919.
+int64_t g_fuse_from = 128;  // rows (A/B runs and tests: _fuse_from; 0: off)
+
+inline bool fuse_applies(const Pools& pl, bool bf16, int64_t T) {
+  return g_fuse_from > 0 && T >= std::max(g_fuse_from, SPLIT_POOLS_BELOW) && bf16 && pl.bf16 && !g_batch_invariant && amx_shape(pl.D, pl.O) &&
+         amx_phase_a(pl, true) && pl.N * pl.r <= 1024;
+}
+inline int64_t fuse_cols(const Pools& pl) { return (pl.N * pl.r + 31) / 32 * 32; }
+// B^T [N r, O] (bfloat16) -> its transpose [O, fuse_cols], the columns past N r zero: the delta's rows for amx_gemm
+torch::Tensor fused_btt(const torch::Tensor& bt, const Pools& pl) {
+  auto t = torch::zeros({pl.O, fuse_cols(pl)}, torch::kBFloat16);
+  t.narrow(1, 0, pl.N * pl.r).copy_(bt.t());
+  return t;
+}
+
+// The delta's operands of a fused GEMM over n tokens: each token's U (pairs' rows of r in pr's order) rounded to
+// bfloat16 into a dense row of fuse_cols(pl) columns (zeros where the token has no pair), packed as amx_gemm packs x,
+// and which blocks of 32 columns each pair of token blocks uses.
+struct FusedU {
+  std::vector<uint16_t> ud;
+  std::vector<char> nz;
+  Scratch up;
+  int64_t cap = 0;
+  AmxDelta dl{nullptr, 0, nullptr, nullptr};
+  const AmxDelta* make(const Pairs& pr, const Pools& pl, const float* U, int64_t n, const uint16_t* btt) {
+    const int64_t r = pl.r, NRP = fuse_cols(pl), KU = NRP / 32, tbn = (n + 15) / 16, pairs = (tbn + 1) / 2;
+    if (pr.size() == 0) return nullptr;
+    ud.assign(n * NRP, 0);
+    nz.assign(KU * pairs, 0);
+    for (int64_t p = 0; p < pr.size(); ++p) {
+      const int64_t t = pr.rows[p], i = pr.lora[p], rk = pl.rank_of(i);
+      if (rk == 0) continue;
+      narrow(U + p * r, ud.data() + t * NRP + i * r, rk);
+      for (int64_t ku = i * r / 32; ku <= (i * r + rk - 1) / 32; ++ku) nz[ku * pairs + t / 32] = 1;
+    }
+    const int64_t need = KU * tbn * 256;
+    if (need > cap) { up = scratch(need); cap = need; }
+    amx_pack_x(ud.data(), n, NRP, reinterpret_cast<uint32_t*>(up.get()));
+    dl = AmxDelta{btt, NRP, reinterpret_cast<const uint32_t*>(up.get()), nz.data()};
+    return &dl;
+  }
+};
+
+// btt: [O, fuse_cols(pl)] bfloat16, B^T's transpose with zero columns past N r; W [O, D], bias [O] or null.
+void run_fused(const uint16_t* xh, uint16_t* yh, int64_t T, const Pools& pl, const Routing* rt, int64_t* sel, float* w,
+               int64_t k, const uint16_t* W, const uint16_t* bias, const uint16_t* btt) {
+  const int64_t D = pl.D, O = pl.O, r = pl.r;
+  const int64_t TB = (T + 15) / 16;
+  const int64_t P = region_threads(TB);
+  const auto* xb = reinterpret_cast<const c10::BFloat16*>(xh);
+  if (g_module_clock) ++g_module_calls;
+#pragma omp parallel num_threads(P)
+  {
+    const auto [h, nh] = region_thread();
+    ModuleClock clk(h);
+    const int64_t t0 = std::min(T, TB * h / nh * 16), t1 = std::min(T, TB * (h + 1) / nh * 16);
+    std::vector<float> U;
+    FusedU fu;
+    for (int64_t c0 = t0; c0 < t1; c0 += TILE_BF16) {
+      const int64_t c1 = std::min(t1, c0 + TILE_BF16), n = c1 - c0;
+      if (rt) route_rows(xb, 0, D, c0, c1, *rt, sel, w);
+      clk.lap(MS_ROUTE);
+      const Pairs pr(sel + c0 * k, w + c0 * k, n, k, pl.N);
+      const uint32_t* xp = amx_pack_here(xh + c0 * D, n, D);
+      clk.lap(MS_PAIRS_PACK);
+      if (pr.size() > 0) {
+        U.resize(pr.size() * r);
+        phase_a_amx(pr, pl, xp, n, 0, 1, U.data());
+      }
+      clk.lap(MS_PHASE_A);
+      const AmxDelta* dl = fu.make(pr, pl, U.data(), n, btt);
+      clk.lap(MS_PHASE_B);
+      amx_gemm(xh + c0 * D, n, D, W, bias, yh + c0 * O, O, 0, O, xp, dl);
+      clk.lap(MS_GEMM);
+    }
+  }
+}
+#endif
+
 void run(const torch::Tensor& x, torch::Tensor& y, const Pools& pl, const Routing* rt, int64_t* sel, float* w, int64_t k,
          const BaseGemm& gemm = {nullptr, nullptr}) {
   run(x.data_ptr(), y.data_ptr(), x.size(0), x.scalar_type() == torch::kBFloat16, pl, rt, sel, w, k, gemm);
@@ -152,6 +252,11 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
          int64_t k, const BaseGemm& gemm) {
   const int64_t D = pl.D, O = pl.O;
   TORCH_CHECK(!gemm.on() || gemm.bf16 == bf16, "the fused base GEMM's dtype must be x's");
+#ifdef REMIX_AMX
+  if (gemm.btt)
+    return run_fused(static_cast<const uint16_t*>(xv), static_cast<uint16_t*>(yv), T, pl, rt, sel, w, k,
+                     static_cast<const uint16_t*>(gemm.w), static_cast<const uint16_t*>(gemm.bias), gemm.btt);
+#endif
   const int64_t P = region_threads(gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
   const float* X = bf16 ? nullptr : static_cast<const float*>(xv);
   float* Y = bf16 ? nullptr : static_cast<float*>(yv);

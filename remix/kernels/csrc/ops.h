@@ -151,7 +151,21 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
     std::fill_n(idx.data_ptr<int64_t>(), T * kmax, int64_t{-1});
     return {linear(x, weight, bias), idx};
   }
-  const BaseGemm gemm = base_gemm_for(x2, weight, bias);  // on: the base GEMM runs inside the kernel's parallel region
+  BaseGemm gemm = base_gemm_for(x2, weight, bias);  // on: the base GEMM runs inside the kernel's parallel region
+#ifdef REMIX_AMX
+  torch::Tensor btt;  // (run_fused: the delta inside the AMX GEMM; B^T's transpose made for this call)
+  if (x2.scalar_type() == torch::kBFloat16 && weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous() &&
+      a.scalar_type() == torch::kBFloat16 && bt.scalar_type() == torch::kBFloat16 && a.dim() == 2 && bt.dim() == 2 &&
+      bt.is_contiguous() && r >= 1 && a.size(0) % r == 0 && bt.size(0) == a.size(0) && bt.size(1) == weight.size(0) &&
+      (!bias.numel() || (bias.scalar_type() == torch::kBFloat16 && bias.is_contiguous() && bias.numel() == weight.size(0)))) {
+    Pools pl{a.data_ptr(), bt.data_ptr(), r, a.size(0) / r, x2.size(1), weight.size(0), true};
+    if (fuse_applies(pl, true, T)) {
+      btt = fused_btt(bt, pl);
+      gemm = BaseGemm{weight.data_ptr(), bias.numel() ? bias.data_ptr() : nullptr, true, true};
+      gemm.btt = static_cast<const uint16_t*>(btt.data_ptr());
+    }
+  }
+#endif
   auto y = gemm.on() ? torch::empty({x2.size(0), weight.size(0)}, x2.options()) : other_linear(x2, weight, bias).contiguous();
   route_gather_into(x2, y, router, a, bt, slot_of_token, slot_off, slot_n, slot_k, slot_omega, r, kmax, counts, idx, gemm,
                     ranks);
@@ -324,6 +338,15 @@ struct ModuleCall {
     run(x.data_ptr(), y.data_ptr(), T, R.dt == torch::kBFloat16, R.pl, &rt, ip, w.data(), kmax, gemm);
     add_counts(counts, ip, T * kmax);
   }
+#ifdef REMIX_AMX
+  // B^T's transpose for run_fused ([O, fuse_cols] bfloat16, zero columns past N r), made at the first fused call: the
+  // pools it copies are never changed in place (a new stack is bound anew)
+  mutable torch::Tensor btt_buf;
+  const uint16_t* btt() const {
+    if (!btt_buf.defined()) btt_buf = fused_btt(bt, raw.pl);
+    return static_cast<const uint16_t*>(btt_buf.data_ptr());
+  }
+#endif
   static const int64_t* slots_of(const torch::Tensor& slot_of_token) {
     return slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
   }
@@ -340,6 +363,12 @@ struct ModuleCall {
         std::fill_n(ip, T * kmax, int64_t{-1});
         return {linear(x, weight, bias, ahead), idx_buf};
       }
+#ifdef REMIX_AMX
+      if (fuse_applies(raw.pl, raw.dt == torch::kBFloat16, T)) {
+        gemm = BaseGemm{raw.w, raw.b, true, true};
+        gemm.btt = btt();
+      }
+#endif
       if (gemm.on()) {  // (otherwise a GEMM outside the kernel: linear_route_gather below, as before)
         auto shape = x.sizes().vec();
         shape.back() = raw.pl.O;

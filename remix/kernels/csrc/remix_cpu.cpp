@@ -65,6 +65,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
      "Intel CPUs, else on; 0.75); returns the setting before");
   m.def("_pool_prefetch_pays", []() { return pool_prefetch_pays(); },
         "whether the pools' software prefetches are on by default on this CPU (off on Intel's)");
+#ifdef REMIX_AMX
+  m.def("_fuse_from", [](int64_t rows) { return std::exchange(g_fuse_from, rows); },
+        "A/B runs and tests: bfloat16 calls from this many rows take the delta inside the AMX GEMM (run_fused; 0: never)");
+#endif
   m.def("_phase_a_prefetch", [](bool on) { g_pa_pf = on; }, "A/B runs: phase A's prefetch of the next rows of A (default on)");
   m.def("silu_mul_", &silu_mul_, "g = silu(g) * u in place (HF's roundings), float32 or bfloat16");
   m.def("rotary_", &rotary_, "x = x * cos + roll(x, Dh / 2) * sin_signed in place (HF's roundings)");
