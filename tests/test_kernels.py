@@ -729,7 +729,8 @@ def test_compiled_bf16_linear_below_its_row_limit(d_in, d_out, bias):
     """bfloat16 below DOT_BF16_BELOW rows (AVX512-BF16): the dot-product kernel sums float32 products of bfloat16 pairs
     in one order per output and rounds once, as oneDNN does in its own order: against float64 its error is within one
     rounding to bfloat16 (half a bfloat16 ulp, 2^-8 relative, plus the float32 sums), and a row's outputs are the same
-    whatever the row count below the limit. From the limit on ATen's GEMM runs (bit-identical to F.linear)."""
+    whatever the row count below the limit. From the limit on ATen's GEMM runs (bit-identical to F.linear) - or, on
+    AMX and a shape of whole tiles, the AMX kernel by token shares, whose rows are its rows below the limit."""
     from remix.kernels import cpu_ext
 
     _compiled()
@@ -749,7 +750,10 @@ def test_compiled_bf16_linear_below_its_row_limit(d_in, d_out, bias):
     for T in (1, 2, 3, 4, 5, 6, 7, n - 1):
         assert torch.equal(cpu_ext.linear(x[:T], w, b), got[:T]), T
         assert torch.equal(cpu_ext.linear(x[n - T : n], w, b), got[n - T :]), T
-    assert torch.equal(cpu_ext.linear(x, w, b), F.linear(x, w, b))  # at the limit: oneDNN
+    if cpu_ext.amx_bf16() and d_in % 32 == 0 and d_out % 16 == 0:  # at the limit: AMX tiles by token shares
+        assert torch.equal(cpu_ext.linear(x, w, b)[:n], cpu_ext.linear(x[:n], w, b))
+    else:
+        assert torch.equal(cpu_ext.linear(x, w, b), F.linear(x, w, b))  # at the limit: oneDNN
 
 
 @pytest.mark.parametrize("d_in,d_out,bias", [(64, 16, False), (64, 48, True), (576, 960, True), (1536, 576, False)])
@@ -757,7 +761,8 @@ def test_compiled_bf16_linear_on_amx_tiles(d_in, d_out, bias):
     """bfloat16 weights of whole tiles (inputs a multiple of 32, outputs of 16) on a CPU with AMX-BF16: the tile kernel
     (Y^T = W X^T, 16 x 16 float32 tiles, one 32-input block after another) is within one bfloat16 rounding of float64
     (half an ulp, 2^-8 relative, plus the float32 sums), and a row's outputs are bit-identical whatever the row count -
-    across the 16-token tile and 32-token block edges, a lone 16-output tile (48 = 32 + 16), either thread split."""
+    across the 16-token tile and 32-token block edges, a lone 16-output tile (48 = 32 + 16), either thread split, and
+    from DOT_BF16_BELOW rows, where the threads split the tokens (in tiles of 256) instead of oneDNN's GEMM."""
     from remix.kernels import cpu_ext
 
     _compiled()
@@ -780,6 +785,11 @@ def test_compiled_bf16_linear_on_amx_tiles(d_in, d_out, bias):
         assert torch.equal(cpu_ext.linear(x[:40], w, b), full[:40])
     finally:
         torch.set_num_threads(before)
+    big = torch.cat([x, torch.randn(600 - len(x), d_in, generator=g).bfloat16()])  # (tiles of 256 on each thread)
+    many = cpu_ext.linear(big, w, b)
+    assert torch.equal(many[: lim - 1], full)
+    for t0, t1 in ((lim - 1, lim + 40), (250, 270), (590, 600)):
+        assert torch.equal(cpu_ext.linear(big[t0:t1].contiguous(), w, b), many[t0:t1]), (t0, t1)
     nan = x[:3].clone()
     nan[1, 5] = float("nan")  # a NaN input spoils its own row only
     got = cpu_ext.linear(nan, w, b)

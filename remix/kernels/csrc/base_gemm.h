@@ -101,9 +101,47 @@ bool large_f32_elsewhere() {
   return elsewhere;
 }
 
+#ifdef REMIX_AMX
+// bfloat16 from DOT_BF16_BELOW rows on AMX: amx_gemm with each thread a share of the tokens (in tiles of 256, all the
+// outputs), not oneDNN's GEMM (g_amx_tokens; off: oneDNN's, for A/B runs). Each output's tile steps are amx_gemm's
+// whatever the split, so a row's outputs are the same alone or in any batch, as below DOT_BF16_BELOW rows (the split
+// was set where oneDNN overtook the AVX512-BF16 dot_gemm, before the AMX kernel). The default base's linears, the two
+// in turn (42nd session, Intel VM, weights cycled, medians of 8 rounds), at 128 / 256 / 512 rows, this over oneDNN's:
+// 576 -> 1536 0.83 / 0.94 / 0.99, 1536 -> 576 0.83 / 0.66 / 0.95, 576 -> 960 (q / k / v) 0.80 / 0.90 / 0.98, 576 ->
+// 576 0.68 / 0.86 / 0.99, the LM head 0.90 / 1.05 / 0.93; the bare engine's prompt steps at 32 sequences (128-token
+// prompts) 1.30-1.40 -> 1.10-1.15 s a run (steps in turn).
+bool g_amx_tokens = true;
+inline bool amx_tokens_apply(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
+  return g_amx_tokens && x2.scalar_type() == torch::kBFloat16 && weight.scalar_type() == torch::kBFloat16 &&
+         x2.device().is_cpu() && weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous() &&
+         x2.is_contiguous() && amx_shape(x2.size(1), weight.size(0)) && amx_ready() &&
+         (!bias.numel() || (bias.scalar_type() == torch::kBFloat16 && bias.is_contiguous() && bias.numel() == weight.size(0)));
+}
+at::Tensor amx_linear_tokens(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
+  const int64_t T = x2.size(0), D = x2.size(1), O = weight.size(0), TB = (T + 15) / 16;
+  auto y = torch::empty({T, O}, x2.options());
+  const auto* X = static_cast<const uint16_t*>(x2.data_ptr());
+  const auto* W = static_cast<const uint16_t*>(weight.data_ptr());
+  const auto* b = bias.numel() ? static_cast<const uint16_t*>(bias.data_ptr()) : nullptr;
+  auto* Y = static_cast<uint16_t*>(y.data_ptr());
+  const int64_t P = region_threads(TB);
+#pragma omp parallel num_threads(P)
+  {
+    const auto [h, nh] = region_thread();
+    const int64_t t0 = std::min(T, TB * h / nh * 16), t1 = std::min(T, TB * (h + 1) / nh * 16);
+    for (int64_t c0 = t0; c0 < t1; c0 += 256)
+      amx_gemm(X + c0 * D, std::min<int64_t>(256, t1 - c0), D, W, b, Y + c0 * O, O, 0, O);
+  }
+  return y;
+}
+#endif
+
 // y = x2 W^T (+ bias) where no BaseGemm applies: for float32 from ONEDNN_F32_FROM rows, oneDNN's linear where
 // onednn_f32_large() (boxed call: no dependence on the operator's C++ signature), else ATen's linear (as nn.Linear).
 at::Tensor other_linear(const torch::Tensor& x2, const torch::Tensor& weight, const torch::Tensor& bias) {
+#ifdef REMIX_AMX
+  if (amx_tokens_apply(x2, weight, bias)) return amx_linear_tokens(x2, weight, bias);
+#endif
   if (onednn_f32_large() && x2.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 && x2.size(0) >= ONEDNN_F32_FROM &&
       x2.device().is_cpu() && weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous() && x2.is_contiguous() &&
       (!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.dim() == 1 && bias.size(0) == weight.size(0)))) {

@@ -66,6 +66,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_pool_prefetch_pays", []() { return pool_prefetch_pays(); },
         "whether the pools' software prefetches are on by default on this CPU (off on Intel's)");
 #ifdef REMIX_AMX
+  m.def("_amx_tokens", [](bool on) { return std::exchange(g_amx_tokens, on); },
+        "A/B runs and tests: bfloat16 linears from 128 rows on AMX tiles by token shares (default) or oneDNN's");
   m.def("_fuse_from", [](int64_t rows) { return std::exchange(g_fuse_from, rows); },
         "A/B runs and tests: bfloat16 calls from this many rows take the delta inside the AMX GEMM (run_fused; 0: never)");
 #endif
