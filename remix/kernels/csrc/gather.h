@@ -191,22 +191,16 @@ void axpy_rows(int64_t cn, float* Y, int64_t ldy, int64_t yo, int64_t O, const R
 // input gives the same order): LoRA i's are [start[i], start[i + 1]); rows[p] is the pair's token, scale[p] its
 // weight; blocks lists (LoRA, first pair) of every run of up to four pairs of one LoRA (phase A's work items).
 struct Pairs {
-  std::vector<int64_t> start, rows, blocks, lora;  // lora[p]: pair p's LoRA
+  std::vector<int64_t> start, rows, blocks;
   std::vector<float> scale;
   Pairs(const int64_t* sel, const float* w, int64_t T, int64_t k, int64_t N) : start(N + 1, 0) {
     for (int64_t e = 0; e < T * k; ++e) if (sel[e] >= 0 && w[e] != 0.f) ++start[sel[e] + 1];
     for (int64_t i = 0; i < N; ++i) start[i + 1] += start[i];
     rows.resize(start[N]);
     scale.resize(start[N]);
-    lora.resize(start[N]);
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t e = 0; e < T * k; ++e)
-      if (sel[e] >= 0 && w[e] != 0.f) {
-        const int64_t p = fill[sel[e]]++;
-        rows[p] = e / k;
-        scale[p] = w[e];
-        lora[p] = sel[e];
-      }
+      if (sel[e] >= 0 && w[e] != 0.f) { const int64_t p = fill[sel[e]]++; rows[p] = e / k; scale[p] = w[e]; }
     for (int64_t i = 0; i < N; ++i)
       for (int64_t p0 = start[i]; p0 < start[i + 1]; p0 += 4) { blocks.push_back(i); blocks.push_back(p0); }
   }

@@ -181,7 +181,8 @@ torch::Tensor fused_btt(const torch::Tensor& bt, const Pools& pl) {
 
 // The delta's operands of a fused GEMM over n tokens: each token's U (pairs' rows of r in pr's order) rounded to
 // bfloat16 into a dense row of fuse_cols(pl) columns (zeros where the token has no pair), packed as amx_gemm packs x,
-// and which blocks of 32 columns each pair of token blocks uses.
+// and which blocks of 32 columns each pair of token blocks uses. (A token's selections are distinct - routing's top-k
+// - so each of its pairs writes columns of its own.)
 struct FusedU {
   std::vector<uint16_t> ud;
   std::vector<char> nz;
@@ -193,11 +194,14 @@ struct FusedU {
     if (pr.size() == 0) return nullptr;
     ud.assign(n * NRP, 0);
     nz.assign(KU * pairs, 0);
-    for (int64_t p = 0; p < pr.size(); ++p) {
-      const int64_t t = pr.rows[p], i = pr.lora[p], rk = pl.rank_of(i);
+    for (int64_t i = 0; i < pl.N; ++i) {
+      const int64_t rk = pl.rank_of(i);
       if (rk == 0) continue;
-      narrow(U + p * r, ud.data() + t * NRP + i * r, rk);
-      for (int64_t ku = i * r / 32; ku <= (i * r + rk - 1) / 32; ++ku) nz[ku * pairs + t / 32] = 1;
+      for (int64_t p = pr.start[i]; p < pr.start[i + 1]; ++p) {
+        const int64_t t = pr.rows[p];
+        narrow(U + p * r, ud.data() + t * NRP + i * r, rk);
+        for (int64_t ku = i * r / 32; ku <= (i * r + rk - 1) / 32; ++ku) nz[ku * pairs + t / 32] = 1;
+      }
     }
     const int64_t need = KU * tbn * 256;
     if (need > cap) { up = scratch(need); cap = need; }
