@@ -1373,3 +1373,37 @@ def test_bfloat16_delta_fused_into_amx_gemm(T, D, O):
     finally:
         ext._fuse_from(128)
         ext._module_call_raw(True)
+
+
+def test_fused_calls_route_on_tiles():
+    """A fused call (bfloat16 on AMX, 128 rows or more) of a small stack routes on the tiles: each float32 router split
+    into three bfloat16 rows that sum to it, every router's logit of every token from the tiles, then each token's top
+    k within its slot. With a ReMix adapter (n 8, k 2) and a plain LoRA (n 1: no routing) beside tokens of neither, the
+    selections are route_rows' (no near-tie in these random logits) and so is y, bit for bit."""
+    from remix.kernels import cpu_ext
+
+    ext = _compiled()
+    if not cpu_ext.amx_bf16() or not ext._amx_phase_a(True):
+        pytest.skip("no AMX-BF16 here: no fused calls")
+    D, O, r = 64, 48, 8
+    g = torch.Generator().manual_seed(5)
+    base = torch.nn.Linear(D, O, bias=False).bfloat16()
+    router = torch.randn(9, D, generator=g)
+    a = (torch.randn(9 * r, D, generator=g) * 0.1).bfloat16()
+    bt = (torch.randn(9 * r, O, generator=g) * 0.1).bfloat16()
+    tables = (torch.tensor([0, 8]), torch.tensor([8, 1]), torch.tensor([2, 1]), torch.tensor([0.5, 2.0]))
+    call = cpu_ext.bind_module(base, router, a, bt, tables, r, 2)
+    x = torch.randn(300, D, generator=g).bfloat16()
+    slots = torch.randint(-1, 2, (300,), generator=g)
+    none = torch.empty(0, dtype=torch.int64)
+    try:
+        with torch.inference_mode():
+            got = {}
+            for tiles in (False, True):
+                ext._fuse_route(tiles)
+                got[tiles] = tuple(t.clone() for t in call.routed(x, slots, none))
+    finally:
+        ext._fuse_route(True)
+    (y0, i0), (y1, i1) = got[False], got[True]
+    assert torch.equal(i0, i1) and torch.equal(y0, y1)
+    assert (i1[slots == 1, 0] == 8).all() and (i1[slots == -1] == -1).all() and (i1[slots == 0] >= 0).all()

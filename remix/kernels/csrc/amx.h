@@ -219,6 +219,58 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
   _tile_release();  // the tile state off again: a context switch need not save 8 KB of it
 }
 
+// out[t * ldo + j] = R[j] . x[t] for the nr rows of R (bfloat16 [nr, D], nr a multiple of 16) and the n tokens of
+// xp (packed by amx_pack_x), in float32 as the tiles sum them (TDPBF16PS, 32-input block after block), unrounded: a
+// row tile against every pair of token blocks. Each element's sums are those of any other tiling of the same rows
+// and tokens: run_fused's routing logits, where R holds the routers split for the tiles (fused_routers).
+void amx_rows_f32(const uint16_t* R, int64_t nr, const uint32_t* xp, int64_t n, int64_t D, float* out, int64_t ldo) {
+  const int64_t KB = D / 32, TB = (n + 15) / 16;
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[4][256];
+  // two row tiles x two token blocks a step where there are (four independent sums: one tile product's latency
+  // would otherwise hold up the next)
+  for (int64_t j0 = 0; j0 < nr; j0 += 32) {
+    const bool two_r = j0 + 16 < nr;
+    for (int64_t tb = 0; tb < TB; tb += 2) {
+      const bool two_t = tb + 1 < TB;
+      _tile_zero(0);
+      if (two_r) _tile_zero(1);
+      if (two_t) _tile_zero(2);
+      if (two_r && two_t) _tile_zero(3);
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        _tile_loadd(4, R + j0 * D + kb * 32, D * 2);
+        if (two_r) _tile_loadd(5, R + (j0 + 16) * D + kb * 32, D * 2);
+        const uint32_t* xb = xp + (kb * TB + tb) * 256;
+        _tile_loadd(6, xb, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_r) _tile_dpbf16ps(1, 5, 6);
+        if (two_t) {
+          _tile_loadd(7, xb + 256, 64);
+          _tile_dpbf16ps(2, 4, 7);
+          if (two_r) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      if (two_r) _tile_stored(1, c[1], 64);
+      if (two_t) _tile_stored(2, c[2], 64);
+      if (two_r && two_t) _tile_stored(3, c[3], 64);
+      for (int b = 0; b < (two_t ? 2 : 1); ++b)
+        for (int h = 0; h < (two_r ? 2 : 1); ++h) {
+          const float* cc = c[2 * b + h];
+          for (int64_t q = 0; q < 16; ++q) {
+            const int64_t t = (tb + b) * 16 + q;
+            if (t >= n) break;
+            float* o = out + t * ldo + j0 + 16 * h;
+            for (int64_t i = 0; i < 16; ++i) o[i] = cc[i * 16 + q];
+          }
+        }
+    }
+  }
+  _tile_release();
+}
+
 // ---- phase A on AMX tiles: U[p, :] = scale[p] * A[i] @ x[rows[p]] for every pair p of a bfloat16 call with bfloat16
 // pools, as U^T = A X^T over the selected LoRAs' rows of A (loaded into tiles as they lie, 16 rows x 32 inputs, like W
 // in amx_gemm) against X packed as amx_gemm packs it - so a call that runs both packs X once. Each tile of up to 16

@@ -25,6 +25,7 @@ struct BaseGemm {
   int64_t pf_end = 0;  // dot_gemm's prefetches of W run on to this output (0: the call's o1)
   const uint32_t* xp = nullptr;  // amx_gemm: X already packed by the calling thread (amx_pack_here), or null
   const uint16_t* btt = nullptr;  // where set: the call runs fused, the delta inside this AMX GEMM (run_fused)
+  const uint16_t* rtt = nullptr;  // run_fused: the routers split for the tiles (fused_routers), or null
   bool on() const { return w != nullptr; }
   void operator()(const void* Xv, void* Yv, int64_t T, int64_t D, int64_t O, int64_t o0, int64_t o1) const {
     if (o1 <= o0 || T == 0) return;

@@ -172,6 +172,32 @@ inline bool fuse_applies(const Pools& pl, bool bf16, int64_t T) {
          amx_phase_a(pl, true) && pl.N * pl.r <= 1024;
 }
 inline int64_t fuse_cols(const Pools& pl) { return (pl.N * pl.r + 31) / 32 * 32; }
+// The routers on tiles (fused_routers): each float32 row split into three bfloat16 rows whose sum is the row (the
+// first rounded, then what it left, then what that left: 24 bits of significand in three 8-bit parts), rows [0, N)
+// the first parts, [N, 2 N) the second, [2 N, 3 N) the third, zero rows up to a multiple of 16. A token's logit is
+// (p1 . x + p2 . x) + p3 . x, each product exact and each dot summed in float32 on the tiles: the float32 router's
+// logit to float32's rounding, in another order than route_rows' (so a near-tie can fall the other way: fused calls
+// round differently from small ones anyway). g_fuse_route: off keeps route_rows (A/B runs and tests: _fuse_route).
+bool g_fuse_route = true;
+// Tile rows of split routers up to which run_fused routes on the tiles: every router's logit of every token is
+// computed, where route_rows computes only its slot's - a stack of one adapter of n 8 (24 rows in two tiles) gains,
+// four (96 rows) lose. 90 modules (scripts/ab_modules.py, alternating, medians of 12 rounds; 42nd session, Intel VM):
+// one adapter 128 / 512 rows 18.31 / 49.33 -> 17.93 / 47.58 ms (bare 13.81 / 36.83); four 21.54 / 52.59 against
+// 22.01 / 53.76 on the tiles. (A dense phase A over every LoRA's rows on the same tiles, bit-identical to
+// phase_a_amx's, gained nothing with one adapter, 47.97, and cost with four, 60.06: not kept.)
+constexpr int64_t FUSE_ROUTE_ROWS = 32;
+inline int64_t router_rows(int64_t N) { return (3 * N + 15) / 16 * 16; }
+torch::Tensor fused_routers(const torch::Tensor& router) {
+  const int64_t N = router.size(0);
+  auto out = torch::zeros({router_rows(N), router.size(1)}, torch::kBFloat16);
+  auto rest = router.to(torch::kFloat32).clone();
+  for (int64_t part = 0; part < 3; ++part) {
+    auto p = rest.to(torch::kBFloat16);
+    out.narrow(0, part * N, N).copy_(p);
+    rest = rest - p.to(torch::kFloat32);
+  }
+  return out;
+}
 // B^T [N r, O] (bfloat16) -> its transpose [O, fuse_cols], the columns past N r zero: the delta's rows for amx_gemm
 torch::Tensor fused_btt(const torch::Tensor& bt, const Pools& pl) {
   auto t = torch::zeros({pl.O, fuse_cols(pl)}, torch::kBFloat16);
@@ -212,8 +238,9 @@ struct FusedU {
 };
 
 // btt: [O, fuse_cols(pl)] bfloat16, B^T's transpose with zero columns past N r; W [O, D], bias [O] or null.
+// rtt: the routers on tiles (fused_routers), or null: route_rows (also past FUSE_ROUTE_ROWS rows of them).
 void run_fused(const uint16_t* xh, uint16_t* yh, int64_t T, const Pools& pl, const Routing* rt, int64_t* sel, float* w,
-               int64_t k, const uint16_t* W, const uint16_t* bias, const uint16_t* btt) {
+               int64_t k, const uint16_t* W, const uint16_t* bias, const uint16_t* btt, const uint16_t* rtt) {
   const int64_t D = pl.D, O = pl.O, r = pl.r;
   const int64_t TB = (T + 15) / 16;
   const int64_t P = region_threads(TB);
@@ -224,15 +251,31 @@ void run_fused(const uint16_t* xh, uint16_t* yh, int64_t T, const Pools& pl, con
     const auto [h, nh] = region_thread();
     ModuleClock clk(h);
     const int64_t t0 = std::min(T, TB * h / nh * 16), t1 = std::min(T, TB * (h + 1) / nh * 16);
-    std::vector<float> U;
+    std::vector<float> U, lg, one;
     FusedU fu;
+    const int64_t RR = router_rows(pl.N);
+    const bool tile_route = rtt && RR <= FUSE_ROUTE_ROWS;
     for (int64_t c0 = t0; c0 < t1; c0 += TILE_BF16) {
       const int64_t c1 = std::min(t1, c0 + TILE_BF16), n = c1 - c0;
-      if (rt) route_rows(xb, 0, D, c0, c1, *rt, sel, w);
-      clk.lap(MS_ROUTE);
-      const Pairs pr(sel + c0 * k, w + c0 * k, n, k, pl.N);
       const uint32_t* xp = amx_pack_here(xh + c0 * D, n, D);
       clk.lap(MS_PAIRS_PACK);
+      if (rt && tile_route) {  // the logits of every router on the tiles, then each routed token's top k within its slot
+        lg.resize(n * RR);
+        amx_rows_f32(rtt, RR, xp, n, D, lg.data(), RR);
+        one.resize(pl.N);
+        for (int64_t t = c0; t < c1; ++t) {
+          const int64_t sl = routed_slot(*rt, t);
+          if (sl < 0) continue;
+          const float* l = lg.data() + (t - c0) * RR;
+          for (int64_t i = 0, o = rt->off[sl]; i < rt->n[sl]; ++i)
+            one[i] = (l[o + i] + l[pl.N + o + i]) + l[2 * pl.N + o + i];
+          topk_token(one.data(), t, sl, *rt, sel, w);
+        }
+      } else if (rt) {
+        route_rows(xb, 0, D, c0, c1, *rt, sel, w);
+      }
+      clk.lap(MS_ROUTE);
+      const Pairs pr(sel + c0 * k, w + c0 * k, n, k, pl.N);
       if (pr.size() > 0) {
         U.resize(pr.size() * r);
         phase_a_amx(pr, pl, xp, n, 0, 1, U.data());
@@ -259,7 +302,8 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
 #ifdef REMIX_AMX
   if (gemm.btt)
     return run_fused(static_cast<const uint16_t*>(xv), static_cast<uint16_t*>(yv), T, pl, rt, sel, w, k,
-                     static_cast<const uint16_t*>(gemm.w), static_cast<const uint16_t*>(gemm.bias), gemm.btt);
+                     static_cast<const uint16_t*>(gemm.w), static_cast<const uint16_t*>(gemm.bias), gemm.btt,
+                     g_fuse_route ? gemm.rtt : nullptr);
 #endif
   const int64_t P = region_threads(gemm.on() ? (O + 2 * L - 1) / (2 * L) : T);
   const float* X = bf16 ? nullptr : static_cast<const float*>(xv);

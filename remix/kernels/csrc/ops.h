@@ -153,7 +153,7 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
   }
   BaseGemm gemm = base_gemm_for(x2, weight, bias);  // on: the base GEMM runs inside the kernel's parallel region
 #ifdef REMIX_AMX
-  torch::Tensor btt;  // (run_fused: the delta inside the AMX GEMM; B^T's transpose made for this call)
+  torch::Tensor btt, rtt;  // (run_fused: the delta inside the AMX GEMM; B^T's transpose and the routers made for this call)
   if (x2.scalar_type() == torch::kBFloat16 && weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous() &&
       a.scalar_type() == torch::kBFloat16 && bt.scalar_type() == torch::kBFloat16 && a.dim() == 2 && bt.dim() == 2 &&
       bt.is_contiguous() && r >= 1 && a.size(0) % r == 0 && bt.size(0) == a.size(0) && bt.size(1) == weight.size(0) &&
@@ -161,8 +161,10 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
     Pools pl{a.data_ptr(), bt.data_ptr(), r, a.size(0) / r, x2.size(1), weight.size(0), true};
     if (fuse_applies(pl, true, T)) {
       btt = fused_btt(bt, pl);
+      rtt = fused_routers(router);
       gemm = BaseGemm{weight.data_ptr(), bias.numel() ? bias.data_ptr() : nullptr, true, true};
       gemm.btt = static_cast<const uint16_t*>(btt.data_ptr());
+      gemm.rtt = static_cast<const uint16_t*>(rtt.data_ptr());
     }
   }
 #endif
@@ -346,6 +348,11 @@ struct ModuleCall {
     if (!btt_buf.defined()) btt_buf = fused_btt(bt, raw.pl);
     return static_cast<const uint16_t*>(btt_buf.data_ptr());
   }
+  mutable torch::Tensor rtt_buf;  // the routers for run_fused's tiles (fused_routers), made with btt_buf
+  const uint16_t* rtt() const {
+    if (!rtt_buf.defined()) rtt_buf = fused_routers(router);
+    return static_cast<const uint16_t*>(rtt_buf.data_ptr());
+  }
 #endif
   static const int64_t* slots_of(const torch::Tensor& slot_of_token) {
     return slot_of_token.numel() ? slot_of_token.data_ptr<int64_t>() : nullptr;
@@ -367,6 +374,7 @@ struct ModuleCall {
       if (fuse_applies(raw.pl, raw.dt == torch::kBFloat16, T)) {
         gemm = BaseGemm{raw.w, raw.b, true, true};
         gemm.btt = btt();
+        gemm.rtt = rtt();
       }
 #endif
       if (gemm.on()) {  // (otherwise a GEMM outside the kernel: linear_route_gather below, as before)
