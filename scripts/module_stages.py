@@ -8,7 +8,8 @@ count and adapter count, each stage's time in microseconds a module for each thr
 the pairs' sort and x's packing, phase A, the barrier after it, the thread's slice of the base GEMM where the call
 runs it, phase B), their sum, and a pass's wall time per module with the adapter and bare (the same calls with no
 token routed: their base GEMMs alone). Below 64 rows the threads split each stage; from 64 each routes and gathers
-its own tokens (and bfloat16 from 128 rows takes oneDNN's GEMM before the call, outside the clock: "gemm" then 0).
+its own tokens; bfloat16 from 128 rows on AMX runs fused (the delta inside the GEMM's tiles: "gemm" is that GEMM,
+"phase_b" the delta's packing), elsewhere from 128 rows oneDNN's GEMM before the call, outside the clock ("gemm" 0).
 Only time is read: the clock changes no value.
 """
 

@@ -15,8 +15,9 @@ constexpr int64_t SPLIT_POOLS_BELOW = 64;  // tokens: below, threads split the p
 // rows: route (and a float32 copy of bfloat16 x where phase A needs one), wait_1 (the barrier after it), pairs_pack
 // (the top-k of routing by units, the pairs' sort, x packed for AMX tiles), phase_a, wait_2, gemm (the thread's
 // slice of the base GEMM, where the call runs it), phase_b. From SPLIT_POOLS_BELOW: gemm and wait_1 (its barrier),
-// then per token tile route, pairs_pack (with phase A's packing), phase_a, phase_b. Only time is read, no value
-// changes.
+// then per token tile route, pairs_pack (with phase A's packing), phase_a, phase_b. A fused call (run_fused), per
+// token tile: pairs_pack (x packed), route, phase_a, phase_b (U's dense rows, packed), gemm (with the delta's steps).
+// Only time is read, no value changes.
 constexpr int MODULE_STAGES = 7;  // in the order of MODULE_STAGES in remix/kernels/cpu_ext.py
 enum ModuleStage { MS_ROUTE, MS_WAIT_1, MS_PAIRS_PACK, MS_PHASE_A, MS_WAIT_2, MS_GEMM, MS_PHASE_B };
 constexpr int MODULE_CLOCK_THREADS = 16;  // threads past these are not timed
