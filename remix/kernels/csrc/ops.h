@@ -156,7 +156,9 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
   torch::Tensor btt, rtt;  // (run_fused: the delta inside the AMX GEMM; B^T's transpose and the routers made for this call)
   if (x2.scalar_type() == torch::kBFloat16 && weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous() &&
       a.scalar_type() == torch::kBFloat16 && bt.scalar_type() == torch::kBFloat16 && a.dim() == 2 && bt.dim() == 2 &&
-      bt.is_contiguous() && r >= 1 && a.size(0) % r == 0 && bt.size(0) == a.size(0) && bt.size(1) == weight.size(0) &&
+      a.is_contiguous() && bt.is_contiguous() && r >= 1 && a.size(0) % r == 0 && a.size(1) == x2.size(1) &&
+      bt.size(0) == a.size(0) && bt.size(1) == weight.size(0) && router.dim() == 2 &&
+      router.scalar_type() == torch::kFloat32 && router.size(0) == a.size(0) / r &&
       (!bias.numel() || (bias.scalar_type() == torch::kBFloat16 && bias.is_contiguous() && bias.numel() == weight.size(0)))) {
     Pools pl{a.data_ptr(), bt.data_ptr(), r, a.size(0) / r, x2.size(1), weight.size(0), true};
     if (fuse_applies(pl, true, T)) {
