@@ -1379,7 +1379,9 @@ def test_fused_calls_route_on_tiles():
     """A fused call (bfloat16 on AMX, 128 rows or more) of a small stack routes on the tiles: each float32 router split
     into three bfloat16 rows that sum to it, every router's logit of every token from the tiles, then each token's top
     k within its slot. With a ReMix adapter (n 8, k 2) and a plain LoRA (n 1: no routing) beside tokens of neither, the
-    selections are route_rows' (no near-tie in these random logits) and so is y, bit for bit."""
+    call runs fused (its y is not the unfused path's); the selections are a float64 top k's wherever the logits leave
+    a margin (a router not split exactly would miss some), and route_rows' (no near-tie in these random logits), and so
+    is y, bit for bit."""
     from remix.kernels import cpu_ext
 
     ext = _compiled()
@@ -1402,8 +1404,16 @@ def test_fused_calls_route_on_tiles():
             for tiles in (False, True):
                 ext._fuse_route(tiles)
                 got[tiles] = tuple(t.clone() for t in call.routed(x, slots, none))
+            ext._fuse_from(0)
+            y_unfused = call.routed(x, slots, none)[0].clone()
     finally:
         ext._fuse_route(True)
+        ext._fuse_from(128)
     (y0, i0), (y1, i1) = got[False], got[True]
+    assert not torch.equal(y1, y_unfused)  # (the call did run fused)
+    logits = x.double() @ router[:8].double().t()
+    top = logits.topk(3, dim=1)
+    clear = (slots == 0) & (top.values[:, 1] - top.values[:, 2] > 1e-4 * top.values.abs().max())
+    assert clear.sum() > 50 and torch.equal(i1[clear, :2], top.indices[clear, :2])
     assert torch.equal(i0, i1) and torch.equal(y0, y1)
     assert (i1[slots == 1, 0] == 8).all() and (i1[slots == -1] == -1).all() and (i1[slots == 0] >= 0).all()

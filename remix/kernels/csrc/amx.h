@@ -96,13 +96,6 @@ inline void amx_write_tile(const float* c, int64_t t0, int64_t T, int64_t o, con
                         reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(r[i]), b))));
 }
 
-// Tiles 0-3 += W rows (w0: 16, w1: 16) x one or two token blocks over all of D; the npf rows of W at pf (the next block)
-// are prefetched into L2 a line per row per step, so they arrive while this block computes (as dot_gemm does). Measured
-// (eleventh session, one 576 <-> 1536 linear at 32 rows): without it 170-270 us, into L1 126-185, into L2 176. Every
-// linear of a decode step (twenty-fourth session's Intel VM, both hints in turn in one process, medians of 15 rounds):
-// into L2 0.95 / 0.96 / 0.90 / 0.94 / 0.96 of the time into L1 at 1 / 8 / 32 / 64 / 127 rows (13.1 -> 12.5 ms at one
-// row, 16.8 -> 15.3 at 32) - a block of 32 rows of W is 36-96 KB, and prefetched into L1 (48 KB) it evicted the block
-// being read; a whole decode step at one sequence 0.97, at 32 the same (outputs unchanged: only the hint differs).
 // The ReMix delta's steps of a fused block (amx_gemm's dl): after W's, the same tiles += the block's rows of B^T's
 // transpose (b0, b1: 16 rows each, NRP columns) x the packed dense U of the token blocks (up: packed as X is), for each
 // block of 32 of U's columns that any token of the block pair uses (nz[ku]).
@@ -113,6 +106,29 @@ struct AmxDelta {
   const char* nz;  // [KU x ceil(TB / 2)]: whether token blocks 2 j, 2 j + 1 use U's columns [32 ku, 32 ku + 32)
 };
 
+// One 32-input step of a block: tiles 0-3 += the 16-row tiles a0 (and a1) at a row stride of lda bytes x the packed
+// token block xb (and the next one, xb + 256): 0 = a0 x xb, 1 = a1 x xb, 2 = a0 x xb', 3 = a1 x xb'.
+template <bool TWO_T, bool TWO_W>
+inline void amx_step(const uint16_t* a0, const uint16_t* a1, int64_t lda, const uint32_t* xb) {
+  _tile_loadd(4, a0, lda);
+  if constexpr (TWO_W) _tile_loadd(5, a1, lda);
+  _tile_loadd(6, xb, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  if constexpr (TWO_W) _tile_dpbf16ps(1, 5, 6);
+  if constexpr (TWO_T) {
+    _tile_loadd(7, xb + 256, 64);
+    _tile_dpbf16ps(2, 4, 7);
+    if constexpr (TWO_W) _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// Tiles 0-3 += W rows (w0: 16, w1: 16) x one or two token blocks over all of D; the npf rows of W at pf (the next block)
+// are prefetched into L2 a line per row per step, so they arrive while this block computes (as dot_gemm does). Measured
+// (eleventh session, one 576 <-> 1536 linear at 32 rows): without it 170-270 us, into L1 126-185, into L2 176. Every
+// linear of a decode step (twenty-fourth session's Intel VM, both hints in turn in one process, medians of 15 rounds):
+// into L2 0.95 / 0.96 / 0.90 / 0.94 / 0.96 of the time into L1 at 1 / 8 / 32 / 64 / 127 rows (13.1 -> 12.5 ms at one
+// row, 16.8 -> 15.3 at 32) - a block of 32 rows of W is 36-96 KB, and prefetched into L1 (48 KB) it evicted the block
+// being read; a whole decode step at one sequence 0.97, at 32 the same (outputs unchanged: only the hint differs).
 template <bool TWO_T, bool TWO_W>
 inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp, int64_t KB, int64_t TB, int64_t D,
                       const uint16_t* pf, int64_t npf, const AmxDelta* dl = nullptr, int64_t o = 0, int64_t tb = 0) {
@@ -121,35 +137,23 @@ inline void amx_block(const uint16_t* w0, const uint16_t* w1, const uint32_t* xp
   if constexpr (TWO_T) { _tile_zero(2); _tile_zero(3); }
   for (int64_t kb = 0; kb < KB; ++kb) {
     for (int64_t p = 0; p < npf; ++p) _mm_prefetch(reinterpret_cast<const char*>(pf + p * D + kb * 32), _MM_HINT_T1);
-    _tile_loadd(4, w0 + kb * 32, D * 2);
-    if constexpr (TWO_W) _tile_loadd(5, w1 + kb * 32, D * 2);
-    const uint32_t* xb = xp + kb * TB * 256;
-    _tile_loadd(6, xb, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (TWO_W) _tile_dpbf16ps(1, 5, 6);
-    if constexpr (TWO_T) {
-      _tile_loadd(7, xb + 256, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      if constexpr (TWO_W) _tile_dpbf16ps(3, 5, 7);
-    }
+    amx_step<TWO_T, TWO_W>(w0 + kb * 32, w1 + kb * 32, D * 2, xp + kb * TB * 256);
   }
   if (!dl) return;
   const int64_t KU = dl->NRP / 32, pairs = (TB + 1) / 2;
   const uint16_t* b0 = dl->btt + o * dl->NRP;
-  for (int64_t ku = 0; ku < KU; ++ku) {
-    if (!dl->nz[ku * pairs + tb / 2]) continue;
-    _tile_loadd(4, b0 + ku * 32, dl->NRP * 2);
-    if constexpr (TWO_W) _tile_loadd(5, b0 + 16 * dl->NRP + ku * 32, dl->NRP * 2);
-    const uint32_t* ub = dl->up + (ku * TB + tb) * 256;
-    _tile_loadd(6, ub, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (TWO_W) _tile_dpbf16ps(1, 5, 6);
-    if constexpr (TWO_T) {
-      _tile_loadd(7, ub + 256, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      if constexpr (TWO_W) _tile_dpbf16ps(3, 5, 7);
-    }
-  }
+  for (int64_t ku = 0; ku < KU; ++ku)
+    if (dl->nz[ku * pairs + tb / 2])
+      amx_step<TWO_T, TWO_W>(b0 + ku * 32, b0 + 16 * dl->NRP + ku * 32, dl->NRP * 2, dl->up + (ku * TB + tb) * 256);
+}
+// amx_block for one or two token blocks (two_t) and W tiles (two_w) chosen at run time.
+inline void amx_block_any(bool two_t, bool two_w, const uint16_t* w0, const uint16_t* w1, const uint32_t* xp, int64_t KB,
+                          int64_t TB, int64_t D, const uint16_t* pf, int64_t npf, const AmxDelta* dl = nullptr,
+                          int64_t o = 0, int64_t tb = 0) {
+  if (two_t && two_w) amx_block<true, true>(w0, w1, xp, KB, TB, D, pf, npf, dl, o, tb);
+  else if (two_t) amx_block<true, false>(w0, w1, xp, KB, TB, D, pf, npf, dl, o, tb);
+  else if (two_w) amx_block<false, true>(w0, w1, xp, KB, TB, D, pf, npf, dl, o, tb);
+  else amx_block<false, false>(w0, w1, xp, KB, TB, D, pf, npf, dl, o, tb);
 }
 
 // Y[:, o0:o1) = X W[o0:o1)^T (+ bias) on this thread, o0 and o1 multiples of 16 (amx_shape), bfloat16 throughout: blocks
@@ -192,14 +196,7 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
       const int64_t npf = tb == 0 ? next : 0;  // prefetched during the block's first pass only
       const uint16_t* pf = npf ? w0 + H * D : nullptr;
       const uint32_t* xb = xp + tb * 256;
-      if (tb + 1 < TB) {
-        if (two) amx_block<true, true>(w0, w1, xb, KB, TB, D, pf, npf, dl, o, tb);
-        else amx_block<true, false>(w0, w1, xb, KB, TB, D, pf, npf, dl, o, tb);
-      } else if (two) {
-        amx_block<false, true>(w0, w1, xb, KB, TB, D, pf, npf, dl, o, tb);
-      } else {
-        amx_block<false, false>(w0, w1, xb, KB, TB, D, pf, npf, dl, o, tb);
-      }
+      amx_block_any(tb + 1 < TB, two, w0, w1, xb, KB, TB, D, pf, npf, dl, o, tb);
       _tile_stored(0, c[0], 64);
       amx_write_tile(c[0], tb * 16, T, o, bias, Y, O);
       if (two) {
@@ -229,29 +226,13 @@ void amx_rows_f32(const uint16_t* R, int64_t nr, const uint32_t* xp, int64_t n, 
   for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
   _tile_loadconfig(&cfg);
   alignas(64) float c[4][256];
-  // two row tiles x two token blocks a step where there are (four independent sums: one tile product's latency
-  // would otherwise hold up the next)
+  // two row tiles x two token blocks a step where there are (amx_block: four independent sums - one tile product's
+  // latency would otherwise hold up the next)
   for (int64_t j0 = 0; j0 < nr; j0 += 32) {
     const bool two_r = j0 + 16 < nr;
     for (int64_t tb = 0; tb < TB; tb += 2) {
       const bool two_t = tb + 1 < TB;
-      _tile_zero(0);
-      if (two_r) _tile_zero(1);
-      if (two_t) _tile_zero(2);
-      if (two_r && two_t) _tile_zero(3);
-      for (int64_t kb = 0; kb < KB; ++kb) {
-        _tile_loadd(4, R + j0 * D + kb * 32, D * 2);
-        if (two_r) _tile_loadd(5, R + (j0 + 16) * D + kb * 32, D * 2);
-        const uint32_t* xb = xp + (kb * TB + tb) * 256;
-        _tile_loadd(6, xb, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        if (two_r) _tile_dpbf16ps(1, 5, 6);
-        if (two_t) {
-          _tile_loadd(7, xb + 256, 64);
-          _tile_dpbf16ps(2, 4, 7);
-          if (two_r) _tile_dpbf16ps(3, 5, 7);
-        }
-      }
+      amx_block_any(two_t, two_r, R + j0 * D, R + (two_r ? j0 + 16 : j0) * D, xp + tb * 256, KB, TB, D, nullptr, 0);
       _tile_stored(0, c[0], 64);
       if (two_r) _tile_stored(1, c[1], 64);
       if (two_t) _tile_stored(2, c[2], 64);

@@ -27,6 +27,13 @@ struct BaseGemm {
   const uint16_t* btt = nullptr;  // where set: the call runs fused, the delta inside this AMX GEMM (run_fused)
   const uint16_t* rtt = nullptr;  // run_fused: the routers split for the tiles (fused_routers), or null
   bool on() const { return w != nullptr; }
+  // the fused form's GEMM (run_fused): bfloat16 on AMX tiles with the delta's rows btt and the routers rtt
+  static BaseGemm fused(const void* w, const void* bias, const uint16_t* btt, const uint16_t* rtt) {
+    BaseGemm g{w, bias, true, true};
+    g.btt = btt;
+    g.rtt = rtt;
+    return g;
+  }
   void operator()(const void* Xv, void* Yv, int64_t T, int64_t D, int64_t O, int64_t o0, int64_t o1) const {
     if (o1 <= o0 || T == 0) return;
 #ifdef REMIX_AMX
@@ -103,8 +110,8 @@ bool large_f32_elsewhere() {
 }
 
 #ifdef REMIX_AMX
-// bfloat16 from DOT_BF16_BELOW rows on AMX: amx_gemm with each thread a share of the tokens (in tiles of 256, all the
-// outputs), not oneDNN's GEMM (g_amx_tokens; off: oneDNN's, for A/B runs). Each output's tile steps are amx_gemm's
+// bfloat16 from DOT_BF16_BELOW rows on AMX: amx_gemm with each thread a share of the tokens (in tiles of TILE_BF16, all
+// the outputs, as run_fused), not oneDNN's GEMM (g_amx_tokens; off: oneDNN's, for A/B runs). Each output's tile steps are amx_gemm's
 // whatever the split, so a row's outputs are the same alone or in any batch, as below DOT_BF16_BELOW rows (the split
 // was set where oneDNN overtook the AVX512-BF16 dot_gemm, before the AMX kernel). The default base's linears, the two
 // in turn (42nd session, Intel VM, weights cycled, medians of 8 rounds), at 128 / 256 / 512 rows, this over oneDNN's:
@@ -130,8 +137,8 @@ at::Tensor amx_linear_tokens(const torch::Tensor& x2, const torch::Tensor& weigh
   {
     const auto [h, nh] = region_thread();
     const int64_t t0 = std::min(T, TB * h / nh * 16), t1 = std::min(T, TB * (h + 1) / nh * 16);
-    for (int64_t c0 = t0; c0 < t1; c0 += 256)
-      amx_gemm(X + c0 * D, std::min<int64_t>(256, t1 - c0), D, W, b, Y + c0 * O, O, 0, O);
+    for (int64_t c0 = t0; c0 < t1; c0 += TILE_BF16)
+      amx_gemm(X + c0 * D, std::min<int64_t>(TILE_BF16, t1 - c0), D, W, b, Y + c0 * O, O, 0, O);
   }
   return y;
 }

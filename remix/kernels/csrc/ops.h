@@ -164,9 +164,8 @@ std::tuple<torch::Tensor, torch::Tensor> linear_route_gather(
     if (fuse_applies(pl, true, T)) {
       btt = fused_btt(bt, pl);
       rtt = fused_routers(router);
-      gemm = BaseGemm{weight.data_ptr(), bias.numel() ? bias.data_ptr() : nullptr, true, true};
-      gemm.btt = static_cast<const uint16_t*>(btt.data_ptr());
-      gemm.rtt = static_cast<const uint16_t*>(rtt.data_ptr());
+      gemm = BaseGemm::fused(weight.data_ptr(), bias.numel() ? bias.data_ptr() : nullptr,
+                             static_cast<const uint16_t*>(btt.data_ptr()), static_cast<const uint16_t*>(rtt.data_ptr()));
     }
   }
 #endif
@@ -373,11 +372,7 @@ struct ModuleCall {
         return {linear(x, weight, bias, ahead), idx_buf};
       }
 #ifdef REMIX_AMX
-      if (fuse_applies(raw.pl, raw.dt == torch::kBFloat16, T)) {
-        gemm = BaseGemm{raw.w, raw.b, true, true};
-        gemm.btt = btt();
-        gemm.rtt = rtt();
-      }
+      if (fuse_applies(raw.pl, raw.dt == torch::kBFloat16, T)) gemm = BaseGemm::fused(raw.w, raw.b, btt(), rtt());
 #endif
       if (gemm.on()) {  // (otherwise a GEMM outside the kernel: linear_route_gather below, as before)
         auto shape = x.sizes().vec();
