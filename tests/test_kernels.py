@@ -1229,15 +1229,15 @@ def test_compiled_gather_skips_a_padded_ranks_zeros_and_gives_the_same_result(dt
         ext.route_gather_(x, y0.clone(), P, a, bt, slots, *tables, r, 3, none, per_lora + 1)
 
 
-@pytest.mark.parametrize("T", [1, 7, 17, 32, 63, 64, 100])  # the split path (threads share the tiles), the token path
+@pytest.mark.parametrize("T", [1, 7, 17, 32, 63, 64, 100, 300])  # the split path (threads share the tiles), the token path
 @pytest.mark.parametrize("D", [64, 96])
 def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D):
     """bfloat16 x and pools on a CPU with AMX-BF16: phase A on tiles (U^T = A X^T over the selected LoRAs' rows, tiles
     of up to 16 rows: two rank-8 LoRAs side by side, a rank-3 LoRA alone, a rank-24 LoRA in tiles of 16 and 8) gives y
     = round(y0 + delta) with delta from a float64 reference of the same bfloat16 values and selections, to one
     bfloat16 rounding; the same selections as the vdpbf16ps path (routing is not on tiles); each row alone gets the
-    bits it gets in the batch; a stack padded to r = 24 with each LoRA's own rank gives the padded stack's bits; and
-    LoRAs of rank 0 add nothing."""
+    bits it gets in the batch; a stack padded to r = 24 with each LoRA's own rank gives the padded stack's bits;
+    LoRAs of rank 0 add nothing; and row tiles taken two of a height at a time give the bits of one at a time."""
     ext = _compiled()
     try:
         if not ext._amx_phase_a(True):
@@ -1282,12 +1282,20 @@ def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D):
         u0 = torch.einsum("tkrd,td->tkr", a0[ii], x.double()) * w.double()[..., None]
         want0 = y0.double() + torch.einsum("tkr,tkro->to", u0, bt.double().view(3 * n, r, O)[ii])
         torch.testing.assert_close(y_zero.double(), want0, atol=1e-5, rtol=2.0**-8)
+        # two row tiles of one height at a time (four sums in flight) or one: the same bits
+        ext._phase_a_pair(False)
+        y_one = y0.clone()
+        assert torch.equal(ext.route_gather_(x, y_one, P, a, bt, slots, *tables, r, 3, none, per_lora), idx)
+        assert torch.equal(y_one, y)
+        ext._phase_a_pair(True)
         ext._amx_phase_a(False)
         y_dot = y0.clone()
         assert torch.equal(ext.route_gather_(x, y_dot, P, a, bt, slots, *tables, r, 3, none, per_lora), idx)
         torch.testing.assert_close(y_dot.double(), want, atol=1e-5, rtol=2.0**-8)
     finally:
         ext._amx_phase_a(True)
+        if hasattr(ext, "_phase_a_pair"):  # (AMX builds only)
+            ext._phase_a_pair(True)
 
 
 @pytest.mark.parametrize("T", [128, 200, 513])
@@ -1381,7 +1389,8 @@ def test_fused_calls_route_on_tiles():
     k within its slot. With a ReMix adapter (n 8, k 2) and a plain LoRA (n 1: no routing) beside tokens of neither, the
     call runs fused (its y is not the unfused path's); the selections are a float64 top k's wherever the logits leave
     a margin (a router not split exactly would miss some), and route_rows' (no near-tie in these random logits), and so
-    is y, bit for bit."""
+    is y, bit for bit. The top k of a token block whose tokens share a slot, taken for its 16 tokens at once, is the
+    token-by-token loop's: with equal routers (ties) and a NaN row too."""
     from remix.kernels import cpu_ext
 
     ext = _compiled()
@@ -1406,9 +1415,31 @@ def test_fused_calls_route_on_tiles():
                 got[tiles] = tuple(t.clone() for t in call.routed(x, slots, none))
             ext._fuse_from(0)
             y_unfused = call.routed(x, slots, none)[0].clone()
+            ext._fuse_from(128)
+            # a block of one slot's tokens takes its top k lane by lane, a mixed one token by token: the same picks
+            # (ties to the lower index - LoRAs 2 and 3 of a second call have equal routers -, a NaN row's too)
+            tie = router.clone()
+            tie[3] = tie[2]
+            call_tie = cpu_ext.bind_module(base, tie, a, bt, tables, r, 2)
+            xn = x.clone()
+            xn[7] = float("nan")
+            runs = torch.where(torch.arange(300) < 200, 0, 1)
+            runs[250:260] = -1
+            for c, xx in ((call, x), (call_tie, xn)):
+                for sl in (slots, runs):
+                    lanes = {}
+                    for on in (False, True):
+                        ext._route_lanes(on)
+                        lanes[on] = tuple(t.clone() for t in c.routed(xx, sl, none))
+                    assert torch.equal(lanes[False][1], lanes[True][1])
+                    assert torch.equal(lanes[False][0].nan_to_num(7.0), lanes[True][0].nan_to_num(7.0))
+            picks = call_tie.routed(x, runs, none)[1][:200]
+            first = (picks[:, 0] == 2) | (picks[:, 0] == 3)  # LoRAs 2 and 3 tie: where one is first, both are picked,
+            assert first.sum() > 10 and (picks[first, 0] == 2).all() and (picks[first, 1] == 3).all()  # lower first
     finally:
         ext._fuse_route(True)
         ext._fuse_from(128)
+        ext._route_lanes(True)
     (y0, i0), (y1, i1) = got[False], got[True]
     assert not torch.equal(y1, y_unfused)  # (the call did run fused)
     logits = x.double() @ router[:8].double().t()

@@ -216,42 +216,6 @@ void amx_gemm(const uint16_t* X, int64_t T, int64_t D, const uint16_t* W, const 
   _tile_release();  // the tile state off again: a context switch need not save 8 KB of it
 }
 
-// out[t * ldo + j] = R[j] . x[t] for the nr rows of R (bfloat16 [nr, D], nr a multiple of 16) and the n tokens of
-// xp (packed by amx_pack_x), in float32 as the tiles sum them (TDPBF16PS, 32-input block after block), unrounded: a
-// row tile against every pair of token blocks. Each element's sums are those of any other tiling of the same rows
-// and tokens: run_fused's routing logits, where R holds the routers split for the tiles (fused_routers).
-void amx_rows_f32(const uint16_t* R, int64_t nr, const uint32_t* xp, int64_t n, int64_t D, float* out, int64_t ldo) {
-  const int64_t KB = D / 32, TB = (n + 15) / 16;
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
-  _tile_loadconfig(&cfg);
-  alignas(64) float c[4][256];
-  // two row tiles x two token blocks a step where there are (amx_block: four independent sums - one tile product's
-  // latency would otherwise hold up the next)
-  for (int64_t j0 = 0; j0 < nr; j0 += 32) {
-    const bool two_r = j0 + 16 < nr;
-    for (int64_t tb = 0; tb < TB; tb += 2) {
-      const bool two_t = tb + 1 < TB;
-      amx_block_any(two_t, two_r, R + j0 * D, R + (two_r ? j0 + 16 : j0) * D, xp + tb * 256, KB, TB, D, nullptr, 0);
-      _tile_stored(0, c[0], 64);
-      if (two_r) _tile_stored(1, c[1], 64);
-      if (two_t) _tile_stored(2, c[2], 64);
-      if (two_r && two_t) _tile_stored(3, c[3], 64);
-      for (int b = 0; b < (two_t ? 2 : 1); ++b)
-        for (int h = 0; h < (two_r ? 2 : 1); ++h) {
-          const float* cc = c[2 * b + h];
-          for (int64_t q = 0; q < 16; ++q) {
-            const int64_t t = (tb + b) * 16 + q;
-            if (t >= n) break;
-            float* o = out + t * ldo + j0 + 16 * h;
-            for (int64_t i = 0; i < 16; ++i) o[i] = cc[i * 16 + q];
-          }
-        }
-    }
-  }
-  _tile_release();
-}
-
 // ---- phase A on AMX tiles: U[p, :] = scale[p] * A[i] @ x[rows[p]] for every pair p of a bfloat16 call with bfloat16
 // pools, as U^T = A X^T over the selected LoRAs' rows of A (loaded into tiles as they lie, 16 rows x 32 inputs, like W
 // in amx_gemm) against X packed as amx_gemm packs it - so a call that runs both packs X once. Each tile of up to 16
@@ -309,6 +273,14 @@ inline std::vector<ATile> amx_a_tiles(const Pairs& pr, const Pools& pl) {
 // Phase A of this thread's share (h of nh) of the row tiles; xp: T rows of x packed (amx_pack_here) - the pairs' rows
 // (tokens) in order, or where pos is given, token t at packed row pos[t] (a call's tokens gathered by adapter, so that
 // an adapter's tiles meet only the blocks of its own tokens).
+// Two row tiles of one height at a time where there are (tiles 0-1 and 6-7 accumulating, 2 and 5 holding A's rows):
+// four independent sums a step, as amx_gemm's blocks, where one tile's two sums each waited on the last tile
+// product; each output's products and order are the same (bit-identical, tested). 43rd session, Intel VM, 90 bound
+// FFN modules (scripts/ab_modules.py, alternating, medians of 16-20 rounds): one adapter 256 / 512 rows 35.10 /
+// 54.75 -> 34.39 / 53.47 ms and 60.75 -> 58.48 at 512 in a slower spell (bare 26.87 / 40.56), phase A's module clock
+// at 512 rows 66.8 -> 55.4 us a thread; four adapters 512 rows 62.58 -> 61.37 and 56.98 -> 56.71, 256 rows 35.48 ->
+// 36.14; 8 / 32 / 128 rows within 0.2 ms either way. g_phase_a_pair off: one at a time (A/B runs and tests).
+bool g_phase_a_pair = true;
 void phase_a_amx(const Pairs& pr, const Pools& pl, const uint32_t* xp, int64_t T, int64_t h, int64_t nh, float* U,
                  const int64_t* pos = nullptr) {
   const std::vector<ATile> tiles = amx_a_tiles(pr, pl);
@@ -316,55 +288,77 @@ void phase_a_amx(const Pairs& pr, const Pools& pl, const uint32_t* xp, int64_t T
   if (u1 <= u0) return;
   const int64_t D = pl.D, r = pl.r, KB = D / 32, TB = (T + 15) / 16;
   const uint16_t* A = static_cast<const uint16_t*>(pl.a);
-  std::vector<char> need(TB);
-  alignas(64) float c[2][256];
+  std::vector<char> need(2 * TB);
+  alignas(64) float c[4][256];
   int64_t configured = 0;
-  for (int64_t u = u0; u < u1; ++u) {
+  // each pair's rows of U from the float32 tile cb (U^T of token block tb + b, rows [row0, row0 + m))
+  const auto extract = [&](const ATile& tl, int64_t tb, int b, const float* cb) {
+    for (int64_t i = tl.i0; i < tl.i1; ++i) {
+      const int64_t c0 = std::max<int64_t>(0, tl.row0 - i * r), c1 = std::min(pl.rank_of(i), tl.row0 + tl.m - i * r);
+      for (int64_t p = pr.start[i]; p < pr.start[i + 1]; ++p) {
+        const int64_t t = pos ? pos[pr.rows[p]] : pr.rows[p];
+        if (t / 16 - tb != b) continue;
+        const float* col = cb + (i * r - tl.row0) * 16 + t % 16;
+        for (int64_t cc = c0; cc < c1; ++cc) U[p * r + cc] = col[cc * 16] * pr.scale[p];
+      }
+    }
+  };
+  for (int64_t u = u0; u < u1;) {
     const ATile& tl = tiles[u];
-    if (tl.m != configured) {  // tiles 0-1: U^T of two token blocks; 2: A's rows; 3-4: two blocks of packed X
+    // two row tiles of the same height at once where there are (four sums in flight: a tile product's latency no
+    // longer holds up the next, as in amx_gemm's blocks); each tile's sums are the same either way
+    const bool two = g_phase_a_pair && u + 1 < u1 && tiles[u + 1].m == tl.m;
+    const ATile* t2 = two ? &tiles[u + 1] : nullptr;
+    if (tl.m != configured) {  // tiles 0-1 (6-7): U^T of two token blocks; 2 (5): A's rows; 3-4: two blocks of packed X
       TileConfig cfg;
-      for (int i = 0; i < 5; ++i) { cfg.rows[i] = i < 3 ? static_cast<uint8_t>(tl.m) : 16; cfg.colsb[i] = 64; }
+      for (int i = 0; i < 8; ++i) {
+        const bool mrows = i < 3 || i >= 5;
+        cfg.rows[i] = mrows ? static_cast<uint8_t>(tl.m) : 16;
+        cfg.colsb[i] = 64;
+      }
       _tile_loadconfig(&cfg);
       configured = tl.m;
     }
     std::fill(need.begin(), need.end(), 0);
     for (int64_t p = pr.start[tl.i0]; p < pr.start[tl.i1]; ++p) need[(pos ? pos[pr.rows[p]] : pr.rows[p]) / 16] = 1;
+    if (two)
+      for (int64_t p = pr.start[t2->i0]; p < pr.start[t2->i1]; ++p) need[TB + (pos ? pos[pr.rows[p]] : pr.rows[p]) / 16] = 1;
     const uint16_t* a = A + tl.row0 * D;
-    const ATile* next = u + 1 < u1 ? &tiles[u + 1] : nullptr;  // its rows prefetched (into L2) during the first pass
+    const uint16_t* a2 = two ? A + t2->row0 * D : a;
+    const int64_t un = u + (two ? 2 : 1);
+    const ATile* next = un < u1 ? &tiles[un] : nullptr;  // its rows prefetched (into L2) during the first pass
     bool first = true;
     for (int64_t tb = 0; tb < TB; tb += 2) {
       const bool n0 = need[tb], n1 = tb + 1 < TB && need[tb + 1];
-      if (!n0 && !n1) continue;
+      const bool m0 = two && need[TB + tb], m1 = two && tb + 1 < TB && need[TB + tb + 1];
+      if (!n0 && !n1 && !m0 && !m1) continue;
       _tile_zero(0);
       _tile_zero(1);
+      if (two) {
+        _tile_zero(6);
+        _tile_zero(7);
+      }
       for (int64_t kb = 0; kb < KB; ++kb) {
         if (first && next)
           for (int64_t q = 0; q < next->m; ++q)
             _mm_prefetch(reinterpret_cast<const char*>(A + (next->row0 + q) * D + kb * 32), _MM_HINT_T1);
-        _tile_loadd(2, a + kb * 32, D * 2);
         const uint32_t* xb = xp + (kb * TB + tb) * 256;
-        if (n0) {
-          _tile_loadd(3, xb, 64);
-          _tile_dpbf16ps(0, 2, 3);
-        }
-        if (n1) {
-          _tile_loadd(4, xb + 256, 64);
-          _tile_dpbf16ps(1, 2, 4);
-        }
+        if (n0 || m0) _tile_loadd(3, xb, 64);
+        if (n1 || m1) _tile_loadd(4, xb + 256, 64);
+        if (n0 || n1) _tile_loadd(2, a + kb * 32, D * 2);
+        if (m0 || m1) _tile_loadd(5, a2 + kb * 32, D * 2);
+        if (n0) _tile_dpbf16ps(0, 2, 3);
+        if (n1) _tile_dpbf16ps(1, 2, 4);
+        if (m0) _tile_dpbf16ps(6, 5, 3);
+        if (m1) _tile_dpbf16ps(7, 5, 4);
       }
       first = false;
-      if (n0) _tile_stored(0, c[0], 64);
-      if (n1) _tile_stored(1, c[1], 64);
-      for (int64_t i = tl.i0; i < tl.i1; ++i) {
-        const int64_t c0 = std::max<int64_t>(0, tl.row0 - i * r), c1 = std::min(pl.rank_of(i), tl.row0 + tl.m - i * r);
-        for (int64_t p = pr.start[i]; p < pr.start[i + 1]; ++p) {
-          const int64_t t = pos ? pos[pr.rows[p]] : pr.rows[p], b = t / 16 - tb;
-          if (b != 0 && b != 1) continue;
-          const float* col = c[b] + (i * r - tl.row0) * 16 + t % 16;
-          for (int64_t cc = c0; cc < c1; ++cc) U[p * r + cc] = col[cc * 16] * pr.scale[p];
-        }
-      }
+      if (n0) { _tile_stored(0, c[0], 64); extract(tl, tb, 0, c[0]); }
+      if (n1) { _tile_stored(1, c[1], 64); extract(tl, tb, 1, c[1]); }
+      if (m0) { _tile_stored(6, c[2], 64); extract(*t2, tb, 0, c[2]); }
+      if (m1) { _tile_stored(7, c[3], 64); extract(*t2, tb, 1, c[3]); }
     }
+    u = un;
   }
   _tile_release();
 }

@@ -199,6 +199,81 @@ torch::Tensor fused_routers(const torch::Tensor& router) {
   }
   return out;
 }
+// run_fused's routing on the tiles for n tokens from c0 (x packed at xp): every split router's logit of every token
+// (amx_block over the RR <= 32 rows of R, two token blocks a step), then each routed token's top k within its slot
+// into sel / w. A token block whose routed tokens share one slot takes the top k of its 16 tokens at once (each
+// lane the scalar loop's comparisons in its order: the logits the same sums, ties to the lower index, NaN never
+// taken over a number); a block of several slots token by token (topk_token). g_route_lanes off: every block token
+// by token (A/B runs and tests: _route_lanes). Before, the tiles' logits went out token-major (a scalar transpose)
+// and every token took its top k alone: the routing of a 512-row call took 38.6 us a thread, now 20.3 (module clock,
+// one adapter, 43rd session's Intel VM); 90 bound modules at 128 / 256 / 512 rows 23.69 / 32.80 / 53.42 -> 22.13 /
+// 31.64 / 51.78 ms (bare 18.24 / 25.27 / 39.95; scripts/ab_modules.py, alternating, medians of 20 rounds).
+bool g_route_lanes = true;
+void route_tiles(const uint16_t* R, int64_t RR, const uint32_t* xp, int64_t n, int64_t D, int64_t c0, int64_t N,
+                 const Routing& rt, int64_t* sel, float* w) {
+  const int64_t KB = D / 32, TB = (n + 15) / 16;
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[4][256];
+  const bool two_r = RR > 16;
+  float one[64];
+  alignas(64) int32_t bj[16];
+  for (int64_t tb = 0; tb < TB; tb += 2) {
+    const bool two_t = tb + 1 < TB;
+    amx_block_any(two_t, two_r, R, R + (two_r ? 16 : 0) * D, xp + tb * 256, KB, TB, D, nullptr, 0);
+    _tile_stored(0, c[0], 64);
+    if (two_r) _tile_stored(1, c[1], 64);
+    if (two_t) _tile_stored(2, c[2], 64);
+    if (two_r && two_t) _tile_stored(3, c[3], 64);
+    for (int b = 0; b < (two_t ? 2 : 1); ++b) {
+      const float* rows[32];  // split router row j's logits of the block's 16 tokens
+      for (int j = 0; j < 32; ++j) rows[j] = (j < 16 ? c[2 * b] : c[2 * b + 1]) + (j % 16) * 16;
+      const int64_t q1 = std::min<int64_t>(16, n - (tb + b) * 16), t0 = c0 + (tb + b) * 16;
+      int64_t slot = -2;  // the block's one slot (-2: none yet, -3: several)
+      for (int64_t q = 0; q < q1; ++q) {
+        const int64_t sl = routed_slot(rt, t0 + q);
+        if (sl >= 0) slot = slot == -2 || slot == sl ? sl : -3;
+      }
+      if (slot == -2) continue;
+      if (slot == -3 || !g_route_lanes || skips_routing(rt, slot) || rt.n[slot] > 31) {
+        for (int64_t q = 0; q < q1; ++q) {
+          const int64_t t = t0 + q, sl = routed_slot(rt, t);
+          if (sl < 0) continue;
+          for (int64_t i = 0, o = rt.off[sl]; i < rt.n[sl]; ++i) one[i] = (rows[o + i][q] + rows[N + o + i][q]) + rows[2 * N + o + i][q];
+          topk_token(one, t, sl, rt, sel, w);
+        }
+        continue;
+      }
+      const int64_t o = rt.off[slot], ns = rt.n[slot], ks = rt.k[slot];
+      __m512i taken = _mm512_setzero_si512();
+      for (int64_t j = 0; j < ks; ++j) {
+        __m512i best = _mm512_set1_epi32(-1);
+        __m512 value = _mm512_setzero_ps();
+        for (int64_t i = 0; i < ns; ++i) {
+          const __m512 li = _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(rows[o + i]), _mm512_load_ps(rows[N + o + i])),
+                                          _mm512_load_ps(rows[2 * N + o + i]));
+          const __mmask16 avail = _mm512_testn_epi32_mask(taken, _mm512_set1_epi32(1 << i));
+          const __mmask16 none = _mm512_cmplt_epi32_mask(best, _mm512_setzero_si512());
+          const __mmask16 gt = _mm512_cmp_ps_mask(li, value, _CMP_GT_OQ);
+          const __mmask16 take = avail & (none | gt);
+          best = _mm512_mask_mov_epi32(best, take, _mm512_set1_epi32(static_cast<int>(i)));
+          value = _mm512_mask_mov_ps(value, take, li);
+        }
+        taken = _mm512_or_si512(taken, _mm512_sllv_epi32(_mm512_set1_epi32(1), best));
+        _mm512_store_si512(bj, best);
+        for (int64_t q = 0; q < q1; ++q) {
+          const int64_t t = t0 + q;
+          if (routed_slot(rt, t) < 0) continue;
+          sel[t * rt.kmax + j] = o + bj[q];
+          w[t * rt.kmax + j] = rt.omega[slot];
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
 // B^T [N r, O] (bfloat16) -> its transpose [O, fuse_cols], the columns past N r zero: the delta's rows for amx_gemm
 torch::Tensor fused_btt(const torch::Tensor& bt, const Pools& pl) {
   auto t = torch::zeros({pl.O, fuse_cols(pl)}, torch::kBFloat16);
@@ -252,7 +327,7 @@ void run_fused(const uint16_t* xh, uint16_t* yh, int64_t T, const Pools& pl, con
     const auto [h, nh] = region_thread();
     ModuleClock clk(h);
     const int64_t t0 = std::min(T, TB * h / nh * 16), t1 = std::min(T, TB * (h + 1) / nh * 16);
-    std::vector<float> U, lg, one;
+    std::vector<float> U;
     FusedU fu;
     const int64_t RR = router_rows(pl.N);
     const bool tile_route = rtt && RR <= FUSE_ROUTE_ROWS;
@@ -261,17 +336,7 @@ void run_fused(const uint16_t* xh, uint16_t* yh, int64_t T, const Pools& pl, con
       const uint32_t* xp = amx_pack_here(xh + c0 * D, n, D);
       clk.lap(MS_PAIRS_PACK);
       if (rt && tile_route) {  // the logits of every router on the tiles, then each routed token's top k within its slot
-        lg.resize(n * RR);
-        amx_rows_f32(rtt, RR, xp, n, D, lg.data(), RR);
-        one.resize(pl.N);
-        for (int64_t t = c0; t < c1; ++t) {
-          const int64_t sl = routed_slot(*rt, t);
-          if (sl < 0) continue;
-          const float* l = lg.data() + (t - c0) * RR;
-          for (int64_t i = 0, o = rt->off[sl]; i < rt->n[sl]; ++i)
-            one[i] = (l[o + i] + l[pl.N + o + i]) + l[2 * pl.N + o + i];
-          topk_token(one.data(), t, sl, *rt, sel, w);
-        }
+        route_tiles(rtt, RR, xp, n, D, c0, pl.N, *rt, sel, w);
       } else if (rt) {
         route_rows(xb, 0, D, c0, c1, *rt, sel, w);
       }
