@@ -1298,6 +1298,58 @@ def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D):
             ext._phase_a_pair(True)
 
 
+def test_fused_calls_route_each_slot_on_its_own_tiles():
+    """A fused call of several adapters routes on the tiles too: for each pair of token blocks, each slot among their
+    tokens gets its own routers' logits (3 n rows from 3 off of the split routers) for the blocks holding its tokens.
+    Three adapters of n 8, 6 and 10 (k 2, 3, 2) and tokens of none, in runs (prefill) and mixed at random: the
+    selections are route_rows' (no near-tie in random logits), a float64 top k's where the margin is clear, and the
+    same taken lane by lane or token by token; a slot of 11 LoRAs sends the call back to route_rows."""
+    from remix.kernels import cpu_ext
+
+    ext = _compiled()
+    if not cpu_ext.amx_bf16() or not ext._amx_phase_a(True):
+        pytest.skip("no AMX-BF16 here: no fused calls")
+    D, O, r = 64, 48, 8
+    g = torch.Generator().manual_seed(9)
+    base = torch.nn.Linear(D, O, bias=False).bfloat16()
+    none = torch.empty(0, dtype=torch.int64)
+    for ns in ([8, 6, 10], [8, 11]):
+        N = sum(ns)
+        router = torch.randn(N, D, generator=g)
+        a = (torch.randn(N * r, D, generator=g) * 0.1).bfloat16()
+        bt = (torch.randn(N * r, O, generator=g) * 0.1).bfloat16()
+        off = torch.tensor([sum(ns[:i]) for i in range(len(ns))])
+        ks = torch.tensor([2, 3, 2][: len(ns)])
+        tables = (off, torch.tensor(ns), ks, torch.full((len(ns),), 0.5))
+        call = cpu_ext.bind_module(base, router, a, bt, tables, r, 3)
+        x = torch.randn(400, D, generator=g).bfloat16()
+        runs = torch.arange(400) * len(ns) // 400
+        runs[100:110] = -1
+        for slots in (runs, torch.randint(-1, len(ns), (400,), generator=g)):
+            got = {}
+            try:
+                with torch.inference_mode():
+                    for name, tiles, lanes in (("rows", False, True), ("scalar", True, False), ("lanes", True, True)):
+                        ext._fuse_route(tiles)
+                        ext._route_lanes(lanes)
+                        ext._route_tiles_calls()
+                        got[name] = tuple(t.clone() for t in call.routed(x, slots, none))
+                        assert (ext._route_tiles_calls() > 0) == (tiles and max(ns) <= 10), name  # (on the tiles?)
+            finally:
+                ext._fuse_route(True)
+                ext._route_lanes(True)
+            for name in ("scalar", "lanes"):
+                assert torch.equal(got[name][1], got["rows"][1]) and torch.equal(got[name][0], got["rows"][0]), name
+            idx = got["lanes"][1]
+            for s, (o, n, k) in enumerate(zip(off.tolist(), ns, ks.tolist())):
+                mine = slots == s
+                logits = x[mine].double() @ router[o : o + n].double().t()
+                top = logits.topk(k + 1, dim=1)
+                clear = top.values[:, k - 1] - top.values[:, k] > 1e-4 * top.values.abs().max()
+                assert clear.sum() > 10 and torch.equal(idx[mine][clear, :k], top.indices[clear, :k] + o)
+            assert (idx[slots == -1] == -1).all()
+
+
 @pytest.mark.parametrize("T", [128, 200, 513])
 @pytest.mark.parametrize("D,O", [(64, 48), (96, 80)])
 def test_bfloat16_delta_fused_into_amx_gemm(T, D, O):
@@ -1412,7 +1464,9 @@ def test_fused_calls_route_on_tiles():
             got = {}
             for tiles in (False, True):
                 ext._fuse_route(tiles)
+                ext._route_tiles_calls()
                 got[tiles] = tuple(t.clone() for t in call.routed(x, slots, none))
+                assert (ext._route_tiles_calls() > 0) == tiles
             ext._fuse_from(0)
             y_unfused = call.routed(x, slots, none)[0].clone()
             ext._fuse_from(128)

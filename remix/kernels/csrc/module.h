@@ -174,99 +174,122 @@ inline bool fuse_applies(const Pools& pl, bool bf16, int64_t T) {
 }
 inline int64_t fuse_cols(const Pools& pl) { return (pl.N * pl.r + 31) / 32 * 32; }
 // The routers on tiles (fused_routers): each float32 row split into three bfloat16 rows whose sum is the row (the
-// first rounded, then what it left, then what that left: 24 bits of significand in three 8-bit parts), rows [0, N)
-// the first parts, [N, 2 N) the second, [2 N, 3 N) the third, zero rows up to a multiple of 16. A token's logit is
-// (p1 . x + p2 . x) + p3 . x, each product exact and each dot summed in float32 on the tiles: the float32 router's
-// logit to float32's rounding, in another order than route_rows' (so a near-tie can fall the other way: fused calls
-// round differently from small ones anyway). g_fuse_route: off keeps route_rows (A/B runs and tests: _fuse_route).
+// first rounded, then what it left, then what that left: 24 bits of significand in three 8-bit parts), router i's
+// parts in rows 3 i, 3 i + 1, 3 i + 2 - so a slot's routers are 3 n rows in a row from 3 off - and 32 zero rows after
+// (a slot's last tile reads up to 32 rows from its first). A token's logit is (p1 . x + p2 . x) + p3 . x, each product
+// exact and each dot summed in float32 on the tiles: the float32 router's logit to float32's rounding, in another order
+// than route_rows' (so a near-tie can fall the other way: fused calls round differently from small ones anyway).
+// g_fuse_route: off keeps route_rows (A/B runs and tests: _fuse_route).
 bool g_fuse_route = true;
-// Tile rows of split routers up to which run_fused routes on the tiles: every router's logit of every token is
-// computed, where route_rows computes only its slot's - a stack of one adapter of n 8 (24 rows in two tiles) gains,
-// four (96 rows) lose. 90 modules (scripts/ab_modules.py, alternating, medians of 12 rounds; 42nd session, Intel VM):
-// one adapter 128 / 512 rows 18.31 / 49.33 -> 17.93 / 47.58 ms (bare 13.81 / 36.83); four 21.54 / 52.59 against
-// 22.01 / 53.76 on the tiles. (A dense phase A over every LoRA's rows on the same tiles, bit-identical to
-// phase_a_amx's, gained nothing with one adapter, 47.97, and cost with four, 60.06: not kept.)
-constexpr int64_t FUSE_ROUTE_ROWS = 32;
-inline int64_t router_rows(int64_t N) { return (3 * N + 15) / 16 * 16; }
+// The LoRAs a slot may have for run_fused to route it on the tiles (its 3 n rows in two tiles): a token block's logits
+// are computed for the slots of its tokens only, two token blocks a step where both have tokens of the slot. Every
+// slot of a call must fit, else route_rows routes the call. (42nd session, every router's logit of every token, one
+// tile set for the whole stack: one adapter 128 / 512 rows 18.31 / 49.33 -> 17.93 / 47.58 ms, 90 modules, bare 13.81
+// / 36.83; four adapters, 96 rows, 21.54 / 52.59 against 22.01 / 53.76 - so four had stayed on route_rows. A dense
+// phase A over every LoRA's rows on the same tiles, bit-identical to phase_a_amx's, gained nothing with one adapter,
+// 47.97, and cost with four, 60.06: not kept.)
+constexpr int64_t FUSE_ROUTE_LORAS = 10;
 torch::Tensor fused_routers(const torch::Tensor& router) {
   const int64_t N = router.size(0);
-  auto out = torch::zeros({router_rows(N), router.size(1)}, torch::kBFloat16);
+  auto out = torch::zeros({3 * N + 32, router.size(1)}, torch::kBFloat16);
+  auto parts = out.narrow(0, 0, 3 * N).view({N, 3, router.size(1)});
   auto rest = router.to(torch::kFloat32).clone();
   for (int64_t part = 0; part < 3; ++part) {
     auto p = rest.to(torch::kBFloat16);
-    out.narrow(0, part * N, N).copy_(p);
+    parts.select(1, part).copy_(p);
     rest = rest - p.to(torch::kFloat32);
   }
   return out;
 }
-// run_fused's routing on the tiles for n tokens from c0 (x packed at xp): every split router's logit of every token
-// (amx_block over the RR <= 32 rows of R, two token blocks a step), then each routed token's top k within its slot
-// into sel / w. A token block whose routed tokens share one slot takes the top k of its 16 tokens at once (each
-// lane the scalar loop's comparisons in its order: the logits the same sums, ties to the lower index, NaN never
-// taken over a number); a block of several slots token by token (topk_token). g_route_lanes off: every block token
-// by token (A/B runs and tests: _route_lanes). Before, the tiles' logits went out token-major (a scalar transpose)
-// and every token took its top k alone: the routing of a 512-row call took 38.6 us a thread, now 20.3 (module clock,
-// one adapter, 43rd session's Intel VM); 90 bound modules at 128 / 256 / 512 rows 23.69 / 32.80 / 53.42 -> 22.13 /
-// 31.64 / 51.78 ms (bare 18.24 / 25.27 / 39.95; scripts/ab_modules.py, alternating, medians of 20 rounds).
+// Whether run_fused routes these tables' slots on the tiles (each slot that routes has at most FUSE_ROUTE_LORAS).
+inline bool tiles_route(const Routing& rt) {
+  for (int64_t s = 0; s < rt.S; ++s)
+    if (rt.n[s] > FUSE_ROUTE_LORAS && !skips_routing(rt, s)) return false;
+  return true;
+}
+// run_fused's routing on the tiles for n tokens from c0 (x packed at xp; R: fused_routers): for each pair of token
+// blocks, for each slot among their routed tokens, its routers' logits of the blocks that have its tokens, then the
+// top k of those tokens within the slot, for the 16 tokens of a block at once (each lane the scalar loop's
+// comparisons in its order: the logits the same sums, ties to the lower index, NaN never taken over a number).
+// g_route_lanes off: token by token (topk_token; A/B runs and tests: _route_lanes). 43rd session's Intel VM, one
+// adapter: a 512-row call's routing 38.6 -> 20.3 us a thread (module clock; the logits had gone out token-major by a
+// scalar transpose, each token taking its top k alone), 90 bound modules at 128 / 256 / 512 rows 23.69 / 32.80 /
+// 53.42 -> 22.13 / 31.64 / 51.78 ms (bare 18.24 / 25.27 / 39.95; scripts/ab_modules.py, alternating, 20 rounds).
 bool g_route_lanes = true;
-void route_tiles(const uint16_t* R, int64_t RR, const uint32_t* xp, int64_t n, int64_t D, int64_t c0, int64_t N,
-                 const Routing& rt, int64_t* sel, float* w) {
+std::atomic<int64_t> g_route_tiles_calls{0};  // calls of route_tiles since the last read (tests: _route_tiles_calls)
+void route_tiles(const uint16_t* R, const uint32_t* xp, int64_t n, int64_t D, int64_t c0, const Routing& rt,
+                 int64_t* sel, float* w) {
+  ++g_route_tiles_calls;
   const int64_t KB = D / 32, TB = (n + 15) / 16;
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
   _tile_loadconfig(&cfg);
   alignas(64) float c[4][256];
-  const bool two_r = RR > 16;
-  float one[64];
   alignas(64) int32_t bj[16];
+  float one[FUSE_ROUTE_LORAS];
+  std::vector<int64_t> slots;
   for (int64_t tb = 0; tb < TB; tb += 2) {
-    const bool two_t = tb + 1 < TB;
-    amx_block_any(two_t, two_r, R, R + (two_r ? 16 : 0) * D, xp + tb * 256, KB, TB, D, nullptr, 0);
-    _tile_stored(0, c[0], 64);
-    if (two_r) _tile_stored(1, c[1], 64);
-    if (two_t) _tile_stored(2, c[2], 64);
-    if (two_r && two_t) _tile_stored(3, c[3], 64);
-    for (int b = 0; b < (two_t ? 2 : 1); ++b) {
-      const float* rows[32];  // split router row j's logits of the block's 16 tokens
-      for (int j = 0; j < 32; ++j) rows[j] = (j < 16 ? c[2 * b] : c[2 * b + 1]) + (j % 16) * 16;
-      const int64_t q1 = std::min<int64_t>(16, n - (tb + b) * 16), t0 = c0 + (tb + b) * 16;
-      int64_t slot = -2;  // the block's one slot (-2: none yet, -3: several)
-      for (int64_t q = 0; q < q1; ++q) {
-        const int64_t sl = routed_slot(rt, t0 + q);
-        if (sl >= 0) slot = slot == -2 || slot == sl ? sl : -3;
-      }
-      if (slot == -2) continue;
-      if (slot == -3 || !g_route_lanes || skips_routing(rt, slot) || rt.n[slot] > 31) {
-        for (int64_t q = 0; q < q1; ++q) {
-          const int64_t t = t0 + q, sl = routed_slot(rt, t);
-          if (sl < 0) continue;
-          for (int64_t i = 0, o = rt.off[sl]; i < rt.n[sl]; ++i) one[i] = (rows[o + i][q] + rows[N + o + i][q]) + rows[2 * N + o + i][q];
-          topk_token(one, t, sl, rt, sel, w);
-        }
+    const int64_t tn = std::min<int64_t>(32, n - tb * 16), t0 = c0 + tb * 16;
+    slots.clear();
+    for (int64_t q = 0; q < tn; ++q) {
+      const int64_t sl = routed_slot(rt, t0 + q);
+      if (sl < 0) continue;
+      if (skips_routing(rt, sl)) {
+        topk_token(nullptr, t0 + q, sl, rt, sel, w);
         continue;
       }
-      const int64_t o = rt.off[slot], ns = rt.n[slot], ks = rt.k[slot];
-      __m512i taken = _mm512_setzero_si512();
-      for (int64_t j = 0; j < ks; ++j) {
-        __m512i best = _mm512_set1_epi32(-1);
-        __m512 value = _mm512_setzero_ps();
-        for (int64_t i = 0; i < ns; ++i) {
-          const __m512 li = _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(rows[o + i]), _mm512_load_ps(rows[N + o + i])),
-                                          _mm512_load_ps(rows[2 * N + o + i]));
-          const __mmask16 avail = _mm512_testn_epi32_mask(taken, _mm512_set1_epi32(1 << i));
-          const __mmask16 none = _mm512_cmplt_epi32_mask(best, _mm512_setzero_si512());
-          const __mmask16 gt = _mm512_cmp_ps_mask(li, value, _CMP_GT_OQ);
-          const __mmask16 take = avail & (none | gt);
-          best = _mm512_mask_mov_epi32(best, take, _mm512_set1_epi32(static_cast<int>(i)));
-          value = _mm512_mask_mov_ps(value, take, li);
+      if (std::find(slots.begin(), slots.end(), sl) == slots.end()) slots.push_back(sl);
+    }
+    for (const int64_t sl : slots) {
+      __mmask16 lanes[2] = {0, 0};  // the block's tokens of this slot
+      for (int64_t q = 0; q < tn; ++q)
+        if (routed_slot(rt, t0 + q) == sl) lanes[q / 16] |= static_cast<__mmask16>(1u << (q % 16));
+      const int64_t o = rt.off[sl], ns = rt.n[sl], ks = rt.k[sl];
+      const bool two_r = 3 * ns > 16, both = lanes[0] && lanes[1];
+      const uint16_t* r0 = R + 3 * o * D;
+      const int b0 = lanes[0] ? 0 : 1;  // the first block with the slot's tokens
+      amx_block_any(both, two_r, r0, r0 + (two_r ? 16 : 0) * D, xp + (tb + b0) * 256, KB, TB, D, nullptr, 0);
+      _tile_stored(0, c[0], 64);
+      if (two_r) _tile_stored(1, c[1], 64);
+      if (both) _tile_stored(2, c[2], 64);
+      if (two_r && both) _tile_stored(3, c[3], 64);
+      for (int b = b0; b < 2; ++b) {
+        if (!lanes[b]) continue;
+        const int tile = both ? 2 * b : 0;  // (c[0..1]: the first block computed, c[2..3]: the second)
+        const auto row = [&](int64_t j) { return (j < 16 ? c[tile] : c[tile + 1]) + (j % 16) * 16; };
+        const int64_t tq = tb * 16 + b * 16;  // the block's first token (of the n)
+        if (!g_route_lanes) {
+          for (int64_t q = 0; q < 16; ++q) {
+            if (!((lanes[b] >> q) & 1)) continue;
+            for (int64_t i = 0; i < ns; ++i) one[i] = (row(3 * i)[q] + row(3 * i + 1)[q]) + row(3 * i + 2)[q];
+            topk_token(one, c0 + tq + q, sl, rt, sel, w);
+          }
+          continue;
         }
-        taken = _mm512_or_si512(taken, _mm512_sllv_epi32(_mm512_set1_epi32(1), best));
-        _mm512_store_si512(bj, best);
-        for (int64_t q = 0; q < q1; ++q) {
-          const int64_t t = t0 + q;
-          if (routed_slot(rt, t) < 0) continue;
-          sel[t * rt.kmax + j] = o + bj[q];
-          w[t * rt.kmax + j] = rt.omega[slot];
+        __m512 li[FUSE_ROUTE_LORAS];
+        for (int64_t i = 0; i < ns; ++i)
+          li[i] = _mm512_add_ps(_mm512_add_ps(_mm512_load_ps(row(3 * i)), _mm512_load_ps(row(3 * i + 1))),
+                                _mm512_load_ps(row(3 * i + 2)));
+        __m512i taken = _mm512_setzero_si512();
+        for (int64_t j = 0; j < ks; ++j) {
+          __m512i best = _mm512_set1_epi32(-1);
+          __m512 value = _mm512_setzero_ps();
+          for (int64_t i = 0; i < ns; ++i) {
+            const __mmask16 avail = _mm512_testn_epi32_mask(taken, _mm512_set1_epi32(1 << i));
+            const __mmask16 none = _mm512_cmplt_epi32_mask(best, _mm512_setzero_si512());
+            const __mmask16 gt = _mm512_cmp_ps_mask(li[i], value, _CMP_GT_OQ);
+            const __mmask16 take = avail & (none | gt);
+            best = _mm512_mask_mov_epi32(best, take, _mm512_set1_epi32(static_cast<int>(i)));
+            value = _mm512_mask_mov_ps(value, take, li[i]);
+          }
+          taken = _mm512_or_si512(taken, _mm512_sllv_epi32(_mm512_set1_epi32(1), best));
+          _mm512_store_si512(bj, best);
+          for (int64_t q = 0; q < 16; ++q) {
+            if (!((lanes[b] >> q) & 1)) continue;
+            const int64_t t = c0 + tq + q;
+            sel[t * rt.kmax + j] = o + bj[q];
+            w[t * rt.kmax + j] = rt.omega[sl];
+          }
         }
       }
     }
@@ -314,7 +337,7 @@ struct FusedU {
 };
 
 // btt: [O, fuse_cols(pl)] bfloat16, B^T's transpose with zero columns past N r; W [O, D], bias [O] or null.
-// rtt: the routers on tiles (fused_routers), or null: route_rows (also past FUSE_ROUTE_ROWS rows of them).
+// rtt: the routers on tiles (fused_routers), or null: route_rows (also where a slot has more than FUSE_ROUTE_LORAS).
 void run_fused(const uint16_t* xh, uint16_t* yh, int64_t T, const Pools& pl, const Routing* rt, int64_t* sel, float* w,
                int64_t k, const uint16_t* W, const uint16_t* bias, const uint16_t* btt, const uint16_t* rtt) {
   const int64_t D = pl.D, O = pl.O, r = pl.r;
@@ -329,14 +352,13 @@ void run_fused(const uint16_t* xh, uint16_t* yh, int64_t T, const Pools& pl, con
     const int64_t t0 = std::min(T, TB * h / nh * 16), t1 = std::min(T, TB * (h + 1) / nh * 16);
     std::vector<float> U;
     FusedU fu;
-    const int64_t RR = router_rows(pl.N);
-    const bool tile_route = rtt && RR <= FUSE_ROUTE_ROWS;
+    const bool tile_route = rtt && rt && tiles_route(*rt);
     for (int64_t c0 = t0; c0 < t1; c0 += TILE_BF16) {
       const int64_t c1 = std::min(t1, c0 + TILE_BF16), n = c1 - c0;
       const uint32_t* xp = amx_pack_here(xh + c0 * D, n, D);
       clk.lap(MS_PAIRS_PACK);
       if (rt && tile_route) {  // the logits of every router on the tiles, then each routed token's top k within its slot
-        route_tiles(rtt, RR, xp, n, D, c0, pl.N, *rt, sel, w);
+        route_tiles(rtt, xp, n, D, c0, *rt, sel, w);
       } else if (rt) {
         route_rows(xb, 0, D, c0, c1, *rt, sel, w);
       }

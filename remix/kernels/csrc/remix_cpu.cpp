@@ -68,8 +68,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef REMIX_AMX
   m.def("_amx_tokens", [](bool on) { return std::exchange(g_amx_tokens, on); },
         "A/B runs and tests: bfloat16 linears from 128 rows on AMX tiles by token shares (default) or oneDNN's");
-  m.def("_phase_a_pair", [](bool on) { return std::exchange(g_phase_a_pair, on); });
-  m.def("_route_lanes", [](bool on) { return std::exchange(g_route_lanes, on); });
+  m.def("_phase_a_pair", [](bool on) { return std::exchange(g_phase_a_pair, on); },
+        "A/B runs and tests: phase A on tiles two row tiles at a time (default) or one");
+  m.def("_route_lanes", [](bool on) { return std::exchange(g_route_lanes, on); },
+        "A/B runs and tests: a fused call's top k for a token block's tokens of one slot at once (default) or one by one");
+  m.def("_route_tiles_calls", []() { return g_route_tiles_calls.exchange(0); },
+        "tests: how many token tiles of fused calls were routed on the AMX tiles since the last call");
   m.def("_fuse_route", [](bool on) { return std::exchange(g_fuse_route, on); },
         "A/B runs and tests: fused calls route on the tiles (default) or by route_rows");
   m.def("_fuse_from", [](int64_t rows) { return std::exchange(g_fuse_from, rows); },
