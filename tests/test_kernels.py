@@ -1231,9 +1231,11 @@ def test_compiled_gather_skips_a_padded_ranks_zeros_and_gives_the_same_result(dt
 
 @pytest.mark.parametrize("T", [1, 7, 17, 32, 63, 64, 100, 300])  # the split path (threads share the tiles), the token path
 @pytest.mark.parametrize("D", [64, 96])
-def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D):
+@pytest.mark.parametrize("top", [24, 32])  # the largest rank: tiles of 16 and 8 rows, or two of 16 (taken together)
+def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D, top):
     """bfloat16 x and pools on a CPU with AMX-BF16: phase A on tiles (U^T = A X^T over the selected LoRAs' rows, tiles
-    of up to 16 rows: two rank-8 LoRAs side by side, a rank-3 LoRA alone, a rank-24 LoRA in tiles of 16 and 8) gives y
+    of up to 16 rows: two rank-8 LoRAs side by side, a rank-3 LoRA alone, a rank-24 LoRA in tiles of 16 and 8 or a
+    rank-32 one in two of 16) gives y
     = round(y0 + delta) with delta from a float64 reference of the same bfloat16 values and selections, to one
     bfloat16 rounding; the same selections as the vdpbf16ps path (routing is not on tiles); each row alone gets the
     bits it gets in the batch; a stack padded to r = 24 with each LoRA's own rank gives the padded stack's bits;
@@ -1242,9 +1244,9 @@ def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D):
     try:
         if not ext._amx_phase_a(True):
             pytest.skip("no AMX-BF16 here (or turned off): phase A runs on vdpbf16ps")
-        n, O, ranks = 4, 48, [3, 8, 24]
+        n, O, ranks = 4, 48, [3, 8, top]
         r = max(ranks)
-        g = torch.Generator().manual_seed(T * 7 + D)
+        g = torch.Generator().manual_seed(T * 7 + D + top)
         A, B = make_stack(ranks, n, D, O, torch.float32, seed=T + D)  # [3n, r, D], [3n, O, r], zero past each rank
         a = (A.reshape(-1, D) * 3).bfloat16().contiguous()
         bt = B.transpose(1, 2).reshape(-1, O).bfloat16().contiguous()
