@@ -1300,6 +1300,16 @@ def test_compiled_bfloat16_phase_a_on_amx_tiles(T, D, top):
             ext._phase_a_pair(True)
 
 
+def _fused_calls_or_skip(why: str):
+    """The compiled module where bfloat16 calls of 128 rows or more run fused (AMX-BF16, phase A on tiles), else skip."""
+    from remix.kernels import cpu_ext
+
+    ext = _compiled()
+    if not cpu_ext.amx_bf16() or not ext._amx_phase_a(True):
+        pytest.skip(f"no AMX-BF16 here: {why}")
+    return ext
+
+
 def test_fused_calls_route_each_slot_on_its_own_tiles():
     """A fused call of several adapters routes on the tiles too: for each pair of token blocks, each slot among their
     tokens gets its own routers' logits (3 n rows from 3 off of the split routers) for the blocks holding its tokens.
@@ -1308,9 +1318,7 @@ def test_fused_calls_route_each_slot_on_its_own_tiles():
     same taken lane by lane or token by token; a slot of 11 LoRAs sends the call back to route_rows."""
     from remix.kernels import cpu_ext
 
-    ext = _compiled()
-    if not cpu_ext.amx_bf16() or not ext._amx_phase_a(True):
-        pytest.skip("no AMX-BF16 here: no fused calls")
+    ext = _fused_calls_or_skip("no fused calls")
     D, O, r = 64, 48, 8
     g = torch.Generator().manual_seed(9)
     base = torch.nn.Linear(D, O, bias=False).bfloat16()
@@ -1365,9 +1373,7 @@ def test_bfloat16_delta_fused_into_amx_gemm(T, D, O):
     unfused path."""
     from remix.kernels import cpu_ext
 
-    ext = _compiled()
-    if not cpu_ext.amx_bf16() or not ext._amx_phase_a(True):
-        pytest.skip("no AMX-BF16 here: bfloat16 calls keep phase B")
+    ext = _fused_calls_or_skip("bfloat16 calls keep phase B")
     n, ranks = 4, [3, 8, 24]
     r = max(ranks)
     g = torch.Generator().manual_seed(T + D)
@@ -1438,18 +1444,16 @@ def test_bfloat16_delta_fused_into_amx_gemm(T, D, O):
 
 
 def test_fused_calls_route_on_tiles():
-    """A fused call (bfloat16 on AMX, 128 rows or more) of a small stack routes on the tiles: each float32 router split
-    into three bfloat16 rows that sum to it, every router's logit of every token from the tiles, then each token's top
-    k within its slot. With a ReMix adapter (n 8, k 2) and a plain LoRA (n 1: no routing) beside tokens of neither, the
+    """A fused call (bfloat16 on AMX, 128 rows or more) routes on the tiles: each float32 router split into three
+    bfloat16 rows that sum to it, its slot's routers' logits of every routed token from the tiles, then each token's
+    top k within its slot. With a ReMix adapter (n 8, k 2) and a plain LoRA (n 1: no routing) beside tokens of neither, the
     call runs fused (its y is not the unfused path's); the selections are a float64 top k's wherever the logits leave
     a margin (a router not split exactly would miss some), and route_rows' (no near-tie in these random logits), and so
     is y, bit for bit. The top k of a token block whose tokens share a slot, taken for its 16 tokens at once, is the
     token-by-token loop's: with equal routers (ties) and a NaN row too."""
     from remix.kernels import cpu_ext
 
-    ext = _compiled()
-    if not cpu_ext.amx_bf16() or not ext._amx_phase_a(True):
-        pytest.skip("no AMX-BF16 here: no fused calls")
+    ext = _fused_calls_or_skip("no fused calls")
     D, O, r = 64, 48, 8
     g = torch.Generator().manual_seed(5)
     base = torch.nn.Linear(D, O, bias=False).bfloat16()

@@ -326,15 +326,16 @@ void phase_a_amx(const Pairs& pr, const Pools& pl, const uint32_t* xp, int64_t T
       _tile_loadconfig(&cfg);
       configured = tl.m;
     }
+    // the token blocks each tile's pairs are in (need[which * TB + block]), and its cursors at its LoRAs' first pairs
     std::fill(need.begin(), need.end(), 0);
-    for (int64_t p = pr.start[tl.i0]; p < pr.start[tl.i1]; ++p) need[(pos ? pos[pr.rows[p]] : pr.rows[p]) / 16] = 1;
-    if (two)
-      for (int64_t p = pr.start[t2->i0]; p < pr.start[t2->i1]; ++p) need[TB + (pos ? pos[pr.rows[p]] : pr.rows[p]) / 16] = 1;
+    const auto start = [&](const ATile& t, int which) {
+      for (int64_t p = pr.start[t.i0]; p < pr.start[t.i1]; ++p) need[which * TB + block_of(p)] = 1;
+      for (int64_t i = t.i0; i < t.i1; ++i) curs[which][i] = pr.start[i];
+    };
+    start(tl, 0);
+    if (two) start(*t2, 1);
     const uint16_t* a = A + tl.row0 * D;
     const uint16_t* a2 = two ? A + t2->row0 * D : a;
-    for (int64_t i = tl.i0; i < tl.i1; ++i) curs[0][i] = pr.start[i];
-    if (two)
-      for (int64_t i = t2->i0; i < t2->i1; ++i) curs[1][i] = pr.start[i];
     const int64_t un = u + (two ? 2 : 1);
     const ATile* next = un < u1 ? &tiles[un] : nullptr;  // its rows prefetched (into L2) during the first pass
     bool first = true;

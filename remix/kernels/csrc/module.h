@@ -357,7 +357,7 @@ void run_fused(const uint16_t* xh, uint16_t* yh, int64_t T, const Pools& pl, con
       const int64_t c1 = std::min(t1, c0 + TILE_BF16), n = c1 - c0;
       const uint32_t* xp = amx_pack_here(xh + c0 * D, n, D);
       clk.lap(MS_PAIRS_PACK);
-      if (rt && tile_route) {  // each slot's routers' logits on the tiles, then its tokens' top k (route_tiles)
+      if (tile_route) {  // each slot's routers' logits on the tiles, then its tokens' top k (route_tiles)
         route_tiles(rtt, xp, n, D, c0, *rt, sel, w);
       } else if (rt) {
         route_rows(xb, 0, D, c0, c1, *rt, sel, w);
