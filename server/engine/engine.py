@@ -585,7 +585,8 @@ class Engine:
         trace = any(s.request.trace for s in seqs)
         every = [i for i, s in enumerate(seqs) if s.params.prompt_logprobs is not None]
         logits = self.runner.forward(first, tokens, torch.tensor([s.num_computed for s in seqs]), counts,
-                                     torch.tensor([s.adapter_slot for s in seqs]), trace=trace, every_token=every)
+                                     torch.tensor([s.adapter_slot for s in seqs]), trace=trace, every_token=every,
+                                     prompt=True)
         self._collect_trace(seqs, counts, trace)
         for i in every:
             self._prompt_logprobs(seqs[i], plan[i][1], self.runner.last_every[i])

@@ -289,7 +289,7 @@ class LeanForward:
         return self.compiled and device.type == "cpu" and cpu_ext.for_input(torch.empty(0, dtype=dtype)) is not None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
-                 lens: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                 lens: torch.Tensor | None = None, rows: torch.Tensor | None = None, prompt: bool = False) -> torch.Tensor:
         """Hidden states [b, q, D] after the final norm; ``cache`` is the runner's prepared slot cache. ``lens`` (one
         query per row: row i attends to its first lens[i] positions, which is what ``mask`` says) lets the compiled
         decode attention stand in for SDPA.
@@ -298,7 +298,10 @@ class LeanForward:
         (embedding, norms, rotary, linears, adapters) then runs on those tokens only and the result is [len(rows), D];
         only the attention sees the padded [b, q] layout (padding rows' keys and values are zeros, masked out). A
         prefill step whose chunks differ in length would otherwise spend its GEMMs on padding (a step of chunks 11,
-        128, 128, 128 and 106 tokens: 640 rows for 481 tokens)."""
+        128, 128, 128 and 106 tokens: 640 rows for 481 tokens).
+
+        ``prompt``: prefill chunks of prompt tokens (not checked drafts): the compiled prefill attention takes its
+        prompt kernel (``slot_attention``'s ``prompt``)."""
         inner, H, Hkv, Dh = self.inner, self.H, self.Hkv, self.Dh
         b, q = tokens.shape
         h = inner.embed_tokens(tokens if rows is None else tokens.reshape(-1)[rows])
@@ -355,7 +358,7 @@ class LeanForward:
             else:  # prefill chunks or checked drafts: each real token a row of its own, of its slot, at its position
                 tok_pos = positions.reshape(-1)[flat].reshape(-1, 1)
                 out = stack.run(h.view(-1, 1, h.shape[-1]), cos, sin, K, V, 0, tok_pos, tok_lens, get_context().slots,
-                                Ks, Vs, tok_slots)
+                                Ks, Vs, tok_slots, prompt=prompt)
             if out is not None:
                 h, pending = out[0].view(h.shape), out[1].view(h.shape)
                 return norm(inner.norm)
@@ -387,7 +390,7 @@ class LeanForward:
                 if cache.quantized:
                     o = pre.slot_attention_q8(tokens_qk, K, V, *cache.scales(i), tok_slots, tok_lens, H, at.scaling)
                 else:
-                    o = pre.slot_attention(tokens_qk, K, V, tok_slots, tok_lens, H, at.scaling)
+                    o = pre.slot_attention(tokens_qk, K, V, tok_slots, tok_lens, H, at.scaling, prompt=prompt)
                 o = o.reshape(-1, H * Dh) if rows is not None else o.reshape(b, q, H * Dh)
             else:
                 k, v = cache.read(i)  # [b, Hkv, span, Dh]

@@ -85,7 +85,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, first_slot: int, tokens: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
                 adapter_slots: torch.Tensor, trace: bool = False, decode: bool = False,
-                every_token: list[int] | None = None) -> torch.Tensor:
+                every_token: list[int] | None = None, prompt: bool = False) -> torch.Tensor:
         """Run rows [first_slot, first_slot + b) of the cache.
 
         tokens [b, q] (row i's first counts[i] are real, the rest padding), starts [b] position of
@@ -98,6 +98,10 @@ class ModelRunner:
         paths (the compiled decode stack, a CUDA graph); a prefill chunk of one token does not, so every prompt token
         goes through the same attention whatever shares its step (on CPU the same compiled kernel as a decode token;
         elsewhere SDPA, which rounds differently from the decode paths).
+
+        ``prompt``: the tokens are prompt tokens (the engine's prefill chunks, not checked drafts): on the compiled CPU
+        path in bfloat16 with AMX their attention takes the tile kernel (``slot_attention``'s ``prompt``: each token's
+        output its own, whatever shares its chunk, though not the decode kernel's rounding; not in batch-invariant mode).
         """
         if decode:
             assert tokens.shape[1] == 1 and bool((counts == 1).all()), "a decode step has one token per row"
@@ -125,7 +129,8 @@ class ModelRunner:
         set_context(ctx)
         try:
             if lean:
-                hidden = self.lean(tokens, positions, mask, self.cache, lens=starts + 1 if decode else None, rows=rows)
+                hidden = self.lean(tokens, positions, mask, self.cache, lens=starts + 1 if decode else None, rows=rows,
+                                   prompt=prompt and not decode)
             else:
                 hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                                           use_cache=True, **{self._cache_arg: self.cache}).last_hidden_state

@@ -96,11 +96,12 @@ struct DecodeStack {
   // Ks, Vs: an 8-bit cache's scales, one per layer (K and V int8), or empty.
   // cache_rows (int64 [b], or empty): row i is a token of cache row cache_rows[i] at position pos[i] (attending to its
   // first lens[i] positions) - the tokens of prefill chunks or checked drafts, several to a row, as the Python loop's
-  // slot_attention and kv writes take them; empty: a decode step, row i of cache row row0 + i.
+  // slot_attention and kv writes take them; empty: a decode step, row i of cache row row0 + i. prompt (with cache_rows):
+  // those tokens are prompt tokens (slot_attention's prompt).
   pybind11::object run(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, const std::vector<torch::Tensor>& K,
                        const std::vector<torch::Tensor>& V, int64_t row0, torch::Tensor pos, torch::Tensor lens,
                        torch::Tensor slots, const std::vector<torch::Tensor>& Ks, const std::vector<torch::Tensor>& Vs,
-                       torch::Tensor cache_rows) const {
+                       torch::Tensor cache_rows, bool prompt) const {
     TORCH_CHECK(K.size() == layers.size() && V.size() == layers.size(), "one K and one V cache per layer");
     const bool q8 = !Ks.empty();
     TORCH_CHECK(!q8 || (Ks.size() == layers.size() && Vs.size() == layers.size()), "one K and one V scale tensor per layer");
@@ -172,7 +173,7 @@ struct DecodeStack {
         kv_write_(K[i], k, row0, pos, at_rows);
         kv_write_(V[i], v, row0, pos, at_rows);
         clock.lap(OP_KV_WRITE);
-        o = attention_at(qk, K[i], V[i], row0, at_rows, lens, H, scaling);
+        o = attention_at(qk, K[i], V[i], row0, at_rows, lens, H, scaling, prompt && by_rows);
       }
       o = o.reshape({b, H, 1, Dh}).transpose(1, 2).reshape({b, 1, H * Dh});
       clock.lap(OP_ATTENTION);

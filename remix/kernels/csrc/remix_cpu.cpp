@@ -17,6 +17,7 @@
 #include "vec_math.h"
 #include "attention.h"
 #include "attention_q8.h"
+#include "attention_amx.h"
 #include "ops.h"
 #include "sampling.h"
 #include "layer_ops.h"
@@ -57,6 +58,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tests and A/B runs: a one-LoRA slot's routing skipped (its LoRA every token's top 1; default on)");
   m.def("_module_call_raw", [](bool on) { g_raw_call = on; }, "tests and A/B runs: ModuleCall's call on raw pointers (default on)");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
+#ifdef REMIX_AMX
+  m.def("_prompt_tiles", [](bool on) { return std::exchange(g_prompt_tiles, on); },
+        "A/B runs and tests: prompt tokens' attention on AMX tiles (default) or the decode kernel; returns the setting before");
+  m.def("_prompt_tiles_calls", []() { return g_prompt_tiles_calls.exchange(0); },
+        "tests: how many attention calls of prompt tokens took the AMX tiles since the last call");
+#endif
   m.def("_ahead_cover", [](double c) { return std::exchange(g_ahead_cover, c); },
         "A/B runs: prefetch a slot's pools from tokens x k >= c x n; returns the setting before");
   m.def("_own_bt", [](bool on, double start) {
@@ -90,7 +97,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("cache"), pybind11::arg("scales"), pybind11::arg("fresh"), pybind11::arg("row0"), pybind11::arg("pos"),
         pybind11::arg("rows") = torch::empty({0}, torch::kInt64));
   m.def("decode_attention_q8", &decode_attention_q8, "decode_attention over an 8-bit cache (int8 K, V and float32 scales)");
-  m.def("slot_attention", &slot_attention, "decode_attention with query row i reading cache row slots[i] (prefill chunks)");
+  m.def("slot_attention", &slot_attention, "decode_attention with query row i reading cache row slots[i] (prefill chunks; "
+        "prompt: prompt tokens, on AMX tiles where they apply)", pybind11::arg("qk"), pybind11::arg("K"), pybind11::arg("V"),
+        pybind11::arg("slots"), pybind11::arg("lens"), pybind11::arg("Hq"), pybind11::arg("scale"),
+        pybind11::arg("prompt") = false);
   m.def("slot_attention_q8", &slot_attention_q8, "slot_attention over an 8-bit cache");
   m.def("_attention_q8_int", [](bool on) {
 #ifdef REMIX_Q8_VNNI
@@ -226,5 +236,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &DecodeStack::run, "the decoder layers of one decode step, or of tokens of given cache rows: (h, "
            "pending) or None (see the source)", pybind11::arg("h"), pybind11::arg("cos"), pybind11::arg("sin"),
            pybind11::arg("K"), pybind11::arg("V"), pybind11::arg("row0"), pybind11::arg("pos"), pybind11::arg("lens"),
-           pybind11::arg("slots"), pybind11::arg("Ks"), pybind11::arg("Vs"), pybind11::arg("cache_rows") = torch::empty({0}, torch::kInt64));
+           pybind11::arg("slots"), pybind11::arg("Ks"), pybind11::arg("Vs"), pybind11::arg("cache_rows") = torch::empty({0}, torch::kInt64),
+           pybind11::arg("prompt") = false);
 }
