@@ -355,3 +355,23 @@ def test_spec_bench_measures_both_engines_and_both_hf_modes_on_two_workloads(tmp
         assert all(r["identical_with_and_without"] == 1.0 for r in sampled["results"].values())
     with pytest.raises(SystemExit):
         bench_spec.main(["--base", "tiny", "--prompt-lookup-min", "3", "--prompt-lookup-max", "2"])
+
+
+def test_prompt_bench_measures_the_prompt_tiles_the_decode_kernel_and_hf(tmp_path):
+    from server import bench_prompt
+
+    if not (cpu_ext.amx_bf16() and hasattr(cpu_ext.load(), "_prompt_tiles")):
+        pytest.skip("no prompt tiles on this CPU (AMX-BF16)")
+    out = bench_prompt.main(["--base", "tiny", "--dtype", "bfloat16", "--prompt-tokens", "40,90", "--new-tokens", "3",
+                             "--concurrency", "2", "--repeats", "2", "--json", str(tmp_path / "t.json"),
+                             "--markdown", str(tmp_path / "t.md")])
+    assert [r["prompt_tokens"] for r in out["results"]] == [40, 90]
+    for r in out["results"]:
+        for name in ("tiles", "decode_kernel"):
+            assert len(r[name]["runs"]) == 2 and r[name]["ttft_s"] == min(x["ttft_s"] for x in r[name]["runs"])
+        rounds = [a["ttft_s"] / b["ttft_s"] for a, b in zip(r["tiles"]["runs"], r["decode_kernel"]["runs"])]
+        assert math.isclose(r["tiles_over_decode_kernel_ttft"], sum(rounds) / 2, rel_tol=1e-6)
+        assert math.isclose(r["hf_over_tiles_ttft"], r["hf_generate"]["ttft_s"] / r["tiles"]["ttft_s"], rel_tol=1e-6)
+        assert 0 <= r["common_prefix_share"] <= 1 and 0 <= r["identical_replies"] <= 1
+    assert cpu_ext.load()._prompt_tiles(True)  # left on
+    assert "| 90 |" in (tmp_path / "t.md").read_text()

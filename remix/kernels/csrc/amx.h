@@ -10,9 +10,10 @@ namespace {
 // AMX-BF16. Y^T = W X^T tile by tile, so W's rows load into tiles as they lie in memory (no packed copy of the weights):
 // a W tile is 16 rows x 32 inputs, an X tile 16 pairs of inputs x 16 tokens (VNNI: each 32-bit element a pair of
 // bfloat16 of one token), packed from X on every call (~1-5 us at a decode step's size). TDPBF16PS adds the products of
-// each pair into float32 (Intel SDM: round to nearest even, denormals flushed) in input order, one 32-input block after
-// another: one order per output whatever the token count or split, so a row's outputs are bit-identical alone or in any
-// batch. The float32 tile is transposed in registers, the bias added, one rounding to bfloat16 (vcvtneps2bf16).
+// each pair into float32 (Intel SDM: round to nearest even, denormals flushed; the SDM writes it as a sequential sum, but
+// the hardware here rounds otherwise - 35 % of random outputs match that order, 43 % the exact sum rounded once: 44th
+// session), one 32-input block after another: one order per output whatever the token count or split, so a row's
+// outputs are bit-identical alone or in any batch. The float32 tile is transposed in registers, the bias added, one rounding to bfloat16 (vcvtneps2bf16).
 // Measured on the 2-core Intel VM with AMX (2026-12-02, weights cold, 576 <-> 1536): 32 rows 95-125 us (up to ~200 in
 // this VM's slow spells) against the AVX512-BF16 dot_gemm's 490-690 and oneDNN's 200-330 (which reorders the weight on
 // every call); 1 row ~70-110 us, as dot_gemm (a GEMV: memory-bound either way). (Twenty-fourth session's Intel VM, all

@@ -39,8 +39,8 @@ struct PackedKV {
   std::vector<uint32_t> k, v;
   void pack(const uint16_t* K, const uint16_t* V, int64_t n) {
     const int64_t nk = (n + 15) / 16, nv = (n + 31) / 32;
-    k.resize(nk * KS * 256);
-    v.resize(nv * NS * 256);
+    if (static_cast<int64_t>(k.size()) < nk * KS * 256) k.resize(nk * KS * 256);
+    if (static_cast<int64_t>(v.size()) < nv * NS * 256) v.resize(nv * NS * 256);
     for (int64_t b = 0; b < nk; ++b)
       for (int s = 0; s < KS; ++s) {
         __m512i r[16];
@@ -100,11 +100,14 @@ void prompt_attention_amx(const uint16_t* q, int64_t q_row, const uint16_t* K, c
     TileConfig cfg;
     for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
     _tile_loadconfig(&cfg);
-    PackedKV<DH> kv;
+    // a thread's buffers, kept between calls (every element read is written first in the call)
+    thread_local PackedKV<DH> kv;
+    thread_local std::vector<float> sc;  // scores, a row per tile row
+    thread_local std::vector<uint16_t> pw;  // weights (bfloat16), a row per tile row
     int64_t packed_slot = -1, packed_g = -1, packed_n = 0;
     const int64_t wide = (P + 31) / 32 * 32;
-    std::vector<float> sc(16 * wide);  // scores, a row per tile row
-    std::vector<uint16_t> pw(16 * wide);  // weights (bfloat16), a row per tile row
+    if (static_cast<int64_t>(sc.size()) < 16 * wide) sc.resize(16 * wide);
+    if (static_cast<int64_t>(pw.size()) < 16 * wide) pw.resize(16 * wide);
     alignas(64) uint16_t qb[16 * DH];
     alignas(64) float ob[NS][256];
     alignas(64) float row_out[DH];
