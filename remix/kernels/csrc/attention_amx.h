@@ -94,6 +94,7 @@ void prompt_attention_amx(const uint16_t* q, int64_t q_row, const uint16_t* K, c
   }
   const int64_t nt = static_cast<int64_t>(tiles.size());
   g_prompt_tiles_calls.fetch_add(1, std::memory_order_relaxed);
+  if (nt == 0) return;
 #pragma omp parallel num_threads(region_threads(nt))
   {
     const auto [h, nh] = region_thread();
