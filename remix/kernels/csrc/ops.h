@@ -530,8 +530,8 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
 }
 
 // decode_attention with each query row i reading cache row slots[i] (int64 [b]): a prefill chunk's tokens, several to
-// a slot, each over its own first lens[i] positions (its position + 1) - the same kernel and order as a decode token's.
-// prompt: the rows are prompt tokens (attention_at's prompt).
+// a slot, each over its own first lens[i] positions (its position + 1) - the same kernel and order as a decode token's;
+// with prompt (the rows are prompt tokens, not checked drafts), in bfloat16 on AMX, prompt_attention_amx instead.
 torch::Tensor slot_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tensor lens,
                              int64_t Hq, double scale, bool prompt) {
   return attention_at(qk, K, V, 0, slots.contiguous(), lens, Hq, scale, prompt);
