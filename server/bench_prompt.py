@@ -1,12 +1,12 @@
-"""Long prompts: time to first token with prompt tokens' attention on AMX tiles, against the same engine with its prompt
-tokens on the decode kernel and against HF generate, in one run.
+"""Long prompts: time to first token with prompt tokens' attention by tiles of tokens (AMX tiles, or AVX512-BF16 vectors),
+against the same engine with its prompt tokens on the decode kernel and against HF generate, in one run.
 
     python -m server.bench_prompt --json out.json [--prompt-tokens 512,1024,2048,4096] [--concurrency 1]
-                                  [--new-tokens 16] [--repeats 2] [--dtype auto|bfloat16|float32]
+                                  [--new-tokens 16] [--repeats 2] [--dtype auto|bfloat16|float32] [--form vectors]
 
 On the default base (no adapter), for each prompt length: two engines of the server's default configuration, one with
-prompt tokens' attention on AMX tiles (``tiles``, the default where the CPU has AMX-BF16 and the model is bfloat16)
-and one with every token's attention on the decode kernel (``decode_kernel``: the compiled kernels' ``_prompt_tiles``
+prompt tokens' attention by tiles of tokens (``tiles``, the default for a bfloat16 model: on AMX tiles where the CPU
+has AMX-BF16, else on AVX512-BF16 vectors) and one with every token's attention on the decode kernel (``decode_kernel``: the compiled kernels' ``_prompt_tiles``
 switched off before each of its steps), serve the same ``--concurrency`` greedy requests of that many prompt tokens
 and ``--new-tokens`` new tokens, stepped in turn (a slow spell of the machine lands on both); each engine's times are
 its own steps'. ``--repeats`` rounds after an uncounted first one; per round each engine's mean time to first token
@@ -44,6 +44,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="counted rounds (after one uncounted)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
+    ap.add_argument("--form", default="default", choices=("default", "vectors"),
+                    help="the prompt kernel's form: as the server takes it (AMX tiles where the CPU has them), or its "
+                         "AVX512-BF16 vectors even there (what a CPU without AMX runs)")
     args = ap.parse_args(argv)
     try:
         lengths = [int(n) for n in args.prompt_tokens.split(",")]
@@ -58,13 +61,15 @@ def main(argv=None) -> dict:
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     ext = cpu_ext.load()
     if ext is None or not hasattr(ext, "_prompt_tiles"):
-        ap.error("the compiled kernels here have no prompt tiles (a CPU without AMX-BF16, or no kernels): nothing to compare")
+        ap.error("the compiled kernels here have no prompt kernel (a CPU without AVX512-BF16, or no kernels): nothing to "
+                 "compare")
     model, tok = remix.load_base(args.base, dtype=dtype)  # the HF peer
     C, N = args.concurrency, args.new_tokens
     greedy = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
     max_len = max(lengths) + N + 8
     engines = {name: Engine(remix.load_base(args.base, dtype=dtype)[0], tok, EngineConfig(
         max_model_len=max_len, max_num_seqs=C, max_queue=1024, prefix_caching=False)) for name in NAMES}
+    ext._prompt_amx(args.form == "default")
     switch = {"tiles": lambda: ext._prompt_tiles(True), "decode_kernel": lambda: ext._prompt_tiles(False)}
     ids = tok(TEXT * (max(lengths) // 20 + 2 * C + 2)).input_ids
     results = []
@@ -104,8 +109,10 @@ def main(argv=None) -> dict:
                   f"{row['tiles_over_hf_tokens_per_s']:.2f}x, identical replies {row['identical_replies']:.2f}", flush=True)
     finally:
         ext._prompt_tiles(True)
+        ext._prompt_amx(True)
     out = {"cpu": cpu_ext.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "base": args.base,
-           "dtype": str(dtype).removeprefix("torch."), "concurrency": C, "new_tokens": N, "repeats": args.repeats,
+           "dtype": str(dtype).removeprefix("torch."), "form": "amx" if args.form == "default" and cpu_ext.amx_bf16()
+           else "vectors", "concurrency": C, "new_tokens": N, "repeats": args.repeats,
            "results": results}
     write_outputs(args, out, markdown)
     return out

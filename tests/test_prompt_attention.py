@@ -1,7 +1,8 @@
-"""The attention of prompt tokens on AMX tiles (remix/kernels/csrc/attention_amx.h: bfloat16 prefill chunks on a CPU
-with AMX-BF16): the float64 reference's values within the decode kernel's error, each token's output its own whatever
-shares its call, the decode kernel wherever it must stay (switch off, batch-invariant mode, checked drafts), and an
-engine whose prompts give the same tokens and log-probabilities in any split into chunks."""
+"""The attention of prompt tokens by tiles of tokens (remix/kernels/csrc/attention_prompt.h: bfloat16 prefill chunks,
+on AMX tiles where the CPU has AMX-BF16, else on AVX512-BF16 vectors): the float64 reference's values within the
+decode kernel's error, each token's output its own whatever shares its call, the decode kernel wherever it must stay
+(switch off, batch-invariant mode, checked drafts), and an engine whose prompts give the same tokens and
+log-probabilities in any split into chunks."""
 
 import math
 
@@ -13,12 +14,26 @@ from remix.kernels import cpu_ext
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 
-def tiles_or_skip():
+def tiles_or_skip(form: str = "default"):
+    """The compiled module where the prompt kernel runs here in ``form`` ("amx", "vectors" or whichever is the
+    default), with that form switched on (tests put the default back), else a skip."""
     ext = cpu_ext.load()
-    if ext is None or not cpu_ext.amx_bf16() or not hasattr(ext, "_prompt_tiles"):
-        pytest.skip("no AMX-BF16 here: prompt tokens take the decode kernel")
+    if ext is None or not hasattr(ext, "_prompt_tiles"):
+        pytest.skip("no AVX512-BF16 here: prompt tokens take the decode kernel")
+    if form == "amx" and not cpu_ext.amx_bf16():
+        pytest.skip("no AMX-BF16 here")
+    ext._prompt_amx(form != "vectors")
     ext._prompt_tiles_calls()  # (reset)
     return ext
+
+
+@pytest.fixture(autouse=True)
+def default_form():
+    yield
+    ext = cpu_ext.load()
+    if ext is not None and hasattr(ext, "_prompt_amx"):
+        ext._prompt_amx(True)
+        ext._prompt_tiles(True)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -57,9 +72,10 @@ def case(Dh, H, Hkv, seed=0):
     return qk, K, V, slots, lens
 
 
+@pytest.mark.parametrize("form", ["amx", "vectors"])
 @pytest.mark.parametrize("Dh,H,Hkv", [(64, 9, 3), (32, 8, 2), (128, 4, 4), (64, 8, 1), (64, 5, 1)])
-def test_prompt_tiles_match_the_reference_and_give_each_row_its_own_output(Dh, H, Hkv):
-    ext = tiles_or_skip()
+def test_prompt_tiles_match_the_reference_and_give_each_row_its_own_output(Dh, H, Hkv, form):
+    ext = tiles_or_skip(form)
     qk, K, V, slots, lens = case(Dh, H, Hkv)
     scale = 1 / math.sqrt(Dh)
     tiles = ext.slot_attention(qk, K, V, slots, lens, H, scale, prompt=True)
@@ -83,10 +99,11 @@ def test_prompt_tiles_match_the_reference_and_give_each_row_its_own_output(Dh, H
     assert torch.equal(bits(shuffled), bits(tiles[perm]))
 
 
-def test_the_decode_kernel_stays_where_it_must():
+@pytest.mark.parametrize("form", ["amx", "vectors"])
+def test_the_decode_kernel_stays_where_it_must(form):
     """Switched off, and in batch-invariant mode (a prompt's positions must then be what a decode step computes, since
     the prefix cache holds generated positions too), prompt rows take the decode kernel, bit for bit."""
-    ext = tiles_or_skip()
+    ext = tiles_or_skip(form)
     qk, K, V, slots, lens = case(64, 9, 3, seed=2)
     decode = ext.slot_attention(qk, K, V, slots, lens, 9, 0.125, prompt=False)
     was = ext._prompt_tiles(False)
@@ -119,11 +136,12 @@ def run_all(engine, prompts, params, tag):
             for i in range(len(prompts))]
 
 
-def test_an_engine_prompt_gives_the_same_tokens_in_any_split_into_chunks():
+@pytest.mark.parametrize("form", ["amx", "vectors"])
+def test_an_engine_prompt_gives_the_same_tokens_in_any_split_into_chunks(form):
     """Prompts of 150-230 tokens prefilled in one step, in chunks of 16 and of 50 tokens, and alone against together:
-    the same greedy tokens and log-probabilities (the prompt tiles serve the prefill; the decode steps that follow do
-    not take them)."""
-    ext = tiles_or_skip()
+    the same greedy tokens and log-probabilities (the prompt kernel serves the prefill; the decode steps that follow
+    do not take it)."""
+    ext = tiles_or_skip(form)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (150, 230, 181)]
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)

@@ -21,10 +21,11 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
     decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
     slot_attention(qk, K, V, slots, lens, Hq, scale, prompt=False)   the same with query row i reading slot slots[i]
-                               (prefill tokens); prompt=True (prompt tokens, not checked drafts): in bfloat16 on a
-                               CPU with AMX the prompt tile kernel (attention_amx.h: 16 / nrep tokens of a slot at a
-                               time, scores and weighted values as tile products; each row's output its own whatever
-                               shares the call; not in batch-invariant mode)
+                               (prefill tokens); prompt=True (prompt tokens, not checked drafts): in bfloat16 with
+                               AVX512-BF16 the prompt kernel (attention_prompt.h: 16 / nrep tokens of a slot at a
+                               time, scores and weighted values as AMX tile products where the CPU has AMX, else on
+                               vectors; each row's output its own whatever shares the call; not in batch-invariant
+                               mode)
     kv_write_q8_(cache, scales, fresh, row0, pos), decode_attention_q8(qk, K, V, Ks, Vs, row0, lens, Hq, scale)
                                the same two over an 8-bit cache (int8 values, a float32 scale per position and head)
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward

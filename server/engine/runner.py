@@ -100,8 +100,9 @@ class ModelRunner:
         elsewhere SDPA, which rounds differently from the decode paths).
 
         ``prompt``: the tokens are prompt tokens (the engine's prefill chunks, not checked drafts): on the compiled CPU
-        path in bfloat16 with AMX their attention takes the tile kernel (``slot_attention``'s ``prompt``: each token's
-        output its own, whatever shares its chunk, though not the decode kernel's rounding; not in batch-invariant mode).
+        path in bfloat16 (AVX512-BF16) their attention takes the prompt kernel (``slot_attention``'s ``prompt``: AMX
+        tiles or vectors; each token's output its own, whatever shares its chunk, though not the decode kernel's
+        rounding; not in batch-invariant mode).
         """
         if decode:
             assert tokens.shape[1] == 1 and bool((counts == 1).all()), "a decode step has one token per row"

@@ -5,6 +5,32 @@
 
 namespace {
 
+#ifdef __AVX512F__
+// r[i] lane j -> r[j] lane i, 16 x 16 elements of 32 bits
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[4 g + c], 128-bit lane l: column 4 l + c of rows 4 g .. 4 g + 3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit blocks across the groups g
+    const __m512i p0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), p1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    const __m512i p2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44), p3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_i32x4(p0, p2, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(p0, p2, 0xDD);
+    t[8 + c] = _mm512_shuffle_i32x4(p1, p3, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(p1, p3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
 #ifdef REMIX_AMX
 // ---- bfloat16 GEMM on AMX tiles (Intel Sapphire Rapids and later): the base GEMM of a bfloat16 model where the CPU has
 // AMX-BF16. Y^T = W X^T tile by tile, so W's rows load into tiles as they lie in memory (no packed copy of the weights):
@@ -43,29 +69,6 @@ struct TileConfig {  // LDTILECFG's 64-byte operand, palette 1
   uint8_t rows[16] = {};
 };
 
-// r[i] lane j -> r[j] lane i, 16 x 16 elements of 32 bits
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // r[4 g + c], 128-bit lane l: column 4 l + c of rows 4 g .. 4 g + 3
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit blocks across the groups g
-    const __m512i p0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), p1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
-    const __m512i p2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44), p3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
-    t[c] = _mm512_shuffle_i32x4(p0, p2, 0x88);
-    t[4 + c] = _mm512_shuffle_i32x4(p0, p2, 0xDD);
-    t[8 + c] = _mm512_shuffle_i32x4(p1, p3, 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(p1, p3, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
 
 // X [T, D] bfloat16 -> tiles of 16 pairs x 16 tokens (tokens past T zero), tile (kb, tb) at Xp + (kb TB + tb) 256: the
 // two token blocks a step of the kernel reads lie side by side.

@@ -4,7 +4,7 @@
 #pragma once
 #include "module.h"
 #include "attention_q8.h"
-#include "attention_amx.h"
+#include "attention_prompt.h"
 
 // y[t] += sum_j weight[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]), in place (idx -1 = none). Returns y.
 torch::Tensor gather_(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::Tensor bt, torch::Tensor idx,
@@ -493,7 +493,8 @@ const int64_t* check_decode(const torch::Tensor& qk, const torch::Tensor& K, con
   return lp;
 }
 
-// prompt (with slots): the rows are prompt tokens, which take prompt_attention_amx where it applies (bfloat16 on AMX).
+// prompt (with slots): the rows are prompt tokens, which take prompt_attention where it applies (bfloat16 with
+// AVX512-BF16: AMX tiles or vectors).
 torch::Tensor attention_at(torch::Tensor qk, torch::Tensor K, torch::Tensor V, int64_t row0, torch::Tensor slots,
                            torch::Tensor lens, int64_t Hq, double scale, bool prompt = false) {
   auto ln = lens.contiguous();
@@ -501,15 +502,11 @@ torch::Tensor attention_at(torch::Tensor qk, torch::Tensor K, torch::Tensor V, i
   TORCH_CHECK(qk.scalar_type() == K.scalar_type() && K.scalar_type() == V.scalar_type(), "qk, K and V must share float32 or bfloat16");
   const int64_t b = qk.size(0), Hkv = K.size(1), P = K.size(2), Dh = K.size(3), nrep = Hq / Hkv;
   auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
-#ifdef REMIX_AMX
+#ifdef REMIX_DOT_BF16
   if (prompt && slots.defined() && qk.scalar_type() == torch::kBFloat16 && prompt_tiles_apply(Dh, nrep)) {
     const auto u16 = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
-    auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-    const int64_t* sp = slots.data_ptr<int64_t>();
-    const float sf = static_cast<float>(scale);
-    if (Dh == 32) prompt_attention_amx<32>(u16(qk), qk.stride(0), u16(K), u16(V), Hkv, P, lp, sp, b, nrep, sf, o);
-    else if (Dh == 64) prompt_attention_amx<64>(u16(qk), qk.stride(0), u16(K), u16(V), Hkv, P, lp, sp, b, nrep, sf, o);
-    else prompt_attention_amx<128>(u16(qk), qk.stride(0), u16(K), u16(V), Hkv, P, lp, sp, b, nrep, sf, o);
+    prompt_attention_any(u16(qk), qk.stride(0), u16(K), u16(V), Hkv, P, Dh, lp, slots.data_ptr<int64_t>(), b, nrep,
+                         static_cast<float>(scale), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
     return out;
   }
 #endif
@@ -531,7 +528,7 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
 
 // decode_attention with each query row i reading cache row slots[i] (int64 [b]): a prefill chunk's tokens, several to
 // a slot, each over its own first lens[i] positions (its position + 1) - the same kernel and order as a decode token's;
-// with prompt (the rows are prompt tokens, not checked drafts), in bfloat16 on AMX, prompt_attention_amx instead.
+// with prompt (the rows are prompt tokens, not checked drafts), in bfloat16 with AVX512-BF16, prompt_attention instead.
 torch::Tensor slot_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tensor lens,
                              int64_t Hq, double scale, bool prompt) {
   return attention_at(qk, K, V, 0, slots.contiguous(), lens, Hq, scale, prompt);

@@ -17,7 +17,7 @@
 #include "vec_math.h"
 #include "attention.h"
 #include "attention_q8.h"
-#include "attention_amx.h"
+#include "attention_prompt.h"
 #include "ops.h"
 #include "sampling.h"
 #include "layer_ops.h"
@@ -58,11 +58,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tests and A/B runs: a one-LoRA slot's routing skipped (its LoRA every token's top 1; default on)");
   m.def("_module_call_raw", [](bool on) { g_raw_call = on; }, "tests and A/B runs: ModuleCall's call on raw pointers (default on)");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
-#ifdef REMIX_AMX
+#ifdef REMIX_DOT_BF16
   m.def("_prompt_tiles", [](bool on) { return std::exchange(g_prompt_tiles, on); },
-        "A/B runs and tests: prompt tokens' attention on AMX tiles (default) or the decode kernel; returns the setting before");
+        "A/B runs and tests: prompt tokens' attention by tiles of tokens (default: on AMX tiles, else vectors) or the "
+        "decode kernel; returns the setting before");
+  m.def("_prompt_amx", [](bool on) { return std::exchange(g_prompt_amx, on); },
+        "A/B runs and tests: the prompt kernel on AMX tiles where the CPU has them (default) or on vectors");
   m.def("_prompt_tiles_calls", []() { return g_prompt_tiles_calls.exchange(0); },
-        "tests: how many attention calls of prompt tokens took the AMX tiles since the last call");
+        "tests: how many attention calls of prompt tokens took the prompt kernel since the last call");
 #endif
   m.def("_ahead_cover", [](double c) { return std::exchange(g_ahead_cover, c); },
         "A/B runs: prefetch a slot's pools from tokens x k >= c x n; returns the setting before");

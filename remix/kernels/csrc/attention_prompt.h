@@ -1,0 +1,317 @@
+// Prompt tokens' attention: a prefill chunk's tokens in bfloat16, several of one cache row at a time - on AMX tiles
+// where the CPU has AMX-BF16, else on AVX512-BF16 vectors of positions.
+// Part of the kernels' one translation unit, remix_cpu.cpp (built by remix/kernels/cpu_ext.py): include it there only.
+#pragma once
+#include "amx.h"
+#include "attention.h"
+
+namespace {
+
+#ifdef REMIX_DOT_BF16
+// The decode kernel (attend_group_bf16) takes one token's query heads at a time: ~8 vector instructions for each query
+// head and position it attends to, so a prompt's attention grows with its length squared - a 2048-token prompt of the
+// default base spent 1.55 of its 2.0 s to the first token there, where Hugging Face's whole forward (SDPA) took 0.98 s.
+// Here the tokens of one cache row are taken 16 / nrep at a time (a query tile: 16 rows of (token, query head) of one
+// key/value head) against K and V packed once per cache row and key/value head for a thread (K's 16 x 16 blocks of
+// dimension pairs transposed, V's rows paired position by position). On AMX (prompt_scores_amx / prompt_values_amx) each tile's scores
+// and weighted values are tile products: scores = Q K^T, 16 positions a tile product per 32 dimensions; then P V, 32
+// positions a step into one float32 tile per 16 dimensions. Without AMX (prompt_scores_vec / prompt_values_vec) the same products on
+// vectors of 16 positions (scores: each query's dimension pairs broadcast against K's transposed pairs) and of 16
+// dimensions (P V: each row's weight pair broadcast against V's paired rows), each K and V vector read once for a
+// group of rows. Either way the weights are the decode kernel's (each row's scores times scale, its max, exp and their
+// float32 sum by softmax_pass over its own positions, the weights rounded to bfloat16), and the output is divided by
+// the sum and rounded once. One order per row: a row's scores and weighted values are its own, and past its length its
+// weights are zeros (products +-0 that add nothing), so a token's output does not depend on which tokens share its
+// tile, chunk or step. It is not the decode kernel's order (float32 sums in another order), so only prompt tokens take
+// it (runner.forward's prompt steps): a checked draft's tokens (speculative decoding) and every generated token keep the
+// decode kernel, as does batch-invariant mode, where a prompt's positions must read what a decode step would have
+// computed (the prefix cache holds generated positions too).
+bool g_prompt_tiles = true;  // A/B runs and tests: _prompt_tiles (off: prompt tokens take the decode kernel)
+bool g_prompt_amx = true;  // A/B runs and tests: _prompt_amx (off: the vector form on a CPU with AMX too)
+std::atomic<int64_t> g_prompt_tiles_calls{0};  // calls taken (tests: _prompt_tiles_calls)
+
+inline bool prompt_tiles_apply(int64_t Dh, int64_t nrep) {
+  return g_prompt_tiles && !g_batch_invariant && (Dh == 32 || Dh == 64 || Dh == 128) && nrep >= 1 && nrep <= 16;
+}
+
+// The work of a prompt call: tiles of 16 / nrep consecutive rows of one cache row (a run of rows of one slot), each
+// for every key/value head.
+struct PromptTile { int64_t t0, t1, g; };
+inline std::vector<PromptTile> prompt_tiles_of(const int64_t* slots, int64_t T, int64_t Hkv, int64_t nrep) {
+  const int64_t TQ = 16 / nrep;
+  std::vector<PromptTile> tiles;
+  for (int64_t t0 = 0; t0 < T;) {
+    int64_t t1 = t0 + 1;
+    while (t1 < T && slots[t1] == slots[t0]) ++t1;
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t a = t0; a < t1; a += TQ) tiles.push_back({a, std::min(t1, a + TQ), g});
+    t0 = t1;
+  }
+  return tiles;
+}
+
+// One thread's packed K and V of one cache row and key/value head, positions [0, n): K as kb blocks of 16 positions x
+// KS steps of 32 dimensions, each a B tile of 16 dimension pairs x 16 positions (VNNI); V as blocks of 32 positions x
+// NS slices of 16 dimensions, each a B tile of 16 position pairs x 16 dimensions. Positions from n on are zeros.
+template <int DH>
+struct PackedKV {
+  static constexpr int KS = DH / 32, NS = DH / 16;
+  std::vector<uint32_t> k, v;
+  void pack(const uint16_t* K, const uint16_t* V, int64_t n) {
+    const int64_t nk = (n + 15) / 16, nv = (n + 31) / 32;
+    if (static_cast<int64_t>(k.size()) < nk * KS * 256) k.resize(nk * KS * 256);
+    if (static_cast<int64_t>(v.size()) < nv * NS * 256) v.resize(nv * NS * 256);
+    for (int64_t b = 0; b < nk; ++b)
+      for (int s = 0; s < KS; ++s) {
+        __m512i r[16];
+        for (int j = 0; j < 16; ++j)
+          r[j] = b * 16 + j < n ? _mm512_loadu_si512(K + (b * 16 + j) * DH + s * 32) : _mm512_setzero_si512();
+        transpose16(r);  // r[i] lane j: dimension pair i of position j
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(k.data() + (b * KS + s) * 256 + i * 16, r[i]);
+      }
+    for (int64_t b = 0; b < nv; ++b)
+      for (int s = 0; s < NS; ++s)
+        for (int i = 0; i < 16; ++i) {
+          const int64_t p0 = b * 32 + 2 * i, p1 = p0 + 1;
+          const auto row = [&](int64_t p) {
+            return p < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(V + p * DH + s * 16)))
+                         : _mm512_setzero_si512();
+          };
+          _mm512_storeu_si512(v.data() + (b * NS + s) * 256 + i * 16,
+                              _mm512_or_si512(row(p0), _mm512_slli_epi32(row(p1), 16)));
+        }
+  }
+};
+
+#ifdef REMIX_AMX
+// One step of 32 dimensions of a score block (tile 0, and tile 1 for the next block where two): K's packed tiles k0, k1
+// against the query tile in tile QT (a literal: the intrinsics take tile numbers as immediates).
+#define REMIX_QK_STEP(QT, k0, k1, two) \
+  do {                                  \
+    _tile_loadd(5, (k0), 64);           \
+    _tile_dpbf16ps(0, QT, 5);           \
+    if (two) {                          \
+      _tile_loadd(6, (k1), 64);         \
+      _tile_dpbf16ps(1, QT, 6);         \
+    }                                   \
+  } while (0)
+
+// A query tile's scores on AMX (qb: its 16 rows of DH bfloat16), 16 positions a block, each block's sums in a fresh
+// tile (tiles 0 and 1: two blocks at a time), into sc (rows `wide` apart); the query tile's steps of 32 dimensions stay
+// in tiles 4 and 7 (up to 64 dimensions; else loaded a step).
+template <int DH>
+void prompt_scores_amx(const uint16_t* qb, const PackedKV<DH>& kv, int64_t nk, float* sc, int64_t wide) {
+  constexpr int KS = DH / 32;
+  _tile_loadd(4, qb, DH * 2);
+  if (KS == 2) _tile_loadd(7, qb + 32, DH * 2);
+  for (int64_t b = 0; b < nk; b += 2) {
+    const bool two = b + 1 < nk;
+    _tile_zero(0);
+    if (two) _tile_zero(1);
+    for (int s = 0; s < KS; ++s) {
+      const uint32_t* k0 = kv.k.data() + (b * KS + s) * 256;
+      if (KS == 2 && s == 1) {
+        REMIX_QK_STEP(7, k0, k0 + KS * 256, two);
+      } else {
+        if (KS > 2 && s > 0) _tile_loadd(4, qb + s * 32, DH * 2);
+        REMIX_QK_STEP(4, k0, k0 + KS * 256, two);
+      }
+    }
+    if (KS > 2) _tile_loadd(4, qb, DH * 2);
+    _tile_stored(0, sc + b * 16, wide * 4);
+    if (two) _tile_stored(1, sc + (b + 1) * 16, wide * 4);
+  }
+}
+#undef REMIX_QK_STEP
+
+// A query tile's P V on AMX (pw: its 16 rows of bfloat16 weights, `wide` apart, nv blocks of 32 positions): 32
+// positions a step, 16 dimensions a tile (up to four at once), into ob [DH / 16][16 rows][16].
+template <int DH>
+void prompt_values_amx(const uint16_t* pw, const PackedKV<DH>& kv, int64_t nv, int64_t wide, float (*ob)[256]) {
+  constexpr int NS = DH / 16;
+  for (int s0 = 0; s0 < NS; s0 += 4) {
+    const int ns = std::min(4, NS - s0);
+    _tile_zero(0);
+    if (ns > 1) _tile_zero(1);
+    if (ns > 2) _tile_zero(2);
+    if (ns > 3) _tile_zero(3);
+    for (int64_t b = 0; b < nv; ++b) {
+      _tile_loadd(4, pw + b * 32, wide * 2);
+      const uint32_t* vb = kv.v.data() + (b * NS + s0) * 256;
+      _tile_loadd(5, vb, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if (ns > 1) { _tile_loadd(6, vb + 256, 64); _tile_dpbf16ps(1, 4, 6); }
+      if (ns > 2) { _tile_loadd(7, vb + 512, 64); _tile_dpbf16ps(2, 4, 7); }
+      if (ns > 3) { _tile_loadd(5, vb + 768, 64); _tile_dpbf16ps(3, 4, 5); }
+    }
+    _tile_stored(0, ob[s0], 64);
+    if (ns > 1) _tile_stored(1, ob[s0 + 1], 64);
+    if (ns > 2) _tile_stored(2, ob[s0 + 2], 64);
+    if (ns > 3) _tile_stored(3, ob[s0 + 3], 64);
+  }
+}
+#endif  // REMIX_AMX
+
+// The same scores on vectors: for each block of 16 positions, each row's dimension pairs broadcast against K's
+// transposed pairs (vdpbf16ps, a pair's two products into each position's lane), rows eight at a time so that each K
+// vector serves eight independent sums.
+template <int DH>
+void prompt_scores_vec(const uint16_t* qb, int64_t R, const PackedKV<DH>& kv, int64_t nk, float* sc, int64_t wide) {
+  constexpr int KS = DH / 32;
+  for (int64_t r0 = 0; r0 < R; r0 += 8) {
+    const int64_t nr = std::min<int64_t>(8, R - r0);
+    for (int64_t b = 0; b < nk; ++b) {
+      __m512 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+      for (int s = 0; s < KS; ++s) {
+        const uint32_t* kt = kv.k.data() + (b * KS + s) * 256;
+        for (int i = 0; i < 16; ++i) {
+          const __m512bh kp = (__m512bh)_mm512_loadu_si512(kt + i * 16);
+          for (int j = 0; j < 8; ++j) {
+            if (j >= nr) break;
+            uint32_t pair;
+            std::memcpy(&pair, qb + (r0 + j) * DH + s * 32 + 2 * i, 4);
+            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), kp);
+          }
+        }
+      }
+      for (int64_t j = 0; j < nr; ++j) _mm512_storeu_ps(sc + (r0 + j) * wide + b * 16, acc[j]);
+    }
+  }
+}
+
+// The same P V on vectors: rows RG at a time, each position pair's V vectors (16 dimensions a vector) read once for
+// them, each row's weight pair broadcast.
+template <int DH>
+void prompt_values_vec(const uint16_t* pw, int64_t R, const PackedKV<DH>& kv, int64_t nv, int64_t wide, float (*ob)[256]) {
+  constexpr int NS = DH / 16, RG = NS >= 8 ? 2 : NS >= 4 ? 4 : 8;  // RG x NS accumulators (at most 32)
+  for (int64_t r0 = 0; r0 < R; r0 += RG) {
+    const int64_t nr = std::min<int64_t>(RG, R - r0);
+    __m512 acc[RG][NS];
+    for (int j = 0; j < RG; ++j) for (int s = 0; s < NS; ++s) acc[j][s] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nv; ++b)
+      for (int i = 0; i < 16; ++i) {  // positions 32 b + 2 i and + 1
+        __m512bh vp[NS];
+        for (int s = 0; s < NS; ++s) vp[s] = (__m512bh)_mm512_loadu_si512(kv.v.data() + (b * NS + s) * 256 + i * 16);
+        for (int j = 0; j < RG; ++j) {
+          if (j >= nr) break;
+          uint32_t pair;
+          std::memcpy(&pair, pw + (r0 + j) * wide + b * 32 + 2 * i, 4);
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+          for (int s = 0; s < NS; ++s) acc[j][s] = _mm512_dpbf16_ps(acc[j][s], p, vp[s]);
+        }
+      }
+    for (int64_t j = 0; j < nr; ++j)
+      for (int s = 0; s < NS; ++s) _mm512_storeu_ps(ob[s] + (r0 + j) * 16, acc[j][s]);
+  }
+}
+
+// out [T, Hkv, nrep, DH] bfloat16 = attention of query rows q (row t at q + t q_row, its Hkv nrep heads DH apart) over
+// K, V [S, Hkv, P, DH] bfloat16: row t reads cache row slots[t]'s first lens[t] positions (as slot_attention). AMX: on
+// tiles (prompt_scores_amx / prompt_values_amx), else on vectors.
+template <int DH, bool AMX>
+void prompt_attention(const uint16_t* q, int64_t q_row, const uint16_t* K, const uint16_t* V, int64_t Hkv, int64_t P,
+                      const int64_t* lens, const int64_t* slots, int64_t T, int64_t nrep, float scale, uint16_t* out) {
+  constexpr int NS = DH / 16;
+  const std::vector<PromptTile> tiles = prompt_tiles_of(slots, T, Hkv, nrep);
+  const int64_t nt = static_cast<int64_t>(tiles.size());
+  g_prompt_tiles_calls.fetch_add(1, std::memory_order_relaxed);
+  if (nt == 0) return;
+#pragma omp parallel num_threads(region_threads(nt))
+  {
+    const auto [h, nh] = region_thread();
+#ifdef REMIX_AMX
+    if constexpr (AMX) {
+      TileConfig cfg;
+      for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+      _tile_loadconfig(&cfg);
+    }
+#endif
+    // a thread's buffers, kept between calls (every element read is written first in the call)
+    thread_local PackedKV<DH> kv;
+    thread_local std::vector<float> sc;  // scores, a row per tile row
+    thread_local std::vector<uint16_t> pw;  // weights (bfloat16), a row per tile row
+    int64_t packed_slot = -1, packed_g = -1, packed_n = 0;
+    const int64_t wide = (P + 31) / 32 * 32;
+    if (static_cast<int64_t>(sc.size()) < 16 * wide) sc.resize(16 * wide);
+    if (static_cast<int64_t>(pw.size()) < 16 * wide) pw.resize(16 * wide);
+    alignas(64) uint16_t qb[16 * DH];
+    alignas(64) float ob[NS][256];
+    alignas(64) float row_out[DH];
+    // tiles in turn among the threads (a row's later tiles are the longer ones)
+    for (int64_t w = h; w < nt; w += nh) {
+      const PromptTile& tl = tiles[w];
+      const int64_t slot = slots[tl.t0], g = tl.g, R = (tl.t1 - tl.t0) * nrep;
+      int64_t len[16], lmax = 0;
+      for (int64_t rr = 0; rr < 16; ++rr) {
+        len[rr] = rr < R ? lens[tl.t0 + rr / nrep] : 0;
+        lmax = std::max(lmax, len[rr]);
+      }
+      if (slot != packed_slot || g != packed_g || lmax > packed_n) {  // this row's K and V up to the thread's longest need
+        int64_t need = lmax;
+        for (int64_t u = w + nh; u < nt && slots[tiles[u].t0] == slot && tiles[u].g == g; u += nh)
+          need = std::max(need, lens[tiles[u].t1 - 1]);
+        need = std::min(need, P);
+        kv.pack(K + (slot * Hkv + g) * P * DH, V + (slot * Hkv + g) * P * DH, need);
+        packed_slot = slot, packed_g = g, packed_n = need;
+      }
+      for (int64_t rr = 0; rr < 16; ++rr) {
+        if (rr < R) std::memcpy(qb + rr * DH, q + (tl.t0 + rr / nrep) * q_row + (g * nrep + rr % nrep) * DH, DH * 2);
+        else std::memset(qb + rr * DH, 0, DH * 2);
+      }
+      const int64_t nk = (lmax + 15) / 16, nv = (lmax + 31) / 32;
+#ifdef REMIX_AMX
+      if constexpr (AMX) prompt_scores_amx<DH>(qb, kv, nk, sc.data(), wide);
+      else
+#endif
+      prompt_scores_vec<DH>(qb, R, kv, nk, sc.data(), wide);
+      // weights: each row as the decode kernel takes its scores (its own length, max, exp, sum), rounded to bfloat16;
+      // zeros past its length up to the tile's last block
+      float inv[16];
+      for (int64_t rr = 0; rr < R; ++rr) {
+        float* sr = sc.data() + rr * wide;
+        uint16_t* pr = pw.data() + rr * wide;
+        const int64_t padded = (len[rr] + L - 1) / L * L;
+        for (int64_t t = 0; t < padded; t += L) store(sr + t, load(sr + t) * scale);
+        inv[rr] = softmax_pass(sr, len[rr], padded, [&](int64_t t, vf e) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + t), (__m256i)_mm512_cvtneps_pbh((__m512)e));
+        });
+        std::memset(pr + len[rr], 0, (nv * 32 - len[rr]) * 2);
+      }
+#ifdef REMIX_AMX
+      if constexpr (AMX) {
+        for (int64_t rr = R; rr < 16; ++rr) std::memset(pw.data() + rr * wide, 0, nv * 32 * 2);
+        prompt_values_amx<DH>(pw.data(), kv, nv, wide, ob);
+      } else
+#endif
+      prompt_values_vec<DH>(pw.data(), R, kv, nv, wide, ob);
+      for (int64_t rr = 0; rr < R; ++rr) {
+        for (int s = 0; s < NS; ++s) store(row_out + s * 16, load(ob[s] + rr * 16) * inv[rr]);
+        const int64_t t = tl.t0 + rr / nrep;
+        narrow(row_out, out + ((t * Hkv + g) * nrep + rr % nrep) * DH, DH);
+      }
+    }
+#ifdef REMIX_AMX
+    if constexpr (AMX) _tile_release();
+#endif
+  }
+}
+
+// Dispatch on DH (32, 64 or 128) and the form: AMX tiles where the build and the OS have them (and _prompt_amx is on).
+inline void prompt_attention_any(const uint16_t* q, int64_t q_row, const uint16_t* K, const uint16_t* V, int64_t Hkv,
+                                 int64_t P, int64_t Dh, const int64_t* lens, const int64_t* slots, int64_t T,
+                                 int64_t nrep, float scale, uint16_t* out) {
+#ifdef REMIX_AMX
+  if (g_prompt_amx && amx_ready()) {
+    if (Dh == 32) return prompt_attention<32, true>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+    if (Dh == 64) return prompt_attention<64, true>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+    return prompt_attention<128, true>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+  }
+#endif
+  if (Dh == 32) return prompt_attention<32, false>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+  if (Dh == 64) return prompt_attention<64, false>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+  prompt_attention<128, false>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+}
+#endif  // REMIX_DOT_BF16
+
+}  // namespace
