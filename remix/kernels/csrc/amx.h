@@ -39,7 +39,8 @@ inline void transpose16(__m512i r[16]) {
 // each pair into float32 (Intel SDM: round to nearest even, denormals flushed; the SDM writes it as a sequential sum, but
 // the hardware here rounds otherwise - 35 % of random outputs match that order, 43 % the exact sum rounded once: 44th
 // session), one 32-input block after another: one order per output whatever the token count or split, so a row's
-// outputs are bit-identical alone or in any batch. The float32 tile is transposed in registers, the bias added, one rounding to bfloat16 (vcvtneps2bf16).
+// outputs are bit-identical alone or in any batch. The float32 tile is transposed in registers, the bias added, one
+// rounding to bfloat16 (vcvtneps2bf16).
 // Measured on the 2-core Intel VM with AMX (2026-12-02, weights cold, 576 <-> 1536): 32 rows 95-125 us (up to ~200 in
 // this VM's slow spells) against the AVX512-BF16 dot_gemm's 490-690 and oneDNN's 200-330 (which reorders the weight on
 // every call); 1 row ~70-110 us, as dot_gemm (a GEMV: memory-bound either way). (Twenty-fourth session's Intel VM, all

@@ -13,19 +13,19 @@ namespace {
 // default base spent 1.55 of its 2.0 s to the first token there, where Hugging Face's whole forward (SDPA) took 0.98 s.
 // Here the tokens of one cache row are taken 16 / nrep at a time (a query tile: 16 rows of (token, query head) of one
 // key/value head) against K and V packed once per cache row and key/value head for a thread (K's 16 x 16 blocks of
-// dimension pairs transposed, V's rows paired position by position). On AMX (prompt_scores_amx / prompt_values_amx) each tile's scores
-// and weighted values are tile products: scores = Q K^T, 16 positions a tile product per 32 dimensions; then P V, 32
-// positions a step into one float32 tile per 16 dimensions. Without AMX (prompt_scores_vec / prompt_values_vec) the same products on
-// vectors of 16 positions (scores: each query's dimension pairs broadcast against K's transposed pairs) and of 16
-// dimensions (P V: each row's weight pair broadcast against V's paired rows), each K and V vector read once for a
-// group of rows. Either way the weights are the decode kernel's (each row's scores times scale, its max, exp and their
-// float32 sum by softmax_pass over its own positions, the weights rounded to bfloat16), and the output is divided by
-// the sum and rounded once. One order per row: a row's scores and weighted values are its own, and past its length its
-// weights are zeros (products +-0 that add nothing), so a token's output does not depend on which tokens share its
-// tile, chunk or step. It is not the decode kernel's order (float32 sums in another order), so only prompt tokens take
-// it (runner.forward's prompt steps): a checked draft's tokens (speculative decoding) and every generated token keep the
-// decode kernel, as does batch-invariant mode, where a prompt's positions must read what a decode step would have
-// computed (the prefix cache holds generated positions too).
+// dimension pairs transposed, V's rows paired position by position). On AMX (prompt_scores_amx / prompt_values_amx)
+// each tile's scores and weighted values are tile products: scores = Q K^T, 16 positions a tile product per 32
+// dimensions; then P V, 32 positions a step into one float32 tile per 16 dimensions. Without AMX (prompt_scores_vec /
+// prompt_values_vec) the same products on vectors of 16 positions (scores: each query's dimension pairs broadcast
+// against K's transposed pairs) and of 16 dimensions (P V: each row's weight pair broadcast against V's paired rows),
+// each K and V vector read once for a group of rows. Either way the weights are the decode kernel's (each row's scores
+// times scale, its max, exp and their float32 sum by softmax_pass over its own positions, the weights rounded to
+// bfloat16), and the output is divided by the sum and rounded once. One order per row: a row's scores and weighted
+// values are its own, and past its length its weights are zeros (products +-0 that add nothing), so a token's output
+// does not depend on which tokens share its tile, chunk or step. It is not the decode kernel's order (float32 sums in
+// another order), so only prompt tokens take it (runner.forward's prompt steps): a checked draft's tokens (speculative
+// decoding) and every generated token keep the decode kernel, as does batch-invariant mode, where a prompt's positions
+// must read what a decode step would have computed (the prefix cache holds generated positions too).
 bool g_prompt_tiles = true;  // A/B runs and tests: _prompt_tiles (off: prompt tokens take the decode kernel)
 bool g_prompt_amx = true;  // A/B runs and tests: _prompt_amx (off: the vector form on a CPU with AMX too)
 std::atomic<int64_t> g_prompt_tiles_calls{0};  // calls taken (tests: _prompt_tiles_calls)
