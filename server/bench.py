@@ -139,6 +139,21 @@ def bench_hf(model, prompts, new_tokens, sampling: dict | None = None, warm_toke
     return time.perf_counter() - start
 
 
+def hf_first_and_all(model, prompts, new_tokens) -> tuple[float, float]:
+    """HF generate's time to its first token (``max_new_tokens=1``: the prompts' forward) and to all ``new_tokens``,
+    each the faster of two calls (each warmed up first, untimed: :func:`bench_hf`)."""
+    first = min(bench_hf(model, prompts, 1) for _ in range(2))
+    return first, min(bench_hf(model, prompts, new_tokens) for _ in range(2))
+
+
+def best_of_rounds(rounds: list[dict], names) -> dict:
+    """Per engine of ``names``: its best round's time to first token and tokens/s, and every round's ({"ttft_s",
+    "tokens_per_s"} per engine a round) - the tables' figures; ratios are taken within rounds."""
+    return {name: {"ttft_s": min(x[name]["ttft_s"] for x in rounds),
+                   "tokens_per_s": max(x[name]["tokens_per_s"] for x in rounds),
+                   "runs": [x[name] for x in rounds]} for name in names}
+
+
 def hf_sampling(sampling: dict | None) -> dict:
     """HF generate's arguments for greedy (None) or {"temperature", "top_p"} sampling (top_k off: HF's default is 50)."""
     if not sampling:

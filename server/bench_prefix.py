@@ -35,7 +35,8 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
-from server.bench import TEXT, add_output_args, bench_hf, common_prefix, make_adapter, serve_in_turn, write_outputs
+from server.bench import (TEXT, add_output_args, best_of_rounds, common_prefix, hf_first_and_all, make_adapter,
+                          serve_in_turn, write_outputs)
 from server.cli import DTYPES, resolve_dtype
 from server.engine import Engine, EngineConfig, SamplingParams
 
@@ -99,12 +100,9 @@ def main(argv=None) -> dict:
         print(f"app round {r}{'' if r else ' (cold, not counted)'}: " + "  ".join(
             f"{name} ttft {1000 * got[name]['ttft_s']:.0f} ms, {C * N / got[name]['wall_s']:.1f} tok/s" for name in NAMES),
             flush=True)
-    hf_first = min(bench_hf(model, prompts, 1) for _ in range(2))  # (each call warms up first, untimed)
-    hf_all = min(bench_hf(model, prompts, N) for _ in range(2))
+    hf_first, hf_all = hf_first_and_all(model, prompts, N)
     print(f"app HF generate: first token {1000 * hf_first:.0f} ms, {C * N / hf_all:.1f} tok/s", flush=True)
-    app = {name: {"ttft_s": min(x[name]["ttft_s"] for x in rounds),
-                  "tokens_per_s": max(x[name]["tokens_per_s"] for x in rounds),
-                  "runs": [x[name] for x in rounds]} for name in NAMES}
+    app = best_of_rounds(rounds, NAMES)
     app["hf_generate"] = {"ttft_s": hf_first, "tokens_per_s": C * N / hf_all}
     med = lambda f: statistics.median(f(x) for x in rounds)  # noqa: E731 - ratios within rounds, median over rounds
     app["cache_over_no_cache_ttft"] = med(lambda x: x["cache"]["ttft_s"] / x["no_cache"]["ttft_s"])

@@ -29,7 +29,8 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
-from server.bench import TEXT, add_output_args, bench_hf, common_prefix, serve_in_turn, write_outputs
+from server.bench import (TEXT, add_output_args, best_of_rounds, common_prefix, hf_first_and_all, serve_in_turn,
+                          write_outputs)
 from server.cli import DTYPES, resolve_dtype
 from server.engine import Engine, EngineConfig, SamplingParams
 
@@ -88,13 +89,9 @@ def main(argv=None) -> dict:
                 print(f"{L} tokens, round {r}{'' if r else ' (cold, not counted)'}: " + "  ".join(
                     f"{name} ttft {1000 * got[name]['ttft_s']:.0f} ms, {C * N / got[name]['wall_s']:.1f} tok/s"
                     for name in NAMES), flush=True)
-            ext._prompt_tiles(True)
-            hf_first = min(bench_hf(model, prompts, 1) for _ in range(2))  # (each call warms up first, untimed)
-            hf_all = min(bench_hf(model, prompts, N) for _ in range(2))
+            hf_first, hf_all = hf_first_and_all(model, prompts, N)
             print(f"{L} tokens, HF generate: first token {1000 * hf_first:.0f} ms, {C * N / hf_all:.1f} tok/s", flush=True)
-            row = {name: {"ttft_s": min(x[name]["ttft_s"] for x in rounds),
-                          "tokens_per_s": max(x[name]["tokens_per_s"] for x in rounds),
-                          "runs": [x[name] for x in rounds]} for name in NAMES}
+            row = best_of_rounds(rounds, NAMES)
             row["hf_generate"] = {"ttft_s": hf_first, "tokens_per_s": C * N / hf_all}
             row["prompt_tokens"] = L
             row["tiles_over_decode_kernel_ttft"] = statistics.median(

@@ -174,4 +174,5 @@ def test_checked_drafts_keep_the_decode_kernel():
     assert ext._prompt_tiles_calls() > 0
     while e.has_work():
         e.step()
+    assert sum(len(ev.token_ids) for ev in events) == 24 and events[-1].finished
     assert e.spec_totals["steps"] > 0 and ext._prompt_tiles_calls() == 0

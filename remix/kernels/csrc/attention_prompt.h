@@ -30,8 +30,9 @@ bool g_prompt_tiles = true;  // A/B runs and tests: _prompt_tiles (off: prompt t
 bool g_prompt_amx = true;  // A/B runs and tests: _prompt_amx (off: the vector form on a CPU with AMX too)
 std::atomic<int64_t> g_prompt_tiles_calls{0};  // calls taken (tests: _prompt_tiles_calls)
 
-inline bool prompt_tiles_apply(int64_t Dh, int64_t nrep) {
-  return g_prompt_tiles && !g_batch_invariant && (Dh == 32 || Dh == 64 || Dh == 128) && nrep >= 1 && nrep <= 16;
+static_assert(MAX_GROUP <= 16, "a query tile holds every query head of a key/value head (check_decode's limit)");
+inline bool prompt_tiles_apply(int64_t Dh) {
+  return g_prompt_tiles && !g_batch_invariant && (Dh == 32 || Dh == 64 || Dh == 128);
 }
 
 // The work of a prompt call: tiles of 16 / nrep consecutive rows of one cache row (a run of rows of one slot), each
@@ -84,45 +85,30 @@ struct PackedKV {
 };
 
 #ifdef REMIX_AMX
-// One step of 32 dimensions of a score block (tile 0, and tile 1 for the next block where two): K's packed tiles k0, k1
-// against the query tile in tile QT (a literal: the intrinsics take tile numbers as immediates).
-#define REMIX_QK_STEP(QT, k0, k1, two) \
-  do {                                  \
-    _tile_loadd(5, (k0), 64);           \
-    _tile_dpbf16ps(0, QT, 5);           \
-    if (two) {                          \
-      _tile_loadd(6, (k1), 64);         \
-      _tile_dpbf16ps(1, QT, 6);         \
-    }                                   \
-  } while (0)
-
 // A query tile's scores on AMX (qb: its 16 rows of DH bfloat16), 16 positions a block, each block's sums in a fresh
-// tile (tiles 0 and 1: two blocks at a time), into sc (rows `wide` apart); the query tile's steps of 32 dimensions stay
-// in tiles 4 and 7 (up to 64 dimensions; else loaded a step).
+// tile (tiles 0 and 1: two blocks at a time, each step of 32 dimensions of the query tile in tile 4 serving both), into
+// sc (rows `wide` apart).
 template <int DH>
 void prompt_scores_amx(const uint16_t* qb, const PackedKV<DH>& kv, int64_t nk, float* sc, int64_t wide) {
   constexpr int KS = DH / 32;
-  _tile_loadd(4, qb, DH * 2);
-  if (KS == 2) _tile_loadd(7, qb + 32, DH * 2);
   for (int64_t b = 0; b < nk; b += 2) {
     const bool two = b + 1 < nk;
     _tile_zero(0);
     if (two) _tile_zero(1);
     for (int s = 0; s < KS; ++s) {
       const uint32_t* k0 = kv.k.data() + (b * KS + s) * 256;
-      if (KS == 2 && s == 1) {
-        REMIX_QK_STEP(7, k0, k0 + KS * 256, two);
-      } else {
-        if (KS > 2 && s > 0) _tile_loadd(4, qb + s * 32, DH * 2);
-        REMIX_QK_STEP(4, k0, k0 + KS * 256, two);
+      _tile_loadd(4, qb + s * 32, DH * 2);
+      _tile_loadd(5, k0, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if (two) {
+        _tile_loadd(6, k0 + KS * 256, 64);  // the next block's
+        _tile_dpbf16ps(1, 4, 6);
       }
     }
-    if (KS > 2) _tile_loadd(4, qb, DH * 2);
     _tile_stored(0, sc + b * 16, wide * 4);
     if (two) _tile_stored(1, sc + (b + 1) * 16, wide * 4);
   }
 }
-#undef REMIX_QK_STEP
 
 // A query tile's P V on AMX (pw: its 16 rows of bfloat16 weights, `wide` apart, nv blocks of 32 positions): 32
 // positions a step, 16 dimensions a tile (up to four at once), into ob [DH / 16][16 rows][16].
@@ -247,7 +233,9 @@ void prompt_attention(const uint16_t* q, int64_t q_row, const uint16_t* K, const
         len[rr] = rr < R ? lens[tl.t0 + rr / nrep] : 0;
         lmax = std::max(lmax, len[rr]);
       }
-      if (slot != packed_slot || g != packed_g || lmax > packed_n) {  // this row's K and V up to the thread's longest need
+      if (slot != packed_slot || g != packed_g || lmax > packed_n) {
+        // this cache row's K and V up to the longest its next tiles on this thread need (their last rows, as positions
+        // rise along a run; where they do not, a later tile packs again)
         int64_t need = lmax;
         for (int64_t u = w + nh; u < nt && slots[tiles[u].t0] == slot && tiles[u].g == g; u += nh)
           need = std::max(need, lens[tiles[u].t1 - 1]);
@@ -297,20 +285,25 @@ void prompt_attention(const uint16_t* q, int64_t q_row, const uint16_t* K, const
   }
 }
 
-// Dispatch on DH (32, 64 or 128) and the form: AMX tiles where the build and the OS have them (and _prompt_amx is on).
+// prompt_attention for DH 32, 64 or 128 (any other: 128; prompt_tiles_apply admits only these).
+template <bool AMX>
+inline void prompt_attention_dh(const uint16_t* q, int64_t q_row, const uint16_t* K, const uint16_t* V, int64_t Hkv,
+                                int64_t P, int64_t Dh, const int64_t* lens, const int64_t* slots, int64_t T,
+                                int64_t nrep, float scale, uint16_t* out) {
+  if (Dh == 32) return prompt_attention<32, AMX>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+  if (Dh == 64) return prompt_attention<64, AMX>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+  prompt_attention<128, AMX>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+}
+
+// The form: AMX tiles where the build and the OS have them (and _prompt_amx is on), else vectors.
 inline void prompt_attention_any(const uint16_t* q, int64_t q_row, const uint16_t* K, const uint16_t* V, int64_t Hkv,
                                  int64_t P, int64_t Dh, const int64_t* lens, const int64_t* slots, int64_t T,
                                  int64_t nrep, float scale, uint16_t* out) {
 #ifdef REMIX_AMX
-  if (g_prompt_amx && amx_ready()) {
-    if (Dh == 32) return prompt_attention<32, true>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-    if (Dh == 64) return prompt_attention<64, true>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-    return prompt_attention<128, true>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-  }
+  if (g_prompt_amx && amx_ready())
+    return prompt_attention_dh<true>(q, q_row, K, V, Hkv, P, Dh, lens, slots, T, nrep, scale, out);
 #endif
-  if (Dh == 32) return prompt_attention<32, false>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-  if (Dh == 64) return prompt_attention<64, false>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-  prompt_attention<128, false>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+  prompt_attention_dh<false>(q, q_row, K, V, Hkv, P, Dh, lens, slots, T, nrep, scale, out);
 }
 #endif  // REMIX_DOT_BF16
 

@@ -503,7 +503,7 @@ torch::Tensor attention_at(torch::Tensor qk, torch::Tensor K, torch::Tensor V, i
   const int64_t b = qk.size(0), Hkv = K.size(1), P = K.size(2), Dh = K.size(3), nrep = Hq / Hkv;
   auto out = torch::empty({b, Hkv, nrep, Dh}, qk.options());
 #ifdef REMIX_DOT_BF16
-  if (prompt && slots.defined() && qk.scalar_type() == torch::kBFloat16 && prompt_tiles_apply(Dh, nrep)) {
+  if (prompt && slots.defined() && qk.scalar_type() == torch::kBFloat16 && prompt_tiles_apply(Dh)) {
     const auto u16 = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
     prompt_attention_any(u16(qk), qk.stride(0), u16(K), u16(V), Hkv, P, Dh, lp, slots.data_ptr<int64_t>(), b, nrep,
                          static_cast<float>(scale), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
