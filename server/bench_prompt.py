@@ -1,23 +1,26 @@
-"""Long prompts: time to first token with prompt tokens' attention by tiles of tokens (AMX tiles, or AVX512-BF16 vectors),
-against the same engine with its prompt tokens on the decode kernel and against HF generate, in one run.
+"""Long prompts: time to first token with prompt tokens' attention by tiles of tokens (bfloat16: AMX tiles, or AVX512-BF16
+vectors; float32: vectors), against the same engine with its prompt tokens on the decode kernel and against HF
+generate, in one run.
 
     python -m server.bench_prompt --json out.json [--prompt-tokens 512,1024,2048,4096] [--concurrency 1]
                                   [--new-tokens 16] [--repeats 2] [--dtype auto|bfloat16|float32] [--form vectors]
 
 On the default base (no adapter), for each prompt length: two engines of the server's default configuration, one with
-prompt tokens' attention by tiles of tokens (``tiles``, the default for a bfloat16 model: on AMX tiles where the CPU
-has AMX-BF16, else on AVX512-BF16 vectors) and one with every token's attention on the decode kernel (``decode_kernel``: the compiled kernels' ``_prompt_tiles``
-switched off before each of its steps), serve the same ``--concurrency`` greedy requests of that many prompt tokens
-and ``--new-tokens`` new tokens, stepped in turn (a slow spell of the machine lands on both); each engine's times are
-its own steps'. ``--repeats`` rounds after an uncounted first one; per round each engine's mean time to first token
-(submission to the step that emits it) and new tokens per second, the best round reported, the ratios taken within
-each round (median over rounds). The peer, HF generate on the same weights (SDPA, a static batch of the same prompts):
+prompt tokens' attention by tiles of tokens (``tiles``, the default: for a bfloat16 model on AMX tiles where the CPU
+has AMX-BF16, else on AVX512-BF16 vectors; for a float32 model on AVX-512 or AVX2 vectors) and one with every token's
+attention on the decode kernel (``decode_kernel``: the compiled kernels' ``_prompt_tiles`` switched off before each of
+its steps), serve the same ``--concurrency`` greedy requests of that many prompt tokens and ``--new-tokens`` new
+tokens, stepped in turn (a slow spell of the machine lands on both); each engine's times are its own steps'.
+``--repeats`` rounds after an uncounted first one; per round each engine's mean time to first token (submission to
+the step that emits it) and new tokens per second, the best round reported, the ratios taken within each round
+(median over rounds). The peer, HF generate on the same weights (SDPA, a static batch of the same prompts):
 ``max_new_tokens=1`` (its first token: the whole prompts' forward) and the whole generation, the faster of two calls.
 
 Prints and writes, per length, ``tiles_over_decode_kernel_ttft`` (below 1: the tiles are faster), ``hf_over_tiles_ttft``
 (above 1: the engine's first token comes sooner than HF generate's) and ``tiles_over_hf_tokens_per_s``, and checks that
-the two engines' greedy replies agree (the share of identical replies and of new tokens before the first difference: the
-two kernels round a prompt's attention differently, so a near-tie may fall the other way).
+the two engines' greedy replies agree (the share of identical replies and of new tokens before the first difference:
+in bfloat16 the two kernels round a prompt's attention differently, so a near-tie may fall the other way; in float32
+they compute the same bits, so every reply must agree).
 """
 
 from __future__ import annotations
@@ -61,9 +64,12 @@ def main(argv=None) -> dict:
     tune_cpu_allocator()
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     ext = cpu_ext.load()
-    if ext is None or not hasattr(ext, "_prompt_tiles"):
-        ap.error("the compiled kernels here have no prompt kernel (a CPU without AVX512-BF16, or no kernels): nothing to "
-                 "compare")
+    dname = str(dtype).removeprefix("torch.")
+    if ext is None or not hasattr(ext, "_prompt_dtypes") or dname not in ext._prompt_dtypes():
+        ap.error(f"the compiled kernels here have no prompt kernel for {dname} (bfloat16: AVX512-BF16; float32: AVX-512 "
+                 "or AVX2 + FMA; or no kernels): nothing to compare")
+    if args.form == "vectors" and dname == "float32":
+        ap.error("--form vectors: float32's prompt kernel has no other form")
     model, tok = remix.load_base(args.base, dtype=dtype)  # the HF peer
     C, N = args.concurrency, args.new_tokens
     greedy = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
@@ -108,7 +114,7 @@ def main(argv=None) -> dict:
         ext._prompt_tiles(True)
         ext._prompt_amx(True)
     out = {"cpu": cpu_ext.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "base": args.base,
-           "dtype": str(dtype).removeprefix("torch."), "form": "amx" if args.form == "default" and cpu_ext.amx_bf16()
+           "dtype": str(dtype).removeprefix("torch."), "form": "amx" if args.form == "default" and dname == "bfloat16" and cpu_ext.amx_bf16()
            else "vectors", "concurrency": C, "new_tokens": N, "repeats": args.repeats,
            "results": results}
     write_outputs(args, out, markdown)

@@ -64,6 +64,10 @@ def outputs() -> dict[str, torch.Tensor]:
                 out[f"decode attention {Hkv}x{nrep}x{Dh}"] = ext.decode_attention(qk, K, V, 1, lens, Hq, Dh**-0.5)
                 slots = torch.tensor([5, 0, 0, 3, 1])
                 out[f"slot attention {Hkv}x{nrep}x{Dh}"] = ext.slot_attention(qk, K, V, slots, lens, Hq, Dh**-0.5)
+                # prompt tokens' float32 kernel: a score's fused multiply-add chain is the same on 8 lanes as on 16
+                prompt_slots, prompt_lens = torch.tensor([0, 0, 0, 2, 2]), torch.tensor([68, 69, 70, 16, 17])
+                out[f"prompt attention {Hkv}x{nrep}x{Dh}"] = ext.slot_attention(qk, K, V, prompt_slots, prompt_lens, Hq,
+                                                                                Dh**-0.5, prompt=True)
                 h = torch.bfloat16
                 out[f"decode attention bfloat16 {Hkv}x{nrep}x{Dh}"] = ext.decode_attention(qk.to(h), K.to(h), V.to(h), 1, lens, Hq, Dh**-0.5)
             # the 8-bit KV cache's attention on its float path (an AVX-512 build with AVX512-VNNI takes integer dot

@@ -357,12 +357,14 @@ def test_spec_bench_measures_both_engines_and_both_hf_modes_on_two_workloads(tmp
         bench_spec.main(["--base", "tiny", "--prompt-lookup-min", "3", "--prompt-lookup-max", "2"])
 
 
-def test_prompt_bench_measures_the_prompt_tiles_the_decode_kernel_and_hf(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_prompt_bench_measures_the_prompt_tiles_the_decode_kernel_and_hf(tmp_path, dtype):
     from server import bench_prompt
 
-    if not hasattr(cpu_ext.load(), "_prompt_tiles"):
-        pytest.skip("no prompt kernel on this CPU (AVX512-BF16)")
-    out = bench_prompt.main(["--base", "tiny", "--dtype", "bfloat16", "--prompt-tokens", "40,90", "--new-tokens", "3",
+    ext = cpu_ext.load()
+    if not hasattr(ext, "_prompt_dtypes") or dtype not in ext._prompt_dtypes():
+        pytest.skip(f"no prompt kernel for {dtype} on this CPU (bfloat16: AVX512-BF16; float32: AVX-512 or AVX2)")
+    out = bench_prompt.main(["--base", "tiny", "--dtype", dtype, "--prompt-tokens", "40,90", "--new-tokens", "3",
                              "--concurrency", "2", "--repeats", "2", "--json", str(tmp_path / "t.json"),
                              "--markdown", str(tmp_path / "t.md")])
     assert [r["prompt_tokens"] for r in out["results"]] == [40, 90]
@@ -373,5 +375,8 @@ def test_prompt_bench_measures_the_prompt_tiles_the_decode_kernel_and_hf(tmp_pat
         assert math.isclose(r["tiles_over_decode_kernel_ttft"], sum(rounds) / 2, rel_tol=1e-6)
         assert math.isclose(r["hf_over_tiles_ttft"], r["hf_generate"]["ttft_s"] / r["tiles"]["ttft_s"], rel_tol=1e-6)
         assert 0 <= r["common_prefix_share"] <= 1 and 0 <= r["identical_replies"] <= 1
+        if dtype == "float32":  # the decode kernel's bits: the same replies
+            assert r["identical_replies"] == 1
+    assert out["form"] == ("vectors" if dtype == "float32" or not cpu_ext.amx_bf16() else "amx")
     assert cpu_ext.load()._prompt_tiles(True)  # left on
     assert "| 90 |" in (tmp_path / "t.md").read_text()

@@ -1,8 +1,8 @@
-"""The attention of prompt tokens by tiles of tokens (remix/kernels/csrc/attention_prompt.h: bfloat16 prefill chunks,
-on AMX tiles where the CPU has AMX-BF16, else on AVX512-BF16 vectors): the float64 reference's values within the
-decode kernel's error, each token's output its own whatever shares its call, the decode kernel wherever it must stay
-(switch off, batch-invariant mode, checked drafts), and an engine whose prompts give the same tokens and
-log-probabilities in any split into chunks."""
+"""The attention of prompt tokens by tiles of tokens (remix/kernels/csrc/attention_prompt.h: bfloat16 prefill chunks
+on AMX tiles where the CPU has AMX-BF16, else on AVX512-BF16 vectors; float32 prefill chunks on AVX-512 or AVX2
+vectors): the float64 reference's values within the decode kernel's error, each token's output its own whatever shares
+its call, the decode kernel wherever it must stay (switch off, batch-invariant mode, checked drafts), and an engine
+whose prompts give the same tokens and log-probabilities in any split into chunks."""
 
 import math
 
@@ -14,12 +14,14 @@ from remix.kernels import cpu_ext
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 
-def tiles_or_skip(form: str = "default"):
-    """The compiled module where the prompt kernel runs here in ``form`` ("amx", "vectors" or whichever is the
-    default), with that form switched on (tests put the default back), else a skip."""
+def tiles_or_skip(form: str = "default", dtype: str = "bfloat16"):
+    """The compiled module where the prompt kernel runs here for ``dtype`` in ``form`` ("amx", "vectors" or whichever
+    is the default; float32 has vectors only), with that form switched on (tests put the default back), else a
+    skip."""
     ext = cpu_ext.load()
-    if ext is None or not hasattr(ext, "_prompt_tiles"):
-        pytest.skip("no AVX512-BF16 here: prompt tokens take the decode kernel")
+    if ext is None or not hasattr(ext, "_prompt_dtypes") or dtype not in ext._prompt_dtypes():
+        pytest.skip(f"no prompt kernel for {dtype} here (bfloat16: AVX512-BF16; float32: AVX-512 or AVX2 + FMA): "
+                    "prompt tokens take the decode kernel")
     if form == "amx" and not cpu_ext.amx_bf16():
         pytest.skip("no AMX-BF16 here")
     ext._prompt_amx(form != "vectors")
@@ -37,7 +39,7 @@ def default_form():
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16)
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
 
 
 def reference(qk, K, V, slots, lens, H):
@@ -53,14 +55,14 @@ def reference(qk, K, V, slots, lens, H):
     return out
 
 
-def case(Dh, H, Hkv, seed=0):
+def case(Dh, H, Hkv, seed=0, dtype=torch.bfloat16):
     """Three cache rows, the rows' tokens as prefill chunks lay them out: row 1's positions 0-36 (lengths across the
     16- and 32-position blocks), row 3's 100-170, one token of row 0 at 250; past each row's last position the cache
     holds NaN, which no output may read."""
     g = torch.Generator().manual_seed(seed)
     S, P = 4, 300
-    K = torch.randn(S, Hkv, P, Dh, generator=g).bfloat16()
-    V = torch.randn(S, Hkv, P, Dh, generator=g).bfloat16()
+    K = torch.randn(S, Hkv, P, Dh, generator=g).to(dtype)
+    V = torch.randn(S, Hkv, P, Dh, generator=g).to(dtype)
     rows = [(1, p) for p in range(37)] + [(3, p) for p in range(100, 171)] + [(0, 250)]
     for s in range(S):
         last = max([p for r, p in rows if r == s], default=-1)
@@ -68,15 +70,21 @@ def case(Dh, H, Hkv, seed=0):
         V[s, :, last + 1 :] = float("nan")
     slots = torch.tensor([s for s, _ in rows])
     lens = torch.tensor([p + 1 for _, p in rows])
-    qk = (torch.randn(len(rows), H + 2 * Hkv, Dh, generator=g) * 2).bfloat16()
+    qk = (torch.randn(len(rows), H + 2 * Hkv, Dh, generator=g) * 2).to(dtype)
     return qk, K, V, slots, lens
 
 
-@pytest.mark.parametrize("form", ["amx", "vectors"])
-@pytest.mark.parametrize("Dh,H,Hkv", [(64, 9, 3), (32, 8, 2), (128, 4, 4), (64, 8, 1), (64, 5, 1)])
-def test_prompt_tiles_match_the_reference_and_give_each_row_its_own_output(Dh, H, Hkv, form):
-    ext = tiles_or_skip(form)
-    qk, K, V, slots, lens = case(Dh, H, Hkv)
+# (dtype, form): bfloat16 on AMX tiles and on AVX512-BF16 vectors; float32 on vectors (AVX-512 or AVX2)
+FORMS = [("bfloat16", "amx"), ("bfloat16", "vectors"), ("float32", "vectors")]
+
+
+@pytest.mark.parametrize("dtype,form", FORMS)
+@pytest.mark.parametrize("Dh,H,Hkv", [(64, 9, 3), (32, 8, 2), (128, 4, 4), (64, 8, 1), (64, 5, 1), (16, 8, 2)])
+def test_prompt_tiles_match_the_reference_and_give_each_row_its_own_output(Dh, H, Hkv, dtype, form):
+    if Dh == 16 and dtype == "bfloat16":
+        pytest.skip("bfloat16 takes head widths of whole AMX steps (32 dimensions); 16 keeps the decode kernel")
+    ext = tiles_or_skip(form, dtype)
+    qk, K, V, slots, lens = case(Dh, H, Hkv, dtype=getattr(torch, dtype))
     scale = 1 / math.sqrt(Dh)
     tiles = ext.slot_attention(qk, K, V, slots, lens, H, scale, prompt=True)
     assert ext._prompt_tiles_calls() == 1
@@ -85,10 +93,15 @@ def test_prompt_tiles_match_the_reference_and_give_each_row_its_own_output(Dh, H
     want = reference(qk, K, V, slots, lens, H)
     err_tiles, err_decode = (tiles.double() - want).abs(), (decode.double() - want).abs()
     assert bool(torch.isfinite(tiles).all())
-    # the decode kernel's error (weights and output rounded to bfloat16), within a tenth, mean and worst
-    assert float(err_tiles.mean()) <= 1.1 * float(err_decode.mean()) + 1e-6
-    assert float(err_tiles.max()) <= 1.1 * float(err_decode.max()) + 1e-6
-    torch.testing.assert_close(tiles.double(), want, atol=2e-2, rtol=2e-2)
+    if dtype == "bfloat16":
+        # the decode kernel's error (weights and output rounded to bfloat16), within a tenth, mean and worst
+        assert float(err_tiles.mean()) <= 1.1 * float(err_decode.mean()) + 1e-6
+        assert float(err_tiles.max()) <= 1.1 * float(err_decode.max()) + 1e-6
+        torch.testing.assert_close(tiles.double(), want, atol=2e-2, rtol=2e-2)
+    else:
+        # float32: the decode kernel's arithmetic on vectors of positions - its outputs, bit for bit
+        assert torch.equal(bits(tiles), bits(decode))
+        torch.testing.assert_close(tiles.double(), want, atol=1e-5, rtol=1e-5)
     # a row's output is its own: alone, in other chunks, with the rows in another order
     T = qk.shape[0]
     for lo, hi in ((0, 37), (37, 108), (108, 109), (5, 6), (30, 40), (100, 109)):
@@ -99,31 +112,47 @@ def test_prompt_tiles_match_the_reference_and_give_each_row_its_own_output(Dh, H
     assert torch.equal(bits(shuffled), bits(tiles[perm]))
 
 
-@pytest.mark.parametrize("form", ["amx", "vectors"])
-def test_the_decode_kernel_stays_where_it_must(form):
-    """Switched off, and in batch-invariant mode (a prompt's positions must then be what a decode step computes, since
-    the prefix cache holds generated positions too), prompt rows take the decode kernel, bit for bit."""
-    ext = tiles_or_skip(form)
-    qk, K, V, slots, lens = case(64, 9, 3, seed=2)
+@pytest.mark.parametrize("dtype,form", FORMS)
+def test_the_decode_kernel_stays_where_it_must(dtype, form):
+    """Switched off, prompt rows take the decode kernel, bit for bit. In batch-invariant mode (a prompt's positions must
+    then be what a decode step computes, since the prefix cache holds generated positions too) bfloat16 prompt rows
+    take the decode kernel; float32's prompt kernel computes the decode kernel's bits, so it stays on there."""
+    ext = tiles_or_skip(form, dtype)
+    qk, K, V, slots, lens = case(64, 9, 3, seed=2, dtype=getattr(torch, dtype))
     decode = ext.slot_attention(qk, K, V, slots, lens, 9, 0.125, prompt=False)
     was = ext._prompt_tiles(False)
     try:
         assert torch.equal(bits(ext.slot_attention(qk, K, V, slots, lens, 9, 0.125, prompt=True)), bits(decode))
     finally:
         ext._prompt_tiles(was)
+    assert ext._prompt_tiles_calls() == 0
     inv = cpu_ext.set_batch_invariant(True)
     try:
         assert torch.equal(bits(ext.slot_attention(qk, K, V, slots, lens, 9, 0.125, prompt=True)), bits(decode))
     finally:
         cpu_ext.set_batch_invariant(inv)
-    assert ext._prompt_tiles_calls() == 0
+    assert ext._prompt_tiles_calls() == (1 if dtype == "float32" else 0)
 
 
-def head_dim_64_model():
-    """A tiny Llama in bfloat16 whose heads are 64 wide (the kernel's shapes: 4 query heads over 2 key/value heads)."""
+@pytest.mark.parametrize("Dh", [16, 32, 64, 128])
+def test_float32_prompt_kernel_gives_the_decode_kernels_bits_for_every_group_size(Dh):
+    """Every query-head group size (1-8 query heads a key/value head, so tiles of 16 down to 2 tokens and 12-16 rows),
+    lengths across its vector blocks, a NaN cache past the rows' positions: the decode kernel's outputs bit for bit."""
+    ext = tiles_or_skip("vectors", "float32")
+    for nrep in range(1, 9):
+        qk, K, V, slots, lens = case(Dh, 2 * nrep, 2, seed=10 + nrep, dtype=torch.float32)
+        scale = Dh**-0.5
+        tiles = ext.slot_attention(qk, K, V, slots, lens, 2 * nrep, scale, prompt=True)
+        assert ext._prompt_tiles_calls() == 1
+        decode = ext.slot_attention(qk, K, V, slots, lens, 2 * nrep, scale, prompt=False)
+        assert torch.equal(bits(tiles), bits(decode)), nrep
+
+
+def head_dim_64_model(dtype: str = "bfloat16"):
+    """A tiny Llama whose heads are 64 wide (the kernel's shapes: 4 query heads over 2 key/value heads)."""
     model, tok = remix.tiny_model(seed=3, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                                   num_key_value_heads=2)
-    return model.to(torch.bfloat16), tok
+    return model.to(getattr(torch, dtype)), tok
 
 
 def run_all(engine, prompts, params, tag):
@@ -136,20 +165,22 @@ def run_all(engine, prompts, params, tag):
             for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("form", ["amx", "vectors"])
-def test_an_engine_prompt_gives_the_same_tokens_in_any_split_into_chunks(form):
+@pytest.mark.parametrize("dtype,form", FORMS)
+def test_an_engine_prompt_gives_the_same_tokens_in_any_split_into_chunks(dtype, form):
     """Prompts of 150-230 tokens prefilled in one step, in chunks of 16 and of 50 tokens, and alone against together:
     the same greedy tokens and log-probabilities (the prompt kernel serves the prefill; the decode steps that follow
-    do not take it)."""
-    ext = tiles_or_skip(form)
+    do not take it). float32 steps stay under 256 rows: from there its linears take oneDNN's or MKL's GEMM, whose rows
+    round by the call's size (bfloat16's AMX GEMM gives a row the same outputs at any size)."""
+    ext = tiles_or_skip(form, dtype)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (150, 230, 181)]
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)
     results = []
-    for chunk, together in ((256, True), (16, True), (50, True), (256, False)):
-        model, tok = head_dim_64_model()
+    whole, budget = (256, 512) if dtype == "bfloat16" else (255, 255)
+    for chunk, together in ((whole, True), (16, True), (50, True), (whole, False)):
+        model, tok = head_dim_64_model(dtype)
         e = Engine(model, tok, EngineConfig(max_model_len=300, max_num_seqs=4, max_prefill_chunk=chunk,
-                                            max_batched_tokens=512, prefix_caching=False))
+                                            max_batched_tokens=budget, prefix_caching=False))
         if together:
             results.append(run_all(e, prompts, params, "t"))
         else:
@@ -158,12 +189,13 @@ def test_an_engine_prompt_gives_the_same_tokens_in_any_split_into_chunks(form):
     assert all(r == results[0] for r in results[1:])
 
 
-def test_checked_drafts_keep_the_decode_kernel():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_checked_drafts_keep_the_decode_kernel(dtype):
     """Speculative decoding checks a draft as a prefill chunk; its tokens are generated tokens, so their attention is
     the decode kernel's (the output is the output without speculation, bit for bit): no prompt-tile call after the
     prompt is in."""
-    ext = tiles_or_skip()
-    model, tok = head_dim_64_model()
+    ext = tiles_or_skip(dtype=dtype)
+    model, tok = head_dim_64_model(dtype)
     e = Engine(model, tok, EngineConfig(max_model_len=300, max_num_seqs=2, num_speculative_tokens=4,
                                         prefix_caching=False))
     prompt = [5, 6, 7, 8, 9, 10] * 12  # a loop: prompt lookup drafts from it

@@ -21,11 +21,12 @@ libraries handle poorly (K = n*r = 64). These kernels compute only the selected 
     kv_write_(cache, fresh, row0, pos)   a slot KV cache's write of new keys or values (a memcpy per head and token)
     decode_attention(qk, K, V, row0, lens, Hq, scale)   one decode token per row over its own slot of the cache
     slot_attention(qk, K, V, slots, lens, Hq, scale, prompt=False)   the same with query row i reading slot slots[i]
-                               (prefill tokens); prompt=True (prompt tokens, not checked drafts): in bfloat16 with
-                               AVX512-BF16 the prompt kernel (attention_prompt.h: 16 / nrep tokens of a slot at a
-                               time, scores and weighted values as AMX tile products where the CPU has AMX, else on
-                               vectors; each row's output its own whatever shares the call; not in batch-invariant
-                               mode)
+                               (prefill tokens); prompt=True (prompt tokens, not checked drafts): the prompt kernel
+                               (attention_prompt.h: 16 / nrep tokens of a slot at a time) - in bfloat16 with
+                               AVX512-BF16 scores and weighted values as AMX tile products where the CPU has AMX, else
+                               on vectors (each row's output its own whatever shares the call; not in batch-invariant
+                               mode); in float32 with AVX-512 or AVX2 on vectors of positions, the decode kernel's
+                               outputs bit for bit (in every mode). _prompt_dtypes() lists the dtypes it serves here
     kv_write_q8_(cache, scales, fresh, row0, pos), decode_attention_q8(qk, K, V, Ks, Vs, row0, lens, Hq, scale)
                                the same two over an 8-bit cache (int8 values, a float32 scale per position and head)
     add_rms_norm_, rotary_     small fused ops of a Llama decoder layer, for the engine's lean forward
@@ -177,7 +178,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v244_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v245_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):  # (ninja rebuilds when remix_cpu.cpp or any part it includes changes)
                         module = cpp_load(

@@ -100,9 +100,10 @@ class ModelRunner:
         elsewhere SDPA, which rounds differently from the decode paths).
 
         ``prompt``: the tokens are prompt tokens (the engine's prefill chunks, not checked drafts): on the compiled CPU
-        path in bfloat16 (AVX512-BF16) their attention takes the prompt kernel (``slot_attention``'s ``prompt``: AMX
-        tiles or vectors; each token's output its own, whatever shares its chunk, though not the decode kernel's
-        rounding; not in batch-invariant mode).
+        path their attention takes the prompt kernel (``slot_attention``'s ``prompt``): in bfloat16 (AVX512-BF16) on
+        AMX tiles or vectors, each token's output its own whatever shares its chunk, though not the decode kernel's
+        rounding (not in batch-invariant mode); in float32 (AVX-512 or AVX2) on vectors of positions, the decode
+        kernel's bits.
         """
         if decode:
             assert tokens.shape[1] == 1 and bool((counts == 1).all()), "a decode step has one token per row"

@@ -1,5 +1,5 @@
-// Prompt tokens' attention: a prefill chunk's tokens in bfloat16, several of one cache row at a time - on AMX tiles
-// where the CPU has AMX-BF16, else on AVX512-BF16 vectors of positions.
+// Prompt tokens' attention: a prefill chunk's tokens, several of one cache row at a time - bfloat16 on AMX tiles where
+// the CPU has AMX-BF16, else on AVX512-BF16 vectors of positions; float32 on vectors of positions (AVX-512 or AVX2).
 // Part of the kernels' one translation unit, remix_cpu.cpp (built by remix/kernels/cpu_ext.py): include it there only.
 #pragma once
 #include "amx.h"
@@ -7,31 +7,45 @@
 
 namespace {
 
-#ifdef REMIX_DOT_BF16
-// The decode kernel (attend_group_bf16) takes one token's query heads at a time: ~8 vector instructions for each query
-// head and position it attends to, so a prompt's attention grows with its length squared - a 2048-token prompt of the
-// default base spent 1.55 of its 2.0 s to the first token there, where Hugging Face's whole forward (SDPA) took 0.98 s.
+// The decode kernels (attend_group, attend_group_bf16) take one token's query heads at a time: ~8 vector instructions
+// for each query head and position it attends to, so a prompt's attention grows with its length squared - a
+// 2048-token prompt of the default base spent 1.55 of its 2.0 s to the first token there in bfloat16, where Hugging
+// Face's whole forward (SDPA) took 0.98 s, and 2.0 of its 4.2 s in float32, where Hugging Face's took 2.75.
 // Here the tokens of one cache row are taken 16 / nrep at a time (a query tile: 16 rows of (token, query head) of one
-// key/value head) against K and V packed once per cache row and key/value head for a thread (K's 16 x 16 blocks of
-// dimension pairs transposed, V's rows paired position by position). On AMX (prompt_scores_amx / prompt_values_amx)
-// each tile's scores and weighted values are tile products: scores = Q K^T, 16 positions a tile product per 32
-// dimensions; then P V, 32 positions a step into one float32 tile per 16 dimensions. Without AMX (prompt_scores_vec /
-// prompt_values_vec) the same products on vectors of 16 positions (scores: each query's dimension pairs broadcast
-// against K's transposed pairs) and of 16 dimensions (P V: each row's weight pair broadcast against V's paired rows),
-// each K and V vector read once for a group of rows. Either way the weights are the decode kernel's (each row's scores
-// times scale, its max, exp and their float32 sum by softmax_pass over its own positions, the weights rounded to
-// bfloat16), and the output is divided by the sum and rounded once. One order per row: a row's scores and weighted
-// values are its own, and past its length its weights are zeros (products +-0 that add nothing), so a token's output
-// does not depend on which tokens share its tile, chunk or step. It is not the decode kernel's order (float32 sums in
-// another order), so only prompt tokens take it (runner.forward's prompt steps): a checked draft's tokens (speculative
-// decoding) and every generated token keep the decode kernel, as does batch-invariant mode, where a prompt's positions
-// must read what a decode step would have computed (the prefix cache holds generated positions too).
+// key/value head) against K (and, in bfloat16, V) packed once per cache row and key/value head for a thread.
+// bfloat16 (prompt_attention, REMIX_DOT_BF16): K's 16 x 16 blocks of dimension pairs transposed, V's rows paired
+// position by position. On AMX (prompt_scores_amx / prompt_values_amx) each tile's scores and weighted values are tile
+// products: scores = Q K^T, 16 positions a tile product per 32 dimensions; then P V, 32 positions a step into one
+// float32 tile per 16 dimensions. Without AMX (prompt_scores_vec / prompt_values_vec) the same products on vectors of
+// 16 positions (scores: each query's dimension pairs broadcast against K's transposed pairs) and of 16 dimensions (P V:
+// each row's weight pair broadcast against V's paired rows), each K and V vector read once for a group of rows. Either
+// way the weights are the decode kernel's (each row's scores times scale, its max, exp and their float32 sum by
+// softmax_pass over its own positions, the weights rounded to bfloat16), and the output is divided by the sum and
+// rounded once. One order per row: a row's scores and weighted values are its own, and past its length its weights
+// are zeros (products +-0 that add nothing), so a token's output does not depend on which tokens share its tile,
+// chunk or step. It is not the decode kernel's order (float32 sums in another order), so only prompt tokens take it
+// (runner.forward's prompt steps): a checked draft's tokens (speculative decoding) and every generated token keep the
+// decode kernel, as does batch-invariant mode, where a prompt's positions must read what a decode step would have
+// computed (the prefix cache holds generated positions too).
+// float32 (prompt_attention_f32, REMIX_PROMPT_F32): the decode kernel's arithmetic, value for value, on vectors of
+// positions instead of vectors of dimensions - its scores' lane sums and their tree (scores_tree), its softmax_pass,
+// its P V (one chain of fused multiply-adds over the positions per output, from the cache's own V rows), its
+// division - so every output is the decode kernel's bit for bit (tested), in both builds, and it needs none of the
+// bfloat16 kernel's exceptions: batch-invariant mode takes it too (checked drafts stay on the decode path, where a few
+// rows gain nothing).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define REMIX_PROMPT_F32 1
+#endif
+#if defined(REMIX_DOT_BF16) || defined(REMIX_PROMPT_F32)
 bool g_prompt_tiles = true;  // A/B runs and tests: _prompt_tiles (off: prompt tokens take the decode kernel)
 bool g_prompt_amx = true;  // A/B runs and tests: _prompt_amx (off: the vector form on a CPU with AMX too)
 std::atomic<int64_t> g_prompt_tiles_calls{0};  // calls taken (tests: _prompt_tiles_calls)
 
 static_assert(MAX_GROUP <= 16, "a query tile holds every query head of a key/value head (check_decode's limit)");
-inline bool prompt_tiles_apply(int64_t Dh) {
+// bfloat16: head widths of whole AMX steps (32 dimensions), not in batch-invariant mode; float32: every width
+// check_decode admits, in every mode (the decode kernel's bits).
+inline bool prompt_tiles_apply(int64_t Dh, bool bf16 = true) {
+  if (!bf16) return g_prompt_tiles;
   return g_prompt_tiles && !g_batch_invariant && (Dh == 32 || Dh == 64 || Dh == 128);
 }
 
@@ -51,6 +65,9 @@ inline std::vector<PromptTile> prompt_tiles_of(const int64_t* slots, int64_t T, 
   return tiles;
 }
 
+#endif  // REMIX_DOT_BF16 || REMIX_PROMPT_F32
+
+#ifdef REMIX_DOT_BF16
 // One thread's packed K and V of one cache row and key/value head, positions [0, n): K as kb blocks of 16 positions x
 // KS steps of 32 dimensions, each a B tile of 16 dimension pairs x 16 positions (VNNI); V as blocks of 32 positions x
 // NS slices of 16 dimensions, each a B tile of 16 position pairs x 16 dimensions. Positions from n on are zeros.
@@ -306,5 +323,242 @@ inline void prompt_attention_any(const uint16_t* q, int64_t q_row, const uint16_
   prompt_attention_dh<false>(q, q_row, K, V, Hkv, P, Dh, lens, slots, T, nrep, scale, out);
 }
 #endif  // REMIX_DOT_BF16
+
+#ifdef REMIX_PROMPT_F32
+// The float32 prompt kernel's native vectors: W lanes of float32 (AVX-512: 16, AVX2: 8).
+struct PromptVec {
+#ifdef __AVX512F__
+  using V = __m512;
+  static constexpr int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  // a product GCC may not fuse into a later add (its _mm512_mul_ps is plain vector arithmetic, which it contracts)
+  static V product(V a, V b) { V r = _mm512_mul_ps(a, b); asm("" : "+v"(r)); return r; }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static constexpr int ACC = 24;  // P V's accumulators: RG rows x CW vectors
+#else
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V product(V a, V b) { V r = _mm256_mul_ps(a, b); asm("" : "+x"(r)); return r; }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static constexpr int ACC = 8;
+#endif
+};
+
+// One thread's K of one cache row and key/value head transposed, positions [0, n) rounded up to whole pairs of blocks
+// of W positions: block b's dimension d at k[(b DH + d) W, + W), zeros from n on.
+template <int DH>
+struct PackedKT {
+  static constexpr int W = PromptVec::W;
+  std::vector<float> k;
+  int64_t blocks = 0;  // (even)
+  void pack(const float* K, int64_t n) {
+    blocks = (n + 2 * W - 1) / (2 * W) * 2;
+    if (static_cast<int64_t>(k.size()) < blocks * DH * W) k.resize(blocks * DH * W);
+    for (int64_t b = 0; b < blocks; ++b) {
+      float* kb = k.data() + b * DH * W;
+      for (int j = 0; j < W; ++j) {
+        const int64_t p = b * W + j;
+        if (p < n) {
+          const float* row = K + p * DH;
+          for (int d = 0; d < DH; ++d) kb[d * W + j] = row[d];
+        } else {
+          for (int d = 0; d < DH; ++d) kb[d * W + j] = 0.f;
+        }
+      }
+    }
+  }
+};
+
+// A group of RB query rows' scores over KB blocks of W positions from k0 (kt's block b), into sc (rows `wide` apart; nr
+// of the RB rows stored), each exactly as the decode kernel (attend_group) sums it: lane l of 16 sums the dimensions
+// d = l mod 16 in order (a product, then fused multiply-adds), then reduce16's pairwise tree over the 16 lanes (h_i =
+// a_i + a_i+8, g_i = h_i + h_i+4, f_i = g_i + g_i+2, f_0 + f_1). Here a vector holds W positions and each lane's sum
+// is a vector of its own, so the tree is vector adds: each K vector serves the RB rows, each broadcast query value the
+// KB blocks, and each h_i goes to L1 as it is made (only two lanes' sums of a row and block live in registers), the
+// tree's upper levels from there at the end.
+template <int DH, int RB, int KB>
+__attribute__((always_inline)) inline void scores_tree(const float* q, const float* k0, float* sc, int64_t wide,
+                                                        int64_t nr, int64_t b) {
+  using PV = PromptVec;
+  using Acc = PV::V[RB][KB];
+  constexpr int W = PV::W, NV = DH / L;
+  const auto lane = [&](int l, Acc& a) __attribute__((always_inline)) {
+    for (int c = 0; c < NV; ++c) {
+      const int d = c * L + l;
+      PV::V kv[KB];
+      for (int kb = 0; kb < KB; ++kb) kv[kb] = PV::load(k0 + (kb * DH + d) * W);
+      for (int j = 0; j < RB; ++j) {
+        const PV::V qv = PV::set1(q[j * DH + d]);
+        for (int kb = 0; kb < KB; ++kb) a[j][kb] = c == 0 ? PV::product(qv, kv[kb]) : PV::fma(qv, kv[kb], a[j][kb]);
+      }
+    }
+  };
+  alignas(64) float hb[8][RB][KB][W];
+  for (int i = 0; i < 8; ++i) {
+    Acc x, y;
+    lane(i, x);
+    lane(i + 8, y);
+    for (int j = 0; j < RB; ++j) for (int kb = 0; kb < KB; ++kb) PV::store(hb[i][j][kb], PV::add(x[j][kb], y[j][kb]));
+  }
+  for (int64_t j = 0; j < nr; ++j)
+    for (int kb = 0; kb < KB; ++kb) {
+      const auto hv = [&](int i) { return PV::load(hb[i][j][kb]); };
+      const PV::V f0 = PV::add(PV::add(hv(0), hv(4)), PV::add(hv(2), hv(6)));
+      const PV::V f1 = PV::add(PV::add(hv(1), hv(5)), PV::add(hv(3), hv(7)));
+      PV::store(sc + j * wide + (b + kb) * W, PV::add(f0, f1));
+    }
+}
+
+// A query tile's scores (qs: its R rows of DH float32, already times scale, zero rows after them up to a whole group)
+// over blocks [0, nb) of kt (nb even), into sc (rows `wide` apart), by scores_tree: on AVX-512 5 rows x 2 blocks where
+// the rows come in fives (nrep 3 or 5: 15 rows), else 4 x 2; on AVX2 (16 registers) 3 x 2. A 512-token chunk of the
+// default base at positions 1536-2048 (the whole attention call, float32, this VM): 5 x 2 10.2 ms, 4 x 2 10.9, 8 x 1
+// 10.2, 6 x 2 10.6, 3 x 2 16.5; with all five sums of the tree in registers (no stores) 2 x 2 17.7, 5 x 1 13.4, 4 x 1
+// 14.0; the decode kernel 25.7.
+template <int DH, int RB, int KB>
+void prompt_scores_rows(const float* qs, int64_t R, const PackedKT<DH>& kt, int64_t nb, float* sc, int64_t wide) {
+  constexpr int W = PromptVec::W;
+  for (int64_t r0 = 0; r0 < R; r0 += RB) {
+    const int64_t nr = std::min<int64_t>(RB, R - r0);
+    for (int64_t b = 0; b < nb; b += KB)
+      scores_tree<DH, RB, KB>(qs + r0 * DH, kt.k.data() + b * DH * W, sc + r0 * wide, wide, nr, b);
+  }
+}
+constexpr int PROMPT_QS_PAD = 5;  // zero query rows after a tile's (the most any group above leaves unfilled)
+template <int DH>
+void prompt_scores_f32(const float* qs, int64_t R, const PackedKT<DH>& kt, int64_t nb, float* sc, int64_t wide) {
+#ifdef __AVX512F__
+  if (R % 5 == 0) return prompt_scores_rows<DH, 5, 2>(qs, R, kt, nb, sc, wide);
+  prompt_scores_rows<DH, 4, 2>(qs, R, kt, nb, sc, wide);
+#else
+  prompt_scores_rows<DH, 3, 2>(qs, R, kt, nb, sc, wide);
+#endif
+}
+
+// A query tile's P V (pw: its R rows of float32 weights, `wide` apart, zeros past each row's length) over V's rows
+// [0, n) (DH float32 each, as the cache holds them): RG rows x CW vectors of dimensions at a time, each V vector read
+// once for the RG rows, each weight broadcast; every output one fused multiply-add chain over the positions in order;
+// times inv[row] into ob [R][DH].
+template <int DH>
+void prompt_values_f32(const float* pw, int64_t R, const float* V, int64_t n, int64_t wide, const float* inv, float* ob) {
+  using PV = PromptVec;
+  constexpr int W = PV::W, NV = DH / W > 0 ? DH / W : 1, CW = NV < 4 ? NV : 4;
+  constexpr int RG = PV::ACC / CW < 16 ? PV::ACC / CW : 16;
+  static_assert(DH % W == 0 && NV % CW == 0, "the P V pass's column blocks must tile the head");
+  for (int c0 = 0; c0 < NV; c0 += CW)
+    for (int64_t r0 = 0; r0 < R; r0 += RG) {
+      const int64_t nr = std::min<int64_t>(RG, R - r0);
+      PV::V acc[RG][CW];
+      for (int j = 0; j < RG; ++j) for (int c = 0; c < CW; ++c) acc[j][c] = PV::zero();
+      const float* w = pw + r0 * wide;
+      for (int64_t u = 0; u < n; ++u) {
+        PV::V vv[CW];
+        for (int c = 0; c < CW; ++c) vv[c] = PV::load(V + u * DH + (c0 + c) * W);
+        for (int j = 0; j < RG; ++j) {
+          if (j >= nr) break;
+          const PV::V p = PV::set1(w[j * wide + u]);
+          for (int c = 0; c < CW; ++c) acc[j][c] = PV::fma(p, vv[c], acc[j][c]);
+        }
+      }
+      for (int64_t j = 0; j < nr; ++j)
+        for (int c = 0; c < CW; ++c)
+          PV::store(ob + (r0 + j) * DH + (c0 + c) * W, PV::mul(acc[j][c], PV::set1(inv[r0 + j])));
+    }
+}
+
+// out [T, Hkv, nrep, DH] float32 = attention of query rows q (row t at q + t q_row, its Hkv nrep heads DH apart) over
+// K, V [S, Hkv, P, DH] float32: row t reads cache row slots[t]'s first lens[t] positions (as slot_attention).
+template <int DH>
+void prompt_attention_f32(const float* q, int64_t q_row, const float* K, const float* V, int64_t Hkv, int64_t P,
+                          const int64_t* lens, const int64_t* slots, int64_t T, int64_t nrep, float scale, float* out) {
+  using PV = PromptVec;
+  constexpr int W = PV::W;
+  const std::vector<PromptTile> tiles = prompt_tiles_of(slots, T, Hkv, nrep);
+  const int64_t nt = static_cast<int64_t>(tiles.size());
+  g_prompt_tiles_calls.fetch_add(1, std::memory_order_relaxed);
+  if (nt == 0) return;
+#pragma omp parallel num_threads(region_threads(nt))
+  {
+    const auto [h, nh] = region_thread();
+    // a thread's buffers, kept between calls (every element read is written first in the call)
+    thread_local PackedKT<DH> kt;
+    thread_local std::vector<float> sc;  // scores, then weights: a row per tile row
+    int64_t packed_slot = -1, packed_g = -1, packed_n = 0;
+    const int64_t wide = (P + 31) / 32 * 32;
+    if (static_cast<int64_t>(sc.size()) < 16 * wide) sc.resize(16 * wide);
+    alignas(64) float qs[(16 + PROMPT_QS_PAD) * DH];  // the tile's rows times scale, zeros past them
+    alignas(64) float ob[16 * DH];
+    // tiles in turn among the threads (a row's later tiles are the longer ones)
+    for (int64_t w = h; w < nt; w += nh) {
+      const PromptTile& tl = tiles[w];
+      const int64_t slot = slots[tl.t0], g = tl.g, R = (tl.t1 - tl.t0) * nrep;
+      int64_t len[16], lmax = 0;
+      for (int64_t rr = 0; rr < 16; ++rr) {
+        len[rr] = rr < R ? lens[tl.t0 + rr / nrep] : 0;
+        lmax = std::max(lmax, len[rr]);
+      }
+      const float* Kh = K + (slot * Hkv + g) * P * DH;
+      if (slot != packed_slot || g != packed_g || lmax > packed_n) {
+        // as prompt_attention: up to the longest its next tiles on this thread need
+        int64_t need = lmax;
+        for (int64_t u = w + nh; u < nt && slots[tiles[u].t0] == slot && tiles[u].g == g; u += nh)
+          need = std::max(need, lens[tiles[u].t1 - 1]);
+        need = std::min(need, P);
+        kt.pack(Kh, need);
+        packed_slot = slot, packed_g = g, packed_n = need;
+      }
+      for (int64_t rr = 0; rr < 16 + PROMPT_QS_PAD; ++rr) {
+        float* qr = qs + rr * DH;
+        if (rr < R) {
+          const float* src = q + (tl.t0 + rr / nrep) * q_row + (g * nrep + rr % nrep) * DH;
+          for (int d = 0; d < DH; ++d) qr[d] = src[d] * scale;  // the decode kernel's q * scale
+        } else {
+          std::memset(qr, 0, DH * sizeof(float));
+        }
+      }
+      const int64_t nb = (lmax + 2 * W - 1) / (2 * W) * 2;
+      prompt_scores_f32<DH>(qs, R, kt, nb, sc.data(), wide);
+      // weights: each row's softmax over its own positions as the decode kernel takes it; zeros past its length
+      float inv[16];
+      for (int64_t rr = 0; rr < R; ++rr) {
+        float* sr = sc.data() + rr * wide;
+        const int64_t padded = (len[rr] + L - 1) / L * L;
+#ifdef __AVX512F__
+        inv[rr] = softmax_pass(sr, len[rr], padded, [&](int64_t t, vf e) { store(sr + t, e); });
+#else
+        inv[rr] = softmax_pass8(sr, len[rr], padded);
+#endif
+        if (lmax > len[rr]) std::memset(sr + len[rr], 0, (lmax - len[rr]) * sizeof(float));
+      }
+      prompt_values_f32<DH>(sc.data(), R, V + (slot * Hkv + g) * P * DH, lmax, wide, inv, ob);
+      for (int64_t rr = 0; rr < R; ++rr) {
+        const int64_t t = tl.t0 + rr / nrep;
+        std::memcpy(out + ((t * Hkv + g) * nrep + rr % nrep) * DH, ob + rr * DH, DH * sizeof(float));
+      }
+    }
+  }
+}
+
+// prompt_attention_f32 for DH 16, 32, 64 or 128 (any other: 128; check_decode admits only these).
+inline void prompt_attention_f32_dh(const float* q, int64_t q_row, const float* K, const float* V, int64_t Hkv,
+                                    int64_t P, int64_t Dh, const int64_t* lens, const int64_t* slots, int64_t T,
+                                    int64_t nrep, float scale, float* out) {
+  if (Dh == 16) return prompt_attention_f32<16>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+  if (Dh == 32) return prompt_attention_f32<32>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+  if (Dh == 64) return prompt_attention_f32<64>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+  prompt_attention_f32<128>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
+}
+#endif  // REMIX_PROMPT_F32
 
 }  // namespace

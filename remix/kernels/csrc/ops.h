@@ -493,8 +493,8 @@ const int64_t* check_decode(const torch::Tensor& qk, const torch::Tensor& K, con
   return lp;
 }
 
-// prompt (with slots): the rows are prompt tokens, which take prompt_attention where it applies (bfloat16 with
-// AVX512-BF16: AMX tiles or vectors).
+// prompt (with slots): the rows are prompt tokens, which take the prompt kernel where it applies (bfloat16 with
+// AVX512-BF16: prompt_attention, on AMX tiles or vectors; float32 with AVX-512 or AVX2 + FMA: prompt_attention_f32).
 torch::Tensor attention_at(torch::Tensor qk, torch::Tensor K, torch::Tensor V, int64_t row0, torch::Tensor slots,
                            torch::Tensor lens, int64_t Hq, double scale, bool prompt = false) {
   auto ln = lens.contiguous();
@@ -507,6 +507,13 @@ torch::Tensor attention_at(torch::Tensor qk, torch::Tensor K, torch::Tensor V, i
     const auto u16 = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
     prompt_attention_any(u16(qk), qk.stride(0), u16(K), u16(V), Hkv, P, Dh, lp, slots.data_ptr<int64_t>(), b, nrep,
                          static_cast<float>(scale), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    return out;
+  }
+#endif
+#ifdef REMIX_PROMPT_F32
+  if (prompt && slots.defined() && qk.scalar_type() == torch::kFloat32 && prompt_tiles_apply(Dh, /*bf16=*/false)) {
+    prompt_attention_f32_dh(qk.data_ptr<float>(), qk.stride(0), K.data_ptr<float>(), V.data_ptr<float>(), Hkv, P, Dh,
+                            lp, slots.data_ptr<int64_t>(), b, nrep, static_cast<float>(scale), out.data_ptr<float>());
     return out;
   }
 #endif
@@ -528,7 +535,7 @@ torch::Tensor decode_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor 
 
 // decode_attention with each query row i reading cache row slots[i] (int64 [b]): a prefill chunk's tokens, several to
 // a slot, each over its own first lens[i] positions (its position + 1) - the same kernel and order as a decode token's;
-// with prompt (the rows are prompt tokens, not checked drafts), in bfloat16 with AVX512-BF16, prompt_attention instead.
+// with prompt (the rows are prompt tokens, not checked drafts), the prompt kernel instead where it applies (attention_at).
 torch::Tensor slot_attention(torch::Tensor qk, torch::Tensor K, torch::Tensor V, torch::Tensor slots, torch::Tensor lens,
                              int64_t Hq, double scale, bool prompt) {
   return attention_at(qk, K, V, 0, slots.contiguous(), lens, Hq, scale, prompt);

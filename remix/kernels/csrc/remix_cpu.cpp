@@ -58,10 +58,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tests and A/B runs: a one-LoRA slot's routing skipped (its LoRA every token's top 1; default on)");
   m.def("_module_call_raw", [](bool on) { g_raw_call = on; }, "tests and A/B runs: ModuleCall's call on raw pointers (default on)");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then LlamaRMSNorm(h) * weight");
-#ifdef REMIX_DOT_BF16
+#if defined(REMIX_DOT_BF16) || defined(REMIX_PROMPT_F32)
   m.def("_prompt_tiles", [](bool on) { return std::exchange(g_prompt_tiles, on); },
-        "A/B runs and tests: prompt tokens' attention by tiles of tokens (default: on AMX tiles, else vectors) or the "
-        "decode kernel; returns the setting before");
+        "A/B runs and tests: prompt tokens' attention by tiles of tokens (default: bfloat16 on AMX tiles, else vectors; "
+        "float32 on vectors) or the decode kernel; returns the setting before");
+  m.def("_prompt_dtypes", []() {
+    std::vector<std::string> d;
+#ifdef REMIX_PROMPT_F32
+    d.push_back("float32");
+#endif
+#ifdef REMIX_DOT_BF16
+    d.push_back("bfloat16");
+#endif
+    return d;
+  }, "the dtypes whose prompt tokens take the prompt kernel in this build");
   m.def("_prompt_amx", [](bool on) { return std::exchange(g_prompt_amx, on); },
         "A/B runs and tests: the prompt kernel on AMX tiles where the CPU has them (default) or on vectors");
   m.def("_prompt_tiles_calls", []() { return g_prompt_tiles_calls.exchange(0); },
