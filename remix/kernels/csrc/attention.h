@@ -63,15 +63,10 @@ inline void unpair(vf a, vf b, vf& d0, vf& d1) {
   d1 = __builtin_shuffle(a, b, vi{8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31});
 }
 
-// One head's softmax numerators over its scores sr[0, len) (sr padded to a multiple of L: the pad set to -1e30, whose
-// exp is 0): e = exp(s - max), 16 at a time, each block handed to put(t, e); returns 1 / (their float32 sum).
+// softmax_pass's second half: e = exp(s - m) for sr[0, padded), 16 at a time, each block handed to put(t, e); returns
+// 1 / (their float32 sum, one running sum of 16 lanes, then hsum).
 template <typename Put>
-inline float softmax_pass(float* sr, int64_t len, int64_t padded, Put&& put) {
-  for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;
-  vf mv = load(sr);
-  for (int64_t t = L; t < padded; t += L) { const vf x = load(sr + t); mv = mv > x ? mv : x; }
-  float m = mv[0];
-  for (int l = 1; l < L; ++l) m = mv[l] > m ? mv[l] : m;
+__attribute__((always_inline)) inline float softmax_exp(const float* sr, int64_t padded, float m, Put&& put) {
   vf sum = vf{};
   for (int64_t t = 0; t < padded; t += L) {
     const vf e = vexp(load(sr + t) - m);
@@ -81,16 +76,65 @@ inline float softmax_pass(float* sr, int64_t len, int64_t padded, Put&& put) {
   return 1.f / hsum(sum);
 }
 
+// The largest of sr[0, padded) (padded a multiple of W lanes of V, at least W), by four running maxima of W lanes
+// (one had been a chain of dependent vmaxps, 4 cycles each, ~8 % of the prompt kernel's time), combined as vectors,
+// then across the lanes. With SCALE (the bfloat16 prompt kernel, whose scores come unscaled from the tiles) each score
+// is first multiplied by scale and stored back, in the same pass. A maximum does not depend on the order it is taken
+// in (for scores that are not NaN), so neither does any weight.
+template <typename V, bool SCALE = false>
+__attribute__((always_inline)) inline float max_pass(float* sr, int64_t padded, float scale = 1.f) {
+  constexpr int64_t W = sizeof(V) / sizeof(float);
+  const auto at = [&](int64_t t) {
+    V x;
+    std::memcpy(&x, sr + t, sizeof x);
+    if constexpr (SCALE) {
+      x = x * scale;
+      std::memcpy(sr + t, &x, sizeof x);
+    }
+    return x;
+  };
+  const auto mx = [](V a, V b) { return a > b ? a : b; };
+  V m0 = at(0), m1 = m0, m2 = m0, m3 = m0;
+  int64_t t = W;
+  for (; t + 4 * W <= padded; t += 4 * W) {
+    m0 = mx(m0, at(t));
+    m1 = mx(m1, at(t + W));
+    m2 = mx(m2, at(t + 2 * W));
+    m3 = mx(m3, at(t + 3 * W));
+  }
+  for (; t < padded; t += W) m0 = mx(m0, at(t));
+  const V mv = mx(mx(m0, m1), mx(m2, m3));
+  float m = mv[0];
+  for (int64_t l = 1; l < W; ++l) m = mv[l] > m ? mv[l] : m;
+  return m;
+}
+
+// One head's softmax numerators over its scores sr[0, len) (sr padded to a multiple of L: the pad set to -1e30, whose
+// exp is 0): e = exp(s - max), 16 at a time, each block handed to put(t, e); returns 1 / (their float32 sum).
+// SCALE: the scores times scale first (stored back; the pad is not scaled).
+template <bool SCALE = false, typename Put>
+inline float softmax_pass(float* sr, int64_t len, int64_t padded, Put&& put, float scale = 1.f) {
+  if constexpr (SCALE) {
+    const int64_t whole = len / L * L;
+    for (int64_t t = whole; t < len; ++t) sr[t] *= scale;
+    for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;
+    float m = whole ? max_pass<vf, true>(sr, whole, scale) : max_pass<vf>(sr, padded);
+    if (whole && whole < padded) m = std::max(m, max_pass<vf>(sr + whole, L));
+    return softmax_exp(sr, padded, m, put);
+  } else {
+    for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;
+    return softmax_exp(sr, padded, max_pass<vf>(sr, padded), put);
+  }
+}
+
+
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 // softmax_pass on 8-lane vectors (AVX2 builds: see vexp_of), storing e into sr: the same max, the same exp of each
 // score, and the sum in the same order (lanes 0-7 and 8-15 of each 16 in two sums, then hsum's order).
 // vs (the 8-bit cache's V scales, or null): each stored e times its position's scale (0 past len), the sum e's own.
 inline float softmax_pass8(float* sr, int64_t len, int64_t padded, const float* vs = nullptr) {
   for (int64_t t = len; t < padded; ++t) sr[t] = -1e30f;
-  vf8 mv = load_8(sr);
-  for (int64_t t = 8; t < padded; t += 8) { const vf8 x = load_8(sr + t); mv = mv > x ? mv : x; }
-  float m = mv[0];
-  for (int l = 1; l < 8; ++l) m = mv[l] > m ? mv[l] : m;
+  const float m = max_pass<vf8>(sr, padded);
   vf8 lo = vf8{}, hi = vf8{};
   for (int64_t t = 0; t < padded; t += L) {
     const vf8 a = vexp_of<vf8, vi8>(load_8(sr + t) - m), b = vexp_of<vf8, vi8>(load_8(sr + t + 8) - m);

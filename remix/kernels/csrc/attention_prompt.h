@@ -277,10 +277,9 @@ void prompt_attention(const uint16_t* q, int64_t q_row, const uint16_t* K, const
         float* sr = sc.data() + rr * wide;
         uint16_t* pr = pw.data() + rr * wide;
         const int64_t padded = (len[rr] + L - 1) / L * L;
-        for (int64_t t = 0; t < padded; t += L) store(sr + t, load(sr + t) * scale);
-        inv[rr] = softmax_pass(sr, len[rr], padded, [&](int64_t t, vf e) {
+        inv[rr] = softmax_pass<true>(sr, len[rr], padded, [&](int64_t t, vf e) {
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + t), (__m256i)_mm512_cvtneps_pbh((__m512)e));
-        });
+        }, scale);
         std::memset(pr + len[rr], 0, (nv * 32 - len[rr]) * 2);
       }
 #ifdef REMIX_AMX
