@@ -35,6 +35,8 @@ OPTIONS = [  # (flag, type, default, help)
     ("max_num_seqs", int, 32, "sequences running at once (KV cache slots)"),
     ("max_queue", int, 256, "requests waiting for a slot before 429"),
     ("max_batched_tokens", int, 512, "tokens per engine step (decode rows + prefill chunk)"),
+    ("max_prefill_chunk", int, 512, "the most prompt tokens of one sequence a step computes (a long prompt takes "
+                                    "several steps; each cache slot holds this many spare positions)"),
     ("kv_memory_gb", float, 4.0, "KV cache memory budget in GiB (caps the slots)"),
     ("kv_cache_dtype", str, "auto", "KV cache storage: auto (the model's dtype) or int8 (CPU: int8 values and a float32 "
                                     "scale per position and head - about twice the sequences or context in the same "
@@ -169,7 +171,7 @@ def load_settings(argv: list[str] | None = None) -> dict:
         settings["chat_template"] = read_chat_template(settings["chat_template"])
     if settings["root_path"] and (not settings["root_path"].startswith("/") or settings["root_path"].endswith("/")):
         raise SystemExit(f"error: --root-path must start with / and not end with one, got {settings['root_path']!r}")
-    for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens"):
+    for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens", "max_prefill_chunk"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
     return settings
@@ -276,7 +278,8 @@ def build_state(settings: dict):
         tokenizer.chat_template = settings["chat_template"]
     engine = Engine(model, tokenizer, EngineConfig(
         max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
-        max_batched_tokens=settings["max_batched_tokens"], kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
+        max_batched_tokens=settings["max_batched_tokens"], max_prefill_chunk=settings["max_prefill_chunk"],
+        kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
         decoder=settings["decoder"], cuda_graphs=settings["cuda_graphs"] == "on", kv_cache_dtype=settings["kv_cache_dtype"],
         prefix_caching=settings["prefix_caching"] == "on", batch_invariant=settings["batch_invariant"] == "on",
         num_speculative_tokens=settings["num_speculative_tokens"], prompt_lookup_min=settings["prompt_lookup_min"],

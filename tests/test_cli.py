@@ -20,7 +20,8 @@ def test_flags_override_config_file(tmp_path):
                                         (["--num-speculative-tokens", "-1"], "--num-speculative-tokens"),
                                         (["--prompt-lookup-min", "5"], "--prompt-lookup-min"),
                                         (["--speculative-max-seqs", "0"], "--speculative-max-seqs"),
-                                        (["--speculative-schedule", "heuristic"], "--speculative-schedule")])
+                                        (["--speculative-schedule", "heuristic"], "--speculative-schedule"),
+                                        (["--max-prefill-chunk", "0"], "--max-prefill-chunk")])
 def test_bad_values_name_the_field(argv, field):
     with pytest.raises(SystemExit, match=field):
         cli.load_settings(argv + ["--base", "tiny"])
@@ -111,6 +112,23 @@ def test_decoder_flag_reaches_the_engine():
     assert engine.stats()["decoder"] == "lean" and "decoder_fallback" not in engine.stats()
     assert not build_state(cli.load_settings(["--base", "tiny", "--decoder", "exact"])).engine.runner.lean.compiled
     assert build_state(cli.load_settings(["--base", "tiny", "--decoder", "hf"])).engine.runner.lean is None
+
+
+def test_max_prefill_chunk_flag_reaches_the_engine():
+    """A lone 40-token prompt prefills in chunks of at most --max-prefill-chunk tokens (default 512: one step)."""
+    from server.cli import build_state
+    from server.engine import GenerationRequest, SamplingParams
+
+    assert cli.load_settings(["--base", "tiny"])["max_prefill_chunk"] == 512
+    for flag, steps in (([], 1), (["--max-prefill-chunk", "16"], 3)):
+        engine = build_state(cli.load_settings(["--base", "tiny", "--device", "cpu", *flag])).engine
+        assert engine.config.max_prefill_chunk == (16 if flag else 512)
+        engine.submit(GenerationRequest("r", list(range(3, 43)), SamplingParams(max_tokens=1)), lambda ev: None)
+        seen = 0
+        while engine.has_work():
+            engine.step()
+            seen += engine.last_step["prefill_tokens"] > 0
+        assert seen == steps
 
 
 def test_kv_cache_dtype_flag_reaches_the_engine():

@@ -69,7 +69,7 @@ class EngineConfig:
     max_num_seqs: int = 32  # running sequences (cache slots)
     max_queue: int = 256  # waiting requests before 429
     max_batched_tokens: int = 512  # tokens per step (decode rows + prefill chunk)
-    max_prefill_chunk: int = 256  # longest prefill chunk per sequence per step
+    max_prefill_chunk: int = 512  # longest prefill chunk per sequence per step (its spare positions in each cache slot)
     kv_budget_bytes: int = 4 << 30  # KV cache memory; slots = min(max_num_seqs, budget / bytes per slot)
     decoder: str = "lean"  # "lean" | "exact" | "hf": how the decoder stack runs (see server.engine.fastpath)
     cuda_graphs: bool = True  # on CUDA, replay decode steps from captured graphs (see server.engine.graphs)
