@@ -338,7 +338,7 @@ struct PromptVec {
   // a product GCC may not fuse into a later add (its _mm512_mul_ps is plain vector arithmetic, which it contracts)
   static V product(V a, V b) { V r = _mm512_mul_ps(a, b); asm("" : "+v"(r)); return r; }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static constexpr int ACC = 24;  // P V's accumulators: RG rows x CW vectors
+  static constexpr int ACC = 24, CW = 4;  // P V's accumulators: RG rows x CW (at most) vectors
 #else
   using V = __m256;
   static constexpr int W = 8;
@@ -350,7 +350,7 @@ struct PromptVec {
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V product(V a, V b) { V r = _mm256_mul_ps(a, b); asm("" : "+x"(r)); return r; }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static constexpr int ACC = 8;
+  static constexpr int ACC = 12, CW = 2;
 #endif
 };
 
@@ -384,8 +384,8 @@ struct PackedKT {
 // d = l mod 16 in order (a product, then fused multiply-adds), then reduce16's pairwise tree over the 16 lanes (h_i =
 // a_i + a_i+8, g_i = h_i + h_i+4, f_i = g_i + g_i+2, f_0 + f_1). Here a vector holds W positions and each lane's sum
 // is a vector of its own, so the tree is vector adds: each K vector serves the RB rows, each broadcast query value the
-// KB blocks, and each h_i goes to L1 as it is made (only two lanes' sums of a row and block live in registers), the
-// tree's upper levels from there at the end.
+// KB blocks, and each lane's sum goes to L1 as it is made (a_i, then h_i = a_i + a_i+8 over it: one lane's sums of
+// the RB x KB rows and blocks live in registers), the tree's upper levels from there at the end.
 template <int DH, int RB, int KB>
 __attribute__((always_inline)) inline void scores_tree(const float* q, const float* k0, float* sc, int64_t wide,
                                                         int64_t nr, int64_t b) {
@@ -405,10 +405,12 @@ __attribute__((always_inline)) inline void scores_tree(const float* q, const flo
   };
   alignas(64) float hb[8][RB][KB][W];
   for (int i = 0; i < 8; ++i) {
-    Acc x, y;
+    Acc x;
     lane(i, x);
-    lane(i + 8, y);
-    for (int j = 0; j < RB; ++j) for (int kb = 0; kb < KB; ++kb) PV::store(hb[i][j][kb], PV::add(x[j][kb], y[j][kb]));
+    for (int j = 0; j < RB; ++j) for (int kb = 0; kb < KB; ++kb) PV::store(hb[i][j][kb], x[j][kb]);
+    lane(i + 8, x);
+    for (int j = 0; j < RB; ++j)
+      for (int kb = 0; kb < KB; ++kb) PV::store(hb[i][j][kb], PV::add(PV::load(hb[i][j][kb]), x[j][kb]));
   }
   for (int64_t j = 0; j < nr; ++j)
     for (int kb = 0; kb < KB; ++kb) {
@@ -420,11 +422,13 @@ __attribute__((always_inline)) inline void scores_tree(const float* q, const flo
 }
 
 // A query tile's scores (qs: its R rows of DH float32, already times scale, zero rows after them up to a whole group)
-// over blocks [0, nb) of kt (nb even), into sc (rows `wide` apart), by scores_tree: on AVX-512 5 rows x 2 blocks where
-// the rows come in fives (nrep 3 or 5: 15 rows), else 4 x 2; on AVX2 (16 registers) 3 x 2. A 512-token chunk of the
-// default base at positions 1536-2048 (the whole attention call, float32, this VM): 5 x 2 10.2 ms, 4 x 2 10.9, 8 x 1
-// 10.2, 6 x 2 10.6, 3 x 2 16.5; with all five sums of the tree in registers (no stores) 2 x 2 17.7, 5 x 1 13.4, 4 x 1
-// 14.0; the decode kernel 25.7.
+// over blocks [0, nb) of kt (nb even), into sc (rows `wide` apart), by scores_tree: 5 rows x 2 blocks where the rows
+// come in fives (nrep 3 or 5: 15 rows), else 4 x 2. A 512-token chunk of the default base at positions 1536-2048 (the
+// whole attention call, float32, the 45th session's Intel VM, variants in turn): AVX-512 5 x 2 10.2 ms (8 x 2 11.3);
+// with two lanes' sums live (a_i and a_i+8, then h_i) 5 x 2 10.4, 4 x 2 10.9, 8 x 1 10.2, 3 x 2 16.5; with all five
+// of the tree's running sums in registers (no stores) 2 x 2 17.7, 5 x 1 13.4; the decode kernel 25.7. The AVX2 build
+// (16 registers; on the same VM): 5 x 2 18.7, 4 x 2 19.4; two lanes live 6 x 2 21.8 and, with its P V at 4 columns x 2
+// rows (below), 3 x 2 29.6; the decode kernel 30.9.
 template <int DH, int RB, int KB>
 void prompt_scores_rows(const float* qs, int64_t R, const PackedKT<DH>& kt, int64_t nb, float* sc, int64_t wide) {
   constexpr int W = PromptVec::W;
@@ -434,25 +438,22 @@ void prompt_scores_rows(const float* qs, int64_t R, const PackedKT<DH>& kt, int6
       scores_tree<DH, RB, KB>(qs + r0 * DH, kt.k.data() + b * DH * W, sc + r0 * wide, wide, nr, b);
   }
 }
-constexpr int PROMPT_QS_PAD = 5;  // zero query rows after a tile's (the most any group above leaves unfilled)
+constexpr int PROMPT_QS_PAD = 4;  // zero query rows after a tile's (the most a group below leaves unfilled)
 template <int DH>
 void prompt_scores_f32(const float* qs, int64_t R, const PackedKT<DH>& kt, int64_t nb, float* sc, int64_t wide) {
-#ifdef __AVX512F__
   if (R % 5 == 0) return prompt_scores_rows<DH, 5, 2>(qs, R, kt, nb, sc, wide);
   prompt_scores_rows<DH, 4, 2>(qs, R, kt, nb, sc, wide);
-#else
-  prompt_scores_rows<DH, 3, 2>(qs, R, kt, nb, sc, wide);
-#endif
 }
 
 // A query tile's P V (pw: its R rows of float32 weights, `wide` apart, zeros past each row's length) over V's rows
 // [0, n) (DH float32 each, as the cache holds them): RG rows x CW vectors of dimensions at a time, each V vector read
 // once for the RG rows, each weight broadcast; every output one fused multiply-add chain over the positions in order;
-// times inv[row] into ob [R][DH].
+// times inv[row] into ob [R][DH]. AVX-512: up to 4 vectors x 6 rows; AVX2: 2 x 6 (4 x 2 had left it load-bound, a
+// V load and a broadcast for every two FMAs: the call above 26.2 against 22.2 ms with the 3 x 2 scores).
 template <int DH>
 void prompt_values_f32(const float* pw, int64_t R, const float* V, int64_t n, int64_t wide, const float* inv, float* ob) {
   using PV = PromptVec;
-  constexpr int W = PV::W, NV = DH / W > 0 ? DH / W : 1, CW = NV < 4 ? NV : 4;
+  constexpr int W = PV::W, NV = DH / W, CW = NV < PV::CW ? NV : PV::CW;
   constexpr int RG = PV::ACC / CW < 16 ? PV::ACC / CW : 16;
   static_assert(DH % W == 0 && NV % CW == 0, "the P V pass's column blocks must tile the head");
   for (int c0 = 0; c0 < NV; c0 += CW)
