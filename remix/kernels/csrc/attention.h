@@ -127,7 +127,6 @@ inline float softmax_pass(float* sr, int64_t len, int64_t padded, Put&& put, flo
   }
 }
 
-
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 // softmax_pass on 8-lane vectors (AVX2 builds: see vexp_of), storing e into sr: the same max, the same exp of each
 // score, and the sum in the same order (lanes 0-7 and 8-15 of each 16 in two sums, then hsum's order).
