@@ -380,3 +380,19 @@ def test_prompt_bench_measures_the_prompt_tiles_the_decode_kernel_and_hf(tmp_pat
     assert out["form"] == ("vectors" if dtype == "float32" or not cpu_ext.amx_bf16() else "amx")
     assert cpu_ext.load()._prompt_tiles(True)  # left on
     assert "| 90 |" in (tmp_path / "t.md").read_text()
+
+
+def test_prefill_chunk_ab_times_each_chunk_size_in_turn():
+    """scripts/ab_prefill_chunk.py: one engine per chunk size serves the same prompt in every counted round."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ab_prefill_chunk.py"
+    spec = importlib.util.spec_from_file_location("ab_prefill_chunk", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--base", "tiny", "--prompt-tokens", "40", "--chunks", "8,32", "--rounds", "2"])
+    assert out["prompt_tokens"] == 40 and set(out["ttft_s"]) == {"8", "32"}
+    assert all(len(v) == 2 and min(v) > 0 for v in out["ttft_s"].values())
+    with pytest.raises(SystemExit):
+        mod.main(["--base", "tiny", "--chunks", "0,8"])

@@ -70,7 +70,6 @@ struct TileConfig {  // LDTILECFG's 64-byte operand, palette 1
   uint8_t rows[16] = {};
 };
 
-
 // X [T, D] bfloat16 -> tiles of 16 pairs x 16 tokens (tokens past T zero), tile (kb, tb) at Xp + (kb TB + tb) 256: the
 // two token blocks a step of the kernel reads lie side by side.
 // rows (optional): packed row t is X's row rows[t] (a gather), else row t.

@@ -65,6 +65,37 @@ inline std::vector<PromptTile> prompt_tiles_of(const int64_t* slots, int64_t T, 
   return tiles;
 }
 
+// One query tile as a thread takes it: its cache row, rows R (tokens x nrep), each row's length (0 past R), the longest.
+struct TileRows { const PromptTile& tl; int64_t slot, R, len[16], lmax; };
+
+// Thread h of nh's share of a prompt call's tiles, in turn (a row's later tiles are the longer ones). Before a tile whose
+// cache row and key/value head this thread has not packed far enough, pack(slot, g, n) with n the longest its next
+// tiles on this thread of that row and head need (their last rows, as positions rise along a run; where they do not, a
+// later tile packs again); then tile(rows).
+template <typename Pack, typename Tile>
+inline void for_thread_tiles(const std::vector<PromptTile>& tiles, const int64_t* slots, const int64_t* lens,
+                             int64_t nrep, int64_t P, int64_t h, int64_t nh, Pack&& pack, Tile&& tile) {
+  const int64_t nt = static_cast<int64_t>(tiles.size());
+  int64_t packed_slot = -1, packed_g = -1, packed_n = 0;
+  for (int64_t w = h; w < nt; w += nh) {
+    TileRows tr{tiles[w], slots[tiles[w].t0], (tiles[w].t1 - tiles[w].t0) * nrep, {}, 0};
+    const int64_t g = tr.tl.g;
+    for (int64_t rr = 0; rr < 16; ++rr) {
+      tr.len[rr] = rr < tr.R ? lens[tr.tl.t0 + rr / nrep] : 0;
+      tr.lmax = std::max(tr.lmax, tr.len[rr]);
+    }
+    if (tr.slot != packed_slot || g != packed_g || tr.lmax > packed_n) {
+      int64_t need = tr.lmax;
+      for (int64_t u = w + nh; u < nt && slots[tiles[u].t0] == tr.slot && tiles[u].g == g; u += nh)
+        need = std::max(need, lens[tiles[u].t1 - 1]);
+      need = std::min(need, P);
+      pack(tr.slot, g, need);
+      packed_slot = tr.slot, packed_g = g, packed_n = need;
+    }
+    tile(tr);
+  }
+}
+
 #endif  // REMIX_DOT_BF16 || REMIX_PROMPT_F32
 
 #ifdef REMIX_DOT_BF16
@@ -235,32 +266,19 @@ void prompt_attention(const uint16_t* q, int64_t q_row, const uint16_t* K, const
     thread_local PackedKV<DH> kv;
     thread_local std::vector<float> sc;  // scores, a row per tile row
     thread_local std::vector<uint16_t> pw;  // weights (bfloat16), a row per tile row
-    int64_t packed_slot = -1, packed_g = -1, packed_n = 0;
     const int64_t wide = (P + 31) / 32 * 32;
     if (static_cast<int64_t>(sc.size()) < 16 * wide) sc.resize(16 * wide);
     if (static_cast<int64_t>(pw.size()) < 16 * wide) pw.resize(16 * wide);
     alignas(64) uint16_t qb[16 * DH];
     alignas(64) float ob[NS][256];
     alignas(64) float row_out[DH];
-    // tiles in turn among the threads (a row's later tiles are the longer ones)
-    for (int64_t w = h; w < nt; w += nh) {
-      const PromptTile& tl = tiles[w];
-      const int64_t slot = slots[tl.t0], g = tl.g, R = (tl.t1 - tl.t0) * nrep;
-      int64_t len[16], lmax = 0;
-      for (int64_t rr = 0; rr < 16; ++rr) {
-        len[rr] = rr < R ? lens[tl.t0 + rr / nrep] : 0;
-        lmax = std::max(lmax, len[rr]);
-      }
-      if (slot != packed_slot || g != packed_g || lmax > packed_n) {
-        // this cache row's K and V up to the longest its next tiles on this thread need (their last rows, as positions
-        // rise along a run; where they do not, a later tile packs again)
-        int64_t need = lmax;
-        for (int64_t u = w + nh; u < nt && slots[tiles[u].t0] == slot && tiles[u].g == g; u += nh)
-          need = std::max(need, lens[tiles[u].t1 - 1]);
-        need = std::min(need, P);
-        kv.pack(K + (slot * Hkv + g) * P * DH, V + (slot * Hkv + g) * P * DH, need);
-        packed_slot = slot, packed_g = g, packed_n = need;
-      }
+    const auto pack = [&](int64_t slot, int64_t g, int64_t n) {
+      kv.pack(K + (slot * Hkv + g) * P * DH, V + (slot * Hkv + g) * P * DH, n);
+    };
+    for_thread_tiles(tiles, slots, lens, nrep, P, h, nh, pack, [&](const TileRows& tr) {
+      const PromptTile& tl = tr.tl;
+      const int64_t g = tl.g, R = tr.R, lmax = tr.lmax;
+      const int64_t* len = tr.len;
       for (int64_t rr = 0; rr < 16; ++rr) {
         if (rr < R) std::memcpy(qb + rr * DH, q + (tl.t0 + rr / nrep) * q_row + (g * nrep + rr % nrep) * DH, DH * 2);
         else std::memset(qb + rr * DH, 0, DH * 2);
@@ -295,7 +313,7 @@ void prompt_attention(const uint16_t* q, int64_t q_row, const uint16_t* K, const
         const int64_t t = tl.t0 + rr / nrep;
         narrow(row_out, out + ((t * Hkv + g) * nrep + rr % nrep) * DH, DH);
       }
-    }
+    });
 #ifdef REMIX_AMX
     if constexpr (AMX) _tile_release();
 #endif
@@ -495,30 +513,15 @@ void prompt_attention_f32(const float* q, int64_t q_row, const float* K, const f
     // a thread's buffers, kept between calls (every element read is written first in the call)
     thread_local PackedKT<DH> kt;
     thread_local std::vector<float> sc;  // scores, then weights: a row per tile row
-    int64_t packed_slot = -1, packed_g = -1, packed_n = 0;
     const int64_t wide = (P + 31) / 32 * 32;
     if (static_cast<int64_t>(sc.size()) < 16 * wide) sc.resize(16 * wide);
     alignas(64) float qs[(16 + PROMPT_QS_PAD) * DH];  // the tile's rows times scale, zeros past them
     alignas(64) float ob[16 * DH];
-    // tiles in turn among the threads (a row's later tiles are the longer ones)
-    for (int64_t w = h; w < nt; w += nh) {
-      const PromptTile& tl = tiles[w];
-      const int64_t slot = slots[tl.t0], g = tl.g, R = (tl.t1 - tl.t0) * nrep;
-      int64_t len[16], lmax = 0;
-      for (int64_t rr = 0; rr < 16; ++rr) {
-        len[rr] = rr < R ? lens[tl.t0 + rr / nrep] : 0;
-        lmax = std::max(lmax, len[rr]);
-      }
-      const float* Kh = K + (slot * Hkv + g) * P * DH;
-      if (slot != packed_slot || g != packed_g || lmax > packed_n) {
-        // as prompt_attention: up to the longest its next tiles on this thread need
-        int64_t need = lmax;
-        for (int64_t u = w + nh; u < nt && slots[tiles[u].t0] == slot && tiles[u].g == g; u += nh)
-          need = std::max(need, lens[tiles[u].t1 - 1]);
-        need = std::min(need, P);
-        kt.pack(Kh, need);
-        packed_slot = slot, packed_g = g, packed_n = need;
-      }
+    const auto pack = [&](int64_t slot, int64_t g, int64_t n) { kt.pack(K + (slot * Hkv + g) * P * DH, n); };
+    for_thread_tiles(tiles, slots, lens, nrep, P, h, nh, pack, [&](const TileRows& tr) {
+      const PromptTile& tl = tr.tl;
+      const int64_t slot = tr.slot, g = tl.g, R = tr.R, lmax = tr.lmax;
+      const int64_t* len = tr.len;
       for (int64_t rr = 0; rr < 16 + PROMPT_QS_PAD; ++rr) {
         float* qr = qs + rr * DH;
         if (rr < R) {
@@ -547,19 +550,10 @@ void prompt_attention_f32(const float* q, int64_t q_row, const float* K, const f
         const int64_t t = tl.t0 + rr / nrep;
         std::memcpy(out + ((t * Hkv + g) * nrep + rr % nrep) * DH, ob + rr * DH, DH * sizeof(float));
       }
-    }
+    });
   }
 }
 
-// prompt_attention_f32 for DH 16, 32, 64 or 128 (any other: 128; check_decode admits only these).
-inline void prompt_attention_f32_dh(const float* q, int64_t q_row, const float* K, const float* V, int64_t Hkv,
-                                    int64_t P, int64_t Dh, const int64_t* lens, const int64_t* slots, int64_t T,
-                                    int64_t nrep, float scale, float* out) {
-  if (Dh == 16) return prompt_attention_f32<16>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-  if (Dh == 32) return prompt_attention_f32<32>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-  if (Dh == 64) return prompt_attention_f32<64>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-  prompt_attention_f32<128>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-}
 #endif  // REMIX_PROMPT_F32
 
 }  // namespace

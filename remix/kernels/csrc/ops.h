@@ -512,8 +512,10 @@ torch::Tensor attention_at(torch::Tensor qk, torch::Tensor K, torch::Tensor V, i
 #endif
 #ifdef REMIX_PROMPT_F32
   if (prompt && slots.defined() && qk.scalar_type() == torch::kFloat32 && prompt_tiles_apply(Dh, /*bf16=*/false)) {
-    prompt_attention_f32_dh(qk.data_ptr<float>(), qk.stride(0), K.data_ptr<float>(), V.data_ptr<float>(), Hkv, P, Dh,
-                            lp, slots.data_ptr<int64_t>(), b, nrep, static_cast<float>(scale), out.data_ptr<float>());
+    by_head_dim(Dh, [&](auto dh) {
+      prompt_attention_f32<dh()>(qk.data_ptr<float>(), qk.stride(0), K.data_ptr<float>(), V.data_ptr<float>(), Hkv, P,
+                                 lp, slots.data_ptr<int64_t>(), b, nrep, static_cast<float>(scale), out.data_ptr<float>());
+    });
     return out;
   }
 #endif

@@ -111,7 +111,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("rows") = torch::empty({0}, torch::kInt64));
   m.def("decode_attention_q8", &decode_attention_q8, "decode_attention over an 8-bit cache (int8 K, V and float32 scales)");
   m.def("slot_attention", &slot_attention, "decode_attention with query row i reading cache row slots[i] (prefill chunks; "
-        "prompt: prompt tokens, on AMX tiles where they apply)", pybind11::arg("qk"), pybind11::arg("K"), pybind11::arg("V"),
+        "prompt: prompt tokens, through the prompt kernel where it applies)", pybind11::arg("qk"), pybind11::arg("K"), pybind11::arg("V"),
         pybind11::arg("slots"), pybind11::arg("lens"), pybind11::arg("Hq"), pybind11::arg("scale"),
         pybind11::arg("prompt") = false);
   m.def("slot_attention_q8", &slot_attention_q8, "slot_attention over an 8-bit cache");
