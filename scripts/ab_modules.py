@@ -3,7 +3,8 @@
     python scripts/ab_modules.py --rows 1,8,32 --adapters 1,4 --rounds 40 \
         --variant 'dot=ext._amx_phase_a(False)' --variant 'amx=ext._amx_phase_a(True)'
 
-Binds 90 module calls of the default base's FFN shapes (576 -> 1536 twice and 1536 -> 576 per layer, 30 layers) in
+Binds 90 module calls of the default base's FFN shapes (576 -> 1536 twice and 1536 -> 576 per layer, 30 layers; or
+--shape one of them alone, --layers fewer layers: with a few the calls' weights and pools stay in cache) in
 bfloat16 (or --dtype), each with its own random pools (n 8, k 2, r 8 per adapter; --adapters mixed round-robin over
 the rows), and times a pass over all of them (``ModuleCall.routed``: base GEMM, routing and gather) for each variant
 in turn, the order reversed every other round, plus ``bare``: the same calls with no token routed (their base GEMMs
@@ -23,12 +24,15 @@ import torch
 from remix.kernels import cpu_ext
 
 
-def bind_ffn_modules(nad: int, dtype: torch.dtype) -> list:
-    """90 compiled module calls of the default base's FFN shapes (576 -> 1536 twice and 1536 -> 576 per layer, 30
-    layers), each with its own random base weight and pools of ``nad`` adapters (n 8, k 2, r 8, omega 0.5): [(call,
-    d_in)]."""
+SHAPES = {"ffn": [(576, 1536), (576, 1536), (1536, 576)], "576x1536": [(576, 1536)], "1536x576": [(1536, 576)]}
+
+
+def bind_ffn_modules(nad: int, dtype: torch.dtype, shape: str = "ffn", layers: int = 30) -> list:
+    """Compiled module calls of the default base's FFN shapes, per layer 576 -> 1536 twice and 1536 -> 576 (``shape``
+    "ffn"; or one of them alone), ``layers`` layers (90 calls at the default), each with its own random base weight and
+    pools of ``nad`` adapters (n 8, k 2, r 8, omega 0.5): [(call, d_in)]."""
     calls = []
-    for D, O in [(576, 1536), (576, 1536), (1536, 576)] * 30:
+    for D, O in SHAPES[shape] * layers:
         base = torch.nn.Linear(D, O, bias=False).to(dtype)
         N = 8 * nad
         router = torch.randn(N, D) * 0.05
@@ -58,7 +62,7 @@ def pass_ms(calls, xs: dict, slots: torch.Tensor) -> float:
 
 
 def module_args(doc: str, rows: str, rounds: int) -> argparse.ArgumentParser:
-    """The options the module scripts share: --rows, --adapters, --rounds, --dtype, --mix."""
+    """The options the module scripts share: --rows, --adapters, --rounds, --dtype, --mix, --shape, --layers."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=rows)
     ap.add_argument("--adapters", default="1,4")
@@ -66,6 +70,10 @@ def module_args(doc: str, rows: str, rounds: int) -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--mix", default="runs", choices=("runs", "round-robin"),
                     help="how calls of 64 rows or more mix the adapters: contiguous runs (prefill) or round-robin")
+    ap.add_argument("--shape", default="ffn", choices=tuple(SHAPES),
+                    help="the calls' shapes: a layer's three FFN projections, or one shape alone")
+    ap.add_argument("--layers", type=int, default=30,
+                    help="layers of calls (30: the default base's, weights from memory; a few: from cache)")
     return ap
 
 
@@ -82,7 +90,7 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     for nad in (int(a) for a in args.adapters.split(",")):
-        calls = bind_ffn_modules(nad, dtype)
+        calls = bind_ffn_modules(nad, dtype, args.shape, args.layers)
         for T in (int(t) for t in args.rows.split(",")):
             xs = {d: torch.randn(T, d).to(dtype) for d in (576, 1536)}
             routed = slots_of(T, nad, args.mix)

@@ -1,9 +1,10 @@
 """Where one compiled module call's time goes, stage by stage and thread by thread (the kernels' module clock).
 
     python scripts/module_stages.py --rows 8,32,512 --adapters 1,4 [--dtype bfloat16|float32] [--rounds 20]
+        [--shape ffn|576x1536|1536x576] [--layers 30]
 
 Binds the 90 FFN module calls of scripts/ab_modules.py (the default base's shapes, random pools of n 8, k 2, r 8 per
-adapter), runs ``--rounds`` passes over them with the module clock on (``cpu_ext.module_clock``) and prints, per row
+adapter; --shape one shape alone, --layers fewer calls, so that they stay in cache), runs ``--rounds`` passes over them with the module clock on (``cpu_ext.module_clock``) and prints, per row
 count and adapter count, each stage's time in microseconds a module for each thread (route, the barrier after it,
 the pairs' sort and x's packing, phase A, the barrier after it, the thread's slice of the base GEMM where the call
 runs it, phase B), their sum, and a pass's wall time per module with the adapter and bare (the same calls with no
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
     print("us a module, thread by thread: " + " | ".join(cpu_ext.MODULE_STAGES) + " | sum", flush=True)
     with torch.inference_mode():
         for nad in (int(a) for a in args.adapters.split(",")):
-            calls = bind_ffn_modules(nad, dtype)
+            calls = bind_ffn_modules(nad, dtype, args.shape, args.layers)
             for T in (int(t) for t in args.rows.split(",")):
                 xs = {d: torch.randn(T, d).to(dtype) for d in (576, 1536)}
                 routed, bare = slots_of(T, nad, args.mix), torch.full((T,), -1, dtype=torch.int64)

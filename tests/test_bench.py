@@ -396,3 +396,31 @@ def test_prefill_chunk_ab_times_each_chunk_size_in_turn():
     assert all(len(v) == 2 and min(v) > 0 for v in out["ttft_s"].values())
     with pytest.raises(SystemExit):
         mod.main(["--base", "tiny", "--chunks", "0,8"])
+
+
+def test_module_scripts_take_one_shape_and_few_layers(capsys, monkeypatch):
+    """scripts/ab_modules.py and scripts/module_stages.py: --shape binds calls of that shape alone, --layers that many
+    of them (a few: weights and pools from cache), and each prints a time for every variant and every thread."""
+    from pathlib import Path
+
+    if cpu_ext.load() is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import ab_modules
+    import module_stages
+
+    calls = ab_modules.bind_ffn_modules(1, torch.float32, "1536x576", 2)
+    assert [D for _, D in calls] == [1536, 1536]
+    assert len(ab_modules.bind_ffn_modules(1, torch.float32, "ffn", 1)) == 3
+    ab_modules.main(["--rows", "4", "--adapters", "1", "--rounds", "2", "--dtype", "float32", "--shape", "576x1536",
+                     "--layers", "1", "--variant", "on=ext._phase_a_prefetch(True)",
+                     "--variant", "off=ext._phase_a_prefetch(False)"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("adapters=1 rows=4") and " on " in line and " off " in line and " bare " in line
+    module_stages.main(["--rows", "8", "--adapters", "1", "--rounds", "2", "--dtype", "float32", "--shape", "1536x576",
+                        "--layers", "2"])
+    out = capsys.readouterr().out
+    assert "adapters=1 rows=8 (4 calls)" in out  # two layers of one call, in the two counted rounds
+    assert sum(line.strip().startswith("thread ") for line in out.splitlines()) >= 1
+    with pytest.raises(SystemExit):
+        module_stages.main(["--shape", "8x8"])
