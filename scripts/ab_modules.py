@@ -61,6 +61,13 @@ def pass_ms(calls, xs: dict, slots: torch.Tensor) -> float:
     return 1e3 * (time.perf_counter() - t0)
 
 
+def _at_least_one(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def module_args(doc: str, rows: str, rounds: int) -> argparse.ArgumentParser:
     """The options the module scripts share: --rows, --adapters, --rounds, --dtype, --mix, --shape, --layers."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +79,7 @@ def module_args(doc: str, rows: str, rounds: int) -> argparse.ArgumentParser:
                     help="how calls of 64 rows or more mix the adapters: contiguous runs (prefill) or round-robin")
     ap.add_argument("--shape", default="ffn", choices=tuple(SHAPES),
                     help="the calls' shapes: a layer's three FFN projections, or one shape alone")
-    ap.add_argument("--layers", type=int, default=30,
+    ap.add_argument("--layers", type=_at_least_one, default=30,
                     help="layers of calls (30: the default base's, weights from memory; a few: from cache)")
     return ap
 

@@ -4,13 +4,14 @@
         [--shape ffn|576x1536|1536x576] [--layers 30]
 
 Binds the 90 FFN module calls of scripts/ab_modules.py (the default base's shapes, random pools of n 8, k 2, r 8 per
-adapter; --shape one shape alone, --layers fewer calls, so that they stay in cache), runs ``--rounds`` passes over them with the module clock on (``cpu_ext.module_clock``) and prints, per row
-count and adapter count, each stage's time in microseconds a module for each thread (route, the barrier after it,
-the pairs' sort and x's packing, phase A, the barrier after it, the thread's slice of the base GEMM where the call
-runs it, phase B), their sum, and a pass's wall time per module with the adapter and bare (the same calls with no
-token routed: their base GEMMs alone). Below 64 rows the threads split each stage; from 64 each routes and gathers
-its own tokens; bfloat16 from 128 rows on AMX runs fused (the delta inside the GEMM's tiles: "gemm" is that GEMM,
-"phase_b" the delta's packing), elsewhere from 128 rows oneDNN's GEMM before the call, outside the clock ("gemm" 0).
+adapter; --shape one shape alone, --layers fewer calls, which then stay in cache), runs ``--rounds`` passes over them
+with the module clock on (``cpu_ext.module_clock``) and prints, per row count and adapter count, each stage's time in
+microseconds a module for each thread (route, the barrier after it, the pairs' sort and x's packing, phase A, the
+barrier after it, the thread's slice of the base GEMM where the call runs it, phase B), their sum, and a pass's wall
+time per module with the adapter and bare (the same calls with no token routed: their base GEMMs alone). Below 64 rows
+the threads split each stage; from 64 each routes and gathers its own tokens; bfloat16 from 128 rows on AMX runs fused
+(the delta inside the GEMM's tiles: "gemm" is that GEMM, "phase_b" the delta's packing), elsewhere from 128 rows
+oneDNN's GEMM before the call, outside the clock ("gemm" 0).
 Only time is read: the clock changes no value.
 """
 

@@ -420,7 +420,8 @@ def test_module_scripts_take_one_shape_and_few_layers(capsys, monkeypatch):
     module_stages.main(["--rows", "8", "--adapters", "1", "--rounds", "2", "--dtype", "float32", "--shape", "1536x576",
                         "--layers", "2"])
     out = capsys.readouterr().out
-    assert "adapters=1 rows=8 (4 calls)" in out  # two layers of one call, in the two counted rounds
+    assert "adapters=1 rows=8 (4 calls)" in out  # the two bound calls (two layers of one shape) in two counted rounds
     assert sum(line.strip().startswith("thread ") for line in out.splitlines()) >= 1
-    with pytest.raises(SystemExit):
-        module_stages.main(["--shape", "8x8"])
+    for bad in (["--shape", "8x8"], ["--layers", "0"]):
+        with pytest.raises(SystemExit):
+            module_stages.main(bad)
