@@ -39,10 +39,13 @@ def main(argv=None) -> dict:
         ap.error("--chunks, --prompt-tokens and --rounds must be at least 1")
     tune_cpu_allocator()
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
-    _, tok = remix.load_base(args.base, dtype=dtype)
-    engines = {c: Engine(remix.load_base(args.base, dtype=dtype)[0], tok, EngineConfig(
-        max_model_len=args.prompt_tokens + 8, max_num_seqs=1, prefix_caching=False, max_prefill_chunk=c)) for c in chunks}
-    ids = tok(TEXT * (args.prompt_tokens // 20 + 4)).input_ids[: args.prompt_tokens]
+    model, tok = remix.load_base(args.base, dtype=dtype)  # the first engine's weights (each engine has its own)
+    engines = {c: Engine(model if i == 0 else remix.load_base(args.base, dtype=dtype)[0], tok, EngineConfig(
+        max_model_len=args.prompt_tokens + 8, max_num_seqs=1, prefix_caching=False, max_prefill_chunk=c))
+        for i, c in enumerate(chunks)}
+    per_text = len(tok(TEXT).input_ids)
+    ids = tok(TEXT * (args.prompt_tokens // per_text + 2)).input_ids[: args.prompt_tokens]
+    assert len(ids) == args.prompt_tokens, (len(ids), args.prompt_tokens)
     greedy = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     ttft = {c: [] for c in chunks}
     for r in range(args.rounds + 1):

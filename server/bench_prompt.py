@@ -113,10 +113,9 @@ def main(argv=None) -> dict:
     finally:
         ext._prompt_tiles(True)
         ext._prompt_amx(True)
+    form = "amx" if args.form == "default" and dname == "bfloat16" and cpu_ext.amx_bf16() else "vectors"
     out = {"cpu": cpu_ext.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "base": args.base,
-           "dtype": str(dtype).removeprefix("torch."), "form": "amx" if args.form == "default" and dname == "bfloat16" and cpu_ext.amx_bf16()
-           else "vectors", "concurrency": C, "new_tokens": N, "repeats": args.repeats,
-           "results": results}
+           "dtype": dname, "form": form, "concurrency": C, "new_tokens": N, "repeats": args.repeats, "results": results}
     write_outputs(args, out, markdown)
     return out
 

@@ -391,8 +391,8 @@ def test_prefill_chunk_ab_times_each_chunk_size_in_turn():
     spec = importlib.util.spec_from_file_location("ab_prefill_chunk", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = mod.main(["--base", "tiny", "--prompt-tokens", "40", "--chunks", "8,32", "--rounds", "2"])
-    assert out["prompt_tokens"] == 40 and set(out["ttft_s"]) == {"8", "32"}
+    out = mod.main(["--base", "tiny", "--prompt-tokens", "300", "--chunks", "64,256", "--rounds", "2"])
+    assert out["prompt_tokens"] == 300 and set(out["ttft_s"]) == {"64", "256"}
     assert all(len(v) == 2 and min(v) > 0 for v in out["ttft_s"].values())
     with pytest.raises(SystemExit):
         mod.main(["--base", "tiny", "--chunks", "0,8"])
@@ -421,7 +421,9 @@ def test_module_scripts_take_one_shape_and_few_layers(capsys, monkeypatch):
                         "--layers", "2"])
     out = capsys.readouterr().out
     assert "adapters=1 rows=8 (4 calls)" in out  # the two bound calls (two layers of one shape) in two counted rounds
-    assert sum(line.strip().startswith("thread ") for line in out.splitlines()) >= 1
+    threads = [line.strip() for line in out.splitlines() if line.strip().startswith("thread ")]
+    assert len(threads) == min(torch.get_num_threads(), 16)  # every thread of the calls' regions (the clock's limit: 16)
+    assert all(f"{stage} " in line for line in threads for stage in cpu_ext.MODULE_STAGES)
     for bad in (["--shape", "8x8"], ["--layers", "0"]):
         with pytest.raises(SystemExit):
             module_stages.main(bad)

@@ -320,25 +320,16 @@ void prompt_attention(const uint16_t* q, int64_t q_row, const uint16_t* K, const
   }
 }
 
-// prompt_attention for DH 32, 64 or 128 (any other: 128; prompt_tiles_apply admits only these).
-template <bool AMX>
-inline void prompt_attention_dh(const uint16_t* q, int64_t q_row, const uint16_t* K, const uint16_t* V, int64_t Hkv,
-                                int64_t P, int64_t Dh, const int64_t* lens, const int64_t* slots, int64_t T,
-                                int64_t nrep, float scale, uint16_t* out) {
-  if (Dh == 32) return prompt_attention<32, AMX>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-  if (Dh == 64) return prompt_attention<64, AMX>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-  prompt_attention<128, AMX>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
-}
-
 // The form: AMX tiles where the build and the OS have them (and _prompt_amx is on), else vectors.
+template <int DH>
 inline void prompt_attention_any(const uint16_t* q, int64_t q_row, const uint16_t* K, const uint16_t* V, int64_t Hkv,
-                                 int64_t P, int64_t Dh, const int64_t* lens, const int64_t* slots, int64_t T,
-                                 int64_t nrep, float scale, uint16_t* out) {
+                                 int64_t P, const int64_t* lens, const int64_t* slots, int64_t T, int64_t nrep,
+                                 float scale, uint16_t* out) {
 #ifdef REMIX_AMX
   if (g_prompt_amx && amx_ready())
-    return prompt_attention_dh<true>(q, q_row, K, V, Hkv, P, Dh, lens, slots, T, nrep, scale, out);
+    return prompt_attention<DH, true>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
 #endif
-  prompt_attention_dh<false>(q, q_row, K, V, Hkv, P, Dh, lens, slots, T, nrep, scale, out);
+  prompt_attention<DH, false>(q, q_row, K, V, Hkv, P, lens, slots, T, nrep, scale, out);
 }
 #endif  // REMIX_DOT_BF16
 

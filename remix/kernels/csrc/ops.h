@@ -505,8 +505,12 @@ torch::Tensor attention_at(torch::Tensor qk, torch::Tensor K, torch::Tensor V, i
 #ifdef REMIX_DOT_BF16
   if (prompt && slots.defined() && qk.scalar_type() == torch::kBFloat16 && prompt_tiles_apply(Dh)) {
     const auto u16 = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
-    prompt_attention_any(u16(qk), qk.stride(0), u16(K), u16(V), Hkv, P, Dh, lp, slots.data_ptr<int64_t>(), b, nrep,
-                         static_cast<float>(scale), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    by_head_dim(Dh, [&](auto dh) {
+      if constexpr (dh() >= 32)  // (prompt_tiles_apply admits 32, 64 and 128 only: whole AMX steps)
+        prompt_attention_any<dh()>(u16(qk), qk.stride(0), u16(K), u16(V), Hkv, P, lp, slots.data_ptr<int64_t>(), b,
+                                   nrep, static_cast<float>(scale),
+                                   reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    });
     return out;
   }
 #endif
