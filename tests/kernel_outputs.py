@@ -115,11 +115,11 @@ def outputs() -> dict[str, torch.Tensor]:
             out["sample_rows min_p"] = ext.sample_rows(x, rows, n8, top_k, top_p, u, min_p=torch.full((8,), 0.05))
             bits = torch.randint(-2**31, 2**31 - 1, (8, 49152 // 32), generator=g, dtype=torch.int64).to(torch.int32)
             out["sample_rows masked"] = ext.sample_rows(x, rows, n8, top_k, top_p, u, bits, 49152 - 5)
-    finally:
+        out.update(engine_outputs())
+    finally:  # (the engine's batch-invariant runner sets the mode at each forward and leaves it: restored here too)
         ext._batch_invariant(was)
         ext._attention_bf16_dot(True)
         ext._attention_q8_int(True)
-    out.update(engine_outputs())
     return out
 
 

@@ -427,3 +427,27 @@ def test_module_scripts_take_one_shape_and_few_layers(capsys, monkeypatch):
     for bad in (["--shape", "8x8"], ["--layers", "0"]):
         with pytest.raises(SystemExit):
             module_stages.main(bad)
+
+
+def test_vector_rates_probe_times_independent_chains(tmp_path):
+    """scripts/vector_rates.c: builds as its header says, prints each rate, and its twelve chains are independent (the
+    throughput line well below the one-chain latency line; chains of the same inputs, merged by the compiler into
+    one, read as one chain's latency over twelve - the trap the probe's last line shows)."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("gcc") is None or "avx512f" not in cpu_ext.cpu_flags():
+        pytest.skip("needs gcc and AVX-512")
+    src = Path(__file__).resolve().parents[1] / "scripts" / "vector_rates.c"
+    exe = tmp_path / "vector_rates"
+    subprocess.run(["gcc", "-O2", "-march=native", "-Wall", "-Werror", str(src), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe), "200000"], check=True, capture_output=True, text=True, timeout=60).stdout
+    rates = {m[1].strip(): float(m[2]) for m in re.finditer(r"^(.+?)\s+([\d.]+) TSC cycles\s+[\d.]+ G a second$", out, re.M)}
+    fma, fma_lat = rates["512-bit FMA, 12 independent chains (throughput)"], rates["512-bit FMA, one chain (latency)"]
+    assert 0 < fma < fma_lat / 2  # an FMA's latency is several of its issue slots
+    assert "512-bit FMA, 12 chains of the same inputs (the trap)" in rates and "256-bit FMA, 12 independent chains (throughput)" in rates
+    if "avx512_bf16" in cpu_ext.cpu_flags():
+        dp, dp_lat = rates["vdpbf16ps (512-bit), 12 independent chains (throughput)"], rates["vdpbf16ps (512-bit), one chain (latency)"]
+        assert 0 < dp < dp_lat

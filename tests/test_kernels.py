@@ -940,6 +940,36 @@ def test_compiled_bfloat16_decode_attention_paths_and_batch_independence(Dh, Hkv
     assert torch.equal(got[True], got[False]) != ext.dot_gemm(True)  # with AVX512-BF16 the two paths differ (it ran)
 
 
+@pytest.mark.parametrize("Dh", [32, 64, 128])
+def test_compiled_bfloat16_attention_v_pass_on_fmas_is_the_vdpbf16ps_pass_bit_for_bit(Dh):
+    """The vdpbf16ps attention's V pass run on float32 FMAs (the default on Intel, where vdpbf16ps issues at a quarter
+    of the FMAs' rate): each pair of positions' products added odd first, as vdpbf16ps adds them, under FTZ and DAZ -
+    the same bits as the vdpbf16ps form for every group size (1-8, the FMA form's register blocks 1-4 and beyond), odd
+    and even lengths, one position, zeros, denormal values of V, and a peaked softmax."""
+    ext = _compiled()
+    if not ext.dot_gemm(True):
+        pytest.skip("no AVX512-BF16 here: no vdpbf16ps form to compare with")
+    g = torch.Generator().manual_seed(Dh)
+    was = ext._attention_v_fma(True)
+    try:
+        for Hkv, nrep in [(1, 1), (2, 2), (3, 3), (1, 4), (1, 5), (2, 7), (1, 8)]:
+            S, P, b, Hq = 5, 150, 5, Hkv * nrep
+            K = torch.randn(S, Hkv, P, Dh, generator=g)
+            V = torch.randn(S, Hkv, P, Dh, generator=g)
+            V = V * torch.where(torch.rand(V.shape, generator=g) < 0.2, 1e-39, 1.0)  # denormal in float32 and bfloat16
+            V[:, :, 3:7] = 0
+            K, V = K.bfloat16(), V.bfloat16()
+            qk = (torch.randn(b, Hq + Hkv, Dh, generator=g) * (1 + 4 * (Hkv % 2))).bfloat16()
+            lens = torch.tensor([1, 150, 17, 2, 64])
+            outs = []
+            for fma in (False, True):
+                ext._attention_v_fma(fma)
+                outs.append(ext.decode_attention(qk, K, V, 0, lens, Hq, Dh**-0.5))
+            assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), (Hkv, nrep)
+    finally:
+        ext._attention_v_fma(was)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_slot_attention_is_decode_attention_per_token_and_causal_sdpa(dtype):
     """slot_attention: query row i reads cache row slots[i]'s first lens[i] positions. A prefill chunk's tokens (several

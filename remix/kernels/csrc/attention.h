@@ -356,6 +356,7 @@ void attend_group_avx2(const T* q, const T* K, const T* V, int64_t len, int64_t 
 #endif
 
 bool g_attn_dot = true;  // off: bfloat16 takes attend_group's widening path too (A/B runs, tests)
+bool g_attn_v_fma = intel_cpu();  // attend_group_bf16's V pass on FMAs (v_pass_fma, below; A/B runs, tests)
 #ifdef REMIX_DOT_BF16
 // attend_group for bfloat16 with AVX512-BF16, DH a multiple of 32: the same two passes on vdpbf16ps, which takes two
 // bfloat16 products per float32 lane (half the instructions of widening and FMAs - the attention is bound by the
@@ -366,7 +367,96 @@ bool g_attn_dot = true;  // off: bfloat16 takes attend_group's widening path too
 // (unpacklo / unpackhi of 16-bit words: lane 4 l + i of the low half holds dimension 8 l + i, of the high half
 // 8 l + 4 + i, put back in order once at the end), times the pair of weights (u, u + 1) broadcast; an odd last position
 // pairs with zeros. One order per output whatever the batch, as the float32 path; results differ from it by the
-// weights' rounding (~2^-9 relative each). Measured: see decode_attention_impl.
+// weights' rounding (~2^-9 relative each). Measured: see decode_attention_impl. On Intel the V pass runs the same sums
+// on FMAs (v_pass_fma, above: vdpbf16ps issues at a quarter of the FMAs' rate there).
+// attend_group_bf16's V pass on float32 FMAs (g_attn_v_fma): the same sums as its vdpbf16ps form, bit for bit.
+// VDPBF16PS adds a lane's two products one after the other, the odd element's first, each rounded as an FMA rounds
+// (a product of two bfloat16 is exact in float32), with denormal inputs read as zero and denormal results flushed
+// (a /tmp check on this session's Intel VM: 3.2 M random lanes, every one equal to the two FMAs in that order, 94 %
+// to the other order or to the exact sum rounded once). So here each pair of positions (u, u + 1) adds p[u + 1] v[u + 1]
+// and then p[u] v[u] into each dimension's float32 sum, under MXCSR's FTZ and DAZ; the weights are the vdpbf16ps
+// form's, rounded to bfloat16 (written back over the scores as floats). A V row is widened by a shift (its even
+// dimensions) and a mask (its odd ones), so a sum's lanes hold a group of 32 dimensions' even or odd ones, put back in
+// order at the end. On Intel, vdpbf16ps issues one every two cycles where FMAs issue two a cycle (scripts/
+// vector_rates.c: 1.5-1.6 G against 6.0-6.3 G a second a core, 47th session): half the products a second, where on
+// AMD's Zen 4 / 5 it gives twice the FMAs' - so the FMA form is the default on Intel CPUs only. The V pass alone, Dh
+// 64, three query heads, 192 positions in L1 (a /tmp harness): 22.1 -> 13.5 TSC cycles a pair of positions; 30 calls
+// of 4 rows with K and V in cache 0.69 -> 0.59 ms. Where K and V come from memory their reads bound the attention:
+// 30 calls of 8 / 32 rows of 129-255 positions 1.39 -> 1.37 / 6.73 -> 6.71 ms, and in the engine (scripts/ab_steps.py
+// --adapters 0 --ops attention, steps alternating) 2.05 -> 1.99 ms a step at 8 sequences, 7.68 -> 7.46 at 32.
+template <int DH, int NR>
+void v_pass_fma(const uint16_t* V, int64_t len, const float* w, int64_t padded, const float* inv, uint16_t* out,
+                const uint16_t* next_k) {
+  constexpr int NQ = DH / 32;  // groups of 32 dimensions (one 512-bit load of a row each)
+  constexpr int CW = NR <= 1 ? std::min(NQ, 4) : NR <= 4 ? std::min(NQ, 2) : 1;  // groups a pass: the sums in registers
+  static_assert(NQ % CW == 0, "the V pass's groups must tile the head");
+  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int c0 = 0; c0 < NQ; c0 += CW) {
+    __m512 acc[NR][2 * CW];  // [r][2 g]: group c0 + g's even dimensions, [r][2 g + 1] its odd ones
+    for (int r = 0; r < NR; ++r) for (int g = 0; g < 2 * CW; ++g) acc[r][g] = _mm512_setzero_ps();
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040u);  // FTZ and DAZ, as vdpbf16ps computes whatever MXCSR says
+    for (int64_t u = 0; u < len; u += 2) {
+      const uint16_t* v = V + u * DH;
+      if (c0 == 0) {  // the vdpbf16ps form's prefetches, in the first pass
+        for (int64_t o = 0; o < 2 * DH * 2; o += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(v + 32 * DH) + o, 0, ATTN_PFL);  // may run past the tensor
+        if (next_k && u < 2 * L * DH * 2 / 64)
+          for (int64_t e = u; e < u + 2; ++e) __builtin_prefetch(reinterpret_cast<const char*>(next_k) + e * 64, 0, ATTN_PFL);
+      }
+      const bool two = u + 1 < len;  // (an odd last position: the next row zeros, as the vdpbf16ps form pairs it)
+      __m512 e0[CW], o0[CW], e1[CW], o1[CW];
+      for (int g = 0; g < CW; ++g) {
+        const __m512i a0 = _mm512_loadu_si512(v + (c0 + g) * 32);
+        const __m512i a1 = two ? _mm512_loadu_si512(v + DH + (c0 + g) * 32) : _mm512_setzero_si512();
+        e0[g] = _mm512_castsi512_ps(_mm512_slli_epi32(a0, 16));
+        o0[g] = _mm512_castsi512_ps(_mm512_and_si512(a0, odd_mask));
+        e1[g] = _mm512_castsi512_ps(_mm512_slli_epi32(a1, 16));
+        o1[g] = _mm512_castsi512_ps(_mm512_and_si512(a1, odd_mask));
+      }
+      for (int r = 0; r < NR; ++r) {  // position u + 1 first (past len its weight is exp's floor, its row zeros)
+        const __m512 p = _mm512_set1_ps(w[r * padded + u + 1]);
+        for (int g = 0; g < CW; ++g) {
+          acc[r][2 * g] = _mm512_fmadd_ps(p, e1[g], acc[r][2 * g]);
+          acc[r][2 * g + 1] = _mm512_fmadd_ps(p, o1[g], acc[r][2 * g + 1]);
+        }
+      }
+      for (int r = 0; r < NR; ++r) {
+        const __m512 p = _mm512_set1_ps(w[r * padded + u]);
+        for (int g = 0; g < CW; ++g) {
+          acc[r][2 * g] = _mm512_fmadd_ps(p, e0[g], acc[r][2 * g]);
+          acc[r][2 * g + 1] = _mm512_fmadd_ps(p, o0[g], acc[r][2 * g + 1]);
+        }
+      }
+    }
+    _mm_setcsr(csr);  // (the scaling below under the caller's MXCSR, as the vdpbf16ps form's)
+    for (int r = 0; r < NR; ++r)
+      for (int g = 0; g < CW; ++g) {
+        const __m512 a = _mm512_mul_ps(acc[r][2 * g], _mm512_set1_ps(inv[r]));
+        const __m512 b = _mm512_mul_ps(acc[r][2 * g + 1], _mm512_set1_ps(inv[r]));
+        const __m512 d0 = _mm512_permutex2var_ps(a, lo_idx, b), d1 = _mm512_permutex2var_ps(a, hi_idx, b);
+        narrow(reinterpret_cast<const float*>(&d0), out + r * DH + (c0 + g) * 32, L);
+        narrow(reinterpret_cast<const float*>(&d1), out + r * DH + (c0 + g) * 32 + L, L);
+      }
+  }
+}
+template <int DH>
+void v_pass_fma_any(const uint16_t* V, int64_t len, int64_t nrep, const float* w, int64_t padded, const float* inv,
+                    uint16_t* out, const uint16_t* next_k) {
+  switch (nrep) {
+    case 1: return v_pass_fma<DH, 1>(V, len, w, padded, inv, out, next_k);
+    case 2: return v_pass_fma<DH, 2>(V, len, w, padded, inv, out, next_k);
+    case 3: return v_pass_fma<DH, 3>(V, len, w, padded, inv, out, next_k);
+    case 4: return v_pass_fma<DH, 4>(V, len, w, padded, inv, out, next_k);
+    case 5: return v_pass_fma<DH, 5>(V, len, w, padded, inv, out, next_k);
+    case 6: return v_pass_fma<DH, 6>(V, len, w, padded, inv, out, next_k);
+    case 7: return v_pass_fma<DH, 7>(V, len, w, padded, inv, out, next_k);
+    default: return v_pass_fma<DH, MAX_GROUP>(V, len, w, padded, inv, out, next_k);
+  }
+}
+
 template <int DH>
 void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, int64_t len, int64_t nrep, float scale,
                        uint16_t* out, float* s, uint16_t* pb, const uint16_t* next_k) {
@@ -388,6 +478,16 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
     }
   });
   float inv[MAX_GROUP];
+  if (g_attn_v_fma) {  // the same weights, as floats over the scores, for the FMA form of the V pass (v_pass_fma)
+    for (int64_t r = 0; r < nrep; ++r) {
+      float* sr = s + r * padded;
+      inv[r] = softmax_pass(sr, len, padded, [&](int64_t t, vf e) {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh((__m512)e);
+        _mm512_storeu_si512(sr + t, _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      });
+    }
+    return v_pass_fma_any<DH>(V, len, nrep, s, padded, inv, out, next_k);
+  }
   for (int64_t r = 0; r < nrep; ++r) {
     uint16_t* pr = pb + r * padded;  // the weights rounded to bfloat16
     inv[r] = softmax_pass(s + r * padded, len, padded, [&](int64_t t, vf e) {

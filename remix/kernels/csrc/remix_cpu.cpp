@@ -126,6 +126,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
      "the float path; returns whether the integer path exists in this build");
   m.def("_attention_bf16_dot", [](bool on) { g_attn_dot = on; },
         "A/B runs and tests: whether bfloat16 decode attention takes vdpbf16ps (default) or the widening path");
+  m.def("_attention_v_fma", [](bool on) { const bool was = g_attn_v_fma; g_attn_v_fma = on; return was; },
+        "A/B runs and tests: whether the vdpbf16ps attention's V pass runs on FMAs (the same bits; default on Intel); "
+        "returns the setting before");
   m.def("_phase_a_bf16_dot", [](bool on) { g_phase_a_dot = on; }, "A/B runs: bfloat16 phase A on vdpbf16ps or widened");
   m.def("_amx_phase_a", [](bool on) {
 #ifdef REMIX_AMX
