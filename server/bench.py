@@ -443,6 +443,17 @@ def main(argv=None) -> dict:
             engine.load_adapter("peft", str(peft_path))
         engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
         contenders[name] = (engine, adapters)
+    # each engine's weights and KV cache on transparent huge pages (CPU): where the kernel found too few free 2 MiB frames
+    # for one engine's copy, that engine streams 4 KiB pages and every op of its steps runs slower than its rivals' (a
+    # 47th-session run: one engine's attention and LM head 13-20 % slower than the others' in the same sweeps)
+    huge_pages = {name: {k.removesuffix("_on_huge_pages"): v for k, v in e.stats().items() if k.endswith("_on_huge_pages")}
+                  for name, (e, _) in contenders.items()}
+    for name, shares in huge_pages.items():
+        low = {k: v for k, v in shares.items() if v < 0.9}
+        if low:
+            print(f"warning: {name}'s " + " and ".join(f"{k} {100 * v:.0f} %" for k, v in low.items())
+                  + " on huge pages (the others': " + ", ".join(f"{n} {min(s.values(), default=1):.2f}" for n, s in huge_pages.items())
+                  + "): its steps run on 4 KiB pages, slower than its rivals'", flush=True)
     engine = contenders["engine_remix"][0]  # the floor's weights, the config the JSON records
     # the HF peers run on plain copies of the base (the engine's model has serving wrappers): one as it is, one with the
     # adapter applied by a per-expert Python loop
@@ -567,7 +578,9 @@ def main(argv=None) -> dict:
                       "max_batched_tokens": engine.config.max_batched_tokens,
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_ext.cpu_model(),
                       # which bfloat16 GEMM the engine ran (AMX tiles, or not: no AMX, or REMIX_DISABLE_AMX=1)
-                      "amx_bf16": device.type == "cpu" and cpu_ext.amx_bf16()},
+                      "amx_bf16": device.type == "cpu" and cpu_ext.amx_bf16(),
+                      # each engine's weights / KV cache share on transparent huge pages (CPU; see above)
+                      "huge_pages": huge_pages},
            "results": results, "ratios": ratios, "ratio_rounds": rounds, "goals": goals}
     write_outputs(args, out, markdown)
     return out

@@ -82,6 +82,10 @@ def test_a_goal_on_an_unmeasured_remix_delta_is_not_met():
 def test_server_bench_runs_every_contender_on_the_tiny_model(tmp_path):
     out = server_bench.main(["--base", "tiny", "--concurrency", "1,2", "--prompt-tokens", "8", "--new-tokens", "4",
                              "--json", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md")])
+    # each engine's weights / KV cache share on huge pages, where measurable (the tiny model's blocks hold no 2 MiB page)
+    assert set(out["config"]["huge_pages"]) == {"engine_base", "engine_remix", "engine_4adapters"}
+    assert all(set(s) <= {"weights", "kv_cache"} and all(0 <= v <= 1 for v in s.values())
+               for s in out["config"]["huge_pages"].values())
     for c in (1, 2):
         row = out["results"][c]
         assert {"hf_generate", "hf_loop", "engine_base", "engine_remix", "engine_4adapters"} <= set(row)

@@ -34,6 +34,24 @@ def test_empty_huge_is_an_aligned_contiguous_tensor_on_huge_pages():
         assert huge_kb_at(big.data_ptr()) >= 2048
 
 
+def test_huge_page_share_is_the_advised_blocks_share_on_huge_pages():
+    """huge_page_share: what the kernel backed with 2 MiB pages, over the whole huge pages a storage holds - the
+    mappings' AnonHugePages (/proc/self/smaps), as huge_kb_at reads them; None for a storage under one huge page.
+    (40 MiB: above glibc's largest mmap threshold, so the block is a mapping of its own and freeing it leaves no
+    touched heap behind for the next test's blocks, which must fault in fresh.)"""
+    assert cpu_alloc.huge_page_share(torch.zeros(1000)) is None
+    size = 40 << 20
+    big = empty_huge((size,), torch.uint8)
+    if huge_pages_available():
+        assert cpu_alloc.huge_page_share(big) == 0.0  # advised, not touched yet: nothing backs it
+    big.zero_()
+    share = cpu_alloc.huge_page_share(big)
+    assert share is not None and 0.0 <= share <= 1.0
+    if huge_pages_available():  # its own mapping (the advised range): the share is that mapping's AnonHugePages
+        # (over the storage's whole huge pages: the block's, and one more where the raw allocation fell aligned)
+        assert abs(share - min(1.0, huge_kb_at(big.data_ptr()) * 1024 / size)) <= HUGE_PAGE / size and share > 0
+
+
 def test_move_to_huge_pages_keeps_every_tensor_its_values_and_sharing():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(1000, 576), nn.Linear(576, 1536), nn.Linear(1536, 576), nn.Linear(576, 1000))

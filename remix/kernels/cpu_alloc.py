@@ -125,3 +125,32 @@ def move_to_huge_pages(tensors) -> int:
             for t in group:
                 t.set_(target, (base + at) // t.element_size() + t.storage_offset(), t.size(), t.stride())
     return total
+
+
+def huge_page_share(t: torch.Tensor) -> float | None:
+    """The share of the 2 MiB-aligned part of this CPU tensor's storage that sits on transparent huge pages now (0-1),
+    from the AnonHugePages of the mappings it spans in /proc/self/smaps; None where that cannot be read (not Linux) or
+    the storage holds no whole huge page. A block that asked for huge pages (move_to_huge_pages, empty_huge) gets them
+    only where the kernel found free 2 MiB frames at its first touch; on 4 KiB pages a decode step runs slower (a TLB
+    miss a page, and the hardware prefetchers stop at every page boundary), so the engine reports this for its
+    weights and its KV cache."""
+    s = t.untyped_storage()
+    lo = -(-s.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    hi = (s.data_ptr() + s.nbytes()) // HUGE_PAGE * HUGE_PAGE
+    if hi <= lo:
+        return None
+    huge = 0
+    try:
+        with open("/proc/self/smaps") as f:
+            vma = None  # (start, end) of the mapping whose fields follow, where it overlaps [lo, hi)
+            for line in f:
+                head = line.split(" ", 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    a, b = (int(x, 16) for x in head.split("-"))
+                    vma = (a, b) if a < hi and b > lo else None
+                elif vma is not None and line.startswith("AnonHugePages:"):
+                    a, b = vma  # a mapping partly outside [lo, hi): its huge pages counted by the overlap's share
+                    huge += int(line.split()[1]) * 1024 * (min(b, hi) - max(a, lo)) // (b - a)
+    except (OSError, ValueError):
+        return None
+    return min(1.0, huge / (hi - lo))

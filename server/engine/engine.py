@@ -232,6 +232,7 @@ class Engine:
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(self.runner.cache.k[0].dtype).removeprefix("torch."),
                 "cuda_graphs": self.runner.graphs is not None and not self.runner.graphs.eager,
+                **{f"{k}_on_huge_pages": round(v, 3) for k, v in self.runner.huge_pages.items() if v is not None},
                 "decoder": self.runner.decoder, **({"decoder_fallback": self.runner.decoder_fallback}
                                                    if self.runner.decoder_fallback else {})}
 

@@ -358,28 +358,18 @@ void attend_group_avx2(const T* q, const T* K, const T* V, int64_t len, int64_t 
 bool g_attn_dot = true;  // off: bfloat16 takes attend_group's widening path too (A/B runs, tests)
 bool g_attn_v_fma = intel_cpu();  // attend_group_bf16's V pass on FMAs (v_pass_fma, below; A/B runs, tests)
 #ifdef REMIX_DOT_BF16
-// attend_group for bfloat16 with AVX512-BF16, DH a multiple of 32: the same two passes on vdpbf16ps, which takes two
-// bfloat16 products per float32 lane (half the instructions of widening and FMAs - the attention is bound by the
-// vector unit's throughput once K and V are in cache). Scores: q . k over pairs of dimensions (products exact in
-// float32), times scale. Weights: exp(s - max) in float32 and their float32 sum, as before; each weight then rounded
-// to bfloat16 for V, as SDPA's own CPU kernel does for bfloat16 (torch's flash attention converts the exponentials to
-// the input dtype before its second GEMM). V: two positions per step, their rows interleaved dimension by dimension
-// (unpacklo / unpackhi of 16-bit words: lane 4 l + i of the low half holds dimension 8 l + i, of the high half
-// 8 l + 4 + i, put back in order once at the end), times the pair of weights (u, u + 1) broadcast; an odd last position
-// pairs with zeros. One order per output whatever the batch, as the float32 path; results differ from it by the
-// weights' rounding (~2^-9 relative each). Measured: see decode_attention_impl. On Intel the V pass runs the same sums
-// on FMAs (v_pass_fma, above: vdpbf16ps issues at a quarter of the FMAs' rate there).
 // attend_group_bf16's V pass on float32 FMAs (g_attn_v_fma): the same sums as its vdpbf16ps form, bit for bit.
 // VDPBF16PS adds a lane's two products one after the other, the odd element's first, each rounded as an FMA rounds
 // (a product of two bfloat16 is exact in float32), with denormal inputs read as zero and denormal results flushed
-// (a /tmp check on this session's Intel VM: 3.2 M random lanes, every one equal to the two FMAs in that order, 94 %
+// (a /tmp check, 47th session's Intel VM: 3.2 M random lanes, every one equal to the two FMAs in that order, 94 %
 // to the other order or to the exact sum rounded once). So here each pair of positions (u, u + 1) adds p[u + 1] v[u + 1]
 // and then p[u] v[u] into each dimension's float32 sum, under MXCSR's FTZ and DAZ; the weights are the vdpbf16ps
 // form's, rounded to bfloat16 (written back over the scores as floats). A V row is widened by a shift (its even
 // dimensions) and a mask (its odd ones), so a sum's lanes hold a group of 32 dimensions' even or odd ones, put back in
 // order at the end. On Intel, vdpbf16ps issues one every two cycles where FMAs issue two a cycle (scripts/
 // vector_rates.c: 1.5-1.6 G against 6.0-6.3 G a second a core, 47th session): half the products a second, where on
-// AMD's Zen 4 / 5 it gives twice the FMAs' - so the FMA form is the default on Intel CPUs only. The V pass alone, Dh
+// AMD's Zen 5 the vdpbf16ps form had halved the attention's time in cache (decode_attention_impl, below) - so the FMA
+// form is the default on Intel CPUs only. The V pass alone, Dh
 // 64, three query heads, 192 positions in L1 (a /tmp harness): 22.1 -> 13.5 TSC cycles a pair of positions; 30 calls
 // of 4 rows with K and V in cache 0.69 -> 0.59 ms. Where K and V come from memory their reads bound the attention:
 // 30 calls of 8 / 32 rows of 129-255 positions 1.39 -> 1.37 / 6.73 -> 6.71 ms, and in the engine (scripts/ab_steps.py
@@ -457,6 +447,17 @@ void v_pass_fma_any(const uint16_t* V, int64_t len, int64_t nrep, const float* w
   }
 }
 
+// attend_group for bfloat16 with AVX512-BF16, DH a multiple of 32: the same two passes on vdpbf16ps, which takes two
+// bfloat16 products per float32 lane (half the instructions of widening and FMAs - the attention is bound by the
+// vector unit's throughput once K and V are in cache). Scores: q . k over pairs of dimensions (products exact in
+// float32), times scale. Weights: exp(s - max) in float32 and their float32 sum, as before; each weight then rounded
+// to bfloat16 for V, as SDPA's own CPU kernel does for bfloat16 (torch's flash attention converts the exponentials to
+// the input dtype before its second GEMM). V: two positions per step, their rows interleaved dimension by dimension
+// (unpacklo / unpackhi of 16-bit words: lane 4 l + i of the low half holds dimension 8 l + i, of the high half
+// 8 l + 4 + i, put back in order once at the end), times the pair of weights (u, u + 1) broadcast; an odd last position
+// pairs with zeros. One order per output whatever the batch, as the float32 path; results differ from it by the
+// weights' rounding (~2^-9 relative each). Measured: see decode_attention_impl. On Intel the V pass runs the same sums
+// on FMAs (v_pass_fma, above: vdpbf16ps issues at a quarter of the FMAs' rate there).
 template <int DH>
 void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, int64_t len, int64_t nrep, float scale,
                        uint16_t* out, float* s, uint16_t* pb, const uint16_t* next_k) {
