@@ -443,9 +443,11 @@ def main(argv=None) -> dict:
             engine.load_adapter("peft", str(peft_path))
         engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
         contenders[name] = (engine, adapters)
-    # each engine's weights and KV cache on transparent huge pages (CPU): where the kernel found too few free 2 MiB frames
-    # for one engine's copy, that engine streams 4 KiB pages and every op of its steps runs slower than its rivals' (a
-    # 47th-session run: one engine's attention and LM head 13-20 % slower than the others' in the same sweeps)
+    # each engine's weights and KV cache on transparent huge pages (CPU): where the kernel finds too few free 2 MiB frames
+    # for one engine's copy, that engine streams 4 KiB pages and every op of its steps runs slower than its rivals'. (A
+    # 47th-session run had one engine's attention, LM head and q/k/v 13-20 % slower than the others' in the same sweeps,
+    # from its first steps on; not seen in the runs before or after it, and its pages were not recorded then - they are
+    # now.)
     huge_pages = {name: {k.removesuffix("_on_huge_pages"): v for k, v in e.stats().items() if k.endswith("_on_huge_pages")}
                   for name, (e, _) in contenders.items()}
     for name, shares in huge_pages.items():
