@@ -369,7 +369,7 @@ bool g_attn_v_fma = intel_cpu();  // attend_group_bf16's V pass on FMAs (v_pass_
 // order at the end. On Intel, vdpbf16ps issues one every two cycles where FMAs issue two a cycle (scripts/
 // vector_rates.c: 1.5-1.6 G against 6.0-6.3 G a second a core, 47th session): half the products a second, where on
 // AMD's Zen 5 the vdpbf16ps form had halved the attention's time in cache (decode_attention_impl, below) - so the FMA
-// form is the default on Intel CPUs only. The V pass alone, Dh
+// form is the default on Intel CPUs only (measured on the AMX generation; the values are the same either way). The V pass alone, Dh
 // 64, three query heads, 192 positions in L1 (a /tmp harness): 22.1 -> 13.5 TSC cycles a pair of positions; 30 calls
 // of 4 rows with K and V in cache 0.69 -> 0.59 ms. Where K and V come from memory their reads bound the attention:
 // 30 calls of 8 / 32 rows of 129-255 positions 1.39 -> 1.37 / 6.73 -> 6.71 ms, and in the engine (scripts/ab_steps.py
