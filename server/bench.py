@@ -450,12 +450,8 @@ def main(argv=None) -> dict:
     # now.)
     huge_pages = {name: {k.removesuffix("_on_huge_pages"): v for k, v in e.stats().items() if k.endswith("_on_huge_pages")}
                   for name, (e, _) in contenders.items()}
-    for name, shares in huge_pages.items():
-        low = {k: v for k, v in shares.items() if v < 0.9}
-        if low:
-            print(f"warning: {name}'s " + " and ".join(f"{k} {100 * v:.0f} %" for k, v in low.items())
-                  + " on huge pages (the others': " + ", ".join(f"{n} {min(s.values(), default=1):.2f}" for n, s in huge_pages.items())
-                  + "): its steps run on 4 KiB pages, slower than its rivals'", flush=True)
+    for line in huge_page_warnings(huge_pages):
+        print(line, flush=True)
     engine = contenders["engine_remix"][0]  # the floor's weights, the config the JSON records
     # the HF peers run on plain copies of the base (the engine's model has serving wrappers): one as it is, one with the
     # adapter applied by a per-expert Python loop
@@ -586,6 +582,21 @@ def main(argv=None) -> dict:
            "results": results, "ratios": ratios, "ratio_rounds": rounds, "goals": goals}
     write_outputs(args, out, markdown)
     return out
+
+
+def huge_page_warnings(huge_pages: dict[str, dict[str, float]], least: float = 0.9) -> list[str]:
+    """What to say about the engines' shares on huge pages ({engine: {block: share}}, a block left out where it holds
+    no huge page): one warning an engine with a block under ``least`` while another engine is not (that engine streams
+    4 KiB pages and runs slower than its rivals: the comparison is unfair), or one note where every measured engine
+    has such a block (fair, but none at its best: THP off, or REMIX_HUGE_PAGES=0)."""
+    lows = {name: {k: v for k, v in shares.items() if v < least} for name, shares in huge_pages.items()}
+    measured = [name for name, shares in huge_pages.items() if shares]
+    if measured and all(lows[name] for name in measured):
+        return ["note: no engine's memory is all on transparent huge pages (THP off, or REMIX_HUGE_PAGES=0?): every "
+                "engine streams 4 KiB pages"]
+    return [f"warning: {name}'s " + " and ".join(f"{k} {100 * v:.0f} %" for k, v in low.items())
+            + " on huge pages (each engine's least: " + ", ".join(f"{n} {min(huge_pages[n].values()):.2f}" for n in measured)
+            + "): its steps run on 4 KiB pages, slower than its rivals'" for name, low in lows.items() if low]
 
 
 def device_name(device: torch.device) -> str:

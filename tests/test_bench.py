@@ -455,3 +455,17 @@ def test_vector_rates_probe_times_independent_chains(tmp_path):
     if "avx512_bf16" in cpu_ext.cpu_flags():
         dp, dp_lat = rates["vdpbf16ps (512-bit), 12 independent chains (throughput)"], rates["vdpbf16ps (512-bit), one chain (latency)"]
         assert 0 < dp < dp_lat
+
+
+def test_server_bench_warns_of_an_engine_off_huge_pages():
+    """huge_page_warnings: a warning for each engine with a block under 0.9 on huge pages while another is not (its steps
+    run slower than its rivals'), one note where every measured engine is so, nothing where all are on them or none
+    could be measured (the tiny model)."""
+    ok, low = {"weights": 1.0, "kv_cache": 1.0}, {"weights": 0.4, "kv_cache": 1.0}
+    lines = server_bench.huge_page_warnings({"engine_base": ok, "engine_remix": low, "engine_4adapters": ok})
+    assert len(lines) == 1 and lines[0].startswith("warning: engine_remix's weights 40 % on huge pages")
+    assert "engine_base 1.00, engine_remix 0.40, engine_4adapters 1.00" in lines[0]
+    notes = server_bench.huge_page_warnings({"engine_base": {"weights": 0.0}, "engine_remix": {"weights": 0.1}})
+    assert len(notes) == 1 and notes[0].startswith("note: no engine's memory")
+    assert server_bench.huge_page_warnings({"engine_base": ok, "engine_remix": ok}) == []
+    assert server_bench.huge_page_warnings({"engine_base": {}, "engine_remix": {}}) == []
