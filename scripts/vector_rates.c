@@ -20,30 +20,39 @@ static volatile float seed[CHAINS] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
 static volatile float sink;
 static inline uint64_t tsc(void) { unsigned a; return __rdtscp(&a); }
 
+// c[i] = STEP(i) for n steps of the CHAINS chains at once, or (chains 1) for n x CHAINS steps of chain 0 alone: the
+// same count of instructions either way
+#define RUN_CHAINS(n, chains, c, STEP)                                                  \
+  do {                                                                                  \
+    if ((chains) == 1)                                                                  \
+      for (long k = 0; k < (n) * CHAINS; ++k) c[0] = STEP(0);                           \
+    else                                                                                \
+      for (long k = 0; k < (n); ++k) {                                                  \
+        _Pragma("GCC unroll 12") for (int i = 0; i < CHAINS; ++i) c[i] = STEP(i);       \
+      }                                                                                 \
+  } while (0)
+
+static void keep512(const __m512* c) {  // every chain's result used, so none is dropped
+  float s = 0;
+  for (int i = 0; i < CHAINS; ++i) s += _mm512_reduce_add_ps(c[i]);
+  sink = s;
+}
+
 __attribute__((noinline)) static void fma512(long n, int chains) {
   __m512 c[CHAINS], m[CHAINS];
   for (int i = 0; i < CHAINS; ++i) { c[i] = _mm512_set1_ps(seed[i]); m[i] = _mm512_set1_ps(0.999f + 1e-6f * seed[i]); }
   const __m512 b = _mm512_set1_ps(1e-7f);
-  if (chains == 1)
-    for (long k = 0; k < n * CHAINS; ++k) c[0] = _mm512_fmadd_ps(c[0], m[0], b);
-  else
-    for (long k = 0; k < n; ++k) {
-#pragma GCC unroll 12
-      for (int i = 0; i < CHAINS; ++i) c[i] = _mm512_fmadd_ps(c[i], m[i], b);
-    }
-  float s = 0;
-  for (int i = 0; i < CHAINS; ++i) s += _mm512_reduce_add_ps(c[i]);
-  sink = s;
+#define FMA512(i) _mm512_fmadd_ps(c[i], m[i], b)
+  RUN_CHAINS(n, chains, c, FMA512);
+  keep512(c);
 }
 
 __attribute__((noinline)) static void fma256(long n) {
   __m256 c[CHAINS], m[CHAINS];
   for (int i = 0; i < CHAINS; ++i) { c[i] = _mm256_set1_ps(seed[i]); m[i] = _mm256_set1_ps(0.999f + 1e-6f * seed[i]); }
   const __m256 b = _mm256_set1_ps(1e-7f);
-  for (long k = 0; k < n; ++k) {
-#pragma GCC unroll 12
-    for (int i = 0; i < CHAINS; ++i) c[i] = _mm256_fmadd_ps(c[i], m[i], b);
-  }
+#define FMA256(i) _mm256_fmadd_ps(c[i], m[i], b)
+  RUN_CHAINS(n, CHAINS, c, FMA256);
   float s = 0, o[8];
   for (int i = 0; i < CHAINS; ++i) { _mm256_storeu_ps(o, c[i]); s += o[0]; }
   sink = s;
@@ -58,16 +67,9 @@ __attribute__((noinline)) static void dpbf16(long n, int chains) {
     a[i] = (__m512bh)_mm512_set1_epi16((short)(0x3c00 + (int)seed[i]));  // ~2^-7, a little more each chain
   }
   const __m512bh b = (__m512bh)_mm512_set1_epi16(0x3f80);  // 1.0
-  if (chains == 1)
-    for (long k = 0; k < n * CHAINS; ++k) c[0] = _mm512_dpbf16_ps(c[0], a[0], b);
-  else
-    for (long k = 0; k < n; ++k) {
-#pragma GCC unroll 12
-      for (int i = 0; i < CHAINS; ++i) c[i] = _mm512_dpbf16_ps(c[i], a[i], b);
-    }
-  float s = 0;
-  for (int i = 0; i < CHAINS; ++i) s += _mm512_reduce_add_ps(c[i]);
-  sink = s;
+#define DPBF16(i) _mm512_dpbf16_ps(c[i], a[i], b)
+  RUN_CHAINS(n, chains, c, DPBF16);
+  keep512(c);
 }
 #endif
 

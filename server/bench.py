@@ -448,8 +448,7 @@ def main(argv=None) -> dict:
     # 47th-session run had one engine's attention, LM head and q/k/v 13-20 % slower than the others' in the same sweeps,
     # from its first steps on; not seen in the runs before or after it, and its pages were not recorded then - they are
     # now.)
-    huge_pages = {name: {k.removesuffix("_on_huge_pages"): v for k, v in e.stats().items() if k.endswith("_on_huge_pages")}
-                  for name, (e, _) in contenders.items()}
+    huge_pages = {name: e.huge_pages for name, (e, _) in contenders.items()}
     for line in huge_page_warnings(huge_pages):
         print(line, flush=True)
     engine = contenders["engine_remix"][0]  # the floor's weights, the config the JSON records

@@ -80,7 +80,7 @@ class EngineCollector:
             yield GaugeMetricFamily("remix_spec_decode_draft_token_cost_seconds", "What each draft token costs a "
                                     "decode step, as the cost schedule measures it (0 until measured).",
                                     value=s["spec_draft_token_cost_ms"] / 1e3)
-        huge = {k.removesuffix("_on_huge_pages"): v for k, v in s.items() if k.endswith("_on_huge_pages")}
+        huge = self.engine.huge_pages
         if huge:  # CPU: a block on 4 KiB pages streams slower (the engine reads these once, at start)
             g = GaugeMetricFamily("remix_huge_pages_ratio", "Share of a memory block the decode steps stream (the "
                                   "weights, the KV cache) that sits on transparent huge pages.", labels=["block"])

@@ -50,6 +50,7 @@ def test_huge_page_share_is_the_advised_blocks_share_on_huge_pages():
     if huge_pages_available():  # its own mapping (the advised range): the share is that mapping's AnonHugePages
         # (over the storage's whole huge pages: the block's, and one more where the raw allocation fell aligned)
         assert abs(share - min(1.0, huge_kb_at(big.data_ptr()) * 1024 / size)) <= HUGE_PAGE / size and share > 0
+    assert cpu_alloc.huge_page_shares(big, torch.zeros(1000), big) == [share, None, share]  # several, one read
 
 
 def test_move_to_huge_pages_keeps_every_tensor_its_values_and_sharing():

@@ -512,21 +512,22 @@ def test_a_server_with_speculative_decoding(adapters):
 
 
 def test_metrics_export_the_engines_huge_page_shares():
-    """remix_huge_pages_ratio{block}: one series a block the engine measured (/health's *_on_huge_pages), none where
-    it measured nothing (the tiny model's blocks hold no 2 MiB page), in the Prometheus text format."""
+    """remix_huge_pages_ratio{block}: one series a block the engine measured (Engine.huge_pages, /health's
+    *_on_huge_pages), none where it measured nothing (the tiny model's blocks hold no 2 MiB page), in the Prometheus
+    text format."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from server.metrics import EngineCollector
 
     class Stub:
-        def __init__(self, extra):
-            self.extra = extra
+        def __init__(self, huge_pages):
+            self.huge_pages = huge_pages
 
         def stats(self):
-            return {"running": 0, "waiting": 0, "kv_usage": 0.0, "slots_used": 0, "slots": 4, **self.extra}
+            return {"running": 0, "waiting": 0, "kv_usage": 0.0, "slots_used": 0, "slots": 4}
 
     registry = CollectorRegistry()
-    registry.register(EngineCollector(Stub({"weights_on_huge_pages": 1.0, "kv_cache_on_huge_pages": 0.25})))
+    registry.register(EngineCollector(Stub({"weights": 1.0, "kv_cache": 0.25})))
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     samples = {s.labels["block"]: s.value for s in families["remix_huge_pages_ratio"].samples}
     assert samples == {"weights": 1.0, "kv_cache": 0.25}

@@ -127,30 +127,36 @@ def move_to_huge_pages(tensors) -> int:
     return total
 
 
-def huge_page_share(t: torch.Tensor) -> float | None:
-    """The share of the 2 MiB-aligned part of this CPU tensor's storage that sits on transparent huge pages now (0-1),
-    from the AnonHugePages of the mappings it spans in /proc/self/smaps; None where that cannot be read (not Linux) or
-    the storage holds no whole huge page. A block that asked for huge pages (move_to_huge_pages, empty_huge) gets them
-    only where the kernel found free 2 MiB frames at its first touch; on 4 KiB pages a decode step runs slower (a TLB
-    miss a page, and the hardware prefetchers stop at every page boundary), so the engine reports this for its
-    weights and its KV cache."""
-    s = t.untyped_storage()
-    lo = -(-s.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-    hi = (s.data_ptr() + s.nbytes()) // HUGE_PAGE * HUGE_PAGE
-    if hi <= lo:
-        return None
-    huge = 0
+def huge_page_shares(*tensors: torch.Tensor) -> list[float | None]:
+    """For each CPU tensor, the share of the 2 MiB-aligned part of its storage that sits on transparent huge pages now
+    (0-1), from the AnonHugePages of the mappings it spans in /proc/self/smaps (read once for all of them); None where
+    that cannot be read (not Linux) or the storage holds no whole huge page. A block that asked for huge pages
+    (move_to_huge_pages, empty_huge) gets them only where the kernel found free 2 MiB frames at its first touch; on 4 KiB
+    pages a decode step runs slower (a TLB miss a page, and the hardware prefetchers stop at every page boundary), so
+    the engine reports this for its weights and its KV cache."""
+    spans = []  # [lo, hi) of each tensor's storage, whole huge pages only
+    for t in tensors:
+        s = t.untyped_storage()
+        spans.append((-(-s.data_ptr() // HUGE_PAGE) * HUGE_PAGE, (s.data_ptr() + s.nbytes()) // HUGE_PAGE * HUGE_PAGE))
+    huge = [0] * len(spans)
     try:
         with open("/proc/self/smaps") as f:
-            vma = None  # (start, end) of the mapping whose fields follow, where it overlaps [lo, hi)
+            vma = None  # (start, end) of the mapping whose fields follow
             for line in f:
                 head = line.split(" ", 1)[0]
                 if "-" in head and not head.endswith(":"):
-                    a, b = (int(x, 16) for x in head.split("-"))
-                    vma = (a, b) if a < hi and b > lo else None
-                elif vma is not None and line.startswith("AnonHugePages:"):
-                    a, b = vma  # a mapping partly outside [lo, hi): its huge pages counted by the overlap's share
-                    huge += int(line.split()[1]) * 1024 * (min(b, hi) - max(a, lo)) // (b - a)
+                    vma = tuple(int(x, 16) for x in head.split("-"))
+                elif line.startswith("AnonHugePages:") and vma is not None:
+                    a, b = vma
+                    kb = int(line.split()[1])
+                    for i, (lo, hi) in enumerate(spans):  # a mapping partly outside a span: counted by the overlap
+                        if a < hi and b > lo:
+                            huge[i] += kb * 1024 * (min(b, hi) - max(a, lo)) // (b - a)
     except (OSError, ValueError):
-        return None
-    return min(1.0, huge / (hi - lo))
+        return [None] * len(spans)
+    return [min(1.0, h / (hi - lo)) if hi > lo else None for h, (lo, hi) in zip(huge, spans)]
+
+
+def huge_page_share(t: torch.Tensor) -> float | None:
+    """huge_page_shares for one tensor."""
+    return huge_page_shares(t)[0]

@@ -219,6 +219,12 @@ class Engine:
             self._reap_adapters()
         self.call(mark)
 
+    @property
+    def huge_pages(self) -> dict[str, float]:
+        """On CPU, the share of each block a decode step streams (``weights``, ``kv_cache``) that the kernel backed
+        with transparent huge pages, read when the engine started; a block left out where it holds no huge page."""
+        return {k: round(v, 3) for k, v in self.runner.huge_pages.items()}
+
     def stats(self) -> dict:
         used = sum(s.num_computed for s in self.slot_seq if s is not None)
         capacity = self.num_slots * self.config.max_model_len
@@ -232,7 +238,7 @@ class Engine:
                 "device": str(self.runner.device), "dtype": str(self.runner.dtype).removeprefix("torch."),
                 "kv_cache_dtype": str(self.runner.cache.k[0].dtype).removeprefix("torch."),
                 "cuda_graphs": self.runner.graphs is not None and not self.runner.graphs.eager,
-                **{f"{k}_on_huge_pages": round(v, 3) for k, v in self.runner.huge_pages.items() if v is not None},
+                **{f"{k}_on_huge_pages": v for k, v in self.huge_pages.items()},
                 "decoder": self.runner.decoder, **({"decoder_fallback": self.runner.decoder_fallback}
                                                    if self.runner.decoder_fallback else {})}
 

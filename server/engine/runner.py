@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from remix.kernels import cpu_ext
-from remix.kernels.cpu_alloc import huge_page_share, move_to_huge_pages
+from remix.kernels.cpu_alloc import huge_page_shares, move_to_huge_pages
 from remix.stack import RoutingContext, StackedLinear, set_context
 from server.engine.cache import SlotKVCache, attention_mask
 from server.engine.fastpath import DECODERS, LeanForward, unsupported_reason
@@ -66,10 +66,10 @@ class ModelRunner:
             moved = move_to_huge_pages([*model.parameters(), *model.buffers(), *fused])
             if moved:
                 log.info("weights on transparent huge pages: %.0f MB", moved / 2**20)
-        # the share of the weights' and the KV cache's blocks the kernel backed with huge pages (0-1; None: not
-        # measurable here), read once: /health and the benches report it (a block on 4 KiB pages is slower to stream)
-        self.huge_pages = {"weights": huge_page_share(param), "kv_cache": huge_page_share(self.cache.k[0])} \
-            if self.device.type == "cpu" else {}
+        # the share of the weights' and the KV cache's blocks the kernel backed with huge pages (0-1; a block left out
+        # where not measurable), read once: /health, /metrics and the benches report it (4 KiB pages stream slower)
+        blocks = {"weights": param, "kv_cache": self.cache.k[0]} if self.device.type == "cpu" else {}
+        self.huge_pages = {k: v for k, v in zip(blocks, huge_page_shares(*blocks.values())) if v is not None}
         # decode steps replayed from CUDA graphs (server.engine.graphs): CUDA and the lean forward only
         self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" and self.lean is not None else None
 

@@ -550,7 +550,7 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
   {
     std::vector<float> s(nrep * (P + L));
 #ifdef REMIX_DOT_BF16
-    std::vector<uint16_t> pb(std::is_same_v<T, float> ? 0 : nrep * (P + L));
+    std::vector<uint16_t> pb(std::is_same_v<T, float> || g_attn_v_fma ? 0 : nrep * (P + L));  // (v_pass_fma: unused)
 #endif
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
