@@ -457,6 +457,33 @@ def test_vector_rates_probe_times_independent_chains(tmp_path):
         assert 0 < dp < dp_lat
 
 
+def test_pool_reads_probe_reads_every_order_and_times_phase_b(tmp_path):
+    """scripts/pool_reads.c: builds as its header says and prints a read rate for each order and set, and phase B's
+    and phase A's times from both sets. Only orderings a cache gives whatever the machine's load are asserted: a slice
+    read from L2 faster than from a set past L2 (300 copies: ~118 MB), and each phase faster with its pool rows in L2."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("gcc") is None or "avx512f" not in cpu_ext.cpu_flags():
+        pytest.skip("needs gcc and AVX-512")
+    src = Path(__file__).resolve().parents[1] / "scripts" / "pool_reads.c"
+    exe = tmp_path / "pool_reads"
+    subprocess.run(["gcc", "-O3", "-march=native", "-Wall", "-Werror", str(src), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe), "300"], check=True, capture_output=True, text=True, timeout=120).stdout
+    reads = {(m[1].strip(), m[2].strip()): float(m[3])
+             for m in re.finditer(r"^read, (.+?) from (.+?)\s+([\d.]+) us\s+[\d.]+ GB/s$", out, re.M)}
+    orders = ("the pools' layout", "rows adjacent", "interleaved by 32")
+    assert set(reads) == {(o, w) for o in orders for w in ("memory", "last-level cache", "L2")}
+    for order in orders:
+        assert 0 < reads[order, "L2"] < reads[order, "memory"]
+    phase_b = {m[1].strip(): float(m[2]) for m in re.finditer(r"^phase B, B\^T from (.+?)\s+([\d.]+) us$", out, re.M)}
+    assert set(phase_b) == {"memory", "L2"} and 0 < phase_b["L2"] < phase_b["memory"]
+    phase_a = {m[1].strip(): float(m[2]) for m in re.finditer(r"^phase A, A from (.+?)\s+([\d.]+) us a LoRA$", out, re.M)}
+    assert set(phase_a) == {"memory", "L2"} and 0 < phase_a["L2"] < phase_a["memory"]
+
+
 def test_server_bench_warns_of_an_engine_off_huge_pages():
     """huge_page_warnings: a warning for each engine with a block under 0.9 on huge pages while another is not (its steps
     run slower than its rivals'), one note where every measured engine is so, nothing where all are on them or none
