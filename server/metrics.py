@@ -87,6 +87,14 @@ class EngineCollector:
             for block, v in sorted(huge.items()):
                 g.add_metric([block], v)
             yield g
+        shares = self.engine.thread_shares
+        if shares:  # CPU: each thread's share of the kernels' split work, by its measured speed
+            g = GaugeMetricFamily("remix_cpu_thread_share", "Share of the compiled kernels' split work (GEMM outputs, "
+                                  "decode attention rows) each CPU thread takes: even, unless one thread has measured "
+                                  "slower (a vCPU whose host core is shared).", labels=["thread"])
+            for h, v in enumerate(shares):
+                g.add_metric([str(h)], v)
+            yield g
         if s.get("prefix_caching"):
             yield CounterMetricFamily("remix_prefix_cache_queries", "New sequences that looked up their prompt's prefix.",
                                       value=s["prefix_cache_queries"])

@@ -1538,3 +1538,167 @@ def test_fused_calls_route_on_tiles():
     assert clear.sum() > 50 and torch.equal(i1[clear, :2], top.indices[clear, :2])
     assert torch.equal(i0, i1) and torch.equal(y0, y1)
     assert (i1[slots == 1, 0] == 8).all() and (i1[slots == -1] == -1).all() and (i1[slots == 0] >= 0).all()
+
+
+def _bound_ffn_calls(dtype, adapters, g):
+    """A layer's three FFN module calls of the default base's shapes, each with its own pools of `adapters` ReMix
+    adapters (n 8, k 2, r 8), as scripts/ab_modules.py binds them: [(call, d_in)]."""
+    from remix.kernels import cpu_ext
+
+    calls = []
+    for D, O in [(576, 1536), (576, 1536), (1536, 576)]:
+        base = torch.nn.Linear(D, O, bias=False).to(dtype)
+        with torch.no_grad():
+            base.weight.copy_((torch.randn(O, D, generator=g) * D**-0.5).to(dtype))
+        N = 8 * adapters
+        router = torch.randn(N, D, generator=g) * 0.05
+        a = (torch.randn(N * 8, D, generator=g) * 0.05).to(cpu_ext.pool_dtype(dtype))
+        bt = (torch.randn(N * 8, O, generator=g) * 0.05).to(cpu_ext.pool_dtype(dtype))
+        tables = (torch.arange(adapters) * 8, torch.full((adapters,), 8), torch.full((adapters,), 2),
+                  torch.full((adapters,), 0.5))
+        calls.append((cpu_ext.bind_module(base, router, a, bt, tables, 8, 2), D))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uneven_output_splits_give_every_output_the_even_splits_bits(dtype):
+    """The output splits weighted by the threads' speeds (_split_fixed sets the shares): a routed module call (its base
+    GEMM and phase B by output slices, routing and phase A by tokens and LoRA blocks) and the plain linear give the
+    same bits under shares of 0.3 / 0.7, 0.95 / 0.05 and all to one thread as under the even split, at 1 to 200 rows
+    (the small-batch split, the token split from 64 rows), one and four adapters. Each output is summed in one order
+    whatever its slice; only which thread computes it moves."""
+    from remix.kernels import cpu_ext
+
+    ext = _compiled()
+    if dtype == torch.bfloat16 and not ext.dot_gemm(True):
+        pytest.skip("no AVX512-BF16 here: bfloat16 calls take ATen's GEMM")
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: nothing to split")
+    g = torch.Generator().manual_seed(11)
+    none = torch.empty(0, dtype=torch.int64)
+    try:
+        with torch.inference_mode():
+            for adapters in (1, 4):
+                calls = _bound_ffn_calls(dtype, adapters, g)
+                weights = {(D, O): (torch.randn(O, D, generator=g) * D**-0.5).to(dtype) for D, O in [(576, 1536), (1536, 576), (576, 3072)]}
+                for T in (1, 3, 8, 16, 32, 64, 100, 200):
+                    xs = {D: torch.randn(T, D, generator=g).to(dtype) for D in (576, 1536)}
+                    slots = torch.arange(T) % adapters
+
+                    def outputs():
+                        out = [y.clone() for call, D in calls for y in call.routed(xs[D], slots, none)]
+                        return out + [cpu_ext.linear(xs[D], w) for (D, O), w in weights.items()]
+
+                    ext._split_adapt(False)
+                    even = outputs()
+                    ext._split_adapt(True)
+                    for shares in ([0.3, 0.7], [0.95, 0.05], [1.0, 0.0], [0.0, 1.0]):
+                        ext._split_fixed(shares)
+                        assert ext._split_state() == pytest.approx(shares, abs=1e-3)
+                        for i, (a, b) in enumerate(zip(even, outputs())):
+                            assert torch.equal(a, b), (adapters, T, shares, i)
+                        ext._split_fixed([])
+    finally:
+        ext._split_fixed([])
+        ext._split_adapt(True)
+
+
+def test_uneven_output_splits_leave_the_engines_outputs_unchanged():
+    """The engine end to end (tests/kernel_outputs.py's engine_outputs: two ReMix adapters and the bare base served
+    together on the tiny model, greedy and seeded-sampled, so the decode stack's layers, the gate / up pair and the
+    LM head all run split) gives the same tokens and log-probabilities with one thread's share at 0.2 as with even
+    splits."""
+    ext = _compiled()
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: nothing to split")
+    from tests.kernel_outputs import engine_outputs
+
+    was = ext._batch_invariant(False)
+    try:
+        ext._split_adapt(False)
+        even = engine_outputs()
+        ext._split_adapt(True)
+        ext._split_fixed([0.2, 0.8])
+        skewed = engine_outputs()
+    finally:
+        ext._split_fixed([])
+        ext._split_adapt(True)
+        ext._batch_invariant(was)
+    assert even.keys() == skewed.keys()
+    for name in even:
+        assert torch.equal(even[name], skewed[name]), name
+
+
+def test_output_split_weights_follow_the_threads_measured_speeds():
+    """The split's controller (_split_feed: the threads' GEMM ticks and multiply-adds for one window, as the meters add
+    them, then an update). A window moves the weights only where the window before agrees: one window of a skewed
+    thread moves nothing. Speeds within 8 % of each other (shares within 0.02 of even) keep even splits; a thread at
+    half the other's speed for two windows moves the shares half way to the speeds' shares (2/3 : 1/3 -> 0.583, then
+    0.625); the other way round, the first window holds and the second moves from the two windows' mean (0.5 : 0.5 ->
+    0.5625); a thread ten times slower is held at half an even share; two windows of equal speeds bring even back; a
+    thread with nothing timed leaves everything as it was; three threads keep shares that sum to one."""
+    ext = _compiled()
+    one = [1e6, 1e6]
+    try:
+        ext._split_fixed([])
+        assert ext._split_feed([1000, 2000], one) and ext._split_state() == []  # one window: held
+        assert ext._split_feed([1000, 1070], one) and ext._split_state() == []  # disagrees: held
+        assert ext._split_feed([1000, 1070], one) and ext._split_state() == []  # two within 8 %: even
+        assert ext._split_feed([1000, 1100], one) and ext._split_state() == []  # 10 %: one window, held
+        assert ext._split_feed([1000, 1100], one) and ext._split_state()[0] > 0.5  # two: off even
+        ext._split_fixed([])
+        ext._split_feed([1000, 2000], one)
+        assert ext._split_feed([1000, 2000], one)
+        assert ext._split_state() == pytest.approx([7 / 12, 5 / 12], abs=1e-3)
+        assert ext._split_feed([1000, 2000], one)
+        assert ext._split_state() == pytest.approx([0.625, 0.375], abs=1e-3)
+        assert ext._split_feed([2000, 1000], one)  # the other way: from the mean of this window and the last
+        assert ext._split_state() == pytest.approx([0.5625, 0.4375], abs=1e-3)
+        assert not ext._split_feed([1000, 0], [1e6, 0])  # thread 1 untimed: nothing read
+        assert ext._split_state() == pytest.approx([0.5625, 0.4375], abs=1e-3)
+        ext._split_fixed([])
+        for _ in range(8):
+            ext._split_feed([1000, 10000], one)
+        assert ext._split_state() == pytest.approx([0.75, 0.25], abs=1e-3)
+        assert ext._split_feed([1000, 1000], one) and ext._split_state() == pytest.approx([0.75, 0.25], abs=1e-3)
+        assert ext._split_feed([1000, 1000], one) and ext._split_state() == []
+        ext._split_feed([1000, 1000, 3000], [1e6] * 3)
+        assert ext._split_feed([1000, 1000, 3000], [1e6] * 3)  # three threads: each within [1/6, 1/2]
+        state = ext._split_state()
+        assert len(state) == 3 and sum(state) == pytest.approx(1.0) and state[2] < state[0] == pytest.approx(state[1], abs=1e-3)
+    finally:
+        ext._split_fixed([])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_items_by_length_and_speed_give_the_same_bits(dtype):
+    """The decode attention's items (a row's key/value head) go to the threads by length (each item its row's length
+    plus a fixed cost) at the output splits' speed weights: rows of very different lengths, under even weights and
+    under shares of 0.2 / 0.8, 0.9 / 0.1 and all to one thread, give the bits of each row computed alone - float32,
+    bfloat16 and the 8-bit cache."""
+    from server.engine.cache import quantize_kv, to_key_blocks
+
+    ext = _compiled()
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: nothing to split")
+    g = torch.Generator().manual_seed(5)
+    S, P, Hkv, nrep, Dh = 9, 320, 3, 3, 64
+    Hq = Hkv * nrep
+    K, V = torch.randn(S, Hkv, P, Dh, generator=g).to(dtype), torch.randn(S, Hkv, P, Dh, generator=g).to(dtype)
+    K8, Ks = quantize_kv(torch.randn(S, Hkv, P, Dh, generator=g))
+    K8 = to_key_blocks(K8)
+    V8, Vs = quantize_kv(torch.randn(S, Hkv, P, Dh, generator=g))
+    qk = torch.randn(S, Hq + 2 * Hkv, Dh, generator=g).to(dtype)
+    lens = torch.tensor([300, 3, 7, 1, 290, 16, 2, 311, 5])
+    calls = {"cache": lambda q, row0, ln: ext.decode_attention(q, K, V, row0, ln, Hq, Dh**-0.5),
+             "8-bit": lambda q, row0, ln: ext.decode_attention_q8(q, K8, V8, Ks, Vs, row0, ln, Hq, Dh**-0.5)}
+    try:
+        for name, call in calls.items():
+            alone = [call(qk[i : i + 1].contiguous(), i, lens[i : i + 1])[0] for i in range(S)]
+            for shares in (None, [0.2, 0.8], [0.9, 0.1], [1.0, 0.0]):
+                ext._split_fixed(shares or [])
+                out = call(qk, 0, lens)
+                for i in range(S):
+                    assert torch.equal(out[i], alone[i]), (name, shares, i)
+    finally:
+        ext._split_fixed([])

@@ -520,17 +520,46 @@ def test_metrics_export_the_engines_huge_page_shares():
     from server.metrics import EngineCollector
 
     class Stub:
-        def __init__(self, huge_pages):
-            self.huge_pages = huge_pages
+        def __init__(self, huge_pages, thread_shares=None):
+            self.huge_pages, self.thread_shares = huge_pages, thread_shares
 
         def stats(self):
             return {"running": 0, "waiting": 0, "kv_usage": 0.0, "slots_used": 0, "slots": 4}
 
     registry = CollectorRegistry()
-    registry.register(EngineCollector(Stub({"weights": 1.0, "kv_cache": 0.25})))
+    registry.register(EngineCollector(Stub({"weights": 1.0, "kv_cache": 0.25}, [0.6, 0.4])))
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     samples = {s.labels["block"]: s.value for s in families["remix_huge_pages_ratio"].samples}
     assert samples == {"weights": 1.0, "kv_cache": 0.25}
+    shares = {s.labels["thread"]: s.value for s in families["remix_cpu_thread_share"].samples}
+    assert shares == {"0": 0.6, "1": 0.4}
     bare = CollectorRegistry()
     bare.register(EngineCollector(Stub({})))
-    assert "remix_huge_pages_ratio" not in generate_latest(bare).decode()
+    text = generate_latest(bare).decode()
+    assert "remix_huge_pages_ratio" not in text and "remix_cpu_thread_share" not in text
+
+
+def test_health_and_metrics_report_the_cpu_threads_shares():
+    """A CPU engine's stats (/health) give cpu_thread_shares, each thread's share of the compiled kernels' split work:
+    one a thread, summing to 1, even until one thread measures slower for two windows in a row (shares fixed here by
+    the kernels' test hook); the same values as Engine.thread_shares, which /metrics exports."""
+    import torch
+
+    from remix.kernels import cpu_ext
+    from server.engine import Engine, EngineConfig
+
+    ext = cpu_ext.load()
+    if ext is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    model, tok = remix.tiny_model()
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2))
+    n = max(1, torch.get_num_threads())
+    try:
+        ext._split_fixed([])
+        assert engine.stats()["cpu_thread_shares"] == pytest.approx([1 / n] * n, abs=1e-4)
+        if n >= 2:
+            ext._split_fixed([0.75] + [0.25 / (n - 1)] * (n - 1))
+            assert engine.stats()["cpu_thread_shares"] == pytest.approx(engine.thread_shares)
+            assert engine.thread_shares[0] == pytest.approx(0.75, abs=1e-3) and sum(engine.thread_shares) == pytest.approx(1, abs=1e-3)
+    finally:
+        ext._split_fixed([])

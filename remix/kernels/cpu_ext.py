@@ -178,7 +178,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v247_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v248_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):  # (ninja rebuilds when remix_cpu.cpp or any part it includes changes)
                         module = cpp_load(
@@ -320,6 +320,22 @@ def module_clock(on: bool) -> tuple[list[dict[str, float]], int]:
     if len(ns[0]) != len(MODULE_STAGES):
         raise RuntimeError(f"the kernels' module clock has {len(ns[0])} stages, MODULE_STAGES names {len(MODULE_STAGES)}")
     return [{name: v / 1e6 for name, v in zip(MODULE_STAGES, row)} for row in ns if any(row)], calls
+
+
+def thread_shares() -> list[float] | None:
+    """Each thread's share now of the work the compiled kernels split by speed (a GEMM's outputs, the decode attention's
+    rows; in thread order, summing to 1): even, until each thread's timed GEMM slices have shown one slower than the
+    other by 8 % or more for two windows of 128 parallel regions in a row - a vCPU whose host core another guest
+    shares, say. Then each thread's share follows its measured speed (within half to one and a half of an even share).
+    Which thread computes what never changes a value. None without the compiled kernels."""
+    ext = load()
+    if ext is None:
+        return None
+    shares = list(ext._split_state())
+    if not shares:
+        n = max(1, torch.get_num_threads())
+        shares = [1.0 / n] * n
+    return [round(v, 4) for v in shares]
 
 
 def pool_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from remix.kernels import tune_cpu_allocator
+from remix.kernels import cpu_ext, tune_cpu_allocator
 from server.engine.cache import KV_DTYPES, SlotKVCache
 from server.engine.grammar import GrammarError, Grammars
 from server.engine.prefix import BLOCK, PrefixIndex, chain
@@ -225,8 +225,15 @@ class Engine:
         with transparent huge pages, read when the engine started; a block left out where it holds no huge page."""
         return {k: round(v, 3) for k, v in self.runner.huge_pages.items()}
 
+    @property
+    def thread_shares(self) -> list[float] | None:
+        """On CPU with the compiled kernels, each thread's share of the work they split by the threads' measured speed
+        (``cpu_ext.thread_shares``: even unless one vCPU has run slower than the other); None elsewhere."""
+        return cpu_ext.thread_shares() if self.runner.device.type == "cpu" else None
+
     def stats(self) -> dict:
         used = sum(s.num_computed for s in self.slot_seq if s is not None)
+        shares = self.thread_shares
         capacity = self.num_slots * self.config.max_model_len
         return {"running": len(self.prefilling) + len(self.decoding), "waiting": len(self.waiting),
                 "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
@@ -239,6 +246,7 @@ class Engine:
                 "kv_cache_dtype": str(self.runner.cache.k[0].dtype).removeprefix("torch."),
                 "cuda_graphs": self.runner.graphs is not None and not self.runner.graphs.eager,
                 **{f"{k}_on_huge_pages": v for k, v in self.huge_pages.items()},
+                **({"cpu_thread_shares": shares} if shares is not None else {}),
                 "decoder": self.runner.decoder, **({"decoder_fallback": self.runner.decoder_fallback}
                                                    if self.runner.decoder_fallback else {})}
 

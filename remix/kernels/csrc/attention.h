@@ -532,6 +532,13 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
 }
 #endif
 
+// A decode step's attention items (a row's key/value head) go to the threads by their cost, the row's length plus
+// ATTN_ITEM_COST positions for an item's own fixed work (its query, softmax and output), at the speed weights of the
+// GEMMs' output splits (item_share, gemm.h): a static split by count had one thread take a long row and its share of
+// short ones while the other waited, and one slow vCPU (a spell) held every step's attention. Which thread runs an
+// item changes no value.
+constexpr int64_t ATTN_ITEM_COST = 16;
+
 // bfloat16 with AVX512-BF16 and DH a multiple of 32 takes attend_group_bf16 (g_attn_dot, on unless switched off for an
 // A/B run). On the 2-core Zen 5 VM (2026-12-03), 30 layers x 32 rows x 192 positions, Dh 64, 3 key/value heads of 3
 // query heads: one layer's K and V in cache 4.28 -> 2.08 ms; all 30 layers' (141 MB) from memory 5.87 -> 4.56; and as in
@@ -546,14 +553,17 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
                            const int64_t* lens, int64_t b, int64_t nrep, float scale, T* out, const int64_t* slots) {
   const int64_t items = b * Hkv;
   const auto slot = [&](int64_t i) { return slots ? slots[i] : row0 + i; };  // the cache row query row i reads
-#pragma omp parallel num_threads(region_threads(items))
+  const int64_t team = region_threads(items);
+  const Split sp = split_peek(team);  // (ATTN_ITEM_COST: the items by their lengths, at the GEMMs' speed weights)
+#pragma omp parallel num_threads(team)
   {
+    const auto [h, nh] = region_thread();
+    const auto [i0, i1] = item_share(items, h, nh, sp, [&](int64_t it) { return double(lens[it / Hkv] + ATTN_ITEM_COST); });
     std::vector<float> s(nrep * (P + L));
 #ifdef REMIX_DOT_BF16
     std::vector<uint16_t> pb(std::is_same_v<T, float> || g_attn_v_fma ? 0 : nrep * (P + L));  // (v_pass_fma: unused)
 #endif
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
+    for (int64_t it = i0; it < i1; ++it) {
       const int64_t i = it / Hkv, g = it % Hkv, at = (slot(i) * Hkv + g) * P * DH;
       const int64_t next = it + 1 < items ? ((slot((it + 1) / Hkv) * Hkv + (it + 1) % Hkv) * P * DH) : -1;
 #ifdef REMIX_DOT_BF16

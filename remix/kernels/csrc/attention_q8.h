@@ -276,14 +276,17 @@ void decode_attention_q8_impl(const T* q, int64_t q_row, const int8_t* K, const 
                               int64_t nrep, float scale, T* out, const int64_t* slots) {
   const int64_t items = b * Hkv;
   const auto slot = [&](int64_t i) { return slots ? slots[i] : row0 + i; };
-#pragma omp parallel num_threads(region_threads(items))
+  const int64_t team = region_threads(items);
+  const Split sp = split_peek(team);  // (ATTN_ITEM_COST: the items by their lengths, at the GEMMs' speed weights)
+#pragma omp parallel num_threads(team)
   {
+    const auto [h, nh] = region_thread();
+    const auto [i0, i1] = item_share(items, h, nh, sp, [&](int64_t it) { return double(lens[it / Hkv] + ATTN_ITEM_COST); });
     std::vector<float> s(nrep * (P + L));
 #ifdef REMIX_Q8_VNNI
     std::vector<int16_t> pb(nrep * (P + L + 2));
 #endif
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
+    for (int64_t it = i0; it < i1; ++it) {
       const int64_t i = it / Hkv, g = it % Hkv, at = (slot(i) * Hkv + g) * P;
       const int64_t next = it + 1 < items ? ((slot((it + 1) / Hkv) * Hkv + (it + 1) % Hkv) * P * DH) : -1;
 #ifdef REMIX_Q8_VNNI

@@ -14,10 +14,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>  // __rdtsc (the output splits' meters, gemm.h)
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define REMIX_DOT_BF16 1

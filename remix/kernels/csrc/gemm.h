@@ -151,11 +151,171 @@ inline void run_tile(const E* X, int64_t D, const E* W, int64_t nw, E* Y, int64_
   else dot_tile_call<GO, RT, PFL, E>(X, D, W, nw, Y, ldy, bias, pf, npf, pstride);
 }
 
+// Output splits weighted by each thread's measured speed. On a VM a vCPU can run slower than its sibling for seconds
+// to minutes at a time (its host core shared with another guest: this project's 2-vCPU Intel VM had one thread take
+// 1.4-1.9x the other's time in every stage of a module call, cached or not, in about a third of its processes, while
+// both vCPUs ran a pure FMA loop at the same rate), and an even split then waits on the slow thread at every barrier.
+// Each thread times its base GEMM slice (TSC cycles against its multiply-adds, SplitMeter); every SPLIT_EVERY regions
+// the calling thread moves each thread's share of the next regions' outputs toward its share of the measured speed
+// (half way from the share before, each within [1/2, 3/2] of an even share), or back to even where the speeds are
+// within SPLIT_DEAD of an even share - where two windows in a row agree (split_update). The decode attention splits
+// its rows by the same weights (item_share). A region reads the weights once, before it starts (Split, captured by every thread), so
+// its threads always cover its outputs exactly once; each output's value never depends on the split (every GEMM and
+// phase B path sums an output in one order whatever its slice: tested). g_split_adapt off (_split_adapt): even
+// splits, as before; _split_fixed sets fixed weights (tests).
+constexpr int MAX_SPLIT = 16;  // teams larger than this split evenly
+constexpr int64_t SPLIT_UNITS = 4096;  // a share in 1/SPLIT_UNITS of the outputs' slices
+constexpr uint64_t SPLIT_EVERY = 128;  // regions between updates of the weights (~2-3 a decode step of the default base)
+constexpr double SPLIT_DEAD = 0.02;  // speeds' shares within this of even (a speed ratio under ~1.08 for two): even
+bool g_split_adapt = true;
+bool g_split_fixed = false;  // weights set by _split_fixed: not updated
+struct alignas(64) SplitMeter { std::atomic<uint64_t> cycles{0}, work{0}; };
+SplitMeter g_split_meter[MAX_SPLIT];
+std::atomic<int64_t> g_split_team{0};  // the team size the weights are for (0: even splits)
+std::atomic<int64_t> g_split_w[MAX_SPLIT];  // thread h's share in SPLIT_UNITS (they sum to SPLIT_UNITS)
+std::atomic<uint64_t> g_split_regions{0};
+
+inline uint64_t split_ticks() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __rdtsc();
+#else
+  return static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+#endif
+}
+
+// A region's split, fixed before it starts: thread h's outputs' slices from cut[h] to cut[h + 1] (in SPLIT_UNITS of
+// the slices), for a team of nh; nh 0: even.
+struct Split {
+  int64_t nh = 0;
+  int64_t cut[MAX_SPLIT + 1] = {};
+};
+
+// The last window's speed shares (split_update's hysteresis): g_split_last_n threads, 0 where it was even.
+double g_split_last[MAX_SPLIT];
+int64_t g_split_last_n = -1;  // -1: no window yet
+std::mutex g_split_mu;  // one update at a time (callers on other threads skip theirs)
+
+// New weights from the meters of a team of nh (on one thread; the meters reset). A window's speed shares move the
+// weights only where the window before agrees: both off even (half way from the weights before to the two windows'
+// mean shares), or both within SPLIT_DEAD of even (even) - one window that a preempted or faulting thread skewed
+// moves nothing. Returns whether the meters were read.
+inline bool split_update(int64_t nh) {
+  std::unique_lock<std::mutex> lock(g_split_mu, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
+  double share[MAX_SPLIT], sum = 0;
+  for (int64_t h = 0; h < nh; ++h) {
+    const double c = static_cast<double>(g_split_meter[h].cycles.load(std::memory_order_relaxed));
+    const double w = static_cast<double>(g_split_meter[h].work.load(std::memory_order_relaxed));
+    if (c <= 0 || w <= 0) return false;  // a thread without a timed slice: wait for more
+    share[h] = w / c;
+    sum += share[h];
+  }
+  for (int64_t h = 0; h < nh; ++h) {
+    g_split_meter[h].cycles.store(0, std::memory_order_relaxed);
+    g_split_meter[h].work.store(0, std::memory_order_relaxed);
+    share[h] /= sum;
+  }
+  const double even = 1.0 / static_cast<double>(nh);
+  bool near_even = true;
+  for (int64_t h = 0; h < nh; ++h) near_even = near_even && std::abs(share[h] - even) < SPLIT_DEAD;
+  const bool agree = g_split_last_n == (near_even ? 0 : nh);
+  const bool last_off = g_split_last_n == nh;
+  double last[MAX_SPLIT];
+  std::copy(g_split_last, g_split_last + nh, last);
+  g_split_last_n = near_even ? 0 : nh;
+  std::copy(share, share + nh, g_split_last);
+  if (!agree) return true;
+  if (near_even) {
+    g_split_team.store(0, std::memory_order_relaxed);
+    return true;
+  }
+  const bool had = g_split_team.load(std::memory_order_relaxed) == nh;
+  double w[MAX_SPLIT], total = 0;
+  for (int64_t h = 0; h < nh; ++h) {
+    const double before = had ? static_cast<double>(g_split_w[h].load(std::memory_order_relaxed)) / SPLIT_UNITS : even;
+    const double seen = last_off ? 0.5 * (share[h] + last[h]) : share[h];
+    w[h] = std::clamp(0.5 * before + 0.5 * seen, 0.5 * even, 1.5 * even);
+    total += w[h];
+  }
+  int64_t given = 0;
+  for (int64_t h = 0; h < nh; ++h) {
+    const int64_t units = h + 1 < nh ? static_cast<int64_t>(w[h] / total * SPLIT_UNITS + 0.5) : SPLIT_UNITS - given;
+    g_split_w[h].store(units, std::memory_order_relaxed);
+    given += units;
+  }
+  g_split_team.store(nh, std::memory_order_relaxed);
+  return true;
+}
+
+// The split of a region of nh threads about to start (on the calling thread): counts the region, updates the weights
+// every SPLIT_EVERY regions, and reads them. Even where adapting is off, for a team of one or one past MAX_SPLIT, or
+// where the weights are for another team size.
+inline Split split_peek(int64_t nh);
+inline Split split_for(int64_t nh) {
+  if (g_split_adapt && !g_split_fixed && nh >= 2 && nh <= MAX_SPLIT &&
+      (g_split_regions.fetch_add(1, std::memory_order_relaxed) + 1) % SPLIT_EVERY == 0)
+    split_update(nh);
+  return split_peek(nh);
+}
+// The weights as they are, for a team of nh (not counted as a region: the pools' prefetches, which only guess at the
+// split of the region that reads them).
+inline Split split_peek(int64_t nh) {
+  Split sp;
+  if (!g_split_adapt || nh < 2 || nh > MAX_SPLIT || g_split_team.load(std::memory_order_relaxed) != nh) return sp;
+  sp.nh = nh;
+  for (int64_t h = 0; h < nh; ++h) sp.cut[h + 1] = sp.cut[h] + g_split_w[h].load(std::memory_order_relaxed);
+  if (sp.cut[nh] != SPLIT_UNITS) sp.nh = 0;  // (weights being rewritten by another caller: even this once)
+  return sp;
+}
+
+// Thread h's time for `work` multiply-adds of its GEMM slice, counted toward the weights (nh >= 2 teams only).
+inline void split_meter(int64_t h, int64_t nh, uint64_t ticks, int64_t work) {
+  if (!g_split_adapt || g_split_fixed || nh < 2 || nh > MAX_SPLIT || work <= 0) return;
+  g_split_meter[h].cycles.fetch_add(ticks, std::memory_order_relaxed);
+  g_split_meter[h].work.fetch_add(static_cast<uint64_t>(work), std::memory_order_relaxed);
+}
+
 // Thread h of nh's share [o0, o1) of O outputs: whole slices of 2L, so phase B's vector paths (and the fused GEMM's
-// columns) never depend on the split.
-inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh) {
+// columns) never depend on the split; by sp's weights where they are for a team of nh, else even.
+inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh, const Split& sp = Split{}) {
   const int64_t chunks = (O + 2 * L - 1) / (2 * L);
+  if (sp.nh == nh && nh >= 2)
+    return {std::min(O, chunks * sp.cut[h] / SPLIT_UNITS * 2 * L), std::min(O, chunks * sp.cut[h + 1] / SPLIT_UNITS * 2 * L)};
   return {std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L)};
+}
+
+// Thread h of nh's share [i0, i1) of n items of work, item i costing cost(i) >= 0: each item goes to the thread whose
+// cut of the total cost holds the item's midpoint (sp's weights where they are for a team of nh, else even shares).
+// Which thread runs an item changes none of its values.
+template <typename Cost>
+std::pair<int64_t, int64_t> item_share(int64_t n, int64_t h, int64_t nh, const Split& sp, Cost cost) {
+  if (nh <= 1) return {0, n};
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += cost(i);
+  const auto first = [&](int64_t j) -> int64_t {  // thread j's first item
+    if (j <= 0) return 0;
+    if (j >= nh) return n;
+    const double target = total * (sp.nh == nh ? static_cast<double>(sp.cut[j]) / SPLIT_UNITS : static_cast<double>(j) / nh);
+    double run = 0;
+    int64_t i = 0;
+    for (; i < n && run + 0.5 * cost(i) < target; ++i) run += cost(i);
+    return i;
+  };
+  return {first(h), first(h + 1)};
+}
+
+// A/B runs (_split_drag): thread g_split_drag_thread runs each of its GEMM slices g_split_drag_extra more times (the
+// same outputs again), a stand-in for a slow vCPU in a controlled run.
+int64_t g_split_drag_thread = -1, g_split_drag_extra = 0;
+
+// A thread's base GEMM slice [o0, o1) of a region split by sp, timed for the weights: gemm(o0, o1).
+template <typename G>
+inline void split_gemm(int64_t h, int64_t nh, int64_t T, int64_t D, int64_t o0, int64_t o1, G&& gemm) {
+  const uint64_t t0 = split_ticks();
+  gemm(o0, o1);
+  if (h == g_split_drag_thread)
+    for (int64_t i = 0; i < g_split_drag_extra; ++i) gemm(o0, o1);
+  split_meter(h, nh, split_ticks() - t0, (o1 - o0) * T * D);
 }
 
 // Threads for a parallel region over `items` units of work: torch's setting, capped by the work; 1 inside another
@@ -267,7 +427,7 @@ struct AheadCursor {
     }
     for (int64_t j = n * h / nh; !ah->bt_only && j < n * (h + 1) / nh; ++j)
       seg.push_back({A + ids[j] * r * D * esz, 1, pl.rank_of(ids[j]) * D * esz, 0});
-    const auto [s0, s1] = out_slice(O, h, nh);
+    const auto [s0, s1] = out_slice(O, h, nh, split_peek(nh));  // (a guess at the reading region's split)
     const int64_t o0 = ah->o1 > ah->o0 ? ah->o0 : s0, o1 = ah->o1 > ah->o0 ? ah->o1 : s1;
     if (o1 > o0)
       for (const int64_t i : ids) seg.push_back({Bt + (i * r * O + o0) * esz, pl.rank_of(i), (o1 - o0) * esz, O * esz});

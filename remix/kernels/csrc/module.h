@@ -503,13 +503,14 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     return token_share(0, T, clk);
   }
   if (T >= SPLIT_POOLS_BELOW) {
+    const Split sp = gemm.on() ? split_for(P) : Split{};
 #pragma omp parallel num_threads(P)
     {
       const auto [h, nh] = region_thread();
       ModuleClock clk(h);
       if (gemm.on()) {  // the GEMM by output slices, then the gather by tokens
-        const auto [o0, o1] = out_slice(O, h, nh);
-        gemm(gx, gy, T, D, O, o0, o1);
+        const auto [o0, o1] = out_slice(O, h, nh, sp);
+        split_gemm(h, nh, T, D, o0, o1, [&](int64_t a, int64_t b) { gemm(gx, gy, T, D, O, a, b); });
         clk.lap(MS_GEMM);
 #pragma omp barrier
         clk.lap(MS_WAIT_1);
@@ -530,6 +531,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     }
   Scratch logits = scratch(units ? T * 64 : 0);
   const bool stack_ahead = t_stack_ahead;  // (thread-local: read on the calling thread)
+  const Split sp = gemm.on() ? split_for(P) : Split{};  // (phase B alone, no GEMM: even)
 #pragma omp parallel num_threads(P)
   {
     const auto [h, nh] = region_thread();
@@ -582,7 +584,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
 #pragma omp barrier
       clk.lap(MS_WAIT_2);
     }
-    const auto [o0, o1] = out_slice(O, h, nh);
+    const auto [o0, o1] = out_slice(O, h, nh, sp);
     if (gemm.on() && !bf16 && g_chunk_b > 0 && T >= g_chunk_b_from && pr.size() > 0) {
       // by chunks (g_chunk_b, above): each chunk's GEMM, prefetching the next chunk's B^T rows of the selected LoRAs
       // (the first chunk's own too; g_own_bt off: none), then its phase B. All selected LoRAs, even a slot the decode
@@ -597,7 +599,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
         next.o1 = std::min(o1, c1 + g_chunk_b);
         g.own = g_own_bt && next.o1 > next.o0 ? &next : nullptr;
         g.ahead = c0 == o0 ? gemm.ahead : nullptr;  // the decode stack's next module, over the first chunk's blocks
-        g(gx, gy, T, D, O, c0, c1);
+        split_gemm(h, nh, T, D, c0, c1, [&](int64_t a, int64_t b) { g(gx, gy, T, D, O, a, b); });
         clk.lap(MS_GEMM);
         phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, c0, c1);
         clk.lap(MS_PHASE_B);
@@ -608,7 +610,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
         if (g.amx) g.xp = xp;
         const Ahead mine = g_own_bt ? own_ahead(pr, pl, tables, T, stack_ahead) : Ahead{};
         if (!mine.ranges.empty()) g.own = &mine;
-        g(gx, gy, T, D, O, o0, o1);
+        split_gemm(h, nh, T, D, o0, o1, [&](int64_t a, int64_t b) { g(gx, gy, T, D, O, a, b); });
       }
       clk.lap(MS_GEMM);
       phase_b_slice(pr, pl, U.get(), yv, T, bf16, sel, w, k, o0, o1);
@@ -670,6 +672,7 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
   const Routing *const tables_a = ra, *const tables_b = rb;  // (for own_ahead, as in run)
   if (ra && route_trivially(*ra, T, sela, wa)) ra = nullptr;
   if (rb && route_trivially(*rb, T, selb, wb)) rb = nullptr;
+  const Split sp = split_for(P);
 #pragma omp parallel num_threads(P)
   {
     const auto [h, nh] = region_thread();
@@ -706,7 +709,7 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
       }
 #pragma omp barrier
     }
-    const auto [o0, o1] = out_slice(O, h, nh);
+    const auto [o0, o1] = out_slice(O, h, nh, sp);
     // this thread's slices of both base outputs, each updated by its phase B next (each GEMM prefetching its own
     // selected LoRAs' B^T rows, as run's calls below OWN_BT_BELOW rows, where g_pair_own_bt)
     BaseGemm g1 = ga, g2 = gb;
@@ -716,9 +719,9 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
     if (!own_b.ranges.empty()) g2.own = &own_b;
     if (g1.amx) g1.xp = xp;
     if (g2.amx) g2.xp = xp;
-    g1(xv, ya, T, D, O, o0, o1);
+    split_gemm(h, nh, T, D, o0, o1, [&](int64_t a, int64_t b) { g1(xv, ya, T, D, O, a, b); });
     phase_b_slice(pra, pa, Ua.get(), ya, T, bf16, sela, wa, k, o0, o1);
-    g2(xv, yb, T, D, O, o0, o1);
+    split_gemm(h, nh, T, D, o0, o1, [&](int64_t a, int64_t b) { g2(xv, yb, T, D, O, a, b); });
     phase_b_slice(prb, pb, Ub.get(), yb, T, bf16, selb, wb, k, o0, o1);
     silu_mul_cols(ya, yb, T, O, o0, o1, bf16);
   }

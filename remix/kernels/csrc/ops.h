@@ -199,11 +199,12 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, 
   if (P <= 1) {
     gemm(X, Y, T, D, O, 0, O);
   } else {
+    const Split sp = split_for(P);
 #pragma omp parallel num_threads(P)
     {
       const auto [h, nh] = region_thread();
-      const auto [o0, o1] = out_slice(O, h, nh);
-      gemm(X, Y, T, D, O, o0, o1);
+      const auto [o0, o1] = out_slice(O, h, nh, sp);
+      split_gemm(h, nh, T, D, o0, o1, [&](int64_t a, int64_t b) { gemm(X, Y, T, D, O, a, b); });
     }
   }
   auto shape = x.sizes().vec();

@@ -46,6 +46,47 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "tests: the kernels' float32 -> bfloat16 rounding (narrow) of a tensor");
   m.def("_route_units", [](bool on) { g_route_units = on; }, "A/B");
+  m.def("_split_adapt", [](bool on) { return std::exchange(g_split_adapt, on); },
+        "A/B runs and tests: output splits weighted by each thread's measured GEMM speed (default on; off: even, and the "
+        "weights kept as they were for when it is on again). Returns the setting before");
+  m.def("_split_fixed", [](std::vector<double> shares) {
+    for (auto& m : g_split_meter) { m.cycles.store(0); m.work.store(0); }
+    g_split_team.store(0);
+    g_split_last_n = -1;
+    g_split_fixed = !shares.empty();
+    if (shares.empty()) return;
+    TORCH_CHECK(shares.size() >= 2 && shares.size() <= MAX_SPLIT, "_split_fixed: 2 to ", MAX_SPLIT, " shares");
+    double total = 0;
+    for (const double v : shares) { TORCH_CHECK(v >= 0, "_split_fixed: shares must be >= 0"); total += v; }
+    TORCH_CHECK(total > 0, "_split_fixed: shares must not all be 0");
+    int64_t given = 0;
+    const int64_t nh = static_cast<int64_t>(shares.size());
+    for (int64_t h = 0; h < nh; ++h) {
+      const int64_t units = h + 1 < nh ? static_cast<int64_t>(shares[h] / total * SPLIT_UNITS + 0.5) : SPLIT_UNITS - given;
+      g_split_w[h].store(units);
+      given += units;
+    }
+    g_split_team.store(nh);
+  }, "tests: fixed shares of a team's outputs, one a thread (not updated), until called with [] (adaptive again, from even)");
+  m.def("_split_drag", [](int64_t thread, int64_t extra) {
+    g_split_drag_thread = thread;
+    g_split_drag_extra = extra;
+  }, "A/B runs: thread `thread` runs each of its GEMM slices `extra` more times (a slow vCPU's stand-in; -1: none)");
+  m.def("_split_state", []() {
+    const int64_t nh = g_split_team.load();
+    std::vector<double> w;
+    for (int64_t h = 0; h < nh; ++h) w.push_back(static_cast<double>(g_split_w[h].load()) / SPLIT_UNITS);
+    return w;
+  }, "tests and A/B runs: each thread's share of the outputs now ([]: even)");
+  m.def("_split_feed", [](std::vector<double> ticks, std::vector<double> work) {
+    TORCH_CHECK(ticks.size() == work.size() && ticks.size() >= 2 && ticks.size() <= MAX_SPLIT, "_split_feed: one tick and work count a thread");
+    for (size_t h = 0; h < ticks.size(); ++h) {
+      g_split_meter[h].cycles.fetch_add(static_cast<uint64_t>(ticks[h]));
+      g_split_meter[h].work.fetch_add(static_cast<uint64_t>(work[h]));
+    }
+    return split_update(static_cast<int64_t>(ticks.size()));
+  }, "tests: adds measurements to the threads' meters and updates the weights from them (as every SPLIT_EVERY regions); "
+     "returns whether they were read");
   m.def("_pair_own_bt", [](bool on) { g_pair_own_bt = on; },
         "A/B runs: run_pair's GEMMs prefetch their own selected LoRAs' B^T rows (default on)");
   m.def("_chunk_b", [](int64_t cols, int64_t from) {
