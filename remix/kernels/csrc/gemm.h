@@ -158,11 +158,13 @@ inline void run_tile(const E* X, int64_t D, const E* W, int64_t nw, E* Y, int64_
 // Each thread times its base GEMM slice (TSC cycles against its multiply-adds, SplitMeter); every SPLIT_EVERY regions
 // the calling thread moves each thread's share of the next regions' outputs toward its share of the measured speed
 // (half way from the share before, each within [1/2, 3/2] of an even share), or back to even where the speeds are
-// within SPLIT_DEAD of an even share - where two windows in a row agree (split_update). The decode attention splits
-// its rows by the same weights (item_share). A region reads the weights once, before it starts (Split, captured by every thread), so
-// its threads always cover its outputs exactly once; each output's value never depends on the split (every GEMM and
-// phase B path sums an output in one order whatever its slice: tested). g_split_adapt off (_split_adapt): even
-// splits, as before; _split_fixed sets fixed weights (tests).
+// within SPLIT_DEAD of an even share - where two windows in a row agree (split_update). A module call's routing and
+// phase A split their tokens and blocks by the same weights (share_range; not phase A on AMX tiles, nor routing by
+// units), and the decode attention its rows (item_share). A region reads the weights once, before it starts (Split,
+// captured by every thread), so its threads always cover its work exactly once; no value depends on the split (every
+// GEMM and phase B path sums an output in one order whatever its slice, a token's routing and a block's phase A are
+// the same on any thread: tested). g_split_adapt off (_split_adapt): even splits, as before; _split_fixed sets fixed
+// weights (tests).
 constexpr int MAX_SPLIT = 16;  // teams larger than this split evenly
 constexpr int64_t SPLIT_UNITS = 4096;  // a share in 1/SPLIT_UNITS of the outputs' slices
 constexpr uint64_t SPLIT_EVERY = 128;  // regions between updates of the weights (~2-3 a decode step of the default base)
@@ -282,6 +284,13 @@ inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh, c
   if (sp.nh == nh && nh >= 2)
     return {std::min(O, chunks * sp.cut[h] / SPLIT_UNITS * 2 * L), std::min(O, chunks * sp.cut[h + 1] / SPLIT_UNITS * 2 * L)};
   return {std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L)};
+}
+
+// Thread h of nh's share [i0, i1) of n like items (tokens to route, phase A's blocks): by sp's weights where they are
+// for a team of nh, else n h / nh as before. Which thread takes an item changes none of its values.
+inline std::pair<int64_t, int64_t> share_range(int64_t n, int64_t h, int64_t nh, const Split& sp) {
+  if (sp.nh == nh && nh >= 2) return {n * sp.cut[h] / SPLIT_UNITS, n * sp.cut[h + 1] / SPLIT_UNITS};
+  return {n * h / nh, n * (h + 1) / nh};
 }
 
 // Thread h of nh's share [i0, i1) of n items of work, item i costing cost(i) >= 0: each item goes to the thread whose

@@ -503,7 +503,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     return token_share(0, T, clk);
   }
   if (T >= SPLIT_POOLS_BELOW) {
-    const Split sp = gemm.on() ? split_for(P) : Split{};
+    const Split sp = gemm.on() ? split_for(P) : split_peek(P);  // (a region without a GEMM to time is not counted)
 #pragma omp parallel num_threads(P)
     {
       const auto [h, nh] = region_thread();
@@ -515,7 +515,8 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
 #pragma omp barrier
         clk.lap(MS_WAIT_1);
       }
-      token_share(T * h / nh, T * (h + 1) / nh, clk);
+      const auto [t0, t1] = share_range(T, h, nh, sp);
+      token_share(t0, t1, clk);
     }
     return;
   }
@@ -531,7 +532,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     }
   Scratch logits = scratch(units ? T * 64 : 0);
   const bool stack_ahead = t_stack_ahead;  // (thread-local: read on the calling thread)
-  const Split sp = gemm.on() ? split_for(P) : Split{};  // (phase B alone, no GEMM: even)
+  const Split sp = gemm.on() ? split_for(P) : split_peek(P);  // (every stage's split: route, phase A, GEMM, phase B)
 #pragma omp parallel num_threads(P)
   {
     const auto [h, nh] = region_thread();
@@ -539,7 +540,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     std::vector<int64_t> own_sel;
     std::vector<float> own_w;
     {  // stage 1: widen and route a share of the tokens (or compute a share of the routers' logits)
-      const int64_t t0 = T * h / nh, t1 = T * (h + 1) / nh;
+      const auto [t0, t1] = share_range(T, h, nh, sp);
       if (copy_x && t1 > t0) widen_x(t0, t1, xbuf.get(), 0);
       if (units) {
         own_sel.assign(sel, sel + T * k);  // (read before the barrier, after which thread 0 writes sel)
@@ -579,7 +580,10 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
       if (amx_a) phase_a_amx(pr, pl, xp, T, h, nh, U.get());
       else
 #endif
-      phase_a(pr, nb * h / nh, nb * (h + 1) / nh, X, xh, pl, U.get());
+      {
+        const auto [b0, b1] = share_range(nb, h, nh, sp);
+        phase_a(pr, b0, b1, X, xh, pl, U.get());
+      }
       clk.lap(MS_PHASE_A);
 #pragma omp barrier
       clk.lap(MS_WAIT_2);
@@ -677,7 +681,7 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
   {
     const auto [h, nh] = region_thread();
     // stage 1: the items (module, token), gate's tokens first, a share to each thread
-    const int64_t i0 = 2 * T * h / nh, i1 = 2 * T * (h + 1) / nh;
+    const auto [i0, i1] = share_range(2 * T, h, nh, sp);
     const auto route = [&](const Routing* rt, int64_t t0, int64_t t1, int64_t* sel, float* w) {
       if (!rt || t1 <= t0) return;
       if (bf16) route_rows(xb, 0, D, t0, t1, *rt, sel, w);
@@ -703,7 +707,7 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
       } else
 #endif
       {
-        const int64_t b0 = nt * h / nh, b1 = nt * (h + 1) / nh;
+        const auto [b0, b1] = share_range(nt, h, nh, sp);
         if (std::min(b1, na) > b0) phase_a(pra, b0, std::min(b1, na), X, xh, pa, Ua.get());
         if (b1 > std::max(b0, na)) phase_a(prb, std::max(b0, na) - na, b1 - na, X, xh, pb, Ub.get());
       }
