@@ -538,6 +538,10 @@ void attend_group_bf16(const uint16_t* q, const uint16_t* K, const uint16_t* V, 
 // short ones while the other waited, and one slow vCPU (a spell) held every step's attention. Which thread runs an
 // item changes no value.
 constexpr int64_t ATTN_ITEM_COST = 16;
+bool g_attn_by_length = true;  // off: every item the same cost, a split by count (A/B runs: _attention_by_length)
+inline double attn_item_cost(const int64_t* lens, int64_t it, int64_t Hkv) {
+  return g_attn_by_length ? static_cast<double>(lens[it / Hkv] + ATTN_ITEM_COST) : 1.0;
+}
 
 // bfloat16 with AVX512-BF16 and DH a multiple of 32 takes attend_group_bf16 (g_attn_dot, on unless switched off for an
 // A/B run). On the 2-core Zen 5 VM (2026-12-03), 30 layers x 32 rows x 192 positions, Dh 64, 3 key/value heads of 3
@@ -558,7 +562,7 @@ void decode_attention_impl(const T* q, int64_t q_row, const T* K, const T* V, in
 #pragma omp parallel num_threads(team)
   {
     const auto [h, nh] = region_thread();
-    const auto [i0, i1] = item_share(items, h, nh, sp, [&](int64_t it) { return double(lens[it / Hkv] + ATTN_ITEM_COST); });
+    const auto [i0, i1] = item_share(items, h, nh, sp, [&](int64_t it) { return attn_item_cost(lens, it, Hkv); });
     std::vector<float> s(nrep * (P + L));
 #ifdef REMIX_DOT_BF16
     std::vector<uint16_t> pb(std::is_same_v<T, float> || g_attn_v_fma ? 0 : nrep * (P + L));  // (v_pass_fma: unused)

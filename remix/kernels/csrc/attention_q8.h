@@ -281,7 +281,7 @@ void decode_attention_q8_impl(const T* q, int64_t q_row, const int8_t* K, const 
 #pragma omp parallel num_threads(team)
   {
     const auto [h, nh] = region_thread();
-    const auto [i0, i1] = item_share(items, h, nh, sp, [&](int64_t it) { return double(lens[it / Hkv] + ATTN_ITEM_COST); });
+    const auto [i0, i1] = item_share(items, h, nh, sp, [&](int64_t it) { return attn_item_cost(lens, it, Hkv); });
     std::vector<float> s(nrep * (P + L));
 #ifdef REMIX_Q8_VNNI
     std::vector<int16_t> pb(nrep * (P + L + 2));

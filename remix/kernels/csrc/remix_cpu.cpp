@@ -68,6 +68,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     g_split_team.store(nh);
   }, "tests: fixed shares of a team's outputs, one a thread (not updated), until called with [] (adaptive again, from even)");
+  m.def("_attention_by_length", [](bool on) { return std::exchange(g_attn_by_length, on); },
+        "A/B runs: the decode attention's items split by their rows' lengths (default on) or by count; returns the setting before");
   m.def("_split_drag", [](int64_t thread, int64_t extra) {
     g_split_drag_thread = thread;
     g_split_drag_extra = extra;
