@@ -8,7 +8,9 @@ adapter; --shape one shape alone, --layers fewer calls, which then stay in cache
 with the module clock on (``cpu_ext.module_clock``) and prints, per row count and adapter count, each stage's time in
 microseconds a module for each thread (route, the barrier after it, the pairs' sort and x's packing, phase A, the
 barrier after it, the thread's slice of the base GEMM where the call runs it, phase B), their sum, and a pass's wall
-time per module with the adapter and bare (the same calls with no token routed: their base GEMMs alone). Below 64 rows
+time per module with the adapter and bare (the same calls with no token routed: their base GEMMs alone), and the
+threads' shares of the split work at the end (``cpu_ext.thread_shares``: even unless one thread measured slower; a
+thread's stage times are over all its calls, those before the shares moved included). Below 64 rows
 the threads split each stage; from 64 each routes and gathers its own tokens; bfloat16 from 128 rows on AMX runs fused
 (the delta inside the GEMM's tiles: "gemm" is that GEMM, "phase_b" the delta's packing), elsewhere from 128 rows
 oneDNN's GEMM before the call, outside the clock ("gemm" 0).
@@ -54,6 +56,7 @@ def main(argv=None) -> None:
                     us = [1e3 * stages[s] / max(1, n) for s in cpu_ext.MODULE_STAGES]
                     print(f"  thread {h}: " + " | ".join(f"{s} {u:.1f}" for s, u in zip(cpu_ext.MODULE_STAGES, us))
                           + f" | sum {sum(us):.1f}", flush=True)
+                print(f"  threads' shares at the end: {cpu_ext.thread_shares()}", flush=True)
 
 
 if __name__ == "__main__":
