@@ -9,7 +9,8 @@ the step), so a slow spell lands on all of them. Only switches that leave every 
 (the requests run on whatever each step computed). Prints, per concurrency and adapter count, the median full-batch
 decode step and the median time of its FFN projections (the decode stack's clock; --ops picks other kinds) for each
 variant; the first variant's statement runs again at the end. Default base in bfloat16 (or --dtype), prompts of 128
-tokens. --peft: every request on server.bench's peft LoRA (rank 16 on q / k / v / o and the FFN) instead:
+tokens (--long-prompts 8:1500: the first 8 requests of each level 1,500 tokens, so a step's rows have mixed lengths,
+the long ones together). --peft: every request on server.bench's peft LoRA (rank 16 on q / k / v / o and the FFN) instead:
 
     python scripts/ab_steps.py --peft --concurrency 1,8 --ops qkv \
         --variant 'three=ext._qkv_gather(False)' --variant 'fused=ext._qkv_gather(True)'
@@ -41,7 +42,11 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", action="append", required=True, help="NAME=STATEMENT (at least two)")
     ap.add_argument("--peft", action="store_true", help="requests on a peft LoRA (q / k / v / o + FFN), not --adapters")
     ap.add_argument("--ops", default="gate,up,down", help=f"the stack's ops whose time is printed: {','.join(cpu_ext.STACK_OPS)}")
+    ap.add_argument("--long-prompts", default="", metavar="N:TOKENS",
+                    help="the first N requests of each level get prompts of TOKENS tokens (the rest 128): rows of "
+                         "mixed lengths, the long ones together")
     args = ap.parse_args(argv)
+    long_n, long_len = (int(v) for v in args.long_prompts.split(":")) if args.long_prompts else (0, 128)
     variants = dict(v.split("=", 1) for v in args.variant)
     if len(variants) < 2:
         ap.error("--variant: give at least two")
@@ -59,7 +64,7 @@ def main(argv=None) -> None:
         ap.error(f"--ops: pick from {', '.join(cpu_ext.STACK_OPS)}")
     model.to(dtype=getattr(torch, args.dtype))
     levels = [int(c) for c in args.concurrency.split(",")]
-    engine = Engine(model, tok, EngineConfig(max_model_len=128 + args.new_tokens + 8, max_num_seqs=max(levels),
+    engine = Engine(model, tok, EngineConfig(max_model_len=max(128, long_len) + args.new_tokens + 8, max_num_seqs=max(levels),
                                              max_queue=1024, max_batched_tokens=512, prefix_caching=False))
     for i, p in enumerate(paths):
         engine.load_adapter(f"a{i}", str(p))
@@ -70,7 +75,8 @@ def main(argv=None) -> None:
     for count in ([1] if args.peft else [int(a) for a in args.adapters.split(",")]):
         adapters = ["peft"] if args.peft else [None] if count == 0 else [f"a{i}" for i in range(count)]
         for c in levels:
-            prompts = prompts_of(tok, c, 128)
+            n_long = min(long_n, c)
+            prompts = prompts_of(tok, n_long, long_len) + prompts_of(tok, c - n_long, 128)
             step = {v: [] for v in names}
             ffn = {v: [] for v in names}
             for run in range(args.runs):
