@@ -286,9 +286,10 @@ inline std::vector<ATile> amx_a_tiles(const Pairs& pr, const Pools& pl) {
 // 36.14; 8 / 32 / 128 rows within 0.2 ms either way. g_phase_a_pair off: one at a time (A/B runs and tests).
 bool g_phase_a_pair = true;
 void phase_a_amx(const Pairs& pr, const Pools& pl, const uint32_t* xp, int64_t T, int64_t h, int64_t nh, float* U,
-                 const int64_t* pos = nullptr) {
+                 const int64_t* pos = nullptr, const Split& sp = Split{}) {
   const std::vector<ATile> tiles = amx_a_tiles(pr, pl);
-  const int64_t nt = static_cast<int64_t>(tiles.size()), u0 = nt * h / nh, u1 = nt * (h + 1) / nh;
+  const int64_t nt = static_cast<int64_t>(tiles.size());
+  const auto [u0, u1] = share_range(nt, h, nh, sp);  // (this thread's row tiles, at the split's shares)
   if (u1 <= u0) return;
   const int64_t D = pl.D, r = pl.r, KB = D / 32, TB = (T + 15) / 16;
   const uint16_t* A = static_cast<const uint16_t*>(pl.a);

@@ -547,7 +547,7 @@ void route_rows(const XT* x, int64_t x0, int64_t D, int64_t t0, int64_t t1, cons
     }
 }
 
-// The router logits of every routed token of x [T, D] for this thread's share (h of nh) of the units (slot, block of
+// The router logits of every routed token of x [T, D] for this thread's share of the units (slot, block of
 // four router rows) of the slots in use: logits[t * 64 + i] for LoRA i of token t's slot. Each logit is dots4x4's sum
 // for its token and row, whatever block it is computed in, so the split does not change a value. run() takes it below
 // SPLIT_POOLS_BELOW tokens of two or more adapters: split by tokens, every thread read every router of the batch (a
@@ -560,8 +560,10 @@ void route_rows(const XT* x, int64_t x0, int64_t D, int64_t t0, int64_t t1, cons
 // 9.49 / 10.96 / 14.80 ms by tokens, 9.47 / 10.86 / 14.79 by units (noise), so one adapter keeps the split by tokens.
 // g_route_units: off for tests and A/B runs (_route_units).
 bool g_route_units = true;
+// The thread's share of the units is [nu lo / den, nu hi / den) (h, h + 1, nh for an even split; gemm.h's share_frac).
 template <typename XT>
-void route_logits_share(const XT* x, int64_t D, int64_t T, const Routing& rt, int64_t h, int64_t nh, float* logits) {
+void route_logits_share(const XT* x, int64_t D, int64_t T, const Routing& rt, int64_t lo, int64_t hi, int64_t den,
+                        float* logits) {
   std::vector<int64_t> start, tok;
   tokens_by_slot(rt, 0, T, start, tok);
   std::vector<int64_t> units;  // slot * 64 + first row
@@ -570,7 +572,7 @@ void route_logits_share(const XT* x, int64_t D, int64_t T, const Routing& rt, in
       for (int64_t c0 = 0; c0 < rt.n[s]; c0 += 4) units.push_back(s * 64 + c0);
   const int64_t nu = static_cast<int64_t>(units.size());
   float out[4 * 4];
-  for (int64_t u = nu * h / nh; u < nu * (h + 1) / nh; ++u) {
+  for (int64_t u = nu * lo / den; u < nu * hi / den; ++u) {
     const int64_t s = units[u] / 64, c0 = units[u] % 64, nc = std::min<int64_t>(4, rt.n[s] - c0);
     for (int64_t b0 = start[s]; b0 < start[s + 1]; b0 += 4) {
       const int64_t nq = std::min<int64_t>(4, start[s + 1] - b0);

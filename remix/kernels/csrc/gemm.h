@@ -159,8 +159,8 @@ inline void run_tile(const E* X, int64_t D, const E* W, int64_t nw, E* Y, int64_
 // the calling thread moves each thread's share of the next regions' outputs toward its share of the measured speed
 // (half way from the share before, each within [1/2, 3/2] of an even share), or back to even where the speeds are
 // within SPLIT_DEAD of an even share - where two windows in a row agree (split_update). A module call's routing and
-// phase A split their tokens and blocks by the same weights (share_range; not phase A on AMX tiles, nor routing by
-// units), and the decode attention its rows (item_share). A region reads the weights once, before it starts (Split,
+// phase A split their tokens, router units, blocks and AMX row tiles by the same weights (share_range, share_frac),
+// and the decode attention its rows (item_share). A region reads the weights once, before it starts (Split,
 // captured by every thread), so its threads always cover its work exactly once; no value depends on the split (every
 // GEMM and phase B path sums an output in one order whatever its slice, a token's routing and a block's phase A are
 // the same on any thread: tested). g_split_adapt off (_split_adapt): even splits, as before; _split_fixed sets fixed
@@ -288,9 +288,14 @@ inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh, c
 
 // Thread h of nh's share [i0, i1) of n like items (tokens to route, phase A's blocks): by sp's weights where they are
 // for a team of nh, else n h / nh as before. Which thread takes an item changes none of its values.
+struct Frac { int64_t lo, hi, den; };  // [lo / den, hi / den)
+inline Frac share_frac(int64_t h, int64_t nh, const Split& sp) {
+  if (sp.nh == nh && nh >= 2) return {sp.cut[h], sp.cut[h + 1], SPLIT_UNITS};
+  return {h, h + 1, nh};
+}
 inline std::pair<int64_t, int64_t> share_range(int64_t n, int64_t h, int64_t nh, const Split& sp) {
-  if (sp.nh == nh && nh >= 2) return {n * sp.cut[h] / SPLIT_UNITS, n * sp.cut[h + 1] / SPLIT_UNITS};
-  return {n * h / nh, n * (h + 1) / nh};
+  const Frac f = share_frac(h, nh, sp);
+  return {n * f.lo / f.den, n * f.hi / f.den};
 }
 
 // Thread h of nh's share [i0, i1) of n items of work, item i costing cost(i) >= 0: each item goes to the thread whose

@@ -545,8 +545,9 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
       if (units) {
         own_sel.assign(sel, sel + T * k);  // (read before the barrier, after which thread 0 writes sel)
         own_w.assign(w, w + T * k);
-        if (bf16) route_logits_share(xb, D, T, *rt, h, nh, logits.get());
-        else route_logits_share(X, D, T, *rt, h, nh, logits.get());
+        const Frac f = share_frac(h, nh, sp);
+        if (bf16) route_logits_share(xb, D, T, *rt, f.lo, f.hi, f.den, logits.get());
+        else route_logits_share(X, D, T, *rt, f.lo, f.hi, f.den, logits.get());
       } else if (rt && t1 > t0) {
         if (bf16 && !copy_x) route_rows(xb, 0, D, t0, t1, *rt, sel, w);
         else route_rows(X, 0, D, t0, t1, *rt, sel, w);
@@ -577,7 +578,7 @@ void run(const void* xv, void* yv, int64_t T, bool bf16, const Pools& pl, const 
     clk.lap(MS_PAIRS_PACK);
     if (pr.size() > 0) {  // the same for every thread: all of them meet the barrier, or none
 #ifdef REMIX_AMX
-      if (amx_a) phase_a_amx(pr, pl, xp, T, h, nh, U.get());
+      if (amx_a) phase_a_amx(pr, pl, xp, T, h, nh, U.get(), nullptr, sp);
       else
 #endif
       {
@@ -702,8 +703,8 @@ void run_pair(const void* xv, void* ya, void* yb, int64_t T, bool bf16, const Po
     if (nt > 0) {  // the same for every thread: all of them meet the barrier, or none
 #ifdef REMIX_AMX
       if (amx_a) {
-        phase_a_amx(pra, pa, xp, T, h, nh, Ua.get());
-        phase_a_amx(prb, pb, xp, T, h, nh, Ub.get());
+        phase_a_amx(pra, pa, xp, T, h, nh, Ua.get(), nullptr, sp);
+        phase_a_amx(prb, pb, xp, T, h, nh, Ub.get(), nullptr, sp);
       } else
 #endif
       {
