@@ -1563,11 +1563,10 @@ def _bound_ffn_calls(dtype, adapters, g):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_uneven_output_splits_give_every_output_the_even_splits_bits(dtype):
     """The splits weighted by the threads' speeds (_split_fixed sets the shares): a routed module call (its base GEMM
-    and phase B by output slices, routing by tokens or router units, phase A by LoRA blocks or AMX row tiles, all at the
-    shares) and the plain linear
-    give the same bits under shares of 0.3 / 0.7, 0.95 / 0.05 and all to one thread as under the even split, at 1 to
-    200 rows (the small-batch split, the token shares from 64 rows), one and four adapters. Each output is summed in
-    one order whatever its slice; only which thread computes it moves."""
+    and phase B by output slices, routing by tokens or router units, phase A by LoRA blocks or AMX row tiles, all at
+    the shares) and the plain linear give the same bits under shares of 0.3 / 0.7, 0.95 / 0.05 and all to one thread
+    as under the even split, at 1 to 200 rows (the small-batch split, the token shares from 64 rows), one and four
+    adapters. Each output is summed in one order whatever its slice; only which thread computes it moves."""
     from remix.kernels import cpu_ext
 
     ext = _compiled()
