@@ -1702,3 +1702,19 @@ def test_decode_attention_items_by_length_and_speed_give_the_same_bits(dtype):
                     assert torch.equal(out[i], alone[i]), (name, shares, i)
     finally:
         ext._split_fixed([])
+
+
+def test_split_adapt_env_off_keeps_even_splits():
+    """REMIX_SPLIT_ADAPT=0 in the environment: the kernels load with the speed-weighted split off (every split even);
+    unset, it is on."""
+    import os
+    import subprocess
+    import sys
+
+    _compiled()
+    code = "from remix.kernels import cpu_ext; print(cpu_ext.load()._split_adapt(True))"
+    env = {k: v for k, v in os.environ.items() if k != "REMIX_SPLIT_ADAPT"}
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "REMIX_SPLIT_ADAPT": "0"}, capture_output=True,
+                         text=True, check=True, timeout=300)
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=300)
+    assert off.stdout.strip() == "False" and on.stdout.strip() == "True"

@@ -68,7 +68,8 @@ Python bindings) split by concern, each part self-contained (it includes what it
 Compiled once on first use with torch's JIT extension loader (~30 s, cached under
 ``~/.cache/torch_extensions`` in a directory named after this CPU's instruction-set flags, since it is
 built with ``-march=native``). If there is no compiler, or ``REMIX_DISABLE_EXT=1``, :func:`load`
-returns None and callers use the torch-ops path (:mod:`remix.kernels.torch_ops`).
+returns None and callers use the torch-ops path (:mod:`remix.kernels.torch_ops`). ``REMIX_SPLIT_ADAPT=0`` keeps every
+split of work between threads even (:func:`thread_shares`).
 """
 
 from __future__ import annotations
@@ -193,6 +194,9 @@ def load():
                     errors.append(str(e).splitlines()[0][:300])
             else:
                 log.warning("could not build the C++ kernels (%s); using torch ops, which are slower on CPU", errors[-1])
+        if module is not None and os.environ.get("REMIX_SPLIT_ADAPT", "") == "0":
+            module._split_adapt(False)  # every split even, whatever the threads' speeds (thread_shares)
+            log.info("REMIX_SPLIT_ADAPT=0: the kernels split their work evenly between threads")
         _state["module"] = module
         return module
 
@@ -327,7 +331,8 @@ def thread_shares() -> list[float] | None:
     rows; in thread order, summing to 1): even, until each thread's timed GEMM slices have shown one slower than the
     other by 8 % or more for two windows of 128 parallel regions in a row - a vCPU whose host core another guest
     shares, say. Then each thread's share follows its measured speed (within half to one and a half of an even share).
-    Which thread computes what never changes a value. None without the compiled kernels."""
+    Which thread computes what never changes a value. Even throughout with ``REMIX_SPLIT_ADAPT=0`` in the environment.
+    None without the compiled kernels."""
     ext = load()
     if ext is None:
         return None
