@@ -326,19 +326,20 @@ def module_clock(on: bool) -> tuple[list[dict[str, float]], int]:
     return [{name: v / 1e6 for name, v in zip(MODULE_STAGES, row)} for row in ns if any(row)], calls
 
 
-def thread_shares() -> list[float] | None:
+def thread_shares(threads: int | None = None) -> list[float] | None:
     """Each thread's share now of the work the compiled kernels split by speed (a GEMM's outputs, the decode attention's
     rows; in thread order, summing to 1): even, until each thread's timed GEMM slices have shown one slower than the
     other by 8 % or more for two windows of 128 parallel regions in a row - a vCPU whose host core another guest
     shares, say. Then each thread's share follows its measured speed (within half to one and a half of an even share).
     Which thread computes what never changes a value. Even throughout with ``REMIX_SPLIT_ADAPT=0`` in the environment.
-    None without the compiled kernels."""
+    ``threads``: the team's size when even (default: torch's threads as this thread sees them). None without the
+    compiled kernels."""
     ext = load()
     if ext is None:
         return None
     shares = list(ext._split_state())
     if not shares:
-        n = max(1, torch.get_num_threads())
+        n = max(1, threads or torch.get_num_threads())
         shares = [1.0 / n] * n
     return [round(v, 4) for v in shares]
 

@@ -90,6 +90,7 @@ class EngineConfig:
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         tune_cpu_allocator()
+        self._threads = torch.get_num_threads()  # (the steps' team, as set where the engine is built: thread_shares)
         self.config = cfg = config or EngineConfig()
         self.tokenizer = tokenizer
         self._decode = decoder(tokenizer)  # ids -> text, for each new token (incremental detokenization)
@@ -229,7 +230,7 @@ class Engine:
     def thread_shares(self) -> list[float] | None:
         """On CPU with the compiled kernels, each thread's share of the work they split by the threads' measured speed
         (``cpu_ext.thread_shares``: even unless one vCPU has run slower than the other); None elsewhere."""
-        return cpu_ext.thread_shares() if self.runner.device.type == "cpu" else None
+        return cpu_ext.thread_shares(self._threads) if self.runner.device.type == "cpu" else None
 
     def stats(self) -> dict:
         used = sum(s.num_computed for s in self.slot_seq if s is not None)
