@@ -433,21 +433,28 @@ def test_module_scripts_take_one_shape_and_few_layers(capsys, monkeypatch):
             module_stages.main(bad)
 
 
-def test_vector_rates_probe_times_independent_chains(tmp_path):
-    """scripts/vector_rates.c: builds as its header says, prints each rate, and its twelve chains are independent (the
-    throughput line well below the one-chain latency line; chains of the same inputs, merged by the compiler into
-    one, read as one chain's latency over twelve - the trap the probe's last line shows)."""
-    import re
+def _run_c_probe(tmp_path, name: str, opt: str, arg: str, timeout: int) -> str:
+    """Build scripts/<name> as its header says (gcc `opt` -march=native, warnings as errors) and run it with `arg`: its
+    output. Skips without gcc or AVX-512 (the probes time 512-bit instructions)."""
     import shutil
     import subprocess
     from pathlib import Path
 
     if shutil.which("gcc") is None or "avx512f" not in cpu_ext.cpu_flags():
         pytest.skip("needs gcc and AVX-512")
-    src = Path(__file__).resolve().parents[1] / "scripts" / "vector_rates.c"
-    exe = tmp_path / "vector_rates"
-    subprocess.run(["gcc", "-O2", "-march=native", "-Wall", "-Werror", str(src), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe), "200000"], check=True, capture_output=True, text=True, timeout=60).stdout
+    exe = tmp_path / Path(name).stem
+    src = Path(__file__).resolve().parents[1] / "scripts" / name
+    subprocess.run(["gcc", opt, "-march=native", "-Wall", "-Werror", str(src), "-o", str(exe)], check=True)
+    return subprocess.run([str(exe), arg], check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def test_vector_rates_probe_times_independent_chains(tmp_path):
+    """scripts/vector_rates.c: builds as its header says, prints each rate, and its twelve chains are independent (the
+    throughput line well below the one-chain latency line; chains of the same inputs, merged by the compiler into
+    one, read as one chain's latency over twelve - the trap the probe's last line shows)."""
+    import re
+
+    out = _run_c_probe(tmp_path, "vector_rates.c", "-O2", "200000", timeout=60)
     rates = {m[1].strip(): float(m[2]) for m in re.finditer(r"^(.+?)\s+([\d.]+) TSC cycles\s+[\d.]+ G a second$", out, re.M)}
     fma, fma_lat = rates["512-bit FMA, 12 independent chains (throughput)"], rates["512-bit FMA, one chain (latency)"]
     assert 0 < fma < fma_lat / 2  # an FMA's latency is several of its issue slots
@@ -462,16 +469,8 @@ def test_pool_reads_probe_reads_every_order_and_times_phase_b(tmp_path):
     and phase A's times from both sets. Only orderings a cache gives whatever the machine's load are asserted: a slice
     read from L2 faster than from a set past L2 (300 copies: ~118 MB), and each phase faster with its pool rows in L2."""
     import re
-    import shutil
-    import subprocess
-    from pathlib import Path
 
-    if shutil.which("gcc") is None or "avx512f" not in cpu_ext.cpu_flags():
-        pytest.skip("needs gcc and AVX-512")
-    src = Path(__file__).resolve().parents[1] / "scripts" / "pool_reads.c"
-    exe = tmp_path / "pool_reads"
-    subprocess.run(["gcc", "-O3", "-march=native", "-Wall", "-Werror", str(src), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe), "300"], check=True, capture_output=True, text=True, timeout=120).stdout
+    out = _run_c_probe(tmp_path, "pool_reads.c", "-O3", "300", timeout=120)
     reads = {(m[1].strip(), m[2].strip()): float(m[3])
              for m in re.finditer(r"^read, (.+?) from (.+?)\s+([\d.]+) us\s+[\d.]+ GB/s$", out, re.M)}
     orders = ("the pools' layout", "rows adjacent", "interleaved by 32")

@@ -1566,7 +1566,8 @@ def test_uneven_output_splits_give_every_output_the_even_splits_bits(dtype):
     and phase B by output slices, routing by tokens or router units, phase A by LoRA blocks or AMX row tiles, all at
     the shares) and the plain linear give the same bits under shares of 0.3 / 0.7, 0.95 / 0.05 and all to one thread
     as under the even split, at 1 to 200 rows (the small-batch split, the token shares from 64 rows), one and four
-    adapters. Each output is summed in one order whatever its slice; only which thread computes it moves."""
+    adapters. Each output is summed in one order whatever its slice; only which thread computes it moves. (And the
+    shares are in effect: with all on one thread, the module clock has the other's GEMM slices empty.)"""
     from remix.kernels import cpu_ext
 
     ext = _compiled()
@@ -1595,10 +1596,16 @@ def test_uneven_output_splits_give_every_output_the_even_splits_bits(dtype):
                     for shares in ([0.3, 0.7], [0.95, 0.05], [1.0, 0.0], [0.0, 1.0]):
                         ext._split_fixed(shares)
                         assert ext._split_state() == pytest.approx(shares, abs=1e-3)
+                        cpu_ext.module_clock(True)
                         for i, (a, b) in enumerate(zip(even, outputs())):
                             assert torch.equal(a, b), (adapters, T, shares, i)
+                        gemm = [t["gemm"] for t in cpu_ext.module_clock(False)[0]] + [0.0, 0.0]
+                        if T == 32 and 0.0 in shares:  # the shares took effect: the idle thread's GEMM slices empty
+                            busy, idle = shares.index(1.0), shares.index(0.0)
+                            assert gemm[idle] < gemm[busy] / 10, (adapters, shares, gemm)
                         ext._split_fixed([])
     finally:
+        cpu_ext.module_clock(False)
         ext._split_fixed([])
         ext._split_adapt(True)
 

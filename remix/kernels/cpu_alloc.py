@@ -155,8 +155,3 @@ def huge_page_shares(*tensors: torch.Tensor) -> list[float | None]:
     except (OSError, ValueError):
         return [None] * len(spans)
     return [min(1.0, h / (hi - lo)) if hi > lo else None for h, (lo, hi) in zip(huge, spans)]
-
-
-def huge_page_share(t: torch.Tensor) -> float | None:
-    """huge_page_shares for one tensor."""
-    return huge_page_shares(t)[0]

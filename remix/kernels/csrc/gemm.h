@@ -249,16 +249,6 @@ inline bool split_update(int64_t nh) {
   return true;
 }
 
-// The split of a region of nh threads about to start (on the calling thread): counts the region, updates the weights
-// every SPLIT_EVERY regions, and reads them. Even where adapting is off, for a team of one or one past MAX_SPLIT, or
-// where the weights are for another team size.
-inline Split split_peek(int64_t nh);
-inline Split split_for(int64_t nh) {
-  if (g_split_adapt && !g_split_fixed && nh >= 2 && nh <= MAX_SPLIT &&
-      (g_split_regions.fetch_add(1, std::memory_order_relaxed) + 1) % SPLIT_EVERY == 0)
-    split_update(nh);
-  return split_peek(nh);
-}
 // The weights as they are, for a team of nh (not counted as a region: the pools' prefetches, which only guess at the
 // split of the region that reads them).
 inline Split split_peek(int64_t nh) {
@@ -270,6 +260,16 @@ inline Split split_peek(int64_t nh) {
   return sp;
 }
 
+// The split of a region of nh threads about to start (on the calling thread): counts the region, updates the weights
+// every SPLIT_EVERY regions, and reads them. Even where adapting is off, for a team of one or one past MAX_SPLIT, or
+// where the weights are for another team size.
+inline Split split_for(int64_t nh) {
+  if (g_split_adapt && !g_split_fixed && nh >= 2 && nh <= MAX_SPLIT &&
+      (g_split_regions.fetch_add(1, std::memory_order_relaxed) + 1) % SPLIT_EVERY == 0)
+    split_update(nh);
+  return split_peek(nh);
+}
+
 // Thread h's time for `work` multiply-adds of its GEMM slice, counted toward the weights (nh >= 2 teams only).
 inline void split_meter(int64_t h, int64_t nh, uint64_t ticks, int64_t work) {
   if (!g_split_adapt || g_split_fixed || nh < 2 || nh > MAX_SPLIT || work <= 0) return;
@@ -277,29 +277,30 @@ inline void split_meter(int64_t h, int64_t nh, uint64_t ticks, int64_t work) {
   g_split_meter[h].work.fetch_add(static_cast<uint64_t>(work), std::memory_order_relaxed);
 }
 
-// Thread h of nh's share [o0, o1) of O outputs: whole slices of 2L, so phase B's vector paths (and the fused GEMM's
-// columns) never depend on the split; by sp's weights where they are for a team of nh, else even.
-inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh, const Split& sp = Split{}) {
-  const int64_t chunks = (O + 2 * L - 1) / (2 * L);
-  if (sp.nh == nh && nh >= 2)
-    return {std::min(O, chunks * sp.cut[h] / SPLIT_UNITS * 2 * L), std::min(O, chunks * sp.cut[h + 1] / SPLIT_UNITS * 2 * L)};
-  return {std::min(O, chunks * h / nh * 2 * L), std::min(O, chunks * (h + 1) / nh * 2 * L)};
-}
-
-// Thread h of nh's share [i0, i1) of n like items (tokens to route, phase A's blocks): by sp's weights where they are
-// for a team of nh, else n h / nh as before. Which thread takes an item changes none of its values.
-struct Frac { int64_t lo, hi, den; };  // [lo / den, hi / den)
+// Thread h of nh's share of a region's work as the fraction [lo / den, hi / den): sp's cuts where they are for a team
+// of nh, else h / nh. The one place the weighted and the even split part.
+struct Frac { int64_t lo, hi, den; };
 inline Frac share_frac(int64_t h, int64_t nh, const Split& sp) {
   if (sp.nh == nh && nh >= 2) return {sp.cut[h], sp.cut[h + 1], SPLIT_UNITS};
   return {h, h + 1, nh};
 }
+
+// Thread h of nh's share [i0, i1) of n like items (tokens to route, phase A's blocks, router units, AMX row tiles).
+// Which thread takes an item changes none of its values.
 inline std::pair<int64_t, int64_t> share_range(int64_t n, int64_t h, int64_t nh, const Split& sp) {
   const Frac f = share_frac(h, nh, sp);
   return {n * f.lo / f.den, n * f.hi / f.den};
 }
 
+// Thread h of nh's share [o0, o1) of O outputs: whole slices of 2L (share_range of the slices), so phase B's vector
+// paths (and the fused GEMM's columns) never depend on the split.
+inline std::pair<int64_t, int64_t> out_slice(int64_t O, int64_t h, int64_t nh, const Split& sp = Split{}) {
+  const auto [c0, c1] = share_range((O + 2 * L - 1) / (2 * L), h, nh, sp);
+  return {std::min(O, c0 * 2 * L), std::min(O, c1 * 2 * L)};
+}
+
 // Thread h of nh's share [i0, i1) of n items of work, item i costing cost(i) >= 0: each item goes to the thread whose
-// cut of the total cost holds the item's midpoint (sp's weights where they are for a team of nh, else even shares).
+// cut of the total cost (share_frac) holds the item's midpoint.
 // Which thread runs an item changes none of its values.
 template <typename Cost>
 std::pair<int64_t, int64_t> item_share(int64_t n, int64_t h, int64_t nh, const Split& sp, Cost cost) {
@@ -309,7 +310,8 @@ std::pair<int64_t, int64_t> item_share(int64_t n, int64_t h, int64_t nh, const S
   const auto first = [&](int64_t j) -> int64_t {  // thread j's first item
     if (j <= 0) return 0;
     if (j >= nh) return n;
-    const double target = total * (sp.nh == nh ? static_cast<double>(sp.cut[j]) / SPLIT_UNITS : static_cast<double>(j) / nh);
+    const Frac f = share_frac(j, nh, sp);
+    const double target = total * static_cast<double>(f.lo) / static_cast<double>(f.den);
     double run = 0;
     int64_t i = 0;
     for (; i < n && run + 0.5 * cost(i) < target; ++i) run += cost(i);
