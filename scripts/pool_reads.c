@@ -8,7 +8,8 @@
 // last-level cache; 4: from L2), in three orders: the pools' layout read as phase B reads it (LoRA by LoRA, 8 rows at a
 // time, each row 6 KB from the next), the same with the slice's rows adjacent, and the 8 rows of a LoRA interleaved by
 // 32 floats (the whole slice one linear stream). Then phase B itself with B^T from memory (y in cache, as after the
-// GEMM) and from L2, and phase A of a 1536 -> 576 module for one LoRA (its 8 rows of A, 48 KB, against its ~8 tokens'
+// GEMM) and from L2, from memory with the kernel's prefetch at four distances and after a pass that reads the slice
+// first (49th session), and phase A of a 1536 -> 576 module for one LoRA (its 8 rows of A, 48 KB, against its ~8 tokens'
 // x: dots4x4's blocks of 4 tokens x 4 rows) with A from memory and from L2.
 #include <immintrin.h>
 #include <stdint.h>
@@ -47,11 +48,18 @@ static void read_slice(const float* B, int how) {
 // phase B over the slice: pairs sorted by LoRA (start[i] .. start[i + 1]), rows[p] the pair's token, U[p * 8 + c]
 static int64_t start[NR / 8 + 1], rows[T * K];
 static float U[T * K * 8];
-static void phase_b(float* Y, const float* B) {
+// pf: each row's line(s) that many floats ahead asked for at each step (axpy_lora's prefetch_rows_ahead: 64, 256
+// bytes), or 0: none
+static void phase_b(float* Y, const float* B, int pf) {
   for (int i = 0; i < NR / 8; ++i)
     for (int o = 0; o < SL; o += 2 * L) {
       vf b0[8], b1[8];
       for (int c = 0; c < 8; ++c) { b0[c] = load(B + (i * 8 + c) * O + o); b1[c] = load(B + (i * 8 + c) * O + o + L); }
+      if (pf)
+        for (int c = 0; c < 8; ++c) {
+          __builtin_prefetch(B + (i * 8 + c) * O + o + pf, 0, 3);
+          __builtin_prefetch(B + (i * 8 + c) * O + o + pf + L, 0, 3);
+        }
       for (int64_t p = start[i]; p < start[i + 1]; ++p) {
         float* y = Y + rows[p] * O + o;
         const float* u = U + p * 8;
@@ -129,11 +137,27 @@ int main(int argc, char** argv) {
   }
   for (int s = 0; s < 3; s += 2) {  // phase B: B^T from memory, then from L2; y in cache either way
     const long n = sets[s] < copies ? sets[s] : copies, passes = (copies + n - 1) / n;
-    for (long j = 0; j < n; ++j) phase_b(Y, big + j * each);
+    for (long j = 0; j < n; ++j) phase_b(Y, big + j * each, 0);
     const double t0 = now();
     for (long q = 0; q < passes; ++q)
-      for (long j = 0; j < n; ++j) phase_b(Y, big + j * each);
+      for (long j = 0; j < n; ++j) phase_b(Y, big + j * each, 0);
     printf("phase B, B^T from %-16s %7.2f us\n", where[s], (now() - t0) / (passes * n) * 1e6);
+  }
+  // phase B from memory with the prefetch at a few distances (the kernel's: 64 floats), and after a pass that reads
+  // the slice (read_slice) - whether the reads overlap the FMAs once asked for ahead or made beforehand
+  const int dists[] = {32, 64, 128, 256};
+  for (int d = 0; d < 4; ++d) {
+    const double t0 = now();
+    for (long j = 0; j < copies; ++j) phase_b(Y, big + j * each, dists[d]);
+    printf("phase B + prefetch %3d floats ahead, B^T from memory %7.2f us\n", dists[d], (now() - t0) / copies * 1e6);
+  }
+  {
+    const double t0 = now();
+    for (long j = 0; j < copies; ++j) {
+      read_slice(big + j * each, 0);
+      phase_b(Y, big + j * each, 0);
+    }
+    printf("a read pass, then phase B, B^T from memory %7.2f us\n", (now() - t0) / copies * 1e6);
   }
   for (int t = 0; t < 8; ++t) for (int d = 0; d < D; ++d) X[t][d] = (float)((t + d) % 5) * 0.1f;
   const long lora_rows = 8 * D, loras = copies * each / lora_rows;  // the copies' memory cut into LoRAs' 8 rows of A

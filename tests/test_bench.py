@@ -479,6 +479,9 @@ def test_pool_reads_probe_reads_every_order_and_times_phase_b(tmp_path):
         assert 0 < reads[order, "L2"] < reads[order, "memory"]
     phase_b = {m[1].strip(): float(m[2]) for m in re.finditer(r"^phase B, B\^T from (.+?)\s+([\d.]+) us$", out, re.M)}
     assert set(phase_b) == {"memory", "L2"} and 0 < phase_b["L2"] < phase_b["memory"]
+    ahead = {int(m[1]): float(m[2]) for m in re.finditer(r"^phase B \+ prefetch\s+(\d+) floats ahead, B\^T from memory\s+([\d.]+) us$", out, re.M)}
+    assert sorted(ahead) == [32, 64, 128, 256] and min(ahead.values()) > 0
+    assert float(re.search(r"^a read pass, then phase B, B\^T from memory\s+([\d.]+) us$", out, re.M)[1]) > 0
     phase_a = {m[1].strip(): float(m[2]) for m in re.finditer(r"^phase A, A from (.+?)\s+([\d.]+) us a LoRA$", out, re.M)}
     assert set(phase_a) == {"memory", "L2"} and 0 < phase_a["L2"] < phase_a["memory"]
 
