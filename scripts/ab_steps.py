@@ -46,7 +46,14 @@ def main(argv=None) -> None:
                     help="the first N requests of each level get prompts of TOKENS tokens (the rest 128): rows of "
                          "mixed lengths, the long ones together")
     args = ap.parse_args(argv)
-    long_n, long_len = (int(v) for v in args.long_prompts.split(":")) if args.long_prompts else (0, 128)
+    long_n, long_len = 0, 128
+    if args.long_prompts:
+        try:
+            long_n, long_len = (int(v) for v in args.long_prompts.split(":"))
+        except ValueError:
+            ap.error(f"--long-prompts: N:TOKENS (two integers), got {args.long_prompts!r}")
+        if long_n < 0 or long_len < 1:
+            ap.error(f"--long-prompts: N >= 0 and TOKENS >= 1, got {args.long_prompts!r}")
     variants = dict(v.split("=", 1) for v in args.variant)
     if len(variants) < 2:
         ap.error("--variant: give at least two")

@@ -197,6 +197,20 @@ double g_split_last[MAX_SPLIT];
 int64_t g_split_last_n = -1;  // -1: no window yet
 std::mutex g_split_mu;  // one update at a time (callers on other threads skip theirs)
 
+// Thread h's share w[h] / (the sum of w) of a team of nh, in SPLIT_UNITS (the last thread takes what rounding left, so
+// they sum to SPLIT_UNITS), as the weights every region reads from now on.
+inline void split_store(const double* w, int64_t nh) {
+  double total = 0;
+  for (int64_t h = 0; h < nh; ++h) total += w[h];
+  int64_t given = 0;
+  for (int64_t h = 0; h < nh; ++h) {
+    const int64_t units = h + 1 < nh ? static_cast<int64_t>(w[h] / total * SPLIT_UNITS + 0.5) : SPLIT_UNITS - given;
+    g_split_w[h].store(units, std::memory_order_relaxed);
+    given += units;
+  }
+  g_split_team.store(nh, std::memory_order_relaxed);
+}
+
 // New weights from the meters of a team of nh (on one thread; the meters reset). A window's speed shares move the
 // weights only where the window before agrees: both off even (half way from the weights before to the two windows'
 // mean shares), or both within SPLIT_DEAD of even (even) - one window that a preempted or faulting thread skewed
@@ -232,20 +246,13 @@ inline bool split_update(int64_t nh) {
     return true;
   }
   const bool had = g_split_team.load(std::memory_order_relaxed) == nh;
-  double w[MAX_SPLIT], total = 0;
+  double w[MAX_SPLIT];
   for (int64_t h = 0; h < nh; ++h) {
     const double before = had ? static_cast<double>(g_split_w[h].load(std::memory_order_relaxed)) / SPLIT_UNITS : even;
     const double seen = last_off ? 0.5 * (share[h] + last[h]) : share[h];
     w[h] = std::clamp(0.5 * before + 0.5 * seen, 0.5 * even, 1.5 * even);
-    total += w[h];
   }
-  int64_t given = 0;
-  for (int64_t h = 0; h < nh; ++h) {
-    const int64_t units = h + 1 < nh ? static_cast<int64_t>(w[h] / total * SPLIT_UNITS + 0.5) : SPLIT_UNITS - given;
-    g_split_w[h].store(units, std::memory_order_relaxed);
-    given += units;
-  }
-  g_split_team.store(nh, std::memory_order_relaxed);
+  split_store(w, nh);
   return true;
 }
 

@@ -50,23 +50,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "A/B runs and tests: output splits weighted by each thread's measured GEMM speed (default on; off: even, and the "
         "weights kept as they were for when it is on again). Returns the setting before");
   m.def("_split_fixed", [](std::vector<double> shares) {
+    if (!shares.empty()) {  // (checked before any state changes: a bad call leaves the split as it was)
+      TORCH_CHECK(shares.size() >= 2 && shares.size() <= MAX_SPLIT, "_split_fixed: 2 to ", MAX_SPLIT, " shares");
+      double total = 0;
+      for (const double v : shares) { TORCH_CHECK(v >= 0, "_split_fixed: shares must be >= 0"); total += v; }
+      TORCH_CHECK(total > 0, "_split_fixed: shares must not all be 0");
+    }
     for (auto& m : g_split_meter) { m.cycles.store(0); m.work.store(0); }
     g_split_team.store(0);
     g_split_last_n = -1;
     g_split_fixed = !shares.empty();
-    if (shares.empty()) return;
-    TORCH_CHECK(shares.size() >= 2 && shares.size() <= MAX_SPLIT, "_split_fixed: 2 to ", MAX_SPLIT, " shares");
-    double total = 0;
-    for (const double v : shares) { TORCH_CHECK(v >= 0, "_split_fixed: shares must be >= 0"); total += v; }
-    TORCH_CHECK(total > 0, "_split_fixed: shares must not all be 0");
-    int64_t given = 0;
-    const int64_t nh = static_cast<int64_t>(shares.size());
-    for (int64_t h = 0; h < nh; ++h) {
-      const int64_t units = h + 1 < nh ? static_cast<int64_t>(shares[h] / total * SPLIT_UNITS + 0.5) : SPLIT_UNITS - given;
-      g_split_w[h].store(units);
-      given += units;
-    }
-    g_split_team.store(nh);
+    if (!shares.empty()) split_store(shares.data(), static_cast<int64_t>(shares.size()));
   }, "tests: fixed shares of a team's outputs, one a thread (not updated), until called with [] (adaptive again, from even)");
   m.def("_attention_by_length", [](bool on) { return std::exchange(g_attn_by_length, on); },
         "A/B runs: the decode attention's items split by their rows' lengths (default on) or by count; returns the setting before");
