@@ -1056,6 +1056,52 @@ def test_compiled_layer_ops_match_hf_formulas(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_norm_and_rotary_vector_loops_give_the_scalar_loops_bits(dtype):
+    """add_rms_norm_'s and rotary_'s vector loops (the default) against their scalar loops (_norm_vec / _rotary_vec
+    off): every bit the same - widths with and without a tail of fewer than 16, 1 to 33 rows (one thread and both),
+    denormal and huge values (whose squares overflow the sum), the residual add and the norm alone."""
+    ext = _compiled()
+    g = torch.Generator().manual_seed(0)
+
+    def both(fn):
+        out = []
+        for on in (False, True):
+            was_n, was_r = ext._norm_vec(on), ext._rotary_vec(on)
+            try:
+                out.append(fn())
+            finally:
+                ext._norm_vec(was_n), ext._rotary_vec(was_r)
+        return out
+
+    for D, rows in itertools.product((7, 16, 33, 576, 577), (1, 5, 17, 33)):
+        h = torch.randn(rows, 1, D, generator=g) * 3
+        h.view(-1)[::13] = 1e-39
+        h.view(-1)[::29] = 3e38
+        h, delta, w = h.to(dtype), torch.randn(rows, 1, D, generator=g).to(dtype), torch.randn(D, generator=g).to(dtype)
+
+        def norms():
+            hh = h.clone()
+            return hh, ext.add_rms_norm_(hh, delta, w, 1e-5), ext.add_rms_norm_(h.clone(), torch.empty(0, dtype=dtype), w, 1e-6)
+
+        for a, b in zip(*both(norms)):
+            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), (D, rows)
+    for Dh, rows in itertools.product((2, 32, 64, 96, 128), (1, 9, 33)):
+        x = (torch.randn(rows, 6, Dh, generator=g) * 5).to(dtype)
+        x.view(-1)[::31] = 1e-39
+        half = torch.rand(rows, Dh // 2, generator=g) * 20
+        cos = torch.cat([half.cos(), half.cos()], -1).to(dtype)
+        sin = torch.cat([-half.sin(), half.sin()], -1).to(dtype)
+
+        def rotary():
+            xx = x.clone()
+            ext.rotary_(xx[:, :4], cos, sin)
+            return xx
+
+        a, b = both(rotary)
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), (Dh, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_silu_mul_matches_hf_and_ignores_batch_mates(dtype):
     """silu(gate) * up in place (LlamaMLP's act_fn(gate_proj(x)) * up_proj(x), silu rounded to the dtype before the
     product): within float32 ulps of ATen's two ops (another ~1-ulp exp), bfloat16 equal but where a float32 silu lies

@@ -179,7 +179,7 @@ def load():
             errors = []
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
-                    name = f"remix_cpu_ops_v249_{_cpu_tag()}_{_env_tag()}_{i}"
+                    name = f"remix_cpu_ops_v250_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
                     with _build_lock(build_dir):  # (ninja rebuilds when remix_cpu.cpp or any part it includes changes)
                         module = cpp_load(

@@ -19,42 +19,6 @@ constexpr int64_t ROW_GRAIN = 16;
 template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
 template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
 
-template <typename T>
-void add_rms_rows(T* h, const T* delta, const T* w, T* out, int64_t rows, int64_t D, float eps) {
-  at::parallel_for(0, rows, ROW_GRAIN, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      T* hr = h + i * D;
-      if (delta) for (int64_t d = 0; d < D; ++d) hr[d] = from_f<T>(to_f(hr[d]) + to_f(delta[i * D + d]));  // h = h + delta
-      vf acc = vf{};  // sum of squares in L lanes, then hsum's fixed order and the tail: the same for every row
-      int64_t d = 0;
-      for (; d + L <= D; d += L) { const vf v = load(hr + d); acc += v * v; }
-      float ss = hsum(acc);
-      for (; d < D; ++d) { const float v = to_f(hr[d]); ss = __builtin_fmaf(v, v, ss); }  // explicit: see dots4x4's tail
-      const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
-      for (int64_t e = 0; e < D; ++e)  // LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
-        out[i * D + e] = from_f<T>(to_f(w[e]) * to_f(from_f<T>(to_f(hr[e]) * r)));
-    }
-  });
-}
-
-// h += delta (if given, in place, in h's dtype), then returns RMSNorm(h) * weight: the residual add of one sublayer
-// and the norm of the next in one pass. h, delta: [..., D] contiguous; weight [D]; all one dtype (float32 / bfloat16).
-torch::Tensor add_rms_norm_(torch::Tensor h, torch::Tensor delta, torch::Tensor weight, double eps) {
-  TORCH_CHECK(h.device().is_cpu() && h.is_contiguous() && weight.is_contiguous() && weight.dim() == 1 &&
-              h.size(-1) == weight.size(0) && weight.scalar_type() == h.scalar_type(), "h [..., D] contiguous, weight [D] of h's dtype");
-  TORCH_CHECK(!delta.defined() || delta.numel() == 0 || (delta.is_contiguous() && delta.sizes() == h.sizes() &&
-              delta.scalar_type() == h.scalar_type()), "delta must be h's shape and dtype");
-  const bool add = delta.defined() && delta.numel() > 0;
-  auto out = torch::empty_like(h);
-  const int64_t D = weight.size(0), rows = D ? h.numel() / D : 0;
-  by_dtype(h.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    add_rms_rows<T>(h.data_ptr<T>(), add ? delta.data_ptr<T>() : nullptr, weight.data_ptr<T>(), out.data_ptr<T>(), rows, D,
-                    static_cast<float>(eps));
-  });
-  return out;
-}
-
 // In place on x [rows, heads, Dh] (heads Dh apart, rows any distance apart: the q and k heads of a fused q/k/v output):
 // x = x * cos + roll(x, Dh / 2) * sin_signed, with cos / sin_signed
 // [rows, Dh] (sin_signed: sin with its first half negated), each product and the sum rounded to x's dtype as HF's
@@ -121,6 +85,57 @@ inline void store_v(T* p, vf x) {  // x rounded to T (to nearest even) and store
   alignas(64) float f[L];
   store(f, round_v<T>(x));
   from_floats(f, p, L);
+}
+
+// The vector forms of the norm's first and last loops (g_norm_vec; off: the scalar loops, for A/B runs and the test
+// that the two agree): each element's same operations and roundings, sixteen at a time (round_v / store_v round to
+// nearest even as from_f does; only a NaN's payload may differ), the sum of squares untouched.
+bool g_norm_vec = true;
+
+template <typename T>
+void add_rms_rows(T* h, const T* delta, const T* w, T* out, int64_t rows, int64_t D, float eps) {
+  const bool vec = g_norm_vec;
+  at::parallel_for(0, rows, ROW_GRAIN, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* hr = h + i * D;
+      if (delta) {  // h = h + delta
+        const T* dr = delta + i * D;
+        int64_t d = 0;
+        if (vec)
+          for (; d + L <= D; d += L) store_v(hr + d, load(hr + d) + load(dr + d));
+        for (; d < D; ++d) hr[d] = from_f<T>(to_f(hr[d]) + to_f(dr[d]));
+      }
+      vf acc = vf{};  // sum of squares in L lanes, then hsum's fixed order and the tail: the same for every row
+      int64_t d = 0;
+      for (; d + L <= D; d += L) { const vf v = load(hr + d); acc += v * v; }
+      float ss = hsum(acc);
+      for (; d < D; ++d) { const float v = to_f(hr[d]); ss = __builtin_fmaf(v, v, ss); }  // explicit: see dots4x4's tail
+      const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+      int64_t e = 0;
+      if (vec)  // LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)
+        for (; e + L <= D; e += L) store_v(out + i * D + e, load(w + e) * round_v<T>(load(hr + e) * r));
+      for (; e < D; ++e)
+        out[i * D + e] = from_f<T>(to_f(w[e]) * to_f(from_f<T>(to_f(hr[e]) * r)));
+    }
+  });
+}
+
+// h += delta (if given, in place, in h's dtype), then returns RMSNorm(h) * weight: the residual add of one sublayer
+// and the norm of the next in one pass. h, delta: [..., D] contiguous; weight [D]; all one dtype (float32 / bfloat16).
+torch::Tensor add_rms_norm_(torch::Tensor h, torch::Tensor delta, torch::Tensor weight, double eps) {
+  TORCH_CHECK(h.device().is_cpu() && h.is_contiguous() && weight.is_contiguous() && weight.dim() == 1 &&
+              h.size(-1) == weight.size(0) && weight.scalar_type() == h.scalar_type(), "h [..., D] contiguous, weight [D] of h's dtype");
+  TORCH_CHECK(!delta.defined() || delta.numel() == 0 || (delta.is_contiguous() && delta.sizes() == h.sizes() &&
+              delta.scalar_type() == h.scalar_type()), "delta must be h's shape and dtype");
+  const bool add = delta.defined() && delta.numel() > 0;
+  auto out = torch::empty_like(h);
+  const int64_t D = weight.size(0), rows = D ? h.numel() / D : 0;
+  by_dtype(h.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    add_rms_rows<T>(h.data_ptr<T>(), add ? delta.data_ptr<T>() : nullptr, weight.data_ptr<T>(), out.data_ptr<T>(), rows, D,
+                    static_cast<float>(eps));
+  });
+  return out;
 }
 
 // silu(g) rounded to T, times u; the product is rounded to T by store_v (which every caller stores it with). For
@@ -210,9 +225,16 @@ torch::Tensor silu_mul_(torch::Tensor g, torch::Tensor u) {
 
 constexpr int64_t ROTARY_MAX_DH = 512;
 
+// g_rotary_vec: bfloat16's pairs sixteen at a time (each element's same products, sum and roundings: round_v as
+// round_to), off: the scalar loop (A/B runs, and the test that the two agree). float32 keeps the scalar loop, where
+// GCC contracts a product and the sum into one FMA (round_to<float> is x itself), a contraction the vector form would
+// have to repeat operand for operand in every build (test_avx2_build compares them) to give the same values.
+bool g_rotary_vec = true;
+
 template <typename T>
 void rotary_rows(T* x, int64_t row_stride, const T* cs, const T* sn, int64_t rows, int64_t heads, int64_t Dh) {
   const int64_t half = Dh / 2;
+  const bool vec = g_rotary_vec;
   at::parallel_for(0, rows, ROW_GRAIN, [&](int64_t i0, int64_t i1) {
     // float copies of a row's cos / sin and of one head, so the arithmetic runs on plain float arrays (vectorised)
     alignas(64) float c[ROTARY_MAX_DH], sg[ROTARY_MAX_DH], v[ROTARY_MAX_DH], o[ROTARY_MAX_DH];
@@ -222,7 +244,15 @@ void rotary_rows(T* x, int64_t row_stride, const T* cs, const T* sn, int64_t row
       for (int64_t hd = 0; hd < heads; ++hd) {
         T* x_h = x + i * row_stride + hd * Dh;
         to_floats(x_h, v, Dh);
-        for (int64_t d = 0; d < half; ++d) {
+        int64_t d = 0;
+        if constexpr (!std::is_same_v<T, float>)  // (each product rounded to T before the sum: nothing to contract)
+          if (vec)
+            for (; d + L <= half; d += L) {
+              const vf a = load(v + d), b = load(v + d + half);
+              store(o + d, round_v<T>(round_v<T>(a * load(c + d)) + round_v<T>(b * load(sg + d))));
+              store(o + d + half, round_v<T>(round_v<T>(b * load(c + d + half)) + round_v<T>(a * load(sg + d + half))));
+            }
+        for (; d < half; ++d) {
           const float a = v[d], b = v[d + half];
           o[d] = round_to<T>(round_to<T>(a * c[d]) + round_to<T>(b * sg[d]));
           o[d + half] = round_to<T>(round_to<T>(b * c[d + half]) + round_to<T>(a * sg[d + half]));

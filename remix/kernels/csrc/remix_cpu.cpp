@@ -24,6 +24,10 @@
 #include "decode_stack.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("_norm_vec", [](bool on) { return std::exchange(g_norm_vec, on); },
+        "A/B runs and tests: add_rms_norm_'s vector loops (default on; off: the scalar loops, the same values)");
+  m.def("_rotary_vec", [](bool on) { return std::exchange(g_rotary_vec, on); },
+        "A/B runs and tests: rotary_'s vector loop (default on; off: the scalar loop, the same values)");
   m.def("_proj_skip", [](bool on) { g_proj_skip = on; }, "A/B");
   m.def("_qkv_gather", [](bool on) { g_qkv_gather = on; },
         "tests and A/B runs: the decode stack's routed q / k / v as one GEMM then their gathers (default on)");
