@@ -10,7 +10,9 @@ the step), so a slow spell lands on all of them. Only switches that leave every 
 decode step and the median time of its FFN projections (the decode stack's clock; --ops picks other kinds) for each
 variant; the first variant's statement runs again at the end. Default base in bfloat16 (or --dtype), prompts of 128
 tokens (--long-prompts 8:1500: the first 8 requests of each level 1,500 tokens, so a step's rows have mixed lengths,
-the long ones together). --peft: every request on server.bench's peft LoRA (rank 16 on q / k / v / o and the FFN) instead:
+the long ones together). --stages: each variant's ReMix module calls timed stage by stage as well (the kernels' module
+clock in the timed steps: route, the barriers, phase A, the GEMM slice, phase B, us a call per thread), which tells a
+change that moves time from one stage into another from one that saves it. --peft: every request on server.bench's peft LoRA (rank 16 on q / k / v / o and the FFN) instead:
 
     python scripts/ab_steps.py --peft --concurrency 1,8 --ops qkv \
         --variant 'three=ext._qkv_gather(False)' --variant 'fused=ext._qkv_gather(True)'
@@ -42,6 +44,9 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", action="append", required=True, help="NAME=STATEMENT (at least two)")
     ap.add_argument("--peft", action="store_true", help="requests on a peft LoRA (q / k / v / o + FFN), not --adapters")
     ap.add_argument("--ops", default="gate,up,down", help=f"the stack's ops whose time is printed: {','.join(cpu_ext.STACK_OPS)}")
+    ap.add_argument("--stages", action="store_true",
+                    help="also time each ReMix module call's stages (cpu_ext.module_clock) in the timed steps: per "
+                         "variant and thread, us a call")
     ap.add_argument("--long-prompts", default="", metavar="N:TOKENS",
                     help="the first N requests of each level get prompts of TOKENS tokens (the rest 128): rows of "
                          "mixed lengths, the long ones together")
@@ -86,6 +91,8 @@ def main(argv=None) -> None:
             prompts = prompts_of(tok, n_long, long_len) + prompts_of(tok, c - n_long, 128)
             step = {v: [] for v in names}
             ffn = {v: [] for v in names}
+            stages = {v: [] for v in names}  # per variant: per thread {stage: ms} summed over the timed steps
+            calls = {v: 0 for v in names}
             for run in range(args.runs):
                 for i, p in enumerate(prompts):
                     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.0)
@@ -97,18 +104,37 @@ def main(argv=None) -> None:
                     v = names[n % len(names)]
                     n += 1
                     exec(variants[v], {"ext": ext})
+                    if args.stages:
+                        cpu_ext.module_clock(True)
                     t0 = time.perf_counter()
                     engine.step()
                     dt = time.perf_counter() - t0
                     ops, runs = cpu_ext.stack_clock(True)
+                    threads, ncalls = cpu_ext.module_clock(False) if args.stages else ([], 0)
                     if engine.last_step["prefill_tokens"] == 0 and engine.last_step["decode_rows"] == c and runs == 1:
                         step[v].append(1000 * dt)
                         ffn[v].append(sum(ops.get(k, 0.0) for k in ops_shown))
+                        add_stages(stages[v], threads)
+                        calls[v] += ncalls
                 cpu_ext.stack_clock(False)
             print(f"c={c} adapters={'peft' if args.peft else count} steps a variant={len(step[names[0]])}  " + "  ".join(
                 f"{v}: step {statistics.median(step[v]):.2f} ms, {'+'.join(ops_shown)} {statistics.median(ffn[v]):.2f}"
                 for v in names), flush=True)
+            if args.stages:
+                for v in names:
+                    for h, per in enumerate(stages[v]):
+                        print(f"  {v} thread {h}: " + " | ".join(
+                            f"{k} {1000 * ms / max(1, calls[v]):.1f}" for k, ms in per.items()) + " us a call", flush=True)
     exec(variants[names[0]], {"ext": ext})
+
+
+def add_stages(total: list[dict[str, float]], threads: list[dict[str, float]]) -> None:
+    """Adds one step's module clock (per thread {stage: ms}, cpu_ext.module_clock) into ``total``."""
+    for h, per in enumerate(threads):
+        if h == len(total):
+            total.append(dict.fromkeys(per, 0.0))
+        for k, ms in per.items():
+            total[h][k] += ms
 
 
 if __name__ == "__main__":

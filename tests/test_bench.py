@@ -447,6 +447,22 @@ def test_ab_steps_rejects_a_malformed_long_prompts_option(capsys, monkeypatch):
         assert e.value.code == 2 and "--long-prompts" in capsys.readouterr().err, bad
 
 
+def test_ab_steps_adds_each_steps_module_clock_per_thread_and_stage(monkeypatch):
+    """scripts/ab_steps.py --stages: each timed step's module clock (per thread {stage: ms}) is summed per thread and
+    stage; a thread first seen in a later step starts at zero."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import ab_steps
+
+    total: list[dict[str, float]] = []
+    ab_steps.add_stages(total, [{"route": 1.0, "phase_b": 2.0}])
+    ab_steps.add_stages(total, [{"route": 0.5, "phase_b": 0.25}, {"route": 3.0, "phase_b": 4.0}])
+    assert total == [{"route": 1.5, "phase_b": 2.25}, {"route": 3.0, "phase_b": 4.0}]
+    ab_steps.add_stages(total, [])  # a step with no module call (the clock read empty) adds nothing
+    assert total == [{"route": 1.5, "phase_b": 2.25}, {"route": 3.0, "phase_b": 4.0}]
+
+
 def _run_c_probe(tmp_path, name: str, opt: str, arg: str, timeout: int) -> str:
     """Build scripts/<name> as its header says (gcc `opt` -march=native, warnings as errors) and run it with `arg`: its
     output. Skips without gcc or AVX-512 (the probes time 512-bit instructions)."""
