@@ -11,8 +11,9 @@ decode step and the median time of its FFN projections (the decode stack's clock
 variant; the first variant's statement runs again at the end. Default base in bfloat16 (or --dtype), prompts of 128
 tokens (--long-prompts 8:1500: the first 8 requests of each level 1,500 tokens, so a step's rows have mixed lengths,
 the long ones together). --stages: each variant's ReMix module calls timed stage by stage as well (the kernels' module
-clock in the timed steps: route, the barriers, phase A, the GEMM slice, phase B, us a call per thread), which tells a
-change that moves time from one stage into another from one that saves it. --peft: every request on server.bench's peft LoRA (rank 16 on q / k / v / o and the FFN) instead:
+clock in the timed steps: route, the barriers, phase A, the GEMM slice, phase B, us a call per thread; its reads add
+a little to every variant alike), which tells a change that moves time from one stage into another from one that
+saves it. --peft: every request on server.bench's peft LoRA (rank 16 on q / k / v / o and the FFN) instead:
 
     python scripts/ab_steps.py --peft --concurrency 1,8 --ops qkv \
         --variant 'three=ext._qkv_gather(False)' --variant 'fused=ext._qkv_gather(True)'
