@@ -11,9 +11,10 @@ decode step and the median time of its FFN projections (the decode stack's clock
 variant; the first variant's statement runs again at the end. Default base in bfloat16 (or --dtype), prompts of 128
 tokens (--long-prompts 8:1500: the first 8 requests of each level 1,500 tokens, so a step's rows have mixed lengths,
 the long ones together). --stages: each variant's ReMix module calls timed stage by stage as well (the kernels' module
-clock in the timed steps: route, the barriers, phase A, the GEMM slice, phase B, us a call per thread; its reads add
-a little to every variant alike), which tells a change that moves time from one stage into another from one that
-saves it. --peft: every request on server.bench's peft LoRA (rank 16 on q / k / v / o and the FFN) instead:
+clock in the timed steps: route, the barriers, phase A, the GEMM slice, phase B, us a call per thread, and the calls
+it counted a step; its reads add a little to every variant alike), which tells a change that moves time from one stage
+into another from one that saves it. The clock does not count a routed gate and up run as one pair (steps of fewer
+than 9 rows, `_fuse_pair_below`): there the stages are the down projections' alone (30 calls a step, not 90). --peft: every request on server.bench's peft LoRA (rank 16 on q / k / v / o and the FFN) instead:
 
     python scripts/ab_steps.py --peft --concurrency 1,8 --ops qkv \
         --variant 'three=ext._qkv_gather(False)' --variant 'fused=ext._qkv_gather(True)'
@@ -123,6 +124,7 @@ def main(argv=None) -> None:
                 for v in names), flush=True)
             if args.stages:
                 for v in names:
+                    print(f"  {v}: {calls[v] / max(1, len(step[v])):.0f} module calls counted a step", flush=True)
                     for h, per in enumerate(stages[v]):
                         print(f"  {v} thread {h}: " + " | ".join(
                             f"{k} {1000 * ms / max(1, calls[v]):.1f}" for k, ms in per.items()) + " us a call", flush=True)
