@@ -31,6 +31,11 @@ def find_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> list
     ]
 
 
+def linear_suffixes(model: nn.Module) -> list[str]:
+    """The last dotted part of every ``nn.Linear`` module's name, each once (what a suffix target can name)."""
+    return sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear) and name})
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -49,7 +54,8 @@ def inject(
         raise ValueError("model already has Mixture-of-LoRAs layers; call remix.unwrap(model) first")
     names = module_names if module_names is not None else find_targets(model, config.targets)
     if not names:
-        raise ValueError(f"no nn.Linear module matches targets {list(config.targets)}")
+        raise ValueError(f"no nn.Linear module matches targets {list(config.targets)} (the model's linear modules end "
+                         f"in {', '.join(linear_suffixes(model))})")
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}

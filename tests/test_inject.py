@@ -57,7 +57,8 @@ def test_fresh_pools_keep_logits_and_unwrap_restores(tiny, device):
 
 def test_errors(tiny):
     model, _ = tiny
-    with pytest.raises(ValueError, match="no nn.Linear module matches"):
+    with pytest.raises(ValueError, match=r"no nn.Linear module matches targets \['nothing_here'\] \(the model's linear "
+                       r"modules end in down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\)"):
         remix.inject(model, remix.MixtureConfig(targets=["nothing_here"]))
     remix.inject(model, remix.MixtureConfig())
     with pytest.raises(ValueError, match="already has"):

@@ -106,6 +106,27 @@ def test_config_precedence_and_errors(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(["--k", "9", "--samples", "1", "--lr", "0"])
     assert "--k: must be <= n" in str(e.value) and "--samples" in str(e.value) and "--lr" in str(e.value)
+    # data that is neither a built-in task nor a file fails with the other fields, before any model loads
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    assert load_config(["--data", str(data), "--eval-data", "facts"]).data == str(data)
+    with pytest.raises(ConfigError) as e:
+        load_config(["--data", str(tmp_path / "missing.jsonl"), "--eval-data", "nope", "--k", "9"])
+    msg = str(e.value)
+    assert f"--data: '{tmp_path / 'missing.jsonl'}' is neither a built-in task (facts," in msg
+    assert "--eval-data: 'nope' is neither" in msg and "--k: must be <= n" in msg
+
+
+def test_fit_names_targets_that_match_no_linear(tmp_path, capsys):
+    """A --targets that selects nothing is a CLI error naming the flag and what the base's linears are called."""
+    from training.fit import main
+
+    assert main(["--base", "tiny", "--targets", "gate,re:.*mlp", "--steps", "1", "--progress", "false",
+                 "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --targets: no linear module of tiny matches gate,re:.*mlp (its linear modules end in ")
+    assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj;" in err
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 FIT = [sys.executable, "-m", "training.fit", "--base", "tiny", "--train-size", "40", "--eval-size", "6",

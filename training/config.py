@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from remix.config import DEFAULT_TARGETS, ROUTERS, MixtureConfig
-from training.tasks import TASK_DEFAULTS
+from training.tasks import TASK_DEFAULTS, TASKS
 
 
 def _f(default, help: str, **kw):
@@ -85,6 +85,11 @@ class TrainConfig:
             out.append(f"--schedule: must be constant, linear or cosine, got {self.schedule!r}")
         if self.device not in ("cpu", "cuda"):
             out.append(f"--device: must be cpu or cuda, got {self.device!r}")
+        for name in ("data", "eval_data"):  # checked before any model loads
+            value = getattr(self, name)
+            if value and value not in TASKS and not Path(value).is_file():
+                out.append(f"--{name.replace('_', '-')}: {value!r} is neither a built-in task ({', '.join(TASKS)}) nor a "
+                           "file")
         return out
 
     @property

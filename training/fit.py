@@ -21,6 +21,7 @@ import torch
 
 import remix
 from remix import routing
+from remix.inject import find_targets, linear_suffixes
 from remix.kernels import tune_cpu_allocator
 from training import distributed, rloo
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -127,6 +128,9 @@ def run(cfg: TrainConfig) -> dict:
     model, tokenizer = remix.load_base(cfg.base, device=cfg.device)
     train = load_examples(cfg.data, "train", tokenizer, cfg.max_seq_len, cfg.train_size, cfg.seed, cfg.chat)
     heldout = heldout_examples(cfg.data, cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.eval_size, cfg.seed, cfg.chat)
+    if not find_targets(model, cfg.targets):  # (before inject's own error: name the flag, not the library call)
+        raise ConfigError(f"--targets: no linear module of {cfg.base} matches {','.join(cfg.targets)} (its linear modules "
+                          f"end in {', '.join(linear_suffixes(model))}; a 're:' target is a regex on the whole name)")
     layers = remix.inject(model, cfg.mixture())
     noises = []
     for i, layer in enumerate(layers.values()):
