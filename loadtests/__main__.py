@@ -29,6 +29,31 @@ def parse_slo(text: str) -> dict[str, float]:
     return out
 
 
+def input_problems(args: argparse.Namespace) -> list[str]:
+    """Every bad flag of a load run, each naming its flag (empty: the run can start)."""
+    out = []
+    if urlparse(args.url).scheme not in ("http", "https"):
+        out.append(f"--url must be http(s)://host:port, got {args.url!r}")
+    for name in ("rate", "burstiness", "duration", "timeout"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            out.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("concurrency", "num_requests", "prompt_words", "output_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            out.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("prompt_spread", "output_spread"):
+        if not 0 <= getattr(args, name) <= 1:
+            out.append(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.shared_prefix_words < 0:
+        out.append(f"--shared-prefix-words must be >= 0, got {args.shared_prefix_words}")
+    if not args.temperature >= 0:
+        out.append(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        out.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not any(args.adapters.split(",")):
+        out.append("--adapters names no model")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,18 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         print(compare(*args.compare))
         return 0
-    if not args.rate and not args.concurrency:
+    problems = input_problems(args)
+    if problems:
+        print("error: " + "\n       ".join(problems), file=sys.stderr)
+        return 2
+    if args.rate is None and args.concurrency is None:
         args.concurrency = 1
-    if urlparse(args.url).scheme not in ("http", "https"):
-        print(f"error: --url must be http(s)://host:port, got {args.url!r}", file=sys.stderr)
-        return 2
-    for name in ("num_requests", "duration", "output_tokens"):
-        if getattr(args, name) <= 0:
-            print(f"error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
-            return 2
-    if args.shared_prefix_words < 0:
-        print("error: --shared-prefix-words must be >= 0", file=sys.stderr)
-        return 2
     rng = random.Random(args.seed)
     prompts = make_prompts(args.num_requests, args.prompt_words, args.prompt_spread, rng, args.prompts_file,
                            args.shared_prefix_words)

@@ -370,7 +370,7 @@ def _captured(fn, device: torch.device):  # pragma: no cover - CUDA only
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_output_args(ap)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -396,7 +396,19 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats: must be at least 1")
-    levels = [int(c) for c in args.concurrency.split(",")]
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        ap.error(f"--concurrency: comma-separated whole numbers, got {args.concurrency!r}")
+    if min(levels) < 1:
+        ap.error(f"--concurrency: each level must be at least 1, got {args.concurrency!r}")
+    for name in ("prompt_tokens", "new_tokens"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    if args.max_batched_tokens < 0:
+        ap.error(f"--max-batched-tokens: must be 0 (the default budget) or more, got {args.max_batched_tokens}")
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1:
+        ap.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     if args.max_batched_tokens and args.max_batched_tokens <= max(levels):
         ap.error("--max-batched-tokens: must exceed the largest concurrency (a step holds every decode row)")
     try:

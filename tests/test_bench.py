@@ -224,6 +224,29 @@ def test_server_bench_takes_the_engines_token_budget(capsys):
     assert "--max-batched-tokens: must exceed the largest concurrency" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--concurrency", "1,x"], "--concurrency: comma-separated whole numbers, got '1,x'"),
+    (["--concurrency", "8,0"], "--concurrency: each level must be at least 1, got '8,0'"),
+    (["--new-tokens", "0"], "--new-tokens: must be at least 1, got 0"),
+    (["--top-p", "1.5"], "--temperature must be >= 0 and --top-p in (0, 1], got 0.0 and 1.5"),
+])
+def test_server_bench_names_a_bad_flag_before_loading_anything(args, message, capsys):
+    with pytest.raises(SystemExit):
+        server_bench.main(["--base", "/nonexistent", *args])  # (refused before the base would fail to load)
+    assert message in capsys.readouterr().err
+
+
+def test_kernel_bench_names_every_bad_flag(capsys):
+    with pytest.raises(SystemExit):
+        kernel_bench.main(["--tokens", "32,x"])
+    assert "--tokens: comma-separated whole numbers, got '32,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kernel_bench.main(["--tokens", "0", "--k", "9", "--r", "0", "--min-time", "0"])
+    err = capsys.readouterr().err
+    assert ("--tokens: each T must be at least 1, got '0'; --r: must be at least 1, got 0; --k: must be between 1 and "
+            "--n (8), got 9; --min-time: must be > 0 seconds, got 0.0") in err
+
+
 def test_kv_bench_measures_both_caches_in_rounds_and_their_agreement(tmp_path):
     from server import bench_kv
 

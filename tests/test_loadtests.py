@@ -81,6 +81,14 @@ def test_capacity_procedure(server, tmp_path):
 def test_bad_arguments():
     assert run(["--url", "ftp://x", "--num-requests", "1"]).returncode == 2
     assert run(["--url", "http://127.0.0.1:9", "--num-requests", "0"]).returncode == 2
+    # every bad flag named at once, before any request is sent (a concurrency of 0 had meant 1)
+    res = run(["--url", "http://127.0.0.1:9", "--concurrency", "0", "--prompt-spread", "2", "--top-p", "0",
+               "--timeout", "0", "--adapters", ","])
+    assert res.returncode == 2 and "sent" not in res.stderr
+    for line in ("--timeout must be > 0, got 0.0", "--concurrency must be at least 1, got 0",
+                 "--prompt-spread must be in [0, 1], got 2.0", "--top-p must be in (0, 1], got 0.0",
+                 "--adapters names no model"):
+        assert line in res.stderr
 
 
 def test_a_prompts_files_own_fields_go_with_its_prompts(server, tmp_path):

@@ -258,7 +258,7 @@ def judge(results: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m remix.kernels.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--markdown", help="write the README's table to this file")
     parser.add_argument("--tokens", default="1,32,512", help="comma-separated T values")
@@ -274,6 +274,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="weights and activations of every variant (routers stay float32)")
     args = parser.parse_args(argv)
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        parser.error(f"--tokens: comma-separated whole numbers, got {args.tokens!r}")
+    problems = [f"--tokens: each T must be at least 1, got {args.tokens!r}"] if min(tokens) < 1 else []
+    problems += [f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}"
+                 for name in ("n", "r", "adapters", "copies") if getattr(args, name) < 1]
+    if not 1 <= args.k <= args.n:
+        problems.append(f"--k: must be between 1 and --n ({args.n}), got {args.k}")
+    if not args.min_time > 0:
+        problems.append(f"--min-time: must be > 0 seconds, got {args.min_time}")
+    if args.threads is not None and args.threads < 1:
+        problems.append(f"--threads: must be at least 1, got {args.threads}")
+    if problems:
+        parser.error("; ".join(problems))
     if not args.no_tune_alloc:
         tune_cpu_allocator()
     cpu_ext.load()  # compile (once) before timing
@@ -281,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     results = []
     for d_in, d_out in ((576, 1536), (1536, 576)):
-        for T in (int(t) for t in args.tokens.split(",")):
+        for T in tokens:
             res = bench_shape(d_in, d_out, T, args.n, args.k, args.r, args.adapters, args.min_time, args.copies,
                               getattr(torch, args.dtype))
             results.append(res)
