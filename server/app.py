@@ -160,9 +160,19 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(404, f"the model {model_id!r} does not exist", "not_found_error", "model", "model_not_found")
         return found[0]
 
+    def check_new_name(name: str, param: str) -> None:
+        """A name an adapter may be loaded under: not the base model's, not a loaded adapter's."""
+        if name == state.base_name:
+            raise APIError(400, f"{name!r} is the base model's name; load the adapter under another", param=param,
+                           code="invalid_adapter")
+        if name in state.engine.registry.adapters:
+            raise APIError(400, f"an adapter named {name!r} is already loaded; unload it first", param=param,
+                           code="invalid_adapter")
+
     @app.post("/v1/adapters")
     async def load_adapter(body: AdapterLoadRequest, request: Request):
         check_key(request)
+        check_new_name(body.name, "name")
         try:
             loaded = await asyncio.to_thread(state.engine.load_adapter, body.name, body.path, body.check_fingerprint)
         except AdapterError as e:
@@ -176,6 +186,7 @@ def create_app(state: ServerState) -> FastAPI:
         if body.load_inplace and body.lora_name in state.engine.registry.adapters:
             raise APIError(400, f"load_inplace: the adapter {body.lora_name!r} is loaded; unload it first",
                            param="load_inplace", code="invalid_adapter")
+        check_new_name(body.lora_name, "lora_name")
         try:
             await asyncio.to_thread(state.engine.load_adapter, body.lora_name, body.lora_path, True)
         except AdapterError as e:

@@ -128,6 +128,11 @@ def load_settings(argv: list[str] | None = None) -> dict:
             and settings["base"] == "smollm2-135m-instruct"):  # the demo adapter was trained on the default base
         adapters["demo"] = str(DEMO_ADAPTER)
     settings["adapters"] = adapters
+    served = settings["served_name"] or settings["base"]
+    if served in adapters:  # (requests name one model: the base's name must stay the base's)
+        flag = "--served-name" if settings["served_name"] else "--base"
+        raise SystemExit(f"error: --adapter {served}=...: {served!r} is the base model's name ({flag}); give the adapter "
+                         "another")
     if settings["dtype"] not in DTYPES:
         raise SystemExit(f"error: --dtype must be one of {', '.join(DTYPES)}, got {settings['dtype']!r}")
     try:

@@ -27,6 +27,15 @@ def test_bad_values_name_the_field(argv, field):
         cli.load_settings(argv + ["--base", "tiny"])
 
 
+def test_an_adapter_may_not_take_the_base_models_name(tmp_path):
+    with pytest.raises(SystemExit, match=r"--adapter tiny=\.\.\.: 'tiny' is the base model's name \(--base\)"):
+        cli.load_settings(["--base", "tiny", "--adapter", f"tiny={tmp_path}"])
+    with pytest.raises(SystemExit, match=r"'m' is the base model's name \(--served-name\)"):
+        cli.load_settings(["--base", "tiny", "--served-name", "m", "--adapter", f"m={tmp_path}"])
+    assert cli.load_settings(["--base", "tiny", "--served-name", "m", "--adapter", f"tiny={tmp_path}"])["adapters"] == {
+        "tiny": str(tmp_path)}
+
+
 def test_unknown_config_field_is_named(tmp_path):
     cfg = tmp_path / "s.yaml"
     cfg.write_text("max_num_seq: 4\n")

@@ -378,6 +378,11 @@ def test_live_adapter_load_and_unload(server, client, tmp_path):
     assert r.status_code == 400 and "not a readable safetensors file" in r.json()["error"]["message"]
     r = _post(server, "/v1/adapters", {"name": "nowhere", "path": str(tmp_path / "missing")})
     assert r.status_code == 400
+    # a name taken by the base model or a loaded adapter is refused, naming the field, before anything loads
+    for name, said in (("tiny", "'tiny' is the base model's name"), ("gamma", "an adapter named 'gamma' is already loaded")):
+        r = _post(server, "/v1/adapters", {"name": name, "path": path})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name" and said in r.json()["error"]["message"]
+    assert [m.id for m in client.models.list().data].count("tiny") == 1
     assert httpx.delete(server.url + "/v1/adapters/gamma", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert _post(server, "/v1/completions", {"model": "gamma", "prompt": "x"}).status_code == 404
     assert httpx.delete(server.url + "/v1/adapters/gamma").status_code == 401
@@ -400,6 +405,8 @@ def test_vllm_lora_endpoints_load_a_peft_adapter(server, client, tmp_path):
     assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace"
     r = _post(server, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(tmp_path / "none")})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+    r = _post(server, "/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": str(tmp_path / "p")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
     r = _post(server, "/v1/unload_lora_adapter", {"lora_name": "sql"})
     assert r.status_code == 200 and "removed" in r.text
     assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "sql"}).status_code == 404
