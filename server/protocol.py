@@ -157,6 +157,11 @@ class CompletionRequest(_Common):
             raise ValueError("token-id prompts must not be empty")
         return v
 
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _max_tokens_null(cls, v):
+        return 16 if v is None else v  # OpenAI's null: the default (clients such as LangChain's send it)
+
     @field_validator("suffix")
     @classmethod
     def _unsupported(cls, v, info):

@@ -137,13 +137,16 @@ def test_health_reports_where_the_model_runs(server):
     assert health["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def test_prompt_forms(client):
+def test_prompt_forms(server, client):
     r = client.completions.create(model="tiny", prompt=["one", "two"], max_tokens=3, temperature=0, n=2)
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     r = client.completions.create(model="tiny", prompt=[104, 105], max_tokens=3, temperature=0)
     assert r.usage.prompt_tokens == 2
     r = client.completions.create(model="tiny", prompt=[[104, 105], [106]], max_tokens=2, temperature=0)
     assert len(r.choices) == 2
+    # max_tokens null is OpenAI's default of 16 (clients such as LangChain's send it)
+    r = _post(server, "/v1/completions", {"model": "tiny", "prompt": "one", "max_tokens": None, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16, r.text
 
 
 def test_streaming_with_usage(client):
