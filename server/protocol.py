@@ -51,10 +51,24 @@ class ResponseFormat(BaseModel):
         return self
 
 
+def null_is_default(model: type[BaseModel], data):
+    """A request body with every null of an optional field dropped, so that field's default applies: OpenAI's API reads
+    null as "not given" for each of them (temperature, n, stream, max_tokens, ...), and clients such as LangChain's and
+    LiteLLM's send it. A required field's null (model, prompt, messages) stays, and fails as a missing value."""
+    if not isinstance(data, dict):
+        return data
+    return {k: v for k, v in data.items() if v is not None or k not in model.model_fields or model.model_fields[k].is_required()}
+
+
 class _Common(BaseModel):
     """The fields both endpoints take (OpenAI's, then the extensions), their checks, and the sampling parameters
     they make; each endpoint adds its prompt, max_tokens and logprobs fields."""
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data):
+        return null_is_default(cls, data)
 
     model: str
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -156,11 +170,6 @@ class CompletionRequest(_Common):
         if isinstance(v[0], list) and any(not p for p in v):
             raise ValueError("token-id prompts must not be empty")
         return v
-
-    @field_validator("max_tokens", mode="before")
-    @classmethod
-    def _max_tokens_null(cls, v):
-        return 16 if v is None else v  # OpenAI's null: the default (clients such as LangChain's send it)
 
     @field_validator("suffix")
     @classmethod

@@ -144,9 +144,19 @@ def test_prompt_forms(server, client):
     assert r.usage.prompt_tokens == 2
     r = client.completions.create(model="tiny", prompt=[[104, 105], [106]], max_tokens=2, temperature=0)
     assert len(r.choices) == 2
-    # max_tokens null is OpenAI's default of 16 (clients such as LangChain's send it)
-    r = _post(server, "/v1/completions", {"model": "tiny", "prompt": "one", "max_tokens": None, "ignore_eos": True})
+    # null is OpenAI's "not given" for every optional field (clients such as LangChain's send it): the default applies
+    r = _post(server, "/v1/completions", {"model": "tiny", "prompt": "one", "max_tokens": None, "ignore_eos": True,
+                                          "temperature": None, "n": None, "echo": None, "stream": None})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16, r.text
+    r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 2, "top_p": None, "logprobs": None, "stream": None,
+                                               "parallel_tool_calls": None, "presence_penalty": None})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    r = _post(server, "/v1/responses", {"model": "tiny", "input": "hi", "max_output_tokens": 2, "stream": None,
+                                        "store": None, "top_k": None})
+    assert r.status_code == 200 and r.json()["object"] == "response", r.text
+    r = _post(server, "/v1/completions", {"model": None, "prompt": "one"})  # a required field's null still fails
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
 
 
 def test_streaming_with_usage(client):
