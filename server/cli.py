@@ -96,6 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_values(loaded: dict) -> tuple[dict, list[str]]:
+    """A --config file's fields as the flags would give them (each to its option's type; YAML's on / off, which it
+    reads as booleans, back to "on" / "off"), and a line naming each field whose value does not fit."""
+    kinds = {name: kind for name, kind, _, _ in OPTIONS}
+    typed, bad = {}, []
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        kind = kinds[name]
+        if kind is list:
+            values = value if isinstance(value, list) else [value]
+            if all(isinstance(v, str) for v in values):
+                typed[name] = values
+            else:
+                bad.append(f"{name}: expected NAME=PATH strings, got {value!r}")
+        elif kind is str:
+            typed[name] = ("on" if value else "off") if isinstance(value, bool) else str(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            bad.append(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+        else:
+            try:
+                typed[name] = kind(value)
+            except ValueError:
+                bad.append(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+            else:
+                if kind is int and isinstance(value, float) and not value.is_integer():
+                    bad.append(f"{name}: expected an integer, got {value!r}")
+    return typed, bad
+
+
 def load_settings(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     settings = {name: (list(default) if isinstance(default, list) else default) for name, _, default, _ in OPTIONS}
@@ -104,10 +133,15 @@ def load_settings(argv: list[str] | None = None) -> dict:
             loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise SystemExit(f"error: --config {args.config}: {e}")
-        unknown = sorted(set(k.replace("-", "_") for k in loaded) - set(settings))
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"error: --config {args.config}: expected a mapping of field: value")
+        unknown = sorted(set(str(k).replace("-", "_") for k in loaded) - set(settings))
         if unknown:
             raise SystemExit(f"error: --config {args.config}: unknown field(s) {', '.join(unknown)}")
-        settings.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        typed, bad = config_values(loaded)
+        if bad:
+            raise SystemExit(f"error: --config {args.config}:\n  - " + "\n  - ".join(bad))
+        settings.update(typed)
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     if not settings["api_key"]:
         settings["api_key"] = os.environ.get("REMIX_API_KEY", "")
@@ -179,6 +213,15 @@ def load_settings(argv: list[str] | None = None) -> dict:
     for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens", "max_prefill_chunk"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    if settings["port"] > 65535:
+        raise SystemExit(f"error: --port must be at most 65535, got {settings['port']}")
+    if not settings["kv_memory_gb"] > 0:
+        raise SystemExit(f"error: --kv-memory-gb must be > 0, got {settings['kv_memory_gb']}")
+    for name in ("drain_timeout", "threads"):
+        if settings[name] < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {settings[name]}")
+    if settings["log_level"].lower() not in ("debug", "info", "warning", "error"):
+        raise SystemExit(f"error: --log-level must be debug, info, warning or error, got {settings['log_level']!r}")
     return settings
 
 

@@ -36,6 +36,28 @@ def test_an_adapter_may_not_take_the_base_models_name(tmp_path):
         "tiny": str(tmp_path)}
 
 
+def test_config_values_take_their_options_types_or_are_named(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    # YAML reads on / off as booleans: they mean the options' "on" / "off"; 4.0 is an integer; one adapter may be a string
+    cfg.write_text("prefix_caching: off\ncuda_graphs: on\nmax_num_seqs: 4.0\nkv_memory_gb: 1\nadapter: a=/x\n")
+    s = cli.load_settings(["--config", str(cfg), "--base", "tiny"])
+    assert (s["prefix_caching"], s["cuda_graphs"], s["max_num_seqs"], s["kv_memory_gb"], s["adapters"]) == (
+        "off", "on", 4, 1.0, {"a": "/x"})
+    cfg.write_text("max_num_seqs: abc\nmax_queue: 4.5\nport: [1]\nadapter: 3\n")
+    with pytest.raises(SystemExit) as e:
+        cli.load_settings(["--config", str(cfg)])
+    assert str(e.value) == (f"error: --config {cfg}:\n  - max_num_seqs: expected an integer, got 'abc'\n  - max_queue: "
+                            "expected an integer, got 4.5\n  - port: expected an integer, got [1]\n  - adapter: expected "
+                            "NAME=PATH strings, got 3")
+    cfg.write_text("- a\n")
+    with pytest.raises(SystemExit, match="expected a mapping"):
+        cli.load_settings(["--config", str(cfg)])
+    for argv, said in ((["--port", "70000"], "--port must be at most 65535"), (["--kv-memory-gb", "0"], "--kv-memory-gb"),
+                       (["--drain-timeout", "-1"], "--drain-timeout"), (["--log-level", "loud"], "--log-level")):
+        with pytest.raises(SystemExit, match=said):
+            cli.load_settings(argv + ["--base", "tiny"])
+
+
 def test_unknown_config_field_is_named(tmp_path):
     cfg = tmp_path / "s.yaml"
     cfg.write_text("max_num_seq: 4\n")
