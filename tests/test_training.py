@@ -106,6 +106,15 @@ def test_config_precedence_and_errors(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(["--k", "9", "--samples", "1", "--lr", "0"])
     assert "--k: must be <= n" in str(e.value) and "--samples" in str(e.value) and "--lr" in str(e.value)
+    # a file's values take their fields' types (PyYAML reads 1e-3 as a string, off as a boolean) or are named
+    cfg_file.write_text("targets: gate_proj,up_proj\nchat: off\nsteps: 3.0\nlr: 1e-3\n")
+    cfg = load_config(["--config", str(cfg_file)])
+    assert (cfg.targets, cfg.chat, cfg.steps, cfg.lr) == (["gate_proj", "up_proj"], False, 3, 0.001)
+    cfg_file.write_text("lr: abc\nsteps: [1]\nchat: maybe\nk: 2.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(cfg_file)])
+    assert str(e.value) == (f"--config {cfg_file}:\n  - lr: expected a number, got 'abc'\n  - steps: expected an integer, "
+                            "got [1]\n  - chat: expected true or false, got 'maybe'\n  - k: expected an integer, got 2.5")
     # data that is neither a built-in task nor a file fails with the other fields, before any model loads
     data = tmp_path / "train.jsonl"
     data.write_text("")

@@ -117,6 +117,40 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _kind(f: dataclasses.Field) -> type:
+    return f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool, "list": list}[f.type]
+
+
+def _typed(loaded: dict) -> tuple[dict, list[str]]:
+    """A --config file's fields as the flags would give them (each to its field's type: "a,b" or a list for a list,
+    true / false / on / off for a flag), and a line naming each field whose value does not fit."""
+    kinds = {f.name: _kind(f) for f in dataclasses.fields(TrainConfig)}
+    typed, bad = {}, []
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        kind = kinds[name]
+        try:
+            if kind is list:
+                items = value.split(",") if isinstance(value, str) else value
+                if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+                    raise ValueError
+                typed[name] = [t for t in items if t]
+            elif kind is bool:
+                typed[name] = value if isinstance(value, bool) else _parse_bool(str(value))
+            elif kind is str:
+                typed[name] = str(value)
+            elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            else:
+                typed[name] = kind(value)
+                if kind is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+        except (ValueError, argparse.ArgumentTypeError):
+            want = {list: "a list of names (or a,b)", bool: "true or false", int: "an integer", float: "a number"}[kind]
+            bad.append(f"{name}: expected {want}, got {value!r}")
+    return typed, bad
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.fit",
@@ -127,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of fields (same names as the flags, with underscores)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool, "list": list}[f.type]
+        kind = _kind(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if kind is bool:
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=f"{f.metadata['help']} (default: {default})")
@@ -155,7 +189,10 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         unknown = sorted(set(k.replace("-", "_") for k in loaded) - names)
         if unknown:
             raise ConfigError(f"--config {path}: unknown field(s) {', '.join(unknown)}")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        typed, bad = _typed(loaded)
+        if bad:
+            raise ConfigError(f"--config {path}:\n  - " + "\n  - ".join(bad))
+        values.update(typed)
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     for name, value in TASK_DEFAULTS.get(values.get("data", TrainConfig.data), {}).items():
         values.setdefault(name, value)  # a built-in task's own defaults, under the file's and the flags' values
