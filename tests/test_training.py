@@ -124,10 +124,13 @@ def test_config_precedence_and_errors(tmp_path):
     msg = str(e.value)
     assert f"--data: '{tmp_path / 'missing.jsonl'}' is neither a built-in task (facts," in msg
     assert "--eval-data: 'nope' is neither" in msg and "--k: must be <= n" in msg
+    with pytest.raises(ConfigError, match=f"--output: {data} is a file, not a run directory"):
+        load_config(["--output", str(data)])
 
 
-def test_fit_names_targets_that_match_no_linear(tmp_path, capsys):
-    """A --targets that selects nothing is a CLI error naming the flag and what the base's linears are called."""
+def test_fit_names_bad_targets_output_and_device(tmp_path, capsys):
+    """A --targets that selects nothing is a CLI error naming the flag and what the base's linears are called; so are
+    a run directory that cannot be made and --device cuda without a CUDA device."""
     from training.fit import main
 
     assert main(["--base", "tiny", "--targets", "gate,re:.*mlp", "--steps", "1", "--progress", "false",
@@ -136,6 +139,13 @@ def test_fit_names_targets_that_match_no_linear(tmp_path, capsys):
     assert err.startswith("error: --targets: no linear module of tiny matches gate,re:.*mlp (its linear modules end in ")
     assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj;" in err
     assert not (tmp_path / "run" / "adapter").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["--base", "tiny", "--output", str(blocker / "run"), "--steps", "1", "--progress", "false"]) == 2
+    assert f"error: --output {blocker / 'run'}: cannot create the run directory" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--base", "tiny", "--device", "cuda", "--output", str(tmp_path / "c"), "--steps", "1"]) == 2
+        assert "error: --device cuda: no CUDA device here" in capsys.readouterr().err
 
 
 FIT = [sys.executable, "-m", "training.fit", "--base", "tiny", "--train-size", "40", "--eval-size", "6",

@@ -85,6 +85,8 @@ class TrainConfig:
             out.append(f"--schedule: must be constant, linear or cosine, got {self.schedule!r}")
         if self.device not in ("cpu", "cuda"):
             out.append(f"--device: must be cpu or cuda, got {self.device!r}")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            out.append(f"--output: {self.output} is a file, not a run directory")
         for name in ("data", "eval_data"):  # checked before any model loads
             value = getattr(self, name)
             if value and value not in TASKS and not Path(value).is_file():

@@ -115,13 +115,18 @@ def base_scores(metrics_path: Path) -> dict | None:
 def run(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here (or this torch was built without CUDA)")
     tune_cpu_allocator()
     rank, world = distributed.setup(cfg.device)
     if cfg.batch_size % world:
         raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
     lead = rank == 0
     run_dir = Path(cfg.output)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output {run_dir}: cannot create the run directory ({e.strerror})") from None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
