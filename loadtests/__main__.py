@@ -12,9 +12,8 @@ import json
 import random
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
-from loadtests.generator import make_prompts, request_fields, run_load, to_json
+from loadtests.generator import input_problems, make_prompts, request_fields, run_load, to_json
 from loadtests.report import compare, plots, summarize, table
 
 
@@ -26,31 +25,6 @@ def parse_slo(text: str) -> dict[str, float]:
         if key not in ("ttft", "itl", "tpot", "e2e"):
             raise argparse.ArgumentTypeError(f"unknown SLO {key!r} (ttft, itl, tpot, e2e)")
         out[key] = float(value)
-    return out
-
-
-def input_problems(args: argparse.Namespace) -> list[str]:
-    """Every bad flag of a load run, each naming its flag (empty: the run can start)."""
-    out = []
-    if urlparse(args.url).scheme not in ("http", "https"):
-        out.append(f"--url must be http(s)://host:port, got {args.url!r}")
-    for name in ("rate", "burstiness", "duration", "timeout"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            out.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("concurrency", "num_requests", "prompt_words", "output_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            out.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("prompt_spread", "output_spread"):
-        if not 0 <= getattr(args, name) <= 1:
-            out.append(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if args.shared_prefix_words < 0:
-        out.append(f"--shared-prefix-words must be >= 0, got {args.shared_prefix_words}")
-    if not args.temperature >= 0:
-        out.append(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        out.append(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not any(args.adapters.split(",")):
-        out.append("--adapters names no model")
     return out
 
 

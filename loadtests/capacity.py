@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.generator import make_prompts, run_load
+from loadtests.generator import input_problems, make_prompts, run_load
 from loadtests.report import plots, summarize, table
 
 
@@ -89,7 +89,7 @@ def sustainable(s: dict, slo: float) -> bool:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m loadtests.capacity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--api-key")
     ap.add_argument("--adapters", default="demo")
@@ -108,6 +108,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/capacity")
     args = ap.parse_args(argv)
+    problems = input_problems(args)
+    if not args.growth > 1:  # (at 1 or less the sweep would never reach --max-rate)
+        problems.append(f"--growth must be > 1, got {args.growth}")
+    if not args.max_rate >= args.start_rate:
+        problems.append(f"--max-rate must be at least --start-rate ({args.start_rate}), got {args.max_rate}")
+    if problems:
+        print("error: " + "\n       ".join(problems), file=sys.stderr)
+        return 2
     out = Path(args.out)
     best, rate, sweep = None, args.start_rate, []
     while rate <= args.max_rate:

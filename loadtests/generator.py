@@ -5,11 +5,13 @@ Every loop is bounded by --num-requests and --duration, and talks only to the --
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from urllib.parse import urlparse
 
 import httpx
 
@@ -176,3 +178,30 @@ async def run_load(url: str, api_key: str | None, rate: float | None, concurrenc
 
 def to_json(results: list[Result]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+def input_problems(args: argparse.Namespace) -> list[str]:
+    """Every bad flag of a load run, each naming its flag (empty: the run can start). Flags the command does not
+    have are skipped (the capacity procedure shares these checks)."""
+    out = []
+    given = lambda name: getattr(args, name, None) is not None  # noqa: E731
+    if urlparse(args.url).scheme not in ("http", "https"):
+        out.append(f"--url must be http(s)://host:port, got {args.url!r}")
+    for name in ("rate", "burstiness", "duration", "timeout", "start_rate", "sweep_seconds", "run_seconds", "ttft_slo"):
+        if given(name) and not getattr(args, name) > 0:
+            out.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("concurrency", "num_requests", "prompt_words", "output_tokens"):
+        if given(name) and getattr(args, name) < 1:
+            out.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("prompt_spread", "output_spread"):
+        if given(name) and not 0 <= getattr(args, name) <= 1:
+            out.append(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if given("shared_prefix_words") and args.shared_prefix_words < 0:
+        out.append(f"--shared-prefix-words must be >= 0, got {args.shared_prefix_words}")
+    if not args.temperature >= 0:
+        out.append(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        out.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not any(args.adapters.split(",")):
+        out.append("--adapters names no model")
+    return out

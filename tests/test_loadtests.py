@@ -89,6 +89,12 @@ def test_bad_arguments():
                  "--prompt-spread must be in [0, 1], got 2.0", "--top-p must be in (0, 1], got 0.0",
                  "--adapters names no model"):
         assert line in res.stderr
+    # the capacity procedure takes the same checks, and refuses a sweep that would never end
+    res = subprocess.run([sys.executable, "-m", "loadtests.capacity", "--growth", "1", "--start-rate", "0", "--top-p", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "sweep" not in res.stdout
+    for line in ("--start-rate must be > 0, got 0.0", "--top-p must be in (0, 1], got 2.0", "--growth must be > 1, got 1.0"):
+        assert line in res.stderr
 
 
 def test_a_prompts_files_own_fields_go_with_its_prompts(server, tmp_path):
