@@ -348,6 +348,14 @@ def create_app(state: ServerState) -> FastAPI:
                                    state.call_format) if chat else body.to_sampling())
         if chat and params.max_tokens < 1:
             raise APIError(400, "the prompt fills the whole context", param="messages")
+        slots, queue_cap = state.engine.num_slots, state.engine.config.max_queue
+        if params.n > slots:  # (a request's sequences run side by side: best_of of them where it ranks)
+            name = "best_of" if getattr(body, "ranked", False) else "n"
+            raise APIError(400, f"{name} must be at most {slots} here (the server's --max-num-seqs), got {params.n}",
+                           param=name, code="invalid_value")
+        if len(prompt_ids) > queue_cap:  # (each prompt waits as a request of its own: more could never be taken)
+            raise APIError(400, f"a request may carry at most {queue_cap} prompts here (the server's --max-queue), got "
+                           f"{len(prompt_ids)}", param="prompt", code="invalid_value")
         if params.grammar is not None:  # compiled off the event loop (a large schema takes a while), before submit
             try:
                 params.compiled_grammar = await asyncio.to_thread(state.engine.compile_grammar, *params.grammar)

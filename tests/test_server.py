@@ -307,6 +307,8 @@ def _post(server, path, body, key=KEY, raw=None):
     ({"model": "alpha", "prompt": "x", "stop": ["a"] * 20}, "stop"),
     ({"model": "alpha", "prompt": "x", "priority": 10**7}, "priority"),
     ({"prompt": "x"}, "model"),
+    ({"model": "alpha", "prompt": "x", "n": 9}, "n"),  # more than the server's 8 slots
+    ({"model": "alpha", "prompt": "x", "n": 2, "best_of": 9}, "best_of"),
 ])
 def test_bad_input_is_400_with_param(server, body, param):
     r = _post(server, "/v1/completions", body)
@@ -476,6 +478,10 @@ def test_queue_full_is_429_and_draining_is_503():
         "server.engine", fromlist=["x"]).SamplingParams(max_tokens=2)), lambda e: None)  # the queue (size 1) is now full
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    # more prompts in one request than the queue holds could never be taken: a 400, not a 429 to retry
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["x", "y"], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert "at most 1 prompts here (the server's --max-queue), got 2" in r.json()["error"]["message"]
     state.draining = True
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
