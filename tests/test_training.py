@@ -312,3 +312,14 @@ def test_evaluate_cli_scores_an_adapter_and_its_base_as_fit_did(tmp_path):
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
     message = wrong.stderr[wrong.stderr.index("error: "):]
     assert "7 problem(s)" in message and "base model has [64, 96]" in message and "different weights" in message, message
+
+
+def test_study_names_bad_seeds_and_unknown_configurations(tmp_path, capsys):
+    from training import study
+
+    for argv, said in ((["--seeds", "0,x"], "--seeds: comma-separated whole numbers, got '0,x'"),
+                       (["--only", "remix,nope"], "--only: no configuration named nope (there are remix, ")):
+        with pytest.raises(SystemExit):
+            study.main([*argv, "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r")])
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything is written

@@ -165,7 +165,8 @@ def em_plot(out: Path, report: Path, names: list[str], filename: str, title: str
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m training.study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/study", help="where the runs go")
     ap.add_argument("--report", default="docs/study", help="where tables and plots go")
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
@@ -173,10 +174,18 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated config names (default: all)")
     ap.add_argument("--report-only", action="store_true", help="do not train; summarise what exists")
     args = ap.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds: comma-separated whole numbers, got {args.seeds!r}")
+    only = [s for s in args.only.split(",") if s]
+    unknown = [name for name in only if name not in CONFIGS and name not in LONG]
+    if unknown:
+        ap.error(f"--only: no configuration named {', '.join(unknown)} (there are {', '.join([*CONFIGS, *LONG])})")
     out, report = Path(args.out), Path(args.report)
     report.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        run_all(out, SCALES[args.scale], [int(s) for s in args.seeds.split(",")], [s for s in args.only.split(",") if s])
+        run_all(out, SCALES[args.scale], seeds, only)
     ab = [n for n, (g, _) in CONFIGS.items() if g == "ab"] + list(LONG)
     c = ["remix_k1", "remix", "remix_k4", "remix_m2", "remix_m8"]
     lines = ["## (b) ReMix against the baselines", "", *table(out, ab), "", "## (c) ReMix: k and M", "", *table(out, c), ""]
