@@ -98,12 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_values(loaded: dict) -> tuple[dict, list[str]]:
     """A --config file's fields as the flags would give them (each to its option's type; YAML's on / off, which it
-    reads as booleans, back to "on" / "off"), and a line naming each field whose value does not fit."""
+    reads as booleans, back to "on" / "off"; an empty value left out), and a line naming each field whose value does
+    not fit."""
     kinds = {name: kind for name, kind, _, _ in OPTIONS}
     typed, bad = {}, []
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
         kind = kinds[name]
+        if value is None:  # (YAML's empty value: not given, the default stays)
+            continue
         if kind is list:
             values = value if isinstance(value, list) else [value]
             if all(isinstance(v, str) for v in values):

@@ -1,5 +1,7 @@
 """python -m server's settings: precedence, validation messages that name the field, dtype resolution."""
 
+import os
+
 import pytest
 import torch
 
@@ -39,10 +41,12 @@ def test_an_adapter_may_not_take_the_base_models_name(tmp_path):
 def test_config_values_take_their_options_types_or_are_named(tmp_path):
     cfg = tmp_path / "s.yaml"
     # YAML reads on / off as booleans: they mean the options' "on" / "off"; 4.0 is an integer; one adapter may be a string
-    cfg.write_text("prefix_caching: off\ncuda_graphs: on\nmax_num_seqs: 4.0\nkv_memory_gb: 1\nadapter: a=/x\n")
+    cfg.write_text("prefix_caching: off\ncuda_graphs: on\nmax_num_seqs: 4.0\nkv_memory_gb: 1\nadapter: a=/x\n"
+                   "api_key:\nmax_queue:\n")  # (empty values: not given)
     s = cli.load_settings(["--config", str(cfg), "--base", "tiny"])
-    assert (s["prefix_caching"], s["cuda_graphs"], s["max_num_seqs"], s["kv_memory_gb"], s["adapters"]) == (
-        "off", "on", 4, 1.0, {"a": "/x"})
+    assert (s["prefix_caching"], s["cuda_graphs"], s["max_num_seqs"], s["kv_memory_gb"], s["adapters"], s["max_queue"]) == (
+        "off", "on", 4, 1.0, {"a": "/x"}, 256)
+    assert s["api_key"] == os.environ.get("REMIX_API_KEY", "")
     cfg.write_text("max_num_seqs: abc\nmax_queue: 4.5\nport: [1]\nadapter: 3\n")
     with pytest.raises(SystemExit) as e:
         cli.load_settings(["--config", str(cfg)])

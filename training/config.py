@@ -125,12 +125,15 @@ def _kind(f: dataclasses.Field) -> type:
 
 def _typed(loaded: dict) -> tuple[dict, list[str]]:
     """A --config file's fields as the flags would give them (each to its field's type: "a,b" or a list for a list,
-    true / false / on / off for a flag), and a line naming each field whose value does not fit."""
+    true / false / on / off for a flag; an empty value left out), and a line naming each field whose value does not
+    fit."""
     kinds = {f.name: _kind(f) for f in dataclasses.fields(TrainConfig)}
     typed, bad = {}, []
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
         kind = kinds[name]
+        if value is None:  # (YAML's empty value: not given, the default stays)
+            continue
         try:
             if kind is list:
                 items = value.split(",") if isinstance(value, str) else value
