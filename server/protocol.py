@@ -51,6 +51,24 @@ class ResponseFormat(BaseModel):
         return self
 
 
+def valid_unicode(data, path: str = "") -> None:
+    """Raises FieldError naming the first string of a request body (nested: its dotted path) that is not valid Unicode:
+    JSON's escapes can carry a lone surrogate (\\ud800), which no tokenizer encodes - it had surfaced as a 500."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FieldError(path or "body", f"not valid Unicode: it holds a lone surrogate (U+{ord(data[e.start]):04X})"
+                             ) from None
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            valid_unicode(k, path)
+            valid_unicode(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            valid_unicode(v, f"{path}.{i}" if path else str(i))
+
+
 def null_is_default(model: type[BaseModel], data):
     """A request body with every null of an optional field dropped, so that field's default applies: OpenAI's API reads
     null as "not given" for each of them (temperature, n, stream, max_tokens, ...), and clients such as LangChain's and
@@ -68,6 +86,7 @@ class _Common(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _nulls(cls, data):
+        valid_unicode(data)
         return null_is_default(cls, data)
 
     model: str
@@ -369,6 +388,12 @@ class TokenizeRequest(_Template):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)  # (with messages: written into the prompt)
     add_special_tokens: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        valid_unicode(data)
+        return data
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol import FieldError, JsonSchemaFormat, null_is_default
+from server.protocol import FieldError, JsonSchemaFormat, null_is_default, valid_unicode
 
 STORE_LIMIT = 1000
 
@@ -116,6 +116,7 @@ class ResponsesRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _nulls(cls, data):
+        valid_unicode(data)
         return null_is_default(cls, data)
 
     @model_validator(mode="after")

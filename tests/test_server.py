@@ -319,6 +319,25 @@ def test_bad_input_is_400_with_param(server, body, param):
     assert _post(server, "/v1/completions", {"model": "alpha", "prompt": "ok", "max_tokens": 2, "priority": -3}).status_code == 200
 
 
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"model": "alpha", "prompt": "\ud800 x"}, "prompt"),
+    ("/v1/completions", {"model": "alpha", "prompt": ["ok", "x\udc00"]}, "prompt.1"),
+    ("/v1/completions", {"model": "alpha", "prompt": "x", "stop": ["\udfff"]}, "stop.0"),
+    ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]},
+     "messages.0.content.0.text"),
+    ("/v1/responses", {"model": "alpha", "input": "\ud800"}, "input"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+])
+def test_a_lone_surrogate_is_400_naming_where(server, path, body, param):
+    """JSON's \\u escapes can carry half of a surrogate pair, which no tokenizer encodes (it was a 500)."""
+    r = _post(server, path, None, raw=json.dumps(body))  # (json.dumps escapes it as \ud800, as a client would send it)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith(f"{param}: not valid Unicode: it holds a lone surrogate")
+    ok = {"model": "alpha", "messages": [{"role": "user", "content": "\U0001F600"}], "max_tokens": 1}
+    assert _post(server, "/v1/chat/completions", None, raw=json.dumps(ok)).status_code == 200  # (sent as a whole pair)
+
+
 def test_malformed_json_auth_and_unknown_model(server):
     r = _post(server, "/v1/completions", None, raw=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
