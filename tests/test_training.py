@@ -207,6 +207,10 @@ def test_kill_and_resume_gives_the_same_curve(tmp_path):
     # the base's scores (evaluated before step 1 of the first attempt) reach the resumed run's summary from its log
     first = json.loads((tmp_path / "straight" / "summary.json").read_text())["base"]
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["base"] == first
+    # resuming with settings that shape the adapter otherwise is refused, naming each (it was a size-mismatch traceback)
+    other = _run(common + ["--output", str(tmp_path / "killed"), "--resume", "true", "--n", "4", "--optimizer", "sgd"])
+    assert other.returncode == 2 and "error: --resume: the checkpoint " in other.stderr
+    assert "  - n: the checkpoint has 8, this run 4\n  - optimizer: the checkpoint has 'adamw', this run 'sgd'" in other.stderr
 
 
 @pytest.mark.parametrize("router", ["softmax-topk", "dense", "lora"])

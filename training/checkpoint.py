@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -13,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from remix import save_adapter
-from remix.adapter import WEIGHTS_FILE
+from remix.adapter import CONFIG_FILE, WEIGHTS_FILE
+from training.config import ConfigError
 
 
 def _rng_state() -> dict:
@@ -56,9 +58,31 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, layers: dict, optimizer, scheduler) -> int:
-    """Restore adapter weights, optimizer, scheduler and RNG; return the step to continue from."""
+# The settings that shape the adapter or its optimizer's state: a run resumes only with the checkpoint's own
+RESUME_FIXED = ("base", "router", "n", "k", "r", "omega", "alpha", "targets", "load_balance_coef", "optimizer")
+
+
+def load_checkpoint(path: Path, layers: dict, optimizer, scheduler, config: dict | None = None) -> int:
+    """Restore adapter weights, optimizer, scheduler and RNG; return the step to continue from. ``config`` (this run's
+    settings, as training.fit's TrainConfig fields): a ConfigError lists every setting of RESUME_FIXED the checkpoint
+    was trained with otherwise (and, for checkpoints without their settings, every tensor that does not fit)."""
+    saved = json.loads((path / "adapter" / CONFIG_FILE).read_text()).get("training", {}).get("config", {})
+    problems = [f"{k}: the checkpoint has {saved[k]!r}, this run {config[k]!r}" for k in RESUME_FIXED
+                if config is not None and k in saved and k in config and saved[k] != config[k]]
     tensors = load_file(str(path / "adapter" / WEIGHTS_FILE))
+    if not problems:
+        for name, layer in layers.items():
+            for part in ("lora_A", "lora_B", "router"):
+                mine = getattr(layer, part, None) if part != "router" else layer.router
+                if mine is None:
+                    continue
+                theirs = tensors.get(f"{name}.{part}")
+                if theirs is None or tuple(theirs.shape) != tuple(mine.shape):
+                    problems.append(f"{name}.{part}: the checkpoint has "
+                                    f"{'none' if theirs is None else list(theirs.shape)}, this run {list(mine.shape)}")
+    if problems:
+        raise ConfigError(f"--resume: the checkpoint {path} was trained with other settings (resume with its own, or "
+                          "start a new --output):\n  - " + "\n  - ".join(problems))
     with torch.no_grad():
         for name, layer in layers.items():
             layer.lora_A.copy_(tensors[f"{name}.lora_A"])

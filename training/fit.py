@@ -150,7 +150,7 @@ def run(cfg: TrainConfig) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start = load_checkpoint(ckpt, layers, optimizer, scheduler)
+        start = load_checkpoint(ckpt, layers, optimizer, scheduler, dataclasses.asdict(cfg))
         log.warning("resumed from %s (step %d)", ckpt, start)
         if metrics_path.exists():  # drop what was logged after the checkpoint: the curve continues from it
             rows = [line for line in metrics_path.read_text().splitlines() if line.strip()]
