@@ -306,6 +306,10 @@ def test_evaluate_cli_scores_an_adapter_and_its_base_as_fit_did(tmp_path):
     rows.write_text('{"prompt": "2+2=", "completion": "4"}\n')
     nosplit = subprocess.run(cmd + ["--data", str(rows)], capture_output=True, text=True, timeout=120)
     assert nosplit.returncode == 2 and "--eval-data" in nosplit.stderr
+    bad = subprocess.run(cmd + ["--eval-size", "0", "--data", str(tmp_path / "gone.jsonl")], capture_output=True,
+                         text=True, timeout=120)  # every bad setting named, before the base loads (was a misleading error)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "  - --eval-size: must be >= 1, got 0\n  - --data: " in bad.stderr and "is neither a built-in task" in bad.stderr
     import remix  # another base (other weights, a wider FFN): the adapter's loader lists what does not fit, exit 2
 
     other, tok = remix.tiny_model(seed=5, intermediate_size=96)
