@@ -206,6 +206,19 @@ def test_input_errors(engine_and_model):
         engine.submit(GenerationRequest("y", [1, 2], greedy(2), adapter="nope"), lambda e: None)
     with pytest.raises(EngineError, match="token ids"):
         engine.submit(GenerationRequest("z", [99999], greedy(2)), lambda e: None)
+    # sampling values no step could use are refused at submit, every one named (through the Python API they had
+    # reached the sampler and failed the step, and with it every running request), and nothing is queued
+    with pytest.raises(EngineError) as e:
+        engine.submit(GenerationRequest("s", [1, 2], SamplingParams(max_tokens=2, temperature=-1.0, top_p=0.0, n=0,
+                                                                    presence_penalty=float("nan"))), lambda e: None)
+    assert e.value.param == "temperature" and str(e.value) == (
+        "temperature must be a finite number >= 0, got -1.0; top_p must be in (0, 1], got 0.0; n must be >= 1, got 0; "
+        "presence_penalty must be finite, got nan")
+    for kw in (dict(top_k=-1), dict(min_p=1.5), dict(seed=-1), dict(logprobs=-1), dict(repetition_penalty=0.0),
+               dict(logit_bias={3: float("inf")})):
+        with pytest.raises(EngineError, match=f"^{next(iter(kw))} must be"):
+            engine.submit(GenerationRequest("s", [1, 2], SamplingParams(max_tokens=2, **kw)), lambda e: None)
+    assert not engine.has_work()
     engine.config.max_queue = 1
     engine.submit(GenerationRequest("q1", [1, 2], greedy(2)), lambda e: None)
     with pytest.raises(QueueFull):

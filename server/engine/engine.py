@@ -151,6 +151,8 @@ class Engine:
         if request.adapter is not None and (request.adapter not in self.registry.adapters
                                             or self.registry.adapters[request.adapter].unloading):
             raise UnknownAdapter(f"the model {request.adapter!r} does not exist")
+        if bad := p.problems():
+            raise EngineError("; ".join(message for _, message in bad), bad[0][0])
         if not request.prompt_ids:
             raise EngineError("the prompt is empty", "prompt")
         vocab = self.runner.model.config.vocab_size
@@ -168,8 +170,6 @@ class Engine:
             raise EngineError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         if p.min_tokens > p.max_tokens:
             raise EngineError(f"min_tokens ({p.min_tokens}) must not exceed max_tokens ({p.max_tokens})", "min_tokens")
-        if not p.repetition_penalty > 0:
-            raise EngineError("repetition_penalty must be > 0", "repetition_penalty")
         if p.grammar is not None and p.compiled_grammar is None:  # (the HTTP layer compiles it before, off the loop)
             p.compiled_grammar = self.compile_grammar(*p.grammar)
         with self._lock:

@@ -41,6 +41,27 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, message) for every value no step could sample with - the engine's own contract, so a caller of the
+        Python API gets an error at submit, not a failed step that takes the running requests with it (the HTTP layer
+        checks narrower bounds before)."""
+        finite = lambda v: v == v and v not in (float("inf"), float("-inf"))  # noqa: E731
+        out = []
+        for name, ok, want in (
+            ("max_tokens", self.max_tokens >= 0, ">= 0"), ("temperature", finite(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k >= 0, ">= 0 (0: off)"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"), ("n", self.n >= 1, ">= 1"),
+            ("seed", self.seed is None or self.seed >= 0, ">= 0"), ("min_tokens", self.min_tokens >= 0, ">= 0"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, ">= 0"),
+            ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, ">= 0"),
+            ("presence_penalty", finite(self.presence_penalty), "finite"),
+            ("frequency_penalty", finite(self.frequency_penalty), "finite"),
+            ("repetition_penalty", finite(self.repetition_penalty) and self.repetition_penalty > 0, "a finite number > 0"),
+            ("logit_bias", all(finite(v) for v in (self.logit_bias or {}).values()), "finite biases")):
+            if not ok:
+                out.append((name, f"{name} must be {want}, got {getattr(self, name)!r}"))
+        return out
+
     @property
     def adjusts(self) -> bool:
         """Whether the logits change before sampling (penalties, a bias, min_tokens, a grammar)."""
