@@ -215,7 +215,8 @@ def test_input_errors(engine_and_model):
         "temperature must be a finite number >= 0, got -1.0; top_p must be in (0, 1], got 0.0; n must be >= 1, got 0; "
         "presence_penalty must be finite, got nan")
     for kw in (dict(top_k=-1), dict(min_p=1.5), dict(seed=-1), dict(logprobs=-1), dict(repetition_penalty=0.0),
-               dict(logit_bias={3: float("inf")})):
+               dict(logit_bias={3: float("inf")}), dict(stop=[""]), dict(stop="ab"),
+               dict(logprobs=model.config.vocab_size + 1), dict(prompt_logprobs=10**6, echo=True)):
         with pytest.raises(EngineError, match=f"^{next(iter(kw))} must be"):
             engine.submit(GenerationRequest("s", [1, 2], SamplingParams(max_tokens=2, **kw)), lambda e: None)
     assert not engine.has_work()

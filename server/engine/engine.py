@@ -164,6 +164,9 @@ class Engine:
                 f"{len(request.prompt_ids)} and max_tokens is {p.max_tokens}", "max_tokens")
         if p.n > self.num_slots:
             raise EngineError(f"n must be at most {self.num_slots} here", "n")
+        for name in ("logprobs", "prompt_logprobs"):  # (top-N alternatives: at most the whole vocabulary)
+            if (getattr(p, name) or 0) > vocab:
+                raise EngineError(f"{name} must be at most the vocabulary's {vocab} tokens, got {getattr(p, name)}", name)
         if p.logit_bias and any(not (0 <= t < vocab) for t in p.logit_bias):
             raise EngineError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         if any(not (0 <= t < vocab) for t in p.stop_token_ids):

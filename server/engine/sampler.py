@@ -57,7 +57,9 @@ class SamplingParams:
             ("presence_penalty", finite(self.presence_penalty), "finite"),
             ("frequency_penalty", finite(self.frequency_penalty), "finite"),
             ("repetition_penalty", finite(self.repetition_penalty) and self.repetition_penalty > 0, "a finite number > 0"),
-            ("logit_bias", all(finite(v) for v in (self.logit_bias or {}).values()), "finite biases")):
+            ("logit_bias", all(finite(v) for v in (self.logit_bias or {}).values()), "finite biases"),
+            ("stop", self.stop is None or isinstance(self.stop, list) and all(isinstance(t, str) and t for t in self.stop),
+             "a list of non-empty strings")):
             if not ok:
                 out.append((name, f"{name} must be {want}, got {getattr(self, name)!r}"))
         return out
