@@ -31,6 +31,10 @@ def find_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> list
     ]
 
 
+class NoTargets(ValueError):
+    """No linear module of the model matches the targets (the message names what their names end in)."""
+
+
 def linear_suffixes(model: nn.Module) -> list[str]:
     """The last dotted part of every ``nn.Linear`` module's name, each once (what a suffix target can name)."""
     return sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear) and name})
@@ -54,8 +58,8 @@ def inject(
         raise ValueError("model already has Mixture-of-LoRAs layers; call remix.unwrap(model) first")
     names = module_names if module_names is not None else find_targets(model, config.targets)
     if not names:
-        raise ValueError(f"no nn.Linear module matches targets {list(config.targets)} (the model's linear modules end "
-                         f"in {', '.join(linear_suffixes(model))})")
+        raise NoTargets(f"no nn.Linear module matches targets {list(config.targets)} (the model's linear modules end in "
+                        f"{', '.join(linear_suffixes(model))}; a 're:' target is a regex on the whole dotted name)")
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}

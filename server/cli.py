@@ -17,6 +17,8 @@ from pathlib import Path
 import uvicorn
 import yaml
 
+from remix.settings import typed_fields
+
 DEMO_ADAPTER = Path("runs/demo/adapter")
 log = logging.getLogger("server")
 
@@ -96,38 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_values(loaded: dict) -> tuple[dict, list[str]]:
-    """A --config file's fields as the flags would give them (each to its option's type; YAML's on / off, which it
-    reads as booleans, back to "on" / "off"; an empty value left out), and a line naming each field whose value does
-    not fit."""
-    kinds = {name: kind for name, kind, _, _ in OPTIONS}
-    typed, bad = {}, []
-    for key, value in loaded.items():
-        name = str(key).replace("-", "_")
-        kind = kinds[name]
-        if value is None:  # (YAML's empty value: not given, the default stays)
-            continue
-        if kind is list:
-            values = value if isinstance(value, list) else [value]
-            if all(isinstance(v, str) for v in values):
-                typed[name] = values
-            else:
-                bad.append(f"{name}: expected NAME=PATH strings, got {value!r}")
-        elif kind is str:
-            typed[name] = ("on" if value else "off") if isinstance(value, bool) else str(value)
-        elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            bad.append(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-        else:
-            try:
-                typed[name] = kind(value)
-            except ValueError:
-                bad.append(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-            else:
-                if kind is int and isinstance(value, float) and not value.is_integer():
-                    bad.append(f"{name}: expected an integer, got {value!r}")
-    return typed, bad
-
-
 def load_settings(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     settings = {name: (list(default) if isinstance(default, list) else default) for name, _, default, _ in OPTIONS}
@@ -141,7 +111,8 @@ def load_settings(argv: list[str] | None = None) -> dict:
         unknown = sorted(set(str(k).replace("-", "_") for k in loaded) - set(settings))
         if unknown:
             raise SystemExit(f"error: --config {args.config}: unknown field(s) {', '.join(unknown)}")
-        typed, bad = config_values(loaded)
+        typed, bad = typed_fields(loaded, {name: kind for name, kind, _, _ in OPTIONS}, "NAME=PATH strings",
+                                  split_lists=False)
         if bad:
             raise SystemExit(f"error: --config {args.config}:\n  - " + "\n  - ".join(bad))
         settings.update(typed)

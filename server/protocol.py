@@ -78,16 +78,21 @@ def null_is_default(model: type[BaseModel], data):
     return {k: v for k, v in data.items() if v is not None or k not in model.model_fields or model.model_fields[k].is_required()}
 
 
-class _Common(BaseModel):
-    """The fields both endpoints take (OpenAI's, then the extensions), their checks, and the sampling parameters
-    they make; each endpoint adds its prompt, max_tokens and logprobs fields."""
+class RequestBody(BaseModel):
+    """A request body of the generating endpoints and /tokenize: unknown fields refused, every string valid Unicode
+    (valid_unicode), and an optional field's null its default (null_is_default)."""
     model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
-    def _nulls(cls, data):
+    def _clean(cls, data):
         valid_unicode(data)
         return null_is_default(cls, data)
+
+
+class _Common(RequestBody):
+    """The fields both endpoints take (OpenAI's, then the extensions), their checks, and the sampling parameters
+    they make; each endpoint adds its prompt, max_tokens and logprobs fields."""
 
     model: str
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -379,21 +384,14 @@ def _grammar(body) -> tuple | None:
     return None
 
 
-class TokenizeRequest(_Template):
+class TokenizeRequest(_Template, RequestBody):
     """vLLM's /tokenize: a prompt (tokenized as /v1/completions tokenizes it) or chat messages (with the chat
     template and, by default, the generation prompt, as /v1/chat/completions builds its prompt)."""
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)  # (with messages: written into the prompt)
     add_special_tokens: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unicode(cls, data):
-        valid_unicode(data)
-        return data
 
     @model_validator(mode="after")
     def _one_input(self):

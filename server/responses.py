@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol import FieldError, JsonSchemaFormat, null_is_default, valid_unicode
+from server.protocol import FieldError, JsonSchemaFormat, RequestBody
 
 STORE_LIMIT = 1000
 
@@ -85,8 +85,7 @@ class TextConfig(BaseModel):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponsesRequest(RequestBody):
     model: str
     input: str | list[InputItem]
     instructions: str | None = None
@@ -112,12 +111,6 @@ class ResponsesRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     top_k: int = Field(default=0, ge=0, le=100_000)
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls(cls, data):
-        valid_unicode(data)
-        return null_is_default(cls, data)
 
     @model_validator(mode="after")
     def _checks(self):

@@ -57,8 +57,11 @@ def test_fresh_pools_keep_logits_and_unwrap_restores(tiny, device):
 
 def test_errors(tiny):
     model, _ = tiny
-    with pytest.raises(ValueError, match=r"no nn.Linear module matches targets \['nothing_here'\] \(the model's linear "
-                       r"modules end in down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\)"):
+    from remix.inject import NoTargets
+
+    with pytest.raises(NoTargets,  # (a ValueError: training.fit names --targets with it)
+                       match=r"no nn.Linear module matches targets \['nothing_here'\] \(the model's linear modules end "
+                             r"in down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj; a 're:' target"):
         remix.inject(model, remix.MixtureConfig(targets=["nothing_here"]))
     remix.inject(model, remix.MixtureConfig())
     with pytest.raises(ValueError, match="already has"):

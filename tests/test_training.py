@@ -136,8 +136,8 @@ def test_fit_names_bad_targets_output_and_device(tmp_path, capsys):
     assert main(["--base", "tiny", "--targets", "gate,re:.*mlp", "--steps", "1", "--progress", "false",
                  "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --targets: no linear module of tiny matches gate,re:.*mlp (its linear modules end in ")
-    assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj;" in err
+    assert err.startswith("error: --targets: no nn.Linear module matches targets ['gate', 're:.*mlp'] (the model's "
+                          "linear modules end in down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj;")
     assert not (tmp_path / "run" / "adapter").exists()
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -145,7 +145,7 @@ def test_fit_names_bad_targets_output_and_device(tmp_path, capsys):
     assert f"error: --output {blocker / 'run'}: cannot create the run directory" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["--base", "tiny", "--device", "cuda", "--output", str(tmp_path / "c"), "--steps", "1"]) == 2
-        assert "error: --device cuda: no CUDA device here" in capsys.readouterr().err
+        assert "error: invalid training config:\n  - --device cuda: no CUDA device here" in capsys.readouterr().err
 
 
 FIT = [sys.executable, "-m", "training.fit", "--base", "tiny", "--train-size", "40", "--eval-size", "6",

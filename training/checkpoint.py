@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from remix import save_adapter
-from remix.adapter import CONFIG_FILE, WEIGHTS_FILE
+from remix.adapter import WEIGHTS_FILE, read_config
 from training.config import ConfigError
 
 
@@ -62,19 +61,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 RESUME_FIXED = ("base", "router", "n", "k", "r", "omega", "alpha", "targets", "load_balance_coef", "optimizer")
 
 
-def load_checkpoint(path: Path, layers: dict, optimizer, scheduler, config: dict | None = None) -> int:
-    """Restore adapter weights, optimizer, scheduler and RNG; return the step to continue from. ``config`` (this run's
-    settings, as training.fit's TrainConfig fields): a ConfigError lists every setting of RESUME_FIXED the checkpoint
-    was trained with otherwise (and, for checkpoints without their settings, every tensor that does not fit)."""
-    saved = json.loads((path / "adapter" / CONFIG_FILE).read_text()).get("training", {}).get("config", {})
+def load_checkpoint(path: Path, layers: dict, optimizer, scheduler, config: dict) -> int:
+    """Restore adapter weights, optimizer, scheduler and RNG; return the step to continue from. ``config`` is this
+    run's settings (training.fit's TrainConfig fields): a ConfigError lists every setting of RESUME_FIXED the checkpoint
+    was trained with otherwise (and, for a checkpoint that records no settings, every tensor that does not fit)."""
+    saved = (read_config(path / "adapter").get("training") or {}).get("config") or {}
     problems = [f"{k}: the checkpoint has {saved[k]!r}, this run {config[k]!r}" for k in RESUME_FIXED
-                if config is not None and k in saved and k in config and saved[k] != config[k]]
+                if k in saved and saved[k] != config[k]]
     tensors = load_file(str(path / "adapter" / WEIGHTS_FILE))
     if not problems:
         for name, layer in layers.items():
             for part in ("lora_A", "lora_B", "router"):
-                mine = getattr(layer, part, None) if part != "router" else layer.router
-                if mine is None:
+                mine = getattr(layer, part)
+                if mine is None:  # (a router-less layer: plain LoRA)
                     continue
                 theirs = tensors.get(f"{name}.{part}")
                 if theirs is None or tuple(theirs.shape) != tuple(mine.shape):

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from remix.config import DEFAULT_TARGETS, ROUTERS, MixtureConfig
+from remix.settings import parse_bool, typed_fields
 from training.tasks import TASK_DEFAULTS, TASKS
 
 
@@ -85,6 +86,11 @@ class TrainConfig:
             out.append(f"--schedule: must be constant, linear or cosine, got {self.schedule!r}")
         if self.device not in ("cpu", "cuda"):
             out.append(f"--device: must be cpu or cuda, got {self.device!r}")
+        elif self.device == "cuda":
+            import torch  # (only here: the config stays light to load)
+
+            if not torch.cuda.is_available():
+                out.append("--device cuda: no CUDA device here (or this torch was built without CUDA)")
         if Path(self.output).exists() and not Path(self.output).is_dir():
             out.append(f"--output: {self.output} is a file, not a run directory")
         for name in ("data", "eval_data"):  # checked before any model loads
@@ -112,48 +118,14 @@ class ConfigError(ValueError):
 
 
 def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _kind(f: dataclasses.Field) -> type:
     return f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool, "list": list}[f.type]
-
-
-def _typed(loaded: dict) -> tuple[dict, list[str]]:
-    """A --config file's fields as the flags would give them (each to its field's type: "a,b" or a list for a list,
-    true / false / on / off for a flag; an empty value left out), and a line naming each field whose value does not
-    fit."""
-    kinds = {f.name: _kind(f) for f in dataclasses.fields(TrainConfig)}
-    typed, bad = {}, []
-    for key, value in loaded.items():
-        name = str(key).replace("-", "_")
-        kind = kinds[name]
-        if value is None:  # (YAML's empty value: not given, the default stays)
-            continue
-        try:
-            if kind is list:
-                items = value.split(",") if isinstance(value, str) else value
-                if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
-                    raise ValueError
-                typed[name] = [t for t in items if t]
-            elif kind is bool:
-                typed[name] = value if isinstance(value, bool) else _parse_bool(str(value))
-            elif kind is str:
-                typed[name] = str(value)
-            elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise ValueError
-            else:
-                typed[name] = kind(value)
-                if kind is int and isinstance(value, float) and not value.is_integer():
-                    raise ValueError
-        except (ValueError, argparse.ArgumentTypeError):
-            want = {list: "a list of names (or a,b)", bool: "true or false", int: "an integer", float: "a number"}[kind]
-            bad.append(f"{name}: expected {want}, got {value!r}")
-    return typed, bad
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +166,8 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         unknown = sorted(set(k.replace("-", "_") for k in loaded) - names)
         if unknown:
             raise ConfigError(f"--config {path}: unknown field(s) {', '.join(unknown)}")
-        typed, bad = _typed(loaded)
+        typed, bad = typed_fields(loaded, {f.name: _kind(f) for f in dataclasses.fields(TrainConfig)},
+                                  "a list of names (or a,b)")
         if bad:
             raise ConfigError(f"--config {path}:\n  - " + "\n  - ".join(bad))
         values.update(typed)

@@ -190,11 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         config = read_config(args.adapter)
         trained = (config.get("training") or {}).get("config") or {}
         setting = settings_for(trained, {n: getattr(args, n) for n in SETTINGS if getattr(args, n) is not None})
-        problems = TrainConfig(**setting).problems()  # (the held-out set's fields: the others keep valid defaults)
-        if args.device not in ("cpu", "cuda"):
-            problems.append(f"--device: must be cpu or cuda, got {args.device!r}")
-        elif args.device == "cuda" and not torch.cuda.is_available():
-            problems.append("--device cuda: no CUDA device here (or this torch was built without CUDA)")
+        # (the held-out set's fields and the device, checked as training.fit checks them; the others keep valid defaults)
+        problems = TrainConfig(**setting, device=args.device).problems()
         if problems:  # (a setting from the adapter's training, e.g. a data file not on this machine: name it with a flag)
             raise DataError("invalid evaluation settings (flags, else the adapter's training settings):\n  - "
                             + "\n  - ".join(problems))

@@ -21,7 +21,7 @@ import torch
 
 import remix
 from remix import routing
-from remix.inject import find_targets, linear_suffixes
+from remix.inject import NoTargets
 from remix.kernels import tune_cpu_allocator
 from training import distributed, rloo
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -115,8 +115,6 @@ def base_scores(metrics_path: Path) -> dict | None:
 def run(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device here (or this torch was built without CUDA)")
     tune_cpu_allocator()
     rank, world = distributed.setup(cfg.device)
     if cfg.batch_size % world:
@@ -133,10 +131,10 @@ def run(cfg: TrainConfig) -> dict:
     model, tokenizer = remix.load_base(cfg.base, device=cfg.device)
     train = load_examples(cfg.data, "train", tokenizer, cfg.max_seq_len, cfg.train_size, cfg.seed, cfg.chat)
     heldout = heldout_examples(cfg.data, cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.eval_size, cfg.seed, cfg.chat)
-    if not find_targets(model, cfg.targets):  # (before inject's own error: name the flag, not the library call)
-        raise ConfigError(f"--targets: no linear module of {cfg.base} matches {','.join(cfg.targets)} (its linear modules "
-                          f"end in {', '.join(linear_suffixes(model))}; a 're:' target is a regex on the whole name)")
-    layers = remix.inject(model, cfg.mixture())
+    try:
+        layers = remix.inject(model, cfg.mixture())
+    except NoTargets as e:
+        raise ConfigError(f"--targets: {e}") from None
     noises = []
     for i, layer in enumerate(layers.values()):
         if layer.kind == "remix":  # routing draws that do not depend on how the batch is split across ranks

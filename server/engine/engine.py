@@ -151,11 +151,11 @@ class Engine:
         if request.adapter is not None and (request.adapter not in self.registry.adapters
                                             or self.registry.adapters[request.adapter].unloading):
             raise UnknownAdapter(f"the model {request.adapter!r} does not exist")
-        if bad := p.problems():
+        vocab = self.runner.model.config.vocab_size
+        if bad := p.problems(vocab):
             raise EngineError("; ".join(message for _, message in bad), bad[0][0])
         if not request.prompt_ids:
             raise EngineError("the prompt is empty", "prompt")
-        vocab = self.runner.model.config.vocab_size
         if any(not (0 <= t < vocab) for t in request.prompt_ids):
             raise EngineError(f"prompt token ids must be in [0, {vocab})", "prompt")
         if len(request.prompt_ids) + p.max_tokens > self.config.max_model_len:
@@ -164,15 +164,6 @@ class Engine:
                 f"{len(request.prompt_ids)} and max_tokens is {p.max_tokens}", "max_tokens")
         if p.n > self.num_slots:
             raise EngineError(f"n must be at most {self.num_slots} here", "n")
-        for name in ("logprobs", "prompt_logprobs"):  # (top-N alternatives: at most the whole vocabulary)
-            if (getattr(p, name) or 0) > vocab:
-                raise EngineError(f"{name} must be at most the vocabulary's {vocab} tokens, got {getattr(p, name)}", name)
-        if p.logit_bias and any(not (0 <= t < vocab) for t in p.logit_bias):
-            raise EngineError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
-        if any(not (0 <= t < vocab) for t in p.stop_token_ids):
-            raise EngineError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
-        if p.min_tokens > p.max_tokens:
-            raise EngineError(f"min_tokens ({p.min_tokens}) must not exceed max_tokens ({p.max_tokens})", "min_tokens")
         if p.grammar is not None and p.compiled_grammar is None:  # (the HTTP layer compiles it before, off the loop)
             p.compiled_grammar = self.compile_grammar(*p.grammar)
         with self._lock:

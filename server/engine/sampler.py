@@ -41,28 +41,35 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
-    def problems(self) -> list[tuple[str, str]]:
-        """(field, message) for every value no step could sample with - the engine's own contract, so a caller of the
-        Python API gets an error at submit, not a failed step that takes the running requests with it (the HTTP layer
-        checks narrower bounds before)."""
+    def problems(self, vocab: int) -> list[tuple[str, str]]:
+        """(field, message) for every value no step could sample with, for a model of ``vocab`` tokens - the engine's
+        own contract (Engine.submit), so a caller of the Python API gets an error at submit, not a failed step that
+        takes the running requests with it (the HTTP layer checks narrower bounds before)."""
         finite = lambda v: v == v and v not in (float("inf"), float("-inf"))  # noqa: E731
-        out = []
-        for name, ok, want in (
-            ("max_tokens", self.max_tokens >= 0, ">= 0"), ("temperature", finite(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k >= 0, ">= 0 (0: off)"),
-            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"), ("n", self.n >= 1, ">= 1"),
-            ("seed", self.seed is None or self.seed >= 0, ">= 0"), ("min_tokens", self.min_tokens >= 0, ">= 0"),
-            ("logprobs", self.logprobs is None or self.logprobs >= 0, ">= 0"),
-            ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, ">= 0"),
-            ("presence_penalty", finite(self.presence_penalty), "finite"),
-            ("frequency_penalty", finite(self.frequency_penalty), "finite"),
-            ("repetition_penalty", finite(self.repetition_penalty) and self.repetition_penalty > 0, "a finite number > 0"),
-            ("logit_bias", all(finite(v) for v in (self.logit_bias or {}).values()), "finite biases"),
+        ids_ok = lambda ids: all(0 <= t < vocab for t in ids)  # noqa: E731
+        must = lambda name, want: f"{name} must be {want}, got {getattr(self, name)!r}"  # noqa: E731
+        checks = (
+            ("max_tokens", self.max_tokens >= 0, must("max_tokens", ">= 0")),
+            ("temperature", finite(self.temperature) and self.temperature >= 0, must("temperature", "a finite number >= 0")),
+            ("top_p", 0 < self.top_p <= 1, must("top_p", "in (0, 1]")),
+            ("top_k", self.top_k >= 0, must("top_k", ">= 0 (0: off)")),
+            ("min_p", 0 <= self.min_p <= 1, must("min_p", "in [0, 1]")),
+            ("n", self.n >= 1, must("n", ">= 1")),
+            ("seed", self.seed is None or self.seed >= 0, must("seed", ">= 0")),
+            ("min_tokens", 0 <= self.min_tokens <= max(self.max_tokens, 0),
+             f"min_tokens ({self.min_tokens}) must be >= 0 and not exceed max_tokens ({self.max_tokens})"),
+            *((name, getattr(self, name) is None or 0 <= getattr(self, name) <= vocab,  # (top-N: at most the vocabulary)
+               must(name, f"between 0 and the vocabulary's {vocab} tokens")) for name in ("logprobs", "prompt_logprobs")),
+            ("presence_penalty", finite(self.presence_penalty), must("presence_penalty", "finite")),
+            ("frequency_penalty", finite(self.frequency_penalty), must("frequency_penalty", "finite")),
+            ("repetition_penalty", finite(self.repetition_penalty) and self.repetition_penalty > 0,
+             must("repetition_penalty", "a finite number > 0")),
+            ("logit_bias", all(finite(v) for v in (self.logit_bias or {}).values()), must("logit_bias", "finite biases")),
+            ("logit_bias", ids_ok(self.logit_bias or ()), f"logit_bias token ids must be in [0, {vocab})"),
+            ("stop_token_ids", ids_ok(self.stop_token_ids), f"stop_token_ids must be in [0, {vocab})"),
             ("stop", self.stop is None or isinstance(self.stop, list) and all(isinstance(t, str) and t for t in self.stop),
-             "a list of non-empty strings")):
-            if not ok:
-                out.append((name, f"{name} must be {want}, got {getattr(self, name)!r}"))
-        return out
+             must("stop", "a list of non-empty strings")))
+        return [(name, message) for name, ok, message in checks if not ok]
 
     @property
     def adjusts(self) -> bool:
