@@ -79,18 +79,23 @@ def main(argv: list[str] | None = None) -> int:
                            args.shared_prefix_words)
     adapters = [a for a in args.adapters.split(",") if a]
 
+    live = sys.stderr.isatty()  # a terminal: one line rewritten in place; a log or a pipe: a line every 5 s
+    next_line = [0.0]
+
     def progress(results, elapsed):
-        if args.quiet:
+        if args.quiet or (not live and elapsed < next_line[0]):
             return
+        next_line[0] = elapsed + 5.0
         done = sum(r.end is not None or bool(r.error) for r in results)
         errors = sum(bool(r.error) or (r.status not in (0, 200)) for r in results)
-        print(f"\r{elapsed:7.1f}s sent {len(results)} done {done} errors {errors}", end="", file=sys.stderr, flush=True)
+        line = f"{elapsed:7.1f}s sent {len(results)} done {done} errors {errors}"
+        print(f"\r{line}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
 
     results, elapsed = asyncio.run(run_load(
         args.url, args.api_key, args.rate, args.concurrency, args.num_requests, args.duration, prompts,
         (args.output_tokens, args.output_spread), adapters, args.adapter_mode, args.stream, args.burstiness, args.seed, args.timeout, progress,
         request_fields(args.prompts_file), {"temperature": args.temperature, "top_p": args.top_p}))
-    if not args.quiet:
+    if not args.quiet and live:
         print(file=sys.stderr)
     summary = summarize(results, elapsed, args.slo)
     summary["config"] = {k: v for k, v in vars(args).items() if k not in ("compare",)}

@@ -1,6 +1,7 @@
 """The load generator and the capacity procedure against a live tiny server (loopback only, bounded)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -39,10 +40,13 @@ def test_open_loop_run_writes_json_plots_and_table(server, tmp_path):
 
 
 def test_closed_loop_and_compare(server, tmp_path):
-    for name, conc, sampling in (("a", "1", []), ("b", "3", ["--temperature", "0.8", "--top-p", "0.9"])):
+    for name, conc, sampling in (("a", "1", []), ("b", "3", ["--temperature", "0.8", "--top-p", "0.9", "--quiet"])):
         out = run(["--url", server.url, "--concurrency", conc, "--num-requests", "6", "--adapters", "a", *sampling,
-                   "--output-tokens", "6", "--prompt-words", "8", "--stream", "false", "--json", str(tmp_path / f"{name}.json"), "--quiet"])
+                   "--output-tokens", "6", "--prompt-words", "8", "--stream", "false", "--json", str(tmp_path / f"{name}.json")])
         assert out.returncode == 0, out.stderr
+        # stderr is a pipe here, not a terminal: progress comes as whole lines (no carriage returns piling up on one)
+        assert "\r" not in out.stderr
+        assert bool(re.search(r"^ *\d+\.\ds sent \d+ done \d+ errors 0$", out.stderr, re.M)) == (name == "a"), out.stderr
         summary = json.loads((tmp_path / f"{name}.json").read_text())["summary"]
         assert summary["completed"] == 6
         assert (summary["config"]["temperature"], summary["config"]["top_p"]) == ((0.8, 0.9) if sampling else (0.0, 1.0))
