@@ -28,9 +28,21 @@ def parse_slo(text: str) -> dict[str, float]:
     return out
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default after its help."""
+
+
+def parse_bool(text: str) -> bool:
+    """true / false (also yes / no, on / off, 1 / 0); anything else is an argparse error naming the flag."""
+    if text.lower() in ("1", "true", "on", "yes"):
+        return True
+    if text.lower() in ("0", "false", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (the only target)")
     p.add_argument("--api-key", default=None, help="Bearer key")
     mode = p.add_mutually_exclusive_group()
@@ -52,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
     p.add_argument("--adapters", default="demo", help="comma-separated model names to spread requests over")
-    p.add_argument("--adapter-mode", choices=("random", "round-robin"), default="round-robin")
-    p.add_argument("--stream", type=lambda s: s.lower() in ("1", "true", "on", "yes"), default=True)
+    p.add_argument("--adapter-mode", choices=("random", "round-robin"), default="round-robin",
+                   help="how requests take the names of --adapters")
+    p.add_argument("--stream", type=parse_bool, default=True, help="stream the responses (true / false)")
     p.add_argument("--slo", type=parse_slo, default={}, help="goodput thresholds in seconds, e.g. ttft=2,itl=0.5")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts, arrivals and adapter choices")
     p.add_argument("--json", help="write the summary and every request here")
     p.add_argument("--plots", help="write latency_cdf.png and throughput.png into this folder")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print the deltas of two runs and exit")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.__main__ import HelpFormatter
 from loadtests.generator import input_problems, make_prompts, run_load
 from loadtests.report import plots, summarize, table
 
@@ -89,24 +90,24 @@ def sustainable(s: dict, slo: float) -> bool:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtests.capacity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--api-key")
-    ap.add_argument("--adapters", default="demo")
+    ap = argparse.ArgumentParser(prog="python -m loadtests.capacity", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (the only target)")
+    ap.add_argument("--api-key", help="Bearer key")
+    ap.add_argument("--adapters", default="demo", help="comma-separated model names to spread requests over")
     ap.add_argument("--server-pid", type=int, help="to sample the server's memory (RSS) during each run")
-    ap.add_argument("--start-rate", type=float, default=0.25)
-    ap.add_argument("--growth", type=float, default=1.5, help="rate multiplier between sweep points")
-    ap.add_argument("--max-rate", type=float, default=64.0)
-    ap.add_argument("--sweep-seconds", type=float, default=30.0)
-    ap.add_argument("--run-seconds", type=float, default=60.0)
-    ap.add_argument("--ttft-slo", type=float, default=2.0)
-    ap.add_argument("--prompt-words", type=int, default=40)
-    ap.add_argument("--output-tokens", type=int, default=32)
+    ap.add_argument("--start-rate", type=float, default=0.25, help="the sweep's first rate, requests a second")
+    ap.add_argument("--growth", type=float, default=1.5, help="rate multiplier between sweep points (> 1)")
+    ap.add_argument("--max-rate", type=float, default=64.0, help="the sweep stops here")
+    ap.add_argument("--sweep-seconds", type=float, default=30.0, help="seconds of load at each sweep point")
+    ap.add_argument("--run-seconds", type=float, default=60.0, help="seconds of load at 0.5x, 1x and 2x the sustainable rate")
+    ap.add_argument("--ttft-slo", type=float, default=2.0, help="p90 time to first token a sustainable rate keeps under, seconds")
+    ap.add_argument("--prompt-words", type=int, default=40, help="mean prompt length in words")
+    ap.add_argument("--output-tokens", type=int, default=32, help="max_tokens per request (ignore_eos is set)")
     ap.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (0: greedy)")
     ap.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
-    ap.add_argument("--timeout", type=float, default=60.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/capacity")
+    ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrivals")
+    ap.add_argument("--out", default="runs/capacity", help="folder for the report, JSON and plots")
     args = ap.parse_args(argv)
     problems = input_problems(args)
     if not args.growth > 1:  # (at 1 or less the sweep would never reach --max-rate)
