@@ -28,8 +28,16 @@ def parse_slo(text: str) -> dict[str, float]:
     return out
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default after its help."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """remix.settings.HelpFormatter's rule, kept here so that the load generator needs no torch (remix imports it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if not action.option_strings or d is None or d is False or d is argparse.SUPPRESS or d in ("", [], {}) \
+                or "default" in text.lower():
+            return text
+        return text + " (default: %(default)s)"
 
 
 def parse_bool(text: str) -> bool:

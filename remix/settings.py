@@ -1,7 +1,10 @@
 """A settings file's values as command-line flags would give them: the one typing that ``python -m server --config``
-and ``python -m training.fit --config`` share (each reads YAML, whose values come typed by YAML's own rules)."""
+and ``python -m training.fit --config`` share (each reads YAML, whose values come typed by YAML's own rules), and the
+tools' --help formatter."""
 
 from __future__ import annotations
+
+import argparse
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -48,3 +51,16 @@ def typed_fields(loaded: dict, kinds: dict[str, type], list_items: str = "a list
         except ValueError:
             bad.append(f"{name}: expected {want[kind]}, got {value!r}")
     return typed, bad
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The command-line tools' --help: the module docstring as written, and each option's default after its help
+    (where it has one worth saying and the help does not already say it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if not action.option_strings or d is None or d is False or d is argparse.SUPPRESS or d in ("", [], {}) \
+                or "default" in text.lower():
+            return text
+        return text + " (default: %(default)s)"

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 import remix
 from remix import routing
 from remix.kernels import cpu_ext, tune_cpu_allocator
+from remix.settings import HelpFormatter
 from server.cli import DEVICES, DTYPES, resolve_device, resolve_dtype
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
@@ -312,7 +313,8 @@ def add_output_args(ap: argparse.ArgumentParser) -> None:
     """--json, --markdown and --base, as every bench here takes them."""
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--markdown", help="write the README's table(s) here")
-    ap.add_argument("--base", default=remix.DEFAULT_BASE)
+    ap.add_argument("--base", default=remix.DEFAULT_BASE,
+                    help="base model: the embedded smollm2-135m-instruct, tiny, a local HF directory or a .gguf file")
 
 
 def write_outputs(args, out: dict, markdown) -> None:
@@ -370,11 +372,11 @@ def _captured(fn, device: torch.device):  # pragma: no cover - CUDA only
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__, formatter_class=HelpFormatter)
     add_output_args(ap)
-    ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent requests")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="tokens of every prompt")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated for every request")
     ap.add_argument("--skip-hf-loop", action="store_true", help="skip the slowest peer")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy (the default); above 0, every contender samples (HF generate with do_sample)")

@@ -29,6 +29,7 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
+from remix.settings import HelpFormatter
 from server.bench import TEXT, add_output_args, make_adapter, serve_in_turn, write_outputs
 from server.cli import DTYPES, resolve_dtype
 from server.engine import Engine, EngineConfig, SamplingParams
@@ -39,9 +40,9 @@ WORKLOADS = {"prefill": (8, 512, 16), "decode": (32, 128, 128)}  # requests, pro
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m server.bench_invariant", description=__doc__, formatter_class=HelpFormatter)
     add_output_args(ap)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of each workload (both engines in each)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
     ap.add_argument("--workloads", default="prefill=8x512x16,decode=32x128x128",
                     help="name=REQUESTSxPROMPTxNEW, comma-separated (the first is also served alone for agreement)")

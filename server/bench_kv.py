@@ -25,6 +25,7 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
+from remix.settings import HelpFormatter
 from server.bench import add_output_args, common_prefix, make_adapter, prompts_of, serve_in_turn, write_outputs
 from server.cli import DTYPES, resolve_dtype
 from server.engine import Engine, EngineConfig, SamplingParams
@@ -51,11 +52,11 @@ def agreement(got: dict[str, dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m server.bench_kv", description=__doc__, formatter_class=HelpFormatter)
     add_output_args(ap)
-    ap.add_argument("--prompt-tokens", default="128,1024")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--prompt-tokens", default="128,1024", help="comma-separated prompt lengths, one table row each")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated for every request")
+    ap.add_argument("--concurrency", type=int, default=32, help="requests served together")
     ap.add_argument("--repeats", type=int, default=3, help="rounds per prompt length (both engines in each)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
     args = ap.parse_args(argv)

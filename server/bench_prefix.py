@@ -35,6 +35,7 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
+from remix.settings import HelpFormatter
 from server.bench import (TEXT, add_output_args, best_of_rounds, common_prefix, hf_first_and_all, make_adapter,
                           serve_in_turn, write_outputs)
 from server.cli import DTYPES, resolve_dtype
@@ -49,13 +50,13 @@ def same(got: dict) -> list[float]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m server.bench_prefix", description=__doc__, formatter_class=HelpFormatter)
     add_output_args(ap)
-    ap.add_argument("--system-tokens", type=int, default=512)
-    ap.add_argument("--question-tokens", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--system-tokens", type=int, default=512, help="the shared system prompt's tokens")
+    ap.add_argument("--question-tokens", type=int, default=32, help="each request's own question's tokens")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated for every request")
+    ap.add_argument("--concurrency", type=int, default=8, help="app requests at once; chat conversations")
+    ap.add_argument("--turns", type=int, default=4, help="turns of each chat conversation")
     ap.add_argument("--repeats", type=int, default=3, help="counted rounds of the app workload (after one uncounted)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
     ap.add_argument("--batch-invariant", action="store_true",

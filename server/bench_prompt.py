@@ -32,6 +32,7 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
+from remix.settings import HelpFormatter
 from server.bench import (TEXT, add_output_args, best_of_rounds, common_prefix, hf_first_and_all, serve_in_turn,
                           write_outputs)
 from server.cli import DTYPES, resolve_dtype
@@ -41,11 +42,11 @@ NAMES = ("tiles", "decode_kernel")
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m server.bench_prompt", description=__doc__, formatter_class=HelpFormatter)
     add_output_args(ap)
-    ap.add_argument("--prompt-tokens", default="512,1024,2048,4096")
-    ap.add_argument("--concurrency", type=int, default=1)
-    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--prompt-tokens", default="512,1024,2048,4096", help="comma-separated prompt lengths, one table row each")
+    ap.add_argument("--concurrency", type=int, default=1, help="requests of that length served together")
+    ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated for every request")
     ap.add_argument("--repeats", type=int, default=2, help="counted rounds (after one uncounted)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
     ap.add_argument("--form", default="default", choices=("default", "vectors"),

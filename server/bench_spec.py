@@ -37,6 +37,7 @@ import remix.config
 import remix.layer
 import remix.routing
 from remix.kernels import cpu_ext, tune_cpu_allocator
+from remix.settings import HelpFormatter
 from server.bench import add_output_args, common_prefix, write_outputs
 from server.cli import DTYPES, resolve_dtype
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
@@ -111,14 +112,14 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int, lookup: int, eos, t
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m server.bench_spec", description=__doc__, formatter_class=HelpFormatter)
     add_output_args(ap)
-    ap.add_argument("--num-speculative-tokens", type=int, default=8)
-    ap.add_argument("--prompt-lookup-min", type=int, default=2)
-    ap.add_argument("--prompt-lookup-max", type=int, default=4)
+    ap.add_argument("--num-speculative-tokens", type=int, default=8, help="draft tokens a step (the server's flag)")
+    ap.add_argument("--prompt-lookup-min", type=int, default=2, help="the shortest n-gram that proposes a draft")
+    ap.add_argument("--prompt-lookup-max", type=int, default=4, help="the longest n-gram that proposes a draft")
     ap.add_argument("--speculative-schedule", default="cost", choices=SCHEDULES,
                     help="how long each draft is (the server's --speculative-schedule)")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128, help="the most tokens generated for a request")
     ap.add_argument("--prompts", type=int, default=4, help="requests per workload")
     ap.add_argument("--concurrency", type=int, default=4, help="requests submitted together (engines only; 0: skip)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each engine contender (alternating)")

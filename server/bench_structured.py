@@ -30,6 +30,7 @@ import torch
 
 import remix
 from remix.kernels import cpu_ext, tune_cpu_allocator
+from remix.settings import HelpFormatter
 from server import tools
 from server.bench import add_output_args, prompts_of, serve_in_turn, write_outputs
 from server.cli import DTYPES, resolve_dtype
@@ -46,12 +47,12 @@ TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m server.bench_structured", description=__doc__, formatter_class=HelpFormatter)
     add_output_args(ap)
-    ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=8, help="greedy requests served together")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="tokens of every prompt")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated for every request")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (every engine in each)")
     ap.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as the server picks it)")
     args = ap.parse_args(argv)
     if min(args.requests, args.prompt_tokens, args.new_tokens, args.repeats) < 1:

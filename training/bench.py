@@ -20,6 +20,7 @@ import torch
 
 import remix
 from remix.kernels import tune_cpu_allocator
+from remix.settings import HelpFormatter
 from training import rloo
 from training.data import collate, load_examples
 
@@ -35,7 +36,7 @@ def time_steps(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--json")
     ap.add_argument("--base", default=remix.DEFAULT_BASE)
     ap.add_argument("--batch-size", type=int, default=8)

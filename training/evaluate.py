@@ -23,6 +23,7 @@ import torch
 import remix
 from remix import routing
 from remix.adapter import read_config
+from remix.settings import HelpFormatter
 from training.config import TrainConfig, _parse_bool
 from training.data import DataError, Example, collate, heldout_examples
 from training.rloo import completion_losses
@@ -170,7 +171,7 @@ def table(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("adapter", help="an adapter directory (adapter_config.json + adapter_model.safetensors)")
     ap.add_argument("--base", default=None, help="the base model (default: the one the adapter was trained on)")
     defaults = {f.name: f for f in dataclasses.fields(TrainConfig)}

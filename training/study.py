@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from remix.settings import HelpFormatter
+
 SCALES = {  # steps, batch size, eval size, device; long_steps: the long runs (softmax-top-k for (a), and ReMix)
     "cpu": {"steps": 60, "batch_size": 4, "eval_size": 48, "device": "cpu", "train_size": 1000, "long_steps": 300},
     "gpu": {"steps": 600, "batch_size": 16, "eval_size": 300, "device": "cuda", "train_size": 10000, "long_steps": 3000},
@@ -166,12 +168,13 @@ def em_plot(out: Path, report: Path, names: list[str], filename: str, title: str
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.study", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--out", default="runs/study", help="where the runs go")
     ap.add_argument("--report", default="docs/study", help="where tables and plots go")
-    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--only", default="", help="comma-separated config names (default: all)")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                    help="run sizes: cpu (60 steps of batch 4, 300 for the long runs) or gpu (600 / 3000 of batch 16, on cuda)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run of each configuration each")
+    ap.add_argument("--only", default="", help="comma-separated configuration names (empty: all)")
     ap.add_argument("--report-only", action="store_true", help="do not train; summarise what exists")
     args = ap.parse_args(argv)
     try:

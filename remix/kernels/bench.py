@@ -55,6 +55,7 @@ from remix.config import MixtureConfig
 from remix.kernels import cpu_ext, lora_gather_reference, tune_cpu_allocator
 from remix.layer import ReMixLinear
 from remix.stack import RoutingContext, StackedLinear, set_context
+from remix.settings import HelpFormatter
 
 GOALS = {"overhead_over_base": ("<=", 0.15, (32, 512)), "fast_over_dense_kr": ("<=", 2.0, (32, 512)),
          "loop_over_fast": (">=", 5.0, (32,))}
@@ -258,7 +259,7 @@ def judge(results: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m remix.kernels.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m remix.kernels.bench", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--markdown", help="write the README's table to this file")
     parser.add_argument("--tokens", default="1,32,512", help="comma-separated T values")
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapters", type=int, default=4, help="adapters mixed in the multi-adapter case")
     parser.add_argument("--min-time", type=float, default=0.4, help="seconds of timing per measurement")
     parser.add_argument("--copies", type=int, default=90,
-                        help="independent modules cycled per variant (90 = the default base's FFN modules: one forward)")
+                        help="independent modules cycled per variant (90: SmolLM2-135M's FFN modules, one forward)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-tune-alloc", action="store_true", help="leave glibc's malloc thresholds alone")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import remix
 from remix.kernels import cpu_ext
+from remix.settings import HelpFormatter
 
 
 def groups_of(model) -> dict[str, list[torch.Tensor]]:
@@ -59,7 +60,7 @@ def time_passes(groups: dict, rows: int, passes: int) -> dict[str, dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--base", default=remix.DEFAULT_BASE)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     ap.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts (decode batch sizes)")
