@@ -13,7 +13,7 @@ import random
 import sys
 from pathlib import Path
 
-from loadtests.generator import input_problems, make_prompts, request_fields, run_load, to_json
+from loadtests.generator import HelpFormatter, input_problems, make_prompts, parse_bool, request_fields, run_load, to_json
 from loadtests.report import compare, plots, summarize, table
 
 
@@ -26,27 +26,6 @@ def parse_slo(text: str) -> dict[str, float]:
             raise argparse.ArgumentTypeError(f"unknown SLO {key!r} (ttft, itl, tpot, e2e)")
         out[key] = float(value)
     return out
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """remix.settings.HelpFormatter's rule, kept here so that the load generator needs no torch (remix imports it)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        d = action.default
-        if not action.option_strings or d is None or d is False or d is argparse.SUPPRESS or d in ("", [], {}) \
-                or "default" in text.lower():
-            return text
-        return text + " (default: %(default)s)"
-
-
-def parse_bool(text: str) -> bool:
-    """true / false (also yes / no, on / off, 1 / 0); anything else is an argparse error naming the flag."""
-    if text.lower() in ("1", "true", "on", "yes"):
-        return True
-    if text.lower() in ("0", "false", "off", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

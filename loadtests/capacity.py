@@ -22,8 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.__main__ import HelpFormatter
-from loadtests.generator import input_problems, make_prompts, run_load
+from loadtests.generator import HelpFormatter, input_problems, make_prompts, run_load
 from loadtests.report import plots, summarize, table
 
 

@@ -19,6 +19,28 @@ WORDS = ("river valley farmer trader bridge mill story road winter summer harves
          "mountain forest village letter journey garden").split()
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help for the load tools: remix.settings.HelpFormatter's rule, kept here so that they need no torch (remix
+    imports it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if not action.option_strings or d is None or d is False or d is argparse.SUPPRESS or d in ("", [], {}) \
+                or "default" in text.lower():
+            return text
+        return text + " (default: %(default)s)"
+
+
+def parse_bool(text: str) -> bool:
+    """true / false (also yes / no, on / off, 1 / 0); anything else is an argparse error naming the flag."""
+    if text.lower() in ("1", "true", "on", "yes"):
+        return True
+    if text.lower() in ("0", "false", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 @dataclass
 class Result:
     """One request as the client saw it (times in seconds from the start of the run)."""
