@@ -44,6 +44,9 @@ class ServerState:
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
     responses: responses.Store = field(default_factory=responses.Store)  # stored Responses API responses
     call_format: str = ""  # the chat template's tool-call format (remix.chat.call_format), set by create_app
+    # characters of text past which a prompt cannot fit the context, whatever it says: max_model_len tokens of the
+    # vocabulary's longest token (set by create_app). Longer prompts are refused before the tokenizer reads them
+    max_prompt_chars: int = 0
 
 
 class APIError(Exception):
@@ -56,6 +59,14 @@ class APIError(Exception):
     def of(cls, e: EngineError) -> "APIError":
         """The engine's refusal as the HTTP error it maps to."""
         return cls(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code)
+
+
+def prompt_char_bound(tokenizer, max_model_len: int) -> int:
+    """Characters of text past which no prompt fits max_model_len tokens: that many of the vocabulary's longest token.
+    A token's string is at least as long as the text it stands for (a byte-level token has a character a byte, a
+    SentencePiece one its text with its space marked), so the bound never refuses a prompt that would have fit."""
+    longest = max((len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if t), default=1)
+    return max(1, longest) * max_model_len
 
 
 def _error_response(state: ServerState | None, status: int, message: str, type_: str, param=None, code=None):
@@ -73,6 +84,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.remix = state
     state.metrics = state.metrics or Metrics(state.engine)
     state.call_format = chat_format.call_format(state.engine.tokenizer)  # (the template is fixed once serving)
+    state.max_prompt_chars = prompt_char_bound(state.engine.tokenizer, state.engine.config.max_model_len)
     app.add_middleware(RequestIdMiddleware)
     if state.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_methods=["*"],
@@ -217,12 +229,15 @@ def create_app(state: ServerState) -> FastAPI:
         if body.model is not None:
             resolve_model(body.model)
         tok = state.engine.tokenizer
-        if body.messages is not None:
-            ids = chat_prompt(body, body.tools)
-        else:
-            ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
-        return {"count": len(ids), "max_model_len": state.engine.config.max_model_len, "tokens": ids,
-                "token_strs": tok.convert_ids_to_tokens(ids)}
+
+        def encode():  # (off the event loop: a long text takes the tokenizer a while)
+            if body.messages is not None:
+                ids = chat_prompt(body, body.tools)
+            else:
+                ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+            return ids, tok.convert_ids_to_tokens(ids)
+        ids, strs = await asyncio.to_thread(encode)
+        return {"count": len(ids), "max_model_len": state.engine.config.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request):
@@ -241,15 +256,17 @@ def create_app(state: ServerState) -> FastAPI:
         adapter = resolve_model(body.model)
         tok = state.engine.tokenizer
         prompts = _prompt_list(body.prompt)
-        limit = 64 * state.engine.config.max_model_len  # characters: anything longer cannot fit the context
-        if any(isinstance(p, str) and len(p) > limit for p in prompts):
+        if any(isinstance(p, str) and len(p) > state.max_prompt_chars for p in prompts):
             raise APIError(400, f"the prompt is longer than this model's context ({state.engine.config.max_model_len} "
                                 "tokens)", param="prompt", code="context_length_exceeded")
         vocab = state.engine.runner.model.config.vocab_size
         if any(not isinstance(p, str) and any(not 0 <= t < vocab for t in p) for p in prompts):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
-        prompt_ids = [tok(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
-        prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+
+        def encode():  # (off the event loop: a long prompt takes the tokenizer a while)
+            return ([tok(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts],
+                    [p if isinstance(p, str) else tok.decode(p) for p in prompts])
+        prompt_ids, prompt_texts = await asyncio.to_thread(encode)
         return await _generate(request, body, adapter, prompt_ids, prompt_texts, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -257,7 +274,10 @@ def create_app(state: ServerState) -> FastAPI:
         check_key(request)
         check_open()
         adapter = resolve_model(body.model)
-        ids = chat_prompt(body, body.tools if body.tool_mode else None)
+        if sum(m.text_chars() for m in body.messages) > state.max_prompt_chars:  # (before the template and tokenizer)
+            raise APIError(400, f"the messages are longer than this model's context ({state.engine.config.max_model_len}"
+                                " tokens)", param="messages", code="context_length_exceeded")
+        ids = await asyncio.to_thread(chat_prompt, body, body.tools if body.tool_mode else None)
         return await _generate(request, body, adapter, [ids], [""], chat=True)
 
     @app.post("/v1/responses")
@@ -347,7 +367,9 @@ def create_app(state: ServerState) -> FastAPI:
         params = (body.to_sampling(state.engine.config.max_model_len - max(len(p) for p in prompt_ids),
                                    state.call_format) if chat else body.to_sampling())
         if chat and params.max_tokens < 1:
-            raise APIError(400, "the prompt fills the whole context", param="messages")
+            raise APIError(400, f"this model's maximum context length is {state.engine.config.max_model_len} tokens; the "
+                                f"prompt has {len(prompt_ids[0])}, which leaves no room for a reply", param="messages",
+                           code="context_length_exceeded")
         slots, queue_cap = state.engine.num_slots, state.engine.config.max_queue
         if params.n > slots:  # (a request's sequences run side by side: best_of of them where it ranks)
             name = "best_of" if getattr(body, "ranked", False) else "n"
@@ -376,7 +398,10 @@ def create_app(state: ServerState) -> FastAPI:
         except EngineError as e:
             for sub in sub_ids:
                 state.engine.cancel(sub)
-            raise APIError.of(e) from None
+            err = APIError.of(e)
+            if chat and err.param == "prompt":  # (a chat request's prompt is its messages)
+                err.param = "messages"
+            raise err from None
         state.in_flight += 1
         tracker = _Tracker(state, adapter or state.base_name, arrival, len(prompt_ids) * params.n,
                            getattr(request.state, "request_id", None))

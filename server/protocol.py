@@ -290,6 +290,12 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     refusal: str | None = None
 
+    def text_chars(self) -> int:
+        """Characters of text the message carries (its content): a lower bound on what its turn adds to a prompt."""
+        if isinstance(self.content, str):
+            return len(self.content)
+        return sum(len(part.text or "") for part in self.content or ())
+
     @model_validator(mode="after")
     def _shape(self):
         if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal is not None)):

@@ -200,8 +200,12 @@ def test_input_errors(engine_and_model):
     from server.engine import EngineError, QueueFull, UnknownAdapter
 
     engine, model, tok = engine_and_model
-    with pytest.raises(EngineError, match="maximum context length"):
+    with pytest.raises(EngineError, match="maximum context length") as e:  # (the engine's context: 160 tokens)
         engine.submit(GenerationRequest("x", [1] * 150, greedy(20)), lambda e: None)
+    assert (e.value.param, e.value.code) == ("max_tokens", "context_length_exceeded")  # (the two together)
+    with pytest.raises(EngineError, match="maximum context length") as e:
+        engine.submit(GenerationRequest("x", [1] * 170, greedy(20)), lambda e: None)
+    assert (e.value.param, e.value.code) == ("prompt", "context_length_exceeded")  # (the prompt alone)
     with pytest.raises(UnknownAdapter):
         engine.submit(GenerationRequest("y", [1, 2], greedy(2), adapter="nope"), lambda e: None)
     with pytest.raises(EngineError, match="token ids"):

@@ -320,6 +320,47 @@ def test_bad_input_is_400_with_param(server, body, param):
 
 
 @pytest.mark.parametrize("path,body,param", [
+    # the server's context is 256 tokens; the tiny model's tokenizer takes a byte a token
+    ("/v1/completions", {"model": "alpha", "prompt": "x" * 300, "max_tokens": 4}, "prompt"),  # the prompt alone
+    ("/v1/completions", {"model": "alpha", "prompt": "x" * 200, "max_tokens": 100}, "max_tokens"),  # with max_tokens
+    ("/v1/completions", {"model": "alpha", "prompt": "x" * 5_000_000}, "prompt"),  # refused before it is tokenized
+    ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x" * 300}], "max_tokens": 4},
+     "messages"),  # (it had blamed max_tokens, with a plain invalid_request code)
+    ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
+    ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "system", "content": "x" * 2_500_000},
+                                                             {"role": "user", "content": [{"type": "text", "text": "y" * 2_500_000}]}]},
+     "messages"),  # refused before the template and the tokenizer see it (a 10 MB chat had held the event loop ~4 s)
+    ("/v1/responses", {"model": "alpha", "input": "x" * 300, "max_output_tokens": 4}, "input"),
+])
+def test_a_prompt_past_the_context_is_400_context_length_exceeded(server, path, body, param):
+    """OpenAI's code for it, naming what is too long: the prompt (messages, input) where it alone does not fit,
+    max_tokens where the two together do not."""
+    r = _post(server, path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, "context_length_exceeded"), err
+    assert "256 tokens" in err["message"], err
+
+
+@pytest.mark.slow
+def test_the_prompt_bound_never_refuses_a_prompt_that_fits(default_base):
+    """prompt_char_bound's premise: a token's string is at least as long as the text it decodes to, so a text of
+    more characters than max_model_len of the longest token cannot fit - checked on texts of every kind of character
+    for the tiny model's byte tokenizer and the default base's byte-level BPE."""
+    from server.app import prompt_char_bound
+    from remix.models.tiny import tiny_tokenizer
+
+    texts = ["plain words and more words " * 40, "ünïcödé " * 50, "中文的文本" * 60, "\U0001F600 emoji " * 30,
+             " " * 500, "\n\n\t" * 100, "x" * 1000, "def f(x):\n    return x ** 2\n" * 20]
+    for tok in (tiny_tokenizer(), default_base[1]):
+        bound = prompt_char_bound(tok, 1)  # the longest token's characters
+        for text in texts:
+            ids = tok(text, add_special_tokens=False).input_ids
+            assert len(text) <= bound * len(ids), (text[:20], len(text), bound, len(ids))
+        assert prompt_char_bound(tok, 256) == 256 * bound
+
+
+@pytest.mark.parametrize("path,body,param", [
     ("/v1/completions", {"model": "alpha", "prompt": "\ud800 x"}, "prompt"),
     ("/v1/completions", {"model": "alpha", "prompt": ["ok", "x\udc00"]}, "prompt.1"),
     ("/v1/completions", {"model": "alpha", "prompt": "x", "stop": ["\udfff"]}, "stop.0"),

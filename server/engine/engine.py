@@ -45,10 +45,12 @@ class EngineError(Exception):
     code = "invalid_request"
     param: str | None = None
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         if param is not None:
             self.param = param
+        if code is not None:
+            self.code = code
 
 
 class QueueFull(EngineError):
@@ -158,10 +160,13 @@ class Engine:
             raise EngineError("the prompt is empty", "prompt")
         if any(not (0 <= t < vocab) for t in request.prompt_ids):
             raise EngineError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if len(request.prompt_ids) > self.config.max_model_len:  # (the prompt alone: max_tokens is not to blame)
+            raise EngineError(f"this model's maximum context length is {self.config.max_model_len} tokens; the prompt "
+                              f"has {len(request.prompt_ids)}", "prompt", "context_length_exceeded")
         if len(request.prompt_ids) + p.max_tokens > self.config.max_model_len:
             raise EngineError(
                 f"this model's maximum context length is {self.config.max_model_len} tokens; the prompt has "
-                f"{len(request.prompt_ids)} and max_tokens is {p.max_tokens}", "max_tokens")
+                f"{len(request.prompt_ids)} and max_tokens is {p.max_tokens}", "max_tokens", "context_length_exceeded")
         if p.n > self.num_slots:
             raise EngineError(f"n must be at most {self.num_slots} here", "n")
         if p.grammar is not None and p.compiled_grammar is None:  # (the HTTP layer compiles it before, off the loop)
