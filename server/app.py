@@ -72,7 +72,9 @@ def prompt_char_bound(tokenizer, max_model_len: int) -> int:
 def _error_response(state: ServerState | None, status: int, message: str, type_: str, param=None, code=None):
     if state is not None and state.metrics is not None:
         state.metrics.http_errors.labels(str(status)).inc()
-    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+    # a full queue: when to try again (RFC 9110's Retry-After, which OpenAI's clients honour before their own backoff)
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

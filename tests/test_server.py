@@ -538,6 +538,7 @@ def test_queue_full_is_429_and_draining_is_503():
         "server.engine", fromlist=["x"]).SamplingParams(max_tokens=2)), lambda e: None)  # the queue (size 1) is now full
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    assert r.headers["retry-after"] == "1"  # (OpenAI's clients wait that long before they retry)
     # more prompts in one request than the queue holds could never be taken: a 400, not a 429 to retry
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["x", "y"], "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
