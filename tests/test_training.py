@@ -2,6 +2,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -175,8 +176,11 @@ def test_fit_two_steps_is_reproducible(tmp_path):
     assert base["eval_loss"] == rows[0]["eval_loss"] and base["eval_exact_match"] == rows[0]["eval_exact_match"]
     assert set(base["tasks_exact_match"]) == set(summary["tasks"]) and math.isfinite(base["eval_loss"])
     assert base["eval_loss"] != summary["eval_loss"]  # two steps of training moved the held-out loss
-    off = _run(["--steps", "1", "--eval-base", "false", "--output", str(tmp_path / "c")])
+    off = _run(["--steps", "1", "--eval-base", "false", "--output", str(tmp_path / "c"), "--progress", "true"])
     assert off.returncode == 0, off.stderr
+    # stderr is a pipe, not a terminal: the progress bar's states come as whole lines (tqdm redraws with carriage
+    # returns, which a log keeps as one endless line)
+    assert "\r" not in off.stderr and re.search(r"^train remix: 100%.*1/1 .*loss=", off.stderr, re.M), off.stderr
     assert "base" not in json.loads((tmp_path / "c" / "summary.json").read_text())
 
 

@@ -112,6 +112,22 @@ def base_scores(metrics_path: Path) -> dict | None:
     return {"eval_loss": row["eval_loss"], "eval_exact_match": row["eval_exact_match"], "tasks_exact_match": tasks}
 
 
+
+class _Lines:
+    """A stream for tqdm that writes each status it draws as a line of its own (tqdm redraws one line with carriage
+    returns, which a log file or a pipe keeps as one endless line)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
 def run(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -177,7 +193,11 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.progress and lead:
         from tqdm import tqdm
 
-        progress = tqdm(total=total, initial=start, desc=f"train {cfg.router}", dynamic_ncols=True, file=sys.stderr)
+        if sys.stderr.isatty():  # a terminal: one bar redrawn in place
+            progress = tqdm(total=total, initial=start, desc=f"train {cfg.router}", dynamic_ncols=True, file=sys.stderr)
+        else:  # a log file or a pipe (nohup, docker logs, CI): the same status as a line of its own every 30 s
+            progress = tqdm(total=total, initial=start, desc=f"train {cfg.router}", file=_Lines(sys.stderr), ncols=100,
+                            mininterval=30)
     result = None
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -203,7 +223,7 @@ def run(cfg: TrainConfig) -> dict:
                   "tokens_per_s": stats["seq_tokens"] / elapsed}
         emit(record)
         if progress is not None:
-            progress.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             progress.update(1)
         done = step + 1
         if os.environ.get("REMIX_TEST_CRASH_AT_STEP") == str(done):  # tests: a hard kill, no cleanup at all
