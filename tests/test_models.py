@@ -26,11 +26,17 @@ def test_load_base_tiny_and_errors(tmp_path):
         remix.load_base(str(tmp_path / "missing.gguf"))
 
 
-def test_load_base_from_a_local_hf_directory(tmp_path):
+def test_load_base_from_a_local_hf_directory(tmp_path, capsys):
     model, tok = remix.load_base("tiny")
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
     again, tok2 = remix.load_base(str(tmp_path / "m"))
+    # stderr is no terminal here: transformers' "Loading weights" bar stays out of it (in a server's log its
+    # carriage-return redraws had piled up on the first line), and comes back on afterwards for whoever wants it
+    from transformers.utils import logging as hf_logging
+
+    assert "Loading weights" not in capsys.readouterr().err and hf_logging.is_progress_bar_enabled()
     assert fingerprint(again) == fingerprint(model)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,20 @@ def embedded_gguf(name: str = DEFAULT_BASE) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _bars_on_terminals_only():
+    """transformers' progress bars (de-quantizing a GGUF file, loading weights) on a terminal only: in a log file or a
+    pipe (a server's log, docker logs, CI) their carriage-return redraws pile up on one line."""
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _converted_dir(gguf: Path, name: str) -> Path:
     """The cache directory of a GGUF file's conversion, keyed by its content (size, first and last MiB: the header with
     every tensor's metadata, and the data's end), not by its path: every virtual environment that installs the same
@@ -66,8 +83,9 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     log.warning("converting %s to safetensors in %s (once; ~30 s)", gguf.name, target)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _bars_on_terminals_only():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the weights are plain float32 now
@@ -112,8 +130,9 @@ def load_base(
                 f"base model {spec!r} is neither {', '.join(_EMBEDDED)}, 'tiny', a local model directory nor a .gguf file"
             )
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with _bars_on_terminals_only():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
