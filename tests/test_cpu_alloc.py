@@ -122,3 +122,18 @@ def test_without_a_thp_policy_nothing_is_asked(monkeypatch, tmp_path):
     assert huge_pages_available() == (cpu_alloc._libc() is not None)
     monkeypatch.setattr(cpu_alloc, "_THP_POLICY", str(tmp_path / "missing"))
     assert not huge_pages_available()
+
+
+def test_the_thp_policy_in_words(monkeypatch, tmp_path):
+    """What the engine's start-up warning says when the weights or the KV cache did not get huge pages."""
+    policy = tmp_path / "enabled"
+    monkeypatch.setattr(cpu_alloc, "_THP_POLICY", str(policy))
+    for text, word in (("always madvise [never]\n", "never"), ("always [madvise] never\n", "madvise"),
+                       ("[always] madvise never\n", "always")):
+        policy.write_text(text)
+        assert cpu_alloc.thp_policy() == word
+    monkeypatch.setenv("REMIX_HUGE_PAGES", "0")
+    assert cpu_alloc.thp_policy() == "off (REMIX_HUGE_PAGES=0)"
+    monkeypatch.setenv("REMIX_HUGE_PAGES", "1")
+    monkeypatch.setattr(cpu_alloc, "_THP_POLICY", str(tmp_path / "missing"))
+    assert cpu_alloc.thp_policy() == "unavailable"

@@ -196,6 +196,21 @@ def test_cancelling_100_requests_leaves_no_cache(engine_and_model):
     assert {e.finish_reason for e in final.values()} == {"cancelled"}
 
 
+def test_a_kv_budget_below_the_slots_asked_for_is_said_at_start(caplog):
+    """--kv-memory-gb caps --max-num-seqs: the engine says so (and how to change it) instead of running fewer
+    sequences at once without a word."""
+    model, tok = lively_tiny()
+    with caplog.at_level("WARNING", logger="server.engine.engine"):
+        engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=8, max_prefill_chunk=16,
+                                                 kv_budget_bytes=1 << 16))
+    assert engine.num_slots < 8
+    assert f"holds {engine.num_slots} sequences of 64 + 16 tokens, not the 8 asked for" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="server.engine.engine"):
+        Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=8, max_prefill_chunk=16))
+    assert "KV cache budget" not in caplog.text
+
+
 def test_input_errors(engine_and_model):
     from server.engine import EngineError, QueueFull, UnknownAdapter
 

@@ -58,6 +58,20 @@ def _libc():
         return None
 
 
+def thp_policy() -> str:
+    """The kernel's transparent huge page policy as a word for a message: "always", "madvise", "never", "off
+    (REMIX_HUGE_PAGES=0)" or "unavailable" (no such setting: not Linux, or a kernel without THP)."""
+    if os.environ.get("REMIX_HUGE_PAGES", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "off (REMIX_HUGE_PAGES=0)"
+    try:
+        with open(_THP_POLICY) as f:
+            policy = f.read()
+    except OSError:
+        return "unavailable"
+    chosen = policy[policy.find("[") + 1:policy.find("]")] if "[" in policy else policy.strip()
+    return chosen or "unavailable"
+
+
 def huge_pages_available() -> bool:
     """True where a block can ask for transparent huge pages: Linux with THP "always" or "madvise", and
     REMIX_HUGE_PAGES not set to 0."""

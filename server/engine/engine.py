@@ -116,6 +116,10 @@ class Engine:
                 raise ValueError(f"batch_invariant: {why}")
         per_token = SlotKVCache.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, head_dim, dtype, kv_dtype)
         slots = min(cfg.max_num_seqs, max(1, cfg.kv_budget_bytes // (per_token * (cfg.max_model_len + cfg.max_prefill_chunk))))
+        if slots < cfg.max_num_seqs:  # (the server's --kv-memory-gb caps what --max-num-seqs asked for)
+            log.warning("the KV cache budget (%.2f GiB) holds %d sequences of %d + %d tokens, not the %d asked for: "
+                        "raise --kv-memory-gb or lower --max-model-len to run more at once", cfg.kv_budget_bytes / 2**30,
+                        slots, cfg.max_model_len, cfg.max_prefill_chunk, cfg.max_num_seqs)
         self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder,
                                   cuda_graphs=cfg.cuda_graphs, kv_dtype=kv_dtype, batch_invariant=cfg.batch_invariant)
         self.registry = AdapterRegistry(self.runner)

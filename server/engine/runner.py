@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from remix.kernels import cpu_ext
-from remix.kernels.cpu_alloc import huge_page_shares, move_to_huge_pages
+from remix.kernels.cpu_alloc import huge_page_shares, move_to_huge_pages, thp_policy
 from remix.stack import RoutingContext, StackedLinear, set_context
 from server.engine.cache import SlotKVCache, attention_mask
 from server.engine.fastpath import DECODERS, LeanForward, unsupported_reason
@@ -70,6 +70,11 @@ class ModelRunner:
         # where not measurable), read once: /health, /metrics and the benches report it (4 KiB pages stream slower)
         blocks = {"weights": param, "kv_cache": self.cache.k[0]} if self.device.type == "cpu" else {}
         self.huge_pages = {k: v for k, v in zip(blocks, huge_page_shares(*blocks.values())) if v is not None}
+        if any(v < 0.5 for v in self.huge_pages.values()):
+            log.warning("%s mostly on 4 KiB pages (transparent huge pages: %s): decode steps stream them a few %% "
+                        "slower; see README, Troubleshooting", " and ".join(k.replace("_", " ") for k, v in
+                                                                          self.huge_pages.items() if v < 0.5),
+                        thp_policy())
         # decode steps replayed from CUDA graphs (server.engine.graphs): CUDA and the lean forward only
         self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" and self.lean is not None else None
 
