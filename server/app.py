@@ -149,7 +149,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        return {"status": "ok", **state.engine.stats()}
+        stats = state.engine.stats()
+        if state.engine.stopped_by is not None:  # (an orchestrator's health check then restarts the server)
+            return JSONResponse({"status": "engine_stopped", "error": state.engine.stopped_by, **stats}, status_code=503)
+        return {"status": "ok", **stats}
 
     @app.get("/metrics")
     async def metrics():

@@ -524,6 +524,53 @@ def test_sigterm_drains_then_exits_zero(adapters):
     assert srv.proc.wait(60) == 0
 
 
+def test_an_engine_thread_that_dies_fails_its_requests_and_health_says_so():
+    """An error outside the step's own handler ends the engine thread: every waiting and running request ends with an
+    error (none hangs), new ones are a 503 engine_stopped, and /health answers 503 so an orchestrator restarts it."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerState, create_app
+    from server.engine import Engine, EngineConfig, EngineStopped, GenerationRequest, SamplingParams
+
+    model, tok = remix.tiny_model()
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=1, max_queue=4))
+    state = ServerState(engine=engine, base_name="tiny")
+    client = TestClient(create_app(state))
+    ended = {}
+    done = threading.Event()
+
+    def on_event(e):
+        if e.finished:
+            ended[e.request_id] = (e.finish_reason, e.error)
+            if len(ended) == 2:
+                done.set()
+
+    for rid in ("a", "b"):  # one runs (one slot), one waits
+        engine.submit(GenerationRequest(rid, [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True)), on_event)
+    real_step = engine.step
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 3:  # a few steps in, the thread's own bookkeeping breaks
+            engine.has_work = None  # (the loop calls it outside the step's handler: a TypeError ends the thread)
+        real_step()
+
+    engine.step = step
+    engine.start()
+    assert done.wait(30), ended
+    assert ended == {"a": ("error", "the engine stopped"), "b": ("error", "the engine stopped")}
+    assert engine.stopped_by.startswith("TypeError")
+    with pytest.raises(EngineStopped):
+        engine.submit(GenerationRequest("c", [1], SamplingParams(max_tokens=2)), lambda e: None)
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", r.text
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "engine_stopped" and r.json()["engine"] == "stopped"
+
+
 def test_queue_full_is_429_and_draining_is_503():
     from fastapi.testclient import TestClient
 

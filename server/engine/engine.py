@@ -65,6 +65,11 @@ class ShuttingDown(EngineError):
     status, code = 503, "shutting_down"
 
 
+class EngineStopped(EngineError):
+    """The engine's thread ended on an error no step handler caught: nothing queued now would ever run."""
+    status, code = 503, "engine_stopped"
+
+
 @dataclass
 class EngineConfig:
     max_model_len: int = 2048  # prompt + generated tokens per sequence
@@ -135,6 +140,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.stopped_by: str | None = None  # the error that ended the engine thread, if one did (then 503s)
         self._running = False
         self.accepting = True
         eos = tokenizer.eos_token_id
@@ -152,6 +158,8 @@ class Engine:
     def submit(self, request: GenerationRequest, callback) -> None:
         """Validate and queue a request. Raises EngineError (400/404/429/503) without queueing it."""
         p = request.params
+        if self.stopped_by is not None:
+            raise EngineStopped(f"the engine has stopped ({self.stopped_by}); the server needs a restart")
         if not self.accepting:
             raise ShuttingDown("the server is shutting down")
         if request.adapter is not None and (request.adapter not in self.registry.adapters
@@ -239,7 +247,8 @@ class Engine:
         used = sum(s.num_computed for s in self.slot_seq if s is not None)
         shares = self.thread_shares
         capacity = self.num_slots * self.config.max_model_len
-        return {"running": len(self.prefilling) + len(self.decoding), "waiting": len(self.waiting),
+        return {"engine": "stopped" if self.stopped_by is not None else "running",
+                "running": len(self.prefilling) + len(self.decoding), "waiting": len(self.waiting),
                 "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
                 "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
                 "prefix_caching": self.prefix is not None, "batch_invariant": self.config.batch_invariant,
@@ -298,6 +307,27 @@ class Engine:
 
     # -- the engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - whatever ended the thread: said, and nothing left to hang
+            self.stopped_by = f"{type(e).__name__}: {e}"
+            log.critical("the engine thread stopped: %s; failing every request", self.stopped_by, exc_info=True)
+            self._fail_everything("the engine stopped")
+
+    def _fail_everything(self, error: str) -> None:
+        """Every running and waiting request ends with an error event (best effort: the engine's state may be bad)."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for r, cb in waiting:
+            self._end_unstarted(r, cb, "error", error)
+        for seq in list(self.prefilling) + list(self.decoding):
+            try:
+                seq.finish_reason = "error"
+                self._finish(seq, error=error)
+            except Exception:  # (the bookkeeping itself may be what broke)
+                log.exception("request %s: could not be ended", seq.request.request_id)
+
+    def _serve(self) -> None:
         while self._running:
             self._run_commands()
             if not self.has_work():
