@@ -47,6 +47,7 @@ class ServerState:
     # characters of text past which a prompt cannot fit the context, whatever it says: max_model_len tokens of the
     # vocabulary's longest token (set by create_app). Longer prompts are refused before the tokenizer reads them
     max_prompt_chars: int = 0
+    tokenize_gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # /tokenize's one at a time
 
 
 class APIError(Exception):
@@ -241,7 +242,8 @@ def create_app(state: ServerState) -> FastAPI:
             else:
                 ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
             return ids, tok.convert_ids_to_tokens(ids)
-        ids, strs = await asyncio.to_thread(encode)
+        async with state.tokenize_gate:  # (one /tokenize at a time: it takes text of any length, and a flood of long
+            ids, strs = await asyncio.to_thread(encode)  # ones would hold every worker thread the requests tokenize on)
         return {"count": len(ids), "max_model_len": state.engine.config.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize")
