@@ -254,7 +254,8 @@ def create_app(state: ServerState) -> FastAPI:
         vocab = state.engine.runner.model.config.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
-        return {"prompt": state.engine.tokenizer.decode(body.tokens)}
+        async with state.tokenize_gate:  # (off the event loop, one at a time, as /tokenize)
+            return {"prompt": await asyncio.to_thread(state.engine.tokenizer.decode, body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
