@@ -186,6 +186,10 @@ def create_app(state: ServerState) -> FastAPI:
         if name in state.engine.registry.adapters:
             raise APIError(400, f"an adapter named {name!r} is already loaded; unload it first", param=param,
                            code="invalid_adapter")
+        cap, loaded = state.engine.registry.max_adapters, len(state.engine.registry.adapters)
+        if cap and loaded >= cap:  # (checked again where it loads: the engine's registry refuses it too)
+            raise APIError(400, f"{loaded} adapters are loaded, the most this server holds (--max-adapters {cap}): "
+                                "unload one first", param=param, code="adapter_limit")
 
     @app.post("/v1/adapters")
     async def load_adapter(body: AdapterLoadRequest, request: Request):

@@ -36,6 +36,8 @@ OPTIONS = [  # (flag, type, default, help)
     ("max_model_len", int, 2048, "prompt + generated tokens per sequence"),
     ("max_num_seqs", int, 32, "sequences running at once (KV cache slots)"),
     ("max_queue", int, 256, "requests waiting for a slot before 429"),
+    ("max_adapters", int, 0, "the most adapters loaded at once, at start and through the API (0: no limit); a ReMix "
+                             "adapter of the demo's shape holds ~27 MB of pools and routers in bfloat16"),
     ("max_batched_tokens", int, 512, "tokens per engine step (decode rows + prefill chunk)"),
     ("max_prefill_chunk", int, 512, "the most prompt tokens of one sequence a step computes (a long prompt takes "
                                     "several steps; each cache slot holds this many spare positions)"),
@@ -136,6 +138,9 @@ def load_settings(argv: list[str] | None = None) -> dict:
             and settings["base"] == "smollm2-135m-instruct"):  # the demo adapter was trained on the default base
         adapters["demo"] = str(DEMO_ADAPTER)
     settings["adapters"] = adapters
+    if settings["max_adapters"] and len(adapters) > settings["max_adapters"]:
+        raise SystemExit(f"error: {len(adapters)} adapters to serve (--adapter, --adapter-dir), but --max-adapters is "
+                         f"{settings['max_adapters']}")
     served = settings["served_name"] or settings["base"]
     if served in adapters:  # (requests name one model: the base's name must stay the base's)
         flag = "--served-name" if settings["served_name"] else "--base"
@@ -191,7 +196,7 @@ def load_settings(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: --port must be at most 65535, got {settings['port']}")
     if not settings["kv_memory_gb"] > 0:
         raise SystemExit(f"error: --kv-memory-gb must be > 0, got {settings['kv_memory_gb']}")
-    for name in ("drain_timeout", "threads"):
+    for name in ("drain_timeout", "threads", "max_adapters"):
         if settings[name] < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {settings[name]}")
     if settings["log_level"].lower() not in ("debug", "info", "warning", "error"):
@@ -300,6 +305,7 @@ def build_state(settings: dict):
         tokenizer.chat_template = settings["chat_template"]
     engine = Engine(model, tokenizer, EngineConfig(
         max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
+        max_adapters=settings["max_adapters"],
         max_batched_tokens=settings["max_batched_tokens"], max_prefill_chunk=settings["max_prefill_chunk"],
         kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
         decoder=settings["decoder"], cuda_graphs=settings["cuda_graphs"] == "on", kv_cache_dtype=settings["kv_cache_dtype"],

@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -569,6 +570,31 @@ def test_an_engine_thread_that_dies_fails_its_requests_and_health_says_so():
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", r.text
     r = client.get("/health")
     assert r.status_code == 503 and r.json()["status"] == "engine_stopped" and r.json()["engine"] == "stopped"
+
+
+def test_max_adapters_caps_what_loads(adapters, tmp_path):
+    """--max-adapters: a load past it is a 400 naming the limit (nothing read), an unload makes room again, and a
+    start with more adapters than it allows stops with a message."""
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerState, create_app
+    from server.engine import Engine, EngineConfig
+
+    model, tok = remix.tiny_model()
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2, max_adapters=1))
+    client = TestClient(create_app(ServerState(engine=engine, base_name="tiny")))
+    assert client.post("/v1/adapters", json={"name": "a", "path": str(adapters["alpha"])}).status_code == 200
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(adapters["beta"])})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_limit", r.text
+    assert "(--max-adapters 1)" in r.json()["error"]["message"] and r.json()["error"]["param"] == "lora_name"
+    with pytest.raises(remix.AdapterError, match="--max-adapters 1"):  # the engine's own guard (the Python API)
+        engine.load_adapter("b", str(adapters["beta"]))
+    assert client.delete("/v1/adapters/a").status_code == 200
+    assert client.post("/v1/adapters", json={"name": "b", "path": str(adapters["beta"])}).status_code == 200
+    out = subprocess.run([sys.executable, "-m", "server", "--base", "tiny", "--max-adapters", "1", "--adapter",
+                          f"a={adapters['alpha']}", "--adapter", f"b={adapters['beta']}"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "2 adapters to serve (--adapter, --adapter-dir), but --max-adapters is 1" in out.stderr
 
 
 def test_queue_full_is_429_and_draining_is_503():

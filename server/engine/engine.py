@@ -75,6 +75,7 @@ class EngineConfig:
     max_model_len: int = 2048  # prompt + generated tokens per sequence
     max_num_seqs: int = 32  # running sequences (cache slots)
     max_queue: int = 256  # waiting requests before 429
+    max_adapters: int = 0  # adapters loaded at once (0: no limit); a load past it is refused
     max_batched_tokens: int = 512  # tokens per step (decode rows + prefill chunk)
     max_prefill_chunk: int = 512  # longest prefill chunk per sequence per step (its spare positions in each cache slot)
     kv_budget_bytes: int = 4 << 30  # KV cache memory; slots = min(max_num_seqs, budget / bytes per slot)
@@ -127,7 +128,7 @@ class Engine:
                         slots, cfg.max_model_len, cfg.max_prefill_chunk, cfg.max_num_seqs)
         self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder,
                                   cuda_graphs=cfg.cuda_graphs, kv_dtype=kv_dtype, batch_invariant=cfg.batch_invariant)
-        self.registry = AdapterRegistry(self.runner)
+        self.registry = AdapterRegistry(self.runner, cfg.max_adapters)
         self.num_slots = slots
         self.slot_seq: list[Sequence | None] = [None] * slots
         self.prefix = PrefixIndex(slots) if cfg.prefix_caching else None
