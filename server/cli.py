@@ -37,7 +37,7 @@ OPTIONS = [  # (flag, type, default, help)
     ("max_num_seqs", int, 32, "sequences running at once (KV cache slots)"),
     ("max_queue", int, 256, "requests waiting for a slot before 429"),
     ("max_adapters", int, 0, "the most adapters loaded at once, at start and through the API (0: no limit); a ReMix "
-                             "adapter of the demo's shape holds ~27 MB of pools and routers in bfloat16"),
+                             "adapter of the demo's shape holds ~27 MB (bfloat16 pools, float32 routers)"),
     ("max_batched_tokens", int, 512, "tokens per engine step (decode rows + prefill chunk)"),
     ("max_prefill_chunk", int, 512, "the most prompt tokens of one sequence a step computes (a long prompt takes "
                                     "several steps; each cache slot holds this many spare positions)"),
