@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,6 +49,10 @@ class ServerState:
     # vocabulary's longest token (set by create_app). Longer prompts are refused before the tokenizer reads them
     max_prompt_chars: int = 0
     tokenize_gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # /tokenize's one at a time
+    # the requests' encoding, one at a time: it runs on worker threads, and a fast tokenizer called from two threads
+    # at once can fail with "Already borrowed" where a call changes its truncation or padding (huggingface/tokenizers
+    # #537; vLLM wraps its tokenizers in a lock for the same reason)
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class APIError(Exception):
@@ -244,7 +249,8 @@ def create_app(state: ServerState) -> FastAPI:
             if body.messages is not None:
                 ids = chat_prompt(body, body.tools)
             else:
-                ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+                with state.tokenizer_lock:
+                    ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
             return ids, tok.convert_ids_to_tokens(ids)
         async with state.tokenize_gate:  # (one /tokenize at a time: it takes text of any length, and a flood of long
             ids, strs = await asyncio.to_thread(encode)  # ones would hold every worker thread the requests tokenize on)
@@ -276,8 +282,9 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
 
         def encode():  # (off the event loop: a long prompt takes the tokenizer a while)
-            return ([tok(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts],
-                    [p if isinstance(p, str) else tok.decode(p) for p in prompts])
+            with state.tokenizer_lock:
+                ids = [tok(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
+            return ids, [p if isinstance(p, str) else tok.decode(p) for p in prompts]
         prompt_ids, prompt_texts = await asyncio.to_thread(encode)
         return await _generate(request, body, adapter, prompt_ids, prompt_texts, chat=False)
 
@@ -370,8 +377,9 @@ def create_app(state: ServerState) -> FastAPI:
         if not tok.chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         try:
-            return tools.prompt_ids(tok, body.messages, offered_tools, body.add_generation_prompt,
-                                    body.continue_final_message, body.chat_template_kwargs)
+            with state.tokenizer_lock:  # (called on worker threads: see ServerState.tokenizer_lock)
+                return tools.prompt_ids(tok, body.messages, offered_tools, body.add_generation_prompt,
+                                        body.continue_final_message, body.chat_template_kwargs)
         except Exception as e:  # (a template may raise on a conversation it does not take, e.g. roles out of order)
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
 
