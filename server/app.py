@@ -5,6 +5,8 @@ that hands each event to the request's asyncio queue."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import json
 import logging
 import re
@@ -53,6 +55,9 @@ class ServerState:
     # at once can fail with "Already borrowed" where a call changes its truncation or padding (huggingface/tokenizers
     # #537; vLLM wraps its tokenizers in a lock for the same reason)
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    # /tokenize's and /detokenize's own copy of the tokenizer (set by create_app), used one call at a time
+    # (tokenize_gate): text of any length there never holds up the requests' encoding behind tokenizer_lock
+    side_tokenizer: object = None
 
 
 class APIError(Exception):
@@ -93,6 +98,7 @@ def create_app(state: ServerState) -> FastAPI:
     state.metrics = state.metrics or Metrics(state.engine)
     state.call_format = chat_format.call_format(state.engine.tokenizer)  # (the template is fixed once serving)
     state.max_prompt_chars = prompt_char_bound(state.engine.tokenizer, state.engine.config.max_model_len)
+    state.side_tokenizer = copy.deepcopy(state.engine.tokenizer)
     app.add_middleware(RequestIdMiddleware)
     if state.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_methods=["*"],
@@ -243,14 +249,13 @@ def create_app(state: ServerState) -> FastAPI:
         check_key(request)
         if body.model is not None:
             resolve_model(body.model)
-        tok = state.engine.tokenizer
+        tok = state.side_tokenizer
 
         def encode():  # (off the event loop: a long text takes the tokenizer a while)
             if body.messages is not None:
-                ids = chat_prompt(body, body.tools)
+                ids = chat_prompt(body, body.tools, side=True)
             else:
-                with state.tokenizer_lock:
-                    ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+                ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
             return ids, tok.convert_ids_to_tokens(ids)
         async with state.tokenize_gate:  # (one /tokenize at a time: it takes text of any length, and a flood of long
             ids, strs = await asyncio.to_thread(encode)  # ones would hold every worker thread the requests tokenize on)
@@ -265,7 +270,7 @@ def create_app(state: ServerState) -> FastAPI:
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
         async with state.tokenize_gate:  # (off the event loop, one at a time, as /tokenize)
-            return {"prompt": await asyncio.to_thread(state.engine.tokenizer.decode, body.tokens)}
+            return {"prompt": await asyncio.to_thread(state.side_tokenizer.decode, body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -371,13 +376,14 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(404, f"no stored response with id {response_id!r}", "not_found_error", "response_id", "not_found")
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
-    def chat_prompt(body, offered_tools) -> list[int]:
-        """A request's conversation (and the tools offered) through the chat template (server.tools), as token ids."""
-        tok = state.engine.tokenizer
+    def chat_prompt(body, offered_tools, side: bool = False) -> list[int]:
+        """A request's conversation (and the tools offered) through the chat template (server.tools), as token ids:
+        on a worker thread, with the engine's tokenizer under its lock, or (side) /tokenize's own copy."""
+        tok = state.side_tokenizer if side else state.engine.tokenizer
         if not tok.chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         try:
-            with state.tokenizer_lock:  # (called on worker threads: see ServerState.tokenizer_lock)
+            with contextlib.nullcontext() if side else state.tokenizer_lock:
                 return tools.prompt_ids(tok, body.messages, offered_tools, body.add_generation_prompt,
                                         body.continue_final_message, body.chat_template_kwargs)
         except Exception as e:  # (a template may raise on a conversation it does not take, e.g. roles out of order)
