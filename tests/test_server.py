@@ -320,6 +320,26 @@ def test_bad_input_is_400_with_param(server, body, param):
     assert _post(server, "/v1/completions", {"model": "alpha", "prompt": "ok", "max_tokens": 2, "priority": -3}).status_code == 200
 
 
+def test_prompts_encoded_on_worker_threads_at_once_all_answer(server):
+    """Prompts are encoded off the event loop, on worker threads (/tokenize on a copy of the tokenizer): many at
+    once, mixed, every one answers 200 (a fast tokenizer shared by threads can fail with "Already borrowed")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    words = ["alpha", "beta", "émigré", "中文", "x" * 9]
+
+    def one(i):
+        text = " ".join(words[(i + j) % len(words)] for j in range(4 + i % 12))  # (under the 256-token context)
+        path, body = [("/tokenize", {"prompt": text}),
+                      ("/tokenize", {"messages": [{"role": "user", "content": text}]}),
+                      ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": text}], "max_tokens": 1}),
+                      ("/v1/completions", {"model": "beta", "prompt": [text, text[::-1]], "max_tokens": 1})][i % 4]
+        return _post(server, path, body).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(one, range(64)))
+    assert codes == [200] * 64, [(i, c) for i, c in enumerate(codes) if c != 200]
+
+
 @pytest.mark.parametrize("path,body,param", [
     # the server's context is 256 tokens; the tiny model's tokenizer takes a byte a token
     ("/v1/completions", {"model": "alpha", "prompt": "x" * 300, "max_tokens": 4}, "prompt"),  # the prompt alone
