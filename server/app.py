@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hmac
 import json
 import logging
 import re
@@ -140,8 +141,9 @@ def create_app(state: ServerState) -> FastAPI:
     def check_key(request: Request) -> None:
         if state.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {state.api_key}":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # the scheme in any case (RFC 9110), the key compared in constant time (no timing to guess it by)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "authentication_error",
                            code="invalid_api_key")
 

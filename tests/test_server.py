@@ -407,6 +407,11 @@ def test_malformed_json_auth_and_unknown_model(server):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = _post(server, "/v1/completions", {"model": "alpha", "prompt": "x"}, key="wrong")
     assert r.status_code == 401
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 1}
+    for header, status in ((f"bearer {KEY}", 200), (f"BEARER  {KEY}", 200),  # the scheme in any case (RFC 9110)
+                           (f"Basic {KEY}", 401), (KEY, 401), (f"Bearer {KEY}x", 401), (f"Bearer {KEY[:-1]}", 401)):
+        r = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": header}, timeout=30)
+        assert r.status_code == status, (header, r.text)
     r = _post(server, "/v1/completions", {"model": "nope", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
