@@ -18,6 +18,14 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def flag_bool(text: str) -> bool:
+    """parse_bool as an argparse ``type``: a bad word is argparse's error naming the flag and the word."""
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def typed_fields(loaded: dict, kinds: dict[str, type], list_items: str = "a list of names",
                  split_lists: bool = True) -> tuple[dict, list[str]]:
     """``loaded`` (field -> value, dashes or underscores; every field one of ``kinds``) with each value of the type its

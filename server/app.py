@@ -199,10 +199,6 @@ def create_app(state: ServerState) -> FastAPI:
         if name in state.engine.registry.adapters:
             raise APIError(400, f"an adapter named {name!r} is already loaded; unload it first", param=param,
                            code="invalid_adapter")
-        cap, loaded = state.engine.registry.max_adapters, len(state.engine.registry.adapters)
-        if cap and loaded >= cap:  # (checked again where it loads: the engine's registry refuses it too)
-            raise APIError(400, f"{loaded} adapters are loaded, the most this server holds (--max-adapters {cap}): "
-                                "unload one first", param=param, code="adapter_limit")
 
     @app.post("/v1/adapters")
     async def load_adapter(body: AdapterLoadRequest, request: Request):
@@ -212,6 +208,8 @@ def create_app(state: ServerState) -> FastAPI:
             loaded = await asyncio.to_thread(state.engine.load_adapter, body.name, body.path, body.check_fingerprint)
         except AdapterError as e:
             raise APIError(400, str(e), param="path", code="invalid_adapter") from None
+        except EngineError as e:  # (max_adapters loaded already)
+            raise APIError.of(e) from None
         return {"id": loaded.name, "object": "model", "parent": state.base_name, "adapter": {"path": loaded.path, **loaded.info}}
 
     # vLLM's names for the same two operations (its LoRA tooling works unchanged; peft adapters load as they are)
@@ -226,6 +224,10 @@ def create_app(state: ServerState) -> FastAPI:
             await asyncio.to_thread(state.engine.load_adapter, body.lora_name, body.lora_path, True)
         except AdapterError as e:
             raise APIError(400, str(e), param="lora_path", code="invalid_adapter") from None
+        except EngineError as e:  # (max_adapters loaded already: the field is lora_name here)
+            err = APIError.of(e)
+            err.param = "lora_name"
+            raise err from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")

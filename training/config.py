@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from remix.config import DEFAULT_TARGETS, ROUTERS, MixtureConfig
-from remix.settings import parse_bool, typed_fields
+from remix.settings import flag_bool, typed_fields
 from training.tasks import TASK_DEFAULTS, TASKS
 
 
@@ -117,13 +117,6 @@ class ConfigError(ValueError):
     pass
 
 
-def _parse_bool(text: str) -> bool:
-    try:
-        return parse_bool(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _kind(f: dataclasses.Field) -> type:
     return f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool, "list": list}[f.type]
 
@@ -141,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         kind = _kind(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if kind is bool:
-            parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=f"{f.metadata['help']} (default: {default})")
+            parser.add_argument(flag, type=flag_bool, default=None, metavar="BOOL", help=f"{f.metadata['help']} (default: {default})")
         elif kind is list:
             parser.add_argument(flag, type=lambda s: [t for t in s.split(",") if t], default=None, metavar="A,B",
                                 help=f"{f.metadata['help']} (default: {','.join(default)})")

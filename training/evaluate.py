@@ -23,8 +23,8 @@ import torch
 import remix
 from remix import routing
 from remix.adapter import read_config
-from remix.settings import HelpFormatter
-from training.config import TrainConfig, _parse_bool
+from remix.settings import HelpFormatter, flag_bool
+from training.config import TrainConfig
 from training.data import DataError, Example, collate, heldout_examples
 from training.rloo import completion_losses
 from training.tasks import TASK_DEFAULTS, exact_match
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default=None, help="the base model (default: the one the adapter was trained on)")
     defaults = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name in SETTINGS:
-        kind = _parse_bool if name == "chat" else type(defaults[name].default)
+        kind = flag_bool if name == "chat" else type(defaults[name].default)
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                         help=f"{defaults[name].metadata['help']} (default: the adapter's training setting)")
     ap.add_argument("--skip-base", action="store_true", help="score the adapter only")

@@ -112,7 +112,6 @@ def base_scores(metrics_path: Path) -> dict | None:
     return {"eval_loss": row["eval_loss"], "eval_exact_match": row["eval_exact_match"], "tasks_exact_match": tasks}
 
 
-
 class _Lines:
     """A stream for tqdm that writes each status it draws as a line of its own (tqdm redraws one line with carriage
     returns, which a log file or a pipe keeps as one endless line)."""
@@ -127,6 +126,7 @@ class _Lines:
 
     def flush(self) -> None:
         self.stream.flush()
+
 
 def run(cfg: TrainConfig) -> dict:
     if cfg.threads:

@@ -75,14 +75,7 @@ def thp_policy() -> str:
 def huge_pages_available() -> bool:
     """True where a block can ask for transparent huge pages: Linux with THP "always" or "madvise", and
     REMIX_HUGE_PAGES not set to 0."""
-    if os.environ.get("REMIX_HUGE_PAGES", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    try:
-        with open(_THP_POLICY) as f:
-            policy = f.read()
-    except OSError:
-        return False
-    return ("[always]" in policy or "[madvise]" in policy) and _libc() is not None
+    return thp_policy() in ("always", "madvise") and _libc() is not None
 
 
 def _huge_block(nbytes: int) -> torch.Tensor:

@@ -128,7 +128,7 @@ class Engine:
                         slots, cfg.max_model_len, cfg.max_prefill_chunk, cfg.max_num_seqs)
         self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder,
                                   cuda_graphs=cfg.cuda_graphs, kv_dtype=kv_dtype, batch_invariant=cfg.batch_invariant)
-        self.registry = AdapterRegistry(self.runner, cfg.max_adapters)
+        self.registry = AdapterRegistry(self.runner)
         self.num_slots = slots
         self.slot_seq: list[Sequence | None] = [None] * slots
         self.prefix = PrefixIndex(slots) if cfg.prefix_caching else None
@@ -220,6 +220,12 @@ class Engine:
         return future.result()
 
     def load_adapter(self, name: str, path: str, check_fingerprint: bool = True):
+        """Validate and stack an adapter between steps: AdapterError lists every problem with it; an EngineError
+        (adapter_limit) where max_adapters are loaded already, before anything is read."""
+        cap, loaded = self.config.max_adapters, len(self.registry.adapters)
+        if cap and loaded >= cap:
+            raise EngineError(f"{loaded} adapters are loaded, the most this server holds (--max-adapters {cap}): unload "
+                              "one first", "name", "adapter_limit")
         return self.call(self.registry.load, name, path, check_fingerprint)
 
     def unload_adapter(self, name: str) -> None:
@@ -321,11 +327,16 @@ class Engine:
             waiting, self.waiting = list(self.waiting), collections.deque()
         for r, cb in waiting:
             self._end_unstarted(r, cb, "error", error)
+        self._fail_running(error)
+
+    def _fail_running(self, error: str) -> None:
+        """Every running sequence ends with an error event, each on its own (one that cannot be ended - the
+        bookkeeping may be what broke - does not keep the others from it)."""
         for seq in list(self.prefilling) + list(self.decoding):
             try:
                 seq.finish_reason = "error"
                 self._finish(seq, error=error)
-            except Exception:  # (the bookkeeping itself may be what broke)
+            except Exception:
                 log.exception("request %s: could not be ended", seq.request.request_id)
 
     def _serve(self) -> None:
@@ -339,9 +350,7 @@ class Engine:
                 self.step()
             except Exception:  # never die: fail the running requests, keep serving
                 log.exception("engine step failed; failing the running requests")
-                for seq in list(self.prefilling) + list(self.decoding):
-                    seq.finish_reason = "error"
-                    self._finish(seq, error="internal error while generating")
+                self._fail_running("internal error while generating")
                 if self.prefix is not None:  # a forward that failed half-way may have written anywhere it was given
                     self.prefix.forget()
 

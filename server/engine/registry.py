@@ -26,9 +26,8 @@ class LoadedAdapter:
 
 
 class AdapterRegistry:
-    def __init__(self, runner: ModelRunner, max_adapters: int = 0):
+    def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.max_adapters = max_adapters  # 0: no limit
         self.adapters: dict[str, LoadedAdapter] = {}
         self._next_slot = 0
 
@@ -36,9 +35,6 @@ class AdapterRegistry:
         """Validate and stack an adapter; raises AdapterError listing every problem (nothing changes then)."""
         if name in self.adapters:
             raise AdapterError(path, [f"an adapter named {name!r} is already loaded"])
-        if self.max_adapters and len(self.adapters) >= self.max_adapters:
-            raise AdapterError(path, [f"{len(self.adapters)} adapters are loaded, the most this server holds "
-                                      f"(--max-adapters {self.max_adapters}): unload one first"])
         config, mix, tensors = validate_adapter(self.runner.model, path, check_fingerprint)
         if mix.router not in SERVABLE:
             raise AdapterError(path, [f"router {mix.router!r} is not served (only {', '.join(SERVABLE)}): its "
