@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from remix import chat as chat_format
 from remix.adapter import AdapterError
 from server import responses, tools
-from server.engine import Engine, EngineError, GenerationRequest
+from server.engine import ADAPTER_GONE, ENGINE_STOPPED, INTERNAL_ERROR, Engine, EngineError, GenerationRequest
 from server.metrics import Metrics
 from server.responses import ResponsesRequest
 from server.protocol import (AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -72,6 +72,18 @@ class APIError(Exception):
         """The engine's refusal as the HTTP error it maps to."""
         return cls(e.status, str(e), ERROR_TYPES.get(e.status, "error"), e.param, e.code)
 
+    @classmethod
+    def failed(cls, ev, model: str) -> "APIError":
+        """An accepted request that ended with an error event (``ev.error_code``, server.engine's codes), as the
+        HTTP error it is: not a 200 whose text stops short."""
+        if ev.error_code == ADAPTER_GONE:
+            return cls(404, f"the model {model!r} was unloaded before this request started", "not_found_error",
+                       "model", ADAPTER_GONE)
+        if ev.error_code == ENGINE_STOPPED:
+            return cls(503, f"{ev.error}; the server needs a restart", "service_unavailable", None, ENGINE_STOPPED)
+        return cls(500, f"{ev.error or 'internal error'} (the server's log has the details)", "server_error", None,
+                   ev.error_code or INTERNAL_ERROR)
+
 
 def prompt_char_bound(tokenizer, max_model_len: int) -> int:
     """Characters of text past which no prompt fits max_model_len tokens: that many of the vocabulary's longest token.
@@ -90,7 +102,7 @@ def _error_response(state: ServerState | None, status: int, message: str, type_:
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               429: "rate_limit_error", 503: "service_unavailable"}
+               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -353,7 +365,11 @@ def create_app(state: ServerState) -> FastAPI:
                 while piece is not None:
                     for block in piece.split("\n\n"):
                         if block.startswith("data: ") and block != "data: [DONE]":
-                            for line in stream.chunk(json.loads(block[len("data: "):])):
+                            data = json.loads(block[len("data: "):])
+                            if "error" in data:  # the generation failed: so does the response (not stored)
+                                yield stream.fail(data["error"])
+                                return
+                            for line in stream.chunk(data):
                                 yield line
                     piece = await anext(inner, None)
                 for line in stream.end():
@@ -442,12 +458,19 @@ def create_app(state: ServerState) -> FastAPI:
             while not tracker.done():
                 i, ev = await _next(request, queue)
                 tracker.observe(ev)
+                if ev.error is not None:  # one choice failed: the request did (its other choices end now)
+                    raise APIError.failed(ev, body.model)
                 builder.add(i, ev)
         except _Disconnected:
             for sub in sub_ids:
                 state.engine.cancel(sub)
             tracker.close()
             return JSONResponse({}, status_code=499)
+        except APIError:
+            for sub in sub_ids:
+                state.engine.cancel(sub)
+            tracker.close()
+            raise
         tracker.close()
         return builder.final()
 
@@ -456,6 +479,13 @@ def create_app(state: ServerState) -> FastAPI:
             while not tracker.done():
                 i, ev = await _next(request, queue)
                 tracker.observe(ev)
+                if ev.error is not None:  # one choice failed: the stream ends with the error (OpenAI's clients raise
+                    for sub in sub_ids:  # it), as vLLM ends it, and its other choices end now
+                        state.engine.cancel(sub)
+                    e = APIError.failed(ev, builder.body.model)
+                    yield f"data: {json.dumps(error_body(e.message, e.type, e.param, e.code))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
                 chunk = builder.chunk(i, ev)
                 if chunk is not None:
                     yield f"data: {json.dumps(chunk)}\n\n"

@@ -359,6 +359,16 @@ class EventStream:
         return out + [self._event("response.completed" if status == "completed" else "response.incomplete",
                                   response=self.response)]
 
+    def fail(self, error: dict) -> str:
+        """The stream's last event where generating failed: ``response.failed``, its response's error OpenAI's
+        ``{code, message}`` (``error``: the chat stream's error object), its unfinished items incomplete."""
+        for item in self.output:
+            if item["status"] == "in_progress":
+                item["status"] = "incomplete"
+        self.response = response_object(self.body, self.rid, self.created, "failed", self.output, self.usage)
+        self.response["error"] = {"code": error.get("code") or "server_error", "message": error.get("message", "")}
+        return self._event("response.failed", response=self.response)
+
     def assistant(self) -> dict:
         text = "".join(i["content"][0]["text"] for i in self.output if i["type"] == "message")
         calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}

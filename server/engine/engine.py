@@ -70,6 +70,12 @@ class EngineStopped(EngineError):
     status, code = 503, "engine_stopped"
 
 
+# why an accepted request ended with an error event (``Event.error_code``; its ``error`` says it in words)
+INTERNAL_ERROR = "internal_error"  # generating failed (the step, its sampling or emitting; the log has the traceback)
+ENGINE_STOPPED = EngineStopped.code  # the engine thread ended
+ADAPTER_GONE = UnknownAdapter.code  # its adapter was removed before it started
+
+
 @dataclass
 class EngineConfig:
     max_model_len: int = 2048  # prompt + generated tokens per sequence
@@ -319,25 +325,38 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 - whatever ended the thread: said, and nothing left to hang
             self.stopped_by = f"{type(e).__name__}: {e}"
             log.critical("the engine thread stopped: %s; failing every request", self.stopped_by, exc_info=True)
-            self._fail_everything("the engine stopped")
+            self._fail_everything("the engine stopped", ENGINE_STOPPED)
 
-    def _fail_everything(self, error: str) -> None:
+    def _fail_everything(self, error: str, code: str) -> None:
         """Every running and waiting request ends with an error event (best effort: the engine's state may be bad)."""
         with self._lock:
             waiting, self.waiting = list(self.waiting), collections.deque()
         for r, cb in waiting:
-            self._end_unstarted(r, cb, "error", error)
-        self._fail_running(error)
+            self._end_unstarted(r, cb, "error", error, code)
+        self._fail(list(self.prefilling) + list(self.decoding), error, code)
 
-    def _fail_running(self, error: str) -> None:
-        """Every running sequence ends with an error event, each on its own (one that cannot be ended - the
+    def _fail(self, seqs: list[Sequence], error: str, code: str = INTERNAL_ERROR) -> None:
+        """Each of ``seqs`` not yet finished ends with an error event, each on its own (one that cannot be ended - the
         bookkeeping may be what broke - does not keep the others from it)."""
-        for seq in list(self.prefilling) + list(self.decoding):
+        for seq in seqs:
+            if seq.status is Status.FINISHED:
+                continue
             try:
                 seq.finish_reason = "error"
-                self._finish(seq, error=error)
+                self._finish(seq, error=error, error_code=code)
             except Exception:
                 log.exception("request %s: could not be ended", seq.request.request_id)
+
+    def _contain(self, seqs: list[Sequence], what: str) -> None:
+        """After ``what`` failed for ``seqs`` alone (logged here with the traceback being handled): those of them still
+        running end with an error and the rest of the step goes on. The prefix cache forgets what it held, as after
+        any failed forward (one that failed half-way may have written anywhere it was given)."""
+        ids = sorted({s.request.request_id for s in seqs})
+        log.exception("%s failed; ending %d sequence(s) of request(s) %s, the others go on", what, len(seqs),
+                      ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else ""))
+        self._fail(seqs, "internal error while generating")
+        if self.prefix is not None:
+            self.prefix.forget()
 
     def _serve(self) -> None:
         while self._running:
@@ -349,10 +368,7 @@ class Engine:
             try:
                 self.step()
             except Exception:  # never die: fail the running requests, keep serving
-                log.exception("engine step failed; failing the running requests")
-                self._fail_running("internal error while generating")
-                if self.prefix is not None:  # a forward that failed half-way may have written anywhere it was given
-                    self.prefix.forget()
+                self._contain(list(self.prefilling) + list(self.decoding), "an engine step")
 
     def _run_commands(self) -> None:
         while True:
@@ -376,16 +392,24 @@ class Engine:
         drafted = sum(map(len, drafts)) if drafts else 0
         prefill = self._plan_prefill(self.config.max_batched_tokens - len(decode) - drafted)
         accepted = 0
+        # a failure inside one of the step's two forwards ends that forward's sequences only (each sequence's own
+        # sampling and emitting fails it alone: _sample_and_emit); anything else that fails ends every running one
         if decode:
             start = time.perf_counter()
-            if drafted:
-                accepted = self._run_verify(decode, drafts)
-            else:
-                self._run_decode(decode)
+            try:
+                if drafted:
+                    accepted = self._run_verify(decode, drafts)
+                else:
+                    self._run_decode(decode)
+            except Exception:
+                self._contain(decode, "the decode step")
             if self.config.num_speculative_tokens:
                 self.draft_policy.observe_step(len(decode), drafted, time.perf_counter() - start)
         if prefill:
-            self._run_prefill(prefill)
+            try:
+                self._run_prefill(prefill)
+            except Exception:
+                self._contain([s for s, _ in prefill], "the prefill step")
         self.last_step = {"decode_rows": len(decode), "prefill_tokens": sum(c for _, c in prefill),
                           "draft_tokens": drafted, "accepted_tokens": accepted}
         self._arrange()
@@ -409,12 +433,13 @@ class Engine:
             self._arrange()
 
     @staticmethod
-    def _end_unstarted(request: GenerationRequest, callback, reason: str, error: str | None = None) -> None:
+    def _end_unstarted(request: GenerationRequest, callback, reason: str, error: str | None = None,
+                       error_code: str | None = None) -> None:
         """A request that ends before any of its sequences started: each choice still gets its final event."""
         for index in range(request.params.n):
             try:
                 callback(Event(request.request_id, index, [], "", [], True, reason, len(request.prompt_ids), 0,
-                               error=error))
+                               error=error, error_code=error_code))
             except Exception:  # a broken consumer must not take the engine down
                 log.exception("request %s: callback failed", request.request_id)
 
@@ -429,7 +454,7 @@ class Engine:
             if request.adapter is not None:
                 adapter = self.registry.adapters.get(request.adapter)
                 if adapter is None:  # accepted requests of an unloading adapter still run; a removed one cannot
-                    self._end_unstarted(request, callback, "error", "adapter was unloaded")
+                    self._end_unstarted(request, callback, "error", "adapter was unloaded", ADAPTER_GONE)
                     continue
                 slot = adapter.slot
                 adapter.active += request.params.n
@@ -601,36 +626,42 @@ class Engine:
             self._sample_and_emit([seqs[i] for i in plain], logits[torch.tensor(plain)])
         accepted, vocab = 0, self.runner.model.config.vocab_size
         for i in every:
-            s, d, rows = seqs[i], drafts[i], self.runner.last_every[i]
-            # position by position, the token a decode step would pick there - the same sampler on the same logits
-            # with the sequence's own generator (one draw per token it emits, in order) and, where its logits are
-            # adjusted, its history up to that token (penalties, min_tokens, a grammar's state) - emitted, up to and
-            # including the first that is not the draft's: the tokens (and the draws) of decoding without a draft
-            p, took = s.params, 0
-            tokens = lps = None
-            if p.greedy and not p.adjusts:  # nothing depends on history: every position's argmax (what sample takes
-                tokens = first_argmax(rows).tolist()  # for such a row) and log-probabilities at once
-                if p.logprobs is not None:
-                    lps = token_logprobs(rows, torch.tensor(tokens), p.logprobs)
-            for j in range(len(d) + 1):
-                if tokens is not None:
-                    token, lp = tokens[j], lps[j] if lps is not None else None
-                else:
-                    row = rows[j : j + 1]
-                    history = [s.token_history(self.eos_ids, vocab)] if p.adjusts else None
-                    token = int(sample(row, [p], [s.generator], history)[0])
-                    lp = token_logprobs(row, torch.tensor([token]), p.logprobs)[0] if p.logprobs is not None else None
-                s.num_computed += 1  # the input at position j: its keys and values are the sequence's now
-                if self._emit(s, token, lp) or j == len(d) or token != d[j]:
-                    break
-                took += 1  # draft token j was this token: its keys and values (position j + 1) stand too
-            accepted += took
-            self.draft_policy.observe_check(s.drafts, len(d), took)  # what its next drafts' lengths weigh
+            try:
+                accepted += self._check_draft(seqs[i], drafts[i], self.runner.last_every[i], vocab)
+            except Exception:
+                self._contain([seqs[i]], "checking a draft")
         totals = self.spec_totals
         totals["draft_tokens"] += sum(counts) - b
         totals["accepted_tokens"] += accepted
         totals["steps"] += 1
         return accepted
+
+    def _check_draft(self, s: Sequence, d: list[int], rows: torch.Tensor, vocab: int) -> int:
+        """Emit the tokens ``s`` takes at its draft's positions (``rows``: their logits); the draft tokens accepted."""
+        # position by position, the token a decode step would pick there - the same sampler on the same logits
+        # with the sequence's own generator (one draw per token it emits, in order) and, where its logits are
+        # adjusted, its history up to that token (penalties, min_tokens, a grammar's state) - emitted, up to and
+        # including the first that is not the draft's: the tokens (and the draws) of decoding without a draft
+        p, took = s.params, 0
+        tokens = lps = None
+        if p.greedy and not p.adjusts:  # nothing depends on history: every position's argmax (what sample takes
+            tokens = first_argmax(rows).tolist()  # for such a row) and log-probabilities at once
+            if p.logprobs is not None:
+                lps = token_logprobs(rows, torch.tensor(tokens), p.logprobs)
+        for j in range(len(d) + 1):
+            if tokens is not None:
+                token, lp = tokens[j], lps[j] if lps is not None else None
+            else:
+                row = rows[j : j + 1]
+                history = [s.token_history(self.eos_ids, vocab)] if p.adjusts else None
+                token = int(sample(row, [p], [s.generator], history)[0])
+                lp = token_logprobs(row, torch.tensor([token]), p.logprobs)[0] if p.logprobs is not None else None
+            s.num_computed += 1  # the input at position j: its keys and values are the sequence's now
+            if self._emit(s, token, lp) or j == len(d) or token != d[j]:
+                break
+            took += 1  # draft token j was this token: its keys and values (position j + 1) stand too
+        self.draft_policy.observe_check(s.drafts, len(d), took)  # what its next drafts' lengths weigh
+        return took
 
     def _run_prefill(self, plan: list[tuple[Sequence, int]]) -> None:
         seqs = [s for s, _ in plan]
@@ -701,13 +732,40 @@ class Engine:
                     s.routing_counts[module] = [a + b for a, b in zip(prev, counts_i)]
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Each row's token (and log-probabilities), sampled together, then emitted. Where sampling them together
+        fails, each row is sampled alone from its generator's state before the try (the same draws, so the same
+        tokens: sampling does not depend on batch-mates) and a row that fails alone ends with an error; a sequence
+        whose emitting fails (its grammar, stop strings, detokenizing) ends with an error too. The others go on."""
+        states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+        try:
+            tokens, lps = self._sample(seqs, logits)
+        except Exception:
+            if len(seqs) == 1:
+                self._contain(seqs, "sampling")
+                return
+            log.exception("sampling %d rows together failed; sampling each alone", len(seqs))
+            for s, state in zip(seqs, states):
+                if state is not None:
+                    s.generator.set_state(state)
+            for i, s in enumerate(seqs):
+                self._sample_and_emit([s], logits[i : i + 1])
+            return
+        for i, s in enumerate(seqs):
+            try:
+                self._emit(s, int(tokens[i]), lps[i] if lps is not None else None)
+            except Exception:
+                self._contain([s], "emitting a token")
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, list | None]:
+        """One token per row and, for the rows that ask for them, its log-probabilities (None for the others)."""
         vocab = self.runner.model.config.vocab_size
         history = [s.token_history(self.eos_ids, vocab) if s.params.adjusts else None for s in seqs]
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], history)
         want_lp = [s.params.logprobs is not None for s in seqs]
-        lps = token_logprobs(logits, tokens, max((s.params.logprobs or 0) for s in seqs)) if any(want_lp) else None
-        for i, s in enumerate(seqs):
-            self._emit(s, int(tokens[i]), lps[i] if lps is not None and want_lp[i] else None)
+        if not any(want_lp):
+            return tokens, None
+        lps = token_logprobs(logits, tokens, max((s.params.logprobs or 0) for s in seqs))
+        return tokens, [lp if want else None for lp, want in zip(lps, want_lp)]
 
     def _emit(self, s: Sequence, token: int, lp: tuple | None) -> bool:
         """Append one generated token to ``s``, apply its stop conditions and send its event; True if it finished.
@@ -728,8 +786,17 @@ class Engine:
             s.callback(event)
         return finished
 
-    def _finish(self, seq: Sequence, event: Event | None = None, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, event: Event | None = None, error: str | None = None,
+                error_code: str | None = None) -> None:
+        """``seq`` is done: its slot and adapter reference are released and its final event (``event``, or one with
+        ``error``) sent - sent even where releasing fails, which then raises; a sequence gets one final event."""
         seq.status = Status.FINISHED
+        try:
+            self._release(seq)
+        finally:
+            self._send_final(seq, event, error, error_code)
+
+    def _release(self, seq: Sequence) -> None:
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         if seq in self.decoding:
@@ -740,12 +807,14 @@ class Engine:
                 self.prefix.hold(seq.slot, seq.prompt_ids, seq.output_ids, seq.adapter_slot, seq.num_computed)
                 self.prefix.release(seq.slot)
         seq.slot = -1
-        rid = seq.request.request_id
         if seq.request.adapter is not None and seq.request.adapter in self.registry.adapters:
             self.registry.adapters[seq.request.adapter].active -= 1
+
+    def _send_final(self, seq: Sequence, event: Event | None, error: str | None, error_code: str | None) -> None:
+        rid = seq.request.request_id
         if event is None:
             event = Event(rid, seq.index, [], "", [], True, seq.finish_reason or "error", len(seq.prompt_ids),
-                          len(seq.output_ids), error=error, cached_tokens=seq.cached_tokens,
+                          len(seq.output_ids), error=error, error_code=error_code, cached_tokens=seq.cached_tokens,
                           prompt_logprobs=seq.prompt_lps)
         if seq.routing_counts is not None:
             event.routing = seq.routing_counts

@@ -42,7 +42,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     routing: dict | None = None  # per-module selection summary (when the request asked for a trace)
-    error: str | None = None
+    error: str | None = None  # (final event) why the request failed, where it did
+    error_code: str | None = None  # and as a code: server.engine's INTERNAL_ERROR, ENGINE_STOPPED or ADAPTER_GONE
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed for this sequence)
     prompt_logprobs: list | None = None  # (first event) the prompt's tokens: (id, log p, top-N), None for the first
 
