@@ -240,3 +240,41 @@ def test_each_failure_code_is_its_http_error(code, status, kind):
     e = APIError.failed(Event("r", 0, [], "", [], True, "error", error="why", error_code=code), "mine")
     assert (e.status, e.type, e.code) == (status, kind, code)
     assert ("'mine'" in e.message) if code == ADAPTER_GONE else ("why" in e.message)
+
+
+def test_a_draft_check_that_fails_ends_its_sequence_alone(monkeypatch):
+    """With speculative decoding: emitting fails for one sequence while its draft is checked; it ends alone, and its
+    batch-mate (drafting too) gets the tokens it gets alone."""
+    import remix
+
+    model, tok = remix.tiny_model(seed=0)  # (the plain tiny model loops: drafts are taken)
+    engine = Engine(model, tok, EngineConfig(max_model_len=128, max_num_seqs=4, num_speculative_tokens=4,
+                                             speculative_schedule="constant"))
+    ids = [tok("a b c a b c a b c a b").input_ids, tok(PROMPTS[0]).input_ids]
+    alone = tokens_of(collect(engine, GenerationRequest("alone", ids[0], greedy(30))))
+    real_check, real_text = engine._check_draft, engine_module.update_text
+    checking, failed = [], []
+
+    def check_draft(s, *args):
+        checking.append(s)
+        try:
+            return real_check(s, *args)
+        except Exception:
+            failed.append(s.request.request_id)
+            raise
+        finally:
+            checking.pop()
+
+    def update_text(seq, *args):
+        if seq.request.request_id == "bad" and checking and len(seq.output_ids) >= 8:
+            raise RuntimeError("a planted failure inside a draft check")
+        return real_text(seq, *args)
+
+    monkeypatch.setattr(engine, "_check_draft", check_draft)
+    monkeypatch.setattr(engine_module, "update_text", update_text)
+    out = serve_together(engine, [GenerationRequest("good", ids[0], greedy(30)),
+                                  GenerationRequest("bad", ids[1], greedy(30))])
+    assert failed == ["bad"] and engine.stats()["spec_accepted_tokens"] > 0
+    assert_failed(out["bad"], 29)
+    assert tokens_of(out["good"]) == alone and finals(out["good"])[0].finish_reason == "length"
+    assert engine.stats()["slots_used"] == 0 and not engine.requests
