@@ -7,8 +7,10 @@ With no arguments it serves the embedded default base plus the demo adapter (run
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -321,8 +323,24 @@ def build_state(settings: dict):
                        allowed_origins=[o.strip() for o in settings["allowed_origins"].split(",") if o.strip()])
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening: a client is refused, not left waiting) before the model loads,
+    so a port that is taken is said at once instead of after the load (vLLM binds first for the same reason)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn does: a port in TIME_WAIT rebinds)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = " (another server on it? pick another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise SystemExit(f"error: --host/--port: cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
+    sock = bind_socket(settings["host"], settings["port"])
     logging.basicConfig(level=settings["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -335,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = build_state(settings)
     except (AdapterError, FileNotFoundError) as e:
+        sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     from remix.kernels import cpu_ext
@@ -348,6 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     server = RemixServer(config, state, settings["drain_timeout"])
     log.info("serving %s with adapters [%s] on http://%s:%d", state.base_name, ", ".join(settings["adapters"]),
              settings["host"], settings["port"])
-    server.run()
+    server.run(sockets=[sock])
     state.engine.stop(drain_timeout=1.0)
     return 0

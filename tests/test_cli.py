@@ -217,3 +217,23 @@ def test_chat_template_flag(tmp_path):
     for bad, words in (("{% for m in %}", "line 1"), (str(tmp_path / "none.jinja"), "neither a file")):
         with pytest.raises(SystemExit, match="--chat-template.*" + words):
             cli.load_settings(["--base", "tiny", "--chat-template", bad])
+
+
+def test_a_taken_port_is_said_before_the_model_loads(monkeypatch):
+    """The socket is bound before the base loads: a port another server listens on is an error naming the flag and
+    the port at once, not after a load (uvicorn's own bind came after it)."""
+    import socket
+
+    from server import cli
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    monkeypatch.setattr(cli, "build_state", lambda settings: pytest.fail("the model was loaded before the bind"))
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--base", "tiny", "--host", "127.0.0.1", "--port", str(port)])
+    finally:
+        taken.close()
+    assert f"--host/--port: cannot listen on 127.0.0.1:{port}" in str(e.value) and "another server" in str(e.value)
