@@ -78,6 +78,20 @@ def null_is_default(model: type[BaseModel], data):
     return {k: v for k, v in data.items() if v is not None or k not in model.model_fields or model.model_fields[k].is_required()}
 
 
+def check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
+    """OpenAI's limits on ``metadata``: at most 16 pairs, keys of at most 64 characters, values of at most 512."""
+    if v is None:
+        return v
+    if len(v) > 16:
+        raise ValueError(f"at most 16 key-value pairs, got {len(v)}")
+    for key, value in v.items():
+        if len(key) > 64:
+            raise ValueError(f"keys may have at most 64 characters, got one of {len(key)}")
+        if len(value) > 512:
+            raise ValueError(f"values may have at most 512 characters; {key!r}'s has {len(value)}")
+    return v
+
+
 class RequestBody(BaseModel):
     """A request body of the generating endpoints and /tokenize: unknown fields refused, every string valid Unicode
     (valid_unicode), and an optional field's null its default (null_is_default)."""
@@ -341,6 +355,18 @@ class ChatCompletionRequest(_Template, _Common):
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # OpenAI's fields for its own platform, accepted (so clients and SDKs that send them work) and not used: nothing is
+    # stored for OpenAI's dashboard, there is one service tier, and the prefix cache needs no key
+    store: bool = False
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    safety_identifier: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v):
+        return check_metadata(v)
 
     @model_validator(mode="after")
     def _tools(self):

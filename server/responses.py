@@ -17,9 +17,9 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.protocol import FieldError, JsonSchemaFormat, RequestBody
+from server.protocol import FieldError, JsonSchemaFormat, RequestBody, check_metadata
 
 STORE_LIMIT = 1000
 
@@ -111,6 +111,11 @@ class ResponsesRequest(RequestBody):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     top_k: int = Field(default=0, ge=0, le=100_000)
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v):
+        return check_metadata(v)
 
     @model_validator(mode="after")
     def _checks(self):

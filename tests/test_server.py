@@ -51,6 +51,26 @@ def test_completion(client):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_openais_platform_fields_are_accepted_and_checked(client, server):
+    """store, metadata, service_tier, prompt_cache_key and safety_identifier, which OpenAI's SDK and agent frameworks
+    send, are accepted on chat (not used: the same text as without them); metadata is held to OpenAI's limits
+    there and on the Responses endpoint."""
+    messages = [{"role": "user", "content": "hi"}]
+    plain = client.chat.completions.create(model="alpha", messages=messages, max_tokens=6, temperature=0)
+    r = client.chat.completions.create(model="alpha", messages=messages, max_tokens=6, temperature=0, store=True,
+                                       metadata={"team": "search"}, service_tier="auto", prompt_cache_key="sys-v1",
+                                       safety_identifier="user-123")
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for path, body in (("/v1/chat/completions", {"messages": messages}), ("/v1/responses", {"input": "hi"})):
+        for metadata in ({str(i): "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
+            bad = httpx.post(server.url + path, json={"model": "alpha", "metadata": metadata, **body}, headers=headers)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "metadata", bad.text
+    bad = httpx.post(server.url + "/v1/chat/completions", headers=headers,
+                     json={"model": "alpha", "messages": messages, "service_tier": "fastest"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "service_tier", bad.text
+
+
 def test_penalties_and_logit_bias(client):
     """OpenAI's logit_bias (token ids as strings) and penalties reach the sampler: +100 forces a token, on both
     endpoints; the penalties are accepted in OpenAI's range (their arithmetic: tests/test_penalties.py)."""
