@@ -278,3 +278,31 @@ def test_a_draft_check_that_fails_ends_its_sequence_alone(monkeypatch):
     assert_failed(out["bad"], 29)
     assert tokens_of(out["good"]) == alone and finals(out["good"])[0].finish_reason == "length"
     assert engine.stats()["slots_used"] == 0 and not engine.requests
+
+
+@pytest.mark.parametrize("where", ["emit", "forward"])
+def test_the_prefix_cache_is_forgotten_only_after_a_failed_forward(setup, monkeypatch, where):
+    """A sequence that fails after its forward (emitting) leaves the prefix cache as it was: a later prompt still
+    takes its cached prefix. A forward that fails may have written anywhere: then the cache forgets."""
+    engine, ids, alone = setup
+    long = ids[3] * 3  # (several 16-token blocks)
+    first = collect(engine, GenerationRequest("warm", long, greedy(4)))
+    real_text, real_forward = engine_module.update_text, engine.runner.forward
+
+    def update_text(seq, *args):
+        if seq.request.request_id == "bad" and where == "emit":
+            raise RuntimeError("a planted emit failure")
+        return real_text(seq, *args)
+
+    def forward(*args, **kw):
+        if where == "forward" and any(s is not None and s.request.request_id == "bad" for s in engine.slot_seq):
+            raise RuntimeError("a planted forward failure")
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(engine_module, "update_text", update_text)
+    monkeypatch.setattr(engine.runner, "forward", forward)
+    assert_failed(collect(engine, GenerationRequest("bad", ids[2], greedy(4))), 0)
+    again = collect(engine, GenerationRequest("again", long, greedy(4)))
+    assert tokens_of(again) == tokens_of(first)
+    cached = finals(again)[0].cached_tokens
+    assert (cached >= 32) if where == "emit" else (cached == 0), cached

@@ -347,15 +347,16 @@ class Engine:
             except Exception:
                 log.exception("request %s: could not be ended", seq.request.request_id)
 
-    def _contain(self, seqs: list[Sequence], what: str) -> None:
+    def _contain(self, seqs: list[Sequence], what: str, forward: bool = False) -> None:
         """After ``what`` failed for ``seqs`` alone (logged here with the traceback being handled): those of them still
-        running end with an error and the rest of the step goes on. The prefix cache forgets what it held, as after
-        any failed forward (one that failed half-way may have written anywhere it was given)."""
+        running end with an error and the rest of the step goes on. Where a forward may have failed (``forward``) the
+        prefix cache forgets what it held: one that failed half-way may have written anywhere it was given. (A
+        sequence that failed after its forward holds keys and values as valid as a finished one's.)"""
         ids = sorted({s.request.request_id for s in seqs})
         log.exception("%s failed; ending %d sequence(s) of request(s) %s, the others go on", what, len(seqs),
                       ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else ""))
         self._fail(seqs, "internal error while generating")
-        if self.prefix is not None:
+        if forward and self.prefix is not None:
             self.prefix.forget()
 
     def _serve(self) -> None:
@@ -368,7 +369,7 @@ class Engine:
             try:
                 self.step()
             except Exception:  # never die: fail the running requests, keep serving
-                self._contain(list(self.prefilling) + list(self.decoding), "an engine step")
+                self._contain(list(self.prefilling) + list(self.decoding), "an engine step", forward=True)
 
     def _run_commands(self) -> None:
         while True:
@@ -402,14 +403,14 @@ class Engine:
                 else:
                     self._run_decode(decode)
             except Exception:
-                self._contain(decode, "the decode step")
+                self._contain(decode, "the decode step", forward=True)
             if self.config.num_speculative_tokens:
                 self.draft_policy.observe_step(len(decode), drafted, time.perf_counter() - start)
         if prefill:
             try:
                 self._run_prefill(prefill)
             except Exception:
-                self._contain([s for s, _ in prefill], "the prefill step")
+                self._contain([s for s, _ in prefill], "the prefill step", forward=True)
         self.last_step = {"decode_rows": len(decode), "prefill_tokens": sum(c for _, c in prefill),
                           "draft_tokens": drafted, "accepted_tokens": accepted}
         self._arrange()
