@@ -126,6 +126,10 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
                         continue
                     chunk = json.loads(line[6:])
                     now = time.perf_counter() - t0
+                    if chunk.get("error"):  # the stream failed after its 200 (the server's error object, then [DONE])
+                        err = chunk["error"]
+                        result.error = f"{err.get('code') or err.get('type') or 'error'}: {err.get('message')}"[:200]
+                        break
                     if chunk.get("usage"):
                         usage_of(result, chunk["usage"])
                     if chunk.get("choices") and chunk["choices"][0].get("text"):

@@ -31,7 +31,9 @@ def summarize(results, elapsed: float, slo: dict[str, float]) -> dict:
     good = [r for r in ok if meets(r)]
     return {
         "requests": len(results), "completed": len(ok), "elapsed_s": elapsed,
-        "errors": dict(Counter(str(r.status or r.error.split(":")[0] or "error") for r in results if not r.ok)),
+        # by HTTP status, or for a stream that failed after its 200 (and a connection error) the error's own code
+        "errors": dict(Counter(str(r.status if r.status and r.status != 200 else r.error.split(":")[0] or "error")
+                               for r in results if not r.ok)),
         "request_throughput": len(ok) / elapsed if elapsed else 0.0,
         "token_throughput": tokens / elapsed if elapsed else 0.0,
         "goodput": len(good) / elapsed if elapsed else 0.0, "slo": slo, "slo_met": len(good),

@@ -114,3 +114,31 @@ def test_a_prompts_files_own_fields_go_with_its_prompts(server, tmp_path):
     reqs = json.loads((tmp_path / "r.json").read_text())["requests"]
     assert len(reqs) == 6 and all(r["status"] == 200 and 1 <= r["completion_tokens"] <= 4 for r in reqs), reqs
     assert all(r["completion_tokens"] >= 3 for r in reqs[1::2])  # three digits: the row's max_tokens 1 was not sent
+
+
+def test_a_stream_that_fails_after_its_200_counts_as_an_error():
+    """The server ends a stream that fails with its error object before [DONE]: the load generator counts that
+    request as failed, under the error's code (not as a completed 200)."""
+    import asyncio
+
+    import httpx
+
+    from loadtests.generator import Result, one_request
+    from loadtests.report import summarize
+
+    error = {"message": "internal error while generating", "type": "server_error", "param": None,
+             "code": "internal_error"}
+    sse = (f'data: {json.dumps({"choices": [{"index": 0, "text": "a"}]})}\n\n'
+           f'data: {json.dumps({"error": error})}\n\ndata: [DONE]\n\n')
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=sse,
+                                                                   headers={"content-type": "text/event-stream"}))
+
+    async def go():
+        result = Result(0.0, "a", 3)
+        async with httpx.AsyncClient(transport=transport) as client:
+            await one_request(client, "http://x/v1/completions", {}, {"stream": True}, result, 0.0, True)
+        return result
+
+    result = asyncio.run(go())
+    assert result.status == 200 and not result.ok and result.error.startswith("internal_error: internal error")
+    assert summarize([result], 1.0, {})["errors"] == {"internal_error": 1}
