@@ -335,3 +335,53 @@ def test_study_names_bad_seeds_and_unknown_configurations(tmp_path, capsys):
             study.main([*argv, "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r")])
         assert said in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_split_rows_holds_out_a_seeded_share():
+    """floor(share * rows), at most cap, drawn by the seed; train and held out partition the rows in their order."""
+    from training.data import split_rows
+
+    rows = [{"i": i} for i in range(50)]
+    train, held = split_rows(rows, 0.1, 96, seed=3)
+    assert len(held) == 5 and len(train) == 45 and sorted(r["i"] for r in train + held) == list(range(50))
+    assert [r["i"] for r in train] == sorted(r["i"] for r in train)
+    assert split_rows(rows, 0.1, 96, seed=3) == (train, held) and split_rows(rows, 0.1, 96, seed=4)[1] != held
+    assert len(split_rows(rows, 0.5, 7, seed=0)[1]) == 7  # the cap (--eval-size)
+    assert split_rows(rows[:19], 0.05, 96, seed=0) == (rows[:19], [])  # too few rows for one
+    assert split_rows(rows, 0.0, 96, seed=0) == (rows, [])
+
+
+def test_a_jsonl_file_without_eval_data_is_scored_on_rows_held_out_of_it(tmp_path):
+    """--data FILE.jsonl and no --eval-data: --eval-split's share of the rows is held out (not trained on) and
+    scored, as Hugging Face's scripts split a validation set; training.evaluate rebuilds that same set (fit's score
+    exactly). --eval-split 0, or too few rows: no held-out set, and the run says so."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "completion": str(2 * a)}) + "\n" for a in range(40)))
+    res = _run(["--data", str(rows), "--eval-split", "0.1", "--steps", "2", "--output", str(tmp_path / "run")])
+    assert res.returncode == 0, res.stderr
+    assert "evaluating on 4 of the rows of" in res.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["training"]["train_examples"] == 36 and "eval_loss" in summary
+    ev = subprocess.run([sys.executable, "-m", "training.evaluate", str(tmp_path / "run" / "adapter"), "--threads", "1",
+                         "--skip-base", "--json", str(tmp_path / "ev.json")], capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    out = json.loads((tmp_path / "ev.json").read_text())
+    assert out["examples"] == 4 and out["adapter"]["eval_loss"] == summary["eval_loss"]
+    none = _run(["--data", str(rows), "--eval-split", "0", "--steps", "1", "--output", str(tmp_path / "none")])
+    assert none.returncode == 0 and "no held-out set" in none.stderr
+    assert "eval_loss" not in json.loads((tmp_path / "none" / "summary.json").read_text())
+    assert json.loads((tmp_path / "none" / "adapter" / "adapter_config.json").read_text())["training"]["train_examples"] == 40
+    bad = _run(["--data", str(rows), "--eval-split", "1.5", "--output", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and "--eval-split: must be in [0, 1), got 1.5" in bad.stderr
+
+
+def test_evaluate_keeps_an_older_adapters_whole_file():
+    """An adapter trained before --eval-split existed trained on all of its file's rows: none is held out now
+    (scoring it on rows it trained on would flatter it)."""
+    from training.evaluate import settings_for
+
+    older = {"data": "rows.jsonl", "eval_data": "", "eval_size": 96, "seed": 0}
+    assert settings_for(older, {})["eval_split"] == 0.0
+    assert settings_for({**older, "eval_split": 0.1}, {})["eval_split"] == 0.1
+    assert settings_for({**older, "eval_split": 0.1}, {"data": "other.jsonl"})["eval_split"] == 0.0

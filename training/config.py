@@ -38,6 +38,8 @@ class TrainConfig:
     eval_data: str = _f("", "held-out data: a JSONL file; default: the built-in task's test split")
     train_size: int = _f(2000, "examples generated for a built-in task")
     eval_size: int = _f(96, "held-out examples evaluated")
+    eval_split: float = _f(0.05, "share of a JSONL --data file's rows held out for evaluation (not trained on; at "
+                                 "most --eval-size) when no --eval-data is given; 0 = none")
     max_seq_len: int = _f(128, "tokens per example (longer ones are cut)")
     chat: bool = _f(True, "format rows with the tokenizer's chat template (loss on assistant tokens only)")
     # --- optimisation --------------------------------------------------------------------------------
@@ -75,6 +77,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_seq_len", "train_size", "eval_size"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.eval_split < 1.0:
+            out.append(f"--eval-split: must be in [0, 1), got {self.eval_split}")
         if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
             out.append("--steps: must be > 0, or 0 with --epochs > 0")
         for name in ("lr", "router_lr"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,23 +156,53 @@ def tokenize(row: dict, tokenizer, max_len: int, chat: bool = True) -> Example |
     return Example(ids, labels, task, prompt_ids, reference)
 
 
-def load_examples(source: str, split: str, tokenizer, max_len: int, size: int, seed: int, chat: bool = True) -> list[Example]:
-    """Examples from a built-in task name or a JSONL path."""
-    rows = build_task(source, split, size, seed) if source in TASKS else read_jsonl(source)
+def load_examples(source: str, split: str, tokenizer, max_len: int, size: int, seed: int, chat: bool = True,
+                  rows: list[dict] | None = None) -> list[Example]:
+    """Examples from a built-in task name or a JSONL path (``rows``: that file's rows, already read and split)."""
+    if rows is None:
+        rows = build_task(source, split, size, seed) if source in TASKS else read_jsonl(source)
     examples = [ex for row in rows if (ex := tokenize(row, tokenizer, max_len, chat)) is not None]
     if not examples:
         raise DataError(f"{source}: no example has a completion within max_seq_len={max_len}")
     return examples
 
 
-def heldout_examples(data: str, eval_data: str, tokenizer, max_len: int, size: int, seed: int,
-                     chat: bool = True) -> list[Example]:
+def split_rows(rows: list[dict], share: float, cap: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): ``floor(share * len(rows))`` rows, at most ``cap``, drawn by ``seed`` and kept out of
+    training (as Hugging Face's scripts' validation_split_percentage); none where that is 0."""
+    count = min(cap, int(share * len(rows)))
+    if count < 1:
+        return rows, []
+    held = set(random.Random(seed).sample(range(len(rows)), count))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def train_and_heldout(data: str, eval_data: str, tokenizer, max_len: int, train_size: int, eval_size: int,
+                      seed: int, chat: bool = True, eval_split: float = 0.0) -> tuple[list[Example], list[Example]]:
+    """The examples training.fit trains on and those it evaluates on (:func:`heldout_examples`); rows of a JSONL
+    ``data`` file held out by ``eval_split`` are not trained on."""
+    rows = None
+    if eval_data or data in TASKS or eval_split <= 0:
+        heldout = heldout_examples(data, eval_data, tokenizer, max_len, eval_size, seed, chat)
+    else:
+        rows, held = split_rows(read_jsonl(data), eval_split, eval_size, seed)
+        heldout = load_examples(data, "test", tokenizer, max_len, eval_size, seed, chat, rows=held) if held else []
+    return load_examples(data, "train", tokenizer, max_len, train_size, seed, chat, rows=rows), heldout
+
+
+def heldout_examples(data: str, eval_data: str, tokenizer, max_len: int, size: int, seed: int, chat: bool = True,
+                     eval_split: float = 0.0) -> list[Example]:
     """The held-out set training.fit evaluates on: ``eval_data`` (a JSONL path or task name, its first ``size``
-    examples), else the test split of the built-in task ``data`` (drawn with seed + 1), else none."""
+    examples), else the test split of the built-in task ``data`` (drawn with seed + 1), else ``eval_split`` of the
+    JSONL file ``data``'s rows (at most ``size``, drawn by ``seed``), else none."""
     if eval_data:
         return load_examples(eval_data, "test", tokenizer, max_len, size, seed, chat)[:size]
     if data in TASKS:
         return load_examples(data, "test", tokenizer, max_len, size, seed + 1, chat)
+    if eval_split > 0:
+        _, held = split_rows(read_jsonl(data), eval_split, size, seed)
+        if held:
+            return load_examples(data, "test", tokenizer, max_len, size, seed, chat, rows=held)
     return []
 
 

@@ -135,18 +135,21 @@ def usage_heatmap(usage: torch.Tensor, names: list[str], path: Path, title: str)
 
 # ---- python -m training.evaluate
 
-SETTINGS = ("data", "eval_data", "eval_size", "seed", "max_seq_len", "eval_max_new_tokens", "chat")
+SETTINGS = ("data", "eval_data", "eval_size", "eval_split", "seed", "max_seq_len", "eval_max_new_tokens", "chat")
 
 
 def settings_for(trained: dict, explicit: dict) -> dict:
     """The held-out set's settings: the flags given, then (unless they name other data than the adapter was trained
     on) the adapter's training settings, then the named task's own defaults, then training.fit's defaults."""
     out = {name: getattr(TrainConfig, name) for name in SETTINGS}
+    if trained and "eval_split" not in trained:  # trained before --eval-split existed: on all of its file's rows
+        trained = {**trained, "eval_split": 0.0}
     same_data = all(explicit.get(name, trained.get(name)) == trained.get(name) for name in ("data", "eval_data"))
     if same_data:
         out.update({name: trained[name] for name in SETTINGS if name in trained})
-    else:
+    else:  # (other data than it was trained on: nothing of it was held out, so --eval-split holds nothing out)
         out.update({k: v for k, v in TASK_DEFAULTS.get(explicit.get("data", out["data"]), {}).items() if k in SETTINGS})
+        out["eval_split"] = 0.0
     out.update(explicit)
     return out
 
@@ -201,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("the adapter does not name its base model: give --base")
         model, tokenizer = remix.load_base(base, device=args.device)
         heldout = heldout_examples(setting["data"], setting["eval_data"], tokenizer, setting["max_seq_len"],
-                                   setting["eval_size"], setting["seed"], setting["chat"])
+                                   setting["eval_size"], setting["seed"], setting["chat"], setting["eval_split"])
         if not heldout:
-            raise DataError(f"--data {setting['data']} has no built-in test split: give --eval-data FILE.jsonl")
+            raise DataError(f"--data {setting['data']} has no built-in test split and none was held out of it "
+                            f"(--eval-split {setting['eval_split']:g}): give --eval-data FILE.jsonl")
         out = {"adapter_path": str(args.adapter), "base_model": base, "examples": len(heldout), "settings": setting}
         if not args.skip_base:  # first: load_adapter wraps the model's modules in place
             out["base"] = _scores(evaluate(model, tokenizer, {}, heldout, setting["eval_max_new_tokens"]))

@@ -26,8 +26,9 @@ from remix.kernels import tune_cpu_allocator
 from training import distributed, rloo
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, load_config
-from training.data import DataError, collate, heldout_examples, load_examples
+from training.data import DataError, collate, train_and_heldout
 from training.evaluate import evaluate, usage_heatmap
+from training.tasks import TASKS
 
 log = logging.getLogger("training.fit")
 
@@ -145,8 +146,15 @@ def run(cfg: TrainConfig) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, tokenizer = remix.load_base(cfg.base, device=cfg.device)
-    train = load_examples(cfg.data, "train", tokenizer, cfg.max_seq_len, cfg.train_size, cfg.seed, cfg.chat)
-    heldout = heldout_examples(cfg.data, cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.eval_size, cfg.seed, cfg.chat)
+    train, heldout = train_and_heldout(cfg.data, cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.train_size,
+                                       cfg.eval_size, cfg.seed, cfg.chat, cfg.eval_split)
+    if lead and not cfg.eval_data and cfg.data not in TASKS:
+        if heldout:
+            log.warning("evaluating on %d of the rows of %s, held out of training (--eval-split %g; --eval-data FILE "
+                        "evaluates on a file of its own)", len(heldout), cfg.data, cfg.eval_split)
+        else:
+            log.warning("no held-out set: only the training loss is logged (--eval-data FILE.jsonl, or --eval-split "
+                        "with enough rows: %g of %s's rows is none)", cfg.eval_split, cfg.data)
     try:
         layers = remix.inject(model, cfg.mixture())
     except NoTargets as e:
