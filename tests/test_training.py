@@ -360,6 +360,9 @@ def test_a_jsonl_file_without_eval_data_is_scored_on_rows_held_out_of_it(tmp_pat
     res = _run(["--data", str(rows), "--eval-split", "0.1", "--steps", "2", "--output", str(tmp_path / "run")])
     assert res.returncode == 0, res.stderr
     assert "evaluating on 4 of the rows of" in res.stderr
+    adapter = tmp_path / "run" / "adapter"  # the closing line: the scores and the command that serves the adapter
+    assert f"done: the adapter is in {adapter}; held-out loss " in res.stderr
+    assert f"(base -> adapter). Serve it: python -m server --base tiny --adapter run={adapter}" in res.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["training"]["train_examples"] == 36 and "eval_loss" in summary
@@ -385,3 +388,15 @@ def test_evaluate_keeps_an_older_adapters_whole_file():
     assert settings_for(older, {})["eval_split"] == 0.0
     assert settings_for({**older, "eval_split": 0.1}, {})["eval_split"] == 0.1
     assert settings_for({**older, "eval_split": 0.1}, {"data": "other.jsonl"})["eval_split"] == 0.0
+
+
+def test_the_closing_line_says_what_was_made_and_how_to_serve_it():
+    from training.fit import closing_line
+
+    summary = {"adapter": "runs/x/adapter", "eval_loss": 0.8, "eval_exact_match": 0.27,
+               "base": {"eval_loss": 5.48, "eval_exact_match": 0.0}}
+    assert closing_line(summary, "smollm2-135m-instruct") == (
+        "done: the adapter is in runs/x/adapter; held-out loss 5.480 -> 0.800, exact match 0.0 % -> 27.0 % "
+        "(base -> adapter). Serve it: python -m server --adapter x=runs/x/adapter")
+    assert closing_line({"adapter": "out/mine"}, "tiny") == (
+        "done: the adapter is in out/mine. Serve it: python -m server --base tiny --adapter mine=out/mine")

@@ -278,7 +278,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "rank" not in summary:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("tasks", "samples")}))
+        print(closing_line(summary, cfg.base), file=sys.stderr)
     return 0
+
+
+def closing_line(summary: dict, base: str) -> str:
+    """What the run made, how it scored against the base, and the command that serves it (stderr: stdout keeps the
+    summary's JSON line for scripts)."""
+    adapter = Path(summary["adapter"])
+    scores = ""
+    if "eval_loss" in summary:
+        bare = summary.get("base") or {}  # (the frozen base's scores, where it was evaluated first)
+        loss = (f"{bare['eval_loss']:.3f} -> " if "eval_loss" in bare else "") + f"{summary['eval_loss']:.3f}"
+        match = (f"{100 * bare['eval_exact_match']:.1f} % -> " if "eval_exact_match" in bare else "") + \
+            f"{100 * summary['eval_exact_match']:.1f} %"
+        scores = f"; held-out loss {loss}, exact match {match}" + (" (base -> adapter)" if bare else "")
+    name = adapter.parent.name if adapter.name == "adapter" else adapter.name
+    flags = "" if base == TrainConfig.base else f" --base {base}"
+    return f"done: the adapter is in {adapter}{scores}. Serve it: python -m server{flags} --adapter {name}={adapter}"
 
 
 if __name__ == "__main__":
