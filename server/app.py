@@ -41,6 +41,7 @@ class ServerState:
     engine: Engine
     base_name: str
     api_key: str | None = None
+    adapter_loading: bool = True  # the load / unload endpoints work (--adapter-loading)
     metrics: Metrics = None
     draining: bool = False
     in_flight: int = 0
@@ -101,8 +102,8 @@ def _error_response(state: ServerState | None, status: int, message: str, type_:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -159,6 +160,13 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "authentication_error",
                            code="invalid_api_key")
 
+    def check_loading(request: Request) -> None:
+        check_key(request)
+        if not state.adapter_loading:
+            raise APIError(403, "loading and unloading adapters while serving is off on this server (its "
+                                "--adapter-loading; auto turns it off on a non-loopback address without --api-key)",
+                           "permission_error", code="adapter_loading_off")
+
     def check_open() -> None:
         if state.draining or not state.engine.accepting:
             raise APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
@@ -214,7 +222,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/adapters")
     async def load_adapter(body: AdapterLoadRequest, request: Request):
-        check_key(request)
+        check_loading(request)
         check_new_name(body.name, "name")
         try:
             loaded = await asyncio.to_thread(state.engine.load_adapter, body.name, body.path, body.check_fingerprint)
@@ -227,7 +235,7 @@ def create_app(state: ServerState) -> FastAPI:
     # vLLM's names for the same two operations (its LoRA tooling works unchanged; peft adapters load as they are)
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
-        check_key(request)
+        check_loading(request)
         if body.load_inplace and body.lora_name in state.engine.registry.adapters:
             raise APIError(400, f"load_inplace: the adapter {body.lora_name!r} is loaded; unload it first",
                            param="load_inplace", code="invalid_adapter")
@@ -244,7 +252,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request):
-        check_key(request)
+        check_loading(request)
         try:
             await asyncio.to_thread(state.engine.unload_adapter, body.lora_name)
         except EngineError as e:
@@ -253,7 +261,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):
-        check_key(request)
+        check_loading(request)
         try:
             await asyncio.to_thread(state.engine.unload_adapter, name)
         except EngineError as e:

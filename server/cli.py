@@ -38,6 +38,11 @@ OPTIONS = [  # (flag, type, default, help)
     ("max_model_len", int, 2048, "prompt + generated tokens per sequence"),
     ("max_num_seqs", int, 32, "sequences running at once (KV cache slots)"),
     ("max_queue", int, 256, "requests waiting for a slot before 429"),
+    ("adapter_loading", str, "auto", "on, off or auto: whether /v1/adapters and vLLM's /v1/load_lora_adapter and "
+                                     "/v1/unload_lora_adapter load and unload adapters while serving (from any "
+                                     "directory this process can read). auto: on with --api-key or on a loopback "
+                                     "--host, off on another address without a key (as vLLM keeps runtime LoRA "
+                                     "loading off unless asked)"),
     ("max_adapters", int, 0, "the most adapters loaded at once, at start and through the API (0: no limit); a ReMix "
                              "adapter of the demo's shape holds ~27 MB (bfloat16 pools, float32 routers)"),
     ("max_batched_tokens", int, 512, "tokens per engine step (decode rows + prefill chunk)"),
@@ -168,6 +173,8 @@ def load_settings(argv: list[str] | None = None) -> dict:
     for name in ("cuda_graphs", "prefix_caching", "batch_invariant"):
         if settings[name] not in ("on", "off"):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be on or off, got {settings[name]!r}")
+    if settings["adapter_loading"] not in ("on", "off", "auto"):
+        raise SystemExit(f"error: --adapter-loading must be on, off or auto, got {settings['adapter_loading']!r}")
     if settings["batch_invariant"] == "on":
         from server.engine.engine import batch_invariant_unsupported
 
@@ -204,6 +211,25 @@ def load_settings(argv: list[str] | None = None) -> dict:
     if settings["log_level"].lower() not in ("debug", "info", "warning", "error"):
         raise SystemExit(f"error: --log-level must be debug, info, warning or error, got {settings['log_level']!r}")
     return settings
+
+
+def adapter_loading(settings: dict) -> bool:
+    """--adapter-loading resolved: auto is on where only this machine can reach the server (a loopback --host) or
+    a client needs the API key, off where anyone who reaches the address could load and unload adapters."""
+    if settings["adapter_loading"] != "auto":
+        return settings["adapter_loading"] == "on"
+    return bool(settings["api_key"]) or is_loopback(settings["host"])
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: where it points is not known here
+        return False
 
 
 def read_chat_template(spec: str) -> str:
@@ -318,8 +344,12 @@ def build_state(settings: dict):
     for name, path in settings["adapters"].items():
         engine.load_adapter(name, path)  # AdapterError lists every problem
         log.info("loaded adapter %s from %s", name, path)
+    loading = adapter_loading(settings)
+    if not loading and settings["adapter_loading"] == "auto":
+        log.warning("loading and unloading adapters through the API is off: the server listens on %s without an API "
+                    "key (--api-key, or --adapter-loading on, turns it on)", settings["host"])
     return ServerState(engine=engine, base_name=settings["served_name"] or settings["base"],
-                       api_key=settings["api_key"] or None,
+                       api_key=settings["api_key"] or None, adapter_loading=loading,
                        allowed_origins=[o.strip() for o in settings["allowed_origins"].split(",") if o.strip()])
 
 

@@ -237,3 +237,43 @@ def test_a_taken_port_is_said_before_the_model_loads(monkeypatch):
     finally:
         taken.close()
     assert f"--host/--port: cannot listen on 127.0.0.1:{port}" in str(e.value) and "another server" in str(e.value)
+
+
+@pytest.mark.parametrize("host,key,flag,want", [
+    ("127.0.0.1", "", "auto", True), ("localhost", "", "auto", True), ("::1", "", "auto", True),
+    ("0.0.0.0", "", "auto", False), ("10.0.0.5", "", "auto", False), ("myhost.example", "", "auto", False),
+    ("0.0.0.0", "secret", "auto", True), ("0.0.0.0", "", "on", True), ("127.0.0.1", "secret", "off", False),
+])
+def test_adapter_loading_resolves_by_exposure(host, key, flag, want, monkeypatch):
+    """--adapter-loading auto: on where only this machine reaches the server or a key is needed, off where anyone who
+    reaches the address could load (any readable directory) and unload adapters; on / off as given."""
+    monkeypatch.delenv("REMIX_API_KEY", raising=False)
+    settings = cli.load_settings(["--base", "tiny", "--host", host, "--adapter-loading", flag]
+                                 + (["--api-key", key] if key else []))
+    assert cli.adapter_loading(settings) is want
+
+
+def test_adapter_loading_off_refuses_the_load_endpoints_with_403(tmp_path):
+    from fastapi.testclient import TestClient
+
+    import remix
+    from server.app import ServerState, create_app
+    from server.engine import Engine, EngineConfig
+
+    model, tok = remix.tiny_model()
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=1))
+    client = TestClient(create_app(ServerState(engine=engine, base_name="tiny", adapter_loading=False)))
+    engine.start()
+    for method, path, body in (("POST", "/v1/adapters", {"name": "a", "path": str(tmp_path)}),
+                               ("POST", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(tmp_path)}),
+                               ("POST", "/v1/unload_lora_adapter", {"lora_name": "a"}),
+                               ("DELETE", "/v1/adapters/a", None)):
+        r = client.request(method, path, json=body)
+        assert r.status_code == 403, (path, r.text)
+        assert r.json()["error"]["code"] == "adapter_loading_off" and r.json()["error"]["type"] == "permission_error"
+    try:  # (the rest of the API as before)
+        assert client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        engine.stop()
+    with pytest.raises(SystemExit, match="--adapter-loading must be on, off or auto"):
+        cli.load_settings(["--adapter-loading", "maybe"])
