@@ -42,6 +42,7 @@ class ServerState:
     base_name: str
     api_key: str | None = None
     adapter_loading: bool = True  # the load / unload endpoints work (--adapter-loading)
+    max_body_bytes: int = 64 << 20  # request bodies past this are a 413 (--max-request-mb; 0: no limit)
     metrics: Metrics = None
     draining: bool = False
     in_flight: int = 0
@@ -113,6 +114,7 @@ def create_app(state: ServerState) -> FastAPI:
     state.call_format = chat_format.call_format(state.engine.tokenizer)  # (the template is fixed once serving)
     state.max_prompt_chars = prompt_char_bound(state.engine.tokenizer, state.engine.config.max_model_len)
     state.side_tokenizer = copy.deepcopy(state.engine.tokenizer)
+    app.add_middleware(BodyLimitMiddleware, state=state)
     app.add_middleware(RequestIdMiddleware)
     if state.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_methods=["*"],
@@ -511,6 +513,54 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[(]")  # pydantic's names of union members in locs
+
+
+class BodyLimitMiddleware:
+    """A request body over ``state.max_body_bytes`` is a 413 before it is read (by its Content-Length) or as soon as
+    it passes the limit (a chunked upload): a JSON body is read and parsed whole, on the event loop, so an unbounded
+    one holds up every other request and takes its size in memory several times over. Plain ASGI."""
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        limit = self.state.max_body_bytes
+        if scope["type"] != "http" or not limit:
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:  # (the HTTP layer reads no more than it declares)
+            if declared.isdigit() and int(declared) > limit:
+                return await self._refuse(send, f"the request body is {int(declared) / (1 << 20):.3g} MB, over")
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0  # no length given: read it here, up to the limit, then hand it on whole
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # (the client went away: the app hears it)
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._refuse(send, "the request body passed")
+            if not message.get("more_body"):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+    async def _refuse(self, send, what: str) -> None:
+        mb = self.state.max_body_bytes / (1 << 20)
+        response = _error_response(self.state, 413, f"{what} this server's limit of {mb:g} MB (--max-request-mb)",
+                                   "invalid_request_error", code="request_too_large")
+        # (and the connection closes: the rest of a body it refused would only be read to be thrown away)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": response.raw_headers + [(b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+def _replay(messages: list[dict], receive):
+    """An ASGI receive that gives ``messages`` first, then what ``receive`` gives."""
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+    return replay
 
 
 class RequestIdMiddleware:

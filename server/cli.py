@@ -43,6 +43,8 @@ OPTIONS = [  # (flag, type, default, help)
                                      "directory this process can read). auto: on with --api-key or on a loopback "
                                      "--host, off on another address without a key (as vLLM keeps runtime LoRA "
                                      "loading off unless asked)"),
+    ("max_request_mb", float, 64.0, "request bodies over this many MiB are refused with a 413 before they are read "
+                                    "(0: no limit); a prompt that fits the context is far smaller"),
     ("max_adapters", int, 0, "the most adapters loaded at once, at start and through the API (0: no limit); a ReMix "
                              "adapter of the demo's shape holds ~27 MB (bfloat16 pools, float32 routers)"),
     ("max_batched_tokens", int, 512, "tokens per engine step (decode rows + prefill chunk)"),
@@ -203,6 +205,8 @@ def load_settings(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
     if settings["port"] > 65535:
         raise SystemExit(f"error: --port must be at most 65535, got {settings['port']}")
+    if settings["max_request_mb"] < 0:
+        raise SystemExit(f"error: --max-request-mb must be >= 0, got {settings['max_request_mb']}")
     if not settings["kv_memory_gb"] > 0:
         raise SystemExit(f"error: --kv-memory-gb must be > 0, got {settings['kv_memory_gb']}")
     for name in ("drain_timeout", "threads", "max_adapters"):
@@ -350,6 +354,7 @@ def build_state(settings: dict):
                     "key (--api-key, or --adapter-loading on, turns it on)", settings["host"])
     return ServerState(engine=engine, base_name=settings["served_name"] or settings["base"],
                        api_key=settings["api_key"] or None, adapter_loading=loading,
+                       max_body_bytes=int(settings["max_request_mb"] * (1 << 20)),
                        allowed_origins=[o.strip() for o in settings["allowed_origins"].split(",") if o.strip()])
 
 

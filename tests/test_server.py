@@ -769,3 +769,42 @@ def test_health_and_metrics_report_the_cpu_threads_shares():
             assert engine.thread_shares[0] == pytest.approx(0.75, abs=1e-3) and sum(engine.thread_shares) == pytest.approx(1, abs=1e-3)
     finally:
         ext._split_fixed([])
+
+
+def test_request_bodies_past_the_limit_are_a_413_before_they_are_read():
+    """--max-request-mb: a body whose Content-Length passes the limit is refused unread; one sent without a length
+    (chunked) is read up to the limit and refused there; smaller ones, with or without a length, are served."""
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerState, create_app
+    from server.engine import Engine, EngineConfig
+
+    model, tok = remix.tiny_model()
+    engine = Engine(model, tok, EngineConfig(max_model_len=64, max_num_seqs=2))
+    state = ServerState(engine=engine, base_name="tiny", max_body_bytes=2000)
+    client = TestClient(create_app(state))
+    engine.start()
+    try:
+        big = json.dumps({"model": "tiny", "prompt": "x" * 5000, "max_tokens": 2}).encode()
+        small = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 2}).encode()
+        headers = {"content-type": "application/json"}
+        r = client.post("/v1/completions", content=big, headers=headers)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        assert r.json()["error"]["message"] == (f"the request body is {len(big) / (1 << 20):.3g} MB, over this server's "
+                                                "limit of 0.00190735 MB (--max-request-mb)") and "X-Request-Id" in r.headers
+        assert r.headers["connection"] == "close"  # (the rest of the body is not read)
+
+        def pieces(body):  # (no Content-Length: sent chunked)
+            for i in range(0, len(body), 700):
+                yield body[i : i + 700]
+
+        r = client.post("/v1/completions", content=pieces(big), headers=headers)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        assert r.json()["error"]["message"].startswith("the request body passed this server's limit")
+        for body in (small, pieces(small)):
+            assert client.post("/v1/completions", content=body, headers=headers).status_code == 200
+        assert client.get("/health").status_code == 200
+        metrics = client.get("/metrics").text
+        assert re.search(r'remix_http_errors_total\{status="413"\} 2\.0', metrics), metrics[:2000]
+    finally:
+        engine.stop()
