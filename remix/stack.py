@@ -147,24 +147,39 @@ class PoolStack:
             self.fused.router32 = torch.cat([self._raw[s][2].float() for s in sorted(self._raw)]).contiguous()
 
     def _rebuild_cpu(self) -> None:
-        self.cpu = None
         if not self._raw or next(iter(self._raw.values()))[0].device.type != "cpu" or cpu_ext.load() is None:
+            self.cpu = None
             return
-        # A and B in the kernel's pool dtype (bfloat16 for a bfloat16 model); routers float32 (DESIGN §1)
-        self.cpu = self._stack_all(cpu_ext.pool_dtype(next(iter(self._raw.values()))[3]), router_dtype=torch.float32)
+        # A and B in the kernel's pool dtype (bfloat16 for a bfloat16 model); routers float32 (DESIGN §1). The slots
+        # the last stack held are copied from it as they are, so an adapter's load or unload converts its own pools
+        # only (converting every loaded one had held the engine ~1 s a load with two adapters)
+        previous, self.cpu = self.cpu, None
+        self.cpu = self._stack_all(cpu_ext.pool_dtype(next(iter(self._raw.values()))[3]), router_dtype=torch.float32,
+                                   previous=previous)
         self.cpu.counts = self.counts[:-1]  # [N], contiguous: the kernel adds each selection into it
 
-    def _stack_all(self, dtype: torch.dtype, router_dtype: torch.dtype | None = None, compact: bool = False) -> StackedPools:
+    def _stack_all(self, dtype: torch.dtype, router_dtype: torch.dtype | None = None, compact: bool = False,
+                   previous: StackedPools | None = None) -> StackedPools:
         """Every slot's pool in ``dtype`` (its router in ``router_dtype``, default the same), stacked by ascending slot
         id, ranks padded to the largest - or, ``compact`` (the torch path's GEMMs), each LoRA's rows at its own rank,
-        LoRA after LoRA (``cols``: the LoRA of each row; None where every rank is the same, the layouts then equal)."""
+        LoRA after LoRA (``cols``: the LoRA of each row; None where every rank is the same, the layouts then equal).
+        ``previous``: a stack built the same way (dtypes, padded rank); the slots it holds are copied from it (the
+        same values a conversion gives) and only the others converted."""
         ids = sorted(self._raw)
         r_max = max(self._raw[s][0].shape[1] for s in ids)
+        reuse = (previous is not None and not compact and previous.r == r_max and previous.a.dtype == dtype
+                 and previous.router.dtype == (router_dtype or dtype))
         routers, As, Bs, off, total, ranks = [], [], [], {}, 0, []
         for s in ids:
             A, B, router, _ = self._raw[s]
             off[s], total = total, total + A.shape[0]
             ranks += [A.shape[1]] * A.shape[0]
+            if reuse and s in previous.offsets:  # (rows r_max a LoRA there too)
+                o, n = previous.offsets[s], A.shape[0]
+                routers.append(previous.router[o : o + n])
+                As.append(previous.a[o * r_max : (o + n) * r_max])
+                Bs.append(previous.bt[o * r_max : (o + n) * r_max])
+                continue
             routers.append(router.to(router_dtype or dtype))
             pad = 0 if compact else r_max - A.shape[1]
             As.append(flatten_a(F.pad(A.to(dtype), (0, 0, 0, pad))))  # [n * (r_max or r), D]

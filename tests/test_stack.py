@@ -263,3 +263,54 @@ def test_bfloat16_base_rows_of_a_mixed_batch_are_the_plain_gemm(T):
             for t in range(T):
                 if alone[t] is not None:
                     assert torch.equal(y[t : t + 1], alone[t])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_load_or_unload_copies_the_other_slots_and_equals_a_fresh_stack(dtype):
+    """The compiled path's stack after adds and removes (each copying the slots the last stack held, converting only
+    the new one) is the stack built afresh from the same slots, bit for bit; a new adapter of a larger rank (more
+    padding for all) rebuilds everything, and equals a fresh stack too."""
+    from remix.kernels import cpu_ext
+    from remix.stack import PoolStack
+
+    if cpu_ext.load() is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    g = torch.Generator().manual_seed(0)
+
+    def pool(n, r, d=24, o=16):
+        return (torch.randn(n, r, d, generator=g), torch.randn(n, o, r, generator=g), torch.randn(n, d, generator=g))
+
+    pools = {0: (pool(4, 4), 2), 1: (pool(6, 2), 3), 2: (pool(1, 4), 1), 3: (pool(3, 4), 2), 4: (pool(2, 8), 1)}
+
+    def fresh(slots):
+        stack = PoolStack()
+        for s in slots:
+            (A, B, router), k = pools[s]
+            stack.add(s, A, B, router, k, 0.5, dtype=dtype)
+        return stack.cpu
+
+    def same(a, b):
+        assert a.r == b.r and a.kmax == b.kmax and a.offsets == b.offsets and a.layout == b.layout
+        for x, y in [(a.router, b.router), (a.a, b.a), (a.bt, b.bt), *zip(a.tables, b.tables)]:
+            assert x.dtype == y.dtype and torch.equal(x, y)
+        assert (a.ranks is None) == (b.ranks is None) and (a.ranks is None or torch.equal(a.ranks, b.ranks))
+
+    import remix.stack as stack_module
+
+    converted = []
+    real = stack_module.flatten_a
+    stack_module.flatten_a = lambda A: converted.append(A.shape[0]) or real(A)
+    try:
+        stack = PoolStack()
+        for kind, s, conversions in [("add", 0, 1), ("add", 1, 1), ("add", 2, 1), ("remove", 1, 0), ("add", 3, 1),
+                                     ("remove", 0, 0), ("add", 4, 3), ("remove", 2, 0)]:
+            converted.clear()
+            if kind == "add":
+                (A, B, router), k = pools[s]
+                stack.add(s, A, B, router, k, 0.5, dtype=dtype)
+            else:
+                stack.remove(s)
+            assert len(converted) == conversions, (kind, s, converted)  # slot 4's rank 8 re-pads all three
+            same(stack.cpu, fresh(sorted(stack.slots)))
+    finally:
+        stack_module.flatten_a = real

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from remix.adapter import AdapterError
 from remix.kernels import cpu_ext, tune_cpu_allocator
 from server.engine.cache import KV_DTYPES, SlotKVCache
 from server.engine.grammar import GrammarError, Grammars
@@ -147,6 +148,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loading = threading.Lock()  # adapter loads, one at a time
         self.stopped_by: str | None = None  # the error that ended the engine thread, if one did (then 503s)
         self._running = False
         self.accepting = True
@@ -228,11 +230,23 @@ class Engine:
     def load_adapter(self, name: str, path: str, check_fingerprint: bool = True):
         """Validate and stack an adapter between steps: AdapterError lists every problem with it; an EngineError
         (adapter_limit) where max_adapters are loaded already, before anything is read."""
+        with self._loading:  # (one load at a time: a load's checks read the modules another's install may wrap)
+            self._check_room()
+            if name in self.registry.adapters:  # (before reading it; checked again where it is stacked)
+                raise AdapterError(path, [f"an adapter named {name!r} is already loaded"])
+            prepared = self.registry.prepare(path, check_fingerprint)  # (read and checked here: the engine goes on)
+
+            def install():
+                self._check_room()
+                return self.registry.install(name, path, prepared)
+
+            return self.call(install)
+
+    def _check_room(self) -> None:
         cap, loaded = self.config.max_adapters, len(self.registry.adapters)
         if cap and loaded >= cap:
             raise EngineError(f"{loaded} adapters are loaded, the most this server holds (--max-adapters {cap}): unload "
                               "one first", "name", "adapter_limit")
-        return self.call(self.registry.load, name, path, check_fingerprint)
 
     def unload_adapter(self, name: str) -> None:
         """Stop accepting requests for ``name``; it is removed once its running requests finish."""

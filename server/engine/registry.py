@@ -33,12 +33,22 @@ class AdapterRegistry:
 
     def load(self, name: str, path: str | Path, check_fingerprint: bool = True) -> LoadedAdapter:
         """Validate and stack an adapter; raises AdapterError listing every problem (nothing changes then)."""
-        if name in self.adapters:
-            raise AdapterError(path, [f"an adapter named {name!r} is already loaded"])
+        return self.install(name, path, self.prepare(path, check_fingerprint))
+
+    def prepare(self, path: str | Path, check_fingerprint: bool = True) -> tuple:
+        """Read and validate an adapter (AdapterError lists every problem): the part of a load that touches nothing
+        the engine's steps use, so it runs on the caller's thread while the engine goes on."""
         config, mix, tensors = validate_adapter(self.runner.model, path, check_fingerprint)
         if mix.router not in SERVABLE:
             raise AdapterError(path, [f"router {mix.router!r} is not served (only {', '.join(SERVABLE)}): its "
                                       "learned routing weights have no place in the constant-weight kernel"])
+        return config, mix, tensors
+
+    def install(self, name: str, path: str | Path, prepared: tuple) -> LoadedAdapter:
+        """Stack a prepared adapter into the modules' pools (between steps: the engine thread)."""
+        if name in self.adapters:
+            raise AdapterError(path, [f"an adapter named {name!r} is already loaded"])
+        config, mix, tensors = prepared
         modules = list(config["modules"])
         self.runner.ensure_wrapped(modules)
         slot = self._next_slot
