@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from remix import chat as chat_format
 from remix.adapter import AdapterError
 from server import responses, tools
-from server.engine import ADAPTER_GONE, ENGINE_STOPPED, INTERNAL_ERROR, Engine, EngineError, GenerationRequest
+from server.engine import (ADAPTER_GONE, ENGINE_STOPPED, INTERNAL_ERROR, Engine, EngineError, GenerationRequest,
+                           UnknownAdapter)
 from server.metrics import Metrics
 from server.responses import ResponsesRequest
 from server.protocol import (AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -43,6 +45,7 @@ class ServerState:
     api_key: str | None = None
     adapter_loading: bool = True  # the load / unload endpoints work (--adapter-loading)
     max_body_bytes: int = 64 << 20  # request bodies past this are a 413 (--max-request-mb; 0: no limit)
+    lazy_dir: Path | None = None  # --adapter-dir with --lazy-adapters: its adapters load when a request names one
     metrics: Metrics = None
     draining: bool = False
     in_flight: int = 0
@@ -173,13 +176,36 @@ def create_app(state: ServerState) -> FastAPI:
         if state.draining or not state.engine.accepting:
             raise APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down")
 
-    def resolve_model(name: str) -> str | None:
+    def lazy_path(name: str) -> str | None:
+        """The folder of an adapter of --adapter-dir that a request may load (--lazy-adapters), else None."""
+        if state.lazy_dir is None or not ADAPTER_NAME.fullmatch(name):
+            return None
+        path = state.lazy_dir / name
+        return str(path) if (path / "adapter_config.json").is_file() else None
+
+    async def resolve_model(name: str, load: bool = True) -> str | None:
+        """The adapter a request's model names (None: the base), loaded first where it is one of --adapter-dir's
+        that --lazy-adapters loads on demand (``load``: False where only its name matters, as in /tokenize)."""
         if name == state.base_name:
             return None
         adapter = state.engine.registry.adapters.get(name)
-        if adapter is None or adapter.unloading:
+        if adapter is not None and not adapter.unloading:
+            return name
+        path = lazy_path(name)
+        if path is None:
             raise APIError(404, f"the model {name!r} does not exist", "not_found_error", "model", "model_not_found")
+        if load:
+            await ensure_loaded(name, path)
         return name
+
+    async def ensure_loaded(name: str, path: str) -> None:
+        try:
+            await asyncio.to_thread(state.engine.ensure_adapter, name, path)
+        except AdapterError as e:  # (the server's folder holds a broken adapter: not the client's doing)
+            raise APIError(500, f"the model {name!r} could not be loaded: {e}", "server_error", "model",
+                           "invalid_adapter") from None
+        except EngineError as e:  # (AdaptersBusy: 429, every adapter that could give way in use)
+            raise APIError.of(e) from None
 
     @app.get("/health")
     async def health():
@@ -199,10 +225,18 @@ def create_app(state: ServerState) -> FastAPI:
         check_key(request)
         data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "remix-serve",
                  "parent": None, "root": state.base_name}]
-        for name, a in state.engine.registry.adapters.items():
+        loaded = state.engine.registry.adapters
+        for name, a in loaded.items():
             if not a.unloading:
                 data.append({"id": name, "object": "model", "created": state.created, "owned_by": "remix-serve",
-                             "parent": state.base_name, "root": state.base_name, "adapter": {"path": a.path, **a.info}})
+                             "parent": state.base_name, "root": state.base_name,
+                             "adapter": {"path": a.path, "loaded": True, **a.info}})
+        if state.lazy_dir is not None:  # (--lazy-adapters: the folder's others, loaded when a request names one)
+            for child in sorted(state.lazy_dir.iterdir()) if state.lazy_dir.is_dir() else []:
+                if child.name not in loaded and lazy_path(child.name) is not None:
+                    data.append({"id": child.name, "object": "model", "created": state.created,
+                                 "owned_by": "remix-serve", "parent": state.base_name, "root": state.base_name,
+                                 "adapter": {"path": str(child), "loaded": False}})
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}")
@@ -274,7 +308,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def tokenize(body: TokenizeRequest, request: Request):
         check_key(request)
         if body.model is not None:
-            resolve_model(body.model)
+            await resolve_model(body.model, load=False)
         tok = state.side_tokenizer
 
         def encode():  # (off the event loop: a long text takes the tokenizer a while)
@@ -291,7 +325,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def detokenize(body: DetokenizeRequest, request: Request):
         check_key(request)
         if body.model is not None:
-            resolve_model(body.model)
+            await resolve_model(body.model, load=False)
         vocab = state.engine.runner.model.config.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
@@ -302,7 +336,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         check_key(request)
         check_open()
-        adapter = resolve_model(body.model)
+        adapter = await resolve_model(body.model)
         tok = state.engine.tokenizer
         prompts = _prompt_list(body.prompt)
         if any(isinstance(p, str) and len(p) > state.max_prompt_chars for p in prompts):
@@ -323,7 +357,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request):
         check_key(request)
         check_open()
-        adapter = resolve_model(body.model)
+        adapter = await resolve_model(body.model)
         if sum(m.text_chars() for m in body.messages) > state.max_prompt_chars:  # (before the template and tokenizer)
             raise APIError(400, f"the messages are longer than this model's context ({state.engine.config.max_model_len}"
                                 " tokens)", param="messages", code="context_length_exceeded")
@@ -440,24 +474,30 @@ def create_app(state: ServerState) -> FastAPI:
             except EngineError as e:
                 raise APIError.of(e) from None
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        sub_ids = []
         arrival = time.monotonic()
-        try:
-            for i, ids in enumerate(prompt_ids):
-                sub = f"{rid}-{i}"
-                req = GenerationRequest(sub, ids, params, adapter, trace=body.remix_routing is not None,
-                                        priority=body.priority)
-                state.engine.submit(req, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))
-                sub_ids.append(sub)
-        except EngineError as e:
-            for sub in sub_ids:
-                state.engine.cancel(sub)
-            err = APIError.of(e)
-            if chat and err.param == "prompt":  # (a chat request's prompt is its messages)
-                err.param = "messages"
-            raise err from None
+        for attempt in range(3):
+            queue: asyncio.Queue = asyncio.Queue()
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+            sub_ids = []
+            try:
+                for i, ids in enumerate(prompt_ids):
+                    sub = f"{rid}-{i}"
+                    req = GenerationRequest(sub, ids, params, adapter, trace=body.remix_routing is not None,
+                                            priority=body.priority)
+                    state.engine.submit(req, lambda ev, i=i, q=queue: loop.call_soon_threadsafe(q.put_nowait, (i, ev)))
+                    sub_ids.append(sub)
+                break
+            except EngineError as e:
+                for sub in sub_ids:
+                    state.engine.cancel(sub)
+                path = lazy_path(adapter) if adapter is not None and isinstance(e, UnknownAdapter) else None
+                if path is not None and attempt < 2:  # unloaded to make room since it was loaded for this request:
+                    await ensure_loaded(adapter, path)  # loaded again
+                    continue
+                err = APIError.of(e)
+                if chat and err.param == "prompt":  # (a chat request's prompt is its messages)
+                    err.param = "messages"
+                raise err from None
         state.in_flight += 1
         tracker = _Tracker(state, adapter or state.base_name, arrival, len(prompt_ids) * params.n,
                            getattr(request.state, "request_id", None))
@@ -511,6 +551,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     return app
 
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # an adapter folder's name a request may load: no path
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[(]")  # pydantic's names of union members in locs
 

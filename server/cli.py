@@ -28,6 +28,11 @@ OPTIONS = [  # (flag, type, default, help)
     ("base", str, "smollm2-135m-instruct", "base model: smollm2-135m-instruct, tiny, a HF directory or a .gguf file"),
     ("adapter", list, [], "NAME=PATH of an adapter to serve (repeatable)"),
     ("adapter_dir", str, "", "serve every adapter directory found in this folder (named after its folder)"),
+    ("lazy_adapters", str, "off", "on or off: on (with --adapter-dir): an adapter of the folder is loaded when a "
+                                  "request first names it, not at start (the folder is read at each such request, so "
+                                  "adapters added to it later are served too); with --max-adapters, the least "
+                                  "recently used of those loaded this way that no request is using is unloaded to "
+                                  "make room (a 429 where all are in use)"),
     ("host", str, "127.0.0.1", "address to bind"),
     ("port", int, 8000, "port to bind"),
     ("api_key", str, "", "require 'Authorization: Bearer KEY' (default: $REMIX_API_KEY; empty = no auth)"),
@@ -136,11 +141,15 @@ def load_settings(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: --adapter expects NAME=PATH, got {spec!r}")
         name, path = spec.split("=", 1)
         adapters[name] = path
+    if settings["lazy_adapters"] not in ("on", "off"):
+        raise SystemExit(f"error: --lazy-adapters must be on or off, got {settings['lazy_adapters']!r}")
+    if settings["lazy_adapters"] == "on" and not settings["adapter_dir"]:
+        raise SystemExit("error: --lazy-adapters on loads adapters from --adapter-dir: give the folder")
     if settings["adapter_dir"]:
         root = Path(settings["adapter_dir"])
         if not root.is_dir():
             raise SystemExit(f"error: --adapter-dir {root} is not a directory")
-        for child in sorted(root.iterdir()):
+        for child in sorted(root.iterdir()) if settings["lazy_adapters"] == "off" else []:
             if (child / "adapter_config.json").is_file():
                 adapters.setdefault(child.name, str(child))
     if (not settings["adapter"] and not settings["adapter_dir"] and argv_is_default(argv) and DEMO_ADAPTER.is_dir()
@@ -355,6 +364,7 @@ def build_state(settings: dict):
     return ServerState(engine=engine, base_name=settings["served_name"] or settings["base"],
                        api_key=settings["api_key"] or None, adapter_loading=loading,
                        max_body_bytes=int(settings["max_request_mb"] * (1 << 20)),
+                       lazy_dir=Path(settings["adapter_dir"]) if settings["lazy_adapters"] == "on" else None,
                        allowed_origins=[o.strip() for o in settings["allowed_origins"].split(",") if o.strip()])
 
 
@@ -400,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"],
                             access_log=False, timeout_graceful_shutdown=5, root_path=settings["root_path"])
     server = RemixServer(config, state, settings["drain_timeout"])
-    log.info("serving %s with adapters [%s] on http://%s:%d", state.base_name, ", ".join(settings["adapters"]),
-             settings["host"], settings["port"])
+    log.info("serving %s with adapters [%s]%s on http://%s:%d", state.base_name, ", ".join(settings["adapters"]),
+             f" and, on demand, those of {state.lazy_dir}" if state.lazy_dir is not None else "", settings["host"],
+             settings["port"])
     server.run(sockets=[sock])
     state.engine.stop(drain_timeout=1.0)
     return 0

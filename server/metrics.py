@@ -67,6 +67,12 @@ class EngineCollector:
         yield GaugeMetricFamily("remix_kv_cache_usage_ratio", "Share of the KV cache's token capacity in use.", value=s["kv_usage"])
         yield GaugeMetricFamily("remix_kv_cache_slots_used", "Cache slots held by running sequences.", value=s["slots_used"])
         yield GaugeMetricFamily("remix_kv_cache_slots", "Cache slots (sequences that can run at once).", value=s["slots"])
+        yield GaugeMetricFamily("remix_adapters_loaded", "Adapters loaded.", value=s["adapters_loaded"])
+        yield CounterMetricFamily("remix_adapter_loads_on_demand", "Adapters of --adapter-dir loaded because a request "
+                                  "named them (--lazy-adapters).", value=s["adapter_loads_on_demand"])
+        yield CounterMetricFamily("remix_adapter_evictions", "Adapters loaded on demand that were unloaded, least "
+                                  "recently used first, to make room for another (--max-adapters).",
+                                  value=s["adapter_evictions"])
         if "spec_draft_tokens" in s:  # speculative decoding on (vLLM's spec_decode counters)
             yield CounterMetricFamily("remix_spec_decode_draft_tokens", "Draft tokens proposed by prompt lookup and "
                                       "checked.", value=s["spec_draft_tokens"])

@@ -66,6 +66,11 @@ class ShuttingDown(EngineError):
     status, code = 503, "shutting_down"
 
 
+class AdaptersBusy(EngineError):
+    """An adapter to load on demand, and every loaded one that could make room for it in use."""
+    status, code, param = 429, "adapter_limit", "model"
+
+
 class EngineStopped(EngineError):
     """The engine's thread ended on an error no step handler caught: nothing queued now would ever run."""
     status, code = 503, "engine_stopped"
@@ -149,6 +154,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._loading = threading.Lock()  # adapter loads, one at a time
+        self.adapter_events = {"loads_on_demand": 0, "evictions": 0}  # since start (Engine.ensure_adapter)
         self.stopped_by: str | None = None  # the error that ended the engine thread, if one did (then 503s)
         self._running = False
         self.accepting = True
@@ -171,9 +177,11 @@ class Engine:
             raise EngineStopped(f"the engine has stopped ({self.stopped_by}); the server needs a restart")
         if not self.accepting:
             raise ShuttingDown("the server is shutting down")
-        if request.adapter is not None and (request.adapter not in self.registry.adapters
-                                            or self.registry.adapters[request.adapter].unloading):
-            raise UnknownAdapter(f"the model {request.adapter!r} does not exist")
+        if request.adapter is not None:
+            adapter = self.registry.adapters.get(request.adapter)
+            if adapter is None or adapter.unloading:
+                raise UnknownAdapter(f"the model {request.adapter!r} does not exist")
+            adapter.last_used = time.monotonic()
         vocab = self.runner.model.config.vocab_size
         if bad := p.problems(vocab):
             raise EngineError("; ".join(message for _, message in bad), bad[0][0])
@@ -237,16 +245,65 @@ class Engine:
             prepared = self.registry.prepare(path, check_fingerprint)  # (read and checked here: the engine goes on)
 
             def install():
-                self._check_room()
+                try:  # (an idle adapter loaded on demand gives way; one loaded like this one stays)
+                    self._make_room()
+                except AdaptersBusy:
+                    raise self._limit_error() from None
                 return self.registry.install(name, path, prepared)
 
             return self.call(install)
 
+    def ensure_adapter(self, name: str, path: str) -> None:
+        """``name`` loaded from ``path`` unless it is already (on-demand loading: a request names an adapter of the
+        server's folder). Where ``max_adapters`` are loaded, the least recently used on-demand adapter that no
+        running or waiting request uses is unloaded first; AdaptersBusy where none is idle. AdapterError lists what
+        is wrong with the adapter."""
+        with self._loading:
+            adapter = self.registry.adapters.get(name)
+            if adapter is not None:
+                def revive():  # (one being unloaded through the API: wanted again)
+                    adapter.unloading = False
+                    adapter.last_used = time.monotonic()
+                self.call(revive)
+                return
+            prepared = self.registry.prepare(path)
+
+            def install():
+                self._make_room()
+                loaded = self.registry.install(name, path, prepared)
+                loaded.evictable, loaded.last_used = True, time.monotonic()
+                self.adapter_events["loads_on_demand"] += 1
+                log.info("loaded adapter %s from %s on demand", name, path)
+
+            self.call(install)
+
+    def _make_room(self) -> None:
+        cap = self.config.max_adapters
+        while cap and len(self.registry.adapters) >= cap:
+            with self._lock:
+                waiting = {r.adapter for r, _ in self.waiting}
+            idle = [a for a in self.registry.adapters.values()
+                    if a.evictable and a.active <= 0 and a.name not in waiting]
+            if not idle:
+                raise AdaptersBusy(f"{len(self.registry.adapters)} adapters are loaded (--max-adapters {cap}) and none "
+                                   "that was loaded on demand is idle to make room; retry later")
+            victim = min(idle, key=lambda a: a.last_used)
+            self.registry.remove(victim.name)
+            self.adapter_events["evictions"] += 1
+            if self.prefix is not None:
+                self.prefix.forget(victim.slot)
+            log.info("unloaded adapter %s (least recently used) to make room", victim.name)
+
     def _check_room(self) -> None:
+        """Before a load reads anything: room, or an idle adapter loaded on demand that could give way."""
         cap, loaded = self.config.max_adapters, len(self.registry.adapters)
-        if cap and loaded >= cap:
-            raise EngineError(f"{loaded} adapters are loaded, the most this server holds (--max-adapters {cap}): unload "
-                              "one first", "name", "adapter_limit")
+        if cap and loaded >= cap and not any(a.evictable for a in self.registry.adapters.values()):
+            raise self._limit_error()
+
+    def _limit_error(self) -> EngineError:
+        cap, loaded = self.config.max_adapters, len(self.registry.adapters)
+        return EngineError(f"{loaded} adapters are loaded, the most this server holds (--max-adapters {cap}): unload "
+                           "one first", "name", "adapter_limit")
 
     def unload_adapter(self, name: str) -> None:
         """Stop accepting requests for ``name``; it is removed once its running requests finish."""
@@ -279,6 +336,8 @@ class Engine:
                 "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.num_slots,
                 "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
                 "prefix_caching": self.prefix is not None, "batch_invariant": self.config.batch_invariant,
+                "adapters_loaded": len(self.registry.adapters),
+                **{f"adapter_{k}": v for k, v in self.adapter_events.items()},
                 **({f"prefix_cache_{k}": v for k, v in self.prefix.stats().items()} if self.prefix is not None else {}),
                 **({f"spec_{k}": v for k, v in self.spec_totals.items()} if self.config.num_speculative_tokens else {}),
                 **(self._spec_costs() if self.config.num_speculative_tokens else {}),

@@ -23,6 +23,8 @@ class LoadedAdapter:
     active: int = 0  # running sequences using it
     unloading: bool = False
     info: dict = field(default_factory=dict)
+    evictable: bool = False  # loaded on demand (Engine.ensure_adapter): unloaded when idle to make room for another
+    last_used: float = 0.0  # time.monotonic() of its load or its latest request (the least recent is evicted first)
 
 
 class AdapterRegistry:

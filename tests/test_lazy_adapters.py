@@ -1,0 +1,144 @@
+"""--lazy-adapters: the adapters of --adapter-dir load when a request first names one; with --max-adapters the least
+recently used one loaded that way that nothing uses gives way; requests get what they get from an adapter loaded at
+start."""
+
+import pytest
+
+from server.engine import AdaptersBusy, Engine, EngineConfig, EngineError, GenerationRequest, collect
+from tests.helpers import write_adapter
+from tests.test_engine import lively_tiny, tokens_of
+from tests.test_faults import greedy
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lazy")
+    for seed, name in enumerate(("a", "b", "c"), start=1):
+        write_adapter(lively_tiny()[0], root / name, seed)
+    (root / "notes").mkdir()  # (a folder without an adapter: never a model)
+    return root
+
+
+def engine_with(cap=0):
+    model, tok = lively_tiny()
+    return Engine(model, tok, EngineConfig(max_model_len=128, max_num_seqs=4, max_adapters=cap)), tok
+
+
+def test_on_demand_adapters_give_way_least_recently_used_first(folder):
+    engine, tok = engine_with(cap=2)
+    ids = tok("The quick brown fox").input_ids
+    reference, _ = engine_with()
+    want = {}
+    for name in "abc":
+        reference.load_adapter(name, str(folder / name))
+        want[name] = tokens_of(collect(reference, GenerationRequest(f"ref-{name}", ids, greedy(10), adapter=name)))
+    assert len({tuple(t) for t in want.values()}) == 3  # (three different adapters: the comparison means something)
+
+    def run(name):
+        engine.ensure_adapter(name, str(folder / name))
+        return tokens_of(collect(engine, GenerationRequest(f"{name}-{len(engine.registry.adapters)}", ids, greedy(10),
+                                                           adapter=name)))
+
+    assert run("a") == want["a"] and run("b") == want["b"]
+    assert run("a") == want["a"]  # a used last: b is the least recently used
+    assert run("c") == want["c"] and set(engine.registry.adapters) == {"a", "c"}
+    assert run("b") == want["b"] and set(engine.registry.adapters) == {"b", "c"}  # then a gave way
+    engine.ensure_adapter("b", str(folder / "b"))  # loaded already: nothing read, nothing evicted
+    assert set(engine.registry.adapters) == {"b", "c"}
+
+    # both in use (long requests running): a third cannot be loaded until one is idle
+    for name in "bc":
+        engine.submit(GenerationRequest(f"long-{name}", ids, greedy(40), adapter=name), lambda e: None)
+    engine.step()
+    with pytest.raises(AdaptersBusy, match="none that was loaded on demand is idle"):
+        engine.ensure_adapter("a", str(folder / "a"))
+    assert AdaptersBusy.status == 429
+    while engine.has_work():
+        engine.step()
+    assert run("a") == want["a"] and len(engine.registry.adapters) == 2
+    stats = engine.stats()
+    assert stats["slots_used"] == 0 and stats["adapters_loaded"] == 2
+    assert (stats["adapter_loads_on_demand"], stats["adapter_evictions"]) == (5, 3)  # a, b, c, b again, a again; b, a, then c or b gave way
+
+
+def test_adapters_loaded_by_name_stay_and_on_demand_ones_give_way_to_them(folder):
+    """An adapter loaded at start or through the API is never unloaded to make room; one loaded on demand gives way
+    to it; with only such adapters loaded, a further load is the usual adapter_limit error."""
+    engine, _ = engine_with(cap=2)
+    engine.load_adapter("pinned", str(folder / "a"))
+    engine.ensure_adapter("b", str(folder / "b"))
+    engine.load_adapter("also", str(folder / "c"))  # b (on demand, idle) gives way
+    assert set(engine.registry.adapters) == {"pinned", "also"}
+    with pytest.raises(EngineError, match="--max-adapters 2") as e:
+        engine.load_adapter("more", str(folder / "b"))
+    assert e.value.code == "adapter_limit"
+    with pytest.raises(AdaptersBusy):
+        engine.ensure_adapter("b", str(folder / "b"))
+
+
+@pytest.fixture
+def client(folder):
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerState, create_app
+
+    engine, _ = engine_with(cap=1)
+    engine.start()
+    with TestClient(create_app(ServerState(engine=engine, base_name="tiny", lazy_dir=folder))) as c:
+        yield c
+    engine.stop()
+
+
+def test_the_api_loads_a_folders_adapter_when_a_request_names_it(client):
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert set(models) == {"tiny", "a", "b", "c"} and not models["a"]["adapter"]["loaded"]  # (not "notes")
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    first = client.post("/v1/completions", json={"model": "a", **body})
+    assert first.status_code == 200, first.text
+    assert client.get("/v1/models/a").json()["adapter"]["loaded"] is True
+    assert client.post("/v1/chat/completions", json={"model": "b", "messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 4}).status_code == 200
+    loaded = {m["id"]: m["adapter"]["loaded"] for m in client.get("/v1/models").json()["data"] if "adapter" in m}
+    assert loaded == {"a": False, "b": True, "c": False}  # (--max-adapters 1: a gave way to b)
+    again = client.post("/v1/completions", json={"model": "a", **body})
+    assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    metrics = client.get("/metrics").text
+    for line in ("remix_adapters_loaded 1.0", "remix_adapter_loads_on_demand_total 3.0",
+                 "remix_adapter_evictions_total 2.0"):
+        assert line in metrics, line
+    tok = client.post("/tokenize", json={"model": "c", "prompt": "hi"})  # (a name is enough: nothing loads for it)
+    assert tok.status_code == 200 and not client.get("/v1/models/c").json()["adapter"]["loaded"]
+    for name in ("notes", "../a", "a/../b", ".hidden", "nothere"):
+        r = client.post("/v1/completions", json={"model": name, **body})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (name, r.text)
+
+
+def test_cli_lazy_adapters_needs_the_folder_and_loads_nothing_at_start(folder):
+    from server import cli
+
+    with pytest.raises(SystemExit, match="--lazy-adapters on loads adapters from --adapter-dir"):
+        cli.load_settings(["--base", "tiny", "--lazy-adapters", "on"])
+    settings = cli.load_settings(["--base", "tiny", "--adapter-dir", str(folder), "--lazy-adapters", "on"])
+    assert settings["adapters"] == {}
+    assert set(cli.load_settings(["--base", "tiny", "--adapter-dir", str(folder)])["adapters"]) == {"a", "b", "c"}
+    state = cli.build_state({**settings, "max_model_len": 128, "max_num_seqs": 2})
+    assert state.lazy_dir == folder and not state.engine.registry.adapters
+
+
+def test_a_broken_adapter_in_the_folder_is_a_server_error_naming_it(folder, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerState, create_app
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    engine, _ = engine_with()
+    engine.start()
+    try:
+        client = TestClient(create_app(ServerState(engine=engine, base_name="tiny", lazy_dir=tmp_path)))
+        r = client.post("/v1/completions", json={"model": "bad", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "invalid_adapter", r.text
+        assert "'bad' could not be loaded" in r.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        engine.stop()
