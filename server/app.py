@@ -233,7 +233,8 @@ def create_app(state: ServerState) -> FastAPI:
                              "adapter": {"path": a.path, "loaded": True, **a.info}})
         if state.lazy_dir is not None:  # (--lazy-adapters: the folder's others, loaded when a request names one)
             for child in sorted(state.lazy_dir.iterdir()) if state.lazy_dir.is_dir() else []:
-                if child.name not in loaded and lazy_path(child.name) is not None:
+                listed = child.name in loaded and not loaded[child.name].unloading
+                if not listed and lazy_path(child.name) is not None:
                     data.append({"id": child.name, "object": "model", "created": state.created,
                                  "owned_by": "remix-serve", "parent": state.base_name, "root": state.base_name,
                                  "adapter": {"path": str(child), "loaded": False}})

@@ -256,8 +256,8 @@ class Engine:
     def ensure_adapter(self, name: str, path: str) -> None:
         """``name`` loaded from ``path`` unless it is already (on-demand loading: a request names an adapter of the
         server's folder). Where ``max_adapters`` are loaded, the least recently used on-demand adapter that no
-        running or waiting request uses is unloaded first; AdaptersBusy where none is idle. AdapterError lists what
-        is wrong with the adapter."""
+        running or waiting request uses (or one being unloaded) is unloaded first; AdaptersBusy where none is idle.
+        AdapterError lists what is wrong with the adapter."""
         with self._loading:
             adapter = self.registry.adapters.get(name)
             if adapter is not None:
@@ -282,8 +282,8 @@ class Engine:
         while cap and len(self.registry.adapters) >= cap:
             with self._lock:
                 waiting = {r.adapter for r, _ in self.waiting}
-            idle = [a for a in self.registry.adapters.values()
-                    if a.evictable and a.active <= 0 and a.name not in waiting]
+            idle = [a for a in self.registry.adapters.values()  # (one being unloaded through the API may go now)
+                    if (a.evictable or a.unloading) and a.active <= 0 and a.name not in waiting]
             if not idle:
                 raise AdaptersBusy(f"{len(self.registry.adapters)} adapters are loaded (--max-adapters {cap}) and none "
                                    "that was loaded on demand is idle to make room; retry later")
