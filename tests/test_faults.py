@@ -306,3 +306,35 @@ def test_the_prefix_cache_is_forgotten_only_after_a_failed_forward(setup, monkey
     assert tokens_of(again) == tokens_of(first)
     cached = finals(again)[0].cached_tokens
     assert (cached >= 32) if where == "emit" else (cached == 0), cached
+
+
+def test_a_request_whose_admission_fails_ends_alone(setup, monkeypatch, tmp_path):
+    """Seating a request's second sequence fails (its prefix match or cache copy): both its choices end with an
+    error, the one seated gives back its slot and its adapter reference, the running requests go on as alone."""
+    from tests.helpers import write_adapter
+
+    engine, ids, alone = setup
+    engine.load_adapter("ad", write_adapter(lively_tiny()[0], tmp_path / "ad", 3))
+    real = engine._seat
+    seated = []
+
+    def seat(seq, free):
+        if seq.request.request_id == "bad" and seq.index == 1:
+            raise RuntimeError("a planted admission failure")
+        seated.append(seq.request.request_id)
+        return real(seq, free)
+
+    monkeypatch.setattr(engine, "_seat", seat)
+    out = {"g": [], "s": [], "bad": []}
+    engine.submit(GenerationRequest("g", ids[0], greedy(12)), out["g"].append)
+    engine.submit(GenerationRequest("s", ids[1], seeded(12)), out["s"].append)
+    engine.step()
+    bad = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=2)
+    engine.submit(GenerationRequest("bad", ids[2], bad, adapter="ad"), out["bad"].append)
+    while engine.has_work():
+        engine.step()
+    assert seated.count("bad") == 1  # (its first sequence was seated before the second failed)
+    assert sorted((e.index, e.finish_reason, e.error_code) for e in out["bad"]) == [
+        (0, "error", INTERNAL_ERROR), (1, "error", INTERNAL_ERROR)]
+    assert engine.registry.adapters["ad"].active == 0
+    check_others_and_engine(engine, ids, alone, out)

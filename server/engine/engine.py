@@ -524,35 +524,62 @@ class Engine:
                 if not self.waiting or len(free) < self.waiting[0][0].params.n:
                     return
                 request, callback = self.waiting.popleft()
-            slot = -1
-            if request.adapter is not None:
-                adapter = self.registry.adapters.get(request.adapter)
-                if adapter is None:  # accepted requests of an unloading adapter still run; a removed one cannot
-                    self._end_unstarted(request, callback, "error", "adapter was unloaded", ADAPTER_GONE)
-                    continue
-                slot = adapter.slot
-                adapter.active += request.params.n
-            seqs = []
-            # (a traced request, or one that wants its prompt's log-probabilities, computes its whole prompt)
-            computes_all = request.trace or request.params.prompt_logprobs is not None
-            hashes = chain(request.prompt_ids, slot) if self.prefix is not None and not computes_all else None
-            for index in range(request.params.n):
-                gen = None
-                if not request.params.greedy:
-                    seed = request.params.seed + index if request.params.seed is not None else random.getrandbits(63)
-                    gen = torch.Generator().manual_seed(seed)
-                seq = Sequence(request, index, slot, callback, gen)
-                seq.hashes = hashes
-                if self.prefix is None:
-                    seq.slot = free.pop(0)
-                else:
-                    self._seat(seq, free)
-                self.slot_seq[seq.slot] = seq
-                seqs.append(seq)
-                self.prefilling.append(seq)
-            self.requests[request.request_id] = seqs
-            self._arrange()
+            try:
+                seated = self._seat_request(request, callback, free)
+            except Exception:  # (its prefix match or cache copy): this request ends, the running ones go on
+                self._fail_admission(request, callback)
+                seated = False
+            if seated:
+                self._arrange()
             free = [i for i, s in enumerate(self.slot_seq) if s is None]
+
+    def _seat_request(self, request: GenerationRequest, callback, free: list[int]) -> bool:
+        """Seat a request's n sequences in free slots (with what the prefix cache holds of its prompt); False where
+        it ended instead (its adapter was removed while it waited)."""
+        slot = -1
+        if request.adapter is not None:
+            adapter = self.registry.adapters.get(request.adapter)
+            if adapter is None:  # accepted requests of an unloading adapter still run; a removed one cannot
+                self._end_unstarted(request, callback, "error", "adapter was unloaded", ADAPTER_GONE)
+                return False
+            slot = adapter.slot
+        seqs = self.requests[request.request_id] = []  # (filled as they are seated: a failure ends those seated)
+        # (a traced request, or one that wants its prompt's log-probabilities, computes its whole prompt)
+        computes_all = request.trace or request.params.prompt_logprobs is not None
+        hashes = chain(request.prompt_ids, slot) if self.prefix is not None and not computes_all else None
+        for index in range(request.params.n):
+            gen = None
+            if not request.params.greedy:
+                seed = request.params.seed + index if request.params.seed is not None else random.getrandbits(63)
+                gen = torch.Generator().manual_seed(seed)
+            seq = Sequence(request, index, slot, callback, gen)
+            seq.hashes = hashes
+            if self.prefix is None:
+                seq.slot = free.pop(0)
+            else:
+                self._seat(seq, free)
+            self.slot_seq[seq.slot] = seq
+            seqs.append(seq)
+            self.prefilling.append(seq)
+            if request.adapter is not None:  # (each seated sequence holds its adapter; released in _release)
+                self.registry.adapters[request.adapter].active += 1
+        return True
+
+    def _fail_admission(self, request: GenerationRequest, callback) -> None:
+        """Seating ``request`` failed: its seated sequences end with an error (each giving back its slot and its
+        adapter reference), and so do the choices not seated yet; the prefix cache forgets what it held (a copy may
+        have stopped half-way). Logged with the traceback being handled."""
+        log.exception("admitting request %s failed; it ends, the others go on", request.request_id)
+        seated = self.requests.pop(request.request_id, [])
+        self._fail(seated, "internal error while generating")
+        for index in range(len(seated), request.params.n):
+            try:
+                callback(Event(request.request_id, index, [], "", [], True, "error", len(request.prompt_ids), 0,
+                               error="internal error while generating", error_code=INTERNAL_ERROR))
+            except Exception:  # a broken consumer must not take the engine down
+                log.exception("request %s: callback failed", request.request_id)
+        if self.prefix is not None:
+            self.prefix.forget()
 
     def _refresh_prefix(self) -> None:
         """Tell the prefix index what the running sequences have computed since (new complete blocks); once a step,
