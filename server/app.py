@@ -28,8 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from remix import chat as chat_format
 from remix.adapter import AdapterError
 from server import responses, tools
-from server.engine import (ADAPTER_GONE, ENGINE_STOPPED, INTERNAL_ERROR, Engine, EngineError, GenerationRequest,
-                           UnknownAdapter)
+from server.engine import (ADAPTER_GONE, ENGINE_STOPPED, INTERNAL_ERROR, AdaptersBusy, Engine, EngineError,
+                           GenerationRequest, UnknownAdapter)
 from server.metrics import Metrics
 from server.responses import ResponsesRequest
 from server.protocol import (AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -183,7 +183,7 @@ def create_app(state: ServerState) -> FastAPI:
         path = state.lazy_dir / name
         return str(path) if (path / "adapter_config.json").is_file() else None
 
-    async def resolve_model(name: str, load: bool = True) -> str | None:
+    async def resolve_model(name: str, load: bool = True, request: Request | None = None) -> str | None:
         """The adapter a request's model names (None: the base), loaded first where it is one of --adapter-dir's
         that --lazy-adapters loads on demand (``load``: False where only its name matters, as in /tokenize)."""
         if name == state.base_name:
@@ -195,17 +195,26 @@ def create_app(state: ServerState) -> FastAPI:
         if path is None:
             raise APIError(404, f"the model {name!r} does not exist", "not_found_error", "model", "model_not_found")
         if load:
-            await ensure_loaded(name, path)
+            await ensure_loaded(name, path, request)
         return name
 
-    async def ensure_loaded(name: str, path: str) -> None:
-        try:
-            await asyncio.to_thread(state.engine.ensure_adapter, name, path)
-        except AdapterError as e:  # (the server's folder holds a broken adapter: not the client's doing)
-            raise APIError(500, f"the model {name!r} could not be loaded: {e}", "server_error", "model",
-                           "invalid_adapter") from None
-        except EngineError as e:  # (AdaptersBusy: 429, every adapter that could give way in use)
-            raise APIError.of(e) from None
+    async def ensure_loaded(name: str, path: str, request: Request | None = None) -> None:
+        """Load an adapter of the folder; where every adapter that could give way is in use, wait (up to
+        LAZY_WAIT_S, while the client stays) for one to finish, then a 429."""
+        deadline = time.monotonic() + LAZY_WAIT_S
+        while True:
+            try:
+                await asyncio.to_thread(state.engine.ensure_adapter, name, path)
+                return
+            except AdapterError as e:  # (the server's folder holds a broken adapter: not the client's doing)
+                raise APIError(500, f"the model {name!r} could not be loaded: {e}", "server_error", "model",
+                               "invalid_adapter") from None
+            except AdaptersBusy as e:
+                if time.monotonic() > deadline or (request is not None and await request.is_disconnected()):
+                    raise APIError.of(e) from None
+                await asyncio.sleep(0.1)
+            except EngineError as e:
+                raise APIError.of(e) from None
 
     @app.get("/health")
     async def health():
@@ -337,7 +346,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         check_key(request)
         check_open()
-        adapter = await resolve_model(body.model)
+        adapter = await resolve_model(body.model, request=request)
         tok = state.engine.tokenizer
         prompts = _prompt_list(body.prompt)
         if any(isinstance(p, str) and len(p) > state.max_prompt_chars for p in prompts):
@@ -358,7 +367,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request):
         check_key(request)
         check_open()
-        adapter = await resolve_model(body.model)
+        adapter = await resolve_model(body.model, request=request)
         if sum(m.text_chars() for m in body.messages) > state.max_prompt_chars:  # (before the template and tokenizer)
             raise APIError(400, f"the messages are longer than this model's context ({state.engine.config.max_model_len}"
                                 " tokens)", param="messages", code="context_length_exceeded")
@@ -493,7 +502,7 @@ def create_app(state: ServerState) -> FastAPI:
                     state.engine.cancel(sub)
                 path = lazy_path(adapter) if adapter is not None and isinstance(e, UnknownAdapter) else None
                 if path is not None and attempt < 2:  # unloaded to make room since it was loaded for this request:
-                    await ensure_loaded(adapter, path)  # loaded again
+                    await ensure_loaded(adapter, path, request)  # loaded again
                     continue
                 err = APIError.of(e)
                 if chat and err.param == "prompt":  # (a chat request's prompt is its messages)
@@ -553,6 +562,7 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+LAZY_WAIT_S = 30.0  # how long a request waits for an on-demand adapter to find room before its 429
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # an adapter folder's name a request may load: no path
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[(]")  # pydantic's names of union members in locs

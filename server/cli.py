@@ -32,7 +32,8 @@ OPTIONS = [  # (flag, type, default, help)
                                   "request first names it, not at start (the folder is read at each such request, so "
                                   "adapters added to it later are served too); with --max-adapters, the least "
                                   "recently used of those loaded this way that no request is using is unloaded to "
-                                  "make room (a 429 where all are in use)"),
+                                  "make room (where all are in use a request waits up to 30 s for one, then gets "
+                                  "a 429)"),
     ("host", str, "127.0.0.1", "address to bind"),
     ("port", int, 8000, "port to bind"),
     ("api_key", str, "", "require 'Authorization: Bearer KEY' (default: $REMIX_API_KEY; empty = no auth)"),

@@ -142,3 +142,48 @@ def test_a_broken_adapter_in_the_folder_is_a_server_error_naming_it(folder, tmp_
         assert client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}).status_code == 200
     finally:
         engine.stop()
+
+
+def test_a_request_waits_for_room_then_gets_a_429_past_the_wait(client, monkeypatch):
+    """--max-adapters 1 with a long request on a: a request for b waits for a to finish, then loads b and answers;
+    with no wait allowed, it gets a 429 adapter_limit (with Retry-After) instead."""
+    import threading
+    import time
+
+    import server.app as app_module
+
+    long = {"model": "a", "prompt": "The quick brown fox", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+    short = {"model": "b", "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0}
+
+    def run_long(out):
+        out.append(client.post("/v1/completions", json=long))
+
+    engine = client.app.state.remix.engine
+    real, busy = engine.ensure_adapter, []
+
+    def ensure(name, path):
+        try:
+            return real(name, path)
+        except AdaptersBusy:
+            busy.append(name)
+            raise
+
+    monkeypatch.setattr(engine, "ensure_adapter", ensure)
+
+    for wait, want in ((30.0, 200), (0.0, 429)):
+        monkeypatch.setattr(app_module, "LAZY_WAIT_S", wait)
+        assert client.post("/v1/completions", json={**short, "model": "a"}).status_code == 200  # a loaded, idle
+        done = []
+        worker = threading.Thread(target=run_long, args=(done,))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not client.get("/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = client.post("/v1/completions", json=short)
+        worker.join(60)
+        assert done and done[0].status_code == 200
+        assert r.status_code == want, r.text
+        assert busy and set(busy) == {"b"}  # (b found no room at first: it waited, or was refused)
+        busy.clear()
+        if want == 429:
+            assert r.json()["error"]["code"] == "adapter_limit" and r.headers["retry-after"] == "1"
