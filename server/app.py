@@ -232,21 +232,19 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "remix-serve",
-                 "parent": None, "root": state.base_name}]
-        loaded = state.engine.registry.adapters
-        for name, a in loaded.items():
-            if not a.unloading:
-                data.append({"id": name, "object": "model", "created": state.created, "owned_by": "remix-serve",
-                             "parent": state.base_name, "root": state.base_name,
-                             "adapter": {"path": a.path, "loaded": True, **a.info}})
+
+        def entry(name: str, adapter: dict | None = None) -> dict:
+            return {"id": name, "object": "model", "created": state.created, "owned_by": "remix-serve",
+                    "parent": None if adapter is None else state.base_name, "root": state.base_name,
+                    **({} if adapter is None else {"adapter": adapter})}
+
+        served = {name: a for name, a in state.engine.registry.adapters.items() if not a.unloading}
+        data = [entry(state.base_name)] + [entry(name, {"path": a.path, "loaded": True, **a.info})
+                                           for name, a in served.items()]
         if state.lazy_dir is not None:  # (--lazy-adapters: the folder's others, loaded when a request names one)
-            for child in sorted(state.lazy_dir.iterdir()) if state.lazy_dir.is_dir() else []:
-                listed = child.name in loaded and not loaded[child.name].unloading
-                if not listed and lazy_path(child.name) is not None:
-                    data.append({"id": child.name, "object": "model", "created": state.created,
-                                 "owned_by": "remix-serve", "parent": state.base_name, "root": state.base_name,
-                                 "adapter": {"path": str(child), "loaded": False}})
+            data += [entry(child.name, {"path": str(child), "loaded": False})
+                     for child in (sorted(state.lazy_dir.iterdir()) if state.lazy_dir.is_dir() else [])
+                     if child.name not in served and lazy_path(child.name) is not None]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}")
@@ -521,16 +519,13 @@ def create_app(state: ServerState) -> FastAPI:
                 if ev.error is not None:  # one choice failed: the request did (its other choices end now)
                     raise APIError.failed(ev, body.model)
                 builder.add(i, ev)
-        except _Disconnected:
+        except (_Disconnected, APIError) as e:  # (the client went away, or a choice failed: the others end now)
             for sub in sub_ids:
                 state.engine.cancel(sub)
             tracker.close()
+            if isinstance(e, APIError):
+                raise
             return JSONResponse({}, status_code=499)
-        except APIError:
-            for sub in sub_ids:
-                state.engine.cancel(sub)
-            tracker.close()
-            raise
         tracker.close()
         return builder.final()
 

@@ -78,6 +78,7 @@ class EngineStopped(EngineError):
 
 # why an accepted request ended with an error event (``Event.error_code``; its ``error`` says it in words)
 INTERNAL_ERROR = "internal_error"  # generating failed (the step, its sampling or emitting; the log has the traceback)
+INTERNAL_MESSAGE = "internal error while generating"
 ENGINE_STOPPED = EngineStopped.code  # the engine thread ended
 ADAPTER_GONE = UnknownAdapter.code  # its adapter was removed before it started
 
@@ -261,10 +262,11 @@ class Engine:
         with self._loading:
             adapter = self.registry.adapters.get(name)
             if adapter is not None:
-                def revive():  # (one being unloaded through the API: wanted again)
-                    adapter.unloading = False
-                    adapter.last_used = time.monotonic()
-                self.call(revive)
+                if adapter.unloading:  # (being unloaded through the API: wanted again)
+                    def revive():
+                        adapter.unloading = False
+                        adapter.last_used = time.monotonic()
+                    self.call(revive)
                 return
             prepared = self.registry.prepare(path)
 
@@ -408,7 +410,7 @@ class Engine:
             self._end_unstarted(r, cb, "error", error, code)
         self._fail(list(self.prefilling) + list(self.decoding), error, code)
 
-    def _fail(self, seqs: list[Sequence], error: str, code: str = INTERNAL_ERROR) -> None:
+    def _fail(self, seqs: list[Sequence], error: str = INTERNAL_MESSAGE, code: str = INTERNAL_ERROR) -> None:
         """Each of ``seqs`` not yet finished ends with an error event, each on its own (one that cannot be ended - the
         bookkeeping may be what broke - does not keep the others from it)."""
         for seq in seqs:
@@ -428,7 +430,7 @@ class Engine:
         ids = sorted({s.request.request_id for s in seqs})
         log.exception("%s failed; ending %d sequence(s) of request(s) %s, the others go on", what, len(seqs),
                       ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else ""))
-        self._fail(seqs, "internal error while generating")
+        self._fail(seqs)
         if forward and self.prefix is not None:
             self.prefix.forget()
 
@@ -508,9 +510,10 @@ class Engine:
 
     @staticmethod
     def _end_unstarted(request: GenerationRequest, callback, reason: str, error: str | None = None,
-                       error_code: str | None = None) -> None:
-        """A request that ends before any of its sequences started: each choice still gets its final event."""
-        for index in range(request.params.n):
+                       error_code: str | None = None, first: int = 0) -> None:
+        """A request that ends before any of its sequences started (``first``: before those from this choice on
+        started): each of those choices still gets its final event."""
+        for index in range(first, request.params.n):
             try:
                 callback(Event(request.request_id, index, [], "", [], True, reason, len(request.prompt_ids), 0,
                                error=error, error_code=error_code))
@@ -571,13 +574,8 @@ class Engine:
         have stopped half-way). Logged with the traceback being handled."""
         log.exception("admitting request %s failed; it ends, the others go on", request.request_id)
         seated = self.requests.pop(request.request_id, [])
-        self._fail(seated, "internal error while generating")
-        for index in range(len(seated), request.params.n):
-            try:
-                callback(Event(request.request_id, index, [], "", [], True, "error", len(request.prompt_ids), 0,
-                               error="internal error while generating", error_code=INTERNAL_ERROR))
-            except Exception:  # a broken consumer must not take the engine down
-                log.exception("request %s: callback failed", request.request_id)
+        self._fail(seated)
+        self._end_unstarted(request, callback, "error", INTERNAL_MESSAGE, INTERNAL_ERROR, first=len(seated))
         if self.prefix is not None:
             self.prefix.forget()
 
