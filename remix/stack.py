@@ -80,22 +80,49 @@ class StackedPools:
         return self.router.shape[0]
 
 
+@dataclass
+class _Slab:
+    """The compiled path's storage on one module: room for ``capacity`` LoRAs at rank ``r`` (every LoRA's rows padded to
+    it), the first N of them every loaded slot's pool in :attr:`PoolStack.order` with no gap between them. The kernel
+    is given that live prefix (views), so it never sees the room; a load writes only its own pool's rows there and an
+    unload moves at most one pool (or the pools after it), instead of copying every loaded adapter again."""
+
+    router: torch.Tensor  # [capacity, D] float32
+    a: torch.Tensor  # [capacity * r, D] in the pool dtype
+    bt: torch.Tensor  # [capacity * r, O]
+    r: int
+
+    @property
+    def capacity(self) -> int:
+        return self.router.shape[0]
+
+
 class PoolStack:
-    """The adapters loaded on one module, by slot id. Mutated only between steps (by the engine)."""
+    """The adapters loaded on one module, by slot id. Mutated only between steps (by the engine).
+
+    ``order``: the slots in the order of their LoRAs' global ids, shared by the compiled path's stack, the torch path's
+    and the selection counters. A new slot goes last; a removed one's place is taken by the last slot where that has as
+    many LoRAs (one pool moved), else the slots after it close up.
+    """
 
     def __init__(self) -> None:
         self.slots: dict[int, SlotWeights] = {}
+        self.order: list[int] = []
         self.fused: StackedPools | None = None  # torch path: mixed small batches, CUDA graphs
-        self.cpu: StackedPools | None = None  # compiled CPU kernel
+        self.cpu: StackedPools | None = None  # compiled CPU kernel (views of the slab's live rows)
+        self._slab: _Slab | None = None
         self._raw: dict[int, tuple] = {}  # slot -> (A, B, router, model dtype) as given
         self._torch_ready = False
-        # every slot's selection counters in one buffer (slots in ascending id, then one spare entry that absorbs the
-        # "no LoRA" ids of the torch path); each SlotWeights.counts is a view of its range
+        self.reserve = 0  # LoRAs the compiled path's slab makes room for at once (the engine: max adapters x n)
+        # every slot's selection counters in one buffer (by global id, then one spare entry that absorbs the "no LoRA"
+        # ids of the torch path); each SlotWeights.counts is a view of its range
         self.counts = torch.zeros(1, dtype=torch.int64)
 
     def add(self, slot: int, A: torch.Tensor, B: torch.Tensor, router: torch.Tensor, k: int, omega: float,
-            dtype: torch.dtype | None = None) -> None:
-        """A [n, r, D], B [n, O, r], router [n, D]; ``dtype``: the model's (default A's), for the torch path.
+            dtype: torch.dtype | None = None, reserve: int = 0, rows: tuple | None = None) -> None:
+        """A [n, r, D], B [n, O, r], router [n, D]; ``dtype``: the model's (default A's), for the torch path;
+        ``reserve``: LoRAs to make room for in the compiled path's slab when it is (re)allocated; ``rows``: what
+        :meth:`kernel_rows` gives for these pools (laid out beforehand, e.g. off the engine's thread), else made here.
 
         Pass the pools in float32 even for a lower-precision model: each path rounds its own copy once (the
         compiled CPU path keeps a bfloat16 model's A and B in bfloat16 - what ``remix.load_adapter`` gives that
@@ -103,29 +130,49 @@ class PoolStack:
         torch path's layouts are built on first use, so a CPU serving through the compiled kernel holds
         only the adapter's tensors and one stacked copy.
         """
+        if slot in self._raw:
+            self.remove(slot)
         n = A.shape[0]
+        old = self.offsets()
         self.slots[slot] = SlotWeights(None, None, n, k, omega, torch.zeros(n, dtype=torch.int64, device=A.device))
         self._raw[slot] = (A, B, router, dtype or A.dtype)
-        self._rebuild()
+        self.order.append(slot)
+        self.reserve = max(self.reserve, reserve)
+        self._changed(old, new=slot, rows=rows)
 
     def remove(self, slot: int) -> None:
-        self.slots.pop(slot, None)
-        self._raw.pop(slot, None)
-        self._rebuild()
+        if slot not in self._raw:
+            return
+        old = self.offsets()
+        i, last = self.order.index(slot), self.order[-1]
+        if last != slot and self.slots[last].n == self.slots[slot].n:
+            self.order[i] = last  # (the last pool takes its place: one pool moved)
+            self.order.pop()
+        else:
+            self.order.pop(i)  # (the pools after it close up)
+        self.slots.pop(slot)
+        self._raw.pop(slot)
+        self._changed(old)
 
-    def _rebuild(self) -> None:
+    def offsets(self) -> dict[int, int]:
+        """slot -> the global id of its first LoRA (in :attr:`order`)."""
+        out, at = {}, 0
+        for s in self.order:
+            out[s], at = at, at + self.slots[s].n
+        return out
+
+    def _changed(self, old: dict[int, int], new: int | None = None, rows: tuple | None = None) -> None:
         global _generation
         _generation += 1
-        ids = sorted(self._raw)
-        device = self._raw[ids[0]][0].device if ids else self.counts.device
-        self.counts = torch.cat([self.slots[s].counts.to(device) for s in ids]
+        device = self._raw[self.order[0]][0].device if self.order else self.counts.device
+        self.counts = torch.cat([self.slots[s].counts.to(device) for s in self.order]
                                 + [torch.zeros(1, dtype=torch.int64, device=device)])  # keep what was counted so far
         off = 0
-        for s in ids:
+        for s in self.order:
             w = self.slots[s]
             w.counts = self.counts[off : off + w.n]
             off += w.n
-        self._rebuild_cpu()
+        self._update_cpu(old, new, rows)
         self.fused, self._torch_ready = None, False
 
     def ensure_torch(self) -> None:
@@ -141,66 +188,128 @@ class PoolStack:
         if not self._raw:
             return
         dtype = next(iter(self._raw.values()))[3]
-        self.fused = self._stack_all(dtype, compact=True)
+        self.fused = self._stack_all(dtype)
         self.fused.pa = torch.cat([self.fused.router, self.fused.a], 0).contiguous()
         if dtype != torch.float32:  # route on float32 logits, as DESIGN §1 requires
-            self.fused.router32 = torch.cat([self._raw[s][2].float() for s in sorted(self._raw)]).contiguous()
+            self.fused.router32 = torch.cat([self._raw[s][2].float() for s in self.order]).contiguous()
 
-    def _rebuild_cpu(self) -> None:
+    @staticmethod
+    def kernel_rows(A: torch.Tensor, B: torch.Tensor, router: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The rows the compiled path's slab keeps of one pool for a model of ``dtype``, at the pool's own rank: its
+        router (float32), A and B^T in the kernel's pool dtype, [n, D], [n*r, D], [n*r, O]; None where that path
+        does not apply (not a CPU, the kernels not built)."""
+        if A.device.type != "cpu" or cpu_ext.load() is None:
+            return None
+        pool = cpu_ext.pool_dtype(dtype)
+        return (router.to(torch.float32).contiguous(), flatten_a(A.to(pool)).contiguous(),
+                flatten_b_t(B.to(pool)).contiguous())
+
+    def _rows(self, slot: int, dtype: torch.dtype, r: int,
+              given: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One slot's router (float32), A and B^T rows in ``dtype`` padded to rank ``r``: [n, D], [n*r, D], [n*r, O]
+        (from ``given``, its :meth:`kernel_rows`, where they are in ``dtype``)."""
+        A, B, router, _ = self._raw[slot]
+        n, own = A.shape[0], A.shape[1]
+        if given is not None and given[1].dtype == dtype:
+            if own == r:
+                return given
+            a, bt = given[1].view(n, own, -1), given[2].view(n, own, -1)
+            return given[0], flatten_a(F.pad(a, (0, 0, 0, r - own))), flatten_a(F.pad(bt, (0, 0, 0, r - own)))
+        pad = r - own
+        return (router.to(torch.float32), flatten_a(F.pad(A.to(dtype), (0, 0, 0, pad))),
+                flatten_b_t(F.pad(B.to(dtype), (0, pad))))
+
+    def _update_cpu(self, old: dict[int, int], new: int | None, rows: tuple | None) -> None:
+        """Bring the compiled path's slab to :attr:`order`: the new slot's rows written after the others, a removed
+        slot's place filled by moving the pools after it; a new slab (every pool copied, or converted where the padded
+        rank or the dtype changed) only where the room runs out, the padded rank changes, or 3/4 of the room is
+        unused. A and B in the kernel's pool dtype (bfloat16 for a bfloat16 model); routers float32 (DESIGN §1).
+
+        (Every load and unload had stacked every loaded pool again: a decoding request's longest gap between tokens
+        while an adapter loaded was 0.26-0.27 s with eight adapters loaded and 0.59-0.70 s with 24, against 0.06 and
+        0.08 s now, its median gap 0.03 s: scripts/ab_adapter_load.py --preload 7 / 23.)"""
         if not self._raw or next(iter(self._raw.values()))[0].device.type != "cpu" or cpu_ext.load() is None:
-            self.cpu = None
+            self._slab, self.cpu = None, None
             return
-        # A and B in the kernel's pool dtype (bfloat16 for a bfloat16 model); routers float32 (DESIGN §1). The slots
-        # the last stack held are copied from it as they are, so an adapter's load or unload converts its own pools
-        # only (converting every loaded one again had held a running request's next token 0.52-0.56 s with eight
-        # adapters loaded, against 0.19-0.23 s now: scripts/ab_adapter_load.py --preload 7)
-        previous, self.cpu = self.cpu, None
-        self.cpu = self._stack_all(cpu_ext.pool_dtype(next(iter(self._raw.values()))[3]), router_dtype=torch.float32,
-                                   previous=previous)
-        self.cpu.counts = self.counts[:-1]  # [N], contiguous: the kernel adds each selection into it
+        dtype = cpu_ext.pool_dtype(next(iter(self._raw.values()))[3])
+        r = max(A.shape[1] for A, *_ in self._raw.values())
+        offsets = self.offsets()
+        need = sum(self.slots[s].n for s in self.order)
+        slab = self._slab
+        keep = slab is not None and slab.a.dtype == dtype and slab.r == r  # its rows are valid as they stand
+        cap = slab.capacity if slab is not None else 0
+        if not keep or need > cap or cap > max(self.reserve, 4 * need):
+            # room: twice the last where it ran out, twice what is used where 3/4 lay unused, else what is needed -
+            # and never less than the reserve (pages of it that are never written take no memory)
+            size = max(need, self.reserve, (2 * cap if need > cap else 2 * need) if keep else 0)
+            A0, B0, _, _ = next(iter(self._raw.values()))
+            D, O, device = A0.shape[2], B0.shape[1], A0.device
+            fresh = _Slab(torch.empty(size, D, device=device), torch.empty(size * r, D, dtype=dtype, device=device),
+                          torch.empty(size * r, O, dtype=dtype, device=device), r)
+            for s in self.order:
+                if keep and s in old and s != new:  # (copied as it stands: the values a conversion gives)
+                    self._put(fresh, offsets[s], *self._take(slab, old[s], self.slots[s].n))
+                else:
+                    self._put(fresh, offsets[s], *self._rows(s, dtype, r, rows if s == new else None))
+            self._slab = slab = fresh
+        else:
+            for s in self.order:  # (in place: those that moved, then the new one)
+                if s == new:
+                    self._put(slab, offsets[s], *self._rows(s, dtype, r, rows))
+                elif old[s] != offsets[s]:
+                    self._put(slab, offsets[s], *(t.clone() for t in self._take(slab, old[s], self.slots[s].n)))
+        view = self._layout(offsets, dtype, r, compact=False)
+        view.router, view.a, view.bt = slab.router[:need], slab.a[: need * r], slab.bt[: need * r]
+        view.counts = self.counts[:-1]  # [N], contiguous: the kernel adds each selection into it
+        self.cpu = view
 
-    def _stack_all(self, dtype: torch.dtype, router_dtype: torch.dtype | None = None, compact: bool = False,
-                   previous: StackedPools | None = None) -> StackedPools:
-        """Every slot's pool in ``dtype`` (its router in ``router_dtype``, default the same), stacked by ascending slot
-        id, ranks padded to the largest - or, ``compact`` (the torch path's GEMMs), each LoRA's rows at its own rank,
-        LoRA after LoRA (``cols``: the LoRA of each row; None where every rank is the same, the layouts then equal).
-        ``previous``: a stack built the same way (dtypes, padded rank); the slots it holds are copied from it (the
-        same values a conversion gives) and only the others converted."""
-        ids = sorted(self._raw)
-        r_max = max(self._raw[s][0].shape[1] for s in ids)
-        reuse = (previous is not None and not compact and previous.r == r_max and previous.a.dtype == dtype
-                 and previous.router.dtype == (router_dtype or dtype))
-        routers, As, Bs, off, total, ranks = [], [], [], {}, 0, []
-        for s in ids:
-            A, B, router, _ = self._raw[s]
-            off[s], total = total, total + A.shape[0]
-            ranks += [A.shape[1]] * A.shape[0]
-            if reuse and s in previous.offsets:  # (rows r_max a LoRA there too)
-                o, n = previous.offsets[s], A.shape[0]
-                routers.append(previous.router[o : o + n])
-                As.append(previous.a[o * r_max : (o + n) * r_max])
-                Bs.append(previous.bt[o * r_max : (o + n) * r_max])
-                continue
-            routers.append(router.to(router_dtype or dtype))
-            pad = 0 if compact else r_max - A.shape[1]
-            As.append(flatten_a(F.pad(A.to(dtype), (0, 0, 0, pad))))  # [n * (r_max or r), D]
-            Bs.append(flatten_b_t(F.pad(B.to(dtype), (0, pad))))  # [n * (r_max or r), O]
-        device = As[0].device
+    @staticmethod
+    def _take(slab: _Slab, off: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return slab.router[off : off + n], slab.a[off * slab.r : (off + n) * slab.r], slab.bt[off * slab.r : (off + n) * slab.r]
+
+    @staticmethod
+    def _put(slab: _Slab, off: int, router: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> None:
+        n = router.shape[0]
+        slab.router[off : off + n].copy_(router)
+        slab.a[off * slab.r : (off + n) * slab.r].copy_(a)
+        slab.bt[off * slab.r : (off + n) * slab.r].copy_(bt)
+
+    def _layout(self, offsets: dict[int, int], dtype: torch.dtype, r: int, compact: bool) -> StackedPools:
+        """A :class:`StackedPools` of :attr:`order` without its tensors: the routing tables by slot id, the global
+        offsets, each LoRA's rank (None where all are r), and, ``compact``, each row's LoRA."""
+        ids = self.order
+        device = self._raw[ids[0]][0].device
+        ranks = [self._raw[s][0].shape[1] for s in ids for _ in range(self.slots[s].n)]
         size = max(ids) + 1
         col = lambda f, kind=torch.int64: torch.tensor(  # noqa: E731
             [f(s) if s in self.slots else 0 for s in range(size)], dtype=kind, device=device)
+        kmax = max(self.slots[s].k for s in ids)
+        empty = torch.empty(0)
         return StackedPools(
-            router=torch.cat(routers).contiguous(), a=torch.cat(As).contiguous(),
-            bt=torch.cat(Bs).contiguous(), r=r_max, kmax=max(self.slots[s].k for s in ids),
-            tables=(col(lambda s: off[s]), col(lambda s: self.slots[s].n), col(lambda s: self.slots[s].k),
+            router=empty, a=empty, bt=empty, r=r, kmax=kmax,
+            tables=(col(lambda s: offsets[s]), col(lambda s: self.slots[s].n), col(lambda s: self.slots[s].k),
                     col(lambda s: self.slots[s].omega, torch.float32)),
-            offsets=off,
-            ranks=None if min(ranks) == r_max else torch.tensor(ranks, dtype=torch.int64, device=device),
-            cols=None if not compact or min(ranks) == r_max else torch.repeat_interleave(
-                torch.arange(total, device=device), torch.tensor(ranks, device=device)),
-            layout=(dtype, device, total, max(self.slots[s].k for s in ids),
-                    *((s, off[s], self.slots[s].n, self.slots[s].k, self.slots[s].omega) for s in ids)),
+            offsets=dict(offsets),
+            ranks=None if min(ranks) == r else torch.tensor(ranks, dtype=torch.int64, device=device),
+            cols=None if not compact or min(ranks) == r else torch.repeat_interleave(
+                torch.arange(len(ranks), device=device), torch.tensor(ranks, device=device)),
+            layout=(dtype, device, len(ranks), kmax,
+                    *((s, offsets[s], self.slots[s].n, self.slots[s].k, self.slots[s].omega) for s in ids)),
         )
+
+    def _stack_all(self, dtype: torch.dtype) -> StackedPools:
+        """The torch path's stack: every slot's pool in ``dtype`` (routers too), in :attr:`order`, each LoRA's rows at
+        its own rank, LoRA after LoRA (``cols``: the LoRA of each row; None where every rank is the same)."""
+        routers, As, Bs = [], [], []
+        for s in self.order:
+            A, B, router, _ = self._raw[s]
+            routers.append(router.to(dtype))
+            As.append(flatten_a(A.to(dtype)))  # [n * r_s, D]
+            Bs.append(flatten_b_t(B.to(dtype)))  # [n * r_s, O]
+        f = self._layout(self.offsets(), dtype, max(A.shape[1] for A, *_ in self._raw.values()), compact=True)
+        f.router, f.a, f.bt = torch.cat(routers).contiguous(), torch.cat(As).contiguous(), torch.cat(Bs).contiguous()
+        return f
 
 
 @dataclass

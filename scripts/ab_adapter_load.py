@@ -2,11 +2,16 @@
 
     python scripts/ab_adapter_load.py [--preload N] [--rounds R]
 
-"new": the adapter is read and checked on the caller's thread and the engine thread only stacks it, copying the slots
-its last stack held; "old" (the 54th session's starting point, emulated here): the whole load on the engine thread,
-every slot converted again. Both alternate in one process on the default base (bfloat16) with the demo adapter
-(runs/demo/adapter) loaded ``1 + N`` times first; a greedy request decodes throughout. Prints, per mode and round, the
-load's and the unload's wall time and the longest and the median gap between the request's tokens."""
+"new": the adapter is read, checked and laid out on the caller's thread; the engine thread writes its pools into the
+room each module's stack keeps (an unload moves at most the pools after it). Two earlier ways, emulated here:
+"s54" (the 55th session's starting point): read and checked on the caller's thread, then on the engine thread its pools
+converted and every module's stack made anew, copying every loaded adapter's pools; "s53" (the 54th session's
+starting point): the whole load on the engine thread, every loaded adapter's pools converted again. The three alternate
+in one process on the default base (bfloat16) with the demo adapter (runs/demo/adapter) loaded ``1 + N`` times first; a
+greedy request decodes throughout. Each mode's measured load follows an unmeasured load and unload in that mode (so
+the new way's stacks have the room an earlier load made, as a server has after its first run-time load or from its
+--max-adapters). Prints, per mode and round, the load's and the unload's wall time and the longest
+and the median gap between the request's tokens."""
 
 import argparse
 import statistics
@@ -33,18 +38,33 @@ def main() -> None:
     for j in range(1 + args.preload):
         engine.load_adapter(f"pre{j}", ADAPTER)
     engine.start()
-    new_rebuild, new_load = stack_module.PoolStack._rebuild_cpu, Engine.load_adapter
+    new_update, new_load, new_rows = (stack_module.PoolStack._update_cpu, Engine.load_adapter,
+                                      stack_module.PoolStack.kernel_rows)
+    no_rows = staticmethod(lambda A, B, router, dtype: None)  # (laid out on the engine thread, in _update_cpu)
 
-    def old_rebuild(self):
-        self.cpu = None  # (no previous stack to copy from: every slot converted again)
-        new_rebuild(self)
+    def s53_update(self, old, new, rows):
+        self._slab = None  # (nothing kept: every pool converted again, into a stack just large enough)
+        new_update(self, old, new, None)
 
-    def old_load(self, name, path, check_fingerprint=True):
+    def s54_update(self, old, new, rows):
+        new_update(self, old, new, None)  # (the new pool converted here, on the engine thread)
+        slab = self._slab
+        if slab is not None:  # every pool copied into a stack just large enough, as torch.cat made it
+            n = self.cpu.num_loras
+            self._slab = stack_module._Slab(slab.router[:n].clone(), slab.a[: n * slab.r].clone(),
+                                            slab.bt[: n * slab.r].clone(), slab.r)
+            self.cpu.router, self.cpu.a, self.cpu.bt = self._slab.router, self._slab.a, self._slab.bt
+
+    def s53_load(self, name, path, check_fingerprint=True):
         return self.call(self.registry.load, name, path, check_fingerprint)
 
+    modes = {"s53": (s53_update, s53_load, no_rows), "s54": (s54_update, new_load, no_rows),
+             "new": (new_update, new_load, staticmethod(new_rows))}
+
     def measure(mode: str, i: int) -> tuple:
-        stack_module.PoolStack._rebuild_cpu = new_rebuild if mode == "new" else old_rebuild
-        Engine.load_adapter = new_load if mode == "new" else old_load
+        stack_module.PoolStack._update_cpu, Engine.load_adapter, stack_module.PoolStack.kernel_rows = modes[mode]
+        engine.load_adapter(f"w{mode}{i}", ADAPTER)  # (unmeasured: the stacks as this mode leaves them, room included)
+        engine.unload_adapter(f"w{mode}{i}")
         times, done = [], threading.Event()
 
         def on_event(e):
@@ -69,13 +89,14 @@ def main() -> None:
         gaps = [b - a for a, b in zip(times, times[1:])]
         return load, unload, max(gaps), statistics.median(gaps)
 
-    rows = {"old": [], "new": []}
+    rows = {mode: [] for mode in modes}
     try:
         for i in range(args.rounds):
-            for mode in ("old", "new"):
+            for mode in modes:
                 rows[mode].append(measure(mode, i))
     finally:
-        stack_module.PoolStack._rebuild_cpu, Engine.load_adapter = new_rebuild, new_load
+        stack_module.PoolStack._update_cpu, Engine.load_adapter = new_update, new_load
+        stack_module.PoolStack.kernel_rows = staticmethod(new_rows)
         engine.stop()
     print(f"{1 + args.preload} adapters loaded before; seconds per round")
     for mode, r in rows.items():

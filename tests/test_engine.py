@@ -273,6 +273,44 @@ def test_threaded_engine_and_live_adapter_unload(tmp_path, device):
         engine.stop()
 
 
+def test_adapters_coming_and_going_keep_every_output(tmp_path):
+    """Loads and unloads in any order leave every adapter's greedy text as it was (a pool moved to fill a gap is the
+    same pool); a load takes the lowest free slot, and with --max-adapters the modules' stacks made room for that many
+    at the first load, so later loads write into it instead of stacking every loaded pool again."""
+    model, tok = lively_tiny()
+    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=4, max_adapters=3))
+    paths = {name: str(make_adapter(lively_tiny()[0], tmp_path / name, seed=seed))
+             for name, seed in [("a", 3), ("b", 4), ("c", 5), ("d", 6)]}
+    ids = tok(PROMPTS[3]).input_ids
+
+    def text(name):
+        return tokens_of(collect(engine, GenerationRequest(f"{name}{len(engine.registry.adapters)}", ids, greedy(12),
+                                                           adapter=name)))
+
+    want = {}
+    for name in "abcd":  # each alone first
+        engine.load_adapter(name, paths[name])
+        want[name] = text(name)
+        engine.unload_adapter(name)
+    assert len({tuple(t) for t in want.values()}) == 4  # four different adapters: the comparisons mean something
+    stack = next(iter(engine.runner.stacked.values())).stack
+    for name in "abc":
+        engine.load_adapter(name, paths[name])
+    room = stack._slab.a.data_ptr() if stack._slab is not None else None
+    if room is not None:
+        assert stack._slab.capacity == 3 * 4  # three adapters of four LoRAs
+    engine.unload_adapter("a")  # c's pool moves into a's place
+    engine.load_adapter("d", paths["d"])
+    assert {n: a.slot for n, a in engine.registry.adapters.items()} == {"b": 1, "c": 2, "d": 0}
+    engine.unload_adapter("b")
+    engine.load_adapter("a", paths["a"])
+    assert {n: a.slot for n, a in engine.registry.adapters.items()} == {"c": 2, "d": 0, "a": 1}
+    for name in "cda":
+        assert text(name) == want[name], name
+    if room is not None:
+        assert stack._slab.a.data_ptr() == room
+
+
 def test_queued_requests_of_an_unloading_adapter(tmp_path):
     """A request still waiting when its adapter is unloaded runs first (each of its n choices), then the adapter goes;
     one whose adapter is gone when its turn comes ends with an error event for each choice (the HTTP layer waits for

@@ -266,28 +266,32 @@ def test_bfloat16_base_rows_of_a_mixed_batch_are_the_plain_gemm(T):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_load_or_unload_copies_the_other_slots_and_equals_a_fresh_stack(dtype):
-    """The compiled path's stack after adds and removes (each copying the slots the last stack held, converting only
-    the new one) is the stack built afresh from the same slots, bit for bit; a new adapter of a larger rank (more
-    padding for all) rebuilds everything, and equals a fresh stack too."""
+def test_a_load_or_unload_moves_at_most_one_pool_and_equals_a_fresh_stack(dtype):
+    """The compiled path's stack after adds and removes is the stack built afresh from the same slots in the same order,
+    bit for bit, and the kernel gives every token the same output from both. A load converts and writes only its own
+    pool, into room the slab keeps; an unload moves the last pool into the gap where it has as many LoRAs, else closes
+    up the pools after it; a new adapter of a larger rank (more padding for all) converts every pool again, as does
+    the unload of the only one of the largest rank. Room runs out -> twice as much; 3/4 of it unused -> half."""
     from remix.kernels import cpu_ext
     from remix.stack import PoolStack
 
     if cpu_ext.load() is None:
         pytest.skip("the compiled CPU kernels are not built here")
     g = torch.Generator().manual_seed(0)
+    d, o = 24, 16
 
-    def pool(n, r, d=24, o=16):
+    def pool(n, r):
         return (torch.randn(n, r, d, generator=g), torch.randn(n, o, r, generator=g), torch.randn(n, d, generator=g))
 
-    pools = {0: (pool(4, 4), 2), 1: (pool(6, 2), 3), 2: (pool(1, 4), 1), 3: (pool(3, 4), 2), 4: (pool(2, 8), 1)}
+    pools = {0: (pool(4, 4), 2), 1: (pool(6, 2), 3), 2: (pool(4, 4), 1), 3: (pool(3, 4), 2), 4: (pool(2, 8), 1),
+             5: (pool(4, 2), 2)}
 
-    def fresh(slots):
+    def fresh(order):
         stack = PoolStack()
-        for s in slots:
+        for s in order:
             (A, B, router), k = pools[s]
             stack.add(s, A, B, router, k, 0.5, dtype=dtype)
-        return stack.cpu
+        return stack
 
     def same(a, b):
         assert a.r == b.r and a.kmax == b.kmax and a.offsets == b.offsets and a.layout == b.layout
@@ -295,22 +299,69 @@ def test_a_load_or_unload_copies_the_other_slots_and_equals_a_fresh_stack(dtype)
             assert x.dtype == y.dtype and torch.equal(x, y)
         assert (a.ranks is None) == (b.ranks is None) and (a.ranks is None or torch.equal(a.ranks, b.ranks))
 
+    def run(stack, x, slots):
+        y = torch.zeros(x.shape[0], o, dtype=x.dtype)
+        c = stack.cpu
+        cpu_ext.load().route_gather_(x, y, c.router, c.a, c.bt, slots, *c.tables, c.r, c.kmax, cpu_ext.NONE,
+                                     cpu_ext.NONE if c.ranks is None else c.ranks)
+        return y
+
     import remix.stack as stack_module
 
-    converted = []
-    real = stack_module.flatten_a
-    stack_module.flatten_a = lambda A: converted.append(A.shape[0]) or real(A)
+    converted, moved = [], []
+    real_flatten, real_put = stack_module.flatten_a, PoolStack._put
+    stack_module.flatten_a = lambda A: converted.append(A.shape[0]) or real_flatten(A)
+    PoolStack._put = staticmethod(lambda slab, off, router, a, bt: moved.append(router.shape[0])
+                                  or real_put(slab, off, router, a, bt))
+    x = torch.randn(40, d, generator=g).to(dtype)
     try:
         stack = PoolStack()
-        for kind, s, conversions in [("add", 0, 1), ("add", 1, 1), ("add", 2, 1), ("remove", 1, 0), ("add", 3, 1),
-                                     ("remove", 0, 0), ("add", 4, 3), ("remove", 2, 0)]:
+        steps = [  # (kind, slot, pools converted, LoRAs written, order after, room after)
+            ("add", 0, 1, 4, [0], 4),
+            ("add", 1, 1, 10, [0, 1], 10),  # room for 4 runs out: room for 10, slot 0 copied
+            ("add", 2, 1, 14, [0, 1, 2], 20),  # twice the room
+            ("remove", 0, 0, 4, [2, 1], 20),  # slot 2 (4 LoRAs, as slot 0) moves into slot 0's place
+            ("add", 3, 1, 3, [2, 1, 3], 20),  # only its own pool written
+            ("remove", 1, 0, 3, [2, 3], 20),  # no pool of 6 last: slot 3 closes up
+            ("remove", 2, 0, 3, [3], 6),  # 3 LoRAs in room for 20: room for twice that, slot 3 copied
+            ("add", 4, 2, 5, [3, 4], 5),  # rank 8: a new slab, every pool converted
+            ("add", 5, 1, 9, [3, 4, 5], 10),
+            ("remove", 4, 2, 7, [3, 5], 7),  # the only rank-8 pool: rank 4 again, every pool converted
+            ("remove", 3, 1, 4, [5], 4),  # slot 5's rank 2 the largest left: converted again, unpadded
+        ]
+        for kind, s, conversions, written, order, room in steps:
             converted.clear()
+            moved.clear()
             if kind == "add":
                 (A, B, router), k = pools[s]
                 stack.add(s, A, B, router, k, 0.5, dtype=dtype)
             else:
                 stack.remove(s)
-            assert len(converted) == conversions, (kind, s, converted)  # slot 4's rank 8 re-pads all three
-            same(stack.cpu, fresh(sorted(stack.slots)))
+            step = (kind, s)
+            assert len(converted) == conversions and sum(moved) == written, (step, converted, moved)
+            assert stack.order == order and stack._slab.capacity == room, (step, stack.order, stack._slab.capacity)
+            want = fresh(order)
+            same(stack.cpu, want.cpu)
+            slots = torch.tensor([order[t % len(order)] for t in range(x.shape[0])])
+            assert torch.equal(run(stack, x, slots), run(want, x, slots)), step
+        stack.remove(5)
+        assert stack.cpu is None and stack._slab is None and stack.order == []
     finally:
-        stack_module.flatten_a = real
+        stack_module.flatten_a = real_flatten
+        PoolStack._put = staticmethod(real_put)
+
+
+def test_a_reserve_makes_room_for_that_many_loras_at_once():
+    from remix.kernels import cpu_ext
+    from remix.stack import PoolStack
+
+    if cpu_ext.load() is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    stack = PoolStack()
+    for slot in range(5):
+        stack.add(slot, torch.randn(4, 2, 8), torch.randn(4, 6, 2), torch.randn(4, 8), 2, 1.0, reserve=4 * 5)
+        assert stack._slab.capacity == 20  # the first load made room for all five: no slab after it was replaced
+    ptr = stack._slab.a.data_ptr()
+    for slot in range(4):
+        stack.remove(slot)
+    assert stack._slab.a.data_ptr() == ptr and stack.cpu.num_loras == 4  # never below the reserve

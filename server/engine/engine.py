@@ -142,6 +142,7 @@ class Engine:
         self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder,
                                   cuda_graphs=cfg.cuda_graphs, kv_dtype=kv_dtype, batch_invariant=cfg.batch_invariant)
         self.registry = AdapterRegistry(self.runner)
+        self.registry.reserve = self.config.max_adapters
         self.num_slots = slots
         self.slot_seq: list[Sequence | None] = [None] * slots
         self.prefix = PrefixIndex(slots) if cfg.prefix_caching else None

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from remix.adapter import AdapterError, validate_adapter
+from remix.stack import PoolStack
 from server.engine.runner import ModelRunner
 
 SERVABLE = ("remix", "lora")  # weighted routers (softmax-topk, dense) need their weights; not served
@@ -31,40 +32,48 @@ class AdapterRegistry:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self.adapters: dict[str, LoadedAdapter] = {}
-        self._next_slot = 0
+        self.reserve = 0  # adapters each module's pool stack makes room for at once (the engine's max_adapters)
 
     def load(self, name: str, path: str | Path, check_fingerprint: bool = True) -> LoadedAdapter:
         """Validate and stack an adapter; raises AdapterError listing every problem (nothing changes then)."""
         return self.install(name, path, self.prepare(path, check_fingerprint))
 
     def prepare(self, path: str | Path, check_fingerprint: bool = True) -> tuple:
-        """Read and validate an adapter (AdapterError lists every problem): the part of a load that touches nothing
-        the engine's steps use, so it runs on the caller's thread while the engine goes on."""
+        """Read and validate an adapter (AdapterError lists every problem) and lay out its pools as the modules keep
+        them: the part of a load that touches nothing the engine's steps use, so it runs on the caller's thread while
+        the engine goes on."""
         config, mix, tensors = validate_adapter(self.runner.model, path, check_fingerprint)
         if mix.router not in SERVABLE:
             raise AdapterError(path, [f"router {mix.router!r} is not served (only {', '.join(SERVABLE)}): its "
                                       "learned routing weights have no place in the constant-weight kernel"])
-        return config, mix, tensors
-
-    def install(self, name: str, path: str | Path, prepared: tuple) -> LoadedAdapter:
-        """Stack a prepared adapter into the modules' pools (between steps: the engine thread)."""
-        if name in self.adapters:
-            raise AdapterError(path, [f"an adapter named {name!r} is already loaded"])
-        config, mix, tensors = prepared
-        modules = list(config["modules"])
-        self.runner.ensure_wrapped(modules)
-        slot = self._next_slot
-        self._next_slot += 1
-        dtype, device = self.runner.dtype, self.runner.device
-        omega = float(config.get("omega_value") or mix.omega_value())
-        for module in modules:
+        # (on the CPU, converted here; a GPU's copies are left to the engine's thread, where no graph is being captured)
+        device, pools = (self.runner.device if self.runner.device.type == "cpu" else torch.device("cpu")), {}
+        for module in config["modules"]:
             A = tensors[f"{module}.lora_A"].to(device=device, dtype=torch.float32)
             B = tensors[f"{module}.lora_B"].to(device=device, dtype=torch.float32)
             router = tensors.get(f"{module}.router")
             if router is None:  # plain LoRA: a pool of one, always selected
                 router = torch.zeros(1, A.shape[2])
-            self.runner.stacked[module].stack.add(slot, A, B, router.to(device=device, dtype=torch.float32),
-                                                  mix.k if mix.router == "remix" else 1, omega, dtype=dtype)
+            router = router.to(device=device, dtype=torch.float32)
+            pools[module] = (A, B, router, PoolStack.kernel_rows(A, B, router, self.runner.dtype))
+        return config, mix, pools
+
+    def install(self, name: str, path: str | Path, prepared: tuple) -> LoadedAdapter:
+        """Stack a prepared adapter into the modules' pools (between steps: the engine thread)."""
+        if name in self.adapters:
+            raise AdapterError(path, [f"an adapter named {name!r} is already loaded"])
+        config, mix, pools = prepared
+        modules = list(config["modules"])
+        self.runner.ensure_wrapped(modules)
+        used = {a.slot for a in self.adapters.values()}
+        slot = next(s for s in range(len(used) + 1) if s not in used)  # (the lowest free: the kernels' slot tables
+        # stay as long as the most adapters loaded at once, however many have come and gone)
+        omega = float(config.get("omega_value") or mix.omega_value())
+        for module in modules:
+            A, B, router, rows = (t if t is None or isinstance(t, tuple) else t.to(self.runner.device)
+                                  for t in pools[module])
+            self.runner.stacked[module].stack.add(slot, A, B, router, mix.k if mix.router == "remix" else 1, omega,
+                                                  dtype=self.runner.dtype, reserve=self.reserve * A.shape[0], rows=rows)
         loaded = LoadedAdapter(name, str(path), slot, config, modules,
                                info={"format": config.get("training", {}).get("converted_from", "remix"),
                                      "router": mix.router, "n": mix.n, "k": mix.k, "r": mix.r, "omega": omega})
