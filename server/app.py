@@ -189,7 +189,7 @@ def create_app(state: ServerState) -> FastAPI:
         if name == state.base_name:
             return None
         adapter = state.engine.registry.adapters.get(name)
-        if adapter is not None and not adapter.unloading:
+        if adapter is not None and not adapter.unloading and not adapter.giving_way:
             return name
         path = lazy_path(name)
         if path is None:
@@ -199,8 +199,9 @@ def create_app(state: ServerState) -> FastAPI:
         return name
 
     async def ensure_loaded(name: str, path: str, request: Request | None = None) -> None:
-        """Load an adapter of the folder; where every adapter that could give way is in use, wait (up to
-        LAZY_WAIT_S, while the client stays) for one to finish, then a 429."""
+        """Load an adapter of the folder; where every adapter that could make room is in use, wait (up to
+        LAZY_WAIT_S, while the client stays) while the least recently used gives way (Engine._want_room), then a 429.
+        A request for an adapter that is giving way waits here too, for its turn to be loaded again."""
         deadline = time.monotonic() + LAZY_WAIT_S
         while True:
             try:

@@ -68,6 +68,9 @@ class EngineCollector:
         yield GaugeMetricFamily("remix_kv_cache_slots_used", "Cache slots held by running sequences.", value=s["slots_used"])
         yield GaugeMetricFamily("remix_kv_cache_slots", "Cache slots (sequences that can run at once).", value=s["slots"])
         yield GaugeMetricFamily("remix_adapters_loaded", "Adapters loaded.", value=s["adapters_loaded"])
+        yield GaugeMetricFamily("remix_adapters_giving_way", "Adapters loaded on demand that take no new requests "
+                                "until they are unloaded to make room for one that waits (--max-adapters).",
+                                value=s["adapters_giving_way"])
         yield CounterMetricFamily("remix_adapter_loads_on_demand", "Adapters of --adapter-dir loaded because a request "
                                   "named them (--lazy-adapters).", value=s["adapter_loads_on_demand"])
         yield CounterMetricFamily("remix_adapter_evictions", "Adapters loaded on demand that were unloaded, least "

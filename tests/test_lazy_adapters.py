@@ -50,7 +50,7 @@ def test_on_demand_adapters_give_way_least_recently_used_first(folder):
     for name in "bc":
         engine.submit(GenerationRequest(f"long-{name}", ids, greedy(40), adapter=name), lambda e: None)
     engine.step()
-    with pytest.raises(AdaptersBusy, match="none that was loaded on demand is idle"):
+    with pytest.raises(AdaptersBusy, match="the least recently used gives way once its requests finish"):
         engine.ensure_adapter("a", str(folder / "a"))
     assert AdaptersBusy.status == 429
     while engine.has_work():
@@ -59,6 +59,52 @@ def test_on_demand_adapters_give_way_least_recently_used_first(folder):
     stats = engine.stats()
     assert stats["slots_used"] == 0 and stats["adapters_loaded"] == 2
     assert (stats["adapter_loads_on_demand"], stats["adapter_evictions"]) == (5, 3)  # a, b, c, b again, a again; b, a, then c or b gave way
+
+
+def test_an_adapter_in_steady_use_gives_way_to_one_that_waits(folder, monkeypatch):
+    """--max-adapters 1, a in use: a request for b is refused for now, and a gives way - it takes no new requests
+    (those wait as b's does) while its running one finishes - then b loads. Then b, in use, gives way to a. Where the
+    waiter stops asking (ROOM_WANT_S), the adapter takes requests again. An adapter loaded by name never gives way."""
+    engine, tok = engine_with(cap=1)
+    ids = tok("The quick brown fox").input_ids
+    path = {name: str(folder / name) for name in "abc"}
+    engine.ensure_adapter("a", path["a"])
+    for first, second in (("a", "b"), ("b", "a")):
+        engine.submit(GenerationRequest(f"long-{first}", ids, greedy(12), adapter=first), lambda e: None)
+        engine.step()
+        read = []
+        real_prepare = engine.registry.prepare
+        monkeypatch.setattr(engine.registry, "prepare", lambda p, *a: read.append(p) or real_prepare(p, *a))
+        for _ in range(3):  # (a waiter asks again and again: nothing more gives way, nothing is read)
+            with pytest.raises(AdaptersBusy, match="gives way once its requests finish"):
+                engine.ensure_adapter(second, path[second])
+        assert read == [] and engine.registry.adapters[first].giving_way and engine.stats()["adapters_giving_way"] == 1
+        with pytest.raises(AdaptersBusy, match=f"the adapter '{first}' is giving way"):
+            engine.ensure_adapter(first, path[first])  # its own new requests wait too
+        while engine.has_work():
+            engine.step()
+        engine.ensure_adapter(second, path[second])  # it finished: it is unloaded, the other loaded
+        assert set(engine.registry.adapters) == {second} and read == [path[second]]
+        monkeypatch.undo()
+
+    engine.submit(GenerationRequest("long-a2", ids, greedy(12), adapter="a"), lambda e: None)
+    engine.step()
+    with pytest.raises(AdaptersBusy):
+        engine.ensure_adapter("c", path["c"])
+    assert engine.registry.adapters["a"].giving_way
+    engine._room_wanted = {name: 0.0 for name in engine._room_wanted}  # c's waiter stopped asking ROOM_WANT_S ago
+    engine.ensure_adapter("a", path["a"])  # nothing wants room any more: a takes requests again
+    assert not engine.registry.adapters["a"].giving_way
+    while engine.has_work():
+        engine.step()
+
+    pinned, _ = engine_with(cap=1)
+    pinned.load_adapter("a", path["a"])  # (by name: it stays)
+    pinned.submit(GenerationRequest("long", ids, greedy(12), adapter="a"), lambda e: None)
+    pinned.step()
+    with pytest.raises(AdaptersBusy, match="none of them loaded on demand"):
+        pinned.ensure_adapter("b", path["b"])
+    assert not pinned.registry.adapters["a"].giving_way
 
 
 def test_adapters_loaded_by_name_stay_and_on_demand_ones_give_way_to_them(folder):
@@ -187,3 +233,38 @@ def test_a_request_waits_for_room_then_gets_a_429_past_the_wait(client, monkeypa
         busy.clear()
         if want == 429:
             assert r.json()["error"]["code"] == "adapter_limit" and r.headers["retry-after"] == "1"
+
+
+def test_steady_traffic_to_one_adapter_does_not_starve_another(client, monkeypatch):
+    """--max-adapters 1 and three clients keeping a busy without a pause: a request for b used to wait its whole
+    wait for a moment with a idle, then got a 429; now a gives way, b answers well within the wait, and every one of
+    a's requests answers too (each waited for its turn)."""
+    import threading
+    import time
+
+    import server.app as app_module
+
+    monkeypatch.setattr(app_module, "LAZY_WAIT_S", 20.0)
+    body = {"prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    assert client.post("/v1/completions", json={"model": "a", **body}).status_code == 200
+    stop, statuses = threading.Event(), []
+
+    def keep_a_busy():
+        while not stop.is_set():
+            statuses.append(client.post("/v1/completions", json={"model": "a", **body}).status_code)
+
+    workers = [threading.Thread(target=keep_a_busy) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.5)
+        start = time.monotonic()
+        r = client.post("/v1/completions", json={"model": "b", **body, "max_tokens": 4})
+        took = time.monotonic() - start
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)
+    assert r.status_code == 200, r.text
+    assert took < 10, took
+    assert statuses and set(statuses) == {200}, statuses

@@ -731,7 +731,7 @@ def test_metrics_export_the_engines_huge_page_shares():
 
         def stats(self):
             return {"running": 0, "waiting": 0, "kv_usage": 0.0, "slots_used": 0, "slots": 4, "adapters_loaded": 0,
-                    "adapter_loads_on_demand": 0, "adapter_evictions": 0}
+                    "adapters_giving_way": 0, "adapter_loads_on_demand": 0, "adapter_evictions": 0}
 
     registry = CollectorRegistry()
     registry.register(EngineCollector(Stub({"weights": 1.0, "kv_cache": 0.25}, [0.6, 0.4])))

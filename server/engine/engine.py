@@ -79,6 +79,7 @@ class EngineStopped(EngineError):
 # why an accepted request ended with an error event (``Event.error_code``; its ``error`` says it in words)
 INTERNAL_ERROR = "internal_error"  # generating failed (the step, its sampling or emitting; the log has the traceback)
 INTERNAL_MESSAGE = "internal error while generating"
+ROOM_WANT_S = 2.0  # an adapter waiting for room (Engine._want_room) stops wanting it unless asked again within this
 ENGINE_STOPPED = EngineStopped.code  # the engine thread ended
 ADAPTER_GONE = UnknownAdapter.code  # its adapter was removed before it started
 
@@ -157,6 +158,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._loading = threading.Lock()  # adapter loads, one at a time
         self.adapter_events = {"loads_on_demand": 0, "evictions": 0}  # since start (Engine.ensure_adapter)
+        self._room_wanted: dict[str, float] = {}  # adapter to load on demand -> until when it waits for room (engine
+        # thread; see _want_room)
         self.stopped_by: str | None = None  # the error that ended the engine thread, if one did (then 503s)
         self._running = False
         self.accepting = True
@@ -258,39 +261,88 @@ class Engine:
     def ensure_adapter(self, name: str, path: str) -> None:
         """``name`` loaded from ``path`` unless it is already (on-demand loading: a request names an adapter of the
         server's folder). Where ``max_adapters`` are loaded, the least recently used on-demand adapter that no
-        running or waiting request uses (or one being unloaded) is unloaded first; AdaptersBusy where none is idle.
+        running or waiting request uses (or one being unloaded) is unloaded first. Where none is idle: AdaptersBusy,
+        and the least recently used on-demand adapter gives way (:meth:`_want_room`) so that the caller, asking again,
+        finds room once that one's running requests finish; while ``name`` itself gives way, AdaptersBusy too.
         AdapterError lists what is wrong with the adapter."""
         with self._loading:
             adapter = self.registry.adapters.get(name)
+            if adapter is not None and adapter.giving_way:
+                self.call(self._lift_giving_way)  # (where no adapter wants room any more, though no step ran since)
             if adapter is not None:
+                if adapter.giving_way:
+                    raise AdaptersBusy(f"the adapter {name!r} is giving way to another that waits for room "
+                                       f"(--max-adapters {self.config.max_adapters}); retry shortly")
                 if adapter.unloading:  # (being unloaded through the API: wanted again)
                     def revive():
                         adapter.unloading = False
                         adapter.last_used = time.monotonic()
                     self.call(revive)
                 return
+            self.call(self._want_room, name)  # (before reading it: a caller that waits for room reads nothing)
             prepared = self.registry.prepare(path)
 
             def install():
                 self._make_room()
                 loaded = self.registry.install(name, path, prepared)
                 loaded.evictable, loaded.last_used = True, time.monotonic()
+                self._room_wanted.pop(name, None)
                 self.adapter_events["loads_on_demand"] += 1
                 log.info("loaded adapter %s from %s on demand", name, path)
 
             self.call(install)
 
+    def _idle_adapters(self) -> list[LoadedAdapter]:
+        """Adapters that may be unloaded now to make room: loaded on demand (or being unloaded through the API), and
+        no running or waiting request uses them."""
+        with self._lock:
+            waiting = {r.adapter for r, _ in self.waiting}
+        return [a for a in self.registry.adapters.values()
+                if (a.evictable or a.unloading) and a.active <= 0 and a.name not in waiting]
+
+    def _want_room(self, name: str) -> None:
+        """(Engine thread.) Return where ``name`` could be loaded now; else note that it wants room (for
+        ROOM_WANT_S, renewed as its waiter asks again), make as many on-demand adapters give way as adapters want
+        room (the least recently used first: they take no new requests, their running ones finish, then they are
+        idle), and raise AdaptersBusy. Without this, steady traffic to the loaded adapters kept every one of them in
+        use, and a request for another waited its whole 30 s for a 429."""
+        cap = self.config.max_adapters
+        if not cap or len(self.registry.adapters) < cap or self._idle_adapters():
+            return
+        now = time.monotonic()
+        self._room_wanted[name] = now + ROOM_WANT_S
+        self._room_wanted = {k: t for k, t in self._room_wanted.items() if t > now}
+        giving = [a for a in self.registry.adapters.values() if a.giving_way]
+        candidates = sorted((a for a in self.registry.adapters.values() if a.evictable and not a.giving_way),
+                            key=lambda a: a.last_used)
+        for a in candidates[: max(0, len(self._room_wanted) - len(giving))]:
+            a.giving_way = True
+            log.info("adapter %s gives way: %d adapters are loaded (--max-adapters %d) and another waits for room",
+                     a.name, len(self.registry.adapters), cap)
+        if not candidates and not giving:
+            raise AdaptersBusy(f"{len(self.registry.adapters)} adapters are loaded (--max-adapters {cap}), none of "
+                               "them loaded on demand, so none can make room; retry later")
+        raise AdaptersBusy(f"{len(self.registry.adapters)} adapters are loaded (--max-adapters {cap}) and those that "
+                           "can make room are in use: the least recently used gives way once its requests finish; "
+                           "retry shortly")
+
+    def _lift_giving_way(self) -> None:
+        """(Each step, while an adapter gives way.) Once no adapter wants room any more (its waiters gave up), those
+        giving way take requests again."""
+        now = time.monotonic()
+        self._room_wanted = {k: t for k, t in self._room_wanted.items() if t > now}
+        if not self._room_wanted:
+            for a in self.registry.adapters.values():
+                a.giving_way = False
+
     def _make_room(self) -> None:
         cap = self.config.max_adapters
         while cap and len(self.registry.adapters) >= cap:
-            with self._lock:
-                waiting = {r.adapter for r, _ in self.waiting}
-            idle = [a for a in self.registry.adapters.values()  # (one being unloaded through the API may go now)
-                    if (a.evictable or a.unloading) and a.active <= 0 and a.name not in waiting]
+            idle = self._idle_adapters()  # (one being unloaded through the API may go now)
             if not idle:
                 raise AdaptersBusy(f"{len(self.registry.adapters)} adapters are loaded (--max-adapters {cap}) and none "
                                    "that was loaded on demand is idle to make room; retry later")
-            victim = min(idle, key=lambda a: a.last_used)
+            victim = min(idle, key=lambda a: (not a.giving_way, a.last_used))  # (one giving way first)
             self.registry.remove(victim.name)
             self.adapter_events["evictions"] += 1
             if self.prefix is not None:
@@ -340,6 +392,7 @@ class Engine:
                 "kv_tokens_used": used, "kv_tokens_capacity": capacity, "kv_usage": used / capacity, "steps": self.steps,
                 "prefix_caching": self.prefix is not None, "batch_invariant": self.config.batch_invariant,
                 "adapters_loaded": len(self.registry.adapters),
+                "adapters_giving_way": sum(a.giving_way for a in list(self.registry.adapters.values())),
                 **{f"adapter_{k}": v for k, v in self.adapter_events.items()},
                 **({f"prefix_cache_{k}": v for k, v in self.prefix.stats().items()} if self.prefix is not None else {}),
                 **({f"spec_{k}": v for k, v in self.spec_totals.items()} if self.config.num_speculative_tokens else {}),
@@ -491,6 +544,8 @@ class Engine:
                           "draft_tokens": drafted, "accepted_tokens": accepted}
         self._arrange()
         self._reap_adapters()
+        if self._room_wanted:
+            self._lift_giving_way()
         self.steps += 1
 
     def _apply_cancels(self) -> None:

@@ -26,6 +26,8 @@ class LoadedAdapter:
     info: dict = field(default_factory=dict)
     evictable: bool = False  # loaded on demand (Engine.ensure_adapter): unloaded when idle to make room for another
     last_used: float = 0.0  # time.monotonic() of its load or its latest request (the least recent is evicted first)
+    giving_way: bool = False  # on demand, chosen to make room for another that waits: takes no new requests (the
+    # HTTP layer holds them as it holds the other's) until its running ones finish and it is unloaded
 
 
 class AdapterRegistry:
