@@ -154,6 +154,13 @@ class PoolStack:
         self._raw.pop(slot)
         self._changed(old)
 
+    def make_room(self, loras: int) -> None:
+        """Room for ``loras`` LoRAs in the compiled path's slab from now on (copying what it holds once, where it has
+        less): the loads that follow, up to that many, write only their own pools."""
+        self.reserve = max(self.reserve, loras)
+        if self._slab is not None and self._slab.capacity < loras:
+            self._changed(self.offsets())  # (the slab made again at the reserve: every pool copied, none converted)
+
     def offsets(self) -> dict[int, int]:
         """slot -> the global id of its first LoRA (in :attr:`order`)."""
         out, at = {}, 0
@@ -223,8 +230,8 @@ class PoolStack:
     def _update_cpu(self, old: dict[int, int], new: int | None, rows: tuple | None) -> None:
         """Bring the compiled path's slab to :attr:`order`: the new slot's rows written after the others, a removed
         slot's place filled by moving the pools after it; a new slab (every pool copied, or converted where the padded
-        rank or the dtype changed) only where the room runs out, the padded rank changes, or 3/4 of the room is
-        unused. A and B in the kernel's pool dtype (bfloat16 for a bfloat16 model); routers float32 (DESIGN §1).
+        rank or the dtype changed) only where the room runs out or is less than the reserve, the padded rank changes,
+        or 3/4 of the room is unused. A and B in the kernel's pool dtype (bfloat16 for a bfloat16 model); routers float32 (DESIGN §1).
 
         (Every load and unload had stacked every loaded pool again: a decoding request's longest gap between tokens
         while an adapter loaded was 0.26-0.27 s with eight adapters loaded and 0.59-0.70 s with 24, against 0.06 and
@@ -239,7 +246,7 @@ class PoolStack:
         slab = self._slab
         keep = slab is not None and slab.a.dtype == dtype and slab.r == r  # its rows are valid as they stand
         cap = slab.capacity if slab is not None else 0
-        if not keep or need > cap or cap > max(self.reserve, 4 * need):
+        if not keep or need > cap or cap < self.reserve or cap > max(self.reserve, 4 * need):
             # room: twice the last where it ran out, twice what is used where 3/4 lay unused, else what is needed -
             # and never less than the reserve (pages of it that are never written take no memory)
             size = max(need, self.reserve, (2 * cap if need > cap else 2 * need) if keep else 0)

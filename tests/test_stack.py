@@ -365,3 +365,12 @@ def test_a_reserve_makes_room_for_that_many_loras_at_once():
     for slot in range(4):
         stack.remove(slot)
     assert stack._slab.a.data_ptr() == ptr and stack.cpu.num_loras == 4  # never below the reserve
+    stack.make_room(10)  # less than it has: nothing changes
+    assert stack._slab.a.data_ptr() == ptr
+    before = stack.cpu
+    stack.make_room(40)
+    assert stack._slab.capacity == 40 and torch.equal(stack.cpu.a, before.a) and torch.equal(stack.cpu.bt, before.bt)
+    ptr = stack._slab.a.data_ptr()
+    for slot in range(9):
+        stack.add(10 + slot, torch.randn(4, 2, 8), torch.randn(4, 6, 2), torch.randn(4, 8), 2, 1.0)
+    assert stack._slab.a.data_ptr() == ptr and stack.cpu.num_loras == 40

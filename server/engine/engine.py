@@ -427,6 +427,11 @@ class Engine:
                          time.perf_counter() - start)
 
     def start(self) -> None:
+        if not self.config.max_adapters:  # room for as many adapters again as start with, made now, before requests
+            # run: the loads that follow write only their own pools (past it, a load copies every loaded pool once as
+            # the room doubles; --max-adapters makes room for all at the first load)
+            for module in self.runner.stacked.values():
+                module.stack.make_room(2 * sum(w.n for w in module.stack.slots.values()))
         self.warm_up()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="remix-engine", daemon=True)
