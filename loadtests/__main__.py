@@ -51,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
     p.add_argument("--adapters", default="demo", help="comma-separated model names to spread requests over")
-    p.add_argument("--adapter-mode", choices=("random", "round-robin"), default="round-robin",
-                   help="how requests take the names of --adapters")
+    p.add_argument("--adapter-mode", choices=("random", "round-robin", "zipf"), default="round-robin",
+                   help="how requests take the names of --adapters: in turn, uniformly at random, or zipf (the j-th "
+                        "name with probability proportional to 1 / j^--zipf-exponent: a few popular adapters and a "
+                        "long tail, as many-adapter servers see)")
+    p.add_argument("--zipf-exponent", type=float, default=1.0, help="with --adapter-mode zipf: how steeply popularity "
+                                                                    "falls along --adapters (0: uniform)")
     p.add_argument("--stream", type=parse_bool, default=True, help="stream the responses (true / false)")
     p.add_argument("--slo", type=parse_slo, default={}, help="goodput thresholds in seconds, e.g. ttft=2,itl=0.5")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts, arrivals and adapter choices")
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     results, elapsed = asyncio.run(run_load(
         args.url, args.api_key, args.rate, args.concurrency, args.num_requests, args.duration, prompts,
         (args.output_tokens, args.output_spread), adapters, args.adapter_mode, args.stream, args.burstiness, args.seed, args.timeout, progress,
-        request_fields(args.prompts_file), {"temperature": args.temperature, "top_p": args.top_p}))
+        request_fields(args.prompts_file), {"temperature": args.temperature, "top_p": args.top_p}, args.zipf_exponent))
     if not args.quiet and live:
         print(file=sys.stderr)
     summary = summarize(results, elapsed, args.slo)

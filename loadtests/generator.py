@@ -149,12 +149,28 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
         result.error = f"{type(e).__name__}: {e}"[:200]
 
 
+def adapter_picker(adapters: list[str], mode: str, rng: random.Random, zipf_exponent: float = 1.0):
+    """The model of request i: ``round-robin``, uniformly ``random``, or ``zipf``: the j-th name (from 1) with
+    probability proportional to 1 / j^zipf_exponent - a few popular adapters and a long tail, the traffic S-LoRA's and
+    Punica's many-adapter evaluations draw (a server loading adapters on demand then swaps the tail in and out)."""
+    if mode == "round-robin":
+        return lambda i: adapters[i % len(adapters)]
+    if mode == "random":
+        return lambda i: rng.choice(adapters)
+    if mode != "zipf":
+        raise ValueError(f"adapter mode {mode!r}: round-robin, random or zipf")
+    weights = [1.0 / (j + 1) ** zipf_exponent for j in range(len(adapters))]
+    return lambda i: rng.choices(adapters, weights)[0]
+
+
 async def run_load(url: str, api_key: str | None, rate: float | None, concurrency: int | None, num_requests: int,
                    duration: float, prompts: list[str], output_tokens: int | tuple[int, float], adapters: list[str], adapter_mode: str,
                    stream: bool, burstiness: float, seed: int, timeout: float, progress=None,
-                   fields: list[dict] | None = None, sampling: dict | None = None) -> tuple[list[Result], float]:
+                   fields: list[dict] | None = None, sampling: dict | None = None,
+                   zipf_exponent: float = 1.0) -> tuple[list[Result], float]:
     """sampling: the requests' temperature / top_p (default greedy); a prompts file's fields override it per row."""
     rng = random.Random(seed)
+    pick = adapter_picker(adapters, adapter_mode, rng, zipf_exponent)
     mean_out, spread = output_tokens if isinstance(output_tokens, tuple) else (output_tokens, 0.0)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     endpoint = url.rstrip("/") + "/v1/completions"
@@ -166,7 +182,7 @@ async def run_load(url: str, api_key: str | None, rate: float | None, concurrenc
         sem = asyncio.Semaphore(concurrency) if concurrency else None
 
         async def launch(i: int) -> None:
-            adapter = adapters[i % len(adapters)] if adapter_mode == "round-robin" else rng.choice(adapters)
+            adapter = pick(i)
             max_tokens = max(1, round(rng.uniform(mean_out * (1 - spread), mean_out * (1 + spread))))
             body = {"model": adapter, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                     "temperature": 0.0, "ignore_eos": True, "stream": stream, **(sampling or {})}
@@ -231,4 +247,6 @@ def input_problems(args: argparse.Namespace) -> list[str]:
         out.append(f"--top-p must be in (0, 1], got {args.top_p}")
     if not any(args.adapters.split(",")):
         out.append("--adapters names no model")
+    if given("zipf_exponent") and not args.zipf_exponent >= 0:
+        out.append(f"--zipf-exponent must be >= 0, got {args.zipf_exponent}")
     return out

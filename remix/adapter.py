@@ -162,13 +162,14 @@ def _config_problems(config: dict[str, Any]) -> tuple[list[str], MixtureConfig |
 
 
 def validate_adapter(
-    model: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True
+    model: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True, base_fingerprint: str | None = None
 ) -> tuple[dict[str, Any], MixtureConfig, dict[str, torch.Tensor]]:
     """Check an adapter directory against its config and against ``model``; return its parts.
 
     Every problem found (config fields, modules missing from the base or of the wrong size, a
     different base fingerprint, missing / unexpected tensors, wrong shapes or dtypes, an unreadable
-    weights file) goes into one AdapterError.
+    weights file) goes into one AdapterError. ``base_fingerprint``: ``fingerprint(model)`` where the caller holds it
+    (a server: its frozen base's, taken once), else it is taken here where the adapter has one to check.
     """
     path = Path(path)
     config = read_config(path)
@@ -195,7 +196,7 @@ def validate_adapter(
                 f"[{module.in_features}, {module.out_features}]"
             )
     expected_print = (config.get("base_model") or {}).get("fingerprint")
-    actual_print = fingerprint(model) if check_fingerprint and expected_print else None
+    actual_print = (base_fingerprint or fingerprint(model)) if check_fingerprint and expected_print else None
     if actual_print is not None and expected_print != actual_print:
         problems.append(
             f"base_model: trained on {config['base_model'].get('name')!r} with fingerprint {expected_print}, "

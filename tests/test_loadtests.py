@@ -82,16 +82,38 @@ def test_capacity_procedure(server, tmp_path):
     assert (tmp_path / "cap" / "capacity.md").read_text().count("|") > 20
 
 
+def test_zipf_adapters_fall_off_as_one_over_rank():
+    """--adapter-mode zipf: over 30,000 picks, the j-th of four names comes up with probability (1/j) / H where
+    H = 1 + 1/2 + 1/3 + 1/4 = 25/12, i.e. 0.48, 0.24, 0.16, 0.12 (each within 0.01: ~4 standard errors of the largest
+    share, sqrt(0.48 * 0.52 / 30000) = 0.0029); exponent 0 is uniform; round-robin and random as before."""
+    import collections
+    import random
+
+    from loadtests.generator import adapter_picker
+
+    names = ["a", "b", "c", "d"]
+    for exponent, want in ((1.0, [12 / 25, 6 / 25, 4 / 25, 3 / 25]), (0.0, [0.25] * 4)):
+        pick = adapter_picker(names, "zipf", random.Random(0), exponent)
+        counts = collections.Counter(pick(i) for i in range(30000))
+        for name, p in zip(names, want):
+            assert abs(counts[name] / 30000 - p) < 0.01, (exponent, name, counts)
+    assert [adapter_picker(names, "round-robin", random.Random(0))(i) for i in range(6)] == names + names[:2]
+    rng = random.Random(5)
+    assert adapter_picker(names, "random", random.Random(5))(0) == rng.choice(names)
+    with pytest.raises(ValueError, match="round-robin, random or zipf"):
+        adapter_picker(names, "popular", random.Random(0))
+
+
 def test_bad_arguments():
     assert run(["--url", "ftp://x", "--num-requests", "1"]).returncode == 2
     assert run(["--url", "http://127.0.0.1:9", "--num-requests", "0"]).returncode == 2
     # every bad flag named at once, before any request is sent (a concurrency of 0 had meant 1)
     res = run(["--url", "http://127.0.0.1:9", "--concurrency", "0", "--prompt-spread", "2", "--top-p", "0",
-               "--timeout", "0", "--adapters", ","])
+               "--timeout", "0", "--adapters", ",", "--zipf-exponent", "-1"])
     assert res.returncode == 2 and "sent" not in res.stderr
     for line in ("--timeout must be > 0, got 0.0", "--concurrency must be at least 1, got 0",
                  "--prompt-spread must be in [0, 1], got 2.0", "--top-p must be in (0, 1], got 0.0",
-                 "--adapters names no model"):
+                 "--adapters names no model", "--zipf-exponent must be >= 0, got -1.0"):
         assert line in res.stderr
     # the capacity procedure takes the same checks, and refuses a sweep that would never end
     res = subprocess.run([sys.executable, "-m", "loadtests.capacity", "--growth", "1", "--start-rate", "0", "--top-p", "2"],

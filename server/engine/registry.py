@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from remix.adapter import AdapterError, validate_adapter
+from remix.models.loading import fingerprint
 from remix.stack import PoolStack
 from server.engine.runner import ModelRunner
 
@@ -35,6 +36,9 @@ class AdapterRegistry:
         self.runner = runner
         self.adapters: dict[str, LoadedAdapter] = {}
         self.reserve = 0  # adapters each module's pool stack makes room for at once (the engine's max_adapters)
+        # the frozen base's, taken once: a load then reads none of the model's weights (on a GPU, none of its memory
+        # from the loading thread, while the engine's may be capturing a CUDA graph)
+        self.fingerprint = fingerprint(runner.model)
 
     def load(self, name: str, path: str | Path, check_fingerprint: bool = True) -> LoadedAdapter:
         """Validate and stack an adapter; raises AdapterError listing every problem (nothing changes then)."""
@@ -44,7 +48,7 @@ class AdapterRegistry:
         """Read and validate an adapter (AdapterError lists every problem) and lay out its pools as the modules keep
         them: the part of a load that touches nothing the engine's steps use, so it runs on the caller's thread while
         the engine goes on."""
-        config, mix, tensors = validate_adapter(self.runner.model, path, check_fingerprint)
+        config, mix, tensors = validate_adapter(self.runner.model, path, check_fingerprint, self.fingerprint)
         if mix.router not in SERVABLE:
             raise AdapterError(path, [f"router {mix.router!r} is not served (only {', '.join(SERVABLE)}): its "
                                       "learned routing weights have no place in the constant-weight kernel"])
