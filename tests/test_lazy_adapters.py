@@ -50,7 +50,7 @@ def test_on_demand_adapters_give_way_least_recently_used_first(folder):
     for name in "bc":
         engine.submit(GenerationRequest(f"long-{name}", ids, greedy(40), adapter=name), lambda e: None)
     engine.step()
-    with pytest.raises(AdaptersBusy, match="the least recently used gives way once its requests finish"):
+    with pytest.raises(AdaptersBusy, match="the least recently used gives way \(after 1 s\) once its requests finish"):
         engine.ensure_adapter("a", str(folder / "a"))
     assert AdaptersBusy.status == 429
     while engine.has_work():
@@ -65,6 +65,9 @@ def test_an_adapter_in_steady_use_gives_way_to_one_that_waits(folder, monkeypatc
     """--max-adapters 1, a in use: a request for b is refused for now, and a gives way - it takes no new requests
     (those wait as b's does) while its running one finishes - then b loads. Then b, in use, gives way to a. Where the
     waiter stops asking (ROOM_WANT_S), the adapter takes requests again. An adapter loaded by name never gives way."""
+    import server.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "GIVE_WAY_AFTER_S", 0.0)  # (the grace is checked below)
     engine, tok = engine_with(cap=1)
     ids = tok("The quick brown fox").input_ids
     path = {name: str(folder / name) for name in "abc"}
@@ -76,7 +79,7 @@ def test_an_adapter_in_steady_use_gives_way_to_one_that_waits(folder, monkeypatc
         real_prepare = engine.registry.prepare
         monkeypatch.setattr(engine.registry, "prepare", lambda p, *a: read.append(p) or real_prepare(p, *a))
         for _ in range(3):  # (a waiter asks again and again: nothing more gives way, nothing is read)
-            with pytest.raises(AdaptersBusy, match="gives way once its requests finish"):
+            with pytest.raises(AdaptersBusy, match="once its requests finish"):
                 engine.ensure_adapter(second, path[second])
         assert read == [] and engine.registry.adapters[first].giving_way and engine.stats()["adapters_giving_way"] == 1
         with pytest.raises(AdaptersBusy, match=f"the adapter '{first}' is giving way"):
@@ -85,18 +88,27 @@ def test_an_adapter_in_steady_use_gives_way_to_one_that_waits(folder, monkeypatc
             engine.step()
         engine.ensure_adapter(second, path[second])  # it finished: it is unloaded, the other loaded
         assert set(engine.registry.adapters) == {second} and read == [path[second]]
-        monkeypatch.undo()
+        monkeypatch.setattr(engine.registry, "prepare", real_prepare)
 
     engine.submit(GenerationRequest("long-a2", ids, greedy(12), adapter="a"), lambda e: None)
     engine.step()
     with pytest.raises(AdaptersBusy):
         engine.ensure_adapter("c", path["c"])
     assert engine.registry.adapters["a"].giving_way
-    engine._room_wanted = {name: 0.0 for name in engine._room_wanted}  # c's waiter stopped asking ROOM_WANT_S ago
+    engine._room_wanted = {name: (0.0, 0.0) for name in engine._room_wanted}  # c's waiter stopped asking long ago
     engine.ensure_adapter("a", path["a"])  # nothing wants room any more: a takes requests again
+    assert not engine.registry.adapters["a"].giving_way
+
+    # the grace: a waiter makes another give way only once it has waited GIVE_WAY_AFTER_S for one to fall idle
+    monkeypatch.setattr(engine_module, "GIVE_WAY_AFTER_S", 30.0)
+    for _ in range(2):
+        with pytest.raises(AdaptersBusy, match="gives way \\(after 30 s\\)"):
+            engine.ensure_adapter("c", path["c"])
     assert not engine.registry.adapters["a"].giving_way
     while engine.has_work():
         engine.step()
+    engine.ensure_adapter("c", path["c"])  # a fell idle within the grace: it went, nothing waited on it
+    assert set(engine.registry.adapters) == {"c"}
 
     pinned, _ = engine_with(cap=1)
     pinned.load_adapter("a", path["a"])  # (by name: it stays)

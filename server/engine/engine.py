@@ -80,6 +80,7 @@ class EngineStopped(EngineError):
 INTERNAL_ERROR = "internal_error"  # generating failed (the step, its sampling or emitting; the log has the traceback)
 INTERNAL_MESSAGE = "internal error while generating"
 ROOM_WANT_S = 2.0  # an adapter waiting for room (Engine._want_room) stops wanting it unless asked again within this
+GIVE_WAY_AFTER_S = 1.0  # ... and makes another give way only once it has waited this long for one to fall idle
 ENGINE_STOPPED = EngineStopped.code  # the engine thread ended
 ADAPTER_GONE = UnknownAdapter.code  # its adapter was removed before it started
 
@@ -158,8 +159,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._loading = threading.Lock()  # adapter loads, one at a time
         self.adapter_events = {"loads_on_demand": 0, "evictions": 0}  # since start (Engine.ensure_adapter)
-        self._room_wanted: dict[str, float] = {}  # adapter to load on demand -> until when it waits for room (engine
-        # thread; see _want_room)
+        self._room_wanted: dict[str, tuple[float, float]] = {}  # adapter to load on demand -> (since when, until
+        # when) it waits for room (engine thread; see _want_room)
         self.stopped_by: str | None = None  # the error that ended the engine thread, if one did (then 503s)
         self._running = False
         self.accepting = True
@@ -301,21 +302,29 @@ class Engine:
                 if (a.evictable or a.unloading) and a.active <= 0 and a.name not in waiting]
 
     def _want_room(self, name: str) -> None:
-        """(Engine thread.) Return where ``name`` could be loaded now; else note that it wants room (for
-        ROOM_WANT_S, renewed as its waiter asks again), make as many on-demand adapters give way as adapters want
-        room (the least recently used first: they take no new requests, their running ones finish, then they are
-        idle), and raise AdaptersBusy. Without this, steady traffic to the loaded adapters kept every one of them in
-        use, and a request for another waited its whole 30 s for a 429."""
+        """(Engine thread.) Return where ``name`` could be loaded now (making room where an idle adapter can give
+        it); else note that it wants room (for
+        ROOM_WANT_S, renewed as its waiter asks again) and raise AdaptersBusy. Once an adapter has wanted room for
+        GIVE_WAY_AFTER_S with none falling idle, as many on-demand adapters give way as such adapters want room (the
+        least recently used first: they take no new requests, their running ones finish, then they are idle).
+        Without this, steady traffic to the loaded adapters kept every one of them in use, and a request for another
+        waited its whole 30 s for a 429; the grace spares the adapter that would give way where one falls idle anyway
+        (its new requests would wait for their turn)."""
         cap = self.config.max_adapters
-        if not cap or len(self.registry.adapters) < cap or self._idle_adapters():
+        if not cap or len(self.registry.adapters) < cap:
+            return
+        if self._idle_adapters():  # room made now, while one is idle, not after reading the adapter (by then a new
+            self._make_room()  # request may be using it again: a waiter had to find one idle twice)
             return
         now = time.monotonic()
-        self._room_wanted[name] = now + ROOM_WANT_S
-        self._room_wanted = {k: t for k, t in self._room_wanted.items() if t > now}
+        since = self._room_wanted.get(name, (now, 0.0))[0]
+        self._room_wanted[name] = (since, now + ROOM_WANT_S)
+        self._room_wanted = {k: w for k, w in self._room_wanted.items() if w[1] > now}
         giving = [a for a in self.registry.adapters.values() if a.giving_way]
         candidates = sorted((a for a in self.registry.adapters.values() if a.evictable and not a.giving_way),
                             key=lambda a: a.last_used)
-        for a in candidates[: max(0, len(self._room_wanted) - len(giving))]:
+        overdue = sum(now - w[0] >= GIVE_WAY_AFTER_S for w in self._room_wanted.values())
+        for a in candidates[: max(0, overdue - len(giving))]:
             a.giving_way = True
             log.info("adapter %s gives way: %d adapters are loaded (--max-adapters %d) and another waits for room",
                      a.name, len(self.registry.adapters), cap)
@@ -323,14 +332,14 @@ class Engine:
             raise AdaptersBusy(f"{len(self.registry.adapters)} adapters are loaded (--max-adapters {cap}), none of "
                                "them loaded on demand, so none can make room; retry later")
         raise AdaptersBusy(f"{len(self.registry.adapters)} adapters are loaded (--max-adapters {cap}) and those that "
-                           "can make room are in use: the least recently used gives way once its requests finish; "
-                           "retry shortly")
+                           "can make room are in use: the least recently used gives way (after "
+                           f"{GIVE_WAY_AFTER_S:g} s) once its requests finish; retry shortly")
 
     def _lift_giving_way(self) -> None:
         """(Each step, while an adapter gives way.) Once no adapter wants room any more (its waiters gave up), those
         giving way take requests again."""
         now = time.monotonic()
-        self._room_wanted = {k: t for k, t in self._room_wanted.items() if t > now}
+        self._room_wanted = {k: w for k, w in self._room_wanted.items() if w[1] > now}
         if not self._room_wanted:
             for a in self.registry.adapters.values():
                 a.giving_way = False
