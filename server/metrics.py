@@ -148,6 +148,8 @@ class RoutingCollector:
             for module, per_lora in modules.items():
                 old = base.get(adapter, {}).get(module) if base is not counts else None
                 delta = [c - o for c, o in zip(per_lora, old)] if old and base_time < now else per_lora
+                if min(delta, default=0) < 0:  # counted afresh since (another adapter loaded under this name)
+                    delta = per_lora
                 if sum(delta) > 0:
                     per_layer.setdefault(split_module(module)[0], []).append(selection_entropy(torch.tensor(delta))[1])
             for layer, values in per_layer.items():

@@ -280,3 +280,25 @@ def test_steady_traffic_to_one_adapter_does_not_starve_another(client, monkeypat
     assert r.status_code == 200, r.text
     assert took < 10, took
     assert statuses and set(statuses) == {200}, statuses
+
+
+def test_selection_counters_survive_an_adapter_going_and_coming_back(folder):
+    """An adapter unloaded (to make room, or through the API) and loaded again from the same path takes up its
+    selection counters where they stood: remix_lora_selections_total stays a counter under on-demand loading."""
+    engine, tok = engine_with(cap=1)
+    ids = tok("The quick brown fox").input_ids
+    engine.ensure_adapter("a", str(folder / "a"))
+    collect(engine, GenerationRequest("a1", ids, greedy(6), adapter="a"))
+    first = engine.registry.selection_counts()["a"]
+    total = sum(map(sum, first.values()))
+    assert total > 0
+    engine.ensure_adapter("b", str(folder / "b"))  # a gives way
+    assert "a" not in engine.registry.selection_counts()
+    engine.ensure_adapter("a", str(folder / "a"))
+    assert engine.registry.selection_counts()["a"] == first
+    collect(engine, GenerationRequest("a2", ids, greedy(6), adapter="a"))
+    again = engine.registry.selection_counts()["a"]
+    assert sum(map(sum, again.values())) == 2 * total  # (the same greedy request: the same selections again)
+    engine.unload_adapter("a")
+    engine.load_adapter("a", str(folder / "b"))  # another adapter under the name: counted afresh
+    assert sum(map(sum, engine.registry.selection_counts()["a"].values())) == 0

@@ -465,6 +465,28 @@ def test_metrics_count_k_selections_per_token(server, client):
         assert name in text, name
 
 
+def test_effective_loras_after_counters_start_again():
+    """Between two scrapes an adapter's counters start again (another adapter loaded under its name): the layer's
+    effective number of LoRAs comes from the new counts, not from differences of which some are negative."""
+    import math
+
+    from server.metrics import RoutingCollector
+
+    scrapes = iter([{"x": {"model.layers.0.mlp.up_proj": [10, 10, 0, 0]}},
+                    {"x": {"model.layers.0.mlp.up_proj": [12, 2, 4, 4]}}])
+
+    class Stub:
+        class registry:
+            selection_counts = staticmethod(lambda: next(scrapes))
+
+    collector = RoutingCollector(Stub(), window_s=60.0)
+    list(collector.collect())
+    families = {f.name: f for f in collector.collect()}
+    (sample,) = families["remix_effective_loras"].samples
+    shares = [c / 22 for c in (12, 2, 4, 4)]
+    assert sample.value == pytest.approx(math.exp(-sum(p * math.log(p) for p in shares)), rel=1e-5)
+
+
 def test_prefix_cache_in_usage_and_metrics(server, client):
     """A prompt sent again takes its whole blocks from the cache: OpenAI's usage.prompt_tokens_details.cached_tokens
     says how many, the same text comes back, and the prefix cache counters grow."""

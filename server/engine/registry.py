@@ -39,6 +39,8 @@ class AdapterRegistry:
         # the frozen base's, taken once: a load then reads none of the model's weights (on a GPU, none of its memory
         # from the loading thread, while the engine's may be capturing a CUDA graph)
         self.fingerprint = fingerprint(runner.model)
+        # (name, path) -> {module: selections per LoRA} of an adapter unloaded, taken up again if it is loaded again
+        self._retired: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
     def load(self, name: str, path: str | Path, check_fingerprint: bool = True) -> LoadedAdapter:
         """Validate and stack an adapter; raises AdapterError listing every problem (nothing changes then)."""
@@ -83,16 +85,27 @@ class AdapterRegistry:
         loaded = LoadedAdapter(name, str(path), slot, config, modules,
                                info={"format": config.get("training", {}).get("converted_from", "remix"),
                                      "router": mix.router, "n": mix.n, "k": mix.k, "r": mix.r, "omega": omega})
+        earlier = self._retired.pop((name, str(path)), None)
+        slots = {module: self.runner.stacked[module].stack.slots[slot] for module in modules}
+        if earlier is not None and earlier.keys() == slots.keys() and all(
+                earlier[m].shape == slots[m].counts.shape for m in modules):  # the same adapter loaded again: its
+            for module, counts in earlier.items():  # counters go on from where they stood
+                slots[module].counts.add_(counts.to(slots[module].counts.device))
         self.adapters[name] = loaded
         return loaded
 
     def remove(self, name: str) -> None:
         adapter = self.adapters.pop(name)
+        retired = {}
         for module in adapter.modules:
-            self.runner.stacked[module].stack.remove(adapter.slot)
+            stack = self.runner.stacked[module].stack
+            retired[module] = stack.slots[adapter.slot].counts.clone()
+            stack.remove(adapter.slot)
+        self._retired[(name, adapter.path)] = retired
 
     def selection_counts(self) -> dict[str, dict[str, list[int]]]:
-        """{adapter: {module: selections per LoRA}} since load. Safe to call from another thread."""
+        """{adapter: {module: selections per LoRA}} since the adapter was first loaded from its path (kept while it is
+        unloaded, so counters stay counters under on-demand loading). Safe to call from another thread."""
         adapters = list(self.adapters.items())
         where, parts = [], []
         for name, adapter in adapters:
