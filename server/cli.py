@@ -157,7 +157,7 @@ def load_settings(argv: list[str] | None = None) -> dict:
             and settings["base"] == "smollm2-135m-instruct"):  # the demo adapter was trained on the default base
         adapters["demo"] = str(DEMO_ADAPTER)
     settings["adapters"] = adapters
-    if settings["max_adapters"] and len(adapters) > settings["max_adapters"]:
+    if settings["max_adapters"] > 0 and len(adapters) > settings["max_adapters"]:  # (a negative one: refused below)
         raise SystemExit(f"error: {len(adapters)} adapters to serve (--adapter, --adapter-dir), but --max-adapters is "
                          f"{settings['max_adapters']}")
     served = settings["served_name"] or settings["base"]

@@ -57,7 +57,8 @@ def test_config_values_take_their_options_types_or_are_named(tmp_path):
     with pytest.raises(SystemExit, match="expected a mapping"):
         cli.load_settings(["--config", str(cfg)])
     for argv, said in ((["--port", "70000"], "--port must be at most 65535"), (["--kv-memory-gb", "0"], "--kv-memory-gb"),
-                       (["--drain-timeout", "-1"], "--drain-timeout"), (["--log-level", "loud"], "--log-level")):
+                       (["--drain-timeout", "-1"], "--drain-timeout"), (["--log-level", "loud"], "--log-level"),
+                       (["--max-adapters", "-1"], "--max-adapters must be >= 0, got -1")):
         with pytest.raises(SystemExit, match=said):
             cli.load_settings(argv + ["--base", "tiny"])
 
