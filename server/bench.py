@@ -2,7 +2,8 @@
 
     python -m server.bench --json out.json [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 128]
                            [--dtype auto|bfloat16|float32] [--device cpu|cuda|auto] [--repeats 2]
-                           [--kv-cache-dtype auto|int8] [--peft] [--temperature T --top-p P] [--max-batched-tokens N]
+                           [--kv-cache-dtype auto|int8] [--peft] [--peft-mixed N] [--temperature T --top-p P]
+                           [--max-batched-tokens N]
 
 On the default base (prompts of ~128 tokens, 128 new tokens, greedy - or, with --temperature, every contender
 sampling alike: HF generate with do_sample, the engine seeded per request -, prefill included) it measures:
@@ -14,6 +15,11 @@ sampling alike: HF generate with do_sample, the engine seeded per request -, pre
 and with --peft, a plain LoRA as peft saves it (r 16, alpha 32, on every linear of every layer, B random):
   hf_peft            HF generate on peft's PeftModel with that LoRA (what a peft user runs)
   engine_peft        our engine serving the same directory (read as a router-"lora" adapter)
+and with --peft-mixed N, N such LoRAs (other seeds), request i taking LoRA i mod N - many LoRAs in one batch, what
+S-LoRA and Punica serve:
+  hf_peft_mixed      HF generate on one PeftModel holding the N LoRAs, each row given its own by peft's mixed-batch
+                     inference (``adapter_names``: peft runs each layer's LoRA once per adapter on its rows)
+  engine_peft_mixed  our engine serving the same N directories, mixed in every batch
 at each concurrency, plus the engine's median decode-step time and the time of that step's weight GEMMs alone at the
 same batch (the floor on this machine: the faster of ATen's GEMMs and, on CPU, the compiled kernels' GEMM, which
 the engine runs), and prints/writes the ratios with their goals. On CPU the compiled decode stack also times its ops
@@ -121,21 +127,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_hf(model, prompts, new_tokens, sampling: dict | None = None, warm_tokens: int = 4) -> float:
+def bench_hf(model, prompts, new_tokens, sampling: dict | None = None, warm_tokens: int = 4,
+             adapter_names: list[str] | None = None) -> float:
     """Seconds for HF generate over the batch, after an untimed warm-up of ``warm_tokens`` new tokens at the same batch,
     as the engine gets one: whatever a library sets up on first use (cuBLAS handles and workspaces on CUDA, oneDNN
     primitives on CPU) is no part of serving. On CUDA the first round warms up with every new token (``main``): HF's
     cache grows by a concatenation a step, and the caching allocator met each new size first in the timed run (H200,
     bfloat16: HF generate 485 tok/s at 32 sequences in the first round, 1227 in the second, after a 4-token warm-up;
-    the engine's cache is allocated once)."""
+    the engine's cache is allocated once). ``adapter_names``: peft's mixed-batch inference, row i's LoRA named
+    ``adapter_names[i % len(adapter_names)]`` (as the engine's request i takes its adapter)."""
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, device=device)
+    mixed = {"adapter_names": [adapter_names[i % len(adapter_names)] for i in range(len(prompts))]} if adapter_names else {}
     with torch.inference_mode():
         for n in (min(warm_tokens, new_tokens), new_tokens):  # the warm-up, then the timed run
             synchronize(device)
             start = time.perf_counter()
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           pad_token_id=0, **hf_sampling(sampling))
+                           pad_token_id=0, **hf_sampling(sampling), **mixed)
             synchronize(device)
     return time.perf_counter() - start
 
@@ -383,6 +392,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling for every contender")
     ap.add_argument("--peft", action="store_true", help="also a peft LoRA: HF generate on peft's PeftModel against the "
                     "engine serving the same directory (needs peft)")
+    ap.add_argument("--peft-mixed", type=int, default=0, metavar="N",
+                    help="also N peft LoRAs mixed in every batch (request i takes LoRA i mod N): HF generate with "
+                         "peft's mixed-batch inference (adapter_names) against the engine serving the same directories")
     ap.add_argument("--repeats", type=int, default=2,
                     help="runs of every contender at each concurrency (all of them in rounds); the fastest is reported")
     ap.add_argument("--dtype", default="auto", choices=DTYPES,
@@ -398,6 +410,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats: must be at least 1")
+    if args.peft_mixed < 0 or args.peft_mixed == 1:
+        ap.error(f"--peft-mixed: 0 (off) or at least 2 LoRAs, got {args.peft_mixed}")
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
@@ -434,9 +448,14 @@ def main(argv=None) -> dict:
     if args.peft:
         peft_path = tmp / "peft"
         make_peft_adapter(remix.load_base(args.base)[0], peft_path)
+    mixed_paths = {f"p{i}": tmp / f"p{i}" for i in range(args.peft_mixed)}
+    for i, path in enumerate(mixed_paths.values()):
+        make_peft_adapter(remix.load_base(args.base)[0], path, seed=100 + i)
     engines = (("engine_base", [None]), ("engine_remix", ["a0"]), ("engine_4adapters", ["a0", "a1", "a2", "a3"]))
     if args.peft:
         engines += (("engine_peft", ["peft"]),)
+    if mixed_paths:
+        engines += (("engine_peft_mixed", list(mixed_paths)),)
     # one engine per contender, each on its own copy of the weights with the adapters its requests name loaded (as a
     # server of those adapters has them; with the rank-16 peft LoRA loaded in all of them, the ReMix adapters' pools
     # had been padded to rank 16 until the kernels learned to skip a padded rank), stepped in turn
@@ -455,6 +474,9 @@ def main(argv=None) -> dict:
                 engine.load_adapter(f"a{i}", str(path))
         if "peft" in adapters:
             engine.load_adapter("peft", str(peft_path))
+        for name_, path in mixed_paths.items():
+            if name_ in adapters:
+                engine.load_adapter(name_, str(path))
         engine.warm_up()  # CUDA: capture the decode graphs now, as the server does when it starts
         contenders[name] = (engine, adapters)
     # each engine's weights and KV cache on transparent huge pages (CPU): where the kernel finds too few free 2 MiB frames
@@ -481,6 +503,15 @@ def main(argv=None) -> dict:
 
         peers["hf_peft"] = PeftModel.from_pretrained(remix.load_base(args.base, dtype=dtype, device=device)[0],
                                                      str(peft_path)).eval()
+    if mixed_paths:
+        from peft import PeftModel
+
+        first, *others = mixed_paths.items()
+        pm = PeftModel.from_pretrained(remix.load_base(args.base, dtype=dtype, device=device)[0], str(first[1]),
+                                       adapter_name=first[0])
+        for name_, path in others:
+            pm.load_adapter(str(path), adapter_name=name_)
+        peers["hf_peft_mixed"] = pm.eval()
     results, rounds_of = {}, {}  # rounds_of[c][name]: every round's (wall, decode step or None), for the ratios
     for c in levels:
         prompts = prompts_of(tok, c, args.prompt_tokens)
@@ -516,7 +547,8 @@ def main(argv=None) -> dict:
                   + f"  (run {rep + 1})", flush=True)
             for name, model_ in peers.items():
                 warm = args.new_tokens if device.type == "cuda" and rep == 0 else 4
-                wall = bench_hf(model_, prompts, args.new_tokens, sampling, warm_tokens=warm)
+                wall = bench_hf(model_, prompts, args.new_tokens, sampling, warm_tokens=warm,
+                                adapter_names=list(mixed_paths) if name == "hf_peft_mixed" else None)
                 runs.setdefault(name, []).append((wall, None))
                 print(f"c={c:<3} {name:18s} {tokens / wall:8.1f} tok/s  (run {rep + 1})", flush=True)
         for name, got in runs.items():
@@ -579,12 +611,16 @@ def main(argv=None) -> dict:
         if "hf_peft" in rounds_of[c]:
             ratio(f"engine_peft_over_hf_peft@{c}", over(c, "engine_peft", "hf_peft"), None, 0, c)
             ratio(f"engine_peft_over_engine_base@{c}", over(c, "engine_peft", "engine_base"), None, 0, c)
+        if "hf_peft_mixed" in rounds_of[c]:
+            ratio(f"engine_peft_mixed_over_hf_peft_mixed@{c}", over(c, "engine_peft_mixed", "hf_peft_mixed"), None, 0, c)
+            ratio(f"engine_peft_mixed_over_engine_base@{c}", over(c, "engine_peft_mixed", "engine_base"), None, 0, c)
     if 1 in results:  # the batch-1 goal only where batch 1 was measured (--concurrency 32 alone reported it from 32)
         ratio("engine_remix_bs1_over_hf_generate_bs1", over(1, "engine_remix", "hf_generate"), ">=", 2.0, 1)
     for name, g in goals.items():
         print(f"goal {name:45s} {g['value']:7.3f} (goal {g['goal']}) {'met' if g['met'] else 'NOT met'}")
     out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
-                      "kv_cache_dtype": args.kv_cache_dtype, "sampling": sampling or "greedy", "peft_targets": PEFT_TARGETS if args.peft else None,
+                      "kv_cache_dtype": args.kv_cache_dtype, "sampling": sampling or "greedy", "peft_targets": PEFT_TARGETS if args.peft or args.peft_mixed else None,
+                      "peft_mixed_loras": args.peft_mixed,
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                       "max_batched_tokens": engine.config.max_batched_tokens,
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_ext.cpu_model(),
@@ -620,7 +656,8 @@ def markdown(out: dict) -> str:
     """The README's tables: tokens/s per contender and concurrency, decode step against its GEMM floor, the ratios."""
     names = [("hf_generate", "HF generate"), ("hf_loop", "HF + per-expert loop adapter"), ("engine_base", "engine, base"),
              ("engine_remix", "engine, 1 ReMix adapter"), ("engine_4adapters", "engine, 4 adapters mixed"),
-             ("hf_peft", "HF + peft LoRA"), ("engine_peft", "engine, same peft LoRA")]
+             ("hf_peft", "HF + peft LoRA"), ("engine_peft", "engine, same peft LoRA"),
+             ("hf_peft_mixed", "HF + peft, LoRAs mixed"), ("engine_peft_mixed", "engine, same LoRAs mixed")]
     present = [(k, label) for k, label in names if any(k in row for row in out["results"].values())]
     lines = ["| concurrency | " + " | ".join(label for _, label in present)
              + " | decode step (1 adapter) | its GEMMs alone (fastest GEMM here) |",

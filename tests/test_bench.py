@@ -196,6 +196,22 @@ def test_server_bench_with_peft_times_peft_and_the_engine_on_the_same_lora(tmp_p
     assert "HF + peft LoRA" in (tmp_path / "s.md").read_text()
 
 
+def test_server_bench_peft_mixed_times_many_loras_in_one_batch(tmp_path):
+    """--peft-mixed 3: three peft LoRAs, request i taking LoRA i mod 3, in HF generate (peft's adapter_names) and in
+    the engine; the ratio is measured with no goal."""
+    pytest.importorskip("peft")
+    out = server_bench.main(["--base", "tiny", "--concurrency", "3", "--new-tokens", "4", "--prompt-tokens", "12",
+                      "--skip-hf-loop", "--peft-mixed", "3", "--repeats", "1", "--markdown", str(tmp_path / "s.md")])
+    row = out["results"][3]
+    assert {"hf_peft_mixed", "engine_peft_mixed"} <= set(row) and row["engine_peft_mixed"]["tokens_per_s"] > 0
+    assert out["ratios"]["engine_peft_mixed_over_hf_peft_mixed@3"] == pytest.approx(
+        row["engine_peft_mixed"]["tokens_per_s"] / row["hf_peft_mixed"]["tokens_per_s"], rel=1e-2)
+    assert out["config"]["peft_mixed_loras"] == 3 and "engine_peft_mixed_over_hf_peft_mixed@3" not in out["goals"]
+    assert "engine, same LoRAs mixed" in (tmp_path / "s.md").read_text()
+    with pytest.raises(SystemExit):
+        server_bench.main(["--base", "tiny", "--peft-mixed", "1"])
+
+
 def test_server_bench_samples_every_contender_alike():
     out = server_bench.main(["--base", "tiny", "--concurrency", "2", "--prompt-tokens", "8", "--new-tokens", "3",
                              "--skip-hf-loop", "--repeats", "1", "--temperature", "0.7", "--top-p", "0.9"])
