@@ -202,10 +202,12 @@ def create_app(state: ServerState) -> FastAPI:
         """Load an adapter of the folder; where every adapter that could make room is in use, wait (up to
         LAZY_WAIT_S, while the client stays) while the least recently used gives way (Engine._want_room), then a 429.
         A request for an adapter that is giving way waits here too, for its turn to be loaded again."""
-        deadline = time.monotonic() + LAZY_WAIT_S
+        start = time.monotonic()
+        deadline = start + LAZY_WAIT_S
         while True:
             try:
                 await asyncio.to_thread(state.engine.ensure_adapter, name, path)
+                state.metrics.adapter_wait.observe(time.monotonic() - start)
                 return
             except AdapterError as e:  # (the server's folder holds a broken adapter: not the client's doing)
                 raise APIError(500, f"the model {name!r} could not be loaded: {e}", "server_error", "model",

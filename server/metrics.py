@@ -46,6 +46,9 @@ class Metrics:
         self.finished = Counter("remix_requests_finished", "Finished sequences by reason (stop, length, cancelled, error).",
                                 ["adapter", "reason"], registry=r)
         self.http_errors = Counter("remix_http_errors", "Requests refused, by HTTP status.", ["status"], registry=r)
+        self.adapter_wait = Histogram("remix_adapter_wait_seconds", "Time a request waited for its adapter to be loaded "
+                                      "on demand (--lazy-adapters): the load, and any wait for room before it.",
+                                      buckets=LATENCY_BUCKETS, registry=r)
         self.tool_calls = Counter("remix_tool_calls", "Tool calls returned to chat requests that offered tools.",
                                   ["adapter", "function"], registry=r)
         self.tool_choices = Counter("remix_tool_choices", "Chat choices that were offered tools, by whether they "

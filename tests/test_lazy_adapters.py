@@ -162,8 +162,8 @@ def test_the_api_loads_a_folders_adapter_when_a_request_names_it(client):
     assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
     metrics = client.get("/metrics").text
     for line in ("remix_adapters_loaded 1.0", "remix_adapter_loads_on_demand_total 3.0",
-                 "remix_adapter_evictions_total 2.0"):
-        assert line in metrics, line
+                 "remix_adapter_evictions_total 2.0", "remix_adapter_wait_seconds_count 3.0"):
+        assert line in metrics, line  # (three requests waited for their adapter: a, b, then a again)
     tok = client.post("/tokenize", json={"model": "c", "prompt": "hi"})  # (a name is enough: nothing loads for it)
     assert tok.status_code == 200 and not client.get("/v1/models/c").json()["adapter"]["loaded"]
     for name in ("notes", "../a", "a/../b", ".hidden", "nothere"):
