@@ -32,8 +32,9 @@ OPTIONS = [  # (flag, type, default, help)
                                   "request first names it, not at start (the folder is read at each such request, so "
                                   "adapters added to it later are served too); with --max-adapters, the least "
                                   "recently used of those loaded this way that no request is using is unloaded to "
-                                  "make room (where all are in use a request waits up to 30 s for one, then gets "
-                                  "a 429)"),
+                                  "make room (where all are in use for a second, the least recently used takes no "
+                                  "new requests until its running ones finish; a request that finds no room in 30 s "
+                                  "gets a 429)"),
     ("host", str, "127.0.0.1", "address to bind"),
     ("port", int, 8000, "port to bind"),
     ("api_key", str, "", "require 'Authorization: Bearer KEY' (default: $REMIX_API_KEY; empty = no auth)"),
@@ -142,8 +143,9 @@ def load_settings(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: --adapter expects NAME=PATH, got {spec!r}")
         name, path = spec.split("=", 1)
         adapters[name] = path
-    if settings["lazy_adapters"] not in ("on", "off"):
-        raise SystemExit(f"error: --lazy-adapters must be on or off, got {settings['lazy_adapters']!r}")
+    for name in ("cuda_graphs", "prefix_caching", "batch_invariant", "lazy_adapters"):
+        if settings[name] not in ("on", "off"):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be on or off, got {settings[name]!r}")
     if settings["lazy_adapters"] == "on" and not settings["adapter_dir"]:
         raise SystemExit("error: --lazy-adapters on loads adapters from --adapter-dir: give the folder")
     if settings["adapter_dir"]:
@@ -182,9 +184,6 @@ def load_settings(argv: list[str] | None = None) -> dict:
                          f"got {settings['kv_cache_dtype']!r}")
     if settings["kv_cache_dtype"] == "int8" and resolve_device(settings["device"]).type != "cpu":
         raise SystemExit("error: --kv-cache-dtype int8 runs on CPU only (its kernels are CPU kernels); use auto on CUDA")
-    for name in ("cuda_graphs", "prefix_caching", "batch_invariant"):
-        if settings[name] not in ("on", "off"):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be on or off, got {settings[name]!r}")
     if settings["adapter_loading"] not in ("on", "off", "auto"):
         raise SystemExit(f"error: --adapter-loading must be on, off or auto, got {settings['adapter_loading']!r}")
     if settings["batch_invariant"] == "on":

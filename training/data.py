@@ -181,26 +181,25 @@ def train_and_heldout(data: str, eval_data: str, tokenizer, max_len: int, train_
                       seed: int, chat: bool = True, eval_split: float = 0.0) -> tuple[list[Example], list[Example]]:
     """The examples training.fit trains on and those it evaluates on (:func:`heldout_examples`); rows of a JSONL
     ``data`` file held out by ``eval_split`` are not trained on."""
-    rows = None
-    if eval_data or data in TASKS or eval_split <= 0:
-        heldout = heldout_examples(data, eval_data, tokenizer, max_len, eval_size, seed, chat)
-    else:
-        rows, held = split_rows(read_jsonl(data), eval_split, eval_size, seed)
-        heldout = load_examples(data, "test", tokenizer, max_len, eval_size, seed, chat, rows=held) if held else []
-    return load_examples(data, "train", tokenizer, max_len, train_size, seed, chat, rows=rows), heldout
+    rows = train_rows = None
+    if not eval_data and data not in TASKS and eval_split > 0:  # (a JSONL file, part of it held out: read once)
+        rows = read_jsonl(data)
+        train_rows = split_rows(rows, eval_split, eval_size, seed)[0]
+    heldout = heldout_examples(data, eval_data, tokenizer, max_len, eval_size, seed, chat, eval_split, rows)
+    return load_examples(data, "train", tokenizer, max_len, train_size, seed, chat, rows=train_rows), heldout
 
 
 def heldout_examples(data: str, eval_data: str, tokenizer, max_len: int, size: int, seed: int, chat: bool = True,
-                     eval_split: float = 0.0) -> list[Example]:
+                     eval_split: float = 0.0, rows: list[dict] | None = None) -> list[Example]:
     """The held-out set training.fit evaluates on: ``eval_data`` (a JSONL path or task name, its first ``size``
     examples), else the test split of the built-in task ``data`` (drawn with seed + 1), else ``eval_split`` of the
-    JSONL file ``data``'s rows (at most ``size``, drawn by ``seed``), else none."""
+    JSONL file ``data``'s rows (``rows``: those rows, already read; at most ``size``, drawn by ``seed``), else none."""
     if eval_data:
         return load_examples(eval_data, "test", tokenizer, max_len, size, seed, chat)[:size]
     if data in TASKS:
         return load_examples(data, "test", tokenizer, max_len, size, seed + 1, chat)
     if eval_split > 0:
-        _, held = split_rows(read_jsonl(data), eval_split, size, seed)
+        _, held = split_rows(read_jsonl(data) if rows is None else rows, eval_split, size, seed)
         if held:
             return load_examples(data, "test", tokenizer, max_len, size, seed, chat, rows=held)
     return []

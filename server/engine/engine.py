@@ -143,8 +143,7 @@ class Engine:
                         slots, cfg.max_model_len, cfg.max_prefill_chunk, cfg.max_num_seqs)
         self.runner = ModelRunner(model, slots, cfg.max_model_len, cfg.max_prefill_chunk, decoder=cfg.decoder,
                                   cuda_graphs=cfg.cuda_graphs, kv_dtype=kv_dtype, batch_invariant=cfg.batch_invariant)
-        self.registry = AdapterRegistry(self.runner)
-        self.registry.reserve = self.config.max_adapters
+        self.registry = AdapterRegistry(self.runner, reserve=cfg.max_adapters)
         self.num_slots = slots
         self.slot_seq: list[Sequence | None] = [None] * slots
         self.prefix = PrefixIndex(slots) if cfg.prefix_caching else None
@@ -268,12 +267,12 @@ class Engine:
         AdapterError lists what is wrong with the adapter."""
         with self._loading:
             adapter = self.registry.adapters.get(name)
-            if adapter is not None and adapter.giving_way:
-                self.call(self._lift_giving_way)  # (where no adapter wants room any more, though no step ran since)
             if adapter is not None:
                 if adapter.giving_way:
-                    raise AdaptersBusy(f"the adapter {name!r} is giving way to another that waits for room "
-                                       f"(--max-adapters {self.config.max_adapters}); retry shortly")
+                    self.call(self._lift_giving_way)  # (where no adapter wants room any more, though no step ran)
+                    if adapter.giving_way:
+                        raise AdaptersBusy(f"the adapter {name!r} is giving way to another that waits for room "
+                                           f"(--max-adapters {self.config.max_adapters}); retry shortly")
                 if adapter.unloading:  # (being unloaded through the API: wanted again)
                     def revive():
                         adapter.unloading = False
@@ -310,16 +309,15 @@ class Engine:
         Without this, steady traffic to the loaded adapters kept every one of them in use, and a request for another
         waited its whole 30 s for a 429; the grace spares the adapter that would give way where one falls idle anyway
         (its new requests would wait for their turn)."""
-        cap = self.config.max_adapters
-        if not cap or len(self.registry.adapters) < cap:
+        try:  # room made now, while one is idle, not after reading the adapter (by then a new request may be using
+            self._make_room()  # it again: a waiter had to find one idle twice)
             return
-        if self._idle_adapters():  # room made now, while one is idle, not after reading the adapter (by then a new
-            self._make_room()  # request may be using it again: a waiter had to find one idle twice)
-            return
-        now = time.monotonic()
+        except AdaptersBusy:
+            pass
+        cap, now = self.config.max_adapters, time.monotonic()
         since = self._room_wanted.get(name, (now, 0.0))[0]
         self._room_wanted[name] = (since, now + ROOM_WANT_S)
-        self._room_wanted = {k: w for k, w in self._room_wanted.items() if w[1] > now}
+        self._expire_wants(now)
         giving = [a for a in self.registry.adapters.values() if a.giving_way]
         candidates = sorted((a for a in self.registry.adapters.values() if a.evictable and not a.giving_way),
                             key=lambda a: a.last_used)
@@ -338,11 +336,13 @@ class Engine:
     def _lift_giving_way(self) -> None:
         """(Each step, while an adapter gives way.) Once no adapter wants room any more (its waiters gave up), those
         giving way take requests again."""
-        now = time.monotonic()
-        self._room_wanted = {k: w for k, w in self._room_wanted.items() if w[1] > now}
+        self._expire_wants(time.monotonic())
         if not self._room_wanted:
             for a in self.registry.adapters.values():
                 a.giving_way = False
+
+    def _expire_wants(self, now: float) -> None:
+        self._room_wanted = {k: w for k, w in self._room_wanted.items() if w[1] > now}
 
     def _make_room(self) -> None:
         cap = self.config.max_adapters

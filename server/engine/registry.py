@@ -32,10 +32,10 @@ class LoadedAdapter:
 
 
 class AdapterRegistry:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, reserve: int = 0):
         self.runner = runner
         self.adapters: dict[str, LoadedAdapter] = {}
-        self.reserve = 0  # adapters each module's pool stack makes room for at once (the engine's max_adapters)
+        self.reserve = reserve  # adapters each module's pool stack makes room for at once (the engine's max_adapters)
         # the frozen base's, taken once: a load then reads none of the model's weights (on a GPU, none of its memory
         # from the loading thread, while the engine's may be capturing a CUDA graph)
         self.fingerprint = fingerprint(runner.model)
@@ -78,8 +78,8 @@ class AdapterRegistry:
         # stay as long as the most adapters loaded at once, however many have come and gone)
         omega = float(config.get("omega_value") or mix.omega_value())
         for module in modules:
-            A, B, router, rows = (t if t is None or isinstance(t, tuple) else t.to(self.runner.device)
-                                  for t in pools[module])
+            *tensors, rows = pools[module]
+            A, B, router = (t.to(self.runner.device) for t in tensors)  # (a GPU's: copied here; on the CPU, no-ops)
             self.runner.stacked[module].stack.add(slot, A, B, router, mix.k if mix.router == "remix" else 1, omega,
                                                   dtype=self.runner.dtype, reserve=self.reserve * A.shape[0], rows=rows)
         loaded = LoadedAdapter(name, str(path), slot, config, modules,
