@@ -3,6 +3,7 @@ OpenAI's docs, bounds in ``Field``), and the translation of a request into engin
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -12,6 +13,7 @@ from server import tools
 from server.engine import SamplingParams
 
 MAX_STOP = 8
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's fields before structured_outputs
 MAX_LOGIT_BIAS = 1024
 
 
@@ -49,6 +51,86 @@ class ResponseFormat(BaseModel):
         if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
             raise ValueError("type json_schema needs json_schema.schema")
         return self
+
+
+def _json_spec(v, param: str):
+    """A JSON schema or structural tag given as an object or as JSON text (vLLM takes either): the object."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError as e:
+            raise FieldError(param, f"not valid JSON: {e}") from None
+    if not isinstance(v, dict):
+        raise FieldError(param, "must be a JSON object")
+    return v
+
+
+def closed_objects(schema):
+    """vLLM's disable_additional_properties: every object schema that does not say otherwise gets
+    ``additionalProperties: false`` (so a model cannot add keys of its own)."""
+    if isinstance(schema, list):
+        return [closed_objects(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` (its form since v0.12, which replaced the guided_* fields): exactly one of json
+    (a JSON schema: an object or JSON text), regex, choice, grammar (EBNF, as xgrammar and llama.cpp's GBNF write it,
+    or Lark), json_object (true: any JSON object) and structural_tag (xgrammar's, or vLLM's older structures and
+    triggers). disable_additional_properties closes the schema's objects; disable_any_whitespace is accepted, since
+    JSON is generated without free whitespace either way; whitespace_pattern is refused (no free whitespace to shape)."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = Field(default=None, min_length=1, max_length=10_000)
+    choice: list[str] | None = Field(default=None, max_length=256)
+    grammar: str | None = Field(default=None, min_length=1, max_length=100_000)
+    json_object: bool | None = None
+    structural_tag: dict | str | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [name for name, v in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
+                                      ("grammar", self.grammar), ("json_object", self.json_object),
+                                      ("structural_tag", self.structural_tag)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object and structural_tag"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.whitespace_pattern is not None:
+            raise FieldError("whitespace_pattern", "whitespace_pattern is not supported: JSON is generated without "
+                                                   "free whitespace")
+        if self.json_object is False:
+            raise FieldError("json_object", "json_object must be true where given")
+        if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
+            raise FieldError("choice", "choice must be a non-empty list of non-empty strings")
+        if self.json_ is not None:
+            self.json_ = _json_spec(self.json_, "json")
+        if self.structural_tag is not None:
+            self.structural_tag = _json_spec(self.structural_tag, "structural_tag")
+        return self
+
+    def grammar_spec(self) -> tuple:
+        """(kind, spec, field) for the engine's compiler (server.engine.grammar)."""
+        where = "structured_outputs."
+        if self.json_ is not None:
+            schema = closed_objects(self.json_) if self.disable_additional_properties else self.json_
+            return ("json_schema", schema, where + "json")
+        if self.regex is not None:
+            return ("regex", self.regex, where + "regex")
+        if self.choice is not None:
+            return ("choice", list(self.choice), where + "choice")
+        if self.grammar is not None:
+            return ("grammar", self.grammar, where + "grammar")
+        if self.json_object:
+            return ("json_object", None, where + "json_object")
+        return ("structural_tag", self.structural_tag, where + "structural_tag")
 
 
 def valid_unicode(data, path: str = "") -> None:
@@ -127,8 +209,12 @@ class _Common(RequestBody):
     min_tokens: int = Field(default=0, ge=0, le=1_000_000)
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's (since v0.12)
+    guided_json: dict | str | None = None  # vLLM's earlier fields, which tools written for it still send
     guided_regex: str | None = Field(default=None, min_length=1, max_length=10_000)
     guided_choice: list[str] | None = Field(default=None, max_length=256)
+    guided_grammar: str | None = Field(default=None, min_length=1, max_length=100_000)
+    guided_decoding_backend: str | None = None  # accepted: xgrammar serves every grammar
     ignore_eos: bool = False
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)  # vLLM's: lower is admitted first
     remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
@@ -137,10 +223,13 @@ class _Common(RequestBody):
     def _one_grammar(self):
         given = [name for name, on in (("response_format", self.response_format is not None
                                         and self.response_format.type != "text"),
-                                       ("guided_regex", self.guided_regex is not None),
-                                       ("guided_choice", self.guided_choice is not None)) if on]
+                                       ("structured_outputs", self.structured_outputs is not None),
+                                       *((f, getattr(self, f) is not None) for f in GUIDED)) if on]
         if len(given) > 1:
-            raise ValueError(f"give at most one of response_format, guided_regex and guided_choice (got {', '.join(given)})")
+            raise ValueError(f"give at most one of response_format, structured_outputs and the guided_* fields (got "
+                             f"{', '.join(given)})")
+        if self.guided_json is not None:
+            self.guided_json = _json_spec(self.guided_json, "guided_json")
         return self
 
     @field_validator("guided_choice")
@@ -379,7 +468,7 @@ class ChatCompletionRequest(_Template, _Common):
             raise FieldError("tool_choice", f"{self.tool_choice.function.name!r} is not among the tools")
         if self.tool_mode in ("required", "named") and _grammar(self) is not None:
             raise FieldError("tool_choice", "a required or named tool_choice cannot be combined with response_format, "
-                                            "guided_regex or guided_choice")
+                                            "structured_outputs or the guided_* fields")
         return self
 
     @property
@@ -409,6 +498,12 @@ def _grammar(body) -> tuple | None:
         return ("json_object", None, "response_format")
     if rf is not None and rf.type == "json_schema":
         return ("json_schema", rf.json_schema.schema_, "response_format")
+    if body.structured_outputs is not None:
+        return body.structured_outputs.grammar_spec()
+    if body.guided_json is not None:
+        return ("json_schema", body.guided_json, "guided_json")
+    if body.guided_grammar is not None:
+        return ("grammar", body.guided_grammar, "guided_grammar")
     if body.guided_regex is not None:
         return ("regex", body.guided_regex, "guided_regex")
     if body.guided_choice is not None:

@@ -110,12 +110,38 @@ def test_structured_output(server, client):
     obj = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
                                          temperature=0, response_format={"type": "json_object"})
     assert obj.choices[0].message.content.startswith("{")
+    # vLLM's structured_outputs (since v0.12) and its older guided_json / guided_grammar, as its clients send them
+    c = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=40,
+                                       temperature=0.8, seed=3, extra_body={"structured_outputs": {"json": schema}})
+    assert set(json.loads(c.choices[0].message.content)) == {"n", "ok"}
+    r = client.completions.create(model="alpha", prompt="x", max_tokens=40, temperature=0.8, seed=4,
+                                  extra_body={"guided_json": json.dumps(schema)})
+    assert set(json.loads(r.choices[0].text)) == {"n", "ok"}
+    for extra in ({"structured_outputs": {"grammar": 'root ::= "v" [0-9] "." [0-9]'}},
+                  {"structured_outputs": {"grammar": 'start: "v" /[0-9]/ "." /[0-9]/'}},
+                  {"guided_grammar": 'root ::= "v" [0-9] "." [0-9]'},
+                  {"structured_outputs": {"regex": "v[0-9][.][0-9]"}}):
+        r = client.completions.create(model="beta", prompt="x", max_tokens=20, temperature=1.0, seed=5, extra_body=extra)
+        assert re.fullmatch(r"v[0-9]\.[0-9]", r.choices[0].text) and r.choices[0].finish_reason == "stop", extra
+    r = client.completions.create(model="alpha", prompt="x", max_tokens=20, temperature=0,
+                                  extra_body={"structured_outputs": {"choice": ["up", "down"]}})
+    assert r.choices[0].text in ("up", "down")
     for body, param in (({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
                          "response_format"),
                         ({"response_format": {"type": "json_schema"}}, "response_format"),
                         ({"guided_regex": "(unclosed"}, "guided_regex"),
                         ({"guided_choice": []}, "guided_choice"),
-                        ({"guided_choice": ["a"], "guided_regex": "a"}, None)):
+                        ({"guided_choice": ["a"], "guided_regex": "a"}, None),
+                        ({"structured_outputs": {"grammar": 'root ::= "a" missing'}}, "structured_outputs.grammar"),
+                        ({"structured_outputs": {"json": {"type": "nope"}}}, "structured_outputs.json"),
+                        ({"structured_outputs": {"json": "{nope"}}, "structured_outputs.json"),
+                        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
+                        ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}},
+                         "structured_outputs.whitespace_pattern"),
+                        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+                        ({"structured_outputs": {"regex": "a", "typo": 1}}, "structured_outputs.typo"),
+                        ({"guided_json": "[1]"}, "guided_json"),
+                        ({"guided_grammar": "start: ("}, "guided_grammar")):
         bad = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                          json={"model": "alpha", "prompt": "x", **body})
         assert bad.status_code == 400, bad.text

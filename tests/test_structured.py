@@ -105,6 +105,92 @@ def test_bad_grammars_are_refused_naming_the_field(tiny):
     assert not engine.has_work()
 
 
+def test_ebnf_and_lark_grammars_hold_the_output(tiny):
+    """vLLM's structured_outputs.grammar: EBNF (xgrammar's, llama.cpp's GBNF form) or Lark; the same language either
+    way, greedy and sampled; a grammar that does not parse is refused naming the field."""
+    engine, tok = tiny
+    ebnf = 'root ::= "id-" [0-9] [0-9] ("-" [a-z])?'
+    lark = 'start: "id-" DIGIT DIGIT ("-" LOWER)?\nDIGIT: /[0-9]/\nLOWER: /[a-z]/'
+    for i, text in enumerate((ebnf, lark)):
+        for temperature in (0.0, 1.0):
+            out, reason = run(engine, tok, f"g{i}{temperature}", ("grammar", text, "structured_outputs.grammar"),
+                              temperature=temperature, seed=3, max_tokens=20)
+            assert re.fullmatch(r"id-[0-9]{2}(-[a-z])?", out) and reason == "stop", out
+    for text in ('root ::= "a" undefined_rule', "start: (", 'root ::= "unclosed'):
+        with pytest.raises(EngineError) as err:
+            engine.submit(GenerationRequest("bad", [1, 2], SamplingParams(
+                grammar=("grammar", text, "structured_outputs.grammar"))), lambda e: None)
+        assert err.value.param == "structured_outputs.grammar" and str(err.value).startswith("structured_outputs.grammar: ")
+    assert not engine.has_work()
+
+
+def test_structural_tags_in_both_forms(tiny):
+    """vLLM's structured_outputs.structural_tag: xgrammar's form, or vLLM's older {"structures", "triggers"}: free text
+    until a trigger, then the tag's schema (strict JSON strings, no free whitespace), then free text again."""
+    import xgrammar as xgr
+
+    engine, tok = tiny
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}
+    older = {"structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}], "triggers": ["<f"]}
+    newer = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f"], "tags": [
+        {"type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</f>"}]}}
+
+    def takes(compiled, text):
+        m = xgr.GrammarMatcher(compiled)
+        return all(m.accept_token(t) for t in tok(text, add_special_tokens=False).input_ids)
+
+    for tag in (older, json.dumps(older), newer):
+        compiled = engine.compile_grammar("structural_tag", tag, "structured_outputs.structural_tag")
+        assert takes(compiled, 'Let me see. <f>{"city": "Oslo"}</f> done')
+        assert not takes(compiled, 'x <f>{"town": "Oslo"}')  # the schema holds inside the tag
+        assert not takes(compiled, 'x <f>{"city": "O\x01')  # JSON's strings: no raw control characters
+    with pytest.raises(EngineError) as err:
+        engine.submit(GenerationRequest("bad", [1, 2], SamplingParams(grammar=(
+            "structural_tag", {"structures": [{"begin": "<f>"}], "triggers": ["<f"]}, "structured_outputs.structural_tag"
+        ))), lambda e: None)
+    assert err.value.param == "structured_outputs.structural_tag" and "structures" in str(err.value)
+
+
+def test_vllm_structured_outputs_fields_map_to_grammars():
+    """The request fields: structured_outputs (vLLM since v0.12) and the guided_* fields before it, one at most, each
+    mapped to the grammar the engine compiles with the field it blames; disable_additional_properties closes objects."""
+    import pydantic
+
+    from server.protocol import CompletionRequest, _grammar
+
+    def spec(**body):
+        return _grammar(CompletionRequest(model="m", prompt="x", **body))
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "object", "additionalProperties": True}}}
+    closed = spec(structured_outputs={"json": schema, "disable_additional_properties": True})
+    assert closed[0] == "json_schema" and closed[2] == "structured_outputs.json"
+    assert closed[1]["additionalProperties"] is False and closed[1]["properties"]["a"]["additionalProperties"] is False
+    assert closed[1]["properties"]["c"]["additionalProperties"] is True  # (what a schema says stays)
+    assert "additionalProperties" not in spec(structured_outputs={"json": json.dumps(schema)})[1]
+    assert spec(structured_outputs={"regex": "[a-z]+", "choice": None}) == ("regex", "[a-z]+", "structured_outputs.regex")
+    assert spec(structured_outputs={"choice": ["a", "b"]}) == ("choice", ["a", "b"], "structured_outputs.choice")
+    assert spec(structured_outputs={"grammar": 'root ::= "x"'}) == ("grammar", 'root ::= "x"', "structured_outputs.grammar")
+    assert spec(structured_outputs={"json_object": True, "disable_any_whitespace": True})[0] == "json_object"
+    assert spec(structured_outputs={"structural_tag": '{"structures": [], "triggers": []}'})[1] == {
+        "structures": [], "triggers": []}
+    assert spec(guided_json='{"type": "object"}', guided_decoding_backend="xgrammar") == (
+        "json_schema", {"type": "object"}, "guided_json")
+    assert spec(guided_grammar='root ::= "x"') == ("grammar", 'root ::= "x"', "guided_grammar")
+    for body, says in (({"structured_outputs": {}}, "exactly one"),
+                       ({"structured_outputs": {"json": {}, "regex": "a"}}, "exactly one"),
+                       ({"structured_outputs": {"json": "{nope"}}, "not valid JSON"),
+                       ({"structured_outputs": {"json": "[1]"}}, "JSON object"),
+                       ({"structured_outputs": {"json_object": False}}, "must be true"),
+                       ({"structured_outputs": {"choice": ["a", ""]}}, "non-empty"),
+                       ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "not supported"),
+                       ({"structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "at most one"),
+                       ({"guided_json": {}, "response_format": {"type": "json_object"}}, "at most one"),
+                       ({"guided_json": "nope"}, "not valid JSON")):
+        with pytest.raises(pydantic.ValidationError, match=says):
+            spec(**body)
+
+
 def test_without_xgrammar_the_request_is_refused(monkeypatch):
     from server.engine import grammar
 

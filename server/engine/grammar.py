@@ -1,5 +1,5 @@
 """Structured output: the tokens a sequence may take next, by a grammar (JSON, a JSON schema, a regex, one of a list of
-strings) compiled by xgrammar - the constrained-decoding library vLLM, SGLang and TensorRT-LLM use.
+strings, an EBNF or Lark grammar) compiled by xgrammar - the constrained-decoding library vLLM, SGLang and TensorRT-LLM use.
 
 A request's grammar is compiled once (``Grammars.compile``; xgrammar caches compiled grammars) and each of its
 sequences keeps a matcher that accepts every token the sequence takes; before each sampling step the matcher's
@@ -33,7 +33,7 @@ class GrammarError(ValueError):
         self.param = param
 
 
-KINDS = ("json_object", "json_schema", "regex", "choice", "structural_tag")
+KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "structural_tag")
 
 
 def _clean(error: Exception) -> str:
@@ -54,6 +54,27 @@ def json_ebnf(schema) -> str:
     characters."""
     text = schema if isinstance(schema, str) else json.dumps(schema)
     return str(xgr.Grammar.from_json_schema(text, any_whitespace=False)).replace(_BOUNDED_CHARS, _JSON_CHARS)
+
+
+def grammar_of(text: str):
+    """An EBNF grammar (xgrammar's, as llama.cpp's GBNF writes it: ``root ::= ...``) or a Lark one (``start: ...``,
+    which vLLM takes too): EBNF where a rule is defined with ``::=``."""
+    if re.search(r"^\s*[\w.-]+\s*::=", text, re.M):
+        return xgr.Grammar.from_ebnf(text)
+    return xgr.Grammar.from_lark(text)
+
+
+def _structural(tag: dict) -> dict:
+    """A structural tag in xgrammar's form, from that form or from vLLM's older one ({"structures": [{"begin",
+    "schema", "end"}], "triggers": [...]}, which vLLM still reads)."""
+    if "structures" not in tag:
+        return tag
+    structures, triggers = tag["structures"], tag.get("triggers")
+    if not isinstance(structures, list) or not isinstance(triggers, list) or not all(
+            isinstance(s, dict) and {"begin", "schema", "end"} <= s.keys() for s in structures):
+        raise ValueError('the older form is {"structures": [{"begin", "schema", "end"}, ...], "triggers": [...]}')
+    items = [xgr.StructuralTagItem(begin=s["begin"], schema=s["schema"], end=s["end"]) for s in structures]
+    return json.loads(xgr.StructuralTag.from_legacy_structural_tag(items, triggers).model_dump_json())
 
 
 def _strict_tag(node):
@@ -81,8 +102,9 @@ class Grammars:
 
     def compile(self, kind: str, value, param: str):
         """kind: json_object (any JSON object), json_schema (a schema: dict or JSON text), regex (a pattern), choice
-        (a list of strings, exactly one of which is the output), structural_tag (xgrammar's structural tag: dict or
-        JSON text; server.tools builds the tool-call ones). JSON comes without free whitespace."""
+        (a list of strings, exactly one of which is the output), grammar (EBNF or Lark text: grammar_of),
+        structural_tag (xgrammar's structural tag, or vLLM's older form: dict or JSON text; server.tools builds the
+        tool-call ones). JSON comes without free whitespace, its strings without raw control characters."""
         if kind not in KINDS:
             raise GrammarError(f"unknown grammar kind {kind!r}", param)
         try:
@@ -95,12 +117,14 @@ class Grammars:
                     return self.compiler.compile_grammar(json_ebnf(value))
                 if kind == "regex":
                     return self.compiler.compile_regex(value)
+                if kind == "grammar":
+                    return self.compiler.compile_grammar(grammar_of(value))
                 if kind == "structural_tag":
                     tag = json.loads(value) if isinstance(value, str) else value
-                    return self.compiler.compile_structural_tag(json.dumps(_strict_tag(tag)))
+                    return self.compiler.compile_structural_tag(json.dumps(_strict_tag(_structural(tag))))
                 # choice: EBNF string literals take JSON's escapes
                 return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
-        except (RuntimeError, ValueError) as e:
+        except (RuntimeError, ValueError, TypeError) as e:
             raise GrammarError(f"{param}: {_clean(e)}", param) from None
 
 
