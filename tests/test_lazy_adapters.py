@@ -302,3 +302,12 @@ def test_selection_counters_survive_an_adapter_going_and_coming_back(folder):
     engine.unload_adapter("a")
     engine.load_adapter("a", str(folder / "b"))  # another adapter under the name: counted afresh
     assert sum(map(sum, engine.registry.selection_counts()["a"].values())) == 0
+    # the counters of at most RETIRED_KEEP unloaded adapters are kept, the least recently unloaded going first
+    engine.registry.RETIRED_KEEP = 1
+    engine.unload_adapter("a")
+    engine.ensure_adapter("c", str(folder / "c"))
+    collect(engine, GenerationRequest("c1", ids, greedy(6), adapter="c"))
+    engine.unload_adapter("c")  # (a's from b's path is dropped for c's)
+    assert list(engine.registry._retired) == [("c", str(folder / "c"))]
+    engine.load_adapter("a", str(folder / "a"))  # (its 2 x total from before went with the bound)
+    assert sum(map(sum, engine.registry.selection_counts()["a"].values())) == 0

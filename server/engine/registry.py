@@ -32,6 +32,9 @@ class LoadedAdapter:
 
 
 class AdapterRegistry:
+    RETIRED_KEEP = 1024  # unloaded adapters whose counters are kept (the least recently unloaded go first): a server
+    # loading ever new paths through the API would otherwise hold every one's for ever (~50 KB each for the demo's shape)
+
     def __init__(self, runner: ModelRunner, reserve: int = 0):
         self.runner = runner
         self.adapters: dict[str, LoadedAdapter] = {}
@@ -102,6 +105,8 @@ class AdapterRegistry:
             retired[module] = stack.slots[adapter.slot].counts.clone()
             stack.remove(adapter.slot)
         self._retired[(name, adapter.path)] = retired
+        while len(self._retired) > self.RETIRED_KEEP:
+            self._retired.pop(next(iter(self._retired)))
 
     def selection_counts(self) -> dict[str, dict[str, list[int]]]:
         """{adapter: {module: selections per LoRA}} since the adapter was first loaded from its path (kept while it is
