@@ -90,6 +90,19 @@ class APIError(Exception):
                    ev.error_code or INTERNAL_ERROR)
 
 
+def bad_word_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's reading of bad_words: each word's tokens as written (leading spaces dropped) and, where the word after a
+    space (as it stands mid-text) is as many tokens with another first one, those too."""
+    out = []
+    for word in words:
+        bare = tokenizer(word.lstrip(), add_special_tokens=False).input_ids
+        out.append(bare)
+        spaced = tokenizer(" " + word.lstrip(), add_special_tokens=False).input_ids
+        if len(spaced) == len(bare) and spaced[0] != bare[0]:
+            out.append(spaced)
+    return [w for w in out if w]
+
+
 def prompt_char_bound(tokenizer, max_model_len: int) -> int:
     """Characters of text past which no prompt fits max_model_len tokens: that many of the vocabulary's longest token.
     A token's string is at least as long as the text it stands for (a byte-level token has a character a byte, a
@@ -348,32 +361,54 @@ def create_app(state: ServerState) -> FastAPI:
         check_key(request)
         check_open()
         adapter = await resolve_model(body.model, request=request)
-        tok = state.engine.tokenizer
         prompts = _prompt_list(body.prompt)
-        if any(isinstance(p, str) and len(p) > state.max_prompt_chars for p in prompts):
+        check_truncation(body)
+        long = any(isinstance(p, str) and len(p) > state.max_prompt_chars for p in prompts)
+        if long and body.truncate_prompt_tokens is None:
             raise APIError(400, f"the prompt is longer than this model's context ({state.engine.config.max_model_len} "
                                 "tokens)", param="prompt", code="context_length_exceeded")
         vocab = state.engine.runner.model.config.vocab_size
         if any(not isinstance(p, str) and any(not 0 <= t < vocab for t in p) for p in prompts):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
 
-        def encode():  # (off the event loop: a long prompt takes the tokenizer a while)
-            with state.tokenizer_lock:
-                ids = [tok(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
-            return ids, [p if isinstance(p, str) else tok.decode(p) for p in prompts]
-        prompt_ids, prompt_texts = await asyncio.to_thread(encode)
+        def encode(tok, lock):  # (off the event loop: a long prompt takes the tokenizer a while)
+            with lock:
+                ids = [tok(p, add_special_tokens=body.add_special_tokens).input_ids if isinstance(p, str) else p
+                       for p in prompts]
+                cut = [body.truncated(p, state.engine.config.max_model_len) for p in ids]
+                return cut, [p if isinstance(p, str) and len(c) == len(i) else tok.decode(c)
+                             for p, i, c in zip(prompts, ids, cut)]
+        if long:  # (a text longer than any context, to be truncated: on /tokenize's tokenizer, as its long texts are)
+            async with state.tokenize_gate:
+                prompt_ids, prompt_texts = await asyncio.to_thread(encode, state.side_tokenizer, contextlib.nullcontext())
+        else:
+            prompt_ids, prompt_texts = await asyncio.to_thread(encode, state.engine.tokenizer, state.tokenizer_lock)
         return await _generate(request, body, adapter, prompt_ids, prompt_texts, chat=False)
+
+    def check_truncation(body) -> None:
+        k = body.truncate_prompt_tokens
+        if k is not None and k > state.engine.config.max_model_len:
+            raise APIError(400, f"truncate_prompt_tokens ({k}) must not exceed this model's context "
+                                f"({state.engine.config.max_model_len} tokens)", param="truncate_prompt_tokens",
+                           code="invalid_value")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         check_key(request)
         check_open()
         adapter = await resolve_model(body.model, request=request)
-        if sum(m.text_chars() for m in body.messages) > state.max_prompt_chars:  # (before the template and tokenizer)
+        check_truncation(body)
+        offered = body.tools if body.tool_mode else None
+        if sum(m.text_chars() for m in body.messages) <= state.max_prompt_chars:  # (before the template and tokenizer)
+            ids = await asyncio.to_thread(chat_prompt, body, offered)
+        elif body.truncate_prompt_tokens is not None:  # (to be truncated: on /tokenize's tokenizer, as its long texts)
+            async with state.tokenize_gate:
+                ids = await asyncio.to_thread(chat_prompt, body, offered, True)
+        else:
             raise APIError(400, f"the messages are longer than this model's context ({state.engine.config.max_model_len}"
                                 " tokens)", param="messages", code="context_length_exceeded")
-        ids = await asyncio.to_thread(chat_prompt, body, body.tools if body.tool_mode else None)
-        return await _generate(request, body, adapter, [ids], [""], chat=True)
+        return await _generate(request, body, adapter, [body.truncated(ids, state.engine.config.max_model_len)], [""],
+                               chat=True)
 
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request):
@@ -479,6 +514,11 @@ def create_app(state: ServerState) -> FastAPI:
         if len(prompt_ids) > queue_cap:  # (each prompt waits as a request of its own: more could never be taken)
             raise APIError(400, f"a request may carry at most {queue_cap} prompts here (the server's --max-queue), got "
                            f"{len(prompt_ids)}", param="prompt", code="invalid_value")
+        if body.bad_words:
+            def words():
+                with state.tokenizer_lock:
+                    return bad_word_ids(state.engine.tokenizer, body.bad_words)
+            params.bad_words_ids = await asyncio.to_thread(words)
         if params.grammar is not None:  # compiled off the event loop (a large schema takes a while), before submit
             try:
                 params.compiled_grammar = await asyncio.to_thread(state.engine.compile_grammar, *params.grammar)
@@ -732,6 +772,9 @@ class _ResponseBuilder:
         self.scores: dict[int, tuple[float, int]] = {}  # ranked: each sequence's summed log-probability and tokens
         self.parsers: dict[int, tools.CallParser] = {}  # streamed: each choice's
         self.held: dict[int, str] = {}  # streamed: each choice's trailing whitespace, sent once text follows it
+        self.as_ids = body.return_tokens_as_token_ids  # logprobs name tokens "token_id:{id}" (vLLM's)
+        self.ids: dict[int, list[int]] = {}  # return_token_ids: each choice's generated ids (streamed: not yet sent)
+        self.ids_sent: set[int] = set()  # streamed, return_token_ids: the choices whose prompt ids went out
 
     def _choice(self, i: int, ev) -> int:
         return i * self.n + ev.index
@@ -743,6 +786,7 @@ class _ResponseBuilder:
             self.tokens[c] = []
         self.text[c] += ev.text
         self.tokens[c] += (ev.prompt_logprobs or []) + ev.logprobs
+        self.ids.setdefault(c, []).extend(ev.token_ids)
         self.generated += len(ev.token_ids)
         if self.ranked:
             total, count = self.scores.get(c, (0.0, 0))
@@ -756,20 +800,26 @@ class _ResponseBuilder:
             if ev.routing is not None:
                 self.routing[c] = _routing_view(ev.routing, self.body.remix_routing)
 
+    def _name(self, tid: int, text: str) -> str:
+        """A token as logprobs name it: its text, or with return_tokens_as_token_ids "token_id:{id}"."""
+        return f"token_id:{tid}" if self.as_ids else text
+
     def _logprobs(self, entries, offset0: int = 0):
+        """(text_offset counts the tokens' texts, also where return_tokens_as_token_ids names them by id; bytes are
+        their texts' bytes)"""
         if self.chat:
             content = []
             for tid, lp, alts in entries:
                 s = self.tok.decode([tid])
-                content.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
-                                "top_logprobs": [{"token": self.tok.decode([a]), "logprob": v,
+                content.append({"token": self._name(tid, s), "logprob": lp, "bytes": list(s.encode()),
+                                "top_logprobs": [{"token": self._name(a, self.tok.decode([a])), "logprob": v,
                                                   "bytes": list(self.tok.decode([a]).encode())} for a, v in alts]})
             return {"content": content}
         toks, lps, tops, offsets = [], [], [], []
         offset = offset0
         for tid, lp, alts in entries:
             s = self.tok.decode([tid])
-            toks.append(s)
+            toks.append(self._name(tid, s))
             lps.append(lp)
             tops.append(None if alts is None else self._top_dict(alts))  # (None: a prompt's first token)
             offsets.append(offset)
@@ -778,11 +828,14 @@ class _ResponseBuilder:
 
     def _top_dict(self, alts) -> dict[str, float]:
         """{token text: logprob}; ids whose text is ambiguous (partial UTF-8 bytes, or the same text as another
-        alternative) are keyed by their vocabulary entry instead, so no alternative is lost."""
+        alternative) are keyed by their vocabulary entry instead, so no alternative is lost (with
+        return_tokens_as_token_ids: by "token_id:{id}")."""
         out = {}
         for a, v in alts:
             key = self.tok.decode([a])
-            if "\ufffd" in key or key in out:
+            if self.as_ids:
+                key = self._name(a, key)
+            elif "\ufffd" in key or key in out:
                 key = self.tok.convert_ids_to_tokens(a)
             out[key] = v
         return out
@@ -819,11 +872,18 @@ class _ResponseBuilder:
                 choice["logprobs"] = lp
             if c in self.routing:
                 choice["remix_routing"] = self.routing[c]
+            if self.body.return_token_ids:  # (vLLM's places: a completion's choices carry their prompt's ids, a
+                choice["token_ids"] = self.ids.get(c, [])  # chat response carries them once)
+                if not self.chat:
+                    choice["prompt_token_ids"] = self.prompt_ids[c // self.n]
             choices.append(choice)
         if self.ranked:
             choices = self._best(choices)
-        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.body.model, "choices": choices, "usage": self._usage()}
+        out = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
+               "model": self.body.model, "choices": choices, "usage": self._usage()}
+        if self.chat and self.body.return_token_ids:
+            out["prompt_token_ids"] = self.prompt_ids[0]
+        return out
 
     def chunk(self, i: int, ev) -> dict | None:
         c = self._choice(i, ev)
@@ -859,6 +919,14 @@ class _ResponseBuilder:
             choice["remix_routing"] = self.routing[c]
         out = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
                "created": self.created, "model": self.body.model, "choices": [choice]}
+        if self.body.return_token_ids:  # the ids since the last chunk sent (a chunk with no text to send is not
+            choice["token_ids"] = self.ids.pop(c, [])  # sent: its ids go with the next); the prompt's with the first
+            if c not in self.ids_sent:
+                self.ids_sent.add(c)
+                if self.chat:
+                    out["prompt_token_ids"] = self.prompt_ids[0]
+                else:
+                    choice["prompt_token_ids"] = self.prompt_ids[i]
         if self.continuous_usage:  # the request's usage so far (all its choices; each prompt counted once)
             prompt = sum(len(p) for p in self.prompt_ids)
             out["usage"] = {"prompt_tokens": prompt, "completion_tokens": self.generated,

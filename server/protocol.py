@@ -216,6 +216,14 @@ class _Common(RequestBody):
     guided_grammar: str | None = Field(default=None, min_length=1, max_length=100_000)
     guided_decoding_backend: str | None = None  # accepted: xgrammar serves every grammar
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the text stays in it
+    skip_special_tokens: bool = True  # vLLM's: false keeps special tokens' text in the output
+    allowed_token_ids: list[int] | None = Field(default=None, min_length=1, max_length=1_000_000)  # vLLM's
+    bad_words: list[str] | None = Field(default=None, max_length=256)  # vLLM's: words never completed
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # vLLM's: the prompt cut to its last k tokens
+    truncation_side: Literal["left", "right"] | None = None  # vLLM's: "right" keeps the first k instead
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:{id}"
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids beside the text
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)  # vLLM's: lower is admitted first
     remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
 
@@ -231,6 +239,31 @@ class _Common(RequestBody):
         if self.guided_json is not None:
             self.guided_json = _json_spec(self.guided_json, "guided_json")
         return self
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, v):
+        if v is not None and any(not w.strip() for w in v):
+            raise ValueError("bad words must be non-empty")
+        return v or None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate(cls, v):
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens must be -1 (the model's context) or at least 1")
+        return v
+
+    def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's ids as truncate_prompt_tokens (and truncation_side) cut them; -1: to as many as leave room in
+        the model's context for the tokens asked for (max_tokens; a chat request that gives none: one)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k == -1:
+            room = getattr(self, "max_completion_tokens", None) or self.max_tokens
+            k = max(1, max_model_len - (1 if room is None else room))
+        return ids[:k] if self.truncation_side == "right" else ids[-k:]
 
     @field_validator("guided_choice")
     @classmethod
@@ -276,6 +309,9 @@ class _Common(RequestBody):
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, logit_bias=bias, min_tokens=self.min_tokens,
                               stop_token_ids=list(self.stop_token_ids or []), grammar=grammar or _grammar(self),
+                              include_stop_str_in_output=self.include_stop_str_in_output,
+                              skip_special_tokens=self.skip_special_tokens,
+                              allowed_token_ids=list(self.allowed_token_ids) if self.allowed_token_ids else None,
                               **more)
 
 
@@ -286,6 +322,7 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int = Field(default=16, ge=0, le=1_000_000)  # 0: the prompt alone (with echo + logprobs: scored)
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's (and HF's): the tokenizer's own special tokens (a BOS) around a text
 
     @field_validator("prompt")
     @classmethod
@@ -518,7 +555,7 @@ class TokenizeRequest(_Template, RequestBody):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)  # (with messages: written into the prompt)
-    add_special_tokens: bool = False
+    add_special_tokens: bool = True  # (a prompt's: as /v1/completions takes it; messages get the template's alone)
 
     @model_validator(mode="after")
     def _one_input(self):

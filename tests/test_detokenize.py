@@ -66,6 +66,31 @@ def test_eos_and_stop_token_ids_end_without_their_text(tok):
     assert reason == "stop" and "".join(pieces) == tok.decode(ids[:-1])
 
 
+def test_include_stop_str_in_output_keeps_what_ended_the_text(tok):
+    """vLLM's include_stop_str_in_output: the stop string stays (the text after it still goes), and so does a stop
+    token's text; streamed pieces add up to it as before."""
+    ids = tok(TEXT).input_ids
+    pieces, reason, seq = stream(tok, ids, SamplingParams(max_tokens=len(ids), stop=["café", "naïve"],
+                                                          include_stop_str_in_output=True))
+    assert reason == "stop" and "".join(pieces) == TEXT[: TEXT.find("naïve") + len("naïve")] == seq.text
+    hello = tok("hello world").input_ids
+    pieces, reason, _ = stream(tok, hello + [65], SamplingParams(max_tokens=50, stop_token_ids=[hello[-1]],
+                                                                 include_stop_str_in_output=True))
+    assert reason == "stop" and "".join(pieces) == "hello world"
+
+
+def test_skip_special_tokens_false_keeps_their_text(tok):
+    """vLLM's skip_special_tokens: by default a special token's text is left out of the output; false keeps it (the
+    engine picks the decoder by the request's flag)."""
+    special = tok.convert_tokens_to_ids(tok.all_special_tokens[0])
+    ids = tok("hi").input_ids + [special] + tok(" there").input_ids
+    pieces, _, _ = stream(tok, ids, SamplingParams(max_tokens=len(ids)))
+    assert "".join(pieces) == "hi there"
+    pieces, _, _ = stream(tok, ids, SamplingParams(max_tokens=len(ids), skip_special_tokens=False),
+                          decode=decoder(tok, skip_special_tokens=False))
+    assert "".join(pieces) == "hi" + tok.all_special_tokens[0] + " there"
+
+
 def test_an_incomplete_character_at_the_end_is_flushed(tok):
     ids = tok("ok 🚀").input_ids[:-1]  # the rocket's last byte never comes: the length limit ends the output first
     pieces, reason, seq = stream(tok, ids, SamplingParams(max_tokens=len(ids)))

@@ -119,6 +119,60 @@ def test_engine_refuses_bad_values(tiny):
     assert not engine.has_work()
 
 
+def test_allowed_token_ids_and_bad_words_by_hand():
+    """vLLM's allowed_token_ids (every other token at -inf) and bad_words (a word's last token at -inf where the output
+    ends with the tokens before it; a one-token word everywhere), beside a bias; a bad word yields where nothing else
+    would be left."""
+    from server.engine.sampler import banned_words
+
+    row = torch.tensor([2.0, -1.0, 4.0, 0.5, 1.0, 3.0])
+    inf = float("-inf")
+    p = SamplingParams(allowed_token_ids=[1, 3, 4], logit_bias={4: 3.0})
+    assert p.adjusts and adjust_logits(row.clone(), p, TokenHistory([0])).tolist() == [inf, -1.0, inf, 0.5, 4.0, inf]
+    p = SamplingParams(bad_words_ids=[[5], [0, 2], [3, 0, 4]])
+    assert banned_words(p, []) == [5] and banned_words(p, [1, 0]) == [5, 2] and banned_words(p, [3, 0]) == [5, 2, 4]
+    assert adjust_logits(row.clone(), p, TokenHistory([0]).update([7, 0])).tolist() == [2.0, -1.0, inf, 0.5, 1.0, inf]
+    only = SamplingParams(allowed_token_ids=[5], bad_words_ids=[[5]])  # (5 is all that is left: it stays)
+    assert adjust_logits(row.clone(), only, TokenHistory([0])).tolist() == [inf] * 5 + [3.0]
+
+
+def test_engine_allowed_token_ids_and_bad_words_equal_reference_loops(tiny):
+    """Greedy and sampled: only allowed ids come out, and a bad word is never completed - the reference loop with the
+    same masks gives the same greedy tokens."""
+    from server.engine import EngineError
+
+    engine, model, tok = tiny
+    ids = tok(PROMPTS[0]).input_ids
+    plain = run(engine, "plain-a", ids, max_tokens=16)
+    allowed = sorted({plain[0], plain[1], 70, 71, 72})
+    got = run(engine, "allow", ids, allowed_token_ids=allowed, max_tokens=16)
+    want, seq = [], list(ids)
+    with torch.no_grad():
+        for _ in range(16):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            keep = torch.full_like(logits, float("-inf"))
+            keep[allowed] = logits[allowed]
+            want.append(int(keep.argmax()))
+            seq.append(want[-1])
+    assert got == want
+    sampled = run(engine, "allow-s", ids, allowed_token_ids=allowed, max_tokens=40, temperature=1.3, seed=3)
+    assert set(sampled) <= set(allowed)
+    # the plain run's first two tokens as a bad word: its second token never follows its first
+    word = plain[:2]
+    got = run(engine, "bad", ids, bad_words_ids=[word], max_tokens=16)
+    assert got[0] == plain[0] and got[1] != plain[1]
+    assert all(got[i:i + 2] != word for i in range(len(got) - 1))
+    with pytest.raises(EngineError) as err:
+        engine.submit(GenerationRequest("x", [1, 2], SamplingParams(allowed_token_ids=[])), lambda e: None)
+    assert err.value.param == "allowed_token_ids"
+    with pytest.raises(EngineError) as err:
+        engine.submit(GenerationRequest("x", [1, 2], SamplingParams(allowed_token_ids=[1],
+                                                                    grammar=("choice", ["a"], "guided_choice"))),
+                      lambda e: None)
+    assert err.value.param == "allowed_token_ids"
+    assert not engine.has_work()
+
+
 def reference_min_tokens(model, ids, new, banned, min_tokens):
     """Greedy by full forwards, ``banned`` at -inf until ``min_tokens`` tokens are out."""
     ids, out = list(ids), []

@@ -149,6 +149,88 @@ def test_structured_output(server, client):
             assert (bad.json()["error"]["param"] or "").startswith(param), bad.json()
 
 
+def test_vllm_sampling_and_output_extras(server, client):
+    """vLLM's include_stop_str_in_output, skip_special_tokens, allowed_token_ids, bad_words, truncate_prompt_tokens /
+    truncation_side, return_tokens_as_token_ids and return_token_ids (streamed and not), as its clients send them."""
+    def complete(**extra):
+        kw = {k: extra.pop(k) for k in ("prompt", "max_tokens", "logprobs", "echo", "stop") if k in extra}
+        kw.setdefault("prompt", "Hello there")
+        return client.completions.create(model="alpha", temperature=0, **{"max_tokens": 12, **kw}, extra_body=extra)
+
+    plain = complete(return_token_ids=True, ignore_eos=True)
+    ids, text = plain.choices[0].token_ids, plain.choices[0].text
+    assert len(ids) == 12 and plain.choices[0].prompt_token_ids == list(b"Hello there")
+    # the stop string that ended the text stays in it
+    stop = text[3:5]
+    cut = complete(stop=[stop], ignore_eos=True)
+    kept = complete(stop=[stop], ignore_eos=True, include_stop_str_in_output=True)
+    assert cut.choices[0].text == text[: text.find(stop)] and kept.choices[0].text == text[: text.find(stop) + 2]
+    # special tokens' text: left out by default, kept with skip_special_tokens false
+    special = complete(allowed_token_ids=[257], ignore_eos=True, max_tokens=2, return_token_ids=True)
+    assert special.choices[0].token_ids == [257, 257] and special.choices[0].text == ""
+    shown = complete(allowed_token_ids=[257], ignore_eos=True, max_tokens=2, skip_special_tokens=False)
+    assert shown.choices[0].text == "<|im_start|>" * 2
+    # only allowed ids, greedy and sampled
+    allowed = sorted({ids[0], ids[1], 120, 121})
+    r = client.completions.create(model="beta", prompt="x", max_tokens=16, temperature=1.2, seed=3,
+                                  extra_body={"allowed_token_ids": allowed, "return_token_ids": True, "ignore_eos": True})
+    assert set(r.choices[0].token_ids) <= set(allowed)
+    # a bad word is never completed (its first token may come; the one after it may not follow)
+    word = bytes(ids[:2]).decode("latin-1")  # (the tiny tokenizer: a token a byte)
+    banned = complete(bad_words=[word], ignore_eos=True, return_token_ids=True).choices[0].token_ids
+    assert banned[0] == ids[0] and all(banned[j:j + 2] != ids[:2] for j in range(len(banned) - 1))
+    # truncation: the last (or first) k prompt tokens; echo shows the prompt as computed
+    t = complete(prompt="abcdefghij", truncate_prompt_tokens=4, echo=True, max_tokens=2, return_token_ids=True)
+    assert t.usage.prompt_tokens == 4 and t.choices[0].prompt_token_ids == list(b"ghij")
+    assert t.choices[0].text.startswith("ghij")
+    right = complete(prompt="abcdefghij", truncate_prompt_tokens=4, truncation_side="right", max_tokens=1,
+                     return_token_ids=True)
+    assert right.choices[0].prompt_token_ids == list(b"abcd")
+    huge = "word " * 60_000  # past any context's characters: refused, unless truncated
+    assert complete(prompt=huge, truncate_prompt_tokens=-1, max_tokens=6).usage.prompt_tokens == 250
+    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": huge}], max_tokens=1,
+                                          extra_body={"truncate_prompt_tokens": 100, "return_token_ids": True})
+    assert chat.usage.prompt_tokens == 100 and len(chat.model_extra["prompt_token_ids"]) == 100
+    # logprobs naming tokens by id
+    lp = complete(logprobs=2, return_tokens_as_token_ids=True, return_token_ids=True).choices[0]
+    assert lp.logprobs.tokens == [f"token_id:{i}" for i in lp.token_ids]
+    assert all(all(k.startswith("token_id:") for k in top) for top in lp.logprobs.top_logprobs)
+    c = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=1,
+                                       extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
+    assert [e.token for e in c.choices[0].logprobs.content] == [f"token_id:{i}" for i in c.choices[0].token_ids]
+    # streamed: the prompt's ids once, the generated ones add up to the whole
+    for chat_mode in (False, True):
+        kw = dict(model="alpha", max_tokens=12, temperature=0, stream=True,
+                  extra_body={"return_token_ids": True, "ignore_eos": True})
+        stream = (client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw) if chat_mode
+                  else client.completions.create(prompt="Hello there", **kw))
+        got, prompts = [], []
+        for chunk in stream:
+            for ch in chunk.choices:
+                got += ch.model_extra["token_ids"]
+                if not chat_mode and ch.model_extra.get("prompt_token_ids") is not None:
+                    prompts.append(ch.model_extra["prompt_token_ids"])
+            if chat_mode and chunk.model_extra.get("prompt_token_ids") is not None:
+                prompts.append(chunk.model_extra["prompt_token_ids"])
+        assert len(got) == 12 and len(prompts) == 1
+        if not chat_mode:
+            assert got == ids and prompts == [list(b"Hello there")]
+    # refused, naming the field
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for body, param in (({"truncate_prompt_tokens": 257}, "truncate_prompt_tokens"),
+                        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+                        ({"allowed_token_ids": []}, "allowed_token_ids"),
+                        ({"allowed_token_ids": [100_000]}, "allowed_token_ids"),
+                        ({"allowed_token_ids": [5], "guided_regex": "a+"}, "allowed_token_ids"),
+                        ({"bad_words": [" "]}, "bad_words"),
+                        ({"truncation_side": "middle"}, "truncation_side")):
+        bad = httpx.post(server.url + "/v1/completions", headers=auth, json={"model": "alpha", "prompt": "x", **body})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (body, bad.text)
+    assert httpx.post(server.url + "/v1/completions", headers=auth,
+                      json={"model": "alpha", "prompt": huge}).json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_tokenize_and_detokenize(server, client):
     """vLLM's /tokenize and /detokenize: the same ids the completion and chat endpoints count as prompt tokens."""
     auth = {"Authorization": f"Bearer {KEY}"}

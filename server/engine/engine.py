@@ -116,7 +116,9 @@ class Engine:
         self._threads = torch.get_num_threads()  # (the steps' team, as set where the engine is built: thread_shares)
         self.config = cfg = config or EngineConfig()
         self.tokenizer = tokenizer
-        self._decode = decoder(tokenizer)  # ids -> text, for each new token (incremental detokenization)
+        # ids -> text, for each new token (incremental detokenization): special tokens left out, or (vLLM's
+        # skip_special_tokens false) kept
+        self._decoders = {True: decoder(tokenizer), False: decoder(tokenizer, skip_special_tokens=False)}
         mc = model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         dtype = next(model.parameters()).dtype
@@ -943,7 +945,8 @@ class Engine:
         if s.history is not None and s.history.matcher is not None:  # a grammar that took a stop token ends here
             if s.history.update(s.output_ids).matcher.terminated:
                 s.finish_reason = "stop"
-        text, finished = update_text(s, self._decode, self.eos_ids, self.config.max_model_len)
+        text, finished = update_text(s, self._decoders[s.params.skip_special_tokens], self.eos_ids,
+                                     self.config.max_model_len)
         lps = [] if lp is None else [(token, lp[0], lp[1][: s.params.logprobs])]
         event = Event(s.request.request_id, s.index, [token], text, lps, finished, s.finish_reason,
                       len(s.prompt_ids), len(s.output_ids), cached_tokens=s.cached_tokens,

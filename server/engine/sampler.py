@@ -36,6 +36,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # log p of each prompt token (and its top-N) under the tokens before it
     grammar: tuple | None = None  # structured output: (kind of server.engine.grammar.KINDS, spec, request field)
     compiled_grammar: object | None = None  # its xgrammar compilation (the engine's Grammars.compile)
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be sampled
+    bad_words_ids: list[list[int]] | None = None  # vLLM's bad_words, tokenized: a word's last token is banned where
+    # the output ends with the tokens before it (a one-token word: everywhere)
+    include_stop_str_in_output: bool = False  # vLLM's: the matched stop string (or stop token's text) stays in the text
+    skip_special_tokens: bool = True  # vLLM's: special tokens' text left out of the output text
 
     @property
     def greedy(self) -> bool:
@@ -67,6 +72,13 @@ class SamplingParams:
             ("logit_bias", all(finite(v) for v in (self.logit_bias or {}).values()), must("logit_bias", "finite biases")),
             ("logit_bias", ids_ok(self.logit_bias or ()), f"logit_bias token ids must be in [0, {vocab})"),
             ("stop_token_ids", ids_ok(self.stop_token_ids), f"stop_token_ids must be in [0, {vocab})"),
+            ("allowed_token_ids", self.allowed_token_ids is None or (bool(self.allowed_token_ids)
+                                                                     and ids_ok(self.allowed_token_ids)),
+             f"allowed_token_ids must be a non-empty list of ids in [0, {vocab})"),
+            ("allowed_token_ids", self.allowed_token_ids is None or self.grammar is None,
+             "allowed_token_ids cannot be combined with structured output or tools (a grammar)"),
+            ("bad_words", all(w and ids_ok(w) for w in self.bad_words_ids or ()),
+             f"bad words must be non-empty token sequences in [0, {vocab})"),
             ("stop", self.stop is None or isinstance(self.stop, list) and all(isinstance(t, str) and t for t in self.stop),
              must("stop", "a list of non-empty strings")))
         return [(name, message) for name, ok, message in checks if not ok]
@@ -75,7 +87,7 @@ class SamplingParams:
     def adjusts(self) -> bool:
         """Whether the logits change before sampling (penalties, a bias, min_tokens, a grammar)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
-                    or self.min_tokens > 0 or self.grammar is not None)
+                    or self.min_tokens > 0 or self.grammar is not None or self.allowed_token_ids or self.bad_words_ids)
 
 
 class TokenHistory:
@@ -90,6 +102,7 @@ class TokenHistory:
         self.seen = set(prompt_ids)
         self.counts: dict[int, int] = {}
         self.done = 0  # output tokens counted so far
+        self.output: list[int] = []  # the output's tokens (bad words match its end)
         self._seen_t: torch.Tensor | None = None
         self._count_t: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -103,12 +116,14 @@ class TokenHistory:
                 self.seen.add(t)
                 self._seen_t = None
         self.done = len(output_ids)
+        self.output = output_ids
         return self
 
     def grammar_only(self, p: SamplingParams) -> bool:
         """Whether, at this step, the grammar is the only thing that changes this sequence's logits."""
         return (self.matcher is not None and p.repetition_penalty == 1.0 and not p.presence_penalty
-                and not p.frequency_penalty and not p.logit_bias and not (self.done < p.min_tokens and self.stop_ids.numel()))
+                and not p.frequency_penalty and not p.logit_bias and not p.allowed_token_ids and not p.bad_words_ids
+                and not (self.done < p.min_tokens and self.stop_ids.numel()))
 
     def seen_ids(self) -> torch.Tensor:
         if self._seen_t is None:
@@ -122,12 +137,25 @@ class TokenHistory:
         return self._count_t
 
 
+def banned_words(p: SamplingParams, output: list[int]) -> list[int]:
+    """The tokens ``p.bad_words_ids`` ban next after ``output``: each word's last token where the output ends with the
+    tokens before it (vLLM's rule: a word is never completed, though its first tokens may be sampled)."""
+    out = []
+    for word in p.bad_words_ids or ():
+        head = word[:-1]
+        if not head or (len(output) >= len(head) and output[len(output) - len(head):] == head):
+            out.append(word[-1])
+    return out
+
+
 def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -> torch.Tensor:
     """One sequence's float32 logits [V] adjusted, in vLLM's order: the repetition penalty
     over every token of the prompt and the output, then the frequency and presence penalties over the output's
-    tokens (OpenAI: logit - count * frequency - (count > 0) * presence), then the bias, a grammar's disallowed tokens
-    to -inf, and below ``min_tokens`` output tokens the stop tokens (EOS unless ignored, stop_token_ids) to -inf
-    unless nothing else is left. In place; returns row."""
+    tokens (OpenAI: logit - count * frequency - (count > 0) * presence), then the bias, every token but
+    ``allowed_token_ids`` to -inf, a grammar's disallowed tokens to -inf, the tokens that would complete a bad word
+    to -inf unless nothing else is left (a grammar may allow only such a token), and below ``min_tokens`` output
+    tokens the stop tokens (EOS unless ignored, stop_token_ids) to -inf unless nothing else is left. In place;
+    returns row."""
     if p.repetition_penalty != 1.0 and history.seen:
         seen = history.seen_ids().to(row.device)
         vals = row[seen]
@@ -138,8 +166,19 @@ def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
         row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=row.device)
+    if p.allowed_token_ids:
+        ids = torch.tensor(p.allowed_token_ids, dtype=torch.long, device=row.device)
+        kept = row[ids]
+        row.fill_(float("-inf"))
+        row[ids] = kept
     if history.matcher is not None:
         history.matcher.mask_(row)
+    if p.bad_words_ids and (banned := banned_words(p, history.output)):
+        ids = torch.tensor(banned, dtype=torch.long, device=row.device)
+        kept = row[ids].clone()
+        row[ids] = float("-inf")
+        if not bool(torch.isfinite(row).any()):
+            row[ids] = kept
     if history.done < p.min_tokens and history.stop_ids.numel():
         stop = history.stop_ids.to(row.device)
         kept = row[stop].clone()

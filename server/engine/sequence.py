@@ -105,14 +105,14 @@ class Sequence:
         return self.output_ids[-1]
 
 
-def decoder(tokenizer) -> Callable[[list[int]], str]:
-    """ids -> text as ``tokenizer.decode(ids, skip_special_tokens=True)`` returns it, called on every new token of every
+def decoder(tokenizer, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+    """ids -> text as ``tokenizer.decode(ids, skip_special_tokens=...)`` returns it, called on every new token of every
     sequence. A fast (Rust) tokenizer without clean-up decodes through its backend directly: transformers' decode
     converts every id through ``to_py_obj`` first (~25 us a call at 16 ids, 0.3 ms at 4000)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _decode_more(seq: Sequence, decode: Callable[[list[int]], str], ids: list[int], final: bool) -> None:
@@ -132,7 +132,8 @@ def _decode_more(seq: Sequence, decode: Callable[[list[int]], str], ids: list[in
 
 def update_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: set[int], max_len: int) -> tuple[str, bool]:
     """After a new token: extend the decoded text, apply stop conditions; return (new text to emit, finished).
-    ``decode``: :func:`decoder` of the tokenizer.
+    ``decode``: :func:`decoder` of the tokenizer (the one of the request's ``skip_special_tokens``). A stop string
+    (or a stop token) ends the text before it, or with ``include_stop_str_in_output`` after it.
 
     Text that could still become a stop string, or ends in an incomplete UTF-8 character, is held back
     until it is decided, so a stream never emits what the final text will not contain. Each call decodes a window
@@ -145,7 +146,7 @@ def update_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: set[
     early = len(seq.output_ids) < p.min_tokens  # no stop condition but the length yet (min_tokens)
     if not early and ((not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids):
         seq.finish_reason = "stop"
-    ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids
+    ids = seq.output_ids[:-1] if seq.finish_reason == "stop" and not p.include_stop_str_in_output else seq.output_ids
     if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens or seq.length >= max_len):
         seq.finish_reason = "length"
     _decode_more(seq, decode, ids, final=seq.finish_reason is not None)
@@ -157,7 +158,8 @@ def update_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: set[
         hits = [(text.find(s, start), s) for s in p.stop if s]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
-            text = seq.text = text[: min(hits)[0]]
+            at, stop = min(hits)
+            text = seq.text = text[: at + (len(stop) if p.include_stop_str_in_output else 0)]
             seq.finish_reason = "stop"
     finished = seq.finish_reason is not None
     end = len(text)
