@@ -7,8 +7,8 @@ and prefills from there. Chats resend their whole history and a system prompt op
 time to first token no longer grows with what came before.
 
 What matches: blocks of :data:`BLOCK` tokens, each identified by a hash of its tokens chained to every block before
-it and seeded with the adapter's slot id (:func:`chain`; a slot id is never reused, so a reloaded adapter never meets
-keys and values its predecessor computed). A match is then checked token by token against the slot's contents, so a
+it and seeded with the adapter's slot id (:func:`chain`; an adapter's blocks are forgotten when it is unloaded, so an
+adapter loaded later into its slot id never meets keys and values its predecessor computed). A match is then checked token by token against the slot's contents, so a
 hash collision cannot hand a sequence another prompt's cache. At most ``len(prompt) - 1`` tokens are taken: the last
 prompt token is always computed, its logits choose the first new token.
 
