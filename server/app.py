@@ -534,7 +534,7 @@ def create_app(state: ServerState) -> FastAPI:
                 for i, ids in enumerate(prompt_ids):
                     sub = f"{rid}-{i}"
                     req = GenerationRequest(sub, ids, params, adapter, trace=body.remix_routing is not None,
-                                            priority=body.priority)
+                                            priority=body.priority, cache_salt=body.cache_salt)
                     state.engine.submit(req, lambda ev, i=i, q=queue: loop.call_soon_threadsafe(q.put_nowait, (i, ev)))
                     sub_ids.append(sub)
                 break

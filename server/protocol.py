@@ -225,6 +225,7 @@ class _Common(RequestBody):
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:{id}"
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids beside the text
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)  # vLLM's: lower is admitted first
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)  # vLLM's: prefix cache per salt
     remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
 
     @model_validator(mode="after")

@@ -111,6 +111,7 @@ class ResponsesRequest(RequestBody):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     top_k: int = Field(default=0, ge=0, le=100_000)
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
 
     @field_validator("metadata")
     @classmethod
@@ -181,7 +182,7 @@ def chat_body(body: ResponsesRequest, messages: list[dict]) -> dict:
     if body.stream:
         out["stream_options"] = {"include_usage": True}
     for ours, theirs in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"),
-                         ("top_p", "top_p"), ("seed", "seed"), ("user", "user")):
+                         ("top_p", "top_p"), ("seed", "seed"), ("user", "user"), ("cache_salt", "cache_salt")):
         if getattr(body, ours) is not None:
             out[theirs] = getattr(body, ours)
     if body.tools:

@@ -135,6 +135,45 @@ def test_adapters_never_share_keys_and_values(tiny, tmp_path):
     assert third[2].cached_tokens == 0 and third[:2] == run(plain, "a3", p, adapter="a")[:2]
 
 
+def test_a_cache_salt_shares_blocks_only_within_itself(tiny, tmp_path):
+    """vLLM's cache_salt: requests of one salt reuse each other's prefixes; another salt, or none, computes its own
+    (the same tokens either way); requests of different salts arriving together do not wait on each other's blocks;
+    an unloaded adapter's salted blocks go with it."""
+    model, _ = tiny
+    cached, plain = engines(tiny)
+    p = SYSTEM + ids(7, 9)
+
+    def salted(engine, rid, salt, adapter=None):
+        events = collect(engine, GenerationRequest(rid, p, greedy(12), adapter=adapter, cache_salt=salt))
+        return tokens_of(events), logprobs_of(events), events[-1].cached_tokens
+
+    want = run(plain, "w", p)[:2]
+    first = salted(cached, "a1", "tenant-a")
+    assert first[2] == 0 and first[:2] == want
+    assert salted(cached, "a2", "tenant-a")[2] == 48  # (all but the last prompt token: three blocks)
+    for rid, salt in (("b1", "tenant-b"), ("n1", None)):
+        got = salted(cached, rid, salt)
+        assert got[2] == 0 and got[:2] == want, rid
+    assert salted(cached, "n2", None)[2] == 48 and salted(cached, "b2", "tenant-b")[2] == 48
+    # together: each salt's first computes the opening; its second (alone: waits a step a block for the first) copies
+    sinks = {rid: [] for rid in ("t1", "t2", "u1")}
+    q = SYSTEM + ids(8, 30)
+    for rid, salt in (("t1", "x"), ("u1", "y"), ("t2", "x")):
+        cached.submit(GenerationRequest(rid, q, greedy(4), cache_salt=salt), sinks[rid].append)
+    while cached.has_work():
+        cached.step()
+    assert [sinks[r][-1].cached_tokens for r in ("t1", "u1", "t2")] == [0, 0, 64]
+    assert len({tuple(tokens_of(sinks[r])) for r in sinks}) == 1
+    # an adapter's salted blocks go when it is unloaded
+    cached.load_adapter("a", make_adapter(model, tmp_path / "a", seed=3))
+    salted(cached, "s1", "tenant-a", adapter="a")
+    assert salted(cached, "s2", "tenant-a", adapter="a")[2] == 48
+    cached.unload_adapter("a")
+    cached.step()
+    cached.load_adapter("a", str(tmp_path / "a"))
+    assert salted(cached, "s3", "tenant-a", adapter="a")[2] == 0
+
+
 def test_requests_arriving_together_compute_their_opening_once(tiny):
     cached, plain = engines(tiny)
     sampled = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=7, n=3, logprobs=0)

@@ -216,6 +216,11 @@ def test_vllm_sampling_and_output_extras(server, client):
         assert len(got) == 12 and len(prompts) == 1
         if not chat_mode:
             assert got == ids and prompts == [list(b"Hello there")]
+    # cache_salt: the prefix cache shared only among requests of one salt
+    opening = "salted opening " * 5
+    cached = [complete(prompt=opening + tail, max_tokens=1, cache_salt=salt).usage.prompt_tokens_details.cached_tokens
+              for tail, salt in (("one", "s1"), ("two", "s1"), ("three", "s2"), ("four", None))]
+    assert cached[0] == 0 and cached[1] >= 64 and cached[2] == 0 and cached[3] == 0
     # refused, naming the field
     auth = {"Authorization": f"Bearer {KEY}"}
     for body, param in (({"truncate_prompt_tokens": 257}, "truncate_prompt_tokens"),
@@ -224,7 +229,8 @@ def test_vllm_sampling_and_output_extras(server, client):
                         ({"allowed_token_ids": [100_000]}, "allowed_token_ids"),
                         ({"allowed_token_ids": [5], "guided_regex": "a+"}, "allowed_token_ids"),
                         ({"bad_words": [" "]}, "bad_words"),
-                        ({"truncation_side": "middle"}, "truncation_side")):
+                        ({"truncation_side": "middle"}, "truncation_side"),
+                        ({"cache_salt": ""}, "cache_salt")):
         bad = httpx.post(server.url + "/v1/completions", headers=auth, json={"model": "alpha", "prompt": "x", **body})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (body, bad.text)
     assert httpx.post(server.url + "/v1/completions", headers=auth,

@@ -36,7 +36,7 @@ from server.engine.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
 from server.engine.sampler import first_argmax, sample, token_logprobs
 from server.engine.speculative import SCHEDULES, DraftPolicy, DraftStats, NgramIndex
-from server.engine.sequence import Event, GenerationRequest, Sequence, Status, decoder, update_text
+from server.engine.sequence import Event, GenerationRequest, Sequence, Status, decoder, prefix_owner, update_text
 
 log = logging.getLogger(__name__)
 
@@ -621,7 +621,8 @@ class Engine:
         seqs = self.requests[request.request_id] = []  # (filled as they are seated: a failure ends those seated)
         # (a traced request, or one that wants its prompt's log-probabilities, computes its whole prompt)
         computes_all = request.trace or request.params.prompt_logprobs is not None
-        hashes = chain(request.prompt_ids, slot) if self.prefix is not None and not computes_all else None
+        hashes = (chain(request.prompt_ids, prefix_owner(slot, request.cache_salt))
+                  if self.prefix is not None and not computes_all else None)
         for index in range(request.params.n):
             gen = None
             if not request.params.greedy:
@@ -656,7 +657,7 @@ class Engine:
         before seating and planning (sequences seated in the step tell it themselves)."""
         for slot, s in enumerate(self.slot_seq):
             if s is not None:
-                self.prefix.hold(slot, s.prompt_ids, s.output_ids, s.adapter_slot, s.num_computed)
+                self.prefix.hold(slot, s.prompt_ids, s.output_ids, s.prefix_owner, s.num_computed)
 
     def _seat(self, seq: Sequence, free: list[int]) -> None:
         """Give a new sequence a free slot, with the longest prefix of its prompt that a slot holds: the free slot that
@@ -677,7 +678,7 @@ class Engine:
         if length and donor != seq.slot:
             self.runner.cache.move(donor, seq.slot, length)
         keep = length // BLOCK if donor == seq.slot else 0
-        self.prefix.hold(seq.slot, prompt, seq.output_ids, seq.adapter_slot, length, keep=keep)
+        self.prefix.hold(seq.slot, prompt, seq.output_ids, seq.prefix_owner, length, keep=keep)
         if length:
             seq.num_computed = seq.cached_tokens = length
             self.prefix.hits += 1
@@ -696,7 +697,7 @@ class Engine:
         self.prefix.tokens += length - seq.num_computed
         seq.cached_tokens += length - seq.num_computed
         seq.num_computed = length
-        self.prefix.hold(seq.slot, prompt, seq.output_ids, seq.adapter_slot, length)
+        self.prefix.hold(seq.slot, prompt, seq.output_ids, seq.prefix_owner, length)
 
     @staticmethod
     def _waits(seq: Sequence, plan: list[tuple[Sequence, int]]) -> bool:
@@ -976,7 +977,7 @@ class Engine:
         if 0 <= seq.slot < self.num_slots and self.slot_seq[seq.slot] is seq:
             self.slot_seq[seq.slot] = None
             if self.prefix is not None:  # its keys and values stay for later prompts
-                self.prefix.hold(seq.slot, seq.prompt_ids, seq.output_ids, seq.adapter_slot, seq.num_computed)
+                self.prefix.hold(seq.slot, seq.prompt_ids, seq.output_ids, seq.prefix_owner, seq.num_computed)
                 self.prefix.release(seq.slot)
         seq.slot = -1
         if seq.request.adapter is not None and seq.request.adapter in self.registry.adapters:

@@ -7,7 +7,8 @@ and prefills from there. Chats resend their whole history and a system prompt op
 time to first token no longer grows with what came before.
 
 What matches: blocks of :data:`BLOCK` tokens, each identified by a hash of its tokens chained to every block before
-it and seeded with the adapter's slot id (:func:`chain`; an adapter's blocks are forgotten when it is unloaded, so an
+it and seeded with the adapter's slot id and the request's cache salt, if any (vLLM's ``cache_salt``: a tenant's
+prompts then never share blocks with another's, so none can learn from a faster first token what another sent) (:func:`chain`; an adapter's blocks are forgotten when it is unloaded, so an
 adapter loaded later into its slot id never meets keys and values its predecessor computed). A match is then checked token by token against the slot's contents, so a
 hash collision cannot hand a sequence another prompt's cache. At most ``len(prompt) - 1`` tokens are taken: the last
 prompt token is always computed, its logits choose the first new token.
@@ -29,9 +30,10 @@ import itertools
 BLOCK = 16  # tokens a hash covers (a match is a whole number of blocks, capped at the prompt's length - 1)
 
 
-def chain(tokens: list[int], adapter: int, start: list[int] | None = None, upto: int | None = None) -> list[int]:
+def chain(tokens: list[int], adapter, start: list[int] | None = None, upto: int | None = None) -> list[int]:
     """Hashes of the complete blocks of ``tokens[:upto]``, each chained to every block before it, for ``adapter``
-    (its slot id, -1 = the bare base); ``start``: hashes already known for the first blocks (extended, not copied)."""
+    (its slot id, -1 = the bare base, or (slot id, cache salt): server.engine.sequence.prefix_owner); ``start``:
+    hashes already known for the first blocks (extended, not copied)."""
     out = [] if start is None else start
     n = (len(tokens) if upto is None else min(upto, len(tokens))) // BLOCK
     h = out[-1] if out else hash(("remix-prefix", adapter))
@@ -108,9 +110,9 @@ class PrefixIndex:
         return bool(self.blocks[slot])
 
     def forget(self, adapter: int | None = None) -> None:
-        """Drop every slot's blocks (``adapter`` given: the slots holding that adapter's tokens)."""
+        """Drop every slot's blocks (``adapter`` given: the slots holding that adapter's tokens, salted or not)."""
         for slot, (_, _, a) in enumerate(self.source):
-            if adapter is None or a == adapter:
+            if adapter is None or a == adapter or (isinstance(a, tuple) and a[0] == adapter):
                 self._drop(slot)
 
     # -- lookups -----------------------------------------------------------------------------------------------------

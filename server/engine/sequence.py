@@ -26,6 +26,7 @@ class GenerationRequest:
     adapter: str | None = None
     trace: bool = False
     priority: int = 0  # lower first (vLLM's convention); arrival order among equals
+    cache_salt: str | None = None  # vLLM's: prefix-cache entries shared only with requests of the same salt
 
 
 @dataclass
@@ -94,6 +95,12 @@ class Sequence:
         return self.request.prompt_ids
 
     @property
+    def prefix_owner(self):
+        """What the prefix cache keys this sequence's keys and values by beside their tokens (server.engine.prefix):
+        its adapter's slot id, with its request's cache salt where it has one."""
+        return prefix_owner(self.adapter_slot, self.request.cache_salt)
+
+    @property
     def params(self) -> SamplingParams:
         return self.request.params
 
@@ -103,6 +110,10 @@ class Sequence:
 
     def next_input(self) -> int:
         return self.output_ids[-1]
+
+
+def prefix_owner(adapter_slot: int, salt: str | None):
+    return adapter_slot if salt is None else (adapter_slot, salt)
 
 
 def decoder(tokenizer, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
