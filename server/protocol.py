@@ -41,16 +41,30 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or json_schema."""
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or json_schema; and vLLM's
+    structural_tag (xgrammar's ``format``, or the older ``structures`` and ``triggers``)."""
     model_config = ConfigDict(extra="forbid")
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    format: dict | None = None
+    structures: list[dict] | None = None
+    triggers: list[str] | None = None
 
     @model_validator(mode="after")
     def _schema_given(self):
         if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
             raise ValueError("type json_schema needs json_schema.schema")
+        tagged = self.format is not None or self.structures is not None or self.triggers is not None
+        if self.type == "structural_tag" and (self.format is None) == (self.structures is None or self.triggers is None):
+            raise ValueError("type structural_tag needs format, or structures and triggers")
+        if self.type != "structural_tag" and tagged:
+            raise ValueError("format, structures and triggers go with type structural_tag")
         return self
+
+    def structural_tag(self) -> dict:
+        if self.format is not None:
+            return {"type": "structural_tag", "format": self.format}
+        return {"structures": self.structures, "triggers": self.triggers}
 
 
 def _json_spec(v, param: str):
@@ -536,6 +550,8 @@ def _grammar(body) -> tuple | None:
         return ("json_object", None, "response_format")
     if rf is not None and rf.type == "json_schema":
         return ("json_schema", rf.json_schema.schema_, "response_format")
+    if rf is not None and rf.type == "structural_tag":
+        return ("structural_tag", rf.structural_tag(), "response_format")
     if body.structured_outputs is not None:
         return body.structured_outputs.grammar_spec()
     if body.guided_json is not None:

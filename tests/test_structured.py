@@ -139,7 +139,11 @@ def test_structural_tags_in_both_forms(tiny):
         m = xgr.GrammarMatcher(compiled)
         return all(m.accept_token(t) for t in tok(text, add_special_tokens=False).input_ids)
 
-    for tag in (older, json.dumps(older), newer):
+    from server.protocol import ChatCompletionRequest
+
+    as_format = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                                      response_format={"type": "structural_tag", **older}).to_sampling(10).grammar[1]
+    for tag in (older, json.dumps(older), newer, as_format):
         compiled = engine.compile_grammar("structural_tag", tag, "structured_outputs.structural_tag")
         assert takes(compiled, 'Let me see. <f>{"city": "Oslo"}</f> done')
         assert not takes(compiled, 'x <f>{"town": "Oslo"}')  # the schema holds inside the tag
@@ -177,6 +181,11 @@ def test_vllm_structured_outputs_fields_map_to_grammars():
     assert spec(guided_json='{"type": "object"}', guided_decoding_backend="xgrammar") == (
         "json_schema", {"type": "object"}, "guided_json")
     assert spec(guided_grammar='root ::= "x"') == ("grammar", 'root ::= "x"', "guided_grammar")
+    older = {"structures": [{"begin": "<f>", "schema": {"type": "object"}, "end": "</f>"}], "triggers": ["<f"]}
+    assert spec(response_format={"type": "structural_tag", **older}) == ("structural_tag", older, "response_format")
+    fmt = {"type": "triggered_tags", "triggers": ["<f"], "tags": []}
+    assert spec(response_format={"type": "structural_tag", "format": fmt}) == (
+        "structural_tag", {"type": "structural_tag", "format": fmt}, "response_format")
     for body, says in (({"structured_outputs": {}}, "exactly one"),
                        ({"structured_outputs": {"json": {}, "regex": "a"}}, "exactly one"),
                        ({"structured_outputs": {"json": "{nope"}}, "not valid JSON"),
@@ -186,7 +195,10 @@ def test_vllm_structured_outputs_fields_map_to_grammars():
                        ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "not supported"),
                        ({"structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "at most one"),
                        ({"guided_json": {}, "response_format": {"type": "json_object"}}, "at most one"),
-                       ({"guided_json": "nope"}, "not valid JSON")):
+                       ({"guided_json": "nope"}, "not valid JSON"),
+                       ({"response_format": {"type": "structural_tag"}}, "needs format"),
+                       ({"response_format": {"type": "structural_tag", "structures": []}}, "needs format"),
+                       ({"response_format": {"type": "json_object", "triggers": ["<f"]}}, "go with type")):
         with pytest.raises(pydantic.ValidationError, match=says):
             spec(**body)
 
