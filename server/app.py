@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from remix import __version__
 from remix import chat as chat_format
 from remix.adapter import AdapterError
 from server import responses, tools
@@ -219,7 +220,7 @@ def create_app(state: ServerState) -> FastAPI:
         deadline = start + LAZY_WAIT_S
         while True:
             try:
-                await asyncio.to_thread(state.engine.ensure_adapter, name, path)
+                await asyncio.to_thread(state.engine.ensure_adapter, name, path, True)  # (held until submitted)
                 state.metrics.adapter_wait.observe(time.monotonic() - start)
                 return
             except AdapterError as e:  # (the server's folder holds a broken adapter: not the client's doing)
@@ -231,6 +232,17 @@ def create_app(state: ServerState) -> FastAPI:
                 await asyncio.sleep(0.1)
             except EngineError as e:
                 raise APIError.of(e) from None
+
+    @app.get("/version")
+    async def version():  # (vLLM's)
+        return {"version": __version__}
+
+    @app.get("/ping")
+    @app.post("/ping")
+    async def ping():
+        """SageMaker's and vLLM's liveness check: /health's status, without the engine's figures."""
+        out = await health()
+        return out if isinstance(out, JSONResponse) else {"status": "ok"}
 
     @app.get("/health")
     async def health():
@@ -900,7 +912,8 @@ class _ResponseBuilder:
         if self._wants_logprobs() and entries:  # text_offset runs on across a choice's chunks
             lp = self._logprobs(entries, self.offsets.get(c, 0))
             if not self.chat:
-                self.offsets[c] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                self.offsets[c] = lp["text_offset"][-1] + len(self.tok.decode([entries[-1][0]]))  # (the text's length,
+                # also where return_tokens_as_token_ids names the token by its id)
         if self.chat:
             delta = {"role": "assistant"} if first else {}
             if self.tool_mode:

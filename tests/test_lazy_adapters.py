@@ -119,6 +119,28 @@ def test_an_adapter_in_steady_use_gives_way_to_one_that_waits(folder, monkeypatc
     assert not pinned.registry.adapters["a"].giving_way
 
 
+def test_an_adapter_ensured_for_a_request_is_held_until_the_request_arrives(folder, monkeypatch):
+    """ensure_adapter(hold=True), as the HTTP layer calls it: the adapter is not idle - no waiter for another unloads it
+    - until its request is submitted, or HOLD_S has passed. (Without the hold, under steady contention a waiter
+    unloaded the adapter just loaded before its request came, and that request got a 404 after three tries.)"""
+    import server.engine.engine as engine_module
+
+    engine, tok = engine_with(cap=1)
+    ids = tok("The quick brown fox").input_ids
+    path = {name: str(folder / name) for name in "ab"}
+    engine.ensure_adapter("a", path["a"], hold=True)
+    with pytest.raises(AdaptersBusy):
+        engine.ensure_adapter("b", path["b"], hold=True)  # a's request is on its way: a is not idle
+    assert set(engine.registry.adapters) == {"a"}
+    collect(engine, GenerationRequest("a1", ids, greedy(2), adapter="a"))  # it arrived, ran and finished
+    engine.ensure_adapter("b", path["b"], hold=True)
+    assert set(engine.registry.adapters) == {"b"}
+    monkeypatch.setattr(engine_module, "HOLD_S", 0.0)  # a hold whose request never comes lapses
+    engine.ensure_adapter("b", path["b"], hold=True)
+    engine.ensure_adapter("a", path["a"])
+    assert set(engine.registry.adapters) == {"a"}
+
+
 def test_adapters_loaded_by_name_stay_and_on_demand_ones_give_way_to_them(folder):
     """An adapter loaded at start or through the API is never unloaded to make room; one loaded on demand gives way
     to it; with only such adapters loaded, a further load is the usual adapter_limit error."""
@@ -219,9 +241,9 @@ def test_a_request_waits_for_room_then_gets_a_429_past_the_wait(client, monkeypa
     engine = client.app.state.remix.engine
     real, busy = engine.ensure_adapter, []
 
-    def ensure(name, path):
+    def ensure(name, path, hold=False):
         try:
-            return real(name, path)
+            return real(name, path, hold)
         except AdaptersBusy:
             busy.append(name)
             raise

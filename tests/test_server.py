@@ -195,6 +195,11 @@ def test_vllm_sampling_and_output_extras(server, client):
     lp = complete(logprobs=2, return_tokens_as_token_ids=True, return_token_ids=True).choices[0]
     assert lp.logprobs.tokens == [f"token_id:{i}" for i in lp.token_ids]
     assert all(all(k.startswith("token_id:") for k in top) for top in lp.logprobs.top_logprobs)
+    offsets = []  # streamed: text_offset still counts the text (a token's id names it, not its length)
+    for chunk in client.completions.create(model="alpha", prompt="Hello there", max_tokens=12, temperature=0, logprobs=2,
+                                           stream=True, extra_body={"return_tokens_as_token_ids": True}):
+        offsets += chunk.choices[0].logprobs.text_offset if chunk.choices and chunk.choices[0].logprobs else []
+    assert offsets == lp.logprobs.text_offset == complete(logprobs=2).choices[0].logprobs.text_offset
     c = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        temperature=0, logprobs=True, top_logprobs=1,
                                        extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
@@ -798,10 +803,12 @@ def test_queue_full_is_429_and_draining_is_503():
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["x", "y"], "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert "at most 1 prompts here (the server's --max-queue), got 2" in r.json()["error"]["message"]
+    assert client.get("/ping").json() == {"status": "ok"} and client.post("/ping").status_code == 200
+    assert client.get("/version").json() == {"version": remix.__version__}
     state.draining = True
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
-    assert client.get("/health").status_code == 503
+    assert client.get("/health").status_code == 503 and client.get("/ping").status_code == 503
 
 
 def test_a_server_on_the_8bit_kv_cache(adapters):

@@ -81,6 +81,8 @@ INTERNAL_ERROR = "internal_error"  # generating failed (the step, its sampling o
 INTERNAL_MESSAGE = "internal error while generating"
 ROOM_WANT_S = 2.0  # an adapter waiting for room (Engine._want_room) stops wanting it unless asked again within this
 GIVE_WAY_AFTER_S = 1.0  # ... and makes another give way only once it has waited this long for one to fall idle
+HOLD_S = 2.0  # an adapter ensured for a request on its way (ensure_adapter(hold=True)) is not unloaded to make room
+# until that request is submitted, or this long has passed
 ENGINE_STOPPED = EngineStopped.code  # the engine thread ended
 ADAPTER_GONE = UnknownAdapter.code  # its adapter was removed before it started
 
@@ -184,6 +186,7 @@ class Engine:
             raise EngineStopped(f"the engine has stopped ({self.stopped_by}); the server needs a restart")
         if not self.accepting:
             raise ShuttingDown("the server is shutting down")
+        adapter = None
         if request.adapter is not None:
             adapter = self.registry.adapters.get(request.adapter)
             if adapter is None or adapter.unloading:
@@ -216,6 +219,8 @@ class Engine:
             while at > 0 and self.waiting[at - 1][0].priority > request.priority:
                 at -= 1
             self.waiting.insert(at, (request, callback))
+            if adapter is not None and adapter.holds > 0:  # (arrived: waiting, it is not idle)
+                adapter.holds -= 1
         self._wake.set()
 
     def compile_grammar(self, kind: str, spec, param: str = "response_format"):
@@ -260,47 +265,63 @@ class Engine:
 
             return self.call(install)
 
-    def ensure_adapter(self, name: str, path: str) -> None:
+    def ensure_adapter(self, name: str, path: str, hold: bool = False) -> None:
         """``name`` loaded from ``path`` unless it is already (on-demand loading: a request names an adapter of the
         server's folder). Where ``max_adapters`` are loaded, the least recently used on-demand adapter that no
         running or waiting request uses (or one being unloaded) is unloaded first. Where none is idle: AdaptersBusy,
         and the least recently used on-demand adapter gives way (:meth:`_want_room`) so that the caller, asking again,
         finds room once that one's running requests finish; while ``name`` itself gives way, AdaptersBusy too.
-        AdapterError lists what is wrong with the adapter."""
+        AdapterError lists what is wrong with the adapter.
+
+        ``hold``: a request for it is on its way (the HTTP layer's): until one is submitted (or HOLD_S has passed) it
+        is not idle, so no other waiter unloads it in between. (Under contention a waiter for another adapter took the
+        adapter just loaded, idle until its request came, and that request found it gone, three times over: a 404.)"""
         with self._loading:
-            adapter = self.registry.adapters.get(name)
-            if adapter is not None:
+            self._ensure(name, path)
+            if hold:
+                with self._lock:
+                    adapter = self.registry.adapters[name]
+                    now = time.monotonic()
+                    adapter.holds = adapter.holds + 1 if adapter.held_until > now else 1
+                    adapter.held_until = now + HOLD_S
+
+    def _ensure(self, name: str, path: str) -> None:
+        """(ensure_adapter's work, under self._loading.)"""
+        adapter = self.registry.adapters.get(name)
+        if adapter is not None:
+            if adapter.giving_way:
+                self.call(self._lift_giving_way)  # (where no adapter wants room any more, though no step ran)
                 if adapter.giving_way:
-                    self.call(self._lift_giving_way)  # (where no adapter wants room any more, though no step ran)
-                    if adapter.giving_way:
-                        raise AdaptersBusy(f"the adapter {name!r} is giving way to another that waits for room "
-                                           f"(--max-adapters {self.config.max_adapters}); retry shortly")
-                if adapter.unloading:  # (being unloaded through the API: wanted again)
-                    def revive():
-                        adapter.unloading = False
-                        adapter.last_used = time.monotonic()
-                    self.call(revive)
-                return
-            self.call(self._want_room, name)  # (before reading it: a caller that waits for room reads nothing)
-            prepared = self.registry.prepare(path)
+                    raise AdaptersBusy(f"the adapter {name!r} is giving way to another that waits for room "
+                                       f"(--max-adapters {self.config.max_adapters}); retry shortly")
+            if adapter.unloading:  # (being unloaded through the API: wanted again)
+                def revive():
+                    adapter.unloading = False
+                    adapter.last_used = time.monotonic()
+                self.call(revive)
+            return
+        self.call(self._want_room, name)  # (before reading it: a caller that waits for room reads nothing)
+        prepared = self.registry.prepare(path)
 
-            def install():
-                self._make_room()
-                loaded = self.registry.install(name, path, prepared)
-                loaded.evictable, loaded.last_used = True, time.monotonic()
-                self._room_wanted.pop(name, None)
-                self.adapter_events["loads_on_demand"] += 1
-                log.info("loaded adapter %s from %s on demand", name, path)
+        def install():
+            self._make_room()
+            loaded = self.registry.install(name, path, prepared)
+            loaded.evictable, loaded.last_used = True, time.monotonic()
+            self._room_wanted.pop(name, None)
+            self.adapter_events["loads_on_demand"] += 1
+            log.info("loaded adapter %s from %s on demand", name, path)
 
-            self.call(install)
+        self.call(install)
 
     def _idle_adapters(self) -> list[LoadedAdapter]:
         """Adapters that may be unloaded now to make room: loaded on demand (or being unloaded through the API), and
         no running or waiting request uses them."""
+        now = time.monotonic()
         with self._lock:
             waiting = {r.adapter for r, _ in self.waiting}
+            held = {a.name for a in self.registry.adapters.values() if a.holds > 0 and a.held_until > now}
         return [a for a in self.registry.adapters.values()
-                if (a.evictable or a.unloading) and a.active <= 0 and a.name not in waiting]
+                if (a.evictable or a.unloading) and a.active <= 0 and a.name not in waiting and a.name not in held]
 
     def _want_room(self, name: str) -> None:
         """(Engine thread.) Return where ``name`` could be loaded now (making room where an idle adapter can give

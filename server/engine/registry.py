@@ -29,6 +29,8 @@ class LoadedAdapter:
     last_used: float = 0.0  # time.monotonic() of its load or its latest request (the least recent is evicted first)
     giving_way: bool = False  # on demand, chosen to make room for another that waits: takes no new requests (the
     # HTTP layer holds them as it holds the other's) until its running ones finish and it is unloaded
+    holds: int = 0  # requests on their way to it (Engine.ensure_adapter(hold=True)): not idle until they are submitted
+    held_until: float = 0.0  # ... or until then (time.monotonic())
 
 
 class AdapterRegistry:

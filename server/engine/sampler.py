@@ -37,6 +37,7 @@ class SamplingParams:
     grammar: tuple | None = None  # structured output: (kind of server.engine.grammar.KINDS, spec, request field)
     compiled_grammar: object | None = None  # its xgrammar compilation (the engine's Grammars.compile)
     allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be sampled
+    _allowed: torch.Tensor | None = field(default=None, repr=False, compare=False)  # (their ids as a tensor, made once)
     bad_words_ids: list[list[int]] | None = None  # vLLM's bad_words, tokenized: a word's last token is banned where
     # the output ends with the tokens before it (a one-token word: everywhere)
     include_stop_str_in_output: bool = False  # vLLM's: the matched stop string (or stop token's text) stays in the text
@@ -167,7 +168,9 @@ def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
         row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=row.device)
     if p.allowed_token_ids:
-        ids = torch.tensor(p.allowed_token_ids, dtype=torch.long, device=row.device)
+        if p._allowed is None or p._allowed.device != row.device:
+            p._allowed = torch.tensor(p.allowed_token_ids, dtype=torch.long, device=row.device)
+        ids = p._allowed
         kept = row[ids]
         row.fill_(float("-inf"))
         row[ids] = kept
