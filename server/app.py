@@ -28,10 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from remix import __version__
 from remix import chat as chat_format
 from remix.adapter import AdapterError
-from server import responses, tools
+from server import messages, responses, tools
 from server.engine import (ADAPTER_GONE, ENGINE_STOPPED, INTERNAL_ERROR, AdaptersBusy, Engine, EngineError,
                            GenerationRequest, UnknownAdapter)
 from server.metrics import Metrics
+from server.messages import CountTokensRequest, MessagesRequest
 from server.responses import ResponsesRequest
 from server.protocol import (AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                              FieldError, LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest, error_body)
@@ -112,11 +113,15 @@ def prompt_char_bound(tokenizer, max_model_len: int) -> int:
     return max(1, longest) * max_model_len
 
 
-def _error_response(state: ServerState | None, status: int, message: str, type_: str, param=None, code=None):
+def _error_response(state: ServerState | None, status: int, message: str, type_: str, param=None, code=None,
+                    request: Request | None = None):
+    """OpenAI's error object; for Anthropic's Messages endpoints (``request``'s path), Anthropic's."""
     if state is not None and state.metrics is not None:
         state.metrics.http_errors.labels(str(status)).inc()
     # a full queue: when to try again (RFC 9110's Retry-After, which OpenAI's clients honour before their own backoff)
     headers = {"Retry-After": "1"} if status == 429 else None
+    if request is not None and request.scope.get("path", "").rstrip("/").endswith(("/v1/messages", "/count_tokens")):
+        return JSONResponse(messages.error_body(status, message), status_code=status, headers=headers)
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
@@ -155,29 +160,32 @@ def create_app(state: ServerState) -> FastAPI:
             msg = f"unknown field {param!r}"
         elif param:
             msg = f"{param}: {msg}"
-        return _error_response(state, 400, msg, "invalid_request_error", param, "invalid_value")
+        return _error_response(state, 400, msg, "invalid_request_error", param, "invalid_value", request)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return _error_response(state, exc.status, exc.message, exc.type, exc.param, exc.code)
+        return _error_response(state, exc.status, exc.message, exc.type, exc.param, exc.code, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return _error_response(state, exc.status_code, str(exc.detail), ERROR_TYPES.get(exc.status_code, "error"))
+        return _error_response(state, exc.status_code, str(exc.detail), ERROR_TYPES.get(exc.status_code, "error"),
+                               request=request)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return _error_response(state, 500, "internal server error", "server_error")
+        return _error_response(state, 500, "internal server error", "server_error", request=request)
 
     def check_key(request: Request) -> None:
         if state.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not scheme and "x-api-key" in request.headers:  # (Anthropic's clients send the key so)
+            scheme, token = "bearer", request.headers["x-api-key"]
         # the scheme in any case (RFC 9110), the key compared in constant time (no timing to guess it by)
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "authentication_error",
-                           code="invalid_api_key")
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>', or Anthropic's "
+                                "'x-api-key: <key>')", "authentication_error", code="invalid_api_key")
 
     def check_loading(request: Request) -> None:
         check_key(request)
@@ -482,6 +490,67 @@ def create_app(state: ServerState) -> FastAPI:
                 state.responses.put(stream.response, messages + [stream.assistant()])
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def messages_chat(body, stream: bool = False) -> ChatCompletionRequest:
+        """A Messages request's chat request; a 400 names the Messages field it comes from."""
+        try:
+            return ChatCompletionRequest.model_validate(messages.chat_body(body, stream))
+        except ValidationError as e:
+            first = next((x for x in e.errors() if x.get("type") == "value_error"), e.errors()[0])
+            blamed = (first.get("ctx") or {}).get("error")
+            field = blamed.param if isinstance(blamed, FieldError) else str((first.get("loc") or ["messages"])[0])
+            param = messages.PARAMS.get(field, field)
+            raise APIError(400, f"{param}: " + first.get("msg", "invalid request").removeprefix("Value error, "),
+                           param=param, code="invalid_value") from None
+
+    @app.post("/v1/messages")
+    async def create_message(body: MessagesRequest, request: Request):
+        """Anthropic's Messages API, computed by the chat path (server/messages.py translates both ways)."""
+        check_key(request)
+        chat_req = messages_chat(body, body.stream)
+        mid = messages.new_id("msg")
+        try:
+            result = await chat(chat_req, request)
+        except APIError as e:
+            e.param = messages.PARAMS.get(e.param, e.param)
+            raise
+        if isinstance(result, JSONResponse):  # (the client went away)
+            return result
+        if not body.stream:
+            return messages.from_chat(body, mid, result)
+        inner = result.body_iterator
+
+        async def events():
+            stream = messages.EventStream(body, mid)
+            try:
+                piece = await anext(inner)
+                while piece is not None:
+                    for block in piece.split("\n\n"):
+                        if block.startswith("data: ") and block != "data: [DONE]":
+                            data = json.loads(block[len("data: "):])
+                            if "error" in data:  # the generation failed: Anthropic's error event ends the stream
+                                yield stream.fail(500, data["error"].get("message", "internal error"))
+                                return
+                            for line in stream.chunk(data):
+                                yield line
+                    piece = await anext(inner, None)
+                for line in stream.end():
+                    yield line
+            finally:
+                await inner.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(body: CountTokensRequest, request: Request):
+        """Anthropic's token count of a Messages request's prompt (its system prompt, messages and tools), as the chat
+        template renders it."""
+        check_key(request)
+        await resolve_model(body.model, load=False)
+        chat_req = messages_chat(body)
+        async with state.tokenize_gate:  # (as /tokenize: text of any length, on its own tokenizer)
+            ids = await asyncio.to_thread(chat_prompt, chat_req, chat_req.tools if chat_req.tool_mode else None, True)
+        return {"input_tokens": len(ids)}
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request):
