@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from remix import __version__
 from remix import chat as chat_format
 from remix.adapter import AdapterError
-from server import messages, responses, tools
+from server import messages as messages_api
+from server import responses, tools
 from server.engine import (ADAPTER_GONE, ENGINE_STOPPED, INTERNAL_ERROR, AdaptersBusy, Engine, EngineError,
                            GenerationRequest, UnknownAdapter)
 from server.metrics import Metrics
@@ -121,7 +122,7 @@ def _error_response(state: ServerState | None, status: int, message: str, type_:
     # a full queue: when to try again (RFC 9110's Retry-After, which OpenAI's clients honour before their own backoff)
     headers = {"Retry-After": "1"} if status == 429 else None
     if request is not None and request.scope.get("path", "").rstrip("/").endswith(("/v1/messages", "/count_tokens")):
-        return JSONResponse(messages.error_body(status, message), status_code=status, headers=headers)
+        return JSONResponse(messages_api.error_body(status, message), status_code=status, headers=headers)
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
@@ -442,15 +443,7 @@ def create_app(state: ServerState) -> FastAPI:
                                "previous_response_id", "not_found")
             history = stored[1]
         messages = responses.conversation(body, history)
-        try:
-            chat_req = ChatCompletionRequest.model_validate(responses.chat_body(body, messages))
-        except ValidationError as e:
-            first = next((x for x in e.errors() if x.get("type") == "value_error"), e.errors()[0])
-            blamed = (first.get("ctx") or {}).get("error")
-            field = blamed.param if isinstance(blamed, FieldError) else str((first.get("loc") or ["input"])[0])
-            param = responses.PARAMS.get(field, field)
-            raise APIError(400, f"{param}: " + first.get("msg", "invalid request").removeprefix("Value error, "),
-                           param=param, code="invalid_value") from None
+        chat_req = chat_request(responses.chat_body(body, messages), responses.PARAMS, "input")
         rid, created = responses.new_id("resp"), responses.now()
         try:
             result = await chat(chat_req, request)
@@ -469,19 +462,17 @@ def create_app(state: ServerState) -> FastAPI:
         async def events():
             stream = responses.EventStream(body, rid, created)
             try:
-                piece = await anext(inner)  # (the chat stream's first chunk: its clean-up on a disconnect is armed)
-                for line in stream.start():
-                    yield line
-                while piece is not None:
-                    for block in piece.split("\n\n"):
-                        if block.startswith("data: ") and block != "data: [DONE]":
-                            data = json.loads(block[len("data: "):])
-                            if "error" in data:  # the generation failed: so does the response (not stored)
-                                yield stream.fail(data["error"])
-                                return
-                            for line in stream.chunk(data):
-                                yield line
-                    piece = await anext(inner, None)
+                started = False
+                async for data in chat_data(inner):
+                    if not started:  # (after the chat stream's first chunk: its clean-up on a disconnect is armed)
+                        started = True
+                        for line in stream.start():
+                            yield line
+                    if "error" in data:  # the generation failed: so does the response (not stored)
+                        yield stream.fail(data["error"])
+                        return
+                    for line in stream.chunk(data):
+                        yield line
                 for line in stream.end():
                     yield line
             finally:
@@ -491,49 +482,54 @@ def create_app(state: ServerState) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def messages_chat(body, stream: bool = False) -> ChatCompletionRequest:
-        """A Messages request's chat request; a 400 names the Messages field it comes from."""
+    def chat_request(data: dict, params: dict[str, str], default: str) -> ChatCompletionRequest:
+        """The chat request another API's request translates to (responses.py, messages.py); a 400 names that API's
+        field (``params``: chat field -> its own; ``default`` where no field is to blame)."""
         try:
-            return ChatCompletionRequest.model_validate(messages.chat_body(body, stream))
+            return ChatCompletionRequest.model_validate(data)
         except ValidationError as e:
             first = next((x for x in e.errors() if x.get("type") == "value_error"), e.errors()[0])
             blamed = (first.get("ctx") or {}).get("error")
-            field = blamed.param if isinstance(blamed, FieldError) else str((first.get("loc") or ["messages"])[0])
-            param = messages.PARAMS.get(field, field)
+            field = blamed.param if isinstance(blamed, FieldError) else str((first.get("loc") or [default])[0])
+            param = params.get(field, field)
             raise APIError(400, f"{param}: " + first.get("msg", "invalid request").removeprefix("Value error, "),
                            param=param, code="invalid_value") from None
+
+    async def chat_data(inner):
+        """The data objects of a chat stream's server-sent events, [DONE] left out (for another API's events)."""
+        piece = await anext(inner)
+        while piece is not None:
+            for block in piece.split("\n\n"):
+                if block.startswith("data: ") and block != "data: [DONE]":
+                    yield json.loads(block[len("data: "):])
+            piece = await anext(inner, None)
 
     @app.post("/v1/messages")
     async def create_message(body: MessagesRequest, request: Request):
         """Anthropic's Messages API, computed by the chat path (server/messages.py translates both ways)."""
         check_key(request)
-        chat_req = messages_chat(body, body.stream)
-        mid = messages.new_id("msg")
+        chat_req = chat_request(messages_api.chat_body(body, body.stream), messages_api.PARAMS, "messages")
+        mid = messages_api.new_id("msg")
         try:
             result = await chat(chat_req, request)
         except APIError as e:
-            e.param = messages.PARAMS.get(e.param, e.param)
+            e.param = messages_api.PARAMS.get(e.param, e.param)
             raise
         if isinstance(result, JSONResponse):  # (the client went away)
             return result
         if not body.stream:
-            return messages.from_chat(body, mid, result)
+            return messages_api.from_chat(body, mid, result)
         inner = result.body_iterator
 
         async def events():
-            stream = messages.EventStream(body, mid)
+            stream = messages_api.EventStream(body, mid)
             try:
-                piece = await anext(inner)
-                while piece is not None:
-                    for block in piece.split("\n\n"):
-                        if block.startswith("data: ") and block != "data: [DONE]":
-                            data = json.loads(block[len("data: "):])
-                            if "error" in data:  # the generation failed: Anthropic's error event ends the stream
-                                yield stream.fail(500, data["error"].get("message", "internal error"))
-                                return
-                            for line in stream.chunk(data):
-                                yield line
-                    piece = await anext(inner, None)
+                async for data in chat_data(inner):
+                    if "error" in data:  # the generation failed: Anthropic's error event ends the stream
+                        yield stream.fail(500, data["error"].get("message", "internal error"))
+                        return
+                    for line in stream.chunk(data):
+                        yield line
                 for line in stream.end():
                     yield line
             finally:
@@ -547,7 +543,7 @@ def create_app(state: ServerState) -> FastAPI:
         template renders it."""
         check_key(request)
         await resolve_model(body.model, load=False)
-        chat_req = messages_chat(body)
+        chat_req = chat_request(messages_api.chat_body(body), messages_api.PARAMS, "messages")
         async with state.tokenize_gate:  # (as /tokenize: text of any length, on its own tokenizer)
             ids = await asyncio.to_thread(chat_prompt, chat_req, chat_req.tools if chat_req.tool_mode else None, True)
         return {"input_tokens": len(ids)}

@@ -163,7 +163,8 @@ def conversation(body: CountTokensRequest) -> list[dict]:
                 raise FieldError("messages", f"messages.{i}: {m.role} blocks of type {kind!r} are not supported "
                                              "(this model takes text, and tool_use / tool_result blocks)")
         if m.role == "assistant":
-            out.append({"role": "assistant", "content": "".join(texts) or None, **({"tool_calls": calls} if calls else {})})
+            out.append({"role": "assistant", "content": "".join(texts) or (None if calls else ""),
+                        **({"tool_calls": calls} if calls else {})})
         elif texts or not any(o["role"] == "tool" for o in out[-1:]):
             out.append({"role": "user", "content": "\n".join(texts)})
     return out
