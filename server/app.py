@@ -445,11 +445,7 @@ def create_app(state: ServerState) -> FastAPI:
         messages = responses.conversation(body, history)
         chat_req = chat_request(responses.chat_body(body, messages), responses.PARAMS, "input")
         rid, created = responses.new_id("resp"), responses.now()
-        try:
-            result = await chat(chat_req, request)
-        except APIError as e:
-            e.param = responses.PARAMS.get(e.param, e.param)
-            raise
+        result = await via_chat(chat_req, request, responses.PARAMS)
         if isinstance(result, JSONResponse):  # (the client went away)
             return result
         if not body.stream:
@@ -457,27 +453,12 @@ def create_app(state: ServerState) -> FastAPI:
             if body.store:
                 state.responses.put(response, messages + [assistant])
             return response
-        inner = result.body_iterator
 
         async def events():
             stream = responses.EventStream(body, rid, created)
-            try:
-                started = False
-                async for data in chat_data(inner):
-                    if not started:  # (after the chat stream's first chunk: its clean-up on a disconnect is armed)
-                        started = True
-                        for line in stream.start():
-                            yield line
-                    if "error" in data:  # the generation failed: so does the response (not stored)
-                        yield stream.fail(data["error"])
-                        return
-                    for line in stream.chunk(data):
-                        yield line
-                for line in stream.end():
-                    yield line
-            finally:
-                await inner.aclose()
-            if body.store:
+            async for line in relay(result.body_iterator, stream):
+                yield line
+            if body.store and stream.response["status"] != "failed":  # (a failed generation: not stored)
                 state.responses.put(stream.response, messages + [stream.assistant()])
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -495,14 +476,39 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"{param}: " + first.get("msg", "invalid request").removeprefix("Value error, "),
                            param=param, code="invalid_value") from None
 
-    async def chat_data(inner):
-        """The data objects of a chat stream's server-sent events, [DONE] left out (for another API's events)."""
-        piece = await anext(inner)
-        while piece is not None:
-            for block in piece.split("\n\n"):
-                if block.startswith("data: ") and block != "data: [DONE]":
-                    yield json.loads(block[len("data: "):])
-            piece = await anext(inner, None)
+    async def via_chat(chat_req: ChatCompletionRequest, request: Request, params: dict[str, str]):
+        """The chat endpoint's result for a translated request; its 400s name the other API's field (``params``)."""
+        try:
+            return await chat(chat_req, request)
+        except APIError as e:
+            e.param = params.get(e.param, e.param)
+            raise
+
+    async def relay(inner, stream):
+        """A chat stream (``inner``: its body) re-emitted as another API's events by ``stream``
+        (responses.EventStream, messages.EventStream): ``start()`` once the first chunk came (the chat stream's
+        clean-up on a disconnect is armed then), ``chunk(data)`` each chunk, ``end()``; where the generation failed,
+        ``fail(error)`` with chat's error object ends it."""
+        try:
+            piece, started = await anext(inner), False
+            while piece is not None:
+                if not started:
+                    started = True
+                    for line in stream.start():
+                        yield line
+                for block in piece.split("\n\n"):
+                    if block.startswith("data: ") and block != "data: [DONE]":
+                        data = json.loads(block[len("data: "):])
+                        if "error" in data:
+                            yield stream.fail(data["error"])
+                            return
+                        for line in stream.chunk(data):
+                            yield line
+                piece = await anext(inner, None)
+            for line in stream.end():
+                yield line
+        finally:
+            await inner.aclose()
 
     @app.post("/v1/messages")
     async def create_message(body: MessagesRequest, request: Request):
@@ -510,32 +516,14 @@ def create_app(state: ServerState) -> FastAPI:
         check_key(request)
         chat_req = chat_request(messages_api.chat_body(body, body.stream), messages_api.PARAMS, "messages")
         mid = messages_api.new_id("msg")
-        try:
-            result = await chat(chat_req, request)
-        except APIError as e:
-            e.param = messages_api.PARAMS.get(e.param, e.param)
-            raise
+        result = await via_chat(chat_req, request, messages_api.PARAMS)
         if isinstance(result, JSONResponse):  # (the client went away)
             return result
         if not body.stream:
             return messages_api.from_chat(body, mid, result)
-        inner = result.body_iterator
 
-        async def events():
-            stream = messages_api.EventStream(body, mid)
-            try:
-                async for data in chat_data(inner):
-                    if "error" in data:  # the generation failed: Anthropic's error event ends the stream
-                        yield stream.fail(500, data["error"].get("message", "internal error"))
-                        return
-                    for line in stream.chunk(data):
-                        yield line
-                for line in stream.end():
-                    yield line
-            finally:
-                await inner.aclose()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(relay(result.body_iterator, messages_api.EventStream(body, mid)),
+                                 media_type="text/event-stream")
 
     @app.post("/v1/messages/count_tokens")
     async def count_message_tokens(body: CountTokensRequest, request: Request):

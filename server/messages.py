@@ -322,5 +322,9 @@ class EventStream:
                         usage={"output_tokens": usage["output_tokens"]}),
             self._event("message_stop")]
 
-    def fail(self, status: int, message: str) -> str:
-        return f"event: error\ndata: {json.dumps(error_body(status, message))}\n\n"
+    def start(self) -> list[str]:
+        return []  # (message_start comes with the first chunk: it carries the prompt's token count)
+
+    def fail(self, error: dict) -> str:
+        """The stream's last event where generating failed (``error``: the chat stream's error object)."""
+        return f"event: error\ndata: {json.dumps(error_body(500, error.get('message') or 'internal error'))}\n\n"

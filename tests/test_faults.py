@@ -181,6 +181,7 @@ def client(monkeypatch):
     ("/v1/completions", {"prompt": "The quick brown fox"}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
     ("/v1/responses", {"input": "hi", "max_output_tokens": 7}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}]}),
 ])
 def test_a_failed_generation_is_an_error_response_not_a_short_200(client, path, body):
     body = {"model": "tiny", "max_tokens": 7, "temperature": 0, **body}
@@ -188,7 +189,10 @@ def test_a_failed_generation_is_an_error_response_not_a_short_200(client, path, 
         body.pop("max_tokens")
     r = client.post(path, json=body)
     assert r.status_code == 500, r.text
-    assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == INTERNAL_ERROR
+    if path == "/v1/messages":  # (Anthropic's shape)
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+    else:
+        assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == INTERNAL_ERROR
     ok = client.post(path, json={**body, **({"max_output_tokens": 8} if path == "/v1/responses" else {"max_tokens": 8})})
     assert ok.status_code == 200, ok.text
 
@@ -212,6 +216,11 @@ def test_a_failed_stream_ends_with_an_error_chunk(client):
     assert events[-1]["response"]["status"] == "failed"
     assert events[-1]["response"]["error"]["code"] == INTERNAL_ERROR
     assert not any(e["type"] == "response.completed" for e in events)
+    with client.stream("POST", "/v1/messages", json={"model": "tiny", "max_tokens": 7, "temperature": 0, "stream": True,
+                                                     "messages": [{"role": "user", "content": "hi"}]}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith(("event: ", "data: "))]
+    assert lines[-2] == "event: error" and json.loads(lines[-1][len("data: "):])["error"]["type"] == "api_error"
+    assert "event: message_start" in lines and "event: message_stop" not in lines
 
 
 def test_the_openai_client_raises_on_a_failed_stream(client):
