@@ -266,7 +266,7 @@ class _Common(RequestBody):
     @classmethod
     def _truncate(cls, v):
         if v == 0:
-            raise ValueError("truncate_prompt_tokens must be -1 (the model's context) or at least 1")
+            raise ValueError("truncate_prompt_tokens must be -1 (as many as fit beside max_tokens) or at least 1")
         return v
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
