@@ -230,6 +230,8 @@ def create_app(state: ServerState) -> FastAPI:
         while True:
             try:
                 await asyncio.to_thread(state.engine.ensure_adapter, name, path, True)  # (held until submitted)
+                if request is not None:
+                    request.state.adapter_held = True  # (its first prompt's submit releases the hold)
                 state.metrics.adapter_wait.observe(time.monotonic() - start)
                 return
             except AdapterError as e:  # (the server's folder holds a broken adapter: not the client's doing)
@@ -599,7 +601,8 @@ def create_app(state: ServerState) -> FastAPI:
                 for i, ids in enumerate(prompt_ids):
                     sub = f"{rid}-{i}"
                     req = GenerationRequest(sub, ids, params, adapter, trace=body.remix_routing is not None,
-                                            priority=body.priority, cache_salt=body.cache_salt)
+                                            priority=body.priority, cache_salt=body.cache_salt,
+                                            held=i == 0 and getattr(request.state, "adapter_held", False))
                     state.engine.submit(req, lambda ev, i=i, q=queue: loop.call_soon_threadsafe(q.put_nowait, (i, ev)))
                     sub_ids.append(sub)
                 break

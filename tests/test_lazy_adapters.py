@@ -132,7 +132,10 @@ def test_an_adapter_ensured_for_a_request_is_held_until_the_request_arrives(fold
     with pytest.raises(AdaptersBusy):
         engine.ensure_adapter("b", path["b"], hold=True)  # a's request is on its way: a is not idle
     assert set(engine.registry.adapters) == {"a"}
-    collect(engine, GenerationRequest("a1", ids, greedy(2), adapter="a"))  # it arrived, ran and finished
+    collect(engine, GenerationRequest("other", ids, greedy(2), adapter="a"))  # (not the one held for: a stays held)
+    with pytest.raises(AdaptersBusy):
+        engine.ensure_adapter("b", path["b"], hold=True)
+    collect(engine, GenerationRequest("a1", ids, greedy(2), adapter="a", held=True))  # it arrived, ran and finished
     engine.ensure_adapter("b", path["b"], hold=True)
     assert set(engine.registry.adapters) == {"b"}
     monkeypatch.setattr(engine_module, "HOLD_S", 0.0)  # a hold whose request never comes lapses

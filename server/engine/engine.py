@@ -219,7 +219,7 @@ class Engine:
             while at > 0 and self.waiting[at - 1][0].priority > request.priority:
                 at -= 1
             self.waiting.insert(at, (request, callback))
-            if adapter is not None and adapter.holds > 0:  # (arrived: waiting, it is not idle)
+            if adapter is not None and request.held and adapter.holds > 0:  # (arrived: waiting, it is not idle)
                 adapter.holds -= 1
         self._wake.set()
 
@@ -273,8 +273,8 @@ class Engine:
         finds room once that one's running requests finish; while ``name`` itself gives way, AdaptersBusy too.
         AdapterError lists what is wrong with the adapter.
 
-        ``hold``: a request for it is on its way (the HTTP layer's): until one is submitted (or HOLD_S has passed) it
-        is not idle, so no other waiter unloads it in between. (Under contention a waiter for another adapter took the
+        ``hold``: a request for it is on its way (the HTTP layer's): until it is submitted (with ``held``) or HOLD_S
+        has passed, the adapter is not idle, so no other waiter unloads it in between. (Under contention a waiter for another adapter took the
         adapter just loaded, idle until its request came, and that request found it gone, three times over: a 404.)"""
         with self._loading:
             self._ensure(name, path)

@@ -27,6 +27,7 @@ class GenerationRequest:
     trace: bool = False
     priority: int = 0  # lower first (vLLM's convention); arrival order among equals
     cache_salt: str | None = None  # vLLM's: prefix-cache entries shared only with requests of the same salt
+    held: bool = False  # its adapter was held for it (Engine.ensure_adapter(hold=True)): submitting it releases that
 
 
 @dataclass
