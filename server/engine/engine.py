@@ -274,8 +274,9 @@ class Engine:
         AdapterError lists what is wrong with the adapter.
 
         ``hold``: a request for it is on its way (the HTTP layer's): until it is submitted (with ``held``) or HOLD_S
-        has passed, the adapter is not idle, so no other waiter unloads it in between. (Under contention a waiter for another adapter took the
-        adapter just loaded, idle until its request came, and that request found it gone, three times over: a 404.)"""
+        has passed, the adapter is not idle, so no other waiter unloads it in between. (Under contention a waiter for
+        another adapter took the adapter just loaded, idle until its request came, and that request found it gone,
+        three times over: a 404.)"""
         with self._loading:
             self._ensure(name, path)
             if hold:

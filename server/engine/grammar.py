@@ -1,5 +1,6 @@
 """Structured output: the tokens a sequence may take next, by a grammar (JSON, a JSON schema, a regex, one of a list of
-strings, an EBNF or Lark grammar) compiled by xgrammar - the constrained-decoding library vLLM, SGLang and TensorRT-LLM use.
+strings, an EBNF or Lark grammar) compiled by xgrammar - the constrained-decoding library vLLM, SGLang and
+TensorRT-LLM use.
 
 A request's grammar is compiled once (``Grammars.compile``; xgrammar caches compiled grammars) and each of its
 sequences keeps a matcher that accepts every token the sequence takes; before each sampling step the matcher's

@@ -7,10 +7,11 @@ and prefills from there. Chats resend their whole history and a system prompt op
 time to first token no longer grows with what came before.
 
 What matches: blocks of :data:`BLOCK` tokens, each identified by a hash of its tokens chained to every block before
-it and seeded with the adapter's slot id and the request's cache salt, if any (vLLM's ``cache_salt``: a tenant's
-prompts then never share blocks with another's, so none can learn from a faster first token what another sent) (:func:`chain`; an adapter's blocks are forgotten when it is unloaded, so an
-adapter loaded later into its slot id never meets keys and values its predecessor computed). A match is then checked token by token against the slot's contents, so a
-hash collision cannot hand a sequence another prompt's cache. At most ``len(prompt) - 1`` tokens are taken: the last
+it and seeded with the adapter's slot id (:func:`chain`; an adapter's blocks are forgotten when it is unloaded, so an
+adapter loaded later into its slot id never meets keys and values its predecessor computed) and the request's cache
+salt, if any (vLLM's ``cache_salt``: a tenant's prompts then never share blocks with another's, so none can learn
+from a faster first token what another sent). A match is then checked token by token against the slot's contents, so
+a hash collision cannot hand a sequence another prompt's cache. At most ``len(prompt) - 1`` tokens are taken: the last
 prompt token is always computed, its logits choose the first new token.
 
 Keys and values depend on the adapter (its deltas change every later layer's input) and on nothing else of the
