@@ -843,6 +843,8 @@ class _ResponseBuilder:
         self.as_ids = body.return_tokens_as_token_ids  # logprobs name tokens "token_id:{id}" (vLLM's)
         self.ids: dict[int, list[int]] = {}  # return_token_ids: each choice's generated ids (streamed: not yet sent)
         self.ids_sent: set[int] = set()  # streamed, return_token_ids: the choices whose prompt ids went out
+        self.prompt_lps: dict[int, list] = {}  # vLLM's prompt_logprobs, per prompt
+        self.plps_sent: set[int] = set()  # streamed: the choices whose prompt_logprobs went out
 
     def _choice(self, i: int, ev) -> int:
         return i * self.n + ev.index
@@ -853,8 +855,10 @@ class _ResponseBuilder:
             self.text[c] = self.prompt_texts[i] if (not self.chat and self.body.echo) else ""
             self.tokens[c] = []
         self.text[c] += ev.text
-        self.tokens[c] += (ev.prompt_logprobs or []) + ev.logprobs
+        self.tokens[c] += self._echoed(ev) + ev.logprobs
         self.ids.setdefault(c, []).extend(ev.token_ids)
+        if ev.prompt_ranks is not None and i not in self.prompt_lps:
+            self.prompt_lps[i] = self._prompt_view(ev.prompt_logprobs, ev.prompt_ranks)
         self.generated += len(ev.token_ids)
         if self.ranked:
             total, count = self.scores.get(c, (0.0, 0))
@@ -867,6 +871,28 @@ class _ResponseBuilder:
             self.cached[i] = max(self.cached.get(i, 0), ev.cached_tokens)
             if ev.routing is not None:
                 self.routing[c] = _routing_view(ev.routing, self.body.remix_routing)
+
+    def _echoed(self, ev) -> list:
+        """The prompt's log-probability entries an echoed completion's logprobs start with (none without echo; top-N
+        as many as its logprobs asks for, where prompt_logprobs asked for more)."""
+        if self.chat or not self.body.echo or not ev.prompt_logprobs:
+            return []
+        n = self.body.logprobs or 0
+        return [(t, lp, alts if alts is None else alts[:n]) for t, lp, alts in ev.prompt_logprobs]
+
+    def _prompt_view(self, entries, ranks) -> list:
+        """vLLM's prompt_logprobs: per prompt token, None for the first, else {token id: {logprob, rank,
+        decoded_token}} for the token and its top-N alternatives (ranked 1 to N)."""
+        out = []
+        for (tid, lp, alts), rank in zip(entries, ranks):
+            if lp is None:
+                out.append(None)
+                continue
+            view = {str(tid): {"logprob": lp, "rank": rank, "decoded_token": self.tok.decode([tid])}}
+            for r, (a, v) in enumerate(alts[: self.body.prompt_logprobs], 1):
+                view.setdefault(str(a), {"logprob": v, "rank": r, "decoded_token": self.tok.decode([a])})
+            out.append(view)
+        return out
 
     def _name(self, tid: int, text: str) -> str:
         """A token as logprobs name it: its text, or with return_tokens_as_token_ids "token_id:{id}"."""
@@ -944,6 +970,8 @@ class _ResponseBuilder:
                 choice["token_ids"] = self.ids.get(c, [])  # chat response carries them once)
                 if not self.chat:
                     choice["prompt_token_ids"] = self.prompt_ids[c // self.n]
+            if not self.chat and self.body.prompt_logprobs is not None:  # (the same places)
+                choice["prompt_logprobs"] = self.prompt_lps.get(c // self.n)
             choices.append(choice)
         if self.ranked:
             choices = self._best(choices)
@@ -951,6 +979,8 @@ class _ResponseBuilder:
                "model": self.body.model, "choices": choices, "usage": self._usage()}
         if self.chat and self.body.return_token_ids:
             out["prompt_token_ids"] = self.prompt_ids[0]
+        if self.chat and self.body.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_lps.get(0)
         return out
 
     def chunk(self, i: int, ev) -> dict | None:
@@ -963,7 +993,7 @@ class _ResponseBuilder:
         self.started.add(c)
         if not text and not ev.finished and not (self.chat and first):
             return None
-        entries = (ev.prompt_logprobs or []) + ev.logprobs
+        entries = self._echoed(ev) + ev.logprobs
         lp = None
         if self._wants_logprobs() and entries:  # text_offset runs on across a choice's chunks
             lp = self._logprobs(entries, self.offsets.get(c, 0))
@@ -996,6 +1026,9 @@ class _ResponseBuilder:
                     out["prompt_token_ids"] = self.prompt_ids[0]
                 else:
                     choice["prompt_token_ids"] = self.prompt_ids[i]
+        if self.body.prompt_logprobs is not None and c not in self.plps_sent and i in self.prompt_lps:
+            self.plps_sent.add(c)  # (with the first chunk sent after they came)
+            (out if self.chat else choice)["prompt_logprobs"] = self.prompt_lps[i]
         if self.continuous_usage:  # the request's usage so far (all its choices; each prompt counted once)
             prompt = sum(len(p) for p in self.prompt_ids)
             out["usage"] = {"prompt_tokens": prompt, "completion_tokens": self.generated,

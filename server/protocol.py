@@ -238,6 +238,7 @@ class _Common(RequestBody):
     truncation_side: Literal["left", "right"] | None = None  # vLLM's: "right" keeps the first k instead
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:{id}"
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids beside the text
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: each prompt token's log p, rank, top-N
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)  # vLLM's: lower is admitted first
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)  # vLLM's: prefix cache per salt
     remix_routing: Literal["summary", "full"] | None = None  # the LoRAs each module chose for this request
@@ -318,6 +319,9 @@ class _Common(RequestBody):
         """grammar: (kind, spec, field) for the engine's compiler; None: the one this request's own fields ask for."""
         bias = {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None
         more.setdefault("n", self.n)
+        if self.prompt_logprobs is not None:  # (vLLM's; beside echo's, the more alternatives of the two)
+            more["prompt_logprobs"] = max(self.prompt_logprobs, more.get("prompt_logprobs") or 0)
+            more["prompt_ranks"] = True
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               min_p=self.min_p,
                               seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs,

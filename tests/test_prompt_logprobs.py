@@ -52,6 +52,12 @@ def test_prompt_logprobs_equal_a_plain_forward_across_chunks(tmp_path, adapter):
         values, top = torch.topk(logp[j - 1], 2)
         assert [a for a, _ in first[j][2]] == top.tolist()
         torch.testing.assert_close(torch.tensor([v for _, v in first[j][2]]), values, atol=1e-4, rtol=1e-4)
+    assert events[0].prompt_ranks is None  # (asked for only by vLLM's prompt_logprobs)
+    ranked = collect(engine, GenerationRequest("r", ids, SamplingParams(max_tokens=1, prompt_logprobs=2,
+                                                                        prompt_ranks=True), adapter=name))[0]
+    want_ranks = [None] + [int((logp[j - 1] > logp[j - 1, ids[j]]).sum()) + 1 for j in range(1, len(ids))]
+    assert ranked.prompt_ranks == want_ranks and [lp for _, lp, _ in ranked.prompt_logprobs] == [lp for _, lp, _ in first]
+    assert len(set(want_ranks[1:])) > 5  # (the ranks vary: the check means something)
     # max_tokens 0: the prompt alone, scored the same; nothing generated
     events = collect(engine, GenerationRequest("z", ids, SamplingParams(max_tokens=0, prompt_logprobs=0), adapter=name))
     assert len(events) == 1 and events[0].finished and events[0].finish_reason == "length" and not events[0].token_ids
@@ -115,3 +121,33 @@ def test_echo_logprobs_score_the_prompt_over_http(server):
     offsets = [o for lp in streamed if lp for o in lp["text_offset"]]
     tokens = [t for lp in streamed if lp for t in lp["tokens"]]
     assert len(tokens) == n + 2 and offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
+def test_vllm_prompt_logprobs_over_http(server):
+    """vLLM's prompt_logprobs N: per prompt token (None for the first) its log p and rank and the top N, each with its
+    rank and text - on a completion's choice, or on a chat response - and the choices' own logprobs untouched."""
+    prompt = "The capital of France is Paris"
+    body = {"model": "alpha", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    scored = httpx.post(server.url + "/v1/completions", json={**body, "echo": True, "logprobs": 2}, timeout=60).json()
+    lps = scored["choices"][0]["logprobs"]
+    r = httpx.post(server.url + "/v1/completions", json={**body, "prompt_logprobs": 2, "logprobs": 1,
+                                                         "return_token_ids": True}, timeout=60).json()
+    choice = r["choices"][0]
+    plp, ids = choice["prompt_logprobs"], choice["prompt_token_ids"]
+    assert plp[0] is None and len(plp) == len(ids) == r["usage"]["prompt_tokens"]
+    assert len(choice["logprobs"]["tokens"]) == 2  # (no prompt entries mixed into the choice's logprobs)
+    for j in range(1, len(ids)):
+        mine = plp[j][str(ids[j])]
+        assert math.isclose(mine["logprob"], lps["token_logprobs"][j], abs_tol=1e-6) and mine["rank"] >= 1
+        ranked = sorted((v["rank"], v["logprob"]) for v in plp[j].values())  # (the token's own, where not top 2)
+        assert [rank for rank, _ in ranked][:2] == [1, 2] and ranked[0][1] >= ranked[1][1] and len(ranked) <= 3
+        assert (mine["rank"] == 1) == (max(lps["top_logprobs"][j].values()) == lps["token_logprobs"][j])
+        assert mine["decoded_token"] == lps["tokens"][j]
+    # chat: on the response, once; streamed, with the first chunk
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "prompt_logprobs": 1}
+    c = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60).json()
+    assert len(c["prompt_logprobs"]) == c["usage"]["prompt_tokens"] and c["prompt_logprobs"][0] is None
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=60) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    assert [i for i, ch in enumerate(chunks) if "prompt_logprobs" in ch] == [0]
+    assert chunks[0]["prompt_logprobs"] == c["prompt_logprobs"]

@@ -900,11 +900,16 @@ class Engine:
         p0, prompt = seq.num_computed, seq.prompt_ids
         if seq.prompt_lps is None:
             seq.prompt_lps = [(prompt[0], None, None)] if p0 == 0 else []
+            seq.prompt_rks = ([None] if p0 == 0 else []) if seq.params.prompt_ranks else None
         m = min(count, len(prompt) - 1 - p0)
         if m > 0:
             targets = torch.tensor(prompt[p0 + 1 : p0 + 1 + m])
             scored = token_logprobs(logits[:m], targets, seq.params.prompt_logprobs)
             seq.prompt_lps += [(int(t), lp, alts) for t, (lp, alts) in zip(targets, scored)]
+            if seq.prompt_rks is not None:  # (1 + the tokens more likely: the logits order them as the probabilities)
+                rows = logits[:m].float()
+                chosen = rows.gather(1, targets.view(-1, 1).to(rows.device))
+                seq.prompt_rks += ((rows > chosen).sum(1) + 1).tolist()
 
     def _collect_trace(self, seqs: list[Sequence], counts: torch.Tensor, enabled: bool) -> None:
         """Accumulate per-request selection counts {module: [count per LoRA]} from the step's trace."""
@@ -973,8 +978,8 @@ class Engine:
         lps = [] if lp is None else [(token, lp[0], lp[1][: s.params.logprobs])]
         event = Event(s.request.request_id, s.index, [token], text, lps, finished, s.finish_reason,
                       len(s.prompt_ids), len(s.output_ids), cached_tokens=s.cached_tokens,
-                      prompt_logprobs=s.prompt_lps)
-        s.prompt_lps = None  # (with the sequence's first event only)
+                      prompt_logprobs=s.prompt_lps, prompt_ranks=s.prompt_rks)
+        s.prompt_lps = s.prompt_rks = None  # (with the sequence's first event only)
         if finished:
             self._finish(s, event=event)
         else:
@@ -1010,7 +1015,7 @@ class Engine:
         if event is None:
             event = Event(rid, seq.index, [], "", [], True, seq.finish_reason or "error", len(seq.prompt_ids),
                           len(seq.output_ids), error=error, error_code=error_code, cached_tokens=seq.cached_tokens,
-                          prompt_logprobs=seq.prompt_lps)
+                          prompt_logprobs=seq.prompt_lps, prompt_ranks=seq.prompt_rks)
         if seq.routing_counts is not None:
             event.routing = seq.routing_counts
         siblings = self.requests.get(rid, [])

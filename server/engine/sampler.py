@@ -34,6 +34,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's, -100 to 100)
     min_tokens: int = 0  # vLLM's: EOS and stop_token_ids banned, stop strings not checked, before this many tokens
     prompt_logprobs: int | None = None  # log p of each prompt token (and its top-N) under the tokens before it
+    prompt_ranks: bool = False  # ... and each prompt token's rank in its distribution (vLLM's prompt_logprobs)
     grammar: tuple | None = None  # structured output: (kind of server.engine.grammar.KINDS, spec, request field)
     compiled_grammar: object | None = None  # its xgrammar compilation (the engine's Grammars.compile)
     allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be sampled

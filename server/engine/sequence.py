@@ -48,6 +48,8 @@ class Event:
     error_code: str | None = None  # and as a code: server.engine's INTERNAL_ERROR, ENGINE_STOPPED or ADAPTER_GONE
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed for this sequence)
     prompt_logprobs: list | None = None  # (first event) the prompt's tokens: (id, log p, top-N), None for the first
+    prompt_ranks: list | None = None  # (first event, params.prompt_ranks) each prompt token's rank (1: the most
+    # likely), None for the first
 
 
 class Status(enum.Enum):
@@ -81,6 +83,7 @@ class Sequence:
 
     stop_floor: int = 0  # text emitted before min_tokens was reached: stop strings are matched after it only
     prompt_lps: list | None = None  # the prompt's log-probabilities so far (params.prompt_logprobs), until emitted
+    prompt_rks: list | None = None  # ... and its tokens' ranks (params.prompt_ranks)
     ngrams: object | None = None  # speculative decoding's n-gram index of its tokens (server.engine.speculative)
     drafts: object | None = None  # ... and how its drafts fared (speculative.DraftStats: their next lengths)
 
