@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import datetime
 import hmac
 import json
 import logging
@@ -273,9 +274,18 @@ def create_app(state: ServerState) -> FastAPI:
         check_key(request)
 
         def entry(name: str, adapter: dict | None = None) -> dict:
+            # OpenAI's fields, vLLM's max_model_len, and Anthropic's (type, display_name, created_at, its two limits),
+            # so each API's client reads its own
             return {"id": name, "object": "model", "created": state.created, "owned_by": "remix-serve",
                     "parent": None if adapter is None else state.base_name, "root": state.base_name,
+                    "max_model_len": state.engine.config.max_model_len,
+                    "type": "model", "display_name": name, "created_at": created_at,
+                    "max_input_tokens": state.engine.config.max_model_len,
+                    "max_tokens": state.engine.config.max_model_len,
                     **({} if adapter is None else {"adapter": adapter})}
+
+        created_at = datetime.datetime.fromtimestamp(state.created, datetime.timezone.utc).isoformat().replace(
+            "+00:00", "Z")
 
         served = {name: a for name, a in state.engine.registry.adapters.items() if not a.unloading}
         data = [entry(state.base_name)] + [entry(name, {"path": a.path, "loaded": True, **a.info})
@@ -284,7 +294,8 @@ def create_app(state: ServerState) -> FastAPI:
             data += [entry(child.name, {"path": str(child), "loaded": False})
                      for child in (sorted(state.lazy_dir.iterdir()) if state.lazy_dir.is_dir() else [])
                      if child.name not in served and lazy_path(child.name) is not None]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data, "has_more": False,  # (Anthropic's list: one page)
+                "first_id": data[0]["id"], "last_id": data[-1]["id"]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):

@@ -108,6 +108,16 @@ def test_output_config_format_holds_the_text_to_a_schema(claude):
     assert m.stop_reason == "end_turn" and set(json.loads(m.content[0].text)) == {"n"}
 
 
+def test_anthropics_client_lists_the_models(claude, oai):
+    """One /v1/models answers both clients: Anthropic's fields (type, display_name, created_at, the two limits, a
+    page that has no more) beside OpenAI's."""
+    listed = {m.id: m for m in claude.models.list()}
+    assert set(listed) == {"tiny", "alpha"} == {m.id for m in oai.models.list()}
+    alpha = claude.models.retrieve("alpha")
+    assert alpha.type == "model" and alpha.display_name == "alpha" and alpha.max_input_tokens == 1024
+    assert alpha.created_at.timestamp() == oai.models.retrieve("alpha").created
+
+
 def test_errors_have_anthropics_shape(server, claude):
     for kw, status, says in (
             ({"max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
