@@ -104,7 +104,7 @@ def bad_word_ids(tokenizer, words: list[str]) -> list[list[int]]:
         spaced = tokenizer(" " + word.lstrip(), add_special_tokens=False).input_ids
         if len(spaced) == len(bare) and spaced[0] != bare[0]:
             out.append(spaced)
-    return [w for w in out if w]
+    return out
 
 
 def prompt_char_bound(tokenizer, max_model_len: int) -> int:
@@ -122,7 +122,8 @@ def _error_response(state: ServerState | None, status: int, message: str, type_:
         state.metrics.http_errors.labels(str(status)).inc()
     # a full queue: when to try again (RFC 9110's Retry-After, which OpenAI's clients honour before their own backoff)
     headers = {"Retry-After": "1"} if status == 429 else None
-    if request is not None and request.scope.get("path", "").rstrip("/").endswith(("/v1/messages", "/count_tokens")):
+    if request is not None and request.scope.get("path", "").rstrip("/").endswith(
+            ("/v1/messages", "/v1/messages/count_tokens")):
         return JSONResponse(messages_api.error_body(status, message), status_code=status, headers=headers)
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
@@ -414,7 +415,8 @@ def create_app(state: ServerState) -> FastAPI:
                              for p, i, c in zip(prompts, ids, cut)]
         if long:  # (a text longer than any context, to be truncated: on /tokenize's tokenizer, as its long texts are)
             async with state.tokenize_gate:
-                prompt_ids, prompt_texts = await asyncio.to_thread(encode, state.side_tokenizer, contextlib.nullcontext())
+                prompt_ids, prompt_texts = await asyncio.to_thread(encode, state.side_tokenizer,
+                                                                   contextlib.nullcontext())
         else:
             prompt_ids, prompt_texts = await asyncio.to_thread(encode, state.engine.tokenizer, state.tokenizer_lock)
         return await _generate(request, body, adapter, prompt_ids, prompt_texts, chat=False)
@@ -853,9 +855,9 @@ class _ResponseBuilder:
         self.held: dict[int, str] = {}  # streamed: each choice's trailing whitespace, sent once text follows it
         self.as_ids = body.return_tokens_as_token_ids  # logprobs name tokens "token_id:{id}" (vLLM's)
         self.ids: dict[int, list[int]] = {}  # return_token_ids: each choice's generated ids (streamed: not yet sent)
-        self.ids_sent: set[int] = set()  # streamed, return_token_ids: the choices whose prompt ids went out
         self.prompt_lps: dict[int, list] = {}  # vLLM's prompt_logprobs, per prompt
-        self.plps_sent: set[int] = set()  # streamed: the choices whose prompt_logprobs went out
+        self.sent: set[int] = set()  # streamed: the choices a chunk went out for (the prompt's ids and
+        # log-probabilities go with the first)
 
     def _choice(self, i: int, ev) -> int:
         return i * self.n + ev.index
@@ -1029,17 +1031,14 @@ class _ResponseBuilder:
             choice["remix_routing"] = self.routing[c]
         out = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
                "created": self.created, "model": self.body.model, "choices": [choice]}
+        opening, where = c not in self.sent, out if self.chat else choice  # (vLLM's places, as in final)
+        self.sent.add(c)
         if self.body.return_token_ids:  # the ids since the last chunk sent (a chunk with no text to send is not
             choice["token_ids"] = self.ids.pop(c, [])  # sent: its ids go with the next); the prompt's with the first
-            if c not in self.ids_sent:
-                self.ids_sent.add(c)
-                if self.chat:
-                    out["prompt_token_ids"] = self.prompt_ids[0]
-                else:
-                    choice["prompt_token_ids"] = self.prompt_ids[i]
-        if self.body.prompt_logprobs is not None and c not in self.plps_sent and i in self.prompt_lps:
-            self.plps_sent.add(c)  # (with the first chunk sent after they came)
-            (out if self.chat else choice)["prompt_logprobs"] = self.prompt_lps[i]
+            if opening:
+                where["prompt_token_ids"] = self.prompt_ids[i]
+        if self.body.prompt_logprobs is not None and opening:  # (its own first event brought them, if not another's)
+            where["prompt_logprobs"] = self.prompt_lps.get(i)
         if self.continuous_usage:  # the request's usage so far (all its choices; each prompt counted once)
             prompt = sum(len(p) for p in self.prompt_ids)
             out["usage"] = {"prompt_tokens": prompt, "completion_tokens": self.generated,

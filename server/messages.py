@@ -5,12 +5,13 @@ A request becomes a chat completion request: ``system`` -> a system message; eac
 content, an assistant's ``tool_use`` blocks -> its ``tool_calls`` (``input`` as JSON arguments), a user's
 ``tool_result`` blocks -> ``tool`` messages; ``tools`` (``input_schema``) and ``tool_choice`` (auto / any / tool /
 none, ``disable_parallel_tool_use``) -> the chat forms, held to the tools' schemas as chat's are;
-``stop_sequences`` -> ``stop``, ``output_config.format`` (a JSON schema) -> ``response_format``. The result becomes a message whose ``content`` lists a ``text`` block and a
-``tool_use`` block per call, with Anthropic's ``stop_reason`` (``end_turn``, ``max_tokens``, ``stop_sequence`` with
-the sequence that matched, ``tool_use``) and ``usage`` (prompt tokens from the prefix cache as
-``cache_read_input_tokens``). A stream is the chat stream re-emitted as Anthropic's events (``message_start``,
-``content_block_start`` / ``_delta`` / ``_stop``, ``message_delta``, ``message_stop``; ``error`` where generating
-failed). Errors have Anthropic's shape, ``{"type": "error", "error": {"type", "message"}}`` (server.app).
+``stop_sequences`` -> ``stop``, ``output_config.format`` (a JSON schema) -> ``response_format``. The result becomes
+a message whose ``content`` lists a ``text`` block and a ``tool_use`` block per call, with Anthropic's
+``stop_reason`` (``end_turn``, ``max_tokens``, ``stop_sequence`` with the sequence that matched, ``tool_use``) and
+``usage`` (prompt tokens from the prefix cache as ``cache_read_input_tokens``). A stream is the chat stream
+re-emitted as Anthropic's events (``message_start``, ``content_block_start`` / ``_delta`` / ``_stop``,
+``message_delta``, ``message_stop``; ``error`` where generating failed). Errors have Anthropic's shape,
+``{"type": "error", "error": {"type", "message"}}`` (server.app).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from server.protocol import MAX_STOP, FieldError, RequestBody
 
@@ -91,6 +92,7 @@ class CountTokensRequest(RequestBody):
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: ToolChoice | None = None
     thinking: dict | None = None
+    _chat_messages: list[dict] = PrivateAttr(default_factory=list)  # (conversation's, made while validating)
 
     @model_validator(mode="after")
     def _checks(self):
@@ -99,7 +101,7 @@ class CountTokensRequest(RequestBody):
         names = [t.name for t in self.tools or []]
         if self.tool_choice is not None and self.tool_choice.type == "tool" and self.tool_choice.name not in names:
             raise FieldError("tool_choice", f"{self.tool_choice.name!r} is not among the tools")
-        conversation(self)  # (every block checked here: a 400 naming messages)
+        self._chat_messages = conversation(self)  # (every block checked here: a 400 naming messages)
         return self
 
 
@@ -141,7 +143,7 @@ def conversation(body: CountTokensRequest) -> list[dict]:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        texts, calls = [], []
+        texts, calls, results = [], [], 0
         for b in m.content:
             kind = b.get("type")
             if kind == "text" and isinstance(b.get("text"), str):
@@ -149,7 +151,8 @@ def conversation(body: CountTokensRequest) -> list[dict]:
             elif kind in ("thinking", "redacted_thinking") and m.role == "assistant":
                 continue  # (a thinking model's earlier turn: this model does not read thoughts)
             elif kind == "tool_use" and m.role == "assistant":
-                if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str) or not isinstance(b.get("input"), dict):
+                if not (isinstance(b.get("id"), str) and isinstance(b.get("name"), str)
+                        and isinstance(b.get("input"), dict)):
                     raise FieldError("messages", f"messages.{i}: a tool_use block needs id, name and input (an object)")
                 calls.append({"id": b["id"], "type": "function",
                               "function": {"name": b["name"], "arguments": json.dumps(b["input"])}})
@@ -159,20 +162,21 @@ def conversation(body: CountTokensRequest) -> list[dict]:
                 result = _text(b.get("content"), f"messages.{i}.tool_result")
                 out.append({"role": "tool", "tool_call_id": b["tool_use_id"],
                             "content": ("Error: " + result) if b.get("is_error") else result})
+                results += 1
             else:
                 raise FieldError("messages", f"messages.{i}: {m.role} blocks of type {kind!r} are not supported "
                                              "(this model takes text, and tool_use / tool_result blocks)")
         if m.role == "assistant":
             out.append({"role": "assistant", "content": "".join(texts) or (None if calls else ""),
                         **({"tool_calls": calls} if calls else {})})
-        elif texts or not any(o["role"] == "tool" for o in out[-1:]):
+        elif texts or not results:  # (a turn of tool results alone is those results)
             out.append({"role": "user", "content": "\n".join(texts)})
     return out
 
 
 def chat_body(body: CountTokensRequest, stream: bool = False) -> dict:
     """The chat completion request that computes this message (or, for count_tokens, renders its prompt)."""
-    out: dict[str, Any] = {"model": body.model, "messages": conversation(body)}
+    out: dict[str, Any] = {"model": body.model, "messages": body._chat_messages}
     if body.tools:
         out["tools"] = [{"type": "function", "function": {"name": t.name, "parameters": t.input_schema,
                                                           **({"description": t.description} if t.description else {})}}
@@ -241,8 +245,8 @@ def from_chat(body: MessagesRequest, mid: str, chat: dict) -> dict:
         text = text[: len(text) - len(stop)]
     content = [{"type": "text", "text": text}] if text else []
     calls = message.get("tool_calls") or []
-    content += [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"], "input": _input(c["function"]["arguments"])}
-                for c in calls]
+    content += [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                 "input": _input(c["function"]["arguments"])} for c in calls]
     return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": content,
             "stop_reason": stop_reason(finish, bool(calls), stop), "stop_sequence": stop,
             "usage": usage_of(chat.get("usage"))}
@@ -302,7 +306,8 @@ class EventStream:
                 if self.open != "text":
                     out += self._block({"type": "text", "text": ""})
                 self.text += text
-                out.append(self._event("content_block_delta", index=self.index, delta={"type": "text_delta", "text": text}))
+                out.append(self._event("content_block_delta", index=self.index,
+                                       delta={"type": "text_delta", "text": text}))
             for tc in delta.get("tool_calls") or []:
                 fn = tc.get("function") or {}
                 if tc["index"] not in self.calls:

@@ -38,6 +38,27 @@ def oai(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
+def test_blocks_become_chat_messages():
+    """The translation itself: system blocks, an assistant's thinking (dropped), text and tool_use, a user's
+    tool_result alone (only the tool message) and beside text (the tool message, then the user's text)."""
+    from server.messages import MessagesRequest, chat_body
+
+    body = MessagesRequest(model="m", max_tokens=4, system=[{"type": "text", "text": "S"}], messages=[
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "a"},
+                                          {"type": "tool_use", "id": "t1", "name": "f", "input": {"x": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": True,
+                                      "content": [{"type": "text", "text": "r"}]}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "r2"},
+                                     {"type": "text", "text": "more"}]}])
+    assert chat_body(body)["messages"] == [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a", "tool_calls": [{"id": "t1", "type": "function",
+                                                               "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "Error: r"},
+        {"role": "tool", "tool_call_id": "t1", "content": "r2"}, {"role": "user", "content": "more"}]
+
+
 def test_a_message_is_the_chat_completion_of_the_same_conversation(claude, oai):
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
              {"role": "user", "content": [{"type": "text", "text": "how"}, {"type": "text", "text": "are you"}]}]

@@ -178,18 +178,19 @@ def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory) -
     if history.matcher is not None:
         history.matcher.mask_(row)
     if p.bad_words_ids and (banned := banned_words(p, history.output)):
-        ids = torch.tensor(banned, dtype=torch.long, device=row.device)
-        kept = row[ids].clone()
-        row[ids] = float("-inf")
-        if not bool(torch.isfinite(row).any()):
-            row[ids] = kept
+        _ban(row, torch.tensor(banned, dtype=torch.long, device=row.device))
     if history.done < p.min_tokens and history.stop_ids.numel():
-        stop = history.stop_ids.to(row.device)
-        kept = row[stop].clone()
-        row[stop] = float("-inf")
-        if not bool(torch.isfinite(row).any()):  # a grammar complete before min_tokens allows only a stop token:
-            row[stop] = kept  # the grammar wins (else nothing could be sampled)
+        _ban(row, history.stop_ids.to(row.device))
     return row
+
+
+def _ban(row: torch.Tensor, ids: torch.Tensor) -> None:
+    """``ids`` to -inf in ``row``, unless nothing else is left to sample: a grammar that allows only a bad word's last
+    token, or only a stop token before min_tokens (complete already), wins."""
+    kept = row[ids].clone()
+    row[ids] = float("-inf")
+    if not bool(torch.isfinite(row).any()):
+        row[ids] = kept
 
 
 def first_argmax(logits: torch.Tensor) -> torch.Tensor:
