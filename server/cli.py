@@ -10,6 +10,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -405,7 +406,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if state.engine.runner.device.type == "cpu":
         cpu_ext.load()  # build the routing op now, not on the first request
-    state.engine.start()
     app = create_app(state)
     config = uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"],
                             access_log=False, timeout_graceful_shutdown=5, root_path=settings["root_path"])
@@ -413,6 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     log.info("serving %s with adapters [%s]%s on http://%s:%d", state.base_name, ", ".join(settings["adapters"]),
              f" and, on demand, those of {state.lazy_dir}" if state.lazy_dir is not None else "", settings["host"],
              settings["port"])
-    server.run(sockets=[sock])
+    # HTTP on a thread of its own, the engine on this one, which loaded the model (Engine.run_here says why: a step
+    # on another thread took 1.6-1.8x as long). uvicorn installs no signal handlers off the main thread, so the
+    # graceful SIGTERM / SIGINT is installed here.
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="remix-http", daemon=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    http.start()
+    state.engine.run_here(until=lambda: not http.is_alive())
+    http.join()
     state.engine.stop(drain_timeout=1.0)
-    return 0
+    return 0 if server.started else 1  # (one that never started has said why in its log)

@@ -273,6 +273,50 @@ def test_threaded_engine_and_live_adapter_unload(tmp_path, device):
         engine.stop()
 
 
+def test_engine_loop_on_the_callers_thread(tmp_path):
+    """run_here (what python -m server and server.batch use: the engine on the thread that loaded the model, requests
+    from another): every step runs on the calling thread; another thread submits, loads an adapter through call()
+    and gets the greedy tokens a step-by-step run gives; until() ends the loop, and so does stop() from elsewhere."""
+    import threading
+
+    model, tok = lively_tiny()
+    engine = Engine(model, tok, EngineConfig(max_model_len=160, max_num_seqs=4))
+    path = str(make_adapter(lively_tiny()[0], tmp_path / "a", seed=3))
+    ids = tok(PROMPTS[1]).input_ids
+    engine.load_adapter("a", path)
+    want = tokens_of(collect(engine, GenerationRequest("want", ids, greedy(20), adapter="a")))
+    engine.unload_adapter("a")
+    stepped_on, step = set(), engine.step
+
+    def counted_step():
+        stepped_on.add(threading.current_thread())
+        step()
+
+    engine.step = counted_step
+    events, done = [], threading.Event()
+
+    def client():
+        engine.load_adapter("a", path)  # through call(): run by the loop between steps
+        engine.submit(GenerationRequest("got", ids, greedy(20), adapter="a"),
+                      lambda e: (events.append(e), e.finished and done.set()))
+        done.wait(30)
+
+    side = threading.Thread(target=client)
+    side.start()
+    engine.run_here(until=lambda: not side.is_alive())
+    side.join()
+    assert tokens_of(events) == want and events[-1].finish_reason == "length"
+    assert stepped_on == {threading.current_thread()}
+    assert engine._thread is None and not engine.has_work()
+
+    looping = threading.Event()
+    stopper = threading.Thread(target=lambda: (looping.wait(30), engine.stop()))
+    stopper.start()
+    engine.run_here(until=lambda: looping.set())  # (None: go on) returns once stop() has run on the other thread
+    stopper.join()
+    assert looping.is_set()
+
+
 def test_adapters_coming_and_going_keep_every_output(tmp_path):
     """Loads and unloads in any order leave every adapter's greedy text as it was (a pool moved to fill a gap is the
     same pool); a load takes the lowest free slot, and with --max-adapters the modules' stacks made room for that many
