@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import remix
+from remix.kernels import cpu_ext
 from remix.kernels.cpu_alloc import HUGE_PAGE, huge_pages_available
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, collect
 from tests.helpers import serve_together, write_adapter
@@ -293,10 +294,12 @@ def test_engine_loop_on_the_callers_thread(tmp_path):
         step()
 
     engine.step = counted_step
-    events, done = [], threading.Event()
+    events, done, counts = [], threading.Event(), {}
+    threads = torch.get_num_threads()
 
     def client():
-        engine.load_adapter("a", path)  # through call(): run by the loop between steps
+        engine.load_adapter("a", path)  # read here, installed by the loop between steps (call())
+        counts["client"] = torch.get_num_threads()  # this thread's parallel regions: its own alone from now on
         engine.submit(GenerationRequest("got", ids, greedy(20), adapter="a"),
                       lambda e: (events.append(e), e.finished and done.set()))
         done.wait(30)
@@ -307,6 +310,11 @@ def test_engine_loop_on_the_callers_thread(tmp_path):
     side.join()
     assert tokens_of(events) == want and events[-1].finish_reason == "length"
     assert stepped_on == {threading.current_thread()}
+    # the adapter was read off the loop's thread, which opened its regions alone (no OpenMP pool of its own to slow
+    # the steps: cpu_ext.single_threaded_here); the loop's thread keeps its team
+    assert torch.get_num_threads() == threads
+    if cpu_ext._omp_set_num_threads() is not None:
+        assert counts["client"] == 1
     assert engine._thread is None and not engine.has_work()
 
     looping = threading.Event()

@@ -326,6 +326,32 @@ def module_clock(on: bool) -> tuple[list[dict[str, float]], int]:
     return [{name: v / 1e6 for name, v in zip(MODULE_STAGES, row)} for row in ns if any(row)], calls
 
 
+@functools.lru_cache(maxsize=1)
+def _omp_set_num_threads():
+    """libgomp's omp_set_num_threads (the runtime torch loaded: dlopen finds it by its soname), or None."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libgomp.so.1").omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+
+
+def single_threaded_here() -> bool:
+    """From now on this thread's parallel regions (torch's CPU ops and the compiled kernels alike) run on this thread
+    alone; other threads keep their own count. For work off the engine's thread, such as reading an adapter beside
+    the steps: a thread that opens a region of two or more threads gets a pool of OpenMP workers of its own, and with
+    more OpenMP threads than CPUs, GNU OpenMP stops spinning between regions, so every region of every later step
+    wakes its workers from sleep (the engine's decode steps took 1.6-1.8x as long on the 2-vCPU VMs:
+    server.engine.Engine.run_here). True where done (GNU OpenMP found), False elsewhere."""
+    fn = _omp_set_num_threads()
+    if fn is None:
+        return False
+    torch.get_num_threads()  # torch's own first-use set-up of this thread's count, which would set it back
+    fn(1)
+    return True
+
+
 def thread_shares(threads: int | None = None) -> list[float] | None:
     """Each thread's share now of the work the compiled kernels split by speed (a GEMM's outputs, the decode attention's
     rows; in thread order, summing to 1): even, until each thread's timed GEMM slices have shown one slower than the

@@ -116,6 +116,7 @@ class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         tune_cpu_allocator()
         self._threads = torch.get_num_threads()  # (the steps' team, as set where the engine is built: thread_shares)
+        self._home = threading.current_thread()  # (the thread that built it, normally the one that loaded the model)
         self.config = cfg = config or EngineConfig()
         self.tokenizer = tokenizer
         # ids -> text, for each new token (incremental detokenization): special tokens left out, or (vLLM's
@@ -254,6 +255,7 @@ class Engine:
             self._check_room()
             if name in self.registry.adapters:  # (before reading it; checked again where it is stacked)
                 raise AdapterError(path, [f"an adapter named {name!r} is already loaded"])
+            self._single_threaded_off_loop()
             prepared = self.registry.prepare(path, check_fingerprint)  # (read and checked here: the engine goes on)
 
             def install():
@@ -264,6 +266,15 @@ class Engine:
                 return self.registry.install(name, path, prepared)
 
             return self.call(install)
+
+    def _single_threaded_off_loop(self) -> None:
+        """A thread other than the running engine loop's that is about to read an adapter (torch ops over its tensors
+        and the base's, for the fingerprint) opens its parallel regions alone from now on: a pool of OpenMP workers
+        of its own would slow every later step (cpu_ext.single_threaded_here). Not the thread that built the engine
+        (its pool is there already) or the loop's."""
+        here = threading.current_thread()
+        if here is not self._home and here is not self._thread and self.runner.device.type == "cpu":
+            cpu_ext.single_threaded_here()
 
     def ensure_adapter(self, name: str, path: str, hold: bool = False) -> None:
         """``name`` loaded from ``path`` unless it is already (on-demand loading: a request names an adapter of the
@@ -302,6 +313,7 @@ class Engine:
                 self.call(revive)
             return
         self.call(self._want_room, name)  # (before reading it: a caller that waits for room reads nothing)
+        self._single_threaded_off_loop()
         prepared = self.registry.prepare(path)
 
         def install():
@@ -477,9 +489,9 @@ class Engine:
         spinning between regions - every region of a step then wakes its workers from sleep. On the 2-vCPU VMs of
         this project a decode step took 1.6-1.8x as long on a thread of its own as on the loading thread (one
         sequence 24-26 against 13-14 ms, 32 sequences 46 against 27-28 ms)."""
-        self._prepare()
-        self._thread = threading.current_thread()
+        self._thread = threading.current_thread()  # (first: what other threads do meanwhile sees the loop's thread)
         try:
+            self._prepare()
             self._loop(until)
         finally:
             self._running = False
