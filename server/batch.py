@@ -156,16 +156,17 @@ async def run_one(client, line: dict, headers: dict) -> tuple[int, str | None, o
     return r.status_code, r.headers.get("x-request-id"), body
 
 
-async def run_batch(app, lines, out, concurrency: int, api_key: str | None, progress: bool) -> Tally:
+async def run_batch(app, lines, out, concurrency: int, api_key: str | None, progress: bool,
+                    total: int | None = None) -> Tally:
     """Runs every line of ``lines`` (an iterable of text) through ``app`` (server.app.create_app's) and writes the
-    results to ``out`` in order; returns the tally."""
+    results to ``out`` in order; returns the tally. ``total``: the lines to expect, for the progress bar."""
     import httpx
     from tqdm import tqdm
 
     writer, tally, seen = OrderedWriter(out), Tally(), set()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     slots = asyncio.Semaphore(concurrency)
-    bar = tqdm(unit="req", desc="batch", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total, unit="req", desc="batch", disable=not progress, file=sys.stderr)
 
     def done(index: int, result: dict) -> None:
         writer.add(index, result)
@@ -261,12 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     source = sys.stdin if args.input_file == "-" else open(args.input_file, encoding="utf-8")
     sink = nullcontext(sys.stdout) if args.output_file == "-" else open(args.output_file, "w", encoding="utf-8")
     outcome: dict = {}
+    total = None
+    if args.input_file != "-" and args.progress == "on":
+        with open(args.input_file, encoding="utf-8") as f:
+            total = sum(1 for line in f if line.strip())
 
     def requests() -> None:  # the requests' side, on a thread of its own: the engine runs on this one (python -m server's
         try:                 # split, for the reason Engine.run_here gives)
             with source, sink as out:
                 outcome["tally"] = asyncio.run(run_batch(app, source, out, concurrency, state.api_key,
-                                                         args.progress == "on"))
+                                                         args.progress == "on", total))
         except BaseException as e:  # noqa: BLE001 - said below, on the main thread
             outcome["error"] = e
 

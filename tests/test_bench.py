@@ -570,3 +570,23 @@ def test_server_bench_warns_of_an_engine_off_huge_pages():
     assert len(notes) == 1 and notes[0].startswith("note: no engine's memory")
     assert server_bench.huge_page_warnings({"engine_base": ok, "engine_remix": ok}) == []
     assert server_bench.huge_page_warnings({"engine_base": {}, "engine_remix": {}}) == []
+
+
+def test_live_bench_times_the_real_server_against_its_engine(tmp_path):
+    """server.bench_live on the tiny model: a python -m server subprocess and the in-process engine serve the same
+    greedy requests at each concurrency; both rates, the ratio against its goal and the replies' agreement (float32:
+    the same tokens through HTTP as from the loop) are written, and the table names every level."""
+    from server import bench_live
+
+    out = bench_live.main(["--base", "tiny", "--dtype", "float32", "--concurrency", "1,3", "--prompt-tokens", "12",
+                           "--new-tokens", "6", "--repeats", "1", "--json", str(tmp_path / "o.json"),
+                           "--markdown", str(tmp_path / "o.md")])
+    assert set(out["results"]) == {"1", "3"}
+    for r in out["results"].values():
+        assert r["live_tokens_per_s"] > 0 and r["engine_tokens_per_s"] > 0
+        assert r["live_over_engine"] == pytest.approx(r["live_tokens_per_s"] / r["engine_tokens_per_s"], rel=0.01)
+        assert r["identical_replies"] == 1.0
+    assert out["goal"]["live_over_engine"] == ">= 0.9"
+    assert json.loads((tmp_path / "o.json").read_text())["results"]["3"]["runs_live"]
+    table = (tmp_path / "o.md").read_text()
+    assert "| 1 |" in table and "| 3 |" in table
