@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -275,16 +276,26 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException as e:  # noqa: BLE001 - said below, on the main thread
             outcome["error"] = e
 
+    interrupted = threading.Event()
+
+    def interrupt(sig, frame) -> None:  # the first Ctrl-C / SIGTERM ends the run between steps; a second Ctrl-C at once
+        interrupted.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = time.perf_counter()
     side = threading.Thread(target=requests, name="remix-batch", daemon=True)
     side.start()
     try:
-        state.engine.run_here(until=lambda: not side.is_alive())
-    except KeyboardInterrupt:
-        print("interrupted: the results written so far are kept", file=sys.stderr)
-        return 130
+        state.engine.run_here(until=lambda: interrupted.is_set() or not side.is_alive())
     finally:
-        state.engine.stop(drain_timeout=1.0)
+        state.engine.stop(drain_timeout=0.0)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if interrupted.is_set():
+        where = "stdout" if args.output_file == "-" else args.output_file
+        print(f"interrupted: the results written to {where} so far are kept (each line whole)", file=sys.stderr)
+        return 130
     side.join()
     if "error" in outcome:
         print(f"error: {type(outcome['error']).__name__}: {outcome['error']}", file=sys.stderr)
