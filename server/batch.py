@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -220,7 +219,7 @@ async def run_batch(app, lines, out, concurrency: int, api_key: str | None, prog
 
 def main(argv: list[str] | None = None) -> int:
     from server.cli import build_parser as server_parser
-    from server.cli import build_state, load_settings
+    from server.cli import load_settings, prepare
 
     args, rest = build_parser().parse_known_args(argv)
     if args.help:
@@ -243,18 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency < 0:
         raise SystemExit(f"error: --concurrency must be >= 0, got {args.concurrency}")
     settings = load_settings(rest)
-    logging.basicConfig(level=settings["log_level"].upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
     from remix.adapter import AdapterError
     from server.app import create_app
 
     try:
-        state = build_state(settings)
+        state = prepare(settings)
     except (AdapterError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -384,28 +384,36 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(argv)
-    sock = bind_socket(settings["host"], settings["port"])
+def prepare(settings: dict):
+    """What python -m server and python -m server.batch do before serving: logging, no hub, torch's threads, the
+    model and adapters (build_state; AdapterError or FileNotFoundError where one cannot be read), the CPU kernels
+    built now rather than on the first request. Returns the ServerState."""
     logging.basicConfig(level=settings["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
+    state = build_state(settings)
+    from remix.kernels import cpu_ext
+
+    if state.engine.runner.device.type == "cpu":
+        cpu_ext.load()
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(argv)
+    sock = bind_socket(settings["host"], settings["port"])
     from remix.adapter import AdapterError
     from server.app import create_app
 
     try:
-        state = build_state(settings)
+        state = prepare(settings)
     except (AdapterError, FileNotFoundError) as e:
         sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from remix.kernels import cpu_ext
-
-    if state.engine.runner.device.type == "cpu":
-        cpu_ext.load()  # build the routing op now, not on the first request
     app = create_app(state)
     config = uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"],
                             access_log=False, timeout_graceful_shutdown=5, root_path=settings["root_path"])
