@@ -102,8 +102,8 @@ def result_line(cid: str | None, status: int | None = None, request_id: str | No
 
 
 class OrderedWriter:
-    """Writes results in the input's order as soon as every earlier one is written (a result that comes early waits
-    in memory: at most about the requests in flight)."""
+    """Writes results in the input's order, each as soon as every earlier one is written: a result that comes before
+    an earlier one waits in memory (behind a long request, every later result of the batch can)."""
 
     def __init__(self, out):
         self.out, self.next, self.held = out, 0, {}
