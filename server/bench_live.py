@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -69,20 +70,33 @@ def start_server(args, adapter: Path, max_model_len: int, max_seqs: int) -> tupl
     raise SystemExit("error: the server did not come up in 10 minutes")
 
 
-async def live_round(url: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    """Seconds from the first request sent to the last answer, and each request's generated token ids."""
+async def live_round(url: str, prompts: list[list[int]], new_tokens: int, stream: bool = False
+                     ) -> tuple[float, list[list[int]]]:
+    """Seconds from the first request sent to the last answer, and each request's generated token ids (``stream``:
+    server-sent events, a chunk a token, read as they come)."""
     async with httpx.AsyncClient(base_url=url, timeout=None,
                                  limits=httpx.Limits(max_connections=len(prompts) + 1)) as client:
         async def one(p):
-            r = await client.post("/v1/completions", json={
-                "model": "bench", "prompt": p, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-                "return_token_ids": True})
-            r.raise_for_status()
-            return r.json()["choices"][0]["token_ids"]
+            body = {"model": "bench", "prompt": p, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True, "stream": stream}
+            if not stream:
+                r = await client.post("/v1/completions", json=body)
+                r.raise_for_status()
+                return r.json()["choices"][0]["token_ids"]
+            ids = []
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        choices = json.loads(line[6:]).get("choices") or [{}]
+                        ids += choices[0].get("token_ids") or []
+            return ids
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         outs = await asyncio.gather(*(one(p) for p in prompts))
-        return time.perf_counter() - start, outs
+        wall = time.perf_counter() - start
+        live_round.client_cpu_share = (time.process_time() - cpu) / wall  # (this process: the client alone then)
+        return wall, outs
 
 
 def engine_round(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -105,6 +119,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="rounds of each contender at each concurrency (best kept)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    ap.add_argument("--stream", action="store_true", help="the live requests stream (server-sent events, a chunk a "
+                                                         "token), as chat clients do")
     add_output_args(ap)
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -124,18 +140,19 @@ def main(argv=None) -> dict:
     engine.warm_up()
     proc, url = start_server(args, adapter, max_len, max_seqs)
     out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": args.prompt_tokens,
-                      "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                      "new_tokens": args.new_tokens, "repeats": args.repeats, "stream": args.stream, "threads": torch.get_num_threads(),
                       "cpu": cpu_ext.cpu_model(), "torch": torch.__version__},
            "goal": {"live_over_engine": f">= {GOAL}"}, "results": {}}
     try:
         warm = prompts_of(tok, 2, args.prompt_tokens)
-        asyncio.run(live_round(url, warm, 4))
+        asyncio.run(live_round(url, warm, 4, args.stream))
         engine_round(engine, warm, 4)
         for c in levels:
             prompts = prompts_of(tok, c, args.prompt_tokens)
-            live, local, same = [], [], []
+            live, local, same, client = [], [], [], []
             for _ in range(args.repeats):  # in turn
-                t_live, got = asyncio.run(live_round(url, prompts, args.new_tokens))
+                t_live, got = asyncio.run(live_round(url, prompts, args.new_tokens, args.stream))
+                client.append(live_round.client_cpu_share)
                 t_engine, want = engine_round(engine, prompts, args.new_tokens)
                 live.append(c * args.new_tokens / t_live)
                 local.append(c * args.new_tokens / t_engine)
@@ -144,10 +161,12 @@ def main(argv=None) -> dict:
             out["results"][str(c)] = {"live_tokens_per_s": round(max(live), 2), "engine_tokens_per_s": round(max(local), 2),
                                       "runs_live": [round(v, 2) for v in live], "runs_engine": [round(v, 2) for v in local],
                                       "live_over_engine": round(ratio, 3),
-                                      "identical_replies": round(statistics.mean(same), 3)}
+                                      "identical_replies": round(statistics.mean(same), 3),
+                                      "client_cpu_share": round(statistics.mean(client), 3)}
             print(f"concurrency {c}: live server {max(live):.1f} tok/s, engine loop {max(local):.1f} tok/s, "
                   f"live_over_engine {ratio:.3f} ({'met' if ratio >= GOAL else 'missed'}: goal >= {GOAL}); "
-                  f"identical greedy replies {statistics.mean(same):.0%}", flush=True)
+                  f"identical greedy replies {statistics.mean(same):.0%}; the client used "
+                  f"{statistics.mean(client):.2f} of a CPU beside the server", flush=True)
     finally:
         proc.terminate()
         try:

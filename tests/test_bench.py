@@ -586,7 +586,11 @@ def test_live_bench_times_the_real_server_against_its_engine(tmp_path):
         assert r["live_tokens_per_s"] > 0 and r["engine_tokens_per_s"] > 0
         assert r["live_over_engine"] == pytest.approx(r["live_tokens_per_s"] / r["engine_tokens_per_s"], rel=0.01)
         assert r["identical_replies"] == 1.0
+        assert 0 <= r["client_cpu_share"] < 2.5  # (this process's CPU over the live rounds' wall time)
     assert out["goal"]["live_over_engine"] == ">= 0.9"
     assert json.loads((tmp_path / "o.json").read_text())["results"]["3"]["runs_live"]
     table = (tmp_path / "o.md").read_text()
     assert "| 1 |" in table and "| 3 |" in table
+    streamed = bench_live.main(["--base", "tiny", "--dtype", "float32", "--concurrency", "2", "--prompt-tokens", "12",
+                                "--new-tokens", "6", "--repeats", "1", "--stream"])  # (the chunks' ids add up)
+    assert streamed["config"]["stream"] and streamed["results"]["2"]["identical_replies"] == 1.0
