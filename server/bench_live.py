@@ -1,13 +1,14 @@
 """The server as its clients see it: ``python -m server`` over HTTP against its own engine stepped in process.
 
     python -m server.bench_live --json out.json [--concurrency 1,8,32] [--new-tokens 128] [--prompt-tokens 128]
-                                [--repeats 2] [--dtype auto|bfloat16|float32] [--base ...]
+                                [--repeats 2] [--dtype auto|bfloat16|float32] [--stream] [--base ...]
 
 server.bench and the other benches time the engine stepped by the process that loaded the model. This one starts the
 real server (a subprocess: uvicorn, the OpenAI layer, the engine loop as ``python -m server`` runs it) with
 server.bench's adapter (n = 8, k = 2, r = 8 on every FFN projection), and at each concurrency sends that many greedy
-completions at once (prompts of ``--prompt-tokens`` token ids, ``--new-tokens`` new tokens, ``ignore_eos``, no
-streaming, prefix caching off in both) and times them from the first request sent to the last answer. The peer is
+completions at once (prompts of ``--prompt-tokens`` token ids, ``--new-tokens`` new tokens, ``ignore_eos``, prefix
+caching off in both; whole answers, or with ``--stream`` a chunk a token) and times them from the first request sent
+to the last answer; the client runs in this process, on the same CPUs, and its CPU share is written. The peer is
 the same engine in this process serving the same requests, stepped back to back on the thread that loaded the model,
 timed the same way. The two take turns (``--repeats`` rounds each, the best kept), so a slow spell lands on both.
 It prints and writes ``live_over_engine``: tokens/s through HTTP over tokens/s of the bare loop (goal >= 0.90 at each
