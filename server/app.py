@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,8 +135,24 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
+def worker_threads() -> ThreadPoolExecutor:
+    """The event loop's default executor (asyncio.to_thread's: tokenizing, rendering chat prompts, compiling grammars,
+    reading adapters): asyncio's own, except that each worker opens its parallel regions alone, so that no torch op
+    run there gives it a pool of OpenMP workers of its own, which would slow every later engine step
+    (cpu_ext.single_threaded_here; Engine.run_here)."""
+    from remix.kernels import cpu_ext
+
+    return ThreadPoolExecutor(thread_name_prefix="remix-worker", initializer=cpu_ext.single_threaded_here)
+
+
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="remix-serve", description="OpenAI-compatible server for ReMix adapters", version="0.1.0")
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        asyncio.get_running_loop().set_default_executor(worker_threads())
+        yield
+
+    app = FastAPI(title="remix-serve", description="OpenAI-compatible server for ReMix adapters", version="0.1.0",
+                  lifespan=lifespan)
     app.state.remix = state
     state.metrics = state.metrics or Metrics(state.engine)
     state.call_format = chat_format.call_format(state.engine.tokenizer)  # (the template is fixed once serving)

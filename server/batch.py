@@ -163,6 +163,9 @@ async def run_batch(app, lines, out, concurrency: int, api_key: str | None, prog
     import httpx
     from tqdm import tqdm
 
+    from server.app import worker_threads
+
+    asyncio.get_running_loop().set_default_executor(worker_threads())  # (the app's lifespan sets it; no lifespan here)
     writer, tally, seen = OrderedWriter(out), Tally(), set()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     slots = asyncio.Semaphore(concurrency)

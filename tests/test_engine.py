@@ -325,6 +325,20 @@ def test_engine_loop_on_the_callers_thread(tmp_path):
     assert looping.is_set()
 
 
+def test_the_servers_worker_threads_open_their_regions_alone():
+    """The event loop's executor (asyncio.to_thread: tokenizing, grammars, adapter reads) in python -m server and
+    server.batch: each worker runs its torch ops on itself alone, the caller's threads keep theirs."""
+    from server.app import worker_threads
+
+    threads = torch.get_num_threads()
+    with worker_threads() as pool:
+        inside = pool.submit(torch.get_num_threads).result()
+        assert pool.submit(lambda: torch.ones(1 << 20).sum().item()).result() == 1 << 20  # (a parallel-sized op)
+    assert torch.get_num_threads() == threads
+    if cpu_ext._omp_set_num_threads() is not None:
+        assert inside == 1
+
+
 def test_adapters_coming_and_going_keep_every_output(tmp_path):
     """Loads and unloads in any order leave every adapter's greedy text as it was (a pool moved to fill a gap is the
     same pool); a load takes the lowest free slot, and with --max-adapters the modules' stacks made room for that many
