@@ -5,7 +5,6 @@ that hands each event to the request's asyncio queue."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import copy
 import datetime
@@ -16,7 +15,6 @@ import re
 import threading
 import time
 import uuid
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -623,7 +621,7 @@ def create_app(state: ServerState) -> FastAPI:
                 params.compiled_grammar = await asyncio.to_thread(state.engine.compile_grammar, *params.grammar)
             except EngineError as e:
                 raise APIError.of(e) from None
-        mailbox = _Mailbox.of(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         arrival = time.monotonic()
         for attempt in range(3):
             queue: asyncio.Queue = asyncio.Queue()
@@ -635,7 +633,7 @@ def create_app(state: ServerState) -> FastAPI:
                     req = GenerationRequest(sub, ids, params, adapter, trace=body.remix_routing is not None,
                                             priority=body.priority, cache_salt=body.cache_salt,
                                             held=i == 0 and getattr(request.state, "adapter_held", False))
-                    state.engine.submit(req, lambda ev, i=i, q=queue: mailbox.post(q, (i, ev)))
+                    state.engine.submit(req, lambda ev, i=i, q=queue: loop.call_soon_threadsafe(q.put_nowait, (i, ev)))
                     sub_ids.append(sub)
                 break
             except EngineError as e:
@@ -778,42 +776,6 @@ class RequestIdMiddleware:
 
 class _Disconnected(Exception):
     pass
-
-
-class _Mailbox:
-    """Engine events handed to an event loop: the engine thread appends them, and the loop moves all that have come
-    into their requests' queues in one callback - one wake-up of the loop (a write to its self-pipe) for a step's
-    events, where a call_soon_threadsafe per event had made one per token of every running sequence."""
-
-    _of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.items, self.lock, self.scheduled = loop, collections.deque(), threading.Lock(), False
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> "_Mailbox":
-        box = cls._of.get(loop)
-        if box is None:
-            box = cls._of[loop] = cls(loop)
-        return box
-
-    def post(self, queue: asyncio.Queue, item) -> None:  # (the engine's thread)
-        self.items.append((queue, item))
-        with self.lock:
-            if self.scheduled:  # (the callback to come has not reset it yet, so it takes this item too)
-                return
-            self.scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop closed: nobody waits for these events any more
-            pass
-
-    def _deliver(self) -> None:  # (the loop's thread)
-        with self.lock:
-            self.scheduled = False  # before taking: an item added from now on schedules another call
-        while self.items:
-            queue, item = self.items.popleft()
-            queue.put_nowait(item)
 
 
 async def _next(request: Request, queue: asyncio.Queue):

@@ -59,15 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class BadLine(Exception):
-    """A line that is not a request this batch can run; the message says why."""
+    """A line that is not a request this batch can run; the message says why, ``cid`` is its custom_id where it has
+    one."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, cid: str | None = None):
         super().__init__(message)
-        self.code = code
+        self.code, self.cid = code, cid
 
 
-def parse_line(text: str, seen: set[str]) -> tuple[str | None, dict]:
-    """(custom_id, the line as a dict) of one input line; raises BadLine, with the custom_id where one was read."""
+def parse_line(text: str, seen: set[str]) -> tuple[str, dict]:
+    """(custom_id, the line as a dict) of one input line; raises BadLine."""
     try:
         line = json.loads(text)
     except json.JSONDecodeError as e:
@@ -78,20 +79,22 @@ def parse_line(text: str, seen: set[str]) -> tuple[str | None, dict]:
     if not isinstance(cid, str) or not cid:
         raise BadLine("invalid_request", "custom_id: a non-empty string is required")
     if cid in seen:
-        raise BadLine("duplicate_custom_id", f"custom_id {cid!r} was used by an earlier line; each must be unique")
+        raise BadLine("duplicate_custom_id", f"custom_id {cid!r} was used by an earlier line; each must be unique", cid)
     seen.add(cid)
+    problem, unknown = None, sorted(set(line) - {"custom_id", "method", "url", "body"})
     if line.get("method", "POST") != "POST":
-        raise BadLine("invalid_request", f"method: only POST is run, got {line.get('method')!r}")
-    if line.get("url") not in URLS:
-        raise BadLine("invalid_url", f"url: one of {', '.join(URLS)}, got {line.get('url')!r}")
-    if not isinstance(line.get("body"), dict):
-        raise BadLine("invalid_request", "body: the request, a JSON object, is required")
-    if line["body"].get("stream"):
-        raise BadLine("invalid_request", "body.stream: a batch answers each request whole; leave stream out")
-    unknown = sorted(set(line) - {"custom_id", "method", "url", "body"})
-    if unknown:
-        raise BadLine("invalid_request", f"unknown field(s) {', '.join(unknown)}: a line has custom_id, method, url "
-                                         "and body")
+        problem = "invalid_request", f"method: only POST is run, got {line.get('method')!r}"
+    elif line.get("url") not in URLS:
+        problem = "invalid_url", f"url: one of {', '.join(URLS)}, got {line.get('url')!r}"
+    elif not isinstance(line.get("body"), dict):
+        problem = "invalid_request", "body: the request, a JSON object, is required"
+    elif line["body"].get("stream"):
+        problem = "invalid_request", "body.stream: a batch answers each request whole; leave stream out"
+    elif unknown:
+        problem = "invalid_request", (f"unknown field(s) {', '.join(unknown)}: a line has custom_id, method, url "
+                                      "and body")
+    if problem is not None:
+        raise BadLine(*problem, cid)
     return cid, line
 
 
@@ -125,7 +128,8 @@ class Tally:
         self.status["bad line" if response is None else response["status_code"]] += 1
         usage = (response or {}).get("body") or {}
         usage = usage.get("usage") if isinstance(usage, dict) else None
-        if isinstance(usage, dict):  # OpenAI's (prompt / completion) or the Responses and Messages APIs' (input / output)
+        if isinstance(usage, dict):  # OpenAI's (prompt / completion), or the Responses and Messages APIs' (input /
+            # output)
             self.prompt_tokens += usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
             self.completion_tokens += usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
 
@@ -197,16 +201,10 @@ async def run_batch(app, lines, out, concurrency: int, api_key: str | None, prog
             number += 1
             if not text.strip():
                 continue
-            cid = None
             try:
                 cid, line = parse_line(text, seen)
             except BadLine as e:
-                try:
-                    cid = json.loads(text).get("custom_id")
-                except (ValueError, AttributeError):
-                    pass
-                done(index, result_line(cid if isinstance(cid, str) else None,
-                                        error={"code": e.code, "message": str(e), "line": number}))
+                done(index, result_line(e.cid, error={"code": e.code, "message": str(e), "line": number}))
                 index += 1
                 continue
             await slots.acquire()
@@ -253,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     except (AdapterError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    concurrency = args.concurrency or min(2 * settings["max_num_seqs"], settings["max_num_seqs"] + settings["max_queue"])
+    seqs = settings["max_num_seqs"]
+    concurrency = args.concurrency or min(2 * seqs, seqs + settings["max_queue"])
     app = create_app(state)
     source = sys.stdin if args.input_file == "-" else open(args.input_file, encoding="utf-8")
     sink = nullcontext(sys.stdout) if args.output_file == "-" else open(args.output_file, "w", encoding="utf-8")
@@ -263,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.input_file, encoding="utf-8") as f:
             total = sum(1 for line in f if line.strip())
 
-    def requests() -> None:  # the requests' side, on a thread of its own: the engine runs on this one (python -m server's
-        try:                 # split, for the reason Engine.run_here gives)
+    def requests() -> None:
+        """The requests' side, on a thread of its own: the engine runs on this one (python -m server's split, for the
+        reason Engine.run_here gives)."""
+        try:
             with source, sink as out:
                 outcome["tally"] = asyncio.run(run_batch(app, source, out, concurrency, state.api_key,
                                                          args.progress == "on", total))
@@ -287,15 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         state.engine.stop(drain_timeout=0.0)
         for sig, handler in before.items():
             signal.signal(sig, handler)
+    where = "stdout" if args.output_file == "-" else args.output_file
     if interrupted.is_set():
-        where = "stdout" if args.output_file == "-" else args.output_file
         print(f"interrupted: the results written to {where} so far are kept (each line whole)", file=sys.stderr)
         return 130
     side.join()
     if "error" in outcome:
         print(f"error: {type(outcome['error']).__name__}: {outcome['error']}", file=sys.stderr)
         return 1
-    where = "stdout" if args.output_file == "-" else args.output_file
     print(f"{outcome['tally'].summary(time.perf_counter() - started)}; results in {where}", file=sys.stderr)
     return 0
 

@@ -72,9 +72,10 @@ def start_server(args, adapter: Path, max_model_len: int, max_seqs: int) -> tupl
 
 
 async def live_round(url: str, prompts: list[list[int]], new_tokens: int, stream: bool = False
-                     ) -> tuple[float, list[list[int]]]:
-    """Seconds from the first request sent to the last answer, and each request's generated token ids (``stream``:
-    server-sent events, a chunk a token, read as they come)."""
+                     ) -> tuple[float, list[list[int]], float]:
+    """Seconds from the first request sent to the last answer, each request's generated token ids (``stream``:
+    server-sent events, a chunk a token, read as they come), and the CPUs this process (the client alone then) used
+    over that time."""
     async with httpx.AsyncClient(base_url=url, timeout=None,
                                  limits=httpx.Limits(max_connections=len(prompts) + 1)) as client:
         async def one(p):
@@ -96,8 +97,7 @@ async def live_round(url: str, prompts: list[list[int]], new_tokens: int, stream
         start, cpu = time.perf_counter(), time.process_time()
         outs = await asyncio.gather(*(one(p) for p in prompts))
         wall = time.perf_counter() - start
-        live_round.client_cpu_share = (time.process_time() - cpu) / wall  # (this process: the client alone then)
-        return wall, outs
+        return wall, outs, (time.process_time() - cpu) / wall
 
 
 def engine_round(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -105,8 +105,8 @@ def engine_round(engine: Engine, prompts: list[list[int]], new_tokens: int) -> t
     tokens = {i: [] for i in range(len(prompts))}
     start = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.submit(GenerationRequest(f"b{i}-{time.monotonic_ns()}", list(p),
-                                        SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True), "bench"),
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        engine.submit(GenerationRequest(f"b{i}-{time.monotonic_ns()}", list(p), params, "bench"),
                       lambda e, i=i: tokens[i].extend(e.token_ids))
     while engine.has_work():
         engine.step()
@@ -140,8 +140,9 @@ def main(argv=None) -> dict:
     engine.load_adapter("bench", str(adapter))
     engine.warm_up()
     proc, url = start_server(args, adapter, max_len, max_seqs)
-    out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": args.prompt_tokens,
-                      "new_tokens": args.new_tokens, "repeats": args.repeats, "stream": args.stream, "threads": torch.get_num_threads(),
+    out = {"config": {"base": args.base, "dtype": str(dtype).removeprefix("torch."),
+                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                      "stream": args.stream, "threads": torch.get_num_threads(),
                       "cpu": cpu_ext.cpu_model(), "torch": torch.__version__},
            "goal": {"live_over_engine": f">= {GOAL}"}, "results": {}}
     try:
@@ -152,15 +153,17 @@ def main(argv=None) -> dict:
             prompts = prompts_of(tok, c, args.prompt_tokens)
             live, local, same, client = [], [], [], []
             for _ in range(args.repeats):  # in turn
-                t_live, got = asyncio.run(live_round(url, prompts, args.new_tokens, args.stream))
-                client.append(live_round.client_cpu_share)
+                t_live, got, client_cpu = asyncio.run(live_round(url, prompts, args.new_tokens, args.stream))
+                client.append(client_cpu)
                 t_engine, want = engine_round(engine, prompts, args.new_tokens)
                 live.append(c * args.new_tokens / t_live)
                 local.append(c * args.new_tokens / t_engine)
                 same.append(sum(a == b for a, b in zip(got, want)) / c)
             ratio = max(live) / max(local)
-            out["results"][str(c)] = {"live_tokens_per_s": round(max(live), 2), "engine_tokens_per_s": round(max(local), 2),
-                                      "runs_live": [round(v, 2) for v in live], "runs_engine": [round(v, 2) for v in local],
+            out["results"][str(c)] = {"live_tokens_per_s": round(max(live), 2),
+                                      "engine_tokens_per_s": round(max(local), 2),
+                                      "runs_live": [round(v, 2) for v in live],
+                                      "runs_engine": [round(v, 2) for v in local],
                                       "live_over_engine": round(ratio, 3),
                                       "identical_replies": round(statistics.mean(same), 3),
                                       "client_cpu_share": round(statistics.mean(client), 3)}
