@@ -1,13 +1,15 @@
 """The HTTP layer: OpenAI-compatible routes over the engine. No model code runs on the event loop:
 requests go to the engine thread through ``Engine.submit`` and tokens come back through a callback
-that hands each event to the request's asyncio queue."""
+that puts each event in the request's inbox (``_Inbox``), which wakes the event loop for it."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import datetime
+import functools
 import hmac
 import json
 import logging
@@ -624,7 +626,7 @@ def create_app(state: ServerState) -> FastAPI:
         loop = asyncio.get_running_loop()
         arrival = time.monotonic()
         for attempt in range(3):
-            queue: asyncio.Queue = asyncio.Queue()
+            inbox = _Inbox(loop, eager=body.stream)
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             sub_ids = []
             try:
@@ -633,7 +635,7 @@ def create_app(state: ServerState) -> FastAPI:
                     req = GenerationRequest(sub, ids, params, adapter, trace=body.remix_routing is not None,
                                             priority=body.priority, cache_salt=body.cache_salt,
                                             held=i == 0 and getattr(request.state, "adapter_held", False))
-                    state.engine.submit(req, lambda ev, i=i, q=queue: loop.call_soon_threadsafe(q.put_nowait, (i, ev)))
+                    state.engine.submit(req, functools.partial(inbox.put, i))
                     sub_ids.append(sub)
                 break
             except EngineError as e:
@@ -652,39 +654,47 @@ def create_app(state: ServerState) -> FastAPI:
                            getattr(request.state, "request_id", None))
         builder = _ResponseBuilder(state, body, rid, chat, prompt_ids, prompt_texts, params.n)
         if body.stream:
-            return StreamingResponse(_stream(request, queue, sub_ids, tracker, builder), media_type="text/event-stream")
+            return StreamingResponse(_stream(request, inbox, sub_ids, tracker, builder), media_type="text/event-stream")
         try:
             while not tracker.done():
-                i, ev = await _next(request, queue)
-                tracker.observe(ev)
+                i, ev, at = await inbox.get(request)
+                tracker.observe(ev, at)
                 if ev.error is not None:  # one choice failed: the request did (its other choices end now)
                     raise APIError.failed(ev, body.model)
                 builder.add(i, ev)
-        except (_Disconnected, APIError) as e:  # (the client went away, or a choice failed: the others end now)
-            for sub in sub_ids:
+        except (_Disconnected, APIError, asyncio.CancelledError) as e:  # (the client went away, a choice failed or
+            for sub in sub_ids:  # the handler was cancelled: the others end now)
                 state.engine.cancel(sub)
-            tracker.close()
-            if isinstance(e, APIError):
+            if not isinstance(e, _Disconnected):
                 raise
             return JSONResponse({}, status_code=499)
-        tracker.close()
+        finally:
+            inbox.close()
+            tracker.close()
         return builder.final()
 
-    async def _stream(request: Request, queue: asyncio.Queue, sub_ids, tracker, builder):
+    async def _stream(request: Request, inbox: _Inbox, sub_ids, tracker, builder):
         try:
             while not tracker.done():
-                i, ev = await _next(request, queue)
-                tracker.observe(ev)
-                if ev.error is not None:  # one choice failed: the stream ends with the error (OpenAI's clients raise
-                    for sub in sub_ids:  # it), as vLLM ends it, and its other choices end now
-                        state.engine.cancel(sub)
-                    e = APIError.failed(ev, builder.body.model)
-                    yield f"data: {json.dumps(error_body(e.message, e.type, e.param, e.code))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                chunk = builder.chunk(i, ev)
-                if chunk is not None:
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                out = []  # the chunks of every event there is now, sent in one write
+                while True:
+                    i, ev, at = await inbox.get(request)
+                    tracker.observe(ev, at)
+                    if ev.error is not None:  # one choice failed: the stream ends with the error (OpenAI's clients
+                        for sub in sub_ids:  # raise it), as vLLM ends it, and its other choices end now
+                            state.engine.cancel(sub)
+                        e = APIError.failed(ev, builder.body.model)
+                        out.append(f"data: {json.dumps(error_body(e.message, e.type, e.param, e.code))}\n\n"
+                                   "data: [DONE]\n\n")
+                        yield "".join(out)
+                        return
+                    chunk = builder.chunk(i, ev)
+                    if chunk is not None:
+                        out.append(f"data: {json.dumps(chunk)}\n\n")
+                    if tracker.done() or not inbox.ready():
+                        break
+                if out:
+                    yield "".join(out)
             if builder.include_usage:
                 yield f"data: {json.dumps(builder.usage_chunk())}\n\n"
             yield "data: [DONE]\n\n"
@@ -693,6 +703,7 @@ def create_app(state: ServerState) -> FastAPI:
                 state.engine.cancel(sub)
             raise
         finally:
+            inbox.close()
             tracker.close()
 
     return app
@@ -778,16 +789,73 @@ class _Disconnected(Exception):
     pass
 
 
-async def _next(request: Request, queue: asyncio.Queue):
-    """The next engine event, checking every 0.5 s whether the client went away."""
-    if not queue.empty():  # (no timer task for an event that is there already)
-        return queue.get_nowait()
-    while True:
-        try:
-            return await asyncio.wait_for(queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise _Disconnected() from None
+class _Inbox:
+    """One request's engine events, from the engine's thread to the event loop. The engine's callback appends each
+    event with the time it came; the loop is woken once for whatever came since it last looked, and for an answer
+    sent whole (``eager`` False) only when a sequence ends or fails, since nothing before that needs the loop. A
+    step's events for 32 streams are 32 wake-ups, not 32 queue hand-offs each waking a task, and a whole answer of
+    128 tokens is one. A reader waiting is also woken every ``TICK_S`` to look whether its client went away, by one
+    timer that re-arms itself while someone waits (not a timer armed and cancelled for each event)."""
+
+    TICK_S = 0.5
+    __slots__ = ("loop", "eager", "items", "waiter", "pending", "ticked", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, eager: bool):
+        self.loop, self.eager = loop, eager
+        self.items: collections.deque = collections.deque()
+        self.waiter: asyncio.Future | None = None
+        self.pending = False  # a wake-up is on its way to the loop
+        self.ticked = False  # the timer went off since the reader last looked at its client
+        self.timer: asyncio.TimerHandle | None = None
+
+    def put(self, i: int, ev) -> None:
+        """The engine's callback (its thread) for the request's ``i``-th sequence."""
+        self.items.append((i, ev, time.monotonic()))
+        # (``pending`` is shared with the loop under the GIL: an event appended before the loop's _wake clears it is
+        # seen by the reader that wake-up wakes; one appended after finds it clear and sends a wake-up of its own)
+        if not self.pending and (self.eager or ev.finished or ev.error is not None):
+            self.pending = True
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self.pending = False
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _tick(self) -> None:
+        self.ticked = True
+        if self.waiter is None:  # (nobody waits: the next get arms it again)
+            self.timer = None
+            return
+        self.timer = self.loop.call_later(self.TICK_S, self._tick)
+        if not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def ready(self) -> bool:
+        return bool(self.items)
+
+    async def get(self, request: Request) -> tuple:
+        """The next ``(sequence index, event, time it came)``, looking every ``TICK_S`` whether the client went away
+        (an answer sent whole looks even while its tokens come: nothing wakes it for them)."""
+        while True:
+            if self.ticked:
+                self.ticked = False
+                if await request.is_disconnected():
+                    raise _Disconnected()
+            if self.items:
+                return self.items.popleft()
+            if self.timer is None:
+                self.timer = self.loop.call_later(self.TICK_S, self._tick)
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 def _prompt_list(prompt) -> list:
@@ -810,20 +878,24 @@ class _Tracker:
         self.completion_tokens = 0
         self.reasons: list[str] = []
         self.closed = False
+        m = state.metrics  # (each token observes these: their children looked up once)
+        self.ttft, self.itl = m.ttft.labels(adapter), m.itl.labels(adapter)
+        self.generation_tokens = m.generation_tokens.labels(adapter)
 
     def done(self) -> bool:
         return self.left == 0
 
-    def observe(self, ev) -> None:
-        m, now = self.state.metrics, time.monotonic()
+    def observe(self, ev, at: float) -> None:
+        """``ev`` came from the engine at ``at`` (``time.monotonic()``)."""
+        m = self.state.metrics
         key = (ev.request_id, ev.index)
         if ev.token_ids:
             if key not in self.last:
-                m.ttft.labels(self.adapter).observe(now - self.arrival)
+                self.ttft.observe(at - self.arrival)
             else:
-                m.itl.labels(self.adapter).observe(now - self.last[key])
-            self.last[key] = now
-            m.generation_tokens.labels(self.adapter).inc(len(ev.token_ids))
+                self.itl.observe(at - self.last[key])
+            self.last[key] = at
+            self.generation_tokens.inc(len(ev.token_ids))
         if ev.finished:
             self.left -= 1
             if ev.index == 0:

@@ -1,5 +1,6 @@
 """A live server (uvicorn on a free local port, tiny base) driven by the official openai client."""
 
+import asyncio
 import json
 import re
 import subprocess
@@ -627,6 +628,64 @@ def test_dropped_streams_free_everything(server):
                                             "ignore_eos": True}, headers={"Authorization": f"Bearer {KEY}"})
     h = wait_idle(server.url)
     assert (h["running"], h["waiting"], h["slots_used"], h["kv_tokens_used"]) == (0, 0, 0, 0), h
+
+
+def _inbox_run(eager: bool, disconnect_after: float | None, events: int, gap: float):
+    """An _Inbox fed ``events`` events (the last one finished) from another thread every ``gap`` s, read on an event
+    loop by a reader whose client goes away ``disconnect_after`` s in (None: never). Returns what the reader got (or
+    "disconnected" and when) and how many times the engine's thread woke the loop."""
+    from types import SimpleNamespace
+
+    from server.app import _Disconnected, _Inbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        inbox = _Inbox(loop, eager=eager)
+        wakes = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakes.append(1), real(*a))[1]
+        start = time.monotonic()
+
+        class Request:
+            async def is_disconnected(self):
+                return disconnect_after is not None and time.monotonic() - start > disconnect_after
+
+        def engine():
+            for n in range(events):
+                time.sleep(gap)
+                inbox.put(n % 2, SimpleNamespace(n=n, finished=n == events - 1, error=None))
+
+        threading.Thread(target=engine, daemon=True).start()
+        got = []
+        try:
+            while not got or not got[-1][1].finished:
+                i, ev, at = await inbox.get(Request())
+                assert start <= at <= time.monotonic()
+                got.append((i, ev))
+        except _Disconnected:
+            return "disconnected", time.monotonic() - start, len(wakes)
+        finally:
+            inbox.close()
+        return [(i, ev.n) for i, ev in got], len(wakes)
+
+    return asyncio.run(main())
+
+
+def test_an_inbox_hands_over_every_event_in_order_and_wakes_the_loop_once_for_a_whole_answer():
+    got, wakes = _inbox_run(eager=False, disconnect_after=None, events=40, gap=0.002)
+    assert got == [(n % 2, n) for n in range(40)]
+    assert wakes == 1  # (the finished event; the ones before it wait in the inbox)
+    got, wakes = _inbox_run(eager=True, disconnect_after=None, events=40, gap=0.002)
+    assert got == [(n % 2, n) for n in range(40)]
+    assert 1 <= wakes <= 40  # streamed: a wake-up for each event the loop had not yet been woken for
+
+
+def test_a_whole_answer_notices_its_client_gone_while_tokens_still_come():
+    # Tokens every 10 ms for 10 s and a client gone after 0.2 s: the reader looks every 0.5 s (the queue it replaced
+    # waited for a 0.5 s gap between tokens that never came, so a hung-up client's answer ran to its end).
+    for eager in (False, True):
+        what, when, _ = _inbox_run(eager=eager, disconnect_after=0.2, events=1000, gap=0.01)
+        assert what == "disconnected" and when < 1.5, (eager, when)
 
 
 def test_live_adapter_load_and_unload(server, client, tmp_path):
