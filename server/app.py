@@ -798,7 +798,7 @@ class _Inbox:
     timer that re-arms itself while someone waits (not a timer armed and cancelled for each event)."""
 
     TICK_S = 0.5
-    __slots__ = ("loop", "eager", "items", "waiter", "pending", "ticked", "timer")
+    __slots__ = ("eager", "items", "loop", "pending", "ticked", "timer", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, eager: bool):
         self.loop, self.eager = loop, eager
