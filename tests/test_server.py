@@ -650,12 +650,16 @@ def _inbox_run(eager: bool, disconnect_after: float | None, events: int, gap: fl
             async def is_disconnected(self):
                 return disconnect_after is not None and time.monotonic() - start > disconnect_after
 
+        stop = threading.Event()  # (the reader has gone: the engine cancels, as the app does)
+
         def engine():
             for n in range(events):
-                time.sleep(gap)
+                if stop.wait(gap):
+                    return
                 inbox.put(n % 2, SimpleNamespace(n=n, finished=n == events - 1, error=None))
 
-        threading.Thread(target=engine, daemon=True).start()
+        feeder = threading.Thread(target=engine, daemon=True)
+        feeder.start()
         got = []
         try:
             while not got or not got[-1][1].finished:
@@ -666,6 +670,8 @@ def _inbox_run(eager: bool, disconnect_after: float | None, events: int, gap: fl
             return "disconnected", time.monotonic() - start, len(wakes)
         finally:
             inbox.close()
+            stop.set()
+            feeder.join()
         return [(i, ev.n) for i, ev in got], len(wakes)
 
     return asyncio.run(main())
