@@ -135,14 +135,33 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` (up to 15 bytes) where the OS shows thread names (Linux: ``top -H``, ``ps -L``,
+    /proc/PID/task/TID/comm, which server.bench_live reads to find the HTTP thread's CPU time). Best effort."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(
+            15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+def _worker_start() -> None:
+    from remix.kernels import cpu_ext
+
+    name_os_thread("remix-worker")
+    cpu_ext.single_threaded_here()
+
+
 def worker_threads() -> ThreadPoolExecutor:
     """The event loop's default executor (asyncio.to_thread's: tokenizing, rendering chat prompts, compiling grammars,
     reading adapters): asyncio's own, except that each worker opens its parallel regions alone, so that no torch op
     run there gives it a pool of OpenMP workers of its own, which would slow every later engine step
     (cpu_ext.single_threaded_here; Engine.run_here)."""
-    from remix.kernels import cpu_ext
-
-    return ThreadPoolExecutor(thread_name_prefix="remix-worker", initializer=cpu_ext.single_threaded_here)
+    return ThreadPoolExecutor(thread_name_prefix="remix-worker", initializer=_worker_start)
 
 
 def create_app(state: ServerState) -> FastAPI:

@@ -14,7 +14,10 @@ timed the same way. The two take turns (``--repeats`` rounds each, the best kept
 It prints and writes ``live_over_engine``: tokens/s through HTTP over tokens/s of the bare loop (goal >= 0.90 at each
 concurrency: the HTTP layer, JSON and the engine's hand-off to it may cost a tenth, not more). The engine ran 1.6-1.8x
 slower in the server than in these loops until the 57th session (its loop on a thread of its own: see
-``Engine.run_here``), which no other bench could see.
+``Engine.run_here``), which no other bench could see. Where there is a /proc (Linux) it also writes what the server
+spent a generated token, median over the live rounds: its HTTP thread's CPU (``http_thread_us_per_token``: the OpenAI
+layer, JSON, uvicorn and the hand-off from the engine, which takes it from the CPUs the steps use) and all its threads'
+(``server_cpu_ms_per_token``). These move far less with the VM's spells than the rates do.
 """
 
 from __future__ import annotations
@@ -100,6 +103,27 @@ async def live_round(url: str, prompts: list[list[int]], new_tokens: int, stream
         return wall, outs, (time.process_time() - cpu) / wall
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of process ``pid``'s threads, summed by the name the OS shows (the server names its HTTP
+    thread ``remix-http``): /proc's nanosecond ``schedstat`` where there is one, else ``stat``'s clock ticks. Empty
+    where there is no /proc."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for tid in (os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []):
+        task = Path(f"/proc/{pid}/task/{tid}")
+        try:
+            name = (task / "comm").read_text().strip()
+            try:
+                seconds = int((task / "schedstat").read_text().split()[0]) / 1e9
+            except (OSError, IndexError, ValueError):
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+                seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        except OSError:  # (a thread that ended between the listing and the read)
+            continue
+        out[name] = out.get(name, 0.0) + seconds
+    return out
+
+
 def engine_round(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
     """The same requests on the in-process engine, stepped back to back on this thread."""
     tokens = {i: [] for i in range(len(prompts))}
@@ -151,10 +175,15 @@ def main(argv=None) -> dict:
         engine_round(engine, warm, 4)
         for c in levels:
             prompts = prompts_of(tok, c, args.prompt_tokens)
-            live, local, same, client = [], [], [], []
+            live, local, same, client, http_cpu, server_cpu = [], [], [], [], [], []
             for _ in range(args.repeats):  # in turn
+                before = thread_cpu(proc.pid)
                 t_live, got, client_cpu = asyncio.run(live_round(url, prompts, args.new_tokens, args.stream))
+                after = thread_cpu(proc.pid)
                 client.append(client_cpu)
+                if before:  # the server's CPU a generated token: its HTTP thread's, all its threads'
+                    http_cpu.append((after.get("remix-http", 0.0) - before.get("remix-http", 0.0)) / (c * args.new_tokens))
+                    server_cpu.append((sum(after.values()) - sum(before.values())) / (c * args.new_tokens))
                 t_engine, want = engine_round(engine, prompts, args.new_tokens)
                 live.append(c * args.new_tokens / t_live)
                 local.append(c * args.new_tokens / t_engine)
@@ -167,10 +196,16 @@ def main(argv=None) -> dict:
                                       "live_over_engine": round(ratio, 3),
                                       "identical_replies": round(statistics.mean(same), 3),
                                       "client_cpu_share": round(statistics.mean(client), 3)}
+            cost = ""
+            if http_cpu:
+                out["results"][str(c)].update(http_thread_us_per_token=round(statistics.median(http_cpu) * 1e6, 1),
+                                              server_cpu_ms_per_token=round(statistics.median(server_cpu) * 1e3, 3))
+                cost = (f"; the server's HTTP thread took {statistics.median(http_cpu) * 1e6:.1f} us of CPU a token, "
+                        f"all its threads {statistics.median(server_cpu) * 1e3:.2f} ms")
             print(f"concurrency {c}: live server {max(live):.1f} tok/s, engine loop {max(local):.1f} tok/s, "
                   f"live_over_engine {ratio:.3f} ({'met' if ratio >= GOAL else 'missed'}: goal >= {GOAL}); "
                   f"identical greedy replies {statistics.mean(same):.0%}; the client used "
-                  f"{statistics.mean(client):.2f} of a CPU beside the server", flush=True)
+                  f"{statistics.mean(client):.2f} of a CPU beside the server{cost}", flush=True)
     finally:
         proc.terminate()
         try:
@@ -183,11 +218,13 @@ def main(argv=None) -> dict:
 
 def markdown(out: dict) -> str:
     lines = ["| concurrency | live server (HTTP), tok/s | engine loop in process, tok/s | live over engine (goal >= "
-             f"{GOAL}) | identical greedy replies |", "|---|---|---|---|---|"]
+             f"{GOAL}) | identical greedy replies | HTTP thread's CPU a token, us | server's CPU a token, ms |",
+             "|---|---|---|---|---|---|---|"]
     for c, r in out["results"].items():
         mark = "**" if r["live_over_engine"] >= GOAL else ""
         lines.append(f"| {c} | {r['live_tokens_per_s']:.1f} | {r['engine_tokens_per_s']:.1f} | "
-                     f"{mark}{r['live_over_engine']:.3f}{mark} | {r['identical_replies']:.0%} |")
+                     f"{mark}{r['live_over_engine']:.3f}{mark} | {r['identical_replies']:.0%} | "
+                     f"{r.get('http_thread_us_per_token', '')} | {r.get('server_cpu_ms_per_token', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     sock = bind_socket(settings["host"], settings["port"])
     from remix.adapter import AdapterError
-    from server.app import create_app
+    from server.app import create_app, name_os_thread
 
     try:
         state = prepare(settings)
@@ -424,7 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     # HTTP on a thread of its own, the engine on this one, which loaded the model (Engine.run_here says why: a step
     # on another thread took 1.6-1.8x as long). uvicorn installs no signal handlers off the main thread, so the
     # graceful SIGTERM / SIGINT is installed here.
-    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="remix-http", daemon=True)
+    def serve_http():
+        name_os_thread("remix-http")  # (as the OS shows it too: top -H, and server.bench_live's CPU accounting)
+        server.run(sockets=[sock])
+
+    http = threading.Thread(target=serve_http, name="remix-http", daemon=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, server.handle_exit)
     http.start()

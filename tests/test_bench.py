@@ -3,6 +3,7 @@
 import json
 import math
 import statistics
+import sys
 
 import pytest
 import torch
@@ -587,6 +588,8 @@ def test_live_bench_times_the_real_server_against_its_engine(tmp_path):
         assert r["live_over_engine"] == pytest.approx(r["live_tokens_per_s"] / r["engine_tokens_per_s"], rel=0.01)
         assert r["identical_replies"] == 1.0
         assert 0 <= r["client_cpu_share"] < 2.5  # (this process's CPU over the live rounds' wall time)
+        if sys.platform.startswith("linux"):  # the server's CPU a token, from /proc: its HTTP thread found by name
+            assert 0 < r["http_thread_us_per_token"] < 1000 * r["server_cpu_ms_per_token"]
     assert out["goal"]["live_over_engine"] == ">= 0.9"
     assert json.loads((tmp_path / "o.json").read_text())["results"]["3"]["runs_live"]
     table = (tmp_path / "o.md").read_text()
