@@ -8,12 +8,15 @@ import asyncio
 import collections
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import datetime
 import functools
 import hmac
 import json
 import logging
 import re
+import sys
 import threading
 import time
 import uuid
@@ -138,10 +141,6 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 def name_os_thread(name: str) -> None:
     """Give the calling thread ``name`` (up to 15 bytes) where the OS shows thread names (Linux: ``top -H``, ``ps -L``,
     /proc/PID/task/TID/comm, which server.bench_live reads to find the HTTP thread's CPU time). Best effort."""
-    import ctypes
-    import ctypes.util
-    import sys
-
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
@@ -813,8 +812,9 @@ class _Inbox:
     event with the time it came; the loop is woken once for whatever came since it last looked, and for an answer
     sent whole (``eager`` False) only when a sequence ends or fails, since nothing before that needs the loop. A
     step's events for 32 streams are 32 wake-ups, not 32 queue hand-offs each waking a task, and a whole answer of
-    128 tokens is one. A reader waiting is also woken every ``TICK_S`` to look whether its client went away, by one
-    timer that re-arms itself while someone waits (not a timer armed and cancelled for each event)."""
+    128 tokens is one. A reader waiting is also woken every ``TICK_S`` to look whether its client went away (and a
+    whole answer's reader then takes what has come, so no more than that much waits here), by one timer that re-arms
+    itself while someone waits (not a timer armed and cancelled for each event)."""
 
     TICK_S = 0.5
     __slots__ = ("eager", "items", "loop", "pending", "ticked", "timer", "waiter")

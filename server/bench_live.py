@@ -182,8 +182,9 @@ def main(argv=None) -> dict:
                 after = thread_cpu(proc.pid)
                 client.append(client_cpu)
                 if before:  # the server's CPU a generated token: its HTTP thread's, all its threads'
-                    http_cpu.append((after.get("remix-http", 0.0) - before.get("remix-http", 0.0)) / (c * args.new_tokens))
-                    server_cpu.append((sum(after.values()) - sum(before.values())) / (c * args.new_tokens))
+                    tokens = c * args.new_tokens
+                    http_cpu.append((after.get("remix-http", 0.0) - before.get("remix-http", 0.0)) / tokens)
+                    server_cpu.append((sum(after.values()) - sum(before.values())) / tokens)
                 t_engine, want = engine_round(engine, prompts, args.new_tokens)
                 live.append(c * args.new_tokens / t_live)
                 local.append(c * args.new_tokens / t_engine)
