@@ -98,6 +98,8 @@ OPTIONS = [  # (flag, type, default, help)
                                  "empty = no CORS headers"),
     ("root_path", str, "", "the path prefix a reverse proxy serves the API under (and strips before forwarding): "
                            "ASGI's root_path, which the OpenAPI schema and /docs use in their links"),
+    ("ssl_certfile", str, "", "serve HTTPS: the server's certificate (PEM; its chain after it), with --ssl-keyfile"),
+    ("ssl_keyfile", str, "", "serve HTTPS: the certificate's private key (PEM, unencrypted), with --ssl-certfile"),
     ("threads", int, 0, "torch threads (0 = torch's default)"),
     ("log_level", str, "info", "debug, info, warning or error"),
 ]
@@ -210,6 +212,7 @@ def load_settings(argv: list[str] | None = None) -> dict:
         settings["chat_template"] = read_chat_template(settings["chat_template"])
     if settings["root_path"] and (not settings["root_path"].startswith("/") or settings["root_path"].endswith("/")):
         raise SystemExit(f"error: --root-path must start with / and not end with one, got {settings['root_path']!r}")
+    check_tls(settings["ssl_certfile"], settings["ssl_keyfile"])
     for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens", "max_prefill_chunk"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
@@ -225,6 +228,28 @@ def load_settings(argv: list[str] | None = None) -> dict:
     if settings["log_level"].lower() not in ("debug", "info", "warning", "error"):
         raise SystemExit(f"error: --log-level must be debug, info, warning or error, got {settings['log_level']!r}")
     return settings
+
+
+def check_tls(certfile: str, keyfile: str) -> None:
+    """--ssl-certfile and --ssl-keyfile: both or neither, readable, and a key that matches the certificate - loaded
+    here as uvicorn will load them, so a bad pair stops the server before the model loads, naming the flag."""
+    if not certfile and not keyfile:
+        return
+    if not (certfile and keyfile):
+        given, missing = ("--ssl-certfile", "--ssl-keyfile") if certfile else ("--ssl-keyfile", "--ssl-certfile")
+        raise SystemExit(f"error: {given} serves HTTPS together with {missing}: give both")
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if not Path(path).is_file():
+            raise SystemExit(f"error: {flag} {path}: no such file")
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile, password=lambda: b"")
+    except ssl.SSLError as e:
+        raise SystemExit(f"error: --ssl-certfile {certfile} with --ssl-keyfile {keyfile}: not a PEM certificate and "
+                         f"its unencrypted private key ({e.reason or e})")
+    except OSError as e:
+        raise SystemExit(f"error: --ssl-certfile / --ssl-keyfile: {e}")
 
 
 def adapter_loading(settings: dict) -> bool:
@@ -416,11 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(state)
     config = uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"],
-                            access_log=False, timeout_graceful_shutdown=5, root_path=settings["root_path"])
+                            access_log=False, timeout_graceful_shutdown=5, root_path=settings["root_path"],
+                            ssl_certfile=settings["ssl_certfile"] or None, ssl_keyfile=settings["ssl_keyfile"] or None)
     server = RemixServer(config, state, settings["drain_timeout"])
-    log.info("serving %s with adapters [%s]%s on http://%s:%d", state.base_name, ", ".join(settings["adapters"]),
-             f" and, on demand, those of {state.lazy_dir}" if state.lazy_dir is not None else "", settings["host"],
-             settings["port"])
+    log.info("serving %s with adapters [%s]%s on %s://%s:%d", state.base_name, ", ".join(settings["adapters"]),
+             f" and, on demand, those of {state.lazy_dir}" if state.lazy_dir is not None else "",
+             "https" if settings["ssl_certfile"] else "http", settings["host"], settings["port"])
     # HTTP on a thread of its own, the engine on this one, which loaded the model (Engine.run_here says why: a step
     # on another thread took 1.6-1.8x as long). uvicorn installs no signal handlers off the main thread, so the
     # graceful SIGTERM / SIGINT is installed here.

@@ -278,3 +278,32 @@ def test_adapter_loading_off_refuses_the_load_endpoints_with_403(tmp_path):
         engine.stop()
     with pytest.raises(SystemExit, match="--adapter-loading must be on, off or auto"):
         cli.load_settings(["--adapter-loading", "maybe"])
+
+
+def self_signed(tmp_path, name: str = "server") -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files), made by the openssl command line."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command here")
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_tls_flags_are_checked_before_anything_loads(tmp_path):
+    cert, key = self_signed(tmp_path)
+    other_cert, other_key = self_signed(tmp_path, "other")
+    settings = cli.load_settings(["--base", "tiny", "--ssl-certfile", cert, "--ssl-keyfile", key])
+    assert (settings["ssl_certfile"], settings["ssl_keyfile"]) == (cert, key)
+    for argv, said in ((["--ssl-certfile", cert], "--ssl-certfile serves HTTPS together with --ssl-keyfile: give both"),
+                       (["--ssl-keyfile", key], "--ssl-keyfile serves HTTPS together with --ssl-certfile: give both"),
+                       (["--ssl-certfile", cert, "--ssl-keyfile", str(tmp_path / "nope.key")],
+                        "--ssl-keyfile .*nope.key: no such file"),
+                       (["--ssl-certfile", cert, "--ssl-keyfile", other_key], "not a PEM certificate and its"),
+                       (["--ssl-certfile", key, "--ssl-keyfile", key], "not a PEM certificate and its")):
+        with pytest.raises(SystemExit, match=said):
+            cli.load_settings(["--base", "tiny", *argv])

@@ -739,6 +739,42 @@ def test_vllm_lora_endpoints_load_a_peft_adapter(server, client, tmp_path):
     assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "sql"}).status_code == 404
 
 
+def test_https_with_a_certificate_and_key(tmp_path):
+    """--ssl-certfile / --ssl-keyfile: the server speaks TLS (a client that trusts the certificate completes a request;
+    plain HTTP to the same port gets no answer)."""
+    import ssl
+
+    from tests.helpers import free_port
+    from tests.test_cli import self_signed
+
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--base", "tiny", "--host", "127.0.0.1", "--port", str(port),
+                             "--threads", "1", "--log-level", "info", "--ssl-certfile", cert, "--ssl-keyfile", key],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trust = ssl.create_default_context(cafile=cert)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", verify=trust, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3},
+                       verify=trust, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        with pytest.raises(httpx.HTTPError):  # (TLS only on this port)
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"on https://127.0.0.1:{port}" in out
+
+
 def test_readme_curl_examples(server):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = re.findall(r"<!-- curl-test -->\s*```bash\n(.*?)```", readme, re.S)
