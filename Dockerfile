@@ -40,6 +40,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER remix
 VOLUME ["/cache"]
 EXPOSE 8000
+# (https where REMIX_SSL_CERTFILE is set; --insecure: the loopback address need not be the certificate's name)
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
-  CMD curl -fsS "http://127.0.0.1:${REMIX_PORT}/health" || exit 1
+  CMD curl -fsS --insecure "$([ -n "${REMIX_SSL_CERTFILE:-}" ] && echo https || echo http)://127.0.0.1:${REMIX_PORT}/health" || exit 1
 ENTRYPOINT ["bash", "scripts/docker-entrypoint.sh"]

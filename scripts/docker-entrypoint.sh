@@ -8,4 +8,7 @@ args=(--host "${REMIX_HOST:-0.0.0.0}" --port "${REMIX_PORT:-8000}" --base "${REM
 if [ -n "${REMIX_ADAPTER_DIR:-}" ] && [ -d "${REMIX_ADAPTER_DIR}" ]; then
   args+=(--adapter-dir "${REMIX_ADAPTER_DIR}")
 fi
+if [ -n "${REMIX_SSL_CERTFILE:-}" ] || [ -n "${REMIX_SSL_KEYFILE:-}" ]; then  # HTTPS (the server says if one is missing)
+  args+=(--ssl-certfile "${REMIX_SSL_CERTFILE:-}" --ssl-keyfile "${REMIX_SSL_KEYFILE:-}")
+fi
 exec python -m server "${args[@]}" "$@"

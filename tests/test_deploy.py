@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -31,11 +32,19 @@ def dockerfile_env() -> dict:
     return env
 
 
-def test_entrypoint_serves_with_env_options_and_healthcheck_passes(tmp_path):
+@pytest.mark.parametrize("tls", [False, True])
+def test_entrypoint_serves_with_env_options_and_healthcheck_passes(tmp_path, tls):
     port = free_port()
     env = {**os.environ, **{k: v for k, v in dockerfile_env().items() if k.startswith("REMIX_") and k != "REMIX_CACHE_DIR"}}
     env.update({"REMIX_BASE": "tiny", "REMIX_PORT": str(port), "REMIX_HOST": "127.0.0.1", "REMIX_MAX_MODEL_LEN": "256",
                 "REMIX_ADAPTER_DIR": str(tmp_path / "none")})
+    scheme, verify = "http", True
+    if tls:  # REMIX_SSL_CERTFILE / REMIX_SSL_KEYFILE: HTTPS, and the HEALTHCHECK follows
+        from tests.test_cli import self_signed
+
+        cert, key = self_signed(tmp_path)
+        env.update({"REMIX_SSL_CERTFILE": cert, "REMIX_SSL_KEYFILE": key})
+        scheme, verify = "https", ssl.create_default_context(cafile=cert)
     proc = subprocess.Popen(["bash", "scripts/docker-entrypoint.sh", "--threads", "1"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -43,13 +52,13 @@ def test_entrypoint_serves_with_env_options_and_healthcheck_passes(tmp_path):
         healthcheck = healthcheck.replace("${REMIX_PORT}", str(port))
         deadline = time.time() + 120
         while time.time() < deadline:
-            if subprocess.run(["bash", "-c", healthcheck], capture_output=True).returncode == 0:
+            if subprocess.run(["bash", "-c", healthcheck], capture_output=True, env=env).returncode == 0:
                 break
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.3)
         else:
             raise AssertionError("HEALTHCHECK never passed")
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
+        models = httpx.get(f"{scheme}://127.0.0.1:{port}/v1/models", verify=verify).json()["data"]
         assert [m["id"] for m in models] == ["tiny"]
         proc.send_signal(signal.SIGTERM)  # what docker stop / a pod termination sends
         assert proc.wait(60) == 0
