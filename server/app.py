@@ -716,7 +716,10 @@ def create_app(state: ServerState) -> FastAPI:
             if builder.include_usage:
                 yield f"data: {json.dumps(builder.usage_chunk())}\n\n"
             yield "data: [DONE]\n\n"
-        except (_Disconnected, asyncio.CancelledError, GeneratorExit):  # (GeneratorExit: closed by a wrapping stream)
+        except _Disconnected:  # (seen by the inbox's look at the client: the stream just ends, nothing to report)
+            for sub in sub_ids:
+                state.engine.cancel(sub)
+        except (asyncio.CancelledError, GeneratorExit):  # (GeneratorExit: closed by a wrapping stream)
             for sub in sub_ids:
                 state.engine.cancel(sub)
             raise

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -29,10 +31,16 @@ class LiveServer:
                "--threads", "1", "--log-level", "warning"] + args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
+        # its output read as it comes (the last lines kept): a server writing to a pipe nobody reads blocks once the
+        # pipe's 64 KB are full, and its HTTP thread then hangs in the middle of a log line
+        self.lines: collections.deque = collections.deque(maxlen=2000)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+                self.reader.join(10)
+                raise RuntimeError(f"server exited: {self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -41,6 +49,10 @@ class LiveServer:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError("server did not come up")
+
+    def output(self) -> str:
+        """What the server has written (its last 2,000 lines)."""
+        return "".join(self.lines)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
