@@ -8,15 +8,12 @@ import asyncio
 import collections
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import datetime
 import functools
 import hmac
 import json
 import logging
 import re
-import sys
 import threading
 import time
 import uuid
@@ -138,20 +135,10 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
-def name_os_thread(name: str) -> None:
-    """Give the calling thread ``name`` (up to 15 bytes) where the OS shows thread names (Linux: ``top -H``, ``ps -L``,
-    /proc/PID/task/TID/comm, which server.bench_live reads to find the HTTP thread's CPU time). Best effort."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(
-            15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-
-
 def _worker_start() -> None:
     from remix.kernels import cpu_ext
 
-    name_os_thread("remix-worker")
+    cpu_ext.name_os_thread("remix-worker")
     cpu_ext.single_threaded_here()
 
 
@@ -716,13 +703,11 @@ def create_app(state: ServerState) -> FastAPI:
             if builder.include_usage:
                 yield f"data: {json.dumps(builder.usage_chunk())}\n\n"
             yield "data: [DONE]\n\n"
-        except _Disconnected:  # (seen by the inbox's look at the client: the stream just ends, nothing to report)
-            for sub in sub_ids:
+        except (_Disconnected, asyncio.CancelledError, GeneratorExit) as e:  # (GeneratorExit: closed by a wrapping
+            for sub in sub_ids:  # stream)
                 state.engine.cancel(sub)
-        except (asyncio.CancelledError, GeneratorExit):  # (GeneratorExit: closed by a wrapping stream)
-            for sub in sub_ids:
-                state.engine.cancel(sub)
-            raise
+            if not isinstance(e, _Disconnected):  # (the inbox's look found the client gone: the stream just ends,
+                raise  # with nothing to report - raised on, it was a traceback logged for every dropped stream)
         finally:
             inbox.close()
             tracker.close()

@@ -57,13 +57,16 @@ def start_server(args, adapter: Path, max_model_len: int, max_seqs: int) -> tupl
     cmd = [sys.executable, "-m", "server", "--base", args.base, "--adapter", f"bench={adapter}", "--port", str(port),
            "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_seqs), "--dtype", args.dtype,
            "--prefix-caching", "off", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # its output to a file: a pipe nobody reads while the rounds run would block the server once 64 KB were written
+    output = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"error: the server exited: {proc.stdout.read()}")
+            output.seek(0)
+            raise SystemExit(f"error: the server exited: {output.read()}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url

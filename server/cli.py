@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     sock = bind_socket(settings["host"], settings["port"])
     from remix.adapter import AdapterError
-    from server.app import create_app, name_os_thread
+    from remix.kernels.cpu_ext import name_os_thread
+    from server.app import create_app
 
     try:
         state = prepare(settings)

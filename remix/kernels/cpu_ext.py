@@ -337,6 +337,17 @@ def _omp_set_num_threads():
         return None
 
 
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` (up to 15 bytes) where the OS shows thread names (Linux: ``top -H``, ``ps -L``,
+    /proc/PID/task/TID/comm, which server.bench_live reads to find the server's HTTP thread). Best effort."""
+    from remix.kernels.cpu_alloc import _libc
+
+    libc = _libc() if sys.platform.startswith("linux") else None
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
 def single_threaded_here() -> bool:
     """From now on this thread's parallel regions (torch's CPU ops and the compiled kernels alike) run on this thread
     alone; other threads keep their own count. For work off the engine's thread, such as reading an adapter beside
