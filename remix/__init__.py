@@ -9,13 +9,14 @@ from remix.adapter import AdapterError, load_adapter, save_adapter, validate_ada
 from remix.config import MixtureConfig
 from remix.inject import inject, unwrap, wrapped_layers
 from remix.layer import MixtureOfLoRAsLinear, ReMixLinear
-from remix.models import DEFAULT_BASE, load_base, tiny_model
+from remix.models import DEFAULT_BASE, BaseModelError, load_base, tiny_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_BASE",
     "AdapterError",
+    "BaseModelError",
     "MixtureConfig",
     "MixtureOfLoRAsLinear",
     "ReMixLinear",

@@ -140,12 +140,25 @@ def load_settings(argv: list[str] | None = None) -> dict:
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     if not settings["api_key"]:
         settings["api_key"] = os.environ.get("REMIX_API_KEY", "")
-    adapters = {}
+    adapters, bad = {}, []  # (every --adapter checked before the model loads, and each problem said at once)
     for spec in settings["adapter"]:
         if "=" not in spec:
-            raise SystemExit(f"error: --adapter expects NAME=PATH, got {spec!r}")
+            bad.append(f"--adapter expects NAME=PATH, got {spec!r}")
+            continue
         name, path = spec.split("=", 1)
+        if not name:
+            bad.append(f"--adapter {spec!r}: the name before '=' is empty")
+        elif name in adapters:
+            bad.append(f"--adapter {spec!r}: the name {name!r} is given twice")
+        elif not Path(path).is_dir():
+            bad.append(f"--adapter {spec!r}: {path} is not a directory")
+        elif not (Path(path) / "adapter_config.json").is_file():
+            bad.append(f"--adapter {spec!r}: {path} has no adapter_config.json (not a ReMix or peft adapter directory)")
         adapters[name] = path
+    if len(bad) == 1:
+        raise SystemExit(f"error: {bad[0]}")
+    if bad:
+        raise SystemExit("error: the --adapter flags:\n  - " + "\n  - ".join(bad))
     for name in ("cuda_graphs", "prefix_caching", "batch_invariant", "lazy_adapters"):
         if settings[name] not in ("on", "off"):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be on or off, got {settings[name]!r}")

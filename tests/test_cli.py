@@ -30,6 +30,7 @@ def test_bad_values_name_the_field(argv, field):
 
 
 def test_an_adapter_may_not_take_the_base_models_name(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")  # (what the flag's check before the model loads looks for)
     with pytest.raises(SystemExit, match=r"--adapter tiny=\.\.\.: 'tiny' is the base model's name \(--base\)"):
         cli.load_settings(["--base", "tiny", "--adapter", f"tiny={tmp_path}"])
     with pytest.raises(SystemExit, match=r"'m' is the base model's name \(--served-name\)"):
@@ -38,14 +39,32 @@ def test_an_adapter_may_not_take_the_base_models_name(tmp_path):
         "tiny": str(tmp_path)}
 
 
+def test_every_bad_adapter_flag_is_said_at_once_before_the_model_loads(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "adapter_config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cli.load_settings(["--base", "tiny", "--adapter", f"a={good}", "--adapter", f"a={good}",
+                           "--adapter", f"b={tmp_path / 'missing'}", "--adapter", f"c={tmp_path / 'empty'}",
+                           "--adapter", f"={good}", "--adapter", "nopath"])
+    message = str(e.value)
+    for said in ("'a' is given twice", "missing is not a directory", "empty has no adapter_config.json",
+                 "the name before '=' is empty", "expects NAME=PATH, got 'nopath'"):
+        assert said in message, (said, message)
+    assert cli.load_settings(["--base", "tiny", "--adapter", f"a={good}"])["adapters"] == {"a": str(good)}
+
+
 def test_config_values_take_their_options_types_or_are_named(tmp_path):
     cfg = tmp_path / "s.yaml"
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "adapter_config.json").write_text("{}")
     # YAML reads on / off as booleans: they mean the options' "on" / "off"; 4.0 is an integer; one adapter may be a string
-    cfg.write_text("prefix_caching: off\ncuda_graphs: on\nmax_num_seqs: 4.0\nkv_memory_gb: 1\nadapter: a=/x\n"
+    cfg.write_text(f"prefix_caching: off\ncuda_graphs: on\nmax_num_seqs: 4.0\nkv_memory_gb: 1\nadapter: a={tmp_path}/x\n"
                    "api_key:\nmax_queue:\n")  # (empty values: not given)
     s = cli.load_settings(["--config", str(cfg), "--base", "tiny"])
     assert (s["prefix_caching"], s["cuda_graphs"], s["max_num_seqs"], s["kv_memory_gb"], s["adapters"], s["max_queue"]) == (
-        "off", "on", 4, 1.0, {"a": "/x"}, 256)
+        "off", "on", 4, 1.0, {"a": f"{tmp_path}/x"}, 256)
     assert s["api_key"] == os.environ.get("REMIX_API_KEY", "")
     cfg.write_text("max_num_seqs: abc\nmax_queue: 4.5\nport: [1]\nadapter: 3\n")
     with pytest.raises(SystemExit) as e:

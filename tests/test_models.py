@@ -26,6 +26,26 @@ def test_load_base_tiny_and_errors(tmp_path):
         remix.load_base(str(tmp_path / "missing.gguf"))
 
 
+def test_a_base_that_cannot_be_loaded_is_one_message_naming_it(tmp_path):
+    """A directory that is not a model, a model directory without weights or without a tokenizer, a file that is
+    not GGUF: each a BaseModelError (a FileNotFoundError, which the command lines print as one line) naming the
+    spec and why, not a traceback from inside transformers."""
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(remix.BaseModelError, match="has no config.json"):
+        remix.load_base(str(tmp_path / "plain"))
+    model, tok = remix.load_base("tiny")
+    model.config.save_pretrained(tmp_path / "config_only")
+    with pytest.raises(remix.BaseModelError, match=r"config_only.*the model cannot be loaded: OSError"):
+        remix.load_base(str(tmp_path / "config_only"))
+    model.save_pretrained(tmp_path / "no_tokenizer")
+    with pytest.raises(remix.BaseModelError, match=r"no_tokenizer.*its tokenizer cannot be loaded"):
+        remix.load_base(str(tmp_path / "no_tokenizer"))
+    (tmp_path / "x.gguf").write_bytes(b"not gguf at all")
+    with pytest.raises(remix.BaseModelError, match=r"x.gguf.*the GGUF file cannot be loaded.*GGUF magic"):
+        remix.load_base(str(tmp_path / "x.gguf"))
+    assert issubclass(remix.BaseModelError, FileNotFoundError)
+
+
 def test_load_base_from_a_local_hf_directory(tmp_path, capsys):
     model, tok = remix.load_base("tiny")
     model.save_pretrained(tmp_path / "m")

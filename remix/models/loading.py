@@ -103,13 +103,21 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     return target
 
 
+class BaseModelError(FileNotFoundError):
+    """A base model spec that names nothing loadable: no such file or directory, a directory that is not a Hugging
+    Face model (no config.json, no weights, no tokenizer, an architecture with no causal LM), or a file that is not
+    GGUF. One message naming the spec and the reason, not a traceback from inside transformers. (A
+    FileNotFoundError, which the command lines already turn into their one-line error.)"""
+
+
 def load_base(
     spec: str = DEFAULT_BASE, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen base causal LM and its tokenizer, in eval mode.
 
     spec: ``"smollm2-135m-instruct"`` (the embedded default), ``"tiny"`` (random 2-layer test model),
-    a local Hugging Face model directory, or a ``.gguf`` file. Never touches the network.
+    a local Hugging Face model directory, or a ``.gguf`` file. Never touches the network. Raises BaseModelError
+    where the spec names nothing loadable.
     """
     if spec == "tiny" or spec.startswith("tiny:"):
         from remix.models.tiny import tiny_model
@@ -121,18 +129,23 @@ def load_base(
             path, name = convert_gguf(embedded_gguf(spec), spec), spec
         elif spec.endswith(".gguf"):
             if not Path(spec).is_file():
-                raise FileNotFoundError(f"base model file {spec!r} does not exist")
-            path, name = convert_gguf(Path(spec)), Path(spec).stem
+                raise BaseModelError(f"base model file {spec!r} does not exist")
+            path, name = _read(spec, "the GGUF file", lambda: convert_gguf(Path(spec))), Path(spec).stem
         elif Path(spec).is_dir():
             path, name = Path(spec), Path(spec).resolve().name
+            if not (path / "config.json").is_file():
+                raise BaseModelError(f"base model directory {spec!r} has no config.json: not a Hugging Face model "
+                                     "directory (save_pretrained's output), nor a .gguf file")
         else:
-            raise FileNotFoundError(
+            raise BaseModelError(
                 f"base model {spec!r} is neither {', '.join(_EMBEDDED)}, 'tiny', a local model directory nor a .gguf file"
             )
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         with _bars_on_terminals_only():
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            model = _read(spec, "the model", lambda: AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, local_files_only=True))
+            tokenizer = _read(spec, "its tokenizer", lambda: AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True))
     model = model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -140,6 +153,17 @@ def load_base(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _read(spec: str, what: str, load):
+    """``load()``, with what transformers raises (OSError for missing weights, ValueError for an unknown model type or
+    a file that is not GGUF, and others from deeper down) as one BaseModelError naming the spec."""
+    try:
+        return load()
+    except BaseModelError:
+        raise
+    except Exception as e:
+        raise BaseModelError(f"base model {spec!r}: {what} cannot be loaded: {type(e).__name__}: {e}") from e
 
 
 def base_name(model: torch.nn.Module) -> str:
