@@ -119,12 +119,12 @@ def prompt_char_bound(tokenizer, max_model_len: int) -> int:
 
 
 def _error_response(state: ServerState | None, status: int, message: str, type_: str, param=None, code=None,
-                    request: Request | None = None):
+                    request: Request | None = None, headers: dict | None = None):
     """OpenAI's error object; for Anthropic's Messages endpoints (``request``'s path), Anthropic's."""
     if state is not None and state.metrics is not None:
         state.metrics.http_errors.labels(str(status)).inc()
     # a full queue: when to try again (RFC 9110's Retry-After, which OpenAI's clients honour before their own backoff)
-    headers = {"Retry-After": "1"} if status == 429 else None
+    headers = {"Retry-After": "1"} if status == 429 else headers
     if request is not None and request.scope.get("path", "").rstrip("/").endswith(
             ("/v1/messages", "/v1/messages/count_tokens")):
         return JSONResponse(messages_api.error_body(status, message), status_code=status, headers=headers)
@@ -133,6 +133,11 @@ def _error_response(state: ServerState | None, status: int, message: str, type_:
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+def _paths(app) -> set[str]:
+    """Every path the app routes (for the hint a 404 gives)."""
+    return {getattr(r, "path", "") for r in app.routes}
 
 
 def _worker_start() -> None:
@@ -183,6 +188,12 @@ def create_app(state: ServerState) -> FastAPI:
             param = ".".join(loc + [blamed.param]) if loc else blamed.param
         if first.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None
+        elif not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing"):  # (no JSON object)
+            ctype, given = request.headers.get("content-type", ""), first.get("input")
+            msg = "the request body must be a JSON object" + (
+                " (it is empty)" if first.get("type") == "missing" else
+                f" sent as Content-Type: application/json (this one is {ctype!r})" if "json" not in ctype else
+                f", not {'null' if given is None else type(given).__name__}")
         elif first.get("type") == "extra_forbidden":
             msg = f"unknown field {param!r}"
         elif param:
@@ -195,8 +206,19 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return _error_response(state, exc.status_code, str(exc.detail), ERROR_TYPES.get(exc.status_code, "error"),
-                               request=request)
+        """The router's own errors (our handlers raise APIError): a path it does not serve, or a method the path does
+        not take, said as OpenAI says them ("Invalid URL (POST /completions)"), with what would have worked."""
+        status, message, code = exc.status_code, str(exc.detail), None
+        where = f"{request.method} {request.url.path}"
+        if status == 404 and message == "Not Found":
+            hint = ("; the API is under /v1 (e.g. POST /v1" + request.url.path + ")"
+                    if not request.url.path.startswith("/v1/") and ("/v1" + request.url.path) in _paths(app) else "")
+            message, code = f"Invalid URL ({where}){hint}; GET /openapi.json lists every route", "unknown_url"
+        elif status == 405:
+            allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
+            message, code = f"{where} is not allowed: this path takes {allow or 'another method'}", "method_not_allowed"
+        type_ = ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
+        return _error_response(state, status, message, type_, code=code, request=request, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

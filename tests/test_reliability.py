@@ -69,6 +69,25 @@ def test_undecodable_bodies(server, raw, param):
     assert post(server, {"model": "alpha", "prompt": "fine", "max_tokens": 2}).status_code == 200
 
 
+def test_wrong_urls_methods_and_bodies_say_what_would_work(server):
+    r = httpx.post(server.url + "/completions", json={"model": "alpha", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url", r.text
+    assert "Invalid URL (POST /completions)" in r.json()["error"]["message"]
+    assert "POST /v1/completions" in r.json()["error"]["message"]  # (the route it most likely meant)
+    r = httpx.get(server.url + "/nowhere")
+    assert r.status_code == 404 and "/v1" not in r.json()["error"]["message"] and "openapi.json" in r.text
+    r = httpx.get(server.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+    assert r.json()["error"] == {"message": "GET /v1/chat/completions is not allowed: this path takes POST",
+                                 "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
+    for content, ctype, said in ((b"hello", "text/plain", "sent as Content-Type: application/json (this one is "
+                                  "'text/plain')"), (b"null", "application/json", "must be a JSON object, not null"),
+                                 (b"", "application/json", "must be a JSON object (it is empty)"),
+                                 (b'"text"', "application/json", "must be a JSON object, not str")):
+        r = httpx.post(server.url + "/v1/completions", content=content, headers={"content-type": ctype})
+        assert r.status_code == 400 and said in r.json()["error"]["message"], (content, r.text)
+
+
 @pytest.mark.parametrize("body,param", [
     ({"model": "alpha", "prompt": 42}, "prompt"),
     ({"model": "alpha", "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
