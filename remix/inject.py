@@ -57,9 +57,14 @@ def inject(
     if wrapped_layers(model):
         raise ValueError("model already has Mixture-of-LoRAs layers; call remix.unwrap(model) first")
     names = module_names if module_names is not None else find_targets(model, config.targets)
+    hint = (f"the model's linear modules end in {', '.join(linear_suffixes(model))}; a 're:' target is a regex on the "
+            "whole dotted name")
     if not names:
-        raise NoTargets(f"no nn.Linear module matches targets {list(config.targets)} (the model's linear modules end in "
-                        f"{', '.join(linear_suffixes(model))}; a 're:' target is a regex on the whole dotted name)")
+        raise NoTargets(f"no nn.Linear module matches targets {list(config.targets)} ({hint})")
+    if module_names is None:  # (a target that selects nothing beside others that do is a typo, not a wish: a pool
+        idle = [t for t in config.targets if not find_targets(model, [t])]  # silently left off its modules)
+        if idle:
+            raise NoTargets(f"targets {idle} match no nn.Linear module (of targets {list(config.targets)}; {hint})")
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}

@@ -63,6 +63,11 @@ def test_errors(tiny):
                        match=r"no nn.Linear module matches targets \['nothing_here'\] \(the model's linear modules end "
                              r"in down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj; a 're:' target"):
         remix.inject(model, remix.MixtureConfig(targets=["nothing_here"]))
+    # one target that selects nothing beside others that do (a typo: "dwn_proj" would leave down_proj without a pool)
+    with pytest.raises(NoTargets, match=r"targets \['dwn_proj', 're:.*\.nope'\] match no nn.Linear module \(of targets "
+                                        r"\['gate_proj', 'dwn_proj', 're:.*\.nope'\]; the model's linear modules end in"):
+        remix.inject(model, remix.MixtureConfig(targets=["gate_proj", "dwn_proj", "re:.*\\.nope"]))
+    assert not remix.wrapped_layers(model)  # (refused before anything was wrapped)
     remix.inject(model, remix.MixtureConfig())
     with pytest.raises(ValueError, match="already has"):
         remix.inject(model, remix.MixtureConfig())

@@ -100,6 +100,9 @@ def test_config_precedence_and_errors(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("k: 3\nr: 4\nrouter: softmax-topk\n")
     cfg = load_config(["--config", str(cfg_file), "--r", "16"])
+    # a yes/no flag alone means on (--resume, as people type it); with a value it takes that value
+    bare = load_config(["--resume", "--eval-base", "off", "--output", str(tmp_path / "r")])
+    assert bare.resume is True and bare.eval_base is False
     assert (cfg.k, cfg.r, cfg.router, cfg.n) == (3, 16, "softmax-topk", 8)  # default < yaml < flag
     cfg_file.write_text("kk: 3\n")
     with pytest.raises(ConfigError, match="unknown field"):
@@ -140,6 +143,9 @@ def test_fit_names_bad_targets_output_and_device(tmp_path, capsys):
     assert err.startswith("error: --targets: no nn.Linear module matches targets ['gate', 're:.*mlp'] (the model's "
                           "linear modules end in down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj;")
     assert not (tmp_path / "run" / "adapter").exists()
+    assert main(["--base", "tiny", "--targets", "gate_proj,up_proj,dwn_proj", "--steps", "1", "--progress", "false",
+                 "--output", str(tmp_path / "run")]) == 2  # (a typo among good targets: not a pool silently left off)
+    assert capsys.readouterr().err.startswith("error: --targets: targets ['dwn_proj'] match no nn.Linear module")
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["--base", "tiny", "--output", str(blocker / "run"), "--steps", "1", "--progress", "false"]) == 2

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = _kind(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if kind is bool:
-            parser.add_argument(flag, type=flag_bool, default=None, metavar="BOOL", help=f"{f.metadata['help']} (default: {default})")
+            parser.add_argument(flag, type=flag_bool, default=None, nargs="?", const=True, metavar="BOOL",
+                                help=f"{f.metadata['help']} (default: {default}; the flag alone: on)")
         elif kind is list:
             parser.add_argument(flag, type=lambda s: [t for t in s.split(",") if t], default=None, metavar="A,B",
                                 help=f"{f.metadata['help']} (default: {','.join(default)})")
