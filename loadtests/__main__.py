@@ -13,7 +13,9 @@ import random
 import sys
 from pathlib import Path
 
-from loadtests.generator import HelpFormatter, input_problems, make_prompts, parse_bool, request_fields, run_load, to_json
+from loadtests.generator import (
+    HelpFormatter, input_problems, make_prompts, parse_bool, request_fields, run_load, server_problems, to_json,
+)
 from loadtests.report import compare, plots, summarize, table
 
 
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         print(compare(*args.compare))
         return 0
     problems = input_problems(args)
+    adapters = [a for a in args.adapters.split(",") if a]
+    if not problems:
+        problems = server_problems(args.url, args.api_key, adapters)
     if problems:
         print("error: " + "\n       ".join(problems), file=sys.stderr)
         return 2
@@ -81,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     prompts = make_prompts(args.num_requests, args.prompt_words, args.prompt_spread, rng, args.prompts_file,
                            args.shared_prefix_words)
-    adapters = [a for a in args.adapters.split(",") if a]
 
     live = sys.stderr.isatty()  # a terminal: one line rewritten in place; a log or a pipe: a line every 5 s
     next_line = [0.0]
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         title = f"rate {args.rate or '-'} conc {args.concurrency or '-'} ({len(results)} requests)"
         for path in plots(results, Path(args.plots), title):
             print(f"wrote {path}")
+    if not summary["completed"]:  # (a load test of which nothing completed failed, whatever its tables say)
+        print(f"error: none of the {summary['requests']} requests completed ({summary['errors'] or 'no answers'})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.generator import HelpFormatter, input_problems, make_prompts, run_load
+from loadtests.generator import HelpFormatter, input_problems, make_prompts, run_load, server_problems
 from loadtests.report import plots, summarize, table
 
 
@@ -113,6 +113,8 @@ def main(argv=None) -> int:
         problems.append(f"--growth must be > 1, got {args.growth}")
     if not args.max_rate >= args.start_rate:
         problems.append(f"--max-rate must be at least --start-rate ({args.start_rate}), got {args.max_rate}")
+    if not problems:
+        problems = server_problems(args.url, args.api_key, [a for a in args.adapters.split(",") if a])
     if problems:
         print("error: " + "\n       ".join(problems), file=sys.stderr)
         return 2

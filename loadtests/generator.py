@@ -250,3 +250,26 @@ def input_problems(args: argparse.Namespace) -> list[str]:
     if given("zipf_exponent") and not args.zipf_exponent >= 0:
         out.append(f"--zipf-exponent must be >= 0, got {args.zipf_exponent}")
     return out
+
+
+def server_problems(url: str, api_key: str | None, adapters: list[str], timeout: float = 10.0) -> list[str]:
+    """Before any load is sent: the server answers at ``url``, takes the key, and serves every name in ``adapters``
+    (by its /v1/models). Each problem names its flag; a server without /v1/models is not second-guessed. (Without
+    this, a wrong --url or adapter name ran the whole load into connection errors or 404s and printed empty tables.)"""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout)
+    except httpx.HTTPError as e:
+        return [f"--url {url}: the server does not answer ({type(e).__name__}: {e or 'no reply'}); is it running there?"]
+    if r.status_code == 401:
+        return [f"--api-key: the server at {url} wants {'another' if api_key else 'an'} API key (401)"]
+    if r.status_code != 200:
+        return []
+    try:
+        served = {m["id"] for m in r.json()["data"]}
+    except (ValueError, KeyError, TypeError):
+        return []
+    missing = [a for a in adapters if a not in served]
+    return [f"--adapters: {', '.join(map(repr, missing))} not served by {url} (it serves {', '.join(sorted(served))})"] \
+        if missing else []
+

@@ -123,6 +123,21 @@ def test_bad_arguments():
         assert line in res.stderr
 
 
+def test_a_server_that_is_not_there_or_lacks_the_adapter_is_said_before_any_load(server):
+    res = run(["--url", "http://127.0.0.1:9", "--num-requests", "2"])  # (port 9: nothing listens)
+    assert res.returncode == 2 and "sent" not in res.stderr, res.stderr
+    assert "--url http://127.0.0.1:9: the server does not answer (ConnectError" in res.stderr
+    res = run(["--url", server.url, "--num-requests", "2", "--adapters", "a,nope,b"])
+    assert res.returncode == 2 and "sent" not in res.stderr, res.stderr
+    assert f"--adapters: 'nope' not served by {server.url} (it serves a, b, tiny)" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "loadtests.capacity", "--url", server.url, "--adapters", "zz"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "'zz' not served" in res.stderr and "sweep" not in res.stdout
+    # a run of which nothing completed failed (here every request times out), whatever its tables print
+    res = run(["--url", server.url, "--num-requests", "2", "--adapters", "a", "--timeout", "0.0001", "--quiet"])
+    assert res.returncode == 1 and "error: none of the 2 requests completed" in res.stderr, res.stderr
+
+
 def test_a_prompts_files_own_fields_go_with_its_prompts(server, tmp_path):
     """A row's fields beyond its prompt (here structured output) are sent with it: the constrained answers end long
     before max_tokens, which ignore_eos would otherwise reach; the generator's own fields cannot be overridden."""
