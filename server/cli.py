@@ -25,6 +25,8 @@ from remix.settings import typed_fields
 DEMO_ADAPTER = Path("runs/demo/adapter")
 log = logging.getLogger("server")
 
+DEFAULT_MAX_MODEL_LEN = 2048  # (--max-model-len 0: the base's trained context up to this)
+
 OPTIONS = [  # (flag, type, default, help)
     ("base", str, "smollm2-135m-instruct", "base model: smollm2-135m-instruct, tiny, a HF directory or a .gguf file"),
     ("adapter", list, [], "NAME=PATH of an adapter to serve (repeatable)"),
@@ -43,7 +45,9 @@ OPTIONS = [  # (flag, type, default, help)
     ("chat_template", str, "", "a Jinja chat template (a file, or the template itself) in place of the tokenizer's "
                                "(default: the tokenizer's); one that writes Hermes' <tool_call> format renders tools "
                                "itself"),
-    ("max_model_len", int, 2048, "prompt + generated tokens per sequence"),
+    ("max_model_len", int, 0, "prompt + generated tokens per sequence (0: the base's trained context, at most "
+                              f"{DEFAULT_MAX_MODEL_LEN}; a length past the base's trained context is refused unless "
+                              "REMIX_ALLOW_LONG_MAX_MODEL_LEN=1)"),
     ("max_num_seqs", int, 32, "sequences running at once (KV cache slots)"),
     ("max_queue", int, 256, "requests waiting for a slot before 429"),
     ("adapter_loading", str, "auto", "on, off or auto: whether /v1/adapters and vLLM's /v1/load_lora_adapter and "
@@ -226,9 +230,11 @@ def load_settings(argv: list[str] | None = None) -> dict:
     if settings["root_path"] and (not settings["root_path"].startswith("/") or settings["root_path"].endswith("/")):
         raise SystemExit(f"error: --root-path must start with / and not end with one, got {settings['root_path']!r}")
     check_tls(settings["ssl_certfile"], settings["ssl_keyfile"])
-    for name in ("port", "max_model_len", "max_num_seqs", "max_queue", "max_batched_tokens", "max_prefill_chunk"):
+    for name in ("port", "max_num_seqs", "max_queue", "max_batched_tokens", "max_prefill_chunk"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    if settings["max_model_len"] < 0:
+        raise SystemExit(f"error: --max-model-len must be >= 1 (or 0: the base's), got {settings['max_model_len']}")
     if settings["port"] > 65535:
         raise SystemExit(f"error: --port must be at most 65535, got {settings['port']}")
     if settings["max_request_mb"] < 0:
@@ -374,6 +380,29 @@ DTYPES = ("float32", "bfloat16", "auto")
 DEVICES = ("cpu", "cuda", "auto")
 
 
+def trained_context(config) -> int | None:
+    """The positions a base was trained for, from its Hugging Face config (None where it does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def max_model_len(asked: int, config, base: str) -> int:
+    """--max-model-len resolved against the base: 0 takes its trained context up to DEFAULT_MAX_MODEL_LEN; a length
+    past that context is refused (its positions were never trained: the text degrades, silently) unless
+    REMIX_ALLOW_LONG_MAX_MODEL_LEN=1, as vLLM refuses it unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."""
+    trained = trained_context(config)
+    if not asked:
+        return min(DEFAULT_MAX_MODEL_LEN, trained or DEFAULT_MAX_MODEL_LEN)
+    if trained is not None and asked > trained and os.environ.get("REMIX_ALLOW_LONG_MAX_MODEL_LEN") != "1":
+        raise SystemExit(f"error: --max-model-len {asked} is past the context {base} was trained for "
+                         f"({trained} positions); give at most {trained}, or set REMIX_ALLOW_LONG_MAX_MODEL_LEN=1 to "
+                         "run it anyway")
+    return asked
+
+
 def build_state(settings: dict):
     import remix
     from server.app import ServerState
@@ -384,7 +413,7 @@ def build_state(settings: dict):
     if settings["chat_template"]:
         tokenizer.chat_template = settings["chat_template"]
     engine = Engine(model, tokenizer, EngineConfig(
-        max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
+        max_model_len=max_model_len(settings["max_model_len"], model.config, settings["base"]), max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
         max_adapters=settings["max_adapters"],
         max_batched_tokens=settings["max_batched_tokens"], max_prefill_chunk=settings["max_prefill_chunk"],
         kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),

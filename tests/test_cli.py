@@ -55,6 +55,30 @@ def test_every_bad_adapter_flag_is_said_at_once_before_the_model_loads(tmp_path)
     assert cli.load_settings(["--base", "tiny", "--adapter", f"a={good}"])["adapters"] == {"a": str(good)}
 
 
+def test_max_model_len_follows_the_bases_trained_context(monkeypatch):
+    """0 (the default) takes the base's trained context up to 2048 (SmolLM2: 2048 of its 8192);
+    a length past that context is refused, naming both, unless REMIX_ALLOW_LONG_MAX_MODEL_LEN=1 (vLLM's rule)."""
+    from transformers import LlamaConfig
+
+    monkeypatch.delenv("REMIX_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    assert cli.load_settings(["--base", "tiny"])["max_model_len"] == 0
+    assert cli.max_model_len(0, LlamaConfig(max_position_embeddings=512), "tiny") == 512
+    assert cli.max_model_len(0, LlamaConfig(max_position_embeddings=8192), "smol") == 2048
+    assert cli.max_model_len(4096, LlamaConfig(max_position_embeddings=8192), "smol") == 4096
+    with pytest.raises(SystemExit, match=r"--max-model-len 9000 is past the context smol was trained for \(8192 "
+                                         r"positions\); give at most 8192, or set REMIX_ALLOW_LONG_MAX_MODEL_LEN=1"):
+        cli.max_model_len(9000, LlamaConfig(max_position_embeddings=8192), "smol")
+    monkeypatch.setenv("REMIX_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    assert cli.max_model_len(9000, LlamaConfig(max_position_embeddings=8192), "smol") == 9000
+    with pytest.raises(SystemExit, match="--max-model-len must be >= 1"):
+        cli.load_settings(["--base", "tiny", "--max-model-len", "-5"])
+    state = cli.build_state(cli.load_settings(["--base", "tiny"]))  # (the tiny model's 4096: the 2048 cap)
+    assert state.engine.config.max_model_len == 2048
+    with pytest.raises(SystemExit, match="past the context tiny was trained for"):
+        monkeypatch.delenv("REMIX_ALLOW_LONG_MAX_MODEL_LEN")
+        cli.build_state(cli.load_settings(["--base", "tiny", "--max-model-len", "5000"]))
+
+
 def test_config_values_take_their_options_types_or_are_named(tmp_path):
     cfg = tmp_path / "s.yaml"
     (tmp_path / "x").mkdir()

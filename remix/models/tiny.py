@@ -48,7 +48,7 @@ def tiny_config(**overrides) -> LlamaConfig:
     """2 layers, hidden 64, Llama architecture, vocab sized for the byte tokenizer."""
     values = dict(
         vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=257,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=257,
         eos_token_id=258, pad_token_id=256, rope_theta=10000.0,
     )
     values.update(overrides)
