@@ -224,15 +224,19 @@ def validate_adapter(
 
 
 def load_adapter(
-    model: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True
+    model: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True, pools_dtype: torch.dtype | None = None
 ) -> dict[str, MixtureOfLoRAsLinear]:
     """Attach a saved adapter to a plain Hugging Face model (validated first); returns its layers.
 
-    The layers are put in eval mode (deterministic top-k routing). ``remix.unwrap(model)`` removes them.
+    The layers are put in eval mode (deterministic top-k routing). ``remix.unwrap(model)`` removes them. The pools
+    and routers take the base's dtype, or ``pools_dtype`` (float32 pools around a bfloat16 base, as training.fit
+    trains them there).
     """
     config, mix, tensors = validate_adapter(model, path, check_fingerprint)
     layers = inject(model, mix, module_names=list(config["modules"]))
     for name, layer in layers.items():
+        if pools_dtype is not None:
+            layer.pools_to(pools_dtype)
         with torch.no_grad():
             layer.lora_A.copy_(tensors[f"{name}.lora_A"])
             layer.lora_B.copy_(tensors[f"{name}.lora_B"])

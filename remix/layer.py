@@ -81,8 +81,24 @@ class MixtureOfLoRAsLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [T, D]
         idx, weight = self.route(x2)
         self._record(idx, weight)
-        y = lora_gather(x2, self.lora_A, self.lora_B, idx, weight, out=self.base(x2))
+        A, B = self.lora_A, self.lora_B
+        if A.dtype == x2.dtype:
+            y = lora_gather(x2, A, B, idx, weight, out=self.base(x2))
+        elif torch.is_grad_enabled():  # float32 pools around a bfloat16 base (training.fit --dtype bfloat16), training:
+            # the pools cast to the base's dtype for the step, as autocast casts weights (their gradients come back
+            # float32); float32 activations cost 2x the step here (their casts and float32 GEMMs)
+            y = lora_gather(x2, A.to(x2.dtype), B.to(x2.dtype), idx, weight, out=self.base(x2))
+        else:  # the same, evaluating: the delta in float32, added to the base's output and rounded once, as the
+            y = lora_gather(x2.to(A.dtype), A, B, idx, weight, out=self.base(x2).to(A.dtype)).to(x2.dtype)  # server
         return y.view(*shape, self.out_features)
+
+    def pools_to(self, dtype: torch.dtype) -> None:
+        """Keep the trainable pools and router in ``dtype`` (float32 master weights around a bfloat16 base), whatever
+        the base's dtype; the forward then computes the delta in ``dtype`` and rounds the sum once."""
+        for name in ("lora_A", "lora_B", "router"):
+            p = self._parameters.get(name)
+            if p is not None and p.dtype != dtype:
+                self._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
 
     def _record(self, idx: torch.Tensor, weight: torch.Tensor | float) -> None:
         # plain attributes: writing __dict__ skips nn.Module.__setattr__'s parameter/buffer checks (~8 us per call)
@@ -156,7 +172,7 @@ class ReMixLinear(MixtureOfLoRAsLinear):
             if y is not None:
                 return y
         sample = self.training if self.sample is None else self.sample
-        if not sample:
+        if not sample and self._parameters["lora_A"].dtype == x.dtype:  # (pools of another dtype: the general path)
             params = self._parameters
             trainable = params["lora_A"].requires_grad or params["lora_B"].requires_grad or params["router"].requires_grad
             if not (trainable and torch.is_grad_enabled()):

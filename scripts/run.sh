@@ -7,7 +7,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ ! -f runs/demo/adapter/adapter_config.json ]; then
-  echo "training the demo adapter into runs/demo (about 10-15 minutes on 2 cores)..."
+  echo "training the demo adapter into runs/demo (about 5-10 minutes on 2 cores)..."
   python -m training.fit --output runs/demo
 fi
 exec python -m server --adapter demo=runs/demo/adapter "$@"

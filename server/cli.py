@@ -360,20 +360,11 @@ def resolve_device(name: str):
     return device
 
 
-BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})  # CPUs on which bfloat16 serving is faster than float32
-
-
 def resolve_dtype(name: str, device=None):
-    """float32 / bfloat16, or for "auto" bfloat16 where it is fast (CUDA, or a CPU with AMX-BF16 or AVX512-BF16 - bfloat16
-    dot-product instructions, which oneDNN's GEMMs and the compiled kernels use) and float32 elsewhere."""
-    import torch
+    """--dtype: remix.models.resolve_dtype (imported here, not at the top: the CLI binds its port before torch loads)."""
+    from remix.models.loading import resolve_dtype as resolve
 
-    from remix.kernels import cpu_ext
-
-    if name == "auto":
-        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        return torch.bfloat16 if on_cuda or BF16_FLAGS & cpu_ext.cpu_flags() else torch.float32
-    return getattr(torch, name)
+    return resolve(name, device)
 
 
 DTYPES = ("float32", "bfloat16", "auto")

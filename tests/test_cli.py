@@ -126,7 +126,9 @@ def test_dtype_resolution():
     assert cli.resolve_dtype("bfloat16") == torch.bfloat16
     from remix.kernels import cpu_ext
 
-    fast = torch.cuda.is_available() or bool(cli.BF16_FLAGS & cpu_ext.cpu_flags())
+    from remix.models.loading import BF16_FLAGS
+
+    fast = torch.cuda.is_available() or bool(BF16_FLAGS & cpu_ext.cpu_flags())
     assert cli.resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
     assert cli.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     bf16 = bool({"amx_bf16", "avx512_bf16"} & cpu_ext.cpu_flags())

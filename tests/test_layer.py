@@ -103,6 +103,50 @@ def test_training_samples_per_token_and_keeps_log_q(device):
     assert len({tuple(s) for s in idx.tolist()}) > 5
 
 
+@pytest.mark.parametrize("router", ["remix", "softmax-topk", "lora"])
+def test_float32_pools_around_a_bfloat16_base(router):
+    """training.fit --dtype bfloat16: the base in bfloat16, the pools and router float32 master weights
+    (``pools_to``). Training (autograd on) casts the pools to bfloat16 for the step, as autocast casts weights, and
+    their gradients come back float32 (log Q's to the router too); evaluating (no autograd) computes the delta in
+    float32 from the bfloat16 input, adds the base's output and rounds the sum once, as the server does."""
+    from remix.kernels.torch_ops import lora_gather
+
+    layer = layer_with_weights(router=router, **({"n": 1, "k": 1} if router == "lora" else {}))
+    layer.base.to(torch.bfloat16)
+    for name in ("lora_A", "lora_B", "router"):  # (what inject makes around a bfloat16 base)
+        if getattr(layer, name) is not None:
+            getattr(layer, name).data = getattr(layer, name).data.bfloat16()
+    layer.pools_to(torch.float32)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in (layer.lora_A, layer.lora_B))
+    x = torch.randn(3, 5, 16).bfloat16().requires_grad_(True)
+    x2 = x.detach().reshape(-1, 16)
+
+    def reference() -> torch.Tensor:  # float32 delta on this call's selections, plus the base, one rounding
+        w = layer.last_weights if layer.last_weights is not None else layer.omega
+        delta = lora_gather_reference(x2.float(), layer.lora_A.detach(), layer.lora_B.detach(), layer.last_idx, w)
+        return (layer.base(x2).float() + delta).bfloat16()
+
+    for mode in ("train", "eval"):
+        getattr(layer, mode)()
+        with torch.no_grad():
+            y = layer(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 12)
+        assert torch.equal(y.reshape(-1, 12), reference()), mode
+    layer.train()
+    y = layer(x)
+    w = layer.last_weights if layer.last_weights is not None else layer.omega
+    with torch.no_grad():
+        want = lora_gather(x2, layer.lora_A.bfloat16(), layer.lora_B.bfloat16(), layer.last_idx, w, out=layer.base(x2))
+        assert torch.equal(y.detach().reshape(-1, 12), want)
+        torch.testing.assert_close(y.detach().reshape(-1, 12).float(), reference().float(), atol=0.05, rtol=0.02)
+    (y.float().sum() + (layer.last_log_q.sum() if router == "remix" else 0)).backward()
+    assert layer.lora_B.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_A.grad.abs().sum() > 0  # (B is random here)
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16  # the frozen base still passes the gradient on
+    if router == "remix":
+        assert layer.router.grad.dtype == torch.float32 and layer.router.grad.abs().sum() > 0
+
+
 def test_log_q_surrogate_reaches_only_the_router():
     layer = layer_with_weights().train()
     x = torch.randn(3, 4, 16, requires_grad=True)

@@ -250,7 +250,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     """
     from safetensors.torch import load_file
 
-    common = ["--steps", "3", "--batch-size", "4", "--eval-every", "0", "--save-every", "0", "--eval-size", "2"]
+    # (float32: in bfloat16 the two ranks' GEMM shapes round apart by bfloat16's steps, which would hide a real gap)
+    common = ["--steps", "3", "--batch-size", "4", "--eval-every", "0", "--save-every", "0", "--eval-size", "2",
+              "--dtype", "float32"]
     one = _run(common + ["--output", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
@@ -383,6 +385,30 @@ def test_a_jsonl_file_without_eval_data_is_scored_on_rows_held_out_of_it(tmp_pat
     assert json.loads((tmp_path / "none" / "adapter" / "adapter_config.json").read_text())["training"]["train_examples"] == 40
     bad = _run(["--data", str(rows), "--eval-split", "1.5", "--output", str(tmp_path / "bad")])
     assert bad.returncode == 2 and "--eval-split: must be in [0, 1), got 1.5" in bad.stderr
+
+
+def test_the_base_dtype_trains_float32_pools_and_evaluate_follows_it(tmp_path):
+    """--dtype bfloat16 loads the frozen base in bfloat16 and trains float32 pools around it (the adapter is float32
+    either way); the resolved dtype goes into the adapter's training metadata, and training.evaluate loads the base
+    so, reproducing fit's final scores exactly. --dtype float32 is the full-precision run, and a bad value is named."""
+    runs = {}
+    for dtype in ("bfloat16", "float32"):
+        run = tmp_path / dtype
+        res = _run(["--steps", "2", "--dtype", dtype, "--output", str(run)])
+        assert res.returncode == 0, res.stderr
+        config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert config["dtype"] == "float32" and config["training"]["base_dtype"] == dtype
+        runs[dtype] = json.loads((run / "summary.json").read_text())
+    assert runs["bfloat16"]["eval_loss"] != runs["float32"]["eval_loss"]  # (two precisions: near, not equal)
+    assert math.isclose(runs["bfloat16"]["eval_loss"], runs["float32"]["eval_loss"], rel_tol=0.02)
+    res = subprocess.run([sys.executable, "-m", "training.evaluate", str(tmp_path / "bfloat16" / "adapter"), "--threads",
+                          "1", "--skip-base", "--json", str(tmp_path / "ev.json")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads((tmp_path / "ev.json").read_text())
+    assert out["dtype"] == "bfloat16" and out["adapter"]["eval_loss"] == runs["bfloat16"]["eval_loss"]
+    bad = _run(["--steps", "1", "--dtype", "float16", "--output", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and "--dtype: must be float32, bfloat16 or auto, got 'float16'" in bad.stderr
 
 
 def test_evaluate_keeps_an_older_adapters_whole_file():

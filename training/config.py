@@ -66,6 +66,9 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the latest checkpoint in the run directory")
     threads: int = _f(0, "torch threads (0 = torch's default)")
     device: str = _f("cpu", "cpu or cuda")
+    dtype: str = _f("auto", "the frozen base's dtype: float32, bfloat16, or auto (bfloat16 on CUDA and on CPUs with "
+                            "AMX-BF16 or AVX512-BF16, as the server's --dtype auto; float32 elsewhere). The pools and "
+                            "routers train in float32 either way, and the adapter is saved in float32")
     progress: bool = _f(True, "show a progress bar")
 
     def problems(self) -> list[str]:
@@ -88,6 +91,8 @@ class TrainConfig:
             out.append(f"--optimizer: must be adamw or sgd, got {self.optimizer!r}")
         if self.schedule not in ("constant", "linear", "cosine"):
             out.append(f"--schedule: must be constant, linear or cosine, got {self.schedule!r}")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            out.append(f"--dtype: must be float32, bfloat16 or auto, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             out.append(f"--device: must be cpu or cuda, got {self.device!r}")
         elif self.device == "cuda":

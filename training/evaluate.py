@@ -23,6 +23,7 @@ import torch
 import remix
 from remix import routing
 from remix.adapter import read_config
+from remix.models import resolve_dtype
 from remix.settings import HelpFormatter, flag_bool
 from training.config import TrainConfig
 from training.data import DataError, Example, collate, heldout_examples
@@ -133,6 +134,18 @@ def usage_heatmap(usage: torch.Tensor, names: list[str], path: Path, title: str)
     plt.close(fig)
 
 
+def load_training_base(spec: str, dtype_name: str, device: str):
+    """The frozen base as training.fit trains around it and training.evaluate scores with it: in ``dtype_name``
+    (float32, bfloat16 or auto), with eager attention for bfloat16 on CPU (torch's CPU flash attention's bfloat16
+    backward took a fifth of a training step, 4x its float32 one; eager attention runs on the GEMMs), so evaluate
+    reproduces fit's scores exactly. Returns (model, tokenizer, dtype)."""
+    dtype = resolve_dtype(dtype_name, device)
+    model, tokenizer = remix.load_base(spec, dtype=dtype, device=device)
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+        model.set_attn_implementation("eager")
+    return model, tokenizer, dtype
+
+
 # ---- python -m training.evaluate
 
 SETTINGS = ("data", "eval_data", "eval_size", "eval_split", "seed", "max_seq_len", "eval_max_new_tokens", "chat")
@@ -185,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-base", action="store_true", help="score the adapter only")
     ap.add_argument("--json", default=None, help="also write the scores (and a few samples) here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default=None,
+                    help="the base's dtype (default: the one the adapter was trained with, float32 for an adapter "
+                         "that does not say); the pools stay float32, as training.fit trains them")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -202,16 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         base = args.base or trained.get("base") or (config.get("base_model") or {}).get("name")
         if not base:
             raise DataError("the adapter does not name its base model: give --base")
-        model, tokenizer = remix.load_base(base, device=args.device)
+        model, tokenizer, dtype = load_training_base(
+            base, args.dtype or (config.get("training") or {}).get("base_dtype") or "float32", args.device)
         heldout = heldout_examples(setting["data"], setting["eval_data"], tokenizer, setting["max_seq_len"],
                                    setting["eval_size"], setting["seed"], setting["chat"], setting["eval_split"])
         if not heldout:
             raise DataError(f"--data {setting['data']} has no built-in test split and none was held out of it "
                             f"(--eval-split {setting['eval_split']:g}): give --eval-data FILE.jsonl")
-        out = {"adapter_path": str(args.adapter), "base_model": base, "examples": len(heldout), "settings": setting}
+        out = {"adapter_path": str(args.adapter), "base_model": base, "examples": len(heldout), "settings": setting,
+               "dtype": str(dtype).removeprefix("torch.")}
         if not args.skip_base:  # first: load_adapter wraps the model's modules in place
             out["base"] = _scores(evaluate(model, tokenizer, {}, heldout, setting["eval_max_new_tokens"]))
-        layers = remix.load_adapter(model, args.adapter)
+        layers = remix.load_adapter(model, args.adapter, pools_dtype=torch.float32)
         out["adapter"] = _scores(evaluate(model, tokenizer, layers, heldout, setting["eval_max_new_tokens"]))
     except (remix.AdapterError, DataError, FileNotFoundError) as e:  # (load_base: FileNotFoundError)
         print(f"error: {e}", file=sys.stderr)

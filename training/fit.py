@@ -27,7 +27,7 @@ from training import distributed, rloo
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import DataError, collate, train_and_heldout
-from training.evaluate import evaluate, usage_heatmap
+from training.evaluate import evaluate, load_training_base, usage_heatmap
 from training.tasks import TASKS
 
 log = logging.getLogger("training.fit")
@@ -145,7 +145,7 @@ def run(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model, tokenizer = remix.load_base(cfg.base, device=cfg.device)
+    model, tokenizer, base_dtype = load_training_base(cfg.base, cfg.dtype, cfg.device)
     train, heldout = train_and_heldout(cfg.data, cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.train_size,
                                        cfg.eval_size, cfg.seed, cfg.chat, cfg.eval_split)
     if lead and not cfg.eval_data and cfg.data not in TASKS:
@@ -159,6 +159,8 @@ def run(cfg: TrainConfig) -> dict:
         layers = remix.inject(model, cfg.mixture())
     except NoTargets as e:
         raise ConfigError(f"--targets: {e}") from None
+    for layer in layers.values():  # float32 master weights whatever the base's dtype (a bfloat16 base: mixed precision)
+        layer.pools_to(torch.float32)
     noises = []
     for i, layer in enumerate(layers.values()):
         if layer.kind == "remix":  # routing draws that do not depend on how the batch is split across ranks
@@ -168,7 +170,8 @@ def run(cfg: TrainConfig) -> dict:
     total = cfg.steps or max(1, int(cfg.epochs * len(train) / (cfg.batch_size * cfg.grad_accum)))
     optimizer = make_optimizer(cfg, layers)
     scheduler = make_scheduler(cfg, optimizer, total)
-    training_meta = {"config": dataclasses.asdict(cfg), "train_examples": len(train)}
+    training_meta = {"config": dataclasses.asdict(cfg), "train_examples": len(train),
+                     "base_dtype": str(base_dtype).removeprefix("torch.")}  # (auto resolved: what evaluate loads)
     metrics_path = run_dir / "metrics.jsonl"
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:

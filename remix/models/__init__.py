@@ -2,6 +2,7 @@
 
 from remix.models.loading import (
     DEFAULT_BASE, BaseModelError, base_name, cache_dir, convert_gguf, embedded_gguf, fingerprint, load_base,
+    resolve_dtype,
 )
 from remix.models.tiny import tiny_model, tiny_tokenizer
 
@@ -14,6 +15,7 @@ __all__ = [
     "embedded_gguf",
     "fingerprint",
     "load_base",
+    "resolve_dtype",
     "tiny_model",
     "tiny_tokenizer",
 ]

@@ -110,6 +110,20 @@ class BaseModelError(FileNotFoundError):
     FileNotFoundError, which the command lines already turn into their one-line error.)"""
 
 
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})  # CPUs on which bfloat16 runs faster than float32
+
+
+def resolve_dtype(name: str, device=None) -> torch.dtype:
+    """float32 / bfloat16, or for "auto" bfloat16 where it is fast (CUDA, or a CPU with AMX-BF16 or AVX512-BF16 -
+    bfloat16 dot-product instructions, which oneDNN's GEMMs and the compiled kernels use) and float32 elsewhere."""
+    from remix.kernels import cpu_ext
+
+    if name == "auto":
+        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_cuda or BF16_FLAGS & cpu_ext.cpu_flags() else torch.float32
+    return getattr(torch, name)
+
+
 def load_base(
     spec: str = DEFAULT_BASE, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
