@@ -272,4 +272,3 @@ def server_problems(url: str, api_key: str | None, adapters: list[str], timeout:
     missing = [a for a in adapters if a not in served]
     return [f"--adapters: {', '.join(map(repr, missing))} not served by {url} (it serves {', '.join(sorted(served))})"] \
         if missing else []
-

@@ -94,7 +94,8 @@ class MixtureOfLoRAsLinear(nn.Module):
 
     def pools_to(self, dtype: torch.dtype) -> None:
         """Keep the trainable pools and router in ``dtype`` (float32 master weights around a bfloat16 base), whatever
-        the base's dtype; the forward then computes the delta in ``dtype`` and rounds the sum once."""
+        the base's dtype. The forward then casts them to the base's dtype while autograd records (training), and
+        computes the delta in ``dtype`` and rounds the sum once where it does not (evaluation)."""
         for name in ("lora_A", "lora_B", "router"):
             p = self._parameters.get(name)
             if p is not None and p.dtype != dtype:

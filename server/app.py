@@ -211,7 +211,7 @@ def create_app(state: ServerState) -> FastAPI:
         status, message, code = exc.status_code, str(exc.detail), None
         where = f"{request.method} {request.url.path}"
         if status == 404 and message == "Not Found":
-            hint = ("; the API is under /v1 (e.g. POST /v1" + request.url.path + ")"
+            hint = (f"; the API is under /v1 ({request.method} /v1{request.url.path})"
                     if not request.url.path.startswith("/v1/") and ("/v1" + request.url.path) in _paths(app) else "")
             message, code = f"Invalid URL ({where}){hint}; GET /openapi.json lists every route", "unknown_url"
         elif status == 405:

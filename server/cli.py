@@ -404,7 +404,8 @@ def build_state(settings: dict):
     if settings["chat_template"]:
         tokenizer.chat_template = settings["chat_template"]
     engine = Engine(model, tokenizer, EngineConfig(
-        max_model_len=max_model_len(settings["max_model_len"], model.config, settings["base"]), max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
+        max_model_len=max_model_len(settings["max_model_len"], model.config, settings["base"]),
+        max_num_seqs=settings["max_num_seqs"], max_queue=settings["max_queue"],
         max_adapters=settings["max_adapters"],
         max_batched_tokens=settings["max_batched_tokens"], max_prefill_chunk=settings["max_prefill_chunk"],
         kv_budget_bytes=int(settings["kv_memory_gb"] * (1 << 30)),
