@@ -62,7 +62,7 @@ def inject(
     if not names:
         raise NoTargets(f"no nn.Linear module matches targets {list(config.targets)} ({hint})")
     if module_names is None:  # (a target that selects nothing beside others that do is a typo, not a wish: a pool
-        idle = [t for t in config.targets if not find_targets(model, [t])]  # silently left off its modules)
+        idle = [t for t in config.targets if not any(matches(n, [t]) for n in names)]  # silently left off)
         if idle:
             raise NoTargets(f"targets {idle} match no nn.Linear module (of targets {list(config.targets)}; {hint})")
     for p in model.parameters():

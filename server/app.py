@@ -215,7 +215,7 @@ def create_app(state: ServerState) -> FastAPI:
                     if not request.url.path.startswith("/v1/") and ("/v1" + request.url.path) in _paths(app) else "")
             message, code = f"Invalid URL ({where}){hint}; GET /openapi.json lists every route", "unknown_url"
         elif status == 405:
-            allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
+            allow = (exc.headers or {}).get("Allow", "")  # (Starlette's router sets it)
             message, code = f"{where} is not allowed: this path takes {allow or 'another method'}", "method_not_allowed"
         type_ = ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
         return _error_response(state, status, message, type_, code=code, request=request, headers=exc.headers)

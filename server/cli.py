@@ -20,6 +20,7 @@ from pathlib import Path
 import uvicorn
 import yaml
 
+from remix.models import DTYPES, resolve_dtype  # noqa: F401  (--dtype; the benches import both from here)
 from remix.settings import typed_fields
 
 DEMO_ADAPTER = Path("runs/demo/adapter")
@@ -360,14 +361,6 @@ def resolve_device(name: str):
     return device
 
 
-def resolve_dtype(name: str, device=None):
-    """--dtype: remix.models.resolve_dtype (imported here, not at the top: the CLI binds its port before torch loads)."""
-    from remix.models.loading import resolve_dtype as resolve
-
-    return resolve(name, device)
-
-
-DTYPES = ("float32", "bfloat16", "auto")
 DEVICES = ("cpu", "cuda", "auto")
 
 

@@ -24,11 +24,14 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, args: list[str], env: dict | None = None):
+    def __init__(self, args: list[str], env: dict | None = None, verify=None, log_level: str = "warning"):
+        """``verify``: an ssl.SSLContext trusting the server's certificate, for a server started with --ssl-* flags
+        (its URL is then https)."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.verify = verify if verify is not None else True
+        self.url = f"{'https' if verify is not None else 'http'}://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "server", "--base", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
-               "--threads", "1", "--log-level", "warning"] + args
+               "--threads", "1", "--log-level", log_level] + args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
         # its output read as it comes (the last lines kept): a server writing to a pipe nobody reads blocks once the
@@ -42,7 +45,7 @@ class LiveServer:
                 self.reader.join(10)
                 raise RuntimeError(f"server exited: {self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -74,8 +74,8 @@ def test_max_model_len_follows_the_bases_trained_context(monkeypatch):
         cli.load_settings(["--base", "tiny", "--max-model-len", "-5"])
     state = cli.build_state(cli.load_settings(["--base", "tiny"]))  # (the tiny model's 4096: the 2048 cap)
     assert state.engine.config.max_model_len == 2048
+    monkeypatch.delenv("REMIX_ALLOW_LONG_MAX_MODEL_LEN")
     with pytest.raises(SystemExit, match="past the context tiny was trained for"):
-        monkeypatch.delenv("REMIX_ALLOW_LONG_MAX_MODEL_LEN")
         cli.build_state(cli.load_settings(["--base", "tiny", "--max-model-len", "5000"]))
 
 

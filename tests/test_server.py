@@ -744,35 +744,20 @@ def test_https_with_a_certificate_and_key(tmp_path):
     plain HTTP to the same port gets no answer)."""
     import ssl
 
-    from tests.helpers import free_port
     from tests.test_cli import self_signed
 
     cert, key = self_signed(tmp_path)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--base", "tiny", "--host", "127.0.0.1", "--port", str(port),
-                             "--threads", "1", "--log-level", "info", "--ssl-certfile", cert, "--ssl-keyfile", key],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trust = ssl.create_default_context(cafile=cert)
-    url = f"https://127.0.0.1:{port}"
+    srv = LiveServer(["--ssl-certfile", cert, "--ssl-keyfile", key], verify=trust, log_level="info")
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", verify=trust, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.2)
-        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3},
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3},
                        verify=trust, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         with pytest.raises(httpx.HTTPError):  # (TLS only on this port)
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+            httpx.get(f"http://127.0.0.1:{srv.port}/health", timeout=5)
+        assert srv.url.startswith("https://") and f"on {srv.url}" in srv.output()
     finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0]
-    assert f"on https://127.0.0.1:{port}" in out
+        srv.stop()
 
 
 def test_readme_curl_examples(server):

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from remix.config import DEFAULT_TARGETS, ROUTERS, MixtureConfig
+from remix.models import DTYPES
 from remix.settings import flag_bool, typed_fields
 from training.tasks import TASK_DEFAULTS, TASKS
 
@@ -91,8 +92,8 @@ class TrainConfig:
             out.append(f"--optimizer: must be adamw or sgd, got {self.optimizer!r}")
         if self.schedule not in ("constant", "linear", "cosine"):
             out.append(f"--schedule: must be constant, linear or cosine, got {self.schedule!r}")
-        if self.dtype not in ("float32", "bfloat16", "auto"):
-            out.append(f"--dtype: must be float32, bfloat16 or auto, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            out.append(f"--dtype: must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             out.append(f"--device: must be cpu or cuda, got {self.device!r}")
         elif self.device == "cuda":

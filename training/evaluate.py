@@ -23,7 +23,7 @@ import torch
 import remix
 from remix import routing
 from remix.adapter import read_config
-from remix.models import resolve_dtype
+from remix.models import DTYPES, resolve_dtype
 from remix.settings import HelpFormatter, flag_bool
 from training.config import TrainConfig
 from training.data import DataError, Example, collate, heldout_examples
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-base", action="store_true", help="score the adapter only")
     ap.add_argument("--json", default=None, help="also write the scores (and a few samples) here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default=None,
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
                     help="the base's dtype (default: the one the adapter was trained with, float32 for an adapter "
                          "that does not say); the pools stay float32, as training.fit trains them")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from remix.models import DTYPES
 from remix.settings import HelpFormatter
 
 SCALES = {  # steps, batch size, eval size, device; long_steps: the long runs (softmax-top-k for (a), and ReMix)
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run of each configuration each")
     ap.add_argument("--only", default="", help="comma-separated configuration names (empty: all)")
     ap.add_argument("--report-only", action="store_true", help="do not train; summarise what exists")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+    ap.add_argument("--dtype", choices=DTYPES, default="float32",
                     help="the base's dtype in every run (float32: as docs/experiments.md's runs were trained; auto "
                          "trains ~2x faster on bfloat16 hardware)")
     args = ap.parse_args(argv)

@@ -111,6 +111,7 @@ class BaseModelError(FileNotFoundError):
 
 
 BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})  # CPUs on which bfloat16 runs faster than float32
+DTYPES = ("float32", "bfloat16", "auto")  # what resolve_dtype takes (the server's and the trainer's --dtype)
 
 
 def resolve_dtype(name: str, device=None) -> torch.dtype:
