@@ -169,14 +169,18 @@ def run_all(engine, prompts, params, tag):
 def test_an_engine_prompt_gives_the_same_tokens_in_any_split_into_chunks(dtype, form):
     """Prompts of 150-230 tokens prefilled in one step, in chunks of 16 and of 50 tokens, and alone against together:
     the same greedy tokens and log-probabilities (the prompt kernel serves the prefill; the decode steps that follow
-    do not take it). float32 steps stay under 256 rows: from there its linears take oneDNN's or MKL's GEMM, whose rows
-    round by the call's size (bfloat16's AMX GEMM gives a row the same outputs at any size)."""
+    do not take it). float32 steps stay under 256 rows, and bfloat16 ones without AMX under 128
+    (``DOT_BF16_BELOW``): from there their linears take oneDNN's or MKL's GEMM, whose rows round by the call's size
+    (bfloat16's AMX GEMM gives a row the same outputs at any size)."""
     ext = tiles_or_skip(form, dtype)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (150, 230, 181)]
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)
     results = []
-    whole, budget = (256, 512) if dtype == "bfloat16" else (255, 255)
+    if dtype == "bfloat16" and cpu_ext.amx_bf16():
+        whole, budget = 256, 512
+    else:
+        whole = budget = (ext.DOT_BF16_BELOW if dtype == "bfloat16" else 256) - 1
     for chunk, together in ((whole, True), (16, True), (50, True), (whole, False)):
         model, tok = head_dim_64_model(dtype)
         e = Engine(model, tok, EngineConfig(max_model_len=300, max_num_seqs=4, max_prefill_chunk=chunk,
