@@ -20,7 +20,7 @@ from pathlib import Path
 import uvicorn
 import yaml
 
-from remix.models import DTYPES, resolve_dtype  # noqa: F401  (--dtype; the benches import both from here)
+from remix.models import DTYPES, resolve_dtype, trained_context  # noqa: F401  (--dtype; the benches import both from here)
 from remix.settings import typed_fields
 
 DEMO_ADAPTER = Path("runs/demo/adapter")
@@ -362,15 +362,6 @@ def resolve_device(name: str):
 
 
 DEVICES = ("cpu", "cuda", "auto")
-
-
-def trained_context(config) -> int | None:
-    """The positions a base was trained for, from its Hugging Face config (None where it does not say)."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def max_model_len(asked: int, config, base: str) -> int:

@@ -132,7 +132,7 @@ def test_config_precedence_and_errors(tmp_path):
         load_config(["--output", str(data)])
 
 
-def test_fit_names_bad_targets_output_and_device(tmp_path, capsys):
+def test_fit_names_bad_targets_context_output_and_device(tmp_path, capsys):
     """A --targets that selects nothing is a CLI error naming the flag and what the base's linears are called; so are
     a run directory that cannot be made and --device cuda without a CUDA device."""
     from training.fit import main
@@ -146,6 +146,11 @@ def test_fit_names_bad_targets_output_and_device(tmp_path, capsys):
     assert main(["--base", "tiny", "--targets", "gate_proj,up_proj,dwn_proj", "--steps", "1", "--progress", "false",
                  "--output", str(tmp_path / "run")]) == 2  # (a typo among good targets: not a pool silently left off)
     assert capsys.readouterr().err.startswith("error: --targets: targets ['dwn_proj'] match no nn.Linear module")
+    # the tiny base was trained for 4096 positions (its config's max_position_embeddings): a longer example is refused
+    assert main(["--base", "tiny", "--max-seq-len", "5000", "--steps", "1", "--progress", "false",
+                 "--output", str(tmp_path / "long")]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-seq-len 5000 is past the context tiny was trained for "
+                                              "(4096 positions); give at most 4096")
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["--base", "tiny", "--output", str(blocker / "run"), "--steps", "1", "--progress", "false"]) == 2

@@ -41,7 +41,7 @@ class TrainConfig:
     eval_size: int = _f(96, "held-out examples evaluated")
     eval_split: float = _f(0.05, "share of a JSONL --data file's rows held out for evaluation (not trained on; at "
                                  "most --eval-size) when no --eval-data is given; 0 = none")
-    max_seq_len: int = _f(128, "tokens per example (longer ones are cut)")
+    max_seq_len: int = _f(128, "tokens per example (longer ones are cut); at most the base's trained context")
     chat: bool = _f(True, "format rows with the tokenizer's chat template (loss on assistant tokens only)")
     # --- optimisation --------------------------------------------------------------------------------
     steps: int = _f(100, "optimizer steps (0: use epochs)")

@@ -2,7 +2,7 @@
 
 from remix.models.loading import (
     DEFAULT_BASE, DTYPES, BaseModelError, base_name, cache_dir, convert_gguf, embedded_gguf, fingerprint, load_base,
-    resolve_dtype,
+    resolve_dtype, trained_context,
 )
 from remix.models.tiny import tiny_model, tiny_tokenizer
 
@@ -19,4 +19,5 @@ __all__ = [
     "resolve_dtype",
     "tiny_model",
     "tiny_tokenizer",
+    "trained_context",
 ]

@@ -125,6 +125,16 @@ def resolve_dtype(name: str, device=None) -> torch.dtype:
     return getattr(torch, name)
 
 
+def trained_context(config) -> int | None:
+    """The positions a base was trained for, from its Hugging Face config (None where it does not say): the server's
+    longest sequence and training's longest example stay within it."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_base(
     spec: str = DEFAULT_BASE, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
