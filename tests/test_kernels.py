@@ -1261,6 +1261,39 @@ def test_a_stale_build_lock_is_removed_and_a_live_builder_waited_for(tmp_path):
     assert waited > 0.5  # it waited for the live builder before touching anything
 
 
+def test_a_first_build_says_so_before_and_after(tmp_path, monkeypatch, caplog):
+    """The first build in an environment takes a minute or two (a server's first start): load() says so before it
+    starts and how long it took; a build found in place is loaded without a word. (torch's builder stubbed: it writes
+    the module file, returns a stand-in.)"""
+    import logging
+
+    import torch.utils.cpp_extension as cpp
+
+    from remix.kernels import cpu_ext
+
+    built = []
+
+    def fake_load(name, build_directory, **kw):
+        built.append(name)
+        open(f"{build_directory}/{name}.so", "w").close()
+        return object()
+
+    monkeypatch.setattr(cpp, "get_default_build_root", lambda: str(tmp_path))
+    monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.delenv("REMIX_DISABLE_EXT", raising=False)
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    with caplog.at_level(logging.INFO, logger="remix.kernels.cpu_ext"):
+        assert cpu_ext.load() is not None
+    said = [r.getMessage() for r in caplog.records]
+    assert len(built) == 1 and said[0].startswith(f"building the C++ kernels for this CPU in {tmp_path}/{built[0]}")
+    assert said[1].startswith("built the C++ kernels in ")
+    caplog.clear()
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    with caplog.at_level(logging.INFO, logger="remix.kernels.cpu_ext"):
+        assert cpu_ext.load() is not None
+    assert len(built) == 2 and not caplog.records  # (torch's loader checks it is current; nothing said)
+
+
 @pytest.mark.parametrize("dtype,pools", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("T", [1, 5, 40, 130])
 def test_compiled_gather_skips_a_padded_ranks_zeros_and_gives_the_same_result(dtype, pools, T):

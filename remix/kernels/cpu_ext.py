@@ -82,6 +82,7 @@ import os
 import platform
 import sys
 import threading
+import time
 
 import torch
 
@@ -181,12 +182,19 @@ def load():
                 try:
                     name = f"remix_cpu_ops_v250_{_cpu_tag()}_{_env_tag()}_{i}"
                     build_dir = os.path.join(get_default_build_root(), name)
+                    fresh = not os.path.exists(os.path.join(build_dir, f"{name}.so"))
+                    if fresh:  # (a silent minute or two at a server's first start otherwise)
+                        log.info("building the C++ kernels for this CPU in %s (once per environment and CPU; 1-2 "
+                                 "minutes on 2 cores)", build_dir)
+                    started = time.perf_counter()
                     with _build_lock(build_dir):  # (ninja rebuilds when remix_cpu.cpp or any part it includes changes)
                         module = cpp_load(
                             name, sources=[os.path.join(CSRC, "remix_cpu.cpp")], extra_include_paths=[CSRC],
                             build_directory=build_dir, extra_cflags=["-O3", *flags],
                             extra_ldflags=[f for f in flags if f == "-fopenmp"],
                         )
+                    if fresh:
+                        log.info("built the C++ kernels in %.0f s", time.perf_counter() - started)
                     if i:
                         log.warning("built the C++ kernels without %s (%s)", FLAG_SETS[0], errors[0])
                     break
