@@ -1261,10 +1261,11 @@ def test_a_stale_build_lock_is_removed_and_a_live_builder_waited_for(tmp_path):
     assert waited > 0.5  # it waited for the live builder before touching anything
 
 
-def test_a_first_build_says_so_before_and_after(tmp_path, monkeypatch, caplog):
+def test_a_first_build_says_so_and_goes_where_torch_extensions_dir_says(tmp_path, monkeypatch, caplog):
     """The first build in an environment takes a minute or two (a server's first start): load() says so before it
-    starts and how long it took; a build found in place is loaded without a word. (torch's builder stubbed: it writes
-    the module file, returns a stand-in.)"""
+    starts and how long it took; a build found in place is loaded without a word. The build goes under
+    $TORCH_EXTENSIONS_DIR where it is set (the Dockerfile's cache volume; it had been ignored). (torch's builder
+    stubbed: it writes the module file, returns a stand-in.)"""
     import logging
 
     import torch.utils.cpp_extension as cpp
@@ -1278,8 +1279,9 @@ def test_a_first_build_says_so_before_and_after(tmp_path, monkeypatch, caplog):
         open(f"{build_directory}/{name}.so", "w").close()
         return object()
 
-    monkeypatch.setattr(cpp, "get_default_build_root", lambda: str(tmp_path))
+    monkeypatch.setattr(cpp, "get_default_build_root", lambda: str(tmp_path / "not-here"))
     monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # (the container's cache volume: it wins)
     monkeypatch.delenv("REMIX_DISABLE_EXT", raising=False)
     monkeypatch.setattr(cpu_ext, "_state", {})
     with caplog.at_level(logging.INFO, logger="remix.kernels.cpu_ext"):
@@ -1292,6 +1294,8 @@ def test_a_first_build_says_so_before_and_after(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="remix.kernels.cpu_ext"):
         assert cpu_ext.load() is not None
     assert len(built) == 2 and not caplog.records  # (torch's loader checks it is current; nothing said)
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")  # torch's user cache otherwise
+    assert cpu_ext.build_root(cpp.get_default_build_root) == str(tmp_path / "not-here")
 
 
 @pytest.mark.parametrize("dtype,pools", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])

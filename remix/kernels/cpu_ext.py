@@ -164,6 +164,13 @@ def _build_lock(build_dir: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def build_root(default) -> str:
+    """Where the builds go: ``$TORCH_EXTENSIONS_DIR`` where set (as torch's own loader reads it; the container sets it
+    to its cache volume), else ``default()`` (torch's user cache, ``~/.cache/torch_extensions``). torch's
+    ``get_default_build_root`` does not read the variable, and a build directory given explicitly overrides it."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or default()
+
+
 def load():
     """The compiled module, or None when disabled or unbuildable (then a warning is logged once)."""
     if "module" in _state:
@@ -181,7 +188,7 @@ def load():
             for i, flags in enumerate(FLAG_SETS):  # the fastest build this compiler accepts
                 try:
                     name = f"remix_cpu_ops_v250_{_cpu_tag()}_{_env_tag()}_{i}"
-                    build_dir = os.path.join(get_default_build_root(), name)
+                    build_dir = os.path.join(build_root(get_default_build_root), name)
                     fresh = not os.path.exists(os.path.join(build_dir, f"{name}.so"))
                     if fresh:  # (a silent minute or two at a server's first start otherwise)
                         log.info("building the C++ kernels for this CPU in %s (once per environment and CPU; 1-2 "
