@@ -327,6 +327,8 @@ def test_evaluate_cli_scores_an_adapter_and_its_base_as_fit_did(tmp_path):
                          text=True, timeout=120)  # every bad setting named, before the base loads (was a misleading error)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "  - --eval-size: must be >= 1, got 0\n  - --data: " in bad.stderr and "is neither a built-in task" in bad.stderr
+    long = subprocess.run(cmd + ["--max-seq-len", "5000"], capture_output=True, text=True, timeout=120)
+    assert long.returncode == 2 and "--max-seq-len 5000 is past the context tiny was trained for (4096" in long.stderr
     import remix  # another base (other weights, a wider FFN): the adapter's loader lists what does not fit, exit 2
 
     other, tok = remix.tiny_model(seed=5, intermediate_size=96)

@@ -23,7 +23,7 @@ import torch
 import remix
 from remix import routing
 from remix.adapter import read_config
-from remix.models import DTYPES, resolve_dtype
+from remix.models import DTYPES, resolve_dtype, trained_context
 from remix.settings import HelpFormatter, flag_bool
 from training.config import TrainConfig
 from training.data import DataError, Example, collate, heldout_examples
@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("the adapter does not name its base model: give --base")
         model, tokenizer, dtype = load_training_base(
             base, args.dtype or (config.get("training") or {}).get("base_dtype") or "float32", args.device)
+        context = trained_context(model.config)
+        if context is not None and setting["max_seq_len"] > context:  # (as training.fit refuses it)
+            raise DataError(f"--max-seq-len {setting['max_seq_len']} is past the context {base} was trained for "
+                            f"({context} positions); give at most {context}")
         heldout = heldout_examples(setting["data"], setting["eval_data"], tokenizer, setting["max_seq_len"],
                                    setting["eval_size"], setting["seed"], setting["chat"], setting["eval_split"])
         if not heldout:
