@@ -20,7 +20,7 @@ from pathlib import Path
 import uvicorn
 import yaml
 
-from remix.models import DTYPES, resolve_dtype, trained_context  # noqa: F401  (--dtype; the benches import both from here)
+from remix.models import DTYPES, resolve_dtype, trained_context  # noqa: F401  (the benches import the first two here)
 from remix.settings import typed_fields
 
 DEMO_ADAPTER = Path("runs/demo/adapter")

@@ -134,7 +134,8 @@ def test_config_precedence_and_errors(tmp_path):
 
 def test_fit_names_bad_targets_context_output_and_device(tmp_path, capsys):
     """A --targets that selects nothing is a CLI error naming the flag and what the base's linears are called; so are
-    a run directory that cannot be made and --device cuda without a CUDA device."""
+    a --max-seq-len past the base's trained context, a run directory that cannot be made and --device cuda without a
+    CUDA device."""
     from training.fit import main
 
     assert main(["--base", "tiny", "--targets", "gate,re:.*mlp", "--steps", "1", "--progress", "false",
