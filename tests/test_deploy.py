@@ -75,6 +75,15 @@ def test_dockerfile_installs_like_setup_script():
     assert "USER remix" in docker and "HEALTHCHECK" in docker and 'ENTRYPOINT ["bash", "scripts/docker-entrypoint.sh"]' in docker
 
 
+def test_both_readme_commands_set_up_first():
+    """README's two commands each work on a fresh machine: scripts/run.sh and scripts/test.sh run scripts/setup.sh
+    (no venv, no torch there) before anything that needs the venv - test.sh had only activated a venv it assumed."""
+    for script in ("run.sh", "test.sh"):
+        text = (ROOT / "scripts" / script).read_text()
+        assert "bash scripts/setup.sh" in text, script
+        assert text.index("bash scripts/setup.sh") < text.index(". .venv/bin/activate"), script
+
+
 def test_package_data_carries_the_kernels_source():
     """The image installs the project as a wheel (`pip install .`, not editable), and the CPU kernels compile on first
     start from remix/kernels/csrc: pyproject's package-data must take every file there (a part left out would only
