@@ -134,13 +134,19 @@ def usage_heatmap(usage: torch.Tensor, names: list[str], path: Path, title: str)
     plt.close(fig)
 
 
-def load_training_base(spec: str, dtype_name: str, device: str):
+def load_training_base(spec: str, dtype_name: str, device: str, max_seq_len: int):
     """The frozen base as training.fit trains around it and training.evaluate scores with it: in ``dtype_name``
     (float32, bfloat16 or auto), with eager attention for bfloat16 on CPU (torch's CPU flash attention's bfloat16
     backward took a fifth of a training step, 4x its float32 one; eager attention runs on the GEMMs), so evaluate
-    reproduces fit's scores exactly. Returns (model, tokenizer, dtype)."""
+    reproduces fit's scores exactly. Examples of ``max_seq_len`` tokens must fit the context the base was trained for
+    (DataError otherwise: positions it never learnt, as the server refuses such a --max-model-len). Returns (model,
+    tokenizer, dtype)."""
     dtype = resolve_dtype(dtype_name, device)
     model, tokenizer = remix.load_base(spec, dtype=dtype, device=device)
+    context = trained_context(model.config)
+    if context is not None and max_seq_len > context:
+        raise DataError(f"--max-seq-len {max_seq_len} is past the context {spec} was trained for ({context} "
+                        f"positions); give at most {context}")
     if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
         model.set_attn_implementation("eager")
     return model, tokenizer, dtype
@@ -219,11 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         if not base:
             raise DataError("the adapter does not name its base model: give --base")
         model, tokenizer, dtype = load_training_base(
-            base, args.dtype or (config.get("training") or {}).get("base_dtype") or "float32", args.device)
-        context = trained_context(model.config)
-        if context is not None and setting["max_seq_len"] > context:  # (as training.fit refuses it)
-            raise DataError(f"--max-seq-len {setting['max_seq_len']} is past the context {base} was trained for "
-                            f"({context} positions); give at most {context}")
+            base, args.dtype or (config.get("training") or {}).get("base_dtype") or "float32", args.device,
+            setting["max_seq_len"])
         heldout = heldout_examples(setting["data"], setting["eval_data"], tokenizer, setting["max_seq_len"],
                                    setting["eval_size"], setting["seed"], setting["chat"], setting["eval_split"])
         if not heldout:

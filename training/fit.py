@@ -23,7 +23,6 @@ import remix
 from remix import routing
 from remix.inject import NoTargets
 from remix.kernels import tune_cpu_allocator
-from remix.models import trained_context
 from training import distributed, rloo
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, load_config
@@ -146,11 +145,7 @@ def run(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model, tokenizer, base_dtype = load_training_base(cfg.base, cfg.dtype, cfg.device)
-    context = trained_context(model.config)
-    if context is not None and cfg.max_seq_len > context:  # (positions the base never learnt: checked before the data)
-        raise ConfigError(f"--max-seq-len {cfg.max_seq_len} is past the context {cfg.base} was trained for "
-                          f"({context} positions); give at most {context}")
+    model, tokenizer, base_dtype = load_training_base(cfg.base, cfg.dtype, cfg.device, cfg.max_seq_len)
     train, heldout = train_and_heldout(cfg.data, cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.train_size,
                                        cfg.eval_size, cfg.seed, cfg.chat, cfg.eval_split)
     if lead and not cfg.eval_data and cfg.data not in TASKS:
