@@ -18,6 +18,8 @@ than 9 rows, `_fuse_pair_below`): there the stages are the down projections' alo
 
     python scripts/ab_steps.py --peft --concurrency 1,8 --ops qkv \
         --variant 'three=ext._qkv_gather(False)' --variant 'fused=ext._qkv_gather(True)'
+
+--threads N sets torch's threads for the run (1: every op on the stepping thread alone, the single-threaded path).
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ def main(argv=None) -> None:
     ap.add_argument("--long-prompts", default="", metavar="N:TOKENS",
                     help="the first N requests of each level get prompts of TOKENS tokens (the rest 128): rows of "
                          "mixed lengths, the long ones together")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for the run (0: torch's default, the CPUs): 1 times the single-threaded path")
     args = ap.parse_args(argv)
+    if args.threads < 0:
+        ap.error(f"--threads: 0 (torch's default) or more, got {args.threads}")
     long_n, long_len = 0, 128
     if args.long_prompts:
         try:
@@ -64,6 +70,8 @@ def main(argv=None) -> None:
     variants = dict(v.split("=", 1) for v in args.variant)
     if len(variants) < 2:
         ap.error("--variant: give at least two")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     ext = cpu_ext.load()
     if ext is None:

@@ -487,6 +487,19 @@ def test_ab_steps_rejects_a_malformed_long_prompts_option(capsys, monkeypatch):
         assert e.value.code == 2 and "--long-prompts" in capsys.readouterr().err, bad
 
 
+def test_ab_steps_rejects_a_negative_thread_count(capsys, monkeypatch):
+    """scripts/ab_steps.py --threads N: below 0 is a usage error naming the option, before any model loads (0 keeps
+    torch's default)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import ab_steps
+
+    with pytest.raises(SystemExit) as e:
+        ab_steps.main(["--threads", "-1", "--variant", "a=None", "--variant", "b=None"])
+    assert e.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
 def test_ab_steps_adds_each_steps_module_clock_per_thread_and_stage(monkeypatch):
     """scripts/ab_steps.py --stages: each timed step's module clock (per thread {stage: ms}) is summed per thread and
     stage; a thread first seen in a later step starts at zero."""
